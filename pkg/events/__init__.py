@@ -4,6 +4,6 @@ Producers depend only on ``EventSink`` (non-blocking ``emit``); the Kafka-backed
 ``pkg.events.kafka`` and the in-memory one is the embedded default / test double.
 """
 
-from pkg.events.sink import Event, EventSink, MemorySink, NullSink
+from pkg.events.sink import SYSTEM_TENANT, Event, EventSink, MemorySink, NullSink, build_sink
 
-__all__ = ["Event", "EventSink", "MemorySink", "NullSink"]
+__all__ = ["SYSTEM_TENANT", "Event", "EventSink", "MemorySink", "NullSink", "build_sink"]

@@ -46,3 +46,15 @@ class MemorySink:
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
+
+
+def build_sink(kafka_bootstrap: str | None, *, source: str = "") -> EventSink:
+    """The event sink a service should use: Kafka when a bootstrap is configured, else nothing.
+
+    The Kafka sink (``pkg.events.kafka``) buffers in memory and never blocks its caller.
+    """
+    if not kafka_bootstrap:
+        return NullSink()
+    from pkg.events import kafka  # imported lazily: aiokafka is only needed when configured
+
+    return kafka.KafkaSink(kafka_bootstrap, source=source)
