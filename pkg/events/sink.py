@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import time
 import uuid
 from collections import deque
@@ -55,6 +56,7 @@ def build_sink(kafka_bootstrap: str | None, *, source: str = "") -> EventSink:
     """
     if not kafka_bootstrap:
         return NullSink()
-    from pkg.events import kafka  # imported lazily: aiokafka is only needed when configured
-
-    return kafka.KafkaSink(kafka_bootstrap, source=source)
+    # Imported lazily: aiokafka is only needed when Kafka is configured.
+    kafka = importlib.import_module("pkg.events.kafka")
+    sink: EventSink = kafka.KafkaSink(kafka_bootstrap, source=source)
+    return sink
