@@ -1,0 +1,91 @@
+"""Foghorn's domain records: what a node is, what it last reported, how an operator set it.
+
+Pure data (no grpc, no redis): the wire layer converts protobuf messages to these after
+validation, the store persists them whole, routing reads them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class NodeMode(enum.IntEnum):
+    """Operational mode; values match ``foghorn.v1.NodeMode``."""
+
+    NORMAL = 1
+    DRAINING = 2
+    MAINTENANCE = 3
+
+
+@dataclass(frozen=True)
+class GeoPoint:
+    latitude: float
+    longitude: float
+
+
+@dataclass(frozen=True)
+class NodeIdentity:
+    """What a node declared when it registered."""
+
+    node_id: str
+    roles: frozenset[str]
+    capabilities: frozenset[str]
+    base_url: str
+    location: GeoPoint | None
+    capacity: int
+    region: str = ""
+
+
+@dataclass(frozen=True)
+class StreamLoad:
+    stream_id: str
+    tenant_id: str
+    viewers: int = 0
+    inputs: int = 0
+    upload_bps: int = 0
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """One validated load report."""
+
+    cpu_percent: float
+    ram_used_bytes: int
+    ram_max_bytes: int
+    upload_bps: int
+    download_bps: int
+    bandwidth_limit_bps: int
+    streams: tuple[StreamLoad, ...] = ()
+
+    def viewers_by_stream(self) -> dict[str, int]:
+        return {s.stream_id: s.viewers for s in self.streams}
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """Everything the fleet knows about one node: the unit the store reads and writes whole.
+
+    Timestamps are wall-clock seconds (``Clock.time()``) because records are shared between
+    replicas; ``version`` is assigned by the store and grows with every write of this node.
+    """
+
+    identity: NodeIdentity
+    mode: NodeMode = NodeMode.NORMAL
+    mode_reason: str = ""
+    report: LoadReport | None = None
+    last_report_at: float = 0.0
+    connected: bool = True
+    connected_at: float = 0.0
+    disconnected_at: float = 0.0
+    owner: str = ""  # replica id holding the node's control stream
+    owner_fence: int = 0  # fencing token of that ownership (0 in the embedded store)
+    reports_accepted: int = 0
+    reports_rejected: int = 0
+    last_rejection: str = ""
+    version: int = 0
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
