@@ -1,0 +1,52 @@
+"""Rate limiting: token buckets per tenant and per anonymous IP.
+
+The shared ``BucketStore`` (Redis) decides exactly across replicas. When it is unavailable the
+limiter falls back to a per-replica in-memory bucket: the service keeps limiting, approximately
+(each replica admits up to the full limit, so N replicas admit up to N times it), and decisions
+say ``exact=False``.
+"""
+
+from __future__ import annotations
+
+from opentelemetry import metrics
+
+from bridge.store import BucketStore, StoreUnavailable
+from bridge.store.memory import MemoryBucketStore
+from bridge.token_bucket import Decision, Limit
+
+_meter = metrics.get_meter("bridge.ratelimit")
+_decisions = _meter.create_counter(
+    "bridge_ratelimit_decisions", description="Rate-limit decisions by outcome and mode"
+)
+
+
+class RateLimiter:
+    """Take tokens from the shared store, or from local buckets while it is unavailable."""
+
+    def __init__(self, shared: BucketStore | None, local: MemoryBucketStore | None = None) -> None:
+        self._shared = shared
+        self._local = local or MemoryBucketStore()
+
+    async def check(self, key: str, limit: Limit, cost: int = 1) -> Decision:
+        """Decide one request of ``cost`` tokens against bucket ``key``."""
+        mode = "shared"
+        decision: Decision
+        if self._shared is None:
+            decision = await self._local.take(key, limit, cost)
+            mode = "local"
+        else:
+            try:
+                decision = await self._shared.take(key, limit, cost)
+            except StoreUnavailable:
+                local = await self._local.take(key, limit, cost)
+                decision = Decision(
+                    allowed=local.allowed,
+                    limit=local.limit,
+                    remaining=local.remaining,
+                    reset_s=local.reset_s,
+                    retry_after_s=local.retry_after_s,
+                    exact=False,
+                )
+                mode = "fallback"
+        _decisions.add(1, {"decision": "allowed" if decision.allowed else "rejected", "mode": mode})
+        return decision

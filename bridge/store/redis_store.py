@@ -1,0 +1,182 @@
+"""Redis stores: what makes Bridge replicas share one cache and one set of rate limits.
+
+Keys (``prefix`` defaults to ``bridge``):
+
+- ``{prefix}:c:{key}``    cache entry (opaque bytes), PX = the entry's whole life
+- ``{prefix}:t:{tag}``    tag version counter (INCR on invalidation; never scanned)
+- ``{prefix}:l:{name}``   short lock (SET NX PX; released by compare-and-delete)
+- ``{prefix}:rl:{key}``   token bucket hash {tokens, ts}, updated by one Lua script
+
+Every Redis error becomes ``StoreUnavailable`` and marks Redis down in ``RedisHealth``; while it
+is down calls fail fast, and the caller degrades.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from bridge.store import StoreUnavailable
+from bridge.store.health import RedisHealth
+from bridge.token_bucket import Decision, Limit
+
+T = TypeVar("T")
+
+# Compare-and-delete: a lock whose TTL ran out and was taken by another replica is not ours to
+# delete.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# The same maths as bridge.token_bucket.take, atomic in Redis and timed by Redis' own clock, so
+# every replica sees one bucket and one time: the limit is exact across replicas.
+_TOKEN_BUCKET = """
+local cap = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
+local tokens = tonumber(b[1])
+local ts = tonumber(b[2])
+if tokens == nil or ts == nil then
+  tokens = cap
+  ts = now
+end
+if now > ts then
+  tokens = math.min(cap, tokens + (now - ts) * rate / 1000.0)
+  ts = now
+end
+local allowed = 0
+local retry_ms = 0
+if tokens >= cost then
+  tokens = tokens - cost
+  allowed = 1
+else
+  retry_ms = math.ceil((cost - tokens) * 1000.0 / rate)
+end
+local full_ms = math.ceil((cap - tokens) * 1000.0 / rate)
+redis.call('HSET', KEYS[1], 'tokens', string.format('%.6f', tokens), 'ts', ts)
+redis.call('PEXPIRE', KEYS[1], full_ms + 1000)
+return {allowed, string.format('%.6f', tokens), full_ms, retry_ms}
+"""
+
+
+def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
+    """A client that fails fast: short socket timeouts, one immediate retry on a dropped socket.
+
+    redis-py's default (3 retries with backoff) would stall every request for seconds during an
+    outage; the retry covers a pooled connection that a Redis restart closed.
+    """
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        health_check_interval=0,
+    )
+
+
+class _RedisBase:
+    def __init__(self, client: aioredis.Redis, health: RedisHealth, prefix: str) -> None:
+        self.client = client
+        self.health = health
+        self.prefix = prefix
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        if not self.health.up:
+            raise StoreUnavailable(self.health.last_error or "redis down")
+        try:
+            return await fn()
+        except (RedisError, OSError) as exc:
+            self.health.mark_down(exc)
+            raise StoreUnavailable(repr(exc)) from exc
+
+
+class RedisCacheStore(_RedisBase):
+    """``CacheStore`` on Redis: entries, tag versions and locks shared by all replicas."""
+
+    def __init__(self, client: aioredis.Redis, health: RedisHealth, prefix: str = "bridge") -> None:
+        super().__init__(client, health, prefix)
+        self._release = client.register_script(_RELEASE)
+
+    def _tag_keys(self, tags: Sequence[str]) -> list[str]:
+        return [f"{self.prefix}:t:{t}" for t in tags]
+
+    async def read(self, key: str, tags: Sequence[str]) -> tuple[bytes | None, list[int]]:
+        async def go() -> tuple[bytes | None, list[int]]:
+            # One round trip: the entry and its tags' current versions together.
+            keys = [f"{self.prefix}:c:{key}", *self._tag_keys(tags)]
+            values: list[Any] = await self.client.mget(keys)
+            return values[0], [int(v) if v is not None else 0 for v in values[1:]]
+
+        return await self._call(go)
+
+    async def tag_versions(self, tags: Sequence[str]) -> list[int]:
+        if not tags:
+            return []
+
+        async def go() -> list[int]:
+            values: list[Any] = await self.client.mget(self._tag_keys(tags))
+            return [int(v) if v is not None else 0 for v in values]
+
+        return await self._call(go)
+
+    async def write(self, key: str, raw: bytes, ttl_ms: int) -> None:
+        async def go() -> None:
+            await self.client.set(f"{self.prefix}:c:{key}", raw, px=max(1, ttl_ms))
+
+        await self._call(go)
+
+    async def bump(self, tags: Sequence[str]) -> list[int]:
+        async def go() -> list[int]:
+            async with self.client.pipeline(transaction=True) as pipe:
+                for k in self._tag_keys(tags):
+                    pipe.incr(k)
+                return [int(v) for v in await pipe.execute()]
+
+        return await self._call(go)
+
+    async def acquire(self, name: str, token: str, ttl_ms: int) -> bool:
+        async def go() -> bool:
+            ok = await self.client.set(f"{self.prefix}:l:{name}", token, nx=True, px=ttl_ms)
+            return bool(ok)
+
+        return await self._call(go)
+
+    async def release(self, name: str, token: str) -> None:
+        async def go() -> None:
+            await self._release(keys=[f"{self.prefix}:l:{name}"], args=[token])
+
+        await self._call(go)
+
+
+class RedisBucketStore(_RedisBase):
+    """``BucketStore`` on Redis: one Lua script per take, exact across replicas."""
+
+    def __init__(self, client: aioredis.Redis, health: RedisHealth, prefix: str = "bridge") -> None:
+        super().__init__(client, health, prefix)
+        self._script = client.register_script(_TOKEN_BUCKET)
+
+    async def take(self, key: str, limit: Limit, cost: int = 1) -> Decision:
+        async def go() -> Decision:
+            allowed, tokens, full_ms, retry_ms = await self._script(
+                keys=[f"{self.prefix}:rl:{key}"], args=[limit.capacity, limit.rate, cost]
+            )
+            left = float(tokens)
+            return Decision(
+                allowed=bool(allowed),
+                limit=limit.capacity,
+                remaining=max(0, int(left)),
+                reset_s=-(-int(full_ms) // 1000),
+                retry_after_s=-(-int(retry_ms) // 1000) if not allowed else 0,
+            )
+
+        return await self._call(go)
