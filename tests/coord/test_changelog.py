@@ -1,0 +1,159 @@
+"""The changelog: ordered replay after a cursor, own entries skipped, gaps detected."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from pkg.coord import Changelog, GapDetected
+from pkg.coord.changelog import Position, parse_id
+
+pytestmark = pytest.mark.integration
+
+
+async def test_reader_gets_entries_in_order_and_skips_its_own(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    log = Changelog(redis, f"{prefix}:log")
+    reader = log.reader(skip_origin="b")
+    for i in range(5):
+        await log.append("a" if i % 2 == 0 else "b", {"i": str(i)})
+    entries = await reader.read(block_ms=100)
+    assert [e.fields["i"] for e in entries] == ["0", "2", "4"]
+    assert all(e.origin == "a" for e in entries)
+    assert reader.position == await log.tail(), "own entries still move the cursor"
+    assert await reader.read(block_ms=50) == []
+
+
+async def test_tail_first_reader_sees_only_what_follows_the_tail(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    log = Changelog(redis, f"{prefix}:log")
+    assert await log.tail() == Position()
+    await log.append("a", {"i": "old"})
+    reader = log.reader(await log.tail())
+    await log.append("a", {"i": "new"})
+    assert [e.fields["i"] for e in await reader.read(block_ms=100)] == ["new"]
+
+
+async def test_blocking_read_wakes_up_when_an_entry_arrives(redis_server: Any, prefix: str) -> None:
+    writer = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    reader_conn = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+    try:
+        log = Changelog(writer, f"{prefix}:log")
+        reader = Changelog(reader_conn, f"{prefix}:log").reader()
+        pending = asyncio.create_task(reader.read(block_ms=10_000))
+        await asyncio.sleep(0.1)
+        await log.append("a", {"x": "1"})
+        entries = await asyncio.wait_for(pending, timeout=5)
+        assert [e.fields for e in entries] == [{"x": "1"}]
+    finally:
+        await writer.aclose()
+        await reader_conn.aclose()
+
+
+async def test_trimmed_past_the_cursor_is_a_gap_and_reset_recovers(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    log = Changelog(redis, f"{prefix}:log", maxlen=3, exact_trim=True)
+    reader = log.reader()
+    await log.append("a", {"i": "0"})
+    assert len(await reader.read(block_ms=50)) == 1
+    for i in range(1, 8):
+        await log.append("a", {"i": str(i)})
+    with pytest.raises(GapDetected, match="trimmed"):
+        await reader.read(block_ms=50)
+    reader.reset(await log.tail())
+    await log.append("a", {"i": "8"})
+    assert [e.fields["i"] for e in await reader.read(block_ms=50)] == ["8"]
+
+
+async def test_a_reader_within_the_bound_sees_no_gap(redis: aioredis.Redis, prefix: str) -> None:
+    log = Changelog(redis, f"{prefix}:log", maxlen=5, exact_trim=True)
+    reader = log.reader()
+    seen: list[str] = []
+    for round_ in range(4):
+        for i in range(4):
+            await log.append("a", {"i": f"{round_}.{i}"})
+        seen += [e.fields["i"] for e in await reader.read(block_ms=50)]
+    assert len(seen) == 16
+
+
+async def test_stream_lost_after_reading_is_a_gap(redis: aioredis.Redis, prefix: str) -> None:
+    log = Changelog(redis, f"{prefix}:log")
+    reader = log.reader()
+    await log.append("a", {"i": "0"})
+    await reader.read(block_ms=50)
+    await redis.delete(log.key)
+    with pytest.raises(GapDetected, match="vanished"):
+        await reader.read(block_ms=50)
+
+
+async def test_stream_recreated_is_a_gap(redis: aioredis.Redis, prefix: str) -> None:
+    log = Changelog(redis, f"{prefix}:log")
+    reader = log.reader()
+    for i in range(3):
+        await log.append("a", {"i": str(i)})
+    await reader.read(block_ms=50)
+    await redis.delete(log.key)
+    await log.append("a", {"i": "after"})
+    with pytest.raises(GapDetected):
+        await reader.read(block_ms=50)
+
+
+async def test_redis_restart_is_a_gap_on_the_next_successful_read(
+    redis_factory: Any, prefix: str
+) -> None:
+    server = redis_factory()
+    client = aioredis.Redis.from_url(server.url, decode_responses=True)
+    try:
+        log = Changelog(client, f"{prefix}:log")
+        reader = log.reader()
+        await log.append("a", {"i": "0"})
+        await reader.read(block_ms=50)
+        server.restart()
+        for _ in range(50):
+            try:
+                await reader.read(block_ms=50)
+            except GapDetected as gap:
+                assert "lost" in gap.reason or "vanished" in gap.reason
+                break
+            except (OSError, aioredis.ConnectionError):
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("no gap reported after Redis restarted")
+    finally:
+        await client.aclose()
+
+
+def test_ids_compare_numerically() -> None:
+    assert parse_id("10-0") > parse_id("9-5")
+    assert parse_id("5-10") > parse_id("5-9")
+
+
+async def test_trimming_exactly_what_the_reader_consumed_is_no_gap(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    log = Changelog(redis, f"{prefix}:log", maxlen=3, exact_trim=True)
+    reader = log.reader()
+    for i in range(3):
+        await log.append("a", {"i": str(i)})
+    assert len(await reader.read(block_ms=50)) == 3
+    for i in range(3, 6):
+        await log.append("a", {"i": str(i)})  # trims 0..2, all consumed
+    assert [e.fields["i"] for e in await reader.read(block_ms=50)] == ["3", "4", "5"]
+    await log.append("a", {"i": "6"})  # trims 3: consumed too
+    assert [e.fields["i"] for e in await reader.read(block_ms=50)] == ["6"]
+
+
+async def test_reader_from_the_start_of_a_trimmed_stream_reports_the_gap(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    log = Changelog(redis, f"{prefix}:log", maxlen=2, exact_trim=True)
+    for i in range(4):
+        await log.append("a", {"i": str(i)})
+    with pytest.raises(GapDetected):
+        await log.reader().read(block_ms=50)

@@ -1,0 +1,105 @@
+"""Fenced writes: Redis rejects any write whose fence is below the newest one it has seen."""
+
+from __future__ import annotations
+
+import pytest
+import redis.asyncio as aioredis
+
+from pkg.coord import FenceCounter, FencedHash, FencedWriteRejected
+from pkg.coord.fencing import Announce
+
+pytestmark = pytest.mark.integration
+
+
+async def test_fence_counter_only_grows_and_can_be_raised(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    counter = FenceCounter(redis, f"{prefix}:fence")
+    assert await counter.current() == 0
+    assert [await counter.next() for _ in range(3)] == [1, 2, 3]
+    await counter.ensure_at_least(2)
+    assert await counter.current() == 3, "ensure_at_least never lowers"
+    await counter.ensure_at_least(40)
+    assert await counter.next() == 41
+
+
+async def test_write_stores_fields_and_its_fence(redis: aioredis.Redis, prefix: str) -> None:
+    store = FencedHash(redis)
+    await store.write(f"{prefix}:n1", f"{prefix}:owner:n1", 7, {"cpu": "12.5"})
+    assert await redis.hgetall(f"{prefix}:n1") == {"_fence": "7", "cpu": "12.5"}
+
+
+async def test_lower_fence_than_stored_state_is_rejected_and_changes_nothing(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    store = FencedHash(redis)
+    key, owner = f"{prefix}:n1", f"{prefix}:owner:n1"
+    await store.write(key, owner, 8, {"cpu": "1"})
+    with pytest.raises(FencedWriteRejected) as err:
+        await store.write(key, owner, 7, {"cpu": "99"})
+    assert err.value.reason == "state"
+    assert err.value.newer_fence == 8
+    assert await redis.hget(key, "cpu") == "1"
+
+
+async def test_lower_fence_than_owner_record_is_rejected(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    store = FencedHash(redis)
+    key, owner = f"{prefix}:n1", f"{prefix}:owner:n1"
+    await store.write(key, owner, 3, {"cpu": "1"})
+    await redis.set(owner, "replica-b|127.0.0.1:9|4")  # a newer owner took over, no write yet
+    with pytest.raises(FencedWriteRejected) as err:
+        await store.write(key, owner, 3, {"cpu": "2"})
+    assert (err.value.reason, err.value.newer_fence) == ("owner", 4)
+    await store.write(key, owner, 4, {"cpu": "3"})
+    assert await redis.hget(key, "cpu") == "3"
+
+
+async def test_accepted_write_is_announced_in_the_same_step_and_rejected_one_is_not(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    store = FencedHash(redis)
+    key, owner, stream = f"{prefix}:n1", f"{prefix}:owner:n1", f"{prefix}:log"
+    announce = Announce(stream=stream, maxlen=3, fields={"op": "put", "id": "n1"}, exact_trim=True)
+    result = await store.write(key, owner, 5, {"cpu": "1"}, announce=announce)
+    with pytest.raises(FencedWriteRejected):
+        await store.write(key, owner, 4, {"cpu": "2"}, announce=announce)
+    entries = await redis.xrange(stream)
+    assert [e[0] for e in entries] == [result.entry_id]
+    assert entries[0][1] == {"fence": "5", "op": "put", "id": "n1"}
+    for _ in range(5):
+        await store.write(key, owner, 5, {"cpu": "1"}, announce=announce)
+    assert await redis.xlen(stream) == 3, "the changelog stays within its bound"
+
+
+async def test_write_with_ttl_expires_the_state(redis: aioredis.Redis, prefix: str) -> None:
+    store = FencedHash(redis)
+    await store.write(f"{prefix}:n1", f"{prefix}:o", 1, {"a": "b"}, ttl_ms=60_000)
+    assert 0 < await redis.pttl(f"{prefix}:n1") <= 60_000
+
+
+async def test_delete_is_match_checked_and_guarded(redis: aioredis.Redis, prefix: str) -> None:
+    store = FencedHash(redis)
+    key, owner, lease = f"{prefix}:n1", f"{prefix}:owner:n1", f"{prefix}:leader"
+    await store.write(key, owner, 5, {"cpu": "1"})
+    with pytest.raises(FencedWriteRejected) as err:
+        await store.delete(key, owner, expect_fence=4)
+    assert err.value.reason == "changed", "someone wrote since the deleter looked"
+    await redis.set(lease, "other|9")
+    with pytest.raises(FencedWriteRejected) as err:
+        await store.delete(key, owner, expect_fence=5, guard=(lease, "me|8"))
+    assert err.value.reason == "guard", "not the lease holder any more"
+    with pytest.raises(FencedWriteRejected):
+        await store.delete(key, owner, fence=4)
+    assert await redis.exists(key) == 1
+    stream = f"{prefix}:log"
+    result = await store.delete(
+        key,
+        owner,
+        expect_fence=5,
+        guard=(lease, "other|9"),
+        announce=Announce(stream=stream, maxlen=10, fields={"op": "del"}),
+    )
+    assert await redis.exists(key) == 0
+    assert (await redis.xrange(stream))[0] == (result.entry_id, {"fence": "5", "op": "del"})
