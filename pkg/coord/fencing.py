@@ -62,17 +62,18 @@ return {1, id}
 )
 
 # KEYS: hash, owner record, stream, guard key (any key when no guard)
-# ARGV: fence (-1: no fence check), expect_fence (-1: any), guard_value ('' : no guard),
-#       maxlen, exact_trim, entry...
+# ARGV: fence (-1: no fence check), expect field ('' : none), expect value, guard value
+#       ('' : no guard), maxlen, exact_trim, entry...
 _DELETE = (
     _LUA_HELPERS
     + """
 local fence = tonumber(ARGV[1])
-if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[3] then
+if ARGV[4] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[4] then
   return {0, 'guard', 0}
 end
 local stored = tonumber(redis.call('HGET', KEYS[1], '_fence'))
-if tonumber(ARGV[2]) >= 0 and stored ~= tonumber(ARGV[2]) then
+local exists = redis.call('EXISTS', KEYS[1]) == 1
+if exists and ARGV[2] ~= '' and redis.call('HGET', KEYS[1], ARGV[2]) ~= ARGV[3] then
   return {0, 'changed', stored or 0}
 end
 if fence >= 0 then
@@ -82,12 +83,13 @@ if fence >= 0 then
 end
 redis.call('DEL', KEYS[1])
 local id = ''
-local maxlen = tonumber(ARGV[4])
+local maxlen = tonumber(ARGV[5])
 if maxlen > 0 then
   local trim = '~'
-  if ARGV[5] == '1' then trim = '=' end
-  local xadd = {KEYS[3], 'MAXLEN', trim, maxlen, '*', 'fence', tostring(stored or fence)}
-  for i = 6, #ARGV do xadd[#xadd + 1] = ARGV[i] end
+  if ARGV[6] == '1' then trim = '=' end
+  local last = tostring(stored or math.max(fence, 0))
+  local xadd = {KEYS[3], 'MAXLEN', trim, maxlen, '*', 'fence', last}
+  for i = 7, #ARGV do xadd[#xadd + 1] = ARGV[i] end
   id = redis.call('XADD', unpack(xadd))
 end
 return {1, id}
@@ -206,20 +208,22 @@ class FencedHash:
         owner_key: str,
         *,
         fence: int | None = None,
-        expect_fence: int | None = None,
+        expect: tuple[str, str] | None = None,
         guard: tuple[str, str] | None = None,
         announce: Announce | None = None,
     ) -> WriteResult:
         """Delete ``key`` under checks, announcing it in the same atomic step.
 
-        ``fence``: the writer's fence (rejected when a newer one exists). ``expect_fence``: only
-        delete if the stored state still carries exactly this fence (nobody wrote since it was
-        judged deletable). ``guard``: only delete while ``GET guard[0] == guard[1]`` (e.g. while
-        a leader lease is still ours).
+        ``fence``: the writer's fence (rejected when a newer one exists). ``expect``: only
+        delete if field ``expect[0]`` still holds ``expect[1]`` (nobody wrote since the state was
+        judged deletable). ``guard``: only while ``GET guard[0] == guard[1]`` (e.g. while a
+        leader lease is still ours). A missing key is still announced, so every reader drops
+        its copy (after Redis lost data, copies can outlive the key).
         """
         args: list[Any] = [
             str(-1 if fence is None else fence),
-            str(-1 if expect_fence is None else expect_fence),
+            expect[0] if expect else "",
+            expect[1] if expect else "",
             guard[1] if guard else "",
             str(announce.maxlen if announce else 0),
             "1" if announce and announce.exact_trim else "0",

@@ -84,11 +84,11 @@ async def test_delete_is_match_checked_and_guarded(redis: aioredis.Redis, prefix
     key, owner, lease = f"{prefix}:n1", f"{prefix}:owner:n1", f"{prefix}:leader"
     await store.write(key, owner, 5, {"cpu": "1"})
     with pytest.raises(FencedWriteRejected) as err:
-        await store.delete(key, owner, expect_fence=4)
+        await store.delete(key, owner, expect=("_fence", "4"))
     assert err.value.reason == "changed", "someone wrote since the deleter looked"
     await redis.set(lease, "other|9")
     with pytest.raises(FencedWriteRejected) as err:
-        await store.delete(key, owner, expect_fence=5, guard=(lease, "me|8"))
+        await store.delete(key, owner, expect=("_fence", "5"), guard=(lease, "me|8"))
     assert err.value.reason == "guard", "not the lease holder any more"
     with pytest.raises(FencedWriteRejected):
         await store.delete(key, owner, fence=4)
@@ -97,9 +97,21 @@ async def test_delete_is_match_checked_and_guarded(redis: aioredis.Redis, prefix
     result = await store.delete(
         key,
         owner,
-        expect_fence=5,
+        expect=("_fence", "5"),
         guard=(lease, "other|9"),
         announce=Announce(stream=stream, maxlen=10, fields={"op": "del"}),
     )
     assert await redis.exists(key) == 0
     assert (await redis.xrange(stream))[0] == (result.entry_id, {"fence": "5", "op": "del"})
+
+
+async def test_delete_of_a_missing_key_is_still_announced(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    store = FencedHash(redis)
+    stream = f"{prefix}:log"
+    await store.delete(
+        f"{prefix}:gone", f"{prefix}:o", expect=("v", "1"),
+        announce=Announce(stream=stream, maxlen=10, fields={"op": "del"}),
+    )  # fmt: skip
+    assert await redis.xlen(stream) == 1
