@@ -1,0 +1,379 @@
+"""The fleet: node lifecycle, load reports and routing decisions over the store.
+
+No wire types here. The control stream handler calls ``register`` / ``accept_report`` /
+``disconnect``; the routing and admin handlers call ``route`` / ``explain`` / ``set_mode``; a
+periodic task (under the leader lease when replicated) calls ``reap_once``. State goes through
+the ``NodeStore``; routing reads the local ``FleetIndex`` it keeps in sync with the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import structlog
+
+from api_balancing import errors
+from api_balancing.index import FleetIndex, Ranked
+from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeMode, NodeRecord
+from api_balancing.redirects import RedirectTracker
+from api_balancing.scoring import Evaluation, Rejection, RouteQuery, Weights, evaluate, rank
+from api_balancing.store.base import NodeStore
+from pkg.common.clock import Clock
+from pkg.events import SYSTEM_TENANT, Event, EventSink
+
+log = structlog.get_logger("foghorn.fleet")
+
+
+@dataclass
+class FleetSettings:
+    weights: Weights
+    stale_after_s: float = 90.0
+    evict_after_s: float = 300.0
+    redirect_window_s: float = 30.0
+    redirect_bps: float = 2_500_000.0
+    routing_event_sample: float = 0.01
+    replica_id: str = "foghorn"
+
+
+@dataclass
+class FleetCounters:
+    reports_accepted: int = 0
+    reports_rejected: int = 0
+    routing_decisions: int = 0
+    routing_failures: int = 0
+    registrations: int = 0
+    evictions: int = 0
+
+
+class LatencyWindow:
+    """The last N durations (microseconds), for p50/p99 in /health and the benchmark."""
+
+    def __init__(self, size: int = 10_000) -> None:
+        self._samples: deque[float] = deque(maxlen=size)
+
+    def add(self, micros: float) -> None:
+        self._samples.append(micros)
+
+    def percentile(self, q: float) -> float:
+        if not self._samples:
+            return 0.0
+        ordered = sorted(self._samples)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def clear(self) -> None:
+        self._samples.clear()
+
+
+class Fleet:
+    """Nodes, their state and routing over them, for one Foghorn replica."""
+
+    def __init__(
+        self,
+        store: NodeStore,
+        clock: Clock,
+        settings: FleetSettings,
+        events: EventSink,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.settings = settings
+        self.events = events
+        self.index = FleetIndex(settings.weights)
+        self.redirects = RedirectTracker(clock, settings.redirect_window_s)
+        self.redirects.add_listener(self.index.set_pending)
+        self.counters = FleetCounters()
+        self.route_latency = LatencyWindow()
+        self._rng = rng or random.Random()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._tenants: dict[str, str] = {}  # stream id -> tenant, from the latest reports
+        store.add_listener(self._on_change)
+        for record in store.snapshot():
+            self._on_change(record.node_id, record)
+
+    # -- store feed ------------------------------------------------------------------------
+
+    def _on_change(self, node_id: str, record: NodeRecord | None) -> None:
+        self.index.update(node_id, record)
+        if record is not None and record.report is not None:
+            for s in record.report.streams:
+                self._tenants[s.stream_id] = s.tenant_id
+
+    def tenant_of(self, stream_id: str) -> str:
+        return self._tenants.get(stream_id, SYSTEM_TENANT)
+
+    def _emit(self, type_: str, tenant: str, **data: object) -> None:
+        self.events.emit(
+            Event(
+                type=type_, tenant=tenant, data=dict(data), time=self.clock.time(), source="foghorn"
+            )
+        )
+
+    def _lock(self, node_id: str) -> asyncio.Lock:
+        lock = self._locks.get(node_id)
+        if lock is None:
+            lock = self._locks[node_id] = asyncio.Lock()
+        return lock
+
+    async def _mutate(
+        self, node_id: str, change: Callable[[NodeRecord], NodeRecord | None]
+    ) -> NodeRecord:
+        """Read-modify-write one node's record, one writer per node at a time on this replica."""
+        async with self._lock(node_id):
+            current = self.store.get(node_id)
+            if current is None:
+                raise errors.NotFound(f"node_id: unknown node {node_id!r}", "node_id")
+            updated = change(current)
+            if updated is None:
+                return current
+            return await self.store.put(updated)
+
+    # -- node lifecycle --------------------------------------------------------------------
+
+    async def register(self, identity: NodeIdentity, owner_fence: int = 0) -> NodeRecord:
+        """A node opened its control stream. Mode and counters survive reconnects."""
+        now = self.clock.time()
+        node_id = identity.node_id
+        async with self._lock(node_id):
+            previous = self.store.get(node_id)
+            if previous is None:
+                record = NodeRecord(identity=identity, connected_at=now)
+            else:
+                record = dataclasses.replace(previous, identity=identity, connected_at=now)
+            record = dataclasses.replace(
+                record,
+                connected=True,
+                disconnected_at=0.0,
+                owner=self.settings.replica_id,
+                owner_fence=max(owner_fence, record.owner_fence if previous else 0),
+            )
+            stored = await self.store.put(record)
+        self.redirects.forget(node_id)
+        self.counters.registrations += 1
+        self._emit(
+            "node.registered",
+            SYSTEM_TENANT,
+            node_id=node_id,
+            roles=sorted(identity.roles),
+            capabilities=sorted(identity.capabilities),
+            base_url=identity.base_url,
+            region=identity.region,
+            replica=self.settings.replica_id,
+            reconnect=previous is not None,
+        )
+        log.info("node registered", node_id=node_id, reconnect=previous is not None)
+        return stored
+
+    async def accept_report(self, node_id: str, report: LoadReport) -> NodeRecord:
+        """Store a validated report; settle pending redirects; emit stream start/end events."""
+        now = self.clock.time()
+        before: dict[str, int] = {}
+
+        def change(rec: NodeRecord) -> NodeRecord:
+            nonlocal before
+            before = rec.report.viewers_by_stream() if rec.report else {}
+            return dataclasses.replace(
+                rec,
+                report=report,
+                last_report_at=now,
+                reports_accepted=rec.reports_accepted + 1,
+            )
+
+        stored = await self._mutate(node_id, change)
+        self.counters.reports_accepted += 1
+        after = report.viewers_by_stream()
+        for stream in report.streams:
+            sid = stream.stream_id
+            grew = stream.viewers - before.get(sid, 0)
+            if grew > 0:
+                self.redirects.arrived(node_id, sid, grew)
+            if sid not in before and self.index.carriers(sid) == 1:
+                self._emit("stream.started", stream.tenant_id, stream_id=sid, node_id=node_id)
+        for sid in before:
+            if sid not in after and self.index.carriers(sid) == 0:
+                self._emit("stream.ended", self.tenant_of(sid), stream_id=sid, node_id=node_id)
+        return stored
+
+    async def reject_report(self, node_id: str, reason: str) -> None:
+        """Count a bad report; the last good state stays as it was."""
+        self.counters.reports_rejected += 1
+
+        def change(rec: NodeRecord) -> NodeRecord:
+            return dataclasses.replace(
+                rec, reports_rejected=rec.reports_rejected + 1, last_rejection=reason[:200]
+            )
+
+        try:
+            await self._mutate(node_id, change)
+        except errors.NotFound:
+            pass
+
+    async def disconnect(self, node_id: str) -> None:
+        """The node's control stream ended; it stays known (not routable) until evicted."""
+        now = self.clock.time()
+
+        def change(rec: NodeRecord) -> NodeRecord | None:
+            if rec.owner != self.settings.replica_id or not rec.connected:
+                return None  # another replica owns it now: not ours to mark
+            return dataclasses.replace(rec, connected=False, disconnected_at=now)
+
+        try:
+            await self._mutate(node_id, change)
+        except errors.NotFound:
+            return
+        self.redirects.forget(node_id)
+        self._emit(
+            "node.disconnected", SYSTEM_TENANT, node_id=node_id, replica=self.settings.replica_id
+        )
+        log.info("node disconnected", node_id=node_id)
+
+    async def set_mode(self, node_id: str, mode: NodeMode, reason: str = "") -> NodeRecord:
+        """Operator sets a node's mode; routing applies it at once."""
+        old: NodeMode | None = None
+
+        def change(rec: NodeRecord) -> NodeRecord:
+            nonlocal old
+            old = rec.mode
+            return dataclasses.replace(rec, mode=mode, mode_reason=reason)
+
+        stored = await self._mutate(node_id, change)
+        if old is not mode:
+            self._emit(
+                "node.mode_changed",
+                SYSTEM_TENANT,
+                node_id=node_id,
+                mode=mode.name.lower(),
+                previous=old.name.lower() if old else "",
+                reason=reason,
+            )
+            log.info("node mode changed", node_id=node_id, mode=mode.name, reason=reason)
+        return stored
+
+    async def reap_once(self) -> list[str]:
+        """Evict nodes disconnected for longer than ``evict_after_s``; returns their ids."""
+        now = self.clock.time()
+        evicted = []
+        for record in self.store.snapshot():
+            if record.connected or now - record.disconnected_at < self.settings.evict_after_s:
+                continue
+            async with self._lock(record.node_id):
+                current = self.store.get(record.node_id)
+                if current is None or current.connected:
+                    continue
+                if now - current.disconnected_at < self.settings.evict_after_s:
+                    continue
+                await self.store.delete(record.node_id)
+            self._locks.pop(record.node_id, None)
+            self.redirects.forget(record.node_id)
+            evicted.append(record.node_id)
+            self.counters.evictions += 1
+            log.info(
+                "node evicted",
+                node_id=record.node_id,
+                disconnected_for=now - record.disconnected_at,
+            )
+        return evicted
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def is_stale(self, record: NodeRecord) -> bool:
+        return (
+            record.report is None
+            or self.clock.time() - record.last_report_at > self.settings.stale_after_s
+        )
+
+    def route(
+        self,
+        content_id: str,
+        location: GeoPoint | None,
+        *,
+        limit: int,
+        role: str = "edge",
+        protocol: str = "",
+        record_redirect: bool = True,
+    ) -> tuple[list[Ranked], int]:
+        """The best ``limit`` nodes for a request (raises NoEligibleNode when there is none).
+
+        The chosen node gets a pending redirect (bandwidth penalty until the viewer shows up).
+        """
+        started = self.clock.monotonic()
+        self.redirects.expire()
+        ranked, considered = self.index.rank(
+            content_id=content_id,
+            lat=location.latitude if location else None,
+            lon=location.longitude if location else None,
+            now=self.clock.time(),
+            stale_after_s=self.settings.stale_after_s,
+            role=role,
+            protocol=protocol,
+            redirect_bps=self.settings.redirect_bps,
+            limit=limit,
+        )
+        self.route_latency.add((self.clock.monotonic() - started) * 1e6)
+        self.counters.routing_decisions += 1
+        if not ranked:
+            self.counters.routing_failures += 1
+            raise errors.NoEligibleNode(self._why_none(content_id, location, role, protocol))
+        if record_redirect and role == "edge":
+            self.redirects.record(ranked[0].node_id, content_id)
+        if self.settings.routing_event_sample > 0 and (
+            self._rng.random() < self.settings.routing_event_sample
+        ):
+            self._emit(
+                "routing.decision",
+                self.tenant_of(content_id),
+                content_id=content_id,
+                role=role,
+                node_id=ranked[0].node_id,
+                score=round(ranked[0].score, 3),
+                distance_km=round(ranked[0].distance_km, 1),
+                fallbacks=[r.node_id for r in ranked[1:]],
+                replica=self.settings.replica_id,
+            )
+        return ranked, considered
+
+    def explain(
+        self, content_id: str, location: GeoPoint | None, *, role: str = "edge", protocol: str = ""
+    ) -> list[Evaluation]:
+        """Every node judged by the reference scorer: eligible ones ranked, then the rejected."""
+        query = RouteQuery(
+            content_id=content_id,
+            location=location,
+            now=self.clock.time(),
+            stale_after_s=self.settings.stale_after_s,
+            role=role,
+            protocol=protocol,
+        )
+        self.redirects.expire()
+        evaluations = [
+            evaluate(
+                rec,
+                query,
+                self.settings.weights,
+                self.redirects.pending(rec.node_id),
+                self.settings.redirect_bps,
+            )
+            for rec in self.store.snapshot()
+        ]
+        rejected = sorted((e for e in evaluations if not e.eligible), key=lambda e: e.node_id)
+        return [*rank(evaluations), *rejected]
+
+    def _why_none(
+        self, content_id: str, location: GeoPoint | None, role: str, protocol: str
+    ) -> str:
+        evaluations = self.explain(content_id, location, role=role, protocol=protocol)
+        if not evaluations:
+            return "no eligible node: no nodes are registered"
+        counts: dict[Rejection, int] = {}
+        for e in evaluations:
+            counts[e.rejection] = counts.get(e.rejection, 0) + 1
+        summary = ", ".join(f"{n} {r.name.lower()}" for r, n in sorted(counts.items()))
+        return f"no eligible {role} node for {content_id or 'ingest'!r} ({summary})"

@@ -1,0 +1,145 @@
+"""Foghorn's HTTP side (same process, same event loop): /health, /metrics, /play, /nodes."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+
+from api_balancing import errors, validation
+from api_balancing.fleet import Fleet
+from api_balancing.service import RoutingService
+from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
+from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
+
+_HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 503,
+    "FAILED_PRECONDITION": 409,
+}
+
+
+def _error(exc: errors.FoghornError) -> JSONResponse:
+    return JSONResponse(
+        {"error": exc.message, "field": exc.field, "code": exc.code},
+        status_code=_HTTP_STATUS.get(exc.code, 500),
+        headers={"Retry-After": "5"} if exc.code == "RESOURCE_EXHAUSTED" else None,
+    )
+
+
+def _float_param(request: Request, name: str) -> float | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise errors.InvalidArgument(name, f"{raw[:32]!r} is not a number") from None
+
+
+def build_app(
+    fleet: Fleet,
+    routing: RoutingService,
+    health: Callable[[], dict[str, Any]],
+) -> Starlette:
+    """The ASGI app; ``health()`` builds the /health document."""
+
+    async def health_endpoint(request: Request) -> JSONResponse:
+        doc = health()
+        return JSONResponse(doc, status_code=200 if doc["status"] != "down" else 503)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(prometheus_text(), media_type=CONTENT_TYPE)
+
+    async def play(request: Request) -> Response:
+        """302 to the best node's playback URL. Query: protocol, lat, lon, ip (else client)."""
+        try:
+            content = request.path_params["content"]
+            protocol = request.query_params.get("protocol", "")
+            lat, lon = _float_param(request, "lat"), _float_param(request, "lon")
+            req = pb.ViewerRouteRequest(content_id=content, protocol=protocol)
+            if (lat is None) != (lon is None):
+                raise errors.InvalidArgument("lat" if lat is None else "lon", "give lat and lon")
+            if lat is not None and lon is not None:
+                req.location.latitude, req.location.longitude = lat, lon
+            ip = request.query_params.get("ip") or (request.client.host if request.client else "")
+            req.viewer_ip = ip if _is_ip(ip) else ""
+            out = routing.route_viewer(req)
+        except errors.FoghornError as exc:
+            return _error(exc)
+        urls = list(out.best.urls)
+        if not urls:
+            return JSONResponse(
+                {"error": f"node {out.best.node_id} offers no viewer protocol", "code": "INTERNAL"},
+                status_code=502,
+            )
+        preferred = next((u for u in urls if u.protocol == "hls"), urls[0])
+        return RedirectResponse(
+            preferred.url,
+            status_code=302,
+            headers={"X-Foghorn-Node": out.best.node_id, "Cache-Control": "no-store"},
+        )
+
+    async def nodes(request: Request) -> JSONResponse:
+        now = fleet.clock.time()
+        rows = []
+        for rec in sorted(fleet.store.snapshot(), key=lambda r: r.node_id):
+            rep = rec.report
+            rows.append(
+                {
+                    "node_id": rec.node_id,
+                    "mode": rec.mode.name.lower(),
+                    "connected": rec.connected,
+                    "stale": fleet.is_stale(rec),
+                    "region": rec.identity.region,
+                    "base_url": rec.identity.base_url,
+                    "roles": sorted(rec.identity.roles),
+                    "location": (
+                        [rec.identity.location.latitude, rec.identity.location.longitude]
+                        if rec.identity.location
+                        else None
+                    ),
+                    "cpu_percent": rep.cpu_percent if rep else None,
+                    "ram_ratio": round(rep.ram_used_bytes / rep.ram_max_bytes, 4) if rep else None,
+                    "upload_bps": rep.upload_bps if rep else None,
+                    "bandwidth_limit_bps": rep.bandwidth_limit_bps if rep else None,
+                    "streams": len(rep.streams) if rep else 0,
+                    "viewers": sum(s.viewers for s in rep.streams) if rep else 0,
+                    "last_report_age_s": round(now - rec.last_report_at, 3) if rep else None,
+                    "owner": rec.owner,
+                    "version": rec.version,
+                }
+            )
+        return JSONResponse({"count": len(rows), "nodes": rows})
+
+    return Starlette(
+        routes=[
+            Route("/health", health_endpoint),
+            Route("/metrics", metrics_endpoint),
+            Route("/nodes", nodes),
+            Route("/play/{content:path}", play),
+        ]
+    )
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        validation.ip("ip", value)
+    except errors.FoghornError:
+        return False
+    return bool(value)
+
+
+class EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn on the caller's event loop; signals stay with the host process."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield

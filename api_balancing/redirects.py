@@ -1,0 +1,89 @@
+"""Pending redirects: viewers Foghorn sent to a node that have not shown up in its reports yet.
+
+Per-replica soft state (never in the shared store): each replica only knows the redirects it
+sent. An entry leaves when the node's next reports show that many more viewers of that stream,
+or after ``window_s`` (30 s). The count per node feeds the bandwidth penalty in scoring.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+from pkg.common.clock import Clock
+
+PendingListener = Callable[[str, int], None]
+
+
+class RedirectTracker:
+    """Counts pending redirects per node, oldest first, with expiry on an injected clock."""
+
+    def __init__(self, clock: Clock, window_s: float = 30.0) -> None:
+        self._clock = clock
+        self.window_s = window_s
+        self._timeline: deque[tuple[float, str, str]] = deque()
+        self._by_key: dict[tuple[str, str], deque[float]] = {}
+        self._per_node: dict[str, int] = {}
+        self._listeners: list[PendingListener] = []
+
+    def add_listener(self, listener: PendingListener) -> None:
+        self._listeners.append(listener)
+
+    def pending(self, node_id: str) -> int:
+        return self._per_node.get(node_id, 0)
+
+    def record(self, node_id: str, stream_id: str) -> None:
+        """A viewer of ``stream_id`` was just sent to ``node_id``."""
+        now = self._clock.monotonic()
+        self._timeline.append((now, node_id, stream_id))
+        self._by_key.setdefault((node_id, stream_id), deque()).append(now)
+        self._change(node_id, +1)
+
+    def arrived(self, node_id: str, stream_id: str, count: int) -> None:
+        """``count`` more viewers of ``stream_id`` showed up on ``node_id``: settle the oldest."""
+        key = (node_id, stream_id)
+        entries = self._by_key.get(key)
+        if not entries or count <= 0:
+            return
+        settled = min(count, len(entries))
+        for _ in range(settled):
+            entries.popleft()
+        if not entries:
+            del self._by_key[key]
+        self._change(node_id, -settled)
+
+    def forget(self, node_id: str) -> None:
+        """Drop everything pending for a node (evicted or reconnected)."""
+        for key in [k for k in self._by_key if k[0] == node_id]:
+            del self._by_key[key]
+        if self._per_node.pop(node_id, 0):
+            self._notify(node_id, 0)
+
+    def expire(self) -> None:
+        """Drop entries older than the window (cheap: called on every routing decision)."""
+        horizon = self._clock.monotonic() - self.window_s
+        timeline = self._timeline
+        while timeline and timeline[0][0] < horizon:
+            t, node_id, stream_id = timeline.popleft()
+            key = (node_id, stream_id)
+            entries = self._by_key.get(key)
+            # Arrivals settle the oldest entries first, so if this entry is still pending it
+            # is the oldest of its key; otherwise it was settled already.
+            if entries and entries[0] <= t:
+                entries.popleft()
+                if not entries:
+                    del self._by_key[key]
+                self._change(node_id, -1)
+
+    def _change(self, node_id: str, delta: int) -> None:
+        count = self._per_node.get(node_id, 0) + delta
+        if count <= 0:
+            self._per_node.pop(node_id, None)
+            count = 0
+        else:
+            self._per_node[node_id] = count
+        self._notify(node_id, count)
+
+    def _notify(self, node_id: str, count: int) -> None:
+        for listener in self._listeners:
+            listener(node_id, count)

@@ -1,0 +1,235 @@
+"""Foghorn process wiring: store, fleet, gRPC services, HTTP side, reaper; start and stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from typing import Any
+
+import structlog
+import uvicorn
+
+from api_balancing.config import FoghornConfig
+from api_balancing.fleet import Fleet, FleetSettings
+from api_balancing.geoip import GeoIpTable
+from api_balancing.http import EmbeddedUvicorn, build_app
+from api_balancing.service import Locator, NodeAdminService, NodeControlService, RoutingService
+from api_balancing.sessions import SessionRegistry
+from api_balancing.store.base import NodeStore
+from api_balancing.store.memory import MemoryNodeStore
+from pkg.common.auth import (
+    Authenticator,
+    BearerAuthInterceptor,
+    parse_tokens,
+    static_authenticator,
+    tokens_from_env,
+)
+from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
+from pkg.events import EventSink, build_sink
+from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("foghorn")
+
+PUBLIC_METHODS = ["/foghorn.v1.Routing/"]
+
+
+def build_store(config: FoghornConfig) -> NodeStore:
+    """The embedded store, or the shared Redis one when ``redis_url`` is set (HA)."""
+    if not config.redis_url:
+        return MemoryNodeStore()
+    try:
+        from api_balancing.ha import build_store as build_ha_store  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise RuntimeError(
+            "FOGHORN_REDIS_URL is set but the HA store (api_balancing.ha) is not available"
+        ) from exc
+    store: NodeStore = build_ha_store(config)
+    return store
+
+
+class FoghornServer:
+    """One Foghorn replica: gRPC (node control, routing, admin) plus HTTP, on one event loop."""
+
+    def __init__(
+        self,
+        config: FoghornConfig,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        store: NodeStore | None = None,
+        events: EventSink | None = None,
+        geoip: GeoIpTable | None = None,
+        authenticator: Authenticator | None = None,
+        rng: random.Random | None = None,
+        run_reaper: bool = True,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = store if store is not None else build_store(config)
+        self.events = (
+            events if events is not None else build_sink(config.kafka_bootstrap, source="foghorn")
+        )
+        if geoip is None:
+            geoip = GeoIpTable.from_csv(config.geoip_file) if config.geoip_file else GeoIpTable()
+        self.fleet = Fleet(
+            self.store,
+            clock,
+            FleetSettings(
+                weights=config.weights,
+                stale_after_s=config.stale_after_s,
+                evict_after_s=config.evict_after_s,
+                redirect_window_s=config.redirect_window_s,
+                redirect_bps=config.redirect_bps,
+                routing_event_sample=config.routing_event_sample,
+                replica_id=config.replica_id,
+            ),
+            self.events,
+            rng=rng,
+        )
+        self.sessions = SessionRegistry()
+        locator = Locator(geoip)
+        self.control = NodeControlService(self.fleet, self.sessions, config.report_interval_s)
+        self.routing = RoutingService(self.fleet, locator)
+        self.admin = NodeAdminService(self.fleet, self.sessions, locator, config.command_timeout_s)
+        if authenticator is None:
+            tokens = parse_tokens(config.tokens) if config.tokens else tokens_from_env()
+            authenticator = static_authenticator(tokens)
+        self._authenticator = authenticator
+        self._run_reaper = run_reaper
+        self.grpc: GrpcServer | None = None
+        self.http: uvicorn.Server | None = None
+        self.http_port = 0
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def grpc_port(self) -> int:
+        return self.grpc.port if self.grpc else 0
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.config.host}:{self.grpc_port}"
+
+    def health(self) -> dict[str, Any]:
+        """The /health document: status, dependencies, counts, routing latency."""
+        store_ok = self.store.healthy()
+        records = self.store.snapshot()
+        connected = sum(1 for r in records if r.connected)
+        stale = sum(1 for r in records if r.connected and self.fleet.is_stale(r))
+        c = self.fleet.counters
+        lat = self.fleet.route_latency
+        return {
+            "status": "ok" if store_ok else "degraded",
+            "service": "foghorn",
+            "replica": self.config.replica_id,
+            "dependencies": {
+                "store": {
+                    "kind": "redis" if self.config.redis_url else "memory",
+                    "status": "ok" if store_ok else "degraded",
+                },
+                "events": {
+                    "kind": "kafka" if self.config.kafka_bootstrap else "none",
+                    "status": "ok",
+                },
+            },
+            "counts": {
+                "nodes": len(records),
+                "connected": connected,
+                "stale": stale,
+                "local_streams": len(self.sessions),
+                "reports_accepted": c.reports_accepted,
+                "reports_rejected": c.reports_rejected,
+                "routing_decisions": c.routing_decisions,
+                "routing_failures": c.routing_failures,
+                "registrations": c.registrations,
+                "evictions": c.evictions,
+            },
+            "routing": {
+                "samples": len(lat),
+                "p50_us": round(lat.percentile(0.50), 1),
+                "p99_us": round(lat.percentile(0.99), 1),
+            },
+        }
+
+    async def start(self) -> None:
+        await self.store.start()
+        interceptor = BearerAuthInterceptor(self._authenticator, public_methods=PUBLIC_METHODS)
+        self.grpc = build_server(
+            [
+                ServiceBinding(
+                    pb_grpc.add_NodeControlServicer_to_server,
+                    self.control,
+                    "foghorn.v1.NodeControl",
+                ),
+                ServiceBinding(
+                    pb_grpc.add_RoutingServicer_to_server, self.routing, "foghorn.v1.Routing"
+                ),
+                ServiceBinding(
+                    pb_grpc.add_NodeAdminServicer_to_server, self.admin, "foghorn.v1.NodeAdmin"
+                ),
+            ],
+            port=self.config.grpc_port,
+            host=self.config.host,
+            interceptors=[interceptor],
+            max_message_bytes=self.config.max_message_bytes,
+        )
+        await self.grpc.start()
+        if self.config.http_port >= 0:
+            await self._start_http()
+        if self._run_reaper:
+            self._tasks.append(asyncio.create_task(self._reaper(), name="foghorn-reaper"))
+        log.info(
+            "foghorn started",
+            grpc=self.grpc_target,
+            http=self.http_port or None,
+            replica=self.config.replica_id,
+            store="redis" if self.config.redis_url else "memory",
+        )
+
+    async def _start_http(self) -> None:
+        app = build_app(self.fleet, self.routing, self.health)
+        config = uvicorn.Config(
+            app,
+            host=self.config.host,
+            port=self.config.http_port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        server = EmbeddedUvicorn(config)
+        self.http = server
+        task = asyncio.create_task(server.serve(), name="foghorn-http")
+        self._tasks.append(task)
+        while not server.started:
+            if task.done():
+                task.result()  # raises the bind error
+                raise RuntimeError("HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+        self.http_port = server.servers[0].sockets[0].getsockname()[1]
+
+    async def _reaper(self) -> None:
+        while True:
+            await self.clock.asleep(self.config.reap_interval_s)
+            try:
+                await self.fleet.reap_once()
+            except Exception:  # keep reaping; a store hiccup must not kill the loop
+                log.exception("reaper pass failed")
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop taking calls, close node streams (they reconnect elsewhere), stop HTTP."""
+        self.sessions.close_all("foghorn replica shutting down")
+        if self.grpc is not None:
+            await self.grpc.stop(grace)
+        if self.http is not None:
+            self.http.should_exit = True
+        for task in self._tasks:
+            if task.get_name() == "foghorn-http":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, timeout=grace + 1)
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        await self.store.close()
+        log.info("foghorn stopped", replica=self.config.replica_id)

@@ -1,0 +1,449 @@
+"""foghorn.v1 handlers: wire messages in, validated domain calls, wire messages out.
+
+Errors map to gRPC status in one place (``_status``); every domain error names its field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import grpc.aio
+import structlog
+
+from api_balancing import convert, errors, metrics, validation
+from api_balancing.fleet import Fleet
+from api_balancing.geoip import GeoIpTable
+from api_balancing.model import GeoPoint, NodeMode
+from api_balancing.sessions import Ack, Closed, Session, SessionRegistry
+from api_balancing.urls import ingest_url
+from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
+from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("foghorn.service")
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+DEFAULT_FALLBACKS = 3
+
+
+def _status(code: str) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
+
+
+async def _call(context: Context, fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a handler body; domain errors become their gRPC status with the message."""
+    try:
+        return await fn()
+    except errors.FoghornError as exc:
+        await context.abort(_status(exc.code), exc.message)
+        raise  # unreachable: abort raises
+
+
+@dataclass
+class Locator:
+    """Where a viewer is: explicit lat/lon wins, else the GeoIP table, else unknown."""
+
+    geoip: GeoIpTable
+
+    def locate(
+        self, field: str, has_location: bool, point: pb.GeoPoint, ip: str
+    ) -> GeoPoint | None:
+        if has_location:
+            return validation.geo(field, point)
+        return self.geoip.lookup(ip)
+
+
+# --------------------------------------------------------------------------------------------
+# Node control stream
+# --------------------------------------------------------------------------------------------
+
+_END = object()
+
+
+class _StreamState:
+    session: Session | None = None
+
+
+class NodeControlService(pb_grpc.NodeControlServicer):
+    """One bidirectional stream per node: register, reports, acks in; commands out."""
+
+    def __init__(self, fleet: Fleet, sessions: SessionRegistry, report_interval_s: float) -> None:
+        self.fleet = fleet
+        self.sessions = sessions
+        self.report_interval_s = report_interval_s
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def Connect(
+        self, request_iterator: AsyncIterator[pb.NodeMessage], context: Context
+    ) -> AsyncIterator[pb.ControlMessage]:
+        outbox: asyncio.Queue[Any] = asyncio.Queue()
+        state = _StreamState()
+        reader = asyncio.create_task(self._read(request_iterator, state, outbox))
+        metrics.control_streams.add(1)
+        try:
+            while True:
+                item = await outbox.get()
+                if item is _END:
+                    return
+                if isinstance(item, Closed):
+                    await context.abort(_status(item.code), item.message)
+                yield item
+        finally:
+            metrics.control_streams.add(-1)
+            reader.cancel()
+            session = state.session
+            if session is not None and self.sessions.release(session):
+                # Not awaited here: this generator may be finishing because it was cancelled.
+                task = asyncio.get_running_loop().create_task(self._disconnected(session.node_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _disconnected(self, node_id: str) -> None:
+        if self.sessions.get(node_id) is None:  # not re-registered meanwhile
+            await self.fleet.disconnect(node_id)
+
+    async def _read(
+        self,
+        requests: AsyncIterator[pb.NodeMessage],
+        state: _StreamState,
+        outbox: asyncio.Queue[Any],
+    ) -> None:
+        try:
+            async for msg in requests:
+                closed = await self._handle(msg, state, outbox)
+                if closed is not None:
+                    outbox.put_nowait(closed)
+                    return
+            outbox.put_nowait(_END)
+        except asyncio.CancelledError:
+            raise
+        except errors.FoghornError as exc:
+            outbox.put_nowait(Closed(exc.code, exc.message))
+        except grpc.RpcError:
+            outbox.put_nowait(_END)  # the stream broke under us: nothing more to say
+        except Exception:
+            log.exception("control stream failed")
+            outbox.put_nowait(Closed("INTERNAL", "internal error on the control stream"))
+
+    async def _handle(
+        self, msg: pb.NodeMessage, state: _StreamState, outbox: asyncio.Queue[Any]
+    ) -> Closed | None:
+        kind = msg.WhichOneof("msg")
+        session = state.session
+        if kind == "report":
+            if session is None:
+                return Closed("FAILED_PRECONDITION", "report: sent before register")
+            if session.closed:
+                return None  # replaced by a newer stream; ignore what is still in flight
+            await self._report(session.node_id, msg.report, outbox)
+            return None
+        if kind == "register":
+            if session is not None:
+                return Closed(
+                    "FAILED_PRECONDITION",
+                    f"register: this stream already registered node {session.node_id!r}",
+                )
+            identity = validation.register(msg.register)
+            # Take the stream over first, so an older stream ending meanwhile cannot mark the
+            # node disconnected after this registration.
+            state.session = self.sessions.open(identity.node_id, outbox)
+            record = await self.fleet.register(identity)
+            outbox.put_nowait(
+                pb.ControlMessage(
+                    registered=pb.Registered(
+                        node_id=identity.node_id,
+                        mode=int(record.mode),  # type: ignore[arg-type]
+                        replica_id=self.fleet.settings.replica_id,
+                        report_interval_s=self.report_interval_s,
+                    )
+                )
+            )
+            return None
+        if kind == "ack":
+            if session is None:
+                return Closed("FAILED_PRECONDITION", "ack: sent before register")
+            ack = msg.ack
+            if not session.resolve(Ack(ack.request_id, ack.ok, ack.message[:512])):
+                self.sessions.acks_unmatched += 1
+            return None
+        return Closed("INVALID_ARGUMENT", "msg: empty NodeMessage (set register, report or ack)")
+
+    async def _report(self, node_id: str, msg: pb.LoadReport, outbox: asyncio.Queue[Any]) -> None:
+        try:
+            report = validation.report(msg)
+        except errors.FoghornError as exc:
+            await self.fleet.reject_report(node_id, exc.message)
+            metrics.reports.add(1, {"result": "rejected"})
+            metrics.rejected_fields.add(1, {"field": exc.field.split("[")[0]})
+            outbox.put_nowait(
+                pb.ControlMessage(
+                    rejected=pb.ReportRejected(
+                        code=_status(exc.code).value[0], field=exc.field, message=exc.message
+                    )
+                )
+            )
+            return
+        await self.fleet.accept_report(node_id, report)
+        metrics.reports.add(1, {"result": "accepted"})
+
+
+# --------------------------------------------------------------------------------------------
+# Routing (public)
+# --------------------------------------------------------------------------------------------
+
+
+class RoutingService(pb_grpc.RoutingServicer):
+    def __init__(self, fleet: Fleet, locator: Locator) -> None:
+        self.fleet = fleet
+        self.locator = locator
+
+    def route_viewer(self, request: pb.ViewerRouteRequest) -> pb.ViewerRouteResponse:
+        """The routing decision behind RouteViewer and /play (raises domain errors)."""
+        started = time.perf_counter()
+        cid = validation.content_id("content_id", request.content_id)
+        ip = validation.ip("viewer_ip", request.viewer_ip)
+        location = self.locator.locate(
+            "location", request.HasField("location"), request.location, ip
+        )
+        protocol = validation.protocol("protocol", request.protocol, validation.VIEWER_PROTOCOLS)
+        fallbacks = validation.fallbacks("max_fallbacks", request.max_fallbacks)
+        try:
+            ranked, considered = self.fleet.route(
+                cid, location, limit=1 + (fallbacks or DEFAULT_FALLBACKS), protocol=protocol
+            )
+        except errors.NoEligibleNode:
+            metrics.routing.add(1, {"kind": "viewer", "result": "none"})
+            raise
+        store = self.fleet.store
+        out = pb.ViewerRouteResponse(considered=considered)
+        out.best.CopyFrom(convert.candidate(ranked[0], store.get(ranked[0].node_id), cid, protocol))
+        for r in ranked[1:]:
+            out.fallbacks.append(convert.candidate(r, store.get(r.node_id), cid, protocol))
+        if location is not None:
+            out.viewer_location.CopyFrom(convert.geo(location))
+        metrics.routing.add(1, {"kind": "viewer", "result": "ok"})
+        metrics.routing_seconds.record(time.perf_counter() - started, {"kind": "viewer"})
+        return out
+
+    async def RouteViewer(
+        self, request: pb.ViewerRouteRequest, context: Context
+    ) -> pb.ViewerRouteResponse:
+        async def body() -> pb.ViewerRouteResponse:
+            return self.route_viewer(request)
+
+        return await _call(context, body)
+
+    async def RouteIngest(
+        self, request: pb.IngestRouteRequest, context: Context
+    ) -> pb.IngestRouteResponse:
+        async def body() -> pb.IngestRouteResponse:
+            key = validation._id(
+                "stream_key", request.stream_key, validation.STREAM_KEY_RE, "stream key"
+            )
+            ip = validation.ip("ingest_ip", request.ingest_ip)
+            location = self.locator.locate(
+                "location", request.HasField("location"), request.location, ip
+            )
+            protocol = (
+                validation.protocol("protocol", request.protocol, validation.INGEST_PROTOCOLS)
+                or "rtmp"
+            )
+            try:
+                ranked, _ = self.fleet.route(
+                    "", location, limit=1 + DEFAULT_FALLBACKS, role="ingest", protocol=protocol
+                )
+            except errors.NoEligibleNode:
+                metrics.routing.add(1, {"kind": "ingest", "result": "none"})
+                raise
+            store = self.fleet.store
+            out = pb.IngestRouteResponse()
+            best = store.get(ranked[0].node_id)
+            out.best.CopyFrom(convert.candidate(ranked[0], best, "", protocol))
+            for r in ranked[1:]:
+                out.fallbacks.append(convert.candidate(r, store.get(r.node_id), "", protocol))
+            if best is not None:
+                out.ingest_url = ingest_url(best.identity.base_url, key, protocol)
+            metrics.routing.add(1, {"kind": "ingest", "result": "ok"})
+            return out
+
+        return await _call(context, body)
+
+
+# --------------------------------------------------------------------------------------------
+# Node admin
+# --------------------------------------------------------------------------------------------
+
+
+def _set_mode_message(mode: NodeMode, reason: str) -> Callable[[str], pb.ControlMessage]:
+    def make(request_id: str) -> pb.ControlMessage:
+        return pb.ControlMessage(
+            command=pb.Command(
+                request_id=request_id,
+                set_mode=pb.SetModeCommand(mode=int(mode), reason=reason),  # type: ignore[arg-type]
+            )
+        )
+
+    return make
+
+
+class NodeAdminService(pb_grpc.NodeAdminServicer):
+    def __init__(
+        self,
+        fleet: Fleet,
+        sessions: SessionRegistry,
+        locator: Locator,
+        command_timeout_s: float,
+        dispatch: Callable[[str, Callable[[str], Any], float], Awaitable[Ack]] | None = None,
+    ) -> None:
+        self.fleet = fleet
+        self.sessions = sessions
+        self.locator = locator
+        self.command_timeout_s = command_timeout_s
+        # Where commands go: this replica's streams by default; the HA layer relays instead.
+        self.dispatch = dispatch or sessions.send
+
+    def _info(self, node_id: str) -> pb.NodeInfo:
+        rec = self.fleet.store.get(node_id)
+        if rec is None:
+            raise errors.NotFound(f"node_id: unknown node {node_id!r}", "node_id")
+        return convert.node_info(
+            rec,
+            now=self.fleet.clock.time(),
+            stale=self.fleet.is_stale(rec),
+            pending=self.fleet.redirects.pending(node_id),
+        )
+
+    async def _command(
+        self, node_id: str, make: Callable[[str], Any], timeout_s: float
+    ) -> pb.CommandResult:
+        """Send and wait; a node not connected or not answering is reported, not raised."""
+        try:
+            ack = await self.dispatch(node_id, make, timeout_s)
+        except errors.CommandTimeout as exc:
+            metrics.commands.add(1, {"outcome": "timeout"})
+            return pb.CommandResult(delivered=True, acked=False, message=exc.message)
+        except errors.FailedPrecondition as exc:
+            metrics.commands.add(1, {"outcome": "not_connected"})
+            return pb.CommandResult(delivered=False, acked=False, message=exc.message)
+        metrics.commands.add(1, {"outcome": "acked" if ack.ok else "refused"})
+        return pb.CommandResult(
+            request_id=ack.request_id, delivered=True, acked=True, ok=ack.ok, message=ack.message
+        )
+
+    async def SetMode(self, request: pb.SetModeRequest, context: Context) -> pb.SetModeResponse:
+        async def body() -> pb.SetModeResponse:
+            node_id = validation.node_id("node_id", request.node_id)
+            mode = validation.mode("mode", request.mode)
+            reason = validation.reason("reason", request.reason)
+            wait = validation.timeout("ack_timeout_s", request.ack_timeout_s, 2.0)
+            await self.fleet.set_mode(node_id, mode, reason)
+            result = await self._command(node_id, _set_mode_message(mode, reason), wait)
+            return pb.SetModeResponse(node=self._info(node_id), command=result)
+
+        return await _call(context, body)
+
+    async def ListNodes(
+        self, request: pb.ListNodesRequest, context: Context
+    ) -> pb.ListNodesResponse:
+        async def body() -> pb.ListNodesResponse:
+            wanted = validation.mode("mode", request.mode) if request.mode else None
+            out = pb.ListNodesResponse()
+            for rec in sorted(self.fleet.store.snapshot(), key=lambda r: r.node_id):
+                if wanted is not None and rec.mode is not wanted:
+                    continue
+                if request.connected_only and not rec.connected:
+                    continue
+                out.nodes.append(
+                    convert.node_info(
+                        rec,
+                        now=self.fleet.clock.time(),
+                        stale=self.fleet.is_stale(rec),
+                        pending=self.fleet.redirects.pending(rec.node_id),
+                    )
+                )
+            return out
+
+        return await _call(context, body)
+
+    async def GetNode(self, request: pb.GetNodeRequest, context: Context) -> pb.NodeInfo:
+        async def body() -> pb.NodeInfo:
+            return self._info(validation.node_id("node_id", request.node_id))
+
+        return await _call(context, body)
+
+    async def ExplainRoute(
+        self, request: pb.ViewerRouteRequest, context: Context
+    ) -> pb.ExplainRouteResponse:
+        async def body() -> pb.ExplainRouteResponse:
+            cid = validation.content_id("content_id", request.content_id)
+            ip = validation.ip("viewer_ip", request.viewer_ip)
+            location = self.locator.locate(
+                "location", request.HasField("location"), request.location, ip
+            )
+            protocol = validation.protocol(
+                "protocol", request.protocol, validation.VIEWER_PROTOCOLS
+            )
+            out = pb.ExplainRouteResponse(weights=self.fleet.settings.weights.describe())
+            rank = 0
+            for e in self.fleet.explain(cid, location, protocol=protocol):
+                rank = rank + 1 if e.eligible else 0
+                out.nodes.append(convert.explanation(e, rank))
+            if location is not None:
+                out.viewer_location.CopyFrom(convert.geo(location))
+            return out
+
+        return await _call(context, body)
+
+    async def SendCommand(
+        self, request: pb.SendCommandRequest, context: Context
+    ) -> pb.CommandResult:
+        async def body() -> pb.CommandResult:
+            node_id = validation.node_id("node_id", request.node_id)
+            if self.fleet.store.get(node_id) is None:
+                raise errors.NotFound(f"node_id: unknown node {node_id!r}", "node_id")
+            wait = validation.timeout("timeout_s", request.timeout_s, self.command_timeout_s)
+            command = pb.Command()
+            command.CopyFrom(request.command)
+            action = command.WhichOneof("action")
+            if action is None:
+                raise errors.InvalidArgument(
+                    "command.action", "must be one of set_mode, stop_sessions, drain"
+                )
+            if action == "set_mode":
+                mode = validation.mode("command.set_mode.mode", command.set_mode.mode)
+                reason = validation.reason("command.set_mode.reason", command.set_mode.reason)
+                await self.fleet.set_mode(node_id, mode, reason)  # the fleet view follows
+            elif action == "stop_sessions":
+                validation.content_id(
+                    "command.stop_sessions.stream_id", command.stop_sessions.stream_id
+                )
+            elif command.drain.target_viewers < 0:
+                raise errors.InvalidArgument(
+                    "command.drain.target_viewers",
+                    f"must not be negative, got {command.drain.target_viewers}",
+                )
+
+            def make(request_id: str) -> pb.ControlMessage:
+                command.request_id = request_id
+                return pb.ControlMessage(command=command)
+
+            try:
+                ack = await self.dispatch(node_id, make, wait)
+            except (errors.CommandTimeout, errors.FailedPrecondition) as exc:
+                metrics.commands.add(1, {"outcome": exc.code.lower()})
+                raise
+            metrics.commands.add(1, {"outcome": "acked" if ack.ok else "refused"})
+            return pb.CommandResult(
+                request_id=ack.request_id,
+                delivered=True,
+                acked=True,
+                ok=ack.ok,
+                message=ack.message,
+            )
+
+        return await _call(context, body)

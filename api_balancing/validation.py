@@ -1,0 +1,197 @@
+"""Wire messages -> validated domain records. Every check names the field it failed on.
+
+Numbers must be finite and in range, ids non-empty, bounded and from a safe alphabet, sizes
+bounded (oversized collections are RESOURCE_EXHAUSTED). Nothing here trusts the client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+
+from api_balancing import errors
+from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeMode, StreamLoad
+from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
+
+NODE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+CONTENT_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,256}$")
+STREAM_KEY_RE = re.compile(r"^[A-Za-z0-9._:-]{1,256}$")
+TENANT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+NAME_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
+KNOWN_ROLES = frozenset({"edge", "ingest"})
+VIEWER_PROTOCOLS = ("hls", "llhls", "dash", "webrtc")
+INGEST_PROTOCOLS = ("rtmp", "srt", "whip")
+KNOWN_PROTOCOLS = frozenset(VIEWER_PROTOCOLS + INGEST_PROTOCOLS)
+MAX_NAMES = 16
+MAX_STREAMS_PER_REPORT = 5000
+MAX_FALLBACKS = 16
+MAX_REASON = 256
+MAX_REGION = 64
+MAX_URL = 512
+MAX_INT = 2**62  # bytes / bps / counts beyond this are nonsense
+
+
+def _id(field: str, value: str, pattern: re.Pattern[str], what: str) -> str:
+    if not value:
+        raise errors.InvalidArgument(field, "must not be empty")
+    if len(value) > 256 and pattern is not CONTENT_ID_RE:
+        raise errors.InvalidArgument(field, f"too long ({len(value)} chars)")
+    if not pattern.match(value):
+        raise errors.InvalidArgument(field, f"{value[:64]!r} is not a valid {what}")
+    return value
+
+
+def node_id(field: str, value: str) -> str:
+    return _id(field, value, NODE_ID_RE, "node id (1..128 of A-Za-z0-9._:-)")
+
+
+def content_id(field: str, value: str) -> str:
+    return _id(field, value, CONTENT_ID_RE, "content id (1..256 of A-Za-z0-9._:/-)")
+
+
+def _finite(field: str, value: float) -> float:
+    if math.isnan(value) or math.isinf(value):
+        raise errors.InvalidArgument(field, f"must be a finite number, got {value}")
+    return value
+
+
+def _count(field: str, value: int) -> int:
+    if value < 0:
+        raise errors.InvalidArgument(field, f"must not be negative, got {value}")
+    if value > MAX_INT:
+        raise errors.InvalidArgument(field, f"{value} is out of range")
+    return value
+
+
+def geo(field: str, point: pb.GeoPoint) -> GeoPoint:
+    lat = _finite(f"{field}.latitude", point.latitude)
+    lon = _finite(f"{field}.longitude", point.longitude)
+    if not -90.0 <= lat <= 90.0:
+        raise errors.InvalidArgument(f"{field}.latitude", f"{lat} is outside -90..90")
+    if not -180.0 <= lon <= 180.0:
+        raise errors.InvalidArgument(f"{field}.longitude", f"{lon} is outside -180..180")
+    return GeoPoint(lat, lon)
+
+
+def _names(
+    field: str, values: list[str] | object, allowed: frozenset[str] | None
+) -> frozenset[str]:
+    items = list(values)  # type: ignore[call-overload]
+    if len(items) > MAX_NAMES:
+        raise errors.TooLarge(field, f"{len(items)} entries (max {MAX_NAMES})")
+    for i, name in enumerate(items):
+        if not NAME_RE.match(name):
+            raise errors.InvalidArgument(f"{field}[{i}]", f"{name[:40]!r} is not a valid name")
+        if allowed is not None and name not in allowed:
+            raise errors.InvalidArgument(
+                f"{field}[{i}]", f"unknown {name!r} (one of {', '.join(sorted(allowed))})"
+            )
+    return frozenset(items)
+
+
+def register(msg: pb.Register) -> NodeIdentity:
+    """Validate a Register message."""
+    nid = node_id("register.node_id", msg.node_id)
+    roles = _names("register.roles", msg.roles, KNOWN_ROLES)
+    if not roles:
+        raise errors.InvalidArgument("register.roles", "must name at least one role")
+    caps = _names("register.capabilities", msg.capabilities, KNOWN_PROTOCOLS)
+    url = msg.base_url
+    if not url:
+        raise errors.InvalidArgument("register.base_url", "must not be empty")
+    if len(url) > MAX_URL:
+        raise errors.InvalidArgument("register.base_url", f"too long ({len(url)} chars)")
+    if not re.match(r"^https?://[A-Za-z0-9.\-\[\]:]+(/[\x21-\x7e]*)?$", url):
+        raise errors.InvalidArgument("register.base_url", f"{url[:64]!r} is not an http(s) URL")
+    location = geo("register.location", msg.location) if msg.HasField("location") else None
+    capacity = _count("register.capacity", msg.capacity)
+    if len(msg.region) > MAX_REGION:
+        raise errors.InvalidArgument("register.region", f"too long ({len(msg.region)} chars)")
+    return NodeIdentity(nid, roles, caps, url.rstrip("/"), location, capacity, msg.region)
+
+
+def report(msg: pb.LoadReport) -> LoadReport:
+    """Validate a LoadReport message."""
+    cpu = _finite("report.cpu_percent", msg.cpu_percent)
+    if not 0.0 <= cpu <= 100.0:
+        raise errors.InvalidArgument("report.cpu_percent", f"{cpu} is outside 0..100")
+    ram_used = _count("report.ram_used_bytes", msg.ram_used_bytes)
+    ram_max = _count("report.ram_max_bytes", msg.ram_max_bytes)
+    if ram_max == 0:
+        raise errors.InvalidArgument("report.ram_max_bytes", "must be positive")
+    if ram_used > ram_max:
+        raise errors.InvalidArgument(
+            "report.ram_used_bytes", f"{ram_used} exceeds ram_max_bytes {ram_max}"
+        )
+    up = _count("report.upload_bps", msg.upload_bps)
+    down = _count("report.download_bps", msg.download_bps)
+    limit = _count("report.bandwidth_limit_bps", msg.bandwidth_limit_bps)
+    if len(msg.streams) > MAX_STREAMS_PER_REPORT:
+        raise errors.TooLarge(
+            "report.streams", f"{len(msg.streams)} streams (max {MAX_STREAMS_PER_REPORT})"
+        )
+    streams: list[StreamLoad] = []
+    seen: set[str] = set()
+    for i, s in enumerate(msg.streams):
+        f = f"report.streams[{i}]"
+        sid = content_id(f"{f}.stream_id", s.stream_id)
+        if sid in seen:
+            raise errors.InvalidArgument(f"{f}.stream_id", f"{sid!r} listed twice")
+        seen.add(sid)
+        tenant = _id(f"{f}.tenant_id", s.tenant_id, TENANT_RE, "tenant id")
+        streams.append(
+            StreamLoad(
+                sid,
+                tenant,
+                _count(f"{f}.viewers", s.viewers),
+                _count(f"{f}.inputs", s.inputs),
+                _count(f"{f}.upload_bps", s.upload_bps),
+            )
+        )
+    return LoadReport(cpu, ram_used, ram_max, up, down, limit, tuple(streams))
+
+
+def mode(field: str, value: int) -> NodeMode:
+    try:
+        return NodeMode(value)
+    except ValueError:
+        raise errors.InvalidArgument(
+            field, f"{value} is not a mode (1 normal, 2 draining, 3 maintenance)"
+        ) from None
+
+
+def reason(field: str, value: str) -> str:
+    if len(value) > MAX_REASON:
+        raise errors.InvalidArgument(field, f"too long ({len(value)} chars, max {MAX_REASON})")
+    return value
+
+
+def ip(field: str, value: str) -> str:
+    if not value:
+        return ""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise errors.InvalidArgument(field, f"{value[:64]!r} is not an IP address") from None
+
+
+def protocol(field: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value and value not in allowed:
+        raise errors.InvalidArgument(
+            field, f"unknown protocol {value[:32]!r} (one of {', '.join(allowed)})"
+        )
+    return value
+
+
+def fallbacks(field: str, value: int) -> int:
+    if value < 0 or value > MAX_FALLBACKS:
+        raise errors.InvalidArgument(field, f"{value} is outside 0..{MAX_FALLBACKS}")
+    return value
+
+
+def timeout(field: str, value: float, default: float, maximum: float = 60.0) -> float:
+    _finite(field, value)
+    if value < 0 or value > maximum:
+        raise errors.InvalidArgument(field, f"{value} is outside 0..{maximum:g} s")
+    return value or default
