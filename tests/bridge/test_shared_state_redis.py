@@ -81,9 +81,7 @@ async def test_a_lock_holder_that_never_finishes_does_not_block_readers_forever(
     backend = CountingBackend(delay=0)
     # Someone (a paused replica) holds the lock and will never write the entry.
     await replicas[0].cache_store.acquire("k", "zombie", 60_000)
-    cache = ResponseCache(
-        replicas[1].cache_store, policy=POLICY, rand=lambda: 1.0, lock_wait_s=0.3
-    )
+    cache = ResponseCache(replicas[1].cache_store, policy=POLICY, rand=lambda: 1.0, lock_wait_s=0.3)
     result = await asyncio.wait_for(cache.get("k", backend.load, tags=["nodes"]), 5)
     assert result.value == {"nodes": 3} and backend.calls == 1
 
@@ -138,7 +136,9 @@ async def test_redis_outage_degrades_then_recovers_by_itself(redis_factory):
                 break
             await asyncio.sleep(0.1)
         assert health.up
-        assert (await cache.get("k", backend.load, tags=["nodes"])).status == "miss"  # Redis came back empty
+        assert (
+            await cache.get("k", backend.load, tags=["nodes"])
+        ).status == "miss"  # Redis came back empty
         assert (await cache.get("k", backend.load, tags=["nodes"])).status in ("hit", "local_hit")
         assert (await limiter.check("tenant:a", limit)).exact
     finally:

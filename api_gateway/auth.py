@@ -1,0 +1,127 @@
+"""JWT bearer authentication: the token gives the caller's tenant and roles.
+
+Checked on every token: signature (HS256 with a shared secret, RS256 with a public key; the
+algorithm must be one we hold a key for, so an RS256 key can never verify an HS256 token forged
+with the public key as secret), expiry (required), issuer, audience, and a non-empty tenant
+claim. No token means anonymous (public queries only); a token that fails any check is refused,
+never downgraded to anonymous.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from pkg.common.auth import ANONYMOUS, Principal
+
+
+class AuthError(Exception):
+    """The credentials are present but unacceptable; the message says why (safe to show)."""
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    hs256_secret: str = ""
+    rs256_public_key: str = ""
+    issuer: str = "platform"
+    audience: str = "bridge"
+    leeway_s: float = 5.0
+    tenant_claim: str = "tenant"
+    roles_claim: str = "roles"
+    max_token_bytes: int = 4096
+
+
+def load_public_key(inline: str, path: str) -> str:
+    """The RS256 public key from the inline PEM or, failing that, the file."""
+    if inline.strip():
+        return inline.replace("\\n", "\n")
+    if path:
+        return Path(path).read_text()
+    return ""
+
+
+class JwtAuthenticator:
+    """Turns an ``Authorization`` header value into a ``Principal`` or raises ``AuthError``."""
+
+    def __init__(self, settings: JwtSettings) -> None:
+        self._s = settings
+        self._keys: dict[str, Any] = {}
+        if settings.hs256_secret:
+            self._keys["HS256"] = settings.hs256_secret
+        if settings.rs256_public_key:
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+            self._keys["RS256"] = load_pem_public_key(settings.rs256_public_key.encode())
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """ANONYMOUS without a header; a Principal for a valid bearer token; AuthError otherwise."""
+        if authorization is None:
+            return ANONYMOUS
+        if len(authorization) > self._s.max_token_bytes:
+            raise AuthError("authorization header too long")
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthError("authorization must be 'Bearer <token>'")
+        if not self._keys:
+            raise AuthError("this gateway accepts no tokens (no JWT key configured)")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise AuthError("malformed token") from None
+        alg = header.get("alg")
+        key = self._keys.get(alg) if isinstance(alg, str) else None
+        if key is None:
+            raise AuthError(f"token algorithm {alg!r} not accepted")
+        try:
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=[alg],
+                audience=self._s.audience,
+                issuer=self._s.issuer,
+                leeway=self._s.leeway_s,
+                options={"require": ["exp", "iss", "aud"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("token expired") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError("token audience not accepted") from None
+        except jwt.InvalidIssuerError:
+            raise AuthError("token issuer not accepted") from None
+        except jwt.InvalidSignatureError:
+            raise AuthError("token signature invalid") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise AuthError(f"token lacks the {exc.claim!r} claim") from None
+        except (jwt.PyJWTError, ValueError, TypeError):
+            raise AuthError("token invalid") from None
+        tenant = claims.get(self._s.tenant_claim)
+        if not isinstance(tenant, str) or not tenant.strip():
+            raise AuthError(f"token lacks the {self._s.tenant_claim!r} claim")
+        roles = claims.get(self._s.roles_claim, [])
+        if isinstance(roles, str):
+            roles = roles.split()
+        if not isinstance(roles, list):
+            raise AuthError(f"token claim {self._s.roles_claim!r} must be a list of strings")
+        sub = claims.get("sub")
+        return Principal(
+            name=sub if isinstance(sub, str) and sub else "user",
+            tenant=tenant.strip(),
+            roles=frozenset(_strings(roles)),
+        )
+
+
+def _strings(values: Iterable[Any]) -> Iterable[str]:
+    return (v for v in values if isinstance(v, str) and v)
+
+
+def is_anonymous(principal: Principal) -> bool:
+    return principal is ANONYMOUS or not principal.tenant

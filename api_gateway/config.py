@@ -1,0 +1,70 @@
+"""Bridge configuration: ``pkg.common.config.load(BridgeConfig, "BRIDGE")`` (BRIDGE_* env vars)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BridgeConfig:
+    """Every setting of a Bridge replica; empty ``redis_url`` means embedded (in-memory) state."""
+
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    replica_id: str = ""
+    foghorn_addresses: list[str] = field(default_factory=list)
+    signalman_addresses: list[str] = field(default_factory=list)
+    signalman_token: str = ""
+    foghorn_token: str = ""
+    backend_timeout_s: float = 2.0
+    redis_url: str = ""
+    redis_prefix: str = "bridge"
+    redis_timeout_s: float = 0.5
+
+    # JWT: at least one key. HS256 with a shared secret, RS256 with a PEM public key (inline or
+    # a file path). Issuer and audience are always checked.
+    jwt_hs256_secret: str = ""
+    jwt_rs256_public_key: str = ""
+    jwt_rs256_public_key_file: str = ""
+    jwt_issuer: str = "platform"
+    jwt_audience: str = "bridge"
+    jwt_leeway_s: float = 5.0
+    jwt_tenant_claim: str = "tenant"
+    jwt_roles_claim: str = "roles"
+
+    # Rate limits (token buckets: burst capacity, refill per second).
+    tenant_burst: int = 100
+    tenant_rate: float = 50.0
+    tenant_limits: str = ""  # overrides: "acme=500/200,small=10/1"
+    tenant_limits_ttl_s: float = 30.0
+    anon_burst: int = 20
+    anon_rate: float = 5.0
+    trust_forwarded_for: bool = False
+
+    # Cache lifetimes (seconds).
+    cache_ttl_s: float = 5.0
+    cache_stale_s: float = 30.0
+    cache_negative_ttl_s: float = 2.0
+    cache_error_grace_s: float = 60.0
+    route_cache_ttl_s: float = 1.0
+    cache_lock_ttl_s: float = 5.0
+    cache_local_size: int = 1000
+    xfetch_beta: float = 1.0
+
+    # Request limits.
+    max_query_depth: int = 8
+    max_query_tokens: int = 2000
+    max_aliases: int = 30
+    max_query_bytes: int = 16_384
+    max_body_bytes: int = 65_536
+    max_token_bytes: int = 4096
+
+    def __post_init__(self) -> None:
+        if not 0 < self.http_port < 65536:
+            raise ValueError(f"http_port must be 1..65535, got {self.http_port}")
+        for name in ("tenant_burst", "anon_burst", "max_query_depth", "max_query_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("tenant_rate", "anon_rate", "cache_ttl_s", "backend_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0")

@@ -1,0 +1,50 @@
+"""Stable error codes (``extensions.code``) and the one place that maps failures onto them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from graphql import GraphQLError
+
+UNAUTHENTICATED = "UNAUTHENTICATED"
+FORBIDDEN = "FORBIDDEN"
+BAD_USER_INPUT = "BAD_USER_INPUT"
+NOT_FOUND = "NOT_FOUND"
+RATE_LIMITED = "RATE_LIMITED"
+PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
+VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
+QUERY_TOO_DEEP = "QUERY_TOO_DEEP"
+QUERY_TOO_LARGE = "QUERY_TOO_LARGE"
+BAD_REQUEST = "BAD_REQUEST"
+PAYLOAD_TOO_LARGE = "PAYLOAD_TOO_LARGE"
+BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+BACKEND_TIMEOUT = "BACKEND_TIMEOUT"
+SUBSCRIPTIONS_UNAVAILABLE = "SUBSCRIPTIONS_UNAVAILABLE"
+INTERNAL = "INTERNAL_SERVER_ERROR"
+
+
+class ApiError(GraphQLError):
+    """An error a resolver raises on purpose: its message is safe to show, its code is stable."""
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message, extensions={"code": code, **extra})
+        self.code = code
+
+
+def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    """A GraphQL-shaped body for errors answered before GraphQL runs (401, 413, 429, 400)."""
+    return {"data": None, "errors": [{"message": message, "extensions": {"code": code, **extra}}]}
+
+
+def classify(error: GraphQLError) -> str:
+    """The code of an error raised by GraphQL itself (parse, validation, variables, limits)."""
+    msg = error.message
+    if "tokens. Parsing aborted" in msg or "aliases found. Allowed" in msg:
+        return QUERY_TOO_LARGE
+    if msg.startswith("Syntax Error"):
+        return PARSE_FAILED
+    if "exceeds maximum operation depth" in msg:
+        return QUERY_TOO_DEEP
+    if msg.startswith("Variable ") or "got invalid value" in msg:
+        return BAD_USER_INPUT
+    return VALIDATION_FAILED

@@ -1,0 +1,333 @@
+"""The ASGI application: GraphQL over HTTP and WebSocket, GraphiQL, /health and /metrics.
+
+Every GraphQL request passes, in order: the auth check (JWT -> Principal; bad token = 401), the
+rate limiter (tenant bucket, or per-IP bucket for anonymous callers; 429 with ``Retry-After``),
+size limits (413), then Strawberry. Every answer, errors included, is a GraphQL-shaped JSON body
+with ``extensions.code``; nothing a client sends can produce a 500.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cross_web import HTTPException
+from graphql import GraphQLError
+from opentelemetry import metrics
+from starlette.applications import Starlette
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.types import ExecutionResult
+
+from api_gateway import errors
+from api_gateway.auth import AuthError, JwtAuthenticator, is_anonymous
+from api_gateway.service import Gateway
+from bridge.ratelimit import RateLimiter
+from bridge.tenant_limits import CachedLimits
+from bridge.token_bucket import Decision, Limit
+from pkg.common.auth import ANONYMOUS, Principal
+from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
+
+log = structlog.get_logger("bridge.http")
+STATIC = Path(__file__).parent / "static"
+_meter = metrics.get_meter("bridge.http")
+_responses = _meter.create_counter(
+    "bridge_http_responses", description="GraphQL HTTP responses by status and error code"
+)
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 65_536
+    max_query_bytes: int = 16_384
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class RequestGuard:
+    """Authentication and rate limiting, shared by the HTTP and WebSocket paths."""
+
+    def __init__(
+        self,
+        auth: JwtAuthenticator,
+        limiter: RateLimiter,
+        tenant_limits: CachedLimits,
+        anon_limit: Limit,
+        trust_forwarded_for: bool = False,
+    ) -> None:
+        self.auth = auth
+        self.limiter = limiter
+        self.tenant_limits = tenant_limits
+        self.anon_limit = anon_limit
+        self.trust_forwarded_for = trust_forwarded_for
+
+    def client_ip(self, conn: HTTPConnection) -> str:
+        if self.trust_forwarded_for:
+            fwd = conn.headers.get("x-forwarded-for", "")
+            first = fwd.split(",")[0].strip()
+            if first:
+                return first[:64]
+        return conn.client.host if conn.client else "unknown"
+
+    async def admit(self, principal: Principal, ip: str) -> Decision:
+        if is_anonymous(principal):
+            return await self.limiter.check(f"ip:{ip}", self.anon_limit)
+        limits = await self.tenant_limits.limits_for(principal.tenant)
+        return await self.limiter.check(f"tenant:{principal.tenant}", limits.requests)
+
+
+def rate_headers(d: Decision) -> dict[str, str]:
+    headers = {
+        "X-RateLimit-Limit": str(d.limit),
+        "X-RateLimit-Remaining": str(d.remaining),
+        "X-RateLimit-Reset": str(d.reset_s),
+    }
+    if not d.allowed:
+        headers["Retry-After"] = str(max(1, d.retry_after_s))
+    return headers
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    _responses.add(1, {"status": status, "code": code})
+    return JSONResponse(errors.error_body(code, message), status_code=status, headers=headers)
+
+
+def format_error(error: GraphQLError) -> dict[str, Any]:
+    """A GraphQL error as sent to clients: unexpected failures are masked, never leaked."""
+    original = error.original_error
+    ext = dict(error.extensions or {})
+    if isinstance(original, errors.ApiError):
+        ext = {**original.extensions, **ext} if original.extensions else ext
+    elif original is not None and not isinstance(original, GraphQLError):
+        log.error("resolver_failed", error=repr(original), path=error.path)
+        return {
+            "message": "internal error",
+            "path": error.path,
+            "extensions": {"code": errors.INTERNAL},
+        }
+    if "code" not in ext:
+        ext["code"] = errors.classify(error)
+    out: dict[str, Any] = {"message": error.message, "extensions": ext}
+    if error.locations:
+        out["locations"] = [{"line": loc.line, "column": loc.column} for loc in error.locations]
+    if error.path:
+        out["path"] = error.path
+    return out
+
+
+class BridgeGraphQL(GraphQL):  # type: ignore[type-arg]
+    """Strawberry's ASGI view with Bridge's guard in front and its error format."""
+
+    def __init__(
+        self,
+        schema: Any,
+        gateway: Gateway,
+        guard: RequestGuard,
+        limits: Limits,
+        graphiql_html: str,
+    ) -> None:
+        super().__init__(schema, graphql_ide="graphiql")
+        self.gateway = gateway
+        self.guard = guard
+        self.limits = limits
+        self._ide_html = graphiql_html
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        return HTMLResponse(self._ide_html)
+
+    async def get_context(self, request: Any, response: Any) -> dict[str, Any]:
+        principal = request.scope.get("bridge.principal", ANONYMOUS)
+        return {
+            "request": request,
+            "response": response,
+            "principal": principal,
+            "gateway": self.gateway,
+        }
+
+    async def on_ws_connect(self, context: dict[str, Any]) -> Any:
+        """A token may come in ``connection_init`` (browsers cannot set WS headers)."""
+        params = context.get("connection_params") or {}
+        raw = params.get("Authorization") or params.get("authorization")
+        if raw is not None:
+            if not isinstance(raw, str):
+                raise ConnectionRejectionError({"code": errors.UNAUTHENTICATED})
+            try:
+                context["principal"] = self.guard.auth.authenticate(raw)
+            except AuthError as exc:
+                raise ConnectionRejectionError(
+                    {"code": errors.UNAUTHENTICATED, "message": str(exc)}
+                ) from None
+        return await super().on_ws_connect(context)
+
+    async def process_result(self, request: Any, result: ExecutionResult) -> Any:
+        body: dict[str, Any] = {"data": result.data}
+        if result.errors:
+            body["errors"] = [format_error(e) for e in result.errors]
+        if result.extensions:
+            body["extensions"] = result.extensions
+        return body
+
+    async def parse_http_body(self, request: Any) -> Any:
+        try:
+            data = await super().parse_http_body(request)
+        except (AttributeError, TypeError) as exc:
+            # Strawberry assumes a JSON object; a bare string or number must be a 400, not a 500.
+            raise HTTPException(400, "the body must be a JSON object with a 'query'") from exc
+        query = getattr(data, "query", None)
+        if isinstance(query, str) and len(query.encode()) > self.limits.max_query_bytes:
+            raise HTTPException(413, f"query larger than {self.limits.max_query_bytes} bytes")
+        return data
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        response = await self._http(scope, receive)
+        await response(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        ws = WebSocket(scope, receive, send)
+        principal: Principal = ANONYMOUS
+        header = ws.headers.get("authorization")
+        try:
+            if header is not None:
+                principal = self.guard.auth.authenticate(header)
+            decision = await self.guard.admit(principal, self.guard.client_ip(ws))
+        except AuthError:
+            await ws.close(code=4401, reason="unauthenticated")
+            return
+        if not decision.allowed:
+            await ws.close(code=4429, reason="rate limited")
+            return
+        scope["bridge.principal"] = principal
+        await self.run(ws)
+
+    async def _http(self, scope: Scope, receive: Receive) -> Response:
+        request = Request(scope, receive)
+        accept = request.headers.get("accept", "")
+        if (
+            request.method == "GET"
+            and "text/html" in accept
+            and "query" not in request.query_params
+        ):
+            return await self.render_graphql_ide(request)
+        try:
+            principal = self.guard.auth.authenticate(request.headers.get("authorization"))
+        except AuthError as exc:
+            return _error(
+                401,
+                errors.UNAUTHENTICATED,
+                str(exc),
+                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+            )
+        decision = await self.guard.admit(principal, self.guard.client_ip(request))
+        headers = rate_headers(decision)
+        if not decision.allowed:
+            return _error(
+                429,
+                errors.RATE_LIMITED,
+                f"rate limit exceeded: retry after {headers['Retry-After']} s",
+                headers,
+            )
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.limits.max_body_bytes:
+            return _error(
+                413,
+                errors.PAYLOAD_TOO_LARGE,
+                f"body larger than {self.limits.max_body_bytes} bytes",
+                headers,
+            )
+        scope["bridge.principal"] = principal
+        limited = Request(scope, _limit_body(receive, self.limits.max_body_bytes))
+        try:
+            response = await self.run(limited)
+        except HTTPException as exc:
+            code = errors.PAYLOAD_TOO_LARGE if exc.status_code == 413 else errors.BAD_REQUEST
+            return _error(exc.status_code, code, exc.reason, headers)
+        except _BodyTooLarge:
+            return _error(
+                413,
+                errors.PAYLOAD_TOO_LARGE,
+                f"body larger than {self.limits.max_body_bytes} bytes",
+                headers,
+            )
+        except (UnicodeDecodeError, ValueError) as exc:
+            return _error(400, errors.BAD_REQUEST, f"unreadable request: {exc.__class__.__name__}")
+        response.headers.update(headers)
+        _responses.add(1, {"status": response.status_code, "code": "OK"})
+        return response
+
+
+def _limit_body(receive: Receive, limit: int) -> Receive:
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _BodyTooLarge()
+        return message
+
+    return wrapped
+
+
+HealthFn = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def build_asgi(view: BridgeGraphQL, health: HealthFn) -> Starlette:
+    """Routes: /graphql (POST/GET/WS + GraphiQL page), /health, /metrics, /static/graphiql."""
+
+    async def health_endpoint(_: Request) -> Response:
+        body = await health()
+        return JSONResponse(body, status_code=200)
+
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(prometheus_text(), media_type=CONTENT_TYPE)
+
+    async def root(_: Request) -> Response:
+        return JSONResponse({"graphql": "/graphql", "health": "/health", "metrics": "/metrics"})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return _error(404, "NOT_FOUND", f"no route {request.url.path[:100]}")
+
+    async def method_not_allowed(request: Request, exc: Exception) -> Response:
+        return _error(405, errors.BAD_REQUEST, "method not allowed")
+
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.error("unhandled", error=repr(exc), path=request.url.path[:100])
+        return _error(500, errors.INTERNAL, "internal error")
+
+    return Starlette(
+        routes=[
+            Route("/", root),
+            Route("/health", health_endpoint),
+            Route("/metrics", metrics_endpoint),
+            Mount("/static/graphiql", StaticFiles(directory=STATIC / "graphiql")),
+            Route("/graphql", view, methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", view),
+        ],
+        exception_handlers={404: not_found, 405: method_not_allowed, 500: internal},
+    )
+
+
+def load_graphiql_html() -> str:
+    return (STATIC / "graphiql.html").read_text()
+
+
+__all__ = ["BridgeGraphQL", "Limits", "RequestGuard", "build_asgi", "json"]

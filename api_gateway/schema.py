@@ -1,0 +1,329 @@
+"""The GraphQL schema (Strawberry): types, and resolvers that delegate to ``service.Gateway``.
+
+Public without a token: ``route`` and ``me``. Everything else needs a bearer token with a tenant;
+``setNodeMode`` and ``invalidateCache`` need the ``admin`` role. Byte and bit-rate counts are
+Floats because GraphQL's Int is 32-bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from enum import Enum
+from typing import Any
+
+import strawberry
+from strawberry.extensions import (
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    ParserCache,
+    QueryDepthLimiter,
+    ValidationCache,
+)
+from strawberry.types import Info
+
+from api_gateway.backend import Json, RouteQuery
+from api_gateway.service import Gateway
+from pkg.common.auth import Principal
+
+
+@strawberry.enum
+class NodeMode(Enum):
+    NORMAL = "NORMAL"
+    DRAINING = "DRAINING"
+    MAINTENANCE = "MAINTENANCE"
+
+
+@strawberry.type
+class PlaybackUrl:
+    protocol: str
+    url: str
+
+
+@strawberry.type
+class RouteCandidate:
+    node_id: str
+    base_url: str
+    urls: list[PlaybackUrl]
+    score: float
+    distance_km: float | None
+    region: str
+
+
+@strawberry.type
+class ViewerRoute:
+    best: RouteCandidate | None
+    fallbacks: list[RouteCandidate]
+    viewer_latitude: float | None
+    viewer_longitude: float | None
+    considered: int
+
+
+@strawberry.type
+class NodeLoad:
+    cpu_percent: float
+    ram_used_bytes: float
+    ram_max_bytes: float
+    upload_bps: float
+    bandwidth_limit_bps: float
+    viewers: int
+    streams: int
+
+
+@strawberry.type
+class Node:
+    id: strawberry.ID
+    mode: NodeMode
+    mode_reason: str
+    roles: list[str]
+    capabilities: list[str]
+    base_url: str
+    region: str
+    latitude: float | None
+    longitude: float | None
+    capacity: float
+    connected: bool
+    stale: bool
+    last_report_age_s: float | None
+    owner_replica: str
+    load: NodeLoad | None
+    version: float
+
+
+@strawberry.type
+class ScoreParts:
+    cpu: float
+    ram: float
+    bandwidth: float
+    geo: float
+    stream_bonus: float
+    redirect_penalty_bps: float
+
+
+@strawberry.type
+class NodeExplanation:
+    node_id: str
+    eligible: bool
+    rejection: str
+    reason: str
+    score: float
+    parts: ScoreParts | None
+    distance_km: float | None
+    rank: int
+
+
+@strawberry.type
+class RouteExplanation:
+    nodes: list[NodeExplanation]
+    weights: str
+    viewer_latitude: float | None
+    viewer_longitude: float | None
+
+
+@strawberry.type
+class SetModeResult:
+    node: Node | None
+    delivered: bool
+    acked: bool
+    ok: bool
+    message: str
+
+
+@strawberry.type
+class Viewer:
+    anonymous: bool
+    name: str
+    tenant: str | None
+    roles: list[str]
+
+
+@strawberry.type
+class TenantEvent:
+    channel: str
+    offset: str
+    epoch: str
+    id: str
+    type: str
+    tenant: str
+    time: float
+    source: str
+    data: str
+
+
+# -- dict (cache/backend shape) -> GraphQL objects ---------------------------------------------
+def _candidate(d: Json) -> RouteCandidate:
+    return RouteCandidate(
+        node_id=d["node_id"],
+        base_url=d["base_url"],
+        urls=[PlaybackUrl(**u) for u in d.get("urls", [])],
+        score=d["score"],
+        distance_km=d.get("distance_km"),
+        region=d.get("region", ""),
+    )
+
+
+def to_route(d: Json) -> ViewerRoute:
+    return ViewerRoute(
+        best=_candidate(d["best"]) if d.get("best") else None,
+        fallbacks=[_candidate(c) for c in d.get("fallbacks", [])],
+        viewer_latitude=d.get("viewer_latitude"),
+        viewer_longitude=d.get("viewer_longitude"),
+        considered=d.get("considered", 0),
+    )
+
+
+def to_node(d: Json) -> Node:
+    load = d.get("load")
+    return Node(
+        id=strawberry.ID(d["id"]),
+        mode=NodeMode(d["mode"]) if d.get("mode") in NodeMode.__members__ else NodeMode.NORMAL,
+        mode_reason=d.get("mode_reason", ""),
+        roles=list(d.get("roles", [])),
+        capabilities=list(d.get("capabilities", [])),
+        base_url=d.get("base_url", ""),
+        region=d.get("region", ""),
+        latitude=d.get("latitude"),
+        longitude=d.get("longitude"),
+        capacity=d.get("capacity", 0),
+        connected=d.get("connected", False),
+        stale=d.get("stale", False),
+        last_report_age_s=d.get("last_report_age_s"),
+        owner_replica=d.get("owner_replica", ""),
+        load=NodeLoad(**load) if load else None,
+        version=d.get("version", 0),
+    )
+
+
+def to_explanation(d: Json) -> RouteExplanation:
+    nodes = []
+    for n in d.get("nodes", []):
+        parts = n.get("parts")
+        nodes.append(
+            NodeExplanation(
+                node_id=n["node_id"],
+                eligible=n["eligible"],
+                rejection=n.get("rejection", ""),
+                reason=n.get("reason", ""),
+                score=n.get("score", 0.0),
+                parts=ScoreParts(**parts) if parts else None,
+                distance_km=n.get("distance_km"),
+                rank=n.get("rank", 0),
+            )
+        )
+    return RouteExplanation(
+        nodes=nodes,
+        weights=d.get("weights", ""),
+        viewer_latitude=d.get("viewer_latitude"),
+        viewer_longitude=d.get("viewer_longitude"),
+    )
+
+
+# -- resolvers ----------------------------------------------------------------------------------
+def _gateway(info: Info[Any, Any]) -> Gateway:
+    gateway: Gateway = info.context["gateway"]
+    return gateway
+
+
+def _principal(info: Info[Any, Any]) -> Principal:
+    principal: Principal = info.context["principal"]
+    return principal
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="Who the caller is (public).")
+    def me(self, info: Info[Any, Any]) -> Viewer:
+        p = _principal(info)
+        return Viewer(
+            anonymous=not p.tenant, name=p.name, tenant=p.tenant or None, roles=sorted(p.roles)
+        )
+
+    @strawberry.field(description="Best edge node and fallbacks for a viewer (public).")
+    async def route(
+        self,
+        info: Info[Any, Any],
+        content_id: str,
+        latitude: float | None = None,
+        longitude: float | None = None,
+        viewer_ip: str = "",
+        protocol: str = "",
+        max_fallbacks: int = 3,
+    ) -> ViewerRoute:
+        q = RouteQuery(content_id, latitude, longitude, viewer_ip, protocol, max_fallbacks)
+        return to_route(await _gateway(info).route(_principal(info), q))
+
+    @strawberry.field(description="Why each node was ranked or rejected for a viewer.")
+    async def explain_route(
+        self,
+        info: Info[Any, Any],
+        content_id: str,
+        latitude: float | None = None,
+        longitude: float | None = None,
+        viewer_ip: str = "",
+        protocol: str = "",
+    ) -> RouteExplanation:
+        q = RouteQuery(content_id, latitude, longitude, viewer_ip, protocol, 16)
+        return to_explanation(await _gateway(info).explain(_principal(info), q))
+
+    @strawberry.field(description="The fleet overview.")
+    async def nodes(
+        self, info: Info[Any, Any], mode: NodeMode | None = None, connected_only: bool = False
+    ) -> list[Node]:
+        found = await _gateway(info).nodes(
+            _principal(info), mode.value if mode else None, connected_only
+        )
+        return [to_node(n) for n in found]
+
+    @strawberry.field(description="One node, or null when it does not exist.")
+    async def node(self, info: Info[Any, Any], id: strawberry.ID) -> Node | None:
+        found = await _gateway(info).node(_principal(info), str(id))
+        return to_node(found) if found is not None else None
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="Set a node's operational mode (admin role).")
+    async def set_node_mode(
+        self, info: Info[Any, Any], node_id: strawberry.ID, mode: NodeMode, reason: str = ""
+    ) -> SetModeResult:
+        r = await _gateway(info).set_node_mode(_principal(info), str(node_id), mode.value, reason)
+        return SetModeResult(
+            node=to_node(r["node"]) if r.get("node") else None,
+            delivered=r.get("delivered", False),
+            acked=r.get("acked", False),
+            ok=r.get("ok", False),
+            message=r.get("message", ""),
+        )
+
+    @strawberry.mutation(description="Invalidate cached answers by tenant and/or tag (admin).")
+    async def invalidate_cache(
+        self, info: Info[Any, Any], tenant: str | None = None, tags: list[str] | None = None
+    ) -> list[str]:
+        return await _gateway(info).invalidate(_principal(info), tenant, tags or [])
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(description="The caller's tenant events, relayed from Signalman.")
+    async def tenant_events(
+        self, info: Info[Any, Any], channels: list[str]
+    ) -> AsyncGenerator[TenantEvent, None]:
+        async for event in _gateway(info).tenant_events(_principal(info), channels):
+            yield TenantEvent(**event)
+
+
+def build_schema(
+    max_depth: int = 8, max_tokens: int = 2000, max_aliases: int = 30
+) -> strawberry.Schema:
+    """The schema with its abuse limits (depth, tokens, aliases) and parse/validation caches."""
+    return strawberry.Schema(
+        query=Query,
+        mutation=Mutation,
+        subscription=Subscription,
+        extensions=[
+            lambda: QueryDepthLimiter(max_depth=max_depth),
+            lambda: MaxTokensLimiter(max_token_count=max_tokens),
+            lambda: MaxAliasesLimiter(max_alias_count=max_aliases),
+            lambda: ParserCache(maxsize=512),
+            lambda: ValidationCache(maxsize=512),
+        ],
+    )

@@ -1,0 +1,206 @@
+"""Wiring: build a Bridge replica (stores, cache, limiter, backends, ASGI app) from its config.
+
+``redis_url`` empty: embedded mode, in-memory cache and buckets (one replica). Set: HA mode,
+shared through Redis, with the in-memory stores as the degraded fallback while Redis is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+
+from api_gateway.auth import JwtAuthenticator, JwtSettings, load_public_key
+from api_gateway.backend import EventsBackend, FleetBackend, NoEvents, NoFleet
+from api_gateway.config import BridgeConfig
+from api_gateway.http import BridgeGraphQL, Limits, RequestGuard, build_asgi, load_graphiql_html
+from api_gateway.schema import build_schema
+from api_gateway.service import Gateway
+from bridge.cache import CachePolicy, ResponseCache
+from bridge.ratelimit import RateLimiter
+from bridge.store import BucketStore, CacheStore
+from bridge.store.health import RedisHealth
+from bridge.store.memory import MemoryBucketStore, MemoryCacheStore
+from bridge.tenant_limits import CachedLimits, ConfigLimitsProvider, parse_overrides
+from bridge.token_bucket import Limit
+from pkg.common.clock import SYSTEM_CLOCK, Clock
+
+log = structlog.get_logger("bridge")
+
+
+@dataclass
+class Replica:
+    """One Bridge replica's parts, for the process and for tests."""
+
+    config: BridgeConfig
+    app: Starlette
+    gateway: Gateway
+    cache: ResponseCache
+    health: RedisHealth | None
+    closers: list[Any] = field(default_factory=list)
+
+
+def _fleet_backend(cfg: BridgeConfig) -> FleetBackend:
+    if not cfg.foghorn_addresses:
+        return NoFleet()
+    from api_gateway.foghorn_backend import FoghornFleet
+
+    return FoghornFleet(cfg.foghorn_addresses, cfg.backend_timeout_s, cfg.foghorn_token or None)
+
+
+def _events_backend(cfg: BridgeConfig) -> EventsBackend:
+    if not cfg.signalman_addresses:
+        return NoEvents()
+    from api_gateway.signalman_backend import SignalmanEvents
+
+    return SignalmanEvents(cfg.signalman_addresses, cfg.signalman_token or None)
+
+
+def build_replica(
+    cfg: BridgeConfig,
+    fleet: FleetBackend | None = None,
+    events: EventsBackend | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> Replica:
+    """Everything one replica needs; backends default to the configured Foghorn/Signalman."""
+    replica_id = cfg.replica_id or f"{socket.gethostname()}-{os.getpid()}"
+    cfg.replica_id = replica_id
+    fleet = fleet if fleet is not None else _fleet_backend(cfg)
+    events = events if events is not None else _events_backend(cfg)
+
+    health: RedisHealth | None = None
+    cache_store: CacheStore
+    bucket_store: BucketStore | None
+    closers: list[Any] = []
+    if cfg.redis_url:
+        from bridge.store.redis_store import RedisBucketStore, RedisCacheStore, connect
+
+        client = connect(cfg.redis_url, cfg.redis_timeout_s)
+        health = RedisHealth(client, clock)
+        cache_store = RedisCacheStore(client, health, cfg.redis_prefix)
+        bucket_store = RedisBucketStore(client, health, cfg.redis_prefix)
+        closers.append(client)
+    else:
+        cache_store = MemoryCacheStore(clock)
+        bucket_store = None  # the limiter's local buckets are the embedded default
+
+    policy = CachePolicy(
+        ttl=cfg.cache_ttl_s,
+        stale=cfg.cache_stale_s,
+        negative_ttl=cfg.cache_negative_ttl_s,
+        error_grace=cfg.cache_error_grace_s,
+    )
+    route_policy = CachePolicy(
+        ttl=cfg.route_cache_ttl_s,
+        stale=cfg.route_cache_ttl_s * 4,
+        negative_ttl=cfg.cache_negative_ttl_s,
+        error_grace=cfg.cache_error_grace_s,
+    )
+    cache = ResponseCache(
+        cache_store,
+        policy=policy,
+        clock=clock,
+        xfetch_beta=cfg.xfetch_beta,
+        lock_ttl_s=cfg.cache_lock_ttl_s,
+        lock_wait_s=cfg.cache_lock_ttl_s,
+        local_size=cfg.cache_local_size if cfg.redis_url else 0,
+    )
+    if health is not None:
+        health.on_recover(cache.clear_local)
+
+    limiter = RateLimiter(bucket_store, MemoryBucketStore(clock))
+    tenant_limits = CachedLimits(
+        ConfigLimitsProvider(
+            Limit(cfg.tenant_burst, cfg.tenant_rate), parse_overrides(cfg.tenant_limits)
+        ),
+        ttl_s=cfg.tenant_limits_ttl_s,
+        clock=clock,
+    )
+    auth = JwtAuthenticator(
+        JwtSettings(
+            hs256_secret=cfg.jwt_hs256_secret,
+            rs256_public_key=load_public_key(
+                cfg.jwt_rs256_public_key, cfg.jwt_rs256_public_key_file
+            ),
+            issuer=cfg.jwt_issuer,
+            audience=cfg.jwt_audience,
+            leeway_s=cfg.jwt_leeway_s,
+            tenant_claim=cfg.jwt_tenant_claim,
+            roles_claim=cfg.jwt_roles_claim,
+            max_token_bytes=cfg.max_token_bytes,
+        )
+    )
+    guard = RequestGuard(
+        auth,
+        limiter,
+        tenant_limits,
+        Limit(cfg.anon_burst, cfg.anon_rate),
+        cfg.trust_forwarded_for,
+    )
+    gateway = Gateway(fleet, events, cache, route_policy)
+    view = BridgeGraphQL(
+        build_schema(cfg.max_query_depth, cfg.max_query_tokens, cfg.max_aliases),
+        gateway,
+        guard,
+        Limits(cfg.max_body_bytes, cfg.max_query_bytes),
+        load_graphiql_html(),
+    )
+
+    async def health_report() -> dict[str, Any]:
+        redis_state = "embedded" if health is None else ("up" if health.up else "down")
+        breaker = getattr(fleet, "state", None)
+        body: dict[str, Any] = {
+            "status": "degraded" if redis_state == "down" else "ok",
+            "replica": replica_id,
+            "redis": redis_state,
+            "foghorn": breaker() if callable(breaker) else "unconfigured",
+            "auth": "jwt" if auth.enabled else "anonymous-only",
+        }
+        if health is not None and not health.up:
+            body["redis_error"] = health.last_error[:200]
+        return body
+
+    app = build_asgi(view, health_report)
+    replica = Replica(cfg, app, gateway, cache, health, closers)
+    app.router.lifespan_context = _lifespan(replica, fleet, events)
+    return replica
+
+
+def _lifespan(replica: Replica, fleet: Any, events: Any) -> Any:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        probe: asyncio.Task[None] | None = None
+        if replica.health is not None:
+            await replica.health.probe()
+            probe = asyncio.create_task(replica.health.run())
+        log.info(
+            "bridge_started",
+            replica=replica.config.replica_id,
+            port=replica.config.http_port,
+            redis=bool(replica.config.redis_url),
+        )
+        try:
+            yield
+        finally:
+            if probe is not None:
+                probe.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await probe
+            await replica.cache.close()
+            for backend in (fleet, events):
+                close = getattr(backend, "close", None)
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        await close()
+            for client in replica.closers:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
+
+    return lifespan

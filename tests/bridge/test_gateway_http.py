@@ -1,0 +1,330 @@
+"""Bridge's public HTTP API in process (embedded mode): schema, auth, errors, limits, health."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from starlette.testclient import TestClient
+from starlette.websockets import WebSocketDisconnect
+
+from api_gateway.config import BridgeConfig
+from api_gateway.server import build_replica
+from pkg.common.telemetry import setup_metrics
+from tests.bridge.fakes import SECRET, FakeEvents, FakeFleet, token
+
+NODE_Q = "query($id: ID!) { node(id: $id) { id mode } }"
+
+
+def make_client(fleet=None, events=None, **cfg) -> tuple[TestClient, FakeFleet]:
+    fleet = fleet or FakeFleet()
+    cfg.setdefault("jwt_hs256_secret", SECRET)
+    config = BridgeConfig(**cfg)
+    replica = build_replica(config, fleet=fleet, events=events)
+    return TestClient(replica.app), fleet
+
+
+@pytest.fixture
+def client():
+    c, fleet = make_client()
+    with c:
+        c.fleet = fleet
+        yield c
+
+
+def gql(client, query, variables=None, tok=None, **kw):
+    headers = {"Authorization": f"Bearer {tok}"} if tok else {}
+    return client.post(
+        "/graphql", json={"query": query, "variables": variables}, headers=headers, **kw
+    )
+
+
+def codes(resp) -> list[str]:
+    return [e["extensions"]["code"] for e in resp.json().get("errors", [])]
+
+
+def test_anonymous_callers_may_ask_who_they_are_and_route_a_viewer(client):
+    me = gql(client, "{ me { anonymous tenant } }")
+    assert me.status_code == 200
+    assert me.json()["data"]["me"] == {"anonymous": True, "tenant": None}
+    route = gql(client, '{ route(contentId: "live/cats") { best { nodeId urls { url } } } }')
+    assert route.json()["data"]["route"]["best"]["nodeId"] == "n1"
+    assert {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"} <= set(route.headers)
+
+
+def test_anonymous_callers_get_no_private_fields(client):
+    resp = gql(client, "{ nodes { id } }")
+    assert resp.status_code == 200
+    assert codes(resp) == ["UNAUTHENTICATED"]
+    assert client.fleet.calls.get("list_nodes") is None
+
+
+def test_a_token_gives_the_tenant_and_roles(client):
+    resp = gql(client, "{ me { anonymous tenant roles } nodes { id } }", tok=token("acme", ["ops"]))
+    data = resp.json()["data"]
+    assert data["me"] == {"anonymous": False, "tenant": "acme", "roles": ["ops"]}
+    assert sorted(n["id"] for n in data["nodes"]) == ["n1", "n2"]
+
+
+def test_repeated_queries_are_served_from_the_cache(client):
+    tok = token()
+    for _ in range(3):
+        assert gql(client, NODE_Q, {"id": "n1"}, tok=tok).json()["data"]["node"]["id"] == "n1"
+    assert client.fleet.calls["get_node"] == 1
+
+
+def test_an_unknown_node_is_null_and_cached_negatively(client):
+    tok = token()
+    for _ in range(3):
+        resp = gql(client, NODE_Q, {"id": "ghost"}, tok=tok)
+        assert resp.json() == {"data": {"node": None}}
+    assert client.fleet.calls["get_node"] == 1
+
+
+def test_set_node_mode_needs_the_admin_role(client):
+    m = 'mutation { setNodeMode(nodeId: "n1", mode: DRAINING) { ok node { mode } } }'
+    assert codes(gql(client, m)) == ["UNAUTHENTICATED"]
+    assert codes(gql(client, m, tok=token(roles=["viewer"]))) == ["FORBIDDEN"]
+    assert client.fleet.calls.get("set_node_mode") is None
+
+
+def test_set_node_mode_invalidates_cached_answers(client):
+    tok, admin = token(), token(roles=["admin"])
+    assert gql(client, NODE_Q, {"id": "n1"}, tok=tok).json()["data"]["node"]["mode"] == "NORMAL"
+    m = (
+        'mutation { setNodeMode(nodeId: "n1", mode: MAINTENANCE, reason: "disk") '
+        "{ ok node { mode } } }"
+    )
+    assert gql(client, m, tok=admin).json()["data"]["setNodeMode"] == {
+        "ok": True,
+        "node": {"mode": "MAINTENANCE"},
+    }
+    assert (
+        gql(client, NODE_Q, {"id": "n1"}, tok=tok).json()["data"]["node"]["mode"] == "MAINTENANCE"
+    )
+
+
+def test_backend_errors_have_stable_codes(client):
+    admin = token(roles=["admin"])
+    m = 'mutation { setNodeMode(nodeId: "ghost", mode: DRAINING) { ok } }'
+    assert codes(gql(client, m, tok=admin)) == ["NOT_FOUND"]
+    client.fleet.down = True
+    assert codes(gql(client, "{ nodes { id } }", tok=token())) == ["BACKEND_UNAVAILABLE"]
+
+
+def _rsa_keys():
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return key, pem.decode()
+
+
+def _hs256_by_hand(claims: dict, secret: bytes) -> str:
+    def b64(raw: bytes) -> str:
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    signing_input = b64(b'{"alg":"HS256","typ":"JWT"}') + "." + b64(json.dumps(claims).encode())
+    sig = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + b64(sig)
+
+
+BAD_TOKENS = {
+    "expired": token(exp_in=-60),
+    "wrong audience": token(audience="other"),
+    "wrong issuer": token(issuer="evil"),
+    "forged signature": token(secret="not-the-secret-0123456789-0123456"),
+    "garbled": "abc.def.ghi",
+    "not a jwt": "hello",
+    "missing tenant": token(tenant=None),
+    "blank tenant": token(tenant="  "),
+    "alg none": jwt.encode(
+        {"tenant": "acme", "iss": "platform", "aud": "bridge", "exp": 9999999999},
+        None,
+        algorithm="none",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TOKENS))
+def test_bad_tokens_are_refused_with_401(client, case):
+    resp = gql(client, "{ me { tenant } }", tok=BAD_TOKENS[case])
+    assert resp.status_code == 401
+    assert codes(resp) == ["UNAUTHENTICATED"]
+    assert resp.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(
+    "header", ["Basic dXNlcjpwYXNz", "Bearer", "Bearer    ", "token abc", "B" * 10_000]
+)
+def test_malformed_authorization_headers_are_refused(client, header):
+    resp = client.post(
+        "/graphql", json={"query": "{ me { tenant } }"}, headers={"Authorization": header}
+    )
+    assert resp.status_code == 401 and codes(resp) == ["UNAUTHENTICATED"]
+
+
+def test_rs256_tokens_are_verified_with_the_public_key():
+    key, pem = _rsa_keys()
+    c, _ = make_client(jwt_rs256_public_key=pem)
+    with c:
+        good = token(alg="RS256", key=key)
+        assert gql(c, "{ me { tenant } }", tok=good).json()["data"]["me"]["tenant"] == "acme"
+        # Algorithm confusion: an HS256 token "signed" with the public key must not pass.
+        forged = _hs256_by_hand(
+            {"tenant": "evil", "iss": "platform", "aud": "bridge", "exp": 9999999999},
+            pem.encode(),
+        )
+        c2, _ = make_client(jwt_hs256_secret="", jwt_rs256_public_key=pem)
+        with c2:
+            assert gql(c2, "{ me { tenant } }", tok=forged).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "body,expected_status,expected_code",
+    [
+        (b"{not json", 400, "BAD_REQUEST"),
+        (b"[1, 2", 400, "BAD_REQUEST"),
+        (b'"just a string"', 400, "BAD_REQUEST"),
+        (b'{"query": 42}', 400, "BAD_REQUEST"),
+        (b'{"query": "{ me { tenant } }", "variables": "x"}', 400, "BAD_REQUEST"),
+        (b"\xff\xfe\x00garbage", 400, "BAD_REQUEST"),
+    ],
+)
+def test_malformed_bodies_get_a_graphql_error_not_a_500(
+    client, body, expected_status, expected_code
+):
+    resp = client.post("/graphql", content=body, headers={"Content-Type": "application/json"})
+    assert resp.status_code == expected_status
+    assert codes(resp) == [expected_code]
+
+
+@pytest.mark.parametrize(
+    "query,variables,code",
+    [
+        ("{ me { tenant ", None, "GRAPHQL_PARSE_FAILED"),
+        ("{ nope }", None, "GRAPHQL_VALIDATION_FAILED"),
+        ("{ me { nope } }", None, "GRAPHQL_VALIDATION_FAILED"),
+        (NODE_Q, {"id": {"a": 1}}, "BAD_USER_INPUT"),
+        (NODE_Q, {}, "BAD_USER_INPUT"),
+        ('{ route(contentId: "bad id with spaces") { considered } }', None, "BAD_USER_INPUT"),
+        (
+            '{ route(contentId: "x", latitude: 91, longitude: 0) { considered } }',
+            None,
+            "BAD_USER_INPUT",
+        ),
+        ("{ " + "a: me { tenant } " * 40 + "}", None, "QUERY_TOO_LARGE"),
+        ("{ a " + "{ b " * 12 + "}" * 13, None, "QUERY_TOO_DEEP"),
+    ],
+)
+def test_bad_queries_get_stable_error_codes(client, query, variables, code):
+    resp = gql(client, query, variables, tok=token())
+    assert resp.status_code in (200, 400)
+    assert code in codes(resp)
+
+
+def test_oversized_query_and_body_are_refused_with_413(client):
+    big = "{ me { tenant } }" + " " * 20_000
+    assert gql(client, big).status_code == 413
+    resp = client.post(
+        "/graphql", content=b"x" * 100_000, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 413 and codes(resp) == ["PAYLOAD_TOO_LARGE"]
+
+
+def test_anonymous_callers_are_rate_limited_per_ip_with_429_and_retry_after():
+    c, _ = make_client(anon_burst=3, anon_rate=0.01)
+    with c:
+        statuses = [gql(c, "{ me { anonymous } }").status_code for _ in range(4)]
+        assert statuses == [200, 200, 200, 429]
+        resp = gql(c, "{ me { anonymous } }")
+        assert codes(resp) == ["RATE_LIMITED"]
+        assert int(resp.headers["retry-after"]) >= 1
+        assert resp.headers["x-ratelimit-remaining"] == "0"
+
+
+def test_tenants_have_their_own_buckets_and_overrides():
+    c, _ = make_client(tenant_burst=2, tenant_rate=0.01, tenant_limits="big=5/0.01")
+    with c:
+        small = [gql(c, "{ me { tenant } }", tok=token("small")).status_code for _ in range(3)]
+        big = [gql(c, "{ me { tenant } }", tok=token("big")).status_code for _ in range(6)]
+        assert small == [200, 200, 429]
+        assert big == [200] * 5 + [429]
+
+
+def test_health_and_metrics(client):
+    setup_metrics("bridge-test")
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["redis"] == "embedded"
+    gql(client, NODE_Q, {"id": "n1"}, tok=token())
+    text = client.get("/metrics").text
+    assert "bridge_cache_requests" in text
+
+
+def test_graphiql_page_is_served_with_local_assets(client):
+    page = client.get("/graphql", headers={"Accept": "text/html"})
+    assert page.status_code == 200 and "GraphiQL" in page.text
+    assert "unpkg" not in page.text and "cdn" not in page.text.lower()
+    assert client.get("/static/graphiql/graphiql.min.js").status_code == 200
+
+
+def test_unknown_paths_and_methods_get_json_errors(client):
+    assert client.get("/nope").status_code == 404
+    assert client.put("/graphql").status_code == 405
+
+
+def test_subscription_without_signalman_answers_a_clear_error(client):
+    with client.websocket_connect("/graphql", subprotocols=["graphql-transport-ws"]) as ws:
+        ws.send_json({"type": "connection_init", "payload": {"Authorization": f"Bearer {token()}"}})
+        assert ws.receive_json()["type"] == "connection_ack"
+        ws.send_json(
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {"query": 'subscription { tenantEvents(channels: ["nodes"]) { id } }'},
+            }
+        )
+        msg = ws.receive_json()
+        errs = msg["payload"] if msg["type"] == "error" else msg["payload"]["errors"]
+        assert errs[0]["extensions"]["code"] == "SUBSCRIPTIONS_UNAVAILABLE"
+
+
+def test_subscription_relays_the_callers_tenant_events():
+    events = FakeEvents(
+        [
+            {
+                "channel": "nodes", "offset": "1", "epoch": "e", "id": "ev1", "type": "node.up",
+                "time": 1.0, "source": "foghorn", "data": "{}",
+            }
+        ]
+    )  # fmt: skip
+    c, _ = make_client(events=events)
+    with c, c.websocket_connect("/graphql", subprotocols=["graphql-transport-ws"]) as ws:
+        ws.send_json(
+            {"type": "connection_init", "payload": {"Authorization": f"Bearer {token('acme')}"}}
+        )
+        assert ws.receive_json()["type"] == "connection_ack"
+        q = 'subscription { tenantEvents(channels: ["nodes"]) { id tenant type } }'
+        ws.send_json({"id": "1", "type": "subscribe", "payload": {"query": q}})
+        msg = ws.receive_json()
+        assert msg["type"] == "next"
+        assert msg["payload"]["data"]["tenantEvents"] == {
+            "id": "ev1",
+            "tenant": "acme",
+            "type": "node.up",
+        }
+    assert events.subscribed == [("acme", ["nodes"])]
+
+
+def test_subscription_with_a_bad_token_is_rejected(client):
+    with client.websocket_connect("/graphql", subprotocols=["graphql-transport-ws"]) as ws:
+        ws.send_json({"type": "connection_init", "payload": {"Authorization": "Bearer junk"}})
+        with pytest.raises(WebSocketDisconnect) as closed:
+            ws.receive_json()
+        assert closed.value.code == 4403
