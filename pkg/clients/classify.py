@@ -1,0 +1,156 @@
+"""The one place that decides whether a failed attempt may be retried, and why.
+
+Every decision carries a human-readable ``reason`` that ends up in the structlog event and in
+the ``reason`` attribute of the retry metrics. The rules (see docs/rfcs/client-resilience.md):
+
+* UNAVAILABLE and transport failures are retryable for idempotent methods; for the others only
+  when the request provably never left this process (the connection could not be made).
+* DEADLINE_EXCEEDED is retryable only when it was a capped per-attempt timeout and the overall
+  deadline still has time; never once the overall deadline is spent.
+* CANCELLED, the breaker's own open error and domain errors are never retried.
+* A negative ``grpc-retry-pushback-ms`` (or an unparsable one) means "do not retry".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+from dataclasses import dataclass
+
+import grpc
+
+from pkg.clients.breaker import BREAKER_FAILURE, BREAKER_IGNORE, BreakerOpenError
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+# Messages grpc-core uses when no connection could be made: the request never left.
+_NEVER_SENT_MARKERS = (
+    "failed to connect to all addresses",
+    "connection refused",
+    "connections to all backends failing",
+    "dns resolution failed",
+    "name resolution failure",
+    "empty address list",
+)
+
+HTTP_RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
+HTTP_IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What one failed attempt means: retry or not (and why), and what the breaker records."""
+
+    retryable: bool
+    reason: str
+    breaker: int
+    pushback: float | None = None  # seconds the server asked us to wait; < 0: do not retry
+    code: str = "ERROR"
+
+
+CANCELLED_VERDICT = Verdict(False, "cancelled by the caller", BREAKER_IGNORE, code="CANCELLED")
+
+
+def _pushback_from(metadata: object) -> float | None:
+    if not metadata:
+        return None
+    try:
+        items = list(metadata)  # type: ignore[call-overload]
+    except TypeError:
+        return None
+    for item in items:
+        key, value = item[0], item[1]
+        if key == PUSHBACK_KEY:
+            try:
+                ms = int(value)
+            except (TypeError, ValueError):
+                return -1.0  # gRFC A6: an unparsable pushback means do not retry
+            return ms / 1000.0 if ms >= 0 else -1.0
+    return None
+
+
+def never_sent(details: str | None) -> bool:
+    """Whether grpc's error ``details`` say no connection was made (so nothing was sent)."""
+    if not details:
+        return False
+    lowered = details.lower()
+    return any(marker in lowered for marker in _NEVER_SENT_MARKERS)
+
+
+def classify_grpc(
+    exc: BaseException,
+    *,
+    idempotent: bool,
+    attempt_capped: bool,
+    time_left: float,
+    failure_codes: frozenset[grpc.StatusCode],
+) -> Verdict:
+    """Classify an exception raised by one gRPC attempt."""
+    if isinstance(exc, BreakerOpenError):
+        return Verdict(False, "circuit breaker open (never retried)", BREAKER_IGNORE, code="OPEN")
+    if isinstance(exc, asyncio.CancelledError):
+        return CANCELLED_VERDICT
+    if not isinstance(exc, grpc.RpcError) or not hasattr(exc, "code"):
+        return Verdict(False, f"{type(exc).__name__} is not a gRPC status", BREAKER_IGNORE)
+    code = exc.code()
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    breaker = BREAKER_FAILURE if code in failure_codes else BREAKER_IGNORE
+    pushback = None
+    trailing = getattr(exc, "trailing_metadata", None)
+    if trailing is not None:
+        try:
+            pushback = _pushback_from(trailing())
+        except Exception:  # a call object without trailers yet
+            pushback = None
+    if pushback is not None and pushback < 0:
+        return Verdict(False, "server pushback says do not retry", breaker, pushback, name)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = exc.details() if hasattr(exc, "details") else None
+        if never_sent(details):
+            return Verdict(
+                True, "UNAVAILABLE: connection failed, never sent", breaker, pushback, name
+            )
+        if idempotent:
+            return Verdict(True, "UNAVAILABLE", breaker, pushback, name)
+        return Verdict(
+            False,
+            "UNAVAILABLE on a non-idempotent method that may have been sent",
+            breaker,
+            pushback,
+            name,
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if not attempt_capped or time_left <= 0:
+            return Verdict(False, "overall deadline spent", breaker, pushback, name)
+        if idempotent:
+            return Verdict(True, "per-attempt timeout", breaker, pushback, name)
+        return Verdict(
+            False, "per-attempt timeout on a non-idempotent method", breaker, pushback, name
+        )
+    if code == grpc.StatusCode.CANCELLED:
+        return Verdict(False, "CANCELLED is never retried", BREAKER_IGNORE, pushback, name)
+    return Verdict(False, f"{name} is not retryable", breaker, pushback, name)
+
+
+def parse_retry_after(value: str | None, now_wall: float) -> float | None:
+    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date; None if absent/bad."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now_wall)
+
+
+def http_idempotent(method: str, headers: object) -> bool:
+    """Idempotent HTTP methods, or any method carrying an ``Idempotency-Key`` header."""
+    if method.upper() in HTTP_IDEMPOTENT_METHODS:
+        return True
+    get = getattr(headers, "get", None)
+    return bool(get and get("idempotency-key"))

@@ -1,0 +1,415 @@
+"""The call engine: deadline first, breaker, budget, retries on tenacity, hedging.
+
+One overall deadline covers every attempt. The first attempt runs inline (the success path
+costs a breaker check, two clock reads and a few counter updates). Only when it fails does the
+call enter a tenacity ``Retrying``/``AsyncRetrying`` loop whose first iteration replays that
+failure, so tenacity decides every retry through ``_Decider`` (classification, pushback,
+backoff, deadline fit, budget) and sleeps on the injected clock. Attempts are plain
+``async def`` functions: tenacity awaits them correctly (a grpc.aio multicallable is not a
+coroutine function, which is the known trap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import tenacity
+
+from pkg.clients import backoff, testing
+from pkg.clients.breaker import (
+    BREAKER_FAILURE,
+    BREAKER_IGNORE,
+    TICKET_NORMAL,
+    BreakerOpenError,
+    CircuitBreaker,
+)
+from pkg.clients.classify import CANCELLED_VERDICT, Verdict
+from pkg.clients.deadline import _deadline
+from pkg.clients.runtime import MethodState
+from pkg.clients.telemetry import RetryEvent
+
+T = TypeVar("T")
+
+# classify(exc, attempt_capped, time_left) -> Verdict
+Classifier = Callable[[BaseException, bool, float], Verdict]
+
+
+class DeadlineSpent(Exception):
+    """Internal: no time left to start another attempt."""
+
+
+# A timeout handed to a transport is never <= 0 (grpc would reject it): an already spent
+# deadline still makes one attempt that fails with DEADLINE_EXCEEDED at once.
+_MIN_TIMEOUT = 0.001
+
+
+def _admit(ms: MethodState, breaker: CircuitBreaker, now: float) -> int:
+    """Breaker admission of a call's first attempt; an open breaker fails fast, unretried."""
+    try:
+        return breaker.admit(now)
+    except BreakerOpenError as exc:
+        ms.runtime.emit_rejected(exc.name, exc.retry_after)
+        raise
+
+
+def _overall_deadline(ms: MethodState, timeout: float | None, now: float) -> float:
+    deadline = now + (ms.timeout if timeout is None else timeout)
+    outer = _deadline.get()
+    if outer is not None and outer < deadline:
+        deadline = outer
+    return deadline
+
+
+class _Decider:
+    """Per-call retry state; tenacity's ``retry``/``wait`` callbacks and the attempt runner."""
+
+    __slots__ = (
+        "attempt",
+        "capped",
+        "classify",
+        "deadline",
+        "delay",
+        "ms",
+        "verdict",
+    )
+
+    def __init__(self, ms: MethodState, deadline: float, classify: Classifier) -> None:
+        self.ms = ms
+        self.deadline = deadline
+        self.classify = classify
+        self.attempt = 1
+        self.capped = False
+        self.delay = 0.0
+        self.verdict: Verdict = CANCELLED_VERDICT
+
+    def attempt_timeout(self, now: float) -> float:
+        """min(per-attempt cap, time left); records whether the cap was the limit."""
+        left = self.deadline - now
+        cap = self.ms.attempt_timeout
+        if cap is not None and cap < left:
+            self.capped = True
+            return cap
+        self.capped = False
+        return left if left > _MIN_TIMEOUT else _MIN_TIMEOUT
+
+    def settle(self, exc: BaseException, ticket: int) -> Verdict:
+        """Classify a failed attempt and feed breaker and budget."""
+        ms = self.ms
+        now = ms.clock.monotonic()
+        verdict = self.classify(exc, self.capped, self.deadline - now)
+        self.verdict = verdict
+        breaker = ms.breaker
+        if breaker is not None and not isinstance(exc, BreakerOpenError):
+            if verdict is CANCELLED_VERDICT or verdict.breaker == BREAKER_IGNORE:
+                if ticket != TICKET_NORMAL:
+                    breaker.record(ticket, BREAKER_IGNORE, now)
+            else:
+                breaker.record(ticket, verdict.breaker, now)
+        if isinstance(exc, BreakerOpenError):
+            ms.runtime.emit_rejected(exc.name, exc.retry_after)
+        if verdict.breaker == BREAKER_FAILURE:
+            ms.budget.on_failure()
+        return verdict
+
+    def should_retry(self, retry_state: tenacity.RetryCallState) -> bool:
+        """tenacity ``retry=``: decide (and explain) whether another attempt follows."""
+        outcome = retry_state.outcome
+        if outcome is None or not outcome.failed:
+            return False
+        ms = self.ms
+        verdict = self.verdict
+        now = ms.clock.monotonic()
+        left = self.deadline - now
+        retry, reason, delay = False, verdict.reason, 0.0
+        if not verdict.retryable:
+            pass
+        elif self.attempt >= ms.policy.retry.max_attempts:
+            reason = f"{verdict.reason}; attempts exhausted ({self.attempt})"
+        else:
+            if verdict.pushback is not None and ms.policy.retry.honour_pushback:
+                delay = 0.0 if testing.is_testing() else verdict.pushback
+                why = f"{verdict.reason}; server pushback {verdict.pushback:.3f}s"
+            else:
+                retry_policy = ms.policy.retry
+                delay = backoff.full_jitter(
+                    self.attempt,
+                    retry_policy.base_backoff,
+                    retry_policy.max_backoff,
+                    retry_policy.multiplier,
+                    ms.runtime.rng,
+                )
+                why = verdict.reason
+            needed = delay + max(ms.policy.retry.min_attempt_time, ms.latency_ema)
+            if needed > left:
+                reason = f"{why}; deadline: {left:.3f}s left cannot fit {needed:.3f}s"
+            elif not ms.budget.can_retry():
+                reason = f"{why}; retry budget exhausted"
+                ms.runtime.emit_budget_exhausted(ms.target, ms.method)
+            else:
+                retry, reason = True, why
+        self.delay = delay if retry else 0.0
+        ms.runtime.emit_retry(
+            RetryEvent(ms.target, ms.method, self.attempt, retry, reason, verdict.code, delay, left)
+        )
+        if retry:
+            self.attempt += 1
+        return retry
+
+    def wait(self, retry_state: tenacity.RetryCallState) -> float:
+        """tenacity ``wait=``: the delay chosen by ``should_retry``."""
+        return self.delay
+
+
+def _never_stop(retry_state: tenacity.RetryCallState) -> bool:
+    # The decision is made entirely in _Decider.should_retry (deadline, attempts, budget).
+    return False
+
+
+# -- asyncio -----------------------------------------------------------------------------------
+
+
+async def call_async(
+    ms: MethodState,
+    call_timeout: float | None,
+    attempt: Callable[[float], Awaitable[T]],
+    classify: Classifier,
+) -> T:
+    """Run ``attempt(attempt_timeout)`` under the policy of ``ms``; returns its result.
+
+    ``call_timeout`` is the caller's overall deadline (None: the policy's ``timeout``).
+    """
+    clock = ms.clock
+    start = clock.monotonic()
+    deadline = _overall_deadline(ms, call_timeout, start)
+    ms.calls += 1
+    breaker = ms.breaker
+    ticket = TICKET_NORMAL
+    decider: _Decider | None = None
+    if breaker is not None:
+        ticket = _admit(ms, breaker, start)
+    try:
+        left = deadline - start
+        cap = ms.attempt_timeout
+        if cap is not None and cap < left:
+            decider = _Decider(ms, deadline, classify)
+            decider.capped = True
+            left = cap
+        elif left < _MIN_TIMEOUT:
+            left = _MIN_TIMEOUT
+        ms.attempts += 1
+        if ms.hedge:
+            result = await _hedged(ms, deadline, attempt, left)
+        else:
+            result = await attempt(left)
+    except BaseException as exc:
+        if decider is None:
+            decider = _Decider(ms, deadline, classify)
+        return await _retry_async(decider, exc, ticket, attempt)
+    end = clock.monotonic()
+    if breaker is not None:
+        breaker.record(ticket, 0, end)
+    ms.succeeded(end - start)
+    return result
+
+
+async def _retry_async(
+    decider: _Decider,
+    first: BaseException,
+    ticket: int,
+    attempt: Callable[[float], Awaitable[T]],
+) -> T:
+    ms = decider.ms
+    if isinstance(first, asyncio.CancelledError | GeneratorExit):
+        if ms.breaker is not None:
+            ms.breaker.release(ticket)
+        raise first
+    if not isinstance(first, Exception):
+        raise first
+    decider.settle(first, ticket)
+    replay: list[BaseException] = [first]
+
+    async def run_attempt() -> T:
+        if replay:
+            raise replay.pop()
+        return await _one_async_attempt(decider, attempt)
+
+    retrying = tenacity.AsyncRetrying(
+        retry=decider.should_retry,
+        wait=decider.wait,
+        stop=_never_stop,
+        sleep=ms.clock.asleep,
+        reraise=True,
+    )
+    result: T = await retrying(run_attempt)
+    return result
+
+
+async def _one_async_attempt(decider: _Decider, attempt: Callable[[float], Awaitable[T]]) -> T:
+    ms = decider.ms
+    clock = ms.clock
+    now = clock.monotonic()
+    ticket = TICKET_NORMAL
+    try:
+        if ms.breaker is not None:
+            ticket = ms.breaker.admit(now)
+        timeout = decider.attempt_timeout(now)
+        ms.attempts += 1
+        result = await attempt(timeout)
+    except asyncio.CancelledError:
+        if ms.breaker is not None:
+            ms.breaker.release(ticket)
+        raise
+    except Exception as exc:
+        decider.settle(exc, ticket)
+        raise
+    end = clock.monotonic()
+    if ms.breaker is not None:
+        ms.breaker.record(ticket, 0, end)
+    ms.succeeded(end - now)
+    return result
+
+
+async def _hedged(
+    ms: MethodState,
+    deadline: float,
+    attempt: Callable[[float], Awaitable[T]],
+    first_timeout: float,
+) -> T:
+    """Send up to ``hedge.max_attempts`` copies ``hedge.delay`` apart; first success wins."""
+    hedge = ms.policy.hedge
+    delay = 0.0 if testing.is_testing() else hedge.delay
+    clock = ms.clock
+    tasks: list[asyncio.Task[T]] = [asyncio.ensure_future(attempt(first_timeout))]
+    pending: set[asyncio.Task[T]] = set(tasks)
+    last_error: BaseException | None = None
+    hedging = True
+    try:
+        while pending:
+            can_hedge = hedging and len(tasks) < hedge.max_attempts
+            done, pending = await asyncio.wait(
+                pending,
+                timeout=delay if can_hedge else None,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for task in done:
+                error = task.exception()
+                if error is None:
+                    return task.result()
+                last_error = error
+            if not done and can_hedge:
+                left = deadline - clock.monotonic()
+                if left <= ms.policy.retry.min_attempt_time:
+                    hedging = False  # no time for another copy: wait for what is in flight
+                    continue
+                if not ms.budget.can_retry():
+                    ms.runtime.emit_budget_exhausted(ms.target, ms.method)
+                    hedging = False  # no more hedges: wait for what is in flight
+                    continue
+                ms.budget.on_failure()  # a hedge costs one token, like a retry
+                ms.attempts += 1
+                cap = ms.attempt_timeout
+                timeout = cap if cap is not None and cap < left else left
+                task = asyncio.ensure_future(attempt(timeout))
+                tasks.append(task)
+                pending.add(task)
+                ms.runtime.emit_hedge(ms.target, ms.method, len(tasks))
+    finally:
+        for task in pending:
+            task.cancel()  # the losers: cancelling the task cancels its RPC
+    assert last_error is not None
+    raise last_error
+
+
+# -- threads -----------------------------------------------------------------------------------
+
+
+def call_sync(
+    ms: MethodState,
+    timeout: float | None,
+    attempt: Callable[[float], T],
+    classify: Classifier,
+) -> T:
+    """Blocking twin of ``call_async`` (no hedging: that needs concurrent attempts)."""
+    clock = ms.clock
+    start = clock.monotonic()
+    deadline = _overall_deadline(ms, timeout, start)
+    ms.calls += 1
+    breaker = ms.breaker
+    ticket = TICKET_NORMAL
+    decider: _Decider | None = None
+    if breaker is not None:
+        ticket = _admit(ms, breaker, start)
+    try:
+        left = deadline - start
+        cap = ms.attempt_timeout
+        if cap is not None and cap < left:
+            decider = _Decider(ms, deadline, classify)
+            decider.capped = True
+            left = cap
+        elif left < _MIN_TIMEOUT:
+            left = _MIN_TIMEOUT
+        ms.attempts += 1
+        result = attempt(left)
+    except Exception as exc:
+        if decider is None:
+            decider = _Decider(ms, deadline, classify)
+        return _retry_sync(decider, exc, ticket, attempt)
+    except BaseException:
+        if breaker is not None:
+            breaker.release(ticket)
+        raise
+    end = clock.monotonic()
+    if breaker is not None:
+        breaker.record(ticket, 0, end)
+    ms.succeeded(end - start)
+    return result
+
+
+def _retry_sync(
+    decider: _Decider, first: Exception, ticket: int, attempt: Callable[[float], T]
+) -> T:
+    ms = decider.ms
+    decider.settle(first, ticket)
+    replay: list[BaseException] = [first]
+
+    def run_attempt() -> T:
+        if replay:
+            raise replay.pop()
+        return _one_sync_attempt(decider, attempt)
+
+    retrying = tenacity.Retrying(
+        retry=decider.should_retry,
+        wait=decider.wait,
+        stop=_never_stop,
+        sleep=ms.clock.sleep,
+        reraise=True,
+    )
+    result: T = retrying(run_attempt)
+    return result
+
+
+def _one_sync_attempt(decider: _Decider, attempt: Callable[[float], T]) -> T:
+    ms = decider.ms
+    clock = ms.clock
+    now = clock.monotonic()
+    ticket = TICKET_NORMAL
+    try:
+        if ms.breaker is not None:
+            ticket = ms.breaker.admit(now)
+        timeout = decider.attempt_timeout(now)
+        ms.attempts += 1
+        result = attempt(timeout)
+    except Exception as exc:
+        decider.settle(exc, ticket)
+        raise
+    except BaseException:
+        if ms.breaker is not None:
+            ms.breaker.release(ticket)
+        raise
+    end = clock.monotonic()
+    if ms.breaker is not None:
+        ms.breaker.record(ticket, 0, end)
+    ms.succeeded(end - now)
+    return result

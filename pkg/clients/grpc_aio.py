@@ -1,0 +1,267 @@
+"""grpc.aio interceptors and the ``aio_channel`` factory.
+
+Unary-unary calls run through the engine (deadline, breaker, budget, retries, hedging).
+Unary-stream and stream-stream calls retry only their setup: until the first response arrives
+(or the stream has stayed alive for ``policy.stream_setup`` seconds). Once data has flowed a
+stream error is the caller's to handle: re-sending could duplicate effects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from pkg.clients.engine import call_async
+from pkg.clients.grpc_core import ClientCore, channel_options
+from pkg.clients.policy import Policy
+from pkg.clients.runtime import Runtime
+from pkg.clients.targets import resolve_targets
+
+_END = object()
+
+
+def _details(
+    details: grpc.aio.ClientCallDetails, timeout: float | None, auth: tuple[tuple[str, str], ...]
+) -> grpc.aio.ClientCallDetails:
+    metadata = details.metadata
+    if auth:
+        metadata = grpc.aio.Metadata(*auth, *(metadata or ()))
+    return grpc.aio.ClientCallDetails(
+        details.method, timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+class _AioBase:
+    def __init__(self, core: ClientCore) -> None:
+        self.core = core
+
+
+class AioUnaryUnaryInterceptor(_AioBase, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Deadline-first retries, budget, breaker and hedging for asyncio unary calls."""
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        core = self.core
+        state, classify = core.method(client_call_details.method)
+        auth = core.auth
+
+        async def attempt(timeout: float) -> Any:  # noqa: ASYNC109
+            call = await continuation(_details(client_call_details, timeout, auth), request)
+            return await call
+
+        return await call_async(state, client_call_details.timeout, attempt, classify)
+
+
+async def _establish(call: Any, setup: float) -> tuple[Any, Any]:
+    """Wait for a stream's first message, its end, or ``setup`` seconds of it staying alive.
+
+    Returns (iterator, first message task); raises the call's error if it failed first.
+    """
+    iterator = call.__aiter__()
+    first: asyncio.Future[Any] = asyncio.ensure_future(_first(iterator))
+    done, _ = await asyncio.wait({first}, timeout=setup)
+    if done:
+        first.result()  # raises the setup failure (AioRpcError) for the engine to classify
+    return iterator, first
+
+
+async def _first(iterator: Any) -> Any:
+    try:
+        return await iterator.__anext__()
+    except StopAsyncIteration:
+        return _END
+
+
+async def _rest(iterator: Any, first: asyncio.Future[Any]) -> AsyncIterator[Any]:
+    try:
+        message = await first
+    except asyncio.CancelledError:
+        first.cancel()
+        raise
+    if message is _END:
+        return
+    yield message
+    async for message in iterator:
+        yield message
+
+
+def _stream_timeout(
+    client_call_details: grpc.aio.ClientCallDetails, deadline: float | None, clock_now: float
+) -> float | None:
+    if deadline is None:
+        return None
+    return max(0.001, deadline - clock_now)
+
+
+class AioUnaryStreamInterceptor(_AioBase, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+    """Retries the setup of server-streaming calls, never after the first message."""
+
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        core = self.core
+        state, classify = core.method(client_call_details.method)
+        clock = state.clock
+        given = client_call_details.timeout
+        deadline = None if given is None else clock.monotonic() + given
+        setup = core.policy.stream_setup
+
+        async def attempt(_: float) -> tuple[Any, Any]:
+            timeout = _stream_timeout(client_call_details, deadline, clock.monotonic())
+            call = await continuation(_details(client_call_details, timeout, core.auth), request)
+            return await _establish(call, setup)
+
+        iterator, first = await call_async(state, given, attempt, classify)
+        return _rest(iterator, first)
+
+
+class _AsyncReplay:
+    """Feeds a request stream to successive attempts, replaying what the failed ones consumed.
+
+    Messages are buffered only until the stream is established, then buffering stops.
+    """
+
+    def __init__(self, source: Any) -> None:
+        if hasattr(source, "__aiter__"):
+            self._source: Any = source.__aiter__()
+            self._async = True
+        else:
+            self._source = iter(source)
+            self._async = False
+        self.buffer: list[Any] = []
+        self.recording = True
+
+    async def _next(self) -> Any:
+        if self._async:
+            try:
+                return await self._source.__anext__()
+            except StopAsyncIteration:
+                return _END
+        return next(self._source, _END)
+
+    async def fresh(self) -> AsyncIterator[Any]:
+        """A new request iterator for one attempt."""
+        for message in list(self.buffer):
+            yield message
+        while True:
+            message = await self._next()
+            if message is _END:
+                return
+            if self.recording:
+                self.buffer.append(message)
+            yield message
+
+    def established(self) -> None:
+        """Stop buffering: the stream will not be retried any more."""
+        self.recording = False
+        self.buffer.clear()
+
+
+class AioStreamStreamInterceptor(_AioBase, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
+    """Retries the setup of bidirectional streams, replaying the requests sent so far.
+
+    Calls that use ``call.write()`` instead of a request iterator cannot be replayed: they get
+    the auth header and the breaker check, but no setup retry.
+    """
+
+    async def intercept_stream_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
+        core = self.core
+        state, classify = core.method(client_call_details.method)
+        clock = state.clock
+        given = client_call_details.timeout
+        deadline = None if given is None else clock.monotonic() + given
+        if request_iterator is None:
+            if state.breaker is not None:
+                state.breaker.check(clock.monotonic())
+            return await continuation(
+                _details(client_call_details, given, core.auth), request_iterator
+            )
+        replay = _AsyncReplay(request_iterator)
+        setup = core.policy.stream_setup
+
+        async def attempt(_: float) -> tuple[Any, Any]:
+            timeout = _stream_timeout(client_call_details, deadline, clock.monotonic())
+            call = await continuation(
+                _details(client_call_details, timeout, core.auth), replay.fresh()
+            )
+            return await _establish(call, setup)
+
+        iterator, first = await call_async(state, given, attempt, classify)
+        replay.established()
+        return _rest(iterator, first)
+
+
+class AioStreamUnaryInterceptor(_AioBase, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Client-streaming calls: auth and breaker check only (a request stream is not replayed)."""
+
+    async def intercept_stream_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Any],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request_iterator: Any,
+    ) -> Any:
+        core = self.core
+        state, _ = core.method(client_call_details.method)
+        if state.breaker is not None:
+            state.breaker.check(state.clock.monotonic())
+        timeout = client_call_details.timeout
+        if timeout is None:
+            timeout = core.policy.timeout
+        return await continuation(
+            _details(client_call_details, timeout, core.auth), request_iterator
+        )
+
+
+def aio_interceptors(core: ClientCore) -> list[Any]:
+    """The interceptors of an asyncio channel, in order."""
+    return [
+        AioUnaryUnaryInterceptor(core),
+        AioUnaryStreamInterceptor(core),
+        AioStreamStreamInterceptor(core),
+        AioStreamUnaryInterceptor(core),
+    ]
+
+
+def aio_channel(
+    targets: str | Sequence[str],
+    policy: Policy | None = None,
+    *,
+    token: str | None = None,
+    runtime: Runtime | None = None,
+    options: Iterable[tuple[str, Any]] = (),
+    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+) -> grpc.aio.Channel:
+    """An asyncio channel to one service (one or several replica addresses) with the policy.
+
+    ``targets``: "127.0.0.1:5001", "a:1,b:2" or a list of replica addresses (round robin,
+    failover). ``token`` adds ``authorization: Bearer <token>`` to every call. ``runtime``
+    shares budgets/breakers (and injects clock, random source, instrumentation). Extra
+    ``interceptors`` run inside ours (once per attempt). Call ``await channel.close()``.
+    """
+    resolved = resolve_targets(targets)
+    policy = policy or Policy()
+    if not isinstance(policy, Policy):
+        raise ValueError(f"policy must be a pkg.clients.Policy, got {type(policy).__name__}")
+    core = ClientCore(policy, runtime or Runtime(), resolved.name, token)
+    chain: list[Any] = [*aio_interceptors(core), *interceptors]
+    opts = channel_options(resolved, list(options))
+    if credentials is not None:
+        return grpc.aio.secure_channel(resolved.target, credentials, opts, interceptors=chain)
+    return grpc.aio.insecure_channel(resolved.target, opts, interceptors=chain)

@@ -1,0 +1,111 @@
+"""What the sync and asyncio gRPC interceptors share: per-method state, auth, channel options."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from pkg.clients.classify import classify_grpc
+from pkg.clients.engine import Classifier
+from pkg.clients.policy import Policy
+from pkg.clients.runtime import MethodState, Runtime
+from pkg.clients.targets import ResolvedTarget
+
+# Keepalive: ping every 20 s (servers permit one every 10 s), give up on a dead peer after
+# 10 s, keep pinging idle connections so a silently dead replica is noticed before a call.
+KEEPALIVE_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+# One retry layer only: grpcio's transparent and service-config retries are off.
+NO_GRPC_RETRIES: tuple[tuple[str, Any], ...] = (("grpc.enable_retries", 0),)
+
+# A replica that restarts is reconnected within ~2 s instead of grpc's default of up to 120 s.
+RECONNECT_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+)
+
+
+def channel_options(
+    resolved: ResolvedTarget, extra: Sequence[tuple[str, Any]] = ()
+) -> list[tuple[str, Any]]:
+    """The channel arguments every pkg.clients channel uses (``extra`` wins on conflicts)."""
+    options: dict[str, Any] = dict((*NO_GRPC_RETRIES, *KEEPALIVE_OPTIONS, *RECONNECT_OPTIONS))
+    if resolved.multi:
+        options["grpc.lb_policy_name"] = "round_robin"
+    for key, value in extra:
+        if key == "grpc.enable_retries" and value:
+            raise ValueError("grpc.enable_retries must stay 0: pkg.clients is the retry layer")
+        options[key] = value
+    return list(options.items())
+
+
+class ClientCore:
+    """Per-channel state of the interceptors: policy, runtime, target name and auth header."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        runtime: Runtime,
+        target: str,
+        token: str | None,
+    ) -> None:
+        if token is not None and (not isinstance(token, str) or not token or "\n" in token):
+            raise ValueError("token must be a non-empty single-line string")
+        self.policy = policy
+        self.runtime = runtime
+        self.target = target
+        self.auth: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self._methods: dict[Any, tuple[MethodState, Classifier]] = {}
+
+    def method(self, method: str | bytes) -> tuple[MethodState, Classifier]:
+        """The state and classifier of ``method`` (cached by the method object grpc passes)."""
+        found = self._methods.get(method)
+        if found is None:
+            name = method.decode() if isinstance(method, bytes) else method
+            state = self.runtime.method(self.policy, self.target, name)
+            found = (state, _classifier(state))
+            self._methods[method] = found
+        return found
+
+
+def _classifier(state: MethodState) -> Classifier:
+    idempotent = state.idempotent
+    codes = state.policy.breaker.failure_codes
+
+    def classify(exc: BaseException, capped: bool, left: float) -> Any:
+        return classify_grpc(
+            exc, idempotent=idempotent, attempt_capped=capped, time_left=left, failure_codes=codes
+        )
+
+    return classify
+
+
+def status_error(code: grpc.StatusCode, details: str) -> grpc.RpcError:
+    """A plain RpcError carrying a status (for failures raised by pkg.clients itself)."""
+    return _StatusError(code, details)
+
+
+class _StatusError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> Any:
+        return ()

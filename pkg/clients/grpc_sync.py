@@ -1,0 +1,245 @@
+"""Sync grpc interceptors and the ``sync_channel`` factory (same policy as the asyncio ones).
+
+Hedging needs concurrent attempts and is asyncio-only. Stream setup is retried like on asyncio
+channels: a helper thread waits for the first message so that a stream that stays silent but
+alive counts as established after ``policy.stream_setup`` seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
+from typing import Any, NamedTuple
+
+import grpc
+
+from pkg.clients.engine import call_sync
+from pkg.clients.grpc_core import ClientCore, channel_options
+from pkg.clients.policy import Policy
+from pkg.clients.runtime import Runtime
+from pkg.clients.targets import resolve_targets
+
+_END = object()
+
+
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+class _Details(_CallDetails, grpc.ClientCallDetails):  # type: ignore[misc]
+    """grpc wants a ClientCallDetails instance; a namedtuple gives the fields."""
+
+
+def _details(details: Any, timeout: float | None, auth: tuple[tuple[str, str], ...]) -> Any:
+    metadata = details.metadata
+    if auth:
+        metadata = (*auth, *(metadata or ()))
+    return _Details(
+        details.method,
+        timeout,
+        metadata,
+        details.credentials,
+        getattr(details, "wait_for_ready", None),
+        getattr(details, "compression", None),
+    )
+
+
+class _Base:
+    def __init__(self, core: ClientCore) -> None:
+        self.core = core
+
+
+class SyncUnaryUnaryInterceptor(_Base, grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Deadline-first retries, budget and breaker for blocking unary calls."""
+
+    def intercept_unary_unary(
+        self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
+    ) -> Any:
+        core = self.core
+        state, classify = core.method(client_call_details.method)
+        auth = core.auth
+
+        def attempt(timeout: float) -> Any:
+            outcome = continuation(_details(client_call_details, timeout, auth), request)
+            outcome.result()  # raises the attempt's RpcError
+            return outcome
+
+        return call_sync(state, client_call_details.timeout, attempt, classify)
+
+
+class _StreamResult:
+    """The call object returned for a sync stream: iterates first message then the rest."""
+
+    def __init__(self, call: Any, first: Future[Any]) -> None:
+        self._call = call
+        self._first: Future[Any] | None = first
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        if self._first is not None:
+            first, self._first = self._first, None
+            message = first.result()
+            if message is _END:
+                raise StopIteration
+            return message
+        return next(self._call)
+
+    def __getattr__(self, name: str) -> Any:
+        # cancel(), code(), details(), initial_metadata(), ... of the underlying call.
+        return getattr(self._call, name)
+
+
+def _establish(call: Any, setup: float) -> Future[Any]:
+    first: Future[Any] = Future()
+
+    def read_first() -> None:
+        try:
+            first.set_result(next(call, _END))
+        except BaseException as exc:
+            first.set_exception(exc)
+
+    threading.Thread(target=read_first, name="pkg-clients-stream-setup", daemon=True).start()
+    try:
+        message = first.result(timeout=setup)
+    except TimeoutError:
+        return first  # alive and silent: established
+    del message
+    return first
+
+
+class SyncUnaryStreamInterceptor(_Base, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc,type-arg]
+    """Retries the setup of server-streaming calls, never after the first message."""
+
+    def intercept_unary_stream(
+        self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
+    ) -> Any:
+        core = self.core
+        state, classify = core.method(client_call_details.method)
+        clock = state.clock
+        given = client_call_details.timeout
+        deadline = None if given is None else clock.monotonic() + given
+        setup = core.policy.stream_setup
+
+        def attempt(_: float) -> Any:
+            timeout = None if deadline is None else max(0.001, deadline - clock.monotonic())
+            call = continuation(_details(client_call_details, timeout, core.auth), request)
+            return _StreamResult(call, _establish(call, setup))
+
+        return call_sync(state, given, attempt, classify)
+
+
+class _SyncReplay:
+    """Sync twin of the asyncio replay buffer (requests consumed before establishment)."""
+
+    def __init__(self, source: Iterable[Any]) -> None:
+        self._source = iter(source)
+        self._lock = threading.Lock()
+        self.buffer: collections.deque[Any] = collections.deque()
+        self.recording = True
+
+    def fresh(self) -> Iterator[Any]:
+        """A new request iterator for one attempt."""
+        yield from list(self.buffer)
+        while True:
+            with self._lock:
+                message = next(self._source, _END)
+                if message is not _END and self.recording:
+                    self.buffer.append(message)
+            if message is _END:
+                return
+            yield message
+
+    def established(self) -> None:
+        """Stop buffering."""
+        with self._lock:
+            self.recording = False
+            self.buffer.clear()
+
+
+class SyncStreamStreamInterceptor(_Base, grpc.StreamStreamClientInterceptor):  # type: ignore[misc,type-arg]
+    """Retries the setup of bidirectional streams, replaying the requests sent so far."""
+
+    def intercept_stream_stream(
+        self,
+        continuation: Callable[[Any, Any], Any],
+        client_call_details: Any,
+        request_iterator: Any,
+    ) -> Any:
+        core = self.core
+        state, classify = core.method(client_call_details.method)
+        clock = state.clock
+        given = client_call_details.timeout
+        deadline = None if given is None else clock.monotonic() + given
+        replay = _SyncReplay(request_iterator)
+        setup = core.policy.stream_setup
+
+        def attempt(_: float) -> Any:
+            timeout = None if deadline is None else max(0.001, deadline - clock.monotonic())
+            call = continuation(_details(client_call_details, timeout, core.auth), replay.fresh())
+            return _StreamResult(call, _establish(call, setup))
+
+        result = call_sync(state, given, attempt, classify)
+        replay.established()
+        return result
+
+
+class SyncStreamUnaryInterceptor(_Base, grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+    """Client-streaming calls: auth, default deadline and breaker check (no replay)."""
+
+    def intercept_stream_unary(
+        self,
+        continuation: Callable[[Any, Any], Any],
+        client_call_details: Any,
+        request_iterator: Any,
+    ) -> Any:
+        core = self.core
+        state, _ = core.method(client_call_details.method)
+        if state.breaker is not None:
+            state.breaker.check(state.clock.monotonic())
+        timeout = client_call_details.timeout
+        if timeout is None:
+            timeout = core.policy.timeout
+        return continuation(_details(client_call_details, timeout, core.auth), request_iterator)
+
+
+def sync_interceptors(core: ClientCore) -> list[Any]:
+    """The interceptors of a blocking channel, in order."""
+    return [
+        SyncUnaryUnaryInterceptor(core),
+        SyncUnaryStreamInterceptor(core),
+        SyncStreamStreamInterceptor(core),
+        SyncStreamUnaryInterceptor(core),
+    ]
+
+
+def sync_channel(
+    targets: str | Sequence[str],
+    policy: Policy | None = None,
+    *,
+    token: str | None = None,
+    runtime: Runtime | None = None,
+    options: Iterable[tuple[str, Any]] = (),
+    interceptors: Sequence[Any] = (),
+    credentials: grpc.ChannelCredentials | None = None,
+) -> grpc.Channel:
+    """A blocking channel with the policy (same arguments as ``aio_channel``; no hedging)."""
+    resolved = resolve_targets(targets)
+    policy = policy or Policy()
+    if not isinstance(policy, Policy):
+        raise ValueError(f"policy must be a pkg.clients.Policy, got {type(policy).__name__}")
+    core = ClientCore(policy, runtime or Runtime(), resolved.name, token)
+    opts = channel_options(resolved, list(options))
+    if credentials is not None:
+        raw = grpc.secure_channel(resolved.target, credentials, opts)
+    else:
+        raw = grpc.insecure_channel(resolved.target, opts)
+    return grpc.intercept_channel(raw, *sync_interceptors(core), *interceptors)

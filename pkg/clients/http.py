@@ -1,0 +1,260 @@
+"""HTTP clients on httpx with the same policy as the gRPC channels.
+
+Retries only idempotent methods (GET, HEAD, OPTIONS, PUT, DELETE, TRACE) unless the request
+carries an ``Idempotency-Key`` header; any method is retried when the connection could not be
+made (the request never left). Retryable statuses: 502, 503, 504 and 429; ``Retry-After``
+(seconds or HTTP date) is honoured like gRPC pushback. Breakers and budgets are per
+authority (scheme://host:port). After the last attempt the last response is returned (a 503
+stays a 503 response, not an exception); transport errors are raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from pkg.clients.breaker import BREAKER_FAILURE, BREAKER_IGNORE, BreakerOpenError
+from pkg.clients.classify import (
+    CANCELLED_VERDICT,
+    HTTP_RETRYABLE_STATUS,
+    Verdict,
+    http_idempotent,
+    parse_retry_after,
+)
+from pkg.clients.engine import Classifier, call_async, call_sync
+from pkg.clients.policy import Policy
+from pkg.clients.runtime import MethodState, Runtime
+
+
+class RetryableStatus(Exception):
+    """Internal: an HTTP response whose status may be retried (carries the response)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"HTTP {response.status_code}")
+        self.response = response
+
+
+def classify_http(
+    exc: BaseException, *, idempotent: bool, capped: bool, time_left: float, wall_now: float
+) -> Verdict:
+    """Classify one failed HTTP attempt (an httpx error or a retryable status)."""
+    if isinstance(exc, BreakerOpenError):
+        return Verdict(False, "circuit breaker open (never retried)", BREAKER_IGNORE, code="OPEN")
+    if isinstance(exc, RetryableStatus):
+        status = exc.response.status_code
+        code = f"HTTP_{status}"
+        breaker = BREAKER_IGNORE if status == 429 else BREAKER_FAILURE
+        pushback = parse_retry_after(exc.response.headers.get("retry-after"), wall_now)
+        if not idempotent:
+            return Verdict(
+                False,
+                f"HTTP {status} on a non-idempotent request without Idempotency-Key",
+                breaker,
+                pushback,
+                code,
+            )
+        return Verdict(True, f"HTTP {status}", breaker, pushback, code)
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return Verdict(True, "connection failed, never sent", BREAKER_FAILURE, code="CONNECT")
+    if isinstance(exc, httpx.PoolTimeout):
+        return Verdict(True, "no pooled connection, never sent", BREAKER_IGNORE, code="POOL")
+    if isinstance(exc, httpx.TimeoutException):
+        if not capped or time_left <= 0:
+            return Verdict(False, "overall deadline spent", BREAKER_FAILURE, code="TIMEOUT")
+        if idempotent:
+            return Verdict(True, "per-attempt timeout", BREAKER_FAILURE, code="TIMEOUT")
+        return Verdict(
+            False,
+            "per-attempt timeout on a non-idempotent request",
+            BREAKER_FAILURE,
+            code="TIMEOUT",
+        )
+    if isinstance(exc, httpx.TransportError):
+        name = type(exc).__name__
+        if idempotent:
+            return Verdict(True, f"transport error {name}", BREAKER_FAILURE, code=name)
+        return Verdict(
+            False,
+            f"transport error {name} on a non-idempotent request",
+            BREAKER_FAILURE,
+            code=name,
+        )
+    if isinstance(exc, BaseException) and type(exc).__name__ == "CancelledError":
+        return CANCELLED_VERDICT
+    return Verdict(False, f"{type(exc).__name__} is not retryable", BREAKER_IGNORE)
+
+
+class _HttpCore:
+    def __init__(self, policy: Policy | None, runtime: Runtime | None, token: str | None) -> None:
+        self.policy = policy or Policy()
+        if not isinstance(self.policy, Policy):
+            raise ValueError(f"policy must be a pkg.clients.Policy, got {type(policy).__name__}")
+        if token is not None and (not isinstance(token, str) or not token or "\n" in token):
+            raise ValueError("token must be a non-empty single-line string")
+        self.runtime = runtime or Runtime()
+        self.token = token
+
+    def prepare(
+        self,
+        client: httpx.Client | httpx.AsyncClient,
+        method: str,
+        url: Any,
+        kwargs: dict[str, Any],
+    ) -> tuple[httpx.Request, MethodState, Classifier]:
+        headers = httpx.Headers(kwargs.pop("headers", None))
+        if self.token and "authorization" not in headers:
+            headers["authorization"] = f"Bearer {self.token}"
+        request = client.build_request(method, url, headers=headers, **kwargs)
+        authority = f"{request.url.scheme}://{request.url.netloc.decode()}"
+        state = self.runtime.method(self.policy, authority, f"HTTP {request.method}")
+        idempotent = http_idempotent(request.method, request.headers)
+        clock = self.runtime.clock
+
+        def classify(exc: BaseException, capped: bool, left: float) -> Verdict:
+            return classify_http(
+                exc, idempotent=idempotent, capped=capped, time_left=left, wall_now=clock.time()
+            )
+
+        return request, state, classify
+
+
+def _timeout(timeout: float) -> httpx.Timeout:
+    return httpx.Timeout(timeout)
+
+
+class AsyncHttpClient:
+    """``httpx.AsyncClient`` with the pkg.clients policy on every request.
+
+    ``AsyncHttpClient(base_url="http://127.0.0.1:8080", policy=..., token=...)``, then
+    ``await client.get("/path")``. ``timeout=`` per request is the overall deadline.
+    Extra keyword arguments go to ``httpx.AsyncClient`` (e.g. ``transport`` in tests).
+    """
+
+    def __init__(
+        self,
+        base_url: str = "",
+        policy: Policy | None = None,
+        *,
+        token: str | None = None,
+        runtime: Runtime | None = None,
+        headers: Mapping[str, str] | None = None,
+        **httpx_kwargs: Any,
+    ) -> None:
+        self._core = _HttpCore(policy, runtime, token)
+        self._client = httpx.AsyncClient(base_url=base_url, headers=headers, **httpx_kwargs)
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the overall deadline of the policy
+        **kwargs: Any,
+    ) -> httpx.Response:
+        """Send a request under the policy; returns the final response."""
+        request, state, classify = self._core.prepare(self._client, method, url, kwargs)
+        client = self._client
+
+        async def attempt(attempt_timeout: float) -> httpx.Response:
+            request.extensions["timeout"] = _timeout(attempt_timeout).as_dict()
+            response = await client.send(request)
+            if response.status_code in HTTP_RETRYABLE_STATUS:
+                await response.aread()
+                raise RetryableStatus(response)
+            return response
+
+        try:
+            return await call_async(state, timeout, attempt, classify)
+        except RetryableStatus as final:
+            return final.response
+
+    async def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        """GET under the policy."""
+        return await self.request("GET", url, **kwargs)
+
+    async def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        """POST under the policy (retried only with an ``Idempotency-Key`` header)."""
+        return await self.request("POST", url, **kwargs)
+
+    async def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        """PUT under the policy."""
+        return await self.request("PUT", url, **kwargs)
+
+    async def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        """DELETE under the policy."""
+        return await self.request("DELETE", url, **kwargs)
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+    async def __aenter__(self) -> AsyncHttpClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class HttpClient:
+    """Blocking ``httpx.Client`` with the pkg.clients policy (same arguments as the async one)."""
+
+    def __init__(
+        self,
+        base_url: str = "",
+        policy: Policy | None = None,
+        *,
+        token: str | None = None,
+        runtime: Runtime | None = None,
+        headers: Mapping[str, str] | None = None,
+        **httpx_kwargs: Any,
+    ) -> None:
+        self._core = _HttpCore(policy, runtime, token)
+        self._client = httpx.Client(base_url=base_url, headers=headers, **httpx_kwargs)
+
+    def request(
+        self, method: str, url: str, *, timeout: float | None = None, **kwargs: Any
+    ) -> httpx.Response:
+        """Send a request under the policy; returns the final response."""
+        request, state, classify = self._core.prepare(self._client, method, url, kwargs)
+        client = self._client
+
+        def attempt(attempt_timeout: float) -> httpx.Response:
+            request.extensions["timeout"] = _timeout(attempt_timeout).as_dict()
+            response = client.send(request)
+            if response.status_code in HTTP_RETRYABLE_STATUS:
+                response.read()
+                raise RetryableStatus(response)
+            return response
+
+        try:
+            return call_sync(state, timeout, attempt, classify)
+        except RetryableStatus as final:
+            return final.response
+
+    def get(self, url: str, **kwargs: Any) -> httpx.Response:
+        """GET under the policy."""
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: Any) -> httpx.Response:
+        """POST under the policy (retried only with an ``Idempotency-Key`` header)."""
+        return self.request("POST", url, **kwargs)
+
+    def put(self, url: str, **kwargs: Any) -> httpx.Response:
+        """PUT under the policy."""
+        return self.request("PUT", url, **kwargs)
+
+    def delete(self, url: str, **kwargs: Any) -> httpx.Response:
+        """DELETE under the policy."""
+        return self.request("DELETE", url, **kwargs)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._client.close()
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,286 @@
+"""The resilience policy: plain, immutable settings validated at construction.
+
+A ``Policy`` says *what* a client does (deadline, retries, budget, breaker, hedging); the
+runtime objects in ``runtime.py`` hold the mutable state per target. Every invalid setting
+raises ``ValueError`` here, naming the field, so a bad configuration fails at start-up and
+never at call time.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+import grpc
+
+# Methods whose name starts with one of these verbs are treated as idempotent (safe to retry
+# after the request may have reached the server). Anything else is retried only when the
+# request provably never left the client. Services override this per method (see
+# ``RetryPolicy.idempotent_methods`` / ``non_idempotent_methods``).
+DEFAULT_IDEMPOTENT_VERBS: tuple[str, ...] = (
+    "Get",
+    "List",
+    "Read",
+    "Watch",
+    "Describe",
+    "Check",
+    "Lookup",
+    "Resolve",
+    "Route",
+    "Find",
+    "Search",
+    "Query",
+    "Echo",
+    "Health",
+    "Subscribe",
+    "Stream",
+)
+
+# gRPC codes that say "the callee (or the path to it) is unhealthy": they drive the breaker.
+# Domain errors (INVALID_ARGUMENT, NOT_FOUND, ...) prove the callee is alive and are ignored
+# by the breaker (neither failure nor success).
+DEFAULT_BREAKER_FAILURE_CODES: frozenset[grpc.StatusCode] = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When and how often a failed attempt is retried.
+
+    ``max_attempts`` counts the first attempt (1 disables retries). Backoff is exponential with
+    full jitter: attempt n waits ``uniform(0, min(max_backoff, base_backoff * multiplier**(n-1)))``.
+    ``attempt_timeout`` caps one attempt (None: an attempt may use all the time left); only a
+    capped attempt that times out is retryable. ``min_attempt_time`` is the least time a retry
+    must have left after its backoff to be worth starting.
+    """
+
+    max_attempts: int = 3
+    base_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    attempt_timeout: float | None = None
+    min_attempt_time: float = 0.02
+    honour_pushback: bool = True
+    idempotent_verbs: tuple[str, ...] = DEFAULT_IDEMPOTENT_VERBS
+    idempotent_methods: tuple[str, ...] = ()
+    non_idempotent_methods: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.max_attempts, int) and 1 <= self.max_attempts <= 10,
+            f"retry.max_attempts must be an integer in 1..10, got {self.max_attempts!r}",
+        )
+        _require(
+            _finite(self.base_backoff) and self.base_backoff >= 0,
+            f"retry.base_backoff must be a finite number >= 0, got {self.base_backoff!r}",
+        )
+        _require(
+            _finite(self.max_backoff) and self.max_backoff >= self.base_backoff,
+            f"retry.max_backoff must be finite and >= base_backoff ({self.base_backoff}), "
+            f"got {self.max_backoff!r}",
+        )
+        _require(
+            _finite(self.multiplier) and self.multiplier >= 1,
+            f"retry.multiplier must be >= 1, got {self.multiplier!r}",
+        )
+        _require(
+            self.attempt_timeout is None
+            or (_finite(self.attempt_timeout) and self.attempt_timeout > 0),
+            f"retry.attempt_timeout must be None or > 0, got {self.attempt_timeout!r}",
+        )
+        _require(
+            _finite(self.min_attempt_time) and self.min_attempt_time >= 0,
+            f"retry.min_attempt_time must be >= 0, got {self.min_attempt_time!r}",
+        )
+        for name in ("idempotent_methods", "non_idempotent_methods", "idempotent_verbs"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, tuple) and all(isinstance(v, str) and v for v in value),
+                f"retry.{name} must be a tuple of non-empty strings, got {value!r}",
+            )
+
+    def is_idempotent(self, method: str) -> bool:
+        """Whether ``method`` ("/pkg.Service/Method") may be retried after it may have been sent.
+
+        Order: an explicit ``non_idempotent_methods`` match wins, then ``idempotent_methods``
+        (fnmatch patterns such as ``"/testsvc.v1.TestService/*"``), then the verb prefix of the
+        method name (``GetNode`` -> idempotent, ``CreateNode`` -> not).
+        """
+        for pattern in self.non_idempotent_methods:
+            if fnmatch.fnmatchcase(method, pattern):
+                return False
+        for pattern in self.idempotent_methods:
+            if fnmatch.fnmatchcase(method, pattern):
+                return True
+        name = method.rsplit("/", 1)[-1]
+        return name.startswith(self.idempotent_verbs)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetPolicy:
+    """Retry budget per target: a token bucket in the style of gRFC A6 retryThrottling.
+
+    The bucket starts full at ``max_tokens``. Every failed attempt takes one token, every
+    success gives back ``token_ratio``. Retries (and hedges) are allowed only while more than
+    half the bucket is left, so under a total outage a caller sends at most about
+    ``max_tokens / 2`` extra attempts, and in steady state at most ``token_ratio`` retries per
+    success.
+    """
+
+    enabled: bool = True
+    max_tokens: float = 10.0
+    token_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(
+            _finite(self.max_tokens) and 1 <= self.max_tokens <= 1000,
+            f"budget.max_tokens must be in 1..1000, got {self.max_tokens!r}",
+        )
+        _require(
+            _finite(self.token_ratio) and 0 < self.token_ratio <= 1,
+            f"budget.token_ratio must be a ratio in (0, 1], got {self.token_ratio!r}",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    """Circuit breaker per target (and per method when ``per_method``).
+
+    Opens when, within the last ``window`` seconds, at least ``min_calls`` outcomes were seen
+    and the share of failures reached ``failure_ratio``. Stays open ``open_duration`` seconds,
+    then lets exactly one probe through (half-open): success closes it, failure re-opens it.
+    A probe that never reports (cancelled, crashed thread) frees its slot after
+    ``probe_timeout`` seconds.
+    """
+
+    enabled: bool = True
+    failure_ratio: float = 0.5
+    min_calls: int = 20
+    window: float = 10.0
+    buckets: int = 10
+    open_duration: float = 5.0
+    probe_timeout: float = 30.0
+    per_method: bool = False
+    failure_codes: frozenset[grpc.StatusCode] = DEFAULT_BREAKER_FAILURE_CODES
+
+    def __post_init__(self) -> None:
+        _require(
+            _finite(self.failure_ratio) and 0 < self.failure_ratio <= 1,
+            f"breaker.failure_ratio must be a ratio in (0, 1], got {self.failure_ratio!r}",
+        )
+        _require(
+            isinstance(self.min_calls, int) and self.min_calls >= 1,
+            f"breaker.min_calls must be an integer >= 1, got {self.min_calls!r}",
+        )
+        _require(
+            _finite(self.window) and self.window > 0,
+            f"breaker.window must be > 0 seconds, got {self.window!r}",
+        )
+        _require(
+            isinstance(self.buckets, int) and 1 <= self.buckets <= 600,
+            f"breaker.buckets must be an integer in 1..600, got {self.buckets!r}",
+        )
+        _require(
+            _finite(self.open_duration) and self.open_duration > 0,
+            f"breaker.open_duration must be > 0 seconds, got {self.open_duration!r}",
+        )
+        _require(
+            _finite(self.probe_timeout) and self.probe_timeout > 0,
+            f"breaker.probe_timeout must be > 0 seconds, got {self.probe_timeout!r}",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HedgePolicy:
+    """Hedging for idempotent unary calls (asyncio channels and the async HTTP client).
+
+    When the first attempt has not answered after ``delay`` seconds, a second one is sent (up
+    to ``max_attempts`` in flight, each ``delay`` apart); the first success wins and the others
+    are cancelled. Every hedge costs one token of the retry budget.
+    """
+
+    enabled: bool = False
+    delay: float = 0.05
+    max_attempts: int = 2
+    methods: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _require(
+            _finite(self.delay) and self.delay >= 0,
+            f"hedge.delay must be >= 0 seconds, got {self.delay!r}",
+        )
+        _require(
+            isinstance(self.max_attempts, int) and 2 <= self.max_attempts <= 5,
+            f"hedge.max_attempts must be an integer in 2..5, got {self.max_attempts!r}",
+        )
+
+    def applies_to(self, method: str) -> bool:
+        """Whether hedging is on for ``method`` (any idempotent one if ``methods`` is empty)."""
+        if not self.enabled:
+            return False
+        if not self.methods:
+            return True
+        return any(fnmatch.fnmatchcase(method, pattern) for pattern in self.methods)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Everything a resilient client does: one overall deadline plus the sub-policies.
+
+    ``timeout`` is the overall deadline used when a call gives none (a call's own ``timeout=``
+    always wins). It covers every attempt and backoff, and is what the callee sees. Streams get
+    no deadline unless the call gives one; for them ``timeout`` bounds only the setup retries.
+    ``stream_setup``: a stream counts as established at its first message, or once it has
+    stayed alive (no error) this many seconds; it is never retried after that.
+    ``record_latency`` records every call in the latency histogram (about 1-2 us per call).
+    """
+
+    timeout: float = 10.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    budget: BudgetPolicy = field(default_factory=BudgetPolicy)
+    breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    hedge: HedgePolicy = field(default_factory=HedgePolicy)
+    stream_setup: float = 0.5
+    record_latency: bool = True
+
+    def __post_init__(self) -> None:
+        _require(
+            _finite(self.timeout) and self.timeout > 0,
+            f"policy.timeout must be > 0 seconds, got {self.timeout!r}",
+        )
+        _require(
+            _finite(self.stream_setup) and self.stream_setup > 0,
+            f"policy.stream_setup must be > 0 seconds, got {self.stream_setup!r}",
+        )
+        for name, cls in (
+            ("retry", RetryPolicy),
+            ("budget", BudgetPolicy),
+            ("breaker", BreakerPolicy),
+            ("hedge", HedgePolicy),
+        ):
+            _require(
+                isinstance(getattr(self, name), cls),
+                f"policy.{name} must be a {cls.__name__}, got {type(getattr(self, name)).__name__}",
+            )
+
+    @classmethod
+    def no_retries(cls, timeout: float = 10.0) -> Policy:
+        """A policy that never retries (breaker and deadline still apply)."""
+        return cls(timeout=timeout, retry=RetryPolicy(max_attempts=1))

@@ -1,0 +1,166 @@
+"""Mutable per-target state shared by the calls of a channel: budgets, breakers, counters.
+
+A ``Runtime`` holds the injected clock, random source and instrumentation, and the breakers and
+budgets per target. Each channel gets its own runtime unless one is passed in (pass the same
+runtime to several channels to share budgets and breakers between them). Everything a call
+needs is precomputed once per method in a ``MethodState``, so the success path does no
+lookups, allocations of loggers or string formatting.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import pybreaker
+
+from pkg.clients.breaker import CircuitBreaker
+from pkg.clients.budget import RetryBudget
+from pkg.clients.policy import Policy
+from pkg.clients.telemetry import (
+    Instrumentation,
+    RetryEvent,
+    default_instrumentation,
+    instruments,
+)
+from pkg.common.clock import SYSTEM_CLOCK, Clock
+
+if TYPE_CHECKING:
+    from pkg.clients.shared_breaker import SharedBreakerStore
+
+
+class MethodState:
+    """Everything a call to one method of one target needs, resolved once."""
+
+    __slots__ = (
+        "attempt_timeout",
+        "attempts",
+        "attrs",
+        "breaker",
+        "budget",
+        "calls",
+        "clock",
+        "hedge",
+        "hist",
+        "idempotent",
+        "latency_ema",
+        "method",
+        "policy",
+        "runtime",
+        "target",
+        "timeout",
+    )
+
+    def __init__(self, runtime: Runtime, policy: Policy, target: str, method: str) -> None:
+        self.runtime = runtime
+        self.policy = policy
+        self.target = target
+        self.method = method
+        self.clock = runtime.clock
+        self.timeout = policy.timeout
+        self.attempt_timeout = policy.retry.attempt_timeout
+        self.idempotent = policy.retry.is_idempotent(method)
+        self.hedge = self.idempotent and policy.hedge.applies_to(method)
+        self.budget = runtime.budget(target, policy)
+        self.breaker = runtime.breaker(target, method, policy) if policy.breaker.enabled else None
+        self.attempts = 0
+        self.calls = 0
+        self.latency_ema = 0.0
+        self.attrs = {"target": target, "method": method}
+        self.hist = instruments().latency if policy.record_latency else None
+
+    def succeeded(self, elapsed: float) -> None:
+        """Success bookkeeping shared by every call style."""
+        self.budget.on_success()
+        # An EMA of success latency tells the deadline check how long an attempt takes.
+        self.latency_ema += (elapsed - self.latency_ema) * 0.1
+        if self.hist is not None:
+            self.hist.record(elapsed, self.attrs)
+
+
+class Runtime:
+    """Clock, random source, hooks and per-target budgets/breakers for one or more channels."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        rng: random.Random | None = None,
+        instrumentation: Sequence[Instrumentation] | None = None,
+        breaker_listeners: Sequence[pybreaker.CircuitBreakerListener] = (),
+        shared_breakers: SharedBreakerStore | None = None,
+    ) -> None:
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.hooks: tuple[Instrumentation, ...] = tuple(
+            default_instrumentation() if instrumentation is None else instrumentation
+        )
+        self.breaker_listeners = tuple(breaker_listeners)
+        self.shared_breakers = shared_breakers
+        self.budgets: dict[str, RetryBudget] = {}
+        self.breakers: dict[str, CircuitBreaker] = {}
+        self.methods: dict[tuple[str, str], MethodState] = {}
+        self._lock = threading.Lock()
+        instruments().runtimes.add(self)
+
+    def method(self, policy: Policy, target: str, method: str) -> MethodState:
+        """The cached state of ``method`` on ``target`` (created on first use)."""
+        key = (target, method)
+        state = self.methods.get(key)
+        if state is None:
+            with self._lock:
+                state = self.methods.get(key)
+                if state is None:
+                    state = MethodState(self, policy, target, method)
+                    self.methods[key] = state
+        return state
+
+    def budget(self, target: str, policy: Policy) -> RetryBudget:
+        """The retry budget of ``target``."""
+        budget = self.budgets.get(target)
+        if budget is None:
+            budget = self.budgets.setdefault(target, RetryBudget(policy.budget))
+        return budget
+
+    def breaker(self, target: str, method: str, policy: Policy) -> CircuitBreaker:
+        """The breaker of ``target`` (or of ``target`` + ``method`` when per_method)."""
+        name = f"{target}{method}" if policy.breaker.per_method else target
+        breaker = self.breakers.get(name)
+        if breaker is None:
+            created = CircuitBreaker(
+                name,
+                policy.breaker,
+                self.clock,
+                listeners=self.breaker_listeners,
+                on_transition=self._on_transition,
+            )
+            breaker = self.breakers.setdefault(name, created)
+            if breaker is created and self.shared_breakers is not None:
+                self.shared_breakers.attach(breaker)
+        return breaker
+
+    def _on_transition(self, breaker: CircuitBreaker, old: str, new: str, reason: str) -> None:
+        for hook in self.hooks:
+            hook.on_breaker_transition(breaker.name, old, new, reason)
+
+    def emit_retry(self, event: RetryEvent) -> None:
+        """Send a retry decision to every hook."""
+        for hook in self.hooks:
+            hook.on_retry_decision(event)
+
+    def emit_budget_exhausted(self, target: str, method: str) -> None:
+        """Tell every hook the budget refused a retry."""
+        for hook in self.hooks:
+            hook.on_budget_exhausted(target, method)
+
+    def emit_rejected(self, name: str, retry_after: float) -> None:
+        """Tell every hook a call failed fast on an open breaker."""
+        for hook in self.hooks:
+            hook.on_breaker_rejected(name, retry_after)
+
+    def emit_hedge(self, target: str, method: str, attempt: int) -> None:
+        """Tell every hook a hedge was sent."""
+        for hook in self.hooks:
+            hook.on_hedge(target, method, attempt)

@@ -1,0 +1,186 @@
+"""Instrumentation hooks: what happened and why, for metrics, logs or your own sink.
+
+``Instrumentation`` is the hook interface (subclass it and override what you need). The default
+set is ``OtelInstrumentation`` (OpenTelemetry metrics) plus ``StructlogInstrumentation``
+(one structlog event per retry decision, with its reason). Hooks fire on the failure paths only
+(retry decisions, budget refusals, breaker transitions and rejections); the success path stays
+lean and is measured through plain counters that observable instruments read at export time.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
+
+from pkg.clients.breaker import STATE_CODES
+
+if TYPE_CHECKING:
+    from pkg.clients.runtime import Runtime
+
+_log = structlog.get_logger("pkg.clients")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryEvent:
+    """One retry decision: ``retry`` says whether another attempt follows, ``reason`` why."""
+
+    target: str
+    method: str
+    attempt: int
+    retry: bool
+    reason: str
+    code: str
+    delay: float
+    time_left: float
+
+
+class Instrumentation:
+    """Base class of instrumentation hooks; every method is a no-op by default."""
+
+    def on_retry_decision(self, event: RetryEvent) -> None:
+        """A failed attempt was classified: retried (``event.retry``) or given up."""
+
+    def on_budget_exhausted(self, target: str, method: str) -> None:
+        """The retry budget refused a retry or hedge."""
+
+    def on_hedge(self, target: str, method: str, attempt: int) -> None:
+        """A hedged attempt was sent."""
+
+    def on_breaker_transition(self, name: str, old: str, new: str, reason: str) -> None:
+        """A breaker changed state."""
+
+    def on_breaker_rejected(self, name: str, retry_after: float) -> None:
+        """A call was rejected without being sent because the breaker is open."""
+
+
+class StructlogInstrumentation(Instrumentation):
+    """Structured log events: ``retry``, ``give_up``, ``retry_budget_exhausted``, breaker moves."""
+
+    def on_retry_decision(self, event: RetryEvent) -> None:
+        _log.info(
+            "retry" if event.retry else "give_up",
+            target=event.target,
+            method=event.method,
+            attempt=event.attempt,
+            code=event.code,
+            reason=event.reason,
+            delay_s=round(event.delay, 4),
+            time_left_s=round(event.time_left, 4),
+        )
+
+    def on_budget_exhausted(self, target: str, method: str) -> None:
+        _log.warning("retry_budget_exhausted", target=target, method=method)
+
+    def on_breaker_transition(self, name: str, old: str, new: str, reason: str) -> None:
+        _log.warning("breaker_transition", breaker=name, old=old, new=new, reason=reason)
+
+
+class _Instruments:
+    """Process-wide OpenTelemetry instruments (created once; the API proxies a late provider)."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter("pkg.clients")
+        self.runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+        self.retries = meter.create_counter(
+            "client_retries", description="Retry decisions by outcome and reason"
+        )
+        self.budget_exhausted = meter.create_counter(
+            "client_retry_budget_exhausted", description="Retries or hedges refused by the budget"
+        )
+        self.transitions = meter.create_counter(
+            "client_breaker_transitions", description="Circuit breaker state transitions"
+        )
+        self.rejected = meter.create_counter(
+            "client_breaker_rejected", description="Calls failed fast by an open breaker"
+        )
+        self.hedges = meter.create_counter("client_hedges", description="Hedged attempts sent")
+        self.latency = meter.create_histogram(
+            "client_call_duration", unit="s", description="Call latency including retries"
+        )
+        meter.create_observable_counter(
+            "client_attempts", callbacks=[self._attempts], description="Attempts sent"
+        )
+        meter.create_observable_counter(
+            "client_calls", callbacks=[self._calls], description="Calls made (first attempts)"
+        )
+        meter.create_observable_gauge(
+            "client_breaker_state",
+            callbacks=[self._breaker_state],
+            description="Breaker state: 0 closed, 1 half-open, 2 open",
+        )
+
+    def _methods(self) -> Iterable[Any]:
+        for runtime in list(self.runtimes):
+            yield from list(runtime.methods.values())
+
+    def _attempts(self, options: CallbackOptions) -> Iterable[Observation]:
+        for m in self._methods():
+            yield Observation(m.attempts, m.attrs)
+
+    def _calls(self, options: CallbackOptions) -> Iterable[Observation]:
+        for m in self._methods():
+            yield Observation(m.calls, m.attrs)
+
+    def _breaker_state(self, options: CallbackOptions) -> Iterable[Observation]:
+        seen: set[int] = set()
+        for runtime in list(self.runtimes):
+            for breaker in list(runtime.breakers.values()):
+                if id(breaker) not in seen:
+                    seen.add(id(breaker))
+                    yield Observation(STATE_CODES[breaker.state], {"breaker": breaker.name})
+
+
+_instruments: _Instruments | None = None
+_instruments_lock = threading.Lock()
+
+
+def instruments() -> _Instruments:
+    """The shared instruments (created on first use)."""
+    global _instruments
+    if _instruments is None:
+        with _instruments_lock:
+            if _instruments is None:
+                _instruments = _Instruments()
+    return _instruments
+
+
+class OtelInstrumentation(Instrumentation):
+    """OpenTelemetry counters for the failure-path events."""
+
+    def __init__(self) -> None:
+        self._i = instruments()
+
+    def on_retry_decision(self, event: RetryEvent) -> None:
+        self._i.retries.add(
+            1,
+            {
+                "target": event.target,
+                "method": event.method,
+                "outcome": "retry" if event.retry else "give_up",
+                "reason": event.reason,
+            },
+        )
+
+    def on_budget_exhausted(self, target: str, method: str) -> None:
+        self._i.budget_exhausted.add(1, {"target": target, "method": method})
+
+    def on_hedge(self, target: str, method: str, attempt: int) -> None:
+        self._i.hedges.add(1, {"target": target, "method": method})
+
+    def on_breaker_transition(self, name: str, old: str, new: str, reason: str) -> None:
+        self._i.transitions.add(1, {"breaker": name, "from": old, "to": new})
+
+    def on_breaker_rejected(self, name: str, retry_after: float) -> None:
+        self._i.rejected.add(1, {"breaker": name})
+
+
+def default_instrumentation() -> Sequence[Instrumentation]:
+    """OpenTelemetry metrics plus structlog events."""
+    return (OtelInstrumentation(), StructlogInstrumentation())
