@@ -1,0 +1,215 @@
+"""The ``signalman.v1.Signalman`` servicer: wire API -> hub, sessions and processor.
+
+Subscribe requests are deserialized here rather than by grpc, so a garbled message gets a clear
+INVALID_ARGUMENT instead of an opaque INTERNAL. The tenant always comes from the bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+from google.protobuf.message import DecodeError
+
+from api_realtime.convert import channel_requests, to_proto
+from pkg.common.auth import current_principal
+from pkg.events.envelope import EnvelopeError, event_from_dict
+from pkg.proto.signalman.v1 import signalman_pb2 as pb
+from pkg.proto.signalman.v1 import signalman_pb2_grpc as pb_grpc
+from signalman.history import SourcePos
+from signalman.hub import Hub, TooManyConnections
+from signalman.pipeline import Poison, process_events
+from signalman.processor import Processor
+from signalman.session import Dropped, Session
+
+log = structlog.get_logger("api_realtime.handlers")
+SERVICE = "signalman.v1.Signalman"
+LOCAL_TOPIC = "local"
+MAX_PUBLISH = 1_000
+
+
+class SignalmanServicer(pb_grpc.SignalmanServicer):
+    """Subscribe, GetStats and (embedded mode) Publish."""
+
+    def __init__(self, hub: Hub, processor: Processor, stats: Any, *, embedded: bool) -> None:
+        self.hub = hub
+        self.processor = processor
+        self.stats = stats  # callable -> dict of replica-level stats (ownership, mode...)
+        self.embedded = embedded
+        self._local_offsets: itertools.count[int] | None = None
+        self._publish_lock = asyncio.Lock()
+
+    # -- Subscribe --------------------------------------------------------------------------------
+    async def Subscribe(
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        principal = current_principal()
+        if not principal.tenant:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "the bearer token has no tenant (expected token=name@tenant:roles)",
+            )
+        try:
+            session = self.hub.open_session(principal)
+        except TooManyConnections as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        ended = asyncio.Event()
+        session.on_drop = lambda _dropped: ended.set()
+        reader = asyncio.create_task(self._read(request_iterator, session))
+        # The writer may block on a client that does not read (HTTP/2 flow control); the call
+        # ends as soon as the session is dropped, whatever the writer is doing.
+        writer = asyncio.create_task(self._write(session, context))
+        writer.add_done_callback(lambda _task: ended.set())  # client gone: writes fail
+        try:
+            await ended.wait()
+        finally:
+            for task in (writer, reader):
+                task.cancel()
+            for task in (writer, reader):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self.hub.close_session(session)
+        dropped = session.dropped
+        if dropped is not None and dropped.code not in ("OK", "CANCELLED"):
+            await context.abort(grpc.StatusCode[dropped.code], dropped.message)
+
+    async def _write(self, session: Session, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        while True:
+            out = await session.next_out()
+            if isinstance(out, Dropped):
+                return
+            await context.write(to_proto(out))
+
+    async def _read(self, requests: AsyncIterator[bytes], session: Session) -> None:
+        try:
+            async for raw in requests:
+                try:
+                    msg = pb.ClientMessage.FromString(raw)
+                except DecodeError:
+                    session.drop(
+                        "INVALID_ARGUMENT",
+                        "garbled client message: not a signalman.v1.ClientMessage",
+                    )
+                    return
+                kind = msg.WhichOneof("kind")
+                if kind == "subscribe":
+                    await session.subscribe(msg.request_id, channel_requests(msg.subscribe))
+                elif kind == "unsubscribe":
+                    await session.unsubscribe(msg.request_id, list(msg.unsubscribe.channels))
+                elif kind == "ping":
+                    await session.ping(msg.request_id, msg.ping.nonce)
+                else:
+                    await session.error(
+                        msg.request_id,
+                        "INVALID_ARGUMENT",
+                        "client message has none of subscribe/unsubscribe/ping set",
+                        "kind",
+                    )
+            session.drop("OK", "client closed its side")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("subscribe_reader_failed", error=repr(exc)[:200], session=session.id)
+            session.drop("UNAVAILABLE", "could not read the subscription stream; reconnect")
+
+    # -- GetStats ---------------------------------------------------------------------------------
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HubStats:
+        principal = current_principal()
+        s = self.stats()
+        p = self.processor.stats
+        return pb.HubStats(
+            replica_id=s["replica_id"],
+            mode=s["mode"],
+            subscribers=len(self.hub.sessions),
+            subscribers_of_tenant=self.hub.per_tenant.get(principal.tenant, 0),
+            partitions=[
+                pb.PartitionOwnership(topic=t, partition=pt, fence=f, lag=lag)
+                for (t, pt, f, lag) in s["partitions"]
+            ],
+            events_processed=p.records,
+            events_appended=p.appended,
+            duplicate_appends_skipped=p.duplicates,
+            dead_lettered=p.dead_lettered,
+            fenced_writes=p.fenced,
+            subscribers_dropped=self.hub.dropped_total,
+            singleton=s["singleton"],
+            delivered=self.hub.delivered(),
+        )
+
+    # -- Publish (embedded mode) -------------------------------------------------------------------
+    async def Publish(
+        self, request: pb.PublishRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PublishReply:
+        principal = current_principal()
+        if not (principal.has_role("publisher") or principal.has_role("system")):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, "Publish needs the 'publisher' role"
+            )
+        if not self.embedded:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this replica consumes Kafka: publish events to the Kafka topic instead",
+            )
+        if not request.events_json:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "events_json is empty")
+        if len(request.events_json) > MAX_PUBLISH:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"at most {MAX_PUBLISH} events per call"
+            )
+        events = []
+        for i, raw in enumerate(request.events_json):
+            try:
+                event = event_from_dict(json.loads(raw), f"events_json[{i}]")
+            except (ValueError, EnvelopeError) as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:300])
+            if event.tenant != principal.tenant and not principal.has_role("system"):
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"events_json[{i}].tenant: may only publish to tenant {principal.tenant!r}",
+                )
+            events.append(event)
+        offsets: list[int] = []
+        async with self._publish_lock:  # local offsets are the idempotency keys: keep them dense
+            if self._local_offsets is None:
+                start = await self.processor.history.watermark(LOCAL_TOPIC, 0) + 1
+                self._local_offsets = itertools.count(start)
+            for event in events:
+                result = process_events([event])
+                if isinstance(result, Poison):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.reason)
+                    return pb.PublishReply()  # unreachable: abort raises
+                source = SourcePos(LOCAL_TOPIC, 0, next(self._local_offsets))
+                outcome = await self.processor.append(result, source, 0)
+                offsets.extend(outcome.offsets)
+        return pb.PublishReply(offsets=offsets)
+
+
+def add_to_server(servicer: SignalmanServicer, server: grpc.aio.Server) -> None:
+    """Like the generated ``add_SignalmanServicer_to_server`` but Subscribe gets raw bytes."""
+    handlers = {
+        "Subscribe": grpc.stream_stream_rpc_method_handler(
+            servicer.Subscribe,
+            request_deserializer=None,  # bytes: decoded in _read with a clear error
+            response_serializer=pb.ServerMessage.SerializeToString,
+        ),
+        "GetStats": grpc.unary_unary_rpc_method_handler(
+            servicer.GetStats,
+            request_deserializer=pb.GetStatsRequest.FromString,
+            response_serializer=pb.HubStats.SerializeToString,
+        ),
+        "Publish": grpc.unary_unary_rpc_method_handler(
+            servicer.Publish,
+            request_deserializer=pb.PublishRequest.FromString,
+            response_serializer=pb.PublishReply.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -1,0 +1,309 @@
+"""Typed Signalman client: subscribe to channels, reconnect on its own and resume where it was.
+
+    client = SignalmanClient(["127.0.0.1:50070", "127.0.0.1:50071"], token="tok")
+    async with client.subscribe(["streams", "routing"]) as sub:
+        async for item in sub:
+            if isinstance(item, Gap): ...      # history did not reach back: events were lost
+            else: handle(item)                 # a signalman_pb2.Event
+
+The subscription remembers the last (epoch, offset) it delivered per channel. When its stream
+ends for a reason worth retrying (replica died or shut down, subscriber dropped as too slow,
+network blip) it reconnects with exponential backoff and jitter, to any listed replica, and
+resubscribes with those offsets: the server replays what was missed, or sends an explicit gap.
+Errors that a retry cannot fix (bad token, unknown channel, permission) are raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import grpc
+import grpc.aio
+import structlog
+
+from pkg.clients.backoff import Backoff
+from pkg.clients.grpc_aio import aio_channel
+from pkg.clients.policy import Policy
+from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.proto.signalman.v1 import signalman_pb2 as pb
+from pkg.proto.signalman.v1 import signalman_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("pkg.clients.signalman")
+
+# Stream endings worth a reconnect: the replica went away, shut down, or dropped us as too slow.
+RECONNECT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
+class StreamEnded(Exception):
+    """The stream ended without a status worth raising: reconnect and resume."""
+
+
+class SubscriptionError(Exception):
+    """The server refused the subscription in a way a reconnect cannot fix."""
+
+    def __init__(self, code: grpc.StatusCode | int, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Gap:
+    """History no longer reached back to where this subscription was: events were lost."""
+
+    channel: str
+    epoch: str
+    requested_after: int
+    resumed_from: int
+    reason: str
+
+
+@dataclass
+class Position:
+    """Where a channel's subscription is: the last delivered offset in ``epoch``."""
+
+    epoch: str = ""
+    offset: int = 0
+    started: bool = False  # False until a subscribe succeeded: start from the live tail
+
+
+@dataclass
+class SubscriptionStats:
+    connects: int = 0
+    reconnects: int = 0
+    events: int = 0
+    gaps: int = 0
+    duplicates_skipped: int = 0
+    last_error: str = ""
+    replicas: list[str] = field(default_factory=list)
+
+
+class Subscription:
+    """An auto-reconnecting subscription; iterate it for ``pb.Event`` and ``Gap`` items."""
+
+    def __init__(
+        self,
+        client: SignalmanClient,
+        channels: Sequence[str],
+        *,
+        resume_from: dict[str, tuple[str, int]] | None = None,
+        buffer: int = 1_000,
+    ) -> None:
+        if not channels:
+            raise ValueError("channels must not be empty")
+        self.client = client
+        self.channels = list(channels)
+        self.positions = {c: Position() for c in self.channels}
+        for channel, (epoch, offset) in (resume_from or {}).items():
+            self.positions[channel] = Position(epoch, offset, started=True)
+        self.stats = SubscriptionStats()
+        self._queue: asyncio.Queue[pb.Event | Gap | BaseException] = asyncio.Queue(buffer)
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._pending_subscribes = 0
+
+    async def __aenter__(self) -> Subscription:
+        self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="signalman-subscription")
+
+    async def wait_subscribed(self, wait_s: float = 10.0) -> None:
+        """Wait until every channel is confirmed on the current connection."""
+        await asyncio.wait_for(self._subscribed.wait(), wait_s)
+
+    def __aiter__(self) -> AsyncIterator[pb.Event | Gap]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[pb.Event | Gap]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    async def get(self, wait_s: float | None = None) -> pb.Event | Gap:
+        """The next event or gap (raises ``TimeoutError`` after ``wait_s`` seconds)."""
+        item = await asyncio.wait_for(self._queue.get(), wait_s)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def _requests(self) -> pb.SubscribeRequest:
+        subs = []
+        for channel in self.channels:
+            pos = self.positions[channel]
+            subs.append(
+                pb.ChannelSubscription(
+                    channel=channel,
+                    resume=pos.started,
+                    after_offset=pos.offset,
+                    epoch=pos.epoch,
+                )
+            )
+        return pb.SubscribeRequest(channels=subs)
+
+    async def _run(self) -> None:
+        backoff = Backoff(base=0.05, cap=2.0, clock=self.client.clock)
+        while True:
+            try:
+                await self._one_connection(backoff)
+                return
+            except asyncio.CancelledError:
+                raise
+            except SubscriptionError as exc:
+                await self._queue.put(exc)
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RECONNECT_CODES:
+                    await self._queue.put(SubscriptionError(exc.code(), exc.details() or ""))
+                    return
+                self.stats.last_error = f"{exc.code().name}: {exc.details()}"
+            except Exception as exc:  # transport surprises: reconnect as well
+                self.stats.last_error = repr(exc)[:200]
+            self._subscribed.clear()
+            self.stats.reconnects += 1
+            log.info("signalman_reconnecting", error=self.stats.last_error)
+            await backoff.wait()
+
+    async def _one_connection(self, backoff: Backoff) -> None:
+        stub = pb_grpc.SignalmanStub(self.client.channel())
+        outgoing: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
+        request_id = next(self._ids)
+        await outgoing.put(pb.ClientMessage(request_id=request_id, subscribe=self._requests()))
+
+        async def requests() -> AsyncIterator[pb.ClientMessage]:
+            while True:
+                msg = await outgoing.get()
+                if msg is None:
+                    return
+                yield msg
+
+        call = stub.Subscribe(requests())
+        self.stats.connects += 1
+        confirmed: set[str] = set()
+        try:
+            async for msg in call:
+                kind = msg.WhichOneof("kind")
+                if kind == "event":
+                    await self._deliver(msg.event)
+                elif kind == "subscribed":
+                    pos = self.positions[msg.subscribed.channel]
+                    if not pos.started:
+                        # Fresh subscription: start at the head the server reported.
+                        pos.epoch, pos.offset = msg.subscribed.epoch, msg.subscribed.head_offset
+                        pos.started = True
+                    confirmed.add(msg.subscribed.channel)
+                    if confirmed >= set(self.channels):
+                        self._subscribed.set()
+                        backoff.reset()
+                elif kind == "gap":
+                    await self._gap(msg.gap)
+                elif kind == "error":
+                    raise SubscriptionError(msg.error.code, msg.error.message)
+        finally:
+            await outgoing.put(None)
+            call.cancel()
+        raise StreamEnded("the server ended the subscription stream")
+
+    async def _deliver(self, event: pb.Event) -> None:
+        pos = self.positions.get(event.channel)
+        if pos is None:
+            return
+        if pos.epoch == event.epoch and event.offset <= pos.offset and pos.started:
+            self.stats.duplicates_skipped += 1  # should stay 0: the server does not resend
+            return
+        pos.epoch, pos.offset, pos.started = event.epoch, event.offset, True
+        self.stats.events += 1
+        await self._queue.put(event)
+
+    async def _gap(self, gap: pb.HistoryGap) -> None:
+        pos = self.positions.get(gap.channel)
+        if pos is not None:
+            pos.epoch, pos.offset = gap.epoch, max(0, gap.resumed_from - 1)
+        self.stats.gaps += 1
+        await self._queue.put(
+            Gap(gap.channel, gap.epoch, gap.requested_after, gap.resumed_from, gap.reason)
+        )
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+class SignalmanClient:
+    """Calls to Signalman replicas through ``pkg.clients`` (deadlines, breaker, failover)."""
+
+    def __init__(
+        self,
+        targets: str | Sequence[str],
+        *,
+        token: str | None,
+        policy: Policy | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.targets = targets
+        self.token = token
+        self.policy = policy or Policy(timeout=5.0)
+        self.clock = clock
+        self._channel: grpc.aio.Channel | None = None
+
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            self._channel = aio_channel(self.targets, self.policy, token=self.token or None)
+        return self._channel
+
+    def subscribe(
+        self,
+        channels: Sequence[str],
+        *,
+        resume_from: dict[str, tuple[str, int]] | None = None,
+        buffer: int = 1_000,
+    ) -> Subscription:
+        """A subscription (use ``async with``); ``resume_from`` maps channel -> (epoch, offset)."""
+        return Subscription(self, channels, resume_from=resume_from, buffer=buffer)
+
+    async def stats(self, deadline_s: float = 5.0) -> pb.HubStats:
+        """Hub statistics of whichever replica answers."""
+        stub: Any = pb_grpc.SignalmanStub(self.channel())
+        result: pb.HubStats = await stub.GetStats(pb.GetStatsRequest(), timeout=deadline_s)
+        return result
+
+    async def publish(self, events_json: Sequence[str], deadline_s: float = 5.0) -> list[int]:
+        """Embedded mode: inject events; returns their history offsets."""
+        stub: Any = pb_grpc.SignalmanStub(self.channel())
+        request = pb.PublishRequest(events_json=list(events_json))
+        reply = await stub.Publish(request, timeout=deadline_s)
+        return list(reply.offsets)
+
+    async def close(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            await channel.close(None)

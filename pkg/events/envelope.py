@@ -1,0 +1,141 @@
+"""The versioned JSON envelope of platform events on Kafka: encode, decode and validate.
+
+One record holds one event ``{"v": 1, "id", "type", "tenant", "time", "schema_version", "source",
+"data"}`` or a batch ``{"v": 1, "batch": [event, ...]}`` of one tenant. Decoding is strict and
+says exactly what is wrong, because a consumer dead-letters what it cannot read with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pkg.events.sink import Event
+
+ENVELOPE_VERSION = 1
+# Highest event schema version this code understands; a newer one is retryable (rolling upgrade).
+MAX_SCHEMA_VERSION = 1
+MAX_BATCH = 1_000
+
+_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+
+
+class EnvelopeError(ValueError):
+    """A record is not a valid envelope; ``retryable`` when a newer consumer could read it."""
+
+    def __init__(self, reason: str, *, retryable: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+def event_to_dict(event: Event) -> dict[str, Any]:
+    """The JSON object of one event (without the envelope version)."""
+    return {
+        "id": event.id,
+        "type": event.type,
+        "tenant": event.tenant,
+        "time": event.time,
+        "schema_version": event.schema_version,
+        "source": event.source,
+        "data": event.data,
+    }
+
+
+def encode_event(event: Event) -> bytes:
+    """One event as a record value."""
+    return json.dumps({"v": ENVELOPE_VERSION, **event_to_dict(event)}, default=str).encode()
+
+
+def encode_batch(events: Iterable[Event]) -> bytes:
+    """Several events of one tenant as one record value."""
+    items = [event_to_dict(e) for e in events]
+    return json.dumps({"v": ENVELOPE_VERSION, "batch": items}, default=str).encode()
+
+
+def valid_tenant(tenant: str) -> bool:
+    """Tenants are short identifiers: they become Kafka keys and Redis key parts."""
+    return bool(_TENANT_RE.match(tenant))
+
+
+def event_from_dict(obj: Any, where: str = "event") -> Event:
+    """Validate one event object; raises ``EnvelopeError`` naming the bad field."""
+    if not isinstance(obj, Mapping):
+        raise EnvelopeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    tenant = obj.get("tenant")
+    if not isinstance(tenant, str) or not tenant:
+        raise EnvelopeError(f"{where}.tenant: missing")
+    if not valid_tenant(tenant):
+        raise EnvelopeError(f"{where}.tenant: {tenant[:40]!r} is not a valid tenant id")
+    etype = obj.get("type")
+    if not isinstance(etype, str) or not _TYPE_RE.match(etype):
+        raise EnvelopeError(f"{where}.type: {str(etype)[:40]!r} is not a dotted event type")
+    eid = obj.get("id")
+    if not isinstance(eid, str) or not eid or len(eid) > 128:
+        raise EnvelopeError(f"{where}.id: missing or not a string of at most 128 characters")
+    version = obj.get("schema_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise EnvelopeError(f"{where}.schema_version: expected a positive integer")
+    if version > MAX_SCHEMA_VERSION:
+        raise EnvelopeError(
+            f"{where}.schema_version: {version} is newer than supported {MAX_SCHEMA_VERSION}",
+            retryable=True,
+        )
+    when = obj.get("time", 0.0)
+    if not isinstance(when, int | float) or isinstance(when, bool):
+        raise EnvelopeError(f"{where}.time: expected a number (unix seconds)")
+    data = obj.get("data", {})
+    if not isinstance(data, dict):
+        raise EnvelopeError(f"{where}.data: expected a JSON object")
+    source = obj.get("source", "")
+    if not isinstance(source, str):
+        raise EnvelopeError(f"{where}.source: expected a string")
+    return Event(
+        type=etype,
+        tenant=tenant,
+        data=data,
+        id=eid,
+        time=float(when),
+        schema_version=version,
+        source=source,
+    )
+
+
+def decode_record(value: bytes | None, key: bytes | None = None) -> list[Event]:
+    """Decode a record into its events (one, or a batch of one tenant).
+
+    Raises ``EnvelopeError`` with the reason when the record is garbage, the wrong schema, or a
+    batch mixes tenants or disagrees with the record key.
+    """
+    if value is None:
+        raise EnvelopeError("record has no value")
+    try:
+        obj = json.loads(value)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise EnvelopeError(f"not JSON: {str(exc)[:80]}") from None
+    if not isinstance(obj, dict):
+        raise EnvelopeError(f"envelope: expected a JSON object, got {type(obj).__name__}")
+    version = obj.get("v")
+    if version != ENVELOPE_VERSION:
+        raise EnvelopeError(
+            f"envelope.v: {version!r} is not a supported envelope version",
+            retryable=isinstance(version, int) and version > ENVELOPE_VERSION,
+        )
+    if "batch" in obj:
+        batch = obj["batch"]
+        if not isinstance(batch, list) or not batch:
+            raise EnvelopeError("envelope.batch: expected a non-empty list")
+        if len(batch) > MAX_BATCH:
+            raise EnvelopeError(f"envelope.batch: {len(batch)} events exceed {MAX_BATCH}")
+        events = [event_from_dict(item, f"batch[{i}]") for i, item in enumerate(batch)]
+    else:
+        events = [event_from_dict(obj)]
+    tenants = {e.tenant for e in events}
+    if len(tenants) > 1:
+        raise EnvelopeError(f"envelope.batch: mixes tenants {sorted(tenants)[:3]}")
+    if key is not None and key.decode(errors="replace") != events[0].tenant:
+        raise EnvelopeError("record key does not match the event tenant")
+    return events

@@ -1,0 +1,245 @@
+"""``KafkaSink``: the producer side of the event pipeline, which never blocks or fails its caller.
+
+``emit`` appends to a bounded buffer and returns. A daemon thread with its own event loop owns the
+aiokafka producer: it sends buffered events keyed by tenant, and while Kafka is down it keeps
+reconnecting with exponential backoff and jitter. A full buffer drops the *new* event (the ones
+already buffered keep their order) and counts it. Running the producer on its own loop means a
+slow broker cannot stall the caller's event loop, and sync code can emit too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import structlog
+from opentelemetry import metrics
+
+from pkg.events.envelope import encode_event
+from pkg.events.sink import Event
+
+log = structlog.get_logger("pkg.events.kafka")
+_meter = metrics.get_meter("pkg.events")
+_emitted = _meter.create_counter("events_emitted", description="events accepted by emit()")
+_sent = _meter.create_counter("events_sent", description="events acknowledged by Kafka")
+_dropped = _meter.create_counter(
+    "events_dropped", description="events dropped because the buffer was full or at shutdown"
+)
+
+DEFAULT_TOPIC = "signalman.events"
+
+
+class KafkaSink:
+    """An ``EventSink`` that publishes to Kafka in the background.
+
+    ``emit`` is O(1), thread-safe, and never raises: the event is buffered (at most
+    ``buffer_size`` events) or dropped and counted in ``dropped``. ``close()`` flushes for at
+    most ``flush_timeout`` seconds.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        source: str = "",
+        topic: str = DEFAULT_TOPIC,
+        buffer_size: int = 10_000,
+        max_batch: int = 500,
+        request_timeout_s: float = 5.0,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 5.0,
+        autostart: bool = True,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.source = source
+        self.topic = topic
+        self.buffer_size = buffer_size
+        self.max_batch = max_batch
+        self.request_timeout_s = request_timeout_s
+        self._backoff = (backoff_initial_s, backoff_max_s)
+        self._buffer: deque[Event] = deque()
+        self._lock = threading.Lock()
+        # Set by emit() through call_soon_threadsafe so the sender loop sleeps until there is work.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._work: asyncio.Event | None = None
+        self._closed: asyncio.Event | None = None
+        self._signalled = False
+        self._closing = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+        self.sent = 0
+        self.connected = False
+        if autostart:
+            self.start()
+
+    # -- producer-facing ------------------------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        """Buffer ``event`` for sending; drop and count it if the buffer is full. Never blocks."""
+        try:
+            if self.source and not event.source:
+                event = Event(
+                    type=event.type,
+                    tenant=event.tenant,
+                    data=event.data,
+                    id=event.id,
+                    time=event.time,
+                    schema_version=event.schema_version,
+                    source=self.source,
+                )
+            with self._lock:
+                full = len(self._buffer) >= self.buffer_size or self._closing.is_set()
+                if full:
+                    self.dropped += 1
+                else:
+                    self._buffer.append(event)
+            if full:
+                _dropped.add(1, {"topic": self.topic})
+            else:
+                _emitted.add(1, {"topic": self.topic})
+                self._signal()
+        except Exception:  # emit must never fail its caller, whatever happens here
+            self.dropped += 1
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="kafka-sink", daemon=True)
+        self._thread.start()
+
+    def close(self, flush_timeout: float = 5.0) -> None:
+        """Stop accepting events, try to send what is buffered for ``flush_timeout`` seconds."""
+        self._closing.set()
+        self._signal()
+        loop, closed = self._loop, self._closed
+        if loop is not None and closed is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(closed.set)
+        if self._thread is not None:
+            self._thread.join(flush_timeout + self.request_timeout_s + 1.0)
+            self._thread = None
+        with self._lock:
+            lost = len(self._buffer)
+            self._buffer.clear()
+        if lost:
+            self.dropped += lost
+            _dropped.add(lost, {"topic": self.topic})
+            log.warning("kafka_sink_dropped_at_close", events=lost, topic=self.topic)
+
+    # -- the sender thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        asyncio.run(self._sender())
+
+    def _take(self) -> list[Event]:
+        with self._lock:
+            n = min(len(self._buffer), self.max_batch)
+            return [self._buffer[i] for i in range(n)]
+
+    def _ack(self, n: int) -> None:
+        with self._lock:
+            for _ in range(n):
+                self._buffer.popleft()
+
+    def _signal(self) -> None:
+        loop, work = self._loop, self._work
+        if loop is None or work is None or self._signalled:
+            return
+        self._signalled = True
+        with contextlib.suppress(RuntimeError):  # the sender loop already closed
+            loop.call_soon_threadsafe(work.set)
+
+    async def _wait_for_work(self, wait_s: float) -> None:
+        assert self._work is not None
+        self._signalled = False
+        self._work.clear()
+        if self._buffer or self._closing.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), wait_s)
+
+    async def _sender(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        self._loop = asyncio.get_running_loop()
+        self._work = asyncio.Event()
+        self._closed = asyncio.Event()
+        attempt = 0
+        close_deadline: float | None = None
+        while True:
+            if self._closing.is_set():
+                close_deadline = close_deadline or time.monotonic() + self.request_timeout_s
+                if not self._buffer or time.monotonic() > close_deadline:
+                    return
+            producer: Any = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap,
+                acks="all",
+                linger_ms=2,
+                request_timeout_ms=int(self.request_timeout_s * 1000),
+                client_id=f"kafka-sink-{self.source or 'platform'}",
+            )
+            try:
+                await asyncio.wait_for(producer.start(), self.request_timeout_s)
+                self.connected = True
+                if attempt:
+                    log.info("kafka_sink_connected", bootstrap=self.bootstrap, after=attempt)
+                attempt = 0
+                await self._pump(producer)
+                return
+            except Exception as exc:
+                self.connected = False
+                attempt += 1
+                delay = min(self._backoff[1], self._backoff[0] * 2 ** min(attempt, 10))
+                delay *= random.uniform(0.5, 1.0)  # jitter: replicas must not reconnect in step
+                log.warning(
+                    "kafka_sink_unavailable",
+                    bootstrap=self.bootstrap,
+                    error=repr(exc)[:200],
+                    retry_in_s=round(delay, 3),
+                    buffered=len(self._buffer),
+                    dropped=self.dropped,
+                )
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(producer.stop(), 2.0)
+                if self._closing.is_set() and close_deadline and time.monotonic() > close_deadline:
+                    return
+                await self._wait_for_close(delay)
+
+    async def _wait_for_close(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, cut short when close() is called."""
+        assert self._closed is not None
+        if self._closing.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), delay)
+
+    async def _pump(self, producer: Any) -> None:
+        """Send until closed; a send failure raises so ``_sender`` reconnects."""
+        try:
+            while True:
+                batch = self._take()
+                if not batch:
+                    if self._closing.is_set():
+                        return
+                    await self._wait_for_work(0.5)
+                    continue
+                futures = [
+                    await producer.send(self.topic, encode_event(event), key=event.tenant.encode())
+                    for event in batch
+                ]
+                await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout_s)
+                # Only acknowledged events leave the buffer: a failure resends them (at least once).
+                self._ack(len(batch))
+                self.sent += len(batch)
+                _sent.add(len(batch), {"topic": self.topic})
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 2.0)

@@ -1,0 +1,52 @@
+"""Signalman's configuration, read from ``SIGNALMAN_*`` environment variables by the one loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SignalmanConfig:
+    """Every knob of a Signalman replica. Nothing set = embedded mode (memory, no Kafka)."""
+
+    grpc_port: int = 50070
+    http_port: int = 8070
+    host: str = "127.0.0.1"
+    replica_id: str = ""
+    # Kafka: unset = embedded mode (events arrive through the Publish RPC).
+    kafka_bootstrap: str = ""
+    topic: str = "signalman.events"
+    partitions: int = 4  # used only when the topic does not exist yet
+    group_id: str = "signalman"
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+    # PostgreSQL advisory locks fence partition ownership; unset = unfenced (single replica only).
+    postgres_dsn: str = ""
+    lock_grace_s: float = 2.0
+    # Redis Streams history shared by replicas; unset = in-memory history of this replica.
+    redis_url: str = ""
+    history_maxlen: int = 10_000
+    history_retention_s: float = 86_400.0
+    # Subscribers.
+    subscriber_buffer: int = 1_000
+    max_connections_per_tenant: int = 100
+    max_channels_per_session: int = 16
+    max_message_bytes: int = 64 * 1024
+    # Singleton duties.
+    duties_interval_s: float = 5.0
+    redrive_delay_s: float = 30.0
+    redrive_max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.subscriber_buffer < 1:
+            raise ValueError("subscriber_buffer must be >= 1")
+        if self.max_connections_per_tenant < 1:
+            raise ValueError("max_connections_per_tenant must be >= 1")
+        if self.partitions < 1:
+            raise ValueError("partitions must be >= 1")
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic}.dlq"

@@ -1,0 +1,226 @@
+"""Consumer-group membership: process only the partitions this replica owns, commit after append.
+
+Every replica joins one group. On assignment the replica takes the partition's advisory lock and a
+new fencing token (``ownership.PartitionLocks``) and raises the token in the history before it
+processes anything; on revocation it waits for the in-flight batch (whose offsets are committed
+when it finishes), then releases the lock. The processing lock is held only while a batch is
+processed, never across ``getmany``: aiokafka's rebalance listener runs while ``getmany`` waits and
+must be able to take it (eager rebalances are stop-the-world).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+
+from pkg.common.clock import SYSTEM_CLOCK, Clock
+from signalman.config import SignalmanConfig
+from signalman.history import History, SourcePos
+from signalman.ownership import OwnershipLost, PartitionLocks
+from signalman.processor import Processor
+
+log = structlog.get_logger("signalman.consumer")
+
+
+@dataclass
+class Owned:
+    fence: int
+    position: int = -1  # next offset to process (-1: unknown until the first record)
+
+
+async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 10.0) -> None:
+    """Create the topics that do not exist yet (partition counts are only used on creation)."""
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+    )
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        missing = [NewTopic(t, num_partitions=n, replication_factor=1)
+                   for t, n in topics.items() if t not in existing]  # fmt: skip
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(missing)
+            log.info("topics_created", topics=[t.name for t in missing])
+    finally:
+        await admin.close()
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, member: GroupMember) -> None:
+        self.member = member
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.member.revoked(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        await self.member.assigned(list(assigned))
+
+
+class GroupMember:
+    """One replica's membership in the consumer group and its processing loop."""
+
+    def __init__(
+        self,
+        cfg: SignalmanConfig,
+        processor: Processor,
+        history: History,
+        locks: PartitionLocks | None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.cfg = cfg
+        self.processor = processor
+        self.history = history
+        self.locks = locks
+        self.clock = clock
+        self.owned: dict[TopicPartition, Owned] = {}
+        self.consumer: Any = None
+        self._processing = asyncio.Lock()
+        self._restart = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.generation_changes = 0
+
+    # -- rebalance listener -------------------------------------------------------------------
+    async def revoked(self, revoked: list[TopicPartition]) -> None:
+        async with self._processing:  # the in-flight batch finishes (and commits) first
+            for tp in revoked:
+                if self.owned.pop(tp, None) is not None and self.locks is not None:
+                    await self.locks.release_partition(tp.topic, tp.partition)
+        if revoked:
+            log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
+
+    async def assigned(self, assigned: list[TopicPartition]) -> None:
+        self.generation_changes += 1
+        try:
+            for tp in assigned:
+                fence = 0
+                if self.locks is not None:
+                    fence = await self.locks.acquire_partition(tp.topic, tp.partition)
+                fence = max(fence, await self.history.claim(tp.topic, tp.partition, fence))
+                self.owned[tp] = Owned(fence)
+        except Exception as exc:  # cannot own safely: leave the group and rejoin from scratch
+            log.error("partition_acquire_failed", error=repr(exc)[:200])
+            self.owned.clear()
+            self._restart.set()
+            return
+        log.info(
+            "partitions_assigned",
+            partitions=sorted(tp.partition for tp in assigned),
+            fences={tp.partition: o.fence for tp, o in self.owned.items()},
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    async def _start_consumer(self) -> None:
+        cfg = self.cfg
+        await ensure_topics(
+            cfg.kafka_bootstrap, {cfg.topic: cfg.partitions, cfg.dlq_topic: cfg.partitions}
+        )
+        if self.locks is not None and not self.locks.connected:
+            await self.locks.connect()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=cfg.kafka_bootstrap,
+            group_id=cfg.group_id,
+            client_id=f"signalman-{cfg.replica_id}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=cfg.session_timeout_ms,
+            heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+            rebalance_timeout_ms=cfg.session_timeout_ms,
+            max_poll_interval_ms=max(cfg.session_timeout_ms * 3, 30_000),
+        )
+        self.consumer.subscribe([cfg.topic], listener=_Listener(self))
+        await self.consumer.start()
+        self._restart.clear()
+
+    async def _stop_consumer(self) -> None:
+        consumer, self.consumer = self.consumer, None
+        self.owned.clear()
+        if consumer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(consumer.stop(), 10.0)
+        if self.locks is not None:
+            await self.locks.close()  # closing the connection releases every lock it held
+
+    async def run(self) -> None:
+        """Consume until ``stop``; any failure leaves the group and rejoins after a backoff."""
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                await self._start_consumer()
+                failures = 0
+                await self._consume()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                log.warning("consumer_restarting", error=repr(exc)[:300], failures=failures)
+            finally:
+                await self._stop_consumer()
+            if not self._stopping.is_set():
+                await self.clock.asleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
+
+    async def stop(self) -> None:
+        self._stopping.set()
+
+    # -- processing ----------------------------------------------------------------------------
+    async def _consume(self) -> None:
+        while not self._stopping.is_set():
+            if self._restart.is_set():
+                raise OwnershipLost("could not take ownership of an assigned partition")
+            if self.locks is not None and self.locks.lost.is_set():
+                raise OwnershipLost("lock connection lost")
+            batches = await self.consumer.getmany(timeout_ms=200, max_records=500)
+            if not batches:
+                continue
+            async with self._processing:
+                for tp, records in batches.items():
+                    await self._process_partition(tp, records)
+
+    async def _process_partition(self, tp: TopicPartition, records: list[Any]) -> None:
+        owned = self.owned.get(tp)
+        if owned is None:
+            return  # not ours (any more): its new owner processes it
+        done: int | None = None
+        try:
+            for record in records:
+                source = SourcePos(tp.topic, tp.partition, record.offset)
+                outcome = await self.processor.handle(record.value, record.key, source, owned.fence)
+                if outcome.status == "fenced":
+                    self.owned.pop(tp, None)
+                    raise OwnershipLost(f"partition {tp.partition} is fenced by a newer owner")
+                done = record.offset
+        except OwnershipLost:
+            raise
+        except Exception as exc:
+            # History unreachable: keep what is done, retry the rest later; never skip a record.
+            failed = done + 1 if done is not None else records[0].offset
+            log.warning("partition_processing_failed", partition=tp.partition, offset=failed,
+                        error=repr(exc)[:200])  # fmt: skip
+            self.consumer.seek(tp, failed)
+            await self.clock.asleep(0.5)
+        if done is not None:
+            owned.position = done + 1
+            try:
+                await self.consumer.commit({tp: done + 1})
+            except KafkaError as exc:
+                # A rebalance is under way; the next owner re-reads from the last commit and the
+                # history's watermark skips what we appended.
+                log.info("commit_failed", partition=tp.partition, error=repr(exc)[:200])
+
+    def lag(self) -> dict[TopicPartition, int]:
+        out = {}
+        if self.consumer is None:
+            return out
+        for tp, owned in self.owned.items():
+            high = self.consumer.highwater(tp)
+            if high is not None and owned.position >= 0:
+                out[tp] = max(0, high - owned.position)
+        return out

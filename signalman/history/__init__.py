@@ -1,0 +1,103 @@
+"""Per-tenant ordered event history: one small interface, a memory and a Redis Streams backend.
+
+Appends are idempotent per Kafka source position and fenced per partition: see
+``History.append``. Offsets are per tenant and shared by its channels, so one sequence orders
+everything a tenant sees.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pkg.events.envelope import event_from_dict, event_to_dict
+from pkg.events.sink import Event
+
+
+@dataclass(frozen=True)
+class SourcePos:
+    """Where a record came from: the idempotency key of its append."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One event in a tenant's history."""
+
+    offset: int
+    channel: str
+    event: Event
+
+
+@dataclass(frozen=True)
+class HistoryInfo:
+    """Where a tenant's history stands: ``epoch`` changes when the history was lost."""
+
+    epoch: str
+    first_offset: int  # oldest retained (0: empty)
+    head_offset: int  # newest appended (0: none)
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """``status``: "appended", "duplicate" (already there) or "fenced" (stale owner, rejected)."""
+
+    status: str
+    offsets: tuple[int, ...] = ()
+    epoch: str = ""
+    current_fence: int = 0
+
+
+class History(Protocol):
+    """What the pipeline writes to and the hub reads from."""
+
+    async def append(
+        self, tenant: str, items: list[tuple[str, Event]], source: SourcePos, fence: int
+    ) -> AppendResult:
+        """Append the events of one record atomically.
+
+        Rejected ("fenced") if ``fence`` is lower than the highest fence seen for the source
+        partition; skipped ("duplicate") if the source offset is at or below that partition's
+        appended watermark.
+        """
+        ...
+
+    async def claim(self, topic: str, partition: int, fence: int) -> int:
+        """Raise the partition's fence to ``fence`` before the new owner processes anything, so a
+        stale owner's next append is rejected even if nothing new arrives; returns the fence."""
+        ...
+
+    async def info(self, tenant: str) -> HistoryInfo: ...
+
+    async def read_after(self, tenant: str, after: int, limit: int) -> list[Entry]:
+        """Entries with offset > ``after``, oldest first, at most ``limit``."""
+        ...
+
+    async def wait_after(self, tenant: str, after: int, wait_s: float) -> list[Entry]:
+        """Like ``read_after`` but waits up to ``wait_s`` seconds for something new."""
+        ...
+
+    async def trim(self, tenant: str, max_len: int, min_time: float) -> int:
+        """Drop entries beyond ``max_len`` or older than ``min_time`` (unix s); returns dropped."""
+        ...
+
+    async def tenants(self) -> list[str]: ...
+
+    async def watermark(self, topic: str, partition: int) -> int:
+        """Highest source offset appended for a partition (-1: none)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def dump_event(event: Event) -> str:
+    return json.dumps(event_to_dict(event), default=str, separators=(",", ":"))
+
+
+def load_event(raw: str | bytes) -> Event:
+    obj: Any = json.loads(raw)
+    return event_from_dict(obj)

@@ -1,0 +1,185 @@
+"""Redis Streams history shared by every replica: one stream per tenant, fenced idempotent appends.
+
+Keys (``p`` = key prefix): ``p:t:{tenant}:h`` the stream (IDs ``<offset>-0``), ``p:t:{tenant}:seq``
+the last offset, ``p:t:{tenant}:epoch``; ``p:part:{topic}:{partition}`` a hash with the highest
+``fence`` and the appended ``wm`` (watermark) of a Kafka partition; ``p:tenants`` a set.
+
+The append is one Lua script, so check-fence, check-watermark, allocate offsets and XADD happen
+atomically: a stale owner (lower fence) is rejected and a replay after a rebalance is skipped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from pkg.events.sink import Event
+from signalman.history import (
+    AppendResult,
+    Entry,
+    HistoryInfo,
+    SourcePos,
+    dump_event,
+    load_event,
+)
+
+_APPEND = """
+local fence = tonumber(ARGV[1])
+local koff = tonumber(ARGV[2])
+local cur = tonumber(redis.call('HGET', KEYS[4], 'fence') or '0')
+if fence < cur then return {'fenced', tostring(cur)} end
+if fence > cur then redis.call('HSET', KEYS[4], 'fence', fence) end
+local wm = tonumber(redis.call('HGET', KEYS[4], 'wm') or '-1')
+if koff <= wm then return {'duplicate', tostring(fence)} end
+redis.call('HSET', KEYS[4], 'wm', koff)
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('SET', KEYS[3], epoch)
+end
+redis.call('SADD', KEYS[5], ARGV[5])
+local n = (#ARGV - 6) / 2
+local last = redis.call('INCRBY', KEYS[2], n)
+local first = last - n + 1
+local maxlen = tonumber(ARGV[4])
+for i = 0, n - 1 do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, tostring(first + i) .. '-0',
+             'c', ARGV[7 + 2 * i], 'e', ARGV[8 + 2 * i], 's', ARGV[6])
+end
+return {'appended', tostring(first), tostring(n), epoch}
+"""
+
+_CLAIM = """
+local cur = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+if tonumber(ARGV[1]) > cur then
+  redis.call('HSET', KEYS[1], 'fence', ARGV[1])
+  return tonumber(ARGV[1])
+end
+return cur
+"""
+
+
+class RedisHistory:
+    """``History`` on Redis Streams. Blocking reads use their own pooled connections."""
+
+    def __init__(
+        self, url: str, *, prefix: str = "sm", max_len: int = 10_000, client: Any = None
+    ) -> None:
+        self.prefix = prefix
+        self.max_len = max_len
+        self._redis: aioredis.Redis = client or aioredis.Redis.from_url(
+            url, decode_responses=False, health_check_interval=10, socket_timeout=None
+        )
+        self._append = self._redis.register_script(_APPEND)
+        self._claim = self._redis.register_script(_CLAIM)
+
+    def _k(self, tenant: str, suffix: str) -> str:
+        return f"{self.prefix}:t:{{{tenant}}}:{suffix}"
+
+    async def append(
+        self, tenant: str, items: list[tuple[str, Event]], source: SourcePos, fence: int
+    ) -> AppendResult:
+        keys = [
+            self._k(tenant, "h"),
+            self._k(tenant, "seq"),
+            self._k(tenant, "epoch"),
+            f"{self.prefix}:part:{source.topic}:{source.partition}",
+            f"{self.prefix}:tenants",
+        ]
+        args: list[Any] = [
+            fence,
+            source.offset,
+            uuid.uuid4().hex[:12],
+            self.max_len,
+            tenant,
+            f"{source.topic}/{source.partition}/{source.offset}",
+        ]
+        for channel, event in items:
+            args += [channel, dump_event(event)]
+        raw = await self._append(keys=keys, args=args)
+        status = _s(raw[0])
+        if status == "fenced":
+            return AppendResult("fenced", current_fence=int(raw[1]))
+        if status == "duplicate":
+            return AppendResult("duplicate", current_fence=int(raw[1]))
+        first, n = int(raw[1]), int(raw[2])
+        return AppendResult("appended", tuple(range(first, first + n)), _s(raw[3]), fence)
+
+    async def claim(self, topic: str, partition: int, fence: int) -> int:
+        raw = await self._claim(keys=[f"{self.prefix}:part:{topic}:{partition}"], args=[fence])
+        return int(raw)
+
+    async def sources(self, tenant: str) -> list[str]:
+        """The source position of every retained entry, in order (audits and tests)."""
+        rows = await self._redis.xrange(self._k(tenant, "h"))
+        return [_s(fields[b"s"]) for _, fields in rows]
+
+    async def info(self, tenant: str) -> HistoryInfo:
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.get(self._k(tenant, "epoch"))
+            pipe.get(self._k(tenant, "seq"))
+            pipe.xrange(self._k(tenant, "h"), count=1)
+            epoch, seq, first = await pipe.execute()
+        first_offset = _offset(first[0][0]) if first else 0
+        return HistoryInfo(_s(epoch) if epoch else "", first_offset, int(seq or 0))
+
+    def _entries(self, rows: list[Any]) -> list[Entry]:
+        out = []
+        for entry_id, fields in rows:
+            out.append(Entry(_offset(entry_id), _s(fields[b"c"]), load_event(fields[b"e"])))
+        return out
+
+    async def read_after(self, tenant: str, after: int, limit: int) -> list[Entry]:
+        rows = await self._redis.xrange(
+            self._k(tenant, "h"), min=f"({after}-0" if after else "-", count=limit
+        )
+        return self._entries(rows)
+
+    async def wait_after(self, tenant: str, after: int, wait_s: float) -> list[Entry]:
+        res = await self._redis.xread(
+            {self._k(tenant, "h"): f"{after}-0"}, count=1_000, block=max(1, int(wait_s * 1000))
+        )
+        if not res:
+            return []
+        return self._entries(res[0][1])
+
+    async def trim(self, tenant: str, max_len: int, min_time: float) -> int:
+        key = self._k(tenant, "h")
+        dropped = int(await self._redis.xtrim(key, maxlen=max_len, approximate=False))
+        # Age trimming cuts a prefix only (MINID), so history never gets holes in the middle.
+        while True:
+            rows = await self._redis.xrange(key, count=100)
+            young = next((r for r in rows if load_event(r[1][b"e"]).time >= min_time), None)
+            if young is not None:
+                cut = _offset(young[0])
+            elif rows:
+                cut = _offset(rows[-1][0]) + 1
+            else:
+                break
+            dropped += int(await self._redis.xtrim(key, minid=f"{cut}-0", approximate=False))
+            if young is not None:
+                break
+        return dropped
+
+    async def tenants(self) -> list[str]:
+        return sorted(_s(t) for t in await self._redis.smembers(f"{self.prefix}:tenants"))
+
+    async def watermark(self, topic: str, partition: int) -> int:
+        raw = await self._redis.hget(f"{self.prefix}:part:{topic}:{partition}", "wm")
+        return int(raw) if raw is not None else -1
+
+    async def ping(self) -> bool:
+        return bool(await self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _offset(entry_id: Any) -> int:
+    return int(_s(entry_id).split("-", 1)[0])

@@ -1,0 +1,306 @@
+"""One subscriber's session: its subscriptions, resume logic and bounded outgoing queue.
+
+The session never talks gRPC: it produces ``Out*`` messages that the wire layer converts. Live
+entries arrive from the tenant feed through ``offer`` (never blocks: a full queue drops the
+session); resume replays history first while live entries wait in a bounded backlog, so the client
+sees replay then live with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pkg.common.auth import Principal
+from signalman.channels import check_subscribable, history_tenant, matches
+from signalman.history import Entry, History
+
+REPLAY_CHUNK = 200
+
+
+@dataclass(frozen=True)
+class OutEvent:
+    subscription: str
+    epoch: str
+    entry: Entry
+
+
+@dataclass(frozen=True)
+class OutSubscribed:
+    request_id: int
+    channel: str
+    epoch: str
+    head_offset: int
+
+
+@dataclass(frozen=True)
+class OutUnsubscribed:
+    request_id: int
+    channel: str
+
+
+@dataclass(frozen=True)
+class OutPong:
+    request_id: int
+    nonce: int
+
+
+@dataclass(frozen=True)
+class OutError:
+    request_id: int
+    code: str  # grpc status code name
+    message: str
+    field: str = ""
+
+
+@dataclass(frozen=True)
+class OutGap:
+    request_id: int
+    channel: str
+    epoch: str
+    requested_after: int
+    requested_epoch: str
+    resumed_from: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """The session must end with ``code`` and ``message``."""
+
+    code: str
+    message: str
+
+
+Out = OutEvent | OutSubscribed | OutUnsubscribed | OutPong | OutError | OutGap | Dropped
+
+
+@dataclass
+class Subscription:
+    channel: str
+    tenant: str  # whose history it reads
+    live_from: int  # entries at or below this offset were (or will be) replayed
+    epoch: str = ""
+    replaying: bool = False
+    backlog: list[Entry] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ChannelRequest:
+    channel: str
+    resume: bool = False
+    after_offset: int = 0
+    epoch: str = ""
+
+
+class FeedRegistry:
+    """What a session needs from the hub: join a tenant feed and learn its position."""
+
+    async def attach(self, tenant: str, session: Session) -> int:  # pragma: no cover - protocol
+        """Register ``session`` on ``tenant``'s feed; returns the feed's last dispatched offset."""
+        raise NotImplementedError
+
+    def detach(self, tenant: str, session: Session) -> None:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+
+class Session:
+    """A subscriber on this replica. ``queue`` holds what to send, in order."""
+
+    def __init__(
+        self,
+        session_id: str,
+        principal: Principal,
+        history: History,
+        feeds: FeedRegistry,
+        buffer: int,
+        max_channels: int = 16,
+    ) -> None:
+        self.id = session_id
+        self.principal = principal
+        self.history = history
+        self.feeds = feeds
+        self.buffer = buffer
+        self.max_channels = max_channels
+        self.queue: asyncio.Queue[Out] = asyncio.Queue()  # bounded by hand in offer()
+        self.subs: dict[str, Subscription] = {}
+        self.dropped: Dropped | None = None
+        self.delivered = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        # Set by the wire layer: ends the call at once, even while a write to the client blocks.
+        self.on_drop: Callable[[Dropped], None] | None = None
+
+    # -- called by the tenant feed ---------------------------------------------------------------
+    def offer(self, tenant: str, entry: Entry, epoch: str) -> None:
+        """Queue a live entry for every matching subscription; never blocks."""
+        if self.dropped is not None:
+            return
+        for sub in self.subs.values():
+            if sub.tenant != tenant or not matches(sub.channel, entry.channel):
+                continue
+            if entry.offset <= sub.live_from:
+                continue
+            if sub.replaying:
+                sub.backlog.append(entry)
+                if len(sub.backlog) > self.buffer:
+                    self.drop_slow()
+                    return
+                continue
+            if self.queue.qsize() >= self.buffer:
+                self.drop_slow()
+                return
+            self.queue.put_nowait(OutEvent(sub.channel, epoch, entry))
+
+    def drop_slow(self) -> None:
+        self.drop(
+            "RESOURCE_EXHAUSTED",
+            f"subscriber too slow: more than {self.buffer} events waiting; reconnect and resume "
+            "from your last offset",
+        )
+
+    def drop(self, code: str, message: str) -> None:
+        if self.dropped is None:
+            self.dropped = Dropped(code, message)
+            self.queue.put_nowait(self.dropped)  # unbounded underneath: always fits
+            if self.on_drop is not None:
+                self.on_drop(self.dropped)
+
+    # -- called by the writer ---------------------------------------------------------------------
+    async def next_out(self) -> Out:
+        item = await self.queue.get()
+        if self.queue.qsize() < self.buffer // 2 + 1:
+            self._room.set()
+        if isinstance(item, OutEvent):
+            self.delivered += 1
+        return item
+
+    # -- called by the reader (client messages) ------------------------------------------------
+    async def _put(self, item: Out) -> None:
+        # Replies and replayed history wait for room instead of dropping: the client asked.
+        while self.queue.qsize() >= self.buffer and self.dropped is None:
+            self._room.clear()
+            await self._room.wait()
+        self.queue.put_nowait(item)
+
+    async def ping(self, request_id: int, nonce: int) -> None:
+        await self._put(OutPong(request_id, nonce))
+
+    async def error(self, request_id: int, code: str, message: str, field_name: str = "") -> None:
+        await self._put(OutError(request_id, code, message, field_name))
+
+    async def subscribe(self, request_id: int, requests: list[ChannelRequest]) -> None:
+        """Subscribe to each channel; per-channel problems are answered with an error."""
+        if not requests:
+            await self.error(
+                request_id, "INVALID_ARGUMENT", "subscribe.channels is empty", "channels"
+            )
+            return
+        for i, req in enumerate(requests):
+            await self._subscribe_one(request_id, req, f"channels[{i}]")
+
+    async def _subscribe_one(self, request_id: int, req: ChannelRequest, where: str) -> None:
+        problem = check_subscribable(req.channel, self.principal.roles)
+        if problem is not None:
+            await self.error(request_id, problem[0], problem[1], f"{where}.channel")
+            return
+        if req.channel in self.subs:
+            await self.error(
+                request_id, "ALREADY_EXISTS", f"already subscribed to {req.channel!r}", where
+            )
+            return
+        if len(self.subs) >= self.max_channels:
+            await self.error(
+                request_id,
+                "RESOURCE_EXHAUSTED",
+                f"at most {self.max_channels} channels per subscription stream",
+                where,
+            )
+            return
+        tenant = history_tenant(req.channel, self.principal.tenant)
+        info = await self.history.info(tenant)
+        if (
+            req.resume
+            and req.after_offset > info.head_offset
+            and (not req.epoch or req.epoch == info.epoch)
+        ):
+            await self.error(
+                request_id,
+                "INVALID_ARGUMENT",
+                f"{where}.after_offset {req.after_offset} is ahead of this tenant's history head "
+                f"{info.head_offset} (offsets are per tenant; was it taken from another tenant?)",
+                f"{where}.after_offset",
+            )
+            return
+        # Attach first so no live entry slips between the history read and the feed.
+        sub = Subscription(req.channel, tenant, live_from=0, epoch=info.epoch, replaying=True)
+        self.subs[req.channel] = sub
+        sub.live_from = await self.feeds.attach(tenant, self)
+        await self._put(OutSubscribed(request_id, req.channel, info.epoch, info.head_offset))
+        if req.resume:
+            await self._replay(request_id, sub, req)
+        self._finish_replay(sub)
+
+    async def _replay(self, request_id: int, sub: Subscription, req: ChannelRequest) -> None:
+        info = await self.history.info(sub.tenant)
+        after = req.after_offset
+        if req.epoch and info.epoch and req.epoch != info.epoch:
+            after = 0
+            first = info.first_offset or info.head_offset + 1
+            await self._put(
+                OutGap(request_id, sub.channel, info.epoch, req.after_offset, req.epoch, first,
+                       "history epoch changed: the history was lost or reset")
+            )  # fmt: skip
+        elif info.first_offset and after + 1 < info.first_offset:
+            await self._put(
+                OutGap(request_id, sub.channel, info.epoch, req.after_offset, req.epoch,
+                       info.first_offset, "history trimmed: it no longer reaches back that far")
+            )  # fmt: skip
+        cursor = after
+        while cursor < sub.live_from and self.dropped is None:
+            chunk = await self.history.read_after(sub.tenant, cursor, REPLAY_CHUNK)
+            if not chunk:
+                break
+            for entry in chunk:
+                if entry.offset > sub.live_from:
+                    break
+                if matches(sub.channel, entry.channel):
+                    await self._put(OutEvent(sub.channel, info.epoch or sub.epoch, entry))
+            cursor = chunk[-1].offset
+
+    def _finish_replay(self, sub: Subscription) -> None:
+        """Move live entries that arrived during the replay to the queue, then go live."""
+        backlog, sub.backlog, sub.replaying = sub.backlog, [], False
+        for entry in backlog:
+            if self.dropped is not None:
+                return
+            if self.queue.qsize() >= self.buffer * 2:
+                self.drop_slow()
+                return
+            self.queue.put_nowait(OutEvent(sub.channel, sub.epoch, entry))
+
+    async def unsubscribe(self, request_id: int, channels: list[str]) -> None:
+        if not channels:
+            await self.error(
+                request_id, "INVALID_ARGUMENT", "unsubscribe.channels is empty", "channels"
+            )
+            return
+        for channel in channels:
+            sub = self.subs.pop(channel, None)
+            if sub is None:
+                await self.error(
+                    request_id, "NOT_FOUND", f"not subscribed to {channel[:64]!r}", "channels"
+                )
+                continue
+            if not any(s.tenant == sub.tenant for s in self.subs.values()):
+                self.feeds.detach(sub.tenant, self)
+            await self._put(OutUnsubscribed(request_id, channel))
+
+    def close(self) -> None:
+        for tenant in {s.tenant for s in self.subs.values()}:
+            self.feeds.detach(tenant, self)
+        self.subs.clear()
+        if self.dropped is None:
+            self.dropped = Dropped("CANCELLED", "session closed")
+        self._room.set()

@@ -1,0 +1,103 @@
+"""Fixtures for Signalman: an in-process embedded replica, clients, and event helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from api_realtime.server import SignalmanApp
+from pkg.clients.signalman import SignalmanClient
+from pkg.common.auth import parse_tokens
+from signalman.config import SignalmanConfig
+
+TOKENS = ",".join(
+    [
+        "ta=alice@acme:reader",
+        "ta2=alice2@acme:reader",
+        "tb=bob@globex:reader",
+        "tpa=pub@acme:publisher",
+        "tpb=pub@globex:publisher",
+        "tsys=ops@system:system|publisher",
+        "tnotenant=svc:reader",
+    ]
+)
+TOKEN_ENV = {"PLATFORM_TOKENS": TOKENS}
+
+
+def event(tenant: str, etype: str = "stream.started", **data: Any) -> dict[str, Any]:
+    """An event envelope object (without the envelope version)."""
+    return {
+        "id": uuid.uuid4().hex,
+        "type": etype,
+        "tenant": tenant,
+        "time": time.time(),
+        "schema_version": 1,
+        "source": "test",
+        "data": data,
+    }
+
+
+def event_json(tenant: str, etype: str = "stream.started", **data: Any) -> str:
+    return json.dumps(event(tenant, etype, **data))
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, interval: float = 0.05
+) -> None:
+    """Poll ``predicate`` until true (bounded): no fixed sleeps in tests."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def embedded_config(**overrides: Any) -> SignalmanConfig:
+    base: dict[str, Any] = {
+        "grpc_port": 0,
+        "subscriber_buffer": 50,
+        "max_connections_per_tenant": 3,
+        "history_maxlen": 1_000,
+        "duties_interval_s": 3600.0,
+    }
+    base.update(overrides)
+    return SignalmanConfig(**base)
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[SignalmanApp]:
+    """An embedded Signalman (memory history, events via Publish) on a free port."""
+    replica = SignalmanApp(embedded_config(), tokens=parse_tokens(TOKENS), serve_http=False)
+    await replica.start()
+    try:
+        yield replica
+    finally:
+        await replica.stop()
+
+
+@pytest.fixture
+async def connect(app: SignalmanApp) -> AsyncIterator[Callable[[str], SignalmanClient]]:
+    """Make clients of ``app`` with a given token; all are closed after the test."""
+    made: list[SignalmanClient] = []
+
+    def make(token: str) -> SignalmanClient:
+        client = SignalmanClient(f"127.0.0.1:{app.port}", token=token)
+        made.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in made:
+            await client.close()

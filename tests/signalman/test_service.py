@@ -1,0 +1,321 @@
+"""Signalman's wire API on an embedded replica: tenancy, channels, resume, gaps, backpressure,
+bad input. (Kafka, Redis and replicas are covered by the integration tests.)"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from api_realtime.server import SignalmanApp
+from pkg.clients.grpc_aio import aio_channel
+from pkg.clients.signalman import Gap, SignalmanClient, SubscriptionError
+from pkg.proto.signalman.v1 import signalman_pb2 as pb
+from tests.signalman.conftest import event_json, wait_until
+
+SUBSCRIBE = "/signalman.v1.Signalman/Subscribe"
+
+Connect = Callable[[str], SignalmanClient]
+
+
+class RawStream:
+    """A Subscribe call driven message by message (bytes in, ServerMessage out)."""
+
+    def __init__(self, client: SignalmanClient, channel: grpc.aio.Channel | None = None) -> None:
+        self._out: asyncio.Queue[bytes | None] = asyncio.Queue()
+        method = (channel or client.channel()).stream_stream(
+            SUBSCRIBE, request_serializer=None, response_deserializer=pb.ServerMessage.FromString
+        )
+        self.call: Any = method(self._requests())
+
+    async def _requests(self) -> AsyncIterator[bytes]:
+        while (item := await self._out.get()) is not None:
+            yield item
+
+    async def send(self, msg: pb.ClientMessage | bytes) -> None:
+        await self._out.put(msg if isinstance(msg, bytes) else msg.SerializeToString())
+
+    async def recv(self, timeout: float = 10.0) -> pb.ServerMessage:
+        msg = await asyncio.wait_for(self.call.read(), timeout)
+        assert msg is not grpc.aio.EOF, "stream ended"
+        return msg  # type: ignore[no-any-return]
+
+    async def status(self, timeout: float = 10.0) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            while True:
+                msg = await asyncio.wait_for(self.call.read(), timeout)
+                if msg is grpc.aio.EOF:
+                    await self.call
+                    break
+        return info.value.code()  # type: ignore[no-any-return]
+
+
+def subscribe_msg(*channels: str, request_id: int = 1, **resume: Any) -> pb.ClientMessage:
+    subs = [pb.ChannelSubscription(channel=c, **resume) for c in channels]
+    return pb.ClientMessage(request_id=request_id, subscribe=pb.SubscribeRequest(channels=subs))
+
+
+async def publish(connect: Connect, token: str, *events: str) -> list[int]:
+    return await connect(token).publish(list(events))
+
+
+async def test_tenant_never_sees_another_tenants_events(connect: Connect) -> None:
+    async with connect("ta").subscribe(["all"]) as acme, connect("tb").subscribe(["all"]) as glob:
+        await acme.wait_subscribed()
+        await glob.wait_subscribed()
+        await publish(connect, "tpb", event_json("globex", "stream.started", n=1))
+        await publish(connect, "tpa", event_json("acme", "stream.started", n=2))
+        got = await acme.get(5)
+        assert isinstance(got, pb.Event) and got.tenant == "acme"
+        other = await glob.get(5)
+        assert isinstance(other, pb.Event) and other.tenant == "globex"
+        with pytest.raises(TimeoutError):
+            await acme.get(0.3)
+
+
+async def test_events_arrive_in_order_per_tenant(connect: Connect) -> None:
+    async with connect("ta").subscribe(["streams"]) as sub:
+        await sub.wait_subscribed()
+        for i in range(60):
+            await publish(connect, "tpa", event_json("acme", "stream.started", seq=i))
+        seqs, offsets = [], []
+        for _ in range(60):
+            item = await sub.get(5)
+            assert isinstance(item, pb.Event)
+            seqs.append(json.loads(item.data_json)["seq"])
+            offsets.append(item.offset)
+        assert seqs == list(range(60))
+        assert offsets == sorted(offsets) and len(set(offsets)) == 60
+
+
+async def test_channels_filter_events_by_type(connect: Connect) -> None:
+    async with connect("ta").subscribe(["routing"]) as sub:
+        await sub.wait_subscribed()
+        await publish(
+            connect,
+            "tpa",
+            event_json("acme", "stream.started"),
+            event_json("acme", "routing.decision"),
+        )
+        item = await sub.get(5)
+        assert isinstance(item, pb.Event) and item.type == "routing.decision"
+        assert item.channel == "routing"
+
+
+async def test_system_channel_requires_system_role(connect: Connect) -> None:
+    with pytest.raises(SubscriptionError) as info:
+        async with connect("ta").subscribe(["system"]) as sub:
+            await sub.get(5)
+    assert info.value.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
+    async with connect("tsys").subscribe(["system"]) as sys_sub:
+        await sys_sub.wait_subscribed()
+        await publish(connect, "tsys", event_json("system", "node.registered", node="n1"))
+        item = await sys_sub.get(5)
+        assert isinstance(item, pb.Event) and item.type == "node.registered"
+
+
+async def test_secrets_are_redacted_before_delivery(connect: Connect) -> None:
+    async with connect("ta").subscribe(["routing"]) as sub:
+        await sub.wait_subscribed()
+        await publish(
+            connect, "tpa",
+            event_json("acme", "routing.decision", viewer_ip="203.0.113.77", api_token="s3cr3t"),
+        )  # fmt: skip
+        item = await sub.get(5)
+        assert isinstance(item, pb.Event)
+        data = json.loads(item.data_json)
+        assert data["api_token"] == "[redacted]"
+        assert data["viewer_ip"] == "203.0.113.0/24"
+
+
+async def test_resume_delivers_missed_events_without_duplicates(connect: Connect) -> None:
+    async with connect("ta").subscribe(["streams"]) as sub:
+        await sub.wait_subscribed()
+        await publish(connect, "tpa", *[event_json("acme", seq=i) for i in range(3)])
+        seen = [await sub.get(5) for _ in range(3)]
+    last = seen[-1]
+    assert isinstance(last, pb.Event)
+    await publish(connect, "tpa", *[event_json("acme", seq=i) for i in range(3, 8)])
+    resume = {"streams": (last.epoch, last.offset)}
+    async with connect("ta").subscribe(["streams"], resume_from=resume) as again:
+        items = [await again.get(5) for _ in range(5)]
+        assert [json.loads(i.data_json)["seq"] for i in items if isinstance(i, pb.Event)] == [
+            3, 4, 5, 6, 7,
+        ]  # fmt: skip
+        await publish(connect, "tpa", event_json("acme", seq=8))
+        live = await again.get(5)
+        assert isinstance(live, pb.Event) and json.loads(live.data_json)["seq"] == 8
+        with pytest.raises(TimeoutError):
+            await again.get(0.3)
+        assert again.stats.duplicates_skipped == 0
+
+
+async def test_history_gap_when_epoch_changed(app: SignalmanApp, connect: Connect) -> None:
+    await publish(connect, "tpa", *[event_json("acme", seq=i) for i in range(3)])
+    old_epoch = (await app.history.info("acme")).epoch
+    app.history.lose_everything()  # type: ignore[attr-defined]
+    await publish(connect, "tpa", event_json("acme", seq=100))
+    async with connect("ta").subscribe(["streams"], resume_from={"streams": (old_epoch, 2)}) as s:
+        gap = await s.get(5)
+        assert isinstance(gap, Gap) and gap.epoch != old_epoch and "epoch" in gap.reason
+        item = await s.get(5)
+        assert isinstance(item, pb.Event) and json.loads(item.data_json)["seq"] == 100
+
+
+async def test_history_gap_when_trimmed(app: SignalmanApp, connect: Connect) -> None:
+    await publish(connect, "tpa", *[event_json("acme", seq=i) for i in range(10)])
+    info = await app.history.info("acme")
+    await app.history.trim("acme", max_len=4, min_time=0)
+    async with connect("ta").subscribe(["streams"], resume_from={"streams": (info.epoch, 1)}) as s:
+        gap = await s.get(5)
+        assert isinstance(gap, Gap) and gap.resumed_from == 7 and "trimmed" in gap.reason
+        items = [await s.get(5) for _ in range(4)]
+        assert [i.offset for i in items if isinstance(i, pb.Event)] == [7, 8, 9, 10]
+
+
+async def test_offset_ahead_of_history_is_rejected(connect: Connect) -> None:
+    await publish(connect, "tpa", event_json("acme"))
+    raw = RawStream(connect("ta"))
+    await raw.send(subscribe_msg("streams", resume=True, after_offset=999_999))
+    msg = await raw.recv()
+    assert msg.WhichOneof("kind") == "error"
+    assert msg.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "after_offset" in msg.error.field and "ahead" in msg.error.message
+    raw.call.cancel()
+
+
+async def test_unknown_channel_gets_invalid_argument(connect: Connect) -> None:
+    raw = RawStream(connect("ta"))
+    await raw.send(subscribe_msg("weather", request_id=7))
+    msg = await raw.recv()
+    assert msg.request_id == 7 and msg.WhichOneof("kind") == "error"
+    assert msg.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "weather" in msg.error.message and msg.error.field == "channels[0].channel"
+    # The stream stays usable after a bad request.
+    await raw.send(pb.ClientMessage(request_id=8, ping=pb.Ping(nonce=42)))
+    pong = await raw.recv()
+    assert pong.WhichOneof("kind") == "pong" and pong.pong.nonce == 42 and pong.request_id == 8
+    raw.call.cancel()
+
+
+async def test_empty_client_message_gets_invalid_argument(connect: Connect) -> None:
+    raw = RawStream(connect("ta"))
+    await raw.send(pb.ClientMessage(request_id=3))
+    msg = await raw.recv()
+    assert msg.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and msg.error.field == "kind"
+    raw.call.cancel()
+
+
+async def test_garbled_client_message_ends_stream_with_invalid_argument(connect: Connect) -> None:
+    raw = RawStream(connect("ta"))
+    await raw.send(b"\xff\xff\xff\xff garbage")
+    assert await raw.status() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_oversized_client_message_is_refused(connect: Connect) -> None:
+    raw = RawStream(connect("ta"))
+    huge = pb.ClientMessage(
+        request_id=1,
+        subscribe=pb.SubscribeRequest(channels=[pb.ChannelSubscription(channel="x" * 200_000)]),
+    )
+    await raw.send(huge)
+    assert await raw.status() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_subscribe_without_token_is_unauthenticated(connect: Connect) -> None:
+    raw = RawStream(connect(""))
+    await raw.send(subscribe_msg("streams"))
+    assert await raw.status() == grpc.StatusCode.UNAUTHENTICATED
+    bad = RawStream(connect("not-a-token"))
+    await bad.send(subscribe_msg("streams"))
+    assert await bad.status() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_token_without_tenant_is_refused(connect: Connect) -> None:
+    raw = RawStream(connect("tnotenant"))
+    await raw.send(subscribe_msg("streams"))
+    assert await raw.status() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_per_tenant_connection_cap(app: SignalmanApp, connect: Connect) -> None:
+    streams = []
+    for _ in range(app.cfg.max_connections_per_tenant):
+        raw = RawStream(connect("ta"))
+        await raw.send(subscribe_msg("streams"))
+        assert (await raw.recv()).WhichOneof("kind") == "subscribed"
+        streams.append(raw)
+    over = RawStream(connect("ta2"))  # another principal of the same tenant
+    await over.send(subscribe_msg("streams"))
+    assert await over.status() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    other_tenant = RawStream(connect("tb"))  # other tenants are not affected
+    await other_tenant.send(subscribe_msg("streams"))
+    assert (await other_tenant.recv()).WhichOneof("kind") == "subscribed"
+    for raw in [*streams, other_tenant]:
+        raw.call.cancel()
+
+
+async def test_slow_subscriber_is_dropped_others_keep_receiving(
+    app: SignalmanApp, connect: Connect
+) -> None:
+    # A client that never reads, with HTTP/2 windows that do not grow (no BDP probing), so the
+    # server's writes to it block after 64 KiB, as over a slow mobile link.
+    tight = aio_channel(f"127.0.0.1:{app.port}", token="ta", options=[("grpc.http2.bdp_probe", 0)])
+    slow = RawStream(connect("ta"), tight)
+    await slow.send(subscribe_msg("streams"))
+    assert (await slow.recv()).WhichOneof("kind") == "subscribed"
+    async with connect("ta2").subscribe(["streams"]) as fast:
+        await fast.wait_subscribed()
+        total = app.cfg.subscriber_buffer * 10  # far more than the buffer + a 64 KiB window
+        payload = "x" * 2_000
+        received = 0
+        for i in range(0, total, 20):
+            await publish(connect, "tpa", *[event_json("acme", seq=i + j, pad=payload)
+                                             for j in range(20)])  # fmt: skip
+            while True:  # the fast subscriber keeps up the whole time
+                try:
+                    await fast.get(0.001 if received >= i else 5)
+                    received += 1
+                except TimeoutError:
+                    break
+        while received < total:
+            await fast.get(5)
+            received += 1
+        assert fast.stats.reconnects == 0
+    # The slow one (never reading) was cut off with a clear status.
+    await wait_until(lambda: app.hub.dropped_total >= 1)
+    code = await slow.status()
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too slow" in (await slow.call.details() or "")
+    await tight.close(None)
+
+
+async def test_publish_rejects_bad_events_with_the_field(connect: Connect) -> None:
+    client = connect("tpa")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.publish(["{not json"])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.publish([json.dumps({"type": "stream.started", "id": "x"})])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tenant" in (info.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.publish([event_json("globex")])
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await connect("ta").publish([event_json("acme")])
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_stats_report_subscribers_and_processing(connect: Connect) -> None:
+    async with connect("ta").subscribe(["streams"]) as sub:
+        await sub.wait_subscribed()
+        await publish(connect, "tpa", event_json("acme"))
+        await sub.get(5)
+        stats = await connect("ta").stats()
+        assert stats.mode == "embedded" and stats.subscribers == 1
+        assert stats.subscribers_of_tenant == 1 and stats.events_appended >= 1
