@@ -7,16 +7,15 @@
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 
+from pkg.clients import BreakerPolicy, Policy
+from pkg.clients.http import HttpClient
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.devstack.servers import CommandProcess, ServerProcess
 
@@ -76,20 +75,24 @@ class Managed:
         return self.proc.pid if self.proc.running else None
 
 
+_HEALTH_CLIENT: HttpClient | None = None
+
+
 def fetch_health(url: str, timeout: float = 0.5) -> dict[str, Any]:
-    """GET a service's /health JSON (plain urllib: the dev tool is not a platform client)."""
+    """GET a service's /health JSON through pkg.clients (one attempt: a probe must not retry)."""
+    global _HEALTH_CLIENT
+    if _HEALTH_CLIENT is None:
+        policy = Policy.no_retries(timeout=timeout)
+        _HEALTH_CLIENT = HttpClient(policy=replace(policy, breaker=BreakerPolicy(enabled=False)))
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
-            body = json.loads(resp.read().decode() or "{}")
-            return body if isinstance(body, dict) else {"status": "unknown"}
-    except urllib.error.HTTPError as exc:
-        try:
-            body = json.loads(exc.read().decode() or "{}")
-            return body if isinstance(body, dict) else {"status": f"http {exc.code}"}
-        except ValueError:
-            return {"status": f"http {exc.code}"}
-    except (OSError, ValueError):
+        response = _HEALTH_CLIENT.get(url, timeout=timeout)
+    except Exception:  # connection refused, timeout: the process is not answering
         return {"status": "unreachable"}
+    try:
+        body = response.json()
+    except ValueError:
+        return {"status": f"http {response.status_code}"}
+    return body if isinstance(body, dict) else {"status": f"http {response.status_code}"}
 
 
 class Supervisor:

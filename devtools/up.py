@@ -1,0 +1,236 @@
+"""./dev up: the whole platform on 127.0.0.1 with a live status view, until Ctrl-C.
+
+HA mode (default): Redis, PostgreSQL and the Kafka-compatible broker (tansu), two replicas each of
+Foghorn, Bridge and Signalman, and a simulated edge fleet. ``--single``: one instance of each
+service on in-memory state, no servers at all. External servers can be given by URL instead of
+started here. Everything started is stopped on exit (by pid), nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from devtools.supervisor import Managed, RestartPolicy, Supervisor
+from pkg.devstack import install
+from pkg.devstack.servers import (
+    CommandProcess,
+    KafkaBroker,
+    PostgresServer,
+    RedisServer,
+    free_port,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+DEV_TOKEN = "dev-admin-token"
+EVENTS_TOPIC = "platform.events"
+EVENTS_PARTITIONS = 6
+
+
+@dataclass
+class Backends:
+    redis_url: str | None = None
+    kafka_bootstrap: str | None = None
+    postgres_dsn: str | None = None
+
+
+@dataclass
+class Stack:
+    """What ./dev up started: the supervisor plus the addresses a person needs."""
+
+    sup: Supervisor
+    run_dir: Path
+    backends: Backends
+    endpoints: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _service_available(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    """Create the events topic (idempotent) with the partition count Signalman scales on."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.errors import TopicAlreadyExistsError
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(topic, partitions, 1)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        await admin.close()
+
+
+ServiceBuilder = Callable[[Stack, argparse.Namespace], None]
+SERVICE_BUILDERS: list[ServiceBuilder] = []
+
+
+def service_builder(fn: ServiceBuilder) -> ServiceBuilder:
+    SERVICE_BUILDERS.append(fn)
+    return fn
+
+
+def add_process(
+    stack: Stack,
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    health_url: str | None = None,
+    ready_port: int | None = None,
+) -> Managed:
+    proc = CommandProcess(
+        name,
+        command,
+        run_dir=stack.run_dir / name,
+        port=port,
+        env={"PLATFORM_TOKENS": f"{DEV_TOKEN}=dev@system:admin|system", **env},
+        ready_port=ready_port,
+        ready_timeout=60,
+    )
+    return stack.sup.add(Managed(name, proc, health_url=health_url, policy=RestartPolicy()))
+
+
+def start_servers(stack: Stack, args: argparse.Namespace) -> None:
+    b = stack.backends
+    if args.single:
+        return
+    if not b.redis_url:
+        redis = RedisServer(run_dir=stack.run_dir / "redis")
+        stack.sup.add(Managed("redis", redis, kind="server"))
+        b.redis_url = redis.url
+    if not b.postgres_dsn:
+        pg = PostgresServer(run_dir=stack.run_dir / "postgres")
+        stack.sup.add(Managed("postgres", pg, kind="server"))
+        b.postgres_dsn = pg.dsn
+    if not b.kafka_bootstrap:
+        broker = KafkaBroker(run_dir=stack.run_dir / "tansu")
+        stack.sup.add(Managed("tansu", broker, kind="server"))
+        b.kafka_bootstrap = broker.bootstrap
+    asyncio.run(create_topic(b.kafka_bootstrap, EVENTS_TOPIC, EVENTS_PARTITIONS))
+
+
+def _cell(value: Any, width: int) -> str:
+    text = "" if value is None else str(value)
+    return text[:width].ljust(width)
+
+
+def _figures(health: dict[str, Any]) -> str:
+    figures = health.get("figures") or {}
+    if not isinstance(figures, dict):
+        return ""
+    parts = []
+    for key, value in figures.items():
+        shown = f"{value:.2f}" if isinstance(value, float) else value
+        parts.append(f"{key}={shown}")
+    return " ".join(parts)
+
+
+def render(stack: Stack) -> str:
+    lines = [
+        f"platform up  run dir: {stack.run_dir}   {time.strftime('%H:%M:%S')}   Ctrl-C stops all",
+        "",
+        f"{'process':18} {'state':9} {'pid':>7} {'restarts':>8}  {'health':10} key figures",
+    ]
+    for item in stack.sup.items:
+        health = item.health.get("status", "-") if item.health_url else "-"
+        lines.append(
+            f"{_cell(item.name, 18)} {_cell(item.state, 9)} {item.pid or '-':>7} "
+            f"{item.restarts:>8}  {_cell(health, 10)} {_figures(item.health)}"
+        )
+    lines.append("")
+    for name, urls in stack.endpoints.items():
+        lines.append(f"{name:18} {' '.join(urls)}")
+    lines.extend(stack.notes)
+    if stack.sup.events:
+        lines.append("")
+        lines.append("recent events:")
+        lines.extend("  " + e for e in stack.sup.events[-6:])
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="./dev up", description=__doc__)
+    parser.add_argument("--single", action="store_true", help="one instance each, in memory")
+    parser.add_argument("--nodes", type=int, default=50, help="simulated edge nodes")
+    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    parser.add_argument("--kafka-bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
+    parser.add_argument("--postgres-dsn", default=os.environ.get("POSTGRES_DSN"))
+    parser.add_argument("--run-dir", type=Path, default=None)
+    parser.add_argument("--duration", type=float, default=0, help="stop after N s (0: Ctrl-C)")
+    parser.add_argument("--plain", action="store_true", help="print status lines, no redraw")
+    args = parser.parse_args(argv)
+
+    run_dir = args.run_dir or ROOT / ".run" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not args.single:
+        install.ensure_all()
+    stack = Stack(
+        sup=Supervisor(),
+        run_dir=run_dir,
+        backends=Backends(args.redis_url, args.kafka_bootstrap, args.postgres_dsn),
+    )
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    try:
+        start_servers(stack, args)
+        for build in SERVICE_BUILDERS:
+            if stopping:
+                break
+            build(stack, args)
+        stack.notes.append(f"admin token: {DEV_TOKEN}")
+        tty = sys.stdout.isatty() and not args.plain
+        last_plain = 0.0
+        while not stopping:
+            stack.sup.tick()
+            now = time.monotonic()
+            if tty:
+                sys.stdout.write("\x1b[H\x1b[2J" + render(stack) + "\n")
+                sys.stdout.flush()
+            elif now - last_plain >= 10:
+                print(render(stack), flush=True)
+                last_plain = now
+            if args.duration and now - started >= args.duration:
+                break
+            time.sleep(1.0)
+    finally:
+        print("\nstopping everything ./dev up started...", flush=True)
+        stack.sup.stop_all()
+        for item in stack.sup.items:
+            item.proc.cleanup()
+        print("stopped.", flush=True)
+    return 0
+
+
+# Service builders (registered in start order). Each adds its replicas when the service exists.
+def _ports(n: int) -> list[int]:
+    return [free_port() for _ in range(n)]
+
+
+__all__ = ["SERVICE_BUILDERS", "Stack", "main", "render", "service_builder"]
+_ = shutil  # kept for builders that copy config files
