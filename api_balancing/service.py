@@ -124,8 +124,8 @@ class NodeControlService(pb_grpc.NodeControlServicer):
             raise
         except errors.FoghornError as exc:
             outbox.put_nowait(Closed(exc.code, exc.message))
-        except grpc.RpcError:
-            outbox.put_nowait(_END)  # the stream broke under us: nothing more to say
+        except (grpc.RpcError, grpc.aio.BaseError):
+            outbox.put_nowait(_END)  # the stream broke or was aborted: nothing more to say
         except Exception:
             log.exception("control stream failed")
             outbox.put_nowait(Closed("INTERNAL", "internal error on the control stream"))

@@ -1,0 +1,11 @@
+"""Foghorn HA: several replicas sharing state through Redis (RFC: docs/rfcs/foghorn-ha.md).
+
+- ``keys``: the Redis key schema (one hash tag per cluster).
+- ``merge``: pure merge rules for records coming from other replicas.
+- ``health``: degraded-mode tracking (reason, since when) for /health.
+- ``sync``: the changelog reader loop and tail-first rehydration.
+- ``ownership``: fenced ownership of node control streams.
+- ``leader``: the leader lease that guards the stale-node reaper.
+- ``relay``: admin commands forwarded to the replica owning the node's stream.
+- ``runtime``: wires the above together for the server when ``FOGHORN_REDIS_URL`` is set.
+"""

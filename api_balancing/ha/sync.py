@@ -1,0 +1,151 @@
+"""The sync loop: apply other replicas' changes from the changelog; re-converge after a gap.
+
+Normal operation is one blocking ``XREAD`` after the cursor (with the gap check pipelined
+behind it), applying each entry newer than the entity's watermark. A gap (log trimmed past the
+cursor, stream lost, connection lost) or a failed write triggers tail-first rehydration:
+
+1. take the changelog tail position (before anything else);
+2. scan every node hash and merge each record that is newer than the local copy;
+3. drop local records Redis no longer has (deleted while we were not reading), unless they
+   are our own unpublished writes or Redis itself lost its data (new ``run_id``);
+4. re-publish writes accepted while degraded (and, after a data loss, every record this
+   replica owns), then resume reading *from the tail of step 1*: whatever was written during
+   the scan is replayed, and watermarks make the replay idempotent.
+
+Redis errors mark the store degraded and back off; the loop never exits on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING
+
+import structlog
+
+from api_balancing.store import redis_codec
+from pkg.clients.backoff import Backoff
+from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.coord import Changelog, GapDetected
+
+if TYPE_CHECKING:
+    from api_balancing.store.redis_store import RedisNodeStore
+
+log = structlog.get_logger("foghorn.ha.sync")
+
+SCAN_BATCH = 500
+
+
+class SyncLoop:
+    """Keeps one ``RedisNodeStore`` converged with the cluster."""
+
+    def __init__(self, store: RedisNodeStore, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        from api_balancing.store.redis_store import REDIS_ERRORS
+
+        self._errors = REDIS_ERRORS
+        self.store = store
+        settings = store.settings
+        self.changelog = Changelog(
+            store.redis_reader, store.keys.changelog, settings.changelog_maxlen, settings.exact_trim
+        )
+        self.reader = self.changelog.reader(skip_origin=settings.replica_id)
+        self._clock = clock
+        self._backoff = Backoff(base=0.05, cap=2.0, clock=clock)
+        self._run_id: str | None = None
+        self.rehydrations = 0
+        self.last_gap = ""
+        self.last_rehydrate_s = 0.0
+
+    async def run(self) -> None:
+        pending: str | None = "startup"
+        while True:
+            try:
+                if pending is not None:
+                    await self.rehydrate(pending)
+                    pending = None
+                    self._backoff.reset()
+                entries = await self.reader.read(self.store.settings.read_block_ms, count=1000)
+                for entry in entries:
+                    self.store.apply_entry(entry)
+                if not self.store.health.ok:
+                    # Reads work but a write failed: re-converge and re-publish.
+                    pending = self.store.health.status.reason
+            except GapDetected as gap:
+                log.warning("changelog gap: re-converging", reason=gap.reason)
+                self.last_gap = gap.reason
+                pending = gap.reason
+            except asyncio.CancelledError:
+                raise
+            except self._errors as exc:
+                self.store.health.degrade(f"redis unreachable: {type(exc).__name__}: {exc}")
+                pending = "reconnected after an outage"
+                await self._backoff.wait()
+            except Exception:
+                log.exception("sync loop error")
+                pending = "unexpected sync error"
+                await self._backoff.wait()
+
+    async def rehydrate(self, reason: str) -> None:
+        """Tail-first rehydration (see the module docstring), then back to healthy."""
+        started = time.perf_counter()
+        store = self.store
+        info = await store.redis.info("server")
+        run_id = str(info.get("run_id", ""))
+        data_lost = self._run_id is not None and run_id != self._run_id
+        self._run_id = run_id
+        tail = await self.changelog.tail()
+        seen: set[str] = set()
+        applied = 0
+        keys = store.keys
+        batch: list[str] = []
+        async for key in store.redis.scan_iter(match=keys.node_pattern, count=SCAN_BATCH):
+            batch.append(key)
+            if len(batch) >= SCAN_BATCH:
+                applied += await self._merge_batch(batch, seen)
+                batch = []
+        if batch:
+            applied += await self._merge_batch(batch, seen)
+        dropped = 0
+        for node_id in store.local_ids() - seen:
+            if data_lost:
+                continue  # the owner re-publishes it; staleness covers a dead owner
+            if not store.is_dirty(node_id):
+                store.forget_unconfirmed(node_id)
+                dropped += 1
+        if data_lost:
+            store.mark_owned_dirty()
+        republished = await store.republish()
+        self.reader.reset(tail)
+        self.rehydrations += 1
+        self.last_rehydrate_s = time.perf_counter() - started
+        store.health.recover()
+        store.mark_synced()
+        log.info(
+            "rehydrated from Redis",
+            reason=reason,
+            records=len(seen),
+            applied=applied,
+            dropped=dropped,
+            republished=republished,
+            redis_data_lost=data_lost,
+            seconds=round(self.last_rehydrate_s, 4),
+        )
+
+    async def _merge_batch(self, keys: list[str], seen: set[str]) -> int:
+        pipe = self.store.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, "rec")
+        applied = 0
+        for key, raw in zip(keys, await pipe.execute(), strict=True):
+            if raw is None:
+                continue  # deleted between SCAN and HGET
+            try:
+                record = redis_codec.decode(raw)
+            except ValueError:
+                self.store.counters.remote_malformed += 1
+                log.warning("malformed node record in Redis skipped", key=key)
+                continue
+            seen.add(record.node_id)
+            if self.store.apply_remote(record):
+                applied += 1
+        return applied

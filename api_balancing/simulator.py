@@ -1,0 +1,366 @@
+"""``edge-sim``: a fleet of simulated edge nodes that hold control streams to Foghorn.
+
+    edge-sim --foghorn 127.0.0.1:18008,127.0.0.1:18018 --nodes 50 --token secret
+
+Nodes sit in cities around the world, carry a changing set of streams with changing viewer
+counts (CPU, RAM and upload follow the viewers), report every few seconds and obey commands:
+draining sheds viewers a bit every tick, maintenance drops them all, ``stop_sessions`` ends a
+stream, ``drain`` sheds down to a target. A broken stream (Foghorn replica killed, restarted)
+reconnects through ``pkg.clients.backoff`` with full jitter, to any of the given replicas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import structlog
+
+from pkg.clients.backoff import Backoff
+from pkg.clients.foghorn import FoghornClient
+from pkg.common.logging import configure_logging
+from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
+
+log = structlog.get_logger("edge-sim")
+
+# (city, region, latitude, longitude)
+CITIES: list[tuple[str, str, float, float]] = [
+    ("amsterdam", "eu-west", 52.37, 4.90),
+    ("frankfurt", "eu-central", 50.11, 8.68),
+    ("london", "eu-west", 51.51, -0.13),
+    ("paris", "eu-west", 48.86, 2.35),
+    ("madrid", "eu-south", 40.42, -3.70),
+    ("milan", "eu-south", 45.46, 9.19),
+    ("stockholm", "eu-north", 59.33, 18.07),
+    ("warsaw", "eu-central", 52.23, 21.01),
+    ("new-york", "us-east", 40.71, -74.01),
+    ("ashburn", "us-east", 39.04, -77.49),
+    ("chicago", "us-central", 41.88, -87.63),
+    ("dallas", "us-central", 32.78, -96.80),
+    ("los-angeles", "us-west", 34.05, -118.24),
+    ("seattle", "us-west", 47.61, -122.33),
+    ("toronto", "ca-east", 43.65, -79.38),
+    ("mexico-city", "latam", 19.43, -99.13),
+    ("sao-paulo", "latam", -23.55, -46.63),
+    ("buenos-aires", "latam", -34.60, -58.38),
+    ("tokyo", "ap-northeast", 35.68, 139.69),
+    ("seoul", "ap-northeast", 37.57, 126.98),
+    ("singapore", "ap-southeast", 1.35, 103.82),
+    ("mumbai", "ap-south", 19.08, 72.88),
+    ("sydney", "ap-southeast", -33.87, 151.21),
+    ("hong-kong", "ap-east", 22.32, 114.17),
+    ("johannesburg", "af-south", -26.20, 28.05),
+    ("lagos", "af-west", 6.52, 3.38),
+    ("cairo", "me-north", 30.04, 31.24),
+    ("dubai", "me-south", 25.20, 55.27),
+]
+TENANTS = ["acme", "globex", "initech", "umbrella", "hooli"]
+PER_VIEWER_BPS = 2_500_000
+
+
+@dataclass
+class SimStream:
+    stream_id: str
+    tenant: str
+    viewers: int
+    inputs: int = 0
+
+
+@dataclass
+class SimNode:
+    """One simulated edge node: identity, load model and command handling."""
+
+    node_id: str
+    city: str
+    region: str
+    lat: float
+    lon: float
+    capacity: int
+    bandwidth_limit_bps: int
+    ram_max: int
+    roles: list[str]
+    capabilities: list[str]
+    base_url: str
+    rng: random.Random
+    catalog: list[tuple[str, str]]
+    streams: dict[str, SimStream] = field(default_factory=dict)
+    mode: int = pb.NODE_MODE_NORMAL
+    drain_target: int | None = None
+    connects: int = 0
+    commands: int = 0
+
+    def register(self) -> pb.Register:
+        return pb.Register(
+            node_id=self.node_id,
+            roles=self.roles,
+            capabilities=self.capabilities,
+            base_url=self.base_url,
+            location=pb.GeoPoint(latitude=self.lat, longitude=self.lon),
+            capacity=self.capacity,
+            region=self.region,
+        )
+
+    @property
+    def viewers(self) -> int:
+        return sum(s.viewers for s in self.streams.values())
+
+    def tick(self) -> None:
+        """Move load one step: streams come and go, viewers random-walk, commands apply."""
+        rng = self.rng
+        if self.mode == pb.NODE_MODE_MAINTENANCE:
+            self.streams.clear()
+            return
+        if self.mode == pb.NODE_MODE_DRAINING or self.drain_target is not None:
+            target = self.drain_target or 0
+            for s in list(self.streams.values()):
+                s.viewers = max(0, int(s.viewers * 0.7))
+                if s.viewers == 0 and not s.inputs:
+                    del self.streams[s.stream_id]
+            if self.drain_target is not None and self.viewers <= target:
+                self.drain_target = None
+            return
+        if rng.random() < 0.3 and len(self.streams) < 40:
+            sid, tenant = rng.choice(self.catalog)
+            if sid not in self.streams:
+                inputs = 1 if "ingest" in self.roles and rng.random() < 0.3 else 0
+                self.streams[sid] = SimStream(sid, tenant, rng.randint(1, 50), inputs)
+        for s in list(self.streams.values()):
+            s.viewers = max(0, s.viewers + rng.randint(-8, 10))
+            if s.viewers == 0 and rng.random() < 0.3:
+                del self.streams[s.stream_id]
+        room = self.capacity - self.viewers
+        if room < 0:  # never report more viewers than capacity
+            for s in self.streams.values():
+                cut = min(s.viewers, -room)
+                s.viewers -= cut
+                room += cut
+
+    def report(self) -> pb.LoadReport:
+        load = self.viewers / max(1, self.capacity)
+        cpu = min(100.0, max(0.0, 8 + 80 * load + self.rng.uniform(-3, 3)))
+        ram_used = int(self.ram_max * min(0.95, 0.15 + 0.6 * load))
+        upload = min(self.bandwidth_limit_bps, self.viewers * PER_VIEWER_BPS)
+        return pb.LoadReport(
+            cpu_percent=round(cpu, 2),
+            ram_used_bytes=ram_used,
+            ram_max_bytes=self.ram_max,
+            upload_bps=upload,
+            download_bps=sum(s.inputs for s in self.streams.values()) * 6_000_000
+            + len(self.streams) * 3_000_000,
+            bandwidth_limit_bps=self.bandwidth_limit_bps,
+            streams=[
+                pb.StreamLoad(
+                    stream_id=s.stream_id,
+                    tenant_id=s.tenant,
+                    viewers=s.viewers,
+                    inputs=s.inputs,
+                    upload_bps=s.viewers * PER_VIEWER_BPS,
+                )
+                for s in self.streams.values()
+            ],
+        )
+
+    def apply(self, command: pb.Command) -> pb.CommandAck:
+        """Obey a command and say what was done."""
+        self.commands += 1
+        action = command.WhichOneof("action")
+        if action == "set_mode":
+            self.mode = command.set_mode.mode
+            name = pb.NodeMode.Name(self.mode).removeprefix("NODE_MODE_").lower()
+            message = f"mode {name}"
+            if self.mode == pb.NODE_MODE_NORMAL:
+                self.drain_target = None
+        elif action == "stop_sessions":
+            stopped = self.streams.pop(command.stop_sessions.stream_id, None)
+            message = f"stopped {stopped.viewers if stopped else 0} sessions"
+        elif action == "drain":
+            self.drain_target = max(0, command.drain.target_viewers)
+            message = f"draining to {self.drain_target} viewers"
+        else:
+            return pb.CommandAck(request_id=command.request_id, ok=False, message="unknown command")
+        return pb.CommandAck(request_id=command.request_id, ok=True, message=message)
+
+
+def build_fleet(count: int, seed: int, streams: int = 200, base_port: int = 20000) -> list[SimNode]:
+    """``count`` nodes spread over the cities (deterministic for a seed)."""
+    rng = random.Random(seed)
+    catalog = [(f"live-{i:04d}", TENANTS[i % len(TENANTS)]) for i in range(max(1, streams))]
+    nodes = []
+    for i in range(count):
+        city, region, lat, lon = CITIES[i % len(CITIES)]
+        ingest = i % 5 == 0
+        caps = ["hls", "dash", "webrtc"] + (["llhls"] if i % 3 == 0 else [])
+        if ingest:
+            caps += ["rtmp", "srt", "whip"]
+        nodes.append(
+            SimNode(
+                node_id=f"edge-{city}-{i:03d}",
+                city=city,
+                region=region,
+                lat=round(max(-90.0, min(90.0, lat + rng.uniform(-0.3, 0.3))), 4),
+                lon=round(max(-180.0, min(180.0, lon + rng.uniform(-0.3, 0.3))), 4),
+                capacity=rng.choice([2000, 3000, 5000]),
+                bandwidth_limit_bps=rng.choice([5, 10, 20]) * 1_000_000_000,
+                ram_max=rng.choice([16, 32, 64]) * 2**30,
+                roles=["edge", "ingest"] if ingest else ["edge"],
+                capabilities=caps,
+                base_url=f"http://127.0.0.1:{base_port + i}",
+                rng=random.Random(seed * 1000 + i),
+                catalog=catalog,
+            )
+        )
+    return nodes
+
+
+class NodeRunner:
+    """Keeps one simulated node connected: register, report on a timer, answer commands."""
+
+    def __init__(
+        self,
+        node: SimNode,
+        client: FoghornClient,
+        interval_s: float,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.node = node
+        self.client = client
+        self.interval_s = interval_s
+        self.backoff = backoff or Backoff(base=0.2, cap=5.0)
+        self.connected = asyncio.Event()
+        self.rejections: list[pb.ReportRejected] = []
+
+    async def run(self) -> None:
+        """Forever: connect, serve the stream until it breaks, back off, reconnect."""
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                log.info("control stream ended", node_id=self.node.node_id, code=str(code))
+            except Exception as exc:
+                log.warning("control stream failed", node_id=self.node.node_id, error=repr(exc))
+            self.connected.clear()
+            await self.backoff.wait()
+
+    async def _session(self) -> None:
+        outbox: asyncio.Queue[pb.NodeMessage] = asyncio.Queue()
+        outbox.put_nowait(pb.NodeMessage(register=self.node.register()))
+
+        async def messages() -> AsyncIterator[pb.NodeMessage]:
+            while True:
+                yield await outbox.get()
+
+        call = self.client.connect(messages())
+        reporter: asyncio.Task[None] | None = None
+        try:
+            async for msg in call:
+                kind = msg.WhichOneof("msg")
+                if kind == "registered":
+                    self.node.connects += 1
+                    self.node.mode = msg.registered.mode or pb.NODE_MODE_NORMAL
+                    self.backoff.reset()
+                    self.connected.set()
+                    outbox.put_nowait(pb.NodeMessage(report=self.node.report()))
+                    if reporter is None:
+                        reporter = asyncio.create_task(self._report_loop(outbox))
+                elif kind == "command":
+                    ack = self.node.apply(msg.command)
+                    outbox.put_nowait(pb.NodeMessage(ack=ack))
+                    # Report at once so Foghorn sees the effect without waiting a tick.
+                    self.node.tick()
+                    outbox.put_nowait(pb.NodeMessage(report=self.node.report()))
+                elif kind == "rejected":
+                    self.rejections.append(msg.rejected)
+                    log.warning(
+                        "report rejected", node_id=self.node.node_id, why=msg.rejected.message
+                    )
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+            call.cancel()
+
+    async def _report_loop(self, outbox: asyncio.Queue[pb.NodeMessage]) -> None:
+        rng = self.node.rng
+        await asyncio.sleep(rng.uniform(0, self.interval_s))  # spread nodes over the interval
+        while True:
+            self.node.tick()
+            outbox.put_nowait(pb.NodeMessage(report=self.node.report()))
+            await asyncio.sleep(self.interval_s * rng.uniform(0.9, 1.1))
+
+
+async def run_fleet(args: argparse.Namespace) -> int:
+    client = FoghornClient(args.foghorn, token=args.token or None)
+    nodes = build_fleet(args.nodes, args.seed, args.streams, args.base_port)
+    runners = [NodeRunner(n, client, args.interval) for n in nodes]
+    tasks = [asyncio.create_task(r.run()) for r in runners]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(
+        f"edge-sim: {len(nodes)} nodes -> {', '.join(client.targets)} "
+        f"(report every {args.interval:g} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    status = asyncio.create_task(_status_loop(runners, args.status_every))
+    await stop.wait()
+    for task in [*tasks, status]:
+        task.cancel()
+    await asyncio.gather(*tasks, status, return_exceptions=True)
+    await client.close()
+    return 0
+
+
+async def _status_loop(runners: list[NodeRunner], every: float) -> None:
+    if every <= 0:
+        return
+    while True:
+        await asyncio.sleep(every)
+        up = sum(1 for r in runners if r.connected.is_set())
+        viewers = sum(r.node.viewers for r in runners)
+        log.info("fleet", connected=up, nodes=len(runners), viewers=viewers)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edge-sim", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--foghorn", required=True, help="host:port[,host:port] of Foghorn replicas"
+    )
+    parser.add_argument("--nodes", type=int, default=50)
+    parser.add_argument("--token", default="", help="bearer token (default $EDGE_SIM_TOKEN)")
+    parser.add_argument("--interval", type=float, default=5.0, help="seconds between reports")
+    parser.add_argument("--streams", type=int, default=200, help="size of the content catalog")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--base-port", type=int, default=20000, help="first node's URL port")
+    parser.add_argument("--status-every", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    if args.nodes < 1 or args.nodes > 100_000:
+        parser.error("--nodes must be in 1..100000")
+    if args.interval <= 0:
+        parser.error("--interval must be positive")
+    if not args.token:
+        import os
+
+        args.token = os.environ.get("EDGE_SIM_TOKEN", "")
+    configure_logging("edge-sim")
+    try:
+        return asyncio.run(run_fleet(args))
+    except ValueError as exc:
+        print(f"edge-sim: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""NodeRecord <-> JSON for the Redis store and the changelog (compact, versioned, strict).
+
+One encoding for both the Redis hash (rehydration source) and changelog entries, so a replica
+applies exactly what the owner stored. ``decode`` raises ``ValueError`` on anything malformed:
+a corrupt entry is skipped and counted by the caller, never applied half-way.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from api_balancing.model import (
+    GeoPoint,
+    LoadReport,
+    NodeIdentity,
+    NodeMode,
+    NodeRecord,
+    StreamLoad,
+)
+
+SCHEMA = 1
+
+
+def _report(report: LoadReport | None) -> list[Any] | None:
+    if report is None:
+        return None
+    return [
+        report.cpu_percent,
+        report.ram_used_bytes,
+        report.ram_max_bytes,
+        report.upload_bps,
+        report.download_bps,
+        report.bandwidth_limit_bps,
+        [[s.stream_id, s.tenant_id, s.viewers, s.inputs, s.upload_bps] for s in report.streams],
+    ]
+
+
+def encode(record: NodeRecord) -> str:
+    """The record as one JSON document."""
+    ident = record.identity
+    loc = ident.location
+    doc = {
+        "s": SCHEMA,
+        "id": ident.node_id,
+        "roles": sorted(ident.roles),
+        "caps": sorted(ident.capabilities),
+        "url": ident.base_url,
+        "geo": [loc.latitude, loc.longitude] if loc else None,
+        "cap": ident.capacity,
+        "region": ident.region,
+        "mode": int(record.mode),
+        "mode_reason": record.mode_reason,
+        "report": _report(record.report),
+        "report_at": record.last_report_at,
+        "connected": record.connected,
+        "connected_at": record.connected_at,
+        "disconnected_at": record.disconnected_at,
+        "owner": record.owner,
+        "fence": record.owner_fence,
+        "acc": record.reports_accepted,
+        "rej": record.reports_rejected,
+        "last_rej": record.last_rejection,
+        "ver": record.version,
+        "extra": record.extra,
+    }
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+def decode(text: str) -> NodeRecord:
+    """Parse a record written by ``encode``; ValueError when it is not one."""
+    try:
+        doc = json.loads(text)
+        if doc.get("s") != SCHEMA:
+            raise ValueError(f"unknown record schema {doc.get('s')!r}")
+        geo = doc["geo"]
+        identity = NodeIdentity(
+            node_id=str(doc["id"]),
+            roles=frozenset(map(str, doc["roles"])),
+            capabilities=frozenset(map(str, doc["caps"])),
+            base_url=str(doc["url"]),
+            location=GeoPoint(float(geo[0]), float(geo[1])) if geo else None,
+            capacity=int(doc["cap"]),
+            region=str(doc["region"]),
+        )
+        raw = doc["report"]
+        report = None
+        if raw is not None:
+            report = LoadReport(
+                cpu_percent=float(raw[0]),
+                ram_used_bytes=int(raw[1]),
+                ram_max_bytes=int(raw[2]),
+                upload_bps=int(raw[3]),
+                download_bps=int(raw[4]),
+                bandwidth_limit_bps=int(raw[5]),
+                streams=tuple(
+                    StreamLoad(str(s[0]), str(s[1]), int(s[2]), int(s[3]), int(s[4]))
+                    for s in raw[6]
+                ),
+            )
+        if not identity.node_id:
+            raise ValueError("record without node id")
+        return NodeRecord(
+            identity=identity,
+            mode=NodeMode(int(doc["mode"])),
+            mode_reason=str(doc["mode_reason"]),
+            report=report,
+            last_report_at=float(doc["report_at"]),
+            connected=bool(doc["connected"]),
+            connected_at=float(doc["connected_at"]),
+            disconnected_at=float(doc["disconnected_at"]),
+            owner=str(doc["owner"]),
+            owner_fence=int(doc["fence"]),
+            reports_accepted=int(doc["acc"]),
+            reports_rejected=int(doc["rej"]),
+            last_rejection=str(doc["last_rej"]),
+            version=int(doc["ver"]),
+            extra={str(k): str(v) for k, v in dict(doc.get("extra") or {}).items()},
+        )
+    except (KeyError, TypeError, IndexError, json.JSONDecodeError) as exc:
+        raise ValueError(f"malformed node record: {exc}") from exc

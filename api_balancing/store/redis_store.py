@@ -1,0 +1,362 @@
+"""The HA store: local memory for reads, write-through to Redis, a changelog for the others.
+
+Every ``put`` is checked against the writer's fence and written by one Lua script that stores
+the record in its Redis hash (the rehydration source) and appends it to the cluster's
+changelog stream in the same atomic step; then the local copy is updated and listeners run.
+Other replicas' changes arrive through ``api_balancing.ha.sync`` (a changelog reader) and are
+applied in order, newer-token-only (``ha.merge``). Reads (``get``/``snapshot``) never touch the
+network.
+
+When Redis is unreachable the store is *degraded*: writes land in memory only and are kept as
+dirty; the sync loop reconnects, re-converges (tail-first rehydration) and re-publishes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import structlog
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from api_balancing.ha import merge
+from api_balancing.ha.health import SyncHealth
+from api_balancing.ha.keys import Keys
+from api_balancing.model import NodeRecord
+from api_balancing.store import redis_codec
+from api_balancing.store.base import StaleWriteError, StoreListener
+from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.coord import Entry, FencedHash, FencedWriteRejected, Watermarks
+from pkg.coord.fencing import Announce
+
+log = structlog.get_logger("foghorn.store.redis")
+
+OwnedFence = Callable[[str], int | None]
+DeleteGuard = Callable[[], tuple[str, str] | None]
+
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+
+@dataclass
+class RedisStoreSettings:
+    """Knobs of the Redis store (filled from FOGHORN_* config by the HA runtime)."""
+
+    replica_id: str
+    cluster: str = "default"
+    changelog_maxlen: int = 10_000
+    exact_trim: bool = False
+    record_ttl_s: float = 3600.0
+    op_timeout_s: float = 2.0
+    read_block_ms: int = 1000
+
+
+@dataclass
+class StoreCounters:
+    writes: int = 0
+    writes_rejected: int = 0
+    writes_deferred: int = 0
+    remote_applied: int = 0
+    remote_stale: int = 0
+    remote_malformed: int = 0
+    republished: int = 0
+
+
+def connect(url: str, op_timeout_s: float, extra_timeout_s: float = 0.0) -> aioredis.Redis:
+    """A client that fails fast (no hidden retries): our own loops decide when to retry."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=op_timeout_s + extra_timeout_s,
+        socket_connect_timeout=op_timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+class RedisNodeStore:
+    """``NodeStore`` shared through Redis; see the module docstring."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        settings: RedisStoreSettings,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        health: SyncHealth | None = None,
+    ) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.cluster)
+        self.redis = connect(redis_url, settings.op_timeout_s)
+        # The changelog reader blocks up to read_block_ms: it gets its own client and timeout.
+        self.redis_reader = connect(
+            redis_url, settings.op_timeout_s, extra_timeout_s=settings.read_block_ms / 1000
+        )
+        self.health = health or SyncHealth(clock)
+        self.counters = StoreCounters()
+        self._clock = clock
+        self._fenced = FencedHash(self.redis)
+        self._records: dict[str, NodeRecord] = {}
+        self._marks: Watermarks[str] = Watermarks()
+        self._max_version: dict[str, int] = {}
+        self._dirty: dict[str, NodeRecord] = {}  # accepted while degraded, not in Redis yet
+        self._dirty_deletes: set[str] = set()
+        self._listeners: list[StoreListener] = []
+        self._owned_fence: OwnedFence = lambda _node_id: None
+        self._delete_guard: DeleteGuard | None = None
+        self._sync: asyncio.Task[None] | None = None
+        self._synced = asyncio.Event()
+
+    # -- wiring by the HA runtime ------------------------------------------------------------
+    def set_ownership_view(self, owned_fence: OwnedFence) -> None:
+        """``owned_fence(node_id)``: the fence this replica holds for the node, or None."""
+        self._owned_fence = owned_fence
+
+    def set_delete_guard(self, guard: DeleteGuard) -> None:
+        """Deletes (evictions) happen only while ``guard()`` gives the leader lease's value."""
+        self._delete_guard = guard
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Rehydrate from Redis (if reachable) and start the sync loop; never fails on Redis."""
+        from api_balancing.ha.sync import SyncLoop  # the loop drives this store
+
+        loop = SyncLoop(self, clock=self._clock)
+        self._sync_loop = loop
+        self._sync = asyncio.create_task(loop.run(), name="foghorn-sync")
+        # Serve as soon as the first rehydration is done, or degraded if Redis is not there.
+        with_timeout = asyncio.wait_for(self._synced.wait(), self.settings.op_timeout_s * 2)
+        try:
+            await with_timeout
+        except TimeoutError:
+            log.warning("starting degraded: Redis not reachable", reason=self.health.status.reason)
+
+    async def close(self) -> None:
+        if self._sync is not None:
+            self._sync.cancel()
+            await asyncio.gather(self._sync, return_exceptions=True)
+            self._sync = None
+        await self.redis.aclose()
+        await self.redis_reader.aclose()
+
+    def healthy(self) -> bool:
+        return self.health.ok
+
+    # -- reads -------------------------------------------------------------------------------
+    def get(self, node_id: str) -> NodeRecord | None:
+        return self._records.get(node_id)
+
+    def snapshot(self) -> list[NodeRecord]:
+        return list(self._records.values())
+
+    def add_listener(self, listener: StoreListener) -> None:
+        self._listeners.append(listener)
+
+    # -- writes ------------------------------------------------------------------------------
+    async def put(self, record: NodeRecord) -> NodeRecord:
+        node_id = record.node_id
+        current = self._records.get(node_id)
+        held = self._owned_fence(node_id)
+        fence = record.owner_fence
+        if held is not None and record.owner == self.settings.replica_id:
+            if current is not None and current.owner_fence > held:
+                self.counters.writes_rejected += 1
+                raise StaleWriteError(
+                    f"node {node_id!r}: owned with fence {held}, "
+                    f"but fence {current.owner_fence} was seen since"
+                )
+            fence = held
+        elif current is not None and fence < current.owner_fence:
+            self.counters.writes_rejected += 1
+            raise StaleWriteError(f"node {node_id!r}: fence {fence} < stored {current.owner_fence}")
+        version = max(self._max_version.get(node_id, 0), current.version if current else 0) + 1
+        stored = dataclasses.replace(record, version=version, owner_fence=fence)
+        if self.health.ok:
+            try:
+                await self._write_through(stored)
+            except FencedWriteRejected as exc:
+                self.counters.writes_rejected += 1
+                raise StaleWriteError(f"node {node_id!r}: {exc}") from None
+            except REDIS_ERRORS as exc:
+                self.health.degrade(f"redis write failed: {type(exc).__name__}: {exc}")
+                self._defer(stored)
+        else:
+            self._defer(stored)
+        self.counters.writes += 1
+        self._apply(stored)
+        return stored
+
+    async def delete(self, node_id: str) -> None:
+        current = self._records.get(node_id)
+        if current is None:
+            return
+        guard = None
+        if self._delete_guard is not None:
+            guard = self._delete_guard()
+            if guard is None:
+                log.info("eviction skipped: not the leader", node_id=node_id)
+                return
+        if self.health.ok:
+            try:
+                await self._fenced.delete(
+                    self.keys.node(node_id),
+                    self.keys.owner(node_id),
+                    expect=("ver", str(current.version)),
+                    guard=guard,
+                    announce=self._announce("del", node_id, current.version),
+                )
+            except FencedWriteRejected as exc:
+                log.info("eviction refused by Redis", node_id=node_id, reason=exc.reason)
+                return
+            except REDIS_ERRORS as exc:
+                self.health.degrade(f"redis delete failed: {type(exc).__name__}: {exc}")
+                self._dirty_deletes.add(node_id)
+        else:
+            self._dirty_deletes.add(node_id)
+        self._dirty.pop(node_id, None)
+        self._drop(node_id, (current.owner_fence, current.version))
+
+    def _defer(self, record: NodeRecord) -> None:
+        self.counters.writes_deferred += 1
+        self._dirty[record.node_id] = record
+        self._dirty_deletes.discard(record.node_id)
+
+    def _announce(self, op: str, node_id: str, version: int, rec: str = "") -> Announce:
+        fields = {"origin": self.settings.replica_id, "op": op, "id": node_id, "ver": str(version)}
+        if rec:
+            fields["rec"] = rec
+        return Announce(
+            stream=self.keys.changelog,
+            maxlen=self.settings.changelog_maxlen,
+            fields=fields,
+            exact_trim=self.settings.exact_trim,
+        )
+
+    async def _write_through(self, record: NodeRecord) -> None:
+        encoded = redis_codec.encode(record)
+        await self._fenced.write(
+            self.keys.node(record.node_id),
+            self.keys.owner(record.node_id),
+            record.owner_fence,
+            {"rec": encoded, "ver": str(record.version)},
+            ttl_ms=int(self.settings.record_ttl_s * 1000),
+            announce=self._announce("put", record.node_id, record.version, encoded),
+        )
+
+    # -- local state -------------------------------------------------------------------------
+    def _apply(self, record: NodeRecord) -> None:
+        node_id = record.node_id
+        self._marks.advance(node_id, merge.token(record))
+        self._max_version[node_id] = max(self._max_version.get(node_id, 0), record.version)
+        self._records[node_id] = record
+        self._notify(node_id, record)
+
+    def _drop(self, node_id: str, token: tuple[int, int]) -> None:
+        self._marks.advance(node_id, token)
+        if self._records.pop(node_id, None) is not None:
+            self._notify(node_id, None)
+
+    def _notify(self, node_id: str, record: NodeRecord | None) -> None:
+        for listener in self._listeners:
+            try:
+                listener(node_id, record)
+            except Exception:  # a broken listener must not break writes or sync
+                log.exception("store listener failed", node_id=node_id)
+
+    # -- the sync side (called by ha.sync) ----------------------------------------------------
+    def apply_entry(self, entry: Entry) -> None:
+        """Apply one changelog entry written by another replica, if it is newer."""
+        fields = entry.fields
+        try:
+            op, node_id = fields["op"], fields["id"]
+            tok = (int(fields["fence"]), int(fields["ver"]))
+        except (KeyError, ValueError):
+            self.counters.remote_malformed += 1
+            log.warning("malformed changelog entry skipped", entry_id=entry.id)
+            return
+        if op == "del":
+            local = self._records.get(node_id)
+            if local is not None and merge.token(local) > tok:
+                self.counters.remote_stale += 1
+                return
+            self._dirty.pop(node_id, None)
+            self._drop(node_id, tok)
+            self.counters.remote_applied += 1
+            return
+        if op != "put" or not self._marks.is_newer(node_id, tok):
+            self.counters.remote_stale += 1
+            return
+        try:
+            remote = redis_codec.decode(fields["rec"])
+        except (KeyError, ValueError):
+            self.counters.remote_malformed += 1
+            log.warning("malformed record in changelog skipped", entry_id=entry.id)
+            return
+        self.apply_remote(remote)
+
+    def apply_remote(self, remote: NodeRecord) -> bool:
+        """Take ``remote`` if its token is above the local watermark; True when applied."""
+        node_id = remote.node_id
+        if not self._marks.is_newer(node_id, merge.token(remote)):
+            self.counters.remote_stale += 1
+            return False
+        self._dirty.pop(node_id, None)  # a newer write exists: ours is obsolete
+        self.counters.remote_applied += 1
+        self._apply(merge.merge(self._records.get(node_id), remote))
+        return True
+
+    def local_ids(self) -> set[str]:
+        return set(self._records)
+
+    def is_dirty(self, node_id: str) -> bool:
+        return node_id in self._dirty or node_id in self._dirty_deletes
+
+    def forget_unconfirmed(self, node_id: str) -> None:
+        """Drop a local record that Redis no longer has (deleted while we were not reading)."""
+        current = self._records.get(node_id)
+        if current is not None and not self.is_dirty(node_id):
+            self._drop(node_id, merge.token(current))
+
+    async def republish(self) -> int:
+        """Write what was accepted while degraded; returns how many records were published."""
+        published = 0
+        for node_id in list(self._dirty_deletes):
+            current_guard = self._delete_guard() if self._delete_guard else None
+            if self._delete_guard is not None and current_guard is None:
+                self._dirty_deletes.discard(node_id)  # the next leader re-judges it
+                continue
+            await self._fenced.delete(
+                self.keys.node(node_id),
+                self.keys.owner(node_id),
+                guard=current_guard,
+                announce=self._announce("del", node_id, self._max_version.get(node_id, 0)),
+            )
+            self._dirty_deletes.discard(node_id)
+        for node_id, record in list(self._dirty.items()):
+            if self._dirty.get(node_id) is not record:
+                continue
+            latest = self._records.get(node_id)
+            if latest is None or latest.version != record.version:
+                self._dirty.pop(node_id, None)
+                continue
+            try:
+                await self._write_through(record)
+                published += 1
+            except FencedWriteRejected as exc:
+                log.info("deferred write superseded", node_id=node_id, reason=exc.reason)
+            if self._dirty.get(node_id) is record:
+                del self._dirty[node_id]
+        self.counters.republished += published
+        return published
+
+    def mark_owned_dirty(self) -> None:
+        """Redis lost its data: every record this replica owns must be written again."""
+        for node_id, record in self._records.items():
+            if record.owner == self.settings.replica_id and self._owned_fence(node_id) is not None:
+                self._dirty.setdefault(node_id, record)
+
+    def mark_synced(self) -> None:
+        self._synced.set()

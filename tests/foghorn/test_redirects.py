@@ -1,0 +1,57 @@
+"""Pending redirects: counted per node, settled by arrivals oldest first, expired after 30 s."""
+
+from __future__ import annotations
+
+from api_balancing.redirects import RedirectTracker
+from pkg.common.clock import FakeClock
+
+
+def test_redirects_count_until_the_viewers_show_up() -> None:
+    clock = FakeClock()
+    seen: dict[str, int] = {}
+    tracker = RedirectTracker(clock)
+    tracker.add_listener(seen.__setitem__)
+    for _ in range(3):
+        tracker.record("n1", "s1")
+    assert tracker.pending("n1") == 3 and seen["n1"] == 3
+    tracker.arrived("n1", "s1", 2)
+    assert tracker.pending("n1") == 1
+    tracker.arrived("n1", "other", 5)  # other streams do not settle these
+    assert tracker.pending("n1") == 1
+
+
+def test_redirects_expire_after_the_window() -> None:
+    clock = FakeClock()
+    tracker = RedirectTracker(clock, window_s=30)
+    tracker.record("n1", "s1")
+    clock.advance(20)
+    tracker.record("n1", "s1")
+    clock.advance(11)
+    tracker.expire()
+    assert tracker.pending("n1") == 1
+    clock.advance(20)
+    tracker.expire()
+    assert tracker.pending("n1") == 0
+
+
+def test_settled_redirects_are_not_expired_twice() -> None:
+    clock = FakeClock()
+    tracker = RedirectTracker(clock, window_s=30)
+    tracker.record("n1", "s1")
+    clock.advance(5)
+    tracker.record("n1", "s1")
+    tracker.arrived("n1", "s1", 1)  # settles the older one
+    clock.advance(26)  # the older entry's time passes: nothing pending of that age
+    tracker.expire()
+    assert tracker.pending("n1") == 1
+    clock.advance(5)
+    tracker.expire()
+    assert tracker.pending("n1") == 0
+
+
+def test_forget_drops_everything_of_a_node() -> None:
+    tracker = RedirectTracker(FakeClock())
+    tracker.record("n1", "s1")
+    tracker.record("n2", "s1")
+    tracker.forget("n1")
+    assert tracker.pending("n1") == 0 and tracker.pending("n2") == 1
