@@ -72,11 +72,15 @@ class _Decider:
         "deadline",
         "delay",
         "ms",
+        "start",
         "verdict",
     )
 
-    def __init__(self, ms: MethodState, deadline: float, classify: Classifier) -> None:
+    def __init__(
+        self, ms: MethodState, deadline: float, classify: Classifier, start: float
+    ) -> None:
         self.ms = ms
+        self.start = start
         self.deadline = deadline
         self.classify = classify
         self.attempt = 1
@@ -151,7 +155,17 @@ class _Decider:
                 retry, reason = True, why
         self.delay = delay if retry else 0.0
         ms.runtime.emit_retry(
-            RetryEvent(ms.target, ms.method, self.attempt, retry, reason, verdict.code, delay, left)
+            RetryEvent(
+                ms.target,
+                ms.method,
+                self.attempt,
+                retry,
+                reason,
+                verdict.code,
+                delay,
+                left,
+                verdict.retryable,
+            )
         )
         if retry:
             self.attempt += 1
@@ -193,7 +207,7 @@ async def call_async(
         left = deadline - start
         cap = ms.attempt_timeout
         if cap is not None and cap < left:
-            decider = _Decider(ms, deadline, classify)
+            decider = _Decider(ms, deadline, classify, start)
             decider.capped = True
             left = cap
         elif left < _MIN_TIMEOUT:
@@ -205,7 +219,7 @@ async def call_async(
             result = await attempt(left)
     except BaseException as exc:
         if decider is None:
-            decider = _Decider(ms, deadline, classify)
+            decider = _Decider(ms, deadline, classify, start)
         return await _retry_async(decider, exc, ticket, attempt)
     end = clock.monotonic()
     if breaker is not None:
@@ -242,7 +256,11 @@ async def _retry_async(
         sleep=ms.clock.asleep,
         reraise=True,
     )
-    result: T = await retrying(run_attempt)
+    try:
+        result: T = await retrying(run_attempt)
+    except BaseException:
+        ms.observe(ms.clock.monotonic() - decider.start)
+        raise
     return result
 
 
@@ -345,7 +363,7 @@ def call_sync(
         left = deadline - start
         cap = ms.attempt_timeout
         if cap is not None and cap < left:
-            decider = _Decider(ms, deadline, classify)
+            decider = _Decider(ms, deadline, classify, start)
             decider.capped = True
             left = cap
         elif left < _MIN_TIMEOUT:
@@ -354,7 +372,7 @@ def call_sync(
         result = attempt(left)
     except Exception as exc:
         if decider is None:
-            decider = _Decider(ms, deadline, classify)
+            decider = _Decider(ms, deadline, classify, start)
         return _retry_sync(decider, exc, ticket, attempt)
     except BaseException:
         if breaker is not None:
@@ -386,7 +404,11 @@ def _retry_sync(
         sleep=ms.clock.sleep,
         reraise=True,
     )
-    result: T = retrying(run_attempt)
+    try:
+        result: T = retrying(run_attempt)
+    except BaseException:
+        ms.observe(ms.clock.monotonic() - decider.start)
+        raise
     return result
 
 

@@ -26,6 +26,24 @@ if TYPE_CHECKING:
 
 _log = structlog.get_logger("pkg.clients")
 
+# Upper bounds (seconds) of the call latency histogram buckets (plus +Inf).
+LATENCY_BOUNDS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
 
 @dataclass(frozen=True, slots=True)
 class RetryEvent:
@@ -39,6 +57,7 @@ class RetryEvent:
     code: str
     delay: float
     time_left: float
+    retryable: bool = True  # False: the failure itself was not retryable (domain error, ...)
 
 
 class Instrumentation:
@@ -64,7 +83,10 @@ class StructlogInstrumentation(Instrumentation):
     """Structured log events: ``retry``, ``give_up``, ``retry_budget_exhausted``, breaker moves."""
 
     def on_retry_decision(self, event: RetryEvent) -> None:
-        _log.info(
+        # Retries and give-ups on retryable failures (deadline, budget, attempts) are news;
+        # a domain error that was never retryable is logged at debug, or NOT_FOUNDs would flood.
+        log = _log.info if event.retry or event.retryable else _log.debug
+        log(
             "retry" if event.retry else "give_up",
             target=event.target,
             method=event.method,
@@ -101,8 +123,21 @@ class _Instruments:
             "client_breaker_rejected", description="Calls failed fast by an open breaker"
         )
         self.hedges = meter.create_counter("client_hedges", description="Hedged attempts sent")
-        self.latency = meter.create_histogram(
-            "client_call_duration", unit="s", description="Call latency including retries"
+        meter.create_observable_counter(
+            "client_call_duration_seconds_bucket",
+            callbacks=[self._latency_buckets],
+            description="Call latency including retries: cumulative count of calls <= le",
+        )
+        meter.create_observable_counter(
+            "client_call_duration_seconds_sum",
+            callbacks=[self._latency_sum],
+            unit="s",
+            description="Call latency including retries: sum",
+        )
+        meter.create_observable_counter(
+            "client_call_duration_seconds_count",
+            callbacks=[self._latency_count],
+            description="Call latency including retries: number of calls",
         )
         meter.create_observable_counter(
             "client_attempts", callbacks=[self._attempts], description="Attempts sent"
@@ -127,6 +162,22 @@ class _Instruments:
     def _calls(self, options: CallbackOptions) -> Iterable[Observation]:
         for m in self._methods():
             yield Observation(m.calls, m.attrs)
+
+    def _latency_buckets(self, options: CallbackOptions) -> Iterable[Observation]:
+        for m in self._methods():
+            running = 0
+            counts = list(m.latency_counts)
+            for bound, count in zip((*LATENCY_BOUNDS, "+Inf"), counts, strict=True):
+                running += count
+                yield Observation(running, {**m.attrs, "le": str(bound)})
+
+    def _latency_sum(self, options: CallbackOptions) -> Iterable[Observation]:
+        for m in self._methods():
+            yield Observation(m.latency_sum, m.attrs)
+
+    def _latency_count(self, options: CallbackOptions) -> Iterable[Observation]:
+        for m in self._methods():
+            yield Observation(sum(m.latency_counts), m.attrs)
 
     def _breaker_state(self, options: CallbackOptions) -> Iterable[Observation]:
         seen: set[int] = set()
