@@ -14,7 +14,7 @@ class BridgeConfig:
     replica_id: str = ""
     foghorn_addresses: list[str] = field(default_factory=list)
     signalman_addresses: list[str] = field(default_factory=list)
-    signalman_token: str = ""
+    signalman_tokens: str = ""  # one Signalman credential per tenant: "acme=tok1,globex=tok2"
     foghorn_token: str = ""
     backend_timeout_s: float = 2.0
     redis_url: str = ""

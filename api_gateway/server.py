@@ -58,9 +58,9 @@ def _fleet_backend(cfg: BridgeConfig) -> FleetBackend:
 def _events_backend(cfg: BridgeConfig) -> EventsBackend:
     if not cfg.signalman_addresses:
         return NoEvents()
-    from api_gateway.signalman_backend import SignalmanEvents
+    from api_gateway.signalman_backend import SignalmanEvents, parse_tenant_tokens
 
-    return SignalmanEvents(cfg.signalman_addresses, cfg.signalman_token or None)
+    return SignalmanEvents(cfg.signalman_addresses, parse_tenant_tokens(cfg.signalman_tokens))
 
 
 def build_replica(
