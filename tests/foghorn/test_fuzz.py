@@ -1,0 +1,95 @@
+"""No load report crashes Foghorn: hypothesis drives arbitrary report fields over one real
+control stream; each report is either accepted or rejected with a field, and the stream and
+the last good state survive."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from api_balancing import validation
+from api_balancing.errors import FoghornError
+from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
+from tests.foghorn.conftest import Harness, eventually, report_msg
+
+INT64 = st.one_of(st.integers(-(2**63), 2**63 - 1), st.integers(-5, 10**10))
+FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-10, 110))
+TEXT = st.one_of(st.text(max_size=300), st.sampled_from(["s1", "", "a/b", "x" * 257]))
+streams = st.lists(
+    st.builds(
+        pb.StreamLoad,
+        stream_id=TEXT,
+        tenant_id=TEXT,
+        viewers=INT64,
+        inputs=INT64,
+        upload_bps=INT64,
+    ),
+    max_size=5,
+)
+reports = st.builds(
+    pb.LoadReport,
+    cpu_percent=FLOATS,
+    ram_used_bytes=INT64,
+    ram_max_bytes=INT64,
+    upload_bps=INT64,
+    download_bps=INT64,
+    bandwidth_limit_bps=INT64,
+    streams=streams,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(reports)
+def test_validation_accepts_or_names_a_field_for_any_report(report: pb.LoadReport) -> None:
+    try:
+        good = validation.report(report)
+    except FoghornError as exc:
+        assert exc.field.startswith("report.")
+        assert exc.code in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
+        return
+    assert 0 <= good.cpu_percent <= 100 and math.isfinite(good.cpu_percent)
+    assert 0 <= good.ram_used_bytes <= good.ram_max_bytes
+
+
+async def test_fuzzed_reports_never_break_the_server_or_the_stream(foghorn: Harness) -> None:
+    stream = await foghorn.node("fuzz", report_msg(cpu=12))
+    samples: list[pb.LoadReport] = []
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    @given(reports)
+    def collect(report: pb.LoadReport) -> None:
+        samples.append(report)
+
+    collect()
+    expected_ok = 0
+    for report in samples:
+        try:
+            validation.report(report)
+            expected_ok += 1
+        except FoghornError:
+            pass
+        stream.report(report)
+    rejected = len(samples) - expected_ok
+    await eventually(
+        lambda: foghorn.fleet.counters.reports_rejected == rejected
+        and foghorn.reports_of("fuzz") == 1 + expected_ok,
+        timeout=20,
+        what="every fuzzed report handled",
+    )
+    for _ in range(rejected):
+        msg = await stream.read()
+        assert msg.WhichOneof("msg") == "rejected" and msg.rejected.field.startswith("report.")
+    # Still connected and still serving: a good report lands and routing works.
+    stream.report(report_msg(cpu=7))
+    await eventually(lambda: foghorn.reports_of("fuzz") == 2 + expected_ok)
+    info = await foghorn.ops.get_node("fuzz")
+    assert info.health.connected and info.last_report.cpu_percent == 7
+    assert (await foghorn.anon.route_viewer("s1")).best.node_id == "fuzz"
+    await asyncio.sleep(0)
