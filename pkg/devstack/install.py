@@ -93,10 +93,24 @@ def tansu_binary() -> Path:
     return path
 
 
+def chromium_binary() -> Path:
+    """Path of Debian's ``chromium`` (headless browser checks of Bridge's GraphiQL page)."""
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    _apt_install("chromium")
+    found = shutil.which("chromium")
+    if not found:
+        raise InstallError("chromium installed but not on PATH")
+    return Path(found)
+
+
 def ensure_all() -> dict[str, Path]:
     """Install (if needed) and locate every server; returns their paths for display."""
     return {
         "redis-server": redis_server_binary(),
         "postgres": postgres_bin_dir() / "postgres",
         "tansu": tansu_binary(),
+        "chromium": chromium_binary(),
     }
