@@ -311,11 +311,19 @@ class Subscription:
             yield TenantEvent(**event)
 
 
+class BridgeSchema(strawberry.Schema):
+    """Strawberry's schema minus its error logging: client mistakes (syntax, validation, bad
+    input) are answers, not server errors; real failures are logged where they are masked."""
+
+    def process_errors(self, errors: Any, execution_context: Any = None) -> None:
+        return None
+
+
 def build_schema(
     max_depth: int = 8, max_tokens: int = 2000, max_aliases: int = 30
 ) -> strawberry.Schema:
     """The schema with its abuse limits (depth, tokens, aliases) and parse/validation caches."""
-    return strawberry.Schema(
+    return BridgeSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,

@@ -157,14 +157,17 @@ async def test_foghorn_down_answers_fast_errors_or_stale_cache(
     await asyncio.sleep(0.6)  # past the TTL: only a stale entry remains
     stale = await gql(client_ := http_client(), ports[1], "{ nodes { id } }", None, tok)
     assert [n["id"] for n in stale.json()["data"]["nodes"]] == ["n1"]
-    codes = []
+    codes, messages = [], []
     loop = asyncio.get_running_loop()
-    for i in range(40):
+    for i in range(60):
         started = loop.time()
         r = await gql(client_, ports[i % 2], ROUTE_Q, {"c": f"down/{i}"}, tok)
         assert loop.time() - started < 5.0  # answered, not hung on a dead backend
         assert r.status_code == 200
         err = r.json()["errors"][0]
         codes.append(err["extensions"]["code"])
+        messages.append(err["message"])
     assert set(codes) <= {"BACKEND_UNAVAILABLE", "BACKEND_TIMEOUT"}
+    # The breaker opened: later calls fail at once without trying the dead backend.
+    assert any("circuit breaker" in m for m in messages[-10:]), messages[-3:]
     await client_.aclose()
