@@ -58,6 +58,7 @@ class BridgeConfig:
     max_query_bytes: int = 16_384
     max_body_bytes: int = 65_536
     max_token_bytes: int = 4096
+    max_header_bytes: int = 16_384
 
     def __post_init__(self) -> None:
         if not 0 < self.http_port < 65536:

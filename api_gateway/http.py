@@ -290,7 +290,33 @@ def _limit_body(receive: Receive, limit: int) -> Receive:
 HealthFn = Callable[[], Awaitable[dict[str, Any]]]
 
 
-def build_asgi(view: BridgeGraphQL, health: HealthFn) -> Starlette:
+class HeaderLimit:
+    """Refuses requests whose headers add up to more than ``max_bytes`` (431, JSON body).
+
+    The HTTP parser accepts very large header blocks; a gateway should not carry them into
+    JWT parsing, logs and rate-limit keys.
+    """
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            size = sum(len(k) + len(v) for k, v in scope.get("headers", ()))
+            if size > self.max_bytes:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1009})
+                    return
+                response = _error(
+                    431, errors.BAD_REQUEST, f"request headers larger than {self.max_bytes} bytes"
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_asgi(view: BridgeGraphQL, health: HealthFn, max_header_bytes: int = 16_384) -> Starlette:
     """Routes: /graphql (POST/GET/WS + GraphiQL page), /health, /metrics, /static/graphiql."""
 
     async def health_endpoint(_: Request) -> Response:
@@ -313,7 +339,7 @@ def build_asgi(view: BridgeGraphQL, health: HealthFn) -> Starlette:
         log.error("unhandled", error=repr(exc), path=request.url.path[:100])
         return _error(500, errors.INTERNAL, "internal error")
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", root),
             Route("/health", health_endpoint),
@@ -324,6 +350,8 @@ def build_asgi(view: BridgeGraphQL, health: HealthFn) -> Starlette:
         ],
         exception_handlers={404: not_found, 405: method_not_allowed, 500: internal},
     )
+    app.add_middleware(HeaderLimit, max_bytes=max_header_bytes)
+    return app
 
 
 def load_graphiql_html() -> str:

@@ -167,7 +167,7 @@ def build_replica(
             body["redis_error"] = health.last_error[:200]
         return body
 
-    app = build_asgi(view, health_report)
+    app = build_asgi(view, health_report, cfg.max_header_bytes)
     replica = Replica(cfg, app, gateway, cache, health, closers)
     app.router.lifespan_context = _lifespan(replica, fleet, events)
     return replica

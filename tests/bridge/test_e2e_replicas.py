@@ -171,3 +171,22 @@ async def test_foghorn_down_answers_fast_errors_or_stale_cache(
     # The breaker opened: later calls fail at once without trying the dead backend.
     assert any("circuit breaker" in m for m in messages[-10:]), messages[-3:]
     await client_.aclose()
+
+
+async def test_huge_headers_are_refused_and_the_process_keeps_serving(start_bridges, prefix):
+    (port,) = start_bridges({"BRIDGE_JWT_HS256_SECRET": "x" * 32}, count=1)
+    async with http_client() as client:
+        url = f"http://127.0.0.1:{port}/graphql"
+        body = {"query": "{ me { anonymous } }"}
+        for headers in (
+            {"Authorization": "Bearer " + "A" * 200_000},
+            {"X-Junk": "j" * 200_000},
+            {f"X-H{i}": "v" * 100 for i in range(500)},
+        ):
+            try:
+                resp = await client.post(url, json=body, headers=headers)
+                assert 400 <= resp.status_code < 500, resp.status_code
+            except Exception as exc:  # the server may also just close the connection
+                assert "RemoteProtocolError" in repr(exc) or "ReadError" in repr(exc), repr(exc)
+        ok = await client.post(url, json=body)
+        assert ok.json() == {"data": {"me": {"anonymous": True}}}
