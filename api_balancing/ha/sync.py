@@ -55,10 +55,13 @@ class SyncLoop:
         self.rehydrations = 0
         self.last_gap = ""
         self.last_rehydrate_s = 0.0
+        self.stopping = False
 
-    async def run(self) -> None:
-        pending: str | None = "startup"
-        while True:
+    async def run(self, resume: bool = False) -> None:
+        """Loop forever; ``resume`` continues from the current cursor instead of rehydrating."""
+        pending: str | None = None if resume else "startup"
+        self.stopping = False
+        while not self.stopping:
             try:
                 if pending is not None:
                     await self.rehydrate(pending)
@@ -76,13 +79,18 @@ class SyncLoop:
                 pending = gap.reason
             except asyncio.CancelledError:
                 raise
-            except self._errors as exc:
+            except Exception as exc:
+                # redis-py may turn a cancellation into a connection error: honour the stop.
+                task = asyncio.current_task()
+                if self.stopping or (task is not None and task.cancelling()):
+                    raise asyncio.CancelledError from exc
+                if not isinstance(exc, self._errors):
+                    log.exception("sync loop error")
+                    pending = "unexpected sync error"
+                    await self._backoff.wait()
+                    continue
                 self.store.health.degrade(f"redis unreachable: {type(exc).__name__}: {exc}")
                 pending = "reconnected after an outage"
-                await self._backoff.wait()
-            except Exception:
-                log.exception("sync loop error")
-                pending = "unexpected sync error"
                 await self._backoff.wait()
 
     async def rehydrate(self, reason: str) -> None:

@@ -134,8 +134,22 @@ class RedisNodeStore:
         except TimeoutError:
             log.warning("starting degraded: Redis not reachable", reason=self.health.status.reason)
 
+    async def pause_sync(self) -> None:
+        """Stop reading the changelog, keeping the cursor (a slow reader, for drills/tests)."""
+        if self._sync is not None:
+            self._sync_loop.stopping = True
+            self._sync.cancel()
+            await asyncio.gather(self._sync, return_exceptions=True)
+            self._sync = None
+
+    def resume_sync(self) -> None:
+        """Read again from where ``pause_sync`` stopped."""
+        if self._sync is None:
+            self._sync = asyncio.create_task(self._sync_loop.run(resume=True), name="foghorn-sync")
+
     async def close(self) -> None:
         if self._sync is not None:
+            self._sync_loop.stopping = True
             self._sync.cancel()
             await asyncio.gather(self._sync, return_exceptions=True)
             self._sync = None

@@ -1,0 +1,83 @@
+"""Fixtures for Foghorn HA: Redis stores of several 'replicas' in one process, record makers,
+and bounded polling (no fixed sleeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeRecord
+from api_balancing.store.redis_store import RedisNodeStore, RedisStoreSettings
+
+
+def make_record(node_id: str, *, cpu: float = 10.0, fence: int = 0, owner: str = "") -> NodeRecord:
+    return NodeRecord(
+        identity=NodeIdentity(
+            node_id=node_id,
+            roles=frozenset({"edge"}),
+            capabilities=frozenset({"hls"}),
+            base_url=f"https://{node_id}.example",
+            location=GeoPoint(52.0, 4.0),
+            capacity=100,
+        ),
+        report=LoadReport(
+            cpu_percent=cpu,
+            ram_used_bytes=1,
+            ram_max_bytes=10,
+            upload_bps=0,
+            download_bps=0,
+            bandwidth_limit_bps=1_000_000_000,
+        ),
+        last_report_at=time.time(),
+        owner=owner,
+        owner_fence=fence,
+    )
+
+
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, interval: float = 0.02
+) -> None:
+    """Wait until ``check()`` is true (bounded polling), else fail with the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def cluster() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+StoreFactory = Callable[..., Awaitable[RedisNodeStore]]
+
+
+@pytest.fixture
+async def store_factory(redis_server: Any, cluster: str) -> AsyncIterator[StoreFactory]:
+    stores: list[RedisNodeStore] = []
+
+    async def make(replica: str, url: str | None = None, **settings: Any) -> RedisNodeStore:
+        opts = {"cluster": cluster, "read_block_ms": 200, "op_timeout_s": 1.0, **settings}
+        store = RedisNodeStore(
+            url or redis_server.url, RedisStoreSettings(replica_id=replica, **opts)
+        )
+        stores.append(store)
+        await store.start()
+        return store
+
+    try:
+        yield make
+    finally:
+        for store in stores:
+            await store.close()
