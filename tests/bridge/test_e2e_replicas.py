@@ -18,9 +18,16 @@ NODE_Q = "query($id: ID!) { node(id: $id) { id mode } }"
 
 
 async def _viewer_routes(client, foghorn) -> float:
-    return await metric_sum(
-        client, foghorn.metrics_url, "foghorn_routing_decisions_total", kind="viewer"
-    )
+    # Foghorn counts every routing decision it makes (viewer routes are the only ones here).
+    return await metric_sum(client, foghorn.metrics_url, "foghorn_routing_decisions_total")
+
+
+async def _bridge_backend_calls(client, ports) -> float:
+    total = 0.0
+    for port in ports:
+        url = f"http://127.0.0.1:{port}/metrics"
+        total += await metric_sum(client, url, "bridge_cache_backend_calls_total")
+    return total
 
 
 async def test_concurrent_identical_queries_over_two_replicas_cost_one_foghorn_call(
@@ -31,6 +38,7 @@ async def test_concurrent_identical_queries_over_two_replicas_cost_one_foghorn_c
     async with http_client() as client, edge_nodes(foghorn.grpc_port, ["n1", "n2"]):
         assert await wait_for(lambda: _routes_ok(client, ports[0], tok, 2))
         before = await _viewer_routes(client, foghorn)
+        bridge_before = await _bridge_backend_calls(client, ports)
         content = f"live/{secrets.token_hex(4)}"  # a key nobody has cached
         responses = await asyncio.gather(
             *[gql(client, ports[i % 2], ROUTE_Q, {"c": content}, tok) for i in range(100)]
@@ -41,6 +49,7 @@ async def test_concurrent_identical_queries_over_two_replicas_cost_one_foghorn_c
         assert len(bests) == 1
         after = await _viewer_routes(client, foghorn)
         assert after - before == 1
+        assert await _bridge_backend_calls(client, ports) - bridge_before == 1
 
 
 async def _routes_ok(client, port, tok, nodes: int = 1) -> bool:
