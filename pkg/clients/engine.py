@@ -197,7 +197,7 @@ async def call_async(
     clock = ms.clock
     start = clock.monotonic()
     deadline = _overall_deadline(ms, call_timeout, start)
-    ms.calls += 1
+    ms.counters.calls += 1
     breaker = ms.breaker
     ticket = TICKET_NORMAL
     decider: _Decider | None = None
@@ -212,7 +212,7 @@ async def call_async(
             left = cap
         elif left < _MIN_TIMEOUT:
             left = _MIN_TIMEOUT
-        ms.attempts += 1
+        ms.counters.attempts += 1
         if ms.hedge:
             result = await _hedged(ms, deadline, attempt, left)
         else:
@@ -273,7 +273,7 @@ async def _one_async_attempt(decider: _Decider, attempt: Callable[[float], Await
         if ms.breaker is not None:
             ticket = ms.breaker.admit(now)
         timeout = decider.attempt_timeout(now)
-        ms.attempts += 1
+        ms.counters.attempts += 1
         result = await attempt(timeout)
     except asyncio.CancelledError:
         if ms.breaker is not None:
@@ -326,7 +326,7 @@ async def _hedged(
                     hedging = False  # no more hedges: wait for what is in flight
                     continue
                 ms.budget.on_failure()  # a hedge costs one token, like a retry
-                ms.attempts += 1
+                ms.counters.attempts += 1
                 cap = ms.attempt_timeout
                 timeout = cap if cap is not None and cap < left else left
                 task = asyncio.ensure_future(attempt(timeout))
@@ -353,7 +353,7 @@ def call_sync(
     clock = ms.clock
     start = clock.monotonic()
     deadline = _overall_deadline(ms, timeout, start)
-    ms.calls += 1
+    ms.counters.calls += 1
     breaker = ms.breaker
     ticket = TICKET_NORMAL
     decider: _Decider | None = None
@@ -368,7 +368,7 @@ def call_sync(
             left = cap
         elif left < _MIN_TIMEOUT:
             left = _MIN_TIMEOUT
-        ms.attempts += 1
+        ms.counters.attempts += 1
         result = attempt(left)
     except Exception as exc:
         if decider is None:
@@ -421,7 +421,7 @@ def _one_sync_attempt(decider: _Decider, attempt: Callable[[float], T]) -> T:
         if ms.breaker is not None:
             ticket = ms.breaker.admit(now)
         timeout = decider.attempt_timeout(now)
-        ms.attempts += 1
+        ms.counters.attempts += 1
         result = attempt(timeout)
     except Exception as exc:
         decider.settle(exc, ticket)

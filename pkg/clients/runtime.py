@@ -24,6 +24,7 @@ from pkg.clients.telemetry import (
     LATENCY_BOUNDS,
     Instrumentation,
     RetryEvent,
+    counters_for,
     default_instrumentation,
     instruments,
 )
@@ -38,17 +39,13 @@ class MethodState:
 
     __slots__ = (
         "attempt_timeout",
-        "attempts",
-        "attrs",
         "breaker",
         "budget",
-        "calls",
         "clock",
+        "counters",
         "hedge",
         "idempotent",
-        "latency_counts",
         "latency_ema",
-        "latency_sum",
         "method",
         "policy",
         "record_latency",
@@ -69,16 +66,12 @@ class MethodState:
         self.hedge = self.idempotent and policy.hedge.applies_to(method)
         self.budget = runtime.budget(target, policy)
         self.breaker = runtime.breaker(target, method, policy) if policy.breaker.enabled else None
-        self.attempts = 0
-        self.calls = 0
         self.latency_ema = 0.0
-        self.attrs = {"target": target, "method": method}
         self.record_latency = policy.record_latency
-        # Latency histogram aggregated here and exported by observable instruments: the OTel
-        # SDK's Histogram.record costs 7-10 us per call on a 2-vCPU box, more than the whole
-        # success path is allowed to cost.
-        self.latency_counts = [0] * (len(LATENCY_BOUNDS) + 1)
-        self.latency_sum = 0.0
+        # Attempts, calls and the latency histogram are aggregated in plain counters that
+        # observable instruments export: the OTel SDK's Histogram.record costs 7-10 us per call
+        # on a 2-vCPU box, more than the whole success path is allowed to cost.
+        self.counters = counters_for(target, method)
 
     def succeeded(self, elapsed: float) -> None:
         """Success bookkeeping shared by every call style."""
@@ -86,14 +79,16 @@ class MethodState:
         # An EMA of success latency tells the deadline check how long an attempt takes.
         self.latency_ema += (elapsed - self.latency_ema) * 0.1
         if self.record_latency:
-            self.latency_counts[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
-            self.latency_sum += elapsed
+            counters = self.counters
+            counters.latency_counts[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+            counters.latency_sum += elapsed
 
     def observe(self, elapsed: float) -> None:
         """Record the latency of a call that ended in failure."""
         if self.record_latency:
-            self.latency_counts[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
-            self.latency_sum += elapsed
+            counters = self.counters
+            counters.latency_counts[bisect_left(LATENCY_BOUNDS, elapsed)] += 1
+            counters.latency_sum += elapsed
 
 
 class Runtime:

@@ -271,6 +271,12 @@ class SharedBreakerStore:
         breaker.shared = link
         with self._links_lock:
             self._links.append(link)
+        # Adopt the shared state before the first call goes out (one round trip, once per
+        # breaker): a replica that starts while the others hold the breaker open stays out.
+        try:
+            link.sync(self.client, self._script)
+        except Exception as exc:
+            _log.warning("shared_breaker_initial_sync_failed", breaker=breaker.name, error=str(exc))
         self.wake()
 
     def wake(self) -> None:

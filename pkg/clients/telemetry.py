@@ -13,7 +13,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 from opentelemetry import metrics
@@ -43,6 +43,38 @@ LATENCY_BOUNDS: tuple[float, ...] = (
     5.0,
     10.0,
 )
+
+
+class CallCounters:
+    """Counters of one (target, method) in this process, shared by every channel to it.
+
+    Plain integers bumped on the call path and read by observable instruments at export
+    time: cheaper than any per-call SDK instrument, and monotonic even when channels come
+    and go.
+    """
+
+    __slots__ = ("attempts", "attrs", "calls", "latency_counts", "latency_sum")
+
+    def __init__(self, target: str, method: str) -> None:
+        self.attrs = {"target": target, "method": method}
+        self.attempts = 0
+        self.calls = 0
+        self.latency_counts = [0] * (len(LATENCY_BOUNDS) + 1)
+        self.latency_sum = 0.0
+
+
+_counters: dict[tuple[str, str], CallCounters] = {}
+_counters_lock = threading.Lock()
+
+
+def counters_for(target: str, method: str) -> CallCounters:
+    """The process-wide counters of ``method`` on ``target``."""
+    key = (target, method)
+    found = _counters.get(key)
+    if found is None:
+        with _counters_lock:
+            found = _counters.setdefault(key, CallCounters(target, method))
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,9 +183,8 @@ class _Instruments:
             description="Breaker state: 0 closed, 1 half-open, 2 open",
         )
 
-    def _methods(self) -> Iterable[Any]:
-        for runtime in list(self.runtimes):
-            yield from list(runtime.methods.values())
+    def _methods(self) -> Iterable[CallCounters]:
+        return list(_counters.values())
 
     def _attempts(self, options: CallbackOptions) -> Iterable[Observation]:
         for m in self._methods():
@@ -180,12 +211,14 @@ class _Instruments:
             yield Observation(sum(m.latency_counts), m.attrs)
 
     def _breaker_state(self, options: CallbackOptions) -> Iterable[Observation]:
-        seen: set[int] = set()
+        # Several runtimes may hold a breaker of the same name: report the worst state.
+        worst: dict[str, int] = {}
         for runtime in list(self.runtimes):
             for breaker in list(runtime.breakers.values()):
-                if id(breaker) not in seen:
-                    seen.add(id(breaker))
-                    yield Observation(STATE_CODES[breaker.state], {"breaker": breaker.name})
+                code = STATE_CODES[breaker.state]
+                worst[breaker.name] = max(code, worst.get(breaker.name, 0))
+        for name, code in worst.items():
+            yield Observation(code, {"breaker": name})
 
 
 _instruments: _Instruments | None = None

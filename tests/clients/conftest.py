@@ -1,0 +1,92 @@
+"""Fixtures of the pkg.clients tests: a test service process, policies, stubs."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from pkg.clients import BreakerPolicy, Policy, RetryPolicy, aio_channel, sync_channel
+from pkg.devstack.servers import CommandProcess
+from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
+from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
+
+TESTSVC = "/testsvc.v1.TestService/*"
+UNAVAILABLE = 14
+INVALID_ARGUMENT = 3
+NOT_FOUND = 5
+CANCELLED = 1
+DEADLINE_EXCEEDED = 4
+
+
+def replica_command(server_id: str) -> list[str]:
+    """The command line of a test service replica (``{port}`` is filled in by the fixture)."""
+    return [sys.executable, "-m", "pkg.testsvc.server", "--port", "{port}", "--id", server_id]
+
+
+@pytest.fixture(scope="session")
+def testsvc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CommandProcess]:
+    """One test service process shared by the tests (each test uses its own keys)."""
+    proc = CommandProcess(
+        "testsvc", replica_command("shared"), run_dir=tmp_path_factory.mktemp("testsvc")
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop(timeout=5)
+
+
+@pytest.fixture
+def target(testsvc: CommandProcess) -> str:
+    return f"127.0.0.1:{testsvc.port}"
+
+
+@pytest.fixture
+def key() -> str:
+    """A fresh attempt-counter key for the test."""
+    return f"k-{uuid.uuid4().hex[:12]}"
+
+
+def fast_policy(**overrides: object) -> Policy:
+    """Idempotent testsvc methods, small backoff, breaker off unless asked for."""
+    retry = overrides.pop("retry", None) or RetryPolicy(
+        max_attempts=4, base_backoff=0.01, max_backoff=0.05, idempotent_methods=(TESTSVC,)
+    )
+    breaker = overrides.pop("breaker", None) or BreakerPolicy(enabled=False)
+    return Policy(retry=retry, breaker=breaker, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def aio_stub(target: str) -> AsyncIterator[pb_grpc.TestServiceStub]:
+    channel = aio_channel(target, fast_policy())
+    yield pb_grpc.TestServiceStub(channel)
+    await channel.close()
+
+
+@pytest.fixture
+async def stats_stub(target: str) -> AsyncIterator[pb_grpc.TestServiceStub]:
+    """A plain-policy stub for reading the server's attempt counters."""
+    channel = aio_channel(target, Policy(breaker=BreakerPolicy(enabled=False)))
+    yield pb_grpc.TestServiceStub(channel)
+    await channel.close()
+
+
+@pytest.fixture
+def sync_stub(target: str) -> Iterator[pb_grpc.TestServiceStub]:
+    channel = sync_channel(target, fast_policy())
+    yield pb_grpc.TestServiceStub(channel)
+    channel.close()
+
+
+def failing(key: str, times: int, code: int = UNAVAILABLE, **behavior: object) -> pb.UnaryRequest:
+    """A Unary request that fails ``times`` times with ``code`` (-1: always)."""
+    return pb.UnaryRequest(
+        key=key, behavior=pb.Behavior(fail_times=times, fail_code=code, **behavior)
+    )
+
+
+async def attempts(stats_stub: pb_grpc.TestServiceStub, key: str) -> pb.StatsReply:
+    return await stats_stub.GetStats(pb.StatsRequest(key=key), timeout=5)

@@ -1,0 +1,63 @@
+"""Replica failover: a client given two replicas keeps working when one is killed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pkg.clients import aio_channel, sync_channel
+from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
+from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
+from tests.clients.conftest import fast_policy, replica_command
+
+pytestmark = [pytest.mark.integration, pytest.mark.failure]
+
+
+async def test_calls_keep_succeeding_when_one_of_two_replicas_is_killed(process_factory) -> None:
+    a = process_factory("testsvc-a", replica_command("a"))
+    b = process_factory("testsvc-b", replica_command("b"))
+    channel = aio_channel([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], fast_policy())
+    stub = pb_grpc.TestServiceStub(channel)
+    seen = set()
+    for i in range(20):
+        seen.add((await stub.Unary(pb.UnaryRequest(key=f"before-{i}"), timeout=5)).server_id)
+    assert seen == {"a", "b"}  # round robin over both replicas
+
+    # Kill a while calls are in flight: none of them may fail.
+    async def caller(n: int) -> list[str]:
+        ids = []
+        for i in range(15):
+            reply = await stub.Unary(pb.UnaryRequest(key=f"during-{n}-{i}"), timeout=5)
+            ids.append(reply.server_id)
+            await asyncio.sleep(0.01)
+        return ids
+
+    callers = [asyncio.ensure_future(caller(n)) for n in range(4)]
+    await asyncio.sleep(0.05)
+    a.kill()
+    results = await asyncio.gather(*callers)
+    assert sum(len(r) for r in results) == 60
+
+    after = {
+        (await stub.Unary(pb.UnaryRequest(key=f"after-{i}"), timeout=5)).server_id
+        for i in range(20)
+    }
+    assert after == {"b"}
+    await channel.close()
+
+
+def test_sync_channel_fails_over_too(process_factory) -> None:
+    a = process_factory("testsvc-a", replica_command("a"))
+    b = process_factory("testsvc-b", replica_command("b"))
+    channel = sync_channel(f"127.0.0.1:{a.port},127.0.0.1:{b.port}", fast_policy())
+    stub = pb_grpc.TestServiceStub(channel)
+    assert {stub.Unary(pb.UnaryRequest(key=f"s{i}"), timeout=5).server_id for i in range(10)} == {
+        "a",
+        "b",
+    }
+    b.kill()
+    assert {stub.Unary(pb.UnaryRequest(key=f"t{i}"), timeout=5).server_id for i in range(10)} == {
+        "a"
+    }
+    channel.close()

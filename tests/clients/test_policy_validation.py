@@ -1,0 +1,116 @@
+"""Invalid settings fail at construction with a ValueError that names the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from pkg.clients import (
+    Backoff,
+    BreakerPolicy,
+    BudgetPolicy,
+    HedgePolicy,
+    Policy,
+    RetryPolicy,
+    aio_channel,
+    sync_channel,
+)
+from pkg.clients.http import HttpClient
+from pkg.clients.shared_breaker import SharedBreakerStore
+from pkg.clients.targets import resolve_targets
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: RetryPolicy(max_attempts=-1), "retry.max_attempts"),
+        (lambda: RetryPolicy(max_attempts=0), "retry.max_attempts"),
+        (lambda: RetryPolicy(base_backoff=-0.1), "retry.base_backoff"),
+        (lambda: RetryPolicy(base_backoff=1.0, max_backoff=0.5), "retry.max_backoff"),
+        (lambda: RetryPolicy(multiplier=0.5), "retry.multiplier"),
+        (lambda: RetryPolicy(attempt_timeout=0), "retry.attempt_timeout"),
+        (lambda: RetryPolicy(base_backoff=float("nan")), "retry.base_backoff"),
+        (lambda: RetryPolicy(idempotent_methods=["x"]), "retry.idempotent_methods"),  # type: ignore[arg-type]
+        (lambda: BudgetPolicy(token_ratio=1.5), "budget.token_ratio"),
+        (lambda: BudgetPolicy(token_ratio=0), "budget.token_ratio"),
+        (lambda: BudgetPolicy(max_tokens=0), "budget.max_tokens"),
+        (lambda: BreakerPolicy(failure_ratio=1.2), "breaker.failure_ratio"),
+        (lambda: BreakerPolicy(failure_ratio=-0.1), "breaker.failure_ratio"),
+        (lambda: BreakerPolicy(min_calls=0), "breaker.min_calls"),
+        (lambda: BreakerPolicy(window=0), "breaker.window"),
+        (lambda: BreakerPolicy(open_duration=-1), "breaker.open_duration"),
+        (lambda: BreakerPolicy(buckets=0), "breaker.buckets"),
+        (lambda: HedgePolicy(max_attempts=1), "hedge.max_attempts"),
+        (lambda: HedgePolicy(delay=-1), "hedge.delay"),
+        (lambda: Policy(timeout=0), "policy.timeout"),
+        (lambda: Policy(timeout=float("inf")), "policy.timeout"),
+        (lambda: Policy(retry=BudgetPolicy()), "policy.retry"),  # type: ignore[arg-type]
+        (lambda: Backoff(base=1.0, cap=0.5), "cap"),
+    ],
+)
+def test_invalid_setting_raises_value_error_naming_the_field(build, field) -> None:
+    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+        build()
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        "",
+        "127.0.0.1",
+        "127.0.0.1:notaport",
+        "127.0.0.1:70000",
+        "http://127.0.0.1:5000",
+        ["127.0.0.1:1", "svc.example:2"],
+        ["127.0.0.1:1", "[::1]:2"],
+        ["127.0.0.1:1", "127.0.0.1:1"],
+        [],
+    ],
+)
+def test_unknown_target_syntax_is_rejected_at_construction(targets) -> None:
+    with pytest.raises(ValueError, match="target"):
+        aio_channel(targets)
+    with pytest.raises(ValueError, match="target"):
+        sync_channel(targets)
+
+
+def test_several_replicas_become_one_round_robin_target() -> None:
+    resolved = resolve_targets(["127.0.0.1:5001", "localhost:5002"])
+    assert resolved.multi
+    assert resolved.target == "ipv4:127.0.0.1:5001,127.0.0.1:5002"
+    assert resolve_targets("127.0.0.1:1,127.0.0.1:2").multi
+    assert resolve_targets("dns:///svc.internal:443").target == "dns:///svc.internal:443"
+    assert resolve_targets(["[::1]:1", "[::1]:2"]).target == "ipv6:[::1]:1,[::1]:2"
+
+
+def test_grpc_retries_cannot_be_turned_back_on() -> None:
+    with pytest.raises(ValueError, match="enable_retries"):
+        aio_channel("127.0.0.1:1", options=[("grpc.enable_retries", 1)])
+
+
+def test_bad_token_and_policy_type_are_rejected() -> None:
+    with pytest.raises(ValueError, match="token"):
+        aio_channel("127.0.0.1:1", token="")
+    with pytest.raises(ValueError, match="policy"):
+        aio_channel("127.0.0.1:1", policy=object())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="policy"):
+        HttpClient(policy=RetryPolicy())  # type: ignore[arg-type]
+
+
+def test_shared_breaker_store_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="url"):
+        SharedBreakerStore()
+    with pytest.raises(ValueError, match="sync_interval"):
+        SharedBreakerStore("redis://127.0.0.1:1/0", sync_interval=0)
+
+
+def test_idempotency_defaults_follow_the_method_verb_and_explicit_lists() -> None:
+    policy = RetryPolicy(
+        idempotent_methods=("/billing.v1.Billing/Charge",),
+        non_idempotent_methods=("/foghorn.v1.Nodes/GetAndBump",),
+    )
+    assert policy.is_idempotent("/foghorn.v1.Nodes/GetNode")
+    assert policy.is_idempotent("/foghorn.v1.Nodes/ListNodes")
+    assert not policy.is_idempotent("/foghorn.v1.Nodes/CreateNode")
+    assert not policy.is_idempotent("/foghorn.v1.Nodes/SetMode")
+    assert policy.is_idempotent("/billing.v1.Billing/Charge")
+    assert not policy.is_idempotent("/foghorn.v1.Nodes/GetAndBump")

@@ -1,0 +1,144 @@
+"""Breaker state shared through a real redis-server: replicas of a caller act as one."""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pkg.clients import BreakerOpenError, BreakerPolicy, Policy, RetryPolicy, Runtime, sync_channel
+from pkg.clients.breaker import (
+    BREAKER_SUCCESS,
+    STATE_CLOSED,
+    STATE_OPEN,
+    TICKET_PROBE,
+)
+from pkg.clients.shared_breaker import SharedBreakerStore
+from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
+from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
+from tests.clients.shared_breaker_peer import POLICY
+
+pytestmark = pytest.mark.integration
+
+PEER = Path(__file__).with_name("shared_breaker_peer.py")
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_breaker_opened_by_one_process_is_seen_and_closed_by_another(
+    redis_server, testsvc, process_factory, sync_stub
+) -> None:
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    target = f"127.0.0.1:{testsvc.port}"
+    peer_key, my_key = f"peer-{namespace}", f"me-{namespace}"
+    peer = process_factory(
+        "breaker-peer",
+        [
+            sys.executable,
+            str(PEER),
+            "--redis",
+            redis_server.url,
+            "--target",
+            target,
+            "--key",
+            peer_key,
+            "--namespace",
+            namespace,
+        ],
+        ready_port=testsvc.port,
+        env={"PYTHONPATH": str(Path(__file__).parents[2])},
+    )
+    wait_for(lambda: "peer: opened state=open" in peer.log_path.read_text(), what="peer opens")
+    peer_attempts = sync_stub.GetStats(pb.StatsRequest(key=peer_key), timeout=5).attempts
+    assert peer_attempts >= 5
+
+    store = SharedBreakerStore(redis_server.url, namespace=namespace, sync_interval=0.05)
+    runtime = Runtime(shared_breakers=store)
+    channel = sync_channel(target, POLICY, runtime=runtime)
+    stub = pb_grpc.TestServiceStub(channel)
+    try:
+        # This process never saw a failure, yet its very first call fails fast.
+        with pytest.raises(BreakerOpenError):
+            stub.Unary(pb.UnaryRequest(key=my_key), timeout=5)
+        assert sync_stub.GetStats(pb.StatsRequest(key=my_key), timeout=5).attempts == 0
+
+        # After the open duration this process gets the single shared probe, succeeds, and
+        # the peer sees the breaker close.
+        def probe() -> bool:
+            try:
+                stub.Unary(pb.UnaryRequest(key=my_key), timeout=5)
+                return True
+            except BreakerOpenError:
+                return False
+
+        wait_for(probe, what="the shared probe")
+        assert runtime.breakers[target].state == STATE_CLOSED
+        wait_for(lambda: "peer: closed" in peer.log_path.read_text(), what="peer sees closed")
+        assert sync_stub.GetStats(pb.StatsRequest(key=my_key), timeout=5).attempts == 1
+    finally:
+        channel.close()
+        store.close()
+
+
+def test_only_one_process_gets_the_half_open_probe(redis_server) -> None:
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    policy = Policy(breaker=BreakerPolicy(min_calls=2, open_duration=0.2))
+    stores = [
+        SharedBreakerStore(redis_server.url, namespace=namespace, sync_interval=0.05)
+        for _ in range(2)
+    ]
+    runtimes = [Runtime(shared_breakers=s) for s in stores]
+    try:
+        a, b = (r.breaker("svc:1", "/x.v1.X/GetY", policy) for r in runtimes)
+        now = a.clock.monotonic()
+        for _ in range(2):
+            a.record(a.admit(now), 1, now)
+        stores[0].sync_now()
+        stores[1].sync_now()
+        assert a.state == STATE_OPEN and b.state == STATE_OPEN
+        time.sleep(0.25)
+        outcomes = []
+        for breaker, store in ((a, stores[0]), (b, stores[1])):
+            for _ in range(10):  # ask, let the sync grant, ask again
+                try:
+                    outcomes.append((breaker, breaker.admit(breaker.clock.monotonic())))
+                    break
+                except BreakerOpenError:
+                    store.sync_now()
+        assert [t for _, t in outcomes] == [TICKET_PROBE]  # exactly one probe overall
+        winner = outcomes[0][0]
+        winner.record(TICKET_PROBE, BREAKER_SUCCESS, winner.clock.monotonic())
+        for store in stores:
+            store.sync_now()
+        stores[0].sync_now()
+        assert a.state == STATE_CLOSED and b.state == STATE_CLOSED
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_redis_down_falls_back_to_the_local_breaker() -> None:
+    from pkg.devstack.servers import free_port
+
+    store = SharedBreakerStore(f"redis://127.0.0.1:{free_port()}/0", sync_interval=0.05)
+    runtime = Runtime(shared_breakers=store)
+    policy = Policy(retry=RetryPolicy(max_attempts=1), breaker=BreakerPolicy(min_calls=2))
+    try:
+        breaker = runtime.breaker("svc:1", "/x.v1.X/GetY", policy)
+        now = breaker.clock.monotonic()
+        for _ in range(2):
+            breaker.record(breaker.admit(now), 1, now)
+        assert breaker.state == STATE_OPEN  # the local window decided
+    finally:
+        store.close()
