@@ -89,9 +89,24 @@ class FoghornServer:
         )
         self.sessions = SessionRegistry()
         locator = Locator(geoip)
-        self.control = NodeControlService(self.fleet, self.sessions, config.report_interval_s)
+        # HA (FOGHORN_REDIS_URL set): node-facing handlers see the fleet through fenced
+        # ownership, and admin commands reach nodes on other replicas through the relay.
+        self.ha: Any = None
+        node_fleet: Any = self.fleet
+        if config.redis_url:
+            from api_balancing.ha.runtime import HaRuntime
+
+            self.ha = HaRuntime(config, self.store, self.fleet, self.sessions, clock=clock)  # type: ignore[arg-type]
+            node_fleet = self.ha.owned_fleet
+        self.control = NodeControlService(node_fleet, self.sessions, config.report_interval_s)
         self.routing = RoutingService(self.fleet, locator)
-        self.admin = NodeAdminService(self.fleet, self.sessions, locator, config.command_timeout_s)
+        self.admin = NodeAdminService(
+            node_fleet,
+            self.sessions,
+            locator,
+            config.command_timeout_s,
+            dispatch=self.ha.relay.dispatch if self.ha else None,
+        )
         if authenticator is None:
             tokens = parse_tokens(config.tokens) if config.tokens else tokens_from_env()
             authenticator = static_authenticator(tokens)
@@ -118,7 +133,7 @@ class FoghornServer:
         stale = sum(1 for r in records if r.connected and self.fleet.is_stale(r))
         c = self.fleet.counters
         lat = self.fleet.route_latency
-        return {
+        doc: dict[str, Any] = {
             "status": "ok" if store_ok else "degraded",
             "service": "foghorn",
             "replica": self.config.replica_id,
@@ -150,6 +165,10 @@ class FoghornServer:
                 "p99_us": round(lat.percentile(0.99), 1),
             },
         }
+        if self.ha is not None:  # sync state, degraded reason, leadership, ownership
+            doc["ha"] = self.ha.describe()
+            doc["dependencies"]["store"]["reason"] = doc["ha"]["reason"]
+        return doc
 
     async def start(self) -> None:
         await self.store.start()
@@ -167,6 +186,7 @@ class FoghornServer:
                 ServiceBinding(
                     pb_grpc.add_NodeAdminServicer_to_server, self.admin, "foghorn.v1.NodeAdmin"
                 ),
+                *([self.ha.binding()] if self.ha else []),
             ],
             port=self.config.grpc_port,
             host=self.config.host,
@@ -176,7 +196,9 @@ class FoghornServer:
         await self.grpc.start()
         if self.config.http_port >= 0:
             await self._start_http()
-        if self._run_reaper:
+        if self.ha is not None:
+            await self.ha.start(self.grpc_target)  # runs the reaper under the leader lease
+        elif self._run_reaper:
             self._tasks.append(asyncio.create_task(self._reaper(), name="foghorn-reaper"))
         log.info(
             "foghorn started",
@@ -231,5 +253,7 @@ class FoghornServer:
             with contextlib.suppress(BaseException):
                 await task
         self._tasks.clear()
+        if self.ha is not None:
+            await self.ha.stop()
         await self.store.close()
         log.info("foghorn stopped", replica=self.config.replica_id)

@@ -1,0 +1,156 @@
+"""Fenced ownership of node control streams (one owner replica per node, recorded in Redis).
+
+On register the replica takes a fresh fence (``pkg.coord.Ownership``: Lua compare-and-set with
+a strictly higher fence) and writes the node's record with it; each report refreshes the
+record (at most every ``ttl/10``); the stream's end releases it with a match-checked delete.
+A refresh that finds a higher fence, a Redis rejection of a write, or a newer owner seen on the
+changelog all mean the same thing: another replica took the node over, so this replica closes
+its stream with ABORTED and stops writing for the node.
+
+Redis outage policy (registration accepted locally, reconciled later): while Redis is
+unreachable a registering node gets a *provisional* ownership with the fence its record already
+had; when Redis returns the first refresh either acquires a real fence (nobody else claimed the
+node) or finds a newer owner and aborts the stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import structlog
+
+from api_balancing.model import NodeRecord
+from api_balancing.sessions import SessionRegistry
+from api_balancing.store.redis_store import REDIS_ERRORS, RedisNodeStore
+from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.coord import OwnerRecord, Ownership, RefreshOutcome
+
+log = structlog.get_logger("foghorn.ha.ownership")
+
+
+@dataclass
+class Held:
+    record: OwnerRecord
+    provisional: bool = False
+    refreshed_at: float = 0.0
+
+
+class NodeOwnership:
+    """This replica's ownership records, checked by Redis on every write."""
+
+    def __init__(
+        self,
+        store: RedisNodeStore,
+        sessions: SessionRegistry,
+        ttl_s: float,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self.replica_id = store.settings.replica_id
+        self.address = ""
+        self.ttl_s = ttl_s
+        self._store = store
+        self._sessions = sessions
+        self._clock = clock
+        self._owners = Ownership(store.redis, store.keys.ownership_prefix, int(ttl_s * 1000))
+        self._held: dict[str, Held] = {}
+        self.takeovers = 0  # streams this replica closed because another one took the node
+        store.set_ownership_view(self.fence_of)
+        store.add_listener(self._on_change)
+
+    def fence_of(self, node_id: str) -> int | None:
+        held = self._held.get(node_id)
+        return held.record.fence if held else None
+
+    def owned(self) -> list[str]:
+        return list(self._held)
+
+    async def acquire(self, node_id: str) -> int:
+        """Own the node's stream; returns the fence its writes carry."""
+        try:
+            result = await self._owners.acquire(node_id, self.replica_id, self.address)
+        except REDIS_ERRORS as exc:
+            current = self._store.get(node_id)
+            fence = current.owner_fence if current else 0
+            record = OwnerRecord(self.replica_id, self.address, fence)
+            self._held[node_id] = Held(record, provisional=True)
+            log.warning("provisional ownership (Redis down)", node_id=node_id, error=str(exc))
+            return fence
+        if not result.ok or result.record is None:  # only after a counter anomaly
+            raise RuntimeError(f"ownership of {node_id!r} not acquired: {result.record}")
+        self._held[node_id] = Held(result.record, refreshed_at=self._clock.monotonic())
+        return result.record.fence
+
+    async def refresh(self, node_id: str) -> bool:
+        """Keep owning the node; False when another replica owns it now (close the stream)."""
+        held = self._held.get(node_id)
+        if held is None:
+            return False
+        now = self._clock.monotonic()
+        if not held.provisional and now - held.refreshed_at < self.ttl_s / 10:
+            return True
+        try:
+            if held.provisional:
+                return await self._reconcile(node_id, held)
+            outcome = await self._owners.refresh(node_id, held.record)
+        except REDIS_ERRORS:
+            return True  # degraded: keep serving the stream; Redis will judge on return
+        if outcome is RefreshOutcome.SUPERSEDED:
+            self._lose(node_id, "a newer owner holds the node")
+            return False
+        held.refreshed_at = now
+        return True
+
+    async def _reconcile(self, node_id: str, held: Held) -> bool:
+        current = await self._owners.get(node_id)
+        if (
+            current is not None
+            and current.replica != self.replica_id
+            and current.fence > held.record.fence
+        ):
+            self._lose(node_id, f"owned by {current.replica} since the outage")
+            return False
+        result = await self._owners.acquire(node_id, self.replica_id, self.address)
+        if result.record is None or not result.ok:
+            return False
+        self._held[node_id] = Held(result.record, refreshed_at=self._clock.monotonic())
+        log.info("provisional ownership confirmed", node_id=node_id, fence=result.record.fence)
+        return True
+
+    async def release(self, node_id: str) -> None:
+        """The stream ended here: delete our record (only if it is still ours)."""
+        held = self._held.pop(node_id, None)
+        if held is None or held.provisional:
+            return
+        try:
+            await self._owners.release(node_id, held.record)
+        except REDIS_ERRORS:
+            pass  # it expires by its TTL
+
+    def forget(self, node_id: str) -> None:
+        """Redis refused our write for the node: we are not its owner any more."""
+        self._lose(node_id, "Redis refused a write with our fence")
+
+    async def lookup(self, node_id: str) -> OwnerRecord | None:
+        """Who owns the node according to Redis (raises on Redis errors)."""
+        return await self._owners.get(node_id)
+
+    async def evict(self, node_id: str, seen: OwnerRecord) -> bool:
+        """Remove a dead owner's record, only if it is still the one we saw."""
+        return await self._owners.evict(node_id, seen)
+
+    def _on_change(self, node_id: str, record: NodeRecord | None) -> None:
+        held = self._held.get(node_id)
+        if held is None or record is None:
+            return
+        if record.owner != self.replica_id and record.owner_fence > held.record.fence:
+            self._lose(node_id, f"taken over by {record.owner} (fence {record.owner_fence})")
+
+    def _lose(self, node_id: str, why: str) -> None:
+        if self._held.pop(node_id, None) is None:
+            return
+        self.takeovers += 1
+        log.warning("node ownership lost: closing its stream", node_id=node_id, reason=why)
+        session = self._sessions.get(node_id)
+        if session is not None:
+            session.close("ABORTED", f"node {node_id!r}: ownership lost ({why})")

@@ -1,0 +1,187 @@
+"""Wiring of Foghorn HA for one replica (used by ``api_balancing.server`` when
+``FOGHORN_REDIS_URL`` is set): Redis store, ownership, relay, leader lease and reaper.
+
+HA settings are ``FOGHORN_*`` variables too (same loader, same prefix), kept out of the
+single-instance config so that one stays exactly as it is without Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from api_balancing.config import FoghornConfig
+from api_balancing.fleet import Fleet
+from api_balancing.ha.keys import Keys
+from api_balancing.ha.leader import Reaper
+from api_balancing.ha.owned_fleet import OwnedFleet
+from api_balancing.ha.ownership import NodeOwnership
+from api_balancing.ha.relay import Relay, RelayServicer
+from api_balancing.sessions import SessionRegistry
+from api_balancing.store.redis_store import RedisNodeStore, RedisStoreSettings
+from pkg.common.auth import parse_tokens
+from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.config import load
+from pkg.common.grpcserver import ServiceBinding
+from pkg.coord import LeaderLease
+from pkg.proto.foghorn.v1 import relay_pb2_grpc as relay_grpc
+
+log = structlog.get_logger("foghorn.ha")
+
+
+@dataclass
+class HaConfig:
+    """``FOGHORN_<FIELD>`` knobs of HA mode (defaults follow the upstream Go Foghorn)."""
+
+    cluster: str = "default"  # key namespace: replicas of one cluster share it
+    changelog_maxlen: int = 10_000  # entries kept in the changelog stream
+    changelog_exact_trim: bool = False  # exact MAXLEN (tests with tiny bounds)
+    record_ttl_s: float = 3600.0  # node hash TTL, refreshed on each write
+    ownership_ttl_s: float = 15.0  # owner record TTL, refreshed on reports
+    lease_ttl_s: float = 15.0  # leader lease TTL
+    lease_renew_s: float = 5.0  # leader lease renewal period
+    redis_timeout_s: float = 2.0  # per Redis operation
+    sync_block_ms: int = 1000  # changelog XREAD BLOCK
+    relay_token: str = ""  # bearer token for replica-to-replica calls (default: first token)
+    relay_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        Keys(self.cluster)  # validates the name
+        for name in ("record_ttl_s", "ownership_ttl_s", "lease_ttl_s", "lease_renew_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if self.lease_renew_s >= self.lease_ttl_s:
+            raise ValueError("lease_renew_s must be shorter than lease_ttl_s")
+        if self.changelog_maxlen < 1:
+            raise ValueError("changelog_maxlen must be >= 1")
+        if not 10 <= self.sync_block_ms <= 60_000:
+            raise ValueError("sync_block_ms must be within 10..60000")
+
+
+def build_store(config: FoghornConfig, ha: HaConfig | None = None) -> RedisNodeStore:
+    """The Redis store for ``config`` (the server calls this when ``redis_url`` is set)."""
+    ha = ha or load(HaConfig, "FOGHORN")
+    return RedisNodeStore(
+        config.redis_url,
+        RedisStoreSettings(
+            replica_id=config.replica_id,
+            cluster=ha.cluster,
+            changelog_maxlen=ha.changelog_maxlen,
+            exact_trim=ha.changelog_exact_trim,
+            record_ttl_s=ha.record_ttl_s,
+            op_timeout_s=ha.redis_timeout_s,
+            read_block_ms=ha.sync_block_ms,
+        ),
+    )
+
+
+def _relay_token(config: FoghornConfig, ha: HaConfig) -> str | None:
+    if ha.relay_token:
+        return ha.relay_token
+    import os
+
+    spec = config.tokens or os.environ.get("PLATFORM_TOKENS", "")
+    tokens = parse_tokens(spec)
+    return next(iter(tokens), None)
+
+
+class HaRuntime:
+    """Everything HA for one replica; ``start(address)`` once the gRPC port is known."""
+
+    def __init__(
+        self,
+        config: FoghornConfig,
+        store: RedisNodeStore,
+        fleet: Fleet,
+        sessions: SessionRegistry,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        ha: HaConfig | None = None,
+    ) -> None:
+        self.config = config
+        self.ha = ha or load(HaConfig, "FOGHORN")
+        self.store = store
+        self.fleet = fleet
+        self.ownership = NodeOwnership(store, sessions, self.ha.ownership_ttl_s, clock=clock)
+        self.relay = Relay(
+            config.replica_id,
+            sessions,
+            fleet,
+            self.ownership,
+            _relay_token(config, self.ha),
+            self.ha.relay_timeout_s,
+        )
+        self.relay_servicer = RelayServicer(sessions, fleet, self.ownership)
+        self.owned_fleet = OwnedFleet(fleet, self.ownership, self.relay)
+        self.lease = LeaderLease(
+            store.redis,
+            store.keys.leader,
+            config.replica_id,
+            ttl_s=self.ha.lease_ttl_s,
+            renew_every_s=self.ha.lease_renew_s,
+            clock=clock,
+        )
+        store.set_delete_guard(self.lease.guard)
+        self.reaper = Reaper(self.lease, fleet, self.ownership, config.reap_interval_s, clock=clock)
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    def binding(self) -> ServiceBinding:
+        """The internal relay service, mounted on the replica's gRPC server."""
+        return ServiceBinding(
+            relay_grpc.add_RelayServicer_to_server, self.relay_servicer, "foghorn.v1.Relay"
+        )
+
+    async def start(self, address: str) -> None:
+        """Begin owning streams as ``address`` (where other replicas relay to)."""
+        self.ownership.address = address
+        self._tasks = [
+            asyncio.create_task(self.lease.run(), name="foghorn-lease"),
+            asyncio.create_task(self.reaper.run(), name="foghorn-reaper"),
+        ]
+        log.info("foghorn HA started", replica=self.config.replica_id, address=address)
+
+    async def stop(self) -> None:
+        """Release what this replica holds so others need not wait for TTLs."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        self._tasks.clear()
+        for node_id in self.ownership.owned():
+            with contextlib.suppress(Exception):
+                await self.ownership.release(node_id)
+        await self.relay.close()
+
+    def describe(self) -> dict[str, Any]:
+        """The HA part of /health."""
+        status = self.store.health.status
+        lease = self.lease.state
+        loop = getattr(self.store, "_sync_loop", None)
+        c = self.store.counters
+        return {
+            "status": "ok" if status.ok else "degraded",
+            "reason": status.reason,
+            "since": status.since,
+            "cluster": self.ha.cluster,
+            "leader": bool(lease),
+            "leader_epoch": lease.epoch if lease else None,
+            "owned_nodes": len(self.ownership.owned()),
+            "takeovers": self.ownership.takeovers,
+            "rehydrations": loop.rehydrations if loop else 0,
+            "last_gap": loop.last_gap if loop else "",
+            "writes": c.writes,
+            "writes_rejected": c.writes_rejected,
+            "writes_deferred": c.writes_deferred,
+            "remote_applied": c.remote_applied,
+            "remote_stale": c.remote_stale,
+            "republished": c.republished,
+            "relayed": self.relay.relayed,
+            "relay_delivered": self.relay_servicer.delivered,
+        }
