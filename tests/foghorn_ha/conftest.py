@@ -81,3 +81,58 @@ async def store_factory(redis_server: Any, cluster: str) -> AsyncIterator[StoreF
     finally:
         for store in stores:
             await store.close()
+
+
+# -- in-process replicas (real gRPC on loopback, one shared redis-server) ----------------------
+
+HA_ENV = {
+    "FOGHORN_OWNERSHIP_TTL_S": "1.5",
+    "FOGHORN_LEASE_TTL_S": "1.5",
+    "FOGHORN_LEASE_RENEW_S": "0.3",
+    "FOGHORN_SYNC_BLOCK_MS": "200",
+    "FOGHORN_REDIS_TIMEOUT_S": "1.0",
+}
+
+
+@pytest.fixture(autouse=True)
+def _instant_backoff() -> Any:
+    from pkg.clients import set_testing
+
+    set_testing(True)
+    yield
+    set_testing(False)
+
+
+@pytest.fixture
+async def make_replica(
+    redis_server: Any, cluster: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """In-process Foghorn replicas of one cluster (``FOGHORN_*`` HA env with short TTLs)."""
+    from api_balancing.config import FoghornConfig
+    from api_balancing.server import FoghornServer
+    from pkg.events import MemorySink
+    from tests.foghorn.conftest import TOKENS
+
+    for key, value in {**HA_ENV, "FOGHORN_CLUSTER": cluster}.items():
+        monkeypatch.setenv(key, value)
+    servers: list[Any] = []
+
+    async def make(replica_id: str, url: str | None = None, **overrides: Any) -> Any:
+        config = FoghornConfig(
+            grpc_port=0,
+            http_port=-1,
+            tokens=TOKENS,
+            replica_id=replica_id,
+            redis_url=url or redis_server.url,
+            reap_interval_s=overrides.pop("reap_interval_s", 0.3),
+            **overrides,
+        )
+        server = FoghornServer(config, events=MemorySink())
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        if server.grpc is not None:
+            await server.stop(grace=0.2)
