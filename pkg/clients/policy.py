@@ -209,7 +209,7 @@ class BreakerPolicy:
 
 @dataclass(frozen=True, slots=True)
 class HedgePolicy:
-    """Hedging for idempotent unary calls (asyncio channels and the async HTTP client).
+    """Hedging for idempotent unary calls on asyncio gRPC channels (``aio_channel``).
 
     When the first attempt has not answered after ``delay`` seconds, a second one is sent (up
     to ``max_attempts`` in flight, each ``delay`` apart); the first success wins and the others

@@ -37,7 +37,8 @@ _log = structlog.get_logger("pkg.clients.shared_breaker")
 
 # KEYS[1]: breaker hash. ARGV: owner, successes, failures, probe_result (0 none, 1 success,
 # 2 failure, 3 released), want_probe, window_ms, buckets, min_calls, ratio, open_ms,
-# probe_ttl_ms. Returns {state, ms until the open state ends, 1 if owner holds the probe}.
+# probe_ttl_ms, grant_ttl_ms, probe_started. Returns {state, ms until the open state ends,
+# 1 if owner holds the probe}.
 SYNC_LUA = """
 local key = KEYS[1]
 local owner = ARGV[1]
@@ -51,6 +52,8 @@ local min_calls = tonumber(ARGV[8])
 local ratio = tonumber(ARGV[9])
 local open_ms = tonumber(ARGV[10])
 local probe_ttl = tonumber(ARGV[11])
+local grant_ttl = tonumber(ARGV[12])
+local probe_started = tonumber(ARGV[13])
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -111,10 +114,14 @@ end
 if state == 'open' and now >= open_until then
   state = 'half-open'
 end
+if state == 'half-open' and probe_started == 1 and probe_owner == owner then
+  probe_until = now + probe_ttl
+end
 if state == 'half-open' and want_probe == 1 then
   if probe_owner == '' or now >= probe_until then
+    -- A grant not used within grant_ttl goes to the next process that asks.
     probe_owner = owner
-    probe_until = now + probe_ttl
+    probe_until = now + grant_ttl
   end
 end
 
@@ -140,6 +147,7 @@ class _SharedState:
         self.probe_result = 0
         self.want_probe = False
         self.granted = False
+        self.started = False
         self.healthy = False  # True once a sync succeeded; False: the local window decides
 
     # Called on the call path: counters only, under a tiny lock.
@@ -161,10 +169,11 @@ class _SharedState:
             return True  # Redis unreachable: local single-probe rule applies
         with self.lock:
             granted = self.granted
-            if not granted:
+            if granted:
+                self.started = True  # the next sync extends the grant to probe_timeout
+            else:
                 self.want_probe = True
-        if not granted:
-            self.store.wake()
+        self.store.wake()
         return granted
 
     def released(self) -> None:
@@ -181,6 +190,8 @@ class _SharedState:
         with self.lock:
             successes, failures, probe_result = self.successes, self.failures, self.probe_result
             want = self.want_probe
+            started = self.started
+            self.started = False
             self.successes = self.failures = self.probe_result = 0
         policy = breaker.policy
         try:
@@ -198,6 +209,8 @@ class _SharedState:
                     policy.failure_ratio,
                     int(policy.open_duration * 1000),
                     int(policy.probe_timeout * 1000),
+                    int(self.store.grant_ttl * 1000),
+                    1 if started else 0,
                 ],
             )
         except Exception:
@@ -253,6 +266,9 @@ class SharedBreakerStore:
         )
         self.namespace = namespace
         self.sync_interval = sync_interval
+        # A granted probe slot that this process does not use within this time is given to
+        # another process (its caller asked, was turned away, and may never call again).
+        self.grant_ttl = max(1.0, 5 * sync_interval)
         self.owner = uuid.uuid4().hex
         self._script = self.client.register_script(SYNC_LUA)
         self._links: list[_SharedState] = []

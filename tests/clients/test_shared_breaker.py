@@ -142,3 +142,36 @@ def test_redis_down_falls_back_to_the_local_breaker() -> None:
         assert breaker.state == STATE_OPEN  # the local window decided
     finally:
         store.close()
+
+
+def test_an_unused_probe_grant_passes_to_another_process(redis_server) -> None:
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    policy = Policy(breaker=BreakerPolicy(min_calls=1, open_duration=0.1))
+    stores = [
+        SharedBreakerStore(redis_server.url, namespace=namespace, sync_interval=0.05)
+        for _ in range(2)
+    ]
+    try:
+        a, b = (Runtime(shared_breakers=s).breaker("svc:1", "/x.v1.X/GetY", policy) for s in stores)
+        now = a.clock.monotonic()
+        a.record(a.admit(now), 1, now)
+        stores[0].sync_now()
+        time.sleep(0.15)
+        with pytest.raises(BreakerOpenError):
+            a.admit(a.clock.monotonic())  # a asks for the probe...
+        stores[0].sync_now()  # ...and is granted it, but never calls again
+        stores[1].sync_now()
+
+        def b_probes() -> bool:
+            try:
+                return b.admit(b.clock.monotonic()) == TICKET_PROBE
+            except BreakerOpenError:
+                stores[1].sync_now()
+                return False
+
+        started = time.monotonic()
+        wait_for(b_probes, timeout=5, what="b gets the expired grant")
+        assert time.monotonic() - started >= 0.5  # only after a's grant expired
+    finally:
+        for store in stores:
+            store.close()

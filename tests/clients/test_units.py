@@ -482,3 +482,47 @@ async def test_cancellation_is_never_retried_and_releases_the_probe() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert breaker.admit(clock.monotonic()) == TICKET_PROBE  # not stranded
+
+
+# -- channel wiring ----------------------------------------------------------------------------
+
+
+def test_channels_disable_grpc_retries_set_keepalive_and_round_robin() -> None:
+    from pkg.clients.grpc_core import channel_options
+    from pkg.clients.targets import resolve_targets
+
+    single = dict(channel_options(resolve_targets("127.0.0.1:1")))
+    assert single["grpc.enable_retries"] == 0
+    assert single["grpc.keepalive_time_ms"] == 20_000
+    assert "grpc.lb_policy_name" not in single
+    multi = dict(channel_options(resolve_targets(["127.0.0.1:1", "127.0.0.1:2"])))
+    assert multi["grpc.lb_policy_name"] == "round_robin"
+    assert multi["grpc.enable_retries"] == 0
+
+
+def test_breakers_are_per_target_or_per_method() -> None:
+    runtime = Runtime(clock=FakeClock())
+    per_target = Policy()
+    a = runtime.breaker("svc:1", "/s.v1.S/GetA", per_target)
+    assert runtime.breaker("svc:1", "/s.v1.S/GetB", per_target) is a
+    assert runtime.breaker("svc:2", "/s.v1.S/GetA", per_target) is not a
+    per_method = Policy(breaker=BreakerPolicy(per_method=True))
+    other = Runtime(clock=FakeClock())
+    x = other.breaker("svc:1", "/s.v1.S/GetA", per_method)
+    assert other.breaker("svc:1", "/s.v1.S/GetB", per_method) is not x
+
+
+def test_deadline_of_an_incoming_call_is_propagated() -> None:
+    from pkg.clients.deadline import current_deadline, deadline_from_grpc
+
+    clock = FakeClock()
+
+    class Context:
+        def time_remaining(self) -> float:
+            return 0.75
+
+    with deadline_from_grpc(Context(), clock) as absolute:
+        assert absolute == pytest.approx(clock.monotonic() + 0.75)
+        with deadline_scope(5.0, clock):  # an inner scope can only shrink it
+            assert current_deadline() == pytest.approx(clock.monotonic() + 0.75)
+    assert current_deadline() is None
