@@ -21,6 +21,7 @@ from pkg.clients import backoff, testing
 from pkg.clients.breaker import (
     BREAKER_FAILURE,
     BREAKER_IGNORE,
+    STATE_OPEN,
     TICKET_NORMAL,
     BreakerOpenError,
     CircuitBreaker,
@@ -146,8 +147,12 @@ class _Decider:
                 )
                 why = verdict.reason
             needed = delay + max(ms.policy.retry.min_attempt_time, ms.latency_ema)
+            breaker = ms.breaker
             if needed > left:
                 reason = f"{why}; deadline: {left:.3f}s left cannot fit {needed:.3f}s"
+            elif breaker is not None and breaker.state == STATE_OPEN:
+                # The next attempt would only fail fast: report the real error instead.
+                reason = f"{why}; circuit breaker opened"
             elif not ms.budget.can_retry():
                 reason = f"{why}; retry budget exhausted"
                 ms.runtime.emit_budget_exhausted(ms.target, ms.method)

@@ -67,7 +67,12 @@ async def _establish(call: Any, setup: float) -> tuple[Any, Any]:
     """
     iterator = call.__aiter__()
     first: asyncio.Future[Any] = asyncio.ensure_future(_first(iterator))
-    done, _ = await asyncio.wait({first}, timeout=setup)
+    try:
+        done, _ = await asyncio.wait({first}, timeout=setup)
+    except asyncio.CancelledError:
+        first.cancel()
+        call.cancel()
+        raise
     if done:
         first.result()  # raises the setup failure (AioRpcError) for the engine to classify
     return iterator, first

@@ -526,3 +526,19 @@ def test_deadline_of_an_incoming_call_is_propagated() -> None:
         with deadline_scope(5.0, clock):  # an inner scope can only shrink it
             assert current_deadline() == pytest.approx(clock.monotonic() + 0.75)
     assert current_deadline() is None
+
+
+async def test_breaker_opening_mid_call_ends_retries_with_the_real_error() -> None:
+    clock = FakeClock()
+    policy = Policy(breaker=BreakerPolicy(min_calls=1))
+    state, classify, rec = engine(policy, clock)
+
+    async def down(timeout: float) -> str:
+        raise status_error(grpc.StatusCode.UNAVAILABLE, "down")
+
+    with pytest.raises(grpc.RpcError) as info:
+        await call_async(state, None, down, classify)
+    assert not isinstance(info.value, BreakerOpenError)
+    assert rec.events[-1].reason == "UNAVAILABLE; circuit breaker opened"
+    with pytest.raises(BreakerOpenError):  # the next call fails fast
+        await call_async(state, None, down, classify)
