@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 
@@ -26,6 +27,7 @@ async def _run(config: FoghornConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    tune_gc()
     print(
         f"foghorn {config.replica_id}: gRPC {server.grpc_target}, "
         f"HTTP http://{config.host}:{server.http_port}",
@@ -36,6 +38,17 @@ async def _run(config: FoghornConfig) -> None:
         await stop.wait()
     finally:
         await server.stop()
+
+
+def tune_gc() -> None:
+    """Make cyclic GC rare: Foghorn holds a large, long-lived heap (records of every node and
+    stream) and allocates briskly per request, so default thresholds run full collections
+    often enough to put multi-millisecond pauses into routing p99. Almost everything here is
+    freed by reference counting; cycles are rare. Start-up objects are frozen out of the scans.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
 
 
 def main(argv: list[str] | None = None) -> int:

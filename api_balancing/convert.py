@@ -77,19 +77,27 @@ def node_info(rec: NodeRecord, *, now: float, stale: bool, pending: int) -> pb.N
 def candidate(
     ranked: Ranked, rec: NodeRecord | None, content_id: str, protocol: str
 ) -> pb.RouteCandidate:
-    msg = pb.RouteCandidate(
-        node_id=ranked.node_id, score=ranked.score, distance_km=ranked.distance_km
+    if rec is None:  # deleted between ranking and reply: still name it
+        return pb.RouteCandidate(
+            node_id=ranked.node_id, score=ranked.score, distance_km=ranked.distance_km
+        )
+    ident = rec.identity
+    urls = (
+        [
+            pb.PlaybackUrl(protocol=p, url=u)
+            for p, u in playback_urls(ident.base_url, content_id, ident.capabilities, protocol)
+        ]
+        if content_id
+        else []
     )
-    if rec is not None:
-        ident = rec.identity
-        msg.base_url = ident.base_url
-        msg.region = ident.region
-        if content_id:
-            for proto, url in playback_urls(
-                ident.base_url, content_id, ident.capabilities, protocol
-            ):
-                msg.urls.add(protocol=proto, url=url)
-    return msg
+    return pb.RouteCandidate(
+        node_id=ranked.node_id,
+        base_url=ident.base_url,
+        urls=urls,
+        score=ranked.score,
+        distance_km=ranked.distance_km,
+        region=ident.region,
+    )
 
 
 def explanation(e: Evaluation, rank: int) -> pb.NodeExplanation:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from api_balancing import errors
+from api_balancing import errors, metrics
 from api_balancing.index import FleetIndex, Ranked
 from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeMode, NodeRecord
 from api_balancing.redirects import RedirectTracker
@@ -51,7 +51,10 @@ class FleetCounters:
 
 
 class LatencyWindow:
-    """The last N durations (microseconds), for p50/p99 in /health and the benchmark."""
+    """The last N durations (microseconds), for p50/p99 in /health and the benchmark.
+
+    Filled by the routing handler with the whole decision (validation, ranking, reply).
+    """
 
     def __init__(self, size: int = 10_000) -> None:
         self._samples: deque[float] = deque(maxlen=size)
@@ -87,7 +90,7 @@ class Fleet:
         self.clock = clock
         self.settings = settings
         self.events = events
-        self.index = FleetIndex(settings.weights)
+        self.index = FleetIndex(settings.weights, settings.redirect_bps, settings.stale_after_s)
         self.redirects = RedirectTracker(clock, settings.redirect_window_s)
         self.redirects.add_listener(self.index.set_pending)
         self.counters = FleetCounters()
@@ -96,6 +99,7 @@ class Fleet:
         self._locks: dict[str, asyncio.Lock] = {}
         self._tenants: dict[str, str] = {}  # stream id -> tenant, from the latest reports
         store.add_listener(self._on_change)
+        metrics.track(self)
         for record in store.snapshot():
             self._on_change(record.node_id, record)
 
@@ -304,20 +308,16 @@ class Fleet:
 
         The chosen node gets a pending redirect (bandwidth penalty until the viewer shows up).
         """
-        started = self.clock.monotonic()
         self.redirects.expire()
         ranked, considered = self.index.rank(
             content_id=content_id,
             lat=location.latitude if location else None,
             lon=location.longitude if location else None,
             now=self.clock.time(),
-            stale_after_s=self.settings.stale_after_s,
             role=role,
             protocol=protocol,
-            redirect_bps=self.settings.redirect_bps,
             limit=limit,
         )
-        self.route_latency.add((self.clock.monotonic() - started) * 1e6)
         self.counters.routing_decisions += 1
         if not ranked:
             self.counters.routing_failures += 1

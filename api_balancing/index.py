@@ -1,9 +1,21 @@
 """The hot path of routing: every node's routing inputs in numpy arrays, scored in one pass.
 
 ``FleetIndex`` is fed by store change notifications (local writes and, with HA, other
-replicas' writes), so routing reads only local memory. It computes exactly the score of
-``scoring.evaluate`` (tests hold the two against each other) but over the whole fleet at once:
-about 40 us for 1,000 nodes instead of milliseconds in a Python loop.
+replicas' writes), so routing reads only local memory. It computes the score of
+``scoring.evaluate`` (tests hold the two against each other) over the whole fleet at once.
+
+Everything that does not depend on the viewer is kept ready per node as it changes: whether
+the node can take a viewer at all (connected, normal mode, fresh report, bandwidth and seats
+left after pending redirects) and its CPU + RAM + bandwidth score plus the full geo weight.
+For each (role, protocol) asked for, a cached column holds that score for the nodes that
+qualify and -inf for the others, patched in place when a node changes. A query is then a
+handful of vector operations: one dot product of unit vectors for the great-circle angle,
+arccos, ``base - (w_geo / pi) * angle``, the stream bonus for carriers, and a partial sort for
+the top ``limit``. Few operations matter more than small arrays here: between gRPC calls the
+CPU caches are cold and each numpy call costs several microseconds.
+
+Distances from unit vectors (arccos of a dot product) equal the reference haversine to float
+rounding (well under a metre).
 """
 
 from __future__ import annotations
@@ -15,9 +27,10 @@ import numpy as np
 import numpy.typing as npt
 
 from api_balancing.model import NodeMode, NodeRecord
-from api_balancing.scoring import EARTH_RADIUS_KM, HALF_EARTH_CIRCUMFERENCE_KM, Weights, load_parts
+from api_balancing.scoring import EARTH_RADIUS_KM, Weights, load_parts
 
 _F = npt.NDArray[np.float64]
+_NEG_INF = -math.inf
 
 # Static rejection codes, known from the record alone (time and query independent).
 _OK, _DISCONNECTED, _MAINTENANCE, _DRAINING, _NO_REPORT, _CAPACITY_ZERO = range(6)
@@ -32,54 +45,120 @@ class Ranked:
     distance_km: float
 
 
+@dataclass
+class _View:
+    """Base score of the nodes that have every bit of ``need`` (-inf for the rest)."""
+
+    need: int
+    score: _F
+    count: int  # finite entries
+
+
+@dataclass
+class _Node:
+    """Per-node scalars the index derives columns from."""
+
+    status: int = _DISCONNECTED
+    bits: int = 0
+    load: float = 0.0  # cpu + ram parts
+    up: float = 0.0
+    limit: float = 0.0
+    viewers: float = 0.0
+    capacity: float = 0.0
+    report_at: float = 0.0
+    located: bool = False
+    pending: int = 0
+    fresh: bool = True
+
+
 class FleetIndex:
     """Columnar copy of the fleet, updated per node, queried per viewer."""
 
-    def __init__(self, weights: Weights, initial_capacity: int = 256) -> None:
+    def __init__(
+        self,
+        weights: Weights,
+        redirect_bps: float = 0.0,
+        stale_after_s: float = 90.0,
+        initial_capacity: int = 256,
+    ) -> None:
         self.weights = weights
+        self.redirect_bps = redirect_bps
+        self.stale_after_s = stale_after_s
         self._slots: dict[str, int] = {}
         self._ids: list[str] = []
+        self._nodes: list[_Node] = []
         self._free: list[int] = []
         self._bits: dict[str, int] = {}  # role / capability name -> bit
         self._carriers: dict[str, set[int]] = {}  # stream id -> slots carrying it
         self._streams_of: dict[int, tuple[str, ...]] = {}
+        self._views: dict[int, _View] = {}
+        self._oldest_fresh = math.inf  # lower bound of report times among fresh nodes
         self._alloc(initial_capacity)
 
     # -- storage ---------------------------------------------------------------------------
 
     def _alloc(self, n: int) -> None:
-        self._status = np.full(n, _DISCONNECTED, dtype=np.int8)
-        self._load = np.zeros(n)  # cpu + ram parts
-        self._up = np.zeros(n)
-        self._limit = np.zeros(n)
-        self._viewers = np.zeros(n)
-        self._capacity = np.zeros(n)
-        self._report_at = np.zeros(n)
-        self._lat = np.zeros(n)  # radians
-        self._lon = np.zeros(n)
-        self._coslat = np.zeros(n)
-        self._has_loc = np.zeros(n, dtype=bool)
-        self._bitset = np.zeros(n, dtype=np.int64)
-        self._pending = np.zeros(n)
+        self._xyz = np.zeros((n, 3))  # unit vector of the node's location (0 when unknown)
+        self._slope = np.zeros(n)  # w_geo / pi for located nodes: geo = w_geo - slope * angle
+        self._base = np.full(n, _NEG_INF)  # cpu + ram + bandwidth + w_geo, or -inf
+        self._report_at = np.full(n, math.inf)  # for the staleness sweep
+        self._capacity_slots = n
 
     def _grow(self) -> None:
-        old = len(self._status)
-        arrays = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        old = self._capacity_slots
+        xyz, slope, base, report_at = self._xyz, self._slope, self._base, self._report_at
         self._alloc(old * 2)
-        for name, arr in arrays.items():
-            getattr(self, name)[:old] = arr
+        self._xyz[:old] = xyz
+        self._slope[:old] = slope
+        self._base[:old] = base
+        self._report_at[:old] = report_at
+        self._views.clear()  # rebuilt lazily at the new size
 
     def _bit(self, name: str) -> int:
         bit = self._bits.get(name)
         if bit is None:
             if len(self._bits) >= 62:
-                return 0  # more distinct names than bits: such a name never matches
+                return 1 << 62  # more distinct names than bits: share one overflow bit
             bit = 1 << len(self._bits)
             self._bits[name] = bit
         return bit
 
     def __len__(self) -> int:
         return len(self._slots)
+
+    def _refresh(self, slot: int) -> None:
+        """Recompute one node's base score and patch it into every cached view."""
+        node = self._nodes[slot]
+        used = node.up + node.pending * self.redirect_bps
+        ok = (
+            node.status == _OK
+            and node.fresh
+            and used < node.limit
+            and node.viewers + node.pending < node.capacity
+        )
+        value = _NEG_INF
+        if ok:
+            value = node.load + self.weights.bandwidth * (1.0 - used / node.limit)
+            if node.located:
+                value += self.weights.geo
+        self._base[slot] = value
+        for view in self._views.values():
+            old = float(view.score[slot])
+            new = value if (node.bits & view.need) == view.need else _NEG_INF
+            if old != new:
+                view.count += int(new != _NEG_INF) - int(old != _NEG_INF)
+                view.score[slot] = new
+
+    def _view(self, need: int) -> _View:
+        view = self._views.get(need)
+        if view is None:
+            qualifies = np.zeros(self._capacity_slots, dtype=bool)
+            for slot, node in enumerate(self._nodes):
+                qualifies[slot] = (node.bits & need) == need
+            score = np.where(qualifies, self._base, _NEG_INF)
+            view = _View(need, score, int(np.count_nonzero(score != _NEG_INF)))
+            self._views[need] = view
+        return view
 
     # -- updates ---------------------------------------------------------------------------
 
@@ -93,13 +172,15 @@ class FleetIndex:
             if self._free:
                 slot = self._free.pop()
                 self._ids[slot] = node_id
+                self._nodes[slot] = _Node()
             else:
                 slot = len(self._ids)
-                if slot >= len(self._status):
+                if slot >= self._capacity_slots:
                     self._grow()
                 self._ids.append(node_id)
+                self._nodes.append(_Node())
             self._slots[node_id] = slot
-            self._pending[slot] = 0.0
+        node = self._nodes[slot]
         ident, report = record.identity, record.report
         status = _OK
         if not record.connected:
@@ -112,32 +193,41 @@ class FleetIndex:
             status = _NO_REPORT
         elif ident.capacity <= 0 or report.bandwidth_limit_bps <= 0:
             status = _CAPACITY_ZERO
-        self._status[slot] = status
+        node.status = status
         bits = 0
         for name in ident.roles:
             bits |= self._bit("role:" + name)
         for name in ident.capabilities:
             bits |= self._bit("cap:" + name)
-        self._bitset[slot] = bits
-        self._capacity[slot] = ident.capacity
+        node.bits = bits
+        node.capacity = ident.capacity
         loc = ident.location
-        self._has_loc[slot] = loc is not None
+        node.located = loc is not None
         if loc is not None:
-            lat = math.radians(loc.latitude)
-            self._lat[slot] = lat
-            self._lon[slot] = math.radians(loc.longitude)
-            self._coslat[slot] = math.cos(lat)
+            lat, lon = math.radians(loc.latitude), math.radians(loc.longitude)
+            self._xyz[slot] = (math.cos(lat) * math.cos(lon), math.cos(lat) * math.sin(lon),
+                               math.sin(lat))  # fmt: skip
+            self._slope[slot] = self.weights.geo / math.pi
+        else:
+            self._xyz[slot] = (0.0, 0.0, 0.0)
+            self._slope[slot] = 0.0
         streams: tuple[str, ...] = ()
         if report is not None:
             cpu, ram = load_parts(
                 report.cpu_percent, report.ram_used_bytes, report.ram_max_bytes, self.weights
             )
-            self._load[slot] = cpu + ram
-            self._up[slot] = report.upload_bps
-            self._limit[slot] = report.bandwidth_limit_bps
-            self._viewers[slot] = sum(s.viewers for s in report.streams)
+            node.load = cpu + ram
+            node.up = report.upload_bps
+            node.limit = report.bandwidth_limit_bps
+            node.viewers = sum(s.viewers for s in report.streams)
+            node.report_at = record.last_report_at
+            # Freshness is settled by the sweep in ``rank`` (the index has no clock); a new
+            # report counts as fresh until then.
+            node.fresh = True
             self._report_at[slot] = record.last_report_at
+            self._oldest_fresh = min(self._oldest_fresh, record.last_report_at)
             streams = tuple(s.stream_id for s in report.streams)
+        self._refresh(slot)
         self._set_streams(slot, streams)
 
     def _set_streams(self, slot: int, streams: tuple[str, ...]) -> None:
@@ -162,8 +252,9 @@ class FleetIndex:
             return
         self._set_streams(slot, ())
         self._streams_of.pop(slot, None)
-        self._status[slot] = _DISCONNECTED
-        self._pending[slot] = 0.0
+        self._nodes[slot] = _Node()
+        self._report_at[slot] = math.inf
+        self._refresh(slot)
         self._ids[slot] = ""
         self._free.append(slot)
 
@@ -171,11 +262,25 @@ class FleetIndex:
         """Pending redirects of a node (per-replica soft state kept by ``RedirectTracker``)."""
         slot = self._slots.get(node_id)
         if slot is not None:
-            self._pending[slot] = count
+            self._nodes[slot].pending = count
+            self._refresh(slot)
 
     def carriers(self, stream_id: str) -> int:
         """How many nodes report carrying ``stream_id``."""
         return len(self._carriers.get(stream_id, ()))
+
+    def _sweep_stale(self, now: float) -> None:
+        """Mark nodes whose last report is older than the stale window (rarely does work)."""
+        horizon = now - self.stale_after_s
+        if self._oldest_fresh >= horizon:
+            return
+        for slot in np.flatnonzero(self._report_at < horizon).tolist():
+            node = self._nodes[slot]
+            if node.fresh:
+                node.fresh = False
+                self._report_at[slot] = math.inf  # stays out of sweeps until it reports
+                self._refresh(slot)
+        self._oldest_fresh = float(self._report_at.min())
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -186,16 +291,13 @@ class FleetIndex:
         lat: float | None,
         lon: float | None,
         now: float,
-        stale_after_s: float,
         role: str,
         protocol: str,
-        redirect_bps: float,
         limit: int,
     ) -> tuple[list[Ranked], int]:
         """The best ``limit`` eligible nodes (ties by node id) and how many were considered."""
-        n = len(self._ids)
         considered = len(self._slots)
-        if n == 0 or limit <= 0:
+        if considered == 0 or limit <= 0:
             return [], considered
         need = self._bits.get("role:" + role)
         if need is None:
@@ -205,50 +307,40 @@ class FleetIndex:
             if cap is None:
                 return [], considered
             need |= cap
-        ok = self._status[:n] == _OK
-        ok &= self._report_at[:n] >= now - stale_after_s
-        ok &= (self._bitset[:n] & need) == need
-        idx = np.flatnonzero(ok)
-        if idx.size == 0:
+        self._sweep_stale(now)
+        view = self._view(need)
+        if view.count == 0:
             return [], considered
-        pending = self._pending[idx]
-        used = self._up[idx] + pending * redirect_bps
-        limit_bps = self._limit[idx]
-        fits = (used < limit_bps) & (self._viewers[idx] + pending < self._capacity[idx])
-        if not fits.all():
-            idx, used, limit_bps = idx[fits], used[fits], limit_bps[fits]
-            if idx.size == 0:
-                return [], considered
-        w = self.weights
-        score = self._load[idx] + w.bandwidth * (1.0 - used / limit_bps)
-        dist: _F | None = None
+        angle: _F | None = None
         if lat is not None and lon is not None:
             la, lo = math.radians(lat), math.radians(lon)
-            h = (
-                np.sin((self._lat[idx] - la) / 2) ** 2
-                + math.cos(la) * self._coslat[idx] * np.sin((self._lon[idx] - lo) / 2) ** 2
-            )
-            d = 2 * EARTH_RADIUS_KM * np.arcsin(np.sqrt(np.minimum(h, 1.0)))
-            has = self._has_loc[idx]
-            dist = np.where(has, d, -1.0)
-            score = score + np.where(has, w.geo * (1.0 - d / HALF_EARTH_CIRCUMFERENCE_KM), 0.0)
-        carriers = self._carriers.get(content_id) if content_id else None
-        if carriers and w.stream_bonus:
-            score = score + w.stream_bonus * np.isin(idx, np.fromiter(carriers, dtype=np.int64))
-        return self._top(idx, score, dist, limit), considered
-
-    def _top(self, idx: npt.NDArray[np.int64], score: _F, dist: _F | None, k: int) -> list[Ranked]:
-        if idx.size > k * 4:
-            part = np.argpartition(-score, k - 1)
-            threshold = score[part[k - 1]]
-            # Keep every node tied with the k-th so the id tie-break sees all of them.
-            pick = np.flatnonzero(score >= threshold)
+            cos_la = math.cos(la)
+            viewer = np.array((cos_la * math.cos(lo), cos_la * math.sin(lo), math.sin(la)))
+            cosine = self._xyz @ viewer
+            np.clip(cosine, -1.0, 1.0, out=cosine)
+            angle = np.arccos(cosine)
+            score = self._slope * angle
+            np.subtract(view.score, score, out=score)  # base - (w_geo / pi) * angle
         else:
-            pick = np.arange(idx.size)
+            # Unknown viewer location: geography is neutral, so no node gets the geo weight.
+            score = view.score - np.where(self._slope > 0, self.weights.geo, 0.0)
+        carriers = self._carriers.get(content_id) if content_id else None
+        if carriers and self.weights.stream_bonus:
+            score[list(carriers)] += self.weights.stream_bonus
+        return self._top(score, angle, min(limit, view.count)), considered
+
+    def _top(self, score: _F, angle: _F | None, k: int) -> list[Ranked]:
+        size = score.size
+        part = np.argpartition(score, size - k)
+        threshold = score[part[size - k]]
+        # Keep every node tied with the k-th so the id tie-break sees all of them.
+        pick = np.flatnonzero(score >= threshold).tolist()
         ids = self._ids
-        rows = [(-float(score[p]), ids[int(idx[p])], int(p)) for p in pick]
-        rows.sort()
+        rows = sorted((-float(score[p]), ids[p], p) for p in pick)
         out: list[Ranked] = []
         for neg, node_id, p in rows[:k]:
-            out.append(Ranked(node_id, -neg, float(dist[p]) if dist is not None else -1.0))
+            distance = -1.0
+            if angle is not None and self._nodes[p].located:
+                distance = float(angle[p]) * EARTH_RADIUS_KM
+            out.append(Ranked(node_id, -neg, distance))
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from urllib.parse import quote, urlsplit
 
 from api_balancing.validation import INGEST_PROTOCOLS, VIEWER_PROTOCOLS
@@ -14,15 +15,32 @@ _PLAY = {
 }
 
 
+@lru_cache(maxsize=4096)
+def _templates(
+    base_url: str, capabilities: frozenset[str], protocol: str
+) -> tuple[tuple[str, str, str], ...]:
+    """(protocol, prefix, suffix) per playable protocol: routing builds URLs by concatenation."""
+    wanted = (protocol,) if protocol else VIEWER_PROTOCOLS
+    out = []
+    for p in wanted:
+        if p in capabilities and p in _PLAY:
+            prefix, _, suffix = _PLAY[p].format(base=base_url, id="\0").partition("\0")
+            out.append((p, prefix, suffix))
+    return tuple(out)
+
+
+@lru_cache(maxsize=65536)
+def _quoted(content_id: str) -> str:
+    return quote(content_id, safe="/:")
+
+
 def playback_urls(base_url: str, content_id: str, capabilities: frozenset[str], protocol: str = ""
                   ) -> list[tuple[str, str]]:  # fmt: skip
     """(protocol, url) for the protocol asked for, or every viewer protocol the node offers."""
-    wanted = (protocol,) if protocol else VIEWER_PROTOCOLS
-    cid = quote(content_id, safe="/:")
+    cid = _quoted(content_id)
     return [
-        (p, _PLAY[p].format(base=base_url, id=cid))
-        for p in wanted
-        if p in capabilities and p in _PLAY
+        (p, prefix + cid + suffix)
+        for p, prefix, suffix in _templates(base_url, capabilities, protocol)
     ]
 
 

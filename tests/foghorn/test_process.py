@@ -91,6 +91,7 @@ def test_admin_cli_reports_errors_with_the_status(process_factory) -> None:  # t
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert unknown.returncode == 1 and "NOT_FOUND" in unknown.stderr
     anon = subprocess.run(
@@ -98,5 +99,6 @@ def test_admin_cli_reports_errors_with_the_status(process_factory) -> None:  # t
         capture_output=True,
         text=True,
         timeout=30,
+        check=False,
     )
     assert anon.returncode == 1 and "UNAUTHENTICATED" in anon.stderr
