@@ -238,6 +238,9 @@ class NodeRunner:
 
     async def run(self) -> None:
         """Forever: connect, serve the stream until it breaks, back off, reconnect."""
+        # Nodes boot at slightly different moments; it also lets the channel see every Foghorn
+        # replica ready, so round robin spreads the streams instead of all taking the first.
+        await asyncio.sleep(self.node.rng.uniform(0.0, min(1.0, self.interval_s)))
         while True:
             try:
                 await self._session()
