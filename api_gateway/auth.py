@@ -9,6 +9,7 @@ never downgraded to anonymous.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import jwt
 
 from pkg.common.auth import ANONYMOUS, Principal
+from pkg.common.clock import SYSTEM_CLOCK, Clock
 
 
 class AuthError(Exception):
@@ -47,8 +49,12 @@ def load_public_key(inline: str, path: str) -> str:
 class JwtAuthenticator:
     """Turns an ``Authorization`` header value into a ``Principal`` or raises ``AuthError``."""
 
-    def __init__(self, settings: JwtSettings) -> None:
+    def __init__(self, settings: JwtSettings, clock: Clock = SYSTEM_CLOCK) -> None:
         self._s = settings
+        self._clock = clock
+        # Verified tokens, keyed by the whole token (signature included): a repeat costs a dict
+        # lookup instead of a signature check. Expiry is still checked on every use.
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
         self._keys: dict[str, Any] = {}
         if settings.hs256_secret:
             self._keys["HS256"] = settings.hs256_secret
@@ -73,6 +79,19 @@ class JwtAuthenticator:
             raise AuthError("authorization must be 'Bearer <token>'")
         if not self._keys:
             raise AuthError("this gateway accepts no tokens (no JWT key configured)")
+        hit = self._verified.get(token)
+        if hit is not None:
+            if self._clock.time() < hit[1] + self._s.leeway_s:
+                return hit[0]
+            del self._verified[token]
+            raise AuthError("token expired")
+        principal, exp = self._verify(token)
+        self._verified[token] = (principal, exp)
+        if len(self._verified) > 4096:
+            self._verified.popitem(last=False)
+        return principal
+
+    def _verify(self, token: str) -> tuple[Principal, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -112,11 +131,12 @@ class JwtAuthenticator:
         if not isinstance(roles, list):
             raise AuthError(f"token claim {self._s.roles_claim!r} must be a list of strings")
         sub = claims.get("sub")
-        return Principal(
+        principal = Principal(
             name=sub if isinstance(sub, str) and sub else "user",
             tenant=tenant.strip(),
             roles=frozenset(_strings(roles)),
         )
+        return principal, float(claims["exp"])
 
 
 def _strings(values: Iterable[Any]) -> Iterable[str]:

@@ -92,6 +92,9 @@ def to_backend_error(exc: grpc.RpcError, what: str = "Foghorn") -> BackendError:
         return BackendError(errors.BAD_USER_INPUT, details or "invalid argument")
     if code == grpc.StatusCode.NOT_FOUND:
         return BackendError(errors.NOT_FOUND, details or "not found")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and what == "Foghorn":
+        # Foghorn's "no node can take this viewer now" (all draining, stale, full...).
+        return BackendError(errors.NO_ELIGIBLE_NODE, details or "no eligible node")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return BackendError(errors.BACKEND_TIMEOUT, f"{what} did not answer in time")
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):

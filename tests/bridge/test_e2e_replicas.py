@@ -36,7 +36,7 @@ async def test_concurrent_identical_queries_over_two_replicas_cost_one_foghorn_c
     ports = start_bridges(bridge_env(redis_server.url, prefix, foghorn.grpc_port))
     tok = token("acme")
     async with http_client() as client, edge_nodes(foghorn.grpc_port, ["n1", "n2"]):
-        assert await wait_for(lambda: _routes_ok(client, ports[0], tok, 2))
+        assert await wait_for(lambda: _routes_ok(client, ports[0], tok, 2), 30), _last_seen
         before = await _viewer_routes(client, foghorn)
         bridge_before = await _bridge_backend_calls(client, ports)
         content = f"live/{secrets.token_hex(4)}"  # a key nobody has cached
@@ -55,8 +55,14 @@ async def test_concurrent_identical_queries_over_two_replicas_cost_one_foghorn_c
 async def _routes_ok(client, port, tok, nodes: int = 1) -> bool:
     """Foghorn routes, and knows ``nodes`` connected nodes (asked around the cache)."""
     r = await gql(client, port, ROUTE_Q, {"c": f"warm/{secrets.token_hex(4)}"}, tok)
-    route = r.json()["data"]["route"] if r.status_code == 200 else None
-    return route is not None and route["best"] is not None and route["considered"] >= nodes
+    route = (r.json().get("data") or {}).get("route") if r.status_code == 200 else None
+    ok = route is not None and route["best"] is not None and route["considered"] >= nodes
+    if not ok:
+        _last_seen[port] = r.text[:300]
+    return ok
+
+
+_last_seen: dict[int, str] = {}
 
 
 async def test_set_node_mode_on_one_replica_is_seen_by_the_other_at_once(
@@ -65,7 +71,7 @@ async def test_set_node_mode_on_one_replica_is_seen_by_the_other_at_once(
     a, b = start_bridges(bridge_env(redis_server.url, prefix, foghorn.grpc_port))
     viewer, admin = token("acme"), token("acme", ["admin"])
     async with http_client() as client, edge_nodes(foghorn.grpc_port, ["n1", "n2"]):
-        assert await wait_for(lambda: _routes_ok(client, a, viewer, 2))
+        assert await wait_for(lambda: _routes_ok(client, a, viewer, 2), 30), _last_seen
         first = await gql(client, b, NODE_Q, {"id": "n1"}, viewer)
         assert first.json()["data"]["node"]["mode"] == "NORMAL"  # now cached, TTL 30 s
         m = 'mutation { setNodeMode(nodeId: "n1", mode: DRAINING) { node { mode } } }'
@@ -119,7 +125,7 @@ async def test_redis_stopped_mid_traffic_degrades_and_recovers(
     ports = start_bridges(bridge_env(redis.url, prefix, foghorn.grpc_port))
     tok = token("acme")
     async with http_client() as client, edge_nodes(foghorn.grpc_port, ["n1"]):
-        assert await wait_for(lambda: _routes_ok(client, ports[0], tok))
+        assert await wait_for(lambda: _routes_ok(client, ports[0], tok), 30), _last_seen
 
         async def health(port):
             return (await client.get(f"http://127.0.0.1:{port}/health")).json()
@@ -159,7 +165,7 @@ async def test_foghorn_down_answers_fast_errors_or_stale_cache(
     ports = start_bridges(env)
     tok = token("acme")
     async with http_client() as client, edge_nodes(foghorn.grpc_port, ["n1"]):
-        assert await wait_for(lambda: _routes_ok(client, ports[0], tok))
+        assert await wait_for(lambda: _routes_ok(client, ports[0], tok), 30), _last_seen
         nodes = await gql(client, ports[0], "{ nodes { id } }", None, tok)
         assert [n["id"] for n in nodes.json()["data"]["nodes"]] == ["n1"]
     foghorn.proc.kill()

@@ -328,3 +328,17 @@ def test_subscription_with_a_bad_token_is_rejected(client):
         with pytest.raises(WebSocketDisconnect) as closed:
             ws.receive_json()
         assert closed.value.code == 4403
+
+
+def test_a_verified_token_still_expires():
+    from api_gateway.auth import AuthError, JwtAuthenticator, JwtSettings
+    from pkg.common.clock import FakeClock
+
+    clock = FakeClock(wall_start=__import__("time").time())
+    auth = JwtAuthenticator(JwtSettings(hs256_secret=SECRET, leeway_s=0), clock)
+    tok = token(exp_in=60)
+    assert auth.authenticate(f"Bearer {tok}").tenant == "acme"
+    assert auth.authenticate(f"Bearer {tok}").tenant == "acme"  # from the verified cache
+    clock.advance(61)
+    with pytest.raises(AuthError, match="expired"):
+        auth.authenticate(f"Bearer {tok}")

@@ -1,0 +1,293 @@
+"""Benchmark of Bridge on loopback: ``./dev bench bridge`` -> ``.bench/bridge.json``.
+
+Real processes: redis-server, one Foghorn with simulated edge nodes, two Bridge replicas sharing
+the Redis, and a trivial ASGI app (uvicorn + Starlette, one JSON route) as the baseline. Measured
+in one run:
+
+* ``cached_query_p50_ms``: client p50 of an authenticated GraphQL ``route`` query answered from
+  the shared cache (JWT check, Redis rate-limit script, tag-version check, GraphQL execution);
+* ``cached_vs_redis_ratio``: that p50 over (raw Redis GET p50 + trivial ASGI request p50),
+  measured interleaved in the same run with the same HTTP client (target <= 3);
+* ``stampede_backend_calls``: Foghorn routing decisions caused by 200 concurrent identical
+  misses spread over the two replicas (worst of several rounds; target 1);
+* ``ratelimit_error_pct``: requests admitted beyond a tenant's limit, over the limit, when 4x
+  the limit arrive at once over both replicas (worst of several rounds; target 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import secrets
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jwt
+
+from pkg.clients import BreakerPolicy, Policy, RetryPolicy
+from pkg.clients.foghorn import FoghornClient
+from pkg.clients.http import AsyncHttpClient
+from pkg.devstack.servers import CommandProcess, RedisServer, free_port
+from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
+
+TARGETS = {"cached_vs_redis_ratio": 3.0, "stampede_backend_calls": 1, "ratelimit_error_pct": 0.0}
+SECRET = "bench-secret-bench-secret-bench-secret"
+FOGHORN_TOKEN = "bench-foghorn"
+ROUTE_Q = "query($c: String!) { route(contentId: $c) { best { nodeId } considered } }"
+POLICY = Policy(
+    timeout=30.0, retry=RetryPolicy(max_attempts=1), breaker=BreakerPolicy(enabled=False)
+)
+
+
+def _token(tenant: str) -> str:
+    claims = {"sub": "bench", "tenant": tenant, "iss": "platform", "aud": "bridge",
+              "exp": int(time.time()) + 3600, "roles": []}  # fmt: skip
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+def serve_trivial(port: int) -> int:
+    """The baseline: the smallest useful ASGI app on the same server stack as Bridge."""
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def ok(_: Request) -> JSONResponse:
+        return JSONResponse({"data": {"ok": True}})
+
+    app = Starlette(routes=[Route("/", ok, methods=["GET", "POST"])])
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    return 0
+
+
+async def _nodes(grpc_port: int, count: int) -> tuple[FoghornClient, list[Any]]:
+    client = FoghornClient([f"127.0.0.1:{grpc_port}"], token=FOGHORN_TOKEN)
+    calls = []
+    for i in range(count):
+
+        async def messages(i: int = i) -> Any:
+            yield pb.NodeMessage(
+                register=pb.Register(
+                    node_id=f"edge-{i}", roles=["edge"], capabilities=["hls"],
+                    base_url=f"http://10.0.0.{i + 1}:8080",
+                    location=pb.GeoPoint(latitude=50.0 + i, longitude=4.0), capacity=10_000,
+                )
+            )  # fmt: skip
+            while True:
+                yield pb.NodeMessage(
+                    report=pb.LoadReport(
+                        cpu_percent=10.0 + i, ram_used_bytes=1 << 30, ram_max_bytes=8 << 30,
+                        upload_bps=1_000_000, bandwidth_limit_bps=10_000_000_000,
+                    )
+                )  # fmt: skip
+                await asyncio.sleep(2.0)
+
+        call = client.connect(messages())
+        calls.append(call)
+    return client, calls
+
+
+async def _metric(http: AsyncHttpClient, url: str, name: str) -> float:
+    total = 0.0
+    for line in (await http.get(url)).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def _gql(http: AsyncHttpClient, port: int, variables: dict[str, Any], tok: str) -> Any:
+    return await http.post(
+        f"http://127.0.0.1:{port}/graphql",
+        json={"query": ROUTE_Q, "variables": variables},
+        headers={"Authorization": f"Bearer {tok}"},
+    )
+
+
+async def run(samples: int, rounds: int) -> dict[str, Any]:
+    redis = RedisServer()
+    redis.start()
+    procs: list[CommandProcess] = []
+    try:
+        fog_grpc, fog_http = free_port(), free_port()
+        foghorn = CommandProcess(
+            "foghorn",
+            [sys.executable, "-m", "api_balancing", "--grpc-port", str(fog_grpc),
+             "--http-port", str(fog_http), "--replica-id", "bench-fog"],
+            port=fog_grpc,
+            env={"PLATFORM_TOKENS": f"{FOGHORN_TOKEN}=bridge@ops:admin", "LOG_LEVEL": "WARNING"},
+        )  # fmt: skip
+        procs.append(foghorn)
+        foghorn.start()
+        env = {
+            "BRIDGE_REDIS_URL": redis.url,
+            "BRIDGE_FOGHORN_ADDRESSES": f"127.0.0.1:{fog_grpc}",
+            "BRIDGE_FOGHORN_TOKEN": FOGHORN_TOKEN,
+            "BRIDGE_JWT_HS256_SECRET": SECRET,
+            "BRIDGE_TENANT_BURST": "10000000",
+            "BRIDGE_TENANT_RATE": "10000000",
+            "BRIDGE_ROUTE_CACHE_TTL_S": "60",
+            "BRIDGE_TENANT_LIMITS": ",".join(f"limited{r}=50/0.001" for r in range(rounds)),
+            "LOG_LEVEL": "WARNING",
+        }
+        bridges = []
+        for i in range(2):
+            b = CommandProcess(
+                f"bridge-{i}",
+                [sys.executable, "-m", "api_gateway", "--port", "{port}", "--id", f"b{i}"],
+                env=env,
+            )
+            procs.append(b)
+            bridges.append(b)
+        trivial = CommandProcess(
+            "trivial", [sys.executable, "-m", "benchmarks.bridge", "--serve-trivial", "{port}"]
+        )
+        procs.append(trivial)
+        for p in procs[1:]:
+            p.start(wait=False)
+        for p in procs[1:]:
+            p.wait_ready()
+
+        fog_client, calls = await _nodes(fog_grpc, 3)
+        import redis.asyncio as aioredis
+
+        rclient = aioredis.Redis.from_url(redis.url)
+        await rclient.set("bench:key", b"x" * 200)
+        ports = [b.port for b in bridges]
+        tok = _token("bench")
+        async with AsyncHttpClient(policy=POLICY) as http:
+            # Wait until Foghorn routes (nodes registered and reported).
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                r = await _gql(http, ports[0], {"c": f"warm/{secrets.token_hex(3)}"}, tok)
+                route = r.json().get("data", {}) and r.json()["data"]["route"]
+                if route and route["best"] and route["considered"] >= 3:
+                    break
+                await asyncio.sleep(0.2)
+
+            # -- latency: cached query vs raw Redis GET + trivial ASGI request, interleaved --
+            await _gql(http, ports[0], {"c": "live/cached"}, tok)
+            trivial_url = f"http://127.0.0.1:{trivial.port}/"
+            for _ in range(50):  # warm-up: connections, caches, JIT-free but still
+                await _gql(http, ports[0], {"c": "live/cached"}, tok)
+                await http.post(trivial_url, json={"query": ROUTE_Q})
+                await rclient.get("bench:key")
+            cached, redis_get, asgi = [], [], []
+            for i in range(samples):
+                t0 = time.perf_counter()
+                await _gql(http, ports[i % 2], {"c": "live/cached"}, tok)
+                t1 = time.perf_counter()
+                await rclient.get("bench:key")
+                t2 = time.perf_counter()
+                await http.post(trivial_url, json={"query": ROUTE_Q})
+                t3 = time.perf_counter()
+                cached.append(t1 - t0)
+                redis_get.append(t2 - t1)
+                asgi.append(t3 - t2)
+
+            # -- stampede: 200 concurrent identical misses over two replicas --
+            fog_metrics = f"http://127.0.0.1:{fog_http}/metrics"
+            stampede = []
+            for _ in range(rounds):
+                before = await _metric(http, fog_metrics, "foghorn_routing_decisions_total")
+                content = f"stampede/{secrets.token_hex(4)}"
+                replies = await asyncio.gather(
+                    *[_gql(http, ports[i % 2], {"c": content}, tok) for i in range(200)]
+                )
+                bad = [r for r in replies if r.status_code != 200 or "errors" in r.json()]
+                if bad:
+                    raise RuntimeError(f"stampede round failed: {bad[0].text[:300]}")
+                after = await _metric(http, fog_metrics, "foghorn_routing_decisions_total")
+                stampede.append(int(after - before))
+
+            # -- rate limit exactness: 4x the limit at once, over both replicas --
+            errors_pct = []
+            for r in range(rounds):
+                limited = _token(f"limited{r}")
+                replies = await asyncio.gather(
+                    *[
+                        http.post(
+                            f"http://127.0.0.1:{ports[i % 2]}/graphql",
+                            json={"query": "{ me { tenant } }"},
+                            headers={"Authorization": f"Bearer {limited}"},
+                        )
+                        for i in range(200)
+                    ]
+                )
+                allowed = sum(1 for x in replies if x.status_code == 200)
+                errors_pct.append(max(0, allowed - 50) / 50 * 100.0)
+        await rclient.aclose()
+        for c in calls:
+            c.cancel()
+        await fog_client.close()
+    finally:
+        for p in reversed(procs):
+            p.stop(timeout=5)
+        redis.stop()
+
+    def p50_ms(xs: list[float]) -> float:
+        return round(statistics.median(xs) * 1000, 3)
+
+    def p99_ms(xs: list[float]) -> float:
+        return round(sorted(xs)[int(len(xs) * 0.99) - 1] * 1000, 3)
+
+    baseline = statistics.median(redis_get) + statistics.median(asgi)
+    return {
+        "cached_query_p50_ms": p50_ms(cached),
+        "cached_query_p99_ms": p99_ms(cached),
+        "raw_redis_get_p50_ms": p50_ms(redis_get),
+        "trivial_asgi_p50_ms": p50_ms(asgi),
+        "cached_vs_redis_ratio": round(statistics.median(cached) / baseline, 3),
+        "stampede_backend_calls": max(stampede),
+        "stampede_rounds": stampede,
+        "ratelimit_error_pct": max(errors_pct),
+        "ratelimit_rounds_pct": errors_pct,
+        "samples": samples,
+    }
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench bridge", description=__doc__)
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--serve-trivial", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_trivial:
+        return serve_trivial(args.serve_trivial)
+    from pkg.common.logging import configure_logging
+
+    configure_logging("bench-bridge", level="WARNING")
+    started = time.monotonic()
+    result = asyncio.run(run(args.samples, args.rounds))
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    result["targets"] = TARGETS
+    ok = (
+        result["cached_vs_redis_ratio"] <= TARGETS["cached_vs_redis_ratio"]
+        and result["stampede_backend_calls"] == TARGETS["stampede_backend_calls"]
+        and result["ratelimit_error_pct"] <= TARGETS["ratelimit_error_pct"]
+    )
+    result["within_target"] = ok
+    out = Path(".bench")
+    out.mkdir(exist_ok=True)
+    (out / "bridge.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        ("cached_query_p50_ms", result["cached_query_p50_ms"], ""),
+        ("  raw Redis GET p50 ms", result["raw_redis_get_p50_ms"], "baseline"),
+        ("  trivial ASGI p50 ms", result["trivial_asgi_p50_ms"], "baseline"),
+        ("cached_vs_redis_ratio", result["cached_vs_redis_ratio"], "<= 3"),
+        ("stampede_backend_calls", result["stampede_backend_calls"], "== 1"),
+        ("ratelimit_error_pct", result["ratelimit_error_pct"], "== 0"),
+    ]
+    print(f"{'metric':28} {'value':>10}  target")
+    for name, value, target in rows:
+        print(f"{name:28} {value:>10}  {target}")
+    print(f"wall {result['wall_s']} s -> .bench/bridge.json ({'OK' if ok else 'OUT OF TARGET'})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
