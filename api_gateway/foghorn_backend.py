@@ -12,11 +12,12 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 
 from api_gateway import errors
 from api_gateway.backend import BackendError, Json, RouteQuery
 from bridge.cache import NotFound
-from pkg.clients import Policy
+from pkg.clients import Policy, Runtime, aio_channel
 from pkg.clients.foghorn import FoghornClient
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 
@@ -114,26 +115,34 @@ class FoghornFleet:
         self._token = token
         self._timeout_s = timeout_s
         self._client: FoghornClient | None = None
+        self._owned_channel: grpc.aio.Channel | None = None
+        # Our own runtime, so /health can report the breakers of Foghorn's addresses.
+        self.runtime = Runtime()
 
     @property
     def client(self) -> FoghornClient:
         # Created on first use: a grpc.aio channel belongs to the event loop it was made on,
         # and the server's loop only exists once uvicorn runs.
         if self._client is None:
-            self._client = FoghornClient(
+            channel = aio_channel(
                 self._addresses,
+                Policy(timeout=self._timeout_s),
                 token=self._token,
-                policy=Policy(timeout=self._timeout_s),
-                timeout_s=self._timeout_s,
+                runtime=self.runtime,
             )
+            self._client = FoghornClient(
+                self._addresses, channel=channel, timeout_s=self._timeout_s
+            )
+            self._owned_channel = channel
         return self._client
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        if self._owned_channel is not None:
+            await self._owned_channel.close(None)
 
-    def state(self) -> str:
-        return "configured"
+    def state(self) -> dict[str, str]:
+        """Breaker state per Foghorn address seen so far (``closed``/``open``/``half-open``)."""
+        return {name: b.state for name, b in self.runtime.breakers.items()}
 
     async def _call(self, aw: Awaitable[T]) -> T:
         try:

@@ -155,12 +155,15 @@ def build_replica(
 
     async def health_report() -> dict[str, Any]:
         redis_state = "embedded" if health is None else ("up" if health.up else "down")
-        breaker = getattr(fleet, "state", None)
+        state = getattr(fleet, "state", None)
+        breakers = state() if callable(state) else {}
+        foghorn_open = any(v != "closed" for v in breakers.values())
         body: dict[str, Any] = {
-            "status": "degraded" if redis_state == "down" else "ok",
+            "status": "degraded" if redis_state == "down" or foghorn_open else "ok",
             "replica": replica_id,
             "redis": redis_state,
-            "foghorn": breaker() if callable(breaker) else "unconfigured",
+            "foghorn": {"breakers": breakers} if cfg.foghorn_addresses else "unconfigured",
+            "signalman": "configured" if cfg.signalman_addresses else "unconfigured",
             "auth": "jwt" if auth.enabled else "anonymous-only",
         }
         if health is not None and not health.up:

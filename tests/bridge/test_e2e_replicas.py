@@ -185,6 +185,9 @@ async def test_foghorn_down_answers_fast_errors_or_stale_cache(
     assert set(codes) <= {"BACKEND_UNAVAILABLE", "BACKEND_TIMEOUT"}
     # The breaker opened: later calls fail at once without trying the dead backend.
     assert any("circuit breaker" in m for m in messages[-10:]), messages[-3:]
+    health = (await client_.get(f"http://127.0.0.1:{ports[0]}/health")).json()
+    assert health["status"] == "degraded"
+    assert set(health["foghorn"]["breakers"].values()) & {"open", "half-open"}
     await client_.aclose()
 
 
