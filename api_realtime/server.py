@@ -120,7 +120,7 @@ class SignalmanApp:
         if cfg.redis_url:
             from signalman.history.redis import RedisHistory
 
-            return RedisHistory(cfg.redis_url, max_len=cfg.history_maxlen)
+            return RedisHistory(cfg.redis_url, prefix=cfg.redis_prefix, max_len=cfg.history_maxlen)
         if cfg.kafka_bootstrap:
             log.warning(
                 "history_not_shared",

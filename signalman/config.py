@@ -25,6 +25,7 @@ class SignalmanConfig:
     lock_grace_s: float = 2.0
     # Redis Streams history shared by replicas; unset = in-memory history of this replica.
     redis_url: str = ""
+    redis_prefix: str = "sm"  # key namespace: deployments may share one Redis
     history_maxlen: int = 10_000
     history_retention_s: float = 86_400.0
     # Subscribers.

@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from signalman.config import SignalmanConfig
+from signalman.deadletter import attempts_of
 from signalman.history import History, SourcePos
 from signalman.ownership import OwnershipLost, PartitionLocks
 from signalman.processor import Processor
@@ -181,18 +182,27 @@ class GroupMember:
             if not batches:
                 continue
             async with self._processing:
-                for tp, records in batches.items():
-                    await self._process_partition(tp, records)
+                progressed = [await self._process_partition(tp, r) for tp, r in batches.items()]
+            if not any(progressed):
+                await self.clock.asleep(0.05)  # waiting for ownership: do not spin on refetches
 
-    async def _process_partition(self, tp: TopicPartition, records: list[Any]) -> None:
+    async def _process_partition(self, tp: TopicPartition, records: list[Any]) -> bool:
+        """Process one partition's records; False when they were not ours to process."""
         owned = self.owned.get(tp)
         if owned is None:
-            return  # not ours (any more): its new owner processes it
+            # Not ours yet (the fetcher can run ahead of the listener still taking the lock) or not
+            # ours any more. Rewind, so these records are fetched again once we do own it;
+            # skipping them would move the position past records nobody processed.
+            if tp in self.consumer.assignment():
+                self.consumer.seek(tp, records[0].offset)
+            return False
         done: int | None = None
         try:
             for record in records:
                 source = SourcePos(tp.topic, tp.partition, record.offset)
-                outcome = await self.processor.handle(record.value, record.key, source, owned.fence)
+                outcome = await self.processor.handle(
+                    record.value, record.key, source, owned.fence, attempts_of(record.headers)
+                )
                 if outcome.status == "fenced":
                     self.owned.pop(tp, None)
                     raise OwnershipLost(f"partition {tp.partition} is fenced by a newer owner")
@@ -214,6 +224,7 @@ class GroupMember:
                 # A rebalance is under way; the next owner re-reads from the last commit and the
                 # history's watermark skips what we appended.
                 log.info("commit_failed", partition=tp.partition, error=repr(exc)[:200])
+        return True
 
     def lag(self) -> dict[TopicPartition, int]:
         out = {}

@@ -21,6 +21,14 @@ from signalman.processor import DeadLetter
 log = structlog.get_logger("signalman.deadletter")
 
 
+def attempts_of(headers: Any) -> int:
+    """How many times a record was re-driven already (0 for a first delivery)."""
+    try:
+        return max(0, int(_header(headers, "attempts") or 0))
+    except ValueError:
+        return 0
+
+
 def _header(headers: Any, name: str) -> str:
     for key, value in headers or ():
         if key == name:
@@ -48,7 +56,7 @@ class DeadLetterProducer:
 
     async def __call__(self, letter: DeadLetter) -> None:
         producer = await self._get()
-        attempts = 0
+        attempts = letter.attempts
         headers = [
             ("reason", letter.reason.encode()[:1000]),
             ("retryable", b"1" if letter.retryable else b"0"),
@@ -119,7 +127,7 @@ class Redriver:
             commit_to = None
             for rec in records:
                 retryable = _header(rec.headers, "retryable") == "1"
-                attempts = int(_header(rec.headers, "attempts") or 0)
+                attempts = attempts_of(rec.headers)
                 if retryable and attempts < self.max_attempts:
                     age = self.clock.time() - rec.timestamp / 1000.0
                     if age < self.delay_s:

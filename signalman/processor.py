@@ -37,6 +37,7 @@ class DeadLetter:
     value: bytes | None
     reason: str
     retryable: bool
+    attempts: int = 0  # re-drives this record already had
 
 
 DeadLetterFn = Callable[[DeadLetter], Awaitable[None]]
@@ -66,14 +67,20 @@ class Processor:
         self.stats = ProcessorStats()
 
     async def handle(
-        self, value: bytes | None, key: bytes | None, source: SourcePos, fence: int
+        self,
+        value: bytes | None,
+        key: bytes | None,
+        source: SourcePos,
+        fence: int,
+        attempts: int = 0,
     ) -> Outcome:
         """Process one record. Raises only when the history is unreachable (do not commit)."""
         self.stats.records += 1
         _processed.add(1)
         result = process_record(value, key)
         if isinstance(result, Poison):
-            await self.dead_letter(DeadLetter(source, key, value, result.reason, result.retryable))
+            letter = DeadLetter(source, key, value, result.reason, result.retryable, attempts)
+            await self.dead_letter(letter)
             self.stats.dead_lettered += 1
             _dead.add(1, {"retryable": str(result.retryable).lower()})
             log.warning(
