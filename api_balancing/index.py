@@ -317,7 +317,10 @@ class FleetIndex:
             cos_la = math.cos(la)
             viewer = np.array((cos_la * math.cos(lo), cos_la * math.sin(lo), math.sin(la)))
             cosine = self._xyz @ viewer
-            np.clip(cosine, -1.0, 1.0, out=cosine)
+            # Rounding can push the dot product a hair past +-1 (arccos would give NaN).
+            # minimum/maximum rather than np.clip, whose Python-level wrapper costs more here.
+            np.minimum(cosine, 1.0, out=cosine)
+            np.maximum(cosine, -1.0, out=cosine)
             angle = np.arccos(cosine)
             score = self._slope * angle
             np.subtract(view.score, score, out=score)  # base - (w_geo / pi) * angle
@@ -330,13 +333,26 @@ class FleetIndex:
         return self._top(score, angle, min(limit, view.count)), considered
 
     def _top(self, score: _F, angle: _F | None, k: int) -> list[Ranked]:
-        size = score.size
-        part = np.argpartition(score, size - k)
-        threshold = score[part[size - k]]
-        # Keep every node tied with the k-th so the id tie-break sees all of them.
-        pick = np.flatnonzero(score >= threshold).tolist()
+        """Best ``k`` of ``score`` (a fresh array, consumed), ties broken by node id."""
         ids = self._ids
-        rows = sorted((-float(score[p]), ids[p], p) for p in pick)
+        rows: list[tuple[float, str, int]] = []
+        if k <= 8:
+            # A few argmax passes beat a partition of the whole fleet for small k.
+            for _ in range(k):
+                p = int(score.argmax())
+                rows.append((-float(score[p]), ids[p], p))
+                score[p] = _NEG_INF
+            threshold = -rows[-1][0]
+            if float(score.max()) == threshold:  # a tie at the cut: let the id order decide
+                for p in np.flatnonzero(score == threshold).tolist():
+                    rows.append((-threshold, ids[p], p))
+        else:
+            size = score.size
+            threshold = score[np.argpartition(score, size - k)[size - k]]
+            rows = [
+                (-float(score[p]), ids[p], p) for p in np.flatnonzero(score >= threshold).tolist()
+            ]
+        rows.sort()
         out: list[Ranked] = []
         for neg, node_id, p in rows[:k]:
             distance = -1.0

@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from api_balancing import convert, errors, metrics, validation
+from api_balancing import convert, errors, fastwire, metrics, validation
 from api_balancing.fleet import Fleet
 from api_balancing.geoip import GeoIpTable
 from api_balancing.model import GeoPoint, NodeMode
@@ -214,12 +214,17 @@ class RoutingService(pb_grpc.RoutingServicer):
             cid, location, limit=1 + (fallbacks or DEFAULT_FALLBACKS), protocol=protocol
         )
         get = self.fleet.store.get
-        out = pb.ViewerRouteResponse(
-            best=convert.candidate(ranked[0], get(ranked[0].node_id), cid, protocol),
-            fallbacks=[convert.candidate(r, get(r.node_id), cid, protocol) for r in ranked[1:]],
-            viewer_location=convert.geo(location) if location is not None else None,
-            considered=considered,
-        )
+        content = fastwire.content_bytes(cid)
+        encoded = []
+        for r in ranked:
+            rec = get(r.node_id)
+            if rec is not None:  # gone between ranking and reply: leave it out
+                encoded.append(
+                    fastwire.candidate(rec.identity, r.score, r.distance_km, content, protocol)
+                )
+        if not encoded:
+            raise errors.NoEligibleNode(f"no eligible edge node for {cid!r} (fleet changed)")
+        out = fastwire.viewer_reply(encoded, location, considered)
         # A measurement, not logic: perf_counter rather than the injected clock.
         self.fleet.route_latency.add((time.perf_counter() - started) * 1e6)
         return out

@@ -16,7 +16,7 @@ _PLAY = {
 
 
 @lru_cache(maxsize=4096)
-def _templates(
+def playback_templates(
     base_url: str, capabilities: frozenset[str], protocol: str
 ) -> tuple[tuple[str, str, str], ...]:
     """(protocol, prefix, suffix) per playable protocol: routing builds URLs by concatenation."""
@@ -30,17 +30,18 @@ def _templates(
 
 
 @lru_cache(maxsize=65536)
-def _quoted(content_id: str) -> str:
+def quoted(content_id: str) -> str:
+    """The content id as it appears in a URL path."""
     return quote(content_id, safe="/:")
 
 
 def playback_urls(base_url: str, content_id: str, capabilities: frozenset[str], protocol: str = ""
                   ) -> list[tuple[str, str]]:  # fmt: skip
     """(protocol, url) for the protocol asked for, or every viewer protocol the node offers."""
-    cid = _quoted(content_id)
+    cid = quoted(content_id)
     return [
         (p, prefix + cid + suffix)
-        for p, prefix, suffix in _templates(base_url, capabilities, protocol)
+        for p, prefix, suffix in playback_templates(base_url, capabilities, protocol)
     ]
 
 
