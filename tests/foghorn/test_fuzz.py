@@ -78,8 +78,10 @@ async def test_fuzzed_reports_never_break_the_server_or_the_stream(foghorn: Harn
         stream.report(report)
     rejected = len(samples) - expected_ok
     await eventually(
-        lambda: foghorn.fleet.counters.reports_rejected == rejected
-        and foghorn.reports_of("fuzz") == 1 + expected_ok,
+        lambda: (
+            foghorn.fleet.counters.reports_rejected == rejected
+            and foghorn.reports_of("fuzz") == 1 + expected_ok
+        ),
         timeout=20,
         what="every fuzzed report handled",
     )
