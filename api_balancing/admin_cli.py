@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"foghorn-admin: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and friends: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
