@@ -113,7 +113,7 @@ def build_replica(
         local_size=cfg.cache_local_size if cfg.redis_url else 0,
     )
     if health is not None:
-        health.on_recover(cache.clear_local)
+        health.on_recover(cache.flush_pending)
 
     limiter = RateLimiter(bucket_store, MemoryBucketStore(clock))
     tenant_limits = CachedLimits(

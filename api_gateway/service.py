@@ -31,7 +31,6 @@ from api_gateway.backend import (
 )
 from api_gateway.errors import ApiError
 from bridge.cache import CachePolicy, CacheResult, ResponseCache
-from bridge.store import StoreUnavailable
 from pkg.common.auth import Principal
 
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -167,11 +166,8 @@ class Gateway:
         return all_tags
 
     async def _invalidate(self, tags: list[str]) -> None:
-        try:
-            await self.cache.invalidate(tags)
-        except StoreUnavailable:
-            # Redis is down: nothing is being served from it, and local tiers were dropped.
-            pass
+        # While Redis is unreachable the cache defers the bump and replays it on recovery.
+        await self.cache.invalidate(tags)
 
     async def tenant_events(self, principal: Principal, channels: list[str]) -> AsyncIterator[Json]:
         """The caller's tenant's events; the tenant comes from the token, never the query."""

@@ -153,6 +153,7 @@ class ResponseCache:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._local_size = local_size
         self._local: OrderedDict[str, _Entry] = OrderedDict()
+        self._pending: set[str] = set()
 
     # -- public API -------------------------------------------------------------------------
     async def get(
@@ -187,11 +188,34 @@ class ResponseCache:
             key, lambda: self._miss(key, loader, tags, pol, stale_for_error)
         )
 
-    async def invalidate(self, tags: Sequence[str]) -> None:
-        """Invalidate every entry recorded under any of ``tags``, on every replica at once."""
-        for k in list(self._local):
-            del self._local[k]  # cheap and safe: local entries revalidate anyway
-        await self.store.bump(list(tags))
+    async def invalidate(self, tags: Sequence[str]) -> bool:
+        """Invalidate every entry recorded under any of ``tags``, on every replica at once.
+
+        Returns False when the store is unreachable: the tags are then remembered and bumped by
+        ``flush_pending`` once it is back, so entries written before the outage (still in a Redis
+        that only this replica could not reach) are not served after it.
+        """
+        self._local.clear()  # cheap and safe: local entries revalidate anyway
+        try:
+            await self.store.bump(list(tags))
+        except StoreUnavailable:
+            self._pending.update(tags)
+            log.warning("cache_invalidation_deferred", tags=list(tags))
+            return False
+        return True
+
+    async def flush_pending(self) -> None:
+        """Apply invalidations deferred during an outage (run when the store recovers)."""
+        self._local.clear()
+        if not self._pending:
+            return
+        tags = sorted(self._pending)
+        try:
+            await self.store.bump(tags)
+        except StoreUnavailable:
+            return
+        self._pending.difference_update(tags)
+        log.info("cache_invalidation_replayed", tags=tags)
 
     def clear_local(self) -> None:
         """Drop the in-process tier (e.g. after Redis restarted and tag versions reset)."""
