@@ -278,6 +278,16 @@ class Fleet:
             self._locks.pop(record.node_id, None)
             self.redirects.forget(record.node_id)
             evicted.append(record.node_id)
+            # Streams only this node still listed are over for the whole fleet now.
+            for stream in current.report.streams if current.report else ():
+                if self.index.carriers(stream.stream_id) == 0:
+                    self._emit(
+                        "stream.ended",
+                        stream.tenant_id,
+                        stream_id=stream.stream_id,
+                        node_id=record.node_id,
+                        reason="node evicted",
+                    )
             self.counters.evictions += 1
             log.info(
                 "node evicted",

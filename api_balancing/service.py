@@ -29,6 +29,9 @@ log = structlog.get_logger("foghorn.service")
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_FALLBACKS = 3
+# Rejection notices wait in the stream's outbox until the node reads them; past this many
+# queued messages they are only counted, so a node that never reads cannot grow our memory.
+MAX_QUEUED_REJECTIONS = 256
 
 
 def _status(code: str) -> grpc.StatusCode:
@@ -179,6 +182,8 @@ class NodeControlService(pb_grpc.NodeControlServicer):
         except errors.FoghornError as exc:
             await self.fleet.reject_report(node_id, exc.message)
             metrics.rejected_fields.add(1, {"field": exc.field.split("[")[0]})
+            if outbox.qsize() >= MAX_QUEUED_REJECTIONS:
+                return  # a node that sends bad reports without reading: counted, not queued
             outbox.put_nowait(
                 pb.ControlMessage(
                     rejected=pb.ReportRejected(

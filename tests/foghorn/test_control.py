@@ -193,3 +193,31 @@ async def test_mode_is_kept_after_disconnect_until_eviction(foghorn: Harness) ->
     back = await foghorn.node("n1", report_msg())
     assert back is not None
     assert foghorn.server.store.get("n1").mode is NodeMode.DRAINING
+
+
+async def test_flood_of_bad_reports_is_counted_and_the_stream_survives(foghorn: Harness) -> None:
+    stream = await foghorn.node("n1", report_msg())
+    for _ in range(500):  # sent without reading the rejections
+        stream.report(report_msg(cpu=-1))
+    await eventually(
+        lambda: foghorn.fleet.counters.reports_rejected == 500, what="every bad report counted"
+    )
+    assert (await foghorn.ops.get_node("n1")).health.reports_rejected == 500
+    stream.report(report_msg(cpu=55))  # still serving the stream
+    await eventually(lambda: foghorn.reports_of("n1") == 2)
+
+
+async def test_rejection_notices_stop_queueing_for_a_node_that_does_not_read(
+    foghorn: Harness,
+) -> None:
+    import asyncio
+
+    from api_balancing.service import MAX_QUEUED_REJECTIONS
+
+    await foghorn.node("n1", report_msg())
+    outbox: asyncio.Queue[object] = asyncio.Queue()
+    for _ in range(MAX_QUEUED_REJECTIONS):
+        outbox.put_nowait(object())  # the node's stream is backed up this far
+    await foghorn.server.control._report("n1", report_msg(cpu=-1), outbox)
+    assert outbox.qsize() == MAX_QUEUED_REJECTIONS  # nothing more queued...
+    assert foghorn.fleet.counters.reports_rejected == 1  # ...but counted

@@ -53,3 +53,16 @@ async def test_routing_decisions_are_sampled_into_the_contents_tenant(make_fogho
     await quiet.node("n1", report_msg())
     await quiet.anon.route_viewer("s1")
     assert of(quiet, "routing.decision") == []
+
+
+async def test_evicting_the_last_carrier_ends_its_streams(make_foghorn) -> None:  # type: ignore[no-untyped-def]
+    h: Harness = await make_foghorn(fake_clock=True)
+    stream = await h.node("n1", report_msg(streams=(("s1", "acme", 1),)))
+    await stream.close()
+    await eventually(lambda: not h.server.store.get("n1").connected)
+    assert of(h, "stream.ended") == []  # it may come back: not over yet
+    assert h.clock is not None
+    h.clock.advance(301)
+    assert await h.fleet.reap_once() == ["n1"]
+    (ended,) = of(h, "stream.ended")
+    assert ended.tenant == "acme" and ended.data["reason"] == "node evicted"
