@@ -16,10 +16,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from pkg.coord.changelog import APPEND_LUA, seq_key
+
 FENCE_FIELD = "_fence"
 
 # Fence of an ownership record "replica|address|fence" is its last '|'-separated part.
-_LUA_HELPERS = """
+_LUA_HELPERS = (
+    APPEND_LUA
+    + """
 local function record_fence(rec)
   if not rec then return nil end
   local f = string.match(rec, '|(%d+)$')
@@ -27,8 +31,9 @@ local function record_fence(rec)
   return nil
 end
 """
+)
 
-# KEYS: hash, owner record, stream (stream may be any key when maxlen == 0)
+# KEYS: hash, owner record, stream, stream counter (any keys when maxlen == 0)
 # ARGV: fence, ttl_ms, maxlen (0: no announce), exact_trim (0/1), npairs, pairs..., entry...
 _WRITE = (
     _LUA_HELPERS
@@ -51,17 +56,15 @@ if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 local id = ''
 local maxlen = tonumber(ARGV[3])
 if maxlen > 0 then
-  local trim = '~'
-  if ARGV[4] == '1' then trim = '=' end
-  local xadd = {KEYS[3], 'MAXLEN', trim, maxlen, '*', 'fence', ARGV[1]}
-  for i = 6 + 2 * npairs, #ARGV do xadd[#xadd + 1] = ARGV[i] end
-  id = redis.call('XADD', unpack(xadd))
+  local fields = {'fence', ARGV[1]}
+  for i = 6 + 2 * npairs, #ARGV do fields[#fields + 1] = ARGV[i] end
+  id = changelog_append(KEYS[3], KEYS[4], maxlen, ARGV[4] == '1', fields)
 end
 return {1, id}
 """
 )
 
-# KEYS: hash, owner record, stream, guard key (any key when no guard)
+# KEYS: hash, owner record, stream, guard key (any key when no guard), stream counter
 # ARGV: fence (-1: no fence check), expect field ('' : none), expect value, guard value
 #       ('' : no guard), maxlen, exact_trim, entry...
 _DELETE = (
@@ -85,12 +88,9 @@ redis.call('DEL', KEYS[1])
 local id = ''
 local maxlen = tonumber(ARGV[5])
 if maxlen > 0 then
-  local trim = '~'
-  if ARGV[6] == '1' then trim = '=' end
-  local last = tostring(stored or math.max(fence, 0))
-  local xadd = {KEYS[3], 'MAXLEN', trim, maxlen, '*', 'fence', last}
-  for i = 7, #ARGV do xadd[#xadd + 1] = ARGV[i] end
-  id = redis.call('XADD', unpack(xadd))
+  local fields = {'fence', tostring(stored or math.max(fence, 0))}
+  for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+  id = changelog_append(KEYS[3], KEYS[5], maxlen, ARGV[6] == '1', fields)
 end
 return {1, id}
 """
@@ -115,7 +115,11 @@ class WriteResult:
 
 @dataclass(frozen=True)
 class Announce:
-    """Where and how an accepted change is appended: stream key, bound, and entry fields."""
+    """Where and how an accepted change is appended: stream key, bound, and entry fields.
+
+    The entry is numbered like ``Changelog.append`` does (counter ``<stream>:seq``), so
+    changelog readers detect gaps across both kinds of writers.
+    """
 
     stream: str
     maxlen: int
@@ -199,7 +203,7 @@ class FencedHash:
             *(_flatten(announce.fields) if announce else []),
         ]
         stream = announce.stream if announce else key
-        raw = await self._write(keys=[key, owner_key, stream], args=args)
+        raw = await self._write(keys=[key, owner_key, stream, seq_key(stream)], args=args)
         return _outcome(raw)
 
     async def delete(
@@ -231,5 +235,7 @@ class FencedHash:
         ]
         stream = announce.stream if announce else key
         guard_key = guard[0] if guard else key
-        raw = await self._delete(keys=[key, owner_key, stream, guard_key], args=args)
+        raw = await self._delete(
+            keys=[key, owner_key, stream, guard_key, seq_key(stream)], args=args
+        )
         return _outcome(raw)

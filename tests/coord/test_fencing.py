@@ -67,7 +67,7 @@ async def test_accepted_write_is_announced_in_the_same_step_and_rejected_one_is_
         await store.write(key, owner, 4, {"cpu": "2"}, announce=announce)
     entries = await redis.xrange(stream)
     assert [e[0] for e in entries] == [result.entry_id]
-    assert entries[0][1] == {"fence": "5", "op": "put", "id": "n1"}
+    assert entries[0][1] == {"n": "1", "fence": "5", "op": "put", "id": "n1"}
     for _ in range(5):
         await store.write(key, owner, 5, {"cpu": "1"}, announce=announce)
     assert await redis.xlen(stream) == 3, "the changelog stays within its bound"
@@ -102,7 +102,10 @@ async def test_delete_is_match_checked_and_guarded(redis: aioredis.Redis, prefix
         announce=Announce(stream=stream, maxlen=10, fields={"op": "del"}),
     )
     assert await redis.exists(key) == 0
-    assert (await redis.xrange(stream))[0] == (result.entry_id, {"fence": "5", "op": "del"})
+    assert (await redis.xrange(stream))[0] == (
+        result.entry_id,
+        {"n": "1", "fence": "5", "op": "del"},
+    )
 
 
 async def test_delete_of_a_missing_key_is_still_announced(
