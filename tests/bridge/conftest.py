@@ -109,7 +109,9 @@ def start_bridges(process_factory):
                 [sys.executable, "-m", "api_gateway", "--port", "{port}", "--id", f"bridge-{i}"],
                 env=env,
             )
+            start.procs.append(proc)
             ports.append(proc.port)
         return ports
 
+    start.procs = []  # the CommandProcess of each replica, for tests that kill one
     return start

@@ -208,3 +208,23 @@ async def test_huge_headers_are_refused_and_the_process_keeps_serving(start_brid
                 assert "RemoteProtocolError" in repr(exc) or "ReadError" in repr(exc), repr(exc)
         ok = await client.post(url, json=body)
         assert ok.json() == {"data": {"me": {"anonymous": True}}}
+
+
+@pytest.mark.failure
+async def test_a_killed_replica_leaves_the_other_serving_and_rejoins_the_shared_cache(
+    redis_server, foghorn, start_bridges, prefix
+):
+    ports = start_bridges(bridge_env(redis_server.url, prefix, foghorn.grpc_port))
+    a_proc = start_bridges.procs[0]
+    tok = token("acme")
+    async with http_client() as client, edge_nodes(foghorn.grpc_port, ["n1"]):
+        assert await wait_for(lambda: _routes_ok(client, ports[1], tok), 30), _last_seen
+        a_proc.kill()  # SIGKILL mid-service: no goodbye
+        for _ in range(10):
+            r = await gql(client, ports[1], ROUTE_Q, {"c": "shared/after-kill"}, tok)
+            assert r.status_code == 200 and r.json()["data"]["route"]["best"]["nodeId"] == "n1"
+        before = await _viewer_routes(client, foghorn)
+        a_proc.start()  # same port
+        r = await gql(client, ports[0], ROUTE_Q, {"c": "shared/after-kill"}, tok)
+        assert r.json()["data"]["route"]["best"]["nodeId"] == "n1"
+        assert await _viewer_routes(client, foghorn) == before  # answered from the shared cache
