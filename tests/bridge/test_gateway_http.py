@@ -342,3 +342,11 @@ def test_a_verified_token_still_expires():
     clock.advance(61)
     with pytest.raises(AuthError, match="expired"):
         auth.authenticate(f"Bearer {tok}")
+
+
+def test_a_devtoken_is_accepted_by_a_replica_with_the_same_secret(client):
+    from api_gateway.devtoken import mint
+
+    tok = mint(SECRET, "demo", ["admin"], "platform", "bridge", 60)
+    me = gql(client, "{ me { tenant roles } }", tok=tok).json()["data"]["me"]
+    assert me == {"tenant": "demo", "roles": ["admin"]}
