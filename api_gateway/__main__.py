@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         port=cfg.http_port,
         log_level="warning",
         access_log=False,
-        ws="websockets",
+        ws="websockets-sansio",
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
