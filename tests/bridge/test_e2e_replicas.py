@@ -228,3 +228,44 @@ async def test_a_killed_replica_leaves_the_other_serving_and_rejoins_the_shared_
         r = await gql(client, ports[0], ROUTE_Q, {"c": "shared/after-kill"}, tok)
         assert r.json()["data"]["route"]["best"]["nodeId"] == "n1"
         assert await _viewer_routes(client, foghorn) == before  # answered from the shared cache
+
+
+async def test_every_query_answers_from_a_real_foghorn(
+    redis_server, foghorn, start_bridges, prefix
+):
+    env = bridge_env(redis_server.url, prefix, foghorn.grpc_port, BRIDGE_CACHE_TTL_S="0.2",
+                     BRIDGE_ROUTE_CACHE_TTL_S="0.2")  # fmt: skip
+    (port,) = start_bridges(env, count=1)
+    viewer, admin = token("acme"), token("acme", ["admin"])
+    q = """query($c: String!) {
+      nodes { id mode connected stale region latitude capacity load { cpuPercent ramMaxBytes } }
+      node(id: "n2") { id baseUrl capabilities roles ownerReplica lastReportAgeS }
+      route(contentId: $c, latitude: 50.1, longitude: 4.0, maxFallbacks: 1) {
+        best { nodeId baseUrl urls { protocol url } score distanceKm region }
+        fallbacks { nodeId } viewerLatitude considered
+      }
+      explainRoute(contentId: $c, latitude: 50.1, longitude: 4.0) {
+        weights viewerLatitude
+        nodes { nodeId eligible rejection reason score rank distanceKm parts { cpu geo } }
+      }
+    }"""
+    async with http_client() as client, edge_nodes(foghorn.grpc_port, ["n1", "n2"]):
+        assert await wait_for(lambda: _routes_ok(client, port, viewer, 2), 30), _last_seen
+        data = (await gql(client, port, q, {"c": "live/all"}, viewer)).json()
+        assert "errors" not in data, data
+        d = data["data"]
+        assert sorted(n["id"] for n in d["nodes"]) == ["n1", "n2"]
+        assert all(n["connected"] and n["load"]["ramMaxBytes"] == 8e9 for n in d["nodes"])
+        assert d["node"]["capabilities"] == ["hls"] and d["node"]["roles"] == ["edge"]
+        assert d["route"]["best"]["nodeId"] == "n1"  # at 50.1 N: n1 (50 N) is nearest
+        assert d["route"]["best"]["urls"] and d["route"]["fallbacks"][0]["nodeId"] == "n2"
+        ranks = {n["nodeId"]: n["rank"] for n in d["explainRoute"]["nodes"]}
+        assert ranks == {"n1": 1, "n2": 2}
+
+        m = 'mutation { setNodeMode(nodeId: "n1", mode: MAINTENANCE) { node { mode } acked } }'
+        set_mode = (await gql(client, port, m, None, admin)).json()
+        assert set_mode["data"]["setNodeMode"] == {"node": {"mode": "MAINTENANCE"}, "acked": True}
+        after = (await gql(client, port, q, {"c": "live/all"}, viewer)).json()["data"]
+        assert after["route"]["best"]["nodeId"] == "n2"  # invalidated at once, n1 excluded
+        n1 = next(n for n in after["explainRoute"]["nodes"] if n["nodeId"] == "n1")
+        assert (n1["eligible"], n1["rejection"], n1["rank"]) == (False, "MAINTENANCE", 0)
