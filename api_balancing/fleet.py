@@ -19,7 +19,14 @@ import structlog
 
 from api_balancing import errors, metrics
 from api_balancing.index import FleetIndex, Ranked
-from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeMode, NodeRecord
+from api_balancing.model import (
+    GeoPoint,
+    LoadReport,
+    NodeIdentity,
+    NodeMode,
+    NodeRecord,
+    evolve,
+)
 from api_balancing.redirects import RedirectTracker
 from api_balancing.scoring import Evaluation, Rejection, RouteQuery, Weights, evaluate, rank
 from api_balancing.store.base import NodeStore
@@ -179,12 +186,12 @@ class Fleet:
     async def accept_report(self, node_id: str, report: LoadReport) -> NodeRecord:
         """Store a validated report; settle pending redirects; emit stream start/end events."""
         now = self.clock.time()
-        before: dict[str, int] = {}
+        previous: LoadReport | None = None
 
         def change(rec: NodeRecord) -> NodeRecord:
-            nonlocal before
-            before = rec.report.viewers_by_stream() if rec.report else {}
-            return dataclasses.replace(
+            nonlocal previous
+            previous = rec.report
+            return evolve(
                 rec,
                 report=report,
                 last_report_at=now,
@@ -193,17 +200,25 @@ class Fleet:
 
         stored = await self._mutate(node_id, change)
         self.counters.reports_accepted += 1
-        after = report.viewers_by_stream()
-        for stream in report.streams:
-            sid = stream.stream_id
-            grew = stream.viewers - before.get(sid, 0)
-            if grew > 0:
-                self.redirects.arrived(node_id, sid, grew)
-            if sid not in before and self.index.carriers(sid) == 1:
-                self._emit("stream.started", stream.tenant_id, stream_id=sid, node_id=node_id)
-        for sid in before:
-            if sid not in after and self.index.carriers(sid) == 0:
-                self._emit("stream.ended", self.tenant_of(sid), stream_id=sid, node_id=node_id)
+        before = previous.streams if previous is not None else ()
+        if self.redirects.pending(node_id):  # settle the viewers that showed up
+            seen = {s.stream_id: s.viewers for s in before}
+            for stream in report.streams:
+                grew = stream.viewers - seen.get(stream.stream_id, 0)
+                if grew > 0:
+                    self.redirects.arrived(node_id, stream.stream_id, grew)
+        old_ids = {s.stream_id for s in before}
+        new_ids = {s.stream_id for s in report.streams}
+        if old_ids != new_ids:  # the common report changes numbers, not the stream set
+            carriers = self.index.carriers
+            for stream in report.streams:
+                sid = stream.stream_id
+                if sid not in old_ids and carriers(sid) == 1:
+                    self._emit("stream.started", stream.tenant_id, stream_id=sid, node_id=node_id)
+            for stream in before:
+                sid = stream.stream_id
+                if sid not in new_ids and carriers(sid) == 0:
+                    self._emit("stream.ended", stream.tenant_id, stream_id=sid, node_id=node_id)
         return stored
 
     async def reject_report(self, node_id: str, reason: str) -> None:
@@ -211,7 +226,7 @@ class Fleet:
         self.counters.reports_rejected += 1
 
         def change(rec: NodeRecord) -> NodeRecord:
-            return dataclasses.replace(
+            return evolve(
                 rec, reports_rejected=rec.reports_rejected + 1, last_rejection=reason[:200]
             )
 

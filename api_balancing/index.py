@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from api_balancing.model import NodeMode, NodeRecord
+from api_balancing.model import NodeIdentity, NodeMode, NodeRecord
 from api_balancing.scoring import EARTH_RADIUS_KM, Weights, load_parts
 
 _F = npt.NDArray[np.float64]
@@ -69,6 +69,7 @@ class _Node:
     located: bool = False
     pending: int = 0
     fresh: bool = True
+    identity: NodeIdentity | None = None  # the identity the columns were derived from
 
 
 class FleetIndex:
@@ -194,23 +195,25 @@ class FleetIndex:
         elif ident.capacity <= 0 or report.bandwidth_limit_bps <= 0:
             status = _CAPACITY_ZERO
         node.status = status
-        bits = 0
-        for name in ident.roles:
-            bits |= self._bit("role:" + name)
-        for name in ident.capabilities:
-            bits |= self._bit("cap:" + name)
-        node.bits = bits
-        node.capacity = ident.capacity
-        loc = ident.location
-        node.located = loc is not None
-        if loc is not None:
-            lat, lon = math.radians(loc.latitude), math.radians(loc.longitude)
-            self._xyz[slot] = (math.cos(lat) * math.cos(lon), math.cos(lat) * math.sin(lon),
-                               math.sin(lat))  # fmt: skip
-            self._slope[slot] = self.weights.geo / math.pi
-        else:
-            self._xyz[slot] = (0.0, 0.0, 0.0)
-            self._slope[slot] = 0.0
+        if node.identity is not ident:  # identity-derived columns change only on register
+            node.identity = ident
+            bits = 0
+            for name in ident.roles:
+                bits |= self._bit("role:" + name)
+            for name in ident.capabilities:
+                bits |= self._bit("cap:" + name)
+            node.bits = bits
+            node.capacity = ident.capacity
+            loc = ident.location
+            node.located = loc is not None
+            if loc is not None:
+                lat, lon = math.radians(loc.latitude), math.radians(loc.longitude)
+                self._xyz[slot] = (math.cos(lat) * math.cos(lon), math.cos(lat) * math.sin(lon),
+                                   math.sin(lat))  # fmt: skip
+                self._slope[slot] = self.weights.geo / math.pi
+            else:
+                self._xyz[slot] = (0.0, 0.0, 0.0)
+                self._slope[slot] = 0.0
         streams: tuple[str, ...] = ()
         if report is not None:
             cpu, ram = load_parts(

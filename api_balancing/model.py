@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 
 class NodeMode(enum.IntEnum):
@@ -37,8 +38,10 @@ class NodeIdentity:
     region: str = ""
 
 
-@dataclass(frozen=True)
-class StreamLoad:
+class StreamLoad(NamedTuple):
+    """One stream a node carries. A NamedTuple rather than a dataclass: thousands are built
+    per second from load reports and a tuple is built in half the time."""
+
     stream_id: str
     tenant_id: str
     viewers: int = 0
@@ -89,3 +92,15 @@ class NodeRecord:
     @property
     def node_id(self) -> str:
         return self.identity.node_id
+
+
+def evolve(record: NodeRecord, **changes: Any) -> NodeRecord:
+    """``dataclasses.replace`` for the hot path (one report = one new record).
+
+    NodeRecord has no ``__post_init__`` and no init-only fields, so copying its attribute
+    dict is equivalent, and about five times faster than ``replace``.
+    """
+    new = object.__new__(NodeRecord)
+    new.__dict__.update(record.__dict__)
+    new.__dict__.update(changes)
+    return new

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import structlog
 
-from api_balancing.model import NodeRecord
+from api_balancing.model import NodeRecord, evolve
 from api_balancing.store.base import StaleWriteError, StoreListener
 
 log = structlog.get_logger("foghorn.store")
@@ -35,7 +33,7 @@ class MemoryNodeStore:
             )
         version = self._versions.get(node_id, 0) + 1
         self._versions[node_id] = version
-        stored = dataclasses.replace(record, version=version)
+        stored = evolve(record, version=version)
         self._records[node_id] = stored
         self._notify(node_id, stored)
         return stored
