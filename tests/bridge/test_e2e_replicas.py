@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sys
 
 import pytest
 
+from pkg.devstack.servers import free_port
 from tests.bridge.conftest import bridge_env
 from tests.bridge.fakes import token
-from tests.bridge.stack import edge_nodes, gql, http_client, metric_sum, wait_for
+from tests.bridge.stack import FOGHORN_TOKEN, edge_nodes, gql, http_client, metric_sum, wait_for
 
 pytestmark = [pytest.mark.integration]
 
@@ -269,3 +271,35 @@ async def test_every_query_answers_from_a_real_foghorn(
         assert after["route"]["best"]["nodeId"] == "n2"  # invalidated at once, n1 excluded
         n1 = next(n for n in after["explainRoute"]["nodes"] if n["nodeId"] == "n1")
         assert (n1["eligible"], n1["rejection"], n1["rank"]) == (False, "MAINTENANCE", 0)
+
+
+@pytest.mark.failure
+async def test_bridge_fails_over_to_the_surviving_foghorn_replica(
+    redis_server, redis_factory, process_factory, start_bridges, prefix
+):
+    foghorn_redis = redis_factory()  # Foghorn HA state, shared by its two replicas
+    grpc_ports = [free_port(), free_port()]
+    foghorns = [
+        process_factory(
+            f"foghorn-{i}",
+            [sys.executable, "-m", "api_balancing", "--grpc-port", str(grpc_ports[i]),
+             "--http-port", str(free_port()), "--replica-id", f"fog-{i}"],
+            env={"PLATFORM_TOKENS": f"{FOGHORN_TOKEN}=bridge@ops:admin",
+                 "FOGHORN_REDIS_URL": foghorn_redis.url},
+            port=grpc_ports[i],
+        )
+        for i in range(2)
+    ]  # fmt: skip
+    env = bridge_env(redis_server.url, prefix, grpc_ports[0], BRIDGE_ROUTE_CACHE_TTL_S="0.2")
+    env["BRIDGE_FOGHORN_ADDRESSES"] = ",".join(f"127.0.0.1:{p}" for p in grpc_ports)
+    (port,) = start_bridges(env, count=1)
+    tok = token("acme")
+    async with http_client() as client, edge_nodes(grpc_ports[1], ["n1"]):
+        # Both Foghorn replicas know the node (it is connected to the second one).
+        for _ in range(4):
+            assert await wait_for(lambda: _routes_ok(client, port, tok), 30), _last_seen
+        foghorns[0].kill()
+        for i in range(10):
+            r = await gql(client, port, ROUTE_Q, {"c": f"failover/{i}"}, tok)
+            assert r.status_code == 200
+            assert r.json()["data"]["route"]["best"]["nodeId"] == "n1", r.text
