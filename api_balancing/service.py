@@ -246,9 +246,7 @@ class RoutingService(pb_grpc.RoutingServicer):
         self, request: pb.IngestRouteRequest, context: Context
     ) -> pb.IngestRouteResponse:
         async def body() -> pb.IngestRouteResponse:
-            key = validation._id(
-                "stream_key", request.stream_key, validation.STREAM_KEY_RE, "stream key"
-            )
+            key = validation.stream_key("stream_key", request.stream_key)
             ip = validation.ip("ingest_ip", request.ingest_ip)
             location = self.locator.locate(
                 "location", request.HasField("location"), request.location, ip

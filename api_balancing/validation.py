@@ -52,6 +52,10 @@ def content_id(field: str, value: str) -> str:
     return _id(field, value, CONTENT_ID_RE, "content id (1..256 of A-Za-z0-9._:/-)")
 
 
+def stream_key(field: str, value: str) -> str:
+    return _id(field, value, STREAM_KEY_RE, "stream key (1..256 of A-Za-z0-9._:-)")
+
+
 def _finite(field: str, value: float) -> float:
     if math.isnan(value) or math.isinf(value):
         raise errors.InvalidArgument(field, f"must be a finite number, got {value}")

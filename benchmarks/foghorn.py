@@ -4,7 +4,8 @@ A real ``foghorn`` process is loaded with 1,000 simulated nodes (one control str
 through pkg.clients) carrying 10,000 streams, then measured in one run:
 
 * ``reports_per_s``: load reports ingested per second by the one instance (server-side count
-  over wall time, from the first report sent until the server has stored the last one);
+  over wall time, from the first report sent until the server has stored the last one; the
+  median of three bursts of 20 reports per node);
 * ``route_p99_us``: server-side p99 of one viewer routing decision over the whole fleet
   (validation, ranking, reply; from the server's own latency window in /health);
 * ``route_vs_echo_ratio``: client p50 of RouteViewer over client p50 of a trivial call on the
@@ -174,17 +175,22 @@ async def run(nodes: int, streams: int, rounds: int, reports_per_node: int) -> d
         await _wait_reports(http, nodes, 30)
         load_s = time.perf_counter() - t0
 
-        # -- reports/s: every node sends a burst of reports as fast as the stream takes --
-        before = (await _health(http))["counts"]["reports_accepted"]
-        burst = [[n.report(assignment[i]) for _ in range(reports_per_node)]
-                 for i, n in enumerate(fleet)]  # fmt: skip
-        total = nodes * reports_per_node
-        start = time.perf_counter()
-        for node, msgs in zip(fleet, burst, strict=True):
-            for msg in msgs:
-                node.queue.put_nowait(msg)
-        done = await _wait_reports(http, before + total, 40)
-        reports_per_s = total / (done - start)
+        # -- reports/s: every node sends a burst of reports as fast as the stream takes.
+        # Three bursts, median reported (all three kept in the JSON): one noisy neighbour
+        # on a shared 2-core machine should not decide the figure either way.
+        rates = []
+        for _ in range(3):
+            before = (await _health(http))["counts"]["reports_accepted"]
+            burst = [[n.report(assignment[i]) for _ in range(reports_per_node)]
+                     for i, n in enumerate(fleet)]  # fmt: skip
+            total = nodes * reports_per_node
+            start = time.perf_counter()
+            for node, msgs in zip(fleet, burst, strict=True):
+                for msg in msgs:
+                    node.queue.put_nowait(msg)
+            done = await _wait_reports(http, before + total, 40)
+            rates.append(total / (done - start))
+        reports_per_s = statistics.median(rates)
 
         # -- routing vs trivial call, through pkg.clients and raw -------------------------
         health_stub = health_pb2_grpc.HealthStub(_chan(client))
@@ -201,7 +207,8 @@ async def run(nodes: int, streams: int, rounds: int, reports_per_node: int) -> d
             "streams": streams,
             "load_s": round(load_s, 2),
             "reports_per_s": round(reports_per_s, 1),
-            "reports_sent": total,
+            "reports_per_burst": total,
+            "reports_per_s_bursts": [round(r, 1) for r in rates],
             "route_p99_us": doc["routing"]["p99_us"],
             "route_p50_us_server": doc["routing"]["p50_us"],
             "route_samples_server": doc["routing"]["samples"],
