@@ -165,6 +165,15 @@ class FoghornServer:
                 "p99_us": round(lat.percentile(0.99), 1),
             },
         }
+        # The handful of numbers a status view (./dev up) shows on one line.
+        doc["figures"] = {
+            "nodes": connected,
+            "stale": stale,
+            "streams": len(self.sessions),
+            "reports": c.reports_accepted,
+            "routes": c.routing_decisions,
+            "route_p99_us": doc["routing"]["p99_us"],
+        }
         if self.ha is not None:  # sync state, degraded reason, leadership, ownership
             doc["ha"] = self.ha.describe()
             doc["dependencies"]["store"]["reason"] = doc["ha"]["reason"]
