@@ -172,3 +172,34 @@ async def test_an_invalidation_made_while_redis_was_unreachable_is_applied_on_re
     finally:
         for c in clients:
             await c.aclose()
+
+
+@pytest.mark.failure
+async def test_a_paused_redis_costs_one_short_timeout_then_requests_bypass_it(redis_factory):
+    server = redis_factory()
+    client = connect(server.url, timeout_s=0.3)
+    health = RedisHealth(client)
+    cache = ResponseCache(RedisCacheStore(client, health, "t"), policy=POLICY, rand=lambda: 1.0)
+    limiter = RateLimiter(RedisBucketStore(client, health, "t"))
+    backend = CountingBackend(delay=0)
+    try:
+        await cache.get("k", backend.load, tags=["nodes"])
+        server.pause()  # SIGSTOP: the socket stays open, nothing answers
+        first = await asyncio.wait_for(cache.get("k", backend.load, tags=["nodes"]), 5)
+        assert first.status == "bypass" and not health.up
+        # Now marked down: later calls do not wait on the socket at all.
+        assert (await asyncio.wait_for(limiter.check("tenant:a", Limit(5, 1.0)), 1)).allowed
+        server.resume()
+        assert await wait_up(health)
+        assert (await cache.get("k", backend.load, tags=["nodes"])).status in ("hit", "miss")
+    finally:
+        server.resume()
+        await client.aclose()
+
+
+async def wait_up(health: RedisHealth) -> bool:
+    for _ in range(100):
+        if await health.probe():
+            return True
+        await asyncio.sleep(0.1)
+    return False
