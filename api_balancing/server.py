@@ -169,7 +169,7 @@ class FoghornServer:
         doc["figures"] = {
             "nodes": connected,
             "stale": stale,
-            "streams": len(self.sessions),
+            "node_streams": len(self.sessions),
             "reports": c.reports_accepted,
             "routes": c.routing_decisions,
             "route_p99_us": doc["routing"]["p99_us"],
