@@ -109,7 +109,9 @@ def build_replica(
         clock=clock,
         xfetch_beta=cfg.xfetch_beta,
         lock_ttl_s=cfg.cache_lock_ttl_s,
-        lock_wait_s=cfg.cache_lock_ttl_s,
+        # A lock holder slower than one backend deadline has failed (or is paused): waiters
+        # then load themselves instead of stalling on it until the lock expires.
+        lock_wait_s=min(cfg.cache_lock_ttl_s, cfg.backend_timeout_s + 0.5),
         local_size=cfg.cache_local_size if cfg.redis_url else 0,
     )
     if health is not None:
