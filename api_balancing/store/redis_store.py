@@ -31,8 +31,7 @@ from api_balancing.model import NodeRecord
 from api_balancing.store import redis_codec
 from api_balancing.store.base import StaleWriteError, StoreListener
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-from pkg.coord import Entry, FencedHash, FencedWriteRejected, Watermarks
-from pkg.coord.fencing import Announce
+from pkg.coord import Announce, Entry, FencedHash, FencedWrite, FencedWriteRejected, Watermarks
 
 log = structlog.get_logger("foghorn.store.redis")
 
@@ -66,15 +65,26 @@ class StoreCounters:
     republished: int = 0
 
 
+MAX_CONNECTIONS = 16
+
+
 def connect(url: str, op_timeout_s: float, extra_timeout_s: float = 0.0) -> aioredis.Redis:
-    """A client that fails fast (no hidden retries): our own loops decide when to retry."""
-    return aioredis.Redis.from_url(
+    """A client that fails fast (no hidden retries): our own loops decide when to retry.
+
+    The pool is bounded: hundreds of node streams writing at once would otherwise open a
+    connection each (with its handshake); bounded, they queue briefly and share connections
+    while writes of one loop turn already travel as one pipeline.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=MAX_CONNECTIONS,
+        timeout=op_timeout_s,
         decode_responses=True,
         socket_timeout=op_timeout_s + extra_timeout_s,
         socket_connect_timeout=op_timeout_s,
         retry=Retry(NoBackoff(), 0),
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 class RedisNodeStore:
@@ -109,6 +119,9 @@ class RedisNodeStore:
         self._delete_guard: DeleteGuard | None = None
         self._sync: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
+        # Writes issued in the same event-loop turn go to Redis as one pipeline (each write
+        # still atomic and fenced on its own): concurrent node streams share round trips.
+        self._batch: list[tuple[FencedWrite, asyncio.Future[None]]] = []
 
     # -- wiring by the HA runtime ------------------------------------------------------------
     def set_ownership_view(self, owned_fence: OwnedFence) -> None:
@@ -238,27 +251,61 @@ class RedisNodeStore:
         self._dirty[record.node_id] = record
         self._dirty_deletes.discard(record.node_id)
 
-    def _announce(self, op: str, node_id: str, version: int, rec: str = "") -> Announce:
-        fields = {"origin": self.settings.replica_id, "op": op, "id": node_id, "ver": str(version)}
-        if rec:
-            fields["rec"] = rec
+    def _announce(self, op: str, node_id: str, version: int) -> Announce:
+        fields = {"origin": self.settings.replica_id, "op": op, "id": node_id}
+        if op != "put":
+            fields["ver"] = str(version)
         return Announce(
             stream=self.keys.changelog,
             maxlen=self.settings.changelog_maxlen,
             fields=fields,
             exact_trim=self.settings.exact_trim,
+            include_written=op == "put",  # the entry carries rec and ver, sent once
         )
 
     async def _write_through(self, record: NodeRecord) -> None:
-        encoded = redis_codec.encode(record)
-        await self._fenced.write(
+        """Fenced write + changelog append, batched with writes of the same loop turn."""
+        write = FencedWrite(
             self.keys.node(record.node_id),
             self.keys.owner(record.node_id),
             record.owner_fence,
-            {"rec": encoded, "ver": str(record.version)},
+            {"rec": redis_codec.encode(record), "ver": str(record.version)},
             ttl_ms=int(self.settings.record_ttl_s * 1000),
-            announce=self._announce("put", record.node_id, record.version, encoded),
+            announce=self._announce("put", record.node_id, record.version),
         )
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        if not self._batch:
+            loop.call_soon(self._flush_soon)
+        self._batch.append((write, future))
+        await future
+
+    def _flush_soon(self) -> None:
+        batch, self._batch = self._batch, []
+        if batch:
+            asyncio.get_running_loop().create_task(self._flush(batch))
+
+    async def _flush(self, batch: list[tuple[FencedWrite, asyncio.Future[None]]]) -> None:
+        try:
+            results = await asyncio.wait_for(
+                self._fenced.write_many([write for write, _ in batch]),
+                self.settings.op_timeout_s * 2,
+            )
+        except BaseException as exc:  # connection errors and cancellation fail every waiter
+            error = exc if isinstance(exc, Exception) else RedisError("write batch cancelled")
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, FencedWriteRejected):
+                future.set_exception(result)
+            else:
+                future.set_result(None)
 
     # -- local state -------------------------------------------------------------------------
     def _apply(self, record: NodeRecord) -> None:

@@ -14,17 +14,26 @@ Each module does one job and knows nothing about the service using it:
 """
 
 from pkg.coord.changelog import Changelog, ChangelogReader, Entry, GapDetected, Position
-from pkg.coord.fencing import FenceCounter, FencedHash, FencedWriteRejected, WriteResult
+from pkg.coord.fencing import (
+    Announce,
+    FenceCounter,
+    FencedHash,
+    FencedWrite,
+    FencedWriteRejected,
+    WriteResult,
+)
 from pkg.coord.lease import LeaderLease, LeaseState
 from pkg.coord.ownership import OwnerRecord, Ownership, RefreshOutcome
 from pkg.coord.watermark import Watermarks
 
 __all__ = [
+    "Announce",
     "Changelog",
     "ChangelogReader",
     "Entry",
     "FenceCounter",
     "FencedHash",
+    "FencedWrite",
     "FencedWriteRejected",
     "GapDetected",
     "LeaderLease",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from pkg.coord.changelog import APPEND_LUA, seq_key
 
@@ -34,7 +35,8 @@ end
 )
 
 # KEYS: hash, owner record, stream, stream counter (any keys when maxlen == 0)
-# ARGV: fence, ttl_ms, maxlen (0: no announce), exact_trim (0/1), npairs, pairs..., entry...
+# ARGV: fence, ttl_ms, maxlen (0: no announce), exact_trim (0/1), include_written (0/1),
+#       npairs, pairs..., entry...
 _WRITE = (
     _LUA_HELPERS
     + """
@@ -47,9 +49,10 @@ local stored = tonumber(redis.call('HGET', KEYS[1], '_fence'))
 if stored and stored > fence then
   return {0, 'state', stored}
 end
-local npairs = tonumber(ARGV[5])
+local npairs = tonumber(ARGV[6])
+local last_pair = 6 + 2 * npairs
 local hset = {KEYS[1], '_fence', ARGV[1]}
-for i = 6, 5 + 2 * npairs do hset[#hset + 1] = ARGV[i] end
+for i = 7, last_pair do hset[#hset + 1] = ARGV[i] end
 redis.call('HSET', unpack(hset))
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
@@ -57,7 +60,10 @@ local id = ''
 local maxlen = tonumber(ARGV[3])
 if maxlen > 0 then
   local fields = {'fence', ARGV[1]}
-  for i = 6 + 2 * npairs, #ARGV do fields[#fields + 1] = ARGV[i] end
+  for i = last_pair + 1, #ARGV do fields[#fields + 1] = ARGV[i] end
+  if ARGV[5] == '1' then
+    for i = 7, last_pair do fields[#fields + 1] = ARGV[i] end
+  end
   id = changelog_append(KEYS[3], KEYS[4], maxlen, ARGV[4] == '1', fields)
 end
 return {1, id}
@@ -125,6 +131,34 @@ class Announce:
     maxlen: int
     fields: Mapping[str, str]
     exact_trim: bool = False
+    include_written: bool = False  # the entry also carries the hash fields written (sent once)
+
+
+@dataclass(frozen=True)
+class FencedWrite:
+    """One write of ``FencedHash.write_many`` (same meaning as ``FencedHash.write``'s args)."""
+
+    key: str
+    owner_key: str
+    fence: int
+    fields: Mapping[str, str]
+    ttl_ms: int = 0
+    announce: Announce | None = None
+
+    def keys_and_args(self) -> tuple[list[str], list[Any]]:
+        announce = self.announce
+        args: list[Any] = [
+            str(self.fence),
+            str(self.ttl_ms),
+            str(announce.maxlen if announce else 0),
+            "1" if announce and announce.exact_trim else "0",
+            "1" if announce and announce.include_written else "0",
+            str(len(self.fields)),
+            *_flatten(self.fields),
+            *(_flatten(announce.fields) if announce else []),
+        ]
+        stream = announce.stream if announce else self.key
+        return [self.key, self.owner_key, stream, seq_key(stream)], args
 
 
 class FenceCounter:
@@ -193,18 +227,41 @@ class FencedHash:
 
         Raises ``FencedWriteRejected`` when Redis saw a newer fence; the write had no effect.
         """
-        args: list[Any] = [
-            str(fence),
-            str(ttl_ms),
-            str(announce.maxlen if announce else 0),
-            "1" if announce and announce.exact_trim else "0",
-            str(len(fields)),
-            *_flatten(fields),
-            *(_flatten(announce.fields) if announce else []),
-        ]
-        stream = announce.stream if announce else key
-        raw = await self._write(keys=[key, owner_key, stream, seq_key(stream)], args=args)
-        return _outcome(raw)
+        keys, args = FencedWrite(key, owner_key, fence, fields, ttl_ms, announce).keys_and_args()
+        return _outcome(await self._write(keys=keys, args=args))
+
+    async def write_many(
+        self, writes: Sequence[FencedWrite]
+    ) -> list[WriteResult | FencedWriteRejected]:
+        """Several fenced writes in one round trip (pipelined, each atomic on its own).
+
+        Returns, per write, its result or the rejection. Connection errors raise for the whole
+        batch (any write may or may not have been applied, like a single write's).
+        """
+        results: list[WriteResult | FencedWriteRejected | None] = [None] * len(writes)
+        todo = list(range(len(writes)))
+        for _attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for index in todo:
+                keys, args = writes[index].keys_and_args()
+                pipe.evalsha(self._write.sha, len(keys), *keys, *args)
+            replies = await pipe.execute(raise_on_error=False)
+            missing = []
+            for index, reply in zip(todo, replies, strict=True):
+                if isinstance(reply, NoScriptError):
+                    missing.append(index)  # not executed: safe to send again
+                elif isinstance(reply, Exception):
+                    raise reply
+                else:
+                    try:
+                        results[index] = _outcome(reply)
+                    except FencedWriteRejected as exc:
+                        results[index] = exc
+            if not missing:
+                break
+            await self._redis.script_load(_WRITE)  # Redis restarted: scripts are gone
+            todo = missing
+        return [r if r is not None else FencedWriteRejected("unexecuted", 0) for r in results]
 
     async def delete(
         self,

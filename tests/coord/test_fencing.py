@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from pkg.coord import FenceCounter, FencedHash, FencedWriteRejected
+from pkg.coord import FenceCounter, FencedHash, FencedWrite, FencedWriteRejected, WriteResult
 from pkg.coord.fencing import Announce
 
 pytestmark = pytest.mark.integration
@@ -118,3 +118,33 @@ async def test_delete_of_a_missing_key_is_still_announced(
         announce=Announce(stream=stream, maxlen=10, fields={"op": "del"}),
     )  # fmt: skip
     assert await redis.xlen(stream) == 1
+
+
+async def test_write_many_applies_each_write_and_reports_each_rejection(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    store = FencedHash(redis)
+    await store.write(f"{prefix}:b", f"{prefix}:ob", 9, {"v": "old"})
+    await redis.script_flush()  # as after a Redis restart: the batch must load the script
+    results = await store.write_many(
+        [
+            FencedWrite(f"{prefix}:a", f"{prefix}:oa", 1, {"v": "a1"}),
+            FencedWrite(f"{prefix}:b", f"{prefix}:ob", 8, {"v": "stale"}),
+            FencedWrite(f"{prefix}:c", f"{prefix}:oc", 3, {"v": "c3"}),
+        ]
+    )
+    assert isinstance(results[0], WriteResult) and isinstance(results[2], WriteResult)
+    assert isinstance(results[1], FencedWriteRejected) and results[1].newer_fence == 9
+    assert await redis.hget(f"{prefix}:a", "v") == "a1"
+    assert await redis.hget(f"{prefix}:b", "v") == "old"
+
+
+async def test_announce_can_carry_the_written_fields_without_sending_them_twice(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    store = FencedHash(redis)
+    stream = f"{prefix}:log"
+    announce = Announce(stream=stream, maxlen=10, fields={"op": "put"}, include_written=True)
+    await store.write(f"{prefix}:n", f"{prefix}:o", 2, {"rec": "{...}"}, announce=announce)
+    (_, fields), *_ = await redis.xrange(stream)
+    assert fields == {"n": "1", "fence": "2", "op": "put", "rec": "{...}"}
