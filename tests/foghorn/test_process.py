@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import grpc
 import pytest
 
 from pkg.clients import Policy
@@ -44,7 +45,10 @@ async def test_foghorn_process_routes_a_simulated_fleet_and_survives_a_restart(
     try:
 
         async def fleet_up() -> bool:
-            nodes = await client.list_nodes(connected_only=True)
+            try:
+                nodes = await client.list_nodes(connected_only=True)
+            except grpc.aio.AioRpcError:  # Foghorn is (re)starting: keep polling
+                return False
             return len(nodes) == NODES and all(n.HasField("last_report") for n in nodes)
 
         await eventually(fleet_up, timeout=30, what="simulated fleet registered and reporting")
@@ -74,6 +78,20 @@ async def test_foghorn_process_routes_a_simulated_fleet_and_survives_a_restart(
             check=True,
         ).stdout
         assert "NODE" in out and f"{NODES} node(s)" in out and "draining" in out
+
+        def admin(*args: str) -> str:
+            return subprocess.run(
+                [f"{BIN}/foghorn-admin", "--foghorn", target, "--token", TOKEN, *args],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout
+
+        explain = admin("explain", "live-0001", "--lat", "48.85", "--lon", "2.35")
+        assert "weights: cpu=500" in explain and f"{best}" in explain and "draining" in explain
+        routed = admin("route", "live-0001", "--lat", "48.85", "--lon", "2.35")
+        assert "RANK" in routed and "/hls/live-0001/index.m3u8" in routed and best not in routed
 
         # Kill Foghorn; the fleet reconnects by itself to the restarted process.
         foghorn.kill()

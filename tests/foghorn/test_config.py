@@ -1,0 +1,53 @@
+"""Configuration: FOGHORN_* variables, checked at start-up with the variable named."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from api_balancing.config import FoghornConfig
+from pkg.common.config import ConfigError, load
+
+
+def test_weights_and_timings_come_from_the_environment() -> None:
+    config = load(
+        FoghornConfig,
+        "FOGHORN",
+        env={"FOGHORN_WEIGHT_GEO": "2000", "FOGHORN_STALE_AFTER_S": "30", "FOGHORN_GRPC_PORT": "9"},
+    )
+    assert config.weights.geo == 2000 and config.weights.cpu == 500
+    assert config.stale_after_s == 30 and config.grpc_port == 9
+    assert config.replica_id  # defaulted to host-pid
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"FOGHORN_GRPC_PORT": "abc"}, "FOGHORN_GRPC_PORT"),
+        ({"FOGHORN_WEIGHT_CPU": "-1"}, "weight_cpu"),
+        ({"FOGHORN_STALE_AFTER_S": "0"}, "stale_after_s"),
+        ({"FOGHORN_ROUTING_EVENT_SAMPLE": "2"}, "routing_event_sample"),
+        ({"FOGHORN_WEIGHT_GEO": "nan"}, "weight_geo"),
+    ],
+)
+def test_bad_values_fail_naming_the_setting(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(FoghornConfig, "FOGHORN", env=env)
+    assert needle in str(err.value)
+
+
+def test_foghorn_refuses_to_start_on_bad_configuration() -> None:
+    bin_dir = os.path.dirname(sys.executable)
+    result = subprocess.run(
+        [f"{bin_dir}/foghorn"],
+        env={**os.environ, "FOGHORN_EVICT_AFTER_S": "soon"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "FOGHORN_EVICT_AFTER_S" in result.stderr
