@@ -30,6 +30,7 @@ import tenacity
 from pkg.clients import BreakerPolicy, Policy, RetryPolicy, Runtime, aio_channel
 from pkg.clients.breaker import STATE_OPEN, BreakerOpenError
 from pkg.clients.engine import call_async, call_sync
+from pkg.clients.grpc_aio import _UnaryUnaryMultiCallable
 from pkg.clients.grpc_core import ClientCore
 from pkg.common.logging import configure_logging
 from pkg.common.telemetry import setup_metrics
@@ -68,32 +69,37 @@ class _NoopInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[ty
         return await continuation(details, request)
 
 
-async def overhead(target: str, rounds: int, per_round: int) -> dict[str, float]:
+async def overhead(target: str, calls: int) -> dict[str, float]:
     raw_channel = grpc.aio.insecure_channel(target)  # raw-client: baseline
     noop_channel = grpc.aio.insecure_channel(  # raw-client: baseline
         target, interceptors=[_NoopInterceptor()]
     )
-    wrapped_channel = aio_channel(target, Policy(), token="bench-token")
-    sides: list[tuple[Any, list[float]]] = [
-        (pb_grpc.TestServiceStub(channel), [])
-        for channel in (raw_channel, noop_channel, wrapped_channel)
-    ]
-    for stub, _ in sides:
+    # No token: the raw side sends no metadata either, so both sides put the same bytes on
+    # the wire and the difference is the policy's.
+    wrapped_channel = aio_channel(target, Policy())
+    stubs = [pb_grpc.TestServiceStub(c) for c in (raw_channel, noop_channel, wrapped_channel)]
+    samples: list[list[float]] = [[], [], []]
+    request = pb.EchoRequest(payload=b"x" * 16)
+    perf = time.perf_counter
+    for stub in stubs:
         await _latencies(stub, 300)
-    for i in range(rounds):
-        # Rotate which side goes first so drift in machine load hits every side alike.
-        for k in range(len(sides)):
-            stub, samples = sides[(i + k) % len(sides)]
-            samples.extend(await _latencies(stub, per_round))
+    # Interleave call by call (rotating the order) so that the load of a shared machine,
+    # which drifts over seconds, hits every side alike.
+    for i in range(calls):
+        for k in range(3):
+            side = (i + k) % 3
+            start = perf()
+            await stubs[side].Echo(request, timeout=5.0)
+            samples[side].append(perf() - start)
     for channel in (raw_channel, noop_channel, wrapped_channel):
         await channel.close()
-    raw_p50, noop_p50, wrapped_p50 = (_p50_us(samples) for _, samples in sides)
+    raw_p50, noop_p50, wrapped_p50 = (_p50_us(s) for s in samples)
     return {
         "raw_p50_us": raw_p50,
         "noop_interceptor_p50_us": noop_p50,
         "wrapped_p50_us": wrapped_p50,
         "overhead_ratio": wrapped_p50 / raw_p50,
-        "calls_per_side": float(len(sides[0][1])),
+        "calls_per_side": float(calls),
     }
 
 
@@ -146,8 +152,31 @@ async def policy_cost(n: int) -> dict[str, float]:
             retrying(attempt_sync, 1.0)
         return time.perf_counter() - start
 
+    class _Done:
+        def __await__(self) -> Any:
+            if False:
+                yield
+            return 1
+
+    def raw_multicallable(request: Any, **kw: Any) -> _Done:
+        return _Done()
+
+    stub_method = _UnaryUnaryMultiCallable(raw_multicallable, core, "/bench.v1.Bench/GetZ")
+
+    async def raw_stub() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            await raw_multicallable(1, timeout=5.0)
+        return time.perf_counter() - start
+
+    async def wrapped_stub() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            await stub_method(1, timeout=5.0)
+        return time.perf_counter() - start
+
     best: dict[str, float] = {}
-    for _ in range(5):  # best of 5: the least disturbed run is the cost of the code
+    for _ in range(4):  # best of 4: the least disturbed run is the cost of the code
         for name, t in (
             ("bare", await bare()),
             ("wrapped", await wrapped()),
@@ -155,6 +184,8 @@ async def policy_cost(n: int) -> dict[str, float]:
             ("bare_sync", bare_sync()),
             ("wrapped_sync", wrapped_sync()),
             ("tenacity_sync", tenacity_sync()),
+            ("raw_stub", await raw_stub()),
+            ("wrapped_stub", await wrapped_stub()),
         ):
             best[name] = min(best.get(name, float("inf")), t / n * 1e6)
     return {
@@ -162,6 +193,9 @@ async def policy_cost(n: int) -> dict[str, float]:
         "tenacity_alone_us": best["tenacity"] - best["bare"],
         "policy_overhead_sync_us": best["wrapped_sync"] - best["bare_sync"],
         "tenacity_alone_sync_us": best["tenacity_sync"] - best["bare_sync"],
+        # The whole unary path of aio_channel around a no-op transport (call object, closures,
+        # engine): what a real call pays on top of grpc.
+        "unary_path_overhead_us": best["wrapped_stub"] - best["raw_stub"],
     }
 
 
@@ -265,8 +299,8 @@ async def run(quick: bool) -> dict[str, Any]:
     try:
         target = f"127.0.0.1:{server.port}"
         results: dict[str, Any] = {}
-        results.update(await overhead(target, 4 if quick else 10, 500 if quick else 1000))
-        results.update(await policy_cost(20_000 if quick else 50_000))
+        results.update(await overhead(target, 2000 if quick else 8000))
+        results.update(await policy_cost(10_000 if quick else 20_000))
         results.update(await amplification(target, 2.0 if quick else 5.0))
         results.update(await failfast(target, 2000))
         return results
@@ -300,6 +334,12 @@ def main(argv: list[str]) -> int:
             results["tenacity_alone_us"],
             results["policy_overhead_us"],
             "<= 5 (raw = tenacity alone)",
+        ),
+        (
+            "whole unary path, no-op transport (us)",
+            float("nan"),
+            results["unary_path_overhead_us"],
+            "(stub -> engine -> transport)",
         ),
         (
             "success-path cost sync (us)",

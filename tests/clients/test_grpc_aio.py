@@ -137,7 +137,7 @@ async def test_deadline_is_never_exceeded_by_retries_and_reaches_the_server(
         await stub.Unary(failing(key, -1, delay_s=0.15), timeout=0.8)
     elapsed = time.monotonic() - start
     await channel.close()
-    assert elapsed < 0.8 + 0.25  # a little slack for a loaded machine, never another attempt
+    assert elapsed < 0.8 + 0.5  # slack for a loaded machine; no attempt starts after it
     stats = await attempts(stats_stub, key)
     assert 2 <= stats.attempts < 10
     left = list(stats.deadlines_left_s)

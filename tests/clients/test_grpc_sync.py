@@ -70,7 +70,7 @@ def test_deadline_is_never_exceeded_and_reaches_the_server(target, key) -> None:
     start = time.monotonic()
     with pytest.raises(grpc.RpcError):
         stub.Unary(failing(key, -1, delay_s=0.15), timeout=0.8)
-    assert time.monotonic() - start < 0.8 + 0.25
+    assert time.monotonic() - start < 0.8 + 0.5
     left = list(stats(stub, key).deadlines_left_s)
     assert len(left) >= 2 and all(0 < d <= 0.85 for d in left)
     channel.close()
