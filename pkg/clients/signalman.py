@@ -117,7 +117,7 @@ class Subscription:
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._ids = itertools.count(1)
-        self._pending_subscribes = 0
+        self._target_index = 0
 
     async def __aenter__(self) -> Subscription:
         self.start()
@@ -191,7 +191,12 @@ class Subscription:
             await backoff.wait()
 
     async def _one_connection(self, backoff: Backoff) -> None:
-        stub = pb_grpc.SignalmanStub(self.client.channel())
+        # A stream sticks to one replica; after a failure the next one in the list is tried, so a
+        # dead replica costs one reconnect, not a retry storm against it.
+        target = self.client.replica(self._target_index)
+        self._target_index += 1
+        self.stats.replicas.append(target)
+        stub = pb_grpc.SignalmanStub(self.client.channel(target))
         outgoing: asyncio.Queue[pb.ClientMessage | None] = asyncio.Queue()
         request_id = next(self._ids)
         await outgoing.put(pb.ClientMessage(request_id=request_id, subscribe=self._requests()))
@@ -273,12 +278,27 @@ class SignalmanClient:
         self.token = token
         self.policy = policy or Policy(timeout=5.0)
         self.clock = clock
-        self._channel: grpc.aio.Channel | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def channel(self) -> grpc.aio.Channel:
-        if self._channel is None:
-            self._channel = aio_channel(self.targets, self.policy, token=self.token or None)
-        return self._channel
+    @property
+    def replicas(self) -> list[str]:
+        """The replica addresses, in preference order."""
+        if isinstance(self.targets, str):
+            return [t.strip() for t in self.targets.split(",") if t.strip()]
+        return list(self.targets)
+
+    def replica(self, index: int) -> str:
+        replicas = self.replicas
+        return replicas[index % len(replicas)]
+
+    def channel(self, target: str | None = None) -> grpc.aio.Channel:
+        """The channel to all replicas (round robin), or to the one ``target`` replica."""
+        key = target or ""
+        channel = self._channels.get(key)
+        if channel is None:
+            channel = aio_channel(target or self.targets, self.policy, token=self.token or None)
+            self._channels[key] = channel
+        return channel
 
     def subscribe(
         self,
@@ -304,6 +324,6 @@ class SignalmanClient:
         return list(reply.offsets)
 
     async def close(self) -> None:
-        channel, self._channel = self._channel, None
-        if channel is not None:
+        channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
             await channel.close(None)
