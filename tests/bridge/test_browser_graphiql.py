@@ -7,6 +7,7 @@ Chromium is driven over the DevTools protocol. The page and its assets come from
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import sys
@@ -15,8 +16,11 @@ from typing import Any
 import pytest
 import websockets
 
+from pkg.clients.signalman import SignalmanClient
 from pkg.devstack.install import InstallError, chromium_binary
 from pkg.devstack.servers import free_port
+from pkg.events.sink import Event
+from tests.bridge.fakes import SECRET, token
 from tests.bridge.stack import http_client, wait_for
 
 pytestmark = pytest.mark.integration
@@ -107,3 +111,71 @@ async def test_graphiql_page_runs_a_query_in_a_real_browser(process_factory, chr
         text = await wait_for(result_text, timeout=30)
         assert text, "no result rendered in the response pane"
         assert json.loads(text) == {"data": {"me": {"anonymous": True, "name": "anonymous"}}}
+
+
+async def test_the_graphiql_page_relays_a_subscription_over_websocket(
+    process_factory, chromium, tmp_path
+):
+    grpc_port = free_port()
+    process_factory(
+        "signalman",
+        [sys.executable, "-m", "api_realtime", "--grpc-port", str(grpc_port),
+         "--http-port", str(free_port()), "--replica-id", "sig-b"],
+        env={"PLATFORM_TOKENS": "sig-acme=bridge@acme:subscriber,pub-acme=pub@acme:publisher"},
+        port=grpc_port,
+    )  # fmt: skip
+    bridge = process_factory(
+        "bridge",
+        [sys.executable, "-m", "api_gateway", "--port", "{port}", "--id", "browser-sub"],
+        env={
+            "BRIDGE_JWT_HS256_SECRET": SECRET,
+            "BRIDGE_SIGNALMAN_ADDRESSES": f"127.0.0.1:{grpc_port}",
+            "BRIDGE_SIGNALMAN_TOKENS": "acme=sig-acme",
+        },
+    )
+    dt_port = free_port()
+    process_factory(
+        "chromium",
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'p'}",
+         f"--remote-debugging-port={dt_port}", "about:blank"],
+        port=dt_port,
+    )  # fmt: skip
+    publisher = SignalmanClient([f"127.0.0.1:{grpc_port}"], token="pub-acme")
+    try:
+        async with http_client() as client:
+
+            async def page_target() -> str | None:
+                targets = (await client.get(f"http://127.0.0.1:{dt_port}/json/list")).json()
+                pages = [t for t in targets if t.get("type") == "page"]
+                return pages[0]["webSocketDebuggerUrl"] if pages else None
+
+            ws_url = await wait_for(page_target, timeout=20)
+        async with websockets.connect(ws_url, max_size=None) as ws:
+            dt = DevTools(ws)
+            await dt.call("Runtime.enable")
+            await dt.call("Page.navigate", url=f"http://127.0.0.1:{bridge.port}/graphql")
+            assert await wait_for(lambda: dt.eval("typeof fetcher === 'function'"), timeout=30)
+            # The page's own fetcher (what GraphiQL calls) opens the subscription.
+            query = 'subscription { tenantEvents(channels: ["nodes"]) { type tenant } }'
+            await dt.eval(
+                "window.firstEvent = null; (async () => {"
+                f" const it = await fetcher({{query: {json.dumps(query)}}},"
+                f" {{headers: {{Authorization: 'Bearer {token('acme')}'}}}});"
+                " const first = await it.next(); window.firstEvent = JSON.stringify(first.value);"
+                " })()"
+            )
+
+            async def relayed() -> str | None:
+                event = Event(type="node.updated", tenant="acme", data={})
+                await publisher.publish([json.dumps(dataclasses.asdict(event))])
+                return await dt.eval("window.firstEvent")
+
+            seen = await wait_for(relayed, timeout=30, interval=0.5)
+            assert seen, "the page received no subscription event"
+            assert json.loads(seen) == {
+                "data": {"tenantEvents": {"type": "node.updated", "tenant": "acme"}}
+            }
+    finally:
+        await publisher.close()
