@@ -424,3 +424,28 @@ async def test_command_through_one_replica_reaches_nodes_owned_by_the_other(
     assert (await ca.get_node(node_on_a)).mode == 2
     doc = await cluster.health(a)
     assert doc["ha"]["relay_delivered"] >= 1
+
+
+async def test_leader_marks_a_dead_owners_silent_node_disconnected_then_evicts_it(
+    make_cluster: Callable[..., Cluster],
+) -> None:
+    cluster = make_cluster(FOGHORN_STALE_AFTER_S="2", FOGHORN_EVICT_AFTER_S="2")
+    a, b = cluster.start_replica("a"), cluster.start_replica("b")
+    node = NodeStream(cluster.client(a))  # a node that only knows replica a
+    await node.register(register_msg("edge-orphan"))
+    node.report(report_msg(10.0))
+    cb = cluster.client(b)
+    await eventually(lambda: cpu_is(cb, "edge-orphan", 10.0), timeout=10)
+    a.proc.kill()  # its owner dies; the node never reconnects anywhere
+
+    async def evicted() -> bool:
+        try:
+            await cb.get_node("edge-orphan")
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() == grpc.StatusCode.NOT_FOUND
+        return False
+
+    await eventually(evicted, timeout=30)
+    doc = await cluster.health(b)
+    assert doc["ha"]["leader"] and doc["counts"]["evictions"] >= 1
+    await node.close()

@@ -188,3 +188,33 @@ async def test_redis_outage_keeps_routing_reports_degraded_and_reconverges(
     owner = await a.ha.ownership.lookup("edge-1")  # restored in the restarted (empty) Redis
     assert owner is not None and owner.replica == "a"
     await stream.close()
+
+
+async def test_relay_to_a_dead_owner_evicts_its_record_and_says_not_connected(
+    make_replica: Callable[..., Awaitable[Any]], clients: Callable[[Any], FoghornClient]
+) -> None:
+    a = await make_replica("a")
+    b = await make_replica("b")
+    stream = await connect_node(clients(a.grpc_target), "edge-1")
+    await eventually(reported(b, "edge-1"))
+    seen = await b.ha.ownership.lookup("edge-1")
+    assert seen is not None and seen.replica == "a"
+    await a.grpc.server.stop(None)  # a is gone...
+
+    # ...leaving its ownership record behind, as a crashed process does (in this process a's
+    # stream handler released it on the way out, so put the crashed owner's record back).
+    async def released() -> bool:
+        return await b.ha.ownership.lookup("edge-1") is None
+
+    await eventually(released)
+    await b.store.redis.set(b.store.keys.owner("edge-1"), seen.encode(), px=30_000)
+    request = pb.SendCommandRequest(
+        node_id="edge-1", command=pb.Command(drain=pb.DrainCommand(target_viewers=0)), timeout_s=2
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await clients(b.grpc_target).admin.SendCommand(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "unreachable" in (err.value.details() or "")
+    assert await b.ha.ownership.lookup("edge-1") is None, "the dead owner's record was evicted"
+    assert b.ha.relay.evicted == 1
+    await stream.close()
