@@ -98,7 +98,7 @@ class JwtAuthenticator:
             raise AuthError("malformed token") from None
         alg = header.get("alg")
         key = self._keys.get(alg) if isinstance(alg, str) else None
-        if key is None:
+        if key is None or not isinstance(alg, str):
             raise AuthError(f"token algorithm {alg!r} not accepted")
         try:
             claims = jwt.decode(

@@ -31,7 +31,8 @@ _MODE_NAMES = {
 
 
 def _rejection(value: int) -> str:
-    name = pb.Rejection.Name(value) if value in pb.Rejection.values() else "REJECTION_UNKNOWN"
+    known = value in pb.Rejection.values()
+    name = pb.Rejection.Name(value) if known else "REJECTION_UNKNOWN"  # type: ignore[arg-type]
     return name.removeprefix("REJECTION_")
 
 

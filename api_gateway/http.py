@@ -127,7 +127,7 @@ def format_error(error: GraphQLError) -> dict[str, Any]:
     return out
 
 
-class BridgeGraphQL(GraphQL):  # type: ignore[type-arg]
+class BridgeGraphQL(GraphQL[dict[str, Any], None]):
     """Strawberry's ASGI view with Bridge's guard in front and its error format."""
 
     def __init__(

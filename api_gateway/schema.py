@@ -231,14 +231,14 @@ def _principal(info: Info[Any, Any]) -> Principal:
 
 @strawberry.type
 class Query:
-    @strawberry.field(description="Who the caller is (public).")
+    @strawberry.field(description="Who the caller is (public).")  # type: ignore[untyped-decorator]
     def me(self, info: Info[Any, Any]) -> Viewer:
         p = _principal(info)
         return Viewer(
             anonymous=not p.tenant, name=p.name, tenant=p.tenant or None, roles=sorted(p.roles)
         )
 
-    @strawberry.field(description="Best edge node and fallbacks for a viewer (public).")
+    @strawberry.field(description="Best edge node and fallbacks for a viewer (public).")  # type: ignore[untyped-decorator]
     async def route(
         self,
         info: Info[Any, Any],
@@ -252,7 +252,7 @@ class Query:
         q = RouteQuery(content_id, latitude, longitude, viewer_ip, protocol, max_fallbacks)
         return to_route(await _gateway(info).route(_principal(info), q))
 
-    @strawberry.field(description="Why each node was ranked or rejected for a viewer.")
+    @strawberry.field(description="Why each node was ranked or rejected for a viewer.")  # type: ignore[untyped-decorator]
     async def explain_route(
         self,
         info: Info[Any, Any],
@@ -265,7 +265,7 @@ class Query:
         q = RouteQuery(content_id, latitude, longitude, viewer_ip, protocol, 16)
         return to_explanation(await _gateway(info).explain(_principal(info), q))
 
-    @strawberry.field(description="The fleet overview.")
+    @strawberry.field(description="The fleet overview.")  # type: ignore[untyped-decorator]
     async def nodes(
         self, info: Info[Any, Any], mode: NodeMode | None = None, connected_only: bool = False
     ) -> list[Node]:
@@ -274,7 +274,7 @@ class Query:
         )
         return [to_node(n) for n in found]
 
-    @strawberry.field(description="One node, or null when it does not exist.")
+    @strawberry.field(description="One node, or null when it does not exist.")  # type: ignore[untyped-decorator]
     async def node(self, info: Info[Any, Any], id: strawberry.ID) -> Node | None:
         found = await _gateway(info).node(_principal(info), str(id))
         return to_node(found) if found is not None else None
@@ -282,7 +282,7 @@ class Query:
 
 @strawberry.type
 class Mutation:
-    @strawberry.mutation(description="Set a node's operational mode (admin role).")
+    @strawberry.mutation(description="Set a node's operational mode (admin role).")  # type: ignore[untyped-decorator]
     async def set_node_mode(
         self, info: Info[Any, Any], node_id: strawberry.ID, mode: NodeMode, reason: str = ""
     ) -> SetModeResult:
@@ -295,7 +295,7 @@ class Mutation:
             message=r.get("message", ""),
         )
 
-    @strawberry.mutation(description="Invalidate cached answers by tenant and/or tag (admin).")
+    @strawberry.mutation(description="Invalidate cached answers by tenant and/or tag (admin).")  # type: ignore[untyped-decorator]
     async def invalidate_cache(
         self, info: Info[Any, Any], tenant: str | None = None, tags: list[str] | None = None
     ) -> list[str]:
@@ -304,7 +304,7 @@ class Mutation:
 
 @strawberry.type
 class Subscription:
-    @strawberry.subscription(description="The caller's tenant events, relayed from Signalman.")
+    @strawberry.subscription(description="The caller's tenant events, relayed from Signalman.")  # type: ignore[untyped-decorator]
     async def tenant_events(
         self, info: Info[Any, Any], channels: list[str]
     ) -> AsyncGenerator[TenantEvent, None]:
