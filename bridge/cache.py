@@ -183,7 +183,12 @@ class ResponseCache:
             if now < entry.stale_until and not entry.negative:
                 self._refresh_in_background(key, loader, tags, pol)
                 return self._answer(entry, "stale")
-        stale_for_error = entry if entry is not None and not entry.negative else None
+        # Only an entry that was never invalidated may stand in for a failing backend.
+        stale_for_error = (
+            entry
+            if entry is not None and not entry.negative and entry.versions == versions
+            else None
+        )
         return await self._flights.do(
             key, lambda: self._miss(key, loader, tags, pol, stale_for_error)
         )

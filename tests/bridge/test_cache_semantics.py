@@ -119,6 +119,16 @@ async def test_an_expired_entry_is_served_when_the_backend_fails():
     assert (result.status, result.value) == ("stale_error", "v1")
 
 
+async def test_an_invalidated_entry_is_never_served_for_a_failing_backend():
+    clock, backend = FakeClock(), Backend()
+    cache = make(clock)
+    await cache.get("k", backend.load, tags=["nodes"])
+    await cache.invalidate(["nodes"])
+    backend.fail = RuntimeError("backend down")
+    with pytest.raises(RuntimeError):
+        await cache.get("k", backend.load, tags=["nodes"])
+
+
 async def test_concurrent_misses_in_one_process_share_one_backend_call():
     clock, backend = FakeClock(), Backend()
     backend.gate = asyncio.Event()
