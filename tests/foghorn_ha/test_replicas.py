@@ -3,6 +3,7 @@ leadership, degraded mode."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -93,7 +94,7 @@ async def test_admin_command_on_b_is_relayed_to_the_owner_and_the_ack_comes_back
     request = pb.SendCommandRequest(
         node_id="edge-1", command=pb.Command(drain=pb.DrainCommand(target_viewers=3)), timeout_s=5
     )
-    pending = ops_b.admin.SendCommand(request, timeout=10)
+    pending = asyncio.ensure_future(ops_b.admin.SendCommand(request, timeout=10))
     command = await stream.read()
     assert command.WhichOneof("msg") == "command" and command.command.drain.target_viewers == 3
     stream.send(pb.NodeMessage(ack=pb.CommandAck(request_id=command.command.request_id, ok=True)))
@@ -111,11 +112,13 @@ async def test_set_mode_on_b_is_written_by_the_owner_and_seen_everywhere(
     stream = await connect_node(clients(a.grpc_target), "edge-1")
     await eventually(reported(b, "edge-1"))
     ops_b = clients(b.grpc_target)
-    pending = ops_b.admin.SetMode(
-        pb.SetModeRequest(
-            node_id="edge-1", mode=pb.NODE_MODE_DRAINING, reason="t", ack_timeout_s=5
-        ),
-        timeout=10,
+    pending = asyncio.ensure_future(
+        ops_b.admin.SetMode(
+            pb.SetModeRequest(
+                node_id="edge-1", mode=pb.NODE_MODE_DRAINING, reason="t", ack_timeout_s=5
+            ),
+            timeout=10,
+        )
     )
     command = await stream.read()
     stream.send(pb.NodeMessage(ack=pb.CommandAck(request_id=command.command.request_id, ok=True)))
