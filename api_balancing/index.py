@@ -103,6 +103,8 @@ class FleetIndex:
         self._slope = np.zeros(n)  # w_geo / pi for located nodes: geo = w_geo - slope * angle
         self._base = np.full(n, _NEG_INF)  # cpu + ram + bandwidth + w_geo, or -inf
         self._report_at = np.full(n, math.inf)  # for the staleness sweep
+        self._angle_buf = np.zeros(n)
+        self._score_buf = np.zeros(n)
         self._capacity_slots = n
 
     def _grow(self) -> None:
@@ -319,13 +321,14 @@ class FleetIndex:
             la, lo = math.radians(lat), math.radians(lon)
             cos_la = math.cos(la)
             viewer = np.array((cos_la * math.cos(lo), cos_la * math.sin(lo), math.sin(la)))
-            cosine = self._xyz @ viewer
+            # Preallocated buffers: no allocation per query (they live until the next one).
+            angle = np.dot(self._xyz, viewer, out=self._angle_buf)
             # Rounding can push the dot product a hair past +-1 (arccos would give NaN).
             # minimum/maximum rather than np.clip, whose Python-level wrapper costs more here.
-            np.minimum(cosine, 1.0, out=cosine)
-            np.maximum(cosine, -1.0, out=cosine)
-            angle = np.arccos(cosine)
-            score = self._slope * angle
+            np.minimum(angle, 1.0, out=angle)
+            np.maximum(angle, -1.0, out=angle)
+            np.arccos(angle, out=angle)
+            score = np.multiply(self._slope, angle, out=self._score_buf)
             np.subtract(view.score, score, out=score)  # base - (w_geo / pi) * angle
         else:
             # Unknown viewer location: geography is neutral, so no node gets the geo weight.
@@ -336,7 +339,7 @@ class FleetIndex:
         return self._top(score, angle, min(limit, view.count)), considered
 
     def _top(self, score: _F, angle: _F | None, k: int) -> list[Ranked]:
-        """Best ``k`` of ``score`` (a fresh array, consumed), ties broken by node id."""
+        """Best ``k`` of ``score`` (a scratch array, consumed), ties broken by node id."""
         ids = self._ids
         rows: list[tuple[float, str, int]] = []
         if k <= 8:
