@@ -125,6 +125,7 @@ async def run(samples: int, rounds: int) -> dict[str, Any]:
         foghorn.start()
         env = {
             "BRIDGE_REDIS_URL": redis.url,
+            "BRIDGE_REDIS_TIMEOUT_S": "2",
             "BRIDGE_FOGHORN_ADDRESSES": f"127.0.0.1:{fog_grpc}",
             "BRIDGE_FOGHORN_TOKEN": FOGHORN_TOKEN,
             "BRIDGE_JWT_HS256_SECRET": SECRET,
