@@ -358,3 +358,33 @@ async def test_streams_without_a_timeout_get_no_deadline(aio_stub, key) -> None:
     request = pb.StreamRequest(key=key, count=2, interval_s=0.05)
     seqs = [m.seq async for m in aio_stub.ServerStream(request)]
     assert seqs == [0, 1]
+
+
+async def test_unary_call_object_exposes_the_last_attempts_status(target, key) -> None:
+    channel = aio_channel(target, fast_policy())
+    stub = pb_grpc.TestServiceStub(channel)
+    call = stub.Unary(failing(key, 1), timeout=5)
+    assert not call.done()
+    reply = await call
+    assert reply.attempt == 2 and call.done()
+    assert await call.code() == grpc.StatusCode.OK
+    assert (await call) is reply  # awaiting again returns the same outcome
+    failed = stub.Unary(failing(key + "-nf", 1, NOT_FOUND), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError):
+        await failed
+    assert await failed.code() == grpc.StatusCode.NOT_FOUND
+    assert "scripted failure" in await failed.details()
+    await channel.close()
+
+
+async def test_the_unary_interceptor_also_works_on_a_plain_grpc_channel(target, key) -> None:
+    # aio_channel runs unary calls without grpc's interceptor task (it is faster); the
+    # interceptor class gives the same policy to a channel built by grpc itself.
+    from pkg.clients.grpc_aio import aio_interceptors
+    from pkg.clients.grpc_core import ClientCore
+
+    core = ClientCore(fast_policy(), Runtime(), target, "tok")
+    channel = grpc.aio.insecure_channel(target, interceptors=aio_interceptors(core))
+    reply = await pb_grpc.TestServiceStub(channel).Unary(failing(key, 2), timeout=5)
+    await channel.close()
+    assert reply.attempt == 3
