@@ -237,10 +237,11 @@ class RoutingService(pb_grpc.RoutingServicer):
     async def RouteViewer(
         self, request: pb.ViewerRouteRequest, context: Context
     ) -> pb.ViewerRouteResponse:
-        async def body() -> pb.ViewerRouteResponse:
+        try:  # the hot path: no wrapper coroutine
             return self.route_viewer(request)
-
-        return await _call(context, body)
+        except errors.FoghornError as exc:
+            await context.abort(_status(exc.code), exc.message)
+            raise  # unreachable: abort raises
 
     async def RouteIngest(
         self, request: pb.IngestRouteRequest, context: Context
