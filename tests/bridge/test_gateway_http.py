@@ -38,8 +38,10 @@ def client():
         yield c
 
 
-def gql(client, query, variables=None, tok=None, **kw):
-    headers = {"Authorization": f"Bearer {tok}"} if tok else {}
+def gql(client, query, variables=None, tok=None, headers=None, **kw):
+    headers = dict(headers or {})
+    if tok:
+        headers["Authorization"] = f"Bearer {tok}"
     return client.post(
         "/graphql", json={"query": query, "variables": variables}, headers=headers, **kw
     )
@@ -350,3 +352,15 @@ def test_a_devtoken_is_accepted_by_a_replica_with_the_same_secret(client):
     tok = mint(SECRET, "demo", ["admin"], "platform", "bridge", 60)
     me = gql(client, "{ me { tenant roles } }", tok=tok).json()["data"]["me"]
     assert me == {"tenant": "demo", "roles": ["admin"]}
+
+
+@pytest.mark.parametrize("trust", [True, False])
+def test_anonymous_buckets_follow_x_forwarded_for_only_when_trusted(trust):
+    c, _ = make_client(anon_burst=1, anon_rate=0.01, trust_forwarded_for=trust)
+    with c:
+        first = gql(c, "{ me { anonymous } }", headers={"X-Forwarded-For": "10.0.0.1"})
+        other = gql(c, "{ me { anonymous } }", headers={"X-Forwarded-For": "10.0.0.2, 1.1.1.1"})
+        assert first.status_code == 200
+        # Trusted: another client behind the proxy has its own bucket. Untrusted: a client
+        # cannot escape its limit by making up the header.
+        assert other.status_code == (200 if trust else 429)
