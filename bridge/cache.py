@@ -75,7 +75,7 @@ class CacheResult:
 
     value: Any
     found: bool
-    status: str  # hit | local_hit | early | stale | miss | negative | bypass | stale_error
+    status: str  # hit | early | stale | miss | negative | bypass | stale_error
 
 
 @dataclass
@@ -87,6 +87,7 @@ class CacheStats:
     stale: int = 0
     negative: int = 0
     bypass: int = 0
+    errors: int = 0
     backend_calls: int = 0
     refreshes: int = 0
     by_status: dict[str, int] = field(default_factory=dict)
@@ -267,7 +268,7 @@ class ResponseCache:
     def _count(self, status: str) -> None:
         s = self.stats
         s.by_status[status] = s.by_status.get(status, 0) + 1
-        if status in ("hit", "local_hit", "early"):
+        if status in ("hit", "early"):
             s.hits += 1
         elif status in ("stale", "stale_error"):
             s.stale += 1
@@ -275,6 +276,8 @@ class ResponseCache:
             s.negative += 1
         elif status == "bypass":
             s.bypass += 1
+        elif status == "error":
+            s.errors += 1
         else:
             s.misses += 1
         _requests.add(1, {"result": status})
@@ -317,6 +320,8 @@ class ResponseCache:
             ):
                 self._count("stale_error")
                 return CacheResult(stale_for_error.value, True, "stale_error")
+            if count:
+                self._count("error")
             raise
         now = self._clock.time()
         if found:

@@ -104,6 +104,7 @@ async def test_a_transient_error_is_not_cached():
     cache = make(clock)
     with pytest.raises(RuntimeError):
         await cache.get("k", backend.load)
+    assert cache.stats.errors == 1
     backend.fail = None
     assert (await cache.get("k", backend.load)).status == "miss"
     assert backend.calls == 2
