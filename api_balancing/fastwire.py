@@ -51,7 +51,7 @@ def _string(tag: bytes, text: str) -> bytes:
     return _field(tag, text.encode()) if text else b""
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=16384)
 def _node_fragment(node_id: str, base_url: str, region: str) -> bytes:
     return (
         _string(_CAND_NODE_ID, node_id)
@@ -60,7 +60,7 @@ def _node_fragment(node_id: str, base_url: str, region: str) -> bytes:
     )
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=16384)
 def _url_parts(
     base_url: str, capabilities: frozenset[str], protocol: str
 ) -> tuple[tuple[bytes, bytes, bytes], ...]:

@@ -15,7 +15,7 @@ _PLAY = {
 }
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=16384)
 def playback_templates(
     base_url: str, capabilities: frozenset[str], protocol: str
 ) -> tuple[tuple[str, str, str], ...]:
