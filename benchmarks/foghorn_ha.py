@@ -228,8 +228,20 @@ async def _wait_accepted(http: AsyncHttpClient, want: int, limit_s: float) -> fl
         await asyncio.sleep(0.01)
 
 
-async def ingest(redis_url: str, nodes: int, per_node: int, run_dir: Path) -> float:
-    """Reports/s of one foghorn process (with write-through when ``redis_url``)."""
+def _cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process (Linux /proc)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def ingest(redis_url: str, nodes: int, per_node: int, run_dir: Path) -> tuple[float, float]:
+    """Reports/s of one foghorn process (with write-through when ``redis_url``) and the
+    server's CPU microseconds per report."""
     http_port = free_port()
     env = {
         "PLATFORM_TOKENS": f"{TOKEN}=bench:admin",
@@ -261,12 +273,14 @@ async def ingest(redis_url: str, nodes: int, per_node: int, run_dir: Path) -> fl
         await _wait_accepted(http, nodes, 30)
         before = await _accepted(http)
         burst = [[n.report(k) for k in range(1, per_node + 1)] for n in fleet]
+        cpu0 = _cpu_s(server.pid)
         start = time.perf_counter()
         for node, msgs in zip(fleet, burst, strict=True):
             for msg in msgs:
                 node.queue.put_nowait(msg)
         done = await _wait_accepted(http, before + nodes * per_node, 40)
-        return nodes * per_node / (done - start)
+        cpu_us = (_cpu_s(server.pid) - cpu0) / (nodes * per_node) * 1e6
+        return nodes * per_node / (done - start), cpu_us
     finally:
         for node in fleet:
             node.call.cancel()
@@ -397,8 +411,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         raw, lags, puts = await lag_pairs(server.url, args.samples, args.pace_ms / 1000)
         raw_p50, raw_p99 = _p(raw, 0.5) * 1e3, _p(raw, 0.99) * 1e3
         lag_p50, lag_p99 = _p(lags, 0.5) * 1e3, _p(lags, 0.99) * 1e3
-        memory_rate = await ingest("", args.nodes, args.reports_per_node, run_dir)
-        redis_rate = await ingest(server.url, args.nodes, args.reports_per_node, run_dir)
+        memory_rate, memory_cpu = await ingest("", args.nodes, args.reports_per_node, run_dir)
+        redis_rate, redis_cpu = await ingest(server.url, args.nodes, args.reports_per_node, run_dir)
         fail = await failover(server.url, args.fleet, args.rate, run_dir)
         return {
             "sync_lag_p50_ms": round(lag_p50, 3),
@@ -412,6 +426,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "reports_per_s_memory": round(memory_rate, 1),
             "reports_per_s_redis": round(redis_rate, 1),
             "ha_ingest_ratio": round(redis_rate / memory_rate, 3),
+            "server_cpu_us_per_report_memory": round(memory_cpu, 1),
+            "server_cpu_us_per_report_redis": round(redis_cpu, 1),
             "ingest_nodes": args.nodes,
             "ingest_reports_per_node": args.reports_per_node,
             **fail,

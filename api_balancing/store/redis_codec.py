@@ -25,6 +25,7 @@ SCHEMA = 1
 def _report(report: LoadReport | None) -> list[Any] | None:
     if report is None:
         return None
+    # StreamLoad is a NamedTuple: the C encoder writes it as an array as it is.
     return [
         report.cpu_percent,
         report.ram_used_bytes,
@@ -32,13 +33,20 @@ def _report(report: LoadReport | None) -> list[Any] | None:
         report.upload_bps,
         report.download_bps,
         report.bandwidth_limit_bps,
-        [[s.stream_id, s.tenant_id, s.viewers, s.inputs, s.upload_bps] for s in report.streams],
+        report.streams,
     ]
 
 
-def encode(record: NodeRecord) -> str:
-    """The record as one JSON document."""
-    ident = record.identity
+# A node's identity rarely changes while its record is rewritten on every report: its JSON
+# fragment is cached per node, keyed by the identity object itself.
+_IDENTITY_CACHE: dict[str, tuple[NodeIdentity, str]] = {}
+_IDENTITY_CACHE_MAX = 100_000
+
+
+def _identity_fragment(ident: NodeIdentity) -> str:
+    hit = _IDENTITY_CACHE.get(ident.node_id)
+    if hit is not None and hit[0] is ident:
+        return hit[1]
     loc = ident.location
     doc = {
         "s": SCHEMA,
@@ -49,6 +57,17 @@ def encode(record: NodeRecord) -> str:
         "geo": [loc.latitude, loc.longitude] if loc else None,
         "cap": ident.capacity,
         "region": ident.region,
+    }
+    fragment = json.dumps(doc, separators=(",", ":"), allow_nan=False)[1:-1]
+    if len(_IDENTITY_CACHE) >= _IDENTITY_CACHE_MAX:
+        _IDENTITY_CACHE.clear()
+    _IDENTITY_CACHE[ident.node_id] = (ident, fragment)
+    return fragment
+
+
+def encode(record: NodeRecord) -> str:
+    """The record as one JSON document."""
+    rest = {
         "mode": int(record.mode),
         "mode_reason": record.mode_reason,
         "report": _report(record.report),
@@ -64,13 +83,16 @@ def encode(record: NodeRecord) -> str:
         "ver": record.version,
         "extra": record.extra,
     }
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+    body = json.dumps(rest, separators=(",", ":"), allow_nan=False)
+    return "{" + _identity_fragment(record.identity) + "," + body[1:]
 
 
 def decode(text: str) -> NodeRecord:
     """Parse a record written by ``encode``; ValueError when it is not one."""
     try:
         doc = json.loads(text)
+        if not isinstance(doc, dict):
+            raise ValueError("a node record is a JSON object")
         if doc.get("s") != SCHEMA:
             raise ValueError(f"unknown record schema {doc.get('s')!r}")
         geo = doc["geo"]
