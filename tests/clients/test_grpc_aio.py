@@ -208,7 +208,7 @@ async def test_breaker_opens_fails_fast_probes_once_and_closes(target, stats_stu
     assert (await attempts(stats_stub, key)).attempts == 4  # the rejected call never left
 
     await asyncio.sleep(0.55)
-    slow_ok = pb.UnaryRequest(key=key + "-probe", behavior=pb.Behavior(delay_s=0.3))
+    slow_ok = pb.UnaryRequest(key=key + "-probe", behavior=pb.Behavior(delay_s=1.0))
     probe = asyncio.ensure_future(stub.Unary(slow_ok, timeout=5))
     await asyncio.sleep(0.1)
     assert breaker.state == STATE_HALF_OPEN
