@@ -31,24 +31,32 @@ STATUS_NUMBERS = {
 }
 
 
+def event_proto(out: OutEvent) -> pb.Event:
+    e = out.entry.event
+    data_json = out.entry.data_json or json.dumps(e.data, default=str, separators=(",", ":"))
+    return pb.Event(
+        channel=out.subscription,
+        offset=out.entry.offset,
+        epoch=out.epoch,
+        id=e.id,
+        type=e.type,
+        tenant=e.tenant,
+        time=e.time,
+        schema_version=e.schema_version,
+        source=e.source,
+        data_json=data_json,
+    )
+
+
+def batch_proto(events: list[OutEvent]) -> pb.ServerMessage:
+    """Several waiting events in one message (the common case under load)."""
+    return pb.ServerMessage(batch=pb.EventBatch(events=[event_proto(e) for e in events]))
+
+
 def to_proto(out: Out) -> pb.ServerMessage:
     """One outgoing session message as a ``ServerMessage``."""
     if isinstance(out, OutEvent):
-        e = out.entry.event
-        return pb.ServerMessage(
-            event=pb.Event(
-                channel=out.subscription,
-                offset=out.entry.offset,
-                epoch=out.epoch,
-                id=e.id,
-                type=e.type,
-                tenant=e.tenant,
-                time=e.time,
-                schema_version=e.schema_version,
-                source=e.source,
-                data_json=json.dumps(e.data, default=str, separators=(",", ":")),
-            )
-        )
+        return pb.ServerMessage(event=event_proto(out))
     if isinstance(out, OutSubscribed):
         return pb.ServerMessage(
             request_id=out.request_id,

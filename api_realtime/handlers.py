@@ -18,7 +18,7 @@ import grpc.aio
 import structlog
 from google.protobuf.message import DecodeError
 
-from api_realtime.convert import channel_requests, to_proto
+from api_realtime.convert import batch_proto, channel_requests, to_proto
 from pkg.common.auth import current_principal
 from pkg.events.envelope import EnvelopeError, event_from_dict
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
@@ -27,12 +27,13 @@ from signalman.history import SourcePos
 from signalman.hub import Hub, TooManyConnections
 from signalman.pipeline import Poison, process_events
 from signalman.processor import Processor
-from signalman.session import Dropped, Session
+from signalman.session import Dropped, OutEvent, Session
 
 log = structlog.get_logger("api_realtime.handlers")
 SERVICE = "signalman.v1.Signalman"
 LOCAL_TOPIC = "local"
 MAX_PUBLISH = 1_000
+MAX_BATCH = 100  # events per EventBatch message
 
 
 class SignalmanServicer(pb_grpc.SignalmanServicer):
@@ -85,6 +86,11 @@ class SignalmanServicer(pb_grpc.SignalmanServicer):
             out = await session.next_out()
             if isinstance(out, Dropped):
                 return
+            if isinstance(out, OutEvent):
+                more = session.take_events(MAX_BATCH - 1)
+                if more:
+                    await context.write(batch_proto([out, *more]))
+                    continue
             await context.write(to_proto(out))
 
     async def _read(self, requests: AsyncIterator[bytes], session: Session) -> None:

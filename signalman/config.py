@@ -20,6 +20,7 @@ class SignalmanConfig:
     group_id: str = "signalman"
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
+    fetch_max_wait_ms: int = 20
     # PostgreSQL advisory locks fence partition ownership; unset = unfenced (single replica only).
     postgres_dsn: str = ""
     lock_grace_s: float = 2.0

@@ -25,7 +25,7 @@ from signalman.config import SignalmanConfig
 from signalman.deadletter import attempts_of
 from signalman.history import History, SourcePos
 from signalman.ownership import OwnershipLost, PartitionLocks
-from signalman.processor import Processor
+from signalman.processor import Processor, RecordIn
 
 log = structlog.get_logger("signalman.consumer")
 
@@ -85,6 +85,7 @@ class GroupMember:
         self.owned: dict[TopicPartition, Owned] = {}
         self.consumer: Any = None
         self._processing = asyncio.Lock()
+        self._commit_task: asyncio.Task[None] | None = None
         self._restart = asyncio.Event()
         self._stopping = asyncio.Event()
         self.generation_changes = 0
@@ -92,6 +93,7 @@ class GroupMember:
     # -- rebalance listener -------------------------------------------------------------------
     async def revoked(self, revoked: list[TopicPartition]) -> None:
         async with self._processing:  # the in-flight batch finishes (and commits) first
+            await self._flush_commit()
             for tp in revoked:
                 if self.owned.pop(tp, None) is not None and self.locks is not None:
                     await self.locks.release_partition(tp.topic, tp.partition)
@@ -136,12 +138,16 @@ class GroupMember:
             heartbeat_interval_ms=cfg.heartbeat_interval_ms,
             rebalance_timeout_ms=cfg.session_timeout_ms,
             max_poll_interval_ms=max(cfg.session_timeout_ms * 3, 30_000),
+            # tansu answers a fetch only after max wait even when data is there (real Kafka
+            # answers at min bytes); a short wait keeps latency low on both.
+            fetch_max_wait_ms=cfg.fetch_max_wait_ms,
         )
         self.consumer.subscribe([cfg.topic], listener=_Listener(self))
         await self.consumer.start()
         self._restart.clear()
 
     async def _stop_consumer(self) -> None:
+        await self._flush_commit()
         consumer, self.consumer = self.consumer, None
         self.owned.clear()
         if consumer is not None:
@@ -182,11 +188,22 @@ class GroupMember:
             if not batches:
                 continue
             async with self._processing:
-                progressed = [await self._process_partition(tp, r) for tp, r in batches.items()]
+                offsets: dict[TopicPartition, int] = {}
+                # Partitions are independent: their history appends go out concurrently.
+                progressed = await asyncio.gather(
+                    *(self._process_partition(tp, r, offsets) for tp, r in batches.items())
+                )
+                # The commit runs while the next batch is fetched; the next commit (or a
+                # revocation) waits for it first, so commits stay in order.
+                await self._flush_commit()
+                if offsets:
+                    self._commit_task = asyncio.create_task(self._commit(offsets))
             if not any(progressed):
                 await self.clock.asleep(0.05)  # waiting for ownership: do not spin on refetches
 
-    async def _process_partition(self, tp: TopicPartition, records: list[Any]) -> bool:
+    async def _process_partition(
+        self, tp: TopicPartition, records: list[Any], offsets: dict[TopicPartition, int]
+    ) -> bool:
         """Process one partition's records; False when they were not ours to process."""
         owned = self.owned.get(tp)
         if owned is None:
@@ -196,35 +213,46 @@ class GroupMember:
             if tp in self.consumer.assignment():
                 self.consumer.seek(tp, records[0].offset)
             return False
-        done: int | None = None
+        batch = [
+            RecordIn(r.value, r.key, SourcePos(tp.topic, tp.partition, r.offset),
+                     attempts_of(r.headers))
+            for r in records
+        ]  # fmt: skip
         try:
-            for record in records:
-                source = SourcePos(tp.topic, tp.partition, record.offset)
-                outcome = await self.processor.handle(
-                    record.value, record.key, source, owned.fence, attempts_of(record.headers)
-                )
-                if outcome.status == "fenced":
-                    self.owned.pop(tp, None)
-                    raise OwnershipLost(f"partition {tp.partition} is fenced by a newer owner")
-                done = record.offset
-        except OwnershipLost:
-            raise
+            outcomes = await self.processor.handle_batch(batch, owned.fence)
         except Exception as exc:
-            # History unreachable: keep what is done, retry the rest later; never skip a record.
-            failed = done + 1 if done is not None else records[0].offset
-            log.warning("partition_processing_failed", partition=tp.partition, offset=failed,
-                        error=repr(exc)[:200])  # fmt: skip
-            self.consumer.seek(tp, failed)
+            # History or dead-letter topic unreachable: retry the whole batch later (what was
+            # appended is skipped as duplicate then); never skip a record.
+            log.warning("partition_processing_failed", partition=tp.partition,
+                        offset=records[0].offset, error=repr(exc)[:200])  # fmt: skip
+            self.consumer.seek(tp, records[0].offset)
             await self.clock.asleep(0.5)
-        if done is not None:
-            owned.position = done + 1
-            try:
-                await self.consumer.commit({tp: done + 1})
-            except KafkaError as exc:
-                # A rebalance is under way; the next owner re-reads from the last commit and the
-                # history's watermark skips what we appended.
-                log.info("commit_failed", partition=tp.partition, error=repr(exc)[:200])
+            return True
+        if any(o.status == "fenced" for o in outcomes):
+            self.owned.pop(tp, None)
+            raise OwnershipLost(f"partition {tp.partition} is fenced by a newer owner")
+        done = records[-1].offset
+        owned.position = done + 1
+        offsets[tp] = done + 1
         return True
+
+    async def _flush_commit(self) -> None:
+        task, self._commit_task = self._commit_task, None
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await task
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """One commit for every partition of the batch, after their appends returned."""
+        if not offsets:
+            return
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:
+            # A rebalance is under way; the next owner re-reads from the last commit and the
+            # history's watermark skips what we appended.
+            log.info("commit_failed", partitions=sorted(tp.partition for tp in offsets),
+                     error=repr(exc)[:200])  # fmt: skip
 
     def lag(self) -> dict[TopicPartition, int]:
         out = {}

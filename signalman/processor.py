@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import structlog
 from opentelemetry import metrics
 
-from signalman.history import History, SourcePos
+from signalman.history import AppendResult, History, SourcePos
 from signalman.pipeline import Poison, Processed, process_record
 
 log = structlog.get_logger("signalman.processor")
@@ -41,6 +41,16 @@ class DeadLetter:
 
 
 DeadLetterFn = Callable[[DeadLetter], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RecordIn:
+    """One consumed record as the processor needs it."""
+
+    value: bytes | None
+    key: bytes | None
+    source: SourcePos
+    attempts: int = 0
 
 
 @dataclass
@@ -74,27 +84,53 @@ class Processor:
         fence: int,
         attempts: int = 0,
     ) -> Outcome:
-        """Process one record. Raises only when the history is unreachable (do not commit)."""
-        self.stats.records += 1
-        _processed.add(1)
-        result = process_record(value, key)
-        if isinstance(result, Poison):
-            letter = DeadLetter(source, key, value, result.reason, result.retryable, attempts)
-            await self.dead_letter(letter)
-            self.stats.dead_lettered += 1
-            _dead.add(1, {"retryable": str(result.retryable).lower()})
-            log.warning(
-                "event_dead_lettered",
-                topic=source.topic,
-                partition=source.partition,
-                offset=source.offset,
-                reason=result.reason,
-            )
-            return Outcome("dead-lettered")
-        return await self.append(result, source, fence)
+        """Process one record (see ``handle_batch``)."""
+        (outcome,) = await self.handle_batch([RecordIn(value, key, source, attempts)], fence)
+        return outcome
+
+    async def handle_batch(self, records: list[RecordIn], fence: int) -> list[Outcome]:
+        """Process a partition's fetched records in order, appending them in one round trip.
+
+        Poison records are dead-lettered first (their acks awaited); raises when the history or
+        the dead-letter topic is unreachable, in which case nothing may be committed.
+        """
+        outcomes: list[Outcome | None] = [None] * len(records)
+        pending: list[tuple[int, Processed, SourcePos]] = []
+        for i, rec in enumerate(records):
+            self.stats.records += 1
+            _processed.add(1)
+            result = process_record(rec.value, rec.key)
+            if isinstance(result, Poison):
+                await self._dead_letter(rec, result)
+                outcomes[i] = Outcome("dead-lettered")
+            else:
+                pending.append((i, result, rec.source))
+        results = await self.history.append_many(
+            [(p.tenant, p.items, src) for _, p, src in pending], fence
+        )
+        for (i, _, src), res in zip(pending, results, strict=True):
+            outcomes[i] = self._account(res, src, fence)
+        return [o if o is not None else Outcome("dead-lettered") for o in outcomes]
+
+    async def _dead_letter(self, rec: RecordIn, poison: Poison) -> None:
+        letter = DeadLetter(rec.source, rec.key, rec.value, poison.reason, poison.retryable,
+                            rec.attempts)  # fmt: skip
+        await self.dead_letter(letter)
+        self.stats.dead_lettered += 1
+        _dead.add(1, {"retryable": str(poison.retryable).lower()})
+        log.warning(
+            "event_dead_lettered",
+            topic=rec.source.topic,
+            partition=rec.source.partition,
+            offset=rec.source.offset,
+            reason=poison.reason,
+        )
 
     async def append(self, processed: Processed, source: SourcePos, fence: int) -> Outcome:
         res = await self.history.append(processed.tenant, processed.items, source, fence)
+        return self._account(res, source, fence)
+
+    def _account(self, res: AppendResult, source: SourcePos, fence: int) -> Outcome:
         if res.status == "fenced":
             self.stats.fenced += 1
             _fenced.add(1)

@@ -176,6 +176,19 @@ class Session:
             self.delivered += 1
         return item
 
+    def take_events(self, limit: int) -> list[OutEvent]:
+        """Up to ``limit`` more events already waiting, without waiting (batching writes)."""
+        taken: list[OutEvent] = []
+        while len(taken) < limit and not self.queue.empty():
+            item = self.queue._queue[0]  # type: ignore[attr-defined]  # peek: stop at non-events
+            if not isinstance(item, OutEvent):
+                break
+            taken.append(self.queue.get_nowait())  # type: ignore[arg-type]
+        self.delivered += len(taken)
+        if self.queue.qsize() < self.buffer // 2 + 1:
+            self._room.set()
+        return taken
+
     # -- called by the reader (client messages) ------------------------------------------------
     async def _put(self, item: Out) -> None:
         # Replies and replayed history wait for room instead of dropping: the client asked.

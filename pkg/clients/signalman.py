@@ -216,6 +216,9 @@ class Subscription:
                 kind = msg.WhichOneof("kind")
                 if kind == "event":
                     await self._deliver(msg.event)
+                elif kind == "batch":
+                    for event in msg.batch.events:
+                        await self._deliver(event)
                 elif kind == "subscribed":
                     pos = self.positions[msg.subscribed.channel]
                     if not pos.started:

@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pkg.events.sink import Event
-from signalman.history import AppendResult, Entry, HistoryInfo, SourcePos
+from signalman.history import AppendResult, Entry, HistoryInfo, SourcePos, dump_data
 
 
 @dataclass
@@ -51,13 +51,18 @@ class MemoryHistory:
         offsets = []
         for channel, event in items:
             state.seq += 1
-            state.entries.append(Entry(state.seq, channel, event))
+            state.entries.append(Entry(state.seq, channel, event, dump_data(event)))
             offsets.append(state.seq)
         while len(state.entries) > self.max_len:
             state.entries.popleft()
         async with state.changed:
             state.changed.notify_all()
         return AppendResult("appended", tuple(offsets), state.epoch, fence)
+
+    async def append_many(
+        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: int
+    ) -> list[AppendResult]:
+        return [await self.append(t, items, src, fence) for t, items, src in records]
 
     async def claim(self, topic: str, partition: int, fence: int) -> int:
         current = max(self._fences.get((topic, partition), 0), fence)

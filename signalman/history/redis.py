@@ -10,7 +10,9 @@ atomically: a stale owner (lower fence) is rejected and a replay after a rebalan
 
 from __future__ import annotations
 
+import json
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -21,6 +23,7 @@ from signalman.history import (
     Entry,
     HistoryInfo,
     SourcePos,
+    dump_data,
     dump_event,
     load_event,
 )
@@ -40,13 +43,13 @@ if not epoch then
   redis.call('SET', KEYS[3], epoch)
 end
 redis.call('SADD', KEYS[5], ARGV[5])
-local n = (#ARGV - 6) / 2
+local n = (#ARGV - 6) / 3
 local last = redis.call('INCRBY', KEYS[2], n)
 local first = last - n + 1
 local maxlen = tonumber(ARGV[4])
 for i = 0, n - 1 do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, tostring(first + i) .. '-0',
-             'c', ARGV[7 + 2 * i], 'e', ARGV[8 + 2 * i], 's', ARGV[6])
+             'c', ARGV[7 + 3 * i], 'e', ARGV[8 + 3 * i], 'd', ARGV[9 + 3 * i], 's', ARGV[6])
 end
 return {'appended', tostring(first), tostring(n), epoch}
 """
@@ -73,14 +76,16 @@ class RedisHistory:
             url, decode_responses=False, health_check_interval=10, socket_timeout=None
         )
         self._append = self._redis.register_script(_APPEND)
+        # Used only if the tenant has no epoch yet (new or lost history): random per process.
+        self._epoch_candidate = uuid.uuid4().hex[:12]
         self._claim = self._redis.register_script(_CLAIM)
 
     def _k(self, tenant: str, suffix: str) -> str:
         return f"{self.prefix}:t:{{{tenant}}}:{suffix}"
 
-    async def append(
+    def _append_call(
         self, tenant: str, items: list[tuple[str, Event]], source: SourcePos, fence: int
-    ) -> AppendResult:
+    ) -> tuple[list[str], list[Any]]:
         keys = [
             self._k(tenant, "h"),
             self._k(tenant, "seq"),
@@ -91,14 +96,19 @@ class RedisHistory:
         args: list[Any] = [
             fence,
             source.offset,
-            uuid.uuid4().hex[:12],
+            self._epoch_candidate,
             self.max_len,
             tenant,
             f"{source.topic}/{source.partition}/{source.offset}",
         ]
         for channel, event in items:
-            args += [channel, dump_event(event)]
-        raw = await self._append(keys=keys, args=args)
+            data = dump_data(event)
+            meta = dump_event(replace(event, data={}))
+            args += [channel, meta, data]
+        return keys, args
+
+    @staticmethod
+    def _result(raw: Any, fence: int) -> AppendResult:
         status = _s(raw[0])
         if status == "fenced":
             return AppendResult("fenced", current_fence=int(raw[1]))
@@ -106,6 +116,26 @@ class RedisHistory:
             return AppendResult("duplicate", current_fence=int(raw[1]))
         first, n = int(raw[1]), int(raw[2])
         return AppendResult("appended", tuple(range(first, first + n)), _s(raw[3]), fence)
+
+    async def append(
+        self, tenant: str, items: list[tuple[str, Event]], source: SourcePos, fence: int
+    ) -> AppendResult:
+        keys, args = self._append_call(tenant, items, source, fence)
+        return self._result(await self._append(keys=keys, args=args), fence)
+
+    async def append_many(
+        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: int
+    ) -> list[AppendResult]:
+        # One round trip for a whole fetched batch; each script call is still atomic and checked
+        # on its own (fence, watermark), in order.
+        if not records:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for tenant, items, source in records:
+                keys, args = self._append_call(tenant, items, source, fence)
+                await self._append(keys=keys, args=args, client=pipe)
+            raws = await pipe.execute()
+        return [self._result(raw, fence) for raw in raws]
 
     async def claim(self, topic: str, partition: int, fence: int) -> int:
         raw = await self._claim(keys=[f"{self.prefix}:part:{topic}:{partition}"], args=[fence])
@@ -128,7 +158,9 @@ class RedisHistory:
     def _entries(self, rows: list[Any]) -> list[Entry]:
         out = []
         for entry_id, fields in rows:
-            out.append(Entry(_offset(entry_id), _s(fields[b"c"]), load_event(fields[b"e"])))
+            data_json = _s(fields[b"d"])
+            event = replace(load_event(fields[b"e"]), data=json.loads(data_json))
+            out.append(Entry(_offset(entry_id), _s(fields[b"c"]), event, data_json))
         return out
 
     async def read_after(self, tenant: str, after: int, limit: int) -> list[Entry]:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csignalman/v1/signalman.proto\x12\x0csignalman.v1\"[\n\x13\x43hannelSubscription\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0e\n\x06resume\x18\x02 \x01(\x08\x12\x14\n\x0c\x61\x66ter_offset\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\t\"G\n\x10SubscribeRequest\x12\x33\n\x08\x63hannels\x18\x01 \x03(\x0b\x32!.signalman.v1.ChannelSubscription\"&\n\x12UnsubscribeRequest\x12\x10\n\x08\x63hannels\x18\x01 \x03(\t\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x03\"\xbd\x01\n\rClientMessage\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x33\n\tsubscribe\x18\x02 \x01(\x0b\x32\x1e.signalman.v1.SubscribeRequestH\x00\x12\x37\n\x0bunsubscribe\x18\x03 \x01(\x0b\x32 .signalman.v1.UnsubscribeRequestH\x00\x12\"\n\x04ping\x18\x04 \x01(\x0b\x32\x12.signalman.v1.PingH\x00\x42\x06\n\x04kind\"\xaa\x01\n\x05\x45vent\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x0c\n\x04time\x18\x07 \x01(\x01\x12\x16\n\x0eschema_version\x18\x08 \x01(\x05\x12\x0e\n\x06source\x18\t \x01(\t\x12\x11\n\tdata_json\x18\n \x01(\t\"A\n\nSubscribed\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x13\n\x0bhead_offset\x18\x03 \x01(\x04\"\x1f\n\x0cUnsubscribed\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x03\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\x84\x01\n\nHistoryGap\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x17\n\x0frequested_after\x18\x03 \x01(\x04\x12\x17\n\x0frequested_epoch\x18\x04 \x01(\t\x12\x14\n\x0cresumed_from\x18\x05 \x01(\x04\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xa8\x02\n\rServerMessage\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12.\n\nsubscribed\x18\x02 \x01(\x0b\x32\x18.signalman.v1.SubscribedH\x00\x12\x32\n\x0cunsubscribed\x18\x03 \x01(\x0b\x32\x1a.signalman.v1.UnsubscribedH\x00\x12$\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x13.signalman.v1.EventH\x00\x12\"\n\x04pong\x18\x05 \x01(\x0b\x32\x12.signalman.v1.PongH\x00\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x13.signalman.v1.ErrorH\x00\x12\'\n\x03gap\x18\x07 \x01(\x0b\x32\x18.signalman.v1.HistoryGapH\x00\x42\x06\n\x04kind\"\x11\n\x0fGetStatsRequest\"R\n\x12PartitionOwnership\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\r\n\x05\x66\x65nce\x18\x03 \x01(\x03\x12\x0b\n\x03lag\x18\x04 \x01(\x03\"\xdd\x02\n\x08HubStats\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x13\n\x0bsubscribers\x18\x03 \x01(\x03\x12\x1d\n\x15subscribers_of_tenant\x18\x04 \x01(\x03\x12\x34\n\npartitions\x18\x05 \x03(\x0b\x32 .signalman.v1.PartitionOwnership\x12\x18\n\x10\x65vents_processed\x18\x06 \x01(\x03\x12\x17\n\x0f\x65vents_appended\x18\x07 \x01(\x03\x12!\n\x19\x64uplicate_appends_skipped\x18\x08 \x01(\x03\x12\x15\n\rdead_lettered\x18\t \x01(\x03\x12\x15\n\rfenced_writes\x18\n \x01(\x03\x12\x1b\n\x13subscribers_dropped\x18\x0b \x01(\x03\x12\x11\n\tsingleton\x18\x0c \x01(\x08\x12\x11\n\tdelivered\x18\r \x01(\x03\"%\n\x0ePublishRequest\x12\x13\n\x0b\x65vents_json\x18\x01 \x03(\t\"\x1f\n\x0cPublishReply\x12\x0f\n\x07offsets\x18\x01 \x03(\x04\x32\xde\x01\n\tSignalman\x12I\n\tSubscribe\x12\x1b.signalman.v1.ClientMessage\x1a\x1b.signalman.v1.ServerMessage(\x01\x30\x01\x12\x41\n\x08GetStats\x12\x1d.signalman.v1.GetStatsRequest\x1a\x16.signalman.v1.HubStats\x12\x43\n\x07Publish\x12\x1c.signalman.v1.PublishRequest\x1a\x1a.signalman.v1.PublishReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1csignalman/v1/signalman.proto\x12\x0csignalman.v1\"[\n\x13\x43hannelSubscription\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0e\n\x06resume\x18\x02 \x01(\x08\x12\x14\n\x0c\x61\x66ter_offset\x18\x03 \x01(\x04\x12\r\n\x05\x65poch\x18\x04 \x01(\t\"G\n\x10SubscribeRequest\x12\x33\n\x08\x63hannels\x18\x01 \x03(\x0b\x32!.signalman.v1.ChannelSubscription\"&\n\x12UnsubscribeRequest\x12\x10\n\x08\x63hannels\x18\x01 \x03(\t\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x03\"\xbd\x01\n\rClientMessage\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x33\n\tsubscribe\x18\x02 \x01(\x0b\x32\x1e.signalman.v1.SubscribeRequestH\x00\x12\x37\n\x0bunsubscribe\x18\x03 \x01(\x0b\x32 .signalman.v1.UnsubscribeRequestH\x00\x12\"\n\x04ping\x18\x04 \x01(\x0b\x32\x12.signalman.v1.PingH\x00\x42\x06\n\x04kind\"\xaa\x01\n\x05\x45vent\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\r\n\x05\x65poch\x18\x03 \x01(\t\x12\n\n\x02id\x18\x04 \x01(\t\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x0e\n\x06tenant\x18\x06 \x01(\t\x12\x0c\n\x04time\x18\x07 \x01(\x01\x12\x16\n\x0eschema_version\x18\x08 \x01(\x05\x12\x0e\n\x06source\x18\t \x01(\t\x12\x11\n\tdata_json\x18\n \x01(\t\"1\n\nEventBatch\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.signalman.v1.Event\"A\n\nSubscribed\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x13\n\x0bhead_offset\x18\x03 \x01(\x04\"\x1f\n\x0cUnsubscribed\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x03\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\x84\x01\n\nHistoryGap\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x17\n\x0frequested_after\x18\x03 \x01(\x04\x12\x17\n\x0frequested_epoch\x18\x04 \x01(\t\x12\x14\n\x0cresumed_from\x18\x05 \x01(\x04\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\xd3\x02\n\rServerMessage\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12.\n\nsubscribed\x18\x02 \x01(\x0b\x32\x18.signalman.v1.SubscribedH\x00\x12\x32\n\x0cunsubscribed\x18\x03 \x01(\x0b\x32\x1a.signalman.v1.UnsubscribedH\x00\x12$\n\x05\x65vent\x18\x04 \x01(\x0b\x32\x13.signalman.v1.EventH\x00\x12\"\n\x04pong\x18\x05 \x01(\x0b\x32\x12.signalman.v1.PongH\x00\x12$\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x13.signalman.v1.ErrorH\x00\x12\'\n\x03gap\x18\x07 \x01(\x0b\x32\x18.signalman.v1.HistoryGapH\x00\x12)\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32\x18.signalman.v1.EventBatchH\x00\x42\x06\n\x04kind\"\x11\n\x0fGetStatsRequest\"R\n\x12PartitionOwnership\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\r\n\x05\x66\x65nce\x18\x03 \x01(\x03\x12\x0b\n\x03lag\x18\x04 \x01(\x03\"\xdd\x02\n\x08HubStats\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x13\n\x0bsubscribers\x18\x03 \x01(\x03\x12\x1d\n\x15subscribers_of_tenant\x18\x04 \x01(\x03\x12\x34\n\npartitions\x18\x05 \x03(\x0b\x32 .signalman.v1.PartitionOwnership\x12\x18\n\x10\x65vents_processed\x18\x06 \x01(\x03\x12\x17\n\x0f\x65vents_appended\x18\x07 \x01(\x03\x12!\n\x19\x64uplicate_appends_skipped\x18\x08 \x01(\x03\x12\x15\n\rdead_lettered\x18\t \x01(\x03\x12\x15\n\rfenced_writes\x18\n \x01(\x03\x12\x1b\n\x13subscribers_dropped\x18\x0b \x01(\x03\x12\x11\n\tsingleton\x18\x0c \x01(\x08\x12\x11\n\tdelivered\x18\r \x01(\x03\"%\n\x0ePublishRequest\x12\x13\n\x0b\x65vents_json\x18\x01 \x03(\t\"\x1f\n\x0cPublishReply\x12\x0f\n\x07offsets\x18\x01 \x03(\x04\x32\xde\x01\n\tSignalman\x12I\n\tSubscribe\x12\x1b.signalman.v1.ClientMessage\x1a\x1b.signalman.v1.ServerMessage(\x01\x30\x01\x12\x41\n\x08GetStats\x12\x1d.signalman.v1.GetStatsRequest\x1a\x16.signalman.v1.HubStats\x12\x43\n\x07Publish\x12\x1c.signalman.v1.PublishRequest\x1a\x1a.signalman.v1.PublishReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,28 +44,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIENTMESSAGE']._serialized_end=465
   _globals['_EVENT']._serialized_start=468
   _globals['_EVENT']._serialized_end=638
-  _globals['_SUBSCRIBED']._serialized_start=640
-  _globals['_SUBSCRIBED']._serialized_end=705
-  _globals['_UNSUBSCRIBED']._serialized_start=707
-  _globals['_UNSUBSCRIBED']._serialized_end=738
-  _globals['_PONG']._serialized_start=740
-  _globals['_PONG']._serialized_end=761
-  _globals['_ERROR']._serialized_start=763
-  _globals['_ERROR']._serialized_end=816
-  _globals['_HISTORYGAP']._serialized_start=819
-  _globals['_HISTORYGAP']._serialized_end=951
-  _globals['_SERVERMESSAGE']._serialized_start=954
-  _globals['_SERVERMESSAGE']._serialized_end=1250
-  _globals['_GETSTATSREQUEST']._serialized_start=1252
-  _globals['_GETSTATSREQUEST']._serialized_end=1269
-  _globals['_PARTITIONOWNERSHIP']._serialized_start=1271
-  _globals['_PARTITIONOWNERSHIP']._serialized_end=1353
-  _globals['_HUBSTATS']._serialized_start=1356
-  _globals['_HUBSTATS']._serialized_end=1705
-  _globals['_PUBLISHREQUEST']._serialized_start=1707
-  _globals['_PUBLISHREQUEST']._serialized_end=1744
-  _globals['_PUBLISHREPLY']._serialized_start=1746
-  _globals['_PUBLISHREPLY']._serialized_end=1777
-  _globals['_SIGNALMAN']._serialized_start=1780
-  _globals['_SIGNALMAN']._serialized_end=2002
+  _globals['_EVENTBATCH']._serialized_start=640
+  _globals['_EVENTBATCH']._serialized_end=689
+  _globals['_SUBSCRIBED']._serialized_start=691
+  _globals['_SUBSCRIBED']._serialized_end=756
+  _globals['_UNSUBSCRIBED']._serialized_start=758
+  _globals['_UNSUBSCRIBED']._serialized_end=789
+  _globals['_PONG']._serialized_start=791
+  _globals['_PONG']._serialized_end=812
+  _globals['_ERROR']._serialized_start=814
+  _globals['_ERROR']._serialized_end=867
+  _globals['_HISTORYGAP']._serialized_start=870
+  _globals['_HISTORYGAP']._serialized_end=1002
+  _globals['_SERVERMESSAGE']._serialized_start=1005
+  _globals['_SERVERMESSAGE']._serialized_end=1344
+  _globals['_GETSTATSREQUEST']._serialized_start=1346
+  _globals['_GETSTATSREQUEST']._serialized_end=1363
+  _globals['_PARTITIONOWNERSHIP']._serialized_start=1365
+  _globals['_PARTITIONOWNERSHIP']._serialized_end=1447
+  _globals['_HUBSTATS']._serialized_start=1450
+  _globals['_HUBSTATS']._serialized_end=1799
+  _globals['_PUBLISHREQUEST']._serialized_start=1801
+  _globals['_PUBLISHREQUEST']._serialized_end=1838
+  _globals['_PUBLISHREPLY']._serialized_start=1840
+  _globals['_PUBLISHREPLY']._serialized_end=1871
+  _globals['_SIGNALMAN']._serialized_start=1874
+  _globals['_SIGNALMAN']._serialized_end=2096
 # @@protoc_insertion_point(module_scope)
