@@ -67,11 +67,14 @@ class NodeOwnership:
 
     async def acquire(self, node_id: str) -> int:
         """Own the node's stream; returns the fence its writes carry."""
+        current = self._store.get(node_id)
+        seen = current.owner_fence if current else 0
         try:
-            result = await self._owners.acquire(node_id, self.replica_id, self.address)
+            result = await self._owners.acquire(
+                node_id, self.replica_id, self.address, at_least=seen
+            )
         except REDIS_ERRORS as exc:
-            current = self._store.get(node_id)
-            fence = current.owner_fence if current else 0
+            fence = seen
             record = OwnerRecord(self.replica_id, self.address, fence)
             self._held[node_id] = Held(record, provisional=True)
             log.warning("provisional ownership (Redis down)", node_id=node_id, error=str(exc))
@@ -110,7 +113,9 @@ class NodeOwnership:
         ):
             self._lose(node_id, f"owned by {current.replica} since the outage")
             return False
-        result = await self._owners.acquire(node_id, self.replica_id, self.address)
+        result = await self._owners.acquire(
+            node_id, self.replica_id, self.address, at_least=held.record.fence
+        )
         if result.record is None or not result.ok:
             return False
         self._held[node_id] = Held(result.record, refreshed_at=self._clock.monotonic())

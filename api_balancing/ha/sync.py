@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("foghorn.ha.sync")
 
 SCAN_BATCH = 500
+MIN_RETRY_S = 0.05  # even with instant backoff (pkg.clients testing switch): never spin
 
 
 class SyncLoop:
@@ -87,11 +88,14 @@ class SyncLoop:
                 if not isinstance(exc, self._errors):
                     log.exception("sync loop error")
                     pending = "unexpected sync error"
-                    await self._backoff.wait()
+                    await self._pause()
                     continue
                 self.store.health.degrade(f"redis unreachable: {type(exc).__name__}: {exc}")
                 pending = "reconnected after an outage"
-                await self._backoff.wait()
+                await self._pause()
+
+    async def _pause(self) -> None:
+        await self._clock.asleep(max(MIN_RETRY_S, self._backoff.next_delay()))
 
     async def rehydrate(self, reason: str) -> None:
         """Tail-first rehydration (see the module docstring), then back to healthy."""

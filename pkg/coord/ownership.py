@@ -24,10 +24,13 @@ import redis.asyncio as aioredis
 
 _ACQUIRE = """
 local fence = redis.call('INCR', KEYS[2])
+local floor = tonumber(ARGV[4]) or 0
 local hw = tonumber(redis.call('GET', KEYS[3])) or 0
-if hw >= fence then
-  -- the counter was lost (Redis restart) while records survived elsewhere: jump past them
-  fence = hw + 1
+if hw > floor then floor = hw end
+if fence <= floor then
+  -- the counter was lost (Redis restart) while fences survived elsewhere (in another key,
+  -- or in the caller's memory): jump past them so fences keep growing
+  fence = floor + 1
   redis.call('SET', KEYS[2], fence)
 end
 local cur = redis.call('GET', KEYS[1])
@@ -143,13 +146,19 @@ class Ownership:
     def _keys(self, entity: str) -> list[str]:
         return [self.key(entity), self.counter_key, self.high_water_key(entity)]
 
-    async def acquire(self, entity: str, replica: str, address: str) -> Acquired:
-        """Take ownership with a fresh, strictly higher fence."""
+    async def acquire(self, entity: str, replica: str, address: str, at_least: int = 0) -> Acquired:
+        """Take ownership with a fresh, strictly higher fence (also above ``at_least``, the
+        highest fence the caller has seen for the entity, in case Redis lost its counter)."""
         if "|" in replica or "|" in address:
             raise ValueError("replica and address must not contain '|'")
         raw: Any = await self._acquire(
             keys=self._keys(entity),
-            args=[f"{replica}|{address}", str(self.ttl_ms), str(self.history_ttl_ms)],
+            args=[
+                f"{replica}|{address}",
+                str(self.ttl_ms),
+                str(self.history_ttl_ms),
+                str(max(0, at_least)),
+            ],
         )
         record = OwnerRecord.decode(raw[1])
         return Acquired(ok=int(raw[0]) == 1, record=record)

@@ -116,3 +116,14 @@ async def test_concurrent_acquires_get_distinct_fences_and_the_highest_wins(
     assert len(set(fences)) == len(fences)
     final = await owners.get("n1")
     assert final and final.fence == max(fences)
+
+
+async def test_acquire_goes_above_a_fence_the_caller_still_knows(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    owners = Ownership(redis, prefix, ttl_ms=10_000)
+    # Redis lost everything, but a replica still holds the node's record with fence 57.
+    acquired = await owners.acquire("n1", "a", "x:1", at_least=57)
+    assert acquired.ok and acquired.record and acquired.record.fence == 58
+    nxt = await owners.acquire("n2", "b", "x:2")
+    assert nxt.record and nxt.record.fence == 59
