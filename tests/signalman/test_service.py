@@ -319,3 +319,22 @@ async def test_stats_report_subscribers_and_processing(connect: Connect) -> None
         stats = await connect("ta").stats()
         assert stats.mode == "embedded" and stats.subscribers == 1
         assert stats.subscribers_of_tenant == 1 and stats.events_appended >= 1
+
+
+async def test_tail_prints_the_tenants_events(app: SignalmanApp, connect: Connect) -> None:
+    import argparse
+    import io
+
+    from api_realtime.tail import tail
+
+    await publish(connect, "tpa", event_json("acme", "stream.started", n=1),
+                  event_json("acme", "routing.decision", n=2))  # fmt: skip
+    await publish(connect, "tpb", event_json("globex", "stream.started", n=3))
+    out = io.StringIO()
+    args = argparse.Namespace(targets=[f"127.0.0.1:{app.port}"], token="ta", channels=["all"],
+                              from_start=True, json=True, limit=2)  # fmt: skip
+    assert await asyncio.wait_for(tail(args, out), 10) == 0
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [(x["type"], x["data"]["n"], x["tenant"]) for x in lines] == [
+        ("stream.started", 1, "acme"), ("routing.decision", 2, "acme"),
+    ]  # fmt: skip
