@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import grpc
+import grpc.aio
 import pybreaker
 
 from pkg.clients.policy import BreakerPolicy
@@ -44,34 +45,37 @@ TICKET_NORMAL = 0
 TICKET_PROBE = 1
 
 
-class BreakerOpenError(pybreaker.CircuitBreakerError, grpc.RpcError):  # type: ignore[misc]
+class BreakerOpenError(pybreaker.CircuitBreakerError, grpc.aio.AioRpcError):  # type: ignore[misc]
     """Raised instead of calling while the breaker is open (or its single probe is busy).
 
     It is never retried by ``pkg.clients``. ``retry_after`` is the number of seconds until the
-    breaker lets its next probe through. It also quacks like a ``grpc.RpcError`` with status
-    UNAVAILABLE so callers that map gRPC errors handle it without a special case.
+    breaker lets its next probe through. It is also a ``grpc.aio.AioRpcError`` (so a
+    ``grpc.RpcError``) with status UNAVAILABLE: callers that handle gRPC errors handle it
+    without a special case, and can tell it apart by type when they care.
     """
 
     def __init__(self, name: str, retry_after: float, state: str) -> None:
         self.name = name
         self.retry_after = max(0.0, retry_after)
         self.state = state
-        super().__init__(
+        message = (
             f"circuit breaker {name!r} is {state}: failing fast, next probe in "
             f"{self.retry_after:.3f}s"
         )
+        grpc.aio.AioRpcError.__init__(
+            self,
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details=message,
+            debug_error_string=f"pkg.clients: {message}",
+        )
 
-    def code(self) -> grpc.StatusCode:
-        """gRPC status equivalent: UNAVAILABLE."""
-        return grpc.StatusCode.UNAVAILABLE
+    def __str__(self) -> str:
+        return self.details() or "circuit breaker open"
 
-    def details(self) -> str:
-        """The human-readable message."""
-        return str(self)
-
-    def trailing_metadata(self) -> Any:
-        """No trailers: the call never left this process."""
-        return ()
+    def __reduce__(self) -> Any:
+        return (type(self), (self.name, self.retry_after, self.state))
 
 
 class _StateView:
