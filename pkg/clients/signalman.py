@@ -27,9 +27,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from pkg.clients.backoff import Backoff
-from pkg.clients.grpc_aio import aio_channel
-from pkg.clients.policy import Policy
+from pkg.clients import Backoff, Policy, aio_channel
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 from pkg.proto.signalman.v1 import signalman_pb2_grpc as pb_grpc

@@ -147,3 +147,31 @@ async def test_retryable_dead_letters_are_redriven_a_bounded_number_of_times(
     assert replica.redriver.redriven == cfg.redrive_max_attempts
     assert replica.processor.stats.dead_lettered == cfg.redrive_max_attempts + 1
     assert replica.duties.leader
+
+
+async def test_health_and_metrics_endpoints(
+    kafka_broker: Any, redis_server: Any, postgres_server: Any
+) -> None:
+    from pkg.clients.http import AsyncHttpClient
+    from pkg.common.telemetry import setup_metrics
+    from pkg.devstack.servers import free_port
+
+    setup_metrics("signalman-test")
+    cfg = kafka_config(kafka_broker, redis_server, postgres_server, http_port=free_port())
+    app = SignalmanApp(cfg, tokens=parse_tokens(TOKENS))
+    await app.start()
+    try:
+        async with AsyncHttpClient(base_url=f"http://127.0.0.1:{cfg.http_port}") as http:
+            await wait_until(lambda: app.member is not None and len(app.member.owned) == 4)
+            health = await http.get("/health")
+            assert health.status_code == 200
+            body = health.json()
+            assert body["status"] == "ok" and body["redis"] == "ok"
+            assert body["postgres_lock_connection"] == "ok" and len(body["partitions"]) == 4
+            await produce_raw(cfg.kafka_bootstrap, cfg.topic, [(b"acme", b"junk")])
+            await wait_until(lambda: app.processor.stats.dead_lettered == 1, timeout=20)
+            metrics = (await http.get("/metrics")).text
+            assert "signalman_dead_lettered" in metrics
+            assert "signalman_records_processed" in metrics
+    finally:
+        await app.stop()

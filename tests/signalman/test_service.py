@@ -13,7 +13,7 @@ import grpc.aio
 import pytest
 
 from api_realtime.server import SignalmanApp
-from pkg.clients.grpc_aio import aio_channel
+from pkg.clients import aio_channel
 from pkg.clients.signalman import Gap, SignalmanClient, SubscriptionError
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 from tests.signalman.conftest import event_json, wait_until
