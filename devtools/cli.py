@@ -128,7 +128,26 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("servers", help="install (if needed) and locate redis, postgres, tansu")
     p.set_defaults(func=cmd_servers)
 
-    args = parser.parse_args(argv)
+    # Everything after a pass-through subcommand belongs to it (pytest, ./dev up, drills,
+    # benchmarks), options included, so argparse only sees the subcommand's name.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if (
+        argv
+        and argv[0] in ("test", "bench", "up", "drill")
+        and not {"-h", "--help"} & set(argv[1:2])
+    ):
+        command, rest = argv[0], argv[1:]
+        args = parser.parse_args([command])
+        if command == "test":
+            args.no_lint = "--no-lint" in rest
+            args.pytest_args = [a for a in rest if a != "--no-lint"]
+        elif command == "bench":
+            args.name = rest[0] if rest else None
+            args.bench_args = rest[1:]
+        else:
+            setattr(args, f"{command}_args", rest)
+    else:
+        args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import sys
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from devtools.supervisor import Managed, RestartPolicy, Supervisor
+from pkg.common.logging import configure_logging
 from pkg.devstack import install
 from pkg.devstack.servers import (
     CommandProcess,
@@ -29,11 +29,14 @@ from pkg.devstack.servers import (
     RedisServer,
     free_port,
 )
+from pkg.events.kafka import DEFAULT_TOPIC
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 DEV_TOKEN = "dev-admin-token"
-EVENTS_TOPIC = "platform.events"
+SIGNALMAN_DEMO_TOKEN = "dev-sig-demo"
+BRIDGE_JWT_SECRET = "dev-bridge-secret-change-me-0123456789"
+EVENTS_TOPIC = DEFAULT_TOPIC
 EVENTS_PARTITIONS = 6
 
 
@@ -181,6 +184,9 @@ def main(argv: list[str]) -> int:
 
     run_dir = args.run_dir or ROOT / ".run" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The status view owns the terminal; supervisor events go to a log file as well.
+    log_file = (run_dir / "up.log").open("a", buffering=1)
+    configure_logging("dev-up", json=True, stream=log_file)
     if not args.single:
         install.ensure_all()
     stack = Stack(
@@ -223,14 +229,130 @@ def main(argv: list[str]) -> int:
         stack.sup.stop_all()
         for item in stack.sup.items:
             item.proc.cleanup()
-        print("stopped.", flush=True)
+        print(f"stopped. logs: {run_dir}", flush=True)
+        log_file.close()
     return 0
 
 
-# Service builders (registered in start order). Each adds its replicas when the service exists.
-def _ports(n: int) -> list[int]:
-    return [free_port() for _ in range(n)]
+# Service builders, registered in start order. Fixed, documented ports when free (the README's
+# examples use them), a free port otherwise.
+def _port(preferred: int) -> int:
+    from pkg.devstack.servers import port_open
+
+    return free_port() if port_open(preferred) else preferred
+
+
+def _replicas(args: argparse.Namespace) -> int:
+    return 1 if args.single else 2
+
+
+@service_builder
+def foghorn(stack: Stack, args: argparse.Namespace) -> None:
+    grpc_targets = []
+    for i in range(_replicas(args)):
+        grpc_port, http_port = _port(18008 + i), _port(18080 + i)
+        env = {
+            "FOGHORN_GRPC_PORT": str(grpc_port),
+            "FOGHORN_HTTP_PORT": str(http_port),
+            "FOGHORN_REPLICA_ID": f"foghorn-{i}",
+            "FOGHORN_REDIS_URL": stack.backends.redis_url or "",
+            "FOGHORN_KAFKA_BOOTSTRAP": stack.backends.kafka_bootstrap or "",
+        }
+        add_process(
+            stack,
+            f"foghorn-{i}",
+            [PY, "-m", "api_balancing"],
+            env,
+            port=grpc_port,
+            health_url=f"http://127.0.0.1:{http_port}/health",
+        )
+        grpc_targets.append(f"127.0.0.1:{grpc_port}")
+        stack.endpoints.setdefault("foghorn http", []).append(f"http://127.0.0.1:{http_port}")
+    stack.endpoints["foghorn grpc"] = grpc_targets
+    stack.notes.append(
+        f"admin CLI:        .venv/bin/foghorn-admin --foghorn {','.join(grpc_targets)} "
+        f"--token {DEV_TOKEN} nodes"
+    )
+
+
+@service_builder
+def signalman(stack: Stack, args: argparse.Namespace) -> None:
+    b = stack.backends
+    targets = []
+    for i in range(_replicas(args)):
+        grpc_port, http_port = _port(50070 + i), _port(8070 + i)
+        env = {
+            "SIGNALMAN_GRPC_PORT": str(grpc_port),
+            "SIGNALMAN_HTTP_PORT": str(http_port),
+            "SIGNALMAN_REPLICA_ID": f"signalman-{i}",
+            "SIGNALMAN_KAFKA_BOOTSTRAP": b.kafka_bootstrap or "",
+            "SIGNALMAN_TOPIC": EVENTS_TOPIC,
+            "SIGNALMAN_REDIS_URL": b.redis_url or "",
+            "SIGNALMAN_POSTGRES_DSN": b.postgres_dsn or "",
+            "PLATFORM_TOKENS": f"{DEV_TOKEN}=dev@system:admin|system,"
+            f"{SIGNALMAN_DEMO_TOKEN}=bridge@demo:subscriber",
+        }
+        add_process(
+            stack,
+            f"signalman-{i}",
+            [PY, "-m", "api_realtime"],
+            env,
+            port=grpc_port,
+            health_url=f"http://127.0.0.1:{http_port}/health",
+        )
+        targets.append(f"127.0.0.1:{grpc_port}")
+    stack.endpoints["signalman grpc"] = targets
+    stack.notes.append(
+        f"tail events:      .venv/bin/signalman-tail --targets {','.join(targets)} "
+        f"--token {DEV_TOKEN} system"
+    )
+
+
+@service_builder
+def bridge(stack: Stack, args: argparse.Namespace) -> None:
+    urls = []
+    for i in range(_replicas(args)):
+        port = _port(8080 + i)
+        env = {
+            "BRIDGE_REDIS_URL": stack.backends.redis_url or "",
+            "BRIDGE_FOGHORN_ADDRESSES": ",".join(stack.endpoints.get("foghorn grpc", [])),
+            "BRIDGE_FOGHORN_TOKEN": DEV_TOKEN,
+            "BRIDGE_JWT_HS256_SECRET": BRIDGE_JWT_SECRET,
+            "BRIDGE_SIGNALMAN_ADDRESSES": ",".join(stack.endpoints.get("signalman grpc", [])),
+            "BRIDGE_SIGNALMAN_TOKENS": f"demo={SIGNALMAN_DEMO_TOKEN}",
+        }
+        add_process(
+            stack,
+            f"bridge-{i}",
+            [PY, "-m", "api_gateway", "--port", str(port), "--id", f"bridge-{i}"],
+            env,
+            port=port,
+            health_url=f"http://127.0.0.1:{port}/health",
+        )
+        urls.append(f"http://127.0.0.1:{port}/graphql")
+    stack.endpoints["bridge graphql"] = urls
+    stack.notes.append(
+        "bridge JWT:       "
+        f"BRIDGE_JWT_HS256_SECRET={BRIDGE_JWT_SECRET} .venv/bin/python -m api_gateway.devtoken "
+        "--tenant demo --roles admin"
+    )
+
+
+@service_builder
+def edge_fleet(stack: Stack, args: argparse.Namespace) -> None:
+    targets = stack.endpoints.get("foghorn grpc", [])
+    if not targets or args.nodes <= 0:
+        return
+    proc = CommandProcess(
+        "edge-sim",
+        [PY, "-m", "api_balancing.simulator", "--foghorn", ",".join(targets),
+         "--nodes", str(args.nodes), "--token", DEV_TOKEN],
+        run_dir=stack.run_dir / "edge-sim",
+        ready_timeout=60,
+    )  # fmt: skip
+    # The simulator serves no port: it is "ready" as soon as it runs.
+    proc.is_ready = lambda: proc.running  # type: ignore[method-assign]
+    stack.sup.add(Managed("edge-sim", proc, policy=RestartPolicy()))
 
 
 __all__ = ["SERVICE_BUILDERS", "Stack", "main", "render", "service_builder"]
-_ = shutil  # kept for builders that copy config files
