@@ -17,6 +17,7 @@ import structlog
 
 from api_balancing.config import FoghornConfig
 from api_balancing.fleet import Fleet
+from api_balancing.ha import telemetry
 from api_balancing.ha.keys import Keys
 from api_balancing.ha.leader import Reaper
 from api_balancing.ha.owned_fleet import OwnedFleet
@@ -130,6 +131,7 @@ class HaRuntime:
         store.set_delete_guard(self.lease.guard)
         self.reaper = Reaper(self.lease, fleet, self.ownership, config.reap_interval_s, clock=clock)
         self._tasks: list[asyncio.Task[Any]] = []
+        telemetry.register(self)
 
     def binding(self) -> ServiceBinding:
         """The internal relay service, mounted on the replica's gRPC server."""

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from api_balancing.ha import telemetry
 from api_balancing.store import redis_codec
 from pkg.clients.backoff import Backoff
 from pkg.common.clock import SYSTEM_CLOCK, Clock
@@ -71,6 +72,10 @@ class SyncLoop:
                 entries = await self.reader.read(self.store.settings.read_block_ms, count=1000)
                 for entry in entries:
                     self.store.apply_entry(entry)
+                if entries:
+                    appended_ms = int(entries[-1].id.partition("-")[0])
+                    lag = max(0.0, self._clock.time() - appended_ms / 1000)
+                    telemetry.sync_lag.record(lag)
                 if not self.store.health.ok:
                     # Reads work but a write failed: re-converge and re-publish.
                     pending = self.store.health.status.reason

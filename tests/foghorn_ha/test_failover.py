@@ -204,6 +204,12 @@ async def test_two_replicas_share_a_fleet_and_route_it_identically(
     route_a = await ca.route_viewer("live-0001", lat=48.85, lon=2.35, max_fallbacks=3)
     route_b = await cb.route_viewer("live-0001", lat=48.85, lon=2.35, max_fallbacks=3)
     assert route_a.best.node_id and route_b.considered == route_a.considered == NODES
+    assert cluster.http is not None
+    metrics = (await cluster.http.get(f"http://127.0.0.1:{b.http_port}/metrics")).text
+    in_sync = [line for line in metrics.splitlines() if line.startswith("foghorn_ha_in_sync{")]
+    assert in_sync and 'replica="b"' in in_sync[0] and in_sync[0].endswith(" 1.0"), in_sync
+    assert "foghorn_ha_sync_lag_seconds_bucket" in metrics
+    assert "foghorn_ha_remote_applied" in metrics
 
 
 async def test_kill_9_of_an_owner_moves_its_nodes_and_routing_never_fails(
