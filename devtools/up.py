@@ -170,23 +170,24 @@ def render(stack: Stack) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="./dev up", description=__doc__)
-    parser.add_argument("--single", action="store_true", help="one instance each, in memory")
-    parser.add_argument("--nodes", type=int, default=50, help="simulated edge nodes")
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
-    parser.add_argument("--kafka-bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
-    parser.add_argument("--postgres-dsn", default=os.environ.get("POSTGRES_DSN"))
-    parser.add_argument("--run-dir", type=Path, default=None)
-    parser.add_argument("--duration", type=float, default=0, help="stop after N s (0: Ctrl-C)")
-    parser.add_argument("--plain", action="store_true", help="print status lines, no redraw")
-    args = parser.parse_args(argv)
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="./dev up", description=__doc__)
+    p.add_argument("--single", action="store_true", help="one instance each, in memory")
+    p.add_argument("--nodes", type=int, default=50, help="simulated edge nodes")
+    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
+    p.add_argument("--kafka-bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
+    p.add_argument("--postgres-dsn", default=os.environ.get("POSTGRES_DSN"))
+    p.add_argument("--run-dir", type=Path, default=None)
+    p.add_argument("--duration", type=float, default=0, help="stop after N s (0: Ctrl-C)")
+    p.add_argument("--plain", action="store_true", help="print status lines, no redraw")
+    return p
 
+
+def build_stack(args: argparse.Namespace, should_stop: Callable[[], bool] = lambda: False) -> Stack:
+    """Start servers and every service per ``args`` (see ``parser()``); the caller must call
+    ``stop_stack`` (also when this raises: the partial stack is attached to the exception)."""
     run_dir = args.run_dir or ROOT / ".run" / time.strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
-    # The status view owns the terminal; supervisor events go to a log file as well.
-    log_file = (run_dir / "up.log").open("a", buffering=1)
-    configure_logging("dev-up", json=True, stream=log_file)
     if not args.single:
         install.ensure_all()
     stack = Stack(
@@ -194,6 +195,35 @@ def main(argv: list[str]) -> int:
         run_dir=run_dir,
         backends=Backends(args.redis_url, args.kafka_bootstrap, args.postgres_dsn),
     )
+    try:
+        start_servers(stack, args)
+        for build in SERVICE_BUILDERS:
+            if should_stop():
+                break
+            build(stack, args)
+    except BaseException as exc:
+        exc.add_note(f"partial stack in {run_dir}")
+        stop_stack(stack)
+        raise
+    stack.notes.append(f"admin token: {DEV_TOKEN}")
+    return stack
+
+
+def stop_stack(stack: Stack) -> None:
+    """Stop everything the stack started (reverse order, by pid) and remove server data."""
+    stack.sup.stop_all()
+    for item in stack.sup.items:
+        item.proc.cleanup()
+
+
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    run_dir = args.run_dir or ROOT / ".run" / time.strftime("%Y%m%d-%H%M%S")
+    args.run_dir = run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # The status view owns the terminal; supervisor events go to a log file as well.
+    log_file = (run_dir / "up.log").open("a", buffering=1)
+    configure_logging("dev-up", json=True, stream=log_file)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -203,13 +233,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     started = time.monotonic()
+    stack: Stack | None = None
     try:
-        start_servers(stack, args)
-        for build in SERVICE_BUILDERS:
-            if stopping:
-                break
-            build(stack, args)
-        stack.notes.append(f"admin token: {DEV_TOKEN}")
+        stack = build_stack(args, should_stop=lambda: stopping)
         tty = sys.stdout.isatty() and not args.plain
         last_plain = 0.0
         while not stopping:
@@ -225,10 +251,9 @@ def main(argv: list[str]) -> int:
                 break
             time.sleep(1.0)
     finally:
-        print("\nstopping everything ./dev up started...", flush=True)
-        stack.sup.stop_all()
-        for item in stack.sup.items:
-            item.proc.cleanup()
+        if stack is not None:
+            print("\nstopping everything ./dev up started...", flush=True)
+            stop_stack(stack)
         print(f"stopped. logs: {run_dir}", flush=True)
         log_file.close()
     return 0
@@ -355,4 +380,13 @@ def edge_fleet(stack: Stack, args: argparse.Namespace) -> None:
     stack.sup.add(Managed("edge-sim", proc, policy=RestartPolicy()))
 
 
-__all__ = ["SERVICE_BUILDERS", "Stack", "main", "render", "service_builder"]
+__all__ = [
+    "SERVICE_BUILDERS",
+    "Stack",
+    "build_stack",
+    "main",
+    "parser",
+    "render",
+    "service_builder",
+    "stop_stack",
+]
