@@ -176,7 +176,7 @@ async def policy_cost(n: int) -> dict[str, float]:
         return time.perf_counter() - start
 
     best: dict[str, float] = {}
-    for _ in range(4):  # best of 4: the least disturbed run is the cost of the code
+    for _ in range(3):  # best of 3: the least disturbed run is the cost of the code
         for name, t in (
             ("bare", await bare()),
             ("wrapped", await wrapped()),
@@ -232,12 +232,17 @@ async def amplification(target: str, seconds: float) -> dict[str, float]:
     stats_channel = grpc.aio.insecure_channel(target)  # raw-client: baseline
     stats = pb_grpc.TestServiceStub(stats_channel)
     out: dict[str, float] = {}
-    for name, policy in (
-        ("amplification", Policy(retry=retry)),
-        ("amplification_budget_only", Policy(retry=retry, breaker=BreakerPolicy(enabled=False))),
+    for name, policy, length in (
+        ("amplification", Policy(retry=retry), seconds),
+        # Shorter: the budget settles after ~5 failures, 3 s show the steady state.
+        (
+            "amplification_budget_only",
+            Policy(retry=retry, breaker=BreakerPolicy(enabled=False)),
+            min(seconds, 3.0),
+        ),
     ):
         channel = aio_channel(target, policy)
-        calls = await _outage(pb_grpc.TestServiceStub(channel), name, seconds, 4)
+        calls = await _outage(pb_grpc.TestServiceStub(channel), name, length, 4)
         await channel.close()
         out[name] = await _stats(stats, name) / calls
         out[name + "_calls"] = float(calls)
@@ -258,7 +263,7 @@ async def amplification(target: str, seconds: float) -> dict[str, float]:
             )
             return await retrying(once)
 
-    calls = await _outage(Naive(), "naive", min(seconds, 2.0), 4)
+    calls = await _outage(Naive(), "naive", min(seconds, 1.5), 4)
     out["amplification_naive"] = await _stats(stats, "naive") / calls
     await raw_channel.close()
     await stats_channel.close()
@@ -299,8 +304,8 @@ async def run(quick: bool) -> dict[str, Any]:
     try:
         target = f"127.0.0.1:{server.port}"
         results: dict[str, Any] = {}
-        results.update(await overhead(target, 2000 if quick else 8000))
-        results.update(await policy_cost(10_000 if quick else 20_000))
+        results.update(await overhead(target, 2000 if quick else 5000))
+        results.update(await policy_cost(10_000 if quick else 15_000))
         results.update(await amplification(target, 2.0 if quick else 5.0))
         results.update(await failfast(target, 2000))
         return results
@@ -316,6 +321,8 @@ def main(argv: list[str]) -> int:
     started = time.monotonic()
     results = asyncio.run(run(args.quick))
     results["wall_s"] = time.monotonic() - started
+    # The one-run budget is 60 s; the JSON says whether a loaded machine pushed it over.
+    results["within_time_budget"] = results["wall_s"] < 60.0
     results["targets"] = TARGETS
     results["within_target"] = {k: results[k] <= v for k, v in TARGETS.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
