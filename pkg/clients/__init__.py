@@ -14,10 +14,12 @@ failover, OpenTelemetry metrics and structlog events. See docs/clients.md.
 from pkg.clients.backoff import Backoff, delays
 from pkg.clients.breaker import BreakerOpenError, CircuitBreaker
 from pkg.clients.deadline import deadline_from_grpc, deadline_scope
-from pkg.clients.grpc_aio import aio_channel
+from pkg.clients.grpc_aio import ResilientChannel, aio_channel
 from pkg.clients.grpc_sync import sync_channel
+from pkg.clients.http import AsyncHttpClient, HttpClient
 from pkg.clients.policy import BreakerPolicy, BudgetPolicy, HedgePolicy, Policy, RetryPolicy
 from pkg.clients.runtime import Runtime
+from pkg.clients.shared_breaker import SharedBreakerStore
 from pkg.clients.telemetry import (
     Instrumentation,
     OtelInstrumentation,
@@ -27,18 +29,22 @@ from pkg.clients.telemetry import (
 from pkg.clients.testing import set_testing, testing
 
 __all__ = [
+    "AsyncHttpClient",
     "Backoff",
     "BreakerOpenError",
     "BreakerPolicy",
     "BudgetPolicy",
     "CircuitBreaker",
     "HedgePolicy",
+    "HttpClient",
     "Instrumentation",
     "OtelInstrumentation",
     "Policy",
+    "ResilientChannel",
     "RetryEvent",
     "RetryPolicy",
     "Runtime",
+    "SharedBreakerStore",
     "StructlogInstrumentation",
     "aio_channel",
     "deadline_from_grpc",
