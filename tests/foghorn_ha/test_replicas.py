@@ -221,3 +221,25 @@ async def test_relay_to_a_dead_owner_evicts_its_record_and_says_not_connected(
     assert await b.ha.ownership.lookup("edge-1") is None, "the dead owner's record was evicted"
     assert b.ha.relay.evicted == 1
     await stream.close()
+
+
+async def test_graceful_stop_hands_nodes_over_without_marking_them_down(
+    make_replica: Callable[..., Awaitable[Any]], clients: Callable[[Any], FoghornClient]
+) -> None:
+    a = await make_replica("a")
+    b = await make_replica("b")
+    stream = await connect_node(clients(a.grpc_target), "edge-1")
+    await eventually(reported(b, "edge-1"))
+    states: list[bool] = []
+    b.store.add_listener(lambda node_id, rec: states.append(rec.connected) if rec else None)
+    await a.stop(grace=0.2)
+    assert await b.ha.ownership.lookup("edge-1") is None, "released for the next replica"
+    loop = b.store._sync_loop  # b has applied everything a ever wrote:
+    tail = await loop.changelog.tail()
+    await eventually(lambda: loop.reader.position.index >= tail.index)
+    assert b.store.get("edge-1").connected and False not in states
+    # the node reconnects to b (as edge-sim does through pkg.clients) and b owns it
+    await stream.close()
+    new = await connect_node(clients(b.grpc_target), "edge-1")
+    await eventually(lambda: b.store.get("edge-1").owner == "b")
+    await new.close()
