@@ -542,3 +542,31 @@ async def test_breaker_opening_mid_call_ends_retries_with_the_real_error() -> No
     assert rec.events[-1].reason == "UNAVAILABLE; circuit breaker opened"
     with pytest.raises(BreakerOpenError):  # the next call fails fast
         await call_async(state, None, down, classify)
+
+
+async def test_hedges_cost_budget_tokens_and_stop_when_it_is_drained() -> None:
+    from pkg.clients import HedgePolicy
+
+    clock = FakeClock()
+    policy = Policy(hedge=HedgePolicy(enabled=True, delay=0.0, max_attempts=3))
+    state, classify, rec = engine(policy, clock)
+    started = 0
+
+    async def slow_first(timeout: float) -> str:
+        nonlocal started
+        started += 1
+        mine = started
+        await asyncio.sleep(0.05 if mine == 1 else 0.0)
+        return f"attempt {mine}"
+
+    with instant_backoff():
+        assert await call_async(state, None, slow_first, classify) != "attempt 1"
+    assert started >= 2
+    tokens_after_hedges = state.budget.tokens
+    assert tokens_after_hedges <= 10 - (started - 1) + 0.1  # each hedge took a token
+
+    state.budget.tokens = 0.0  # drained: no more hedges
+    started = 0
+    with instant_backoff():
+        assert await call_async(state, None, slow_first, classify) == "attempt 1"
+    assert started == 1 and rec.budget >= 1
