@@ -35,6 +35,7 @@ STATE_CLOSED: str = pybreaker.STATE_CLOSED
 STATE_OPEN: str = pybreaker.STATE_OPEN
 STATE_HALF_OPEN: str = pybreaker.STATE_HALF_OPEN
 STATE_CODES = {STATE_CLOSED: 0, STATE_HALF_OPEN: 1, STATE_OPEN: 2}
+_CANONICAL = {STATE_CLOSED: STATE_CLOSED, STATE_HALF_OPEN: STATE_HALF_OPEN, STATE_OPEN: STATE_OPEN}
 
 # Outcomes of one attempt as the breaker sees them.
 BREAKER_SUCCESS = 0
@@ -264,6 +265,8 @@ class CircuitBreaker:
     # -- transitions ---------------------------------------------------------------------
     def force(self, state: str, open_for: float | None = None, reason: str = "forced") -> None:
         """Set the state from outside (shared state, operators, tests)."""
+        if state not in _CANONICAL:
+            raise ValueError(f"unknown breaker state {state!r}: one of {sorted(_CANONICAL)}")
         now = self.clock.monotonic()
         with self._lock:
             if state == STATE_OPEN:
@@ -282,7 +285,8 @@ class CircuitBreaker:
         old = self._state
         if old == new:
             return None
-        self._state = new
+        # Always store the module constant: the engine's fast path compares by identity.
+        self._state = _CANONICAL[new]
         return old, new, reason
 
     def _fire(self, old: str, new: str, reason: str) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import pybreaker
@@ -28,7 +29,7 @@ from pkg.clients.telemetry import (
     default_instrumentation,
     instruments,
 )
-from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.clock import SYSTEM_CLOCK, Clock, SystemClock
 
 if TYPE_CHECKING:
     from pkg.clients.shared_breaker import SharedBreakerStore
@@ -47,6 +48,7 @@ class MethodState:
         "idempotent",
         "latency_ema",
         "method",
+        "now",
         "policy",
         "record_latency",
         "runtime",
@@ -60,6 +62,10 @@ class MethodState:
         self.target = target
         self.method = method
         self.clock = runtime.clock
+        # The system clock's monotonic() is time.monotonic: call the C function directly.
+        self.now: Callable[[], float] = (
+            time.monotonic if type(runtime.clock) is SystemClock else runtime.clock.monotonic
+        )
         self.timeout = policy.timeout
         self.attempt_timeout = policy.retry.attempt_timeout
         self.idempotent = policy.retry.is_idempotent(method)
@@ -75,7 +81,9 @@ class MethodState:
 
     def succeeded(self, elapsed: float) -> None:
         """Success bookkeeping shared by every call style."""
-        self.budget.on_success()
+        budget = self.budget  # RetryBudget.on_success, inlined (hot path)
+        tokens = budget.tokens + budget.ratio
+        budget.tokens = tokens if tokens < budget.max_tokens else budget.max_tokens
         # An EMA of success latency tells the deadline check how long an attempt takes.
         self.latency_ema += (elapsed - self.latency_ema) * 0.1
         if self.record_latency:
