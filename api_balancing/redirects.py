@@ -23,6 +23,7 @@ class RedirectTracker:
         self.window_s = window_s
         self._timeline: deque[tuple[float, str, str]] = deque()
         self._by_key: dict[tuple[str, str], deque[float]] = {}
+        self._streams_of: dict[str, set[str]] = {}  # node -> streams with pending entries
         self._per_node: dict[str, int] = {}
         self._listeners: list[PendingListener] = []
 
@@ -37,6 +38,7 @@ class RedirectTracker:
         now = self._clock.monotonic()
         self._timeline.append((now, node_id, stream_id))
         self._by_key.setdefault((node_id, stream_id), deque()).append(now)
+        self._streams_of.setdefault(node_id, set()).add(stream_id)
         self._change(node_id, +1)
 
     def arrived(self, node_id: str, stream_id: str, count: int) -> None:
@@ -49,13 +51,13 @@ class RedirectTracker:
         for _ in range(settled):
             entries.popleft()
         if not entries:
-            del self._by_key[key]
+            self._drop_key(key)
         self._change(node_id, -settled)
 
     def forget(self, node_id: str) -> None:
         """Drop everything pending for a node (evicted or reconnected)."""
-        for key in [k for k in self._by_key if k[0] == node_id]:
-            del self._by_key[key]
+        for stream_id in self._streams_of.pop(node_id, ()):
+            self._by_key.pop((node_id, stream_id), None)
         if self._per_node.pop(node_id, 0):
             self._notify(node_id, 0)
 
@@ -72,8 +74,16 @@ class RedirectTracker:
             if entries and entries[0] <= t:
                 entries.popleft()
                 if not entries:
-                    del self._by_key[key]
+                    self._drop_key(key)
                 self._change(node_id, -1)
+
+    def _drop_key(self, key: tuple[str, str]) -> None:
+        del self._by_key[key]
+        streams = self._streams_of.get(key[0])
+        if streams is not None:
+            streams.discard(key[1])
+            if not streams:
+                del self._streams_of[key[0]]
 
     def _change(self, node_id: str, delta: int) -> None:
         count = self._per_node.get(node_id, 0) + delta

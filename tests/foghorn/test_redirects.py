@@ -55,3 +55,18 @@ def test_forget_drops_everything_of_a_node() -> None:
     tracker.record("n2", "s1")
     tracker.forget("n1")
     assert tracker.pending("n1") == 0 and tracker.pending("n2") == 1
+
+
+def test_forget_touches_only_the_nodes_own_entries() -> None:
+    clock = FakeClock()
+    tracker = RedirectTracker(clock, window_s=30)
+    for i in range(1000):
+        tracker.record(f"other-{i}", f"s{i}")
+    tracker.record("n1", "a")
+    tracker.record("n1", "b")
+    tracker.forget("n1")
+    assert tracker.pending("n1") == 0 and tracker.pending("other-5") == 1
+    tracker.record("n1", "a")  # a fresh entry after forgetting expires on its own
+    clock.advance(31)
+    tracker.expire()
+    assert tracker.pending("n1") == 0 and tracker.pending("other-5") == 0
