@@ -56,6 +56,8 @@ class Stack:
     backends: Backends
     endpoints: dict[str, list[str]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # --env NAME=VALUE settings given to every service process (the drills shorten TTLs).
+    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 def _service_available(module: str) -> bool:
@@ -105,7 +107,7 @@ def add_process(
         command,
         run_dir=stack.run_dir / name,
         port=port,
-        env={"PLATFORM_TOKENS": f"{DEV_TOKEN}=dev@system:admin|system", **env},
+        env={"PLATFORM_TOKENS": f"{DEV_TOKEN}=dev@system:admin|system", **env, **stack.extra_env},
         ready_port=ready_port,
         ready_timeout=60,
     )
@@ -180,7 +182,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--duration", type=float, default=0, help="stop after N s (0: Ctrl-C)")
     p.add_argument("--plain", action="store_true", help="print status lines, no redraw")
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra environment for every service process (repeatable), "
+        "e.g. FOGHORN_OWNERSHIP_TTL_S=5",
+    )
     return p
+
+
+def parse_env(items: list[str]) -> dict[str, str]:
+    """``["A=1", "B=x"]`` -> ``{"A": "1", "B": "x"}``; a malformed item raises ValueError."""
+    env: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not name.replace("_", "").isalnum():
+            raise ValueError(f"--env expects NAME=VALUE, got {item!r}")
+        env[name] = value
+    return env
 
 
 def build_stack(args: argparse.Namespace, should_stop: Callable[[], bool] = lambda: False) -> Stack:
@@ -194,6 +215,7 @@ def build_stack(args: argparse.Namespace, should_stop: Callable[[], bool] = lamb
         sup=Supervisor(),
         run_dir=run_dir,
         backends=Backends(args.redis_url, args.kafka_bootstrap, args.postgres_dsn),
+        extra_env=parse_env(getattr(args, "env", None) or []),
     )
     try:
         start_servers(stack, args)
