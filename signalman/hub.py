@@ -121,10 +121,17 @@ class Hub(FeedRegistry):
                     info = await self.history.info(feed.tenant)
                     feed.position, feed.epoch = info.head_offset, info.epoch
                     feed.ready.set()
+                elif failures:
+                    # The history store was unreachable: it may have come back empty (a restart
+                    # without persistence). Check before reading on from an old position.
+                    await self._check_epoch(feed)
                 entries = await self.history.wait_after(
                     feed.tenant, feed.position, self.poll_timeout
                 )
                 failures = 0
+                if entries and entries[0].offset <= feed.position:
+                    await self._check_epoch(feed)  # offsets went backwards: history was reset
+                    continue
                 if not entries:
                     await self._check_epoch(feed)
                     continue

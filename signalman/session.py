@@ -258,9 +258,9 @@ class Session:
     async def _replay(self, request_id: int, sub: Subscription, req: ChannelRequest) -> None:
         info = await self.history.info(sub.tenant)
         after = req.after_offset
-        if req.epoch and info.epoch and req.epoch != info.epoch:
+        if req.epoch and req.epoch != info.epoch:  # info.epoch "": history lost, not yet rebuilt
             after = 0
-            first = info.first_offset or info.head_offset + 1
+            first = info.first_offset or info.head_offset + 1  # nothing retained: the next one
             await self._put(
                 OutGap(request_id, sub.channel, info.epoch, req.after_offset, req.epoch, first,
                        "history epoch changed: the history was lost or reset")

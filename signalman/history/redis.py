@@ -11,6 +11,7 @@ atomically: a stale owner (lower fence) is rejected and a replay after a rebalan
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import replace
 from typing import Any
@@ -76,8 +77,9 @@ class RedisHistory:
             url, decode_responses=False, health_check_interval=10, socket_timeout=None
         )
         self._append = self._redis.register_script(_APPEND)
-        # Used only if the tenant has no epoch yet (new or lost history): random per process.
-        self._epoch_candidate = uuid.uuid4().hex[:12]
+        # Used only if the tenant has no epoch yet (new or lost history); unique per call without
+        # paying for os.urandom on every append.
+        self._epoch_prefix = uuid.uuid4().hex[:6]
         self._claim = self._redis.register_script(_CLAIM)
 
     def _k(self, tenant: str, suffix: str) -> str:
@@ -96,7 +98,7 @@ class RedisHistory:
         args: list[Any] = [
             fence,
             source.offset,
-            self._epoch_candidate,
+            f"{self._epoch_prefix}{time.time_ns() & 0xFFFFFFFFFFF:011x}",
             self.max_len,
             tenant,
             f"{source.topic}/{source.partition}/{source.offset}",

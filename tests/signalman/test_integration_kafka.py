@@ -11,7 +11,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from api_realtime.server import SignalmanApp
-from pkg.clients.signalman import SignalmanClient
+from pkg.clients.signalman import Gap, SignalmanClient
 from pkg.common.auth import parse_tokens
 from pkg.events import Event
 from pkg.events.envelope import encode_event
@@ -174,4 +174,38 @@ async def test_health_and_metrics_endpoints(
             assert "signalman_dead_lettered" in metrics
             assert "signalman_records_processed" in metrics
     finally:
+        await app.stop()
+
+
+@pytest.mark.failure
+async def test_redis_restart_loses_history_subscribers_get_a_gap_then_events(
+    kafka_broker: Any, postgres_server: Any, redis_factory: Any
+) -> None:
+    redis = redis_factory()
+    cfg = kafka_config(kafka_broker, redis, postgres_server)
+    app = SignalmanApp(cfg, tokens=parse_tokens(TOKENS), serve_http=False)
+    await app.start()
+    client = SignalmanClient(f"127.0.0.1:{app.port}", token="ta")
+    sink = KafkaSink(cfg.kafka_bootstrap, topic=cfg.topic, source="test")
+    try:
+        async with client.subscribe(["streams"], resume_from={"streams": ("", 0)}) as sub:
+            sink.emit(Event("stream.started", "acme", {"seq": 0}))
+            first = await sub.get(20)
+            assert isinstance(first, pb.Event)
+            redis.restart()  # no persistence: the history and its epoch are gone
+            for i in range(1, 4):
+                sink.emit(Event("stream.started", "acme", {"seq": i}))
+            # Processing waits for Redis (nothing committed meanwhile), the subscriber is told
+            # explicitly that history changed, then receives what came after.
+            gap = await sub.get(30)
+            assert isinstance(gap, Gap) and gap.epoch != first.epoch
+            seqs = []
+            while len(seqs) < 3:
+                item = await sub.get(30)
+                assert isinstance(item, pb.Event)
+                seqs.append(json.loads(item.data_json)["seq"])
+            assert seqs == [1, 2, 3]
+    finally:
+        sink.close()
+        await client.close()
         await app.stop()
