@@ -14,8 +14,8 @@ arccos, ``base - (w_geo / pi) * angle``, the stream bonus for carriers, and a pa
 the top ``limit``. Few operations matter more than small arrays here: between gRPC calls the
 CPU caches are cold and each numpy call costs several microseconds.
 
-Distances from unit vectors (arccos of a dot product) equal the reference haversine to float
-rounding (well under a metre).
+Distances from unit vectors (arccos of a dot product) equal the reference haversine to within
+about a metre.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from api_balancing.scoring import EARTH_RADIUS_KM, Weights, load_parts
 
 _F = npt.NDArray[np.float64]
 _NEG_INF = -math.inf
+_SHRINK = 1.0 - 1e-14
 
 # Static rejection codes, known from the record alone (time and query independent).
 _OK, _DISCONNECTED, _MAINTENANCE, _DRAINING, _NO_REPORT, _CAPACITY_ZERO = range(6)
@@ -104,6 +105,7 @@ class FleetIndex:
         self._base = np.full(n, _NEG_INF)  # cpu + ram + bandwidth + w_geo, or -inf
         self._report_at = np.full(n, math.inf)  # for the staleness sweep
         self._angle_buf = np.zeros(n)
+        self._viewer = np.zeros(3)
         self._score_buf = np.zeros(n)
         self._capacity_slots = n
 
@@ -320,13 +322,15 @@ class FleetIndex:
         if lat is not None and lon is not None:
             la, lo = math.radians(lat), math.radians(lon)
             cos_la = math.cos(la)
-            viewer = np.array((cos_la * math.cos(lo), cos_la * math.sin(lo), math.sin(la)))
+            # The viewer's unit vector, shrunk by 1e-14 so that no dot product can round past
+            # +-1 (arccos would give NaN): cheaper than clamping 1,000 values, and it moves
+            # distances by at most about a metre.
+            viewer = self._viewer
+            viewer[0] = cos_la * math.cos(lo) * _SHRINK
+            viewer[1] = cos_la * math.sin(lo) * _SHRINK
+            viewer[2] = math.sin(la) * _SHRINK
             # Preallocated buffers: no allocation per query (they live until the next one).
             angle = np.dot(self._xyz, viewer, out=self._angle_buf)
-            # Rounding can push the dot product a hair past +-1 (arccos would give NaN).
-            # minimum/maximum rather than np.clip, whose Python-level wrapper costs more here.
-            np.minimum(angle, 1.0, out=angle)
-            np.maximum(angle, -1.0, out=angle)
             np.arccos(angle, out=angle)
             score = np.multiply(self._slope, angle, out=self._score_buf)
             np.subtract(view.score, score, out=score)  # base - (w_geo / pi) * angle
@@ -335,7 +339,12 @@ class FleetIndex:
             score = view.score - np.where(self._slope > 0, self.weights.geo, 0.0)
         carriers = self._carriers.get(content_id) if content_id else None
         if carriers and self.weights.stream_bonus:
-            score[list(carriers)] += self.weights.stream_bonus
+            bonus = self.weights.stream_bonus
+            if len(carriers) <= 16:  # the usual case: scalar updates beat fancy indexing
+                for slot in carriers:
+                    score[slot] += bonus
+            else:
+                score[list(carriers)] += bonus
         return self._top(score, angle, min(limit, view.count)), considered
 
     def _top(self, score: _F, angle: _F | None, k: int) -> list[Ranked]:
@@ -349,7 +358,7 @@ class FleetIndex:
                 rows.append((-float(score[p]), ids[p], p))
                 score[p] = _NEG_INF
             threshold = -rows[-1][0]
-            if float(score.max()) == threshold:  # a tie at the cut: let the id order decide
+            if float(score[score.argmax()]) == threshold:  # a tie at the cut: id order decides
                 for p in np.flatnonzero(score == threshold).tolist():
                     rows.append((-threshold, ids[p], p))
         else:

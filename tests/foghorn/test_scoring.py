@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -255,3 +256,20 @@ def test_index_top_k_keeps_ties_at_the_cut_in_id_order() -> None:
         protocol="", limit=3,
     )  # fmt: skip
     assert [r.node_id for r in got] == ["n00", "n01", "n02"]
+
+
+def test_index_handles_the_same_point_and_the_antipode_without_nan() -> None:
+    index = FleetIndex(W)
+    index.update("here", node("here", where=PARIS))
+    index.update(
+        "antipode", node("antipode", where=GeoPoint(-PARIS.latitude, PARIS.longitude - 180))
+    )
+    got, _ = index.rank(
+        content_id="", lat=PARIS.latitude, lon=PARIS.longitude, now=NOW, role="edge",
+        protocol="", limit=2,
+    )  # fmt: skip
+    here, antipode = got
+    assert here.node_id == "here" and here.distance_km < 0.01 and here.score == pytest.approx(3000)
+    assert antipode.node_id == "antipode"
+    assert antipode.distance_km == pytest.approx(HALF_EARTH_CIRCUMFERENCE_KM, abs=0.01)
+    assert antipode.score == pytest.approx(2000, abs=1e-3)
