@@ -61,3 +61,31 @@ def test_sync_channel_fails_over_too(process_factory) -> None:
         "a"
     }
     channel.close()
+
+
+async def test_a_restarted_server_is_used_again_within_seconds(process_factory) -> None:
+    import time
+
+    import grpc
+
+    server = process_factory("testsvc-r", replica_command("r"))
+    channel = aio_channel(f"127.0.0.1:{server.port}", fast_policy())
+    stub = pb_grpc.TestServiceStub(channel)
+    assert (await stub.Unary(pb.UnaryRequest(key="up"), timeout=5)).server_id == "r"
+    server.kill()
+    start = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Unary(pb.UnaryRequest(key="down"), timeout=2)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert time.monotonic() - start < 2.5  # never past the deadline
+    server.start()  # same port
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            reply = await stub.Unary(pb.UnaryRequest(key="back"), timeout=2)
+            break
+        except grpc.aio.AioRpcError:
+            assert time.monotonic() < deadline, "the restarted server was not reconnected"
+            await asyncio.sleep(0.1)
+    assert reply.server_id == "r"
+    await channel.close()

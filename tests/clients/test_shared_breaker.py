@@ -175,3 +175,34 @@ def test_an_unused_probe_grant_passes_to_another_process(redis_server) -> None:
     finally:
         for store in stores:
             store.close()
+
+
+@pytest.mark.failure
+def test_shared_breaker_survives_a_redis_restart(redis_factory) -> None:
+    redis = redis_factory()
+    store = SharedBreakerStore(redis.url, namespace="restart", sync_interval=0.05)
+    runtime = Runtime(shared_breakers=store)
+    policy = Policy(breaker=BreakerPolicy(min_calls=2, open_duration=30))
+    try:
+        breaker = runtime.breaker("svc:1", "/x.v1.X/GetY", policy)
+        link = breaker.shared
+        assert link is not None and link.healthy
+        redis.kill()
+        wait_for(lambda: not link.healthy, what="the store noticing Redis is down")
+        now = breaker.clock.monotonic()
+        for _ in range(2):  # the local window decides meanwhile
+            breaker.record(breaker.admit(now), 1, now)
+        assert breaker.state == STATE_OPEN
+        redis.start()  # same port, empty (no persistence)
+        wait_for(lambda: link.healthy, what="the store reconnecting")
+        # Back on shared state: the failures counted during the outage were handed over, so a
+        # replica starting now sees the breaker open too.
+        other_store = SharedBreakerStore(redis.url, namespace="restart", sync_interval=0.05)
+        try:
+            other = Runtime(shared_breakers=other_store).breaker("svc:1", "/x.v1.X/GetY", policy)
+            assert other.state == STATE_OPEN
+            assert breaker.state == STATE_OPEN
+        finally:
+            other_store.close()
+    finally:
+        store.close()
