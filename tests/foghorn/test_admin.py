@@ -203,4 +203,4 @@ async def test_explain_route_gives_score_parts_and_rejection_reasons(foghorn: Ha
     assert "cpu=500" in reply.weights
     # The explanation agrees with the actual decision.
     route = await foghorn.anon.route_viewer("s1", lat=50, lon=8, protocol="webrtc")
-    assert route.best.node_id == "good" and abs(route.best.score - good.score) < 1e-6
+    assert route.best.node_id == "good" and abs(route.best.score - good.score) < 1e-3
