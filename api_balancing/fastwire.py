@@ -15,6 +15,7 @@ messages in the .proto that is not mirrored here fails the tests.
 
 from __future__ import annotations
 
+import re
 import struct
 from functools import lru_cache
 
@@ -23,6 +24,7 @@ from api_balancing.urls import playback_templates, quoted
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 
 _double = struct.Struct("<d").pack
+_URL_SAFE = re.compile(r"[A-Za-z0-9._:/-]*")
 
 # Tags: (field number << 3) | wire type (0 varint, 1 fixed64, 2 length-delimited).
 _CAND_NODE_ID, _CAND_BASE_URL, _CAND_URLS, _CAND_REGION = b"\x0a", b"\x12", b"\x1a", b"\x32"
@@ -98,5 +100,11 @@ def viewer_reply(
 
 
 def content_bytes(content_id: str) -> bytes:
-    """The content id as it appears in playback URLs."""
+    """The content id as it appears in playback URLs.
+
+    Validated content ids hold only ``A-Za-z0-9._:/-``, which URLs carry as they are, so the
+    quoting ``urls.playback_urls`` does is the identity here; anything else is quoted.
+    """
+    if _URL_SAFE.fullmatch(content_id):
+        return content_id.encode()
     return quoted(content_id).encode()
