@@ -239,54 +239,98 @@ def _cpu_s(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def ingest(redis_url: str, nodes: int, per_node: int, run_dir: Path) -> tuple[float, float]:
-    """Reports/s of one foghorn process (with write-through when ``redis_url``) and the
-    server's CPU microseconds per report."""
-    http_port = free_port()
-    env = {
-        "PLATFORM_TOKENS": f"{TOKEN}=bench:admin",
-        "FOGHORN_REPLICA_ID": "ingest",
-        "FOGHORN_ROUTING_EVENT_SAMPLE": "0",
-        "FOGHORN_CLUSTER": f"ingest{uuid.uuid4().hex[:6]}",
-        "FOGHORN_REDIS_URL": redis_url,
-        "LOG_LEVEL": "WARNING",
-    }
-    server = CommandProcess(
-        "foghorn-ingest",
-        [sys.executable, "-m", "api_balancing", "--grpc-port", "{port}", "--http-port",
-         str(http_port)],
-        run_dir=run_dir / f"ingest-{'redis' if redis_url else 'memory'}",
-        env=env,
-    )  # fmt: skip
-    server.start()
-    policy = Policy(timeout=10.0)
-    client = FoghornClient(f"127.0.0.1:{server.port}", token=TOKEN, policy=policy)
-    http = AsyncHttpClient(f"http://127.0.0.1:{http_port}", policy)
-    fleet: list[Node] = []
-    try:
-        fleet = [Node(client, i) for i in range(nodes)]
-        for node in fleet:
+class IngestTarget:
+    """One foghorn process (write-through when ``redis_url``) with its own connected fleet."""
+
+    def __init__(self, redis_url: str, nodes: int, run_dir: Path) -> None:
+        self.kind = "redis" if redis_url else "memory"
+        self.nodes = nodes
+        self.http_port = free_port()
+        env = {
+            "PLATFORM_TOKENS": f"{TOKEN}=bench:admin",
+            "FOGHORN_REPLICA_ID": f"ingest-{self.kind}",
+            "FOGHORN_ROUTING_EVENT_SAMPLE": "0",
+            "FOGHORN_CLUSTER": f"ingest{uuid.uuid4().hex[:6]}",
+            "FOGHORN_REDIS_URL": redis_url,
+            "LOG_LEVEL": "WARNING",
+        }
+        self.server = CommandProcess(
+            f"foghorn-ingest-{self.kind}",
+            [sys.executable, "-m", "api_balancing", "--grpc-port", "{port}", "--http-port",
+             str(self.http_port)],
+            run_dir=run_dir / f"ingest-{self.kind}",
+            env=env,
+        )  # fmt: skip
+        self.fleet: list[Node] = []
+        self.sent = 0
+
+    async def start(self) -> None:
+        self.server.start()
+        policy = Policy(timeout=10.0)
+        self.client = FoghornClient(f"127.0.0.1:{self.server.port}", token=TOKEN, policy=policy)
+        self.http = AsyncHttpClient(f"http://127.0.0.1:{self.http_port}", policy)
+        self.fleet = [Node(self.client, i) for i in range(self.nodes)]
+        for node in self.fleet:
             node.queue.put_nowait(node.register())
-        await asyncio.gather(*(node.call.read() for node in fleet))
-        for node in fleet:
+        await asyncio.gather(*(node.call.read() for node in self.fleet))
+        for node in self.fleet:
             node.queue.put_nowait(node.report(0))
-        await _wait_accepted(http, nodes, 30)
-        before = await _accepted(http)
-        burst = [[n.report(k) for k in range(1, per_node + 1)] for n in fleet]
-        cpu0 = _cpu_s(server.pid)
+        await _wait_accepted(self.http, self.nodes, 30)
+
+    async def burst(self, per_node: int) -> tuple[float, float]:
+        """Every node sends ``per_node`` reports at once: (reports/s, server CPU us/report)."""
+        before = await _accepted(self.http)
+        self.sent += 1
+        msgs = [[n.report(self.sent * 1000 + k) for k in range(per_node)] for n in self.fleet]
+        cpu0 = _cpu_s(self.server.pid)
         start = time.perf_counter()
-        for node, msgs in zip(fleet, burst, strict=True):
-            for msg in msgs:
+        for node, batch in zip(self.fleet, msgs, strict=True):
+            for msg in batch:
                 node.queue.put_nowait(msg)
-        done = await _wait_accepted(http, before + nodes * per_node, 40)
-        cpu_us = (_cpu_s(server.pid) - cpu0) / (nodes * per_node) * 1e6
-        return nodes * per_node / (done - start), cpu_us
-    finally:
-        for node in fleet:
+        total = self.nodes * per_node
+        done = await _wait_accepted(self.http, before + total, 40)
+        return total / (done - start), (_cpu_s(self.server.pid) - cpu0) / total * 1e6
+
+    async def stop(self) -> None:
+        for node in self.fleet:
             node.call.cancel()
-        await http.aclose()
-        await client.close()
-        server.stop()
+        await self.http.aclose()
+        await self.client.close()
+        self.server.stop()
+
+
+async def ingest_pair(
+    redis_url: str, nodes: int, per_node: int, rounds: int, run_dir: Path
+) -> dict[str, float]:
+    """Memory-only and write-through processes side by side, bursts alternated so machine
+    noise hits both alike; medians over ``rounds``."""
+    memory = IngestTarget("", nodes, run_dir)
+    redis = IngestTarget(redis_url, nodes, run_dir)
+    results: dict[str, list[tuple[float, float]]] = {"memory": [], "redis": []}
+    try:
+        await memory.start()
+        await redis.start()
+        for i in range(rounds):
+            order = (memory, redis) if i % 2 == 0 else (redis, memory)
+            for target in order:
+                results[target.kind].append(await target.burst(per_node))
+    finally:
+        await memory.stop()
+        await redis.stop()
+    mem_rate = statistics.median(r for r, _ in results["memory"])
+    redis_rate = statistics.median(r for r, _ in results["redis"])
+    return {
+        "reports_per_s_memory": round(mem_rate, 1),
+        "reports_per_s_redis": round(redis_rate, 1),
+        "ha_ingest_ratio": round(redis_rate / mem_rate, 3),
+        "server_cpu_us_per_report_memory": round(
+            statistics.median(c for _, c in results["memory"]), 1
+        ),
+        "server_cpu_us_per_report_redis": round(
+            statistics.median(c for _, c in results["redis"]), 1
+        ),
+        "ingest_rounds": rounds,
+    }
 
 
 # -- failover ------------------------------------------------------------------------------------
@@ -411,8 +455,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         raw, lags, puts = await lag_pairs(server.url, args.samples, args.pace_ms / 1000)
         raw_p50, raw_p99 = _p(raw, 0.5) * 1e3, _p(raw, 0.99) * 1e3
         lag_p50, lag_p99 = _p(lags, 0.5) * 1e3, _p(lags, 0.99) * 1e3
-        memory_rate, memory_cpu = await ingest("", args.nodes, args.reports_per_node, run_dir)
-        redis_rate, redis_cpu = await ingest(server.url, args.nodes, args.reports_per_node, run_dir)
+        ingest = await ingest_pair(
+            server.url, args.nodes, args.reports_per_node, args.ingest_rounds, run_dir
+        )
         fail = await failover(server.url, args.fleet, args.rate, run_dir)
         return {
             "sync_lag_p50_ms": round(lag_p50, 3),
@@ -423,11 +468,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "sync_lag_p50_ratio": round(lag_p50 / raw_p50, 3),
             "sync_samples": len(lags),
             "ha_put_p50_ms": round(statistics.median(puts) * 1e3, 3),
-            "reports_per_s_memory": round(memory_rate, 1),
-            "reports_per_s_redis": round(redis_rate, 1),
-            "ha_ingest_ratio": round(redis_rate / memory_rate, 3),
-            "server_cpu_us_per_report_memory": round(memory_cpu, 1),
-            "server_cpu_us_per_report_redis": round(redis_cpu, 1),
+            **ingest,
             "ingest_nodes": args.nodes,
             "ingest_reports_per_node": args.reports_per_node,
             **fail,
@@ -442,6 +483,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pace-ms", type=float, default=2.0)
     parser.add_argument("--nodes", type=int, default=200, help="ingest: control streams")
     parser.add_argument("--reports-per-node", type=int, default=25)
+    parser.add_argument("--ingest-rounds", type=int, default=5, help="bursts per mode")
     parser.add_argument("--fleet", type=int, default=40, help="failover: simulated nodes")
     parser.add_argument("--rate", type=float, default=200.0, help="failover: routing calls/s")
     parser.add_argument("--out", default=".bench/foghorn-ha.json")
