@@ -216,8 +216,6 @@ async def wait_for(pred: Any, timeout: float) -> None:
 
 async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from pkg.clients.signalman import SignalmanClient
-    from pkg.events import Event
-    from pkg.events.kafka import KafkaSink
     from pkg.proto.signalman.v1 import signalman_pb2 as pb
 
     stack = Stack(root)
@@ -275,19 +273,21 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                         latencies.append((time.time() - data["sent"]) * 1000)
 
         drains = [asyncio.create_task(drain(t, s)) for t, s in zip(TENANTS, subs, strict=True)]
-        sink = KafkaSink(bootstrap, topic=backlog_topic, source="bench", buffer_size=100_000)
         seq = dict.fromkeys(TENANTS, 100_000)  # live seqs start above the backlog's
 
         async def produce(rate: int, seconds: float) -> None:
-            start = time.monotonic()
-            total = int(rate * seconds)
-            for i in range(total):
-                await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
-                tenant = TENANTS[i % len(TENANTS)]
-                sink.emit(
-                    Event("stream.started", tenant, {"seq": seq[tenant], "sent": time.time()})
-                )
-                seq[tenant] += 1
+            # The producer is its own process (like Foghorn), so measuring does not steal its
+            # CPU; it reports the next seq per tenant when done.
+            spec = {"bootstrap": bootstrap, "topic": backlog_topic, "rate": rate,
+                    "seconds": seconds, "seq": seq}  # fmt: skip
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "benchmarks.signalman", "--produce", json.dumps(spec),
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, _ = await proc.communicate()
+            report = json.loads(out.decode().strip().splitlines()[-1])
+            seq.update(report["seq"])
+            result["producer_dropped"] = result.get("producer_dropped", 0) + report["dropped"]
 
         await produce(args.rate, args.seconds)
         await asyncio.sleep(0.5)
@@ -330,7 +330,6 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             await sub.close()
         for client in clients:
             await client.close()
-        await asyncio.to_thread(sink.close)
     finally:
         stack.stop()
     result["session_timeout_s"] = SESSION_TIMEOUT_MS / 1000
@@ -339,7 +338,32 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return result
 
 
+def produce_main(spec_json: str) -> int:
+    """``--produce SPEC``: emit numbered events at a steady rate through KafkaSink, then print
+    the next seq per tenant (the child process of the benchmark's live phases)."""
+    from pkg.events import Event
+    from pkg.events.kafka import KafkaSink
+
+    spec = json.loads(spec_json)
+    seq: dict[str, int] = spec["seq"]
+    sink = KafkaSink(spec["bootstrap"], topic=spec["topic"], source="bench", buffer_size=100_000)
+    rate, total = spec["rate"], int(spec["rate"] * spec["seconds"])
+    start = time.monotonic()
+    for i in range(total):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        tenant = TENANTS[i % len(TENANTS)]
+        sink.emit(Event("stream.started", tenant, {"seq": seq[tenant], "sent": time.time()}))
+        seq[tenant] += 1
+    sink.close(flush_timeout=10)
+    print(json.dumps({"seq": seq, "dropped": sink.dropped}))
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--produce"]:
+        return produce_main(argv[1])
     parser = argparse.ArgumentParser(prog="./dev bench signalman")
     parser.add_argument("--rate", type=int, default=2_000, help="events/s for latency phases")
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -382,3 +406,7 @@ def main(argv: list[str]) -> int:
     ok = all(targets.values())
     print(f"wall {result['wall_s']} s -> .bench/signalman.json ({'OK' if ok else 'OUT OF TARGET'})")
     return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

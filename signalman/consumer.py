@@ -86,6 +86,7 @@ class GroupMember:
         self.consumer: Any = None
         self._processing = asyncio.Lock()
         self._commit_task: asyncio.Task[None] | None = None
+        self._pending_offsets: dict[TopicPartition, int] = {}
         self._restart = asyncio.Event()
         self._stopping = asyncio.Event()
         self.generation_changes = 0
@@ -148,6 +149,7 @@ class GroupMember:
 
     async def _stop_consumer(self) -> None:
         await self._flush_commit()
+        self._pending_offsets.clear()
         consumer, self.consumer = self.consumer, None
         self.owned.clear()
         if consumer is not None:
@@ -193,11 +195,7 @@ class GroupMember:
                 progressed = await asyncio.gather(
                     *(self._process_partition(tp, r, offsets) for tp, r in batches.items())
                 )
-                # The commit runs while the next batch is fetched; the next commit (or a
-                # revocation) waits for it first, so commits stay in order.
-                await self._flush_commit()
-                if offsets:
-                    self._commit_task = asyncio.create_task(self._commit(offsets))
+                self._schedule_commit(offsets)
             if not any(progressed):
                 await self.clock.asleep(0.05)  # waiting for ownership: do not spin on refetches
 
@@ -236,11 +234,27 @@ class GroupMember:
         offsets[tp] = done + 1
         return True
 
+    def _schedule_commit(self, offsets: dict[TopicPartition, int]) -> None:
+        """Commit in the background, never on the processing path: a slow commit (seen taking
+        over a second on a busy broker) must not hold back delivery. Offsets that arrive while
+        a commit is in flight are merged and committed next, so commits stay in order."""
+        self._pending_offsets.update(offsets)
+        if self._pending_offsets and (self._commit_task is None or self._commit_task.done()):
+            self._commit_task = asyncio.create_task(self._commit_loop())
+
+    async def _commit_loop(self) -> None:
+        while self._pending_offsets:
+            offsets, self._pending_offsets = self._pending_offsets, {}
+            await self._commit(offsets)
+
     async def _flush_commit(self) -> None:
-        task, self._commit_task = self._commit_task, None
-        if task is not None:
+        """Wait until every processed offset is committed (revocation, shutdown)."""
+        while self._commit_task is not None and not self._commit_task.done():
             with contextlib.suppress(Exception):
-                await task
+                await self._commit_task
+        if self._pending_offsets and self.consumer is not None:
+            await self._commit_loop()
+        self._commit_task = None
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         """One commit for every partition of the batch, after their appends returned."""

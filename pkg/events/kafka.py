@@ -50,6 +50,7 @@ class KafkaSink:
         topic: str = DEFAULT_TOPIC,
         buffer_size: int = 10_000,
         max_batch: int = 500,
+        max_in_flight: int = 4,
         request_timeout_s: float = 5.0,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 5.0,
@@ -60,6 +61,7 @@ class KafkaSink:
         self.topic = topic
         self.buffer_size = buffer_size
         self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
         self.request_timeout_s = request_timeout_s
         self._backoff = (backoff_initial_s, backoff_max_s)
         self._buffer: deque[Event] = deque()
@@ -139,10 +141,11 @@ class KafkaSink:
     def _run(self) -> None:
         asyncio.run(self._sender())
 
-    def _take(self) -> list[Event]:
+    def _take(self, start: int) -> list[Event]:
+        """Up to ``max_batch`` buffered events from position ``start`` (not yet sent)."""
         with self._lock:
-            n = min(len(self._buffer), self.max_batch)
-            return [self._buffer[i] for i in range(n)]
+            end = min(len(self._buffer), start + self.max_batch)
+            return [self._buffer[i] for i in range(start, end)]
 
     def _ack(self, n: int) -> None:
         with self._lock:
@@ -222,24 +225,44 @@ class KafkaSink:
             await asyncio.wait_for(self._closed.wait(), delay)
 
     async def _pump(self, producer: Any) -> None:
-        """Send until closed; a send failure raises so ``_sender`` reconnects."""
+        """Send until closed; a failed or timed-out ack raises so ``_sender`` reconnects.
+
+        Batches are pipelined (up to ``max_in_flight`` waiting for their acks) so an event does
+        not wait for the previous batch's round trip; aiokafka keeps per-partition order. Events
+        leave the buffer only once acknowledged, in order: after a failure everything not yet
+        acknowledged is sent again (at least once).
+        """
+        inflight: deque[tuple[int, asyncio.Future[Any]]] = deque()
+        sent = 0  # buffered events already handed to the producer (the buffer's first ones)
         try:
             while True:
-                batch = self._take()
-                if not batch:
-                    if self._closing.is_set():
-                        return
-                    await self._wait_for_work(0.5)
+                while inflight and inflight[0][1].done():
+                    count, done = inflight.popleft()
+                    done.result()  # raises the send error
+                    self._ack(count)
+                    sent -= count
+                    self.sent += count
+                    _sent.add(count, {"topic": self.topic})
+                batch = self._take(sent) if len(inflight) < self.max_in_flight else []
+                if batch:
+                    futures = [
+                        await producer.send(self.topic, encode_event(e), key=e.tenant.encode())
+                        for e in batch
+                    ]
+                    inflight.append((len(batch), asyncio.ensure_future(asyncio.gather(*futures))))
+                    sent += len(batch)
                     continue
-                futures = [
-                    await producer.send(self.topic, encode_event(event), key=event.tenant.encode())
-                    for event in batch
-                ]
-                await asyncio.wait_for(asyncio.gather(*futures), self.request_timeout_s)
-                # Only acknowledged events leave the buffer: a failure resends them (at least once).
-                self._ack(len(batch))
-                self.sent += len(batch)
-                _sent.add(len(batch), {"topic": self.topic})
+                if inflight:
+                    oldest = inflight[0][1]
+                    await asyncio.wait({oldest}, timeout=self.request_timeout_s)
+                    if not oldest.done():
+                        raise TimeoutError(f"no ack from Kafka within {self.request_timeout_s}s")
+                    continue
+                if self._closing.is_set():
+                    return
+                await self._wait_for_work(0.5)
         finally:
+            for _, future in inflight:
+                future.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 2.0)
