@@ -104,7 +104,6 @@ class Fleet:
         self.route_latency = LatencyWindow()
         self._rng = rng or random.Random()
         self._locks: dict[str, asyncio.Lock] = {}
-        self._tenants: dict[str, str] = {}  # stream id -> tenant, from the latest reports
         store.add_listener(self._on_change)
         metrics.track(self)
         for record in store.snapshot():
@@ -114,12 +113,10 @@ class Fleet:
 
     def _on_change(self, node_id: str, record: NodeRecord | None) -> None:
         self.index.update(node_id, record)
-        if record is not None and record.report is not None:
-            for s in record.report.streams:
-                self._tenants[s.stream_id] = s.tenant_id
 
     def tenant_of(self, stream_id: str) -> str:
-        return self._tenants.get(stream_id, SYSTEM_TENANT)
+        """The tenant owning a stream (from load reports), or the system tenant if unknown."""
+        return self.index.tenant_of(stream_id) or SYSTEM_TENANT
 
     def _emit(self, type_: str, tenant: str, **data: object) -> None:
         self.events.emit(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from api_balancing.model import NodeIdentity, NodeMode, NodeRecord
+from api_balancing.model import NodeIdentity, NodeMode, NodeRecord, StreamLoad
 from api_balancing.scoring import EARTH_RADIUS_KM, Weights, load_parts
 
 _F = npt.NDArray[np.float64]
@@ -92,6 +92,7 @@ class FleetIndex:
         self._free: list[int] = []
         self._bits: dict[str, int] = {}  # role / capability name -> bit
         self._carriers: dict[str, set[int]] = {}  # stream id -> slots carrying it
+        self._tenants: dict[str, str] = {}  # stream id -> tenant, while some node carries it
         self._streams_of: dict[int, tuple[str, ...]] = {}
         self._views: dict[int, _View] = {}
         self._oldest_fresh = math.inf  # lower bound of report times among fresh nodes
@@ -219,6 +220,7 @@ class FleetIndex:
                 self._xyz[slot] = (0.0, 0.0, 0.0)
                 self._slope[slot] = 0.0
         streams: tuple[str, ...] = ()
+        loads: tuple[StreamLoad, ...] = ()
         if report is not None:
             cpu, ram = load_parts(
                 report.cpu_percent, report.ram_used_bytes, report.ram_max_bytes, self.weights
@@ -233,13 +235,16 @@ class FleetIndex:
             node.fresh = True
             self._report_at[slot] = record.last_report_at
             self._oldest_fresh = min(self._oldest_fresh, record.last_report_at)
-            streams = tuple(s.stream_id for s in report.streams)
+            loads = report.streams
+            streams = tuple(s.stream_id for s in loads)
         self._refresh(slot)
-        self._set_streams(slot, streams)
+        self._set_streams(slot, streams, loads)
 
-    def _set_streams(self, slot: int, streams: tuple[str, ...]) -> None:
+    def _set_streams(
+        self, slot: int, streams: tuple[str, ...], loads: tuple[StreamLoad, ...] = ()
+    ) -> None:
         old = self._streams_of.get(slot, ())
-        if old == streams:
+        if old == streams:  # the usual report: same streams, new numbers
             return
         new_set = set(streams)
         for sid in old:
@@ -249,9 +254,15 @@ class FleetIndex:
                     carriers.discard(slot)
                     if not carriers:
                         del self._carriers[sid]
-        for sid in new_set:
-            self._carriers.setdefault(sid, set()).add(slot)
+                        self._tenants.pop(sid, None)
+        for load in loads:
+            self._carriers.setdefault(load.stream_id, set()).add(slot)
+            self._tenants[load.stream_id] = load.tenant_id
         self._streams_of[slot] = streams
+
+    def tenant_of(self, stream_id: str) -> str | None:
+        """The tenant of a stream some node carries (None when no node does)."""
+        return self._tenants.get(stream_id)
 
     def _remove(self, node_id: str) -> None:
         slot = self._slots.pop(node_id, None)

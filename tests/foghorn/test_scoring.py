@@ -273,3 +273,14 @@ def test_index_handles_the_same_point_and_the_antipode_without_nan() -> None:
     assert antipode.node_id == "antipode"
     assert antipode.distance_km == pytest.approx(HALF_EARTH_CIRCUMFERENCE_KM, abs=0.01)
     assert antipode.score == pytest.approx(2000, abs=1e-3)
+
+
+def test_index_knows_a_streams_tenant_only_while_some_node_carries_it() -> None:
+    index = FleetIndex(W)
+    index.update("a", node("a", streams=("c1",)))
+    index.update("b", node("b", streams=("c1", "c2")))
+    assert index.tenant_of("c1") == "t" and index.carriers("c1") == 2
+    index.update("b", node("b", streams=()))
+    assert index.tenant_of("c2") is None and index.tenant_of("c1") == "t"
+    index.update("a", None)
+    assert index.tenant_of("c1") is None and index.carriers("c1") == 0
