@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import grpc
 import pytest
 
 from pkg.clients import aio_channel, sync_channel
@@ -19,10 +21,14 @@ async def test_calls_keep_succeeding_when_one_of_two_replicas_is_killed(process_
     b = process_factory("testsvc-b", replica_command("b"))
     channel = aio_channel([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], fast_policy())
     stub = pb_grpc.TestServiceStub(channel)
-    seen = set()
-    for i in range(20):
-        seen.add((await stub.Unary(pb.UnaryRequest(key=f"before-{i}"), timeout=5)).server_id)
-    assert seen == {"a", "b"}  # round robin over both replicas
+    # Round robin over both replicas once both connections are up (the second one may still be
+    # connecting during the first calls).
+    seen: set[str] = set()
+    deadline = time.monotonic() + 15
+    while seen != {"a", "b"} and time.monotonic() < deadline:
+        seen.add((await stub.Unary(pb.UnaryRequest(key="before"), timeout=5)).server_id)
+        await asyncio.sleep(0.01)
+    assert seen == {"a", "b"}
 
     # Kill a while calls are in flight: none of them may fail.
     async def caller(n: int) -> list[str]:
@@ -52,22 +58,19 @@ def test_sync_channel_fails_over_too(process_factory) -> None:
     b = process_factory("testsvc-b", replica_command("b"))
     channel = sync_channel(f"127.0.0.1:{a.port},127.0.0.1:{b.port}", fast_policy())
     stub = pb_grpc.TestServiceStub(channel)
-    assert {stub.Unary(pb.UnaryRequest(key=f"s{i}"), timeout=5).server_id for i in range(10)} == {
-        "a",
-        "b",
-    }
+    seen: set[str] = set()
+    deadline = time.monotonic() + 15
+    while seen != {"a", "b"} and time.monotonic() < deadline:  # both connections up
+        seen.add(stub.Unary(pb.UnaryRequest(key="s"), timeout=5).server_id)
+    assert seen == {"a", "b"}
     b.kill()
-    assert {stub.Unary(pb.UnaryRequest(key=f"t{i}"), timeout=5).server_id for i in range(10)} == {
-        "a"
-    }
+    # Every call succeeds, and all of them on the survivor.
+    after = {stub.Unary(pb.UnaryRequest(key=f"t{i}"), timeout=5).server_id for i in range(20)}
+    assert after == {"a"}
     channel.close()
 
 
 async def test_a_restarted_server_is_used_again_within_seconds(process_factory) -> None:
-    import time
-
-    import grpc
-
     server = process_factory("testsvc-r", replica_command("r"))
     channel = aio_channel(f"127.0.0.1:{server.port}", fast_policy())
     stub = pb_grpc.TestServiceStub(channel)
