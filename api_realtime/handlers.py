@@ -26,7 +26,7 @@ from pkg.proto.signalman.v1 import signalman_pb2_grpc as pb_grpc
 from signalman.history import SourcePos
 from signalman.hub import Hub, TooManyConnections
 from signalman.pipeline import Poison, process_events
-from signalman.processor import Processor
+from signalman.processor import Processor, record_age
 from signalman.session import Dropped, OutEvent, Session
 
 log = structlog.get_logger("api_realtime.handlers")
@@ -87,10 +87,13 @@ class SignalmanServicer(pb_grpc.SignalmanServicer):
             if isinstance(out, Dropped):
                 return
             if isinstance(out, OutEvent):
-                more = session.take_events(MAX_BATCH - 1)
-                if more:
-                    await context.write(batch_proto([out, *more]))
-                    continue
+                events = [out, *session.take_events(MAX_BATCH - 1)]
+                message = batch_proto(events) if len(events) > 1 else to_proto(out)
+                await context.write(message)
+                now = self.hub.clock.time()
+                for item in events:
+                    record_age(now, item.entry.event.time, "delivered")
+                continue
             await context.write(to_proto(out))
 
     async def _read(self, requests: AsyncIterator[bytes], session: Session) -> None:

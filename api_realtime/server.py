@@ -63,7 +63,7 @@ class SignalmanApp:
 
             self.dlq = DeadLetterProducer(cfg.kafka_bootstrap, cfg.dlq_topic)
             dead_letter = self.dlq
-        self.processor = Processor(self.history, dead_letter)
+        self.processor = Processor(self.history, dead_letter, clock)
         self.hub = Hub(
             self.history,
             buffer=cfg.subscriber_buffer,

@@ -56,6 +56,7 @@ class Stack:
     def replica(self, name: str, group: str, topic: str, prefix: str) -> Any:
         from pkg.devstack.servers import CommandProcess, free_port
 
+        http_port = free_port()
         env = {
             "PLATFORM_TOKENS": TOKENS,
             "SIGNALMAN_KAFKA_BOOTSTRAP": self.kafka.bootstrap,
@@ -69,7 +70,7 @@ class Stack:
             "SIGNALMAN_HEARTBEAT_INTERVAL_MS": "500",
             "SIGNALMAN_LOCK_GRACE_S": "1.0",
             "SIGNALMAN_SUBSCRIBER_BUFFER": "20000",
-            "SIGNALMAN_HTTP_PORT": str(free_port()),
+            "SIGNALMAN_HTTP_PORT": str(http_port),
             "SIGNALMAN_REPLICA_ID": name,
             "LOG_LEVEL": "WARNING",
         }
@@ -81,6 +82,7 @@ class Stack:
         )
         self.procs.append(proc)
         proc.start()
+        proc.http_port = http_port  # type: ignore[attr-defined]
         return proc
 
     def stop(self) -> None:
@@ -193,6 +195,38 @@ async def catch_up_rate(redis_url: str, prefix: str, n: int, timeout: float = 30
     raise TimeoutError(f"only {await appended(redis_url, prefix)} of {n} events appended")
 
 
+async def age_buckets(http_ports: list[int]) -> dict[str, dict[float, float]]:
+    """Cumulative ``signalman_event_age`` bucket counts per stage, summed over replicas."""
+    from pkg.clients.http import AsyncHttpClient
+
+    buckets: dict[str, dict[float, float]] = {}
+    for port in http_ports:
+        async with AsyncHttpClient(base_url=f"http://127.0.0.1:{port}") as http:
+            text = (await http.get("/metrics")).text
+        for line in text.splitlines():
+            if not line.startswith("signalman_event_age_milliseconds_bucket"):
+                continue
+            labels, _, value = line.rpartition(" ")
+            stage = labels.split('stage="', 1)[1].split('"', 1)[0]
+            le = labels.split('le="', 1)[1].split('"', 1)[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            per = buckets.setdefault(stage, {})
+            per[bound] = per.get(bound, 0.0) + float(value)
+    return buckets
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """Upper bucket bound holding quantile ``q`` of what was observed between two scrapes."""
+    diff = {b: after.get(b, 0.0) - before.get(b, 0.0) for b in after}
+    total = diff.get(float("inf"), 0.0)
+    if total <= 0:
+        return float("nan")
+    for bound in sorted(diff):
+        if diff[bound] >= q * total:
+            return bound
+    return float("inf")
+
+
 async def owned(address: str) -> set[int]:
     from pkg.clients.signalman import SignalmanClient
 
@@ -289,8 +323,17 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             seq.update(report["seq"])
             result["producer_dropped"] = result.get("producer_dropped", 0) + report["dropped"]
 
+        ports = [a.http_port, b.http_port]
+        ages_before = await age_buckets(ports)
         await produce(args.rate, args.seconds)
         await asyncio.sleep(0.5)
+        ages_after = await age_buckets(ports)
+        # Where the time goes, from the replicas' own histograms (bucket upper bounds).
+        for stage in ("appended", "delivered"):
+            for q, name in ((0.5, "p50"), (0.99, "p99")):
+                result[f"{stage}_age_{name}_ms_bucket"] = bucket_quantile(
+                    ages_before.get(stage, {}), ages_after.get(stage, {}), q
+                )
         result["e2e_p50_ms"] = round(_pct(latencies, 0.50), 2)
         result["e2e_p99_ms"] = round(_pct(latencies, 0.99), 2)
         result["e2e_events"] = len(latencies)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import structlog
 from opentelemetry import metrics
 
+from pkg.common.clock import SYSTEM_CLOCK, Clock
 from signalman.history import AppendResult, History, SourcePos
 from signalman.pipeline import Poison, Processed, process_record
 
@@ -23,9 +24,20 @@ _duplicates = _meter.create_counter(
     "signalman_duplicate_appends_skipped", description="replayed records already in history"
 )
 _dead = _meter.create_counter("signalman_dead_lettered", description="poison records")
+_age = _meter.create_histogram(
+    "signalman_event_age",
+    unit="ms",
+    description="event age (now - event time) when appended to the history / written to a "
+    "subscriber, by stage: how fresh what subscribers see is",
+)
 _fenced = _meter.create_counter(
     "signalman_fenced_writes", description="appends rejected because this replica lost ownership"
 )
+
+
+def record_age(now: float, event_time: float, stage: str) -> None:
+    """Observe how old an event is at ``stage`` (producer clocks may be skewed: never < 0)."""
+    _age.record(max(0.0, (now - event_time) * 1000.0), {"stage": stage})
 
 
 @dataclass(frozen=True)
@@ -71,9 +83,12 @@ class Outcome:
 class Processor:
     """Turns one record into history entries, exactly once per source position."""
 
-    def __init__(self, history: History, dead_letter: DeadLetterFn) -> None:
+    def __init__(
+        self, history: History, dead_letter: DeadLetterFn, clock: Clock = SYSTEM_CLOCK
+    ) -> None:
         self.history = history
         self.dead_letter = dead_letter
+        self.clock = clock
         self.stats = ProcessorStats()
 
     async def handle(
@@ -108,8 +123,11 @@ class Processor:
         results = await self.history.append_many(
             [(p.tenant, p.items, src) for _, p, src in pending], fence
         )
-        for (i, _, src), res in zip(pending, results, strict=True):
+        now = self.clock.time()
+        for (i, processed, src), res in zip(pending, results, strict=True):
             outcomes[i] = self._account(res, src, fence)
+            if res.status == "appended":
+                record_age(now, processed.items[0][1].time, "appended")
         return [o if o is not None else Outcome("dead-lettered") for o in outcomes]
 
     async def _dead_letter(self, rec: RecordIn, poison: Poison) -> None:
