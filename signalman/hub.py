@@ -133,6 +133,9 @@ class Hub(FeedRegistry):
                     await self._check_epoch(feed)  # offsets went backwards: history was reset
                     continue
                 if not entries:
+                    if not feed.sessions and self.feeds.get(feed.tenant) is feed:
+                        self.feeds.pop(feed.tenant)  # everyone left while it was starting
+                        return
                     await self._check_epoch(feed)
                     continue
                 if not feed.epoch:
