@@ -1,8 +1,10 @@
 """Fenced ownership of node control streams (one owner replica per node, recorded in Redis).
 
 On register the replica takes a fresh fence (``pkg.coord.Ownership``: Lua compare-and-set with
-a strictly higher fence) and writes the node's record with it; each report refreshes the
-record (at most every ``ttl/10``); the stream's end releases it with a match-checked delete.
+a strictly higher fence) and writes the node's record with it; each report's write extends the
+owner record's TTL in the same script (if it is still exactly ours), and an explicit refresh
+every ``ttl/3`` restores a lapsed record or detects a newer owner; the stream's end releases it
+with a match-checked delete.
 A refresh that finds a higher fence, a Redis rejection of a write, or a newer owner seen on the
 changelog all mean the same thing: another replica took the node over, so this replica closes
 its stream with ABORTED and stops writing for the node.
@@ -55,12 +57,29 @@ class NodeOwnership:
         self._owners = Ownership(store.redis, store.keys.ownership_prefix, int(ttl_s * 1000))
         self._held: dict[str, Held] = {}
         self.takeovers = 0  # streams this replica closed because another one took the node
-        store.set_ownership_view(self.fence_of)
+        store.set_ownership_view(self.fence_of, self.touch_of)
+        store.add_data_loss_hook(self.restore_all)
         store.add_listener(self._on_change)
 
     def fence_of(self, node_id: str) -> int | None:
         held = self._held.get(node_id)
         return held.record.fence if held else None
+
+    async def restore_all(self) -> None:
+        """Redis lost its data: put back every ownership record we hold, now (not at the
+        next report), so relays and other replicas see the owners again."""
+        for node_id in list(self._held):
+            held = self._held.get(node_id)
+            if held is not None:
+                held.refreshed_at = float("-inf")
+                await self.refresh(node_id)
+
+    def touch_of(self, node_id: str) -> tuple[str, int] | None:
+        """Our confirmed owner record and its TTL: every node write extends it in Redis."""
+        held = self._held.get(node_id)
+        if held is None or held.provisional:
+            return None
+        return held.record.encode(), int(self.ttl_s * 1000)
 
     def owned(self) -> list[str]:
         return list(self._held)
@@ -90,7 +109,9 @@ class NodeOwnership:
         if held is None:
             return False
         now = self._clock.monotonic()
-        if not held.provisional and now - held.refreshed_at < self.ttl_s / 10:
+        # Each write already extends the record (touch); the explicit refresh, every third of
+        # the TTL, is what restores a lapsed record or finds a newer owner between writes.
+        if not held.provisional and now - held.refreshed_at < self.ttl_s / 3:
             return True
         try:
             if held.provisional:

@@ -132,6 +132,8 @@ class SyncLoop:
         if data_lost:
             store.mark_owned_dirty()
         republished = await store.republish()
+        if data_lost:
+            await store.run_data_loss_hooks()  # e.g. ownership records restored at once
         self.reader.reset(tail)
         self.rehydrations += 1
         self.last_rehydrate_s = time.perf_counter() - started

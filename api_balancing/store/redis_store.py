@@ -14,7 +14,7 @@ dirty; the sync loop reconnects, re-converges (tail-first rehydration) and re-pu
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,7 @@ from pkg.coord import Announce, Entry, FencedHash, FencedWrite, FencedWriteRejec
 log = structlog.get_logger("foghorn.store.redis")
 
 OwnedFence = Callable[[str], int | None]
+OwnerTouch = Callable[[str], tuple[str, int] | None]
 DeleteGuard = Callable[[], tuple[str, str] | None]
 
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -138,6 +139,8 @@ class RedisNodeStore:
         self._dirty_deletes: set[str] = set()
         self._listeners: list[StoreListener] = []
         self._owned_fence: OwnedFence = lambda _node_id: None
+        self._owner_touch: OwnerTouch = lambda _node_id: None
+        self._data_loss_hooks: list[Callable[[], Awaitable[None]]] = []
         self._delete_guard: DeleteGuard | None = None
         self._sync: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
@@ -146,9 +149,27 @@ class RedisNodeStore:
         self._batch: list[tuple[FencedWrite, asyncio.Future[None]]] = []
 
     # -- wiring by the HA runtime ------------------------------------------------------------
-    def set_ownership_view(self, owned_fence: OwnedFence) -> None:
-        """``owned_fence(node_id)``: the fence this replica holds for the node, or None."""
+    def set_ownership_view(
+        self, owned_fence: OwnedFence, owner_touch: OwnerTouch | None = None
+    ) -> None:
+        """``owned_fence(node_id)``: the fence this replica holds for the node, or None;
+        ``owner_touch(node_id)``: (our owner record, its TTL) to extend with each write."""
         self._owned_fence = owned_fence
+        if owner_touch is not None:
+            self._owner_touch = owner_touch
+
+    def add_data_loss_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Awaited after a rehydration that found Redis had lost its data (restart)."""
+        self._data_loss_hooks.append(hook)
+
+    async def run_data_loss_hooks(self) -> None:
+        for hook in self._data_loss_hooks:
+            try:
+                await hook()
+            except REDIS_ERRORS:
+                raise
+            except Exception:
+                log.exception("data-loss hook failed")
 
     def set_delete_guard(self, guard: DeleteGuard) -> None:
         """Deletes (evictions) happen only while ``guard()`` gives the leader lease's value."""
@@ -294,6 +315,7 @@ class RedisNodeStore:
             {"rec": redis_codec.encode(record), "ver": str(record.version)},
             ttl_ms=int(self.settings.record_ttl_s * 1000),
             announce=self._announce("put", record.node_id, record.version),
+            touch=self._owner_touch(record.node_id),
         )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()

@@ -35,7 +35,9 @@ end
 
 # One fenced write. K: hash, owner record, stream, stream counter (any keys when maxlen == 0).
 # A (from index o+1): fence, ttl_ms, maxlen (0: no announce), exact_trim (0/1),
-#   include_written (0/1), npairs, pairs..., entry...; the write's args end at index e.
+#   include_written (0/1), touch value ('' : none), touch ttl_ms, npairs, pairs..., entry...;
+#   the write's args end at index e. "touch": after the write, extend the owner record's TTL
+#   if it is exactly the writer's (the ownership refresh rides along with every write).
 _FENCED_WRITE_LUA = """
 local function fenced_write(K, A, o, e)
   local fence = tonumber(A[o + 1])
@@ -47,10 +49,10 @@ local function fenced_write(K, A, o, e)
   if stored and stored > fence then
     return {0, 'state', stored}
   end
-  local npairs = tonumber(A[o + 6])
-  local last_pair = o + 6 + 2 * npairs
+  local npairs = tonumber(A[o + 8])
+  local last_pair = o + 8 + 2 * npairs
   local hset = {K[1], '_fence', A[o + 1]}
-  for i = o + 7, last_pair do hset[#hset + 1] = A[i] end
+  for i = o + 9, last_pair do hset[#hset + 1] = A[i] end
   redis.call('HSET', unpack(hset))
   local ttl = tonumber(A[o + 2])
   if ttl > 0 then redis.call('PEXPIRE', K[1], ttl) end
@@ -60,9 +62,12 @@ local function fenced_write(K, A, o, e)
     local fields = {'fence', A[o + 1]}
     for i = last_pair + 1, e do fields[#fields + 1] = A[i] end
     if A[o + 5] == '1' then
-      for i = o + 7, last_pair do fields[#fields + 1] = A[i] end
+      for i = o + 9, last_pair do fields[#fields + 1] = A[i] end
     end
     id = changelog_append(K[3], K[4], maxlen, A[o + 4] == '1', fields)
+  end
+  if A[o + 6] ~= '' and redis.call('GET', K[2]) == A[o + 6] then
+    redis.call('PEXPIRE', K[2], A[o + 7])
   end
   return {1, id, 0}
 end
@@ -175,6 +180,7 @@ class FencedWrite:
     fields: Mapping[str, str]
     ttl_ms: int = 0
     announce: Announce | None = None
+    touch: tuple[str, int] | None = None  # (owner record value, ttl_ms) to extend if ours
 
     def keys_and_args(self) -> tuple[list[str], list[Any]]:
         announce = self.announce
@@ -184,6 +190,8 @@ class FencedWrite:
             str(announce.maxlen if announce else 0),
             "1" if announce and announce.exact_trim else "0",
             "1" if announce and announce.include_written else "0",
+            self.touch[0] if self.touch else "",
+            str(self.touch[1]) if self.touch else "0",
             str(len(self.fields)),
             *_flatten(self.fields),
             *(_flatten(announce.fields) if announce else []),
@@ -254,12 +262,15 @@ class FencedHash:
         *,
         ttl_ms: int = 0,
         announce: Announce | None = None,
+        touch: tuple[str, int] | None = None,
     ) -> WriteResult:
         """Set ``fields`` on ``key`` if ``fence`` is not below the owner's or the stored fence.
 
         Raises ``FencedWriteRejected`` when Redis saw a newer fence; the write had no effect.
+        ``touch=(record, ttl_ms)`` extends the owner record's TTL if it is exactly ``record``.
         """
-        keys, args = FencedWrite(key, owner_key, fence, fields, ttl_ms, announce).keys_and_args()
+        write = FencedWrite(key, owner_key, fence, fields, ttl_ms, announce, touch)
+        keys, args = write.keys_and_args()
         return _outcome(await self._write(keys=keys, args=args))
 
     async def write_many(
