@@ -205,6 +205,21 @@ class CircuitBreaker:
 
     def record(self, ticket: int, outcome: int, now: float) -> None:
         """Account one finished attempt admitted with ``ticket``."""
+        if (
+            outcome == BREAKER_SUCCESS
+            and ticket == TICKET_NORMAL
+            and self._state is STATE_CLOSED
+            and self.shared is None
+            and not self.listeners
+        ):
+            # The common case (a success while closed, current bucket) takes no lock: in
+            # asyncio nothing can interleave here, and between threads a lost increment only
+            # under-counts one success. Rotating a bucket takes the locked path below.
+            epoch = int(now / self._width)
+            slot = epoch % self._n
+            if self._epoch[slot] == epoch:
+                self._succ[slot] += 1
+                return
         fired: tuple[str, str, str] | None = None
         with self._lock:
             if ticket == TICKET_PROBE:
