@@ -17,7 +17,10 @@ import os
 import sys
 from typing import TextIO
 
+import grpc
+
 from pkg.clients.signalman import Gap, SignalmanClient, SubscriptionError
+from pkg.common.logging import configure_logging
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 
 
@@ -37,6 +40,12 @@ def render(item: pb.Event | Gap, as_json: bool) -> str:
     return f"{item.offset:>8} {item.channel:<8} {item.type:<20} {item.data_json}"
 
 
+def _code_name(code: grpc.StatusCode | int) -> str:
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
+
+
 async def tail(args: argparse.Namespace, out: TextIO) -> int:
     client = SignalmanClient(args.targets, token=args.token)
     resume = {c: ("", 0) for c in args.channels} if args.from_start else None
@@ -49,7 +58,7 @@ async def tail(args: argparse.Namespace, out: TextIO) -> int:
                 if args.limit and count >= args.limit:
                     return 0
     except SubscriptionError as exc:
-        print(f"signalman-tail: {exc.message} ({exc.code})", file=sys.stderr)
+        print(f"signalman-tail: {exc.message} ({_code_name(exc.code)})", file=sys.stderr)
         return 1
     finally:
         await client.close()
@@ -77,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.token:
         parser.error("a token is required (--token or SIGNALMAN_TOKEN)")
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    configure_logging("signalman-tail", level=os.environ.get("LOG_LEVEL", "WARNING"))
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(tail(args, sys.stdout))
     return 130
