@@ -11,6 +11,7 @@ scripts touch several of them atomically, which Redis Cluster allows only within
 | ``foghorn:{c}:fence``                 | string | none (the fence counter)    |
 | ``foghorn:{c}:fencehw:<id>``          | string | 1 day after last ownership  |
 | ``foghorn:{c}:leader`` (+ ``:epoch``) | string | lease_ttl_s (epoch: none)   |
+| ``foghorn:{c}:replica:<id>``          | string | 3 x lease_renew_s, renewed  |
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ class Keys:
 
     def owner(self, node_id: str) -> str:
         return f"{self.base}:owner:{node_id}"
+
+    def replica(self, replica_id: str) -> str:
+        return f"{self.base}:replica:{replica_id}"
 
     @property
     def leader(self) -> str:

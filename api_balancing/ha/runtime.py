@@ -23,6 +23,7 @@ from api_balancing.ha.leader import Reaper
 from api_balancing.ha.owned_fleet import OwnedFleet
 from api_balancing.ha.ownership import NodeOwnership
 from api_balancing.ha.relay import Relay, RelayServicer
+from api_balancing.ha.replicas import ReplicaClaim
 from api_balancing.sessions import SessionRegistry
 from api_balancing.store.redis_store import RedisNodeStore, RedisStoreSettings
 from pkg.common.auth import parse_tokens
@@ -129,6 +130,13 @@ class HaRuntime:
             clock=clock,
         )
         store.set_delete_guard(self.lease.guard)
+        self.replica_claim = ReplicaClaim(
+            store.redis,
+            store.keys.replica(config.replica_id),
+            config.replica_id,
+            self.ha.lease_renew_s,
+            clock=clock,
+        )
         self.reaper = Reaper(self.lease, fleet, self.ownership, config.reap_interval_s, clock=clock)
         self._tasks: list[asyncio.Task[Any]] = []
         telemetry.register(self)
@@ -142,7 +150,9 @@ class HaRuntime:
     async def start(self, address: str) -> None:
         """Begin owning streams as ``address`` (where other replicas relay to)."""
         self.ownership.address = address
+        await self.replica_claim.claim(address)  # refuses a second process with this id
         self._tasks = [
+            asyncio.create_task(self.replica_claim.run(), name="foghorn-replica-claim"),
             asyncio.create_task(self.lease.run(), name="foghorn-lease"),
             asyncio.create_task(self.reaper.run(), name="foghorn-reaper"),
         ]
@@ -159,6 +169,7 @@ class HaRuntime:
         for node_id in self.ownership.owned():
             with contextlib.suppress(Exception):
                 await self.ownership.release(node_id)
+        await self.replica_claim.release()
         await self.relay.close()
 
     def describe(self) -> dict[str, Any]:

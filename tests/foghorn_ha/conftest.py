@@ -128,8 +128,8 @@ async def make_replica(
             **overrides,
         )
         server = FoghornServer(config, events=MemorySink())
-        await server.start()
         servers.append(server)
+        await server.start()
         return server
 
     yield make

@@ -243,3 +243,14 @@ async def test_graceful_stop_hands_nodes_over_without_marking_them_down(
     new = await connect_node(clients(b.grpc_target), "edge-1")
     await eventually(lambda: b.store.get("edge-1").owner == "b")
     await new.close()
+
+
+async def test_a_second_process_with_the_same_replica_id_refuses_to_start(
+    make_replica: Callable[..., Awaitable[Any]],
+) -> None:
+    from api_balancing.ha.replicas import ReplicaIdInUse
+
+    a = await make_replica("a")
+    with pytest.raises(ReplicaIdInUse, match="already used by the live replica at"):
+        await make_replica("a")
+    assert a.health()["ha"]["status"] == "ok"
