@@ -446,7 +446,9 @@ def both_foghorn_check(ctx: Ctx, r: Result) -> list[str]:
 
 
 def redis_check(ctx: Ctx, r: Result) -> list[str]:
-    out = [*_no_failed_routing(r), *_restored(r)]
+    # Live events must keep flowing: only history from before the restart may be gone (the
+    # subscribers are told with an explicit gap), not events published around it.
+    out = [*_no_failed_routing(r), *_no_event_loss(r), *_restored(r)]
     if r.detect_s is None:
         out.append("Foghorn never reported degraded while Redis was down")
     return out
@@ -529,7 +531,8 @@ DRILLS: list[Drill] = [
     Drill(
         "redis-restart",
         "Redis stopped and restarted (empty): 0 failed viewer routings; Foghorn reports "
-        "degraded meanwhile and re-converges by itself",
+        "degraded meanwhile and re-converges by itself; subscribers get an explicit gap for the "
+        "lost history and lose no live event",
         stop_and_start("redis"),
         foghorn_degraded,
         "foghorn /health degraded",
@@ -681,6 +684,7 @@ def _measure(
             "missing": sum(1 for eid in events.produced if eid not in sub.received),
             "gaps": sub.gaps,
             "reconnects": stats.reconnects if stats else None,
+            "resent_skipped": stats.duplicates_skipped if stats else None,
             "last_error": stats.last_error if stats else None,
         }
     before = [x.latency for x in foghorn.between(t_warm, t0) if x.ok]
