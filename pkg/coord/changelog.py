@@ -204,9 +204,9 @@ class ChangelogReader:
             # RESP3 replies wrap messages in a list of one; RESP2 gives them directly.
             seq = messages[0] if messages and isinstance(messages[0], list) else messages
             for entry_id, fields in seq:
-                if isinstance(entry_id, str) and all(isinstance(k, str) for k in fields):
-                    # decode_responses clients: already text, take the dict as it is
-                    out.append((entry_id, dict(fields)))
+                if isinstance(entry_id, str):
+                    # decode_responses clients: already text, and redis-py built a fresh dict
+                    out.append((entry_id, fields))
                 else:
                     out.append((_text(entry_id), {_text(k): _text(v) for k, v in fields.items()}))
         return out
