@@ -4,10 +4,15 @@
 - ``merge``: pure merge rules for records coming from other replicas.
 - ``health``: degraded-mode tracking (reason, since when) for /health.
 - ``sync``: the changelog reader loop and tail-first rehydration.
-- ``ownership``: fenced ownership of node control streams.
-- ``leader``: the leader lease that guards the stale-node reaper.
+- ``ownership``: fenced ownership of node control streams; ``owned_fleet`` applies it to
+  every node-facing fleet call (ABORTED when ownership is lost).
+- ``leader``: the leader lease that guards the stale-node reaper (and orphan marking).
 - ``relay``: admin commands forwarded to the replica owning the node's stream.
+- ``replicas``: one live process per replica id.
+- ``telemetry``: OpenTelemetry instruments.
 - ``runtime``: wires the above together for the server when ``FOGHORN_REDIS_URL`` is set.
+
+The Redis store itself lives with the other backends: ``api_balancing/store/redis_store.py``.
 """
 
 from __future__ import annotations
