@@ -45,7 +45,7 @@ class RawStream:
         assert msg is not grpc.aio.EOF, "stream ended"
         return msg  # type: ignore[no-any-return]
 
-    async def status(self, timeout: float = 10.0) -> grpc.StatusCode:
+    async def status(self, timeout: float = 20.0) -> grpc.StatusCode:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             while True:
                 msg = await asyncio.wait_for(self.call.read(), timeout)
