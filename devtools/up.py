@@ -302,6 +302,7 @@ def foghorn(stack: Stack, args: argparse.Namespace) -> None:
             "FOGHORN_GRPC_PORT": str(grpc_port),
             "FOGHORN_HTTP_PORT": str(http_port),
             "FOGHORN_REPLICA_ID": f"foghorn-{i}",
+            "FOGHORN_CLUSTER": "dev",
             "FOGHORN_REDIS_URL": stack.backends.redis_url or "",
             "FOGHORN_KAFKA_BOOTSTRAP": stack.backends.kafka_bootstrap or "",
         }
