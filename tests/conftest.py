@@ -59,9 +59,7 @@ def kafka_factory(run_root: Path) -> Iterator[Callable[..., ServerProcess]]:
     yield from _factory(run_root, KafkaBroker)
 
 
-@pytest.fixture(scope="session")
-def redis_server(run_root: Path) -> Iterator[RedisServer]:
-    server = RedisServer(run_dir=run_root / "redis-session")
+def _session_server(server: ServerProcess) -> Iterator[ServerProcess]:
     server.start()
     try:
         yield server
@@ -71,25 +69,18 @@ def redis_server(run_root: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="session")
-def postgres_server(run_root: Path) -> Iterator[PostgresServer]:
-    server = PostgresServer(run_dir=run_root / "postgres-session")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        remove_run_dir(server)
+def redis_server(run_root: Path) -> Iterator[ServerProcess]:
+    yield from _session_server(RedisServer(run_dir=run_root / "redis-session"))
 
 
 @pytest.fixture(scope="session")
-def kafka_broker(run_root: Path) -> Iterator[KafkaBroker]:
-    server = KafkaBroker(run_dir=run_root / "tansu-session")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        remove_run_dir(server)
+def postgres_server(run_root: Path) -> Iterator[ServerProcess]:
+    yield from _session_server(PostgresServer(run_dir=run_root / "postgres-session"))
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(run_root: Path) -> Iterator[ServerProcess]:
+    yield from _session_server(KafkaBroker(run_dir=run_root / "tansu-session"))
 
 
 @pytest.fixture
