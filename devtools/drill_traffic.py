@@ -217,6 +217,7 @@ class Subscriber:
     name: str
     received: dict[str, list[float]] = field(default_factory=dict)  # event id -> arrival times
     gaps: int = 0
+    error: str = ""  # why the subscription ended, if it did
     task: asyncio.Task[None] | None = None
     sub: Any = None
 
@@ -272,6 +273,15 @@ class EventFlow:
                 await asyncio.wait_for(self._stop.wait(), max(0.0, next_at - loop.time()))
 
     async def _consume(self, subscriber: Subscriber) -> None:
+        try:
+            await self._consume_items(subscriber)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the subscription gave up (e.g. refused resume): record why
+            subscriber.error = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("drill subscription ended", subscriber=subscriber.name, error=str(exc))
+
+    async def _consume_items(self, subscriber: Subscriber) -> None:
         async for item in subscriber.sub:
             if isinstance(item, Gap):
                 subscriber.gaps += 1
