@@ -121,7 +121,9 @@ class SignalmanServicer(pb_grpc.SignalmanServicer):
                         "client message has none of subscribe/unsubscribe/ping set",
                         "kind",
                     )
-            session.drop("OK", "client closed its side")
+            # Half-close means "no more requests", not "stop": keep streaming (a client that
+            # sends one subscribe and closes its side, as grpcurl does, still gets its events)
+            # until it cancels the call or the session is dropped.
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -37,8 +37,12 @@ class RawStream:
         while (item := await self._out.get()) is not None:
             yield item
 
-    async def send(self, msg: pb.ClientMessage | bytes) -> None:
-        await self._out.put(msg if isinstance(msg, bytes) else msg.SerializeToString())
+    async def send(self, msg: pb.ClientMessage | bytes | None) -> None:
+        """Send a message (``None`` half-closes the request stream)."""
+        if msg is None or isinstance(msg, bytes):
+            await self._out.put(msg)
+        else:
+            await self._out.put(msg.SerializeToString())
 
     async def recv(self, timeout: float = 10.0) -> pb.ServerMessage:
         msg = await asyncio.wait_for(self.call.read(), timeout)
@@ -338,3 +342,14 @@ async def test_tail_prints_the_tenants_events(app: SignalmanApp, connect: Connec
     assert [(x["type"], x["data"]["n"], x["tenant"]) for x in lines] == [
         ("stream.started", 1, "acme"), ("routing.decision", 2, "acme"),
     ]  # fmt: skip
+
+
+async def test_half_closed_client_keeps_receiving(connect: Connect) -> None:
+    raw = RawStream(connect("ta"))
+    await raw.send(subscribe_msg("streams"))
+    await raw.send(None)  # half-close: no more requests
+    assert (await raw.recv()).WhichOneof("kind") == "subscribed"
+    await publish(connect, "tpa", event_json("acme", n=1))
+    msg = await raw.recv()
+    assert msg.WhichOneof("kind") == "event" and json.loads(msg.event.data_json)["n"] == 1
+    raw.call.cancel()
