@@ -161,7 +161,7 @@ async def policy_cost(n: int) -> dict[str, float]:
     def raw_multicallable(request: Any, **kw: Any) -> _Done:
         return _Done()
 
-    stub_method = _UnaryUnaryMultiCallable(raw_multicallable, core, "/bench.v1.Bench/GetZ")
+    stub_method = _UnaryUnaryMultiCallable([raw_multicallable], core, "/bench.v1.Bench/GetZ")
 
     async def raw_stub() -> float:
         start = time.perf_counter()

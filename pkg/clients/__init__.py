@@ -8,7 +8,7 @@
 
 One overall deadline per call, retries only when safe (deadline first, with backoff and
 pushback), a retry budget and a circuit breaker per target, hedging on request, replica
-failover, OpenTelemetry metrics and structlog events. See docs/clients.md.
+failover with outlier ejection, OpenTelemetry metrics and structlog events. See docs/clients.md.
 """
 
 from pkg.clients.backoff import Backoff, delays
@@ -17,7 +17,15 @@ from pkg.clients.deadline import deadline_from_grpc, deadline_scope
 from pkg.clients.grpc_aio import ResilientChannel, aio_channel
 from pkg.clients.grpc_sync import sync_channel
 from pkg.clients.http import AsyncHttpClient, HttpClient
-from pkg.clients.policy import BreakerPolicy, BudgetPolicy, HedgePolicy, Policy, RetryPolicy
+from pkg.clients.outlier import OutlierDetector, OutlierEvent
+from pkg.clients.policy import (
+    BreakerPolicy,
+    BudgetPolicy,
+    HedgePolicy,
+    OutlierPolicy,
+    Policy,
+    RetryPolicy,
+)
 from pkg.clients.runtime import Runtime
 from pkg.clients.shared_breaker import SharedBreakerStore
 from pkg.clients.telemetry import (
@@ -39,6 +47,9 @@ __all__ = [
     "HttpClient",
     "Instrumentation",
     "OtelInstrumentation",
+    "OutlierDetector",
+    "OutlierEvent",
+    "OutlierPolicy",
     "Policy",
     "ResilientChannel",
     "RetryEvent",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from pkg.clients.breaker import BREAKER_FAILURE, BREAKER_IGNORE, BreakerOpenError
+from pkg.clients.outlier import OUTCOME_ERROR, OUTCOME_LOCAL, OUTCOME_NEUTRAL, OUTCOME_SUCCESS
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
@@ -31,6 +32,30 @@ _NEVER_SENT_MARKERS = (
     "dns resolution failed",
     "name resolution failure",
     "empty address list",
+)
+
+# Messages grpc-core uses when the connection to the replica broke or could not be made: the
+# replica did not answer (as opposed to an UNAVAILABLE it sent itself).
+_TRANSPORT_MARKERS = (
+    *_NEVER_SENT_MARKERS,
+    "failed to connect",
+    "socket closed",
+    "connection reset",
+    "broken pipe",
+    "keepalive",
+    "goaway",
+    "endpoint closing",
+    "connection aborted",
+)
+
+# Server errors that count against a replica in outlier detection (Envoy's consecutive 5xx).
+_OUTLIER_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DATA_LOSS,
+    }
 )
 
 HTTP_RETRYABLE_STATUS = frozenset({429, 502, 503, 504})
@@ -75,6 +100,30 @@ def never_sent(details: str | None) -> bool:
         return False
     lowered = details.lower()
     return any(marker in lowered for marker in _NEVER_SENT_MARKERS)
+
+
+def outlier_outcome(exc: BaseException, attempt_capped: bool) -> int:
+    """What a failed attempt says about the replica it went to (``pkg.clients.outlier``).
+
+    A capped per-attempt timeout or a broken connection: the replica did not answer
+    (OUTCOME_LOCAL). A server error status: it answered badly (OUTCOME_ERROR). A domain error:
+    it is alive (OUTCOME_SUCCESS). Cancellation or a spent overall deadline: nothing
+    (OUTCOME_NEUTRAL), since a caller's tiny deadline must not eject healthy replicas.
+    """
+    if not isinstance(exc, grpc.RpcError) or not hasattr(exc, "code"):
+        return OUTCOME_NEUTRAL
+    code = exc.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return OUTCOME_LOCAL if attempt_capped else OUTCOME_NEUTRAL
+    if code == grpc.StatusCode.CANCELLED:
+        return OUTCOME_NEUTRAL
+    if code in _OUTLIER_ERROR_CODES:
+        details = exc.details() if hasattr(exc, "details") else None
+        lowered = (details or "").lower()
+        if code == grpc.StatusCode.UNAVAILABLE and any(m in lowered for m in _TRANSPORT_MARKERS):
+            return OUTCOME_LOCAL
+        return OUTCOME_ERROR
+    return OUTCOME_SUCCESS
 
 
 def classify_grpc(

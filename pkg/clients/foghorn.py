@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Sequence
 import grpc.aio
 
 from pkg.clients.grpc_aio import aio_channel
-from pkg.clients.policy import Policy
+from pkg.clients.policy import OutlierPolicy, Policy, RetryPolicy
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
 
@@ -28,6 +28,31 @@ MODES: dict[str, int] = {
     "maintenance": pb.NODE_MODE_MAINTENANCE,
 }
 DEFAULT_TIMEOUT_S = 5.0
+
+# Routing answers from memory: p99 is 1-2 ms on loopback, so an attempt still silent after
+# 300 ms is on a hung replica (paused, deadlocked) and is retried on another one well within
+# a viewer's patience. Admin reads scan the fleet and get more room. SendCommand waits for a
+# node's ack (seconds) and SetMode is not idempotent: both keep the whole deadline.
+ROUTING_ATTEMPT_TIMEOUT_S = 0.3
+ADMIN_READ_ATTEMPT_TIMEOUT_S = 1.0
+ATTEMPT_TIMEOUTS: tuple[tuple[str, float], ...] = (
+    ("/foghorn.v1.Routing/*", ROUTING_ATTEMPT_TIMEOUT_S),
+    ("/foghorn.v1.NodeAdmin/ListNodes", ADMIN_READ_ATTEMPT_TIMEOUT_S),
+    ("/foghorn.v1.NodeAdmin/GetNode", ADMIN_READ_ATTEMPT_TIMEOUT_S),
+    ("/foghorn.v1.NodeAdmin/ExplainRoute", ADMIN_READ_ATTEMPT_TIMEOUT_S),
+)
+
+
+def default_policy(timeout_s: float = DEFAULT_TIMEOUT_S) -> Policy:
+    """The policy of a Foghorn client: short routing attempts, outlier ejection on.
+
+    Pass it to ``aio_channel`` when building a channel to Foghorn yourself.
+    """
+    return Policy(
+        timeout=timeout_s,
+        retry=RetryPolicy(attempt_timeouts=ATTEMPT_TIMEOUTS),
+        outlier=OutlierPolicy(enabled=True),
+    )
 
 
 def parse_targets(spec: str | Sequence[str]) -> list[str]:
@@ -70,7 +95,9 @@ class FoghornClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         self.targets = parse_targets(targets)
-        self._channel = channel or aio_channel(self.targets, policy, token=token)
+        self._channel = channel or aio_channel(
+            self.targets, policy or default_policy(timeout_s), token=token
+        )
         self._owns_channel = channel is None
         self.timeout_s = timeout_s
         self.routing = pb_grpc.RoutingStub(self._channel)

@@ -15,11 +15,14 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from pkg.clients.classify import outlier_outcome
 from pkg.clients.engine import call_async
 from pkg.clients.grpc_core import ClientCore, channel_options
+from pkg.clients.outlier import OUTCOME_NEUTRAL, OUTCOME_SUCCESS, OutlierDetector
 from pkg.clients.policy import Policy
 from pkg.clients.runtime import Runtime
-from pkg.clients.targets import resolve_targets
+from pkg.clients.targets import ResolvedTarget, resolve_targets
+from pkg.clients.telemetry import instruments
 
 _END = object()
 
@@ -260,17 +263,12 @@ class _UnaryCall:
                 raise self._error
             return self._result
         mc = self._callable
-        raw, request, kw = mc.raw, self._request, self._kw
+        kw = self._kw
         auth = mc.core.auth
         if auth:
             kw["metadata"] = (*auth, *(kw.get("metadata") or ()))
         timeout = kw.pop("timeout", None)
-
-        async def attempt(attempt_timeout: float) -> Any:
-            call = raw(request, timeout=attempt_timeout, **kw)
-            self._last = call
-            return await call
-
+        attempt = self._attempt_fn(self._request, kw)
         try:
             self._result = await call_async(mc.state, timeout, attempt, mc.classify)
         except Exception as exc:
@@ -279,6 +277,16 @@ class _UnaryCall:
             raise
         self._done = True
         return self._result
+
+    def _attempt_fn(self, request: Any, kw: dict[str, Any]) -> Callable[[float], Any]:
+        raw = self._callable.raw
+
+        async def attempt(attempt_timeout: float) -> Any:
+            call = raw(request, timeout=attempt_timeout, **kw)
+            self._last = call
+            return await call
+
+        return attempt
 
     def cancel(self) -> bool:
         """Cancel the attempt in flight (the call then ends with CANCELLED, never retried)."""
@@ -338,18 +346,87 @@ class _UnaryCall:
                 pass
 
 
+class _PooledUnaryCall(_UnaryCall):
+    """A unary call whose every attempt goes to the replica the outlier detector picks."""
+
+    __slots__ = ()
+
+    def _attempt_fn(self, request: Any, kw: dict[str, Any]) -> Callable[[float], Any]:
+        mc = self._callable
+        raws = mc.raws
+        detector = mc.detector
+        assert detector is not None  # a pooled call exists only with a detector
+        cap = mc.state.attempt_timeout
+        failed = [-1]  # the replica the previous attempt failed on: a retry avoids it
+
+        async def attempt(attempt_timeout: float) -> Any:
+            i = detector.pick(failed[0])
+            call = raws[i](request, timeout=attempt_timeout, **kw)
+            self._last = call
+            try:
+                result = await call
+            except Exception as exc:
+                # The engine passes exactly the cap when the per-attempt timeout is the limit.
+                outcome = outlier_outcome(exc, cap is not None and attempt_timeout == cap)
+                if outcome == OUTCOME_SUCCESS:
+                    detector.success(i)
+                elif outcome == OUTCOME_NEUTRAL:
+                    detector.release(i)
+                else:
+                    failed[0] = i
+                    detector.failure(i, outcome)
+                raise
+            except BaseException:
+                detector.release(i)
+                raise
+            detector.success(i)
+            return result
+
+        return attempt
+
+
 class _UnaryUnaryMultiCallable:
     """``stub.Method`` on a ``ResilientChannel``: the policy without grpc's interceptor task."""
 
-    __slots__ = ("classify", "core", "raw", "state")
+    __slots__ = ("classify", "core", "detector", "raw", "raws", "state")
 
-    def __init__(self, raw: Any, core: ClientCore, method: str | bytes) -> None:
-        self.raw = raw
+    def __init__(
+        self,
+        raws: Sequence[Any],
+        core: ClientCore,
+        method: str | bytes,
+        detector: OutlierDetector | None = None,
+    ) -> None:
+        self.raw = raws[0]
+        self.raws = raws
+        self.detector = detector
         self.core = core
         self.state, self.classify = core.method(method)
 
     def __call__(self, request: Any, **kw: Any) -> _UnaryCall:
-        return _UnaryCall(self, request, kw)
+        if self.detector is None:
+            return _UnaryCall(self, request, kw)
+        return _PooledUnaryCall(self, request, kw)
+
+
+class _PooledMultiCallable:
+    """A streaming multicallable over replicas: each new stream goes to a picked replica.
+
+    Stream outcomes are not fed back (a stream lives long; its setup retries stay on the
+    replica it started on), but ejections learned from unary calls steer new streams away.
+    """
+
+    __slots__ = ("detector", "raws")
+
+    def __init__(self, raws: Sequence[Any], detector: OutlierDetector) -> None:
+        self.raws = raws
+        self.detector = detector
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        detector = self.detector
+        i = detector.pick()
+        detector.release(i)
+        return self.raws[i](*args, **kw)
 
 
 class ResilientChannel(grpc.aio.Channel):
@@ -361,32 +438,56 @@ class ResilientChannel(grpc.aio.Channel):
     interceptors of the underlying channel. Everything else is the underlying channel's.
     """
 
-    def __init__(self, raw: grpc.aio.Channel, core: ClientCore) -> None:
+    def __init__(
+        self,
+        raw: grpc.aio.Channel,
+        core: ClientCore,
+        *,
+        replicas: Sequence[grpc.aio.Channel] = (),
+        detector: OutlierDetector | None = None,
+    ) -> None:
         self._raw: Any = raw  # typed loosely: grpc-stubs lacks _registered_method
+        self._raws: tuple[Any, ...] = tuple(replicas) or (raw,)
         self.core = core
+        # Set when the channel picks the replica of each attempt itself (outlier ejection).
+        self.detector = detector
 
     async def __aenter__(self) -> ResilientChannel:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._raw.close(None)
+        await self.close(None)
 
     async def close(self, grace: float | None = None) -> None:
-        """Close the underlying channel (``grace``: let calls in flight finish)."""
-        await self._raw.close(grace)
+        """Close the underlying channel(s) (``grace``: let calls in flight finish)."""
+        await asyncio.gather(*(raw.close(grace) for raw in self._raws))
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        """Connectivity state of the underlying channel."""
-        state: grpc.ChannelConnectivity = self._raw.get_state(try_to_connect)
-        return state
+        """Connectivity state: the best state of the replica channels."""
+        states = [raw.get_state(try_to_connect) for raw in self._raws]
+        for candidate in _STATE_ORDER:
+            if candidate in states:
+                return candidate
+        best: grpc.ChannelConnectivity = states[0]
+        return best
 
     async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        """Wait until the connectivity state changes."""
-        await self._raw.wait_for_state_change(last_observed_state)
+        """Wait until the connectivity state (of any replica channel) changes."""
+        if len(self._raws) == 1:
+            await self._raw.wait_for_state_change(last_observed_state)
+            return
+        await _first_of(
+            raw.wait_for_state_change(raw.get_state(False))
+            for raw in self._raws
+            if raw.get_state(False) != grpc.ChannelConnectivity.SHUTDOWN
+        )
 
     async def channel_ready(self) -> None:
-        """Wait until the channel is READY."""
-        await self._raw.channel_ready()
+        """Wait until the channel (with several replicas: any one of them) is READY."""
+        if len(self._raws) == 1:
+            await self._raw.channel_ready()
+            return
+        await _first_of(raw.channel_ready() for raw in self._raws)
 
     def unary_unary(  # type: ignore[override]
         self,
@@ -396,10 +497,11 @@ class ResilientChannel(grpc.aio.Channel):
         _registered_method: bool | None = False,
     ) -> Any:
         """A multicallable that runs the policy around every call."""
-        raw = self._raw.unary_unary(
-            method, request_serializer, response_deserializer, _registered_method
-        )
-        return _UnaryUnaryMultiCallable(raw, self.core, method)
+        raws = [
+            raw.unary_unary(method, request_serializer, response_deserializer, _registered_method)
+            for raw in self._raws
+        ]
+        return _UnaryUnaryMultiCallable(raws, self.core, method, self.detector)
 
     def unary_stream(  # type: ignore[override]
         self,
@@ -409,9 +511,8 @@ class ResilientChannel(grpc.aio.Channel):
         _registered_method: bool | None = False,
     ) -> Any:
         """Server-streaming multicallable (setup retries by interceptor)."""
-        return self._raw.unary_stream(
-            method, request_serializer, response_deserializer, _registered_method
-        )
+        args = (method, request_serializer, response_deserializer, _registered_method)
+        return self._multi([raw.unary_stream(*args) for raw in self._raws])
 
     def stream_unary(  # type: ignore[override]
         self,
@@ -421,9 +522,8 @@ class ResilientChannel(grpc.aio.Channel):
         _registered_method: bool | None = False,
     ) -> Any:
         """Client-streaming multicallable (auth, deadline, breaker check by interceptor)."""
-        return self._raw.stream_unary(
-            method, request_serializer, response_deserializer, _registered_method
-        )
+        args = (method, request_serializer, response_deserializer, _registered_method)
+        return self._multi([raw.stream_unary(*args) for raw in self._raws])
 
     def stream_stream(  # type: ignore[override]
         self,
@@ -433,9 +533,37 @@ class ResilientChannel(grpc.aio.Channel):
         _registered_method: bool | None = False,
     ) -> Any:
         """Bidirectional multicallable (setup retries with replay by interceptor)."""
-        return self._raw.stream_stream(
-            method, request_serializer, response_deserializer, _registered_method
-        )
+        args = (method, request_serializer, response_deserializer, _registered_method)
+        return self._multi([raw.stream_stream(*args) for raw in self._raws])
+
+    def _multi(self, raws: list[Any]) -> Any:
+        if self.detector is None:
+            return raws[0]
+        return _PooledMultiCallable(raws, self.detector)
+
+
+# Best first: what get_state reports for a channel over several replicas.
+_STATE_ORDER = (
+    grpc.ChannelConnectivity.READY,
+    grpc.ChannelConnectivity.CONNECTING,
+    grpc.ChannelConnectivity.IDLE,
+    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+    grpc.ChannelConnectivity.SHUTDOWN,
+)
+
+
+async def _first_of(awaitables: Iterable[Any]) -> None:
+    """Wait for the first of ``awaitables`` to finish; cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    if not tasks:
+        return
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    for task in done:
+        task.result()
 
 
 def aio_interceptors(core: ClientCore) -> list[Any]:
@@ -460,22 +588,43 @@ def aio_channel(
 ) -> grpc.aio.Channel:
     """An asyncio channel to one service (one or several replica addresses) with the policy.
 
-    ``targets``: "127.0.0.1:5001", "a:1,b:2" or a list of replica addresses (round robin,
-    failover). ``token`` adds ``authorization: Bearer <token>`` to every call. ``runtime``
-    shares budgets/breakers (and injects clock, random source, instrumentation). Extra
+    ``targets``: "127.0.0.1:5001", "a:1,b:2" or a list of replica addresses. With several
+    addresses and ``policy.outlier.enabled`` (the default) each replica gets its own
+    connection and every attempt goes to a replica picked by outlier detection (round robin
+    over the healthy ones, retries on another replica, hung or failing replicas ejected);
+    otherwise grpc's round robin balances them. ``token`` adds ``authorization: Bearer
+    <token>`` to every call. ``runtime`` shares budgets/breakers (and injects clock, random
+    source, instrumentation). Extra
     ``interceptors`` run inside ours (once per attempt). Call ``await channel.close()``.
     """
     resolved = resolve_targets(targets)
     policy = policy or Policy()
     if not isinstance(policy, Policy):
         raise ValueError(f"policy must be a pkg.clients.Policy, got {type(policy).__name__}")
-    core = ClientCore(policy, runtime or Runtime(), resolved.name, token)
+    runtime = runtime or Runtime()
+    core = ClientCore(policy, runtime, resolved.name, token)
     # Unary-unary calls are driven by ResilientChannel itself; the stream interceptors ride on
     # the underlying channel, and user interceptors run inside ours (once per attempt).
     chain: list[Any] = [*aio_interceptors(core)[1:], *interceptors]
-    opts = channel_options(resolved, list(options))
-    if credentials is not None:
-        raw = grpc.aio.secure_channel(resolved.target, credentials, opts, interceptors=chain)
-    else:
-        raw = grpc.aio.insecure_channel(resolved.target, opts, interceptors=chain)
-    return ResilientChannel(raw, core)
+    extra = list(options)
+
+    def open_channel(target: ResolvedTarget) -> grpc.aio.Channel:
+        opts = channel_options(target, extra)
+        if credentials is not None:
+            return grpc.aio.secure_channel(target.target, credentials, opts, interceptors=chain)
+        return grpc.aio.insecure_channel(target.target, opts, interceptors=chain)
+
+    if not (resolved.multi and policy.outlier.enabled):
+        return ResilientChannel(open_channel(resolved), core)
+    # One connection per replica, so that pkg.clients (not grpc's round robin, which keeps
+    # sending every other call to a paused replica) chooses the replica of every attempt.
+    raws = [open_channel(ResolvedTarget(r, False, r)) for r in resolved.replicas]
+    detector = OutlierDetector(
+        resolved.name,
+        [r.split(":", 1)[1] for r in resolved.replicas],
+        policy.outlier,
+        runtime.clock,
+        runtime.emit_outlier,
+    )
+    instruments().detectors.add(detector)
+    return ResilientChannel(raws[0], core, replicas=raws, detector=detector)

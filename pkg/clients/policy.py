@@ -67,8 +67,12 @@ class RetryPolicy:
     ``max_attempts`` counts the first attempt (1 disables retries). Backoff is exponential with
     full jitter: attempt n waits ``uniform(0, min(max_backoff, base_backoff * multiplier**(n-1)))``.
     ``attempt_timeout`` caps one attempt (None: an attempt may use all the time left); only a
-    capped attempt that times out is retryable. ``min_attempt_time`` is the least time a retry
-    must have left after its backoff to be worth starting.
+    capped attempt that times out is retryable. ``attempt_timeouts`` sets the cap per method:
+    ``(("/foghorn.v1.Routing/*", 0.3),)`` (fnmatch patterns, first match wins, methods that match
+    none use ``attempt_timeout``), because a routing lookup should fail over in a fraction of a
+    second while a command waiting for a node's ack legitimately takes seconds.
+    ``min_attempt_time`` is the least time a retry must have left after its backoff to be worth
+    starting.
     """
 
     max_attempts: int = 3
@@ -76,6 +80,7 @@ class RetryPolicy:
     max_backoff: float = 2.0
     multiplier: float = 2.0
     attempt_timeout: float | None = None
+    attempt_timeouts: tuple[tuple[str, float], ...] = ()
     min_attempt_time: float = 0.02
     honour_pushback: bool = True
     idempotent_verbs: tuple[str, ...] = DEFAULT_IDEMPOTENT_VERBS
@@ -106,6 +111,20 @@ class RetryPolicy:
             f"retry.attempt_timeout must be None or > 0, got {self.attempt_timeout!r}",
         )
         _require(
+            isinstance(self.attempt_timeouts, tuple)
+            and all(
+                isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and item[0]
+                for item in self.attempt_timeouts
+            ),
+            "retry.attempt_timeouts must be a tuple of (method pattern, seconds) pairs, "
+            f"got {self.attempt_timeouts!r}",
+        )
+        for pattern, seconds in self.attempt_timeouts:
+            _require(
+                _finite(seconds) and seconds > 0,
+                f"retry.attempt_timeouts[{pattern!r}] must be > 0 seconds, got {seconds!r}",
+            )
+        _require(
             _finite(self.min_attempt_time) and self.min_attempt_time >= 0,
             f"retry.min_attempt_time must be >= 0, got {self.min_attempt_time!r}",
         )
@@ -115,6 +134,13 @@ class RetryPolicy:
                 isinstance(value, tuple) and all(isinstance(v, str) and v for v in value),
                 f"retry.{name} must be a tuple of non-empty strings, got {value!r}",
             )
+
+    def attempt_timeout_for(self, method: str) -> float | None:
+        """The per-attempt timeout of ``method``: the first matching pattern, else the default."""
+        for pattern, seconds in self.attempt_timeouts:
+            if fnmatch.fnmatchcase(method, pattern):
+                return float(seconds)
+        return self.attempt_timeout
 
     def is_idempotent(self, method: str) -> bool:
         """Whether ``method`` ("/pkg.Service/Method") may be retried after it may have been sent.
@@ -241,6 +267,56 @@ class HedgePolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    """Outlier ejection for channels given several replica addresses (asyncio channels).
+
+    Each replica gets its own connection and pkg.clients picks the replica of every attempt.
+    ``consecutive_local_failures`` per-attempt timeouts or connection failures in a row (the
+    replica did not answer), or ``consecutive_errors`` server errors in a row (UNAVAILABLE,
+    INTERNAL, UNKNOWN, DATA_LOSS sent by the replica), eject it from the rotation for
+    ``base_ejection_time * 2**(n-1)`` seconds at its n-th ejection in a row, capped at
+    ``max_ejection_time``. At most ``max_ejection_percent`` of the replicas (rounded down) are
+    ejected at once, so a two-replica fleet ejects at most one and a single replica never
+    ejects itself. After its ejection one probe attempt goes through: success brings the
+    replica back. ``enabled=False`` falls back to grpc's own round robin (no ejection).
+    """
+
+    enabled: bool = True
+    consecutive_local_failures: int = 2
+    consecutive_errors: int = 5
+    base_ejection_time: float = 2.0
+    max_ejection_time: float = 30.0
+    max_ejection_percent: int = 50
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.consecutive_local_failures, int)
+            and 1 <= self.consecutive_local_failures <= 100,
+            "outlier.consecutive_local_failures must be an integer in 1..100, "
+            f"got {self.consecutive_local_failures!r}",
+        )
+        _require(
+            isinstance(self.consecutive_errors, int) and 1 <= self.consecutive_errors <= 100,
+            f"outlier.consecutive_errors must be an integer in 1..100, "
+            f"got {self.consecutive_errors!r}",
+        )
+        _require(
+            _finite(self.base_ejection_time) and self.base_ejection_time > 0,
+            f"outlier.base_ejection_time must be > 0 seconds, got {self.base_ejection_time!r}",
+        )
+        _require(
+            _finite(self.max_ejection_time) and self.max_ejection_time >= self.base_ejection_time,
+            "outlier.max_ejection_time must be finite and >= base_ejection_time "
+            f"({self.base_ejection_time}), got {self.max_ejection_time!r}",
+        )
+        _require(
+            isinstance(self.max_ejection_percent, int) and 0 <= self.max_ejection_percent <= 100,
+            "outlier.max_ejection_percent must be an integer in 0..100, "
+            f"got {self.max_ejection_percent!r}",
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """Everything a resilient client does: one overall deadline plus the sub-policies.
 
@@ -257,6 +333,7 @@ class Policy:
     budget: BudgetPolicy = field(default_factory=BudgetPolicy)
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     hedge: HedgePolicy = field(default_factory=HedgePolicy)
+    outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
     stream_setup: float = 0.5
     record_latency: bool = True
 
@@ -274,6 +351,7 @@ class Policy:
             ("budget", BudgetPolicy),
             ("breaker", BreakerPolicy),
             ("hedge", HedgePolicy),
+            ("outlier", OutlierPolicy),
         ):
             _require(
                 isinstance(getattr(self, name), cls),

@@ -20,6 +20,7 @@ import pybreaker
 
 from pkg.clients.breaker import CircuitBreaker
 from pkg.clients.budget import RetryBudget
+from pkg.clients.outlier import OutlierEvent
 from pkg.clients.policy import Policy
 from pkg.clients.telemetry import (
     LATENCY_BOUNDS,
@@ -67,7 +68,7 @@ class MethodState:
             time.monotonic if type(runtime.clock) is SystemClock else runtime.clock.monotonic
         )
         self.timeout = policy.timeout
-        self.attempt_timeout = policy.retry.attempt_timeout
+        self.attempt_timeout = policy.retry.attempt_timeout_for(method)
         self.idempotent = policy.retry.is_idempotent(method)
         self.hedge = self.idempotent and policy.hedge.applies_to(method)
         self.budget = runtime.budget(target, policy)
@@ -178,6 +179,11 @@ class Runtime:
         """Tell every hook a call failed fast on an open breaker."""
         for hook in self.hooks:
             hook.on_breaker_rejected(name, retry_after)
+
+    def emit_outlier(self, event: OutlierEvent) -> None:
+        """Tell every hook a replica was ejected or came back."""
+        for hook in self.hooks:
+            hook.on_outlier(event)
 
     def emit_hedge(self, target: str, method: str, attempt: int) -> None:
         """Tell every hook a hedge was sent."""

@@ -27,7 +27,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from pkg.clients import Backoff, Policy, aio_channel
+from pkg.clients import Backoff, OutlierPolicy, Policy, RetryPolicy, aio_channel
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 from pkg.proto.signalman.v1 import signalman_pb2_grpc as pb_grpc
@@ -264,6 +264,21 @@ class Subscription:
                 await task
 
 
+# GetStats reads counters from memory: an attempt silent for a second is on a hung replica
+# and is retried on another. Publish is not idempotent and keeps the whole deadline; the
+# Subscribe stream's setup is governed by ``Policy.stream_setup``.
+ATTEMPT_TIMEOUTS: tuple[tuple[str, float], ...] = (("/signalman.v1.Signalman/GetStats", 1.0),)
+
+
+def default_policy(timeout_s: float = 5.0) -> Policy:
+    """The policy of a Signalman client: short GetStats attempts, outlier ejection on."""
+    return Policy(
+        timeout=timeout_s,
+        retry=RetryPolicy(attempt_timeouts=ATTEMPT_TIMEOUTS),
+        outlier=OutlierPolicy(enabled=True),
+    )
+
+
 class SignalmanClient:
     """Calls to Signalman replicas through ``pkg.clients`` (deadlines, breaker, failover)."""
 
@@ -277,7 +292,7 @@ class SignalmanClient:
     ) -> None:
         self.targets = targets
         self.token = token
-        self.policy = policy or Policy(timeout=5.0)
+        self.policy = policy or default_policy()
         self.clock = clock
         self._channels: dict[str, grpc.aio.Channel] = {}
 

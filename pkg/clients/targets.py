@@ -17,11 +17,16 @@ _SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
 
 @dataclass(frozen=True, slots=True)
 class ResolvedTarget:
-    """The gRPC target string, whether it spans several replicas, and its display name."""
+    """The gRPC target string, whether it spans several replicas, and its display name.
+
+    ``replicas`` holds one single-address gRPC target per replica (``ipv4:127.0.0.1:5001``)
+    for channels that pick the replica of each attempt themselves (outlier ejection).
+    """
 
     target: str
     multi: bool
     name: str
+    replicas: tuple[str, ...] = ()
 
 
 def _split_host_port(address: str) -> tuple[str, int]:
@@ -61,7 +66,7 @@ def resolve_targets(targets: str | Sequence[str]) -> ResolvedTarget:
         raise ValueError("targets must name at least one address")
     if len(addresses) == 1:
         single = _validate_single(addresses[0])
-        return ResolvedTarget(single, False, single)
+        return ResolvedTarget(single, False, single, (single,))
     families: set[int] = set()
     parts: list[str] = []
     for address in addresses:
@@ -88,4 +93,4 @@ def resolve_targets(targets: str | Sequence[str]) -> ResolvedTarget:
         raise ValueError(f"targets list the same address twice: {addresses!r}")
     scheme = "ipv4:" if families == {4} else "ipv6:"
     joined = ",".join(parts)
-    return ResolvedTarget(scheme + joined, True, joined)
+    return ResolvedTarget(scheme + joined, True, joined, tuple(scheme + part for part in parts))

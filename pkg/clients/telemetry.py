@@ -20,6 +20,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from pkg.clients.breaker import STATE_CODES
+from pkg.clients.outlier import OutlierDetector, OutlierEvent
 
 if TYPE_CHECKING:
     from pkg.clients.runtime import Runtime
@@ -110,6 +111,9 @@ class Instrumentation:
     def on_breaker_rejected(self, name: str, retry_after: float) -> None:
         """A call was rejected without being sent because the breaker is open."""
 
+    def on_outlier(self, event: OutlierEvent) -> None:
+        """A replica was ejected from the rotation (``event.ejected``) or came back."""
+
 
 class StructlogInstrumentation(Instrumentation):
     """Structured log events: ``retry``, ``give_up``, ``retry_budget_exhausted``, breaker moves."""
@@ -135,6 +139,21 @@ class StructlogInstrumentation(Instrumentation):
     def on_breaker_transition(self, name: str, old: str, new: str, reason: str) -> None:
         _log.warning("breaker_transition", breaker=name, old=old, new=new, reason=reason)
 
+    def on_outlier(self, event: OutlierEvent) -> None:
+        if event.ejected:
+            _log.warning(
+                "replica_ejected",
+                target=event.target,
+                replica=event.replica,
+                reason=event.reason,
+                ejection_s=round(event.duration, 3),
+                ejections=event.ejections,
+            )
+        else:
+            _log.info(
+                "replica_returned", target=event.target, replica=event.replica, reason=event.reason
+            )
+
 
 class _Instruments:
     """Process-wide OpenTelemetry instruments (created once; the API proxies a late provider)."""
@@ -142,6 +161,15 @@ class _Instruments:
     def __init__(self) -> None:
         meter = metrics.get_meter("pkg.clients")
         self.runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+        self.detectors: weakref.WeakSet[OutlierDetector] = weakref.WeakSet()
+        self.ejections = meter.create_counter(
+            "client_outlier_ejections", description="Replicas ejected by outlier detection"
+        )
+        meter.create_observable_gauge(
+            "client_outlier_ejected",
+            callbacks=[self._ejected],
+            description="Replicas of a target currently ejected by outlier detection",
+        )
         self.retries = meter.create_counter(
             "client_retries", description="Retry decisions by outcome and reason"
         )
@@ -210,6 +238,14 @@ class _Instruments:
         for m in self._methods():
             yield Observation(sum(m.latency_counts), m.attrs)
 
+    def _ejected(self, options: CallbackOptions) -> Iterable[Observation]:
+        # Several channels may balance over the same target: report the sum per target.
+        per_target: dict[str, int] = {}
+        for detector in list(self.detectors):
+            per_target[detector.target] = per_target.get(detector.target, 0) + detector.ejected
+        for target, count in per_target.items():
+            yield Observation(count, {"target": target})
+
     def _breaker_state(self, options: CallbackOptions) -> Iterable[Observation]:
         # Several runtimes may hold a breaker of the same name: report the worst state.
         worst: dict[str, int] = {}
@@ -263,6 +299,12 @@ class OtelInstrumentation(Instrumentation):
 
     def on_breaker_rejected(self, name: str, retry_after: float) -> None:
         self._i.rejected.add(1, {"breaker": name})
+
+    def on_outlier(self, event: OutlierEvent) -> None:
+        if event.ejected:
+            self._i.ejections.add(
+                1, {"target": event.target, "replica": event.replica, "reason": event.reason}
+            )
 
 
 def default_instrumentation() -> Sequence[Instrumentation]:

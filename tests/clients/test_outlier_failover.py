@@ -1,0 +1,174 @@
+"""Outlier ejection against real replica processes: a paused (SIGSTOP) replica drops out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from pkg.clients import (
+    BreakerPolicy,
+    Instrumentation,
+    OutlierEvent,
+    OutlierPolicy,
+    Policy,
+    RetryEvent,
+    RetryPolicy,
+    Runtime,
+    aio_channel,
+)
+from pkg.clients.grpc_aio import ResilientChannel
+from pkg.clients.outlier import EJECTED, HEALTHY
+from pkg.clients.telemetry import default_instrumentation
+from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
+from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
+from tests.clients.conftest import TESTSVC, UNAVAILABLE, replica_command
+
+pytestmark = [pytest.mark.integration, pytest.mark.failure]
+
+
+class Recorder(Instrumentation):
+    """Keeps the retry decisions, budget refusals and outlier events of a test."""
+
+    def __init__(self) -> None:
+        self.retries: list[RetryEvent] = []
+        self.outliers: list[OutlierEvent] = []
+        self.budget_exhausted = 0
+
+    def on_retry_decision(self, event: RetryEvent) -> None:
+        self.retries.append(event)
+
+    def on_budget_exhausted(self, target: str, method: str) -> None:
+        self.budget_exhausted += 1
+
+    def on_outlier(self, event: OutlierEvent) -> None:
+        self.outliers.append(event)
+
+
+def policy(base_ejection_time: float = 1.0) -> Policy:
+    return Policy(
+        timeout=2.0,
+        retry=RetryPolicy(
+            max_attempts=3,
+            base_backoff=0.01,
+            max_backoff=0.05,
+            attempt_timeouts=((TESTSVC, 0.2),),
+            idempotent_methods=(TESTSVC,),
+        ),
+        breaker=BreakerPolicy(enabled=True),
+        outlier=OutlierPolicy(base_ejection_time=base_ejection_time),
+    )
+
+
+async def both_in_rotation(stub: pb_grpc.TestServiceStub) -> None:
+    seen: set[str] = set()
+    deadline = time.monotonic() + 15
+    while seen != {"a", "b"} and time.monotonic() < deadline:
+        seen.add((await stub.Unary(pb.UnaryRequest(key="warm"), timeout=5)).server_id)
+        await asyncio.sleep(0.01)
+    assert seen == {"a", "b"}
+
+
+async def test_a_paused_replica_is_ejected_and_no_call_fails(process_factory) -> None:
+    a = process_factory("testsvc-a", replica_command("a"))
+    b = process_factory("testsvc-b", replica_command("b"))
+    recorder = Recorder()
+    runtime = Runtime(instrumentation=[recorder, *default_instrumentation()])
+    channel = aio_channel([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], policy(), runtime=runtime)
+    assert isinstance(channel, ResilientChannel) and channel.detector is not None
+    detector = channel.detector
+    stub = pb_grpc.TestServiceStub(channel)
+    try:
+        await both_in_rotation(stub)
+        a.pause()
+
+        # 200 calls at a steady 50 per second, each with a 2 s overall deadline.
+        async def one(i: int) -> str:
+            reply = await stub.Unary(pb.UnaryRequest(key=f"paused-{i}"), timeout=2.0)
+            return reply.server_id
+
+        tasks = []
+        for i in range(200):
+            tasks.append(asyncio.ensure_future(one(i)))
+            await asyncio.sleep(0.02)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert failures == []
+        assert set(results) == {"b"}
+
+        # The paused replica was ejected after its consecutive per-attempt timeouts ...
+        ejections = [e for e in recorder.outliers if e.ejected]
+        assert ejections and ejections[0].replica == f"127.0.0.1:{a.port}"
+        assert "timeouts" in ejections[0].reason
+        assert detector.replicas[1].state == HEALTHY
+        # ... after a handful of attempts reached it (not half of the 200 calls) ...
+        timed_out = [e for e in recorder.retries if e.reason.startswith("per-attempt timeout")]
+        assert 2 <= len(timed_out) <= 12, [e.reason for e in recorder.retries]
+        # ... each of which was retried on the live replica, within the retry budget.
+        assert all(e.retry for e in timed_out)
+        assert recorder.budget_exhausted == 0
+    finally:
+        a.resume()
+
+    # SIGCONT: after its ejection time a probe finds it alive and it is back in rotation.
+    seen: set[str] = set()
+    deadline = time.monotonic() + 20
+    while "a" not in seen and time.monotonic() < deadline:
+        seen.add((await stub.Unary(pb.UnaryRequest(key="back"), timeout=2.0)).server_id)
+        await asyncio.sleep(0.02)
+    assert "a" in seen
+    assert detector.replicas[0].state == HEALTHY
+    assert any(not e.ejected for e in recorder.outliers)
+    await channel.close()
+
+
+async def test_with_both_replicas_failing_one_stays_in_rotation(process_factory) -> None:
+    a = process_factory("testsvc-a", replica_command("a"))
+    b = process_factory("testsvc-b", replica_command("b"))
+    recorder = Recorder()
+    runtime = Runtime(instrumentation=[recorder])
+    retry = RetryPolicy(max_attempts=1, idempotent_methods=(TESTSVC,))
+    channel = aio_channel(
+        [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"],
+        Policy(timeout=2.0, retry=retry, breaker=BreakerPolicy(enabled=False)),
+        runtime=runtime,
+    )
+    assert isinstance(channel, ResilientChannel) and channel.detector is not None
+    stub = pb_grpc.TestServiceStub(channel)
+    await both_in_rotation(stub)
+    broken = pb.Behavior(fail_times=-1, fail_code=UNAVAILABLE)
+    for i in range(30):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Unary(pb.UnaryRequest(key=f"bad-{i}", behavior=broken), timeout=2.0)
+    states = [r.state for r in channel.detector.replicas]
+    assert states.count(EJECTED) == 1
+    assert len([e for e in recorder.outliers if e.ejected]) == 1
+    # The replica still in rotation answers healthy requests.
+    reply = await stub.Unary(pb.UnaryRequest(key="good"), timeout=2.0)
+    assert reply.server_id in {"a", "b"}
+    await channel.close()
+
+
+async def test_per_method_attempt_timeout_retries_only_the_matching_method(target: str) -> None:
+    channel = aio_channel(
+        target,
+        Policy(
+            timeout=3.0,
+            retry=RetryPolicy(
+                base_backoff=0.01,
+                attempt_timeouts=(("/testsvc.v1.TestService/Unary", 0.2),),
+                idempotent_methods=(TESTSVC,),
+            ),
+            breaker=BreakerPolicy(enabled=False),
+        ),
+    )
+    stub = pb_grpc.TestServiceStub(channel)
+    # The first attempt hangs 1 s: the 0.2 s attempt timeout cuts it and the retry succeeds.
+    slow_first = pb.Behavior(delay_s=1.0, delay_on_attempts=[1])
+    start = time.monotonic()
+    reply = await stub.Unary(pb.UnaryRequest(key=f"pm-{time.time()}", behavior=slow_first))
+    assert reply.attempt == 2
+    assert time.monotonic() - start < 1.0
+    await channel.close()
