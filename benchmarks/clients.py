@@ -9,7 +9,12 @@ Runs the raw grpc.aio baseline and the wrapped channel side by side in one run a
   deadline, breaker, budget, counters, latency histogram), beside tenacity alone doing nothing;
 * ``amplification``: server-side attempts per client call while the server fails every call
   with UNAVAILABLE for 5 s (full policy; also budget-only and a naive 4-attempt retry);
-* ``failfast_us``: p50 latency of a call rejected by an open breaker.
+* ``failfast_us``: p50 latency of a call rejected by an open breaker;
+* ``paused_*``: two replica processes, one paused (SIGSTOP) while calls arrive at a steady
+  rate with a 1 s deadline: failed calls through grpc's round robin (raw), through pkg.clients
+  with a 0.2 s attempt timeout but no ejection, and with outlier ejection (the default);
+  ``pooled_overhead_ratio``: p50 of the per-replica (ejection) channel over raw round robin
+  while both replicas are healthy.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import grpc
 import grpc.aio
 import tenacity
 
-from pkg.clients import BreakerPolicy, Policy, RetryPolicy, Runtime, aio_channel
+from pkg.clients import BreakerPolicy, OutlierPolicy, Policy, RetryPolicy, Runtime, aio_channel
 from pkg.clients.breaker import STATE_OPEN, BreakerOpenError
 from pkg.clients.engine import call_async, call_sync
 from pkg.clients.grpc_aio import _UnaryUnaryMultiCallable
@@ -291,6 +296,75 @@ async def failfast(target: str, n: int) -> dict[str, float]:
     return {"failfast_us": _p50_us(samples)}
 
 
+def _replica(name: str) -> CommandProcess:
+    return CommandProcess(
+        f"testsvc-bench-{name}",
+        [sys.executable, "-m", "pkg.testsvc.server", "--port", "{port}", "--id", name],
+    )
+
+
+async def paused_replica(seconds: float, rate: float) -> dict[str, float]:
+    """Calls at ``rate``/s for ``seconds`` while one of two replicas is paused (SIGSTOP)."""
+    a, b = _replica("a"), _replica("b")
+    a.start()
+    b.start()
+    paused = False
+    addresses = [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]
+    raw = grpc.aio.insecure_channel(  # raw-client: baseline
+        "ipv4:" + ",".join(addresses), options=[("grpc.lb_policy_name", "round_robin")]
+    )
+    retry = RetryPolicy(attempt_timeouts=(("/testsvc.v1.TestService/*", 0.2),), base_backoff=0.01)
+    no_eject = aio_channel(
+        addresses, Policy(timeout=1.0, retry=retry, outlier=OutlierPolicy(enabled=False))
+    )
+    pooled = aio_channel(addresses, Policy(timeout=1.0, retry=retry))
+    channels = (raw, no_eject, pooled)
+    stubs = [pb_grpc.TestServiceStub(c) for c in channels]
+    request = pb.EchoRequest(payload=b"x" * 16)
+    calls = int(seconds * rate)
+    failed = [0, 0, 0]
+    healthy: list[list[float]] = [[], []]
+    try:
+        for stub in stubs:
+            await _latencies(stub, 200)  # both connections of every side are up
+        # Success-path cost of picking the replica ourselves, interleaved with raw round robin.
+        perf = time.perf_counter
+        for i in range(1500):
+            for k in range(2):
+                side = (i + k) % 2
+                start = perf()
+                await stubs[0 if side == 0 else 2].Echo(request, timeout=5.0)
+                healthy[side].append(perf() - start)
+
+        async def one(side: int) -> None:
+            try:
+                await stubs[side].Echo(request, timeout=1.0)
+            except grpc.RpcError:
+                failed[side] += 1
+
+        a.pause()
+        paused = True
+        tasks: list[asyncio.Future[None]] = []
+        for _ in range(calls):
+            tasks.extend(asyncio.ensure_future(one(side)) for side in range(3))
+            await asyncio.sleep(1.0 / rate)
+        await asyncio.gather(*tasks)
+    finally:
+        if paused:
+            a.resume()
+        for channel in channels:
+            await channel.close(None)
+        a.stop()
+        b.stop()
+    return {
+        "paused_calls_per_side": float(calls),
+        "paused_failed_raw_round_robin": float(failed[0]),
+        "paused_failed_no_ejection": float(failed[1]),
+        "paused_failed": float(failed[2]),
+        "pooled_overhead_ratio": _p50_us(healthy[1]) / _p50_us(healthy[0]),
+    }
+
+
 async def run(quick: bool) -> dict[str, Any]:
     # Measure with the real OpenTelemetry SDK installed, as in a service process, and keep
     # the per-retry log lines of the outage phase off the terminal.
@@ -308,9 +382,10 @@ async def run(quick: bool) -> dict[str, Any]:
         results.update(await policy_cost(10_000 if quick else 15_000))
         results.update(await amplification(target, 2.0 if quick else 5.0))
         results.update(await failfast(target, 2000))
-        return results
     finally:
         server.stop()
+    results.update(await paused_replica(2.0 if quick else 4.0, 50.0))
+    return results
 
 
 def main(argv: list[str]) -> int:
@@ -367,6 +442,19 @@ def main(argv: list[str]) -> int:
             "",
         ),
         ("failfast p50 (us)", float("nan"), results["failfast_us"], "<= 100"),
+        (
+            "failed calls, 1 of 2 paused",
+            results["paused_failed_raw_round_robin"],
+            results["paused_failed"],
+            f"of {results['paused_calls_per_side']:.0f} (raw = grpc round robin; "
+            f"no ejection: {results['paused_failed_no_ejection']:.0f})",
+        ),
+        (
+            "p50 ratio, per-replica channels",
+            1.0,
+            results["pooled_overhead_ratio"],
+            "(vs grpc round robin, both healthy)",
+        ),
     ]
     print(f"{'metric':32} {'raw/baseline':>14} {'pkg.clients':>12}  target")
     for name, raw, wrapped, target in rows:
