@@ -318,6 +318,12 @@ def stop_and_start(name: str) -> Callable[[Ctx], Awaitable[None]]:
             try:
                 item.proc.start(wait=True)
                 item.proc.restarts += 1
+            except Exception as exc:
+                # Seen: the forked child dies (SIGSEGV) before exec when other threads are inside
+                # gRPC. The server is then down like after a crash: the supervisor restarts it
+                # with backoff, which is what the drill measures from here on.
+                item.proc.proc = None
+                ctx.facts["restart_failed"] = str(exc).splitlines()[0][:200]
             finally:
                 item.supervise = True
 
