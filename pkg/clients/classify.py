@@ -102,19 +102,20 @@ def never_sent(details: str | None) -> bool:
     return any(marker in lowered for marker in _NEVER_SENT_MARKERS)
 
 
-def outlier_outcome(exc: BaseException, attempt_capped: bool) -> int:
+def outlier_outcome(exc: BaseException, timeout_counts: bool) -> int:
     """What a failed attempt says about the replica it went to (``pkg.clients.outlier``).
 
-    A capped per-attempt timeout or a broken connection: the replica did not answer
-    (OUTCOME_LOCAL). A server error status: it answered badly (OUTCOME_ERROR). A domain error:
-    it is alive (OUTCOME_SUCCESS). Cancellation or a spent overall deadline: nothing
-    (OUTCOME_NEUTRAL), since a caller's tiny deadline must not eject healthy replicas.
+    A broken connection, or a timeout when ``timeout_counts`` (the attempt had ample time,
+    see ``pkg.clients.grpc_aio``): the replica did not answer (OUTCOME_LOCAL). A server error
+    status: it answered badly (OUTCOME_ERROR). A domain error: it is alive (OUTCOME_SUCCESS).
+    Cancellation, or a timeout with too little time: nothing (OUTCOME_NEUTRAL), since a
+    caller's tiny deadline must not eject healthy replicas.
     """
     if not isinstance(exc, grpc.RpcError) or not hasattr(exc, "code"):
         return OUTCOME_NEUTRAL
     code = exc.code()
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return OUTCOME_LOCAL if attempt_capped else OUTCOME_NEUTRAL
+        return OUTCOME_LOCAL if timeout_counts else OUTCOME_NEUTRAL
     if code == grpc.StatusCode.CANCELLED:
         return OUTCOME_NEUTRAL
     if code in _OUTLIER_ERROR_CODES:

@@ -346,6 +346,11 @@ class _UnaryCall:
                 pass
 
 
+# Least time an attempt without a per-attempt cap must have had for its timeout to count
+# against the replica (outlier ejection).
+MIN_HUNG_TIMEOUT = 0.1
+
+
 class _PooledUnaryCall(_UnaryCall):
     """A unary call whose every attempt goes to the replica the outlier detector picks."""
 
@@ -356,7 +361,9 @@ class _PooledUnaryCall(_UnaryCall):
         raws = mc.raws
         detector = mc.detector
         assert detector is not None  # a pooled call exists only with a detector
-        cap = mc.state.attempt_timeout
+        state = mc.state
+        cap = state.attempt_timeout
+        idempotent = state.idempotent
         failed = [-1]  # the replica the previous attempt failed on: a retry avoids it
 
         async def attempt(attempt_timeout: float) -> Any:
@@ -366,8 +373,19 @@ class _PooledUnaryCall(_UnaryCall):
             try:
                 result = await call
             except Exception as exc:
-                # The engine passes exactly the cap when the per-attempt timeout is the limit.
-                outcome = outlier_outcome(exc, cap is not None and attempt_timeout == cap)
+                # A timeout says the replica hung when the attempt was capped by its per-attempt
+                # timeout (the engine passes exactly the cap then), or, for an idempotent
+                # method (a read: it answers by itself), when it had ample time: at least
+                # MIN_HUNG_TIMEOUT and 10x the method's usual latency. A caller's own tiny
+                # deadline, or a write waiting on something downstream, says nothing.
+                outcome = outlier_outcome(
+                    exc,
+                    attempt_timeout == cap
+                    or (
+                        idempotent
+                        and attempt_timeout >= max(MIN_HUNG_TIMEOUT, 10 * state.latency_ema)
+                    ),
+                )
                 if outcome == OUTCOME_SUCCESS:
                     detector.success(i)
                 elif outcome == OUTCOME_NEUTRAL:

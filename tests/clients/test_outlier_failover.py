@@ -172,3 +172,47 @@ async def test_per_method_attempt_timeout_retries_only_the_matching_method(targe
     assert reply.attempt == 2
     assert time.monotonic() - start < 1.0
     await channel.close()
+
+
+async def test_without_attempt_timeouts_a_paused_replica_costs_only_the_first_few_calls(
+    process_factory,
+) -> None:
+    # A caller that sets no per-attempt timeout (only the overall deadline): the calls already
+    # sent to the paused replica fail at their deadline, but two such timeouts eject it and
+    # every later call goes to the live replica (before: every other call until keepalive).
+    a = process_factory("testsvc-a", replica_command("a"))
+    b = process_factory("testsvc-b", replica_command("b"))
+    recorder = Recorder()
+    runtime = Runtime(instrumentation=[recorder])
+    retry = RetryPolicy(base_backoff=0.01, idempotent_methods=(TESTSVC,))
+    channel = aio_channel(
+        [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"],
+        Policy(timeout=0.5, retry=retry, outlier=OutlierPolicy(base_ejection_time=30.0)),
+        runtime=runtime,
+    )
+    stub = pb_grpc.TestServiceStub(channel)
+    try:
+        await both_in_rotation(stub)
+        a.pause()
+
+        async def one(i: int) -> str:
+            reply = await stub.Unary(pb.UnaryRequest(key=f"nocap-{i}"), timeout=0.5)
+            return reply.server_id
+
+        tasks = []
+        for i in range(100):
+            tasks.append(asyncio.ensure_future(one(i)))
+            await asyncio.sleep(0.02)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        a.resume()
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert all(
+        isinstance(f, grpc.aio.AioRpcError) and f.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        for f in failures
+    )
+    # Calls started during the first 0.5 s deadline, half of them on the paused replica.
+    assert len(failures) <= 20, len(failures)
+    assert all(r == "b" for r in results[-50:])
+    assert [e.ejected for e in recorder.outliers] == [True]
+    await channel.close()
