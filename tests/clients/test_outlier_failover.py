@@ -109,6 +109,11 @@ async def test_a_paused_replica_is_ejected_and_no_call_fails(process_factory) ->
         # ... each of which was retried on the live replica, within the retry budget.
         assert all(e.retry for e in timed_out)
         assert recorder.budget_exhausted == 0
+        # New streams start on replicas in rotation too.
+        for i in range(4):
+            request = pb.StreamRequest(key=f"stream-{i}", count=2)
+            servers = {m.server_id async for m in stub.ServerStream(request, timeout=2.0)}
+            assert servers == {"b"}
     finally:
         a.resume()
 
