@@ -154,7 +154,7 @@ class _Decider:
             elif breaker is not None and breaker.state == STATE_OPEN:
                 # The next attempt would only fail fast: report the real error instead.
                 reason = f"{why}; circuit breaker opened"
-            elif not ms.budget.can_retry():
+            elif not ms.budget.can_retry() and not _on_ejected_replica(outcome.exception()):
                 reason = f"{why}; retry budget exhausted"
                 ms.runtime.emit_budget_exhausted(ms.target, ms.method)
             else:
@@ -180,6 +180,19 @@ class _Decider:
     def wait(self, retry_state: tenacity.RetryCallState) -> float:
         """tenacity ``wait=``: the delay chosen by ``should_retry``."""
         return self.delay
+
+
+# Set by the per-replica channel on the error of an attempt whose replica is (now) ejected.
+EJECTED_REPLICA_ATTR = "pkg_clients_replica_ejected"
+
+
+def _on_ejected_replica(exc: BaseException | None) -> bool:
+    # The attempts that were in flight on a replica when it hung fail together, one attempt
+    # timeout later. Their retries go to other replicas and are bounded by ejection itself
+    # (once per ejection, which grows in time), so the budget, which guards the service as a
+    # whole against retry storms, does not refuse them: otherwise every call in flight on the
+    # hung replica beyond half the bucket would fail.
+    return exc is not None and getattr(exc, EJECTED_REPLICA_ATTR, False) is True
 
 
 def _never_stop(retry_state: tenacity.RetryCallState) -> bool:

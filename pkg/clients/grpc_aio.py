@@ -9,6 +9,7 @@ stream error is the caller's to handle: re-sending could duplicate effects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
@@ -16,9 +17,9 @@ import grpc
 import grpc.aio
 
 from pkg.clients.classify import outlier_outcome
-from pkg.clients.engine import call_async
+from pkg.clients.engine import EJECTED_REPLICA_ATTR, call_async
 from pkg.clients.grpc_core import ClientCore, channel_options
-from pkg.clients.outlier import OUTCOME_NEUTRAL, OUTCOME_SUCCESS, OutlierDetector
+from pkg.clients.outlier import EJECTED, OUTCOME_NEUTRAL, OUTCOME_SUCCESS, OutlierDetector
 from pkg.clients.policy import Policy
 from pkg.clients.runtime import Runtime
 from pkg.clients.targets import ResolvedTarget, resolve_targets
@@ -393,6 +394,9 @@ class _PooledUnaryCall(_UnaryCall):
                 else:
                     failed[0] = i
                     detector.failure(i, outcome)
+                    if detector.replicas[i].state is EJECTED:
+                        with contextlib.suppress(AttributeError):
+                            setattr(exc, EJECTED_REPLICA_ATTR, True)
                 raise
             except BaseException:
                 detector.release(i)

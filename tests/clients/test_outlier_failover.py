@@ -129,6 +129,42 @@ async def test_a_paused_replica_is_ejected_and_no_call_fails(process_factory) ->
     await channel.close()
 
 
+async def test_calls_in_flight_on_a_replica_that_hangs_are_all_retried_elsewhere(
+    process_factory,
+) -> None:
+    # 400 calls/s with a 0.2 s attempt timeout: about 40 attempts are in flight on the replica
+    # when it hangs, far more than the retry budget's 5 spare tokens. They fail together, their
+    # replica is ejected, and each is retried on the live replica.
+    a = process_factory("testsvc-a", replica_command("a"))
+    b = process_factory("testsvc-b", replica_command("b"))
+    recorder = Recorder()
+    runtime = Runtime(instrumentation=[recorder])
+    channel = aio_channel(
+        [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], policy(30.0), runtime=runtime
+    )
+    stub = pb_grpc.TestServiceStub(channel)
+    try:
+        await both_in_rotation(stub)
+        a.pause()
+
+        async def one(i: int) -> str:
+            reply = await stub.Unary(pb.UnaryRequest(key=f"burst-{i}"), timeout=2.0)
+            return reply.server_id
+
+        tasks = []
+        for i in range(300):
+            tasks.append(asyncio.ensure_future(one(i)))
+            await asyncio.sleep(0.0025)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        a.resume()
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    timed_out = [e for e in recorder.retries if e.reason.startswith("per-attempt timeout")]
+    assert len(timed_out) > 6  # more than the budget alone would have allowed to retry
+    assert all(e.retry for e in timed_out)
+    await channel.close()
+
+
 async def test_with_both_replicas_failing_one_stays_in_rotation(process_factory) -> None:
     a = process_factory("testsvc-a", replica_command("a"))
     b = process_factory("testsvc-b", replica_command("b"))
