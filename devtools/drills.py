@@ -18,6 +18,14 @@ runs it); the full mode runs ``./dev up``'s defaults. Runbooks: docs/runbooks/.
 
 from __future__ import annotations
 
+import os
+
+# The drills fork servers (PostgreSQL runs as another user, so Python cannot use vfork) while
+# gRPC channels are busy in other threads; gRPC's fork handlers then crash the child before it
+# execs (seen: postgres "exited with -11"). The drills only fork to exec, so they need none.
+# Must be set before grpc is imported (grpc reads it once).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import argparse
 import asyncio
 import contextlib
