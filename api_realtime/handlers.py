@@ -61,6 +61,15 @@ class SignalmanServicer(pb_grpc.SignalmanServicer):
             session = self.hub.open_session(principal)
         except TooManyConnections as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        # Headers go out before the writer starts. Otherwise the first write carries them, and if
+        # the session ends while that write is in flight (cancelled below), abort() sends them a
+        # second time: grpc refuses the status (TOO_MANY_OPERATIONS), the call never ends, and
+        # the client waits forever on a stream that will deliver nothing.
+        try:
+            await context.send_initial_metadata(())
+        except BaseException:
+            self.hub.close_session(session)
+            raise
         ended = asyncio.Event()
         session.on_drop = lambda _dropped: ended.set()
         reader = asyncio.create_task(self._read(request_iterator, session))

@@ -132,6 +132,13 @@ class Hub(FeedRegistry):
                 if entries and entries[0].offset <= feed.position:
                     await self._check_epoch(feed)  # offsets went backwards: history was reset
                     continue
+                if entries and feed.epoch and entries[0].epoch not in ("", feed.epoch):
+                    # The store lost the history under a read that reconnected without an error
+                    # (redis-py retries it): the new epoch's offsets restarted at 1 and are now
+                    # past our position. Dispatching them under the old epoch would skip the
+                    # ones below it without a gap.
+                    await self._check_epoch(feed)
+                    continue
                 if not entries:
                     if not feed.sessions and self.feeds.get(feed.tenant) is feed:
                         self.feeds.pop(feed.tenant)  # everyone left while it was starting

@@ -33,6 +33,7 @@ class Entry:
     channel: str
     event: Event
     data_json: str = ""
+    epoch: str = ""  # the history epoch it was appended in ("" if not recorded)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ class MemoryHistory:
         offsets = []
         for channel, event in items:
             state.seq += 1
-            state.entries.append(Entry(state.seq, channel, event, dump_data(event)))
+            state.entries.append(Entry(state.seq, channel, event, dump_data(event), state.epoch))
             offsets.append(state.seq)
         while len(state.entries) > self.max_len:
             state.entries.popleft()

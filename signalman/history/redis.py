@@ -1,8 +1,9 @@
 """Redis Streams history shared by every replica: one stream per tenant, fenced idempotent appends.
 
-Keys (``p`` = key prefix): ``p:t:{tenant}:h`` the stream (IDs ``<offset>-0``), ``p:t:{tenant}:seq``
-the last offset, ``p:t:{tenant}:epoch``; ``p:part:{topic}:{partition}`` a hash with the highest
-``fence`` and the appended ``wm`` (watermark) of a Kafka partition; ``p:tenants`` a set.
+Keys (``p`` = key prefix): ``p:t:{tenant}:h`` the stream (IDs ``<offset>-0``, each entry with the
+epoch it was appended in), ``p:t:{tenant}:seq`` the last offset, ``p:t:{tenant}:epoch``;
+``p:part:{topic}:{partition}`` a hash with the highest ``fence`` and the appended ``wm``
+(watermark) of a Kafka partition; ``p:tenants`` a set.
 
 The append is one Lua script, so check-fence, check-watermark, allocate offsets and XADD happen
 atomically: a stale owner (lower fence) is rejected and a replay after a rebalance is skipped.
@@ -17,6 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pkg.events.sink import Event
 from signalman.history import (
@@ -50,7 +52,8 @@ local first = last - n + 1
 local maxlen = tonumber(ARGV[4])
 for i = 0, n - 1 do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, tostring(first + i) .. '-0',
-             'c', ARGV[7 + 3 * i], 'e', ARGV[8 + 3 * i], 'd', ARGV[9 + 3 * i], 's', ARGV[6])
+             'c', ARGV[7 + 3 * i], 'e', ARGV[8 + 3 * i], 'd', ARGV[9 + 3 * i], 's', ARGV[6],
+             'p', epoch)
 end
 return {'appended', tostring(first), tostring(n), epoch}
 """
@@ -149,20 +152,29 @@ class RedisHistory:
         return [_s(fields[b"s"]) for _, fields in rows]
 
     async def info(self, tenant: str) -> HistoryInfo:
+        try:
+            epoch, seq, first = await self._info(tenant)
+        except RedisConnectionError:
+            # After a Redis restart the first transaction on a pooled connection to the old server
+            # fails (redis-py retries plain commands, not MULTI/EXEC); the read is safe to repeat.
+            epoch, seq, first = await self._info(tenant)
+        first_offset = _offset(first[0][0]) if first else 0
+        return HistoryInfo(_s(epoch) if epoch else "", first_offset, int(seq or 0))
+
+    async def _info(self, tenant: str) -> list[Any]:
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.get(self._k(tenant, "epoch"))
             pipe.get(self._k(tenant, "seq"))
             pipe.xrange(self._k(tenant, "h"), count=1)
-            epoch, seq, first = await pipe.execute()
-        first_offset = _offset(first[0][0]) if first else 0
-        return HistoryInfo(_s(epoch) if epoch else "", first_offset, int(seq or 0))
+            return list(await pipe.execute())
 
     def _entries(self, rows: list[Any]) -> list[Entry]:
         out = []
         for entry_id, fields in rows:
             data_json = _s(fields[b"d"])
             event = replace(load_event(fields[b"e"]), data=json.loads(data_json))
-            out.append(Entry(_offset(entry_id), _s(fields[b"c"]), event, data_json))
+            epoch = _s(fields.get(b"p", b""))
+            out.append(Entry(_offset(entry_id), _s(fields[b"c"]), event, data_json, epoch))
         return out
 
     async def read_after(self, tenant: str, after: int, limit: int) -> list[Entry]:

@@ -353,3 +353,46 @@ async def test_half_closed_client_keeps_receiving(connect: Connect) -> None:
     msg = await raw.recv()
     assert msg.WhichOneof("kind") == "event" and json.loads(msg.event.data_json)["n"] == 1
     raw.call.cancel()
+
+
+class _FailingReads:
+    """The replica's history, except that the next ``read_after`` raises like a Redis connection
+    that died under it (seen right after a Redis restart: the first call on a pooled
+    connection to the old server fails, the retry works)."""
+
+    def __init__(self, history: Any) -> None:
+        self._history = history
+        self.failures_left = 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._history, name)
+
+    async def read_after(self, tenant: str, after: int, limit: int) -> Any:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise ConnectionError("connection to the history store lost")
+        return await self._history.read_after(tenant, after, limit)
+
+
+async def test_store_failure_while_the_first_message_is_written_ends_the_call_with_a_status(
+    app: SignalmanApp, connect: Connect
+) -> None:
+    # The session fails (history read during resume) while the writer is sending the very first
+    # message of the call. The call must still end with UNAVAILABLE so the client reconnects:
+    # a call left open with no status is a subscriber that silently receives nothing, forever.
+    await publish(connect, "tpa", *[event_json("acme", seq=i) for i in range(3)])
+    epoch = (await app.history.info("acme")).epoch
+    app.hub.history = _FailingReads(app.hub.history)  # type: ignore[assignment]
+    raw = RawStream(connect("ta"))
+    await raw.send(subscribe_msg("streams", resume=True, after_offset=1, epoch=epoch))
+    assert await raw.status() == grpc.StatusCode.UNAVAILABLE
+    # The typed client reconnects on UNAVAILABLE and resumes where it was: nothing is lost.
+    resume = {"streams": (epoch, 1)}
+    app.hub.history.failures_left = 1  # type: ignore[attr-defined]
+    async with connect("ta2").subscribe(["streams"], resume_from=resume) as sub:
+        items = [await sub.get(20) for _ in range(2)]
+        assert [json.loads(i.data_json)["seq"] for i in items if isinstance(i, pb.Event)] == [1, 2]
+        assert sub.stats.reconnects == 1
+        await publish(connect, "tpa", event_json("acme", seq=3))
+        live = await sub.get(10)
+        assert isinstance(live, pb.Event) and json.loads(live.data_json)["seq"] == 3
