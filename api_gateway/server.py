@@ -159,7 +159,8 @@ def build_replica(
         redis_state = "embedded" if health is None else ("up" if health.up else "down")
         state = getattr(fleet, "state", None)
         breakers = state() if callable(state) else {}
-        foghorn_open = any(v != "closed" for v in breakers.values())
+        # Open = failing fast right now; half-open = the next call probes Foghorn again.
+        foghorn_open = any(v == "open" for v in breakers.values())
         body: dict[str, Any] = {
             "status": "degraded" if redis_state == "down" or foghorn_open else "ok",
             "replica": replica_id,
