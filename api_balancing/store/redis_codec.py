@@ -8,6 +8,8 @@ a corrupt entry is skipped and counted by the caller, never applied half-way.
 from __future__ import annotations
 
 import json
+import math
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from api_balancing.model import (
@@ -23,6 +25,52 @@ SCHEMA = 1
 # One encoder for every record: json.dumps with non-default options builds a new encoder per
 # call, which costs more than encoding a record.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _c_encoder() -> Any:
+    """CPython's C encoder built once with ``_ENCODER``'s options (``JSONEncoder.encode``
+    builds a new one, and a dict of circular-reference markers, on every call); records are
+    plain trees, so no marker dict. None where the C accelerator is missing."""
+    try:
+        from json.encoder import c_make_encoder  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover
+        return None
+    if c_make_encoder is None:  # pragma: no cover
+        return None
+    try:
+        # Same arguments JSONEncoder.iterencode passes (markers, default, string encoder,
+        # indent, key and item separators, sort_keys, skipkeys, allow_nan).
+        return c_make_encoder(None, _ENCODER.default, _quote, None, ":", ",", False, False, False)
+    except TypeError:  # pragma: no cover - another CPython's signature
+        return None
+
+
+_C_ENCODE = _c_encoder()
+
+
+def _dumps(doc: Any) -> str:
+    if _C_ENCODE is None:  # pragma: no cover
+        return _ENCODER.encode(doc)
+    return "".join(_C_ENCODE(doc, 0))
+
+
+def _report_json(report: LoadReport) -> str:
+    """The report array as ``_dumps(_report(report))`` writes it, built directly: it changes on
+    every write and its streams (tuples of str and int) dominate the encoding cost. Anything
+    of an unexpected type raises TypeError (the caller then takes the generic encoder); a
+    non-finite float raises ValueError like ``allow_nan=False``."""
+    cpu = report.cpu_percent
+    if type(cpu) is not float or not math.isfinite(cpu):
+        raise TypeError("cpu_percent: not a finite float")
+    r = int.__repr__
+    streams = ",".join(
+        [f"[{_quote(s[0])},{_quote(s[1])},{r(s[2])},{r(s[3])},{r(s[4])}]" for s in report.streams]
+    )
+    return (
+        f"[{float.__repr__(cpu)},{r(report.ram_used_bytes)},{r(report.ram_max_bytes)},"
+        f"{r(report.upload_bps)},{r(report.download_bps)},{r(report.bandwidth_limit_bps)},"
+        f"[{streams}]]"
+    )
 
 
 def _report(report: LoadReport | None) -> list[Any] | None:
@@ -61,7 +109,7 @@ def _identity_fragment(ident: NodeIdentity) -> str:
         "cap": ident.capacity,
         "region": ident.region,
     }
-    fragment = _ENCODER.encode(doc)[1:-1]
+    fragment = _dumps(doc)[1:-1]
     if len(_IDENTITY_CACHE) >= _IDENTITY_CACHE_MAX:
         _IDENTITY_CACHE.clear()
     _IDENTITY_CACHE[ident.node_id] = (ident, fragment)
@@ -70,10 +118,18 @@ def _identity_fragment(ident: NodeIdentity) -> str:
 
 def encode(record: NodeRecord) -> str:
     """The record as one JSON document."""
+    report = record.report
+    head = "{" + _identity_fragment(record.identity) + ',"report":'
+    if report is None:
+        head += "null,"
+    else:
+        try:
+            head += _report_json(report) + ","
+        except TypeError:  # unexpected field types: let the generic encoder judge them
+            head += _dumps(_report(report)) + ","
     rest = {
         "mode": int(record.mode),
         "mode_reason": record.mode_reason,
-        "report": _report(record.report),
         "report_at": record.last_report_at,
         "connected": record.connected,
         "connected_at": record.connected_at,
@@ -86,8 +142,7 @@ def encode(record: NodeRecord) -> str:
         "ver": record.version,
         "extra": record.extra,
     }
-    body = _ENCODER.encode(rest)
-    return "{" + _identity_fragment(record.identity) + "," + body[1:]
+    return head + _dumps(rest)[1:]
 
 
 def decode(text: str) -> NodeRecord:

@@ -36,7 +36,7 @@ from api_balancing.model import NodeRecord, evolve
 from api_balancing.store import redis_codec
 from api_balancing.store.base import StaleWriteError, StoreListener
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-from pkg.coord import Announce, Entry, FencedHash, FencedWrite, FencedWriteRejected, Watermarks
+from pkg.coord import Announce, Entry, FencedHash, FencedWriteRejected, PreparedWrite, Watermarks
 
 log = structlog.get_logger("foghorn.store.redis")
 
@@ -146,7 +146,13 @@ class RedisNodeStore:
         self._synced = asyncio.Event()
         # Writes issued in the same event-loop turn go to Redis as one pipeline (each write
         # still atomic and fenced on its own): concurrent node streams share round trips.
-        self._batch: list[tuple[FencedWrite, asyncio.Future[None]]] = []
+        # The batch is kept laid out as the script wants it (keys and args of every write in
+        # order), so a report adds to two lists instead of building objects per write.
+        self._batch_keys: list[str] = []
+        self._batch_args: list[str] = []
+        self._batch_futures: list[asyncio.Future[None]] = []
+        # Per node: its keys and the constant args of its writes, built on its first write.
+        self._prepared: dict[str, PreparedWrite] = {}
 
     # -- wiring by the HA runtime ------------------------------------------------------------
     def set_ownership_view(
@@ -306,44 +312,58 @@ class RedisNodeStore:
             include_written=op == "put",  # the entry carries rec and ver, sent once
         )
 
+    def _prepared_write(self, node_id: str) -> PreparedWrite:
+        """The node's keys and constant write args (announce fields, TTL, trim), built once."""
+        prepared = self._prepared.get(node_id)
+        if prepared is None:
+            prepared = self._prepared[node_id] = PreparedWrite(
+                self.keys.node(node_id),
+                self.keys.owner(node_id),
+                ttl_ms=int(self.settings.record_ttl_s * 1000),
+                announce=self._announce("put", node_id, 0),  # a put's entry takes ver from rec
+            )
+        return prepared
+
     async def _write_through(self, record: NodeRecord) -> None:
         """Fenced write + changelog append, batched with writes of the same loop turn."""
-        write = FencedWrite(
-            self.keys.node(record.node_id),
-            self.keys.owner(record.node_id),
+        node_id = record.node_id
+        prepared = self._prepared_write(node_id)
+        args = prepared.args(
             record.owner_fence,
-            {"rec": redis_codec.encode(record), "ver": str(record.version)},
-            ttl_ms=int(self.settings.record_ttl_s * 1000),
-            announce=self._announce("put", record.node_id, record.version),
-            touch=self._owner_touch(record.node_id),
+            ("rec", redis_codec.encode(record), "ver", str(record.version)),
+            self._owner_touch(node_id),
         )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        if not self._batch:
+        if not self._batch_futures:
             loop.call_soon(self._flush_soon)
-        self._batch.append((write, future))
+        self._batch_keys.extend(prepared.keys)
+        self._batch_args.extend(args)
+        self._batch_futures.append(future)
         await future
 
     def _flush_soon(self) -> None:
-        batch, self._batch = self._batch, []
-        if batch:
-            asyncio.get_running_loop().create_task(self._flush(batch))
+        keys, args, futures = self._batch_keys, self._batch_args, self._batch_futures
+        self._batch_keys, self._batch_args, self._batch_futures = [], [], []
+        if futures:
+            asyncio.get_running_loop().create_task(self._flush(keys, args, futures))
 
-    async def _flush(self, batch: list[tuple[FencedWrite, asyncio.Future[None]]]) -> None:
+    async def _flush(
+        self, keys: list[str], args: list[str], futures: list[asyncio.Future[None]]
+    ) -> None:
         try:
             results = await asyncio.wait_for(
-                self._fenced.write_many([write for write, _ in batch]),
-                self.settings.op_timeout_s * 2,
+                self._fenced.write_prepared(keys, args), self.settings.op_timeout_s * 2
             )
         except BaseException as exc:  # connection errors and cancellation fail every waiter
             error = exc if isinstance(exc, Exception) else RedisError("write batch cancelled")
-            for _, future in batch:
+            for future in futures:
                 if not future.done():
                     future.set_exception(error)
             if not isinstance(exc, Exception):
                 raise
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for future, result in zip(futures, results, strict=True):
             if future.done():
                 continue
             if isinstance(result, FencedWriteRejected):
@@ -361,6 +381,7 @@ class RedisNodeStore:
 
     def _drop(self, node_id: str, token: tuple[int, int]) -> None:
         self._marks.advance(node_id, token)
+        self._prepared.pop(node_id, None)  # evicted nodes must not pin memory
         if self._records.pop(node_id, None) is not None:
             self._notify(node_id, None)
 

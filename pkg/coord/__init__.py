@@ -20,6 +20,7 @@ from pkg.coord.fencing import (
     FencedHash,
     FencedWrite,
     FencedWriteRejected,
+    PreparedWrite,
     WriteResult,
 )
 from pkg.coord.lease import LeaderLease, LeaseState
@@ -41,6 +42,7 @@ __all__ = [
     "OwnerRecord",
     "Ownership",
     "Position",
+    "PreparedWrite",
     "RefreshOutcome",
     "Watermarks",
     "WriteResult",

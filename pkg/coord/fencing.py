@@ -200,6 +200,45 @@ class FencedWrite:
         return [self.key, self.owner_key, stream, seq_key(stream)], args
 
 
+class PreparedWrite:
+    """The constant part of repeated fenced writes to one key (a node written on every report).
+
+    ``FencedWrite.keys_and_args`` rebuilds keys, announce fields and flags on every call; on a
+    hot path that costs more than Redis spends on the write. This keeps the keys and the
+    constant args once, and ``args`` lays out one write exactly like ``keys_and_args`` does
+    (prefixed by its arg count, as ``FencedHash.write_prepared`` expects).
+    """
+
+    __slots__ = ("_exact", "_include", "_maxlen", "_tail", "_ttl", "keys")
+
+    def __init__(
+        self, key: str, owner_key: str, *, ttl_ms: int = 0, announce: Announce | None = None
+    ) -> None:
+        stream = announce.stream if announce else key
+        self.keys: tuple[str, str, str, str] = (key, owner_key, stream, seq_key(stream))
+        self._ttl = str(ttl_ms)
+        self._maxlen = str(announce.maxlen if announce else 0)
+        self._exact = "1" if announce and announce.exact_trim else "0"
+        self._include = "1" if announce and announce.include_written else "0"
+        self._tail = tuple(_flatten(announce.fields)) if announce else ()
+
+    def args(self, fence: int, fields: Sequence[str], touch: tuple[str, int] | None) -> list[str]:
+        """One write's args: ``fields`` is the flat ``name, value, ...`` list to HSET."""
+        return [
+            str(8 + len(fields) + len(self._tail)),
+            str(fence),
+            self._ttl,
+            self._maxlen,
+            self._exact,
+            self._include,
+            touch[0] if touch else "",
+            str(touch[1]) if touch else "0",
+            str(len(fields) // 2),
+            *fields,
+            *self._tail,
+        ]
+
+
 class FenceCounter:
     """A strictly increasing token source (Redis INCR), shared by every replica."""
 
@@ -291,6 +330,15 @@ class FencedHash:
             keys.extend(write_keys)
             args.append(str(len(write_args)))
             args.extend(write_args)
+        return await self.write_prepared(keys, args)
+
+    async def write_prepared(
+        self, keys: Sequence[str], args: Sequence[Any]
+    ) -> list[WriteResult | FencedWriteRejected]:
+        """``write_many`` with the batch already laid out: 4 keys per write (``PreparedWrite.
+        keys``) and, per write, ``PreparedWrite.args``; same checks, same results."""
+        if not keys:
+            return []
         raw = await self._write_batch(keys=keys, args=args)
         results: list[WriteResult | FencedWriteRejected] = []
         for i in range(0, len(raw), 3):

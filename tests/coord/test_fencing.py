@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from pkg.coord import FenceCounter, FencedHash, FencedWrite, FencedWriteRejected, WriteResult
+from pkg.coord import (
+    FenceCounter,
+    FencedHash,
+    FencedWrite,
+    FencedWriteRejected,
+    PreparedWrite,
+    WriteResult,
+)
 from pkg.coord.fencing import Announce
 
 pytestmark = pytest.mark.integration
@@ -162,3 +169,38 @@ async def test_a_write_extends_the_writers_owner_record_only_if_it_is_still_thei
     with pytest.raises(FencedWriteRejected):
         await store.write(f"{prefix}:n", owner, 3, {"v": "2"}, touch=("a|x:1|3", 60_000))
     assert await redis.pttl(owner) <= 1_000
+
+
+@pytest.mark.parametrize("touch", [None, ("a|addr|3", 15_000)])
+@pytest.mark.parametrize("with_announce", [True, False])
+def test_a_prepared_write_lays_out_exactly_the_args_of_a_fenced_write(
+    touch: tuple[str, int] | None, with_announce: bool
+) -> None:
+    announce = (
+        Announce("s", maxlen=100, fields={"origin": "a", "op": "put"}, include_written=True)
+        if with_announce
+        else None
+    )
+    fields = {"rec": "{}", "ver": "4"}
+    write = FencedWrite("k", "o", 7, fields, ttl_ms=5000, announce=announce, touch=touch)
+    keys, args = write.keys_and_args()
+    prepared = PreparedWrite("k", "o", ttl_ms=5000, announce=announce)
+    assert list(prepared.keys) == keys
+    assert prepared.args(7, ["rec", "{}", "ver", "4"], touch) == [str(len(args)), *args]
+
+
+async def test_write_prepared_checks_fences_like_write_many(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    store = FencedHash(redis)
+    await redis.set(f"{prefix}o2", "b|addr|9")
+    ok = PreparedWrite(f"{prefix}h1", f"{prefix}o1", announce=Announce(f"{prefix}s", 100, {}))
+    stale = PreparedWrite(f"{prefix}h2", f"{prefix}o2", announce=Announce(f"{prefix}s", 100, {}))
+    results = await store.write_prepared(
+        [*ok.keys, *stale.keys],
+        [*ok.args(5, ["x", "1"], None), *stale.args(5, ["x", "2"], None)],
+    )
+    assert isinstance(results[0], WriteResult) and results[0].entry_id
+    assert isinstance(results[1], FencedWriteRejected) and results[1].newer_fence == 9
+    assert await redis.hget(f"{prefix}h1", "x") == "1"
+    assert await redis.exists(f"{prefix}h2") == 0

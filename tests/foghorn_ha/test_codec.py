@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
-from api_balancing.model import GeoPoint, NodeMode
+from api_balancing.model import GeoPoint, NodeMode, NodeRecord, StreamLoad
 from api_balancing.store import redis_codec
 from tests.foghorn_ha.conftest import make_record
 
@@ -40,3 +41,38 @@ def test_a_changed_identity_is_encoded_again() -> None:
 def test_malformed_input_is_a_value_error(text: str) -> None:
     with pytest.raises(ValueError):
         redis_codec.decode(text)
+
+
+def _generic_report(record: NodeRecord) -> object:
+    return json.loads(redis_codec._ENCODER.encode(redis_codec._report(record.report)))
+
+
+@pytest.mark.parametrize(
+    "stream_id", ["live-1", 'quote"and\\slash', "caf\u00e9 \u2603", "line\nbreak", ""]
+)
+def test_the_direct_report_encoding_writes_what_the_generic_encoder_writes(
+    stream_id: str,
+) -> None:
+    base = make_record("n3", cpu=12.25)
+    assert base.report is not None
+    report = dataclasses.replace(
+        base.report, streams=(StreamLoad(stream_id, "t\u00fcnant", 3, 1, 2_000_000_000_000),)
+    )
+    record = dataclasses.replace(base, report=report)
+    doc = json.loads(redis_codec.encode(record))
+    assert doc["report"] == _generic_report(record)
+    assert redis_codec.decode(redis_codec.encode(record)) == record
+
+
+@pytest.mark.parametrize("cpu", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_report_value_is_refused_not_written(cpu: float) -> None:
+    base = make_record("n4")
+    assert base.report is not None
+    record = dataclasses.replace(base, report=dataclasses.replace(base.report, cpu_percent=cpu))
+    with pytest.raises(ValueError):
+        redis_codec.encode(record)
+
+
+def test_a_record_without_a_report_round_trips() -> None:
+    record = dataclasses.replace(make_record("n5"), report=None)
+    assert redis_codec.decode(redis_codec.encode(record)) == record
