@@ -19,7 +19,13 @@ import grpc.aio
 from pkg.clients.classify import outlier_outcome
 from pkg.clients.engine import EJECTED_REPLICA_ATTR, call_async
 from pkg.clients.grpc_core import ClientCore, channel_options
-from pkg.clients.outlier import EJECTED, OUTCOME_NEUTRAL, OUTCOME_SUCCESS, OutlierDetector
+from pkg.clients.outlier import (
+    EJECTED,
+    OUTCOME_LOCAL,
+    OUTCOME_NEUTRAL,
+    OUTCOME_SUCCESS,
+    OutlierDetector,
+)
 from pkg.clients.policy import Policy
 from pkg.clients.runtime import Runtime
 from pkg.clients.targets import ResolvedTarget, resolve_targets
@@ -431,11 +437,42 @@ class _UnaryUnaryMultiCallable:
         return _PooledUnaryCall(self, request, kw)
 
 
+class _StreamOutcome(grpc.RpcError):
+    """The final status of a stream, shaped like an RPC error for ``outlier_outcome``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str | None) -> None:
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+
+async def _report_stream_end(detector: OutlierDetector, i: int, call: Any) -> None:
+    # Only a broken connection (a dead or unreachable replica) says something here: streams
+    # end for many legitimate reasons (cancelled, server closed them, domain errors).
+    try:
+        code = await call.code()
+        details = await call.details()
+    except Exception:
+        return
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return
+    outcome = outlier_outcome(_StreamOutcome(code, details), False)
+    if outcome == OUTCOME_LOCAL:
+        detector.stream_failed(i, outcome)
+
+
 class _PooledMultiCallable:
     """A streaming multicallable over replicas: each new stream goes to a picked replica.
 
-    Stream outcomes are not fed back (a stream lives long; its setup retries stay on the
-    replica it started on), but ejections learned from unary calls steer new streams away.
+    A stream lives long, so its pick is released at once; when it later ends because the
+    connection to its replica broke (the replica died or is unreachable), that counts against
+    the replica like a failed attempt, so reconnecting streams stop picking a dead replica
+    after a few failures instead of alternating with it until keepalive notices.
     """
 
     __slots__ = ("detector", "raws")
@@ -448,7 +485,23 @@ class _PooledMultiCallable:
         detector = self.detector
         i = detector.pick()
         detector.release(i)
-        return self.raws[i](*args, **kw)
+        call = self.raws[i](*args, **kw)
+        add_done = getattr(call, "add_done_callback", None)
+        if add_done is not None:
+            tasks: set[asyncio.Task[None]] = _STREAM_REPORTS
+
+            def on_done(done_call: Any) -> None:
+                task = asyncio.ensure_future(_report_stream_end(detector, i, done_call))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+            with contextlib.suppress(Exception):
+                add_done(on_done)
+        return call
+
+
+# Strong references to the status checks of ended streams until they finish.
+_STREAM_REPORTS: set[asyncio.Task[None]] = set()
 
 
 class ResilientChannel(grpc.aio.Channel):

@@ -174,6 +174,12 @@ class OutlierDetector:
         r = self.replicas[i]
         r.in_flight -= 1
 
+    def stream_failed(self, i: int, outcome: int) -> None:
+        """A stream started on replica ``i`` (its pick already released: streams live long)
+        ended with ``outcome``: counted like a failed attempt."""
+        self.replicas[i].in_flight += 1
+        self.failure(i, outcome)
+
     def failure(self, i: int, outcome: int) -> None:
         """The attempt on replica ``i`` failed with ``outcome`` (OUTCOME_LOCAL or _ERROR)."""
         r = self.replicas[i]

@@ -257,3 +257,35 @@ async def test_without_attempt_timeouts_a_paused_replica_costs_only_the_first_fe
     assert all(r == "b" for r in results[-50:])
     assert [e.ejected for e in recorder.outliers] == [True]
     await channel.close()
+
+
+async def test_streams_that_break_on_a_dead_replica_eject_it_for_new_streams(
+    process_factory,
+) -> None:
+    # Streams alone (no unary calls to learn from): a node reconnecting its control stream
+    # after its replica died must stop picking the dead replica after a couple of failures
+    # instead of alternating with it until keepalive notices.
+    a = process_factory("testsvc-a", replica_command("a"))
+    b = process_factory("testsvc-b", replica_command("b"))
+    channel = aio_channel([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], policy(5.0))
+    assert isinstance(channel, ResilientChannel) and channel.detector is not None
+    detector = channel.detector
+    stub = pb_grpc.TestServiceStub(channel)
+    try:
+        await both_in_rotation(stub)
+        a.kill()
+        outcomes: list[str] = []
+        for i in range(12):
+            request = pb.StreamRequest(key=f"reconnect-{i}", count=1)
+            try:
+                servers = {m.server_id async for m in stub.ServerStream(request, timeout=2.0)}
+                outcomes.append(servers.pop())
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE
+                outcomes.append("failed")
+            await asyncio.sleep(0.05)  # the ended stream's status is checked on the loop
+        assert outcomes.count("failed") <= 2, outcomes
+        assert outcomes[-6:] == ["b"] * 6, outcomes
+        assert detector.replicas[0].state == EJECTED
+    finally:
+        await channel.close()
