@@ -228,5 +228,8 @@ class LeaderLease:
                 await self._clock.asleep(self.renew_every_s)
         finally:
             if self._state is not None:
-                with contextlib.suppress(RedisError, OSError, asyncio.CancelledError):
-                    await asyncio.shield(self.release())
+                # Shielded so a cancelled run() still hands the lease back, and bounded so an
+                # orphaned release (run() cancelled again meanwhile, or its client closed) can
+                # never outlive the term it releases and hang the event loop's shutdown.
+                with contextlib.suppress(RedisError, OSError, asyncio.CancelledError, TimeoutError):
+                    await asyncio.shield(asyncio.wait_for(self.release(), timeout=self.ttl_s))
