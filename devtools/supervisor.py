@@ -17,7 +17,7 @@ import structlog
 from pkg.clients import BreakerPolicy, Policy
 from pkg.clients.http import HttpClient
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-from pkg.devstack.servers import CommandProcess, ServerProcess
+from pkg.devstack.servers import ServerProcess
 
 log = structlog.get_logger("supervisor")
 
@@ -162,9 +162,3 @@ class Supervisor:
             except Exception as exc:  # keep stopping the rest
                 log.warning("stop failed", name=item.name, error=str(exc))
             item.state = "stopped"
-
-
-def command_process(
-    name: str, command: list[str], run_dir: Any, port: int, env: dict[str, str]
-) -> CommandProcess:
-    return CommandProcess(name, command, run_dir=run_dir, port=port, env=env, ready_timeout=60)

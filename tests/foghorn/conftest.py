@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from pkg.clients.foghorn import FoghornClient
 from pkg.common.clock import FakeClock
 from pkg.events import MemorySink
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
+from tests.waiting import eventually as shared_eventually
 
 TOKEN = "node-secret"
 TOKENS = f"{TOKEN}=ops@system:admin"
@@ -118,21 +120,7 @@ def report_msg(
     )
 
 
-async def eventually(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = ""
-) -> None:
-    """Poll ``predicate`` until true (bounded), instead of sleeping a fixed time."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s: {what}")
-        await asyncio.sleep(0.02)
+eventually = functools.partial(shared_eventually, timeout=10.0)
 
 
 class Harness:

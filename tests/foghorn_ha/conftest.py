@@ -3,7 +3,6 @@ and bounded polling (no fixed sleeps)."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,6 +12,7 @@ import pytest
 
 from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeRecord
 from api_balancing.store.redis_store import RedisNodeStore, RedisStoreSettings
+from tests.waiting import eventually
 
 
 def make_record(node_id: str, *, cpu: float = 10.0, fence: int = 0, owner: str = "") -> NodeRecord:
@@ -39,20 +39,7 @@ def make_record(node_id: str, *, cpu: float = 10.0, fence: int = 0, owner: str =
     )
 
 
-async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, interval: float = 0.02
-) -> None:
-    """Wait until ``check()`` is true (bounded polling), else fail with the timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
+__all__ = ["eventually"]
 
 
 @pytest.fixture

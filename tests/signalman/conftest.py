@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ from api_realtime.server import SignalmanApp
 from pkg.clients.signalman import SignalmanClient
 from pkg.common.auth import parse_tokens
 from signalman.config import SignalmanConfig
+from tests.waiting import eventually
 
 TOKENS = ",".join(
     [
@@ -47,20 +48,8 @@ def event_json(tenant: str, etype: str = "stream.started", **data: Any) -> str:
     return json.dumps(event(tenant, etype, **data))
 
 
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, interval: float = 0.05
-) -> None:
-    """Poll ``predicate`` until true (bounded): no fixed sleeps in tests."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
+# Signalman tests poll a little less often (replica processes on a loaded machine).
+wait_until = functools.partial(eventually, interval=0.05)
 
 
 def embedded_config(**overrides: Any) -> SignalmanConfig:
