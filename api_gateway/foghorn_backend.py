@@ -144,16 +144,9 @@ class FoghornFleet:
             await self._owned_channel.close(None)
 
     def state(self) -> dict[str, str]:
-        """Breaker state per Foghorn address seen so far (``closed``/``open``/``half-open``).
-
-        A breaker moves out of ``open`` only when the next call probes; an idle Bridge would
-        report ``open`` (and stay degraded) forever after its open period, so an open breaker
-        whose probe is due is reported as ``half-open``.
-        """
-        return {
-            name: "half-open" if b.state == "open" and b.retry_after() <= 0 else b.state
-            for name, b in self.runtime.breakers.items()
-        }
+        """Breaker state per Foghorn address seen so far (``closed``/``open``/``half-open``;
+        an open breaker whose probe is due counts as half-open: see ``effective_state``)."""
+        return {name: b.effective_state for name, b in self.runtime.breakers.items()}
 
     async def _call(self, aw: Awaitable[T]) -> T:
         try:

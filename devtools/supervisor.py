@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 
 from pkg.clients import BreakerPolicy, Policy
+from pkg.clients.backoff import ceiling
 from pkg.clients.http import HttpClient
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.devstack.servers import ServerProcess
@@ -39,7 +40,7 @@ class RestartPolicy:
 
     def on_exit(self) -> float:
         """The process died: returns how long to wait before the restart."""
-        delay = min(self.cap, self.initial * self.factor**self.failures)
+        delay = ceiling(self.failures + 1, self.initial, self.cap, self.factor)
         self.failures += 1
         self.healthy_since = None
         return delay

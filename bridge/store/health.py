@@ -8,7 +8,6 @@ that restarted empty).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -64,11 +63,3 @@ class RedisHealth:
         while True:
             await self.probe()
             await self._clock.asleep(interval_s if not self.up else interval_s * 4)
-
-
-async def wait_probe_task(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass

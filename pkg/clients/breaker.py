@@ -150,6 +150,15 @@ class CircuitBreaker:
         """pybreaker-compatible alias of ``state`` (listeners read it)."""
         return self._state
 
+    @property
+    def effective_state(self) -> str:
+        """``state`` as a health page should show it: an open breaker moves to half-open only
+        when the next call probes, so once its open period is over (a probe is due) it is
+        reported ``half-open``; an idle caller would otherwise show ``open`` forever."""
+        if self._state == STATE_OPEN and self.retry_after() <= 0:
+            return STATE_HALF_OPEN
+        return self._state
+
     def retry_after(self, now: float | None = None) -> float:
         """Seconds until the next probe may go (0 when closed)."""
         now = self.clock.monotonic() if now is None else now

@@ -10,6 +10,7 @@ stays a 503 response, not an exception); transport errors are raised.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,7 +82,7 @@ def classify_http(
             BREAKER_FAILURE,
             code=name,
         )
-    if isinstance(exc, BaseException) and type(exc).__name__ == "CancelledError":
+    if isinstance(exc, asyncio.CancelledError):
         return CANCELLED_VERDICT
     return Verdict(False, f"{type(exc).__name__} is not retryable", BREAKER_IGNORE)
 

@@ -284,7 +284,9 @@ class OtelInstrumentation(Instrumentation):
                 "target": event.target,
                 "method": event.method,
                 "outcome": "retry" if event.retry else "give_up",
-                "reason": event.reason,
+                # The status code, not the free-text reason: formatted numbers in the reason
+                # would make a new time series per value (structlog keeps the full reason).
+                "reason": event.code,
             },
         )
 

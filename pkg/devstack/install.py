@@ -107,10 +107,13 @@ def chromium_binary() -> Path:
 
 
 def ensure_all() -> dict[str, Path]:
-    """Install (if needed) and locate every server; returns their paths for display."""
+    """Install (if needed) and locate every server; returns their paths for display.
+
+    Chromium is not a server: the browser test installs it on demand (``chromium_binary``),
+    so ``./dev up`` never waits for a browser download.
+    """
     return {
         "redis-server": redis_server_binary(),
         "postgres": postgres_bin_dir() / "postgres",
         "tansu": tansu_binary(),
-        "chromium": chromium_binary(),
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import threading
 import time
@@ -84,15 +85,7 @@ class KafkaSink:
         """Buffer ``event`` for sending; drop and count it if the buffer is full. Never blocks."""
         try:
             if self.source and not event.source:
-                event = Event(
-                    type=event.type,
-                    tenant=event.tenant,
-                    data=event.data,
-                    id=event.id,
-                    time=event.time,
-                    schema_version=event.schema_version,
-                    source=self.source,
-                )
+                event = dataclasses.replace(event, source=self.source)
             with self._lock:
                 full = len(self._buffer) >= self.buffer_size or self._closing.is_set()
                 if full:

@@ -176,6 +176,8 @@ class RoutingLoad:
 
     def __exit__(self, *exc: object) -> None:
         assert self._task is not None
+        if self._task.done():
+            self._task.result()  # a load that crashed must fail the test, not pass it quietly
         self._task.cancel()
 
 
