@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from pkg.coord import Changelog, GapDetected
 from pkg.coord.changelog import Position, parse_id
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,14 @@ async def test_blocking_read_wakes_up_when_an_entry_arrives(redis_server: Any, p
         log = Changelog(writer, f"{prefix}:log")
         reader = Changelog(reader_conn, f"{prefix}:log").reader()
         pending = asyncio.create_task(reader.read(block_ms=10_000))
-        await asyncio.sleep(0.1)
+
+        async def reader_blocked() -> bool:
+            return int((await writer.info("clients"))["blocked_clients"]) >= 1
+
+        # The read must really be blocked in Redis before the entry arrives: otherwise it
+        # would simply find the entry and the test would not show a wake-up.
+        await eventually(reader_blocked, timeout=10)
+        assert not pending.done()
         await log.append("a", {"x": "1"})
         entries = await asyncio.wait_for(pending, timeout=5)
         assert [e.fields for e in entries] == [{"x": "1"}]

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 
 from pkg.common.clock import FakeClock
 from pkg.coord import LeaderLease, LeaseState
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -114,10 +115,7 @@ async def test_lease_moves_to_a_waiting_replica_when_the_leader_stops_renewing(
         await asyncio.sleep(0.3)
         assert not b.is_leader(), "the lease is held and not expired"
         # a dies without releasing: b gets it once the TTL runs out in Redis
-        for _ in range(100):
-            if b.is_leader():
-                break
-            await asyncio.sleep(0.05)
+        await eventually(b.is_leader, timeout=5)
         assert b.epoch == 2
     finally:
         task_b.cancel()
@@ -131,10 +129,7 @@ async def test_run_renews_and_keeps_the_term(redis: aioredis.Redis, prefix: str)
     lease = LeaderLease(redis, f"{prefix}:leader", "a", ttl_s=1.0, renew_every_s=0.1)
     task = asyncio.create_task(lease.run())
     try:
-        for _ in range(100):
-            if lease.is_leader():
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lease.is_leader, timeout=2)
         await asyncio.sleep(2.2)  # over twice the TTL: only renewals keep it
         assert lease.epoch == 1
     finally:
