@@ -6,8 +6,11 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +55,39 @@ def cmd_test(args: argparse.Namespace) -> int:
     pytest_args = list(args.pytest_args)
     if pytest_args[:1] == ["--"]:
         pytest_args = pytest_args[1:]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return _run([PY, "-m", "pytest", *pytest_args], env=env)
+    with tempfile.TemporaryDirectory(prefix="dev-test-") as tmp:
+        stacks = Path(tmp) / "stacks.txt"
+        env = dict(os.environ, PYTHONUNBUFFERED="1", DEV_TEST_STACKS_FILE=str(stacks))
+        return _run_bounded([PY, "-m", "pytest", *pytest_args], env, TEST_WALL_S, stacks)
+
+
+# pytest-timeout bounds each test, not a hang in session teardown or between tests; this bounds
+# the whole run well inside CI's 90 minutes, and says where it hung before stopping it.
+TEST_WALL_S = float(os.environ.get("DEV_TEST_WALL_S", "2400"))
+
+
+def _run_bounded(cmd: list[str], env: dict[str, str], wall_s: float, stacks: Path) -> int:
+    print("+ " + " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    try:
+        return proc.wait(timeout=wall_s)
+    except subprocess.TimeoutExpired:
+        print(f"\n./dev test: no result after {wall_s:.0f} s; stacks follow, then stopping pytest",
+              flush=True)  # fmt: skip
+        proc.send_signal(signal.SIGUSR1)  # tests/conftest.py dumps every thread's stack on it
+        time.sleep(2)
+        if stacks.exists():
+            print(stacks.read_text(), flush=True)
+        proc.send_signal(signal.SIGINT)  # pytest stops and runs its teardown: servers stop
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        return 124
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return proc.wait()
 
 
 def _benchmarks() -> list[str]:

@@ -6,6 +6,9 @@ kills, pauses or restarts a server asks for its own through the ``*_factory`` fi
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +23,12 @@ from pkg.devstack.servers import (
     ServerProcess,
     remove_run_dir,
 )
+
+# `./dev test` sends SIGUSR1 before it stops a run that outlived its wall-clock bound: every
+# thread's stack goes to the file it names (stderr is captured by pytest), so a hang says where.
+if os.environ.get("DEV_TEST_STACKS_FILE"):
+    _stacks = open(os.environ["DEV_TEST_STACKS_FILE"], "w")  # noqa: SIM115 (open for the session)
+    faulthandler.register(signal.SIGUSR1, file=_stacks, all_threads=True)
 
 
 @pytest.fixture(scope="session")
