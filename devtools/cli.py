@@ -165,10 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     # Everything after a pass-through subcommand belongs to it (pytest, ./dev up, drills,
     # benchmarks), options included, so argparse only sees the subcommand's name.
     argv = list(sys.argv[1:] if argv is None else argv)
-    if (
-        argv
-        and argv[0] in ("test", "bench", "up", "drill")
-        and not {"-h", "--help"} & set(argv[1:2])
+    # `up` and `drill` answer --help themselves (their own options); `test --help` and
+    # `bench --help` show this parser's help for them.
+    if argv and (
+        argv[0] in ("up", "drill")
+        or (argv[0] in ("test", "bench") and not {"-h", "--help"} & set(argv[1:2]))
     ):
         command, rest = argv[0], argv[1:]
         args = parser.parse_args([command])

@@ -1,0 +1,54 @@
+"""`./dev` hands everything after a pass-through subcommand to it, --help included."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pytest
+
+from devtools import cli
+
+
+@pytest.fixture
+def called(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+
+    def record(name: str) -> Any:
+        def run(args: argparse.Namespace) -> int:
+            seen[name] = args
+            return 0
+
+        return run
+
+    for name in ("test", "bench", "up", "drill"):
+        monkeypatch.setattr(cli, f"cmd_{name}", record(name))
+    return seen
+
+
+def test_up_and_drill_receive_their_own_help_flag(called: dict[str, Any]) -> None:
+    assert cli.main(["up", "--help"]) == 0
+    assert called["up"].up_args == ["--help"]
+    assert cli.main(["drill", "-h"]) == 0
+    assert called["drill"].drill_args == ["-h"]
+
+
+def test_test_passes_pytest_options_through_and_takes_no_lint(called: dict[str, Any]) -> None:
+    assert cli.main(["test", "--no-lint", "-k", "breaker", "tests/clients"]) == 0
+    assert called["test"].no_lint is True
+    assert called["test"].pytest_args == ["-k", "breaker", "tests/clients"]
+
+
+def test_bench_takes_the_name_then_its_own_options(called: dict[str, Any]) -> None:
+    assert cli.main(["bench", "foghorn-ha", "--quick"]) == 0
+    assert called["bench"].name == "foghorn-ha"
+    assert called["bench"].bench_args == ["--quick"]
+
+
+def test_a_run_that_outlives_its_bound_is_stopped_with_124(tmp_path: Any) -> None:
+    import sys
+
+    code = cli._run_bounded(
+        [sys.executable, "-c", "import time; time.sleep(60)"], {}, 0.5, tmp_path / "stacks.txt"
+    )
+    assert code == 124
