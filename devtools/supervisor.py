@@ -96,6 +96,10 @@ def fetch_health(url: str, timeout: float = 0.5) -> dict[str, Any]:
     return body if isinstance(body, dict) else {"status": f"http {response.status_code}"}
 
 
+def is_healthy(health: dict[str, Any]) -> bool:
+    return health.get("status") in ("ok", "serving")
+
+
 class Supervisor:
     """Starts processes in order, restarts crashed ones with backoff, stops all in reverse."""
 
@@ -153,7 +157,12 @@ class Supervisor:
                 continue
             if item.health_url and item.state == "running":
                 item.health = self._fetch(item.health_url)
-                item.policy.on_health(item.health.get("status") in ("ok", "serving"), now)
+                item.policy.on_health(is_healthy(item.health), now)
+
+    def all_healthy(self) -> bool:
+        """Every supervised process with a health check is running and says it is healthy."""
+        checked = [i for i in self.items if i.health_url and i.supervise]
+        return bool(checked) and all(i.state == "running" and is_healthy(i.health) for i in checked)
 
     def stop_all(self) -> None:
         for item in reversed(self.items):

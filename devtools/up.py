@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from devtools.supervisor import Managed, RestartPolicy, Supervisor
 from pkg.common.logging import configure_logging
 from pkg.devstack import install
@@ -30,6 +32,8 @@ from pkg.devstack.servers import (
     free_port,
 )
 from pkg.events.kafka import DEFAULT_TOPIC
+
+log = structlog.get_logger("dev-up")
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -260,9 +264,17 @@ def main(argv: list[str]) -> int:
         stack = build_stack(args, should_stop=lambda: stopping)
         tty = sys.stdout.isatty() and not args.plain
         last_plain = 0.0
+        ready = False
         while not stopping:
             stack.sup.tick()
             now = time.monotonic()
+            if not ready and stack.sup.all_healthy():
+                ready = True
+                note = f"every health check ok {now - started:.1f} s after ./dev up started"
+                stack.notes.insert(0, note)
+                log.info("platform_ready", seconds=round(now - started, 1))
+                if not tty:
+                    print(note, flush=True)
             if tty:
                 sys.stdout.write("\x1b[H\x1b[2J" + render(stack) + "\n")
                 sys.stdout.flush()

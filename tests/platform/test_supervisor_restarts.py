@@ -43,3 +43,25 @@ def test_crashed_process_is_restarted_after_backoff(tmp_path) -> None:
     finally:
         sup.stop_all()
     assert proc.proc is None
+
+
+def test_platform_is_ready_only_when_every_health_check_says_ok(tmp_path) -> None:
+    statuses = {"http://a/health": "ok", "http://b/health": "starting"}
+    sup = Supervisor(clock=FakeClock(), health_fetcher=lambda url: {"status": statuses[url]})
+    procs = [
+        CommandProcess(name, [sys.executable, "-c", LISTENER, "{port}"], run_dir=tmp_path / name)
+        for name in ("a", "b")
+    ]
+    try:
+        for name, proc in zip(("a", "b"), procs, strict=True):
+            sup.add(Managed(name, proc, health_url=f"http://{name}/health"))
+        sup.tick()
+        assert not sup.all_healthy()
+        statuses["http://b/health"] = "serving"
+        sup.tick()
+        assert sup.all_healthy()
+        statuses["http://a/health"] = "degraded"
+        sup.tick()
+        assert not sup.all_healthy()
+    finally:
+        sup.stop_all()
