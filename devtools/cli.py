@@ -47,6 +47,11 @@ def cmd_test(args: argparse.Namespace) -> int:
     code = cmd_servers(args)
     if code:
         return code
+    from pkg.devstack import install
+
+    # The GraphiQL browser test needs Chromium; installing it here keeps a first-time download
+    # out of that test's time limit (./dev up never needs it).
+    print(f"{'chromium':14} {install.chromium_binary()}", flush=True)
     if not args.no_lint:
         code = cmd_lint(args)
         if code:

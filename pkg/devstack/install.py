@@ -109,8 +109,8 @@ def chromium_binary() -> Path:
 def ensure_all() -> dict[str, Path]:
     """Install (if needed) and locate every server; returns their paths for display.
 
-    Chromium is not a server: the browser test installs it on demand (``chromium_binary``),
-    so ``./dev up`` never waits for a browser download.
+    Chromium is not a server: ``./dev test`` installs it (``chromium_binary``) before pytest
+    for the GraphiQL browser test, so ``./dev up`` never waits for a browser download.
     """
     return {
         "redis-server": redis_server_binary(),
