@@ -112,6 +112,18 @@ def ensure_all() -> dict[str, Path]:
     Chromium is not a server: ``./dev test`` installs it (``chromium_binary``) before pytest
     for the GraphiQL browser test, so ``./dev up`` never waits for a browser download.
     """
+    # One apt transaction for everything missing (one index update, one download pass).
+    redis_present = shutil.which("redis-server") or (_VENV_BIN / "redis-server").exists()
+    missing = [
+        package
+        for package, present in (
+            ("redis-tools", redis_present or Path("/usr/bin/redis-check-rdb").exists()),
+            ("postgresql-15", (PG_BIN / "postgres").exists()),
+        )
+        if not present
+    ]
+    if missing:
+        _apt_install(*missing)
     return {
         "redis-server": redis_server_binary(),
         "postgres": postgres_bin_dir() / "postgres",
