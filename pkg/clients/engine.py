@@ -21,6 +21,7 @@ from pkg.clients import backoff, testing
 from pkg.clients.breaker import (
     BREAKER_FAILURE,
     BREAKER_IGNORE,
+    BREAKER_SUCCESS,
     STATE_CLOSED,
     STATE_OPEN,
     TICKET_NORMAL,
@@ -57,11 +58,25 @@ def _admit(ms: MethodState, breaker: CircuitBreaker, now: float) -> int:
 
 
 def _overall_deadline(ms: MethodState, timeout: float | None, now: float) -> float:
+    """The call's absolute deadline: its own timeout (else the policy's), within any outer one."""
     deadline = now + (ms.timeout if timeout is None else timeout)
     outer = _deadline.get()
     if outer is not None and outer < deadline:
         deadline = outer
     return deadline
+
+
+def _attempt_timeout(ms: MethodState, deadline: float, now: float) -> tuple[float, bool]:
+    """min(per-attempt cap, time left) and whether the cap was the limit.
+
+    Whether the cap cut an attempt decides how its timeout is classified: a capped attempt that
+    times out may be retried, one that used all the time left may not.
+    """
+    left = deadline - now
+    cap = ms.attempt_timeout
+    if cap is not None and cap < left:
+        return cap, True
+    return (left if left > _MIN_TIMEOUT else _MIN_TIMEOUT), False
 
 
 class _Decider:
@@ -79,26 +94,26 @@ class _Decider:
     )
 
     def __init__(
-        self, ms: MethodState, deadline: float, classify: Classifier, start: float
+        self,
+        ms: MethodState,
+        deadline: float,
+        classify: Classifier,
+        start: float,
+        capped: bool,
     ) -> None:
         self.ms = ms
         self.start = start
         self.deadline = deadline
         self.classify = classify
         self.attempt = 1
-        self.capped = False
+        self.capped = capped  # whether the attempt that just failed was cut by the cap
         self.delay = 0.0
         self.verdict: Verdict = CANCELLED_VERDICT
 
     def attempt_timeout(self, now: float) -> float:
-        """min(per-attempt cap, time left); records whether the cap was the limit."""
-        left = self.deadline - now
-        cap = self.ms.attempt_timeout
-        if cap is not None and cap < left:
-            self.capped = True
-            return cap
-        self.capped = False
-        return left if left > _MIN_TIMEOUT else _MIN_TIMEOUT
+        """The timeout of the next attempt; records whether the cap was the limit."""
+        timeout, self.capped = _attempt_timeout(self.ms, self.deadline, now)
+        return timeout
 
     def settle(self, exc: BaseException, ticket: int) -> Verdict:
         """Classify a failed attempt and feed breaker and budget."""
@@ -213,42 +228,30 @@ async def call_async(
 
     ``call_timeout`` is the caller's overall deadline (None: the policy's ``timeout``).
     """
-    # The success path is kept flat on purpose (few calls, no allocations): it runs on every
-    # call and its cost is what the benchmark's overhead_ratio measures.
+    # The success path is kept short on purpose (no objects beyond a tuple, no tenacity): it
+    # runs on every call and its cost is what the benchmark's policy_overhead_us measures.
     now = ms.now
     start = now()
-    deadline = start + (ms.timeout if call_timeout is None else call_timeout)
-    outer = _deadline.get()
-    if outer is not None and outer < deadline:
-        deadline = outer
+    deadline = _overall_deadline(ms, call_timeout, start)
     counters = ms.counters
     counters.calls += 1
     breaker = ms.breaker
     ticket = TICKET_NORMAL
-    decider: _Decider | None = None
     if breaker is not None and breaker._state is not STATE_CLOSED:
         ticket = _admit(ms, breaker, start)
+    timeout, capped = _attempt_timeout(ms, deadline, start)
     try:
-        left = deadline - start
-        cap = ms.attempt_timeout
-        if cap is not None and cap < left:
-            decider = _Decider(ms, deadline, classify, start)
-            decider.capped = True
-            left = cap
-        elif left < _MIN_TIMEOUT:
-            left = _MIN_TIMEOUT
         counters.attempts += 1
         if ms.hedge:
-            result = await _hedged(ms, deadline, attempt, left)
+            result = await _hedged(ms, deadline, attempt, timeout)
         else:
-            result = await attempt(left)
+            result = await attempt(timeout)
     except BaseException as exc:
-        if decider is None:
-            decider = _Decider(ms, deadline, classify, start)
+        decider = _Decider(ms, deadline, classify, start, capped)
         return await _retry_async(decider, exc, ticket, attempt)
     end = now()
     if breaker is not None:
-        breaker.record(ticket, 0, end)
+        breaker.record(ticket, BREAKER_SUCCESS, end)
     ms.succeeded(end - start)
     return result
 
@@ -309,7 +312,7 @@ async def _one_async_attempt(decider: _Decider, attempt: Callable[[float], Await
         raise
     end = clock.monotonic()
     if ms.breaker is not None:
-        ms.breaker.record(ticket, 0, end)
+        ms.breaker.record(ticket, BREAKER_SUCCESS, end)
     ms.succeeded(end - now)
     return result
 
@@ -342,7 +345,8 @@ async def _hedged(
                     return task.result()
                 last_error = error
             if not done and can_hedge:
-                left = deadline - clock.monotonic()
+                now = clock.monotonic()
+                left = deadline - now
                 if left <= ms.policy.retry.min_attempt_time:
                     hedging = False  # no time for another copy: wait for what is in flight
                     continue
@@ -352,8 +356,7 @@ async def _hedged(
                     continue
                 ms.budget.on_failure()  # a hedge costs one token, like a retry
                 ms.counters.attempts += 1
-                cap = ms.attempt_timeout
-                timeout = cap if cap is not None and cap < left else left
+                timeout, _ = _attempt_timeout(ms, deadline, now)
                 task = asyncio.ensure_future(attempt(timeout))
                 tasks.append(task)
                 pending.add(task)
@@ -381,23 +384,14 @@ def call_sync(
     ms.counters.calls += 1
     breaker = ms.breaker
     ticket = TICKET_NORMAL
-    decider: _Decider | None = None
-    if breaker is not None:
+    if breaker is not None and breaker._state is not STATE_CLOSED:
         ticket = _admit(ms, breaker, start)
+    first_timeout, capped = _attempt_timeout(ms, deadline, start)
     try:
-        left = deadline - start
-        cap = ms.attempt_timeout
-        if cap is not None and cap < left:
-            decider = _Decider(ms, deadline, classify, start)
-            decider.capped = True
-            left = cap
-        elif left < _MIN_TIMEOUT:
-            left = _MIN_TIMEOUT
         ms.counters.attempts += 1
-        result = attempt(left)
+        result = attempt(first_timeout)
     except Exception as exc:
-        if decider is None:
-            decider = _Decider(ms, deadline, classify, start)
+        decider = _Decider(ms, deadline, classify, start, capped)
         return _retry_sync(decider, exc, ticket, attempt)
     except BaseException:
         if breaker is not None:
@@ -405,7 +399,7 @@ def call_sync(
         raise
     end = clock.monotonic()
     if breaker is not None:
-        breaker.record(ticket, 0, end)
+        breaker.record(ticket, BREAKER_SUCCESS, end)
     ms.succeeded(end - start)
     return result
 
@@ -457,6 +451,6 @@ def _one_sync_attempt(decider: _Decider, attempt: Callable[[float], T]) -> T:
         raise
     end = clock.monotonic()
     if ms.breaker is not None:
-        ms.breaker.record(ticket, 0, end)
+        ms.breaker.record(ticket, BREAKER_SUCCESS, end)
     ms.succeeded(end - now)
     return result
