@@ -673,10 +673,6 @@ def aio_channel(
     ``interceptors`` run inside ours (once per attempt). Call ``await channel.close()``.
     """
     resolved = resolve_targets(targets)
-    policy = policy or Policy()
-    if not isinstance(policy, Policy):
-        raise ValueError(f"policy must be a pkg.clients.Policy, got {type(policy).__name__}")
-    runtime = runtime or Runtime()
     core = ClientCore(policy, runtime, resolved.name, token)
     # Unary-unary calls are driven by ResilientChannel itself; the stream interceptors ride on
     # the underlying channel, and user interceptors run inside ours (once per attempt).
@@ -689,7 +685,7 @@ def aio_channel(
             return grpc.aio.secure_channel(target.target, credentials, opts, interceptors=chain)
         return grpc.aio.insecure_channel(target.target, opts, interceptors=chain)
 
-    if not (resolved.multi and policy.outlier.enabled):
+    if not (resolved.multi and core.policy.outlier.enabled):
         return ResilientChannel(open_channel(resolved), core)
     # One connection per replica, so that pkg.clients (not grpc's round robin, which keeps
     # sending every other call to a paused replica) chooses the replica of every attempt.
@@ -697,9 +693,9 @@ def aio_channel(
     detector = OutlierDetector(
         resolved.name,
         [r.split(":", 1)[1] for r in resolved.replicas],
-        policy.outlier,
-        runtime.clock,
-        runtime.emit_outlier,
+        core.policy.outlier,
+        core.runtime.clock,
+        core.runtime.emit_outlier,
     )
     instruments().detectors.add(detector)
     return ResilientChannel(raws[0], core, replicas=raws, detector=detector)

@@ -11,6 +11,7 @@ from pkg.clients.classify import classify_grpc
 from pkg.clients.engine import Classifier
 from pkg.clients.policy import Policy
 from pkg.clients.runtime import MethodState, Runtime
+from pkg.clients.settings import ClientSettings
 from pkg.clients.targets import ResolvedTarget
 
 # Keepalive: ping every 20 s (servers permit one every 10 s), give up on a dead peer after
@@ -47,23 +48,23 @@ def channel_options(
     return list(options.items())
 
 
-class ClientCore:
-    """Per-channel state of the interceptors: policy, runtime, target name and auth header."""
+class ClientCore(ClientSettings):
+    """Per-channel state of the interceptors: policy, runtime, target name and auth header.
+
+    ``policy``/``runtime``/``token`` are checked by ``ClientSettings`` (None: the defaults).
+    """
 
     def __init__(
         self,
-        policy: Policy,
-        runtime: Runtime,
+        policy: Policy | None,
+        runtime: Runtime | None,
         target: str,
         token: str | None,
     ) -> None:
-        if token is not None and (not isinstance(token, str) or not token or "\n" in token):
-            raise ValueError("token must be a non-empty single-line string")
-        self.policy = policy
-        self.runtime = runtime
+        super().__init__(policy, runtime, token)
         self.target = target
         self.auth: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
+            (("authorization", f"Bearer {self.token}"),) if self.token else ()
         )
         self._methods: dict[Any, tuple[MethodState, Classifier]] = {}
 

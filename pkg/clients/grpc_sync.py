@@ -233,10 +233,7 @@ def sync_channel(
 ) -> grpc.Channel:
     """A blocking channel with the policy (same arguments as ``aio_channel``; no hedging)."""
     resolved = resolve_targets(targets)
-    policy = policy or Policy()
-    if not isinstance(policy, Policy):
-        raise ValueError(f"policy must be a pkg.clients.Policy, got {type(policy).__name__}")
-    core = ClientCore(policy, runtime or Runtime(), resolved.name, token)
+    core = ClientCore(policy, runtime, resolved.name, token)
     opts = channel_options(resolved, list(options))
     if credentials is not None:
         raw = grpc.secure_channel(resolved.target, credentials, opts)

@@ -27,6 +27,7 @@ from pkg.clients.classify import (
 from pkg.clients.engine import Classifier, call_async, call_sync
 from pkg.clients.policy import Policy
 from pkg.clients.runtime import MethodState, Runtime
+from pkg.clients.settings import ClientSettings
 
 
 class RetryableStatus(Exception):
@@ -87,15 +88,8 @@ def classify_http(
     return Verdict(False, f"{type(exc).__name__} is not retryable", BREAKER_IGNORE)
 
 
-class _HttpCore:
-    def __init__(self, policy: Policy | None, runtime: Runtime | None, token: str | None) -> None:
-        self.policy = policy or Policy()
-        if not isinstance(self.policy, Policy):
-            raise ValueError(f"policy must be a pkg.clients.Policy, got {type(policy).__name__}")
-        if token is not None and (not isinstance(token, str) or not token or "\n" in token):
-            raise ValueError("token must be a non-empty single-line string")
-        self.runtime = runtime or Runtime()
-        self.token = token
+class _HttpCore(ClientSettings):
+    """The checked settings of an HTTP client, and how they shape each request."""
 
     def prepare(
         self,
@@ -104,6 +98,7 @@ class _HttpCore:
         url: Any,
         kwargs: dict[str, Any],
     ) -> tuple[httpx.Request, MethodState, Classifier]:
+        """The request to send, the state of its (authority, method) and its classifier."""
         headers = httpx.Headers(kwargs.pop("headers", None))
         if self.token and "authorization" not in headers:
             headers["authorization"] = f"Bearer {self.token}"

@@ -14,7 +14,7 @@ from pkg.clients import (
     aio_channel,
     sync_channel,
 )
-from pkg.clients.http import HttpClient
+from pkg.clients.http import AsyncHttpClient, HttpClient
 from pkg.clients.shared_breaker import SharedBreakerStore
 from pkg.clients.targets import resolve_targets
 
@@ -87,13 +87,41 @@ def test_grpc_retries_cannot_be_turned_back_on() -> None:
         aio_channel("127.0.0.1:1", options=[("grpc.enable_retries", 1)])
 
 
-def test_bad_token_and_policy_type_are_rejected() -> None:
-    with pytest.raises(ValueError, match="token"):
-        aio_channel("127.0.0.1:1", token="")
-    with pytest.raises(ValueError, match="policy"):
-        aio_channel("127.0.0.1:1", policy=object())  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="policy"):
-        HttpClient(policy=RetryPolicy())  # type: ignore[arg-type]
+CLIENTS = {
+    "aio_channel": lambda **kw: aio_channel("127.0.0.1:1", **kw),
+    "sync_channel": lambda **kw: sync_channel("127.0.0.1:1", **kw),
+    "HttpClient": lambda **kw: HttpClient("http://127.0.0.1:1", **kw),
+    "AsyncHttpClient": lambda **kw: AsyncHttpClient("http://127.0.0.1:1", **kw),
+}
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [
+        ("token", ""),
+        ("token", "s3cret\n"),  # read from a file with its newline
+        ("token", " s3cret"),
+        ("token", "s3cr\u00e9t"),  # not ASCII: no valid header value
+        ("token", 42),
+        ("policy", object()),
+        ("policy", RetryPolicy()),
+        ("policy", 0),  # falsy: must not silently become the default policy
+        ("runtime", "runtime"),
+        ("runtime", Policy()),
+    ],
+)
+def test_every_client_rejects_a_bad_token_policy_or_runtime_at_construction(
+    client, argument, value
+) -> None:
+    with pytest.raises(ValueError, match=argument):
+        CLIENTS[client](**{argument: value})
+
+
+def test_a_rejected_token_is_not_echoed_in_the_error() -> None:
+    with pytest.raises(ValueError) as info:
+        aio_channel("127.0.0.1:1", token="top-secret\n")
+    assert "top-secret" not in str(info.value)
 
 
 def test_shared_breaker_store_settings_are_validated() -> None:
