@@ -9,6 +9,7 @@ with ``extensions.code``; nothing a client sends can produce a 500.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,13 @@ _meter = metrics.get_meter("bridge.http")
 _responses = _meter.create_counter(
     "bridge_http_responses", description="GraphQL HTTP responses by status and error code"
 )
+# The same count in process, by status: /health's figures (the status view of ./dev up).
+RESPONSES_BY_STATUS: Counter[int] = Counter()
+
+
+def _count_response(status: int, code: str) -> None:
+    _responses.add(1, {"status": status, "code": code})
+    RESPONSES_BY_STATUS[status] += 1
 
 
 @dataclass
@@ -100,7 +108,7 @@ def rate_headers(d: Decision) -> dict[str, str]:
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
-    _responses.add(1, {"status": status, "code": code})
+    _count_response(status, code)
     return JSONResponse(errors.error_body(code, message), status_code=status, headers=headers)
 
 
@@ -268,7 +276,7 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         except (UnicodeDecodeError, ValueError) as exc:
             return _error(400, errors.BAD_REQUEST, f"unreadable request: {exc.__class__.__name__}")
         response.headers.update(headers)
-        _responses.add(1, {"status": response.status_code, "code": "OK"})
+        _count_response(response.status_code, "OK")
         return response
 
 

@@ -20,10 +20,17 @@ from starlette.applications import Starlette
 from api_gateway.auth import JwtAuthenticator, JwtSettings, load_public_key
 from api_gateway.backend import EventsBackend, FleetBackend, NoEvents, NoFleet
 from api_gateway.config import BridgeConfig
-from api_gateway.http import BridgeGraphQL, Limits, RequestGuard, build_asgi, load_graphiql_html
+from api_gateway.http import (
+    RESPONSES_BY_STATUS,
+    BridgeGraphQL,
+    Limits,
+    RequestGuard,
+    build_asgi,
+    load_graphiql_html,
+)
 from api_gateway.schema import build_schema
 from api_gateway.service import Gateway
-from bridge.cache import CachePolicy, ResponseCache
+from bridge.cache import CachePolicy, CacheStats, ResponseCache
 from bridge.ratelimit import RateLimiter
 from bridge.store import BucketStore, CacheStore
 from bridge.store.health import RedisHealth
@@ -171,12 +178,25 @@ def build_replica(
         }
         if health is not None and not health.up:
             body["redis_error"] = health.last_error[:200]
+        body["figures"] = _figures(cache.stats, breakers)
         return body
 
     app = build_asgi(view, health_report, cfg.max_header_bytes)
     replica = Replica(cfg, app, gateway, cache, health, closers)
     app.router.lifespan_context = _lifespan(replica, fleet, events)
     return replica
+
+
+def _figures(stats: CacheStats, breakers: dict[str, str]) -> dict[str, Any]:
+    """The handful of numbers a status view (./dev up) shows on one line."""
+    lookups = sum(stats.by_status.values())
+    from_cache = stats.hits + stats.stale + stats.negative  # answered without a backend call
+    return {
+        "requests": sum(RESPONSES_BY_STATUS.values()),
+        "http_5xx": sum(n for status, n in RESPONSES_BY_STATUS.items() if status >= 500),
+        "cache_hit_rate": round(from_cache / lookups, 3) if lookups else 0.0,
+        "breakers_open": f"{sum(v != 'closed' for v in breakers.values())}/{len(breakers)}",
+    }
 
 
 def _lifespan(replica: Replica, fleet: Any, events: Any) -> Any:

@@ -189,7 +189,14 @@ class Platform:
 
     def __init__(self, settings: Settings, run_dir: Path | None = None) -> None:
         args = up.parser().parse_args(
-            ["--nodes", str(settings.nodes), *[f"--env={k}={v}" for k, v in settings.env]]
+            # The drills run their own measured traffic: no background viewers.
+            [
+                "--nodes",
+                str(settings.nodes),
+                "--viewers",
+                "0",
+                *[f"--env={k}={v}" for k, v in settings.env],
+            ]
         )
         args.run_dir = run_dir or ROOT / ".run" / f"drills-{time.strftime('%Y%m%d-%H%M%S')}"
         self.settings = settings

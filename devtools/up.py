@@ -62,6 +62,8 @@ class Stack:
     notes: list[str] = field(default_factory=list)
     # --env NAME=VALUE settings given to every service process (the drills shorten TTLs).
     extra_env: dict[str, str] = field(default_factory=dict)
+    # The last figures shown per process, so counters are shown as rates (routes/s ...).
+    shown: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
 
 
 def _service_available(module: str) -> bool:
@@ -142,12 +144,24 @@ def _cell(value: Any, width: int) -> str:
     return text[:width].ljust(width)
 
 
-def _figures(health: dict[str, Any]) -> str:
+# Cumulative counters a service reports in its health "figures", shown as rates.
+RATE_FIGURES = {"reports": "reports/s", "routes": "routes/s", "requests": "requests/s"}
+
+
+def _figures(stack: Stack, name: str, health: dict[str, Any]) -> str:
     figures = health.get("figures") or {}
     if not isinstance(figures, dict):
         return ""
+    now = time.monotonic()
+    before_at, before = stack.shown.get(name, (now, {}))
+    stack.shown[name] = (now, figures)
     parts = []
     for key, value in figures.items():
+        if key in RATE_FIGURES and isinstance(value, int | float):
+            if key in before and now - before_at > 0.5:
+                rate = max(0.0, (value - before[key]) / (now - before_at))
+                parts.append(f"{RATE_FIGURES[key]}={rate:.1f}")
+            continue
         shown = f"{value:.2f}" if isinstance(value, float) else value
         parts.append(f"{key}={shown}")
     return " ".join(parts)
@@ -163,7 +177,7 @@ def render(stack: Stack) -> str:
         health = item.health.get("status", "-") if item.health_url else "-"
         lines.append(
             f"{_cell(item.name, 18)} {_cell(item.state, 9)} {item.pid or '-':>7} "
-            f"{item.restarts:>8}  {_cell(health, 10)} {_figures(item.health)}"
+            f"{item.restarts:>8}  {_cell(health, 10)} {_figures(stack, item.name, item.health)}"
         )
     lines.append("")
     for name, urls in stack.endpoints.items():
@@ -180,6 +194,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="./dev up", description=__doc__)
     p.add_argument("--single", action="store_true", help="one instance each, in memory")
     p.add_argument("--nodes", type=int, default=50, help="simulated edge nodes")
+    p.add_argument(
+        "--viewers",
+        type=float,
+        default=5.0,
+        help="viewer routing requests/s, each to Foghorn and through Bridge (0: none)",
+    )
     p.add_argument("--redis-url", default=os.environ.get("REDIS_URL"))
     p.add_argument("--kafka-bootstrap", default=os.environ.get("KAFKA_BOOTSTRAP_SERVERS"))
     p.add_argument("--postgres-dsn", default=os.environ.get("POSTGRES_DSN"))
@@ -428,3 +448,19 @@ __all__ = [
     "service_builder",
     "stop_stack",
 ]
+
+
+@service_builder
+def viewers(stack: Stack, args: argparse.Namespace) -> None:
+    foghorn, bridge = stack.endpoints.get("foghorn grpc", []), stack.endpoints.get("bridge graphql")
+    if args.viewers <= 0 or not foghorn or args.nodes <= 0:
+        return
+    proc = CommandProcess(
+        "viewers",
+        [PY, "-m", "devtools.viewers", "--foghorn", ",".join(foghorn),
+         "--bridge", ",".join(bridge or []), "--rate", str(args.viewers)],
+        run_dir=stack.run_dir / "viewers",
+        env={"BRIDGE_JWT_HS256_SECRET": BRIDGE_JWT_SECRET},
+    )  # fmt: skip
+    proc.is_ready = lambda: proc.running  # type: ignore[method-assign]
+    stack.sup.add(Managed("viewers", proc, policy=RestartPolicy()))

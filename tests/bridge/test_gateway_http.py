@@ -364,3 +364,14 @@ def test_anonymous_buckets_follow_x_forwarded_for_only_when_trusted(trust):
         # Trusted: another client behind the proxy has its own bucket. Untrusted: a client
         # cannot escape its limit by making up the header.
         assert other.status_code == (200 if trust else 429)
+
+
+def test_health_figures_count_requests_and_cache_answers(client):
+    before = client.get("/health").json()["figures"]
+    for _ in range(3):
+        assert gql(client, NODE_Q, {"id": "n1"}, tok=token()).status_code == 200
+    after = client.get("/health").json()["figures"]
+    assert after["requests"] - before["requests"] == 3
+    assert after["http_5xx"] == before["http_5xx"]
+    assert after["cache_hit_rate"] > 0  # the second and third lookups came from the cache
+    assert after["breakers_open"].startswith("0/")
