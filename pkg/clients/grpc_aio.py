@@ -18,7 +18,13 @@ import grpc.aio
 
 from pkg.clients.classify import outlier_outcome
 from pkg.clients.engine import EJECTED_REPLICA_ATTR, call_async
-from pkg.clients.grpc_core import ClientCore, channel_options
+from pkg.clients.grpc_core import (
+    END_OF_STREAM,
+    ClientCore,
+    InterceptorBase,
+    StreamCall,
+    channel_options,
+)
 from pkg.clients.outlier import (
     EJECTED,
     OUTCOME_LOCAL,
@@ -30,8 +36,6 @@ from pkg.clients.policy import Policy
 from pkg.clients.runtime import Runtime
 from pkg.clients.targets import ResolvedTarget, resolve_targets
 from pkg.clients.telemetry import instruments
-
-_END = object()
 
 
 def _details(
@@ -45,12 +49,7 @@ def _details(
     )
 
 
-class _AioBase:
-    def __init__(self, core: ClientCore) -> None:
-        self.core = core
-
-
-class AioUnaryUnaryInterceptor(_AioBase, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
+class AioUnaryUnaryInterceptor(InterceptorBase, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """Deadline-first retries, budget, breaker and hedging for asyncio unary calls."""
 
     async def intercept_unary_unary(
@@ -92,7 +91,7 @@ async def _first(iterator: Any) -> Any:
     try:
         return await iterator.__anext__()
     except StopAsyncIteration:
-        return _END
+        return END_OF_STREAM
 
 
 async def _rest(iterator: Any, first: asyncio.Future[Any]) -> AsyncIterator[Any]:
@@ -101,22 +100,14 @@ async def _rest(iterator: Any, first: asyncio.Future[Any]) -> AsyncIterator[Any]
     except asyncio.CancelledError:
         first.cancel()
         raise
-    if message is _END:
+    if message is END_OF_STREAM:
         return
     yield message
     async for message in iterator:
         yield message
 
 
-def _stream_timeout(
-    client_call_details: grpc.aio.ClientCallDetails, deadline: float | None, clock_now: float
-) -> float | None:
-    if deadline is None:
-        return None
-    return max(0.001, deadline - clock_now)
-
-
-class AioUnaryStreamInterceptor(_AioBase, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
+class AioUnaryStreamInterceptor(InterceptorBase, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     """Retries the setup of server-streaming calls, never after the first message."""
 
     async def intercept_unary_stream(
@@ -125,19 +116,14 @@ class AioUnaryStreamInterceptor(_AioBase, grpc.aio.UnaryStreamClientInterceptor)
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        core = self.core
-        state, classify = core.method(client_call_details.method)
-        clock = state.clock
-        given = client_call_details.timeout
-        deadline = None if given is None else clock.monotonic() + given
-        setup = core.policy.stream_setup
+        auth = self.core.auth
+        stream = StreamCall(self.core, client_call_details)
 
         async def attempt(_: float) -> tuple[Any, Any]:
-            timeout = _stream_timeout(client_call_details, deadline, clock.monotonic())
-            call = await continuation(_details(client_call_details, timeout, core.auth), request)
-            return await _establish(call, setup)
+            details = _details(client_call_details, stream.attempt_timeout(), auth)
+            return await _establish(await continuation(details, request), stream.setup)
 
-        iterator, first = await call_async(state, given, attempt, classify)
+        iterator, first = await call_async(stream.state, stream.given, attempt, stream.classify)
         return _rest(iterator, first)
 
 
@@ -162,8 +148,8 @@ class _AsyncReplay:
             try:
                 return await self._source.__anext__()
             except StopAsyncIteration:
-                return _END
-        return next(self._source, _END)
+                return END_OF_STREAM
+        return next(self._source, END_OF_STREAM)
 
     async def fresh(self) -> AsyncIterator[Any]:
         """A new request iterator for one attempt."""
@@ -171,7 +157,7 @@ class _AsyncReplay:
             yield message
         while True:
             message = await self._next()
-            if message is _END:
+            if message is END_OF_STREAM:
                 return
             if self.recording:
                 self.buffer.append(message)
@@ -183,7 +169,7 @@ class _AsyncReplay:
         self.buffer.clear()
 
 
-class AioStreamStreamInterceptor(_AioBase, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
+class AioStreamStreamInterceptor(InterceptorBase, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
     """Retries the setup of bidirectional streams, replaying the requests sent so far.
 
     Calls that use ``call.write()`` instead of a request iterator cannot be replayed: they get
@@ -197,33 +183,25 @@ class AioStreamStreamInterceptor(_AioBase, grpc.aio.StreamStreamClientIntercepto
         request_iterator: Any,
     ) -> Any:
         core = self.core
-        state, classify = core.method(client_call_details.method)
-        clock = state.clock
-        given = client_call_details.timeout
-        deadline = None if given is None else clock.monotonic() + given
+        auth = core.auth
         if request_iterator is None:
-            if state.breaker is not None:
-                state.breaker.check(clock.monotonic())
-            return await continuation(
-                _details(client_call_details, given, core.auth), request_iterator
-            )
+            core.fail_fast(client_call_details.method)
+            details = _details(client_call_details, client_call_details.timeout, auth)
+            return await continuation(details, request_iterator)
+        stream = StreamCall(core, client_call_details)
         replay = _AsyncReplay(request_iterator)
-        setup = core.policy.stream_setup
 
         async def attempt(_: float) -> tuple[Any, Any]:
-            timeout = _stream_timeout(client_call_details, deadline, clock.monotonic())
-            call = await continuation(
-                _details(client_call_details, timeout, core.auth), replay.fresh()
-            )
-            return await _establish(call, setup)
+            details = _details(client_call_details, stream.attempt_timeout(), auth)
+            return await _establish(await continuation(details, replay.fresh()), stream.setup)
 
-        iterator, first = await call_async(state, given, attempt, classify)
+        iterator, first = await call_async(stream.state, stream.given, attempt, stream.classify)
         replay.established()
         return _rest(iterator, first)
 
 
-class AioStreamUnaryInterceptor(_AioBase, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
-    """Client-streaming calls: auth and breaker check only (a request stream is not replayed)."""
+class AioStreamUnaryInterceptor(InterceptorBase, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
+    """Client-streaming calls: auth, default deadline and breaker check (no replay)."""
 
     async def intercept_stream_unary(
         self,
@@ -231,16 +209,12 @@ class AioStreamUnaryInterceptor(_AioBase, grpc.aio.StreamUnaryClientInterceptor)
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: Any,
     ) -> Any:
-        core = self.core
-        state, _ = core.method(client_call_details.method)
-        if state.breaker is not None:
-            state.breaker.check(state.clock.monotonic())
+        state = self.core.fail_fast(client_call_details.method)
         timeout = client_call_details.timeout
-        if timeout is None:
-            timeout = core.policy.timeout
-        return await continuation(
-            _details(client_call_details, timeout, core.auth), request_iterator
+        details = _details(
+            client_call_details, state.timeout if timeout is None else timeout, self.core.auth
         )
+        return await continuation(details, request_iterator)
 
 
 class _UnaryCall:

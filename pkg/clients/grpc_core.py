@@ -1,4 +1,4 @@
-"""What the sync and asyncio gRPC interceptors share: per-method state, auth, channel options."""
+"""What the sync and asyncio gRPC channels share: per-method state, stream setup, options."""
 
 from __future__ import annotations
 
@@ -77,6 +77,57 @@ class ClientCore(ClientSettings):
             found = (state, _classifier(state))
             self._methods[method] = found
         return found
+
+    def fail_fast(self, method: str | bytes) -> MethodState:
+        """For calls the policy does not retry: ``BreakerOpenError`` while the breaker is open.
+
+        Client-streaming calls and bidirectional calls written with ``call.write()`` cannot be
+        replayed, so they get no retries and take no probe slot, but an open breaker still
+        keeps them from reaching a callee known to be down.
+        """
+        state, _ = self.method(method)
+        if state.breaker is not None:
+            state.breaker.check(state.clock.monotonic())
+        return state
+
+
+class StreamCall:
+    """One streaming call whose setup the policy retries: its method state and its deadline.
+
+    A setup attempt gets the time left on the call's own deadline, and no deadline when the
+    call gives none: a long-lived subscription must not be cut by the unary ``policy.timeout``
+    (which bounds only the setup retries, in the engine).
+    """
+
+    __slots__ = ("classify", "deadline", "given", "setup", "state")
+
+    def __init__(self, core: ClientCore, details: Any) -> None:
+        self.state, self.classify = core.method(details.method)
+        self.given: float | None = details.timeout
+        now: float = self.state.clock.monotonic()
+        self.deadline: float | None = None if self.given is None else now + self.given
+        # A stream counts as established at its first message or after this long alive.
+        self.setup = core.policy.stream_setup
+
+    def attempt_timeout(self) -> float | None:
+        """The timeout of the next setup attempt: what is left of the call's deadline."""
+        if self.deadline is None:
+            return None
+        return max(_MIN_STREAM_TIMEOUT, self.deadline - self.state.clock.monotonic())
+
+
+# grpc rejects a timeout <= 0: a spent deadline still starts the attempt, which fails at once.
+_MIN_STREAM_TIMEOUT = 0.001
+
+# Marks the end of a stream where a message is expected (a stream may end before its first).
+END_OF_STREAM = object()
+
+
+class InterceptorBase:
+    """What every pkg.clients interceptor (sync or asyncio) holds: its channel's core."""
+
+    def __init__(self, core: ClientCore) -> None:
+        self.core = core
 
 
 def _classifier(state: MethodState) -> Classifier:

@@ -8,6 +8,7 @@ alive counts as established after ``policy.stream_setup`` seconds.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
@@ -16,12 +17,16 @@ from typing import Any, NamedTuple
 import grpc
 
 from pkg.clients.engine import call_sync
-from pkg.clients.grpc_core import ClientCore, channel_options
+from pkg.clients.grpc_core import (
+    END_OF_STREAM,
+    ClientCore,
+    InterceptorBase,
+    StreamCall,
+    channel_options,
+)
 from pkg.clients.policy import Policy
 from pkg.clients.runtime import Runtime
 from pkg.clients.targets import resolve_targets
-
-_END = object()
 
 
 class _CallDetails(NamedTuple):
@@ -51,12 +56,7 @@ def _details(details: Any, timeout: float | None, auth: tuple[tuple[str, str], .
     )
 
 
-class _Base:
-    def __init__(self, core: ClientCore) -> None:
-        self.core = core
-
-
-class SyncUnaryUnaryInterceptor(_Base, grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+class SyncUnaryUnaryInterceptor(InterceptorBase, grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
     """Deadline-first retries, budget and breaker for blocking unary calls."""
 
     def intercept_unary_unary(
@@ -88,7 +88,7 @@ class _StreamResult:
         if self._first is not None:
             first, self._first = self._first, None
             message = first.result()
-            if message is _END:
+            if message is END_OF_STREAM:
                 raise StopIteration
             return message
         return next(self._call)
@@ -99,42 +99,40 @@ class _StreamResult:
 
 
 def _establish(call: Any, setup: float) -> Future[Any]:
+    """Wait for a stream's first message, its end, or ``setup`` seconds of it staying alive.
+
+    A helper thread reads the first message (a blocking ``next`` cannot be given a timeout).
+    Returns the future of that message; raises the call's error if it failed first.
+    """
     first: Future[Any] = Future()
 
     def read_first() -> None:
         try:
-            first.set_result(next(call, _END))
+            first.set_result(next(call, END_OF_STREAM))
         except BaseException as exc:
             first.set_exception(exc)
 
     threading.Thread(target=read_first, name="pkg-clients-stream-setup", daemon=True).start()
-    try:
-        message = first.result(timeout=setup)
-    except TimeoutError:
-        return first  # alive and silent: established
-    del message
+    with contextlib.suppress(TimeoutError):  # alive and silent: established
+        first.result(timeout=setup)  # raises the setup failure for the engine to classify
     return first
 
 
-class SyncUnaryStreamInterceptor(_Base, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc,type-arg]
+class SyncUnaryStreamInterceptor(InterceptorBase, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc,type-arg]
     """Retries the setup of server-streaming calls, never after the first message."""
 
     def intercept_unary_stream(
         self, continuation: Callable[[Any, Any], Any], client_call_details: Any, request: Any
     ) -> Any:
-        core = self.core
-        state, classify = core.method(client_call_details.method)
-        clock = state.clock
-        given = client_call_details.timeout
-        deadline = None if given is None else clock.monotonic() + given
-        setup = core.policy.stream_setup
+        auth = self.core.auth
+        stream = StreamCall(self.core, client_call_details)
 
         def attempt(_: float) -> Any:
-            timeout = None if deadline is None else max(0.001, deadline - clock.monotonic())
-            call = continuation(_details(client_call_details, timeout, core.auth), request)
-            return _StreamResult(call, _establish(call, setup))
+            details = _details(client_call_details, stream.attempt_timeout(), auth)
+            call = continuation(details, request)
+            return _StreamResult(call, _establish(call, stream.setup))
 
-        return call_sync(state, given, attempt, classify)
+        return call_sync(stream.state, stream.given, attempt, stream.classify)
 
 
 class _SyncReplay:
@@ -151,10 +149,10 @@ class _SyncReplay:
         yield from list(self.buffer)
         while True:
             with self._lock:
-                message = next(self._source, _END)
-                if message is not _END and self.recording:
+                message = next(self._source, END_OF_STREAM)
+                if message is not END_OF_STREAM and self.recording:
                     self.buffer.append(message)
-            if message is _END:
+            if message is END_OF_STREAM:
                 return
             yield message
 
@@ -165,7 +163,7 @@ class _SyncReplay:
             self.buffer.clear()
 
 
-class SyncStreamStreamInterceptor(_Base, grpc.StreamStreamClientInterceptor):  # type: ignore[misc,type-arg]
+class SyncStreamStreamInterceptor(InterceptorBase, grpc.StreamStreamClientInterceptor):  # type: ignore[misc,type-arg]
     """Retries the setup of bidirectional streams, replaying the requests sent so far."""
 
     def intercept_stream_stream(
@@ -174,25 +172,21 @@ class SyncStreamStreamInterceptor(_Base, grpc.StreamStreamClientInterceptor):  #
         client_call_details: Any,
         request_iterator: Any,
     ) -> Any:
-        core = self.core
-        state, classify = core.method(client_call_details.method)
-        clock = state.clock
-        given = client_call_details.timeout
-        deadline = None if given is None else clock.monotonic() + given
+        auth = self.core.auth
+        stream = StreamCall(self.core, client_call_details)
         replay = _SyncReplay(request_iterator)
-        setup = core.policy.stream_setup
 
         def attempt(_: float) -> Any:
-            timeout = None if deadline is None else max(0.001, deadline - clock.monotonic())
-            call = continuation(_details(client_call_details, timeout, core.auth), replay.fresh())
-            return _StreamResult(call, _establish(call, setup))
+            details = _details(client_call_details, stream.attempt_timeout(), auth)
+            call = continuation(details, replay.fresh())
+            return _StreamResult(call, _establish(call, stream.setup))
 
-        result = call_sync(state, given, attempt, classify)
+        result = call_sync(stream.state, stream.given, attempt, stream.classify)
         replay.established()
         return result
 
 
-class SyncStreamUnaryInterceptor(_Base, grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+class SyncStreamUnaryInterceptor(InterceptorBase, grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
     """Client-streaming calls: auth, default deadline and breaker check (no replay)."""
 
     def intercept_stream_unary(
@@ -201,14 +195,12 @@ class SyncStreamUnaryInterceptor(_Base, grpc.StreamUnaryClientInterceptor):  # t
         client_call_details: Any,
         request_iterator: Any,
     ) -> Any:
-        core = self.core
-        state, _ = core.method(client_call_details.method)
-        if state.breaker is not None:
-            state.breaker.check(state.clock.monotonic())
+        state = self.core.fail_fast(client_call_details.method)
         timeout = client_call_details.timeout
-        if timeout is None:
-            timeout = core.policy.timeout
-        return continuation(_details(client_call_details, timeout, core.auth), request_iterator)
+        details = _details(
+            client_call_details, state.timeout if timeout is None else timeout, self.core.auth
+        )
+        return continuation(details, request_iterator)
 
 
 def sync_interceptors(core: ClientCore) -> list[Any]:
@@ -231,7 +223,11 @@ def sync_channel(
     interceptors: Sequence[Any] = (),
     credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.Channel:
-    """A blocking channel with the policy (same arguments as ``aio_channel``; no hedging)."""
+    """A blocking channel with the policy (same arguments as ``aio_channel``).
+
+    No hedging (it needs concurrent attempts) and no outlier ejection: several replica
+    addresses are balanced by grpc's round robin (a retry takes the next in the rotation).
+    """
     resolved = resolve_targets(targets)
     core = ClientCore(policy, runtime, resolved.name, token)
     opts = channel_options(resolved, list(options))
