@@ -538,54 +538,35 @@ class ResilientChannel(grpc.aio.Channel):
             return
         await _first_of(raw.channel_ready() for raw in self._raws)
 
-    def unary_unary(  # type: ignore[override]
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
+    # The multicallable factories take grpc's arguments (serializers, ``_registered_method``)
+    # as they come and hand them to every replica channel unchanged.
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """A multicallable that runs the policy around every call."""
-        raws = [
-            raw.unary_unary(method, request_serializer, response_deserializer, _registered_method)
-            for raw in self._raws
-        ]
+        raws = self._per_replica("unary_unary", method, args, kwargs)
         return _UnaryUnaryMultiCallable(raws, self.core, method, self.detector)
 
-    def unary_stream(  # type: ignore[override]
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Server-streaming multicallable (setup retries by interceptor)."""
-        args = (method, request_serializer, response_deserializer, _registered_method)
-        return self._multi([raw.unary_stream(*args) for raw in self._raws])
+        return self._streaming("unary_stream", method, args, kwargs)
 
-    def stream_unary(  # type: ignore[override]
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Client-streaming multicallable (auth, deadline, breaker check by interceptor)."""
-        args = (method, request_serializer, response_deserializer, _registered_method)
-        return self._multi([raw.stream_unary(*args) for raw in self._raws])
+        return self._streaming("stream_unary", method, args, kwargs)
 
-    def stream_stream(  # type: ignore[override]
-        self,
-        method: str,
-        request_serializer: Any = None,
-        response_deserializer: Any = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Bidirectional multicallable (setup retries with replay by interceptor)."""
-        args = (method, request_serializer, response_deserializer, _registered_method)
-        return self._multi([raw.stream_stream(*args) for raw in self._raws])
+        return self._streaming("stream_stream", method, args, kwargs)
 
-    def _multi(self, raws: list[Any]) -> Any:
+    def _per_replica(
+        self, kind: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> list[Any]:
+        return [getattr(raw, kind)(method, *args, **kwargs) for raw in self._raws]
+
+    def _streaming(
+        self, kind: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        raws = self._per_replica(kind, method, args, kwargs)
         if self.detector is None:
             return raws[0]
         return _PooledMultiCallable(raws, self.detector)
@@ -615,14 +596,18 @@ async def _first_of(awaitables: Iterable[Any]) -> None:
         task.result()
 
 
-def aio_interceptors(core: ClientCore) -> list[Any]:
-    """The interceptors of an asyncio channel, in order."""
+def aio_stream_interceptors(core: ClientCore) -> list[Any]:
+    """The streaming interceptors (``ResilientChannel`` runs unary-unary calls itself)."""
     return [
-        AioUnaryUnaryInterceptor(core),
         AioUnaryStreamInterceptor(core),
         AioStreamStreamInterceptor(core),
         AioStreamUnaryInterceptor(core),
     ]
+
+
+def aio_interceptors(core: ClientCore) -> list[Any]:
+    """Every interceptor, for an asyncio channel that grpc builds (not ``aio_channel``)."""
+    return [AioUnaryUnaryInterceptor(core), *aio_stream_interceptors(core)]
 
 
 def aio_channel(
@@ -650,7 +635,7 @@ def aio_channel(
     core = ClientCore(policy, runtime, resolved.name, token)
     # Unary-unary calls are driven by ResilientChannel itself; the stream interceptors ride on
     # the underlying channel, and user interceptors run inside ours (once per attempt).
-    chain: list[Any] = [*aio_interceptors(core)[1:], *interceptors]
+    chain: list[Any] = [*aio_stream_interceptors(core), *interceptors]
     extra = list(options)
 
     def open_channel(target: ResolvedTarget) -> grpc.aio.Channel:
