@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -116,17 +116,18 @@ class _HttpCore(ClientSettings):
         return request, state, classify
 
 
-def _timeout(timeout: float) -> httpx.Timeout:
-    return httpx.Timeout(timeout)
+def _set_attempt_timeout(request: httpx.Request, seconds: float) -> None:
+    # httpx reads a request's timeouts from its extensions: each attempt gets its own.
+    request.extensions["timeout"] = httpx.Timeout(seconds).as_dict()
 
 
-class AsyncHttpClient:
-    """``httpx.AsyncClient`` with the pkg.clients policy on every request.
+_Httpx = TypeVar("_Httpx", httpx.Client, httpx.AsyncClient)
 
-    ``AsyncHttpClient(base_url="http://127.0.0.1:8080", policy=..., token=...)``, then
-    ``await client.get("/path")``. ``timeout=`` per request is the overall deadline.
-    Extra keyword arguments go to ``httpx.AsyncClient`` (e.g. ``transport`` in tests).
-    """
+
+class _PolicyClient(Generic[_Httpx]):
+    """What both HTTP clients are built from: the checked settings and the httpx client."""
+
+    _httpx_class: type[_Httpx]
 
     def __init__(
         self,
@@ -139,7 +140,18 @@ class AsyncHttpClient:
         **httpx_kwargs: Any,
     ) -> None:
         self._core = _HttpCore(policy, runtime, token)
-        self._client = httpx.AsyncClient(base_url=base_url, headers=headers, **httpx_kwargs)
+        self._client: _Httpx = self._httpx_class(base_url=base_url, headers=headers, **httpx_kwargs)
+
+
+class AsyncHttpClient(_PolicyClient[httpx.AsyncClient]):
+    """``httpx.AsyncClient`` with the pkg.clients policy on every request.
+
+    ``AsyncHttpClient(base_url="http://127.0.0.1:8080", policy=..., token=...)``, then
+    ``await client.get("/path")``. ``timeout=`` per request is the overall deadline.
+    Extra keyword arguments go to ``httpx.AsyncClient`` (e.g. ``transport`` in tests).
+    """
+
+    _httpx_class = httpx.AsyncClient
 
     async def request(
         self,
@@ -154,7 +166,7 @@ class AsyncHttpClient:
         client = self._client
 
         async def attempt(attempt_timeout: float) -> httpx.Response:
-            request.extensions["timeout"] = _timeout(attempt_timeout).as_dict()
+            _set_attempt_timeout(request, attempt_timeout)
             response = await client.send(request)
             if response.status_code in HTTP_RETRYABLE_STATUS:
                 await response.aread()
@@ -193,21 +205,10 @@ class AsyncHttpClient:
         await self.aclose()
 
 
-class HttpClient:
+class HttpClient(_PolicyClient[httpx.Client]):
     """Blocking ``httpx.Client`` with the pkg.clients policy (same arguments as the async one)."""
 
-    def __init__(
-        self,
-        base_url: str = "",
-        policy: Policy | None = None,
-        *,
-        token: str | None = None,
-        runtime: Runtime | None = None,
-        headers: Mapping[str, str] | None = None,
-        **httpx_kwargs: Any,
-    ) -> None:
-        self._core = _HttpCore(policy, runtime, token)
-        self._client = httpx.Client(base_url=base_url, headers=headers, **httpx_kwargs)
+    _httpx_class = httpx.Client
 
     def request(
         self, method: str, url: str, *, timeout: float | None = None, **kwargs: Any
@@ -217,7 +218,7 @@ class HttpClient:
         client = self._client
 
         def attempt(attempt_timeout: float) -> httpx.Response:
-            request.extensions["timeout"] = _timeout(attempt_timeout).as_dict()
+            _set_attempt_timeout(request, attempt_timeout)
             response = client.send(request)
             if response.status_code in HTTP_RETRYABLE_STATUS:
                 response.read()
