@@ -74,12 +74,15 @@ def mode_value(mode: str | int) -> int:
         raise ValueError(f"unknown mode {mode!r} (one of {', '.join(MODES)})") from None
 
 
-def _geo(lat: float | None, lon: float | None) -> pb.GeoPoint | None:
+def _locate(
+    request: pb.ViewerRouteRequest | pb.IngestRouteRequest, lat: float | None, lon: float | None
+) -> None:
+    """Set ``request.location`` from ``lat``/``lon`` (both or neither: neither leaves it unset)."""
     if lat is None and lon is None:
-        return None
+        return
     if lat is None or lon is None:
         raise ValueError("give both lat and lon, or neither")
-    return pb.GeoPoint(latitude=lat, longitude=lon)
+    request.location.CopyFrom(pb.GeoPoint(latitude=lat, longitude=lon))
 
 
 class FoghornClient:
@@ -132,9 +135,7 @@ class FoghornClient:
         request = pb.ViewerRouteRequest(
             content_id=content_id, viewer_ip=ip, protocol=protocol, max_fallbacks=max_fallbacks
         )
-        point = _geo(lat, lon)
-        if point is not None:
-            request.location.CopyFrom(point)
+        _locate(request, lat, lon)
         reply: pb.ViewerRouteResponse = await self.routing.RouteViewer(
             request, timeout=timeout_s or self.timeout_s
         )
@@ -152,9 +153,7 @@ class FoghornClient:
     ) -> pb.IngestRouteResponse:
         """Best ingest node and the push URL for ``stream_key``."""
         request = pb.IngestRouteRequest(stream_key=stream_key, ingest_ip=ip, protocol=protocol)
-        point = _geo(lat, lon)
-        if point is not None:
-            request.location.CopyFrom(point)
+        _locate(request, lat, lon)
         reply: pb.IngestRouteResponse = await self.routing.RouteIngest(
             request, timeout=timeout_s or self.timeout_s
         )
@@ -205,9 +204,7 @@ class FoghornClient:
     ) -> pb.ExplainRouteResponse:
         """Score parts of every node and why each rejected node was rejected."""
         request = pb.ViewerRouteRequest(content_id=content_id, viewer_ip=ip, protocol=protocol)
-        point = _geo(lat, lon)
-        if point is not None:
-            request.location.CopyFrom(point)
+        _locate(request, lat, lon)
         reply: pb.ExplainRouteResponse = await self.admin.ExplainRoute(
             request, timeout=self.timeout_s
         )
