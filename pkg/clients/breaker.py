@@ -340,8 +340,3 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.name!r}, state={self._state})"
-
-
-def describe(breaker: Any) -> dict[str, Any]:
-    """A small dict for logs and status pages."""
-    return {"name": breaker.name, "state": breaker.state, "retry_after": breaker.retry_after()}

@@ -24,7 +24,6 @@ import structlog
 
 from pkg.clients.breaker import (
     BREAKER_FAILURE,
-    BREAKER_IGNORE,
     BREAKER_SUCCESS,
     STATE_CLOSED,
     STATE_HALF_OPEN,
@@ -257,7 +256,7 @@ class SharedBreakerStore:
     ) -> None:
         if (url is None) == (client is None):
             raise ValueError("SharedBreakerStore needs exactly one of url= or client=")
-        if not (0.01 <= sync_interval <= 60):
+        if not (isinstance(sync_interval, int | float) and 0.01 <= sync_interval <= 60):
             raise ValueError(f"sync_interval must be in 0.01..60 seconds, got {sync_interval!r}")
         if not namespace or not isinstance(namespace, str):
             raise ValueError("namespace must be a non-empty string")
@@ -336,6 +335,3 @@ class SharedBreakerStore:
         self._wake.set()
         self._thread.join(timeout=2)
         self.client.close()
-
-
-__all__ = ["BREAKER_IGNORE", "SharedBreakerStore"]

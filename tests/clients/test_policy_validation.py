@@ -127,8 +127,9 @@ def test_a_rejected_token_is_not_echoed_in_the_error() -> None:
 def test_shared_breaker_store_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="url"):
         SharedBreakerStore()
-    with pytest.raises(ValueError, match="sync_interval"):
-        SharedBreakerStore("redis://127.0.0.1:1/0", sync_interval=0)
+    for interval in (0, "0.2"):
+        with pytest.raises(ValueError, match="sync_interval"):
+            SharedBreakerStore("redis://127.0.0.1:1/0", sync_interval=interval)  # type: ignore[arg-type]
 
 
 def test_idempotency_defaults_follow_the_method_verb_and_explicit_lists() -> None:
