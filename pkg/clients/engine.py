@@ -21,7 +21,6 @@ from pkg.clients import backoff, testing
 from pkg.clients.breaker import (
     BREAKER_FAILURE,
     BREAKER_IGNORE,
-    BREAKER_SUCCESS,
     STATE_CLOSED,
     STATE_OPEN,
     TICKET_NORMAL,
@@ -249,10 +248,7 @@ async def call_async(
     except BaseException as exc:
         decider = _Decider(ms, deadline, classify, start, capped)
         return await _retry_async(decider, exc, ticket, attempt)
-    end = now()
-    if breaker is not None:
-        breaker.record(ticket, BREAKER_SUCCESS, end)
-    ms.succeeded(end - start)
+    ms.succeeded(ticket, start, now())
     return result
 
 
@@ -263,11 +259,8 @@ async def _retry_async(
     attempt: Callable[[float], Awaitable[T]],
 ) -> T:
     ms = decider.ms
-    if isinstance(first, asyncio.CancelledError | GeneratorExit):
-        if ms.breaker is not None:
-            ms.breaker.release(ticket)
-        raise first
-    if not isinstance(first, Exception):
+    if not isinstance(first, Exception):  # cancelled: never retried
+        _abandoned(ms, ticket)
         raise first
     decider.settle(first, ticket)
     replay: list[BaseException] = [first]
@@ -292,28 +285,38 @@ async def _retry_async(
     return result
 
 
-async def _one_async_attempt(decider: _Decider, attempt: Callable[[float], Awaitable[T]]) -> T:
+def _begin_retry(decider: _Decider) -> tuple[float, int, float]:
+    """Admission of a retry: (its start, its breaker ticket, its timeout).
+
+    Raises ``BreakerOpenError`` when the breaker refuses it (the caller settles that like any
+    failed attempt, with no ticket to give back).
+    """
     ms = decider.ms
-    clock = ms.clock
-    now = clock.monotonic()
+    start = ms.clock.monotonic()
+    ticket = TICKET_NORMAL if ms.breaker is None else ms.breaker.admit(start)
+    timeout = decider.attempt_timeout(start)
+    ms.counters.attempts += 1
+    return start, ticket, timeout
+
+
+def _abandoned(ms: MethodState, ticket: int) -> None:
+    # Cancelled (or the process is stopping): no outcome, but a probe slot must be freed.
+    if ms.breaker is not None:
+        ms.breaker.release(ticket)
+
+
+async def _one_async_attempt(decider: _Decider, attempt: Callable[[float], Awaitable[T]]) -> T:
     ticket = TICKET_NORMAL
     try:
-        if ms.breaker is not None:
-            ticket = ms.breaker.admit(now)
-        timeout = decider.attempt_timeout(now)
-        ms.counters.attempts += 1
+        start, ticket, timeout = _begin_retry(decider)
         result = await attempt(timeout)
-    except asyncio.CancelledError:
-        if ms.breaker is not None:
-            ms.breaker.release(ticket)
-        raise
     except Exception as exc:
         decider.settle(exc, ticket)
         raise
-    end = clock.monotonic()
-    if ms.breaker is not None:
-        ms.breaker.record(ticket, BREAKER_SUCCESS, end)
-    ms.succeeded(end - now)
+    except BaseException:
+        _abandoned(decider.ms, ticket)
+        raise
+    decider.ms.succeeded(ticket, start, decider.ms.clock.monotonic())
     return result
 
 
@@ -394,13 +397,9 @@ def call_sync(
         decider = _Decider(ms, deadline, classify, start, capped)
         return _retry_sync(decider, exc, ticket, attempt)
     except BaseException:
-        if breaker is not None:
-            breaker.release(ticket)
+        _abandoned(ms, ticket)
         raise
-    end = clock.monotonic()
-    if breaker is not None:
-        breaker.record(ticket, BREAKER_SUCCESS, end)
-    ms.succeeded(end - start)
+    ms.succeeded(ticket, start, clock.monotonic())
     return result
 
 
@@ -432,25 +431,15 @@ def _retry_sync(
 
 
 def _one_sync_attempt(decider: _Decider, attempt: Callable[[float], T]) -> T:
-    ms = decider.ms
-    clock = ms.clock
-    now = clock.monotonic()
     ticket = TICKET_NORMAL
     try:
-        if ms.breaker is not None:
-            ticket = ms.breaker.admit(now)
-        timeout = decider.attempt_timeout(now)
-        ms.counters.attempts += 1
+        start, ticket, timeout = _begin_retry(decider)
         result = attempt(timeout)
     except Exception as exc:
         decider.settle(exc, ticket)
         raise
     except BaseException:
-        if ms.breaker is not None:
-            ms.breaker.release(ticket)
+        _abandoned(decider.ms, ticket)
         raise
-    end = clock.monotonic()
-    if ms.breaker is not None:
-        ms.breaker.record(ticket, BREAKER_SUCCESS, end)
-    ms.succeeded(end - now)
+    decider.ms.succeeded(ticket, start, decider.ms.clock.monotonic())
     return result

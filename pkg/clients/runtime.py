@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import pybreaker
 
-from pkg.clients.breaker import CircuitBreaker
+from pkg.clients.breaker import BREAKER_SUCCESS, CircuitBreaker
 from pkg.clients.budget import RetryBudget
 from pkg.clients.outlier import OutlierEvent
 from pkg.clients.policy import Policy
@@ -80,8 +80,13 @@ class MethodState:
         # on a 2-vCPU box, more than the whole success path is allowed to cost.
         self.counters = counters_for(target, method)
 
-    def succeeded(self, elapsed: float) -> None:
-        """Success bookkeeping shared by every call style."""
+    def succeeded(self, ticket: int, start: float, end: float) -> None:
+        """Success bookkeeping of an attempt, shared by every call style: breaker, budget,
+        latency. ``ticket`` is the breaker's admission ticket of the attempt."""
+        breaker = self.breaker
+        if breaker is not None:
+            breaker.record(ticket, BREAKER_SUCCESS, end)
+        elapsed = end - start
         budget = self.budget  # RetryBudget.on_success, inlined (hot path)
         tokens = budget.tokens + budget.ratio
         budget.tokens = tokens if tokens < budget.max_tokens else budget.max_tokens
