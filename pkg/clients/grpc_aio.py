@@ -169,11 +169,24 @@ class _AsyncReplay:
         self.buffer.clear()
 
 
+def _written_by_the_caller(request_iterator: Any) -> bool:
+    """Whether a stream's requests come from ``call.write()`` rather than an iterator.
+
+    grpc.aio hands the interceptors of such a call its own async generator that proxies the
+    writes (``grpc/aio/_interceptor.py``); it yields nothing until the interceptors return.
+    """
+    return request_iterator is None or (
+        getattr(request_iterator, "__name__", None) == "_proxy_writes_as_request_iterator"
+    )
+
+
 class AioStreamStreamInterceptor(InterceptorBase, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
     """Retries the setup of bidirectional streams, replaying the requests sent so far.
 
-    Calls that use ``call.write()`` instead of a request iterator cannot be replayed: they get
-    the auth header and the breaker check, but no setup retry.
+    Calls that use ``call.write()`` instead of a request iterator get the auth header and the
+    breaker check, but no setup retry: their writes flow only once this interceptor returns,
+    so waiting for a first response here would hold the first write back for the whole
+    ``stream_setup`` window.
     """
 
     async def intercept_stream_stream(
@@ -184,7 +197,7 @@ class AioStreamStreamInterceptor(InterceptorBase, grpc.aio.StreamStreamClientInt
     ) -> Any:
         core = self.core
         auth = core.auth
-        if request_iterator is None:
+        if _written_by_the_caller(request_iterator):
             core.fail_fast(client_call_details.method)
             details = _details(client_call_details, client_call_details.timeout, auth)
             return await continuation(details, request_iterator)

@@ -388,3 +388,17 @@ async def test_the_unary_interceptor_also_works_on_a_plain_grpc_channel(target, 
     reply = await pb_grpc.TestServiceStub(channel).Unary(failing(key, 2), timeout=5)
     await channel.close()
     assert reply.attempt == 3
+
+
+async def test_a_stream_written_with_write_is_not_held_back_by_the_setup_window(target, key):
+    # grpc.aio feeds call.write() through a proxy iterator that starts only once the
+    # interceptors return: waiting there for a first response (the setup window of replayable
+    # streams) would hold the first write back for the whole window.
+    channel = aio_channel(target, fast_policy(stream_setup=60.0))
+    call = pb_grpc.TestServiceStub(channel).BidiStream(timeout=30)
+    try:
+        await asyncio.wait_for(call.write(pb.StreamRequest(key=key, count=1)), timeout=20)
+        assert (await asyncio.wait_for(call.read(), timeout=20)).key == key
+        await call.done_writing()
+    finally:
+        await channel.close()
