@@ -7,6 +7,7 @@ from typing import Any
 
 import grpc
 
+from pkg.clients.breaker import BreakerOpenError
 from pkg.clients.classify import classify_grpc
 from pkg.clients.engine import Classifier
 from pkg.clients.policy import Policy
@@ -87,7 +88,11 @@ class ClientCore(ClientSettings):
         """
         state, _ = self.method(method)
         if state.breaker is not None:
-            state.breaker.check(state.clock.monotonic())
+            try:
+                state.breaker.check(state.clock.monotonic())
+            except BreakerOpenError as exc:
+                self.runtime.emit_rejected(exc.name, exc.retry_after)
+                raise
         return state
 
 

@@ -13,6 +13,7 @@ from pkg.clients import (
     BreakerPolicy,
     BudgetPolicy,
     HedgePolicy,
+    Instrumentation,
     Policy,
     RetryPolicy,
     Runtime,
@@ -402,3 +403,31 @@ async def test_a_stream_written_with_write_is_not_held_back_by_the_setup_window(
         await call.done_writing()
     finally:
         await channel.close()
+
+
+async def test_a_stream_written_with_write_fails_fast_on_an_open_breaker(
+    target, stats_stub, key
+) -> None:
+    # call.write() streams cannot be replayed, so they get no retries; an open breaker still
+    # keeps them off the callee, and the rejection is reported like any other.
+    rejected: list[str] = []
+
+    class Rejections(Instrumentation):
+        def on_breaker_rejected(self, name: str, retry_after: float) -> None:
+            rejected.append(name)
+
+    runtime = Runtime(instrumentation=[Rejections()])
+    channel = aio_channel(target, fast_policy(breaker=BreakerPolicy()), runtime=runtime)
+    stub = pb_grpc.TestServiceStub(channel)
+    call = stub.BidiStream(timeout=5)
+    await call.write(pb.StreamRequest(key=key, count=1))
+    assert (await call.read()).attempt == 1
+    await call.done_writing()
+
+    runtime.breakers[target].force(STATE_OPEN, open_for=60)
+    refused = stub.BidiStream(timeout=5)
+    with pytest.raises(BreakerOpenError):
+        await refused.read()
+    await channel.close()
+    assert rejected == [target]
+    assert (await attempts(stats_stub, key)).attempts == 1  # the refused stream never left
