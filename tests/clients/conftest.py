@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -37,6 +39,32 @@ def testsvc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CommandProcess
         yield proc
     finally:
         proc.stop(timeout=5)
+
+
+@pytest.fixture
+def replica_pair(
+    process_factory: Callable[..., CommandProcess],
+) -> tuple[CommandProcess, CommandProcess]:
+    """Two test service replica processes answering as "a" and "b" (stopped after the test)."""
+    return (
+        process_factory("testsvc-a", replica_command("a")),
+        process_factory("testsvc-b", replica_command("b")),
+    )
+
+
+def addresses(*replicas: CommandProcess) -> list[str]:
+    """The loopback addresses of replica processes, for a channel over all of them."""
+    return [f"127.0.0.1:{replica.port}" for replica in replicas]
+
+
+async def both_in_rotation(stub: pb_grpc.TestServiceStub) -> None:
+    """Call until replicas "a" and "b" have both answered (the second may still be connecting)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + 15
+    while seen != {"a", "b"} and time.monotonic() < deadline:
+        seen.add((await stub.Unary(pb.UnaryRequest(key="warm"), timeout=5)).server_id)
+        await asyncio.sleep(0.01)
+    assert seen == {"a", "b"}, f"only {seen} answered within 15 s"
 
 
 @pytest.fixture

@@ -11,24 +11,17 @@ import pytest
 from pkg.clients import aio_channel, sync_channel
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
-from tests.clients.conftest import fast_policy, replica_command
+from tests.clients.conftest import addresses, both_in_rotation, fast_policy, replica_command
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.failure]
 
 
-async def test_calls_keep_succeeding_when_one_of_two_replicas_is_killed(process_factory) -> None:
-    a = process_factory("testsvc-a", replica_command("a"))
-    b = process_factory("testsvc-b", replica_command("b"))
-    channel = aio_channel([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], fast_policy())
+async def test_calls_keep_succeeding_when_one_of_two_replicas_is_killed(replica_pair) -> None:
+    a, b = replica_pair
+    channel = aio_channel(addresses(a, b), fast_policy())
     stub = pb_grpc.TestServiceStub(channel)
-    # Round robin over both replicas once both connections are up (the second one may still be
-    # connecting during the first calls).
-    seen: set[str] = set()
-    deadline = time.monotonic() + 15
-    while seen != {"a", "b"} and time.monotonic() < deadline:
-        seen.add((await stub.Unary(pb.UnaryRequest(key="before"), timeout=5)).server_id)
-        await asyncio.sleep(0.01)
-    assert seen == {"a", "b"}
+    await both_in_rotation(stub)
 
     # Kill a while calls are in flight: none of them may fail.
     async def caller(n: int) -> list[str]:
@@ -53,10 +46,9 @@ async def test_calls_keep_succeeding_when_one_of_two_replicas_is_killed(process_
     await channel.close()
 
 
-def test_sync_channel_fails_over_too(process_factory) -> None:
-    a = process_factory("testsvc-a", replica_command("a"))
-    b = process_factory("testsvc-b", replica_command("b"))
-    channel = sync_channel(f"127.0.0.1:{a.port},127.0.0.1:{b.port}", fast_policy())
+def test_sync_channel_fails_over_too(replica_pair) -> None:
+    a, b = replica_pair
+    channel = sync_channel(",".join(addresses(a, b)), fast_policy())
     stub = pb_grpc.TestServiceStub(channel)
     seen: set[str] = set()
     deadline = time.monotonic() + 15
@@ -82,13 +74,12 @@ async def test_a_restarted_server_is_used_again_within_seconds(process_factory) 
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert time.monotonic() - start < 2.5  # never past the deadline
     server.start()  # same port
-    deadline = time.monotonic() + 15
-    while True:
+
+    async def answers_again() -> bool:
         try:
-            reply = await stub.Unary(pb.UnaryRequest(key="back"), timeout=2)
-            break
+            return (await stub.Unary(pb.UnaryRequest(key="back"), timeout=2)).server_id == "r"
         except grpc.aio.AioRpcError:
-            assert time.monotonic() < deadline, "the restarted server was not reconnected"
-            await asyncio.sleep(0.1)
-    assert reply.server_id == "r"
+            return False
+
+    await eventually(answers_again, timeout=15, interval=0.1, what="the restarted server")
     await channel.close()

@@ -24,7 +24,8 @@ from pkg.clients.outlier import EJECTED, HEALTHY
 from pkg.clients.telemetry import default_instrumentation
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
-from tests.clients.conftest import TESTSVC, UNAVAILABLE, replica_command
+from tests.clients.conftest import TESTSVC, UNAVAILABLE, addresses, both_in_rotation
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.failure]
 
@@ -62,38 +63,36 @@ def policy(base_ejection_time: float = 1.0) -> Policy:
     )
 
 
-async def both_in_rotation(stub: pb_grpc.TestServiceStub) -> None:
-    seen: set[str] = set()
-    deadline = time.monotonic() + 15
-    while seen != {"a", "b"} and time.monotonic() < deadline:
-        seen.add((await stub.Unary(pb.UnaryRequest(key="warm"), timeout=5)).server_id)
-        await asyncio.sleep(0.01)
-    assert seen == {"a", "b"}
+async def steady_calls(
+    stub: pb_grpc.TestServiceStub, label: str, count: int, interval: float, timeout: float
+) -> list[str | BaseException]:
+    """``count`` Unary calls started ``interval`` apart, each with ``timeout``: the id of the
+    replica that answered each one, or its error."""
+
+    async def one(i: int) -> str:
+        reply = await stub.Unary(pb.UnaryRequest(key=f"{label}-{i}"), timeout=timeout)
+        return reply.server_id
+
+    tasks = []
+    for i in range(count):
+        tasks.append(asyncio.ensure_future(one(i)))
+        await asyncio.sleep(interval)
+    return await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def test_a_paused_replica_is_ejected_and_no_call_fails(process_factory) -> None:
-    a = process_factory("testsvc-a", replica_command("a"))
-    b = process_factory("testsvc-b", replica_command("b"))
+async def test_a_paused_replica_is_ejected_and_no_call_fails(replica_pair) -> None:
+    a, b = replica_pair
     recorder = Recorder()
     runtime = Runtime(instrumentation=[recorder, *default_instrumentation()])
-    channel = aio_channel([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], policy(), runtime=runtime)
+    channel = aio_channel(addresses(a, b), policy(), runtime=runtime)
     assert isinstance(channel, ResilientChannel) and channel.detector is not None
     detector = channel.detector
     stub = pb_grpc.TestServiceStub(channel)
     try:
         await both_in_rotation(stub)
         a.pause()
-
         # 200 calls at a steady 50 per second, each with a 2 s overall deadline.
-        async def one(i: int) -> str:
-            reply = await stub.Unary(pb.UnaryRequest(key=f"paused-{i}"), timeout=2.0)
-            return reply.server_id
-
-        tasks = []
-        for i in range(200):
-            tasks.append(asyncio.ensure_future(one(i)))
-            await asyncio.sleep(0.02)
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        results = await steady_calls(stub, "paused", 200, interval=0.02, timeout=2.0)
         failures = [r for r in results if isinstance(r, BaseException)]
         assert failures == []
         assert set(results) == {"b"}
@@ -118,44 +117,30 @@ async def test_a_paused_replica_is_ejected_and_no_call_fails(process_factory) ->
         a.resume()
 
     # SIGCONT: after its ejection time a probe finds it alive and it is back in rotation.
-    seen: set[str] = set()
-    deadline = time.monotonic() + 20
-    while "a" not in seen and time.monotonic() < deadline:
-        seen.add((await stub.Unary(pb.UnaryRequest(key="back"), timeout=2.0)).server_id)
-        await asyncio.sleep(0.02)
-    assert "a" in seen
+    async def a_answers() -> bool:
+        return (await stub.Unary(pb.UnaryRequest(key="back"), timeout=2.0)).server_id == "a"
+
+    await eventually(a_answers, timeout=20, what="the resumed replica back in rotation")
     assert detector.replicas[0].state == HEALTHY
     assert any(not e.ejected for e in recorder.outliers)
     await channel.close()
 
 
 async def test_calls_in_flight_on_a_replica_that_hangs_are_all_retried_elsewhere(
-    process_factory,
+    replica_pair,
 ) -> None:
     # 400 calls/s with a 0.2 s attempt timeout: about 40 attempts are in flight on the replica
     # when it hangs, far more than the retry budget's 5 spare tokens. They fail together, their
     # replica is ejected, and each is retried on the live replica.
-    a = process_factory("testsvc-a", replica_command("a"))
-    b = process_factory("testsvc-b", replica_command("b"))
+    a, b = replica_pair
     recorder = Recorder()
     runtime = Runtime(instrumentation=[recorder])
-    channel = aio_channel(
-        [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], policy(30.0), runtime=runtime
-    )
+    channel = aio_channel(addresses(a, b), policy(30.0), runtime=runtime)
     stub = pb_grpc.TestServiceStub(channel)
     try:
         await both_in_rotation(stub)
         a.pause()
-
-        async def one(i: int) -> str:
-            reply = await stub.Unary(pb.UnaryRequest(key=f"burst-{i}"), timeout=2.0)
-            return reply.server_id
-
-        tasks = []
-        for i in range(300):
-            tasks.append(asyncio.ensure_future(one(i)))
-            await asyncio.sleep(0.0025)
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        results = await steady_calls(stub, "burst", 300, interval=0.0025, timeout=2.0)
     finally:
         a.resume()
     assert [r for r in results if isinstance(r, BaseException)] == []
@@ -165,14 +150,12 @@ async def test_calls_in_flight_on_a_replica_that_hangs_are_all_retried_elsewhere
     await channel.close()
 
 
-async def test_with_both_replicas_failing_one_stays_in_rotation(process_factory) -> None:
-    a = process_factory("testsvc-a", replica_command("a"))
-    b = process_factory("testsvc-b", replica_command("b"))
+async def test_with_both_replicas_failing_one_stays_in_rotation(replica_pair) -> None:
     recorder = Recorder()
     runtime = Runtime(instrumentation=[recorder])
     retry = RetryPolicy(max_attempts=1, idempotent_methods=(TESTSVC,))
     channel = aio_channel(
-        [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"],
+        addresses(*replica_pair),
         Policy(timeout=2.0, retry=retry, breaker=BreakerPolicy(enabled=False)),
         runtime=runtime,
     )
@@ -216,18 +199,17 @@ async def test_per_method_attempt_timeout_retries_only_the_matching_method(targe
 
 
 async def test_without_attempt_timeouts_a_paused_replica_costs_only_the_first_few_calls(
-    process_factory,
+    replica_pair,
 ) -> None:
     # A caller that sets no per-attempt timeout (only the overall deadline): the calls already
     # sent to the paused replica fail at their deadline, but two such timeouts eject it and
     # every later call goes to the live replica (before: every other call until keepalive).
-    a = process_factory("testsvc-a", replica_command("a"))
-    b = process_factory("testsvc-b", replica_command("b"))
+    a, b = replica_pair
     recorder = Recorder()
     runtime = Runtime(instrumentation=[recorder])
     retry = RetryPolicy(base_backoff=0.01, idempotent_methods=(TESTSVC,))
     channel = aio_channel(
-        [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"],
+        addresses(a, b),
         Policy(timeout=0.5, retry=retry, outlier=OutlierPolicy(base_ejection_time=30.0)),
         runtime=runtime,
     )
@@ -235,16 +217,7 @@ async def test_without_attempt_timeouts_a_paused_replica_costs_only_the_first_fe
     try:
         await both_in_rotation(stub)
         a.pause()
-
-        async def one(i: int) -> str:
-            reply = await stub.Unary(pb.UnaryRequest(key=f"nocap-{i}"), timeout=0.5)
-            return reply.server_id
-
-        tasks = []
-        for i in range(100):
-            tasks.append(asyncio.ensure_future(one(i)))
-            await asyncio.sleep(0.02)
-        results = await asyncio.gather(*tasks, return_exceptions=True)
+        results = await steady_calls(stub, "nocap", 100, interval=0.02, timeout=0.5)
     finally:
         a.resume()
     failures = [r for r in results if isinstance(r, BaseException)]
@@ -260,14 +233,13 @@ async def test_without_attempt_timeouts_a_paused_replica_costs_only_the_first_fe
 
 
 async def test_streams_that_break_on_a_dead_replica_eject_it_for_new_streams(
-    process_factory,
+    replica_pair,
 ) -> None:
     # Streams alone (no unary calls to learn from): a node reconnecting its control stream
     # after its replica died must stop picking the dead replica after a couple of failures
     # instead of alternating with it until keepalive notices.
-    a = process_factory("testsvc-a", replica_command("a"))
-    b = process_factory("testsvc-b", replica_command("b"))
-    channel = aio_channel([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], policy(5.0))
+    a, b = replica_pair
+    channel = aio_channel(addresses(a, b), policy(5.0))
     assert isinstance(channel, ResilientChannel) and channel.detector is not None
     detector = channel.detector
     stub = pb_grpc.TestServiceStub(channel)
