@@ -17,7 +17,7 @@ node) or finds a newer owner and aborts the stream.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
@@ -35,6 +35,10 @@ class Held:
     record: OwnerRecord
     provisional: bool = False
     refreshed_at: float = 0.0
+    encoded: str = field(init=False, default="")  # as Redis holds it: sent with every write
+
+    def __post_init__(self) -> None:
+        self.encoded = self.record.encode()
 
 
 class NodeOwnership:
@@ -57,7 +61,7 @@ class NodeOwnership:
         self._owners = Ownership(store.redis, store.keys.ownership_prefix, int(ttl_s * 1000))
         self._held: dict[str, Held] = {}
         self.takeovers = 0  # streams this replica closed because another one took the node
-        store.set_ownership_view(self.fence_of, self.touch_of)
+        store.set_ownership_view(self.fence_of, self.touch_of, ttl_s)
         store.add_data_loss_hook(self.restore_all)
         store.add_listener(self._on_change)
 
@@ -74,12 +78,12 @@ class NodeOwnership:
                 held.refreshed_at = float("-inf")
                 await self.refresh(node_id)
 
-    def touch_of(self, node_id: str) -> tuple[str, int] | None:
-        """Our confirmed owner record and its TTL: every node write extends it in Redis."""
+    def touch_of(self, node_id: str) -> str | None:
+        """Our confirmed owner record (encoded): every node write extends its TTL in Redis."""
         held = self._held.get(node_id)
         if held is None or held.provisional:
             return None
-        return held.record.encode(), int(self.ttl_s * 1000)
+        return held.encoded
 
     def owned(self) -> list[str]:
         return list(self._held)

@@ -54,25 +54,6 @@ def _dumps(doc: Any) -> str:
     return "".join(_C_ENCODE(doc, 0))
 
 
-def _report_json(report: LoadReport) -> str:
-    """The report array as ``_dumps(_report(report))`` writes it, built directly: it changes on
-    every write and its streams (tuples of str and int) dominate the encoding cost. Anything
-    of an unexpected type raises TypeError (the caller then takes the generic encoder); a
-    non-finite float raises ValueError like ``allow_nan=False``."""
-    cpu = report.cpu_percent
-    if type(cpu) is not float or not math.isfinite(cpu):
-        raise TypeError("cpu_percent: not a finite float")
-    r = int.__repr__
-    streams = ",".join(
-        [f"[{_quote(s[0])},{_quote(s[1])},{r(s[2])},{r(s[3])},{r(s[4])}]" for s in report.streams]
-    )
-    return (
-        f"[{float.__repr__(cpu)},{r(report.ram_used_bytes)},{r(report.ram_max_bytes)},"
-        f"{r(report.upload_bps)},{r(report.download_bps)},{r(report.bandwidth_limit_bps)},"
-        f"[{streams}]]"
-    )
-
-
 def _report(report: LoadReport | None) -> list[Any] | None:
     if report is None:
         return None
@@ -116,18 +97,9 @@ def _identity_fragment(ident: NodeIdentity) -> str:
     return fragment
 
 
-def encode(record: NodeRecord) -> str:
-    """The record as one JSON document."""
-    report = record.report
-    head = "{" + _identity_fragment(record.identity) + ',"report":'
-    if report is None:
-        head += "null,"
-    else:
-        try:
-            head += _report_json(report) + ","
-        except TypeError:  # unexpected field types: let the generic encoder judge them
-            head += _dumps(_report(report)) + ","
-    rest = {
+def _rest(record: NodeRecord) -> dict[str, Any]:
+    """The fields after the report, for the generic encoder."""
+    return {
         "mode": int(record.mode),
         "mode_reason": record.mode_reason,
         "report_at": record.last_report_at,
@@ -142,7 +114,54 @@ def encode(record: NodeRecord) -> str:
         "ver": record.version,
         "extra": record.extra,
     }
-    return head + _dumps(rest)[1:]
+
+
+def _rest_json(record: NodeRecord) -> str:
+    """``_dumps(_rest(record))[1:]`` built directly: written on every report, and about twice
+    as fast as the C encoder given a dict. Types are checked where a direct write could differ
+    from the encoder (a bool is an int, a float may be infinite): anything unexpected raises
+    TypeError, and the caller then takes the generic encoder, which writes it or refuses it."""
+    at, con, dis = record.last_report_at, record.connected_at, record.disconnected_at
+    fence, acc, rej, ver = (
+        record.owner_fence,
+        record.reports_accepted,
+        record.reports_rejected,
+        record.version,
+    )
+    connected = record.connected
+    if not (
+        type(at) is float
+        and type(con) is float
+        and type(dis) is float
+        and math.isfinite(at + con + dis)
+        and type(fence) is int
+        and type(acc) is int
+        and type(rej) is int
+        and type(ver) is int
+        and type(connected) is bool
+    ):
+        raise TypeError("record fields of unexpected types")
+    f = float.__repr__
+    extra = _dumps(record.extra) if record.extra else "{}"
+    return (
+        f'"mode":{int(record.mode)},"mode_reason":{_quote(record.mode_reason)},'
+        f'"report_at":{f(at)},"connected":{"true" if connected else "false"},'
+        f'"connected_at":{f(con)},"disconnected_at":{f(dis)},"owner":{_quote(record.owner)},'
+        f'"fence":{fence},"acc":{acc},"rej":{rej},"last_rej":{_quote(record.last_rejection)},'
+        f'"ver":{ver},"extra":{extra}}}'
+    )
+
+
+def encode(record: NodeRecord) -> str:
+    """The record as one JSON document."""
+    # The report changes on every write: CPython's C encoder writes it (StreamLoad tuples as
+    # arrays) faster than any Python-built string, and refuses non-finite numbers.
+    report_json = _dumps(_report(record.report))
+    try:
+        rest = _rest_json(record)
+    except TypeError:
+        rest = _dumps(_rest(record))[1:]
+    return "{" + _identity_fragment(record.identity) + ',"report":' + report_json + "," + rest
 
 
 def decode(text: str) -> NodeRecord:

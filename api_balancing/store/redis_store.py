@@ -14,6 +14,7 @@ dirty; the sync loop reconnects, re-converges (tail-first rehydration) and re-pu
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +37,12 @@ from api_balancing.model import NodeRecord, evolve
 from api_balancing.store import redis_codec
 from api_balancing.store.base import StaleWriteError, StoreListener
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-from pkg.coord import Announce, Entry, FencedHash, FencedWriteRejected, PreparedWrite, Watermarks
+from pkg.coord import Announce, Entry, FencedHash, FencedWriteRejected, PutBatch, Watermarks
 
 log = structlog.get_logger("foghorn.store.redis")
 
 OwnedFence = Callable[[str], int | None]
-OwnerTouch = Callable[[str], tuple[str, int] | None]
+OwnerTouch = Callable[[str], str | None]
 DeleteGuard = Callable[[], tuple[str, str] | None]
 
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -72,6 +73,11 @@ class StoreCounters:
 
 
 MAX_CONNECTIONS = 16
+# Batches on the wire at once: while one runs in Redis, the replica prepares the next.
+MAX_IN_FLIGHT = 2
+# Puts per script call: bigger batches cost less per put, but Redis runs a script alone, so a
+# bound keeps every other client's wait short (about 20 us of Redis time per put).
+MAX_BATCH = 500
 
 
 class _PackedConnection(aioredis.Connection):
@@ -140,29 +146,37 @@ class RedisNodeStore:
         self._listeners: list[StoreListener] = []
         self._owned_fence: OwnedFence = lambda _node_id: None
         self._owner_touch: OwnerTouch = lambda _node_id: None
+        self._touch_ttl_ms = 0
         self._data_loss_hooks: list[Callable[[], Awaitable[None]]] = []
         self._delete_guard: DeleteGuard | None = None
         self._sync: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
-        # Writes issued in the same event-loop turn go to Redis as one pipeline (each write
-        # still atomic and fenced on its own): concurrent node streams share round trips.
-        # The batch is kept laid out as the script wants it (keys and args of every write in
-        # order), so a report adds to two lists instead of building objects per write.
-        self._batch_keys: list[str] = []
-        self._batch_args: list[str] = []
-        self._batch_futures: list[asyncio.Future[None]] = []
-        # Per node: its keys and the constant args of its writes, built on its first write.
-        self._prepared: dict[str, PreparedWrite] = {}
+        # Group commit: writes go to Redis in batches, one script call each (each write still
+        # fenced and atomic on its own), with one batch on the wire at a time. Writes made
+        # while a batch travels wait for the next one, so under load batches grow by themselves
+        # (the per-call cost is paid once for many writes) and an idle store still sends a
+        # lone write at once.
+        self._pending: deque[tuple[PutBatch, list[asyncio.Future[None]]]] = deque()
+        self._in_flight = 0
+        self._launch_scheduled = False
+        self._flushes: set[asyncio.Task[None]] = set()
+        # Per node: its hash and owner-record keys, built on its first write.
+        self._node_keys: dict[str, tuple[str, str]] = {}
 
     # -- wiring by the HA runtime ------------------------------------------------------------
     def set_ownership_view(
-        self, owned_fence: OwnedFence, owner_touch: OwnerTouch | None = None
+        self,
+        owned_fence: OwnedFence,
+        owner_touch: OwnerTouch | None = None,
+        touch_ttl_s: float = 0.0,
     ) -> None:
         """``owned_fence(node_id)``: the fence this replica holds for the node, or None;
-        ``owner_touch(node_id)``: (our owner record, its TTL) to extend with each write."""
+        ``owner_touch(node_id)``: our owner record, whose TTL each write extends to
+        ``touch_ttl_s`` while it is still the one in Redis (None: nothing to extend)."""
         self._owned_fence = owned_fence
         if owner_touch is not None:
             self._owner_touch = owner_touch
+            self._touch_ttl_ms = int(touch_ttl_s * 1000)
 
     def add_data_loss_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Awaited after a rehydration that found Redis had lost its data (restart)."""
@@ -282,7 +296,7 @@ class RedisNodeStore:
                     self.keys.owner(node_id),
                     expect=("ver", str(current.version)),
                     guard=guard,
-                    announce=self._announce("del", node_id, current.version),
+                    announce=self._announce_delete(node_id, current.version),
                 )
             except FencedWriteRejected as exc:
                 log.info("eviction refused by Redis", node_id=node_id, reason=exc.reason)
@@ -300,60 +314,78 @@ class RedisNodeStore:
         self._dirty[record.node_id] = record
         self._dirty_deletes.discard(record.node_id)
 
-    def _announce(self, op: str, node_id: str, version: int) -> Announce:
-        fields = {"origin": self.settings.replica_id, "op": op, "id": node_id}
-        if op != "put":
-            fields["ver"] = str(version)
+    def _announce_delete(self, node_id: str, version: int) -> Announce:
+        # origin first: readers skip their own entries by it before decoding anything else
+        fields = {"origin": self.settings.replica_id, "op": "del", "id": node_id}
+        fields["ver"] = str(version)
         return Announce(
             stream=self.keys.changelog,
             maxlen=self.settings.changelog_maxlen,
             fields=fields,
             exact_trim=self.settings.exact_trim,
-            include_written=op == "put",  # the entry carries rec and ver, sent once
         )
 
-    def _prepared_write(self, node_id: str) -> PreparedWrite:
-        """The node's keys and constant write args (announce fields, TTL, trim), built once."""
-        prepared = self._prepared.get(node_id)
-        if prepared is None:
-            prepared = self._prepared[node_id] = PreparedWrite(
-                self.keys.node(node_id),
-                self.keys.owner(node_id),
-                ttl_ms=int(self.settings.record_ttl_s * 1000),
-                announce=self._announce("put", node_id, 0),  # a put's entry takes ver from rec
-            )
-        return prepared
+    def _new_batch(self) -> PutBatch:
+        settings = self.settings
+        return PutBatch(
+            self.keys.changelog,
+            origin=settings.replica_id,
+            maxlen=settings.changelog_maxlen,
+            exact_trim=settings.exact_trim,
+            ttl_ms=int(settings.record_ttl_s * 1000),
+            touch_ttl_ms=self._touch_ttl_ms,
+            state_field="rec",
+            version_field="ver",
+        )
 
     async def _write_through(self, record: NodeRecord) -> None:
-        """Fenced write + changelog append, batched with writes of the same loop turn."""
+        """Fenced write + changelog append, sent with the other writes of its batch."""
         node_id = record.node_id
-        prepared = self._prepared_write(node_id)
-        args = prepared.args(
+        keys = self._node_keys.get(node_id)
+        if keys is None:
+            keys = self._node_keys[node_id] = (self.keys.node(node_id), self.keys.owner(node_id))
+        pending = self._pending
+        if not pending or len(pending[-1][0]) >= MAX_BATCH:
+            pending.append((self._new_batch(), []))
+        batch, futures = pending[-1]
+        batch.add(
+            keys[0],
+            keys[1],
             record.owner_fence,
-            ("rec", redis_codec.encode(record), "ver", str(record.version)),
-            self._owner_touch(node_id),
+            node_id,
+            redis_codec.encode(record),
+            record.version,
+            self._owner_touch(node_id) or "",
         )
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
-        if not self._batch_futures:
-            loop.call_soon(self._flush_soon)
-        self._batch_keys.extend(prepared.keys)
-        self._batch_args.extend(args)
-        self._batch_futures.append(future)
+        futures.append(future)
+        if not self._launch_scheduled and self._in_flight < MAX_IN_FLIGHT:
+            # On the next loop turn, so the writes of this turn join the batch.
+            self._launch_scheduled = True
+            loop.call_soon(self._launch)
         await future
 
-    def _flush_soon(self) -> None:
-        keys, args, futures = self._batch_keys, self._batch_args, self._batch_futures
-        self._batch_keys, self._batch_args, self._batch_futures = [], [], []
-        if futures:
-            asyncio.get_running_loop().create_task(self._flush(keys, args, futures))
+    def _launch(self) -> None:
+        """Send pending batches while fewer than ``MAX_IN_FLIGHT`` are on the wire."""
+        self._launch_scheduled = False
+        while self._pending and self._in_flight < MAX_IN_FLIGHT:
+            batch, futures = self._pending.popleft()
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._flush(batch, futures))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushed)
 
-    async def _flush(
-        self, keys: list[str], args: list[str], futures: list[asyncio.Future[None]]
-    ) -> None:
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushes.discard(task)
+        self._in_flight -= 1
+        if self._pending and not self._launch_scheduled:
+            self._launch()
+
+    async def _flush(self, batch: PutBatch, futures: list[asyncio.Future[None]]) -> None:
         try:
-            results = await asyncio.wait_for(
-                self._fenced.write_prepared(keys, args), self.settings.op_timeout_s * 2
+            rejected = await asyncio.wait_for(
+                self._fenced.put_batch(batch), self.settings.op_timeout_s * 2
             )
         except BaseException as exc:  # connection errors and cancellation fail every waiter
             error = exc if isinstance(exc, Exception) else RedisError("write batch cancelled")
@@ -363,11 +395,12 @@ class RedisNodeStore:
             if not isinstance(exc, Exception):
                 raise
             return
-        for future, result in zip(futures, results, strict=True):
+        for i, future in enumerate(futures):
             if future.done():
                 continue
-            if isinstance(result, FencedWriteRejected):
-                future.set_exception(result)
+            refusal = rejected.get(i) if rejected else None
+            if refusal is not None:
+                future.set_exception(refusal)
             else:
                 future.set_result(None)
 
@@ -381,7 +414,7 @@ class RedisNodeStore:
 
     def _drop(self, node_id: str, token: tuple[int, int]) -> None:
         self._marks.advance(node_id, token)
-        self._prepared.pop(node_id, None)  # evicted nodes must not pin memory
+        self._node_keys.pop(node_id, None)  # evicted nodes must not pin memory
         if self._records.pop(node_id, None) is not None:
             self._notify(node_id, None)
 
@@ -458,7 +491,7 @@ class RedisNodeStore:
                 self.keys.node(node_id),
                 self.keys.owner(node_id),
                 guard=current_guard,
-                announce=self._announce("del", node_id, self._max_version.get(node_id, 0)),
+                announce=self._announce_delete(node_id, self._max_version.get(node_id, 0)),
             )
             self._dirty_deletes.discard(node_id)
         for node_id, record in list(self._dirty.items()):

@@ -18,9 +18,8 @@ from pkg.coord.fencing import (
     Announce,
     FenceCounter,
     FencedHash,
-    FencedWrite,
     FencedWriteRejected,
-    PreparedWrite,
+    PutBatch,
     WriteResult,
 )
 from pkg.coord.lease import LeaderLease, LeaseState
@@ -34,7 +33,6 @@ __all__ = [
     "Entry",
     "FenceCounter",
     "FencedHash",
-    "FencedWrite",
     "FencedWriteRejected",
     "GapDetected",
     "LeaderLease",
@@ -42,7 +40,7 @@ __all__ = [
     "OwnerRecord",
     "Ownership",
     "Position",
-    "PreparedWrite",
+    "PutBatch",
     "RefreshOutcome",
     "Watermarks",
     "WriteResult",

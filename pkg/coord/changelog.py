@@ -137,13 +137,27 @@ class Changelog:
         return ChangelogReader(self._redis, self.key, cursor or Position(), skip_origin)
 
 
+def _raw_reply(response: Any, **_options: Any) -> Any:
+    return response
+
+
 class ChangelogReader:
-    """Reads entries after a cursor, raising ``GapDetected`` when replay cannot be complete."""
+    """Reads entries after a cursor, raising ``GapDetected`` when replay cannot be complete.
+
+    Every entry is read (the sequence check needs them all) but entries written by
+    ``skip_origin`` are dropped before anything is built for them: writers put ``origin`` right
+    after ``n``, so the reader compares two strings of the flat reply and moves on. A replica
+    reading its own writes back (half of all entries with two replicas, all of them alone) would
+    otherwise parse every record it wrote only to throw it away.
+    """
 
     def __init__(
         self, redis: aioredis.Redis, key: str, cursor: Position, skip_origin: str | None
     ) -> None:
-        self._redis = redis
+        # A client of its own on the same pool, with XREAD's reply left as Redis sent it (flat
+        # field lists): redis-py's parser would build a dict per entry, skipped ones included.
+        self._redis = aioredis.Redis(connection_pool=redis.connection_pool)
+        self._redis.set_response_callback("XREAD", _raw_reply)
         self.key = key
         self.position = cursor
         self.skip_origin = skip_origin
@@ -175,11 +189,16 @@ class ChangelogReader:
         if self._broken:
             self._broken = False
             raise GapDetected("connection to Redis was lost")
-        batch = self._batch(reply)
         entries: list[Entry] = []
         expected = self.position.index + 1
-        for entry_id, fields in batch:
-            n = int(fields.pop(SEQ_FIELD, "0") or 0)
+        skip = self.skip_origin
+        last_id = ""
+        for raw_id, raw_flat in _messages(reply):
+            # decode_responses clients give text already; others bytes, decoded here once
+            flat = raw_flat if isinstance(raw_id, str) else [_text(v) for v in raw_flat]
+            entry_id = _text(raw_id)
+            # An entry not written through APPEND_LUA (no n first) cannot be placed: n = 0.
+            n = int(flat[1] or 0) if len(flat) >= 2 and flat[0] == SEQ_FIELD else 0
             if n != expected:
                 why = "trimmed past the cursor" if n > expected else "restarted (Redis lost it)"
                 raise GapDetected(
@@ -187,26 +206,23 @@ class ChangelogReader:
                     f"got {n} ({entry_id})"
                 )
             expected += 1
+            last_id = entry_id
+            if skip is not None and len(flat) >= 4 and flat[3] == skip and flat[2] == ORIGIN_FIELD:
+                continue
+            fields = dict(zip(flat[2::2], flat[3::2], strict=False))
             origin = fields.pop(ORIGIN_FIELD, "")
-            if self.skip_origin is not None and origin == self.skip_origin:
+            if skip is not None and origin == skip:
                 continue
             entries.append(Entry(id=entry_id, origin=origin, fields=fields))
-        if batch:
-            self.position = Position(batch[-1][0], expected - 1)
+        if last_id:
+            self.position = Position(last_id, expected - 1)
         return entries
 
-    def _batch(self, reply: Any) -> list[tuple[str, dict[str, str]]]:
-        if not reply:
-            return []
-        streams = reply.items() if isinstance(reply, dict) else reply
-        out: list[tuple[str, dict[str, str]]] = []
-        for _key, messages in streams:
-            # RESP3 replies wrap messages in a list of one; RESP2 gives them directly.
-            seq = messages[0] if messages and isinstance(messages[0], list) else messages
-            for entry_id, fields in seq:
-                if isinstance(entry_id, str):
-                    # decode_responses clients: already text, and redis-py built a fresh dict
-                    out.append((entry_id, fields))
-                else:
-                    out.append((_text(entry_id), {_text(k): _text(v) for k, v in fields.items()}))
-        return out
+
+def _messages(reply: Any) -> list[Any]:
+    """The ``[id, [field, value, ...]]`` messages of a raw XREAD reply of one stream."""
+    if not reply:
+        return []
+    # RESP3 answers a map {stream: messages}, RESP2 a list of [stream, messages] pairs.
+    streams = reply.values() if isinstance(reply, dict) else [pair[1] for pair in reply]
+    return [message for messages in streams for message in messages]

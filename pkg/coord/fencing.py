@@ -33,74 +33,99 @@ end
 """
 )
 
-# One fenced write. K: hash, owner record, stream, stream counter (any keys when maxlen == 0).
-# A (from index o+1): fence, ttl_ms, maxlen (0: no announce), exact_trim (0/1),
-#   include_written (0/1), touch value ('' : none), touch ttl_ms, npairs, pairs..., entry...;
-#   the write's args end at index e. "touch": after the write, extend the owner record's TTL
-#   if it is exactly the writer's (the ownership refresh rides along with every write).
-_FENCED_WRITE_LUA = """
-local function fenced_write(K, A, o, e)
-  local fence = tonumber(A[o + 1])
-  local owner_fence = record_fence(redis.call('GET', K[2]))
-  if owner_fence and owner_fence > fence then
-    return {0, 'owner', owner_fence}
-  end
-  local stored = tonumber(redis.call('HGET', K[1], '_fence'))
-  if stored and stored > fence then
-    return {0, 'state', stored}
-  end
-  local npairs = tonumber(A[o + 8])
-  local last_pair = o + 8 + 2 * npairs
-  local hset = {K[1], '_fence', A[o + 1]}
-  for i = o + 9, last_pair do hset[#hset + 1] = A[i] end
-  redis.call('HSET', unpack(hset))
-  local ttl = tonumber(A[o + 2])
-  if ttl > 0 then redis.call('PEXPIRE', K[1], ttl) end
-  local id = ''
-  local maxlen = tonumber(A[o + 3])
-  if maxlen > 0 then
-    local fields = {'fence', A[o + 1]}
-    for i = last_pair + 1, e do fields[#fields + 1] = A[i] end
-    if A[o + 5] == '1' then
-      for i = o + 9, last_pair do fields[#fields + 1] = A[i] end
-    end
-    id = changelog_append(K[3], K[4], maxlen, A[o + 4] == '1', fields)
-  end
-  if A[o + 6] ~= '' and redis.call('GET', K[2]) == A[o + 6] then
-    redis.call('PEXPIRE', K[2], A[o + 7])
-  end
-  return {1, id, 0}
-end
-"""
-
+# One fenced write. KEYS: hash, owner record, stream, stream counter (any keys when maxlen is 0).
+# ARGV: fence, ttl_ms, maxlen (0: no announce), exact_trim (0/1), include_written (0/1),
+#   touch value ('' : none), touch ttl_ms, npairs, pairs..., entry fields...
+# "touch": after the write, extend the owner record's TTL if it is exactly the writer's (the
+# ownership refresh rides along with every write). The entry lists its fields before the fence
+# (an announce puts ``origin`` first, so readers skip their own entries before decoding them).
 _WRITE = (
     _LUA_HELPERS
-    + _FENCED_WRITE_LUA
     + """
-return fenced_write(KEYS, ARGV, 0, #ARGV)
+local fence = tonumber(ARGV[1])
+local owner_fence = record_fence(redis.call('GET', KEYS[2]))
+if owner_fence and owner_fence > fence then
+  return {0, 'owner', owner_fence}
+end
+local stored = tonumber(redis.call('HGET', KEYS[1], '_fence'))
+if stored and stored > fence then
+  return {0, 'state', stored}
+end
+local last_pair = 8 + 2 * tonumber(ARGV[8])
+local hset = {KEYS[1], '_fence', ARGV[1]}
+for i = 9, last_pair do hset[#hset + 1] = ARGV[i] end
+redis.call('HSET', unpack(hset))
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+local id = ''
+local maxlen = tonumber(ARGV[3])
+if maxlen > 0 then
+  local fields = {}
+  for i = last_pair + 1, #ARGV do fields[#fields + 1] = ARGV[i] end
+  fields[#fields + 1] = 'fence'
+  fields[#fields + 1] = ARGV[1]
+  if ARGV[5] == '1' then
+    for i = 9, last_pair do fields[#fields + 1] = ARGV[i] end
+  end
+  id = changelog_append(KEYS[3], KEYS[4], maxlen, ARGV[4] == '1', fields)
+end
+if ARGV[6] ~= '' and redis.call('GET', KEYS[2]) == ARGV[6] then
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+end
+return {1, id, 0}
 """
 )
 
-# Several writes in one script call: KEYS are 4 per write in order; ARGV is, per write, the
-# number of its args followed by them. Returns the three result fields of each write in a row.
-# One call instead of one per write: the client packs and parses once (Python costs far more
-# per command than Redis does), and Redis runs the writes back to back.
-_WRITE_BATCH = (
+# Announced puts of whole entity states, many in one script call. What every put of a batch
+# shares is sent once; each put adds two keys and five args:
+# KEYS: stream, stream counter, then per put: hash, owner record.
+# ARGV: ttl_ms, maxlen, exact_trim (0/1), touch_ttl_ms, origin, state field, version field,
+#   then per put: fence, touch ('' : none), entity id, state, version.
+# Each put is checked and applied on its own, exactly like ``_WRITE`` (owner fence, then
+# stored fence; HSET + PEXPIRE + numbered changelog entry; touch when the record is ours), and
+# announced with ``origin`` first so readers can skip their own entries before decoding them.
+# Returns only the rejected puts, as (1-based index, reason, newer fence) triples.
+_PUT_BATCH = (
     _LUA_HELPERS
-    + _FENCED_WRITE_LUA
     + """
+local ttl = tonumber(ARGV[1])
+local maxlen = tonumber(ARGV[2])
+local exact = ARGV[3] == '1'
+local origin, state_field, version_field = ARGV[5], ARGV[6], ARGV[7]
 local out = {}
-local o = 0
-local w = 0
-while o < #ARGV do
-  local n = tonumber(ARGV[o + 1])
-  local K = {KEYS[w * 4 + 1], KEYS[w * 4 + 2], KEYS[w * 4 + 3], KEYS[w * 4 + 4]}
-  local r = fenced_write(K, ARGV, o + 1, o + 1 + n)
-  out[#out + 1] = r[1]
-  out[#out + 1] = r[2]
-  out[#out + 1] = r[3]
-  o = o + 1 + n
-  w = w + 1
+local k = 3
+local i = 0
+for a = 8, #ARGV, 5 do
+  i = i + 1
+  local hash, owner = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  local fence = tonumber(ARGV[a])
+  local record = redis.call('GET', owner)
+  local reason, newer = nil, nil
+  local owner_fence = record_fence(record)
+  if owner_fence and owner_fence > fence then
+    reason, newer = 'owner', owner_fence
+  else
+    local stored = tonumber(redis.call('HGET', hash, '_fence'))
+    if stored and stored > fence then reason, newer = 'state', stored end
+  end
+  if reason then
+    out[#out + 1] = i
+    out[#out + 1] = reason
+    out[#out + 1] = newer
+  else
+    local state, version = ARGV[a + 3], ARGV[a + 4]
+    redis.call('HSET', hash, '_fence', ARGV[a], state_field, state, version_field, version)
+    if ttl > 0 then redis.call('PEXPIRE', hash, ttl) end
+    if maxlen > 0 then
+      changelog_append(KEYS[1], KEYS[2], maxlen, exact, {
+        'origin', origin, 'op', 'put', 'id', ARGV[a + 2], 'fence', ARGV[a],
+        state_field, state, version_field, version})
+    end
+    if ARGV[a + 1] ~= '' and record == ARGV[a + 1] then
+      redis.call('PEXPIRE', owner, ARGV[4])
+    end
+  end
 end
 return out
 """
@@ -130,8 +155,10 @@ redis.call('DEL', KEYS[1])
 local id = ''
 local maxlen = tonumber(ARGV[5])
 if maxlen > 0 then
-  local fields = {'fence', tostring(stored or math.max(fence, 0))}
+  local fields = {}
   for i = 7, #ARGV do fields[#fields + 1] = ARGV[i] end
+  fields[#fields + 1] = 'fence'
+  fields[#fields + 1] = tostring(stored or math.max(fence, 0))
   id = changelog_append(KEYS[3], KEYS[5], maxlen, ARGV[6] == '1', fields)
 end
 return {1, id}
@@ -170,73 +197,58 @@ class Announce:
     include_written: bool = False  # the entry also carries the hash fields written (sent once)
 
 
-@dataclass(frozen=True)
-class FencedWrite:
-    """One write of ``FencedHash.write_many`` (same meaning as ``FencedHash.write``'s args)."""
+class PutBatch:
+    """Announced fenced puts laid out for one ``FencedHash.put_batch`` call.
 
-    key: str
-    owner_key: str
-    fence: int
-    fields: Mapping[str, str]
-    ttl_ms: int = 0
-    announce: Announce | None = None
-    touch: tuple[str, int] | None = None  # (owner record value, ttl_ms) to extend if ours
-
-    def keys_and_args(self) -> tuple[list[str], list[Any]]:
-        announce = self.announce
-        args: list[Any] = [
-            str(self.fence),
-            str(self.ttl_ms),
-            str(announce.maxlen if announce else 0),
-            "1" if announce and announce.exact_trim else "0",
-            "1" if announce and announce.include_written else "0",
-            self.touch[0] if self.touch else "",
-            str(self.touch[1]) if self.touch else "0",
-            str(len(self.fields)),
-            *_flatten(self.fields),
-            *(_flatten(announce.fields) if announce else []),
-        ]
-        stream = announce.stream if announce else self.key
-        return [self.key, self.owner_key, stream, seq_key(stream)], args
-
-
-class PreparedWrite:
-    """The constant part of repeated fenced writes to one key (a node written on every report).
-
-    ``FencedWrite.keys_and_args`` rebuilds keys, announce fields and flags on every call; on a
-    hot path that costs more than Redis spends on the write. This keeps the keys and the
-    constant args once, and ``args`` lays out one write exactly like ``keys_and_args`` does
-    (prefixed by its arg count, as ``FencedHash.write_prepared`` expects).
+    A put replaces an entity's state (one string) and version in its hash, under the fence
+    checks of ``FencedHash.write``, and announces both on the changelog as an ``op=put`` entry
+    from ``origin``. What the puts of a batch share (stream, bounds, TTLs, origin, field names)
+    is laid out once; ``add`` appends two keys and five args, so a put on a hot path builds no
+    objects beyond its strings.
     """
 
-    __slots__ = ("_exact", "_include", "_maxlen", "_tail", "_ttl", "keys")
+    __slots__ = ("args", "keys")
 
     def __init__(
-        self, key: str, owner_key: str, *, ttl_ms: int = 0, announce: Announce | None = None
+        self,
+        stream: str,
+        *,
+        origin: str,
+        maxlen: int,
+        exact_trim: bool = False,
+        ttl_ms: int = 0,
+        touch_ttl_ms: int = 0,
+        state_field: str = "state",
+        version_field: str = "ver",
     ) -> None:
-        stream = announce.stream if announce else key
-        self.keys: tuple[str, str, str, str] = (key, owner_key, stream, seq_key(stream))
-        self._ttl = str(ttl_ms)
-        self._maxlen = str(announce.maxlen if announce else 0)
-        self._exact = "1" if announce and announce.exact_trim else "0"
-        self._include = "1" if announce and announce.include_written else "0"
-        self._tail = tuple(_flatten(announce.fields)) if announce else ()
-
-    def args(self, fence: int, fields: Sequence[str], touch: tuple[str, int] | None) -> list[str]:
-        """One write's args: ``fields`` is the flat ``name, value, ...`` list to HSET."""
-        return [
-            str(8 + len(fields) + len(self._tail)),
-            str(fence),
-            self._ttl,
-            self._maxlen,
-            self._exact,
-            self._include,
-            touch[0] if touch else "",
-            str(touch[1]) if touch else "0",
-            str(len(fields) // 2),
-            *fields,
-            *self._tail,
+        self.keys: list[str] = [stream, seq_key(stream)]
+        self.args: list[str] = [
+            str(ttl_ms),
+            str(maxlen),
+            "1" if exact_trim else "0",
+            str(touch_ttl_ms),
+            origin,
+            state_field,
+            version_field,
         ]
+
+    def add(
+        self,
+        key: str,
+        owner_key: str,
+        fence: int,
+        entity_id: str,
+        state: str,
+        version: int,
+        touch: str = "",
+    ) -> None:
+        """Queue one put; ``touch``: the writer's owner record, whose TTL the put extends if
+        the record in Redis is still exactly it ('' : none)."""
+        self.keys += (key, owner_key)
+        self.args += (str(fence), touch, entity_id, state, str(version))
+
+    def __len__(self) -> int:
+        return (len(self.keys) - 2) // 2
 
 
 class FenceCounter:
@@ -289,7 +301,7 @@ class FencedHash:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
         self._write = redis.register_script(_WRITE)
-        self._write_batch = redis.register_script(_WRITE_BATCH)
+        self._put_batch = redis.register_script(_PUT_BATCH)
         self._delete = redis.register_script(_DELETE)
 
     async def write(
@@ -308,45 +320,36 @@ class FencedHash:
         Raises ``FencedWriteRejected`` when Redis saw a newer fence; the write had no effect.
         ``touch=(record, ttl_ms)`` extends the owner record's TTL if it is exactly ``record``.
         """
-        write = FencedWrite(key, owner_key, fence, fields, ttl_ms, announce, touch)
-        keys, args = write.keys_and_args()
+        args: list[Any] = [
+            str(fence),
+            str(ttl_ms),
+            str(announce.maxlen if announce else 0),
+            "1" if announce and announce.exact_trim else "0",
+            "1" if announce and announce.include_written else "0",
+            touch[0] if touch else "",
+            str(touch[1]) if touch else "0",
+            str(len(fields)),
+            *_flatten(fields),
+            *(_flatten(announce.fields) if announce else []),
+        ]
+        stream = announce.stream if announce else key
+        keys = [key, owner_key, stream, seq_key(stream)]
         return _outcome(await self._write(keys=keys, args=args))
 
-    async def write_many(
-        self, writes: Sequence[FencedWrite]
-    ) -> list[WriteResult | FencedWriteRejected]:
-        """Several fenced writes in one script call (each write checked and applied on its own,
-        in order; all of them in one atomic step).
+    async def put_batch(self, batch: PutBatch) -> dict[int, FencedWriteRejected]:
+        """Apply every put of ``batch`` in one script call (each checked on its own, in order,
+        all in one atomic step); returns the rejected ones by their index in the batch.
 
-        Returns, per write, its result or the rejection. Connection errors raise for the whole
-        batch (it may or may not have been applied, like a single write).
+        Connection errors raise for the whole batch (it may or may not have been applied, like
+        a single write).
         """
-        if not writes:
-            return []
-        keys: list[str] = []
-        args: list[Any] = []
-        for write in writes:
-            write_keys, write_args = write.keys_and_args()
-            keys.extend(write_keys)
-            args.append(str(len(write_args)))
-            args.extend(write_args)
-        return await self.write_prepared(keys, args)
-
-    async def write_prepared(
-        self, keys: Sequence[str], args: Sequence[Any]
-    ) -> list[WriteResult | FencedWriteRejected]:
-        """``write_many`` with the batch already laid out: 4 keys per write (``PreparedWrite.
-        keys``) and, per write, ``PreparedWrite.args``; same checks, same results."""
-        if not keys:
-            return []
-        raw = await self._write_batch(keys=keys, args=args)
-        results: list[WriteResult | FencedWriteRejected] = []
-        for i in range(0, len(raw), 3):
-            try:
-                results.append(_outcome(raw[i : i + 3]))
-            except FencedWriteRejected as exc:
-                results.append(exc)
-        return results
+        if not len(batch):
+            return {}
+        raw = await self._put_batch(keys=batch.keys, args=batch.args)
+        return {
+            int(raw[i]) - 1: FencedWriteRejected(_text(raw[i + 1]), int(raw[i + 2]))
+            for i in range(0, len(raw), 3)
+        }
 
     async def delete(
         self,

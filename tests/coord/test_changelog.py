@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from pkg.coord import Changelog, GapDetected
+from pkg.coord import Announce, Changelog, FencedHash, GapDetected, PutBatch
 from pkg.coord.changelog import Position, parse_id
 from tests.waiting import eventually
 
@@ -27,6 +27,30 @@ async def test_reader_gets_entries_in_order_and_skips_its_own(
     assert all(e.origin == "a" for e in entries)
     assert reader.position == await log.tail(), "own entries still move the cursor"
     assert await reader.read(block_ms=50) == []
+
+
+async def test_every_kind_of_writer_is_skipped_by_origin_and_read_by_the_others(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    stream = f"{prefix}:log"
+    log = Changelog(redis, stream)
+    fenced = FencedHash(redis)
+    mine, theirs = log.reader(skip_origin="me"), log.reader(skip_origin="other")
+    await log.append("other", {"i": "0"})
+    batch = PutBatch(stream, origin="me", maxlen=100)  # origin right after n
+    batch.add(f"{prefix}:h1", f"{prefix}:o1", 1, "h1", "state-1", 1)
+    await fenced.put_batch(batch)
+    # origin elsewhere in the entry: found the slow way, still skipped
+    announce = Announce(stream, maxlen=100, fields={"op": "x", "origin": "me", "i": "2"})
+    await fenced.write(f"{prefix}:h2", f"{prefix}:o2", 1, {"v": "1"}, announce=announce)
+    await log.append("other", {"i": "3"})
+    assert [e.fields["i"] for e in await mine.read(block_ms=100)] == ["0", "3"]
+    got = await theirs.read(block_ms=100)
+    assert [(e.origin, e.fields.get("state") or e.fields.get("i")) for e in got] == [
+        ("me", "state-1"),
+        ("me", "2"),
+    ]
+    assert mine.position == theirs.position == await log.tail()
 
 
 async def test_tail_first_reader_sees_only_what_follows_the_tail(

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from pkg.coord import (
-    FenceCounter,
-    FencedHash,
-    FencedWrite,
-    FencedWriteRejected,
-    PreparedWrite,
-    WriteResult,
-)
+from pkg.coord import FenceCounter, FencedHash, FencedWriteRejected, PutBatch
+from pkg.coord.changelog import Changelog
 from pkg.coord.fencing import Announce
 
 pytestmark = pytest.mark.integration
@@ -127,23 +121,84 @@ async def test_delete_of_a_missing_key_is_still_announced(
     assert await redis.xlen(stream) == 1
 
 
-async def test_write_many_applies_each_write_and_reports_each_rejection(
+def _batch(prefix: str, maxlen: int = 100, touch_ttl_ms: int = 0) -> PutBatch:
+    return PutBatch(
+        f"{prefix}:log",
+        origin="a",
+        maxlen=maxlen,
+        exact_trim=True,
+        ttl_ms=60_000,
+        touch_ttl_ms=touch_ttl_ms,
+        state_field="rec",
+    )
+
+
+async def test_a_put_batch_applies_each_put_and_reports_each_rejection(
     redis: aioredis.Redis, prefix: str
 ) -> None:
     store = FencedHash(redis)
-    await store.write(f"{prefix}:b", f"{prefix}:ob", 9, {"v": "old"})
+    await store.write(f"{prefix}:b", f"{prefix}:ob", 9, {"rec": "old"})
+    await redis.set(f"{prefix}:oc", "b|addr|7")
     await redis.script_flush()  # as after a Redis restart: the batch must load the script
-    results = await store.write_many(
-        [
-            FencedWrite(f"{prefix}:a", f"{prefix}:oa", 1, {"v": "a1"}),
-            FencedWrite(f"{prefix}:b", f"{prefix}:ob", 8, {"v": "stale"}),
-            FencedWrite(f"{prefix}:c", f"{prefix}:oc", 3, {"v": "c3"}),
-        ]
-    )
-    assert isinstance(results[0], WriteResult) and isinstance(results[2], WriteResult)
-    assert isinstance(results[1], FencedWriteRejected) and results[1].newer_fence == 9
-    assert await redis.hget(f"{prefix}:a", "v") == "a1"
-    assert await redis.hget(f"{prefix}:b", "v") == "old"
+    batch = _batch(prefix)
+    batch.add(f"{prefix}:a", f"{prefix}:oa", 1, "a", "a1", 1)
+    batch.add(f"{prefix}:b", f"{prefix}:ob", 8, "b", "stale", 2)
+    batch.add(f"{prefix}:c", f"{prefix}:oc", 6, "c", "stale", 3)
+    batch.add(f"{prefix}:d", f"{prefix}:od", 2, "d", "d1", 4)
+    assert len(batch) == 4
+    rejected = await store.put_batch(batch)
+    assert sorted(rejected) == [1, 2]
+    assert (rejected[1].reason, rejected[1].newer_fence) == ("state", 9)
+    assert (rejected[2].reason, rejected[2].newer_fence) == ("owner", 7)
+    assert await redis.hgetall(f"{prefix}:a") == {"_fence": "1", "rec": "a1", "ver": "1"}
+    assert await redis.hget(f"{prefix}:b", "rec") == "old"
+    assert await redis.exists(f"{prefix}:c") == 0
+    assert 0 < await redis.pttl(f"{prefix}:d") <= 60_000
+
+
+async def test_each_accepted_put_is_announced_with_its_origin_first(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    store = FencedHash(redis)
+    await redis.set(f"{prefix}:ob", "b|addr|7")
+    batch = _batch(prefix)
+    batch.add(f"{prefix}:a", f"{prefix}:oa", 1, "a", "a1", 1)
+    batch.add(f"{prefix}:b", f"{prefix}:ob", 6, "b", "stale", 2)
+    await store.put_batch(batch)
+    plain = aioredis.Redis(connection_pool=redis.connection_pool)  # the reply as Redis sends it
+    plain.set_response_callback("XRANGE", lambda response, **_: response)
+    raw = await plain.xrange(f"{prefix}:log")
+    assert len(raw) == 1, "the rejected put is not announced"
+    (_, flat), *_ = raw
+    assert flat[:4] == ["n", "1", "origin", "a"], "readers skip their own entries by position"
+    assert dict(zip(flat[::2], flat[1::2], strict=True)) == {
+        "n": "1", "origin": "a", "op": "put", "id": "a", "fence": "1", "rec": "a1", "ver": "1",
+    }  # fmt: skip
+    reader = Changelog(redis, f"{prefix}:log").reader()
+    (entry,) = await reader.read(block_ms=10)
+    assert entry.origin == "a" and entry.fields["rec"] == "a1"
+
+
+async def test_a_put_extends_the_writers_owner_record_only_if_it_is_still_theirs(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    store = FencedHash(redis)
+    owner = f"{prefix}:owner"
+    await redis.set(owner, "a|x:1|3", px=1_000)
+    batch = _batch(prefix, touch_ttl_ms=60_000)
+    batch.add(f"{prefix}:n", owner, 3, "n", "s1", 1, touch="a|x:1|3")
+    assert not await store.put_batch(batch)
+    assert await redis.pttl(owner) > 10_000
+    await redis.set(owner, "a|x:1|4", px=1_000)  # a took the node again, with a newer fence
+    batch = _batch(prefix, touch_ttl_ms=60_000)
+    batch.add(f"{prefix}:n", owner, 4, "n", "s2", 2, touch="a|x:1|3")
+    assert not await store.put_batch(batch)
+    assert await redis.pttl(owner) <= 1_000, "only the exact record the writer holds"
+
+
+async def test_an_empty_put_batch_sends_nothing(redis: aioredis.Redis, prefix: str) -> None:
+    assert await FencedHash(redis).put_batch(_batch(prefix)) == {}
+    assert await redis.exists(f"{prefix}:log") == 0
 
 
 async def test_announce_can_carry_the_written_fields_without_sending_them_twice(
@@ -169,38 +224,3 @@ async def test_a_write_extends_the_writers_owner_record_only_if_it_is_still_thei
     with pytest.raises(FencedWriteRejected):
         await store.write(f"{prefix}:n", owner, 3, {"v": "2"}, touch=("a|x:1|3", 60_000))
     assert await redis.pttl(owner) <= 1_000
-
-
-@pytest.mark.parametrize("touch", [None, ("a|addr|3", 15_000)])
-@pytest.mark.parametrize("with_announce", [True, False])
-def test_a_prepared_write_lays_out_exactly_the_args_of_a_fenced_write(
-    touch: tuple[str, int] | None, with_announce: bool
-) -> None:
-    announce = (
-        Announce("s", maxlen=100, fields={"origin": "a", "op": "put"}, include_written=True)
-        if with_announce
-        else None
-    )
-    fields = {"rec": "{}", "ver": "4"}
-    write = FencedWrite("k", "o", 7, fields, ttl_ms=5000, announce=announce, touch=touch)
-    keys, args = write.keys_and_args()
-    prepared = PreparedWrite("k", "o", ttl_ms=5000, announce=announce)
-    assert list(prepared.keys) == keys
-    assert prepared.args(7, ["rec", "{}", "ver", "4"], touch) == [str(len(args)), *args]
-
-
-async def test_write_prepared_checks_fences_like_write_many(
-    redis: aioredis.Redis, prefix: str
-) -> None:
-    store = FencedHash(redis)
-    await redis.set(f"{prefix}o2", "b|addr|9")
-    ok = PreparedWrite(f"{prefix}h1", f"{prefix}o1", announce=Announce(f"{prefix}s", 100, {}))
-    stale = PreparedWrite(f"{prefix}h2", f"{prefix}o2", announce=Announce(f"{prefix}s", 100, {}))
-    results = await store.write_prepared(
-        [*ok.keys, *stale.keys],
-        [*ok.args(5, ["x", "1"], None), *stale.args(5, ["x", "2"], None)],
-    )
-    assert isinstance(results[0], WriteResult) and results[0].entry_id
-    assert isinstance(results[1], FencedWriteRejected) and results[1].newer_fence == 9
-    assert await redis.hget(f"{prefix}h1", "x") == "1"
-    assert await redis.exists(f"{prefix}h2") == 0

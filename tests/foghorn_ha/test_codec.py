@@ -43,25 +43,49 @@ def test_malformed_input_is_a_value_error(text: str) -> None:
         redis_codec.decode(text)
 
 
-def _generic_report(record: NodeRecord) -> object:
-    return json.loads(redis_codec._ENCODER.encode(redis_codec._report(record.report)))
+def _generic(record: NodeRecord) -> object:
+    """What the generic JSON encoder writes for the fields after the identity."""
+    doc = {"report": redis_codec._report(record.report), **redis_codec._rest(record)}
+    return json.loads(redis_codec._ENCODER.encode(doc))
 
 
 @pytest.mark.parametrize(
-    "stream_id", ["live-1", 'quote"and\\slash', "caf\u00e9 \u2603", "line\nbreak", ""]
+    "text", ["plain", 'quote"and\\slash', "caf\u00e9 \u2603", "line\nbreak", ""]
 )
-def test_the_direct_report_encoding_writes_what_the_generic_encoder_writes(
-    stream_id: str,
-) -> None:
-    base = make_record("n3", cpu=12.25)
+def test_the_direct_encoding_writes_what_the_generic_encoder_writes(text: str) -> None:
+    base = make_record("n3", cpu=12.25, owner=text, fence=4)
     assert base.report is not None
-    report = dataclasses.replace(
-        base.report, streams=(StreamLoad(stream_id, "t\u00fcnant", 3, 1, 2_000_000_000_000),)
+    record = dataclasses.replace(
+        base,
+        report=dataclasses.replace(
+            base.report, streams=(StreamLoad(text, "t\u00fcnant", 3, 1, 2_000_000_000_000),)
+        ),
+        mode_reason=text,
+        last_rejection=text,
+        connected=False,
+        disconnected_at=5.5,
+        extra={text: text},
     )
-    record = dataclasses.replace(base, report=report)
     doc = json.loads(redis_codec.encode(record))
-    assert doc["report"] == _generic_report(record)
+    assert {k: v for k, v in doc.items() if k == "report" or k in redis_codec._rest(record)} == (
+        _generic(record)
+    )
     assert redis_codec.decode(redis_codec.encode(record)) == record
+
+
+def test_fields_of_unexpected_types_take_the_generic_encoder() -> None:
+    # e.g. integer timestamps from a test clock: still valid JSON, still the same record
+    record = dataclasses.replace(make_record("n6"), last_report_at=17, connected_at=3)
+    doc = json.loads(redis_codec.encode(record))
+    assert (doc["report_at"], doc["connected_at"]) == (17, 3)
+    assert redis_codec.decode(redis_codec.encode(record)).last_report_at == 17.0
+
+
+@pytest.mark.parametrize("field", ["last_report_at", "connected_at", "disconnected_at"])
+def test_a_non_finite_timestamp_is_refused_not_written(field: str) -> None:
+    record = dataclasses.replace(make_record("n7"), **{field: float("inf")})
+    with pytest.raises(ValueError):
+        redis_codec.encode(record)
 
 
 @pytest.mark.parametrize("cpu", [float("nan"), float("inf"), float("-inf")])

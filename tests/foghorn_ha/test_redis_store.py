@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from typing import Any
 
 import pytest
 
+from api_balancing.store import redis_codec
 from api_balancing.store.base import StaleWriteError
+from api_balancing.store.redis_store import MAX_BATCH
 from tests.foghorn_ha.conftest import StoreFactory, eventually, make_record
 
 pytestmark = pytest.mark.integration
@@ -122,3 +125,55 @@ async def test_redis_restart_degrades_then_reconverges_and_republishes(
         lambda: b.get("n1") is not None and b.get("n1").report.cpu_percent == 2.0  # type: ignore[union-attr]
     )
     assert a.counters.republished >= 1
+
+
+async def test_concurrent_writes_share_script_calls_and_every_one_reaches_redis_in_order(
+    store_factory: StoreFactory,
+) -> None:
+    a = await store_factory("a")
+    b = await store_factory("b")
+    calls: list[int] = []
+    put_batch = a._fenced.put_batch
+
+    async def counting(batch: Any) -> Any:
+        calls.append(len(batch))
+        return await put_batch(batch)
+
+    a._fenced.put_batch = counting  # type: ignore[method-assign]
+
+    async def node(i: int) -> None:
+        for k in range(5):  # one node's writes follow each other, like its reports
+            await a.put(make_record(f"n{i}", owner="a", cpu=float(k)))
+
+    await asyncio.gather(*(node(i) for i in range(50)))
+    assert sum(calls) == 250, "every write went to Redis"
+    assert len(calls) < 250 / 5, f"writes of one loop turn share a script call: {calls}"
+    assert max(calls) <= MAX_BATCH
+    for i in range(50):
+        raw = await a.redis.hget(a.keys.node(f"n{i}"), "rec")
+        assert raw is not None and redis_codec.decode(raw).report.cpu_percent == 4.0  # type: ignore[union-attr]
+    await eventually(
+        lambda: all(
+            (r := b.get(f"n{i}")) is not None and r.version == 5 and r.report.cpu_percent == 4.0  # type: ignore[union-attr]
+            for i in range(50)
+        )
+    )
+
+
+async def test_a_write_refused_by_redis_fails_only_its_own_writer(
+    store_factory: StoreFactory,
+) -> None:
+    a = await store_factory("a")
+    other = await store_factory("b")
+    await a.pause_sync()  # A does not learn of b's write: only Redis can refuse A's
+    await other.put(make_record("taken", owner="b", fence=9))
+    results = await asyncio.gather(
+        a.put(make_record("free", owner="a", fence=1)),
+        a.put(make_record("taken", owner="a", fence=3)),  # below b's fence, in the same batch
+        a.put(make_record("free2", owner="a", fence=1)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], StaleWriteError)
+    assert not isinstance(results[0], BaseException) and not isinstance(results[2], BaseException)
+    assert await a.redis.exists(a.keys.node("free"), a.keys.node("free2")) == 2
+    assert redis_codec.decode(await a.redis.hget(a.keys.node("taken"), "rec")).owner == "b"
