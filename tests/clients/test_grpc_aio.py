@@ -15,11 +15,13 @@ from pkg.clients import (
     HedgePolicy,
     Instrumentation,
     Policy,
+    RetryEvent,
     RetryPolicy,
     Runtime,
     aio_channel,
 )
 from pkg.clients.breaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN
+from pkg.common.clock import FakeClock
 from pkg.common.grpcserver import ServiceBinding, build_server
 from pkg.devstack.servers import free_port
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
@@ -35,6 +37,7 @@ from tests.clients.conftest import (
     failing,
     fast_policy,
 )
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -65,6 +68,12 @@ async def test_unavailable_on_a_non_idempotent_method_is_not_retried(target, sta
 async def test_transport_failure_is_retried_even_for_non_idempotent_calls() -> None:
     # Nothing listens yet: the first attempts fail to connect (never sent); then a server
     # appears on that port and a retry reaches it.
+    decisions: list[RetryEvent] = []
+
+    class Decisions(Instrumentation):
+        def on_retry_decision(self, event: RetryEvent) -> None:
+            decisions.append(event)
+
     port = free_port()
     policy = Policy(
         timeout=10.0,
@@ -74,10 +83,13 @@ async def test_transport_failure_is_retried_even_for_non_idempotent_calls() -> N
         breaker=BreakerPolicy(enabled=False),
         budget=BudgetPolicy(enabled=False),
     )
-    channel = aio_channel(f"127.0.0.1:{port}", policy)
+    channel = aio_channel(
+        f"127.0.0.1:{port}", policy, runtime=Runtime(instrumentation=[Decisions()])
+    )
     stub = pb_grpc.TestServiceStub(channel)
     call = asyncio.ensure_future(stub.Unary(pb.UnaryRequest(key="late"), timeout=10))
-    await asyncio.sleep(0.5)
+    await eventually(lambda: bool(decisions), what="a first attempt refused")
+    assert decisions[0].retry and "never sent" in decisions[0].reason
     server = build_server(
         [
             ServiceBinding(
@@ -191,7 +203,8 @@ async def test_budget_caps_attempts_in_a_total_outage(target, stats_stub, key) -
 
 
 async def test_breaker_opens_fails_fast_probes_once_and_closes(target, stats_stub, key) -> None:
-    runtime = Runtime()
+    clock = FakeClock()  # the open duration passes when the test says so
+    runtime = Runtime(clock=clock)
     policy = fast_policy(
         retry=RetryPolicy(max_attempts=1),
         breaker=BreakerPolicy(min_calls=4, failure_ratio=0.5, open_duration=0.5),
@@ -205,15 +218,14 @@ async def test_breaker_opens_fails_fast_probes_once_and_closes(target, stats_stu
     assert breaker.state == STATE_OPEN
     with pytest.raises(BreakerOpenError) as info:
         await stub.Unary(failing(key, -1), timeout=5)
-    assert 0 < info.value.retry_after <= 0.5
+    assert info.value.retry_after == pytest.approx(0.5)
     assert (await attempts(stats_stub, key)).attempts == 4  # the rejected call never left
 
-    await asyncio.sleep(0.55)
+    clock.advance(0.5)  # open duration over: the next call is the single probe
     slow_ok = pb.UnaryRequest(key=key + "-probe", behavior=pb.Behavior(delay_s=1.0))
     probe = asyncio.ensure_future(stub.Unary(slow_ok, timeout=5))
-    await asyncio.sleep(0.1)
-    assert breaker.state == STATE_HALF_OPEN
-    with pytest.raises(BreakerOpenError):  # one probe only
+    await eventually(lambda: breaker.state == STATE_HALF_OPEN, what="the probe admitted")
+    with pytest.raises(BreakerOpenError):  # one probe only, while it is in flight
         await stub.Unary(pb.UnaryRequest(key=key + "-other"), timeout=5)
     await probe
     assert breaker.state == STATE_CLOSED
@@ -233,8 +245,7 @@ async def test_cancelled_probe_does_not_strand_the_breaker(target, key) -> None:
     probe = asyncio.ensure_future(
         stub.Unary(pb.UnaryRequest(key=key, behavior=pb.Behavior(delay_s=5.0)), timeout=10)
     )
-    await asyncio.sleep(0.2)
-    assert breaker.state == STATE_HALF_OPEN
+    await eventually(lambda: breaker.state == STATE_HALF_OPEN, what="the probe admitted")
     probe.cancel()
     with pytest.raises(asyncio.CancelledError):
         await probe
@@ -254,12 +265,12 @@ async def test_hedging_sends_a_second_attempt_and_cancels_the_loser(
     reply = await pb_grpc.TestServiceStub(channel).Unary(request, timeout=5)
     assert reply.attempt == 2
     assert time.monotonic() - start < 2.0
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        stats = await attempts(stats_stub, key)
-        if stats.cancelled:
-            break
-        await asyncio.sleep(0.05)
+
+    async def loser_cancelled() -> bool:
+        return (await attempts(stats_stub, key)).cancelled == 1
+
+    await eventually(loser_cancelled, timeout=10, what="the server seeing the loser cancelled")
+    stats = await attempts(stats_stub, key)
     assert stats.attempts == 2 and stats.cancelled == 1 and stats.completed == 1
     await channel.close()
 

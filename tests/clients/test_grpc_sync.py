@@ -10,6 +10,7 @@ import pytest
 
 from pkg.clients import BreakerOpenError, BreakerPolicy, RetryPolicy, Runtime, sync_channel
 from pkg.clients.breaker import STATE_CLOSED, STATE_OPEN
+from pkg.common.clock import FakeClock
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
 from tests.clients.conftest import (
@@ -83,7 +84,8 @@ def test_pushback_is_honoured(sync_stub, key) -> None:
 
 
 def test_breaker_opens_and_fails_fast_then_closes(target, sync_stub, key) -> None:
-    runtime = Runtime()
+    clock = FakeClock()  # the open duration passes when the test says so
+    runtime = Runtime(clock=clock)
     policy = fast_policy(
         retry=RetryPolicy(max_attempts=1),
         breaker=BreakerPolicy(min_calls=3, open_duration=0.3),
@@ -97,7 +99,7 @@ def test_breaker_opens_and_fails_fast_then_closes(target, sync_stub, key) -> Non
     with pytest.raises(BreakerOpenError):
         stub.Unary(failing(key, -1), timeout=5)
     assert stats(sync_stub, key).attempts == 3  # the rejected call never left
-    time.sleep(0.35)
+    clock.advance(0.3)  # open duration over: the next call probes, succeeds and closes it
     assert stub.Unary(pb.UnaryRequest(key=key + "-ok"), timeout=5).attempt == 1
     assert runtime.breakers[target].state == STATE_CLOSED
     channel.close()

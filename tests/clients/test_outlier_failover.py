@@ -242,6 +242,7 @@ async def test_streams_that_break_on_a_dead_replica_eject_it_for_new_streams(
     channel = aio_channel(addresses(a, b), policy(5.0))
     assert isinstance(channel, ResilientChannel) and channel.detector is not None
     detector = channel.detector
+    dead = detector.replicas[0]
     stub = pb_grpc.TestServiceStub(channel)
     try:
         await both_in_rotation(stub)
@@ -255,9 +256,13 @@ async def test_streams_that_break_on_a_dead_replica_eject_it_for_new_streams(
             except grpc.aio.AioRpcError as exc:
                 assert exc.code() == grpc.StatusCode.UNAVAILABLE
                 outcomes.append("failed")
-            await asyncio.sleep(0.05)  # the ended stream's status is checked on the loop
+                # An ended stream's status reaches the detector from a task on the loop.
+                await eventually(
+                    lambda: dead.errors >= outcomes.count("failed"),
+                    what="the broken stream counted against its replica",
+                )
         assert outcomes.count("failed") <= 2, outcomes
         assert outcomes[-6:] == ["b"] * 6, outcomes
-        assert detector.replicas[0].state == EJECTED
+        assert dead.state == EJECTED
     finally:
         await channel.close()
