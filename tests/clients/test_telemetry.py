@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import grpc
+import grpc.aio
 import pytest
 
-from pkg.clients import BreakerPolicy, Instrumentation, RetryEvent, Runtime, aio_channel
+from pkg.clients import (
+    BreakerOpenError,
+    BreakerPolicy,
+    Instrumentation,
+    RetryEvent,
+    Runtime,
+    aio_channel,
+)
 from pkg.clients.breaker import STATE_OPEN
 from pkg.common.telemetry import prometheus_text, setup_metrics
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
-from tests.clients.conftest import failing, fast_policy
+from tests.clients.conftest import NOT_FOUND, failing, fast_policy
 
 pytestmark = pytest.mark.integration
 
@@ -67,10 +76,11 @@ async def test_custom_instrumentation_hooks_see_every_decision(target, key) -> N
     channel = aio_channel(target, fast_policy(breaker=BreakerPolicy()), runtime=runtime)
     stub = pb_grpc.TestServiceStub(channel)
     await stub.Unary(failing(key, 1), timeout=5)
-    with pytest.raises(Exception):  # noqa: B017 - NOT_FOUND, whatever its class
-        await stub.Unary(failing(key + "-nf", 1, 5), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as not_found:
+        await stub.Unary(failing(key + "-nf", 1, NOT_FOUND), timeout=5)
+    assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
     runtime.breakers[target].force(STATE_OPEN, open_for=60)
-    with pytest.raises(Exception):  # noqa: B017 - the breaker's open error
+    with pytest.raises(BreakerOpenError):
         await stub.Unary(pb.UnaryRequest(key=key), timeout=5)
     await channel.close()
     assert [(e.retry, e.code) for e in recorder.events] == [
