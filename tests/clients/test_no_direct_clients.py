@@ -16,6 +16,8 @@ MARKER = "# raw-client: baseline"
 DIRECT = re.compile(
     r"\b(?:insecure_channel|secure_channel)\s*\("  # grpc.*, grpc.aio.*, from-imports
     r"|\bhttpx\s*\.\s*(?:Client|AsyncClient)\s*\("
+    # httpx's module-level helpers open a throwaway client per call: no policy either.
+    r"|\bhttpx\s*\.\s*(?:request|stream|get|options|head|post|put|patch|delete)\s*\("
     r"|\bgrpc\s*\.\s*(?:aio\s*\.\s*)?Channel\s*\("
 )
 
@@ -67,10 +69,11 @@ def test_the_scan_catches_every_direct_form(tmp_path: Path) -> None:
         "f = httpx.AsyncClient(base_url='http://x')\n"
         "g = grpc.aio.insecure_channel('x:1')  # raw-client: baseline\n"
         "h = httpx.get('http://x')\n"
+        "i = httpx.Headers({})\n"
     )
     found = offenders([sample])
     lines = sorted(int(entry.rsplit(".py:", 1)[1].split(":")[0]) for entry in found)
-    assert lines == [2, 3, 4, 6, 7, 8]
+    assert lines == [2, 3, 4, 6, 7, 8, 10]
 
 
 def test_offences_name_file_and_line(tmp_path: Path) -> None:
