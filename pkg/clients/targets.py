@@ -1,9 +1,11 @@
-"""Turn the ``targets`` argument of the channel factories into one gRPC target string.
+"""Validate the ``targets`` argument of the channel factories and name its gRPC targets.
 
 One address ("127.0.0.1:5001", "localhost:5001", "dns:///svc:443", "unix:/path") is passed
-through. Several addresses of replicas of ONE service become a single ``ipv4:``/``ipv6:``
-multi-address target that the channel balances with ``round_robin``: a dead replica drops out
-of the rotation as soon as its connection breaks, so a retry lands on a live one.
+through. Several addresses of replicas of ONE service give one single-address target per
+replica (``replicas``: ``aio_channel`` connects to each and picks the replica of every attempt,
+with outlier ejection) and a single ``ipv4:``/``ipv6:`` multi-address target (``target``:
+what ``sync_channel``, or ``aio_channel`` with outlier ejection off, balances with grpc's
+``round_robin``, where a dead replica drops out once its connection breaks).
 """
 
 from __future__ import annotations
