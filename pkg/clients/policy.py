@@ -57,7 +57,17 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _finite(value: float) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+    # bool is an int to Python, but True seconds or ratios are a mistake, not 1.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_seconds(value: float, field: str) -> None:
+    """A duration setting: a finite number of seconds > 0, else ``ValueError`` naming it."""
+    _require(_finite(value) and value > 0, f"{field} must be > 0 seconds, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +99,7 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         _require(
-            isinstance(self.max_attempts, int) and 1 <= self.max_attempts <= 10,
+            _integer(self.max_attempts) and 1 <= self.max_attempts <= 10,
             f"retry.max_attempts must be an integer in 1..10, got {self.max_attempts!r}",
         )
         _require(
@@ -105,11 +115,8 @@ class RetryPolicy:
             _finite(self.multiplier) and self.multiplier >= 1,
             f"retry.multiplier must be >= 1, got {self.multiplier!r}",
         )
-        _require(
-            self.attempt_timeout is None
-            or (_finite(self.attempt_timeout) and self.attempt_timeout > 0),
-            f"retry.attempt_timeout must be None or > 0, got {self.attempt_timeout!r}",
-        )
+        if self.attempt_timeout is not None:
+            _require_seconds(self.attempt_timeout, "retry.attempt_timeout")
         _require(
             isinstance(self.attempt_timeouts, tuple)
             and all(
@@ -120,10 +127,7 @@ class RetryPolicy:
             f"got {self.attempt_timeouts!r}",
         )
         for pattern, seconds in self.attempt_timeouts:
-            _require(
-                _finite(seconds) and seconds > 0,
-                f"retry.attempt_timeouts[{pattern!r}] must be > 0 seconds, got {seconds!r}",
-            )
+            _require_seconds(seconds, f"retry.attempt_timeouts[{pattern!r}]")
         _require(
             _finite(self.min_attempt_time) and self.min_attempt_time >= 0,
             f"retry.min_attempt_time must be >= 0, got {self.min_attempt_time!r}",
@@ -212,25 +216,16 @@ class BreakerPolicy:
             f"breaker.failure_ratio must be a ratio in (0, 1], got {self.failure_ratio!r}",
         )
         _require(
-            isinstance(self.min_calls, int) and self.min_calls >= 1,
+            _integer(self.min_calls) and self.min_calls >= 1,
             f"breaker.min_calls must be an integer >= 1, got {self.min_calls!r}",
         )
+        _require_seconds(self.window, "breaker.window")
         _require(
-            _finite(self.window) and self.window > 0,
-            f"breaker.window must be > 0 seconds, got {self.window!r}",
-        )
-        _require(
-            isinstance(self.buckets, int) and 1 <= self.buckets <= 600,
+            _integer(self.buckets) and 1 <= self.buckets <= 600,
             f"breaker.buckets must be an integer in 1..600, got {self.buckets!r}",
         )
-        _require(
-            _finite(self.open_duration) and self.open_duration > 0,
-            f"breaker.open_duration must be > 0 seconds, got {self.open_duration!r}",
-        )
-        _require(
-            _finite(self.probe_timeout) and self.probe_timeout > 0,
-            f"breaker.probe_timeout must be > 0 seconds, got {self.probe_timeout!r}",
-        )
+        _require_seconds(self.open_duration, "breaker.open_duration")
+        _require_seconds(self.probe_timeout, "breaker.probe_timeout")
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +248,7 @@ class HedgePolicy:
             f"hedge.delay must be >= 0 seconds, got {self.delay!r}",
         )
         _require(
-            isinstance(self.max_attempts, int) and 2 <= self.max_attempts <= 5,
+            _integer(self.max_attempts) and 2 <= self.max_attempts <= 5,
             f"hedge.max_attempts must be an integer in 2..5, got {self.max_attempts!r}",
         )
 
@@ -290,27 +285,24 @@ class OutlierPolicy:
 
     def __post_init__(self) -> None:
         _require(
-            isinstance(self.consecutive_local_failures, int)
+            _integer(self.consecutive_local_failures)
             and 1 <= self.consecutive_local_failures <= 100,
             "outlier.consecutive_local_failures must be an integer in 1..100, "
             f"got {self.consecutive_local_failures!r}",
         )
         _require(
-            isinstance(self.consecutive_errors, int) and 1 <= self.consecutive_errors <= 100,
+            _integer(self.consecutive_errors) and 1 <= self.consecutive_errors <= 100,
             f"outlier.consecutive_errors must be an integer in 1..100, "
             f"got {self.consecutive_errors!r}",
         )
-        _require(
-            _finite(self.base_ejection_time) and self.base_ejection_time > 0,
-            f"outlier.base_ejection_time must be > 0 seconds, got {self.base_ejection_time!r}",
-        )
+        _require_seconds(self.base_ejection_time, "outlier.base_ejection_time")
         _require(
             _finite(self.max_ejection_time) and self.max_ejection_time >= self.base_ejection_time,
             "outlier.max_ejection_time must be finite and >= base_ejection_time "
             f"({self.base_ejection_time}), got {self.max_ejection_time!r}",
         )
         _require(
-            isinstance(self.max_ejection_percent, int) and 0 <= self.max_ejection_percent <= 100,
+            _integer(self.max_ejection_percent) and 0 <= self.max_ejection_percent <= 100,
             "outlier.max_ejection_percent must be an integer in 0..100, "
             f"got {self.max_ejection_percent!r}",
         )
@@ -338,14 +330,8 @@ class Policy:
     record_latency: bool = True
 
     def __post_init__(self) -> None:
-        _require(
-            _finite(self.timeout) and self.timeout > 0,
-            f"policy.timeout must be > 0 seconds, got {self.timeout!r}",
-        )
-        _require(
-            _finite(self.stream_setup) and self.stream_setup > 0,
-            f"policy.stream_setup must be > 0 seconds, got {self.stream_setup!r}",
-        )
+        _require_seconds(self.timeout, "policy.timeout")
+        _require_seconds(self.stream_setup, "policy.stream_setup")
         for name, cls in (
             ("retry", RetryPolicy),
             ("budget", BudgetPolicy),

@@ -45,6 +45,12 @@ from pkg.clients.targets import resolve_targets
         (lambda: Policy(timeout=float("inf")), "policy.timeout"),
         (lambda: Policy(retry=BudgetPolicy()), "policy.retry"),  # type: ignore[arg-type]
         (lambda: Backoff(base=1.0, cap=0.5), "cap"),
+        (lambda: Policy(timeout=True), "policy.timeout"),  # a bool is no duration
+        (lambda: RetryPolicy(max_attempts=True), "retry.max_attempts"),
+        (lambda: RetryPolicy(attempt_timeout=-1), "retry.attempt_timeout"),
+        (lambda: RetryPolicy(attempt_timeouts=(("/x.v1.X/*", 0),)), "retry.attempt_timeouts"),
+        (lambda: BreakerPolicy(probe_timeout=float("nan")), "breaker.probe_timeout"),
+        (lambda: Policy(stream_setup=0), "policy.stream_setup"),
     ],
 )
 def test_invalid_setting_raises_value_error_naming_the_field(build, field) -> None:
