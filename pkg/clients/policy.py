@@ -56,8 +56,8 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def _finite(value: float) -> bool:
-    # bool is an int to Python, but True seconds or ratios are a mistake, not 1.
+def finite_number(value: float) -> bool:
+    """Whether ``value`` is a finite int or float (a bool is a mistake here, not 0 or 1)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -67,7 +67,7 @@ def _integer(value: object) -> bool:
 
 def _require_seconds(value: float, field: str) -> None:
     """A duration setting: a finite number of seconds > 0, else ``ValueError`` naming it."""
-    _require(_finite(value) and value > 0, f"{field} must be > 0 seconds, got {value!r}")
+    _require(finite_number(value) and value > 0, f"{field} must be > 0 seconds, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,16 +103,16 @@ class RetryPolicy:
             f"retry.max_attempts must be an integer in 1..10, got {self.max_attempts!r}",
         )
         _require(
-            _finite(self.base_backoff) and self.base_backoff >= 0,
+            finite_number(self.base_backoff) and self.base_backoff >= 0,
             f"retry.base_backoff must be a finite number >= 0, got {self.base_backoff!r}",
         )
         _require(
-            _finite(self.max_backoff) and self.max_backoff >= self.base_backoff,
+            finite_number(self.max_backoff) and self.max_backoff >= self.base_backoff,
             f"retry.max_backoff must be finite and >= base_backoff ({self.base_backoff}), "
             f"got {self.max_backoff!r}",
         )
         _require(
-            _finite(self.multiplier) and self.multiplier >= 1,
+            finite_number(self.multiplier) and self.multiplier >= 1,
             f"retry.multiplier must be >= 1, got {self.multiplier!r}",
         )
         if self.attempt_timeout is not None:
@@ -129,7 +129,7 @@ class RetryPolicy:
         for pattern, seconds in self.attempt_timeouts:
             _require_seconds(seconds, f"retry.attempt_timeouts[{pattern!r}]")
         _require(
-            _finite(self.min_attempt_time) and self.min_attempt_time >= 0,
+            finite_number(self.min_attempt_time) and self.min_attempt_time >= 0,
             f"retry.min_attempt_time must be >= 0, got {self.min_attempt_time!r}",
         )
         for name in ("idempotent_methods", "non_idempotent_methods", "idempotent_verbs"):
@@ -180,11 +180,11 @@ class BudgetPolicy:
 
     def __post_init__(self) -> None:
         _require(
-            _finite(self.max_tokens) and 1 <= self.max_tokens <= 1000,
+            finite_number(self.max_tokens) and 1 <= self.max_tokens <= 1000,
             f"budget.max_tokens must be in 1..1000, got {self.max_tokens!r}",
         )
         _require(
-            _finite(self.token_ratio) and 0 < self.token_ratio <= 1,
+            finite_number(self.token_ratio) and 0 < self.token_ratio <= 1,
             f"budget.token_ratio must be a ratio in (0, 1], got {self.token_ratio!r}",
         )
 
@@ -212,7 +212,7 @@ class BreakerPolicy:
 
     def __post_init__(self) -> None:
         _require(
-            _finite(self.failure_ratio) and 0 < self.failure_ratio <= 1,
+            finite_number(self.failure_ratio) and 0 < self.failure_ratio <= 1,
             f"breaker.failure_ratio must be a ratio in (0, 1], got {self.failure_ratio!r}",
         )
         _require(
@@ -244,7 +244,7 @@ class HedgePolicy:
 
     def __post_init__(self) -> None:
         _require(
-            _finite(self.delay) and self.delay >= 0,
+            finite_number(self.delay) and self.delay >= 0,
             f"hedge.delay must be >= 0 seconds, got {self.delay!r}",
         )
         _require(
@@ -297,7 +297,8 @@ class OutlierPolicy:
         )
         _require_seconds(self.base_ejection_time, "outlier.base_ejection_time")
         _require(
-            _finite(self.max_ejection_time) and self.max_ejection_time >= self.base_ejection_time,
+            finite_number(self.max_ejection_time)
+            and self.max_ejection_time >= self.base_ejection_time,
             "outlier.max_ejection_time must be finite and >= base_ejection_time "
             f"({self.base_ejection_time}), got {self.max_ejection_time!r}",
         )

@@ -45,6 +45,7 @@ from pkg.clients.targets import resolve_targets
         (lambda: Policy(timeout=float("inf")), "policy.timeout"),
         (lambda: Policy(retry=BudgetPolicy()), "policy.retry"),  # type: ignore[arg-type]
         (lambda: Backoff(base=1.0, cap=0.5), "cap"),
+        (lambda: Backoff(base="0.1"), "base"),  # type: ignore[arg-type]
         (lambda: Policy(timeout=True), "policy.timeout"),  # a bool is no duration
         (lambda: RetryPolicy(max_attempts=True), "retry.max_attempts"),
         (lambda: RetryPolicy(attempt_timeout=-1), "retry.attempt_timeout"),
