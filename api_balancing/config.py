@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass
 
 from api_balancing.scoring import Weights
+from pkg.common.auth import Principal, parse_tokens, tokens_from_env
 
 
 @dataclass
@@ -83,3 +84,8 @@ class FoghornConfig:
             geo=self.weight_geo,
             stream_bonus=self.stream_bonus,
         )
+
+    def platform_tokens(self) -> dict[str, Principal]:
+        """The bearer tokens this replica accepts: ``FOGHORN_TOKENS``, else the platform-wide
+        ``$PLATFORM_TOKENS`` (parsed by ``pkg.common.auth``, like every service does)."""
+        return parse_tokens(self.tokens) if self.tokens else tokens_from_env()

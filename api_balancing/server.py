@@ -14,17 +14,12 @@ from api_balancing.config import FoghornConfig
 from api_balancing.fleet import Fleet, FleetSettings
 from api_balancing.geoip import GeoIpTable
 from api_balancing.http import EmbeddedUvicorn, build_app
+from api_balancing.reaper import Reaper
 from api_balancing.service import Locator, NodeAdminService, NodeControlService, RoutingService
 from api_balancing.sessions import SessionRegistry
 from api_balancing.store.base import NodeStore
 from api_balancing.store.memory import MemoryNodeStore
-from pkg.common.auth import (
-    Authenticator,
-    BearerAuthInterceptor,
-    parse_tokens,
-    static_authenticator,
-    tokens_from_env,
-)
+from pkg.common.auth import Authenticator, BearerAuthInterceptor, static_authenticator
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
 from pkg.events import EventSink, build_sink
@@ -108,8 +103,7 @@ class FoghornServer:
             dispatch=self.ha.relay.dispatch if self.ha else None,
         )
         if authenticator is None:
-            tokens = parse_tokens(config.tokens) if config.tokens else tokens_from_env()
-            authenticator = static_authenticator(tokens)
+            authenticator = static_authenticator(config.platform_tokens())
         self._authenticator = authenticator
         self._run_reaper = run_reaper
         self.grpc: GrpcServer | None = None
@@ -208,7 +202,8 @@ class FoghornServer:
         if self.ha is not None:
             await self.ha.start(self.grpc_target)  # runs the reaper under the leader lease
         elif self._run_reaper:
-            self._tasks.append(asyncio.create_task(self._reaper(), name="foghorn-reaper"))
+            reaper = Reaper(self.fleet, self.config.reap_interval_s, clock=self.clock)
+            self._tasks.append(asyncio.create_task(reaper.run(), name="foghorn-reaper"))
         log.info(
             "foghorn started",
             grpc=self.grpc_target,
@@ -237,14 +232,6 @@ class FoghornServer:
                 raise RuntimeError("HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
         self.http_port = server.servers[0].sockets[0].getsockname()[1]
-
-    async def _reaper(self) -> None:
-        while True:
-            await self.clock.asleep(self.config.reap_interval_s)
-            try:
-                await self.fleet.reap_once()
-            except Exception:  # keep reaping; a store hiccup must not kill the loop
-                log.exception("reaper pass failed")
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop taking calls, close node streams (they reconnect elsewhere), stop HTTP."""

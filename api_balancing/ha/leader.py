@@ -5,14 +5,13 @@ Redis counter) decides who reaps. Every eviction is also fenced by the lease its
 store's delete script checks in Redis that the lease still holds this replica's exact
 ``holder|epoch`` value, so a leader that was paused and lost its term cannot evict anything.
 
-Beyond the single-instance reaper (evict nodes disconnected for ``evict_after_s``), the
+The reaper is the single instance's (``api_balancing.reaper``); beyond its eviction pass the
 leader marks *orphans* disconnected: nodes still recorded as connected whose owner record
 expired (their replica died) and that have not reported for ``stale_after_s``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 
@@ -20,6 +19,7 @@ import structlog
 
 from api_balancing.fleet import Fleet
 from api_balancing.ha.ownership import NodeOwnership
+from api_balancing.reaper import Reaper
 from api_balancing.store.base import StaleWriteError
 from api_balancing.store.redis_store import REDIS_ERRORS
 from pkg.common.clock import SYSTEM_CLOCK, Clock
@@ -28,39 +28,14 @@ from pkg.coord import LeaderLease
 log = structlog.get_logger("foghorn.ha.leader")
 
 
-class Reaper:
-    """Runs ``fleet.reap_once`` (plus orphan marking) while this replica leads."""
+class OrphanMarker:
+    """Marks the nodes of dead replicas disconnected, while this replica leads."""
 
-    def __init__(
-        self,
-        lease: LeaderLease,
-        fleet: Fleet,
-        ownership: NodeOwnership,
-        interval_s: float,
-        *,
-        clock: Clock = SYSTEM_CLOCK,
-    ) -> None:
+    def __init__(self, lease: LeaderLease, fleet: Fleet, ownership: NodeOwnership) -> None:
         self.lease = lease
         self.fleet = fleet
         self.ownership = ownership
-        self.interval_s = interval_s
-        self._clock = clock
-        self.passes = 0
         self.orphans_marked = 0
-
-    async def run(self) -> None:
-        while True:
-            await self._clock.asleep(self.interval_s)
-            if not self.lease.is_leader():
-                continue
-            try:
-                await self.mark_orphans()
-                await self.fleet.reap_once()
-                self.passes += 1
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # keep reaping; a Redis hiccup must not kill the loop
-                log.exception("reaper pass failed")
 
     async def mark_orphans(self) -> int:
         """Connected-but-silent nodes whose owner record is gone become disconnected."""
@@ -90,3 +65,20 @@ class Reaper:
                 log.info("orphaned node marked disconnected", node_id=record.node_id)
         self.orphans_marked += marked
         return marked
+
+
+def leader_reaper(
+    lease: LeaderLease,
+    fleet: Fleet,
+    ownership: NodeOwnership,
+    interval_s: float,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+) -> tuple[Reaper, OrphanMarker]:
+    """The stale-node reaper of a replica: it runs only while this replica leads, and marks
+    orphans before each eviction pass."""
+    marker = OrphanMarker(lease, fleet, ownership)
+    reaper = Reaper(
+        fleet, interval_s, clock=clock, may_run=lease.is_leader, duties=[marker.mark_orphans]
+    )
+    return reaper, marker

@@ -15,6 +15,7 @@ import structlog
 
 from api_balancing.store.redis_store import REDIS_ERRORS
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.coord.scripts import DELETE_IF_EQUALS
 
 log = structlog.get_logger("foghorn.ha.replicas")
 
@@ -23,11 +24,6 @@ local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] then return cur end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return ''
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
 """
 
 
@@ -53,7 +49,7 @@ class ReplicaClaim:
         self.address = ""
         self._clock = clock
         self._claim = redis.register_script(_CLAIM)
-        self._release = redis.register_script(_RELEASE)
+        self._release = redis.register_script(DELETE_IF_EQUALS)
 
     async def claim(self, address: str) -> None:
         """Take the id for ``address``; raises ReplicaIdInUse when another address holds it.

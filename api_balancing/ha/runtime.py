@@ -19,14 +19,13 @@ from api_balancing.config import FoghornConfig
 from api_balancing.fleet import Fleet
 from api_balancing.ha import telemetry
 from api_balancing.ha.keys import Keys
-from api_balancing.ha.leader import Reaper
+from api_balancing.ha.leader import leader_reaper
 from api_balancing.ha.owned_fleet import OwnedFleet
 from api_balancing.ha.ownership import NodeOwnership
 from api_balancing.ha.relay import Relay, RelayServicer
 from api_balancing.ha.replicas import ReplicaClaim
 from api_balancing.sessions import SessionRegistry
 from api_balancing.store.redis_store import RedisNodeStore, RedisStoreSettings
-from pkg.common.auth import parse_tokens
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.config import load
 from pkg.common.grpcserver import ServiceBinding
@@ -84,13 +83,9 @@ def build_store(config: FoghornConfig, ha: HaConfig | None = None) -> RedisNodeS
 
 
 def _relay_token(config: FoghornConfig, ha: HaConfig) -> str | None:
-    if ha.relay_token:
-        return ha.relay_token
-    import os
-
-    spec = config.tokens or os.environ.get("PLATFORM_TOKENS", "")
-    tokens = parse_tokens(spec)
-    return next(iter(tokens), None)
+    """The token replicas call each other with: FOGHORN_RELAY_TOKEN, else the first token
+    this replica accepts (every replica of a cluster accepts the same ones)."""
+    return ha.relay_token or next(iter(config.platform_tokens()), None)
 
 
 class HaRuntime:
@@ -137,7 +132,9 @@ class HaRuntime:
             self.ha.lease_renew_s,
             clock=clock,
         )
-        self.reaper = Reaper(self.lease, fleet, self.ownership, config.reap_interval_s, clock=clock)
+        self.reaper, self.orphans = leader_reaper(
+            self.lease, fleet, self.ownership, config.reap_interval_s, clock=clock
+        )
         self._tasks: list[asyncio.Task[Any]] = []
         telemetry.register(self)
 

@@ -25,6 +25,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.coord.scripts import DELETE_IF_EQUALS, EXPIRE_IF_EQUALS
 
 log = structlog.get_logger("pkg.coord.lease")
 
@@ -35,22 +36,6 @@ local epoch = redis.call('INCR', KEYS[2])
 local value = ARGV[1] .. '|' .. epoch
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return {1, value}
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
 """
 
 
@@ -106,8 +91,8 @@ class LeaderLease:
         self._state: LeaseState | None = None
         self._valid_until = 0.0
         self._acquire = redis.register_script(_ACQUIRE)
-        self._renew = redis.register_script(_RENEW)
-        self._release = redis.register_script(_RELEASE)
+        self._renew = redis.register_script(EXPIRE_IF_EQUALS)
+        self._release = redis.register_script(DELETE_IF_EQUALS)
 
     # -- queries ----------------------------------------------------------------------------
     @property

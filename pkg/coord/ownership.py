@@ -22,6 +22,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from pkg.coord.scripts import DELETE_IF_EQUALS
+
 _ACQUIRE = """
 local fence = redis.call('INCR', KEYS[2])
 local floor = tonumber(ARGV[4]) or 0
@@ -63,14 +65,6 @@ redis.call('SET', KEYS[3], fence, 'PX', ARGV[4])
 local c = tonumber(redis.call('GET', KEYS[2])) or 0
 if c < fence then redis.call('SET', KEYS[2], fence) end
 return {2, ARGV[1]}
-"""
-
-_DELETE_IF = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
 """
 
 
@@ -131,7 +125,7 @@ class Ownership:
         self.history_ttl_ms = max(history_ttl_ms, ttl_ms * 4)
         self._acquire = redis.register_script(_ACQUIRE)
         self._refresh = redis.register_script(_REFRESH)
-        self._delete_if = redis.register_script(_DELETE_IF)
+        self._delete_if = redis.register_script(DELETE_IF_EQUALS)
 
     def key(self, entity: str) -> str:
         return f"{self.prefix}:owner:{entity}"

@@ -51,3 +51,26 @@ def test_foghorn_refuses_to_start_on_bad_configuration() -> None:
     )
     assert result.returncode == 2
     assert "FOGHORN_EVICT_AFTER_S" in result.stderr
+
+
+def test_accepted_tokens_come_from_foghorn_tokens_else_platform_tokens(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PLATFORM_TOKENS", "platform-tok=ops@acme:admin")
+    assert list(FoghornConfig().platform_tokens()) == ["platform-tok"]
+    own = FoghornConfig(tokens="own-tok=svc@acme:admin,second=x@y:admin")
+    assert list(own.platform_tokens()) == ["own-tok", "second"]
+    assert own.platform_tokens()["own-tok"].tenant == "acme"
+
+
+def test_replicas_relay_with_the_relay_token_else_the_first_accepted_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from api_balancing.ha.runtime import HaConfig, _relay_token
+
+    monkeypatch.setenv("PLATFORM_TOKENS", "platform-tok=ops@acme:admin")
+    assert _relay_token(FoghornConfig(), HaConfig()) == "platform-tok"
+    assert _relay_token(FoghornConfig(tokens="own=a@b:admin"), HaConfig()) == "own"
+    assert _relay_token(FoghornConfig(), HaConfig(relay_token="relay")) == "relay"
+    monkeypatch.delenv("PLATFORM_TOKENS")
+    assert _relay_token(FoghornConfig(), HaConfig()) is None
