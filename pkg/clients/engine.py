@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import tenacity
 
@@ -214,6 +214,16 @@ def _never_stop(retry_state: tenacity.RetryCallState) -> bool:
     return False
 
 
+def _driven_by(decider: _Decider) -> dict[str, Any]:
+    """tenacity settings (but the sleep) that leave every decision to ``decider``."""
+    return {
+        "retry": decider.should_retry,
+        "wait": decider.wait,
+        "stop": _never_stop,
+        "reraise": True,  # the caller gets the last attempt's own error, not a RetryError
+    }
+
+
 # -- asyncio -----------------------------------------------------------------------------------
 
 
@@ -270,13 +280,7 @@ async def _retry_async(
             raise replay.pop()
         return await _one_async_attempt(decider, attempt)
 
-    retrying = tenacity.AsyncRetrying(
-        retry=decider.should_retry,
-        wait=decider.wait,
-        stop=_never_stop,
-        sleep=ms.clock.asleep,
-        reraise=True,
-    )
+    retrying = tenacity.AsyncRetrying(**_driven_by(decider), sleep=ms.clock.asleep)
     try:
         result: T = await retrying(run_attempt)
     except BaseException:
@@ -415,13 +419,7 @@ def _retry_sync(
             raise replay.pop()
         return _one_sync_attempt(decider, attempt)
 
-    retrying = tenacity.Retrying(
-        retry=decider.should_retry,
-        wait=decider.wait,
-        stop=_never_stop,
-        sleep=ms.clock.sleep,
-        reraise=True,
-    )
+    retrying = tenacity.Retrying(**_driven_by(decider), sleep=ms.clock.sleep)
     try:
         result: T = retrying(run_attempt)
     except BaseException:
