@@ -5,18 +5,22 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pkg.clients import BreakerOpenError, BreakerPolicy, Policy, RetryPolicy, Runtime, sync_channel
 from pkg.clients.breaker import (
+    BREAKER_FAILURE,
     BREAKER_SUCCESS,
     STATE_CLOSED,
     STATE_OPEN,
     TICKET_PROBE,
+    CircuitBreaker,
 )
 from pkg.clients.shared_breaker import SharedBreakerStore
+from pkg.devstack.servers import RedisServer
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
 from tests.clients.shared_breaker_peer import POLICY
@@ -91,41 +95,52 @@ def test_breaker_opened_by_one_process_is_seen_and_closed_by_another(
         store.close()
 
 
-def test_only_one_process_gets_the_half_open_probe(redis_server) -> None:
+@pytest.fixture
+def two_stores(redis_server: RedisServer) -> Iterator[list[SharedBreakerStore]]:
+    """Two stores in a fresh namespace of one Redis: two processes' view of shared breakers."""
     namespace = f"test-{uuid.uuid4().hex[:8]}"
-    policy = Policy(breaker=BreakerPolicy(min_calls=2, open_duration=0.2))
     stores = [
         SharedBreakerStore(redis_server.url, namespace=namespace, sync_interval=0.05)
         for _ in range(2)
     ]
-    runtimes = [Runtime(shared_breakers=s) for s in stores]
     try:
-        a, b = (r.breaker("svc:1", "/x.v1.X/GetY", policy) for r in runtimes)
-        now = a.clock.monotonic()
-        for _ in range(2):
-            a.record(a.admit(now), 1, now)
-        stores[0].sync_now()
-        stores[1].sync_now()
-        assert a.state == STATE_OPEN and b.state == STATE_OPEN
-        time.sleep(0.25)
-        outcomes = []
-        for breaker, store in ((a, stores[0]), (b, stores[1])):
-            for _ in range(10):  # ask, let the sync grant, ask again
-                try:
-                    outcomes.append((breaker, breaker.admit(breaker.clock.monotonic())))
-                    break
-                except BreakerOpenError:
-                    store.sync_now()
-        assert [t for _, t in outcomes] == [TICKET_PROBE]  # exactly one probe overall
-        winner = outcomes[0][0]
-        winner.record(TICKET_PROBE, BREAKER_SUCCESS, winner.clock.monotonic())
-        for store in stores:
-            store.sync_now()
-        stores[0].sync_now()
-        assert a.state == STATE_CLOSED and b.state == STATE_CLOSED
+        yield stores
     finally:
         for store in stores:
             store.close()
+
+
+def breaker_of(store: SharedBreakerStore, policy: Policy) -> CircuitBreaker:
+    """The breaker of one target in a runtime that shares it through ``store``."""
+    return Runtime(shared_breakers=store).breaker("svc:1", "/x.v1.X/GetY", policy)
+
+
+def test_only_one_process_gets_the_half_open_probe(two_stores) -> None:
+    stores = two_stores
+    policy = Policy(breaker=BreakerPolicy(min_calls=2, open_duration=0.2))
+    a, b = (breaker_of(store, policy) for store in stores)
+    now = a.clock.monotonic()
+    for _ in range(2):
+        a.record(a.admit(now), BREAKER_FAILURE, now)
+    stores[0].sync_now()
+    stores[1].sync_now()
+    assert a.state == STATE_OPEN and b.state == STATE_OPEN
+    time.sleep(0.25)
+    outcomes = []
+    for breaker, store in ((a, stores[0]), (b, stores[1])):
+        for _ in range(10):  # ask, let the sync grant, ask again
+            try:
+                outcomes.append((breaker, breaker.admit(breaker.clock.monotonic())))
+                break
+            except BreakerOpenError:
+                store.sync_now()
+    assert [t for _, t in outcomes] == [TICKET_PROBE]  # exactly one probe overall
+    winner = outcomes[0][0]
+    winner.record(TICKET_PROBE, BREAKER_SUCCESS, winner.clock.monotonic())
+    for store in stores:
+        store.sync_now()
+    stores[0].sync_now()
+    assert a.state == STATE_CLOSED and b.state == STATE_CLOSED
 
 
 def test_redis_down_falls_back_to_the_local_breaker() -> None:
@@ -138,43 +153,35 @@ def test_redis_down_falls_back_to_the_local_breaker() -> None:
         breaker = runtime.breaker("svc:1", "/x.v1.X/GetY", policy)
         now = breaker.clock.monotonic()
         for _ in range(2):
-            breaker.record(breaker.admit(now), 1, now)
+            breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
         assert breaker.state == STATE_OPEN  # the local window decided
     finally:
         store.close()
 
 
-def test_an_unused_probe_grant_passes_to_another_process(redis_server) -> None:
-    namespace = f"test-{uuid.uuid4().hex[:8]}"
+def test_an_unused_probe_grant_passes_to_another_process(two_stores) -> None:
+    stores = two_stores
     policy = Policy(breaker=BreakerPolicy(min_calls=1, open_duration=0.1))
-    stores = [
-        SharedBreakerStore(redis_server.url, namespace=namespace, sync_interval=0.05)
-        for _ in range(2)
-    ]
-    try:
-        a, b = (Runtime(shared_breakers=s).breaker("svc:1", "/x.v1.X/GetY", policy) for s in stores)
-        now = a.clock.monotonic()
-        a.record(a.admit(now), 1, now)
-        stores[0].sync_now()
-        time.sleep(0.15)
-        with pytest.raises(BreakerOpenError):
-            a.admit(a.clock.monotonic())  # a asks for the probe...
-        stores[0].sync_now()  # ...and is granted it, but never calls again
-        stores[1].sync_now()
+    a, b = (breaker_of(store, policy) for store in stores)
+    now = a.clock.monotonic()
+    a.record(a.admit(now), BREAKER_FAILURE, now)
+    stores[0].sync_now()
+    time.sleep(0.15)
+    with pytest.raises(BreakerOpenError):
+        a.admit(a.clock.monotonic())  # a asks for the probe...
+    stores[0].sync_now()  # ...and is granted it, but never calls again
+    stores[1].sync_now()
 
-        def b_probes() -> bool:
-            try:
-                return b.admit(b.clock.monotonic()) == TICKET_PROBE
-            except BreakerOpenError:
-                stores[1].sync_now()
-                return False
+    def b_probes() -> bool:
+        try:
+            return b.admit(b.clock.monotonic()) == TICKET_PROBE
+        except BreakerOpenError:
+            stores[1].sync_now()
+            return False
 
-        started = time.monotonic()
-        wait_for(b_probes, timeout=5, what="b gets the expired grant")
-        assert time.monotonic() - started >= 0.5  # only after a's grant expired
-    finally:
-        for store in stores:
-            store.close()
+    started = time.monotonic()
+    wait_for(b_probes, timeout=5, what="b gets the expired grant")
+    assert time.monotonic() - started >= 0.5  # only after a's grant expired
 
 
 @pytest.mark.failure
@@ -191,7 +198,7 @@ def test_shared_breaker_survives_a_redis_restart(redis_factory) -> None:
         wait_for(lambda: not link.healthy, what="the store noticing Redis is down")
         now = breaker.clock.monotonic()
         for _ in range(2):  # the local window decides meanwhile
-            breaker.record(breaker.admit(now), 1, now)
+            breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
         assert breaker.state == STATE_OPEN
         redis.start()  # same port, empty (no persistence)
         wait_for(lambda: link.healthy, what="the store reconnecting")
