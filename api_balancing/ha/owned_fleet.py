@@ -55,7 +55,8 @@ class OwnedFleet:
             )
 
     async def accept_report(self, node_id: str, report: LoadReport) -> NodeRecord:
-        await self._owned(node_id)
+        if not self._ownership.fresh(node_id):  # the common case needs no coroutine
+            await self._owned(node_id)
         try:
             return await self._fleet.accept_report(node_id, report)
         except StaleWriteError as exc:

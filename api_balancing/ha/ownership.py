@@ -2,8 +2,9 @@
 
 On register the replica takes a fresh fence (``pkg.coord.Ownership``: Lua compare-and-set with
 a strictly higher fence) and writes the node's record with it; each report's write extends the
-owner record's TTL in the same script (if it is still exactly ours), and an explicit refresh
-every ``ttl/3`` restores a lapsed record or detects a newer owner; the stream's end releases it
+owner record's TTL in the same script (if it is still exactly ours: that counts as a refresh),
+and an explicit refresh, once no write extended the record for ``ttl/3`` or right after a write
+found it gone, restores a lapsed record or detects a newer owner; the stream's end releases it
 with a match-checked delete.
 A refresh that finds a higher fence, a Redis rejection of a write, or a newer owner seen on the
 changelog all mean the same thing: another replica took the node over, so this replica closes
@@ -61,7 +62,7 @@ class NodeOwnership:
         self._owners = Ownership(store.redis, store.keys.ownership_prefix, int(ttl_s * 1000))
         self._held: dict[str, Held] = {}
         self.takeovers = 0  # streams this replica closed because another one took the node
-        store.set_ownership_view(self.fence_of, self.touch_of, ttl_s)
+        store.set_ownership_view(self.fence_of, self.touch_of, ttl_s, self.touched)
         store.add_data_loss_hook(self.restore_all)
         store.add_listener(self._on_change)
 
@@ -85,6 +86,14 @@ class NodeOwnership:
             return None
         return held.encoded
 
+    def touched(self, node_id: str, ok: bool) -> None:
+        """A write carried our owner record: ``ok`` when Redis still held exactly it (and
+        extended its TTL, which counts as a refresh); otherwise it is gone or replaced, and
+        the next ``refresh`` asks Redis at once instead of waiting for its period."""
+        held = self._held.get(node_id)
+        if held is not None:
+            held.refreshed_at = self._clock.monotonic() if ok else float("-inf")
+
     def owned(self) -> list[str]:
         return list(self._held)
 
@@ -107,16 +116,28 @@ class NodeOwnership:
         self._held[node_id] = Held(result.record, refreshed_at=self._clock.monotonic())
         return result.record.fence
 
+    def fresh(self, node_id: str) -> bool:
+        """True while the node is ours and confirmed recently enough that ``refresh`` would
+        not ask Redis (the per-report check, without a coroutine)."""
+        held = self._held.get(node_id)
+        # Each write extends the record (touch) and counts as a refresh when it found the record
+        # still ours; the explicit refresh, a third of the TTL after the last one of either,
+        # is what restores a lapsed record or finds a newer owner between writes. A write
+        # whose touch missed forces it at the next report.
+        return (
+            held is not None
+            and not held.provisional
+            and self._clock.monotonic() - held.refreshed_at < self.ttl_s / 3
+        )
+
     async def refresh(self, node_id: str) -> bool:
         """Keep owning the node; False when another replica owns it now (close the stream)."""
+        if self.fresh(node_id):
+            return True
         held = self._held.get(node_id)
         if held is None:
             return False
         now = self._clock.monotonic()
-        # Each write already extends the record (touch); the explicit refresh, every third of
-        # the TTL, is what restores a lapsed record or finds a newer owner between writes.
-        if not held.provisional and now - held.refreshed_at < self.ttl_s / 3:
-            return True
         try:
             if held.provisional:
                 return await self._reconcile(node_id, held)

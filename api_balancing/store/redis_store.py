@@ -43,6 +43,7 @@ log = structlog.get_logger("foghorn.store.redis")
 
 OwnedFence = Callable[[str], int | None]
 OwnerTouch = Callable[[str], str | None]
+TouchOutcome = Callable[[str, bool], None]
 DeleteGuard = Callable[[], tuple[str, str] | None]
 
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -146,6 +147,7 @@ class RedisNodeStore:
         self._listeners: list[StoreListener] = []
         self._owned_fence: OwnedFence = lambda _node_id: None
         self._owner_touch: OwnerTouch = lambda _node_id: None
+        self._touch_outcome: TouchOutcome = lambda _node_id, _ok: None
         self._touch_ttl_ms = 0
         self._data_loss_hooks: list[Callable[[], Awaitable[None]]] = []
         self._delete_guard: DeleteGuard | None = None
@@ -156,7 +158,7 @@ class RedisNodeStore:
         # while a batch travels wait for the next one, so under load batches grow by themselves
         # (the per-call cost is paid once for many writes) and an idle store still sends a
         # lone write at once.
-        self._pending: deque[tuple[PutBatch, list[asyncio.Future[None]]]] = deque()
+        self._pending: deque[tuple[PutBatch, list[asyncio.Future[bool]]]] = deque()
         self._in_flight = 0
         self._launch_scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
@@ -169,14 +171,19 @@ class RedisNodeStore:
         owned_fence: OwnedFence,
         owner_touch: OwnerTouch | None = None,
         touch_ttl_s: float = 0.0,
+        touch_outcome: TouchOutcome | None = None,
     ) -> None:
         """``owned_fence(node_id)``: the fence this replica holds for the node, or None;
         ``owner_touch(node_id)``: our owner record, whose TTL each write extends to
-        ``touch_ttl_s`` while it is still the one in Redis (None: nothing to extend)."""
+        ``touch_ttl_s`` while it is still the one in Redis (None: nothing to extend);
+        ``touch_outcome(node_id, ok)``: told after each write that carried a touch whether
+        the record was still ours and got extended (False: gone or replaced)."""
         self._owned_fence = owned_fence
         if owner_touch is not None:
             self._owner_touch = owner_touch
             self._touch_ttl_ms = int(touch_ttl_s * 1000)
+        if touch_outcome is not None:
+            self._touch_outcome = touch_outcome
 
     def add_data_loss_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Awaited after a rehydration that found Redis had lost its data (restart)."""
@@ -266,7 +273,9 @@ class RedisNodeStore:
         stored = evolve(record, version=version, owner_fence=fence)
         if self.health.ok:
             try:
-                await self._write_through(stored)
+                touched = await self._write_through(stored)
+                if touched is not None:
+                    self._touch_outcome(node_id, touched)
             except FencedWriteRejected as exc:
                 self.counters.writes_rejected += 1
                 raise StaleWriteError(f"node {node_id!r}: {exc}") from None
@@ -338,8 +347,9 @@ class RedisNodeStore:
             version_field="ver",
         )
 
-    async def _write_through(self, record: NodeRecord) -> None:
-        """Fenced write + changelog append, sent with the other writes of its batch."""
+    async def _write_through(self, record: NodeRecord) -> bool | None:
+        """Fenced write + changelog append, sent with the other writes of its batch. Returns
+        whether the owner record it touched was still ours (None: it touched nothing)."""
         node_id = record.node_id
         keys = self._node_keys.get(node_id)
         if keys is None:
@@ -348,6 +358,7 @@ class RedisNodeStore:
         if not pending or len(pending[-1][0]) >= MAX_BATCH:
             pending.append((self._new_batch(), []))
         batch, futures = pending[-1]
+        touch = self._owner_touch(node_id)
         batch.add(
             keys[0],
             keys[1],
@@ -355,16 +366,17 @@ class RedisNodeStore:
             node_id,
             redis_codec.encode(record),
             record.version,
-            self._owner_touch(node_id) or "",
+            touch or "",
         )
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        future: asyncio.Future[bool] = loop.create_future()
         futures.append(future)
         if not self._launch_scheduled and self._in_flight < MAX_IN_FLIGHT:
             # On the next loop turn, so the writes of this turn join the batch.
             self._launch_scheduled = True
             loop.call_soon(self._launch)
-        await future
+        touched = await future
+        return touched if touch else None
 
     def _launch(self) -> None:
         """Send pending batches while fewer than ``MAX_IN_FLIGHT`` are on the wire."""
@@ -382,9 +394,9 @@ class RedisNodeStore:
         if self._pending and not self._launch_scheduled:
             self._launch()
 
-    async def _flush(self, batch: PutBatch, futures: list[asyncio.Future[None]]) -> None:
+    async def _flush(self, batch: PutBatch, futures: list[asyncio.Future[bool]]) -> None:
         try:
-            rejected = await asyncio.wait_for(
+            outcome = await asyncio.wait_for(
                 self._fenced.put_batch(batch), self.settings.op_timeout_s * 2
             )
         except BaseException as exc:  # connection errors and cancellation fail every waiter
@@ -395,6 +407,7 @@ class RedisNodeStore:
             if not isinstance(exc, Exception):
                 raise
             return
+        rejected, untouched = outcome.rejected, outcome.untouched
         for i, future in enumerate(futures):
             if future.done():
                 continue
@@ -402,7 +415,7 @@ class RedisNodeStore:
             if refusal is not None:
                 future.set_exception(refusal)
             else:
-                future.set_result(None)
+                future.set_result(not untouched or i not in untouched)
 
     # -- local state -------------------------------------------------------------------------
     def _apply(self, record: NodeRecord) -> None:
@@ -502,7 +515,9 @@ class RedisNodeStore:
                 self._dirty.pop(node_id, None)
                 continue
             try:
-                await self._write_through(record)
+                touched = await self._write_through(record)
+                if touched is not None:
+                    self._touch_outcome(node_id, touched)
                 published += 1
             except FencedWriteRejected as exc:
                 log.info("deferred write superseded", node_id=node_id, reason=exc.reason)

@@ -16,6 +16,7 @@ Each module does one job and knows nothing about the service using it:
 from pkg.coord.changelog import Changelog, ChangelogReader, Entry, GapDetected, Position
 from pkg.coord.fencing import (
     Announce,
+    BatchOutcome,
     FenceCounter,
     FencedHash,
     FencedWriteRejected,
@@ -28,6 +29,7 @@ from pkg.coord.watermark import Watermarks
 
 __all__ = [
     "Announce",
+    "BatchOutcome",
     "Changelog",
     "ChangelogReader",
     "Entry",

@@ -84,7 +84,9 @@ return {1, id, 0}
 # Each put is checked and applied on its own, exactly like ``_WRITE`` (owner fence, then
 # stored fence; HSET + PEXPIRE + numbered changelog entry; touch when the record is ours), and
 # announced with ``origin`` first so readers can skip their own entries before decoding them.
-# Returns only the rejected puts, as (1-based index, reason, newer fence) triples.
+# Returns only the exceptions, as (1-based index, reason, fence) triples: the rejected puts
+# (reason 'owner' or 'state', with the newer fence) and the accepted puts whose touch found
+# another record, or none, in place of the writer's (reason 'untouched').
 _PUT_BATCH = (
     _LUA_HELPERS
     + """
@@ -122,8 +124,14 @@ for a = 8, #ARGV, 5 do
         'origin', origin, 'op', 'put', 'id', ARGV[a + 2], 'fence', ARGV[a],
         state_field, state, version_field, version})
     end
-    if ARGV[a + 1] ~= '' and record == ARGV[a + 1] then
-      redis.call('PEXPIRE', owner, ARGV[4])
+    if ARGV[a + 1] ~= '' then
+      if record == ARGV[a + 1] then
+        redis.call('PEXPIRE', owner, ARGV[4])
+      else
+        out[#out + 1] = i
+        out[#out + 1] = 'untouched'
+        out[#out + 1] = 0
+      end
     end
   end
 end
@@ -251,6 +259,16 @@ class PutBatch:
         return (len(self.keys) - 2) // 2
 
 
+@dataclass(frozen=True)
+class BatchOutcome:
+    """What a ``PutBatch`` came to: the rejected puts by index, and the indexes of accepted
+    puts whose ``touch`` did not extend anything (the writer's owner record is gone or was
+    replaced: the writer should check its ownership now rather than at its next refresh)."""
+
+    rejected: Mapping[int, FencedWriteRejected]
+    untouched: frozenset[int] = frozenset()
+
+
 class FenceCounter:
     """A strictly increasing token source (Redis INCR), shared by every replica."""
 
@@ -295,6 +313,9 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_ALL_DONE = BatchOutcome({})
+
+
 class FencedHash:
     """Entity state in Redis hashes, written only by the holder of the newest fence."""
 
@@ -336,20 +357,27 @@ class FencedHash:
         keys = [key, owner_key, stream, seq_key(stream)]
         return _outcome(await self._write(keys=keys, args=args))
 
-    async def put_batch(self, batch: PutBatch) -> dict[int, FencedWriteRejected]:
+    async def put_batch(self, batch: PutBatch) -> BatchOutcome:
         """Apply every put of ``batch`` in one script call (each checked on its own, in order,
-        all in one atomic step); returns the rejected ones by their index in the batch.
+        all in one atomic step).
 
         Connection errors raise for the whole batch (it may or may not have been applied, like
         a single write).
         """
         if not len(batch):
-            return {}
+            return _ALL_DONE
         raw = await self._put_batch(keys=batch.keys, args=batch.args)
-        return {
-            int(raw[i]) - 1: FencedWriteRejected(_text(raw[i + 1]), int(raw[i + 2]))
-            for i in range(0, len(raw), 3)
-        }
+        if not raw:
+            return _ALL_DONE
+        rejected: dict[int, FencedWriteRejected] = {}
+        untouched: set[int] = set()
+        for i in range(0, len(raw), 3):
+            index, reason = int(raw[i]) - 1, _text(raw[i + 1])
+            if reason == "untouched":
+                untouched.add(index)
+            else:
+                rejected[index] = FencedWriteRejected(reason, int(raw[i + 2]))
+        return BatchOutcome(rejected, frozenset(untouched))
 
     async def delete(
         self,

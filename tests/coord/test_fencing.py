@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import redis.asyncio as aioredis
 
-from pkg.coord import FenceCounter, FencedHash, FencedWriteRejected, PutBatch
+from pkg.coord import BatchOutcome, FenceCounter, FencedHash, FencedWriteRejected, PutBatch
 from pkg.coord.changelog import Changelog
 from pkg.coord.fencing import Announce
 
@@ -146,8 +146,9 @@ async def test_a_put_batch_applies_each_put_and_reports_each_rejection(
     batch.add(f"{prefix}:c", f"{prefix}:oc", 6, "c", "stale", 3)
     batch.add(f"{prefix}:d", f"{prefix}:od", 2, "d", "d1", 4)
     assert len(batch) == 4
-    rejected = await store.put_batch(batch)
-    assert sorted(rejected) == [1, 2]
+    outcome = await store.put_batch(batch)
+    rejected = outcome.rejected
+    assert sorted(rejected) == [1, 2] and not outcome.untouched
     assert (rejected[1].reason, rejected[1].newer_fence) == ("state", 9)
     assert (rejected[2].reason, rejected[2].newer_fence) == ("owner", 7)
     assert await redis.hgetall(f"{prefix}:a") == {"_fence": "1", "rec": "a1", "ver": "1"}
@@ -185,19 +186,26 @@ async def test_a_put_extends_the_writers_owner_record_only_if_it_is_still_theirs
     store = FencedHash(redis)
     owner = f"{prefix}:owner"
     await redis.set(owner, "a|x:1|3", px=1_000)
-    batch = _batch(prefix, touch_ttl_ms=60_000)
-    batch.add(f"{prefix}:n", owner, 3, "n", "s1", 1, touch="a|x:1|3")
-    assert not await store.put_batch(batch)
+
+    async def put(fence: int, touch: str) -> BatchOutcome:
+        batch = _batch(prefix, touch_ttl_ms=60_000)
+        batch.add(f"{prefix}:n", owner, fence, "n", f"s{fence}", fence, touch=touch)
+        return await store.put_batch(batch)
+
+    assert await put(3, "a|x:1|3") == BatchOutcome({})
     assert await redis.pttl(owner) > 10_000
     await redis.set(owner, "a|x:1|4", px=1_000)  # a took the node again, with a newer fence
-    batch = _batch(prefix, touch_ttl_ms=60_000)
-    batch.add(f"{prefix}:n", owner, 4, "n", "s2", 2, touch="a|x:1|3")
-    assert not await store.put_batch(batch)
+    outcome = await put(4, "a|x:1|3")
+    assert not outcome.rejected and outcome.untouched == {0}, "written, but told: not touched"
     assert await redis.pttl(owner) <= 1_000, "only the exact record the writer holds"
+    await redis.delete(owner)  # lapsed: the write still lands, the writer is told
+    assert (await put(5, "a|x:1|4")).untouched == {0}
+    assert await redis.exists(owner) == 0, "a touch never creates a record"
+    assert await put(6, "") == BatchOutcome({}), "no touch asked, none reported"
 
 
 async def test_an_empty_put_batch_sends_nothing(redis: aioredis.Redis, prefix: str) -> None:
-    assert await FencedHash(redis).put_batch(_batch(prefix)) == {}
+    assert await FencedHash(redis).put_batch(_batch(prefix)) == BatchOutcome({})
     assert await redis.exists(f"{prefix}:log") == 0
 
 
