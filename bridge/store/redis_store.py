@@ -25,15 +25,9 @@ from redis.retry import Retry
 from bridge.store import StoreUnavailable
 from bridge.store.health import RedisHealth
 from bridge.token_bucket import Decision, Limit
+from pkg.coord.scripts import DELETE_IF_EQUALS
 
 T = TypeVar("T")
-
-# Compare-and-delete: a lock whose TTL ran out and was taken by another replica is not ours to
-# delete.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 # The same maths as bridge.token_bucket.take, atomic in Redis and timed by Redis' own clock, so
 # every replica sees one bucket and one time: the limit is exact across replicas.
@@ -105,7 +99,9 @@ class RedisCacheStore(_RedisBase):
 
     def __init__(self, client: aioredis.Redis, health: RedisHealth, prefix: str = "bridge") -> None:
         super().__init__(client, health, prefix)
-        self._release = client.register_script(_RELEASE)
+        # Compare-and-delete: a lock whose TTL ran out and was taken by another replica is not
+        # ours to delete (the same script as pkg.coord's leases and ownership records).
+        self._release = client.register_script(DELETE_IF_EQUALS)
 
     def _tag_keys(self, tags: Sequence[str]) -> list[str]:
         return [f"{self.prefix}:t:{t}" for t in tags]
