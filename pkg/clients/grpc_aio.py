@@ -233,11 +233,25 @@ class AioStreamUnaryInterceptor(InterceptorBase, grpc.aio.StreamUnaryClientInter
 class _UnaryCall:
     """What a unary call on a ``ResilientChannel`` returns: awaitable, with the Call methods.
 
-    The status, metadata and cancellation methods act on the current (finally: the last)
-    attempt. Awaiting it twice returns the same outcome.
+    The call starts when first awaited (directly, or through ``code()``, ``details()`` and the
+    metadata methods) and runs once: every later or concurrent await gets the same outcome, so
+    asking for the status of a call in flight never sends it again. The status and metadata
+    methods report the last attempt; ``cancel()`` stops the whole call, whether an attempt is
+    in flight or it is waiting to retry.
     """
 
-    __slots__ = ("_callable", "_done", "_error", "_kw", "_last", "_request", "_result")
+    __slots__ = (
+        "_callable",
+        "_done",
+        "_error",
+        "_kw",
+        "_last",
+        "_on_done",
+        "_request",
+        "_result",
+        "_started",
+        "_task",
+    )
 
     def __init__(self, callable_: _UnaryUnaryMultiCallable, request: Any, kw: dict[str, Any]):
         self._callable = callable_
@@ -247,16 +261,21 @@ class _UnaryCall:
         self._done = False
         self._result: Any = None
         self._error: BaseException | None = None
+        self._started = False
+        # The task running the call, known once it may wait between attempts (see cancel()).
+        self._task: asyncio.Task[Any] | None = None
+        self._on_done: list[Callable[[Any], None]] | None = None
 
     def __await__(self) -> Any:
         return self._run().__await__()
 
     async def _run(self) -> Any:
-        if self._done:
-            if self._error is not None:
-                raise self._error
-            return self._result
+        if self._done or self._started:
+            return await self._outcome()
+        self._started = True
         mc = self._callable
+        if mc.state.hedge:  # hedges run in tasks of their own: cancel() needs this one
+            self._task = asyncio.current_task()
         kw = self._kw
         auth = mc.core.auth
         if auth:
@@ -265,12 +284,34 @@ class _UnaryCall:
         attempt = self._attempt_fn(self._request, kw)
         try:
             self._result = await call_async(mc.state, timeout, attempt, mc.classify)
-        except Exception as exc:
+        except BaseException as exc:  # cancellation included: it is this call's outcome
             self._error = exc
-            self._done = True
+            self._finish()
             raise
         self._done = True
+        if self._on_done is not None:
+            self._finish()
         return self._result
+
+    async def _outcome(self) -> Any:
+        if not self._done:  # another task runs the call: wait for its outcome
+            settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def wake(_: Any) -> None:
+                if not settled.done():  # this waiter may have been cancelled meanwhile
+                    settled.set_result(None)
+
+            self.add_done_callback(wake)
+            await settled
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def _finish(self) -> None:
+        self._done = True
+        callbacks, self._on_done = self._on_done, None
+        for callback in callbacks or ():
+            callback(self)
 
     def _attempt_fn(self, request: Any, kw: dict[str, Any]) -> Callable[[float], Any]:
         raw = self._callable.raw
@@ -278,17 +319,42 @@ class _UnaryCall:
         async def attempt(attempt_timeout: float) -> Any:
             call = raw(request, timeout=attempt_timeout, **kw)
             self._last = call
-            return await call
+            try:
+                return await call
+            except BaseException:
+                self._attempt_failed()
+                raise
 
         return attempt
 
+    def _attempt_failed(self) -> None:
+        # From here on the call may wait before a retry, which only cancelling the task that
+        # runs it can stop. Looking the task up costs more than the rest of a successful call's
+        # bookkeeping, so it is done here, on the failure path (the attempt runs in that task).
+        if self._task is None:
+            self._task = asyncio.current_task()
+
     def cancel(self) -> bool:
-        """Cancel the attempt in flight (the call then ends with CANCELLED, never retried)."""
+        """Cancel the call (awaiting it then raises ``asyncio.CancelledError``; never retried).
+
+        Returns False when it had already finished.
+        """
+        if self._done:
+            return False
+        if not self._started:  # it never will be
+            self._error = asyncio.CancelledError()
+            self._finish()
+            return True
+        if self._task is not None:
+            # Reaches the attempt in flight (grpc.aio cancels an RPC whose awaiter is
+            # cancelled), the hedges, and a wait before a retry.
+            return self._task.cancel()
+        # The first attempt is in flight: cancelled, it ends the call (never retried).
         return bool(self._last is not None and self._last.cancel())
 
     def cancelled(self) -> bool:
-        """Whether the last attempt was cancelled."""
-        return bool(self._last is not None and self._last.cancelled())
+        """Whether the call was cancelled."""
+        return isinstance(self._error, asyncio.CancelledError)
 
     def done(self) -> bool:
         """Whether the call has finished (all attempts)."""
@@ -299,23 +365,29 @@ class _UnaryCall:
         return None if self._last is None else self._last.time_remaining()
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        """Called with the last attempt's call when it finishes."""
-        if self._last is not None:
-            self._last.add_done_callback(callback)
+        """``callback(call)`` once the call has finished (at once if it has)."""
+        if self._done:
+            callback(self)
+        elif self._on_done is None:
+            self._on_done = [callback]
+        else:
+            self._on_done.append(callback)
 
     async def initial_metadata(self) -> Any:
         """Initial metadata of the last attempt."""
         await self._settled()
-        return await self._last.initial_metadata()
+        return None if self._last is None else await self._last.initial_metadata()
 
     async def trailing_metadata(self) -> Any:
         """Trailing metadata of the last attempt."""
         await self._settled()
-        return await self._last.trailing_metadata()
+        return None if self._last is None else await self._last.trailing_metadata()
 
     async def code(self) -> grpc.StatusCode:
-        """Final status code (UNAVAILABLE for a breaker rejection)."""
+        """Final status code (UNAVAILABLE for a breaker rejection, CANCELLED if cancelled)."""
         await self._settled()
+        if self.cancelled():
+            return grpc.StatusCode.CANCELLED
         if self._last is None and self._error is not None:
             return getattr(self._error, "code", lambda: grpc.StatusCode.UNKNOWN)()  # type: ignore[no-any-return]
         return await self._last.code()  # type: ignore[no-any-return]
@@ -328,16 +400,21 @@ class _UnaryCall:
         return await self._last.details()  # type: ignore[no-any-return]
 
     async def wait_for_connection(self) -> None:
-        """Wait until the first attempt is connected."""
+        """Wait until the current attempt is connected (nothing to wait for before it starts)."""
         if self._last is not None:
             await self._last.wait_for_connection()
 
     async def _settled(self) -> None:
-        if not self._done:
-            try:
-                await self._run()
-            except Exception:
-                pass
+        # The outcome itself (a result or an error) is for the awaiter; the status methods
+        # report it. Only the cancellation of the task asking is not the call's to swallow.
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception:
+            pass
 
 
 # Least time an attempt without a per-attempt cap must have had for its timeout to count
@@ -390,9 +467,11 @@ class _PooledUnaryCall(_UnaryCall):
                     if detector.replicas[i].state is EJECTED:
                         with contextlib.suppress(AttributeError):
                             setattr(exc, EJECTED_REPLICA_ATTR, True)
+                self._attempt_failed()
                 raise
             except BaseException:
                 detector.release(i)
+                self._attempt_failed()
                 raise
             detector.success(i)
             return result

@@ -389,6 +389,70 @@ async def test_unary_call_object_exposes_the_last_attempts_status(target, key) -
     await channel.close()
 
 
+async def test_asking_a_call_in_flight_for_its_status_does_not_send_it_again(
+    target, stats_stub, key
+) -> None:
+    channel = aio_channel(target, fast_policy())
+    call = pb_grpc.TestServiceStub(channel).Unary(failing(key, 1, delay_s=0.2), timeout=5)
+    running = asyncio.ensure_future(call)
+    done: list[bool] = []
+    call.add_done_callback(lambda finished: done.append(finished.done()))
+    assert await call.code() == grpc.StatusCode.OK  # waits for the call the task runs
+    assert (await running).attempt == 2
+    await channel.close()
+    assert done == [True]  # once, when every attempt was over
+    assert (await attempts(stats_stub, key)).attempts == 2  # one failure, one retry: no copy
+
+
+async def test_cancel_stops_a_call_waiting_to_retry(target, stats_stub, key) -> None:
+    channel = aio_channel(target, fast_policy())
+    stub = pb_grpc.TestServiceStub(channel)
+    call = stub.Unary(failing(key, 1, pushback_ms=30_000), timeout=60)  # retry in 30 s
+    running = asyncio.ensure_future(call)
+
+    async def first_attempt_failed() -> bool:
+        return (await attempts(stats_stub, key)).attempts == 1
+
+    await eventually(first_attempt_failed, what="the first attempt refused")
+    assert call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, timeout=10)
+    assert call.cancelled() and await call.code() == grpc.StatusCode.CANCELLED
+    assert not call.cancel()  # already over
+
+    never_started = stub.Unary(pb.UnaryRequest(key=key + "-never"), timeout=5)
+    assert never_started.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await never_started
+    await channel.close()
+    assert (await attempts(stats_stub, key)).attempts == 1
+    assert (await attempts(stats_stub, key + "-never")).attempts == 0
+
+
+@pytest.mark.parametrize("hedged", [False, True])
+async def test_cancel_stops_the_attempts_in_flight(target, stats_stub, key, hedged) -> None:
+    policy = fast_policy(hedge=HedgePolicy(enabled=hedged, delay=0.05))
+    channel = aio_channel(target, policy)
+    slow = pb.UnaryRequest(key=key, behavior=pb.Behavior(delay_s=30.0))
+    call = pb_grpc.TestServiceStub(channel).Unary(slow, timeout=60)
+    running = asyncio.ensure_future(call)
+    sent = 2 if hedged else 1
+
+    async def all_sent() -> bool:
+        return (await attempts(stats_stub, key)).attempts == sent
+
+    await eventually(all_sent, what=f"{sent} attempt(s) on the server")
+    assert call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(running, timeout=10)
+
+    async def all_cancelled() -> bool:
+        return (await attempts(stats_stub, key)).cancelled == sent
+
+    await eventually(all_cancelled, what="the server seeing every attempt cancelled")
+    await channel.close()
+
+
 async def test_the_unary_interceptor_also_works_on_a_plain_grpc_channel(target, key) -> None:
     # aio_channel runs unary calls without grpc's interceptor task (it is faster); the
     # interceptor class gives the same policy to a channel built by grpc itself.
