@@ -26,7 +26,7 @@ from pkg.proto.signalman.v1 import signalman_pb2_grpc as pb_grpc
 from signalman.history import SourcePos
 from signalman.hub import Hub, TooManyConnections
 from signalman.pipeline import Poison, process_events
-from signalman.processor import Processor, record_age
+from signalman.processor import Processor, age_sampled, record_age
 from signalman.session import Dropped, OutEvent, Session
 
 log = structlog.get_logger("api_realtime.handlers")
@@ -101,7 +101,8 @@ class SignalmanServicer(pb_grpc.SignalmanServicer):
                 await context.write(message)
                 now = self.hub.clock.time()
                 for item in events:
-                    record_age(now, item.entry.event.time, "delivered")
+                    if age_sampled(item.entry.offset):
+                        record_age(now, item.entry.event.time, "delivered")
                 continue
             await context.write(to_proto(out))
 

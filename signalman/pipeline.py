@@ -6,7 +6,7 @@ same code runs behind Kafka, behind the embedded Publish RPC and in unit tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from pkg.events.envelope import EnvelopeError, decode_record
 from pkg.events.sink import Event
@@ -36,7 +36,9 @@ def process_events(events: list[Event]) -> Processed | Poison:
     try:
         for event in events:
             channel = classify(event.type, event.tenant)
-            items.append((channel, replace(event, data=redact(event.data))))
+            redacted = Event(event.type, event.tenant, redact(event.data), event.id, event.time,
+                             event.schema_version, event.source)  # fmt: skip
+            items.append((channel, redacted))
     except UnknownEventType as exc:
         return Poison(str(exc))
     return Processed(tenant=events[0].tenant, items=items)

@@ -24,20 +24,37 @@ _duplicates = _meter.create_counter(
     "signalman_duplicate_appends_skipped", description="replayed records already in history"
 )
 _dead = _meter.create_counter("signalman_dead_lettered", description="poison records")
+AGE_BUCKETS_MS = (1, 2, 5, 10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 250, 500, 1_000, 2_500, 10_000)
 _age = _meter.create_histogram(
     "signalman_event_age",
     unit="ms",
-    description="event age (now - event time) when appended to the history / written to a "
-    "subscriber, by stage: how fresh what subscribers see is",
+    description="event age (now - event time) when fetched from Kafka / appended to the "
+    "history / written to a subscriber, by stage: where an event's latency is spent (one "
+    "event in 8, by offset)",
+    # Finer than the default buckets below 100 ms, where the latency target (50 ms) lies.
+    explicit_bucket_boundaries_advisory=AGE_BUCKETS_MS,
 )
 _fenced = _meter.create_counter(
     "signalman_fenced_writes", description="appends rejected because this replica lost ownership"
 )
 
 
+# One event in AGE_SAMPLE_EVERY (by offset, so independent of its latency) is observed: a
+# histogram observation costs ~10 us, more than decoding the event, and was 12% of a replica's CPU
+# at 2,000 events/s when every event was observed at every stage.
+AGE_SAMPLE_EVERY = 8
+_STAGE_ATTRS = {s: {"stage": s} for s in ("fetched", "appended", "delivered")}
+
+
+def age_sampled(offset: int) -> bool:
+    """Whether the event at ``offset`` (Kafka or history offset) is one whose age is observed."""
+    return offset % AGE_SAMPLE_EVERY == 0
+
+
 def record_age(now: float, event_time: float, stage: str) -> None:
     """Observe how old an event is at ``stage`` (producer clocks may be skewed: never < 0)."""
-    _age.record(max(0.0, (now - event_time) * 1000.0), {"stage": stage})
+    attrs = _STAGE_ATTRS.get(stage) or {"stage": stage}
+    _age.record(max(0.0, (now - event_time) * 1000.0), attrs)
 
 
 @dataclass(frozen=True)
@@ -80,6 +97,9 @@ class Outcome:
     offsets: tuple[int, ...] = ()
 
 
+_DEAD_LETTERED = Outcome("dead-lettered")
+
+
 class Processor:
     """Turns one record into history entries, exactly once per source position."""
 
@@ -103,32 +123,53 @@ class Processor:
         (outcome,) = await self.handle_batch([RecordIn(value, key, source, attempts)], fence)
         return outcome
 
-    async def handle_batch(self, records: list[RecordIn], fence: int) -> list[Outcome]:
+    async def handle_batch(
+        self, records: list[RecordIn], fence: int, fetched_at: float | None = None
+    ) -> list[Outcome]:
         """Process a partition's fetched records in order, appending them in one round trip.
 
         Poison records are dead-lettered first (their acks awaited); raises when the history or
         the dead-letter topic is unreachable, in which case nothing may be committed.
+        ``fetched_at`` (unix s) is when the consumer received the records: the ages at fetch and
+        at append split an event's latency into the Kafka hop and our processing.
         """
-        outcomes: list[Outcome | None] = [None] * len(records)
+        outcomes: list[Outcome] = [_DEAD_LETTERED] * len(records)
         pending: list[tuple[int, Processed, SourcePos]] = []
         for i, rec in enumerate(records):
-            self.stats.records += 1
-            _processed.add(1)
             result = process_record(rec.value, rec.key)
             if isinstance(result, Poison):
                 await self._dead_letter(rec, result)
-                outcomes[i] = Outcome("dead-lettered")
             else:
                 pending.append((i, result, rec.source))
+        # Counters once per batch: each add costs ~6 us, as much as decoding a record.
+        self.stats.records += len(records)
+        _processed.add(len(records))
+        if fetched_at is not None:
+            for _, processed, src in pending:
+                if age_sampled(src.offset):
+                    record_age(fetched_at, processed.items[0][1].time, "fetched")
         results = await self.history.append_many(
             [(p.tenant, p.items, src) for _, p, src in pending], fence
         )
         now = self.clock.time()
+        appended = duplicates = 0
         for (i, processed, src), res in zip(pending, results, strict=True):
-            outcomes[i] = self._account(res, src, fence)
+            outcomes[i] = Outcome(res.status, res.offsets)
             if res.status == "appended":
-                record_age(now, processed.items[0][1].time, "appended")
-        return [o if o is not None else Outcome("dead-lettered") for o in outcomes]
+                appended += len(res.offsets)
+                if age_sampled(src.offset):
+                    record_age(now, processed.items[0][1].time, "appended")
+            elif res.status == "duplicate":
+                duplicates += 1
+            else:
+                self._fenced(res, src, fence)
+        if appended:
+            self.stats.appended += appended
+            _appended.add(appended)
+        if duplicates:
+            self.stats.duplicates += duplicates
+            _duplicates.add(duplicates)
+        return outcomes
 
     async def _dead_letter(self, rec: RecordIn, poison: Poison) -> None:
         letter = DeadLetter(rec.source, rec.key, rec.value, poison.reason, poison.retryable,
@@ -150,16 +191,7 @@ class Processor:
 
     def _account(self, res: AppendResult, source: SourcePos, fence: int) -> Outcome:
         if res.status == "fenced":
-            self.stats.fenced += 1
-            _fenced.add(1)
-            log.warning(
-                "append_fenced",
-                topic=source.topic,
-                partition=source.partition,
-                offset=source.offset,
-                fence=fence,
-                current_fence=res.current_fence,
-            )
+            self._fenced(res, source, fence)
         elif res.status == "duplicate":
             self.stats.duplicates += 1
             _duplicates.add(1)
@@ -167,3 +199,15 @@ class Processor:
             self.stats.appended += len(res.offsets)
             _appended.add(len(res.offsets))
         return Outcome(res.status, res.offsets)
+
+    def _fenced(self, res: AppendResult, source: SourcePos, fence: int) -> None:
+        self.stats.fenced += 1
+        _fenced.add(1)
+        log.warning(
+            "append_fenced",
+            topic=source.topic,
+            partition=source.partition,
+            offset=source.offset,
+            fence=fence,
+            current_fence=res.current_fence,
+        )

@@ -16,6 +16,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -56,8 +57,11 @@ class KafkaSink:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 5.0,
         autostart: bool = True,
+        producer_factory: Callable[[], Any] | None = None,
     ) -> None:
         self.bootstrap = bootstrap
+        # The producer is built inside the sender thread's loop; tests pass a stand-in.
+        self._producer_factory = producer_factory or self._aiokafka_producer
         self.source = source
         self.topic = topic
         self.buffer_size = buffer_size
@@ -162,9 +166,28 @@ class KafkaSink:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._work.wait(), wait_s)
 
-    async def _sender(self) -> None:
+    async def _wait_for_more(self, sent: int, wait_s: float) -> None:
+        """Wait until events beyond the first ``sent`` (already handed over) are buffered."""
+        assert self._work is not None
+        self._signalled = False
+        self._work.clear()
+        if len(self._buffer) > sent or self._closing.is_set():
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._work.wait(), wait_s)
+
+    def _aiokafka_producer(self) -> Any:
         from aiokafka import AIOKafkaProducer
 
+        return AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            acks="all",
+            linger_ms=2,
+            request_timeout_ms=int(self.request_timeout_s * 1000),
+            client_id=f"kafka-sink-{self.source or 'platform'}",
+        )
+
+    async def _sender(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._work = asyncio.Event()
         self._closed = asyncio.Event()
@@ -175,13 +198,7 @@ class KafkaSink:
                 close_deadline = close_deadline or time.monotonic() + self.request_timeout_s
                 if not self._buffer or time.monotonic() > close_deadline:
                     return
-            producer: Any = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap,
-                acks="all",
-                linger_ms=2,
-                request_timeout_ms=int(self.request_timeout_s * 1000),
-                client_id=f"kafka-sink-{self.source or 'platform'}",
-            )
+            producer = self._producer_factory()
             try:
                 await asyncio.wait_for(producer.start(), self.request_timeout_s)
                 self.connected = True
@@ -225,37 +242,50 @@ class KafkaSink:
         leave the buffer only once acknowledged, in order: after a failure everything not yet
         acknowledged is sent again (at least once).
         """
-        inflight: deque[tuple[int, asyncio.Future[Any]]] = deque()
+        inflight: deque[tuple[int, asyncio.Future[Any], float]] = deque()
         sent = 0  # buffered events already handed to the producer (the buffer's first ones)
         try:
             while True:
                 while inflight and inflight[0][1].done():
-                    count, done = inflight.popleft()
+                    count, done, _ = inflight.popleft()
                     done.result()  # raises the send error
                     self._ack(count)
                     sent -= count
                     self.sent += count
                     _sent.add(count, {"topic": self.topic})
-                batch = self._take(sent) if len(inflight) < self.max_in_flight else []
+                room = len(inflight) < self.max_in_flight
+                batch = self._take(sent) if room else []
                 if batch:
                     futures = [
                         await producer.send(self.topic, encode_event(e), key=e.tenant.encode())
                         for e in batch
                     ]
-                    inflight.append((len(batch), asyncio.ensure_future(asyncio.gather(*futures))))
+                    acked = asyncio.ensure_future(asyncio.gather(*futures))
+                    inflight.append((len(batch), acked, time.monotonic()))
                     sent += len(batch)
                     continue
                 if inflight:
-                    oldest = inflight[0][1]
-                    await asyncio.wait({oldest}, timeout=self.request_timeout_s)
-                    if not oldest.done():
+                    _, oldest, sent_at = inflight[0]
+                    left = sent_at + self.request_timeout_s - time.monotonic()
+                    if left <= 0:
                         raise TimeoutError(f"no ack from Kafka within {self.request_timeout_s}s")
+                    # New events go out while earlier batches wait for their acks (up to
+                    # max_in_flight): waiting for the oldest ack first put a whole broker round
+                    # trip in front of every event emitted meanwhile.
+                    waiters: set[asyncio.Future[Any]] = {oldest}
+                    more = None
+                    if room:
+                        more = asyncio.ensure_future(self._wait_for_more(sent, left))
+                        waiters.add(more)
+                    await asyncio.wait(waiters, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                    if more is not None:
+                        more.cancel()
                     continue
                 if self._closing.is_set():
                     return
                 await self._wait_for_work(0.5)
         finally:
-            for _, future in inflight:
+            for _, future, _ in inflight:
                 future.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(producer.stop(), 2.0)

@@ -103,21 +103,40 @@ class History(Protocol):
     async def close(self) -> None: ...
 
 
+# One encoder for every dump: json.dumps with options builds a new encoder on each call.
+_encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
+
+
 def dump_event(event: Event) -> str:
-    return json.dumps(event_to_dict(event), default=str, separators=(",", ":"))
+    return _encode(event_to_dict(event))
+
+
+def dump_meta(event: Event) -> str:
+    """The event without its data (stored apart, so subscribers get ``data_json`` as stored)."""
+    meta = {
+        "id": event.id,
+        "type": event.type,
+        "tenant": event.tenant,
+        "time": event.time,
+        "schema_version": event.schema_version,
+        "source": event.source,
+        "data": {},
+    }
+    return _encode(meta)
 
 
 def dump_data(event: Event) -> str:
-    return json.dumps(event.data, default=str, separators=(",", ":"))
+    return _encode(event.data)
 
 
-def load_event(raw: str | bytes) -> Event:
-    """An event read back from the history: validated on the way in, so trusted here."""
+def load_event(raw: str | bytes, data: dict[str, Any] | None = None) -> Event:
+    """An event read back from the history: validated on the way in, so trusted here. ``data``
+    replaces the stored data (entries keep their data apart from the rest of the event)."""
     obj: Any = json.loads(raw)
     return Event(
         type=obj["type"],
         tenant=obj["tenant"],
-        data=obj["data"],
+        data=obj["data"] if data is None else data,
         id=obj["id"],
         time=obj["time"],
         schema_version=obj["schema_version"],

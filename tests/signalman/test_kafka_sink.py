@@ -93,3 +93,52 @@ def test_emit_after_close_is_dropped_not_raised() -> None:
     sink.close(flush_timeout=0.1)
     sink.emit(Event("stream.started", "acme", {}))
     assert sink.dropped == 1
+
+
+class HeldAcks:
+    """Stands in for aiokafka's producer: records what was sent, acks only when told to."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.futures: list[asyncio.Future[None]] = []
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+        assert self.loop is not None
+        future: asyncio.Future[None] = self.loop.create_future()
+        self.futures.append(future)
+        self.sent.append(json.loads(value)["data"]["i"])
+        return future
+
+    async def stop(self) -> None:
+        return None
+
+    def ack_all(self) -> None:
+        def ack() -> None:
+            for future in self.futures:
+                if not future.done():
+                    future.set_result(None)
+
+        assert self.loop is not None
+        self.loop.call_soon_threadsafe(ack)
+
+
+@pytest.mark.timeout(30)
+async def test_events_emitted_while_a_batch_waits_for_its_ack_are_sent_without_waiting() -> None:
+    producer = HeldAcks()
+    sink = KafkaSink("unused:0", producer_factory=lambda: producer)
+    try:
+        sink.emit(Event("stream.started", "acme", {"i": 0}))
+        await wait_until(lambda: producer.sent == [0])
+        # The first batch is still unacknowledged: the next event must not queue behind it.
+        sink.emit(Event("stream.started", "acme", {"i": 1}))
+        await wait_until(lambda: producer.sent == [0, 1])
+        assert sink.sent == 0 and sink.buffered == 2  # kept until acknowledged
+        producer.ack_all()
+        await wait_until(lambda: sink.sent == 2 and sink.buffered == 0)
+    finally:
+        producer.ack_all()
+        await asyncio.to_thread(sink.close, 1.0)
