@@ -74,52 +74,92 @@ class PartitionLocks:
         grace_s: float = 2.0,
         clock: Clock = SYSTEM_CLOCK,
         connect_timeout_s: float = 5.0,
+        query_timeout_s: float = 3.0,
+        retry_interval_s: float = 0.05,
     ) -> None:
         self.dsn = dsn
         self.owner = owner
         self.grace_s = grace_s
         self.clock = clock
+        # Every round trip is bounded: a PostgreSQL that is starting, paused or behind a dead
+        # network must never hang the consumer group's rebalance listener.
         self.connect_timeout_s = connect_timeout_s
+        self.query_timeout_s = query_timeout_s
+        self.retry_interval_s = retry_interval_s
         self._conn: Any = None
         self._held: set[int] = set()
         self._io = asyncio.Lock()  # one query at a time on the dedicated connection
         self.lost = asyncio.Event()
         self.evictions = 0
+        self.connects = 0
 
     @property
     def connected(self) -> bool:
         return self._conn is not None and not self._conn.is_closed()
 
     async def connect(self) -> None:
-        """(Re)open the dedicated connection; any lock held before is forgotten as lost."""
+        """(Re)open the dedicated connection within ``connect_timeout_s``.
+
+        Any lock held before is forgotten as lost. Raises (``OSError``, ``TimeoutError``, an
+        asyncpg error) when PostgreSQL is unreachable, still starting or too slow: the caller
+        retries with backoff.
+        """
         await self.close()
-        self._conn = await asyncpg.connect(
-            self.dsn,
-            timeout=self.connect_timeout_s,
-            server_settings={"application_name": f"signalman-locks:{self.owner}"},
-        )
-        self._conn.add_termination_listener(self._on_terminated)
-        await self._conn.execute(_SCHEMA)
+        conn: Any = None
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                conn = await asyncpg.connect(
+                    self.dsn,
+                    timeout=self.connect_timeout_s,
+                    server_settings={"application_name": f"signalman-locks:{self.owner}"},
+                )
+                await conn.execute(_SCHEMA)
+        except BaseException:
+            if conn is not None:
+                conn.terminate()
+            raise
+        conn.add_termination_listener(self._on_terminated)
+        self._conn = conn
         self._held.clear()
         self.lost.clear()
+        self.connects += 1
 
-    def _on_terminated(self, _conn: Any) -> None:
-        if self._held:
-            log.warning("ownership_connection_lost", owner=self.owner, locks=len(self._held))
+    def _on_terminated(self, conn: Any) -> None:
+        if conn is not self._conn:
+            return  # a connection we replaced or closed ourselves: not news
+        log.warning("ownership_connection_lost", owner=self.owner, locks=len(self._held))
         self.lost.set()
 
+    def _abandon(self) -> None:
+        """Drop the connection at once: nothing it held can be trusted any more."""
+        conn, self._conn = self._conn, None
+        self._held.clear()
+        self.lost.set()
+        if conn is not None and not conn.is_closed():
+            conn.terminate()
+
     async def _query(self, method: str, *args: Any) -> Any:
-        if not self.connected:
+        conn = self._conn
+        if conn is None or conn.is_closed():
             raise OwnershipLost("the dedicated lock connection is closed")
         async with self._io:
             try:
-                return await getattr(self._conn, method)(*args)
+                return await asyncio.wait_for(getattr(conn, method)(*args), self.query_timeout_s)
+            except TimeoutError as exc:
+                # A query that does not answer (PostgreSQL paused, network gone) leaves us not
+                # knowing what we hold: give the connection up, which releases it all.
+                log.warning("ownership_query_timeout", owner=self.owner, method=method)
+                if self._conn is conn:
+                    self._abandon()
+                raise OwnershipLost(f"lock query timed out after {self.query_timeout_s} s") from exc
             except (asyncpg.PostgresConnectionError, OSError, ConnectionError) as exc:
-                self.lost.set()
+                if self._conn is conn:
+                    self._abandon()
                 raise OwnershipLost(f"lock connection failed: {exc!r}") from exc
             except asyncpg.InterfaceError as exc:
-                if self._conn.is_closed():
-                    self.lost.set()
+                if conn.is_closed():
+                    if self._conn is conn:
+                        self._abandon()
                     raise OwnershipLost(f"lock connection closed: {exc!r}") from exc
                 raise
 
@@ -140,21 +180,30 @@ class PartitionLocks:
         rows = await self._query("fetch", _HOLDER, key >> 32, key & 0xFFFFFFFF)
         return [int(r["pid"]) for r in rows]
 
-    async def acquire_partition(self, topic: str, partition: int) -> int:
+    async def acquire_partition(
+        self, topic: str, partition: int, *, timeout_s: float | None = None
+    ) -> int:
         """Lock (topic, partition) and return a new, higher fencing token.
 
         Called after the consumer group assigned the partition to us: a holder that has not let
         go within ``grace_s`` lost its group membership already (a zombie), so its backend is
-        terminated, which releases every lock of its dedicated connection.
+        terminated, which releases every lock of its dedicated connection. Raises ``LockBusy``
+        when the lock is still held after ``timeout_s`` (never cancelled half-way: a lock taken
+        but not recorded would stay held until the connection closes), ``OwnershipLost`` when
+        the connection fails.
         """
         key = lock_key(f"signalman:{topic}", partition)
         if key not in self._held:
-            deadline = self.clock.monotonic() + self.grace_s
+            start = self.clock.monotonic()
+            evict_at = start + self.grace_s
             while not await self.try_lock(key):
-                if self.clock.monotonic() >= deadline:
+                now = self.clock.monotonic()
+                if timeout_s is not None and now - start >= timeout_s:
+                    raise LockBusy(f"{topic}/{partition} still locked after {timeout_s} s")
+                if now >= evict_at:
                     await self._evict(key, topic, partition)
-                    deadline = self.clock.monotonic() + self.grace_s
-                await self.clock.asleep(0.05)
+                    evict_at = now + self.grace_s
+                await self.clock.asleep(self.retry_interval_s)
         fence = int(await self._query("fetchval", _BUMP, topic, partition, self.owner))
         log.info("partition_acquired", topic=topic, partition=partition, fence=fence)
         return fence

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
-from signalman.ownership import OwnershipLost, PartitionLocks, lock_key
+from signalman.ownership import LockBusy, OwnershipLost, PartitionLocks, lock_key
 from tests.signalman.conftest import wait_until
 
 pytestmark = pytest.mark.integration
@@ -73,3 +77,79 @@ def test_lock_keys_differ_per_topic_and_partition() -> None:
     assert len(keys) == 8
     with pytest.raises(ValueError):
         lock_key("x", 70_000)
+
+
+async def test_connect_to_a_server_that_never_answers_fails_within_the_timeout() -> None:
+    # A port that accepts TCP but never speaks (a PostgreSQL still starting behind a proxy, a
+    # half-dead host): connecting must fail in bounded time, never hang the consumer.
+    silent: list[asyncio.StreamWriter] = []
+
+    async def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        silent.append(writer)
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    locks = PartitionLocks(f"postgresql://postgres@127.0.0.1:{port}/postgres", "a",
+                           connect_timeout_s=0.5)  # fmt: skip
+    started = time.monotonic()
+    try:
+        with pytest.raises((TimeoutError, OSError)):
+            await locks.connect()
+        assert time.monotonic() - started < 5.0
+        assert not locks.connected
+    finally:
+        for writer in silent:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_query_that_does_not_answer_times_out_and_counts_as_lost(
+    make_locks: Callable[[str], Any],
+) -> None:
+    topic = f"t-{uuid.uuid4().hex[:8]}"
+    locks = make_locks("a")
+    locks.query_timeout_s = 0.5
+    await locks.connect()
+    first = await locks.acquire_partition(topic, 0)
+    # SIGSTOP the server process of this session (PostgreSQL backends run in their own
+    # session, so this is the one that stops answering): the socket stays open, nothing moves.
+    backend = int(await locks._query("fetchval", "SELECT pg_backend_pid()"))
+    os.kill(backend, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(OwnershipLost):
+            await locks.acquire_partition(topic, 1)
+        assert time.monotonic() - started < 5.0
+        # Not knowing what it holds any more, the replica gave the connection up.
+        assert locks.lost.is_set() and not locks.connected
+    finally:
+        os.kill(backend, signal.SIGCONT)
+    await locks.connect()  # a new connection, a new and higher fence
+    assert not locks.lost.is_set()
+    assert await locks.acquire_partition(topic, 0) > first
+
+
+async def test_closing_or_replacing_the_connection_is_not_reported_as_lost(
+    make_locks: Callable[[str], Any],
+) -> None:
+    locks = make_locks("a")
+    await locks.connect()
+    await locks.connect()  # replaces the first connection
+    await locks.close()
+    await asyncio.sleep(0.1)  # termination callbacks run on the loop
+    assert not locks.lost.is_set()
+
+
+async def test_acquire_gives_up_after_its_timeout_when_the_holder_stays(
+    make_locks: Callable[[str], Any],
+) -> None:
+    topic = f"t-{uuid.uuid4().hex[:8]}"
+    holder, other = make_locks("holder"), make_locks("other")
+    await holder.connect()
+    await other.connect()
+    await holder.acquire_partition(topic, 2)
+    other.grace_s = 60.0  # no eviction within the timeout: the holder is presumed alive
+    with pytest.raises(LockBusy):
+        await other.acquire_partition(topic, 2, timeout_s=0.3)
+    assert other.connected and holder.connected  # nothing broken, the caller retries later
