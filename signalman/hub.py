@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from pkg.clients.backoff import Backoff
 from pkg.common.auth import Principal
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from signalman.history import History
@@ -114,21 +115,21 @@ class Hub(FeedRegistry):
                 feed.task.cancel()
 
     async def _run_feed(self, feed: Feed) -> None:
-        failures = 0
+        backoff = Backoff(base=0.05, cap=2.0, clock=self.clock)  # jitter: feeds retry apart
         while True:
             try:
                 if not feed.ready.is_set():
                     info = await self.history.info(feed.tenant)
                     feed.position, feed.epoch = info.head_offset, info.epoch
                     feed.ready.set()
-                elif failures:
+                elif backoff.attempt:
                     # The history store was unreachable: it may have come back empty (a restart
                     # without persistence). Check before reading on from an old position.
                     await self._check_epoch(feed)
                 entries = await self.history.wait_after(
                     feed.tenant, feed.position, self.poll_timeout
                 )
-                failures = 0
+                backoff.reset()
                 if entries and entries[0].offset <= feed.position:
                     await self._check_epoch(feed)  # offsets went backwards: history was reset
                     continue
@@ -154,9 +155,8 @@ class Hub(FeedRegistry):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                failures += 1
                 log.warning("feed_read_failed", tenant=feed.tenant, error=repr(exc)[:200])
-                await self.clock.asleep(min(2.0, 0.05 * 2**failures))
+                await backoff.wait()
 
     async def _check_epoch(self, feed: Feed) -> None:
         """A lost history restarts offsets under a new epoch: subscribers must resume (and be
