@@ -613,15 +613,19 @@ class ResilientChannel(grpc.aio.Channel):
         return best
 
     async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        """Wait until the connectivity state (of any replica channel) changes."""
+        """Wait until the connectivity state (``get_state``) differs from the one observed.
+
+        With several replicas that state is the best of theirs, read again whenever one of
+        them changes; a change that happened before this call returns at once.
+        """
         if len(self._raws) == 1:
             await self._raw.wait_for_state_change(last_observed_state)
             return
-        await _first_of(
-            raw.wait_for_state_change(raw.get_state(False))
-            for raw in self._raws
-            if raw.get_state(False) != grpc.ChannelConnectivity.SHUTDOWN
-        )
+        while self.get_state(False) == last_observed_state:
+            live = [raw for raw in self._raws if raw.get_state(False) != _SHUTDOWN]
+            if not live:
+                return  # every replica channel is closed: nothing will change any more
+            await _first_of(raw.wait_for_state_change(raw.get_state(False)) for raw in live)
 
     async def channel_ready(self) -> None:
         """Wait until the channel (with several replicas: any one of them) is READY."""
@@ -663,6 +667,8 @@ class ResilientChannel(grpc.aio.Channel):
             return raws[0]
         return _PooledMultiCallable(raws, self.detector)
 
+
+_SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 
 # Best first: what get_state reports for a channel over several replicas.
 _STATE_ORDER = (

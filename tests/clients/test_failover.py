@@ -83,3 +83,19 @@ async def test_a_restarted_server_is_used_again_within_seconds(process_factory) 
 
     await eventually(answers_again, timeout=15, interval=0.1, what="the restarted server")
     await channel.close()
+
+
+async def test_a_channel_over_replicas_reports_a_state_change_it_has_not_seen(
+    replica_pair,
+) -> None:
+    channel = aio_channel(addresses(*replica_pair), fast_policy())
+    try:
+        await both_in_rotation(pb_grpc.TestServiceStub(channel))  # both connections READY
+        assert channel.get_state() == grpc.ChannelConnectivity.READY
+        # The channel left IDLE before the caller asked, and nothing changes any more: the
+        # change already made must be reported at once, not wait for the next one.
+        await asyncio.wait_for(
+            channel.wait_for_state_change(grpc.ChannelConnectivity.IDLE), timeout=5
+        )
+    finally:
+        await channel.close()
