@@ -9,7 +9,13 @@ Real servers (tansu, redis-server, PostgreSQL) and real replica processes, in on
 3. produce (KafkaSink) -> subscriber receive latency at the target rate through the two replicas
    (``e2e_p99_ms``);
 4. kill -9 of one replica while events flow: ``takeover_s`` (kill until the survivor owns every
-   partition) and ``lost_events`` / ``duplicate_events`` counted per subscription.
+   partition) and ``lost_events`` / ``duplicate_events`` counted per subscription. Beside it, in
+   the same run, the broker's own floor: ``kafka_takeover_s``, plain aiokafka members with the
+   same session timeout and heartbeat, one killed -9. ``takeover_s`` is broken down from the
+   survivor's log: ``takeover_detect_s`` (kill until the survivor sees the rebalance: session
+   expiry plus a heartbeat), ``takeover_join_s`` (JoinGroup/SyncGroup: tansu holds every join
+   ~3 s), ``takeover_acquire_s`` (advisory locks, fencing tokens, history claims: ours) and
+   ``takeover_observe_s`` (until the benchmark's poll saw it).
 """
 
 from __future__ import annotations
@@ -28,6 +34,10 @@ TENANTS = [f"t{i}" for i in range(8)]
 TOKENS = ",".join(f"bench{i}=bench@{t}:reader" for i, t in enumerate(TENANTS))
 PARTITIONS = 4
 SESSION_TIMEOUT_MS = 6_000
+# The survivor learns of a dead member at its first heartbeat after the session expired, so the
+# interval adds up to one interval to every takeover (measured: +0.0-0.45 s at 500 ms, +0.0-0.05
+# s at 200 ms); 200 ms is 1/30 of the session timeout, a negligible load on the coordinator.
+HEARTBEAT_MS = 200
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -53,7 +63,9 @@ class Stack:
         for server in (self.kafka, self.redis, self.postgres):
             server.start()
 
-    def replica(self, name: str, group: str, topic: str, prefix: str) -> Any:
+    def replica(
+        self, name: str, group: str, topic: str, prefix: str, log_level: str = "WARNING"
+    ) -> Any:
         from pkg.devstack.servers import CommandProcess, free_port
 
         http_port = free_port()
@@ -67,12 +79,12 @@ class Stack:
             "SIGNALMAN_REDIS_PREFIX": prefix,
             "SIGNALMAN_POSTGRES_DSN": self.postgres.dsn,
             "SIGNALMAN_SESSION_TIMEOUT_MS": str(SESSION_TIMEOUT_MS),
-            "SIGNALMAN_HEARTBEAT_INTERVAL_MS": "500",
+            "SIGNALMAN_HEARTBEAT_INTERVAL_MS": str(HEARTBEAT_MS),
             "SIGNALMAN_LOCK_GRACE_S": "1.0",
             "SIGNALMAN_SUBSCRIBER_BUFFER": "20000",
             "SIGNALMAN_HTTP_PORT": str(http_port),
             "SIGNALMAN_REPLICA_ID": name,
-            "LOG_LEVEL": "WARNING",
+            "LOG_LEVEL": log_level,
         }
         proc = CommandProcess(
             f"signalman-{name}",
@@ -133,21 +145,113 @@ async def raw_kafka_latency(bootstrap: str, rate: int, seconds: float) -> list[f
     return latencies
 
 
-async def broker_join_delay(bootstrap: str, topic: str) -> float:
-    """Seconds a fresh consumer group waits for its first assignment on this broker. tansu
-    holds every join round for a fixed ~3 s, which is also part of every takeover."""
+async def raw_takeover(bootstrap: str, topic: str) -> tuple[float, float]:
+    """Plain aiokafka on this broker: the floor of any takeover, and of any fresh join.
+
+    A member process joins a fresh group (``fresh join`` = until it holds partitions), a second
+    member (this process) joins, the first is killed -9; returns (fresh join seconds, seconds
+    from the kill until the survivor holds every partition).
+    """
     from aiokafka import AIOKafkaConsumer
 
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
-                                group_id=f"probe-{uuid.uuid4().hex[:6]}")  # fmt: skip
-    start = time.monotonic()
-    await consumer.start()
+    group = f"raw-{uuid.uuid4().hex[:6]}"
+    spec = json.dumps({"bootstrap": bootstrap, "topic": topic, "group": group})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.signalman", "--raw-member", spec,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    survivor = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+        session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_MS,
+        rebalance_timeout_ms=SESSION_TIMEOUT_MS,
+    )  # fmt: skip
     try:
-        while not consumer.assignment():
-            await consumer.getmany(timeout_ms=50)
-        return time.monotonic() - start
+        assert proc.stdout is not None
+        fresh_join_s = float((await asyncio.wait_for(proc.stdout.readline(), 30)).split()[1])
+        await survivor.start()
+        survivor.subscribe([topic])
+
+        async def poll_until(done: Any, timeout: float) -> None:
+            deadline = time.monotonic() + timeout
+            while not done():
+                if time.monotonic() > deadline:
+                    raise TimeoutError("raw consumer group did not settle")
+                await survivor.getmany(timeout_ms=20)
+
+        await poll_until(lambda: 0 < len(survivor.assignment()) < PARTITIONS, 30)
+        await asyncio.sleep(1.0)  # steady state, as for the replica kill
+        killed_at = time.monotonic()
+        proc.kill()
+        await proc.wait()
+        await poll_until(lambda: len(survivor.assignment()) == PARTITIONS, 30)
+        return fresh_join_s, time.monotonic() - killed_at
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await survivor.stop()
+
+
+async def raw_member_main(spec_json: str) -> int:
+    """``--raw-member SPEC``: one plain group member; prints ``joined <seconds>`` once it holds
+    partitions, then stays in the group until killed (at most a minute)."""
+    from aiokafka import AIOKafkaConsumer
+
+    spec = json.loads(spec_json)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=spec["bootstrap"], group_id=spec["group"], enable_auto_commit=False,
+        session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=HEARTBEAT_MS,
+        rebalance_timeout_ms=SESSION_TIMEOUT_MS,
+    )  # fmt: skip
+    await consumer.start()
+    started = time.monotonic()
+    consumer.subscribe([spec["topic"]])
+    reported = False
+    try:
+        while time.monotonic() - started < 60:
+            await consumer.getmany(timeout_ms=20)
+            if consumer.assignment() and not reported:
+                print(f"joined {time.monotonic() - started:.3f}", flush=True)
+                reported = True
     finally:
         await consumer.stop()
+    return 0
+
+
+def takeover_breakdown(log_path: Path, killed_at_wall: float, takeover_s: float) -> dict[str, Any]:
+    """Where ``takeover_s`` went, from the survivor's own log lines after the kill."""
+    from datetime import datetime
+
+    revoked_at = assigned = None
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        ts = entry.get("timestamp")
+        if not ts:
+            continue
+        at = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+        if at < killed_at_wall:
+            continue
+        if entry.get("event") == "partitions_revoked" and revoked_at is None:
+            revoked_at = at
+        if entry.get("event") == "partitions_assigned" and len(entry.get("partitions", [])) == (
+            PARTITIONS
+        ):
+            assigned = entry
+            break
+    if revoked_at is None or assigned is None:
+        return {"takeover_breakdown": "not found in the survivor's log"}
+    detect = revoked_at - killed_at_wall
+    join = float(assigned.get("join_s") or 0.0)
+    acquire = float(assigned.get("acquire_s") or 0.0)
+    return {
+        "takeover_detect_s": round(detect, 3),
+        "takeover_join_s": round(join, 3),
+        "takeover_acquire_s": round(acquire, 3),
+        "takeover_observe_s": round(takeover_s - detect - join - acquire, 3),
+    }
 
 
 async def preload(bootstrap: str, topic: str, n: int) -> None:
@@ -227,24 +331,27 @@ def bucket_quantile(before: dict[float, float], after: dict[float, float], q: fl
     return float("inf")
 
 
-async def owned(address: str) -> set[int]:
+async def owned(address: str, client: Any = None) -> set[int]:
+    """Partitions the replica at ``address`` owns (through ``client`` when given)."""
     from pkg.clients.signalman import SignalmanClient
 
-    client = SignalmanClient(address, token="bench0")
+    own_client = client is None
+    client = client or SignalmanClient(address, token="bench0")
     try:
         return {p.partition for p in (await client.stats(deadline_s=2.0)).partitions}
     except Exception:
         return set()
     finally:
-        await client.close()
+        if own_client:
+            await client.close()
 
 
-async def wait_for(pred: Any, timeout: float) -> None:
+async def wait_for(pred: Any, timeout: float, interval: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if await pred():
             return
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(interval)
     raise TimeoutError("condition not met")
 
 
@@ -264,14 +371,17 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         result["kafka_e2e_p99_ms"] = round(_pct(raw, 0.99), 2)
         backlog_topic = f"backlog-{uuid.uuid4().hex[:6]}"
         await preload(bootstrap, backlog_topic, args.backlog)
-        result["fresh_group_join_s"] = round(await broker_join_delay(bootstrap, backlog_topic), 2)
+        fresh_join_s, kafka_takeover_s = await raw_takeover(bootstrap, backlog_topic)
+        result["fresh_group_join_s"] = round(fresh_join_s, 2)
+        result["kafka_takeover_s"] = round(kafka_takeover_s, 2)
 
         # 2. catch-up throughput: one replica, then two (fresh group + history namespace each).
         one = stack.replica("solo", "g-solo", backlog_topic, "sm-solo")
         rate1 = await catch_up_rate(stack.redis.url, "sm-solo", args.backlog)
         one.stop(timeout=5)
-        a = stack.replica("a", "g-pair", backlog_topic, "sm-pair")
-        b = stack.replica("b", "g-pair", backlog_topic, "sm-pair")
+        # INFO: the survivor's rebalance lines (a handful) give the takeover breakdown.
+        a = stack.replica("a", "g-pair", backlog_topic, "sm-pair", log_level="INFO")
+        b = stack.replica("b", "g-pair", backlog_topic, "sm-pair", log_level="INFO")
         rate2 = await catch_up_rate(stack.redis.url, "sm-pair", args.backlog)
         result["events_per_s_1_replica"] = round(rate1)
         result["events_per_s_2_replicas"] = round(rate2)
@@ -342,14 +452,22 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         # 4. kill -9 one replica while events keep flowing.
         kill_task = asyncio.create_task(produce(args.kill_rate, args.kill_seconds))
         await asyncio.sleep(1.0)
-        killed_at = time.monotonic()
+        # One open channel polled every 20 ms: the observation adds little to the takeover.
+        probe = SignalmanClient(addr_b, token="bench0")
+        await owned(addr_b, probe)
+        killed_at, killed_at_wall = time.monotonic(), time.time()
         a.kill()
 
         async def survivor_owns_all() -> bool:
-            return await owned(addr_b) == set(range(PARTITIONS))
+            return await owned(addr_b, probe) == set(range(PARTITIONS))
 
-        await wait_for(survivor_owns_all, 30)
+        try:
+            await wait_for(survivor_owns_all, 30, interval=0.02)
+        finally:
+            await probe.close()
         result["takeover_s"] = round(time.monotonic() - killed_at, 2)
+        result["takeover_overhead_s"] = round(result["takeover_s"] - result["kafka_takeover_s"], 2)
+        result.update(takeover_breakdown(b.log_path, killed_at_wall, result["takeover_s"]))
         await kill_task
         sent_live = {t: seq[t] - 100_000 for t in TENANTS}
         deadline = time.monotonic() + 20
@@ -360,9 +478,9 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             await asyncio.sleep(0.1)
         lost = dup = 0
         for t in TENANTS:
-            live = [s for s in received[t] if s >= 100_000]
-            lost += len(set(range(100_000, seq[t])) - set(live))
-            dup += len(live) - len(set(live))
+            got = [s for s in received[t] if s >= 100_000]
+            lost += len(set(range(100_000, seq[t])) - set(got))
+            dup += len(got) - len(set(got))
         result["lost_events"] = lost
         result["duplicate_events"] = dup
         result["events_across_kill"] = sum(sent_live.values())
@@ -407,6 +525,8 @@ def produce_main(spec_json: str) -> int:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--produce"]:
         return produce_main(argv[1])
+    if argv[:1] == ["--raw-member"]:
+        return asyncio.run(raw_member_main(argv[1]))
     parser = argparse.ArgumentParser(prog="./dev bench signalman")
     parser.add_argument("--rate", type=int, default=2_000, help="events/s for latency phases")
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -439,8 +559,12 @@ def main(argv: list[str]) -> int:
         ("events/s 2 replicas", result["events_per_s_2_replicas"],
          f"scale_ratio {result['scale_ratio']}"),
         ("takeover (s)", result["takeover_s"],
-         f"session timeout {result['session_timeout_s']}; fresh group join "
-         f"{result['fresh_group_join_s']} s on this broker"),
+         f"raw kafka {result['kafka_takeover_s']} (overhead {result['takeover_overhead_s']}); "
+         f"session timeout {result['session_timeout_s']}"),
+        ("  detect / join / acquire / seen",
+         " / ".join(str(result.get(f"takeover_{k}_s", "?"))
+                    for k in ("detect", "join", "acquire", "observe")),
+         f"fresh group join {result['fresh_group_join_s']} s on this broker"),
         ("lost / duplicate across kill", f"{result['lost_events']} / {result['duplicate_events']}",
          f"of {result['events_across_kill']} events"),
     ]  # fmt: skip
