@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import httpx
 
@@ -25,7 +25,7 @@ from pkg.clients.classify import (
     parse_retry_after,
 )
 from pkg.clients.engine import Classifier, call_async, call_sync
-from pkg.clients.policy import Policy
+from pkg.clients.policy import Policy, finite_number
 from pkg.clients.runtime import MethodState, Runtime
 from pkg.clients.settings import ClientSettings
 
@@ -88,6 +88,17 @@ def classify_http(
     return Verdict(False, f"{type(exc).__name__} is not retryable", BREAKER_IGNORE)
 
 
+# Arguments of httpx's request() that apply to sending a request, not to building it.
+_SEND_OPTIONS = ("auth", "follow_redirects")
+
+
+class _Prepared(NamedTuple):
+    request: httpx.Request
+    send_options: dict[str, Any]
+    state: MethodState
+    classify: Classifier
+
+
 class _HttpCore(ClientSettings):
     """The checked settings of an HTTP client, and how they shape each request."""
 
@@ -96,9 +107,17 @@ class _HttpCore(ClientSettings):
         client: httpx.Client | httpx.AsyncClient,
         method: str,
         url: Any,
+        timeout: float | None,
         kwargs: dict[str, Any],
-    ) -> tuple[httpx.Request, MethodState, Classifier]:
-        """The request to send, the state of its (authority, method) and its classifier."""
+    ) -> _Prepared:
+        """The request to send, how to send it, the state of its (authority, method) and its
+        classifier. ``kwargs`` are httpx's request arguments."""
+        if timeout is not None and not finite_number(timeout):
+            raise ValueError(
+                "timeout must be a number of seconds (the overall deadline of the call), "
+                f"got {timeout!r}"
+            )
+        send_options = {name: kwargs.pop(name) for name in _SEND_OPTIONS if name in kwargs}
         headers = httpx.Headers(kwargs.pop("headers", None))
         if self.token and "authorization" not in headers:
             headers["authorization"] = f"Bearer {self.token}"
@@ -113,7 +132,7 @@ class _HttpCore(ClientSettings):
                 exc, idempotent=idempotent, capped=capped, time_left=left, wall_now=clock.time()
             )
 
-        return request, state, classify
+        return _Prepared(request, send_options, state, classify)
 
 
 def _set_attempt_timeout(request: httpx.Request, seconds: float) -> None:
@@ -162,12 +181,14 @@ class AsyncHttpClient(_PolicyClient[httpx.AsyncClient]):
         **kwargs: Any,
     ) -> httpx.Response:
         """Send a request under the policy; returns the final response."""
-        request, state, classify = self._core.prepare(self._client, method, url, kwargs)
+        request, send_options, state, classify = self._core.prepare(
+            self._client, method, url, timeout, kwargs
+        )
         client = self._client
 
         async def attempt(attempt_timeout: float) -> httpx.Response:
             _set_attempt_timeout(request, attempt_timeout)
-            response = await client.send(request)
+            response = await client.send(request, **send_options)
             if response.status_code in HTTP_RETRYABLE_STATUS:
                 await response.aread()
                 raise RetryableStatus(response)
@@ -214,12 +235,14 @@ class HttpClient(_PolicyClient[httpx.Client]):
         self, method: str, url: str, *, timeout: float | None = None, **kwargs: Any
     ) -> httpx.Response:
         """Send a request under the policy; returns the final response."""
-        request, state, classify = self._core.prepare(self._client, method, url, kwargs)
+        request, send_options, state, classify = self._core.prepare(
+            self._client, method, url, timeout, kwargs
+        )
         client = self._client
 
         def attempt(attempt_timeout: float) -> httpx.Response:
             _set_attempt_timeout(request, attempt_timeout)
-            response = client.send(request)
+            response = client.send(request, **send_options)
             if response.status_code in HTTP_RETRYABLE_STATUS:
                 response.read()
                 raise RetryableStatus(response)

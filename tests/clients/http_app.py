@@ -9,7 +9,7 @@ from collections import defaultdict
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from pkg.devstack.servers import free_port
@@ -34,6 +34,11 @@ async def flaky(request: Request) -> Response:
     return JSONResponse({"attempt": hits[key], "auth": request.headers.get("authorization", "")})
 
 
+async def redirect(request: Request) -> Response:
+    """A temporary redirect to the ``flaky`` endpoint of the same key."""
+    return RedirectResponse(f"/flaky/{request.path_params['key']}", status_code=307)
+
+
 async def count(request: Request) -> Response:
     return JSONResponse({"hits": hits[request.path_params["key"]]})
 
@@ -41,6 +46,7 @@ async def count(request: Request) -> Response:
 app = Starlette(
     routes=[
         Route("/flaky/{key}", flaky, methods=["GET", "POST", "PUT", "DELETE"]),
+        Route("/redirect/{key}", redirect),
         Route("/count/{key}", count),
     ]
 )

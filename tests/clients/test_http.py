@@ -125,3 +125,19 @@ def test_sync_client_per_attempt_timeout_is_retried(base_url, key) -> None:
             client.get(f"/flaky/{key}", params={"delay": 1.0}, timeout=1.2)
         assert time.monotonic() - start < 1.2 + 0.3
     assert hits[key] == 3
+
+
+async def test_httpx_send_options_apply_to_every_attempt(base_url, key) -> None:
+    async with AsyncHttpClient(base_url, POLICY) as client:
+        assert (await client.get(f"/redirect/{key}")).status_code == 307
+        followed = await client.get(f"/redirect/{key}", follow_redirects=True, timeout=5)
+    assert followed.status_code == 200 and followed.json()["attempt"] == 1
+
+
+def test_a_timeout_that_is_not_seconds_is_refused_before_sending(base_url, key) -> None:
+    import httpx
+
+    refused = pytest.raises(ValueError, match="timeout must be a number of seconds")
+    with HttpClient(base_url, POLICY) as client, refused:
+        client.get(f"/flaky/{key}", timeout=httpx.Timeout(5.0))
+    assert hits[key] == 0
