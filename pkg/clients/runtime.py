@@ -126,13 +126,20 @@ class Runtime:
         self.shared_breakers = shared_breakers
         self.budgets: dict[str, RetryBudget] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
-        self.methods: dict[tuple[str, str], MethodState] = {}
+        self.methods: dict[tuple[str, str, int], MethodState] = {}
         self._lock = threading.Lock()
         instruments().runtimes.add(self)
 
     def method(self, policy: Policy, target: str, method: str) -> MethodState:
-        """The cached state of ``method`` on ``target`` (created on first use)."""
-        key = (target, method)
+        """The cached state of ``method`` on ``target`` under ``policy`` (created on first use).
+
+        Channels that share this runtime share the budget and breaker of a target, but each
+        keeps its own policy (deadline, retries, hedging) for its calls.
+        """
+        # Keyed by the policy's identity, not its value (hashing it per HTTP request would
+        # cost more than the call's bookkeeping); the cached state holds the policy, so the
+        # id cannot be reused by another policy while the entry exists.
+        key = (target, method, id(policy))
         state = self.methods.get(key)
         if state is None:
             with self._lock:

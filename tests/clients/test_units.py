@@ -512,6 +512,16 @@ def test_breakers_are_per_target_or_per_method() -> None:
     assert other.breaker("svc:1", "/s.v1.S/GetB", per_method) is not x
 
 
+def test_channels_sharing_a_runtime_keep_their_own_policy_but_share_budget_and_breaker() -> None:
+    runtime = Runtime(clock=FakeClock())
+    short = ClientCore(Policy(timeout=1.0), runtime, "svc:1", None)
+    long = ClientCore(Policy(timeout=7.0), runtime, "svc:1", None)
+    a, _ = short.method("/s.v1.S/GetA")
+    b, _ = long.method("/s.v1.S/GetA")
+    assert (a.timeout, b.timeout) == (1.0, 7.0)
+    assert a.budget is b.budget and a.breaker is b.breaker
+
+
 def test_deadline_of_an_incoming_call_is_propagated() -> None:
     from pkg.clients.deadline import current_deadline, deadline_from_grpc
 
