@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+from pkg.clients.policy import finite_number
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 
 # Absolute deadline on the monotonic clock of the process (SYSTEM_CLOCK unless a test injects).
@@ -27,8 +28,8 @@ def current_deadline() -> float | None:
 @contextmanager
 def deadline_scope(seconds: float, clock: Clock = SYSTEM_CLOCK) -> Iterator[float]:
     """Calls inside the block finish within ``seconds`` from now (nested scopes only shrink)."""
-    if seconds < 0:
-        raise ValueError(f"deadline seconds must be >= 0, got {seconds!r}")
+    if not (finite_number(seconds) and seconds >= 0):
+        raise ValueError(f"deadline seconds must be a finite number >= 0, got {seconds!r}")
     absolute = clock.monotonic() + seconds
     outer = _deadline.get()
     if outer is not None and outer < absolute:

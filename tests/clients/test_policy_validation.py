@@ -14,6 +14,7 @@ from pkg.clients import (
     aio_channel,
     sync_channel,
 )
+from pkg.clients.deadline import deadline_scope
 from pkg.clients.http import AsyncHttpClient, HttpClient
 from pkg.clients.shared_breaker import SharedBreakerStore
 from pkg.clients.targets import resolve_targets
@@ -46,6 +47,8 @@ from pkg.clients.targets import resolve_targets
         (lambda: Policy(retry=BudgetPolicy()), "policy.retry"),  # type: ignore[arg-type]
         (lambda: Backoff(base=1.0, cap=0.5), "cap"),
         (lambda: Backoff(base="0.1"), "base"),  # type: ignore[arg-type]
+        (lambda: deadline_scope(float("nan")).__enter__(), "deadline seconds"),
+        (lambda: deadline_scope("1").__enter__(), "deadline seconds"),  # type: ignore[arg-type]
         (lambda: Policy(timeout=True), "policy.timeout"),  # a bool is no duration
         (lambda: RetryPolicy(max_attempts=True), "retry.max_attempts"),
         (lambda: RetryPolicy(attempt_timeout=-1), "retry.attempt_timeout"),
