@@ -24,6 +24,9 @@ class SignalmanConfig:
     # PostgreSQL advisory locks fence partition ownership; unset = unfenced (single replica only).
     postgres_dsn: str = ""
     lock_grace_s: float = 2.0
+    # Without a lock connection for this long, leave the consumer group so that replicas that
+    # still reach PostgreSQL take the partitions over (0: stay in the group, never leave).
+    lock_rejoin_after_s: float = 30.0
     # Redis Streams history shared by replicas; unset = in-memory history of this replica.
     redis_url: str = ""
     redis_prefix: str = "sm"  # key namespace: deployments may share one Redis

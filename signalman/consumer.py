@@ -6,6 +6,13 @@ processes anything; on revocation it waits for the in-flight batch (whose offset
 when it finishes), then releases the lock. The processing lock is held only while a batch is
 processed, never across ``getmany``: aiokafka's rebalance listener runs while ``getmany`` waits and
 must be able to take it (eager rebalances are stop-the-world).
+
+Losing the lock connection (PostgreSQL restarted, network) is losing every lock: the replica stops
+processing at once but stays in the group, reconnects with backoff and takes its locks again with
+new fencing tokens (no rebalance, so a PostgreSQL restart costs the group nothing). Only when the
+connection stays down past ``lock_rejoin_after_s`` does it leave the group, so replicas that can
+still reach PostgreSQL take the partitions over. Every step of joining and taking ownership is
+bounded by a timeout, and a join that does not complete within ``join_timeout_s`` is reported.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
+from pkg.clients.backoff import Backoff
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from signalman.config import SignalmanConfig
 from signalman.deadletter import attempts_of
@@ -88,13 +96,46 @@ class GroupMember:
         self._commit_task: asyncio.Task[None] | None = None
         self._pending_offsets: dict[TopicPartition, int] = {}
         self._restart = asyncio.Event()
+        self._restart_reason = ""
         self._stopping = asyncio.Event()
         self.generation_changes = 0
+        # Ownership lifecycle: what the group assigned us (owned or still to lock), transitions
+        # serialised by one lock, and the timestamps the ownership keeper's bounds are measured
+        # from.
+        self.assignment: set[TopicPartition] = set()
+        self._ownership = asyncio.Lock()
+        self._joining_since: float | None = None
+        self._lock_down_since: float | None = None
+        self._retry_at = 0.0
+        self.lock_reconnects = 0
+        session_s = cfg.session_timeout_ms / 1000
+        # A rebalance listener must return well within the session timeout (no heartbeats are
+        # sent while it runs); what it cannot lock in time stays pending for the keeper.
+        self.acquire_timeout_s = max(1.0, session_s / 2)
+        # Stay in the group through a short PostgreSQL outage; leave on a long one so that
+        # replicas that can still reach it take the partitions over (0: never leave).
+        self.lock_rejoin_after_s = cfg.lock_rejoin_after_s
+        # tansu holds a join ~3 s, Kafka up to the rebalance timeout: past this a join is stuck
+        # (seen on tansu after members left: a departed member stays the group leader and the
+        # followers' SyncGroup never gets an assignment). Reported, not acted on: rejoining
+        # as a new member does not clear it and every LeaveGroup can leave another such ghost.
+        self.join_timeout_s = max(20.0, 2 * session_s + 5)
+        self._join_reported_at = 0.0
+        self.start_timeout_s = 15.0
+        self.keeper_interval_s = 0.1
 
     # -- rebalance listener -------------------------------------------------------------------
     async def revoked(self, revoked: list[TopicPartition]) -> None:
-        async with self._processing:  # the in-flight batch finishes (and commits) first
-            await self._flush_commit()
+        """A rebalance starts: finish the batch in flight, commit, then release the locks."""
+        self._joining_since = self.clock.monotonic()
+        async with self._ownership, self._processing:
+            try:
+                # Bounded: the listener must return within the rebalance timeout. Offsets not
+                # committed here are re-read by the next owner and skipped by the history.
+                await asyncio.wait_for(self._flush_commit(), self.acquire_timeout_s)
+            except Exception as exc:
+                log.warning("revoke_commit_failed", error=repr(exc)[:200])
+            self.assignment.difference_update(revoked)
             for tp in revoked:
                 if self.owned.pop(tp, None) is not None and self.locks is not None:
                     await self.locks.release_partition(tp.topic, tp.partition)
@@ -102,33 +143,157 @@ class GroupMember:
             log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
 
     async def assigned(self, assigned: list[TopicPartition]) -> None:
+        """The group gave us ``assigned``: lock and claim each before processing it.
+
+        What cannot be locked now (PostgreSQL down, a holder not gone yet) stays paused and
+        pending; the ownership keeper retries it. The member never leaves the group for it.
+        """
         self.generation_changes += 1
-        try:
-            for tp in assigned:
-                fence = 0
-                if self.locks is not None:
-                    fence = await self.locks.acquire_partition(tp.topic, tp.partition)
-                fence = max(fence, await self.history.claim(tp.topic, tp.partition, fence))
-                self.owned[tp] = Owned(fence)
-        except Exception as exc:  # cannot own safely: leave the group and rejoin from scratch
-            log.error("partition_acquire_failed", error=repr(exc)[:200])
-            self.owned.clear()
-            self._restart.set()
-            return
+        started = self.clock.monotonic()
+        # How long the group took to hand out this assignment (revocation, JoinGroup and
+        # SyncGroup round trips): the broker's share of a takeover, logged beside ours.
+        join_s = None if self._joining_since is None else started - self._joining_since
+        self._joining_since = None
+        self.assignment = set(assigned)
+        self._pause_unowned()
+        await self._acquire(self.assignment)
         log.info(
             "partitions_assigned",
             partitions=sorted(tp.partition for tp in assigned),
             fences={tp.partition: o.fence for tp, o in self.owned.items()},
+            pending=sorted(tp.partition for tp in self.assignment - self.owned.keys()),
+            join_s=None if join_s is None else round(join_s, 3),
+            acquire_s=round(self.clock.monotonic() - started, 3),
         )
+
+    # -- ownership ----------------------------------------------------------------------------
+    async def _acquire(self, tps: set[TopicPartition]) -> bool:
+        """Lock and claim each of ``tps`` still assigned and not owned; True if all are owned."""
+        async with self._ownership:
+            todo = sorted(tp for tp in tps if tp in self.assignment and tp not in self.owned)
+            # One connection serialises the lock queries, but the history claims (Redis) of the
+            # partitions overlap with them.
+            results = await asyncio.gather(*(self._own(tp) for tp in todo), return_exceptions=True)
+        failed = {tp.partition: repr(r)[:160] for tp, r in zip(todo, results, strict=True)
+                  if isinstance(r, BaseException)}  # fmt: skip
+        if failed:
+            log.warning("partition_acquire_failed", errors=failed)
+        return not failed
+
+    async def _own(self, tp: TopicPartition) -> None:
+        fence = 0
+        if self.locks is not None:
+            fence = await self.locks.acquire_partition(
+                tp.topic, tp.partition, timeout_s=self.acquire_timeout_s
+            )
+        claimed = await asyncio.wait_for(
+            self.history.claim(tp.topic, tp.partition, fence), self.acquire_timeout_s
+        )
+        if tp not in self.assignment:  # revoked meanwhile: let it go again
+            if self.locks is not None:
+                await self.locks.release_partition(tp.topic, tp.partition)
+            return
+        self.owned[tp] = Owned(max(fence, claimed))
+        consumer = self.consumer
+        if consumer is not None and tp in consumer.assignment():
+            consumer.resume(tp)
+
+    def _pause_unowned(self) -> None:
+        """Stop fetching what we may not process (re-fetching it in a loop would only burn CPU)."""
+        consumer = self.consumer
+        if consumer is None:
+            return
+        for tp in consumer.assignment() - self.owned.keys():
+            consumer.pause(tp)
+
+    async def _drop_ownership(self, reason: str) -> None:
+        """Stop processing every partition at once (the batch in flight finishes first)."""
+        async with self._ownership, self._processing:
+            dropped = sorted(tp.partition for tp in self.owned)
+            self.owned.clear()
+            self._pause_unowned()
+        log.warning("ownership_dropped", reason=reason, partitions=dropped)
+
+    def _request_restart(self, reason: str) -> None:
+        self._restart_reason = reason
+        self._restart.set()
+
+    async def _keep_ownership(self) -> None:
+        """Runs beside ``_consume``: keeps the lock connection up and every assigned partition
+        locked, or stops processing what is not; restarts the member when a join is stuck."""
+        backoff = Backoff(base=0.2, cap=2.0, clock=self.clock)
+        while not self._restart.is_set():
+            try:
+                await self._keep_ownership_once(backoff)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # never let the keeper die: log and try again later
+                log.warning("ownership_keeper_failed", error=repr(exc)[:200])
+                self._retry_at = self.clock.monotonic() + backoff.next_delay()
+            await self.clock.asleep(self.keeper_interval_s)
+
+    async def _keep_ownership_once(self, backoff: Backoff) -> None:
+        now = self.clock.monotonic()
+        joining_s = 0.0 if self._joining_since is None else now - self._joining_since
+        if joining_s > self.join_timeout_s and now - self._join_reported_at > self.join_timeout_s:
+            self._join_reported_at = now
+            log.error("group_join_stalled", waited_s=round(joining_s, 1))
+        locks = self.locks
+        if locks is not None and (locks.lost.is_set() or not locks.connected):
+            if self._lock_down_since is None:
+                self._lock_down_since = now
+                self._retry_at = now
+                await self._drop_ownership("lock connection lost")
+            down_s = now - self._lock_down_since
+            if 0 < self.lock_rejoin_after_s < down_s:
+                log.warning("lock_connection_down_leaving_group", down_s=round(down_s, 1))
+                self._request_restart(f"lock connection down for {round(down_s, 1)} s")
+                return
+            if now < self._retry_at:
+                return
+            try:
+                await locks.connect()
+            except Exception as exc:
+                delay = backoff.next_delay()
+                self._retry_at = self.clock.monotonic() + delay
+                log.warning("lock_reconnect_failed", error=repr(exc)[:200],
+                            retry_in_s=round(delay, 2))  # fmt: skip
+                return
+            backoff.reset()
+            self.lock_reconnects += 1
+            down_s += self.clock.monotonic() - now
+            log.info("lock_connection_restored", down_s=round(down_s, 2))
+            self._lock_down_since = None
+            self._retry_at = 0.0
+        if self.assignment - self.owned.keys() and self.clock.monotonic() >= self._retry_at:
+            before = set(self.owned)
+            if await self._acquire(self.assignment):
+                backoff.reset()
+                fences = {tp.partition: o.fence for tp, o in self.owned.items() if tp not in before}
+                if fences:  # (empty when the listener took them meanwhile)
+                    log.info("pending_partitions_acquired", fences=fences)
+            else:
+                self._retry_at = self.clock.monotonic() + backoff.next_delay()
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def _start_consumer(self) -> None:
         cfg = self.cfg
-        await ensure_topics(
-            cfg.kafka_bootstrap, {cfg.topic: cfg.partitions, cfg.dlq_topic: cfg.partitions}
-        )
+        self._restart.clear()  # before the listener can request a restart of this consumer
+        self._restart_reason = ""
+        self.assignment.clear()
+        self.owned.clear()
+        self._lock_down_since = None
+        self._retry_at = 0.0
         if self.locks is not None and not self.locks.connected:
+            # Join only with a lock connection: a member that cannot lock what it is assigned
+            # would hold partitions nobody processes.
             await self.locks.connect()
+        await asyncio.wait_for(
+            ensure_topics(
+                cfg.kafka_bootstrap, {cfg.topic: cfg.partitions, cfg.dlq_topic: cfg.partitions}
+            ),
+            self.start_timeout_s,
+        )
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=cfg.kafka_bootstrap,
             group_id=cfg.group_id,
@@ -143,15 +308,21 @@ class GroupMember:
             # answers at min bytes); a short wait keeps latency low on both.
             fetch_max_wait_ms=cfg.fetch_max_wait_ms,
         )
+        self._joining_since = self.clock.monotonic()
+        # Subscribe after start: a consumer subscribed before start() waits inside start() for
+        # its first assignment, unbounded and silent (a stuck join hung replicas for minutes).
+        # Joining in the background lets the keeper see a stuck join and restart the member.
+        await asyncio.wait_for(self.consumer.start(), self.start_timeout_s)
         self.consumer.subscribe([cfg.topic], listener=_Listener(self))
-        await self.consumer.start()
-        self._restart.clear()
 
     async def _stop_consumer(self) -> None:
-        await self._flush_commit()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush_commit(), 5.0)
         self._pending_offsets.clear()
         consumer, self.consumer = self.consumer, None
         self.owned.clear()
+        self.assignment.clear()
+        self._joining_since = None
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), 10.0)
@@ -160,21 +331,28 @@ class GroupMember:
 
     async def run(self) -> None:
         """Consume until ``stop``; any failure leaves the group and rejoins after a backoff."""
-        failures = 0
+        backoff = Backoff(base=0.2, cap=5.0, clock=self.clock)
         while not self._stopping.is_set():
+            keeper: asyncio.Task[None] | None = None
             try:
                 await self._start_consumer()
-                failures = 0
+                backoff.reset()
+                keeper = asyncio.create_task(self._keep_ownership(), name="ownership-keeper")
                 await self._consume()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                failures += 1
-                log.warning("consumer_restarting", error=repr(exc)[:300], failures=failures)
+                log.warning(
+                    "consumer_restarting", error=repr(exc)[:300], attempt=backoff.attempt + 1
+                )
             finally:
+                if keeper is not None:
+                    keeper.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await keeper
                 await self._stop_consumer()
             if not self._stopping.is_set():
-                await self.clock.asleep(min(5.0, 0.2 * 2 ** min(failures, 5)))
+                await backoff.wait()
 
     async def stop(self) -> None:
         self._stopping.set()
@@ -183,9 +361,7 @@ class GroupMember:
     async def _consume(self) -> None:
         while not self._stopping.is_set():
             if self._restart.is_set():
-                raise OwnershipLost("could not take ownership of an assigned partition")
-            if self.locks is not None and self.locks.lost.is_set():
-                raise OwnershipLost("lock connection lost")
+                raise OwnershipLost(self._restart_reason or "member restart requested")
             batches = await self.consumer.getmany(timeout_ms=200, max_records=500)
             if not batches:
                 continue
@@ -269,7 +445,8 @@ class GroupMember:
                      error=repr(exc)[:200])  # fmt: skip
 
     def lag(self) -> dict[TopicPartition, int]:
-        out = {}
+        """Records behind the end of each owned partition (this replica's view)."""
+        out: dict[TopicPartition, int] = {}
         if self.consumer is None:
             return out
         for tp, owned in self.owned.items():
