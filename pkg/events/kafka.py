@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import random
 import threading
 import time
 from collections import deque
@@ -22,6 +21,7 @@ from typing import Any
 import structlog
 from opentelemetry import metrics
 
+from pkg.clients.backoff import Backoff
 from pkg.events.envelope import encode_event
 from pkg.events.sink import Event
 
@@ -68,7 +68,8 @@ class KafkaSink:
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self.request_timeout_s = request_timeout_s
-        self._backoff = (backoff_initial_s, backoff_max_s)
+        # Full jitter: replicas whose broker came back must not all reconnect in step.
+        self._backoff = Backoff(base=backoff_initial_s, cap=backoff_max_s)
         self._buffer: deque[Event] = deque()
         self._lock = threading.Lock()
         # Set by emit() through call_soon_threadsafe so the sender loop sleeps until there is work.
@@ -191,7 +192,7 @@ class KafkaSink:
         self._loop = asyncio.get_running_loop()
         self._work = asyncio.Event()
         self._closed = asyncio.Event()
-        attempt = 0
+        self._backoff.reset()
         close_deadline: float | None = None
         while True:
             if self._closing.is_set():
@@ -202,16 +203,15 @@ class KafkaSink:
             try:
                 await asyncio.wait_for(producer.start(), self.request_timeout_s)
                 self.connected = True
-                if attempt:
-                    log.info("kafka_sink_connected", bootstrap=self.bootstrap, after=attempt)
-                attempt = 0
+                if self._backoff.attempt:
+                    log.info("kafka_sink_connected", bootstrap=self.bootstrap,
+                             after=self._backoff.attempt)  # fmt: skip
+                self._backoff.reset()
                 await self._pump(producer)
                 return
             except Exception as exc:
                 self.connected = False
-                attempt += 1
-                delay = min(self._backoff[1], self._backoff[0] * 2 ** min(attempt, 10))
-                delay *= random.uniform(0.5, 1.0)  # jitter: replicas must not reconnect in step
+                delay = self._backoff.next_delay()
                 log.warning(
                     "kafka_sink_unavailable",
                     bootstrap=self.bootstrap,
