@@ -7,7 +7,9 @@ Real servers (tansu, redis-server, PostgreSQL) and real replica processes, in on
    the same preloaded backlog (``events_per_s_1_replica``, ``events_per_s_2_replicas``,
    ``scale_ratio``; on a 2-core machine the broker, Redis and both replicas share the cores);
 3. produce (KafkaSink) -> subscriber receive latency at the target rate through the two replicas
-   (``e2e_p99_ms``);
+   (``e2e_p99_ms``), after a warm-up second at the same rate (both here and in the raw baseline;
+   the producer is connected before it emits, like a running Foghorn), with the replicas' own
+   event-age histograms per stage and their CPU per event;
 4. kill -9 of one replica while events flow: ``takeover_s`` (kill until the survivor owns every
    partition) and ``lost_events`` / ``duplicate_events`` counted per subscription. Beside it, in
    the same run, the broker's own floor: ``kafka_takeover_s``, plain aiokafka members with the
@@ -23,8 +25,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -105,10 +109,15 @@ class Stack:
             server.cleanup()
 
 
-async def raw_kafka_latency(bootstrap: str, rate: int, seconds: float) -> list[float]:
-    """Plain aiokafka: produce at ``rate`` and consume; returns latencies in ms."""
+async def raw_kafka_latency(
+    bootstrap: str, rate: int, seconds: float, warmup_s: float = 0.0
+) -> list[float]:
+    """Plain aiokafka: produce the same envelopes at ``rate`` and consume them; returns the
+    latencies in ms of what was sent after the first ``warmup_s`` seconds."""
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+    from pkg.events import Event
+    from pkg.events.envelope import encode_event
     from signalman.consumer import ensure_topics
 
     topic = f"raw-{uuid.uuid4().hex[:6]}"
@@ -123,22 +132,30 @@ async def raw_kafka_latency(bootstrap: str, rate: int, seconds: float) -> list[f
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0)
     await producer.start()
     latencies: list[float] = []
-    total = int(rate * seconds)
+    warmup = int(rate * warmup_s)
+    total = warmup + int(rate * seconds)
+    received = 0
 
     async def consume() -> None:
-        while len(latencies) < total:
+        nonlocal received
+        while received < total:
             batch = await consumer.getmany(timeout_ms=100)
             now = time.time()
             for records in batch.values():
                 for rec in records:
-                    latencies.append((now - json.loads(rec.value)["t"]) * 1000)
+                    received += 1
+                    data = json.loads(rec.value)["data"]
+                    if not data["warmup"]:
+                        latencies.append((now - data["sent"]) * 1000)
 
     task = asyncio.create_task(consume())
     start = time.monotonic()
     for i in range(total):
         await asyncio.sleep(max(0.0, start + i / rate - time.monotonic()))
         tenant = TENANTS[i % len(TENANTS)]
-        await producer.send(topic, json.dumps({"t": time.time()}).encode(), key=tenant.encode())
+        data = {"seq": i, "sent": time.time(), "warmup": i < warmup}
+        await producer.send(topic, encode_event(Event("stream.started", tenant, data)),
+                            key=tenant.encode())  # fmt: skip
     await asyncio.wait_for(task, 20)
     await producer.stop()
     await consumer.stop()
@@ -366,7 +383,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         stack.start()
         bootstrap = stack.kafka.bootstrap
         # 1. raw Kafka baseline, and the backlog for the throughput runs.
-        raw = await raw_kafka_latency(bootstrap, args.rate, args.seconds)
+        raw = await raw_kafka_latency(bootstrap, args.rate, args.seconds, args.warmup)
         result["kafka_e2e_p50_ms"] = round(_pct(raw, 0.50), 2)
         result["kafka_e2e_p99_ms"] = round(_pct(raw, 0.99), 2)
         backlog_topic = f"backlog-{uuid.uuid4().hex[:6]}"
@@ -413,17 +430,17 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 if isinstance(item, pb.Event):
                     data = json.loads(item.data_json)
                     received[tenant].append(data["seq"])
-                    if measuring:
+                    if measuring and not data.get("warmup"):
                         latencies.append((time.time() - data["sent"]) * 1000)
 
         drains = [asyncio.create_task(drain(t, s)) for t, s in zip(TENANTS, subs, strict=True)]
         seq = dict.fromkeys(TENANTS, 100_000)  # live seqs start above the backlog's
 
-        async def produce(rate: int, seconds: float) -> None:
+        async def produce(rate: int, seconds: float, warmup_s: float = 0.0) -> None:
             # The producer is its own process (like Foghorn), so measuring does not steal its
             # CPU; it reports the next seq per tenant when done.
             spec = {"bootstrap": bootstrap, "topic": backlog_topic, "rate": rate,
-                    "seconds": seconds, "seq": seq}  # fmt: skip
+                    "seconds": seconds, "warmup_s": warmup_s, "seq": seq}  # fmt: skip
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "benchmarks.signalman", "--produce", json.dumps(spec),
                 stdout=asyncio.subprocess.PIPE,
@@ -435,11 +452,19 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
         ports = [a.http_port, b.http_port]
         ages_before = await age_buckets(ports)
-        await produce(args.rate, args.seconds)
+        cpu_before = [cpu_seconds(a.pid), cpu_seconds(b.pid)]
+        await produce(args.rate, args.seconds, args.warmup)
         await asyncio.sleep(0.5)
         ages_after = await age_buckets(ports)
-        # Where the time goes, from the replicas' own histograms (bucket upper bounds).
-        for stage in ("appended", "delivered"):
+        cpu_used = sum(cpu_seconds(p.pid) for p in (a, b)) - sum(cpu_before)
+        produced = int(args.rate * (args.seconds + args.warmup))
+        # CPU is what the replicas cost whatever else runs on the machine (wall-clock latency
+        # is not): both replicas' user + system time per event, decode to subscriber write.
+        result["replica_cpu_us_per_event"] = round(cpu_used * 1e6 / produced, 1)
+        # Where the time goes, from the replicas' own histograms (bucket upper bounds): the age
+        # of (one in 8) events when fetched from Kafka, appended to the history, written to
+        # their subscriber.
+        for stage in ("fetched", "appended", "delivered"):
             for q, name in ((0.5, "p50"), (0.99, "p99")):
                 result[f"{stage}_age_{name}_ms_bucket"] = bucket_quantile(
                     ages_before.get(stage, {}), ages_after.get(stage, {}), q
@@ -499,6 +524,17 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return result
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds a process has used so far (0 if it is gone)."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def produce_main(spec_json: str) -> int:
     """``--produce SPEC``: emit numbered events at a steady rate through KafkaSink, then print
     the next seq per tenant (the child process of the benchmark's live phases)."""
@@ -508,14 +544,22 @@ def produce_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     seq: dict[str, int] = spec["seq"]
     sink = KafkaSink(spec["bootstrap"], topic=spec["topic"], source="bench", buffer_size=100_000)
-    rate, total = spec["rate"], int(spec["rate"] * spec["seconds"])
+    # A long-running producer (Foghorn) is connected before it emits: do not time this process's
+    # start-up. The first ``warmup_s`` seconds of events are flagged and not measured.
+    deadline = time.monotonic() + 10
+    while not sink.connected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rate = spec["rate"]
+    warmup = int(rate * spec.get("warmup_s", 0.0))
+    total = warmup + int(rate * spec["seconds"])
     start = time.monotonic()
     for i in range(total):
         delay = start + i / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
         tenant = TENANTS[i % len(TENANTS)]
-        sink.emit(Event("stream.started", tenant, {"seq": seq[tenant], "sent": time.time()}))
+        data = {"seq": seq[tenant], "sent": time.time(), "warmup": i < warmup}
+        sink.emit(Event("stream.started", tenant, data))
         seq[tenant] += 1
     sink.close(flush_timeout=10)
     print(json.dumps({"seq": seq, "dropped": sink.dropped}))
@@ -530,18 +574,22 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="./dev bench signalman")
     parser.add_argument("--rate", type=int, default=2_000, help="events/s for latency phases")
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--warmup", type=float, default=1.0,
+                        help="seconds at the rate before latencies are measured")  # fmt: skip
     parser.add_argument("--backlog", type=int, default=12_000)
     parser.add_argument("--kill-rate", type=int, default=400)
     parser.add_argument("--kill-seconds", type=float, default=12.0)
     args = parser.parse_args(argv)
-    root = Path(".bench") / "signalman-run"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
+    # A fresh directory per run: two runs at once (a shared machine) must not delete each
+    # other's servers' data.
+    root = Path(tempfile.mkdtemp(prefix="signalman-bench-"))
     from pkg.common.logging import configure_logging
 
     configure_logging("bench-signalman", level="WARNING")
-    result = asyncio.run(run(args, root))
-    shutil.rmtree(root, ignore_errors=True)
+    try:
+        result = asyncio.run(run(args, root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     targets = {
         "e2e_p99_ms": result["e2e_p99_ms"] <= 50,
         "lost_events": result["lost_events"] == 0,
@@ -555,6 +603,11 @@ def main(argv: list[str]) -> int:
     rows = [
         ("e2e p50 / p99 (ms) @ rate", f"{result['e2e_p50_ms']} / {result['e2e_p99_ms']}",
          f"raw kafka {result['kafka_e2e_p50_ms']} / {result['kafka_e2e_p99_ms']}"),
+        ("event age p99 (ms, bucket)",
+         " / ".join(str(result[f"{s}_age_p99_ms_bucket"])
+                    for s in ("fetched", "appended", "delivered")),
+         "at fetch / append / subscriber write"),
+        ("replica CPU per event (us)", result["replica_cpu_us_per_event"], "both replicas"),
         ("events/s 1 replica", result["events_per_s_1_replica"], ""),
         ("events/s 2 replicas", result["events_per_s_2_replicas"],
          f"scale_ratio {result['scale_ratio']}"),
