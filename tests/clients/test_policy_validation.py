@@ -1,4 +1,5 @@
-"""Invalid settings fail at construction with a ValueError that names the field."""
+"""Invalid settings fail at construction with a ValueError that names the field; the channel
+options every channel gets."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pkg.clients import (
     sync_channel,
 )
 from pkg.clients.deadline import deadline_scope
+from pkg.clients.grpc_core import channel_options
 from pkg.clients.http import AsyncHttpClient, HttpClient
 from pkg.clients.shared_breaker import SharedBreakerStore
 from pkg.clients.targets import resolve_targets
@@ -153,3 +155,13 @@ def test_idempotency_defaults_follow_the_method_verb_and_explicit_lists() -> Non
     assert not policy.is_idempotent("/foghorn.v1.Nodes/SetMode")
     assert policy.is_idempotent("/billing.v1.Billing/Charge")
     assert not policy.is_idempotent("/foghorn.v1.Nodes/GetAndBump")
+
+
+def test_channels_disable_grpc_retries_set_keepalive_and_round_robin() -> None:
+    single = dict(channel_options(resolve_targets("127.0.0.1:1")))
+    assert single["grpc.enable_retries"] == 0
+    assert single["grpc.keepalive_time_ms"] == 20_000
+    assert "grpc.lb_policy_name" not in single
+    multi = dict(channel_options(resolve_targets(["127.0.0.1:1", "127.0.0.1:2"])))
+    assert multi["grpc.lb_policy_name"] == "round_robin"
+    assert multi["grpc.enable_retries"] == 0

@@ -1,0 +1,159 @@
+"""The circuit breaker's state machine on a FakeClock (no network)."""
+
+from __future__ import annotations
+
+import grpc
+import pybreaker
+import pytest
+
+from pkg.clients import (
+    BreakerOpenError,
+    BreakerPolicy,
+    Policy,
+    Runtime,
+)
+from pkg.clients.breaker import (
+    BREAKER_FAILURE,
+    BREAKER_IGNORE,
+    BREAKER_SUCCESS,
+    STATE_CLOSED,
+    STATE_HALF_OPEN,
+    STATE_OPEN,
+    TICKET_PROBE,
+    CircuitBreaker,
+)
+from pkg.common.clock import FakeClock
+
+
+def make_breaker(clock: FakeClock, **kw: object) -> CircuitBreaker:
+    settings: dict[str, object] = {
+        "failure_ratio": 0.5,
+        "min_calls": 4,
+        "window": 10.0,
+        "open_duration": 5.0,
+    }
+    settings.update(kw)
+    return CircuitBreaker("t", BreakerPolicy(**settings), clock)  # type: ignore[arg-type]
+
+
+def test_breaker_needs_minimum_volume_then_opens_on_failure_ratio() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock)
+    now = clock.monotonic()
+    for _ in range(3):
+        breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    assert breaker.state == STATE_CLOSED  # 3 < min_calls
+    breaker.record(breaker.admit(now), BREAKER_SUCCESS, now)
+    assert breaker.state == STATE_CLOSED  # the success came last: no failure to re-check yet
+    breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    assert breaker.state == STATE_OPEN  # 4 failures / 5 calls >= 0.5
+
+
+def test_breaker_window_slides_so_old_failures_expire() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock, min_calls=3)
+    now = clock.monotonic()
+    for _ in range(2):
+        breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    clock.advance(11.0)  # past the window
+    now = clock.monotonic()
+    breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    assert breaker.state == STATE_CLOSED
+    assert breaker.window_counts() == (0, 1)
+
+
+def test_open_breaker_fails_fast_with_time_until_probe_then_probes_once_and_closes() -> None:
+    clock = FakeClock()
+    transitions: list[tuple[str, str]] = []
+
+    class Listener(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+        def state_change(self, cb: object, old: object, new: object) -> None:
+            transitions.append((old.name, new.name))  # type: ignore[attr-defined]
+
+    breaker = CircuitBreaker(
+        "t", BreakerPolicy(min_calls=2, open_duration=5.0), clock, listeners=[Listener()]
+    )
+    now = clock.monotonic()
+    for _ in range(2):
+        breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    clock.advance(2.0)
+    with pytest.raises(BreakerOpenError) as info:
+        breaker.admit(clock.monotonic())
+    assert info.value.retry_after == pytest.approx(3.0)
+    assert isinstance(info.value, pybreaker.CircuitBreakerError)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    clock.advance(3.0)
+    probe = breaker.admit(clock.monotonic())
+    assert probe == TICKET_PROBE and breaker.state == STATE_HALF_OPEN
+    with pytest.raises(BreakerOpenError):  # exactly one probe in flight
+        breaker.admit(clock.monotonic())
+    breaker.record(probe, BREAKER_SUCCESS, clock.monotonic())
+    assert breaker.state == STATE_CLOSED
+    assert transitions == [("closed", "open"), ("open", "half-open"), ("half-open", "closed")]
+    assert breaker.storage.state == STATE_CLOSED  # mirrored in pybreaker's storage
+
+
+def test_failed_probe_reopens_for_the_full_open_duration() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock, min_calls=1)
+    now = clock.monotonic()
+    breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    clock.advance(5.0)
+    probe = breaker.admit(clock.monotonic())
+    breaker.record(probe, BREAKER_FAILURE, clock.monotonic())
+    assert breaker.state == STATE_OPEN
+    assert breaker.retry_after() == pytest.approx(5.0)
+
+
+def test_cancelled_or_inconclusive_probe_frees_the_slot_for_the_next_caller() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock, min_calls=1)
+    now = clock.monotonic()
+    breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    clock.advance(5.0)
+    breaker.release(breaker.admit(clock.monotonic()))  # cancelled probe
+    probe = breaker.admit(clock.monotonic())  # next caller probes at once
+    breaker.record(probe, BREAKER_IGNORE, clock.monotonic())  # a domain error proves nothing
+    assert breaker.state == STATE_HALF_OPEN
+    probe = breaker.admit(clock.monotonic())
+    breaker.record(probe, BREAKER_SUCCESS, clock.monotonic())
+    assert breaker.state == STATE_CLOSED
+
+
+def test_probe_that_never_reports_is_replaced_after_probe_timeout() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock, min_calls=1, probe_timeout=2.0)
+    now = clock.monotonic()
+    breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    clock.advance(5.0)
+    breaker.admit(clock.monotonic())  # this probe is lost (thread died, ...)
+    with pytest.raises(BreakerOpenError):
+        breaker.admit(clock.monotonic())
+    clock.advance(2.0)
+    assert breaker.admit(clock.monotonic()) == TICKET_PROBE
+
+
+def test_excluded_outcomes_do_not_count_as_successes() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock, min_calls=4)
+    now = clock.monotonic()
+    breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    for _ in range(10):  # e.g. NOT_FOUND: the server is alive, but it is no success either
+        breaker.record(breaker.admit(now), BREAKER_IGNORE, now)
+    assert breaker.window_counts() == (0, 2)
+    breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
+    assert breaker.state == STATE_OPEN
+
+
+def test_breakers_are_per_target_or_per_method() -> None:
+    runtime = Runtime(clock=FakeClock())
+    per_target = Policy()
+    a = runtime.breaker("svc:1", "/s.v1.S/GetA", per_target)
+    assert runtime.breaker("svc:1", "/s.v1.S/GetB", per_target) is a
+    assert runtime.breaker("svc:2", "/s.v1.S/GetA", per_target) is not a
+    per_method = Policy(breaker=BreakerPolicy(per_method=True))
+    other = Runtime(clock=FakeClock())
+    x = other.breaker("svc:1", "/s.v1.S/GetA", per_method)
+    assert other.breaker("svc:1", "/s.v1.S/GetB", per_method) is not x

@@ -1,0 +1,69 @@
+"""Classification of a failed attempt: retry or not, what the breaker records, and why."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from pkg.clients import (
+    BreakerOpenError,
+)
+from pkg.clients.breaker import (
+    BREAKER_FAILURE,
+    BREAKER_IGNORE,
+    STATE_OPEN,
+)
+from pkg.clients.classify import classify_grpc, parse_retry_after
+from pkg.clients.grpc_core import status_error
+from pkg.clients.policy import DEFAULT_BREAKER_FAILURE_CODES
+
+
+def verdict(code: grpc.StatusCode, details: str = "boom", **kw: object):  # type: ignore[no-untyped-def]
+    args: dict[str, object] = {
+        "idempotent": True,
+        "attempt_capped": False,
+        "time_left": 1.0,
+        "failure_codes": DEFAULT_BREAKER_FAILURE_CODES,
+    }
+    args.update(kw)
+    return classify_grpc(status_error(code, details), **args)  # type: ignore[arg-type]
+
+
+def test_classifier_rules_each_with_a_reason() -> None:
+    assert verdict(grpc.StatusCode.UNAVAILABLE).retryable
+    assert not verdict(grpc.StatusCode.UNAVAILABLE, idempotent=False).retryable
+    never_left = verdict(
+        grpc.StatusCode.UNAVAILABLE,
+        "failed to connect to all addresses; last error: Connection refused",
+        idempotent=False,
+    )
+    assert never_left.retryable and "never sent" in never_left.reason
+    assert verdict(grpc.StatusCode.DEADLINE_EXCEEDED, attempt_capped=True).retryable
+    spent = verdict(grpc.StatusCode.DEADLINE_EXCEEDED, attempt_capped=True, time_left=0.0)
+    assert not spent.retryable and "overall deadline" in spent.reason
+    assert not verdict(grpc.StatusCode.DEADLINE_EXCEEDED).retryable
+    for code in (
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.PERMISSION_DENIED,
+    ):
+        result = verdict(code)
+        assert not result.retryable and result.reason
+    assert verdict(grpc.StatusCode.NOT_FOUND).breaker == BREAKER_IGNORE
+    assert verdict(grpc.StatusCode.UNAVAILABLE).breaker == BREAKER_FAILURE
+    opened = classify_grpc(
+        BreakerOpenError("t", 1.0, STATE_OPEN),
+        idempotent=True,
+        attempt_capped=False,
+        time_left=1.0,
+        failure_codes=DEFAULT_BREAKER_FAILURE_CODES,
+    )
+    assert not opened.retryable and "breaker" in opened.reason
+
+
+def test_retry_after_accepts_seconds_and_http_dates() -> None:
+    assert parse_retry_after("3", 0.0) == 3.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", 1445412480.0) == pytest.approx(10.0)
+    assert parse_retry_after("soon", 0.0) is None
+    assert parse_retry_after(None, 0.0) is None
