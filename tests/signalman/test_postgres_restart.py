@@ -9,6 +9,7 @@ reaches the subscriber exactly once, in order. A short outage costs the consumer
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -184,3 +185,52 @@ async def test_postgres_down_past_the_rejoin_bound_replicas_rejoin_once_it_answe
     await assert_history_exactly_once(pg_cluster, producer.count)
     for replica in replicas:
         assert log_count(replica, "lock_connection_down_leaving_group") >= 1, replica.name
+
+
+def assigned_lines(replica: Replica) -> list[dict[str, Any]]:
+    lines = replica.proc.log_path.read_text(errors="replace").splitlines()
+    out = []
+    for line in lines:
+        if '"event": "partitions_assigned"' in line:
+            out.append(json.loads(line))
+    return out
+
+
+async def test_rebalance_while_postgres_is_down_leaves_partitions_pending_until_it_answers(
+    pg_cluster: Cluster,
+) -> None:
+    a, b = pg_cluster.start("a"), pg_cluster.start("b")
+    await wait_until(lambda: split_settled([a, b]), timeout=40)
+    client = SignalmanClient([b.address], token="ta")
+    producer = Producer(pg_cluster.kafka.bootstrap, pg_cluster.topic)
+    seqs: list[int] = []
+    try:
+        async with client.subscribe(["streams"]) as sub:
+            await sub.wait_subscribed()
+            producer.start(rate_per_s=50)
+            await collect(sub, seqs, lambda: 25)
+            await stop_postgres_fast(pg_cluster.postgres)
+            await wait_until(lambda: owns_nothing(b), timeout=15)
+            a.proc.kill()  # the group moves a's partitions to b while nobody can lock anything
+            everything = list(range(PARTITIONS))
+
+            def all_assigned_none_locked() -> bool:
+                return any(
+                    line["partitions"] == everything and line["pending"] == everything
+                    for line in assigned_lines(b)
+                )
+
+            await wait_until(all_assigned_none_locked, timeout=40)
+            assert await owns_nothing(b)  # assigned, but never processed without the lock
+            await start_postgres(pg_cluster.postgres)
+            await wait_until(lambda: all_partitions_owned_once([b]), timeout=REOWN_BOUND_S)
+            target = len(seqs) + 50
+            await collect(sub, seqs, lambda: target)
+            producer.stop()
+            await wait_until(lambda: producer.sink.sent == 2 * producer.count, timeout=20)
+            await collect(sub, seqs, lambda: producer.count)
+    finally:
+        producer.close()
+        await client.close()
+    assert seqs == list(range(producer.count))
+    await assert_history_exactly_once(pg_cluster, producer.count)
