@@ -1,0 +1,203 @@
+"""The group member's ownership keeper, driven step by step on a fake clock (no servers).
+
+What it must do with the lock connection and the partitions the group assigned: never process
+without the lock, re-lock inside the group after a short outage, leave only after
+``lock_rejoin_after_s``, retry what the listener could not lock, and never restart the member
+for a slow join (it is reported instead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiokafka import TopicPartition
+
+from pkg.clients.backoff import Backoff
+from pkg.common.clock import FakeClock
+from signalman.config import SignalmanConfig
+from signalman.consumer import GroupMember
+from signalman.history.memory import MemoryHistory
+from signalman.ownership import LockBusy, OwnershipLost
+from signalman.processor import Processor
+
+TOPIC = "events"
+TP0, TP1 = TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)
+
+
+class FakeLocks:
+    """PartitionLocks' contract in memory: a connection that can drop, fences that grow."""
+
+    def __init__(self) -> None:
+        self.lost = asyncio.Event()
+        self.up = True  # PostgreSQL reachable
+        self._connected = True
+        self.busy: set[int] = set()  # partitions someone else holds
+        self.fences: dict[int, int] = {}
+        self.connects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def drop(self) -> None:
+        self._connected = False
+        self.lost.set()
+
+    async def connect(self) -> None:
+        if not self.up:
+            raise ConnectionRefusedError("PostgreSQL is down")
+        self._connected = True
+        self.lost.clear()
+        self.connects += 1
+
+    async def acquire_partition(
+        self, topic: str, partition: int, *, timeout_s: float | None = None
+    ) -> int:
+        if not self._connected:
+            raise OwnershipLost("the dedicated lock connection is closed")
+        if partition in self.busy:
+            raise LockBusy(f"{topic}/{partition} still locked after {timeout_s} s")
+        self.fences[partition] = self.fences.get(partition, 0) + 1
+        return self.fences[partition]
+
+    async def release_partition(self, topic: str, partition: int) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._connected = False
+
+
+class FakeConsumer:
+    def __init__(self, assignment: set[TopicPartition]) -> None:
+        self._assignment = set(assignment)
+        self.paused: set[TopicPartition] = set()
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._assignment)
+
+    def pause(self, tp: TopicPartition) -> None:
+        self.paused.add(tp)
+
+    def resume(self, tp: TopicPartition) -> None:
+        self.paused.discard(tp)
+
+
+def member_with(locks: FakeLocks, clock: FakeClock, **cfg: Any) -> GroupMember:
+    config = SignalmanConfig(kafka_bootstrap="unused:9092", topic=TOPIC, **cfg)
+    history = MemoryHistory()
+    processor = Processor(history, dead_letter=_no_dead_letters, clock=clock)
+    member = GroupMember(config, processor, history, locks, clock=clock)  # type: ignore[arg-type]
+    member.consumer = FakeConsumer({TP0, TP1})
+    return member
+
+
+async def _no_dead_letters(_letter: Any) -> None:
+    raise AssertionError("no dead letters expected")
+
+
+async def step(member: GroupMember, backoff: Backoff, clock: FakeClock, seconds: float) -> None:
+    """One keeper iteration, then let ``seconds`` pass."""
+    await member._keep_ownership_once(backoff)
+    clock.advance(seconds)
+
+
+def fences(member: GroupMember) -> dict[int, int]:
+    return {tp.partition: owned.fence for tp, owned in member.owned.items()}
+
+
+async def test_lost_lock_connection_stops_processing_and_relocks_inside_the_group() -> None:
+    clock, locks = FakeClock(), FakeLocks()
+    member = member_with(locks, clock)
+    await member.assigned([TP0, TP1])
+    assert fences(member) == {0: 1, 1: 1}
+
+    locks.up = False
+    locks.drop()  # PostgreSQL restarts: every lock is gone
+    backoff = Backoff(base=0.2, cap=2.0, clock=clock)
+    await step(member, backoff, clock, 0.1)
+    assert member.owned == {}  # nothing is processed without the lock...
+    assert member.consumer.paused == {TP0, TP1}  # ...nor fetched
+    for _ in range(20):  # retries with backoff while it is down
+        await step(member, backoff, clock, 0.3)
+    assert not member._restart.is_set()  # still a member of the group: no rebalance
+
+    locks.up = True
+    for _ in range(30):
+        await step(member, backoff, clock, 0.1)
+        if member.owned:
+            break
+    assert fences(member) == {0: 2, 1: 2}  # new, higher fencing tokens
+    assert member.consumer.paused == set()
+    assert member.lock_reconnects == 1 and not member._restart.is_set()
+
+
+async def test_lock_connection_down_past_the_bound_leaves_the_group() -> None:
+    clock, locks = FakeClock(), FakeLocks()
+    member = member_with(locks, clock, lock_rejoin_after_s=5.0)
+    await member.assigned([TP0, TP1])
+    locks.up = False
+    locks.drop()
+    backoff = Backoff(base=0.2, cap=2.0, clock=clock)
+    for _ in range(4):
+        await step(member, backoff, clock, 1.0)
+    assert not member._restart.is_set()
+    for _ in range(3):
+        await step(member, backoff, clock, 1.0)
+    assert member._restart.is_set()  # others that still reach PostgreSQL may take over
+    assert "lock connection down" in member._restart_reason
+
+
+async def test_rejoin_bound_zero_stays_in_the_group_however_long_it_is_down() -> None:
+    clock, locks = FakeClock(), FakeLocks()
+    member = member_with(locks, clock, lock_rejoin_after_s=0.0)
+    await member.assigned([TP0])
+    locks.up = False
+    locks.drop()
+    backoff = Backoff(base=0.2, cap=2.0, clock=clock)
+    for _ in range(50):
+        await step(member, backoff, clock, 10.0)
+    assert not member._restart.is_set() and member.owned == {}
+
+
+async def test_partition_not_lockable_in_the_listener_stays_paused_until_the_keeper_gets_it() -> (
+    None
+):
+    clock, locks = FakeClock(), FakeLocks()
+    member = member_with(locks, clock)
+    locks.busy = {1}  # the previous owner has not let go yet
+    await member.assigned([TP0, TP1])
+    assert fences(member) == {0: 1}
+    assert member.consumer.paused == {TP1}
+    assert not member._restart.is_set()  # the member does not leave the group for it
+
+    backoff = Backoff(base=0.2, cap=2.0, clock=clock)
+    locks.busy = set()
+    for _ in range(30):
+        await step(member, backoff, clock, 0.1)
+        if len(member.owned) == 2:
+            break
+    assert fences(member) == {0: 1, 1: 1}
+    assert member.consumer.paused == set()
+
+
+async def test_a_partition_revoked_while_pending_is_not_taken() -> None:
+    clock, locks = FakeClock(), FakeLocks()
+    member = member_with(locks, clock)
+    locks.busy = {1}
+    await member.assigned([TP0, TP1])
+    await member.revoked([TP0, TP1])
+    locks.busy = set()
+    await step(member, Backoff(clock=clock), clock, 1.0)
+    assert member.owned == {} and locks.fences == {0: 1}
+
+
+async def test_a_slow_join_is_reported_but_does_not_restart_the_member() -> None:
+    clock, locks = FakeClock(), FakeLocks()
+    member = member_with(locks, clock, session_timeout_ms=6_000)
+    await member.revoked([])  # a rebalance starts; no assignment follows
+    backoff = Backoff(clock=clock)
+    await step(member, backoff, clock, member.join_timeout_s + 1)
+    await step(member, backoff, clock, 0.1)
+    assert member._join_reported_at > 0  # logged (group_join_stalled)
+    assert not member._restart.is_set()  # a new member would not clear a stuck broker
