@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import grpc
 import pytest
@@ -22,6 +23,7 @@ from pkg.clients import (
 from pkg.clients.grpc_aio import ResilientChannel
 from pkg.clients.outlier import EJECTED, HEALTHY
 from pkg.clients.telemetry import default_instrumentation
+from pkg.devstack.servers import CommandProcess
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
 from tests.clients.conftest import TESTSVC, UNAVAILABLE, addresses, both_in_rotation
@@ -46,6 +48,17 @@ class Recorder(Instrumentation):
 
     def on_outlier(self, event: OutlierEvent) -> None:
         self.outliers.append(event)
+
+
+def recorded_channel(
+    replicas: Sequence[CommandProcess], policy: Policy, *hooks: Instrumentation
+) -> tuple[ResilientChannel, Recorder]:
+    """A channel over ``replicas`` with outlier ejection, and the recorder of its events."""
+    recorder = Recorder()
+    runtime = Runtime(instrumentation=[recorder, *hooks])
+    channel = aio_channel(addresses(*replicas), policy, runtime=runtime)
+    assert isinstance(channel, ResilientChannel) and channel.detector is not None
+    return channel, recorder
 
 
 def policy(base_ejection_time: float = 1.0) -> Policy:
@@ -81,12 +94,10 @@ async def steady_calls(
 
 
 async def test_a_paused_replica_is_ejected_and_no_call_fails(replica_pair) -> None:
-    a, b = replica_pair
-    recorder = Recorder()
-    runtime = Runtime(instrumentation=[recorder, *default_instrumentation()])
-    channel = aio_channel(addresses(a, b), policy(), runtime=runtime)
-    assert isinstance(channel, ResilientChannel) and channel.detector is not None
+    a = replica_pair[0]  # the replica that hangs
+    channel, recorder = recorded_channel(replica_pair, policy(), *default_instrumentation())
     detector = channel.detector
+    assert detector is not None
     stub = pb_grpc.TestServiceStub(channel)
     try:
         await both_in_rotation(stub)
@@ -132,10 +143,8 @@ async def test_calls_in_flight_on_a_replica_that_hangs_are_all_retried_elsewhere
     # 400 calls/s with a 0.2 s attempt timeout: about 40 attempts are in flight on the replica
     # when it hangs, far more than the retry budget's 5 spare tokens. They fail together, their
     # replica is ejected, and each is retried on the live replica.
-    a, b = replica_pair
-    recorder = Recorder()
-    runtime = Runtime(instrumentation=[recorder])
-    channel = aio_channel(addresses(a, b), policy(30.0), runtime=runtime)
+    a = replica_pair[0]  # the replica that hangs
+    channel, recorder = recorded_channel(replica_pair, policy(30.0))
     stub = pb_grpc.TestServiceStub(channel)
     try:
         await both_in_rotation(stub)
@@ -151,15 +160,11 @@ async def test_calls_in_flight_on_a_replica_that_hangs_are_all_retried_elsewhere
 
 
 async def test_with_both_replicas_failing_one_stays_in_rotation(replica_pair) -> None:
-    recorder = Recorder()
-    runtime = Runtime(instrumentation=[recorder])
     retry = RetryPolicy(max_attempts=1, idempotent_methods=(TESTSVC,))
-    channel = aio_channel(
-        addresses(*replica_pair),
-        Policy(timeout=2.0, retry=retry, breaker=BreakerPolicy(enabled=False)),
-        runtime=runtime,
+    channel, recorder = recorded_channel(
+        replica_pair, Policy(timeout=2.0, retry=retry, breaker=BreakerPolicy(enabled=False))
     )
-    assert isinstance(channel, ResilientChannel) and channel.detector is not None
+    assert channel.detector is not None
     stub = pb_grpc.TestServiceStub(channel)
     await both_in_rotation(stub)
     broken = pb.Behavior(fail_times=-1, fail_code=UNAVAILABLE)
@@ -204,14 +209,11 @@ async def test_without_attempt_timeouts_a_paused_replica_costs_only_the_first_fe
     # A caller that sets no per-attempt timeout (only the overall deadline): the calls already
     # sent to the paused replica fail at their deadline, but two such timeouts eject it and
     # every later call goes to the live replica (before: every other call until keepalive).
-    a, b = replica_pair
-    recorder = Recorder()
-    runtime = Runtime(instrumentation=[recorder])
+    a = replica_pair[0]  # the replica that hangs
     retry = RetryPolicy(base_backoff=0.01, idempotent_methods=(TESTSVC,))
-    channel = aio_channel(
-        addresses(a, b),
+    channel, recorder = recorded_channel(
+        replica_pair,
         Policy(timeout=0.5, retry=retry, outlier=OutlierPolicy(base_ejection_time=30.0)),
-        runtime=runtime,
     )
     stub = pb_grpc.TestServiceStub(channel)
     try:
