@@ -26,6 +26,7 @@ from pkg.common.clock import FakeClock
 
 
 def make_breaker(clock: FakeClock, **kw: object) -> CircuitBreaker:
+    """A breaker "t": ratio 0.5, at least 4 calls, 10 s window, open 5 s (``kw`` overrides)."""
     settings: dict[str, object] = {
         "failure_ratio": 0.5,
         "min_calls": 4,
@@ -93,12 +94,18 @@ def test_open_breaker_fails_fast_with_time_until_probe_then_probes_once_and_clos
     assert breaker.storage.state == STATE_CLOSED  # mirrored in pybreaker's storage
 
 
-def test_failed_probe_reopens_for_the_full_open_duration() -> None:
-    clock = FakeClock()
-    breaker = make_breaker(clock, min_calls=1)
+def due_for_a_probe(clock: FakeClock, **kw: object) -> CircuitBreaker:
+    """A breaker opened by one failure whose open duration (5 s) is over: a probe is due."""
+    breaker = make_breaker(clock, min_calls=1, **kw)
     now = clock.monotonic()
     breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
     clock.advance(5.0)
+    return breaker
+
+
+def test_failed_probe_reopens_for_the_full_open_duration() -> None:
+    clock = FakeClock()
+    breaker = due_for_a_probe(clock)
     probe = breaker.admit(clock.monotonic())
     breaker.record(probe, BREAKER_FAILURE, clock.monotonic())
     assert breaker.state == STATE_OPEN
@@ -107,10 +114,7 @@ def test_failed_probe_reopens_for_the_full_open_duration() -> None:
 
 def test_cancelled_or_inconclusive_probe_frees_the_slot_for_the_next_caller() -> None:
     clock = FakeClock()
-    breaker = make_breaker(clock, min_calls=1)
-    now = clock.monotonic()
-    breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
-    clock.advance(5.0)
+    breaker = due_for_a_probe(clock)
     breaker.release(breaker.admit(clock.monotonic()))  # cancelled probe
     probe = breaker.admit(clock.monotonic())  # next caller probes at once
     breaker.record(probe, BREAKER_IGNORE, clock.monotonic())  # a domain error proves nothing
@@ -122,10 +126,7 @@ def test_cancelled_or_inconclusive_probe_frees_the_slot_for_the_next_caller() ->
 
 def test_probe_that_never_reports_is_replaced_after_probe_timeout() -> None:
     clock = FakeClock()
-    breaker = make_breaker(clock, min_calls=1, probe_timeout=2.0)
-    now = clock.monotonic()
-    breaker.record(breaker.admit(now), BREAKER_FAILURE, now)
-    clock.advance(5.0)
+    breaker = due_for_a_probe(clock, probe_timeout=2.0)
     breaker.admit(clock.monotonic())  # this probe is lost (thread died, ...)
     with pytest.raises(BreakerOpenError):
         breaker.admit(clock.monotonic())
