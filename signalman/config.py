@@ -21,6 +21,8 @@ class SignalmanConfig:
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
     fetch_max_wait_ms: int = 20
+    # At most one offset commit per interval (0: one per fetched batch); see consumer.py.
+    commit_interval_ms: int = 100
     # PostgreSQL advisory locks fence partition ownership; unset = unfenced (single replica only).
     postgres_dsn: str = ""
     lock_grace_s: float = 2.0
@@ -47,6 +49,8 @@ class SignalmanConfig:
             raise ValueError("subscriber_buffer must be >= 1")
         if self.max_connections_per_tenant < 1:
             raise ValueError("max_connections_per_tenant must be >= 1")
+        if self.commit_interval_ms < 0:
+            raise ValueError("commit_interval_ms must be >= 0")
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:

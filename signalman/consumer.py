@@ -36,6 +36,8 @@ from signalman.ownership import OwnershipLost, PartitionLocks
 from signalman.processor import Processor, RecordIn
 
 log = structlog.get_logger("signalman.consumer")
+# At most this many records per batch, and read ahead while a batch is processed.
+READ_AHEAD_MAX = 500
 
 
 @dataclass
@@ -95,6 +97,9 @@ class GroupMember:
         self._processing = asyncio.Lock()
         self._commit_task: asyncio.Task[None] | None = None
         self._pending_offsets: dict[TopicPartition, int] = {}
+        self._commit_pacing = False
+        # Records taken from the consumer while the previous batch was processed (in order).
+        self._ahead: dict[TopicPartition, list[Any]] = {}
         self._restart = asyncio.Event()
         self._restart_reason = ""
         self._stopping = asyncio.Event()
@@ -359,24 +364,65 @@ class GroupMember:
 
     # -- processing ----------------------------------------------------------------------------
     async def _consume(self) -> None:
+        self._ahead = {}  # records of a previous consumer are not ours to process
         while not self._stopping.is_set():
             if self._restart.is_set():
                 raise OwnershipLost(self._restart_reason or "member restart requested")
-            batches = await self.consumer.getmany(timeout_ms=200, max_records=500)
+            batches = await self._next_batches()
             if not batches:
                 continue
+            fetched_at = self.clock.time()
             async with self._processing:
                 offsets: dict[TopicPartition, int] = {}
-                # Partitions are independent: their history appends go out concurrently.
-                progressed = await asyncio.gather(
-                    *(self._process_partition(tp, r, offsets) for tp, r in batches.items())
-                )
+                # aiokafka sends the next fetch only once the records it holds are taken: taking
+                # them while this batch is processed overlaps the next Kafka round trip with it
+                # (otherwise every record also waited for the batch before it).
+                reader = asyncio.create_task(self._read_ahead())
+                try:
+                    # Partitions are independent: their history appends go out concurrently.
+                    progressed = await asyncio.gather(
+                        *(self._process_partition(tp, r, offsets, fetched_at)
+                          for tp, r in batches.items())
+                    )  # fmt: skip
+                finally:
+                    reader.cancel()
+                    await asyncio.wait({reader})
                 self._schedule_commit(offsets)
             if not any(progressed):
                 await self.clock.asleep(0.05)  # waiting for ownership: do not spin on refetches
 
+    async def _next_batches(self) -> dict[TopicPartition, list[Any]]:
+        """The records read ahead during the last batch and whatever else is ready, or wait up
+        to 200 ms for some."""
+        ahead, self._ahead = self._ahead, {}
+        more = await self.consumer.getmany(
+            timeout_ms=0 if ahead else 200, max_records=READ_AHEAD_MAX
+        )
+        for tp, records in more.items():
+            ahead.setdefault(tp, []).extend(records)
+        return ahead
+
+    async def _read_ahead(self) -> None:
+        """Take fetched records into ``_ahead`` until cancelled (or it holds enough). Safe to
+        cancel at any point: getmany hands records over only when it returns."""
+        while sum(len(r) for r in self._ahead.values()) < READ_AHEAD_MAX:
+            more = await self.consumer.getmany(timeout_ms=1_000, max_records=READ_AHEAD_MAX)
+            for tp, records in more.items():
+                self._ahead.setdefault(tp, []).extend(records)
+
+    def _rewind(self, tp: TopicPartition, offset: int) -> None:
+        """Fetch ``tp`` again from ``offset``. What was read ahead of it goes too, in the same
+        step: processing those later records first would move the history's watermark past the
+        rewound ones, which would then be skipped as duplicates (lost)."""
+        self.consumer.seek(tp, offset)
+        self._ahead.pop(tp, None)
+
     async def _process_partition(
-        self, tp: TopicPartition, records: list[Any], offsets: dict[TopicPartition, int]
+        self,
+        tp: TopicPartition,
+        records: list[Any],
+        offsets: dict[TopicPartition, int],
+        fetched_at: float | None = None,
     ) -> bool:
         """Process one partition's records; False when they were not ours to process."""
         owned = self.owned.get(tp)
@@ -385,7 +431,9 @@ class GroupMember:
             # ours any more. Rewind, so these records are fetched again once we do own it;
             # skipping them would move the position past records nobody processed.
             if tp in self.consumer.assignment():
-                self.consumer.seek(tp, records[0].offset)
+                self._rewind(tp, records[0].offset)
+            else:
+                self._ahead.pop(tp, None)
             return False
         batch = [
             RecordIn(r.value, r.key, SourcePos(tp.topic, tp.partition, r.offset),
@@ -393,13 +441,13 @@ class GroupMember:
             for r in records
         ]  # fmt: skip
         try:
-            outcomes = await self.processor.handle_batch(batch, owned.fence)
+            outcomes = await self.processor.handle_batch(batch, owned.fence, fetched_at)
         except Exception as exc:
             # History or dead-letter topic unreachable: retry the whole batch later (what was
             # appended is skipped as duplicate then); never skip a record.
             log.warning("partition_processing_failed", partition=tp.partition,
                         offset=records[0].offset, error=repr(exc)[:200])  # fmt: skip
-            self.consumer.seek(tp, records[0].offset)
+            self._rewind(tp, records[0].offset)
             await self.clock.asleep(0.5)
             return True
         if any(o.status == "fenced" for o in outcomes):
@@ -413,21 +461,33 @@ class GroupMember:
     def _schedule_commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit in the background, never on the processing path: a slow commit (seen taking
         over a second on a busy broker) must not hold back delivery. Offsets that arrive while
-        a commit is in flight are merged and committed next, so commits stay in order."""
+        a commit is in flight, or within ``commit_interval_ms`` after it, are merged and
+        committed next, so commits stay in order and cost the broker a few requests a second
+        instead of one per fetched batch (re-reading uncommitted records after a crash is cheap:
+        the history skips them by watermark)."""
         self._pending_offsets.update(offsets)
         if self._pending_offsets and (self._commit_task is None or self._commit_task.done()):
-            self._commit_task = asyncio.create_task(self._commit_loop())
+            self._commit_task = asyncio.create_task(self._commit_loop(paced=True))
 
-    async def _commit_loop(self) -> None:
+    async def _commit_loop(self, paced: bool = False) -> None:
         while self._pending_offsets:
             offsets, self._pending_offsets = self._pending_offsets, {}
             await self._commit(offsets)
+            if paced and self.cfg.commit_interval_ms > 0:
+                self._commit_pacing = True
+                try:
+                    await self.clock.asleep(self.cfg.commit_interval_ms / 1000)
+                finally:
+                    self._commit_pacing = False
 
     async def _flush_commit(self) -> None:
         """Wait until every processed offset is committed (revocation, shutdown)."""
         while self._commit_task is not None and not self._commit_task.done():
-            with contextlib.suppress(Exception):
-                await self._commit_task
+            if self._commit_pacing:  # only pausing between commits: what is pending goes now
+                self._commit_task.cancel()
+            await asyncio.wait({self._commit_task})
+            if not self._commit_task.cancelled() and self._commit_task.exception() is not None:
+                log.warning("commit_task_failed", error=repr(self._commit_task.exception())[:200])
         if self._pending_offsets and self.consumer is not None:
             await self._commit_loop()
         self._commit_task = None
