@@ -154,8 +154,8 @@ class RedisNodeStore:
         self._sync: asyncio.Task[None] | None = None
         self._synced = asyncio.Event()
         # Group commit: writes go to Redis in batches, one script call each (each write still
-        # fenced and atomic on its own), with one batch on the wire at a time. Writes made
-        # while a batch travels wait for the next one, so under load batches grow by themselves
+        # fenced and atomic on its own), with at most MAX_IN_FLIGHT batches on the wire. Writes
+        # made while they travel wait for the next one, so under load batches grow by themselves
         # (the per-call cost is paid once for many writes) and an idle store still sends a
         # lone write at once.
         self._pending: deque[tuple[PutBatch, list[asyncio.Future[bool]]]] = deque()
@@ -396,9 +396,8 @@ class RedisNodeStore:
 
     async def _flush(self, batch: PutBatch, futures: list[asyncio.Future[bool]]) -> None:
         try:
-            outcome = await asyncio.wait_for(
-                self._fenced.put_batch(batch), self.settings.op_timeout_s * 2
-            )
+            async with asyncio.timeout(self.settings.op_timeout_s * 2):  # no task per batch
+                outcome = await self._fenced.put_batch(batch)
         except BaseException as exc:  # connection errors and cancellation fail every waiter
             error = exc if isinstance(exc, Exception) else RedisError("write batch cancelled")
             for future in futures:
