@@ -35,7 +35,7 @@ import tenacity
 from pkg.clients import BreakerPolicy, OutlierPolicy, Policy, RetryPolicy, Runtime, aio_channel
 from pkg.clients.breaker import STATE_OPEN, BreakerOpenError
 from pkg.clients.engine import call_async, call_sync
-from pkg.clients.grpc_aio import _UnaryUnaryMultiCallable
+from pkg.clients.grpc_aio_calls import UnaryUnaryMultiCallable
 from pkg.clients.grpc_core import ClientCore
 from pkg.common.logging import configure_logging
 from pkg.common.telemetry import setup_metrics
@@ -166,7 +166,7 @@ async def policy_cost(n: int) -> dict[str, float]:
     def raw_multicallable(request: Any, **kw: Any) -> _Done:
         return _Done()
 
-    stub_method = _UnaryUnaryMultiCallable([raw_multicallable], core, "/bench.v1.Bench/GetZ")
+    stub_method = UnaryUnaryMultiCallable([raw_multicallable], core, "/bench.v1.Bench/GetZ")
 
     async def raw_stub() -> float:
         start = time.perf_counter()

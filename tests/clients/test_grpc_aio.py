@@ -456,7 +456,7 @@ async def test_cancel_stops_the_attempts_in_flight(target, stats_stub, key, hedg
 async def test_the_unary_interceptor_also_works_on_a_plain_grpc_channel(target, key) -> None:
     # aio_channel runs unary calls without grpc's interceptor task (it is faster); the
     # interceptor class gives the same policy to a channel built by grpc itself.
-    from pkg.clients.grpc_aio import aio_interceptors
+    from pkg.clients.grpc_aio_interceptors import aio_interceptors
     from pkg.clients.grpc_core import ClientCore
 
     core = ClientCore(fast_policy(), Runtime(), target, "tok")

@@ -1,0 +1,370 @@
+"""What a stub method on a ``ResilientChannel`` returns, and how its calls run.
+
+Unary calls run the engine (deadline, breaker, budget, retries, hedging) directly, without
+grpc.aio's interceptor task; over several replicas every attempt goes to the replica the
+outlier detector picks. Streaming calls over several replicas start on a picked replica, and
+a stream that ends because its replica's connection broke counts against that replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from pkg.clients.classify import outlier_outcome
+from pkg.clients.engine import EJECTED_REPLICA_ATTR, call_async
+from pkg.clients.grpc_core import ClientCore
+from pkg.clients.outlier import (
+    EJECTED,
+    OUTCOME_LOCAL,
+    OUTCOME_NEUTRAL,
+    OUTCOME_SUCCESS,
+    OutlierDetector,
+)
+
+
+class UnaryCall:
+    """What a unary call on a ``ResilientChannel`` returns: awaitable, with the Call methods.
+
+    The call starts when first awaited (directly, or through ``code()``, ``details()`` and the
+    metadata methods) and runs once: every later or concurrent await gets the same outcome, so
+    asking for the status of a call in flight never sends it again. The status and metadata
+    methods report the last attempt; ``cancel()`` stops the whole call, whether an attempt is
+    in flight or it is waiting to retry.
+    """
+
+    __slots__ = (
+        "_callable",
+        "_done",
+        "_error",
+        "_kw",
+        "_last",
+        "_on_done",
+        "_request",
+        "_result",
+        "_started",
+        "_task",
+    )
+
+    def __init__(self, callable_: UnaryUnaryMultiCallable, request: Any, kw: dict[str, Any]):
+        self._callable = callable_
+        self._request = request
+        self._kw = kw
+        self._last: Any = None
+        self._done = False
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self._started = False
+        # The task running the call, known once it may wait between attempts (see cancel()).
+        self._task: asyncio.Task[Any] | None = None
+        self._on_done: list[Callable[[Any], None]] | None = None
+
+    def __await__(self) -> Any:
+        return self._run().__await__()
+
+    async def _run(self) -> Any:
+        if self._done or self._started:
+            return await self._outcome()
+        self._started = True
+        mc = self._callable
+        if mc.state.hedge:  # hedges run in tasks of their own: cancel() needs this one
+            self._task = asyncio.current_task()
+        kw = self._kw
+        auth = mc.core.auth
+        if auth:
+            kw["metadata"] = (*auth, *(kw.get("metadata") or ()))
+        timeout = kw.pop("timeout", None)
+        attempt = self._attempt_fn(self._request, kw)
+        try:
+            self._result = await call_async(mc.state, timeout, attempt, mc.classify)
+        except BaseException as exc:  # cancellation included: it is this call's outcome
+            self._error = exc
+            self._finish()
+            raise
+        self._done = True
+        if self._on_done is not None:
+            self._finish()
+        return self._result
+
+    async def _outcome(self) -> Any:
+        if not self._done:  # another task runs the call: wait for its outcome
+            settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def wake(_: Any) -> None:
+                if not settled.done():  # this waiter may have been cancelled meanwhile
+                    settled.set_result(None)
+
+            self.add_done_callback(wake)
+            await settled
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def _finish(self) -> None:
+        self._done = True
+        callbacks, self._on_done = self._on_done, None
+        for callback in callbacks or ():
+            callback(self)
+
+    def _attempt_fn(self, request: Any, kw: dict[str, Any]) -> Callable[[float], Any]:
+        raw = self._callable.raw
+
+        async def attempt(attempt_timeout: float) -> Any:
+            call = raw(request, timeout=attempt_timeout, **kw)
+            self._last = call
+            try:
+                return await call
+            except BaseException:
+                self._attempt_failed()
+                raise
+
+        return attempt
+
+    def _attempt_failed(self) -> None:
+        # From here on the call may wait before a retry, which only cancelling the task that
+        # runs it can stop. Looking the task up costs more than the rest of a successful call's
+        # bookkeeping, so it is done here, on the failure path (the attempt runs in that task).
+        if self._task is None:
+            self._task = asyncio.current_task()
+
+    def cancel(self) -> bool:
+        """Cancel the call (awaiting it then raises ``asyncio.CancelledError``; never retried).
+
+        Returns False when it had already finished.
+        """
+        if self._done:
+            return False
+        if not self._started:  # it never will be
+            self._error = asyncio.CancelledError()
+            self._finish()
+            return True
+        if self._task is not None:
+            # Reaches the attempt in flight (grpc.aio cancels an RPC whose awaiter is
+            # cancelled), the hedges, and a wait before a retry.
+            return self._task.cancel()
+        # The first attempt is in flight: cancelled, it ends the call (never retried).
+        return bool(self._last is not None and self._last.cancel())
+
+    def cancelled(self) -> bool:
+        """Whether the call was cancelled."""
+        return isinstance(self._error, asyncio.CancelledError)
+
+    def done(self) -> bool:
+        """Whether the call has finished (all attempts)."""
+        return self._done
+
+    def time_remaining(self) -> float | None:
+        """Time left on the current attempt's deadline."""
+        return None if self._last is None else self._last.time_remaining()
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        """``callback(call)`` once the call has finished (at once if it has)."""
+        if self._done:
+            callback(self)
+        elif self._on_done is None:
+            self._on_done = [callback]
+        else:
+            self._on_done.append(callback)
+
+    async def initial_metadata(self) -> Any:
+        """Initial metadata of the last attempt."""
+        await self._settled()
+        return None if self._last is None else await self._last.initial_metadata()
+
+    async def trailing_metadata(self) -> Any:
+        """Trailing metadata of the last attempt."""
+        await self._settled()
+        return None if self._last is None else await self._last.trailing_metadata()
+
+    async def code(self) -> grpc.StatusCode:
+        """Final status code (UNAVAILABLE for a breaker rejection, CANCELLED if cancelled)."""
+        await self._settled()
+        if self.cancelled():
+            return grpc.StatusCode.CANCELLED
+        if self._last is None and self._error is not None:
+            return getattr(self._error, "code", lambda: grpc.StatusCode.UNKNOWN)()  # type: ignore[no-any-return]
+        return await self._last.code()  # type: ignore[no-any-return]
+
+    async def details(self) -> str:
+        """Final status details."""
+        await self._settled()
+        if self._last is None and self._error is not None:
+            return str(self._error)
+        return await self._last.details()  # type: ignore[no-any-return]
+
+    async def wait_for_connection(self) -> None:
+        """Wait until the current attempt is connected (nothing to wait for before it starts)."""
+        if self._last is not None:
+            await self._last.wait_for_connection()
+
+    async def _settled(self) -> None:
+        # The outcome itself (a result or an error) is for the awaiter; the status methods
+        # report it. Only the cancellation of the task asking is not the call's to swallow.
+        try:
+            await self._run()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        except Exception:
+            pass
+
+
+# Least time an attempt without a per-attempt cap must have had for its timeout to count
+# against the replica (outlier ejection).
+MIN_HUNG_TIMEOUT = 0.1
+
+
+class PooledUnaryCall(UnaryCall):
+    """A unary call whose every attempt goes to the replica the outlier detector picks."""
+
+    __slots__ = ()
+
+    def _attempt_fn(self, request: Any, kw: dict[str, Any]) -> Callable[[float], Any]:
+        mc = self._callable
+        raws = mc.raws
+        detector = mc.detector
+        assert detector is not None  # a pooled call exists only with a detector
+        state = mc.state
+        cap = state.attempt_timeout
+        idempotent = state.idempotent
+        failed = [-1]  # the replica the previous attempt failed on: a retry avoids it
+
+        async def attempt(attempt_timeout: float) -> Any:
+            i = detector.pick(failed[0])
+            call = raws[i](request, timeout=attempt_timeout, **kw)
+            self._last = call
+            try:
+                result = await call
+            except Exception as exc:
+                # A timeout says the replica hung when the attempt was capped by its per-attempt
+                # timeout (the engine passes exactly the cap then), or, for an idempotent
+                # method (a read: it answers by itself), when it had ample time: at least
+                # MIN_HUNG_TIMEOUT and 10x the method's usual latency. A caller's own tiny
+                # deadline, or a write waiting on something downstream, says nothing.
+                outcome = outlier_outcome(
+                    exc,
+                    attempt_timeout == cap
+                    or (
+                        idempotent
+                        and attempt_timeout >= max(MIN_HUNG_TIMEOUT, 10 * state.latency_ema)
+                    ),
+                )
+                if outcome == OUTCOME_SUCCESS:
+                    detector.success(i)
+                elif outcome == OUTCOME_NEUTRAL:
+                    detector.release(i)
+                else:
+                    failed[0] = i
+                    detector.failure(i, outcome)
+                    if detector.replicas[i].state is EJECTED:
+                        with contextlib.suppress(AttributeError):
+                            setattr(exc, EJECTED_REPLICA_ATTR, True)
+                self._attempt_failed()
+                raise
+            except BaseException:
+                detector.release(i)
+                self._attempt_failed()
+                raise
+            detector.success(i)
+            return result
+
+        return attempt
+
+
+class UnaryUnaryMultiCallable:
+    """``stub.Method`` on a ``ResilientChannel``: the policy without grpc's interceptor task."""
+
+    __slots__ = ("classify", "core", "detector", "raw", "raws", "state")
+
+    def __init__(
+        self,
+        raws: Sequence[Any],
+        core: ClientCore,
+        method: str | bytes,
+        detector: OutlierDetector | None = None,
+    ) -> None:
+        self.raw = raws[0]
+        self.raws = raws
+        self.detector = detector
+        self.core = core
+        self.state, self.classify = core.method(method)
+
+    def __call__(self, request: Any, **kw: Any) -> UnaryCall:
+        """A call of ``request`` (``timeout=`` is its overall deadline); it starts when awaited."""
+        if self.detector is None:
+            return UnaryCall(self, request, kw)
+        return PooledUnaryCall(self, request, kw)
+
+
+class _StreamOutcome(grpc.RpcError):
+    """The final status of a stream, shaped like an RPC error for ``outlier_outcome``."""
+
+    def __init__(self, code: grpc.StatusCode, details: str | None) -> None:
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str | None:
+        return self._details
+
+
+async def _report_stream_end(detector: OutlierDetector, i: int, call: Any) -> None:
+    # Only a broken connection (a dead or unreachable replica) says something here: streams
+    # end for many legitimate reasons (cancelled, server closed them, domain errors).
+    try:
+        code = await call.code()
+        details = await call.details()
+    except Exception:
+        return
+    if code != grpc.StatusCode.UNAVAILABLE:
+        return
+    outcome = outlier_outcome(_StreamOutcome(code, details), False)
+    if outcome == OUTCOME_LOCAL:
+        detector.stream_failed(i, outcome)
+
+
+class PooledStreamMultiCallable:
+    """A streaming multicallable over replicas: each new stream goes to a picked replica.
+
+    A stream lives long, so its pick is released at once; when it later ends because the
+    connection to its replica broke (the replica died or is unreachable), that counts against
+    the replica like a failed attempt, so reconnecting streams stop picking a dead replica
+    after a few failures instead of alternating with it until keepalive notices.
+    """
+
+    __slots__ = ("detector", "raws")
+
+    def __init__(self, raws: Sequence[Any], detector: OutlierDetector) -> None:
+        self.raws = raws
+        self.detector = detector
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        """Start a stream (grpc's arguments) on the replica the detector picks."""
+        detector = self.detector
+        i = detector.pick()
+        detector.release(i)
+        call = self.raws[i](*args, **kw)
+        add_done = getattr(call, "add_done_callback", None)
+        if add_done is not None:
+            tasks: set[asyncio.Task[None]] = _STREAM_REPORTS
+
+            def on_done(done_call: Any) -> None:
+                task = asyncio.ensure_future(_report_stream_end(detector, i, done_call))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+            with contextlib.suppress(Exception):
+                add_done(on_done)
+        return call
+
+
+# Strong references to the status checks of ended streams until they finish.
+_STREAM_REPORTS: set[asyncio.Task[None]] = set()
