@@ -167,8 +167,9 @@ def aio_channel(
     over the healthy ones, retries on another replica, hung or failing replicas ejected);
     otherwise grpc's round robin balances them. ``token`` adds ``authorization: Bearer
     <token>`` to every call. ``runtime`` shares budgets/breakers (and injects clock, random
-    source, instrumentation). Extra
-    ``interceptors`` run inside ours (once per attempt). Call ``await channel.close()``.
+    source, instrumentation). Extra ``interceptors`` run inside ours (once per attempt).
+    A bad target, policy, runtime, token or option raises ``ValueError`` here, not at call
+    time. Call ``await channel.close()``.
     """
     resolved = resolve_targets(targets)
     core = ClientCore(policy, runtime, resolved.name, token)
