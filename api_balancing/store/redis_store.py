@@ -325,8 +325,12 @@ class RedisNodeStore:
 
     def _announce_delete(self, node_id: str, version: int) -> Announce:
         # origin first: readers skip their own entries by it before decoding anything else
-        fields = {"origin": self.settings.replica_id, "op": "del", "id": node_id}
-        fields["ver"] = str(version)
+        fields = {
+            "origin": self.settings.replica_id,
+            "op": "del",
+            "id": node_id,
+            "ver": str(version),
+        }
         return Announce(
             stream=self.keys.changelog,
             maxlen=self.settings.changelog_maxlen,
