@@ -205,11 +205,8 @@ class AioStreamUnaryInterceptor(InterceptorBase, grpc.aio.StreamUnaryClientInter
         client_call_details: grpc.aio.ClientCallDetails,
         request_iterator: Any,
     ) -> Any:
-        state = self.core.fail_fast(client_call_details.method)
-        timeout = client_call_details.timeout
-        details = _details(
-            client_call_details, state.timeout if timeout is None else timeout, self.core.auth
-        )
+        timeout = self.core.client_streaming_timeout(client_call_details)
+        details = _details(client_call_details, timeout, self.core.auth)
         return await continuation(details, request_iterator)
 
 

@@ -95,6 +95,13 @@ class ClientCore(ClientSettings):
                 raise
         return state
 
+    def client_streaming_timeout(self, details: Any) -> float:
+        """For a client-streaming call: ``fail_fast``, then its deadline, the call's own
+        timeout or else the policy's (an upload is bounded, unlike a subscription)."""
+        state = self.fail_fast(details.method)
+        timeout: float = state.timeout if details.timeout is None else details.timeout
+        return timeout
+
 
 class StreamCall:
     """One streaming call whose setup the policy retries: its method state and its deadline.

@@ -195,11 +195,8 @@ class SyncStreamUnaryInterceptor(InterceptorBase, grpc.StreamUnaryClientIntercep
         client_call_details: Any,
         request_iterator: Any,
     ) -> Any:
-        state = self.core.fail_fast(client_call_details.method)
-        timeout = client_call_details.timeout
-        details = _details(
-            client_call_details, state.timeout if timeout is None else timeout, self.core.auth
-        )
+        timeout = self.core.client_streaming_timeout(client_call_details)
+        details = _details(client_call_details, timeout, self.core.auth)
         return continuation(details, request_iterator)
 
 
