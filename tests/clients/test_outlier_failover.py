@@ -93,6 +93,23 @@ async def steady_calls(
     return await asyncio.gather(*tasks, return_exceptions=True)
 
 
+async def calls_while_paused(
+    stub: pb_grpc.TestServiceStub,
+    paused: CommandProcess,
+    label: str,
+    count: int,
+    interval: float,
+    timeout: float,
+) -> list[str | BaseException]:
+    """``steady_calls`` while ``paused`` is stopped (SIGSTOP), once both replicas answered."""
+    await both_in_rotation(stub)
+    paused.pause()
+    try:
+        return await steady_calls(stub, label, count, interval, timeout)
+    finally:
+        paused.resume()
+
+
 async def test_a_paused_replica_is_ejected_and_no_call_fails(replica_pair) -> None:
     a = replica_pair[0]  # the replica that hangs
     channel, recorder = recorded_channel(replica_pair, policy(), *default_instrumentation())
@@ -143,15 +160,11 @@ async def test_calls_in_flight_on_a_replica_that_hangs_are_all_retried_elsewhere
     # 400 calls/s with a 0.2 s attempt timeout: about 40 attempts are in flight on the replica
     # when it hangs, far more than the retry budget's 5 spare tokens. They fail together, their
     # replica is ejected, and each is retried on the live replica.
-    a = replica_pair[0]  # the replica that hangs
     channel, recorder = recorded_channel(replica_pair, policy(30.0))
     stub = pb_grpc.TestServiceStub(channel)
-    try:
-        await both_in_rotation(stub)
-        a.pause()
-        results = await steady_calls(stub, "burst", 300, interval=0.0025, timeout=2.0)
-    finally:
-        a.resume()
+    results = await calls_while_paused(
+        stub, replica_pair[0], "burst", 300, interval=0.0025, timeout=2.0
+    )
     assert [r for r in results if isinstance(r, BaseException)] == []
     timed_out = [e for e in recorder.retries if e.reason.startswith("per-attempt timeout")]
     assert len(timed_out) > 6  # more than the budget alone would have allowed to retry
@@ -209,19 +222,15 @@ async def test_without_attempt_timeouts_a_paused_replica_costs_only_the_first_fe
     # A caller that sets no per-attempt timeout (only the overall deadline): the calls already
     # sent to the paused replica fail at their deadline, but two such timeouts eject it and
     # every later call goes to the live replica (before: every other call until keepalive).
-    a = replica_pair[0]  # the replica that hangs
     retry = RetryPolicy(base_backoff=0.01, idempotent_methods=(TESTSVC,))
     channel, recorder = recorded_channel(
         replica_pair,
         Policy(timeout=0.5, retry=retry, outlier=OutlierPolicy(base_ejection_time=30.0)),
     )
     stub = pb_grpc.TestServiceStub(channel)
-    try:
-        await both_in_rotation(stub)
-        a.pause()
-        results = await steady_calls(stub, "nocap", 100, interval=0.02, timeout=0.5)
-    finally:
-        a.resume()
+    results = await calls_while_paused(
+        stub, replica_pair[0], "nocap", 100, interval=0.02, timeout=0.5
+    )
     failures = [r for r in results if isinstance(r, BaseException)]
     assert all(
         isinstance(f, grpc.aio.AioRpcError) and f.code() == grpc.StatusCode.DEADLINE_EXCEEDED
