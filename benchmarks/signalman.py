@@ -7,7 +7,7 @@ Real servers (tansu, redis-server, PostgreSQL) and real replica processes, in on
    the same preloaded backlog (``events_per_s_1_replica``, ``events_per_s_2_replicas``,
    ``scale_ratio``; on a 2-core machine the broker, Redis and both replicas share the cores);
 3. produce (KafkaSink) -> subscriber receive latency at the target rate through the two replicas
-   (``e2e_p99_ms``), after a warm-up second at the same rate (both here and in the raw baseline;
+   (``e2e_p99_ms``), after a half-second warm-up at the same rate (here and in the raw baseline;
    the producer is connected before it emits, like a running Foghorn), with the replicas' own
    event-age histograms per stage and their CPU per event;
 4. kill -9 of one replica while events flow: ``takeover_s`` (kill until the survivor owns every
@@ -68,7 +68,13 @@ class Stack:
             server.start()
 
     def replica(
-        self, name: str, group: str, topic: str, prefix: str, log_level: str = "WARNING"
+        self,
+        name: str,
+        group: str,
+        topic: str,
+        prefix: str,
+        log_level: str = "WARNING",
+        wait: bool = True,
     ) -> Any:
         from pkg.devstack.servers import CommandProcess, free_port
 
@@ -97,7 +103,7 @@ class Stack:
             env=env,
         )
         self.procs.append(proc)
-        proc.start()
+        proc.start(wait=wait)
         proc.http_port = http_port  # type: ignore[attr-defined]
         return proc
 
@@ -397,8 +403,13 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         rate1 = await catch_up_rate(stack.redis.url, "sm-solo", args.backlog)
         one.stop(timeout=5)
         # INFO: the survivor's rebalance lines (a handful) give the takeover breakdown.
-        a = stack.replica("a", "g-pair", backlog_topic, "sm-pair", log_level="INFO")
-        b = stack.replica("b", "g-pair", backlog_topic, "sm-pair", log_level="INFO")
+        # Both start at once, so they join the group in one generation: a second member
+        # joining later triggers a rebalance (~3 s on tansu) that would be measured as
+        # throughput (the backlog takes about a second to catch up).
+        a = stack.replica("a", "g-pair", backlog_topic, "sm-pair", log_level="INFO", wait=False)
+        b = stack.replica("b", "g-pair", backlog_topic, "sm-pair", log_level="INFO", wait=False)
+        a.wait_ready()
+        b.wait_ready()
         rate2 = await catch_up_rate(stack.redis.url, "sm-pair", args.backlog)
         result["events_per_s_1_replica"] = round(rate1)
         result["events_per_s_2_replicas"] = round(rate2)
@@ -574,7 +585,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="./dev bench signalman")
     parser.add_argument("--rate", type=int, default=2_000, help="events/s for latency phases")
     parser.add_argument("--seconds", type=float, default=3.0)
-    parser.add_argument("--warmup", type=float, default=1.0,
+    parser.add_argument("--warmup", type=float, default=0.5,
                         help="seconds at the rate before latencies are measured")  # fmt: skip
     parser.add_argument("--backlog", type=int, default=12_000)
     parser.add_argument("--kill-rate", type=int, default=400)
