@@ -302,3 +302,29 @@ async def test_hedges_cost_budget_tokens_and_stop_when_it_is_drained() -> None:
     with instant_backoff():
         assert await call_async(state, None, slow_first, classify) == "attempt 1"
     assert started == 1 and rec.budget >= 1
+
+
+def test_client_streaming_calls_get_a_deadline_and_fail_fast_on_an_open_breaker() -> None:
+    # Client streams cannot be replayed, so they are never retried: they get the call's own
+    # deadline (else the policy's) and are kept off a callee whose breaker is open.
+    class Details:
+        method = "/svc.v1.S/Upload"
+        timeout: float | None = None
+
+    clock = FakeClock()
+    rejected: list[str] = []
+
+    class Rejections(Instrumentation):
+        def on_breaker_rejected(self, name: str, retry_after: float) -> None:
+            rejected.append(name)
+
+    runtime = Runtime(clock=clock, instrumentation=[Rejections()])
+    core = ClientCore(Policy(timeout=4.0), runtime, "svc:1", None)
+    details = Details()
+    assert core.client_streaming_timeout(details) == 4.0
+    details.timeout = 1.5
+    assert core.client_streaming_timeout(details) == 1.5
+    runtime.breakers["svc:1"].force(STATE_OPEN, open_for=10.0)
+    with pytest.raises(BreakerOpenError):
+        core.client_streaming_timeout(details)
+    assert rejected == ["svc:1"]
