@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
-
 from pkg.clients.breaker import BreakerOpenError
 from pkg.clients.classify import classify_grpc
 from pkg.clients.engine import Classifier
@@ -152,24 +150,3 @@ def _classifier(state: MethodState) -> Classifier:
         )
 
     return classify
-
-
-def status_error(code: grpc.StatusCode, details: str) -> grpc.RpcError:
-    """A plain RpcError carrying a status (for failures raised by pkg.clients itself)."""
-    return _StatusError(code, details)
-
-
-class _StatusError(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self._code = code
-        self._details = details
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> Any:
-        return ()

@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import grpc
 import pytest
 
 from pkg.clients import BreakerPolicy, Policy, RetryPolicy, aio_channel, sync_channel
@@ -118,3 +119,24 @@ def failing(key: str, times: int, code: int = UNAVAILABLE, **behavior: object) -
 
 async def attempts(stats_stub: pb_grpc.TestServiceStub, key: str) -> pb.StatsReply:
     return await stats_stub.GetStats(pb.StatsRequest(key=key), timeout=5)
+
+
+def status_error(code: grpc.StatusCode, details: str) -> grpc.RpcError:
+    """An RpcError carrying ``code`` and ``details``, as a scripted attempt raises it."""
+    return _StatusError(code, details)
+
+
+class _StatusError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code = code
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()

@@ -14,8 +14,8 @@ from pkg.clients.breaker import (
     STATE_OPEN,
 )
 from pkg.clients.classify import classify_grpc, parse_retry_after
-from pkg.clients.grpc_core import status_error
 from pkg.clients.policy import DEFAULT_BREAKER_FAILURE_CODES
+from tests.clients.conftest import status_error
 
 
 def verdict(code: grpc.StatusCode, details: str = "boom", **kw: object):  # type: ignore[no-untyped-def]

@@ -27,8 +27,9 @@ from pkg.clients.breaker import (
 )
 from pkg.clients.deadline import deadline_scope
 from pkg.clients.engine import call_async, call_sync
-from pkg.clients.grpc_core import ClientCore, status_error
+from pkg.clients.grpc_core import ClientCore
 from pkg.common.clock import FakeClock
+from tests.clients.conftest import status_error
 
 
 class Recorder(Instrumentation):

@@ -8,7 +8,6 @@ import pytest
 from pkg.clients import OutlierDetector, OutlierEvent, OutlierPolicy, Policy, RetryPolicy, Runtime
 from pkg.clients.classify import outlier_outcome
 from pkg.clients.foghorn import default_policy as foghorn_policy
-from pkg.clients.grpc_core import status_error
 from pkg.clients.outlier import (
     EJECTED,
     HEALTHY,
@@ -19,6 +18,7 @@ from pkg.clients.outlier import (
 )
 from pkg.clients.targets import resolve_targets
 from pkg.common.clock import FakeClock
+from tests.clients.conftest import status_error
 
 ADDRESSES = ["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3", "127.0.0.1:4"]
 
