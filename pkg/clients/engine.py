@@ -38,10 +38,6 @@ T = TypeVar("T")
 Classifier = Callable[[BaseException, bool, float], Verdict]
 
 
-class DeadlineSpent(Exception):
-    """Internal: no time left to start another attempt."""
-
-
 # A timeout handed to a transport is never <= 0 (grpc would reject it): an already spent
 # deadline still makes one attempt that fails with DEADLINE_EXCEEDED at once.
 _MIN_TIMEOUT = 0.001
