@@ -34,11 +34,9 @@ end
 )
 
 # One fenced write. KEYS: hash, owner record, stream, stream counter (any keys when maxlen is 0).
-# ARGV: fence, ttl_ms, maxlen (0: no announce), exact_trim (0/1), include_written (0/1),
-#   touch value ('' : none), touch ttl_ms, npairs, pairs..., entry fields...
-# "touch": after the write, extend the owner record's TTL if it is exactly the writer's (the
-# ownership refresh rides along with every write). The entry lists its fields before the fence
-# (an announce puts ``origin`` first, so readers skip their own entries before decoding them).
+# ARGV: fence, ttl_ms, maxlen (0: no announce), exact_trim (0/1), npairs, pairs..., entry fields...
+# The entry lists its fields before the fence (an announce puts ``origin`` first, so readers
+# skip their own entries before decoding them).
 _WRITE = (
     _LUA_HELPERS
     + """
@@ -51,9 +49,9 @@ local stored = tonumber(redis.call('HGET', KEYS[1], '_fence'))
 if stored and stored > fence then
   return {0, 'state', stored}
 end
-local last_pair = 8 + 2 * tonumber(ARGV[8])
+local last_pair = 5 + 2 * tonumber(ARGV[5])
 local hset = {KEYS[1], '_fence', ARGV[1]}
-for i = 9, last_pair do hset[#hset + 1] = ARGV[i] end
+for i = 6, last_pair do hset[#hset + 1] = ARGV[i] end
 redis.call('HSET', unpack(hset))
 local ttl = tonumber(ARGV[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
@@ -64,13 +62,7 @@ if maxlen > 0 then
   for i = last_pair + 1, #ARGV do fields[#fields + 1] = ARGV[i] end
   fields[#fields + 1] = 'fence'
   fields[#fields + 1] = ARGV[1]
-  if ARGV[5] == '1' then
-    for i = 9, last_pair do fields[#fields + 1] = ARGV[i] end
-  end
   id = changelog_append(KEYS[3], KEYS[4], maxlen, ARGV[4] == '1', fields)
-end
-if ARGV[6] ~= '' and redis.call('GET', KEYS[2]) == ARGV[6] then
-  redis.call('PEXPIRE', KEYS[2], ARGV[7])
 end
 return {1, id, 0}
 """
@@ -202,7 +194,6 @@ class Announce:
     maxlen: int
     fields: Mapping[str, str]
     exact_trim: bool = False
-    include_written: bool = False  # the entry also carries the hash fields written (sent once)
 
 
 class PutBatch:
@@ -334,21 +325,16 @@ class FencedHash:
         *,
         ttl_ms: int = 0,
         announce: Announce | None = None,
-        touch: tuple[str, int] | None = None,
     ) -> WriteResult:
         """Set ``fields`` on ``key`` if ``fence`` is not below the owner's or the stored fence.
 
         Raises ``FencedWriteRejected`` when Redis saw a newer fence; the write had no effect.
-        ``touch=(record, ttl_ms)`` extends the owner record's TTL if it is exactly ``record``.
         """
         args: list[Any] = [
             str(fence),
             str(ttl_ms),
             str(announce.maxlen if announce else 0),
             "1" if announce and announce.exact_trim else "0",
-            "1" if announce and announce.include_written else "0",
-            touch[0] if touch else "",
-            str(touch[1]) if touch else "0",
             str(len(fields)),
             *_flatten(fields),
             *(_flatten(announce.fields) if announce else []),

@@ -207,28 +207,3 @@ async def test_a_put_extends_the_writers_owner_record_only_if_it_is_still_theirs
 async def test_an_empty_put_batch_sends_nothing(redis: aioredis.Redis, prefix: str) -> None:
     assert await FencedHash(redis).put_batch(_batch(prefix)) == BatchOutcome({})
     assert await redis.exists(f"{prefix}:log") == 0
-
-
-async def test_announce_can_carry_the_written_fields_without_sending_them_twice(
-    redis: aioredis.Redis, prefix: str
-) -> None:
-    store = FencedHash(redis)
-    stream = f"{prefix}:log"
-    announce = Announce(stream=stream, maxlen=10, fields={"op": "put"}, include_written=True)
-    await store.write(f"{prefix}:n", f"{prefix}:o", 2, {"rec": "{...}"}, announce=announce)
-    (_, fields), *_ = await redis.xrange(stream)
-    assert fields == {"n": "1", "fence": "2", "op": "put", "rec": "{...}"}
-
-
-async def test_a_write_extends_the_writers_owner_record_only_if_it_is_still_theirs(
-    redis: aioredis.Redis, prefix: str
-) -> None:
-    store = FencedHash(redis)
-    owner = f"{prefix}:owner"
-    await redis.set(owner, "a|x:1|3", px=1_000)
-    await store.write(f"{prefix}:n", owner, 3, {"v": "1"}, touch=("a|x:1|3", 60_000))
-    assert await redis.pttl(owner) > 10_000
-    await redis.set(owner, "b|x:2|4", px=1_000)  # b took over
-    with pytest.raises(FencedWriteRejected):
-        await store.write(f"{prefix}:n", owner, 3, {"v": "2"}, touch=("a|x:1|3", 60_000))
-    assert await redis.pttl(owner) <= 1_000
