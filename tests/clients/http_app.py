@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import defaultdict
 
 import uvicorn
@@ -65,8 +66,6 @@ class ServerThread:
 
     def start(self) -> None:
         self.thread.start()
-        import time
-
         deadline = time.monotonic() + 10
         while not self.server.started:
             if time.monotonic() > deadline:

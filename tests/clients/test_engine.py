@@ -13,6 +13,7 @@ from pkg.clients import (
     BreakerOpenError,
     BreakerPolicy,
     BudgetPolicy,
+    HedgePolicy,
     Instrumentation,
     Policy,
     RetryEvent,
@@ -25,9 +26,10 @@ from pkg.clients.breaker import (
     STATE_OPEN,
     TICKET_PROBE,
 )
-from pkg.clients.deadline import deadline_scope
+from pkg.clients.deadline import current_deadline, deadline_from_grpc, deadline_scope
 from pkg.clients.engine import call_async, call_sync
 from pkg.clients.grpc_core import ClientCore
+from pkg.clients.telemetry import StructlogInstrumentation
 from pkg.common.clock import FakeClock
 from tests.clients.conftest import status_error
 
@@ -204,8 +206,6 @@ def test_sync_engine_retries_and_never_retries_domain_errors() -> None:
             return "ok"
 
         state2, classify2, _ = engine(Policy(), clock, "/svc.v1.S/GetY")
-        from pkg.clients.telemetry import StructlogInstrumentation
-
         state2.runtime.hooks = (StructlogInstrumentation(),)
         assert call_sync(state2, None, flaky, classify2) == "ok"
     assert [entry["event"] for entry in logs] == ["retry", "retry"]
@@ -246,8 +246,6 @@ def test_channels_sharing_a_runtime_keep_their_own_policy_but_share_budget_and_b
 
 
 def test_deadline_of_an_incoming_call_is_propagated() -> None:
-    from pkg.clients.deadline import current_deadline, deadline_from_grpc
-
     clock = FakeClock()
 
     class Context:
@@ -278,8 +276,6 @@ async def test_breaker_opening_mid_call_ends_retries_with_the_real_error() -> No
 
 
 async def test_hedges_cost_budget_tokens_and_stop_when_it_is_drained() -> None:
-    from pkg.clients import HedgePolicy
-
     clock = FakeClock()
     policy = Policy(hedge=HedgePolicy(enabled=True, delay=0.0, max_attempts=3))
     state, classify, rec = engine(policy, clock)

@@ -21,6 +21,8 @@ from pkg.clients import (
     aio_channel,
 )
 from pkg.clients.breaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN
+from pkg.clients.grpc_aio_interceptors import aio_interceptors
+from pkg.clients.grpc_core import ClientCore
 from pkg.common.clock import FakeClock
 from pkg.common.grpcserver import ServiceBinding, build_server
 from pkg.devstack.servers import free_port
@@ -112,7 +114,6 @@ async def test_transport_failure_is_retried_even_for_non_idempotent_calls() -> N
 async def test_transport_failure_to_a_dead_port_is_retried_then_reported() -> None:
     port = free_port()
     events = []
-    from pkg.clients import Instrumentation
 
     class Rec(Instrumentation):
         def on_retry_decision(self, event):  # type: ignore[no-untyped-def]
@@ -456,9 +457,6 @@ async def test_cancel_stops_the_attempts_in_flight(target, stats_stub, key, hedg
 async def test_the_unary_interceptor_also_works_on_a_plain_grpc_channel(target, key) -> None:
     # aio_channel runs unary calls without grpc's interceptor task (it is faster); the
     # interceptor class gives the same policy to a channel built by grpc itself.
-    from pkg.clients.grpc_aio_interceptors import aio_interceptors
-    from pkg.clients.grpc_core import ClientCore
-
     core = ClientCore(fast_policy(), Runtime(), target, "tok")
     channel = grpc.aio.insecure_channel(target, interceptors=aio_interceptors(core))
     reply = await pb_grpc.TestServiceStub(channel).Unary(failing(key, 2), timeout=5)

@@ -11,6 +11,7 @@ import pytest
 from pkg.clients import BreakerOpenError, BreakerPolicy, RetryPolicy, Runtime, sync_channel
 from pkg.clients.breaker import STATE_CLOSED, STATE_OPEN
 from pkg.common.clock import FakeClock
+from pkg.devstack.servers import free_port
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
 from tests.clients.conftest import (
@@ -49,8 +50,6 @@ def test_domain_errors_and_cancelled_are_not_retried(sync_stub, key, code) -> No
 
 
 def test_transport_failure_is_retried_then_reported() -> None:
-    from pkg.devstack.servers import free_port
-
     channel = sync_channel(f"127.0.0.1:{free_port()}", fast_policy())
     start = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:

@@ -6,6 +6,7 @@ import time
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from pkg.clients import BreakerOpenError, BreakerPolicy, Policy, RetryPolicy, Runtime
@@ -82,8 +83,6 @@ async def test_retry_after_beyond_the_deadline_gives_up_at_once(base_url, key) -
 
 
 async def test_connection_refused_is_retried_even_for_post_then_raised() -> None:
-    import httpx
-
     async with AsyncHttpClient(f"http://127.0.0.1:{free_port()}", POLICY) as client:
         with pytest.raises(httpx.ConnectError):
             await client.post("/x", timeout=2)
@@ -118,8 +117,6 @@ def test_sync_client_per_attempt_timeout_is_retried(base_url, key) -> None:
     )
     with HttpClient(base_url, policy) as client:
         # Every attempt is slow; each is cut at 0.3 s and retried, the total stays in 1.2 s.
-        import httpx
-
         start = time.monotonic()
         with pytest.raises(httpx.TimeoutException):
             client.get(f"/flaky/{key}", params={"delay": 1.0}, timeout=1.2)
@@ -135,8 +132,6 @@ async def test_httpx_send_options_apply_to_every_attempt(base_url, key) -> None:
 
 
 def test_a_timeout_that_is_not_seconds_is_refused_before_sending(base_url, key) -> None:
-    import httpx
-
     refused = pytest.raises(ValueError, match="timeout must be a number of seconds")
     with HttpClient(base_url, POLICY) as client, refused:
         client.get(f"/flaky/{key}", timeout=httpx.Timeout(5.0))

@@ -20,7 +20,7 @@ from pkg.clients.breaker import (
     CircuitBreaker,
 )
 from pkg.clients.shared_breaker import SharedBreakerStore
-from pkg.devstack.servers import RedisServer
+from pkg.devstack.servers import RedisServer, free_port
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
 from tests.clients.shared_breaker_peer import POLICY
@@ -144,8 +144,6 @@ def test_only_one_process_gets_the_half_open_probe(two_stores) -> None:
 
 
 def test_redis_down_falls_back_to_the_local_breaker() -> None:
-    from pkg.devstack.servers import free_port
-
     store = SharedBreakerStore(f"redis://127.0.0.1:{free_port()}/0", sync_interval=0.05)
     runtime = Runtime(shared_breakers=store)
     policy = Policy(retry=RetryPolicy(max_attempts=1), breaker=BreakerPolicy(min_calls=2))
