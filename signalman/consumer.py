@@ -142,7 +142,10 @@ class GroupMember:
                 log.warning("revoke_commit_failed", error=repr(exc)[:200])
             self.assignment.difference_update(revoked)
             for tp in revoked:
-                if self.owned.pop(tp, None) is not None and self.locks is not None:
+                self.owned.pop(tp, None)
+                if self.locks is not None:
+                    # Also what was locked but never owned (its history claim failed): a lock
+                    # kept would make the next owner evict this whole connection.
                     await self.locks.release_partition(tp.topic, tp.partition)
         if revoked:
             log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
@@ -225,7 +228,7 @@ class GroupMember:
 
     async def _keep_ownership(self) -> None:
         """Runs beside ``_consume``: keeps the lock connection up and every assigned partition
-        locked, or stops processing what is not; restarts the member when a join is stuck."""
+        locked, or stops processing what is not; reports a join that does not complete."""
         backoff = Backoff(base=0.2, cap=2.0, clock=self.clock)
         while not self._restart.is_set():
             try:

@@ -216,7 +216,11 @@ class PartitionLocks:
             self.evictions += 1
 
     async def release_partition(self, topic: str, partition: int) -> None:
-        await self.unlock(lock_key(f"signalman:{topic}", partition))
+        """Unlock (topic, partition) if this connection holds it (a no-op otherwise)."""
+        key = lock_key(f"signalman:{topic}", partition)
+        if key not in self._held:
+            return
+        await self.unlock(key)
         log.info("partition_released", topic=topic, partition=partition)
 
     async def try_singleton(self, name: str) -> bool:

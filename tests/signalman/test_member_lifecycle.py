@@ -34,6 +34,7 @@ class FakeLocks:
         self._connected = True
         self.busy: set[int] = set()  # partitions someone else holds
         self.fences: dict[int, int] = {}
+        self.held: set[int] = set()
         self.connects = 0
 
     @property
@@ -59,10 +60,11 @@ class FakeLocks:
         if partition in self.busy:
             raise LockBusy(f"{topic}/{partition} still locked after {timeout_s} s")
         self.fences[partition] = self.fences.get(partition, 0) + 1
+        self.held.add(partition)
         return self.fences[partition]
 
     async def release_partition(self, topic: str, partition: int) -> None:
-        return None
+        self.held.discard(partition)
 
     async def close(self) -> None:
         self._connected = False
@@ -83,9 +85,22 @@ class FakeConsumer:
         self.paused.discard(tp)
 
 
+class ClaimFails(MemoryHistory):
+    """A history whose claim fails for some partitions (Redis unreachable for them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failing: set[int] = set()
+
+    async def claim(self, topic: str, partition: int, fence: int) -> int:
+        if partition in self.failing:
+            raise ConnectionError("history unreachable")
+        return await super().claim(topic, partition, fence)
+
+
 def member_with(locks: FakeLocks, clock: FakeClock, **cfg: Any) -> GroupMember:
     config = SignalmanConfig(kafka_bootstrap="unused:9092", topic=TOPIC, **cfg)
-    history = MemoryHistory()
+    history = ClaimFails()
     processor = Processor(history, dead_letter=_no_dead_letters, clock=clock)
     member = GroupMember(config, processor, history, locks, clock=clock)  # type: ignore[arg-type]
     member.consumer = FakeConsumer({TP0, TP1})
@@ -201,3 +216,13 @@ async def test_a_slow_join_is_reported_but_does_not_restart_the_member() -> None
     await step(member, backoff, clock, 0.1)
     assert member._join_reported_at > 0  # logged (group_join_stalled)
     assert not member._restart.is_set()  # a new member would not clear a stuck broker
+
+
+async def test_a_partition_locked_but_not_claimed_is_released_on_revocation() -> None:
+    clock, locks = FakeClock(), FakeLocks()
+    member = member_with(locks, clock)
+    member.history.failing = {1}  # type: ignore[attr-defined]
+    await member.assigned([TP0, TP1])
+    assert fences(member) == {0: 1} and locks.held == {0, 1}  # 1 locked, not owned
+    await member.revoked([TP0, TP1])
+    assert locks.held == set()  # nothing stays locked for the next owner to evict
