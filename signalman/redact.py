@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Any
@@ -25,6 +26,17 @@ def _mask_ip(value: str) -> str:
     return str(net)
 
 
+@functools.lru_cache(maxsize=4096)
+def _key_kind(key: str) -> int:
+    """0: keep, 1: secret, 2: address. Events of one type repeat the same keys, so two regex
+    searches per key and event (10% of a replica's CPU at 2,000 events/s) become a lookup."""
+    if _SECRET_KEY.search(key):
+        return 1
+    if _IP_KEY.search(key):
+        return 2
+    return 0
+
+
 def redact(data: Any, depth: int = 0) -> Any:
     """A copy of ``data`` with secret-looking keys replaced and IP addresses truncated."""
     if depth > MAX_DEPTH:
@@ -33,12 +45,15 @@ def redact(data: Any, depth: int = 0) -> Any:
         out: dict[str, Any] = {}
         for key, value in data.items():
             k = str(key)
-            if _SECRET_KEY.search(k):
+            kind = _key_kind(k) if len(k) <= 64 else _key_kind.__wrapped__(k)
+            if kind == 1:
                 out[k] = REDACTED
-            elif _IP_KEY.search(k) and isinstance(value, str):
+            elif kind == 2 and isinstance(value, str):
                 out[k] = _mask_ip(value)
-            else:
+            elif isinstance(value, dict | list) or depth >= MAX_DEPTH:
                 out[k] = redact(value, depth + 1)
+            else:
+                out[k] = value
         return out
     if isinstance(data, list):
         return [redact(item, depth + 1) for item in data]

@@ -103,8 +103,9 @@ class History(Protocol):
     async def close(self) -> None: ...
 
 
-# One encoder for every dump: json.dumps with options builds a new encoder on each call.
-_encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
+# One encoder for every dump (json.dumps with options builds a new encoder on each call). Event
+# data comes from json.loads, so it has no cycles to check for.
+_encode = json.JSONEncoder(default=str, separators=(",", ":"), check_circular=False).encode
 
 
 def dump_event(event: Event) -> str:

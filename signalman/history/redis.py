@@ -100,6 +100,9 @@ return cur
 """
 
 
+_encode_payload = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+
+
 class RedisHistory:
     """``History`` on Redis Streams. Blocking reads use their own pooled connections."""
 
@@ -147,7 +150,7 @@ class RedisHistory:
             fence,
             f"{self._epoch_prefix}{time.time_ns() & 0xFFFFFFFFFFF:011x}",
             self.max_len,
-            json.dumps(payload, separators=(",", ":")),
+            _encode_payload(payload),
         ]
         return keys, args
 
