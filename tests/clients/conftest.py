@@ -88,6 +88,15 @@ def fast_policy(**overrides: object) -> Policy:
     return Policy(retry=retry, breaker=breaker, **overrides)  # type: ignore[arg-type]
 
 
+def retry_until_the_deadline_policy() -> Policy:
+    """Up to 10 attempts with short backoff: only the overall deadline can end the retries."""
+    return fast_policy(
+        retry=RetryPolicy(
+            max_attempts=10, base_backoff=0.05, max_backoff=0.1, idempotent_methods=(TESTSVC,)
+        )
+    )
+
+
 @pytest.fixture
 async def aio_stub(target: str) -> AsyncIterator[pb_grpc.TestServiceStub]:
     channel = aio_channel(target, fast_policy())

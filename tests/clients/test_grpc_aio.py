@@ -38,6 +38,7 @@ from tests.clients.conftest import (
     attempts,
     failing,
     fast_policy,
+    retry_until_the_deadline_policy,
 )
 from tests.waiting import eventually
 
@@ -139,11 +140,7 @@ async def test_transport_failure_to_a_dead_port_is_retried_then_reported() -> No
 async def test_deadline_is_never_exceeded_by_retries_and_reaches_the_server(
     target, stats_stub, key
 ) -> None:
-    policy = fast_policy(
-        retry=RetryPolicy(
-            max_attempts=10, base_backoff=0.05, max_backoff=0.1, idempotent_methods=(TESTSVC,)
-        )
-    )
+    policy = retry_until_the_deadline_policy()
     channel = aio_channel(target, policy)
     stub = pb_grpc.TestServiceStub(channel)
     start = time.monotonic()

@@ -18,10 +18,10 @@ from tests.clients.conftest import (
     CANCELLED,
     INVALID_ARGUMENT,
     NOT_FOUND,
-    TESTSVC,
     UNAVAILABLE,
     failing,
     fast_policy,
+    retry_until_the_deadline_policy,
 )
 
 pytestmark = pytest.mark.integration
@@ -60,11 +60,7 @@ def test_transport_failure_is_retried_then_reported() -> None:
 
 
 def test_deadline_is_never_exceeded_and_reaches_the_server(target, key) -> None:
-    policy = fast_policy(
-        retry=RetryPolicy(
-            max_attempts=10, base_backoff=0.05, max_backoff=0.1, idempotent_methods=(TESTSVC,)
-        )
-    )
+    policy = retry_until_the_deadline_policy()
     channel = sync_channel(target, policy)
     stub = pb_grpc.TestServiceStub(channel)
     start = time.monotonic()
