@@ -263,6 +263,7 @@ class SharedBreakerStore:
         self.client: redis.Redis = client or redis.Redis.from_url(
             url or "", socket_timeout=1.0, socket_connect_timeout=1.0
         )
+        self._owns_client = client is None  # a client the caller passed in is the caller's
         self.namespace = namespace
         self.sync_interval = sync_interval
         # A granted probe slot that this process does not use within this time is given to
@@ -330,8 +331,9 @@ class SharedBreakerStore:
                 self._stop.wait(self.sync_interval)
 
     def close(self) -> None:
-        """Stop the sync thread and close the Redis connection."""
+        """Stop the sync thread; close the Redis connection if this store opened it (url=)."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=2)
-        self.client.close()
+        if self._owns_client:
+            self.client.close()

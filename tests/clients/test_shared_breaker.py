@@ -211,3 +211,25 @@ def test_shared_breaker_survives_a_redis_restart(redis_factory) -> None:
             other_store.close()
     finally:
         store.close()
+
+
+def test_close_leaves_a_redis_client_the_caller_passed_in_to_the_caller(redis_server) -> None:
+    import redis
+
+    class Recording(redis.Redis):  # type: ignore[type-arg]
+        closed = False
+
+        def close(self) -> None:
+            self.closed = True
+            super().close()
+
+    theirs = Recording.from_url(redis_server.url)
+    try:
+        SharedBreakerStore(client=theirs, sync_interval=0.05).close()
+        assert not theirs.closed
+    finally:
+        theirs.close()
+    own = SharedBreakerStore(redis_server.url, sync_interval=0.05)
+    own.client.__class__ = Recording  # the store's own client is closed with it
+    own.close()
+    assert own.client.closed  # type: ignore[attr-defined]
