@@ -38,8 +38,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def _mode(value: int) -> str:
-    return pb.NodeMode.Name(value).removeprefix("NODE_MODE_").lower()  # type: ignore[arg-type]
+def _mode(value: pb.NodeMode.ValueType) -> str:
+    return pb.NodeMode.Name(value).removeprefix("NODE_MODE_").lower()
 
 
 def _gbps(bps: int) -> str:
@@ -126,22 +126,22 @@ async def _run(args: argparse.Namespace) -> int:
         elif cmd == "node":
             print(_node_detail(await client.get_node(args.node_id)))
         elif cmd == "set-mode":
-            reply = await client.set_mode(
+            mode_reply = await client.set_mode(
                 args.node_id, args.mode, reason=args.reason, ack_timeout_s=args.ack_timeout
             )
-            c = reply.command
+            c = mode_reply.command
             ack = (
                 f"acked: {c.message}"
                 if c.acked
                 else ("not connected" if not c.delivered else f"no ack: {c.message}")
             )
-            print(f"{args.node_id}: mode {_mode(reply.node.mode)} ({ack})")
+            print(f"{args.node_id}: mode {_mode(mode_reply.node.mode)} ({ack})")
         elif cmd == "explain":
-            reply = await client.explain_route(
+            explained = await client.explain_route(
                 args.content_id, lat=args.lat, lon=args.lon, ip=args.ip, protocol=args.protocol
             )
             rows = []
-            for e in reply.nodes:
+            for e in explained.nodes:
                 p = e.parts
                 rows.append(
                     [
@@ -164,9 +164,9 @@ async def _run(args: argparse.Namespace) -> int:
                         e.reason or "eligible",
                     ]
                 )
-            print(f"weights: {reply.weights}")
-            if reply.HasField("viewer_location"):
-                loc = reply.viewer_location
+            print(f"weights: {explained.weights}")
+            if explained.HasField("viewer_location"):
+                loc = explained.viewer_location
                 print(f"viewer:  {loc.latitude}, {loc.longitude}")
             else:
                 print("viewer:  location unknown (geo ignored)")
@@ -174,7 +174,7 @@ async def _run(args: argparse.Namespace) -> int:
                        "PENDING Mbps", "KM", "REASON"]  # fmt: skip
             print(table(headers, rows))
         elif cmd == "route":
-            reply = await client.route_viewer(
+            routed = await client.route_viewer(
                 args.content_id,
                 lat=args.lat,
                 lon=args.lon,
@@ -182,16 +182,16 @@ async def _run(args: argparse.Namespace) -> int:
                 protocol=args.protocol,
                 max_fallbacks=args.fallbacks,
             )
-            print(_candidates(reply.best, reply.fallbacks))
-            print(f"considered {reply.considered} node(s)")
-            for u in reply.best.urls:
+            print(_candidates(routed.best, routed.fallbacks))
+            print(f"considered {routed.considered} node(s)")
+            for u in routed.best.urls:
                 print(f"{u.protocol:7} {u.url}")
         elif cmd == "ingest":
-            reply = await client.route_ingest(
+            ingest = await client.route_ingest(
                 args.stream_key, lat=args.lat, lon=args.lon, ip=args.ip, protocol=args.protocol
             )
-            print(_candidates(reply.best, reply.fallbacks))
-            print(f"push to {reply.ingest_url}")
+            print(_candidates(ingest.best, ingest.fallbacks))
+            print(f"push to {ingest.ingest_url}")
         elif cmd == "command":
             command = pb.Command()
             if args.action == "stop-sessions":

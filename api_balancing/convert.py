@@ -63,7 +63,7 @@ def node_info(rec: NodeRecord, *, now: float, stale: bool, pending: int) -> pb.N
     )
     info = pb.NodeInfo(
         identity=identity(rec.identity),
-        mode=int(rec.mode),  # type: ignore[arg-type]
+        mode=pb.NodeMode.ValueType(rec.mode),
         last_report_at=rec.last_report_at,
         health=health,
         version=rec.version,
@@ -105,7 +105,7 @@ def explanation(e: Evaluation, rank: int) -> pb.NodeExplanation:
     return pb.NodeExplanation(
         node_id=e.node_id,
         eligible=e.eligible,
-        rejection=int(e.rejection),  # type: ignore[arg-type]
+        rejection=pb.Rejection.ValueType(e.rejection),
         reason=e.reason,
         score=e.score,
         parts=pb.ScoreParts(

@@ -9,7 +9,7 @@ fields, commands) use plain counters.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from opentelemetry import metrics
@@ -27,7 +27,7 @@ def track(fleet: Fleet) -> None:
     _fleets.add(fleet)
 
 
-def _observe(read: str) -> object:
+def _observe(read: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
     def callback(options: CallbackOptions) -> Iterable[Observation]:
         for fleet in list(_fleets):
             replica = fleet.settings.replica_id
@@ -72,21 +72,21 @@ _READERS = {"reports": _reports, "decisions": _decisions, "latency": _latency, "
 
 _meter.create_observable_counter(
     "foghorn_reports", callbacks=[_observe("reports")], description="Load reports by result"
-)  # type: ignore[list-item]
+)
 _meter.create_observable_counter(
     "foghorn_routing_decisions",
-    callbacks=[_observe("decisions")],  # type: ignore[list-item]
+    callbacks=[_observe("decisions")],
     description="Routing decisions by result",
 )
 _meter.create_observable_gauge(
     "foghorn_routing_decision_seconds",
-    callbacks=[_observe("latency")],  # type: ignore[list-item]
+    callbacks=[_observe("latency")],
     unit="s",
     description="Server-side routing decision time over the last 10,000 decisions",
 )
 _meter.create_observable_gauge(
     "foghorn_nodes", callbacks=[_observe("nodes")], description="Known nodes by state"
-)  # type: ignore[list-item]
+)
 
 rejected_fields = _meter.create_counter(
     "foghorn_reports_rejected_by_field", description="Rejected load reports by offending field"

@@ -35,7 +35,7 @@ def build_store(config: FoghornConfig) -> NodeStore:
     if not config.redis_url:
         return MemoryNodeStore()
     try:
-        from api_balancing.ha import build_store as build_ha_store  # type: ignore[import-not-found]
+        from api_balancing.ha import build_store as build_ha_store
     except ImportError as exc:
         raise RuntimeError(
             "FOGHORN_REDIS_URL is set but the HA store (api_balancing.ha) is not available"
@@ -90,8 +90,12 @@ class FoghornServer:
         node_fleet: Any = self.fleet
         if config.redis_url:
             from api_balancing.ha.runtime import HaRuntime
+            from api_balancing.store.redis_store import RedisNodeStore
 
-            self.ha = HaRuntime(config, self.store, self.fleet, self.sessions, clock=clock)  # type: ignore[arg-type]
+            # Fenced ownership and the relay keep their state next to the shared node store.
+            if not isinstance(self.store, RedisNodeStore):
+                raise TypeError("FOGHORN_REDIS_URL is set: HA needs the Redis node store")
+            self.ha = HaRuntime(config, self.store, self.fleet, self.sessions, clock=clock)
             node_fleet = self.ha.owned_fleet
         self.control = NodeControlService(node_fleet, self.sessions, config.report_interval_s)
         self.routing = RoutingService(self.fleet, locator)

@@ -160,7 +160,7 @@ class NodeControlService(pb_grpc.NodeControlServicer):
                 pb.ControlMessage(
                     registered=pb.Registered(
                         node_id=identity.node_id,
-                        mode=int(record.mode),  # type: ignore[arg-type]
+                        mode=pb.NodeMode.ValueType(record.mode),
                         replica_id=self.fleet.settings.replica_id,
                         report_interval_s=self.report_interval_s,
                     )
@@ -282,7 +282,7 @@ def _set_mode_message(mode: NodeMode, reason: str) -> Callable[[str], pb.Control
         return pb.ControlMessage(
             command=pb.Command(
                 request_id=request_id,
-                set_mode=pb.SetModeCommand(mode=int(mode), reason=reason),  # type: ignore[arg-type]
+                set_mode=pb.SetModeCommand(mode=pb.NodeMode.ValueType(mode), reason=reason),
             )
         )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Iterable
 
 from api_balancing import errors
 from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeMode, StreamLoad
@@ -80,10 +81,8 @@ def geo(field: str, point: pb.GeoPoint) -> GeoPoint:
     return GeoPoint(lat, lon)
 
 
-def _names(
-    field: str, values: list[str] | object, allowed: frozenset[str] | None
-) -> frozenset[str]:
-    items = list(values)  # type: ignore[call-overload]
+def _names(field: str, values: Iterable[str], allowed: frozenset[str] | None) -> frozenset[str]:
+    items = list(values)
     if len(items) > MAX_NAMES:
         raise errors.TooLarge(field, f"{len(items)} entries (max {MAX_NAMES})")
     for i, name in enumerate(items):

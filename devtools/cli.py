@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
 
-def _run(cmd: list[str], **kwargs: object) -> int:
+def _run(cmd: list[str]) -> int:
     print("+ " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=ROOT, **kwargs)  # type: ignore[call-overload]
+    return subprocess.call(cmd, cwd=ROOT)
 
 
 def cmd_servers(_: argparse.Namespace) -> int:

@@ -362,8 +362,10 @@ class EventFlow:
 
 
 def _describe(exc: BaseException) -> str:
+    # gRPC errors (sync grpc.Call and grpc.aio.AioRpcError alike) carry code() and details().
     code = getattr(exc, "code", None)
-    if callable(code):
+    details = getattr(exc, "details", None)
+    if callable(code) and callable(details):
         with contextlib.suppress(Exception):
-            return f"{code().name}: {exc.details()}"[:200]  # type: ignore[attr-defined]
+            return f"{code().name}: {details()}"[:200]
     return f"{type(exc).__name__}: {exc}"[:200]

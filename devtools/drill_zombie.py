@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 import grpc.aio
@@ -94,12 +94,14 @@ def report(cpu: float) -> pb.LoadReport:
     )
 
 
-async def poll(predicate: object, wait_s: float, interval: float = 0.2) -> bool:
+async def poll(
+    predicate: Callable[[], Awaitable[bool]], wait_s: float, interval: float = 0.2
+) -> bool:
     """Poll an async predicate until true or ``wait_s`` passed; exceptions count as false."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
-            if await predicate():  # type: ignore[operator]
+            if await predicate():
                 return True
         await asyncio.sleep(interval)
     return False

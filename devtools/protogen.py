@@ -30,7 +30,8 @@ def _packages(proto_dir: Path) -> list[str]:
 
 def generate(out_dir: Path = OUT_DIR, proto_dir: Path = PROTO_DIR) -> list[Path]:
     """(Re)generate every stub into ``out_dir``; returns the files written."""
-    from grpc_tools import protoc
+    # grpcio-tools ships neither type stubs nor a py.typed marker.
+    from grpc_tools import protoc  # type: ignore[import-untyped]
 
     # protoc finds the mypy plugins (protoc-gen-mypy, protoc-gen-mypy_grpc) on PATH.
     bin_dir = str(Path(sys.executable).parent)

@@ -421,20 +421,26 @@ def bridge(stack: Stack, args: argparse.Namespace) -> None:
     )
 
 
+class PortlessProcess(CommandProcess):
+    """A process that serves no port (the edge simulator, the viewer load): it is "ready" as
+    soon as it runs."""
+
+    def is_ready(self) -> bool:
+        return self.running
+
+
 @service_builder
 def edge_fleet(stack: Stack, args: argparse.Namespace) -> None:
     targets = stack.endpoints.get("foghorn grpc", [])
     if not targets or args.nodes <= 0:
         return
-    proc = CommandProcess(
+    proc = PortlessProcess(
         "edge-sim",
         [PY, "-m", "api_balancing.simulator", "--foghorn", ",".join(targets),
          "--nodes", str(args.nodes), "--token", DEV_TOKEN],
         run_dir=stack.run_dir / "edge-sim",
         ready_timeout=60,
     )  # fmt: skip
-    # The simulator serves no port: it is "ready" as soon as it runs.
-    proc.is_ready = lambda: proc.running  # type: ignore[method-assign]
     stack.sup.add(Managed("edge-sim", proc, policy=RestartPolicy()))
 
 
@@ -455,12 +461,11 @@ def viewers(stack: Stack, args: argparse.Namespace) -> None:
     foghorn, bridge = stack.endpoints.get("foghorn grpc", []), stack.endpoints.get("bridge graphql")
     if args.viewers <= 0 or not foghorn or args.nodes <= 0:
         return
-    proc = CommandProcess(
+    proc = PortlessProcess(
         "viewers",
         [PY, "-m", "devtools.viewers", "--foghorn", ",".join(foghorn),
          "--bridge", ",".join(bridge or []), "--rate", str(args.viewers)],
         run_dir=stack.run_dir / "viewers",
         env={"BRIDGE_JWT_HS256_SECRET": BRIDGE_JWT_SECRET},
     )  # fmt: skip
-    proc.is_ready = lambda: proc.running  # type: ignore[method-assign]
     stack.sup.add(Managed("viewers", proc, policy=RestartPolicy()))

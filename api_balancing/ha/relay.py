@@ -202,7 +202,7 @@ class Relay:
         if owner is not None:
             request = relay_pb.RelaySetModeRequest(
                 node_id=node_id,
-                mode=int(mode),  # type: ignore[arg-type]
+                mode=pb.NodeMode.ValueType(mode),
                 reason=reason,
                 from_replica=self.replica_id,
             )

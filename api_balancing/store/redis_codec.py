@@ -32,6 +32,7 @@ def _c_encoder() -> Any:
     builds a new one, and a dict of circular-reference markers, on every call); records are
     plain trees, so no marker dict. None where the C accelerator is missing."""
     try:
+        # A private CPython name that typeshed's json.encoder stub does not declare.
         from json.encoder import c_make_encoder  # type: ignore[attr-defined]
     except ImportError:  # pragma: no cover
         return None

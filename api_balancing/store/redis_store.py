@@ -25,7 +25,9 @@ import structlog
 try:  # redis[hiredis] is a dependency; without it redis-py's packer is used
     import hiredis
 except ImportError:  # pragma: no cover
-    hiredis = None  # type: ignore[assignment]
+    HAVE_HIREDIS = False
+else:
+    HAVE_HIREDIS = True
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -112,7 +114,7 @@ def connect(url: str, op_timeout_s: float, extra_timeout_s: float = 0.0) -> aior
         socket_timeout=op_timeout_s + extra_timeout_s,
         socket_connect_timeout=op_timeout_s,
         retry=Retry(NoBackoff(), 0),
-        connection_class=_PackedConnection if hiredis is not None else aioredis.Connection,
+        connection_class=_PackedConnection if HAVE_HIREDIS else aioredis.Connection,
     )
     return aioredis.Redis(connection_pool=pool)
 
