@@ -46,7 +46,7 @@ TICKET_NORMAL = 0
 TICKET_PROBE = 1
 
 
-class BreakerOpenError(pybreaker.CircuitBreakerError, grpc.aio.AioRpcError):  # type: ignore[misc]
+class BreakerOpenError(pybreaker.CircuitBreakerError, grpc.aio.AioRpcError):
     """Raised instead of calling while the breaker is open (or its single probe is busy).
 
     It is never retried by ``pkg.clients``. ``retry_after`` is the number of seconds until the

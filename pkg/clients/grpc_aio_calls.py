@@ -187,7 +187,7 @@ class UnaryCall:
         if self.cancelled():
             return grpc.StatusCode.CANCELLED
         if self._last is None and self._error is not None:
-            return getattr(self._error, "code", lambda: grpc.StatusCode.UNKNOWN)()  # type: ignore[no-any-return]
+            return getattr(self._error, "code", lambda: grpc.StatusCode.UNKNOWN)()
         return await self._last.code()  # type: ignore[no-any-return]
 
     async def details(self) -> str:

@@ -38,7 +38,7 @@ class _CallDetails(NamedTuple):
     compression: Any
 
 
-class _Details(_CallDetails, grpc.ClientCallDetails):  # type: ignore[misc]
+class _Details(_CallDetails, grpc.ClientCallDetails):
     """grpc wants a ClientCallDetails instance; a namedtuple gives the fields."""
 
 
@@ -56,7 +56,7 @@ def _details(details: Any, timeout: float | None, auth: tuple[tuple[str, str], .
     )
 
 
-class SyncUnaryUnaryInterceptor(InterceptorBase, grpc.UnaryUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+class SyncUnaryUnaryInterceptor(InterceptorBase, grpc.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     """Deadline-first retries, budget and breaker for blocking unary calls."""
 
     def intercept_unary_unary(
@@ -118,7 +118,7 @@ def _establish(call: Any, setup: float) -> Future[Any]:
     return first
 
 
-class SyncUnaryStreamInterceptor(InterceptorBase, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc,type-arg]
+class SyncUnaryStreamInterceptor(InterceptorBase, grpc.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     """Retries the setup of server-streaming calls, never after the first message."""
 
     def intercept_unary_stream(
@@ -163,7 +163,7 @@ class _SyncReplay:
             self.buffer.clear()
 
 
-class SyncStreamStreamInterceptor(InterceptorBase, grpc.StreamStreamClientInterceptor):  # type: ignore[misc,type-arg]
+class SyncStreamStreamInterceptor(InterceptorBase, grpc.StreamStreamClientInterceptor):  # type: ignore[type-arg]
     """Retries the setup of bidirectional streams, replaying the requests sent so far."""
 
     def intercept_stream_stream(
@@ -186,7 +186,7 @@ class SyncStreamStreamInterceptor(InterceptorBase, grpc.StreamStreamClientInterc
         return result
 
 
-class SyncStreamUnaryInterceptor(InterceptorBase, grpc.StreamUnaryClientInterceptor):  # type: ignore[misc,type-arg]
+class SyncStreamUnaryInterceptor(InterceptorBase, grpc.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
     """Client-streaming calls: auth, default deadline and breaker check (no replay)."""
 
     def intercept_stream_unary(
