@@ -174,6 +174,9 @@ class FoghornServer:
         }
         if self.ha is not None:  # sync state, degraded reason, leadership, ownership
             doc["ha"] = self.ha.describe()
+            doc["figures"]["owned"] = doc["ha"]["owned_nodes"]
+            doc["figures"]["sync_lag_p99_ms"] = doc["ha"]["sync_lag_p99_ms"]
+            doc["figures"]["leader"] = doc["ha"]["leader"]
             doc["dependencies"]["store"]["reason"] = doc["ha"]["reason"]
         return doc
 

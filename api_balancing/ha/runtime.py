@@ -186,6 +186,7 @@ class HaRuntime:
             "takeovers": self.ownership.takeovers,
             "rehydrations": loop.rehydrations if loop else 0,
             "last_gap": loop.last_gap if loop else "",
+            "sync_lag_p99_ms": round(loop.lag_ms.percentile(0.99), 2) if loop else 0.0,
             "writes": c.writes,
             "writes_rejected": c.writes_rejected,
             "writes_deferred": c.writes_deferred,

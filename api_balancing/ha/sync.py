@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from api_balancing.fleet import LatencyWindow
 from api_balancing.ha import telemetry
 from api_balancing.store import redis_codec
 from pkg.clients.backoff import Backoff
@@ -56,6 +57,8 @@ class SyncLoop:
         self._run_id: str | None = None
         self.rehydrations = 0
         self.last_gap = ""
+        # Recent lags (ms) for /health; the histogram metric keeps the full distribution.
+        self.lag_ms = LatencyWindow(1000)
         self.last_rehydrate_s = 0.0
         self.stopping = False
 
@@ -76,6 +79,7 @@ class SyncLoop:
                     appended_ms = int(entries[-1].id.partition("-")[0])
                     lag = max(0.0, self._clock.time() - appended_ms / 1000)
                     telemetry.sync_lag.record(lag)
+                    self.lag_ms.add(lag * 1000)
                 if not self.store.health.ok:
                     # Reads work but a write failed: re-converge and re-publish.
                     pending = self.store.health.status.reason

@@ -212,6 +212,10 @@ async def test_two_replicas_share_a_fleet_and_route_it_identically(
     assert in_sync and 'replica="b"' in in_sync[0] and in_sync[0].endswith(" 1.0"), in_sync
     assert "foghorn_ha_sync_lag_seconds_bucket" in metrics
     assert "foghorn_ha_remote_applied" in metrics
+    doc = await cluster.health(b)
+    figures = doc["figures"]  # the status view's line for replica b
+    assert figures["owned"] == doc["ha"]["owned_nodes"] > 0
+    assert 0 < figures["sync_lag_p99_ms"] < 10_000  # b applied a's changes, with a real lag
 
 
 async def test_kill_9_of_an_owner_moves_its_nodes_and_routing_never_fails(
