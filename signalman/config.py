@@ -53,6 +53,10 @@ class SignalmanConfig:
             raise ValueError("commit_interval_ms must be >= 0")
         if self.partitions < 1:
             raise ValueError("partitions must be >= 1")
+        if not self.lock_grace_s > 0:
+            raise ValueError("lock_grace_s must be > 0")
+        if not self.lock_rejoin_after_s >= 0:
+            raise ValueError("lock_rejoin_after_s must be >= 0 (0: never leave the group)")
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
 

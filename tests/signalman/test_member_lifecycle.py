@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiokafka import TopicPartition
 
 from pkg.clients.backoff import Backoff
@@ -226,3 +227,12 @@ async def test_a_partition_locked_but_not_claimed_is_released_on_revocation() ->
     assert fences(member) == {0: 1} and locks.held == {0, 1}  # 1 locked, not owned
     await member.revoked([TP0, TP1])
     assert locks.held == set()  # nothing stays locked for the next owner to evict
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("lock_rejoin_after_s", -1.0), ("lock_grace_s", 0.0), ("lock_grace_s", float("nan"))],
+)
+def test_bad_ownership_settings_are_refused_naming_the_field(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        SignalmanConfig(**{field: value})
