@@ -42,7 +42,14 @@ class GroupLag:
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap, group_id=self.group_id, enable_auto_commit=False
             )
-            await consumer.start()
+            try:
+                await consumer.start()
+            except BaseException:
+                # A start that failed or was cancelled half-way (the replica stopping during a
+                # refresh) must still be closed, or the consumer is left open (aiokafka warns).
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(consumer.stop()), 5.0)
+                raise
             self._consumer = consumer
         parts = self._consumer.partitions_for_topic(self.topic) or set()
         if not parts:
