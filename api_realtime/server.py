@@ -161,6 +161,14 @@ class SignalmanApp:
             detail["kafka_consumer"] = "running" if self.member.consumer is not None else "starting"
         detail["subscribers"] = len(self.hub.sessions)
         detail["status"] = "ok" if ok else "degraded"
+        # The handful of numbers a status view (./dev up) shows on one line.
+        detail["figures"] = {
+            "partitions": len(detail["partitions"]),
+            "consumer_lag": sum(lag for *_, lag in detail["partitions"]),
+            "subscribers": detail["subscribers"],
+            "slow_dropped": self.hub.dropped_total,
+            "singleton": bool(detail["singleton"]),
+        }
         return ok, detail
 
     def _http_app(self) -> Starlette:
