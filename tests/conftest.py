@@ -13,6 +13,12 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# Tests fork servers (PostgreSQL runs as another user, so no vfork) while gRPC channels are busy
+# in other threads; gRPC's fork handlers then crash the child before it execs (seen: postgres
+# "exited with -11" on a restart). The tests only fork to exec, so they need none. Set before
+# anything imports grpc.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import pytest
 
 from pkg.devstack.servers import (
