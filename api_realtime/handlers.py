@@ -22,7 +22,6 @@ from api_realtime.convert import batch_proto, channel_requests, to_proto
 from pkg.common.auth import current_principal
 from pkg.events.envelope import EnvelopeError, event_from_dict
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
-from pkg.proto.signalman.v1 import signalman_pb2_grpc as pb_grpc
 from signalman.history import SourcePos
 from signalman.hub import Hub, TooManyConnections
 from signalman.pipeline import Poison, process_events
@@ -36,8 +35,13 @@ MAX_PUBLISH = 1_000
 MAX_BATCH = 100  # events per EventBatch message
 
 
-class SignalmanServicer(pb_grpc.SignalmanServicer):
-    """Subscribe, GetStats and (embedded mode) Publish."""
+class SignalmanServicer:
+    """Subscribe, GetStats and (embedded mode) Publish.
+
+    Not a subclass of the generated ``SignalmanServicer``: Subscribe reads raw bytes and writes
+    through the context (``add_to_server`` registers it that way), a signature the generated
+    base does not allow; ``add_to_server`` serves the same three methods.
+    """
 
     def __init__(self, hub: Hub, processor: Processor, stats: Any, *, embedded: bool) -> None:
         self.hub = hub

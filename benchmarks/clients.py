@@ -26,7 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -77,7 +77,9 @@ class _NoopInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[ty
 async def overhead(target: str, calls: int) -> dict[str, float]:
     raw_channel = grpc.aio.insecure_channel(target)  # raw-client: baseline
     noop_channel = grpc.aio.insecure_channel(  # raw-client: baseline
-        target, interceptors=[_NoopInterceptor()]
+        # grpc-stubs type interceptors as a placeholder meant to be cast to.
+        target,
+        interceptors=[cast(grpc.aio.ClientInterceptor, _NoopInterceptor())],
     )
     # No token: the raw side sends no metadata either, so both sides put the same bytes on
     # the wire and the difference is the policy's.
@@ -97,7 +99,7 @@ async def overhead(target: str, calls: int) -> dict[str, float]:
             await stubs[side].Echo(request, timeout=5.0)
             samples[side].append(perf() - start)
     for channel in (raw_channel, noop_channel, wrapped_channel):
-        await channel.close()
+        await channel.close(None)
     raw_p50, noop_p50, wrapped_p50 = (_p50_us(s) for s in samples)
     return {
         "raw_p50_us": raw_p50,
@@ -248,7 +250,7 @@ async def amplification(target: str, seconds: float) -> dict[str, float]:
     ):
         channel = aio_channel(target, policy)
         calls = await _outage(pb_grpc.TestServiceStub(channel), name, length, 4)
-        await channel.close()
+        await channel.close(None)
         out[name] = await _stats(stats, name) / calls
         out[name + "_calls"] = float(calls)
 
@@ -270,8 +272,8 @@ async def amplification(target: str, seconds: float) -> dict[str, float]:
 
     calls = await _outage(Naive(), "naive", min(seconds, 1.5), 4)
     out["amplification_naive"] = await _stats(stats, "naive") / calls
-    await raw_channel.close()
-    await stats_channel.close()
+    await raw_channel.close(None)
+    await stats_channel.close(None)
     return out
 
 
@@ -292,7 +294,7 @@ async def failfast(target: str, n: int) -> dict[str, float]:
         except BreakerOpenError:
             pass
         samples.append(perf() - start)
-    await channel.close()
+    await channel.close(None)
     return {"failfast_us": _p50_us(samples)}
 
 

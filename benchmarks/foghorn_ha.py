@@ -117,6 +117,8 @@ async def lag_pairs(
         while True:
             reply = await reader.xread({raw_key: cursor}, block=1000, count=100)
             now = time.perf_counter()
+            if isinstance(reply, dict):  # only with legacy_responses=False, not set here
+                raise TypeError("expected redis-py's legacy XREAD reply [[stream, entries]]")
             for _, messages in reply or []:
                 for entry_id, _fields in messages:
                     cursor = entry_id
@@ -314,7 +316,7 @@ class IngestTarget:
 
 async def ingest_pair(
     redis_url: str, nodes: int, per_node: int, rounds: int, run_dir: Path
-) -> dict[str, float]:
+) -> dict[str, float | list[float]]:
     """Memory-only and write-through processes side by side. Each round bursts both, back to
     back (alternating which goes first), so a change of machine load between rounds hits both
     sides of a round alike: ``ha_ingest_ratio`` is the median of the per-round ratios (a

@@ -18,6 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.typing import StreamRangeResponse, XReadResponse
 
 from pkg.events.sink import Event
 from signalman.history import (
@@ -107,7 +108,12 @@ class RedisHistory:
     """``History`` on Redis Streams. Blocking reads use their own pooled connections."""
 
     def __init__(
-        self, url: str, *, prefix: str = "sm", max_len: int = 10_000, client: Any = None
+        self,
+        url: str,
+        *,
+        prefix: str = "sm",
+        max_len: int = 10_000,
+        client: aioredis.Redis | None = None,
     ) -> None:
         self.prefix = prefix
         self.max_len = max_len
@@ -187,7 +193,7 @@ class RedisHistory:
 
     async def sources(self, tenant: str) -> list[str]:
         """The source position of every retained entry, in order (audits and tests)."""
-        rows = await self._redis.xrange(self._k(tenant, "h"))
+        rows = _rows(await self._redis.xrange(self._k(tenant, "h")))
         return [_s(fields[b"s"]) for _, fields in rows]
 
     async def info(self, tenant: str) -> HistoryInfo:
@@ -207,9 +213,11 @@ class RedisHistory:
             pipe.xrange(self._k(tenant, "h"), count=1)
             return list(await pipe.execute())
 
-    def _entries(self, rows: list[Any]) -> list[Entry]:
+    def _entries(self, rows: StreamRangeResponse | None) -> list[Entry]:
         out = []
-        for entry_id, fields in rows:
+        for entry_id, fields in rows or ():
+            if entry_id is None or fields is None:
+                continue  # a deleted entry: only XCLAIM returns those, never XRANGE or XREAD
             data_json = _s(fields[b"d"])
             event = load_event(fields[b"e"], json.loads(data_json))
             epoch = _s(fields.get(b"p", b""))
@@ -226,16 +234,14 @@ class RedisHistory:
         res = await self._redis.xread(
             {self._k(tenant, "h"): f"{after}-0"}, count=1_000, block=max(1, int(wait_s * 1000))
         )
-        if not res:
-            return []
-        return self._entries(res[0][1])
+        return self._entries(_xread_entries(res))
 
     async def trim(self, tenant: str, max_len: int, min_time: float) -> int:
         key = self._k(tenant, "h")
         dropped = int(await self._redis.xtrim(key, maxlen=max_len, approximate=False))
         # Age trimming cuts a prefix only (MINID), so history never gets holes in the middle.
         while True:
-            rows = await self._redis.xrange(key, count=100)
+            rows = _rows(await self._redis.xrange(key, count=100))
             young = next((r for r in rows if load_event(r[1][b"e"]).time >= min_time), None)
             if young is not None:
                 cut = _offset(young[0])
@@ -260,6 +266,28 @@ class RedisHistory:
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+# A stream entry as XRANGE returns it: its ID and its fields.
+_Row = tuple[bytes | str, dict[bytes | str, bytes | str]]
+
+
+def _rows(raw: StreamRangeResponse | None) -> list[_Row]:
+    """The entries of an XRANGE reply (redis-py types a deleted entry's ID and fields as
+    possibly None: only XCLAIM returns such an entry, so none is dropped here in practice)."""
+    return [(i, f) for i, f in raw or () if i is not None and f is not None]
+
+
+def _xread_entries(res: XReadResponse) -> StreamRangeResponse:
+    """The entries of the one stream an XREAD asked for. redis-py's default (legacy) reply is
+    ``[[stream, entries]]``; a client made with ``legacy_responses=False`` answers
+    ``{stream: entries}``."""
+    if not res:
+        return []
+    if isinstance(res, dict):
+        raise TypeError("RedisHistory needs a client with redis-py's legacy XREAD replies")
+    entries: StreamRangeResponse = res[0][1]
+    return entries
 
 
 def _s(value: Any) -> str:
