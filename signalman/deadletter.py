@@ -16,6 +16,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from signalman.kafka_clients import start_client
 from signalman.processor import DeadLetter
 
 log = structlog.get_logger("signalman.deadletter")
@@ -50,7 +51,7 @@ class DeadLetterProducer:
         async with self._lock:
             if self._producer is None:
                 producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
-                await producer.start()
+                await start_client(producer)
                 self._producer = producer
             return self._producer
 
@@ -111,11 +112,13 @@ class Redriver:
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
             )
-            await consumer.start()
+            # Subscribed before start: start() also joins the group, the longest step to be
+            # cancelled in (the singleton holder stopping).
+            await start_client(consumer)
             self._consumer = consumer
         if self._producer is None:
             producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
-            await producer.start()
+            await start_client(producer)
             self._producer = producer
 
     async def run_once(self) -> int:

@@ -18,6 +18,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from signalman.history import History
+from signalman.kafka_clients import start_client
 from signalman.ownership import PartitionLocks
 
 log = structlog.get_logger("signalman.singleton")
@@ -42,14 +43,8 @@ class GroupLag:
             consumer = AIOKafkaConsumer(
                 bootstrap_servers=self.bootstrap, group_id=self.group_id, enable_auto_commit=False
             )
-            try:
-                await consumer.start()
-            except BaseException:
-                # A start that failed or was cancelled half-way (the replica stopping during a
-                # refresh) must still be closed, or the consumer is left open (aiokafka warns).
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(consumer.stop()), 5.0)
-                raise
+            # Stopped again if the start fails or is cancelled (the replica stopping meanwhile).
+            await start_client(consumer)
             self._consumer = consumer
         parts = self._consumer.partitions_for_topic(self.topic) or set()
         if not parts:
