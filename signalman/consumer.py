@@ -143,6 +143,9 @@ class GroupMember:
             self.assignment.difference_update(revoked)
             for tp in revoked:
                 self.owned.pop(tp, None)
+                # Read ahead but not processed: not ours to process any more, and nothing is
+                # lost (only processed offsets were committed; the next owner reads from there).
+                self._ahead.pop(tp, None)
                 if self.locks is not None:
                     # Also what was locked but never owned (its history claim failed): a lock
                     # kept would make the next owner evict this whole connection.

@@ -212,3 +212,18 @@ async def test_commits_are_paced_and_the_last_offsets_are_flushed() -> None:
     gaps = [b - a for a, b in itertools.pairwise(consumer.commit_times[:-1])]
     assert all(gap >= 0.09 for gap in gaps), gaps
     assert len(consumer.commits) < history.calls / 4  # far fewer commits than batches
+
+
+async def test_records_read_ahead_for_a_revoked_partition_are_dropped_on_revocation() -> None:
+    logs = partition_logs(20)
+    history = FlakyHistory()
+    member = member_over(logs, history)
+    # What the read-ahead took while the batch before the revocation was processed.
+    member._ahead = await member.consumer.getmany(max_records=500)
+    revoked, kept = sorted(logs)
+    assert member._ahead.keys() == {revoked, kept}
+    await member.revoked([revoked])
+    # Not ours any more: the next owner reads them again from the last commit.
+    assert member._ahead.keys() == {kept}
+    assert revoked not in member.owned
+    assert [r.offset for r in member._ahead[kept]] == [0, 1, 2, 3, 4]
