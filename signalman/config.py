@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Durations and sizes that only make sense above zero (a typo such as a negative timeout must
+# stop the process at start with the variable's name, not misbehave later).
+_POSITIVE = (
+    "session_timeout_ms", "heartbeat_interval_ms", "history_maxlen", "history_retention_s",
+    "max_channels_per_session", "max_message_bytes", "duties_interval_s",
+)  # fmt: skip
+_NOT_NEGATIVE = ("fetch_max_wait_ms", "redrive_delay_s", "redrive_max_attempts")
+
 
 @dataclass
 class SignalmanConfig:
@@ -45,6 +53,14 @@ class SignalmanConfig:
     redrive_max_attempts: int = 3
 
     def __post_init__(self) -> None:
+        for name in _POSITIVE:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} (SIGNALMAN_{name.upper()}) must be > 0, got {value!r}")
+        for name in _NOT_NEGATIVE:
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name} (SIGNALMAN_{name.upper()}) must be >= 0, got {value!r}")
         if self.subscriber_buffer < 1:
             raise ValueError("subscriber_buffer must be >= 1")
         if self.max_connections_per_tenant < 1:

@@ -236,3 +236,20 @@ async def test_a_partition_locked_but_not_claimed_is_released_on_revocation() ->
 def test_bad_ownership_settings_are_refused_naming_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         SignalmanConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("session_timeout_ms", -5),
+        ("heartbeat_interval_ms", 0),
+        ("history_maxlen", 0),
+        ("max_message_bytes", -1),
+        ("duties_interval_s", float("nan")),
+        ("fetch_max_wait_ms", -1),
+        ("redrive_max_attempts", -1),
+    ],
+)
+def test_bad_timings_and_sizes_are_refused_naming_the_variable(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"SIGNALMAN_{field.upper()}"):
+        SignalmanConfig(**{field: value})
