@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -33,6 +32,8 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from benchmarks.common import cpu_seconds
 
 TENANTS = [f"t{i}" for i in range(8)]
 TOKENS = ",".join(f"bench{i}=bench@{t}:reader" for i, t in enumerate(TENANTS))
@@ -533,17 +534,6 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     result["rate_events_per_s"] = args.rate
     result["wall_s"] = round(time.monotonic() - t_start, 1)
     return result
-
-
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU seconds a process has used so far (0 if it is gone)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def produce_main(spec_json: str) -> int:
