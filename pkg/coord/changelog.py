@@ -26,10 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.client import NEVER_DECODE
 from redis.exceptions import RedisError
 
 ORIGIN_FIELD = "origin"
 SEQ_FIELD = "n"
+# Field names as a raw (undecoded) reply carries them, and as text for other clients' replies.
+_SEQ_NAMES = (SEQ_FIELD.encode(), SEQ_FIELD)
+_ORIGIN_NAMES = (ORIGIN_FIELD.encode(), ORIGIN_FIELD)
 START = "0-0"
 
 # Lua body appending one numbered entry: stream KEYS[s], counter KEYS[c], then XADD.
@@ -161,6 +165,7 @@ class ChangelogReader:
         self.key = key
         self.position = cursor
         self.skip_origin = skip_origin
+        self._skip_raw = skip_origin.encode() if skip_origin is not None else None
         self._broken = False  # a connection error happened since the last good read
 
     @property
@@ -180,9 +185,13 @@ class ChangelogReader:
         reports a gap).
         """
         try:
-            reply = await self._redis.xread(
-                {self.key: self.position.id}, count=count, block=block_ms
-            )
+            # NEVER_DECODE: the reply stays bytes whatever the client's decoding, so the entries
+            # skipped below (our own: half of all with two replicas, all of them alone) cost no
+            # text decoding; only the entries kept are decoded.
+            reply = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key, self.position.id,
+                **{NEVER_DECODE: True},
+            )  # fmt: skip
         except (RedisError, OSError):
             self._broken = True
             raise
@@ -191,31 +200,29 @@ class ChangelogReader:
             raise GapDetected("connection to Redis was lost")
         entries: list[Entry] = []
         expected = self.position.index + 1
-        skip = self.skip_origin
-        last_id = ""
-        for raw_id, raw_flat in _messages(reply):
-            # decode_responses clients give text already; others bytes, decoded here once
-            flat = raw_flat if isinstance(raw_id, str) else [_text(v) for v in raw_flat]
-            entry_id = _text(raw_id)
+        skip = self._skip_raw
+        last_id: bytes | str = ""
+        for raw_id, flat in _messages(reply):
             # An entry not written through APPEND_LUA (no n first) cannot be placed: n = 0.
-            n = int(flat[1] or 0) if len(flat) >= 2 and flat[0] == SEQ_FIELD else 0
+            n = int(flat[1] or 0) if len(flat) >= 2 and flat[0] in _SEQ_NAMES else 0
             if n != expected:
                 why = "trimmed past the cursor" if n > expected else "restarted (Redis lost it)"
                 raise GapDetected(
                     f"changelog {why}: expected entry {expected} after {self.position.id}, "
-                    f"got {n} ({entry_id})"
+                    f"got {n} ({_text(raw_id)})"
                 )
             expected += 1
-            last_id = entry_id
-            if skip is not None and len(flat) >= 4 and flat[3] == skip and flat[2] == ORIGIN_FIELD:
+            last_id = raw_id
+            if skip is not None and len(flat) >= 4 and flat[3] == skip and flat[2] in _ORIGIN_NAMES:
                 continue
-            fields = dict(zip(flat[2::2], flat[3::2], strict=False))
+            text = [_text(v) for v in flat]
+            fields = dict(zip(text[2::2], text[3::2], strict=False))
             origin = fields.pop(ORIGIN_FIELD, "")
-            if skip is not None and origin == skip:
+            if self.skip_origin is not None and origin == self.skip_origin:
                 continue
-            entries.append(Entry(id=entry_id, origin=origin, fields=fields))
+            entries.append(Entry(id=_text(raw_id), origin=origin, fields=fields))
         if last_id:
-            self.position = Position(last_id, expected - 1)
+            self.position = Position(_text(last_id), expected - 1)
         return entries
 
 
