@@ -132,7 +132,10 @@ class Changelog:
         if not last:
             return Position()
         entry_id, fields = last[0]
-        return Position(_text(entry_id), int(_text((fields or {}).get(SEQ_FIELD, 0))))
+        fields = fields or {}
+        # field names are bytes on a client that does not decode replies
+        n = fields.get(SEQ_FIELD, fields.get(_SEQ_NAMES[0], 0))
+        return Position(_text(entry_id), int(_text(n)))
 
     def reader(
         self, cursor: Position | None = None, skip_origin: str | None = None

@@ -29,6 +29,28 @@ async def test_reader_gets_entries_in_order_and_skips_its_own(
     assert await reader.read(block_ms=50) == []
 
 
+@pytest.mark.parametrize("decode", [True, False])
+async def test_entries_are_text_whatever_the_clients_decoding(
+    redis_server: Any, prefix: str, decode: bool
+) -> None:
+    # The reader takes XREAD replies undecoded (own entries skipped on raw bytes) and decodes
+    # only what it keeps: UTF-8 values and IDs must come out as text on either kind of client.
+    client = aioredis.Redis.from_url(redis_server.url, decode_responses=decode)
+    try:
+        log = Changelog(client, f"{prefix}:log")
+        reader = log.reader(skip_origin="r\u00e9plica")
+        await log.append("r\u00e9plica", {"i": "own"})
+        await log.append("other", {"i": "Z\u00fcrich \u2192 \u6771\u4eac"})
+        entries = await reader.read(block_ms=100)
+        assert [(e.origin, dict(e.fields)) for e in entries] == [
+            ("other", {"i": "Z\u00fcrich \u2192 \u6771\u4eac"})
+        ]
+        assert isinstance(entries[0].id, str)
+        assert reader.position == await log.tail()
+    finally:
+        await client.aclose()
+
+
 async def test_every_kind_of_writer_is_skipped_by_origin_and_read_by_the_others(
     redis: aioredis.Redis, prefix: str
 ) -> None:
