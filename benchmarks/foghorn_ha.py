@@ -40,6 +40,7 @@ import redis.asyncio as aioredis
 from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeRecord, StreamLoad
 from api_balancing.store import redis_codec
 from api_balancing.store.redis_store import RedisNodeStore, RedisStoreSettings
+from benchmarks.common import cpu_seconds
 from pkg.clients import Policy
 from pkg.clients.foghorn import FoghornClient
 from pkg.clients.http import AsyncHttpClient
@@ -243,17 +244,6 @@ async def _wait_accepted(http: AsyncHttpClient, want: int, limit_s: float) -> fl
         await asyncio.sleep(min(0.05, max(0.005, left_s / 2)))
 
 
-def _cpu_s(pid: int | None) -> float:
-    """User + system CPU seconds of a process (Linux /proc)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 class IngestTarget:
     """One foghorn process (write-through when ``redis_url``) with its own connected fleet."""
 
@@ -297,14 +287,14 @@ class IngestTarget:
         before = await _accepted(self.http)
         self.sent += 1
         msgs = [[n.report(self.sent * 1000 + k) for k in range(per_node)] for n in self.fleet]
-        cpu0 = _cpu_s(self.server.pid)
+        cpu0 = cpu_seconds(self.server.pid)
         start = time.perf_counter()
         for node, batch in zip(self.fleet, msgs, strict=True):
             for msg in batch:
                 node.queue.put_nowait(msg)
         total = self.nodes * per_node
         done = await _wait_accepted(self.http, before + total, 40)
-        return total / (done - start), (_cpu_s(self.server.pid) - cpu0) / total * 1e6
+        return total / (done - start), (cpu_seconds(self.server.pid) - cpu0) / total * 1e6
 
     async def stop(self) -> None:
         for node in self.fleet:
