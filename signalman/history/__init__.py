@@ -114,16 +114,7 @@ def dump_event(event: Event) -> str:
 
 def dump_meta(event: Event) -> str:
     """The event without its data (stored apart, so subscribers get ``data_json`` as stored)."""
-    meta = {
-        "id": event.id,
-        "type": event.type,
-        "tenant": event.tenant,
-        "time": event.time,
-        "schema_version": event.schema_version,
-        "source": event.source,
-        "data": {},
-    }
-    return _encode(meta)
+    return _encode({**event_to_dict(event), "data": {}})
 
 
 def dump_data(event: Event) -> str:
