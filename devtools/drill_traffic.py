@@ -317,35 +317,29 @@ class EventFlow:
         while self.missing() and time.monotonic() < deadline:  # noqa: ASYNC110 (bounded poll)
             await asyncio.sleep(0.1)
 
+    def _late(self, since: float, late_s: float) -> list[tuple[float, float]]:
+        """(produced, arrival) of every event produced after ``since`` that took longer than
+        ``late_s`` to reach a subscriber (arrival = now when it never did)."""
+        now = time.monotonic()
+        late = []
+        for s in self.subscribers:
+            for eid, produced in self.produced.items():
+                if produced < since:
+                    continue
+                times = s.received.get(eid)
+                arrival = times[0] if times else now
+                if arrival - produced > late_s:
+                    late.append((produced, arrival))
+        return late
+
     def last_late(self, since: float, late_s: float) -> float | None:
         """Arrival time of the last event produced after ``since`` that took longer than
         ``late_s`` to reach a subscriber (or never did: then now)."""
-        worst: float | None = None
-        now = time.monotonic()
-        for s in self.subscribers:
-            for eid, produced in self.produced.items():
-                if produced < since:
-                    continue
-                times = s.received.get(eid)
-                arrival = times[0] if times else now
-                if arrival - produced > late_s:
-                    worst = arrival if worst is None else max(worst, arrival)
-        return worst
+        return max((arrival for _, arrival in self._late(since, late_s)), default=None)
 
     def stalled_since(self, since: float, late_s: float) -> float | None:
         """The first moment after ``since`` at which some event was ``late_s`` overdue."""
-        first: float | None = None
-        now = time.monotonic()
-        for s in self.subscribers:
-            for eid, produced in self.produced.items():
-                if produced < since:
-                    continue
-                times = s.received.get(eid)
-                arrival = times[0] if times else now
-                if arrival - produced > late_s:
-                    overdue_at = produced + late_s
-                    first = overdue_at if first is None else min(first, overdue_at)
-        return first
+        return min((produced + late_s for produced, _ in self._late(since, late_s)), default=None)
 
     async def close(self) -> None:
         await self.stop_producing()

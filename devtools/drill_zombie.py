@@ -15,41 +15,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import grpc.aio
 
 from pkg.clients import Policy, RetryPolicy
-from pkg.clients.foghorn import FoghornClient
+from pkg.clients.foghorn import ControlStream, FoghornClient
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 
 ADMIN_POLICY = Policy(timeout=3.0, retry=RetryPolicy(max_attempts=3, attempt_timeout=1.0))
 CPU_BEFORE, CPU_AFTER, CPU_LATE = 11.0, 22.0, 99.0
 
 
-class ProbeStream:
+class ProbeStream(ControlStream):
     """A hand-driven node control stream."""
 
-    def __init__(self, client: FoghornClient) -> None:
-        self.outbox: asyncio.Queue[pb.NodeMessage | None] = asyncio.Queue()
-        self.call = client.connect(self._messages())
-
-    async def _messages(self) -> AsyncIterator[pb.NodeMessage]:
-        while True:
-            msg = await self.outbox.get()
-            if msg is None:
-                return
-            yield msg
-
     async def register(self, identity: pb.Register, wait_s: float = 10.0) -> None:
-        self.outbox.put_nowait(pb.NodeMessage(register=identity))
+        self.send(pb.NodeMessage(register=identity))
         reply = await asyncio.wait_for(self.call.read(), wait_s)
         if not isinstance(reply, pb.ControlMessage) or reply.WhichOneof("msg") != "registered":
             raise RuntimeError(f"probe node was not registered: {reply!r}")
 
     def report(self, cpu: float) -> None:
-        self.outbox.put_nowait(pb.NodeMessage(report=report(cpu)))
+        self.send(pb.NodeMessage(report=report(cpu)))
 
     async def status(self, wait_s: float) -> grpc.StatusCode | None:
         """The stream's final status (None if it is still open after ``wait_s``)."""
@@ -67,7 +56,7 @@ class ProbeStream:
             return None
 
     async def close(self) -> None:
-        self.outbox.put_nowait(None)
+        self.end()
         self.call.cancel()
 
 

@@ -13,6 +13,7 @@ see ``pkg.clients.backoff``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import grpc.aio
@@ -231,3 +232,26 @@ class FoghornClient:
             messages
         )
         return call
+
+
+class ControlStream:
+    """A node control stream fed by hand: ``send()`` messages, read Foghorn's from ``call``.
+
+    ``end()`` half-closes the stream (Foghorn sees the node hang up cleanly)."""
+
+    def __init__(self, client: FoghornClient) -> None:
+        self._outbox: asyncio.Queue[pb.NodeMessage | None] = asyncio.Queue()
+        self.call = client.connect(self._messages())
+
+    async def _messages(self) -> AsyncIterator[pb.NodeMessage]:
+        while True:
+            msg = await self._outbox.get()
+            if msg is None:
+                return
+            yield msg
+
+    def send(self, msg: pb.NodeMessage) -> None:
+        self._outbox.put_nowait(msg)
+
+    def end(self) -> None:
+        self._outbox.put_nowait(None)

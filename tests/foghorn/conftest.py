@@ -13,7 +13,7 @@ import pytest
 from api_balancing.config import FoghornConfig
 from api_balancing.server import FoghornServer
 from pkg.clients import Policy, set_testing
-from pkg.clients.foghorn import FoghornClient
+from pkg.clients.foghorn import ControlStream, FoghornClient
 from pkg.common.clock import FakeClock
 from pkg.events import MemorySink
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
@@ -30,22 +30,8 @@ def _instant_backoff() -> Any:
     set_testing(False)
 
 
-class NodeStream:
+class NodeStream(ControlStream):
     """A hand-driven node control stream: send messages, read what Foghorn pushes."""
-
-    def __init__(self, client: FoghornClient) -> None:
-        self.outbox: asyncio.Queue[pb.NodeMessage | None] = asyncio.Queue()
-        self.call = client.connect(self._messages())
-
-    async def _messages(self) -> AsyncIterator[pb.NodeMessage]:
-        while True:
-            msg = await self.outbox.get()
-            if msg is None:
-                return
-            yield msg
-
-    def send(self, msg: pb.NodeMessage) -> None:
-        self.outbox.put_nowait(msg)
 
     async def register(self, identity: pb.Register) -> pb.Registered:
         self.send(pb.NodeMessage(register=identity))
@@ -73,7 +59,7 @@ class NodeStream:
         return await self.call.code()
 
     async def close(self) -> None:
-        self.outbox.put_nowait(None)
+        self.end()
         self.call.cancel()
 
 
