@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import os
 
-# The drills fork servers (PostgreSQL runs as another user, so Python cannot use vfork) while
-# gRPC channels are busy in other threads; gRPC's fork handlers then crash the child before it
-# execs (seen: postgres "exited with -11"). The drills only fork to exec, so they need none.
+# A child Python has to fork rather than vfork (initdb switches to the postgres user in Python)
+# runs gRPC's fork handlers, which can crash it before it execs while channels are busy in
+# other threads (seen: postgres "exited with -11"; the server itself now switches user with
+# setpriv after the exec). The drills only fork to exec, so they need no fork support.
 # Must be set before grpc is imported (grpc reads it once).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 

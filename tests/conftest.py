@@ -13,10 +13,10 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-# Tests fork servers (PostgreSQL runs as another user, so no vfork) while gRPC channels are busy
-# in other threads; gRPC's fork handlers then crash the child before it execs (seen: postgres
-# "exited with -11" on a restart). The tests only fork to exec, so they need none. Set before
-# anything imports grpc.
+# A child Python has to fork rather than vfork (initdb switches to the postgres user in Python)
+# runs gRPC's fork handlers, which can crash it before it execs while channels are busy in
+# other threads (seen: postgres "exited with -11"). The tests only fork to exec, so they need no
+# fork support. Set before anything imports grpc.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 
 import pytest

@@ -239,7 +239,16 @@ class PostgresServer(ServerProcess):
         )  # fmt: skip
 
     def command(self) -> Sequence[str]:
+        # As root, ``setpriv`` switches to the postgres user after the exec. Switching in Python
+        # (Popen's user=) makes it fork instead of vfork, and gRPC's fork handlers, run in that
+        # child while a caller's channels are busy, can crash it before it execs (seen: postgres
+        # "exited with -11" when a test or drill restarted it).
+        as_postgres: list[str] = []
+        if os.geteuid() == 0:
+            as_postgres = ["setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups"]
+            as_postgres.append("--")
         return [
+            *as_postgres,
             str(install.postgres_bin_dir() / "postgres"),
             "-D", str(self.data_dir),
             "-p", str(self.port),
@@ -252,7 +261,7 @@ class PostgresServer(ServerProcess):
         ]  # fmt: skip
 
     def popen_kwargs(self) -> dict[str, Any]:
-        return {"cwd": self.pg_dir, **self._as_postgres()}
+        return {"cwd": self.pg_dir}
 
     def cleanup(self) -> None:
         """Remove the cluster's data directory (after ``stop``)."""

@@ -11,16 +11,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
 
 from pkg.clients.signalman import SignalmanClient
-from pkg.devstack.servers import CommandProcess, PostgresServer, ServerProcess, remove_run_dir
+from pkg.devstack.servers import CommandProcess, PostgresServer, ServerProcess
 from signalman.history.redis import RedisHistory
 from tests.signalman.conftest import wait_until
 from tests.signalman.replica_cluster import (
@@ -43,35 +41,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.failure]
 REOWN_BOUND_S = 25.0
 
 
-class SpawnedPostgres(PostgresServer):
-    """PostgreSQL (re)started without a plain fork of this process.
-
-    Python forks (rather than vforks) whenever it switches the child's user itself, and gRPC's
-    fork handlers, run in that child while the test's channels are busy, can crash it before it
-    execs (seen: postgres "exited with -11", the same crash the drills avoid). ``setpriv``
-    switches the user after the exec instead, so Python can vfork, which runs no fork handlers.
-    """
-
-    def command(self) -> Sequence[str]:
-        cmd = list(super().command())
-        if os.geteuid() != 0:
-            return cmd
-        return ["setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups", "--", *cmd]
-
-    def popen_kwargs(self) -> dict[str, Any]:
-        return {"cwd": self.pg_dir}
-
-
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[PostgresServer]:
+def own_postgres(postgres_factory: Callable[..., PostgresServer]) -> PostgresServer:
     """A PostgreSQL of this test only: the test stops and starts it."""
-    server = SpawnedPostgres(run_dir=tmp_path / "postgres")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        remove_run_dir(server)
+    return postgres_factory()
 
 
 @pytest.fixture
