@@ -80,7 +80,12 @@ def _run_bounded(cmd: list[str], env: dict[str, str], wall_s: float, stacks: Pat
         print(f"\n./dev test: no result after {wall_s:.0f} s; stacks follow, then stopping pytest",
               flush=True)  # fmt: skip
         proc.send_signal(signal.SIGUSR1)  # tests/conftest.py dumps every thread's stack on it
-        time.sleep(2)
+        deadline = time.monotonic() + 2.0  # the dump takes milliseconds; a dead pytest never writes
+        while time.monotonic() < deadline and proc.poll() is None:
+            if stacks.exists() and stacks.stat().st_size:
+                time.sleep(0.1)  # let the dump of the remaining threads finish
+                break
+            time.sleep(0.02)
         if stacks.exists():
             print(stacks.read_text(), flush=True)
         proc.send_signal(signal.SIGINT)  # pytest stops and runs its teardown: servers stop
