@@ -14,8 +14,10 @@ Real servers (tansu, redis-server, PostgreSQL) and real replica processes, in on
    partition) and ``lost_events`` / ``duplicate_events`` counted per subscription. Beside it, in
    the same run, the broker's own floor: ``kafka_takeover_s``, plain aiokafka members with the
    same session timeout and heartbeat, one killed -9. ``takeover_s`` is broken down from the
-   survivor's log: ``takeover_detect_s`` (kill until the survivor sees the rebalance: session
-   expiry plus a heartbeat), ``takeover_join_s`` (JoinGroup/SyncGroup: tansu holds every join
+   survivor's log: ``takeover_removed_s`` (kill until the survivor removed the dead member from
+   the group, seeing its lock connection gone in PostgreSQL), ``takeover_detect_s`` (kill until
+   the survivor sees the rebalance: that removal, or else the session expiry, plus a
+   heartbeat), ``takeover_join_s`` (JoinGroup/SyncGroup: tansu holds every join
    ~3 s), ``takeover_acquire_s`` (advisory locks, fencing tokens, history claims: ours) and
    ``takeover_observe_s`` (until the benchmark's poll saw it).
 """
@@ -246,7 +248,7 @@ def takeover_breakdown(log_path: Path, killed_at_wall: float, takeover_s: float)
     """Where ``takeover_s`` went, from the survivor's own log lines after the kill."""
     from datetime import datetime
 
-    revoked_at = assigned = None
+    revoked_at = assigned = removed_at = None
     for line in log_path.read_text(errors="replace").splitlines():
         try:
             entry = json.loads(line)
@@ -258,6 +260,8 @@ def takeover_breakdown(log_path: Path, killed_at_wall: float, takeover_s: float)
         at = datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
         if at < killed_at_wall:
             continue
+        if entry.get("event") == "dead_member_removed_from_group" and removed_at is None:
+            removed_at = at
         if entry.get("event") == "partitions_revoked" and revoked_at is None:
             revoked_at = at
         if entry.get("event") == "partitions_assigned" and len(entry.get("partitions", [])) == (
@@ -271,6 +275,9 @@ def takeover_breakdown(log_path: Path, killed_at_wall: float, takeover_s: float)
     join = float(assigned.get("join_s") or 0.0)
     acquire = float(assigned.get("acquire_s") or 0.0)
     return {
+        # Kill until the survivor removed the dead member from the group (PostgreSQL showed its
+        # lock connection gone), if it did before the session expired.
+        "takeover_removed_s": None if removed_at is None else round(removed_at - killed_at_wall, 3),
         "takeover_detect_s": round(detect, 3),
         "takeover_join_s": round(join, 3),
         "takeover_acquire_s": round(acquire, 3),
@@ -615,9 +622,9 @@ def main(argv: list[str]) -> int:
         ("takeover (s)", result["takeover_s"],
          f"raw kafka {result['kafka_takeover_s']} (overhead {result['takeover_overhead_s']}); "
          f"session timeout {result['session_timeout_s']}"),
-        ("  detect / join / acquire / seen",
+        ("  removed / detect / join / acquire / seen",
          " / ".join(str(result.get(f"takeover_{k}_s", "?"))
-                    for k in ("detect", "join", "acquire", "observe")),
+                    for k in ("removed", "detect", "join", "acquire", "observe")),
          f"fresh group join {result['fresh_group_join_s']} s on this broker"),
         ("lost / duplicate across kill", f"{result['lost_events']} / {result['duplicate_events']}",
          f"of {result['events_across_kill']} events"),

@@ -37,6 +37,10 @@ class SignalmanConfig:
     # Without a lock connection for this long, leave the consumer group so that replicas that
     # still reach PostgreSQL take the partitions over (0: stay in the group, never leave).
     lock_rejoin_after_s: float = 30.0
+    # A group member whose lock connection's backend has been gone this long (its process died:
+    # PostgreSQL sees the socket close at once) is removed from the group by the others, so its
+    # partitions move without waiting for the session timeout (0: off); see membership.py.
+    peer_evict_after_s: float = 1.0
     # Redis Streams history shared by replicas; unset = in-memory history of this replica.
     redis_url: str = ""
     redis_prefix: str = "sm"  # key namespace: deployments may share one Redis
@@ -73,6 +77,10 @@ class SignalmanConfig:
             raise ValueError("lock_grace_s must be > 0")
         if not self.lock_rejoin_after_s >= 0:
             raise ValueError("lock_rejoin_after_s must be >= 0 (0: never leave the group)")
+        if not self.peer_evict_after_s >= 0:
+            raise ValueError(
+                "peer_evict_after_s (SIGNALMAN_PEER_EVICT_AFTER_S) must be >= 0 (0: off)"
+            )
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
 

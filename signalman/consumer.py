@@ -13,6 +13,9 @@ new fencing tokens (no rebalance, so a PostgreSQL restart costs the group nothin
 connection stays down past ``lock_rejoin_after_s`` does it leave the group, so replicas that can
 still reach PostgreSQL take the partitions over. Every step of joining and taking ownership is
 bounded by a timeout, and a join that does not complete within ``join_timeout_s`` is reported.
+
+A member whose replica died is removed from the group by the survivors as soon as PostgreSQL
+shows its lock connection gone (``membership.PeerWatch``), instead of after its session timeout.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from pkg.common.clock import SYSTEM_CLOCK, Clock
 from signalman.config import SignalmanConfig
 from signalman.deadletter import attempts_of
 from signalman.history import History, SourcePos
+from signalman.kafka_clients import member_id, remove_member
+from signalman.membership import PeerWatch
 from signalman.ownership import OwnershipLost, PartitionLocks
 from signalman.processor import Processor, RecordIn
 
@@ -128,6 +133,21 @@ class GroupMember:
         self._join_reported_at = 0.0
         self.start_timeout_s = 15.0
         self.keeper_interval_s = 0.1
+        # Survivors remove a dead member from the group at once (its lock connection is gone)
+        # instead of waiting for its session timeout; off without PostgreSQL.
+        self.peers: PeerWatch | None = None
+        if locks is not None and cfg.peer_evict_after_s > 0:
+            self.peers = PeerWatch(
+                cfg.group_id,
+                cfg.replica_id,
+                self._query_locks,
+                self._remove_member,
+                evict_after_s=cfg.peer_evict_after_s,
+                # A record older than a PostgreSQL restart: its member may still be reconnecting
+                # (it stays in the group that long without its lock connection).
+                stale_after_s=cfg.lock_rejoin_after_s or 30.0,
+                clock=clock,
+            )
 
     # -- rebalance listener -------------------------------------------------------------------
     async def revoked(self, revoked: list[TopicPartition]) -> None:
@@ -285,6 +305,34 @@ class GroupMember:
                     log.info("pending_partitions_acquired", fences=fences)
             else:
                 self._retry_at = self.clock.monotonic() + backoff.next_delay()
+        await self._watch_peers()
+
+    async def _query_locks(self, method: str, *args: Any) -> Any:
+        if self.locks is None:
+            raise OwnershipLost("no lock connection")
+        return await self.locks.query(method, *args)
+
+    async def _remove_member(self, member: str) -> int:
+        if self.consumer is None:
+            raise OwnershipLost("no consumer to send LeaveGroup with")
+        return await remove_member(self.consumer, self.cfg.group_id, member)
+
+    async def _watch_peers(self) -> None:
+        """Record which member this replica is; remove members whose replica died."""
+        peers, locks, consumer = self.peers, self.locks, self.consumer
+        if peers is None or locks is None or consumer is None or not locks.connected:
+            return
+        me = member_id(consumer)
+        if not me:
+            return  # not joined yet
+        try:
+            await peers.register(me, locks.connects)
+            if peers.due():
+                await peers.check(me)
+        except Exception as exc:
+            # Never the keeper's problem: it sees a lost connection itself, a LeaveGroup that
+            # failed is tried again at the next check, and the session timeout still applies.
+            log.info("peer_watch_failed", error=repr(exc)[:200])
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def _start_consumer(self) -> None:
@@ -334,6 +382,9 @@ class GroupMember:
         self.owned.clear()
         self.assignment.clear()
         self._joining_since = None
+        if self.peers is not None:
+            with contextlib.suppress(Exception):  # best effort: a leftover is found gone later
+                await asyncio.wait_for(self.peers.forget_self(), 2.0)
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), 10.0)

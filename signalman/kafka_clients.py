@@ -1,4 +1,6 @@
-"""Starting aiokafka clients so that a start that does not complete leaves nothing open.
+"""aiokafka helpers: starting clients safely, and group membership calls aiokafka lacks.
+
+Starting: a start that does not complete leaves nothing open.
 
 An aiokafka consumer or producer opens connections (and a consumer with topics already joins its
 group) inside ``start()``. If ``start()`` fails or is cancelled half-way (a broker down, a replica
@@ -10,7 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Protocol
+from typing import Any, Protocol
+
+from aiokafka.client import ConnectionGroup
+from aiokafka.errors import KafkaError
+from aiokafka.protocol.group import LeaveGroupRequest
 
 
 class KafkaClient(Protocol):
@@ -34,3 +40,30 @@ async def start_client(client: KafkaClient, stop_timeout_s: float = 5.0) -> None
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(client.stop()), stop_timeout_s)
         raise
+
+
+def member_id(consumer: Any) -> str:
+    """The group member id ``consumer`` joined under ("" before its first join)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    return str(getattr(coordinator, "member_id", "") or "")
+
+
+async def remove_member(consumer: Any, group_id: str, member: str, timeout_s: float = 3.0) -> int:
+    """Send LeaveGroup for ``member`` (another member of ``consumer``'s group) to the group
+    coordinator; returns the Kafka error code (0: removed, 25: not a member).
+
+    aiokafka has no public call for it (Kafka's admin API removes members by static instance id
+    only), so this uses the consumer's own client and its known coordinator: the same
+    request aiokafka sends when a consumer leaves by itself, with the other member's id.
+    Raises ``KafkaError`` when no coordinator is known (a rebalance or a broker change is under
+    way: the caller tries again later).
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    node = getattr(coordinator, "coordinator_id", None)
+    if node is None:
+        raise KafkaError("no group coordinator known yet")
+    request = LeaveGroupRequest(group_id, member)
+    response = await asyncio.wait_for(
+        consumer._client.send(node, request, group=ConnectionGroup.COORDINATION), timeout_s
+    )
+    return int(response.error_code)

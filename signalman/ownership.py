@@ -163,6 +163,12 @@ class PartitionLocks:
                     raise OwnershipLost(f"lock connection closed: {exc!r}") from exc
                 raise
 
+    async def query(self, method: str, *args: Any) -> Any:
+        """One bounded round trip on the dedicated connection (``method``: an asyncpg
+        connection method such as ``execute`` or ``fetch``); raises ``OwnershipLost`` when the
+        connection fails or does not answer in time (and gives the connection up)."""
+        return await self._query(method, *args)
+
     async def try_lock(self, key: int) -> bool:
         got = bool(await self._query("fetchval", "SELECT pg_try_advisory_lock($1)", key))
         if got:
