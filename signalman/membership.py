@@ -136,6 +136,10 @@ class PeerWatch:
         self._schema_on: int | None = None
         self._next_check = 0.0
         self._gone_since: dict[tuple[str, int], float] = {}
+        # A removal the broker refused (or could not take) is tried again after this, and
+        # reported once per member: a broker without the request must not flood the log.
+        self.retry_after_s = 5.0
+        self._retry_at: dict[tuple[str, int], float] = {}
 
     async def register(self, member_id: str, connection: int) -> None:
         """Record that ``member_id`` is this replica, on lock connection number ``connection``
@@ -172,20 +176,29 @@ class PeerWatch:
         for key in list(self._gone_since):
             if key not in seen:
                 del self._gone_since[key]  # recorded again (or forgotten by another replica)
+                self._retry_at.pop(key, None)
         removed: list[str] = []
         for peer in gone:
-            since = self._gone_since.setdefault((peer.member_id, peer.backend_pid), now)
+            key = (peer.member_id, peer.backend_pid)
+            since = self._gone_since.setdefault(key, now)
             wait_s = self.stale_after_s if peer.before_restart else self.evict_after_s
-            if now - since < wait_s:
+            if now - since < wait_s or now < self._retry_at.get(key, 0.0):
                 continue
-            code = await self.remove(peer.member_id)
+            try:
+                code: int | str = await self.remove(peer.member_id)
+            except Exception as exc:  # no coordinator known, a broker without the request...
+                code = repr(exc)[:200]
             if code not in (NONE, UNKNOWN_MEMBER_ID):
-                log.warning("group_member_removal_failed", member_id=peer.member_id,
-                            owner=peer.owner, error_code=code)  # fmt: skip
+                if key not in self._retry_at:
+                    log.warning("group_member_removal_failed", member_id=peer.member_id,
+                                owner=peer.owner, error=code,
+                                retry_every_s=self.retry_after_s)  # fmt: skip
+                self._retry_at[key] = now + self.retry_after_s
                 continue
             await self.query("execute", _FORGET, self.group_id, peer.member_id,
                              peer.backend_pid, peer.backend_start)  # fmt: skip
-            self._gone_since.pop((peer.member_id, peer.backend_pid), None)
+            self._gone_since.pop(key, None)
+            self._retry_at.pop(key, None)
             removed.append(peer.member_id)
             if code == NONE:
                 self.removed += 1

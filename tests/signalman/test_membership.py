@@ -124,14 +124,36 @@ async def test_a_refused_removal_is_tried_again(
     await a.join("member-a")
     await b.join("member-b")
     await b.locks.close()
-    a.remover.code = 16  # NOT_COORDINATOR: the record stays, the next check tries again
+    a.remover.code = 16  # NOT_COORDINATOR: the record stays, a later check tries again
     await a.watch.check("member-a")
     clock.advance(EVICT_AFTER_S)
     assert await a.watch.check("member-a") == []
     a.remover.code = 0
     clock.advance(0.25)
+    assert await a.watch.check("member-a") == []  # not at every check: after retry_after_s
+    clock.advance(a.watch.retry_after_s)
     assert await a.watch.check("member-a") == ["member-b"]
     assert a.remover.calls == ["member-b", "member-b"] and a.watch.removed == 1
+
+
+async def test_a_removal_that_raises_is_tried_again(
+    peers: Callable[..., Peer], clock: FakeClock
+) -> None:
+    a, b = peers("a"), peers("b")
+    await a.join("member-a")
+    await b.join("member-b")
+    await b.locks.close()
+
+    async def unsupported(member: str) -> int:
+        raise RuntimeError("the broker does not support LeaveGroup v1")
+
+    a.watch.remove = unsupported
+    await a.watch.check("member-a")
+    clock.advance(EVICT_AFTER_S)
+    assert await a.watch.check("member-a") == []  # the watch itself does not fail
+    a.watch.remove = a.remover
+    clock.advance(a.watch.retry_after_s)
+    assert await a.watch.check("member-a") == ["member-b"]
 
 
 async def test_a_member_that_rejoined_under_a_new_id_is_not_dead(
