@@ -132,9 +132,17 @@ class Fleet:
         return lock
 
     async def _mutate(
-        self, node_id: str, change: Callable[[NodeRecord], NodeRecord | None]
+        self,
+        node_id: str,
+        change: Callable[[NodeRecord], NodeRecord | None],
+        *,
+        staged: bool = False,
     ) -> NodeRecord:
-        """Read-modify-write one node's record, one writer per node at a time on this replica."""
+        """Read-modify-write one node's record, one writer per node at a time on this replica.
+
+        ``staged``: a load report, written with ``store.stage`` (applied at once, written
+        behind); everything else waits for the store's ``put``.
+        """
         async with self._lock(node_id):
             current = self.store.get(node_id)
             if current is None:
@@ -142,6 +150,8 @@ class Fleet:
             updated = change(current)
             if updated is None:
                 return current
+            if staged:
+                return await self.store.stage(updated)
             return await self.store.put(updated)
 
     # -- node lifecycle --------------------------------------------------------------------
@@ -195,7 +205,7 @@ class Fleet:
                 reports_accepted=rec.reports_accepted + 1,
             )
 
-        stored = await self._mutate(node_id, change)
+        stored = await self._mutate(node_id, change, staged=True)
         self.counters.reports_accepted += 1
         before = previous.streams if previous is not None else ()
         if self.redirects.pending(node_id):  # settle the viewers that showed up

@@ -4,8 +4,10 @@ A decorator around ``Fleet`` (everything else is delegated unchanged):
 
 - ``register`` acquires the node's ownership first and registers with that fence;
 - ``accept_report`` / ``reject_report`` refresh the ownership and write with our fence; a lost
-  ownership or a write Redis refused (a newer fence exists) raises ``OwnershipLost``, which the
-  control stream turns into ABORTED, so the node reconnects to whoever owns it now;
+  ownership or a write refused (a newer fence exists) raises ``OwnershipLost``, which the
+  control stream turns into ABORTED, so the node reconnects to whoever owns it now (a load
+  report is staged, not awaited: when Redis refuses it later, ``NodeOwnership.refused`` closes
+  the stream instead);
 - ``disconnect`` releases the ownership record after marking the node disconnected;
 - ``set_mode`` goes to the node's owner (single writer) through the relay.
 """

@@ -63,6 +63,7 @@ class NodeOwnership:
         self._held: dict[str, Held] = {}
         self.takeovers = 0  # streams this replica closed because another one took the node
         store.set_ownership_view(self.fence_of, self.touch_of, ttl_s, self.touched)
+        store.set_refusal_hook(self.refused)
         store.add_data_loss_hook(self.restore_all)
         store.add_listener(self._on_change)
 
@@ -177,6 +178,15 @@ class NodeOwnership:
             await self._owners.release(node_id, held.record)
         except REDIS_ERRORS:
             pass  # it expires by its TTL
+
+    def refused(self, node_id: str, fence: int) -> None:
+        """Redis refused a staged write of the node made with ``fence``: if that is the fence
+        we still hold, another replica owns the node now, so its stream is closed (ABORTED)
+        at once, not at the node's next report. A newer fence of ours (the node registered
+        here again meanwhile) is left alone."""
+        held = self._held.get(node_id)
+        if held is not None and held.record.fence <= fence:
+            self._lose(node_id, "Redis refused a staged write with our fence")
 
     def forget(self, node_id: str) -> None:
         """Redis refused our write for the node: we are not its owner any more."""

@@ -8,6 +8,11 @@ Contract (the Redis/HA store implements exactly this; Foghorn's logic cannot tel
   value strictly greater than every earlier version of that node (a per-node monotonic
   counter). A backend with ownership fencing raises ``StaleWriteError`` when the record's
   ``owner_fence`` is lower than the stored one: a stale owner can never overwrite a newer one.
+* ``stage(record)`` is ``put`` for load reports: the record is applied locally at once and
+  reaches the shared source shortly after (a backend may coalesce a node's staged records,
+  newest wins, and waits only to bound how far a node runs ahead). A backend with fencing
+  raises ``StaleWriteError`` for a stale fence it can see locally; a refusal found later is
+  the backend's to act on (the Redis store closes the node's stream). In memory it is ``put``.
 * ``delete(node_id)`` removes the node (eviction); deleting an unknown id is a no-op.
 * ``get`` / ``snapshot`` are synchronous reads of the replica's local copy: routing reads only
   local memory and never waits on the network. Backends keep that copy converged (write
@@ -47,6 +52,10 @@ class NodeStore(Protocol):
 
     async def put(self, record: NodeRecord) -> NodeRecord:
         """Store ``record`` whole; return it with its new ``version``."""
+
+    async def stage(self, record: NodeRecord) -> NodeRecord:
+        """Store ``record`` whole, applied locally at once, written to a shared source
+        without waiting for it (load reports); return it with its new ``version``."""
 
     async def delete(self, node_id: str) -> None:
         """Forget a node (eviction)."""

@@ -38,6 +38,9 @@ class MemoryNodeStore:
         self._notify(node_id, stored)
         return stored
 
+    # In memory there is nothing to write behind: staging is ``put`` (no extra frame).
+    stage = put
+
     async def delete(self, node_id: str) -> None:
         if self._records.pop(node_id, None) is not None:
             self._notify(node_id, None)

@@ -1,8 +1,11 @@
 """The HA store: local memory for reads, write-through to Redis, a changelog for the others.
 
-Every ``put`` is checked against the writer's fence and written by one Lua script that stores
+Every write is checked against the writer's fence and written by one Lua script that stores
 the record in its Redis hash (the rehydration source) and appends it to the cluster's
-changelog stream in the same atomic step; then the local copy is updated and listeners run.
+changelog stream in the same atomic step. ``put`` (identity and lifecycle writes) waits for
+that and then updates the local copy and runs listeners; ``stage`` (load reports) updates the
+local copy at once and writes behind, per node one write in flight and one staged, newest
+wins (``store.staging``); Redis refusing a staged write closes the node's stream (refusal hook).
 Other replicas' changes arrive through ``api_balancing.ha.sync`` (a changelog reader) and are
 applied in order, newer-token-only (``ha.merge``). Reads (``get``/``snapshot``) never touch the
 network.
@@ -14,7 +17,6 @@ dirty; the sync loop reconnects, re-converges (tail-first rehydration) and re-pu
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +40,7 @@ from api_balancing.ha.keys import Keys
 from api_balancing.model import NodeRecord, evolve
 from api_balancing.store import redis_codec
 from api_balancing.store.base import StaleWriteError, StoreListener
+from api_balancing.store.staging import NodeWrites, StagingCounters
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.coord import Announce, Entry, FencedHash, FencedWriteRejected, PutBatch, Watermarks
 
@@ -46,6 +49,7 @@ log = structlog.get_logger("foghorn.store.redis")
 OwnedFence = Callable[[str], int | None]
 OwnerTouch = Callable[[str], str | None]
 TouchOutcome = Callable[[str, bool], None]
+RefusalHook = Callable[[str, int], None]
 DeleteGuard = Callable[[], tuple[str, str] | None]
 
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -73,6 +77,7 @@ class StoreCounters:
     remote_stale: int = 0
     remote_malformed: int = 0
     republished: int = 0
+    batches: int = 0  # script calls that carried puts (group commit)
 
 
 MAX_CONNECTIONS = 16
@@ -159,8 +164,11 @@ class RedisNodeStore:
         # fenced and atomic on its own), with at most MAX_IN_FLIGHT batches on the wire. Writes
         # made while they travel wait for the next one, so under load batches grow by themselves
         # (the per-call cost is paid once for many writes) and an idle store still sends a
-        # lone write at once.
-        self._pending: deque[tuple[PutBatch, list[asyncio.Future[bool]]]] = deque()
+        # lone write at once. Per node, at most one write is in flight and one staged behind
+        # it, the newest replacing an unsent one (``store.staging``).
+        self._writes: NodeWrites[NodeRecord] = NodeWrites()
+        self._refused_at: dict[str, int] = {}  # nodes whose write Redis refused: newer fence
+        self._on_refused: RefusalHook = lambda _node_id, _fence: None
         self._in_flight = 0
         self._launch_scheduled = False
         self._flushes: set[asyncio.Task[None]] = set()
@@ -186,6 +194,17 @@ class RedisNodeStore:
             self._touch_ttl_ms = int(touch_ttl_s * 1000)
         if touch_outcome is not None:
             self._touch_outcome = touch_outcome
+
+    def set_refusal_hook(self, hook: RefusalHook) -> None:
+        """``hook(node_id, fence)``: Redis refused a staged write of the node made with
+        ``fence`` (a newer owner exists) and no caller waited for it; the owner side closes
+        the node's stream."""
+        self._on_refused = hook
+
+    @property
+    def staging(self) -> StagingCounters:
+        """Staged, coalesced and backpressured writes (for /health and the benchmark)."""
+        return self._writes.counters
 
     def add_data_loss_hook(self, hook: Callable[[], Awaitable[None]]) -> None:
         """Awaited after a rehydration that found Redis had lost its data (restart)."""
@@ -255,7 +274,8 @@ class RedisNodeStore:
         self._listeners.append(listener)
 
     # -- writes ------------------------------------------------------------------------------
-    async def put(self, record: NodeRecord) -> NodeRecord:
+    def _prepare(self, record: NodeRecord) -> NodeRecord:
+        """The record as it will be stored: the writer's fence checked locally, next version."""
         node_id = record.node_id
         current = self._records.get(node_id)
         held = self._owned_fence(node_id)
@@ -271,23 +291,50 @@ class RedisNodeStore:
         elif current is not None and fence < current.owner_fence:
             self.counters.writes_rejected += 1
             raise StaleWriteError(f"node {node_id!r}: fence {fence} < stored {current.owner_fence}")
+        refused = self._refused_at.get(node_id) if self._refused_at else None
+        if refused is not None and fence < refused:
+            self.counters.writes_rejected += 1
+            raise StaleWriteError(f"node {node_id!r}: Redis refused fence {fence} ({refused} seen)")
         version = max(self._max_version.get(node_id, 0), current.version if current else 0) + 1
-        stored = evolve(record, version=version, owner_fence=fence)
+        self._max_version[node_id] = version
+        return evolve(record, version=version, owner_fence=fence)
+
+    async def put(self, record: NodeRecord) -> NodeRecord:
+        """Write ``record`` and return once Redis accepted it (or, degraded, once it is kept
+        for re-publication); only then is it applied locally. For identity and lifecycle
+        writes (registration, mode, disconnect), where acceptance must mean "in Redis"."""
+        stored = self._prepare(record)
+        node_id = stored.node_id
         if self.health.ok:
             try:
-                touched = await self._write_through(stored)
-                if touched is not None:
-                    self._touch_outcome(node_id, touched)
+                await self._confirmed(stored)
             except FencedWriteRejected as exc:
-                self.counters.writes_rejected += 1
                 raise StaleWriteError(f"node {node_id!r}: {exc}") from None
-            except REDIS_ERRORS as exc:
-                self.health.degrade(f"redis write failed: {type(exc).__name__}: {exc}")
-                self._defer(stored)
+            except REDIS_ERRORS:
+                pass  # the batch failed: the store is degraded and the record kept as dirty
         else:
             self._defer(stored)
         self.counters.writes += 1
+        # A newer record of the node may have been applied while this one travelled.
+        if self._marks.is_newer(node_id, merge.token(stored)):
+            self._apply(stored)
+        return stored
+
+    async def stage(self, record: NodeRecord) -> NodeRecord:
+        """Apply ``record`` locally at once (routing sees it) and stage it for the writer; for
+        load reports. Returns without waiting for Redis unless the node already has a write in
+        flight and one staged (then it waits for the in-flight one: backpressure). A staged
+        write Redis refuses (newer fence) is reported to the refusal hook, which closes the
+        node's stream. See ``store.staging`` for the rules."""
+        stored = self._prepare(record)
+        self.counters.writes += 1
         self._apply(stored)
+        if self.health.ok:
+            wait = self._send(stored, confirm=False)
+            if wait is not None:
+                await wait
+        else:
+            self._defer(stored)
         return stored
 
     async def delete(self, node_id: str) -> None:
@@ -353,74 +400,109 @@ class RedisNodeStore:
             version_field="ver",
         )
 
-    async def _write_through(self, record: NodeRecord) -> bool | None:
-        """Fenced write + changelog append, sent with the other writes of its batch. Returns
-        whether the owner record it touched was still ours (None: it touched nothing)."""
-        node_id = record.node_id
-        keys = self._node_keys.get(node_id)
-        if keys is None:
-            keys = self._node_keys[node_id] = (self.keys.node(node_id), self.keys.owner(node_id))
-        pending = self._pending
-        if not pending or len(pending[-1][0]) >= MAX_BATCH:
-            pending.append((self._new_batch(), []))
-        batch, futures = pending[-1]
-        touch = self._owner_touch(node_id)
-        batch.add(
-            keys[0],
-            keys[1],
-            record.owner_fence,
-            node_id,
-            redis_codec.encode(record),
-            record.version,
-            touch or "",
-        )
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[bool] = loop.create_future()
-        futures.append(future)
+    def _send(self, record: NodeRecord, *, confirm: bool) -> asyncio.Future[None] | None:
+        """Stage ``record`` for the writer (see ``store.staging``) and make sure a batch goes
+        out soon; returns what the caller must await, if anything."""
+        wait = self._writes.stage(record.node_id, record, confirm=confirm)
         if not self._launch_scheduled and self._in_flight < MAX_IN_FLIGHT:
             # On the next loop turn, so the writes of this turn join the batch.
             self._launch_scheduled = True
-            loop.call_soon(self._launch)
-        touched = await future
-        return touched if touch else None
+            asyncio.get_running_loop().call_soon(self._launch)
+        return wait
+
+    def _confirmed(self, record: NodeRecord) -> asyncio.Future[None]:
+        """Stage ``record``; the future ends with the write that carries it."""
+        wait = self._send(record, confirm=True)
+        assert wait is not None  # a confirmation is always handed out
+        return wait
 
     def _launch(self) -> None:
-        """Send pending batches while fewer than ``MAX_IN_FLIGHT`` are on the wire."""
+        """Send ready records in batches while fewer than ``MAX_IN_FLIGHT`` are on the wire.
+
+        Records are encoded here, when sent: a record replaced while staged is never encoded.
+        """
         self._launch_scheduled = False
-        while self._pending and self._in_flight < MAX_IN_FLIGHT:
-            batch, futures = self._pending.popleft()
+        writes = self._writes
+        while writes and self._in_flight < MAX_IN_FLIGHT:
+            batch = self._new_batch()
+            sent: list[tuple[str, NodeRecord]] = []
+            touches: list[bool] = []
+            for node_id, record in writes.take(MAX_BATCH):
+                try:
+                    state = redis_codec.encode(record)
+                except ValueError as exc:  # never written, so never half-applied anywhere
+                    log.error("record not encodable: not written", node_id=node_id, error=str(exc))
+                    writes.finish(node_id, exc)
+                    continue
+                keys = self._node_keys.get(node_id)
+                if keys is None:
+                    keys = self._node_keys[node_id] = (
+                        self.keys.node(node_id),
+                        self.keys.owner(node_id),
+                    )
+                touch = self._owner_touch(node_id)
+                fence, version = record.owner_fence, record.version
+                batch.add(keys[0], keys[1], fence, node_id, state, version, touch or "")
+                sent.append((node_id, record))
+                touches.append(touch is not None)
+            if not sent:
+                continue
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._flush(batch, futures))
+            self.counters.batches += 1
+            task = asyncio.get_running_loop().create_task(self._flush(batch, sent, touches))
             self._flushes.add(task)
             task.add_done_callback(self._flushed)
 
     def _flushed(self, task: asyncio.Task[None]) -> None:
         self._flushes.discard(task)
         self._in_flight -= 1
-        if self._pending and not self._launch_scheduled:
+        if self._writes and not self._launch_scheduled:
             self._launch()
 
-    async def _flush(self, batch: PutBatch, futures: list[asyncio.Future[bool]]) -> None:
+    async def _flush(
+        self, batch: PutBatch, sent: list[tuple[str, NodeRecord]], touches: list[bool]
+    ) -> None:
+        writes = self._writes
         try:
             async with asyncio.timeout(self.settings.op_timeout_s * 2):  # no task per batch
                 outcome = await self._fenced.put_batch(batch)
-        except BaseException as exc:  # connection errors and cancellation fail every waiter
+        except BaseException as exc:
+            # The batch may or may not have landed: every record of it is kept as dirty and
+            # re-published after the sync loop re-converged (a newer staged record, if any,
+            # is tried next and deferred the same way if Redis is still away).
+            # Waiting writers get the error (``put`` then returns as deferred; ``republish``
+            # keeps its dirty records and the sync loop tries again).
+            if not isinstance(exc, REDIS_ERRORS):
+                log.error("write batch failed", error=repr(exc))
+            self.health.degrade(f"redis write failed: {type(exc).__name__}: {exc}")
             error = exc if isinstance(exc, Exception) else RedisError("write batch cancelled")
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
+            for node_id, record in sent:
+                self._defer(record)
+                writes.finish(node_id, error)
             if not isinstance(exc, Exception):
                 raise
             return
         rejected, untouched = outcome.rejected, outcome.untouched
-        for i, future in enumerate(futures):
-            if future.done():
-                continue
+        for i, (node_id, record) in enumerate(sent):
             refusal = rejected.get(i) if rejected else None
             if refusal is not None:
-                future.set_exception(refusal)
-            else:
-                future.set_result(not untouched or i not in untouched)
+                self._refused(node_id, record, refusal)
+                continue
+            if touches[i]:
+                self._touch_outcome(node_id, not untouched or i not in untouched)
+            writes.finish(node_id)
+
+    def _refused(self, node_id: str, record: NodeRecord, refusal: FencedWriteRejected) -> None:
+        """Redis refused the node's write: a newer fence exists. Nothing more of this writer's
+        is written for the node; a waiting writer gets the refusal, and when none waits (a
+        staged report) the refusal hook closes the node's stream at once."""
+        self.counters.writes_rejected += 1
+        self._refused_at[node_id] = max(refusal.newer_fence, self._refused_at.get(node_id, 0))
+        staged = self._writes.staged(node_id)
+        if staged is not None and staged.owner_fence <= record.owner_fence:
+            self._writes.drop_staged(node_id, refusal)
+        if not self._writes.finish(node_id, refusal):
+            self._on_refused(node_id, record.owner_fence)
 
     # -- local state -------------------------------------------------------------------------
     def _apply(self, record: NodeRecord) -> None:
@@ -433,6 +515,7 @@ class RedisNodeStore:
     def _drop(self, node_id: str, token: tuple[int, int]) -> None:
         self._marks.advance(node_id, token)
         self._node_keys.pop(node_id, None)  # evicted nodes must not pin memory
+        self._refused_at.pop(node_id, None)
         if self._records.pop(node_id, None) is not None:
             self._notify(node_id, None)
 
@@ -520,9 +603,7 @@ class RedisNodeStore:
                 self._dirty.pop(node_id, None)
                 continue
             try:
-                touched = await self._write_through(record)
-                if touched is not None:
-                    self._touch_outcome(node_id, touched)
+                await self._confirmed(record)
                 published += 1
             except FencedWriteRejected as exc:
                 log.info("deferred write superseded", node_id=node_id, reason=exc.reason)
