@@ -168,6 +168,12 @@ class SignalmanApp:
             "subscribers": detail["subscribers"],
             "slow_dropped": self.hub.dropped_total,
             "singleton": bool(detail["singleton"]),
+            # Dead replicas this one removed from the consumer group (membership.PeerWatch).
+            "dead_members_removed": (
+                self.member.peers.removed
+                if self.member is not None and self.member.peers is not None
+                else 0
+            ),
         }
         return ok, detail
 

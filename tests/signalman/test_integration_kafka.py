@@ -170,6 +170,7 @@ async def test_health_and_metrics_endpoints(
             assert body["postgres_lock_connection"] == "ok" and len(body["partitions"]) == 4
             assert body["figures"]["partitions"] == 4  # the status view's line
             assert body["figures"]["consumer_lag"] >= 0 and body["figures"]["subscribers"] == 0
+            assert body["figures"]["dead_members_removed"] == 0  # alone in its group
             await produce_raw(cfg.kafka_bootstrap, cfg.topic, [(b"acme", b"junk")])
             await wait_until(lambda: app.processor.stats.dead_lettered == 1, timeout=20)
             metrics = (await http.get("/metrics")).text
