@@ -6,7 +6,11 @@ scripts touch several of them atomically, which Redis Cluster allows only within
 | key                                   | type   | TTL                         |
 |---------------------------------------|--------|-----------------------------|
 | ``foghorn:{c}:node:<id>``             | hash   | record_ttl_s, each write    |
-| ``foghorn:{c}:changelog``             | stream | trimmed to changelog_maxlen |
+| ``foghorn:{c}:log:<replica>``         | stream | trimmed to changelog_maxlen;|
+|   (+ ``:seq``, its entry counter)     |        | record_ttl_s, heartbeat     |
+| ``foghorn:{c}:logs``                  | zset   | none (members pruned after  |
+|   (replica -> last heartbeat, s)      |        | record_ttl_s without one)   |
+| ``foghorn:{c}:logs:new``              | stream | trimmed to ~100 (wake-ups)  |
 | ``foghorn:{c}:owner:<id>``            | string | ownership_ttl_s, each report|
 | ``foghorn:{c}:fence``                 | string | none (the fence counter)    |
 | ``foghorn:{c}:fencehw:<id>``          | string | 1 day after last ownership  |
@@ -41,9 +45,19 @@ class Keys:
     def node_id_of(self, key: str) -> str:
         return key[len(self.base) + len(":node:") :]
 
+    def log(self, replica_id: str) -> str:
+        """The changelog stream ``replica_id`` appends to (one per replica)."""
+        return f"{self.base}:log:{replica_id}"
+
     @property
-    def changelog(self) -> str:
-        return f"{self.base}:changelog"
+    def logs(self) -> str:
+        """The registry of replicas' changelog streams: replica id -> last heartbeat."""
+        return f"{self.base}:logs"
+
+    @property
+    def logs_watch(self) -> str:
+        """Wake-ups for readers: a replica whose stream is new to the registry says so here."""
+        return f"{self.base}:logs:new"
 
     @property
     def ownership_prefix(self) -> str:

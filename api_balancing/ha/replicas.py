@@ -1,7 +1,8 @@
 """One live process per replica id: the id is claimed in Redis with the replica's address.
 
-Replica ids tag changelog entries (a replica skips its own) and ownership records, so two
-processes sharing one id would silently ignore each other's changes. A replica therefore claims
+Replica ids name changelog streams (a replica appends to its own and reads only the others')
+and ownership records, so two processes sharing one id would silently ignore each other's
+changes. A replica therefore claims
 ``foghorn:{c}:replica:<id>`` (value: its address, TTL ``3 x interval``) at start and keeps it
 fresh; a start-up that finds the id held by another live address fails with a clear error.
 """

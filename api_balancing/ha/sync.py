@@ -1,18 +1,26 @@
-"""The sync loop: apply other replicas' changes from the changelog; re-converge after a gap.
+"""The sync loop: apply other replicas' changes from their changelogs; re-converge after a gap.
 
-Normal operation is one blocking ``XREAD`` after the cursor (with the gap check pipelined
-behind it), applying each entry newer than the entity's watermark. A gap (log trimmed past the
-cursor, stream lost, connection lost) or a failed write triggers tail-first rehydration:
+Every replica appends to a changelog stream of its own (``foghorn:{c}:log:<replica>``) and
+registers it in the cluster's registry (``foghorn:{c}:logs``, replica -> last heartbeat); it
+reads only the *other* replicas' streams, so it never receives its own writes. Normal operation
+is one blocking ``XREAD`` over those streams (each with its own cursor and gap check) plus a
+small wake-up stream (``foghorn:{c}:logs:new``) where a replica new to the registry announces
+itself before its first write, so readers start reading its stream from its first entry.
 
-1. take the changelog tail position (before anything else);
+A gap (a stream trimmed past its cursor, a stream lost, the connection lost) or a failed write
+triggers tail-first rehydration:
+
+1. register our own stream (heartbeat), then take the wake-up stream's tail, the registry, and
+   the tail position of every other replica's stream (before anything else);
 2. scan every node hash and merge each record that is newer than the local copy;
 3. drop local records Redis no longer has (deleted while we were not reading), unless they
    are our own unpublished writes or Redis itself lost its data (new ``run_id``);
 4. re-publish writes accepted while degraded (and, after a data loss, every record this
-   replica owns), then resume reading *from the tail of step 1*: whatever was written during
+   replica owns), then resume reading *from the tails of step 1*: whatever was written during
    the scan is replayed, and watermarks make the replay idempotent.
 
-Redis errors mark the store degraded and back off; the loop never exits on its own.
+Redis errors mark the store degraded and back off; the loop never exits on its own. Streams of
+replicas silent for ``record_ttl_s`` expire (heartbeats extend them) and leave the registry.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from api_balancing.ha import telemetry
 from api_balancing.store import redis_codec
 from pkg.clients.backoff import Backoff
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-from pkg.coord import Changelog, GapDetected
+from pkg.coord import ChangelogSet, GapDetected
+from pkg.coord.changelog import seq_key
 
 if TYPE_CHECKING:
     from api_balancing.store.redis_store import RedisNodeStore
@@ -36,6 +45,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("foghorn.ha.sync")
 
 SCAN_BATCH = 500
+HEARTBEAT_S = 5.0  # registry heartbeat (the stream's TTL is record_ttl_s, so plenty of margin)
+WATCH_MAXLEN = 100  # wake-ups only: readers re-read the whole registry on any of them
 MIN_RETRY_S = 0.05  # even with instant backoff (pkg.clients testing switch): never spin
 
 
@@ -48,10 +59,9 @@ class SyncLoop:
         self._errors = REDIS_ERRORS
         self.store = store
         settings = store.settings
-        self.changelog = Changelog(
-            store.redis_reader, store.keys.changelog, settings.changelog_maxlen, settings.exact_trim
-        )
-        self.reader = self.changelog.reader(skip_origin=settings.replica_id)
+        self.reader = ChangelogSet(store.redis_reader, watch=store.keys.logs_watch)
+        self._retention_s = settings.record_ttl_s
+        self._beat_at = float("-inf")
         self._clock = clock
         self._backoff = Backoff(base=0.05, cap=2.0, clock=clock)
         self._run_id: str | None = None
@@ -75,6 +85,12 @@ class SyncLoop:
                 entries = await self.reader.read(self.store.settings.read_block_ms, count=1000)
                 for entry in entries:
                     self.store.apply_entry(entry)
+                if self.reader.watch_fired:  # a replica new to the registry: read its stream
+                    self.reader.watch_fired = False
+                    for key in await self._other_logs():
+                        self.reader.add(key)
+                if self._clock.monotonic() - self._beat_at >= HEARTBEAT_S:
+                    await self._heartbeat()
                 if entries:
                     appended_ms = int(entries[-1].id.partition("-")[0])
                     lag = max(0.0, self._clock.time() - appended_ms / 1000)
@@ -114,7 +130,10 @@ class SyncLoop:
         run_id = str(info.get("run_id", ""))
         data_lost = self._run_id is not None and run_id != self._run_id
         self._run_id = run_id
-        tail = await self.changelog.tail()
+        await self._heartbeat()
+        watch = await store.redis.xrevrange(store.keys.logs_watch, "+", "-", count=1)
+        watch_tail = str(watch[0][0]) if watch else "0-0"  # a decoding client: text
+        tails = await ChangelogSet.tails(store.redis, await self._other_logs())
         seen: set[str] = set()
         applied = 0
         keys = store.keys
@@ -138,7 +157,7 @@ class SyncLoop:
         republished = await store.republish()
         if data_lost:
             await store.run_data_loss_hooks()  # e.g. ownership records restored at once
-        self.reader.reset(tail)
+        self.reader.reset(tails, watch_tail)
         self.rehydrations += 1
         self.last_rehydrate_s = time.perf_counter() - started
         store.health.recover()
@@ -153,6 +172,36 @@ class SyncLoop:
             redis_data_lost=data_lost,
             seconds=round(self.last_rehydrate_s, 4),
         )
+
+    async def _heartbeat(self) -> None:
+        """Keep our stream in the registry and alive; announce it when the registry did not
+        have it (first start, or Redis lost its data) so readers start reading it; prune
+        replicas silent for the retention (their streams expired with them)."""
+        store, keys = self.store, self.store.keys
+        now = self._clock.time()
+        ttl_ms = int(self._retention_s * 1000)
+        pipe = store.redis.pipeline(transaction=False)
+        pipe.zadd(keys.logs, {store.settings.replica_id: now})
+        pipe.zremrangebyscore(keys.logs, "-inf", now - self._retention_s)
+        pipe.pexpire(store.log_key, ttl_ms)
+        pipe.pexpire(seq_key(store.log_key), ttl_ms)
+        added = (await pipe.execute())[0]
+        if added:
+            await store.redis.xadd(
+                keys.logs_watch,
+                {"replica": store.settings.replica_id},
+                maxlen=WATCH_MAXLEN,
+                approximate=True,
+            )
+        self._beat_at = self._clock.monotonic()
+
+    async def _other_logs(self) -> list[str]:
+        """The changelog streams of the other replicas in the registry."""
+        keys = self.store.keys
+        since = self._clock.time() - self._retention_s
+        me = self.store.settings.replica_id
+        members = await self.store.redis.zrangebyscore(keys.logs, since, "+inf")
+        return [keys.log(str(r)) for r in members if r != me]
 
     async def _merge_batch(self, keys: list[str], seen: set[str]) -> int:
         pipe = self.store.redis.pipeline(transaction=False)

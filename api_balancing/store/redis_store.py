@@ -137,6 +137,8 @@ class RedisNodeStore:
     ) -> None:
         self.settings = settings
         self.keys = Keys(settings.cluster)
+        # This replica's own changelog stream: it appends there, and reads only the others'.
+        self.log_key = self.keys.log(settings.replica_id)
         self.redis = connect(redis_url, settings.op_timeout_s)
         # The changelog reader blocks up to read_block_ms: it gets its own client and timeout.
         self.redis_reader = connect(
@@ -381,7 +383,7 @@ class RedisNodeStore:
             "ver": str(version),
         }
         return Announce(
-            stream=self.keys.changelog,
+            stream=self.log_key,
             maxlen=self.settings.changelog_maxlen,
             fields=fields,
             exact_trim=self.settings.exact_trim,
@@ -390,7 +392,7 @@ class RedisNodeStore:
     def _new_batch(self) -> PutBatch:
         settings = self.settings
         return PutBatch(
-            self.keys.changelog,
+            self.log_key,
             origin=settings.replica_id,
             maxlen=settings.changelog_maxlen,
             exact_trim=settings.exact_trim,

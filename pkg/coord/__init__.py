@@ -10,13 +10,21 @@ Each module does one job and knows nothing about the service using it:
 - ``ownership``: fenced ownership records ``owner|address|fence`` acquired by a Lua
   compare-and-set with a strictly higher fence, refreshed, and deleted only by their holder.
 - ``changelog``: a replayable, bounded changelog over a Redis Stream with cursor-based gap
-  detection (trimmed past the cursor, stream lost, connection lost).
+  detection (trimmed past the cursor, stream lost, connection lost); ``ChangelogSet`` reads
+  one stream per writer as one (a writer never receives its own entries).
 - ``watermark``: per-entity watermarks so a stale change never rolls back fresher state.
 - ``scripts``: the compare-and-set Lua scripts (delete / extend only if the value is ours)
   shared by leases, ownership records and replica claims.
 """
 
-from pkg.coord.changelog import Changelog, ChangelogReader, Entry, GapDetected, Position
+from pkg.coord.changelog import (
+    Changelog,
+    ChangelogReader,
+    ChangelogSet,
+    Entry,
+    GapDetected,
+    Position,
+)
 from pkg.coord.fencing import (
     Announce,
     BatchOutcome,
@@ -35,6 +43,7 @@ __all__ = [
     "BatchOutcome",
     "Changelog",
     "ChangelogReader",
+    "ChangelogSet",
     "Entry",
     "FenceCounter",
     "FencedHash",

@@ -128,14 +128,7 @@ class Changelog:
 
         Taken before a snapshot, it is where replay resumes after the snapshot (tail-first).
         """
-        last = await self._redis.xrevrange(self.key, "+", "-", count=1)
-        if not last:
-            return Position()
-        entry_id, fields = last[0]
-        fields = fields or {}
-        # field names are bytes on a client that does not decode replies
-        n = fields.get(SEQ_FIELD, fields.get(_SEQ_NAMES[0], 0))
-        return Position(_text(entry_id), int(_text(n)))
+        return _tail_position(await self._redis.xrevrange(self.key, "+", "-", count=1))
 
     def reader(
         self, cursor: Position | None = None, skip_origin: str | None = None
@@ -202,31 +195,162 @@ class ChangelogReader:
             self._broken = False
             raise GapDetected("connection to Redis was lost")
         entries: list[Entry] = []
-        expected = self.position.index + 1
-        skip = self._skip_raw
-        last_id: bytes | str = ""
-        for raw_id, flat in _messages(reply):
-            # An entry not written through APPEND_LUA (no n first) cannot be placed: n = 0.
-            n = int(flat[1] or 0) if len(flat) >= 2 and flat[0] in _SEQ_NAMES else 0
-            if n != expected:
-                why = "trimmed past the cursor" if n > expected else "restarted (Redis lost it)"
-                raise GapDetected(
-                    f"changelog {why}: expected entry {expected} after {self.position.id}, "
-                    f"got {n} ({_text(raw_id)})"
-                )
-            expected += 1
-            last_id = raw_id
-            if skip is not None and len(flat) >= 4 and flat[3] == skip and flat[2] in _ORIGIN_NAMES:
-                continue
-            text = [_text(v) for v in flat]
-            fields = dict(zip(text[2::2], text[3::2], strict=False))
-            origin = fields.pop(ORIGIN_FIELD, "")
-            if self.skip_origin is not None and origin == self.skip_origin:
-                continue
-            entries.append(Entry(id=_text(raw_id), origin=origin, fields=fields))
-        if last_id:
-            self.position = Position(_text(last_id), expected - 1)
+        self.position = _parse(
+            self.key, self.position, _messages(reply), self._skip_raw, entries, self.skip_origin
+        )
         return entries
+
+
+class ChangelogSet:
+    """Several changelog streams read as one, each with its own cursor and gap check.
+
+    For one stream per writer: a writer appends only to its own stream (``Changelog`` or any
+    ``APPEND_LUA`` script on that key) and reads only the others', so it never receives its own
+    entries at all. Entries come back grouped by stream, each stream in order; nothing orders
+    entries of different streams (writers' state must be ordered by their own tokens anyway).
+
+    Streams join by ``add`` (from a registry the caller keeps, e.g. a Redis set). A ``watch``
+    stream, read along in the same ``XREAD``, carries no changelog entries, only wake-ups: any
+    entry there sets ``watch_fired`` so the caller re-reads its registry (a writer announces
+    its new stream there before its first write). The watch stream is not gap-checked: whatever
+    is missed there, the next entry makes the caller look at the registry as a whole.
+    """
+
+    def __init__(self, redis: aioredis.Redis, watch: str | None = None) -> None:
+        self._redis = aioredis.Redis(connection_pool=redis.connection_pool)
+        self._redis.set_response_callback("XREAD", _raw_reply)
+        self.positions: dict[str, Position] = {}
+        self.watch = watch
+        self.watch_cursor = START
+        self.watch_fired = False
+        self._broken = False
+
+    def add(self, key: str, position: Position | None = None) -> bool:
+        """Read ``key`` from after ``position`` (from its start by default: a stream first seen
+        must begin at entry 1, or it raises ``GapDetected``). False when already read."""
+        if key in self.positions:
+            return False
+        self.positions[key] = position or Position()
+        return True
+
+    def reset(self, positions: dict[str, Position], watch_cursor: str = START) -> None:
+        """Read exactly these streams from after these positions (tails taken before a
+        rehydration snapshot), and the watch stream after ``watch_cursor``."""
+        self.positions = dict(positions)
+        self.watch_cursor = watch_cursor
+        self.watch_fired = False
+        self._broken = False
+
+    async def read(self, block_ms: int = 1000, count: int = 1000) -> list[Entry]:
+        """Entries after every stream's cursor (waiting up to ``block_ms``); advances cursors.
+
+        Raises ``GapDetected`` when a stream's next entry is not the one after its cursor, or
+        after a connection error (nothing of that read is returned); connection errors pass
+        through.
+        """
+        keys = list(self.positions)
+        ids = [self.positions[k].id for k in keys]
+        if self.watch is not None:
+            keys.append(self.watch)
+            ids.append(self.watch_cursor)
+        if not keys:
+            raise ValueError("nothing to read: no stream and no watch stream")
+        try:
+            reply = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", *keys, *ids,
+                **{NEVER_DECODE: True},
+            )  # fmt: skip
+        except (RedisError, OSError):
+            self._broken = True
+            raise
+        if self._broken:
+            self._broken = False
+            raise GapDetected("connection to Redis was lost")
+        entries: list[Entry] = []
+        advanced: dict[str, Position] = {}
+        for raw_key, messages in _streams(reply):
+            key = _text(raw_key)
+            if key == self.watch:
+                if messages:
+                    self.watch_cursor = _text(messages[-1][0])
+                    self.watch_fired = True
+                continue
+            position = self.positions.get(key)
+            if position is None:
+                continue
+            advanced[key] = _parse(key, position, messages, None, entries)
+        self.positions.update(advanced)
+        return entries
+
+    @staticmethod
+    async def tails(redis: aioredis.Redis, keys: list[str]) -> dict[str, Position]:
+        """The tail position of each stream (``Position()`` when empty or missing), in one
+        round trip: taken before a snapshot, where replay resumes after it."""
+        if not keys:
+            return {}
+        pipe = redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.xrevrange(key, "+", "-", count=1)
+        out: dict[str, Position] = {}
+        for key, last in zip(keys, await pipe.execute(), strict=True):
+            out[key] = _tail_position(last)
+        return out
+
+
+def _tail_position(last: Any) -> Position:
+    if not last:
+        return Position()
+    entry_id, fields = last[0]
+    fields = fields or {}
+    # field names are bytes on a client that does not decode replies
+    n = fields.get(SEQ_FIELD, fields.get(_SEQ_NAMES[0], 0))
+    return Position(_text(entry_id), int(_text(n)))
+
+
+def _parse(
+    key: str,
+    position: Position,
+    messages: Any,
+    skip: bytes | None,
+    entries: list[Entry],
+    skip_origin: str | None = None,
+) -> Position:
+    """Check and decode one stream's raw messages after ``position`` into ``entries``
+    (dropping those from ``skip``); returns the new position or raises ``GapDetected``."""
+    expected = position.index + 1
+    last_id: bytes | str = ""
+    for raw_id, flat in messages:
+        # An entry not written through APPEND_LUA (no n first) cannot be placed: n = 0.
+        n = int(flat[1] or 0) if len(flat) >= 2 and flat[0] in _SEQ_NAMES else 0
+        if n != expected:
+            why = "trimmed past the cursor" if n > expected else "restarted (Redis lost it)"
+            raise GapDetected(
+                f"changelog {key} {why}: expected entry {expected} after {position.id}, "
+                f"got {n} ({_text(raw_id)})"
+            )
+        expected += 1
+        last_id = raw_id
+        if skip is not None and len(flat) >= 4 and flat[3] == skip and flat[2] in _ORIGIN_NAMES:
+            continue
+        text = [_text(v) for v in flat]
+        fields = dict(zip(text[2::2], text[3::2], strict=False))
+        origin = fields.pop(ORIGIN_FIELD, "")
+        if skip_origin is not None and origin == skip_origin:
+            continue
+        entries.append(Entry(id=_text(raw_id), origin=origin, fields=fields))
+    if not last_id:
+        return position
+    return Position(_text(last_id), expected - 1)
+
+
+def _streams(reply: Any) -> list[tuple[Any, Any]]:
+    """``(stream, messages)`` pairs of a raw XREAD reply."""
+    if not reply:
+        return []
+    # RESP3 answers a map {stream: messages}, RESP2 a list of [stream, messages] pairs.
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return [(pair[0], pair[1]) for pair in reply]
 
 
 def _messages(reply: Any) -> list[Any]:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from pkg.coord import Announce, Changelog, FencedHash, GapDetected, PutBatch
+from pkg.coord import Announce, Changelog, ChangelogSet, FencedHash, GapDetected, PutBatch
 from pkg.coord.changelog import Position, parse_id
 from tests.waiting import eventually
 
@@ -226,3 +226,68 @@ async def test_reader_from_the_start_of_a_trimmed_stream_reports_the_gap(
         await log.append("a", {"i": str(i)})
     with pytest.raises(GapDetected):
         await log.reader().read(block_ms=50)
+
+
+# -- one stream per writer, read as one set ---------------------------------------------------
+
+
+async def test_a_set_reads_each_writers_stream_in_order_and_nothing_of_its_own(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    logs = {name: Changelog(redis, f"{prefix}:log:{name}") for name in ("a", "b", "c")}
+    reader_of_a = ChangelogSet(redis, watch=f"{prefix}:watch")
+    for name in ("b", "c"):  # a reads the others' streams only
+        reader_of_a.add(logs[name].key)
+    for i in range(4):
+        for name, log in logs.items():
+            await log.append(name, {"i": str(i)})
+    entries = await reader_of_a.read(block_ms=100)
+    by_origin = {o: [e.fields["i"] for e in entries if e.origin == o] for o in ("a", "b", "c")}
+    assert by_origin == {"a": [], "b": ["0", "1", "2", "3"], "c": ["0", "1", "2", "3"]}
+    assert reader_of_a.positions[logs["b"].key] == await logs["b"].tail()
+    tails = await ChangelogSet.tails(redis, [logs["b"].key, logs["c"].key, f"{prefix}:none"])
+    assert tails[f"{prefix}:none"] == Position() and tails[logs["c"].key].index == 4
+    assert await reader_of_a.read(block_ms=50) == []
+
+
+async def test_a_gap_in_one_stream_of_the_set_is_detected_and_reset_recovers(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    small = Changelog(redis, f"{prefix}:log:b", maxlen=3, exact_trim=True)
+    other = Changelog(redis, f"{prefix}:log:c")
+    reader = ChangelogSet(redis)
+    reader.add(small.key)
+    reader.add(other.key)
+    await small.append("b", {"i": "0"})
+    await other.append("c", {"i": "0"})
+    assert len(await reader.read(block_ms=100)) == 2
+    for i in range(1, 10):  # b's stream keeps 3: entries after the cursor are gone
+        await small.append("b", {"i": str(i)})
+    with pytest.raises(GapDetected, match="trimmed"):
+        await reader.read(block_ms=100)
+    reader.reset(await ChangelogSet.tails(redis, [small.key, other.key]))
+    await other.append("c", {"i": "1"})
+    assert [e.fields["i"] for e in await reader.read(block_ms=100)] == ["1"]
+
+
+async def test_a_stream_joining_later_is_read_from_its_first_entry_after_a_wake_up(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    watch = f"{prefix}:watch"
+    reader = ChangelogSet(redis, watch=watch)
+    pending = asyncio.create_task(reader.read(block_ms=5000))
+    await asyncio.sleep(0.1)  # blocked on the watch stream alone
+    late = Changelog(redis, f"{prefix}:log:late")
+    await redis.xadd(watch, {"replica": "late"})  # announced before its first write
+    await late.append("late", {"i": "0"})
+    assert await asyncio.wait_for(pending, 5) == []
+    assert reader.watch_fired, "the reader is told to look at its registry"
+    assert reader.add(late.key) and not reader.add(late.key)
+    assert [e.fields["i"] for e in await reader.read(block_ms=100)] == ["0"]
+    # A stream first seen past its first entry (trimmed before it was read) is a gap.
+    trimmed = Changelog(redis, f"{prefix}:log:old", maxlen=2, exact_trim=True)
+    for i in range(5):
+        await trimmed.append("old", {"i": str(i)})
+    reader.add(trimmed.key)
+    with pytest.raises(GapDetected):
+        await reader.read(block_ms=100)

@@ -177,3 +177,42 @@ async def test_a_write_refused_by_redis_fails_only_its_own_writer(
     assert not isinstance(results[0], BaseException) and not isinstance(results[2], BaseException)
     assert await a.redis.exists(a.keys.node("free"), a.keys.node("free2")) == 2
     assert redis_codec.decode(await a.redis.hget(a.keys.node("taken"), "rec")).owner == "b"
+
+
+async def test_a_replica_never_reads_back_its_own_writes(store_factory: StoreFactory) -> None:
+    a = await store_factory("a")
+    b = await store_factory("b")
+    for i in range(30):
+        await a.stage(make_record(f"n{i}", owner="a", fence=1))
+    await eventually(lambda: len(b.snapshot()) == 30)
+    assert a.log_key not in a._sync_loop.reader.positions, "a reads only the others' streams"
+    assert b._sync_loop.reader.positions[a.log_key].index >= 30
+    assert a.counters.remote_applied == 0 and a.counters.remote_stale == 0
+    assert await a.redis.xlen(a.log_key) >= 30 and await a.redis.xlen(b.log_key) == 0
+
+
+async def test_a_replica_started_later_is_read_from_its_first_write(
+    store_factory: StoreFactory,
+) -> None:
+    a = await store_factory("a")
+    late = await store_factory("late")  # registers its stream, then writes at once
+    await late.put(make_record("n1", owner="late", fence=1))
+    await eventually(lambda: a.get("n1") is not None)
+    assert late.log_key in a._sync_loop.reader.positions
+    assert a._sync_loop.rehydrations == 1, "discovered without a gap or a rehydration"
+
+
+async def test_replicas_silent_past_the_retention_leave_the_registry(
+    store_factory: StoreFactory,
+) -> None:
+    first = await store_factory("first", record_ttl_s=30.0)
+    keys = first.keys
+    await first.redis.zadd(keys.logs, {"ghost": 1.0})  # last heartbeat long ago
+    await first.redis.xadd(keys.log("ghost"), {"n": "1"})
+    b = await store_factory("b", record_ttl_s=30.0)
+    assert keys.log("ghost") not in b._sync_loop.reader.positions
+    assert await b.redis.zscore(keys.logs, "ghost") is None
+    assert await b.redis.zscore(keys.logs, "first") is not None
+    await b.put(make_record("n1", owner="b", fence=1))
+    await b._sync_loop._heartbeat()  # every few seconds: the stream lives while b does
+    assert 0 < await b.redis.pttl(b.log_key) <= 30_000

@@ -12,6 +12,7 @@ import pytest
 
 from pkg.clients import Policy
 from pkg.clients.foghorn import FoghornClient
+from pkg.coord import ChangelogSet
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 from tests.foghorn.conftest import TOKEN, NodeStream, register_msg, report_msg
 from tests.foghorn_ha.conftest import eventually
@@ -235,8 +236,9 @@ async def test_graceful_stop_hands_nodes_over_without_marking_them_down(
     await a.stop(grace=0.2)
     assert await b.ha.ownership.lookup("edge-1") is None, "released for the next replica"
     loop = b.store._sync_loop  # b has applied everything a ever wrote:
-    tail = await loop.changelog.tail()
-    await eventually(lambda: loop.reader.position.index >= tail.index)
+    a_log = b.store.keys.log("a")
+    tail = (await ChangelogSet.tails(b.store.redis, [a_log]))[a_log]
+    await eventually(lambda: loop.reader.positions[a_log].index >= tail.index)
     assert b.store.get("edge-1").connected and False not in states
     # the node reconnects to b (as edge-sim does through pkg.clients) and b owns it
     await stream.close()

@@ -47,7 +47,7 @@ async def _redis_cpu(store: RedisNodeStore, node_id: str) -> float | None:
 
 async def _changelog_of(store: RedisNodeStore, node_id: str) -> list[int]:
     """Versions of the node's put entries in the changelog, in append order."""
-    entries = await store.redis.xrange(store.keys.changelog)
+    entries = await store.redis.xrange(store.log_key)
     return [int(f["ver"]) for _, f in entries if f.get("id") == node_id and f["op"] == "put"]
 
 
