@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
+from signalman import wire
 from signalman.session import (
     ChannelRequest,
     Dropped,
@@ -31,32 +30,27 @@ STATUS_NUMBERS = {
 }
 
 
-def event_proto(out: OutEvent) -> pb.Event:
-    e = out.entry.event
-    data_json = out.entry.data_json or json.dumps(e.data, default=str, separators=(",", ":"))
-    return pb.Event(
-        channel=out.subscription,
-        offset=out.entry.offset,
-        epoch=out.epoch,
-        id=e.id,
-        type=e.type,
-        tenant=e.tenant,
-        time=e.time,
-        schema_version=e.schema_version,
-        source=e.source,
-        data_json=data_json,
-    )
+def events_message(events: list[OutEvent]) -> bytes:
+    """A serialized ``ServerMessage`` with one event, or an ``EventBatch`` of several (the common
+    case under load), spliced from the bytes the history stores: nothing is parsed or built per
+    event (see ``signalman.wire``)."""
+    encoded = [e.entry.wire_event(e.subscription, e.epoch) for e in events]
+    if len(encoded) == 1:
+        return wire.event_message(encoded[0])
+    return wire.batch_message(encoded)
 
 
-def batch_proto(events: list[OutEvent]) -> pb.ServerMessage:
-    """Several waiting events in one message (the common case under load)."""
-    return pb.ServerMessage(batch=pb.EventBatch(events=[event_proto(e) for e in events]))
+def serialize(message: pb.ServerMessage | bytes) -> bytes:
+    """The Subscribe stream's serializer: events arrive already serialized."""
+    if isinstance(message, bytes):
+        return message
+    return message.SerializeToString()
 
 
 def to_proto(out: Out) -> pb.ServerMessage:
     """One outgoing session message as a ``ServerMessage``."""
     if isinstance(out, OutEvent):
-        return pb.ServerMessage(event=event_proto(out))
+        return pb.ServerMessage.FromString(events_message([out]))
     if isinstance(out, OutSubscribed):
         return pb.ServerMessage(
             request_id=out.request_id,

@@ -18,7 +18,7 @@ import grpc.aio
 import structlog
 from google.protobuf.message import DecodeError
 
-from api_realtime.convert import batch_proto, channel_requests, to_proto
+from api_realtime.convert import channel_requests, events_message, serialize, to_proto
 from pkg.common.auth import current_principal
 from pkg.events.envelope import EnvelopeError, event_from_dict
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
@@ -101,12 +101,12 @@ class SignalmanServicer:
                 return
             if isinstance(out, OutEvent):
                 events = [out, *session.take_events(MAX_BATCH - 1)]
-                message = batch_proto(events) if len(events) > 1 else to_proto(out)
-                await context.write(message)
-                now = self.hub.clock.time()
-                for item in events:
-                    if age_sampled(item.entry.offset):
-                        record_age(now, item.entry.event.time, "delivered")
+                await context.write(events_message(events))
+                sampled = [e.entry for e in events if age_sampled(e.entry.offset)]
+                if sampled:
+                    now = self.hub.clock.time()
+                    for entry in sampled:
+                        record_age(now, entry.time, "delivered")
                 continue
             await context.write(to_proto(out))
 
@@ -224,7 +224,7 @@ def add_to_server(servicer: SignalmanServicer, server: grpc.aio.Server) -> None:
         "Subscribe": grpc.stream_stream_rpc_method_handler(
             servicer.Subscribe,
             request_deserializer=None,  # bytes: decoded in _read with a clear error
-            response_serializer=pb.ServerMessage.SerializeToString,
+            response_serializer=serialize,  # events are written as bytes (signalman.wire)
         ),
         "GetStats": grpc.unary_unary_rpc_method_handler(
             servicer.GetStats,

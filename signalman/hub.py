@@ -1,8 +1,11 @@
-"""The hub: tenant feeds that read the shared history and fan entries out to local sessions.
+"""The hub: one tail that reads the shared history and fans entries out to local sessions.
 
-One feed task per tenant with local subscribers follows the tenant's history (Redis XREAD BLOCK or
-the in-memory condition) and calls ``Session.offer`` for each entry, which never blocks: a slow
-subscriber is dropped, it cannot slow the feed. Per-tenant connection caps are enforced here.
+A replica keeps a feed per tenant with local subscribers (its position and epoch) and one tail
+task that follows all of them with a single read (``History.wait_many``: one Redis XREAD BLOCK
+over every tenant's stream, or the in-memory condition), then calls ``Session.offer`` for each
+entry, which never blocks: a slow subscriber is dropped, it cannot slow the tail. A new feed
+interrupts the read in flight so that it is included at once. Per-tenant connection caps are
+enforced here.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import structlog
 from pkg.clients.backoff import Backoff
 from pkg.common.auth import Principal
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-from signalman.history import History
+from signalman.history import Entry, History
 from signalman.session import FeedRegistry, Session
 
 log = structlog.get_logger("signalman.hub")
@@ -33,8 +36,10 @@ class Feed:
     position: int = 0
     epoch: str = ""
     sessions: set[Session] = field(default_factory=set)
-    task: asyncio.Task[None] | None = None
+    task: asyncio.Task[None] | None = None  # start-up: reads the position, then the tail has it
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    ready_at: float = 0.0  # when it started (monotonic)
+    checked_at: float = 0.0  # last time entries arrived or the epoch was checked (monotonic)
 
 
 class Hub(FeedRegistry):
@@ -61,6 +66,9 @@ class Hub(FeedRegistry):
         self.per_tenant: dict[str, int] = {}
         self.dropped_total = 0
         self._ids = itertools.count(1)
+        self._tail: asyncio.Task[None] | None = None
+        self._read: asyncio.Future[dict[str, list[Entry]]] | None = None  # the tail's read
+        self._wake = asyncio.Event()  # a feed became ready while the tail had none to read
 
     # -- sessions --------------------------------------------------------------------------------
     def open_session(self, principal: Principal) -> Session:
@@ -97,9 +105,9 @@ class Hub(FeedRegistry):
         feed = self.feeds.get(tenant)
         if feed is None:
             feed = self.feeds[tenant] = Feed(tenant)
-            feed.task = asyncio.create_task(self._run_feed(feed), name=f"feed-{tenant}")
+            feed.task = asyncio.create_task(self._start_feed(feed), name=f"feed-{tenant}")
         await feed.ready.wait()
-        # No await between reading the position and joining: the feed dispatches everything
+        # No await between reading the position and joining: the tail dispatches everything
         # after ``position`` to this session, the session replays everything up to it.
         feed.sessions.add(session)
         return feed.position
@@ -110,53 +118,112 @@ class Hub(FeedRegistry):
             return
         feed.sessions.discard(session)
         if not feed.sessions and feed.ready.is_set():
-            self.feeds.pop(tenant, None)
-            if feed.task is not None:
-                feed.task.cancel()
+            self.feeds.pop(tenant, None)  # the tail stops reading it at its next read
 
-    async def _run_feed(self, feed: Feed) -> None:
+    async def _start_feed(self, feed: Feed) -> None:
+        """Where a new feed starts (the history's head), then hand it to the tail."""
         backoff = Backoff(base=0.05, cap=2.0, clock=self.clock)  # jitter: feeds retry apart
         while True:
             try:
-                if not feed.ready.is_set():
-                    info = await self.history.info(feed.tenant)
-                    feed.position, feed.epoch = info.head_offset, info.epoch
-                    feed.ready.set()
-                elif backoff.attempt:
-                    # The history store was unreachable: it may have come back empty (a restart
-                    # without persistence). Check before reading on from an old position.
-                    await self._check_epoch(feed)
-                entries = await self.history.wait_after(
-                    feed.tenant, feed.position, self.poll_timeout
-                )
-                backoff.reset()
-                if entries and entries[0].offset <= feed.position:
-                    await self._check_epoch(feed)  # offsets went backwards: history was reset
-                    continue
-                if entries and feed.epoch and entries[0].epoch not in ("", feed.epoch):
-                    # The store lost the history under a read that reconnected without an error
-                    # (redis-py retries it): the new epoch's offsets restarted at 1 and are now
-                    # past our position. Dispatching them under the old epoch would skip the
-                    # ones below it without a gap.
-                    await self._check_epoch(feed)
-                    continue
-                if not entries:
-                    if not feed.sessions and self.feeds.get(feed.tenant) is feed:
-                        self.feeds.pop(feed.tenant)  # everyone left while it was starting
-                        return
-                    await self._check_epoch(feed)
-                    continue
-                if not feed.epoch:
-                    feed.epoch = (await self.history.info(feed.tenant)).epoch
-                for entry in entries:
-                    feed.position = entry.offset
-                    for session in list(feed.sessions):
-                        session.offer(feed.tenant, entry, feed.epoch)
+                info = await self.history.info(feed.tenant)
+                break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("feed_read_failed", tenant=feed.tenant, error=repr(exc)[:200])
+                log.warning("feed_start_failed", tenant=feed.tenant, error=repr(exc)[:200])
                 await backoff.wait()
+        feed.position, feed.epoch = info.head_offset, info.epoch
+        feed.ready_at = feed.checked_at = self.clock.monotonic()
+        feed.ready.set()
+        feed.task = None
+        if self._tail is None or self._tail.done():
+            self._tail = asyncio.create_task(self._run_tail(), name="history-tail")
+        elif self._read is not None and not self._read.done():
+            # The read in flight does not include this feed: start another one that does
+            # (redis-py closes the connection of a cancelled blocking read; once per new tenant).
+            self._read.cancel()
+        self._wake.set()
+
+    def _tailed(self) -> dict[str, Feed]:
+        """Feeds the tail reads. One without sessions is one that everyone left while it was
+        starting (the last to leave a started feed removes it): forgotten after a while, never
+        before its first subscribers have had the time to join it."""
+        tailed = {}
+        now = self.clock.monotonic()
+        for tenant, feed in list(self.feeds.items()):
+            if not feed.ready.is_set():
+                continue
+            if not feed.sessions and now - feed.ready_at >= self.poll_timeout:
+                self.feeds.pop(tenant)
+                continue
+            tailed[tenant] = feed
+        return tailed
+
+    async def _run_tail(self) -> None:
+        backoff = Backoff(base=0.05, cap=2.0, clock=self.clock)
+        while True:
+            feeds = self._tailed()
+            if not feeds:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                if backoff.attempt:
+                    # The history store was unreachable: it may have come back empty (a restart
+                    # without persistence). Check before reading on from old positions.
+                    for feed in feeds.values():
+                        await self._check_epoch(feed)
+                self._read = asyncio.ensure_future(
+                    self.history.wait_many(
+                        {t: f.position for t, f in feeds.items()}, self.poll_timeout
+                    )
+                )
+                try:
+                    got = await self._read
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is not None and task.cancelling():
+                        raise  # the hub is closing
+                    continue  # interrupted: a new feed joins the next read
+                finally:
+                    self._read = None
+                backoff.reset()
+                now = self.clock.monotonic()
+                for tenant, entries in got.items():
+                    feed = feeds[tenant]
+                    if self.feeds.get(tenant) is feed:  # (not left meanwhile)
+                        await self._dispatch(feed, entries)
+                        feed.checked_at = now
+                # A quiet tenant's history may have been lost under reads that reconnected
+                # without an error (redis-py retries them): check it now and then.
+                for feed in feeds.values():
+                    if now - feed.checked_at >= self.poll_timeout:
+                        await self._check_epoch(feed)
+                        feed.checked_at = now
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("tail_read_failed", tenants=len(feeds), error=repr(exc)[:200])
+                await backoff.wait()
+
+    async def _dispatch(self, feed: Feed, entries: list[Entry]) -> None:
+        if entries[0].offset <= feed.position:
+            await self._check_epoch(feed)  # offsets went backwards: history was reset
+            return
+        if feed.epoch and entries[0].epoch not in ("", feed.epoch):
+            # The store lost the history under a read that reconnected without an error
+            # (redis-py retries it): the new epoch's offsets restarted at 1 and are now past our
+            # position. Dispatching them under the old epoch would skip the ones below it
+            # without a gap.
+            await self._check_epoch(feed)
+            return
+        if not feed.epoch:
+            feed.epoch = (await self.history.info(feed.tenant)).epoch
+        tenant, epoch = feed.tenant, feed.epoch
+        for entry in entries:
+            feed.position = entry.offset
+            for session in list(feed.sessions):
+                session.offer(tenant, entry, epoch)
 
     async def _check_epoch(self, feed: Feed) -> None:
         """A lost history restarts offsets under a new epoch: subscribers must resume (and be
@@ -171,9 +238,13 @@ class Hub(FeedRegistry):
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             session.drop("UNAVAILABLE", "replica shutting down; reconnect and resume")
-        for feed in list(self.feeds.values()):
-            if feed.task is not None:
-                feed.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await feed.task
+        tasks = [f.task for f in self.feeds.values() if f.task is not None]
+        if self._tail is not None:
+            tasks.append(self._tail)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tail = None
         self.feeds.clear()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pkg.events.envelope import EnvelopeError, decode_record
 from pkg.events.sink import Event
 from signalman.channels import UnknownEventType, classify
-from signalman.redact import redact
+from signalman.redact import needs_redaction, redact
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,12 @@ def process_events(events: list[Event]) -> Processed | Poison:
     try:
         for event in events:
             channel = classify(event.type, event.tenant)
-            redacted = Event(event.type, event.tenant, redact(event.data), event.id, event.time,
-                             event.schema_version, event.source)  # fmt: skip
-            items.append((channel, redacted))
+            # Most events carry nothing to redact: passed on as decoded, not copied.
+            clean = event
+            if needs_redaction(event.data):
+                clean = Event(event.type, event.tenant, redact(event.data), event.id, event.time,
+                              event.schema_version, event.source)  # fmt: skip
+            items.append((channel, clean))
     except UnknownEventType as exc:
         return Poison(str(exc))
     return Processed(tenant=events[0].tenant, items=items)

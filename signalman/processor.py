@@ -6,11 +6,13 @@ dead-letter destination is a callable the caller provides.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
 from opentelemetry import metrics
+from opentelemetry.metrics import CallbackOptions, Observation
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from signalman.history import AppendResult, History, SourcePos
@@ -18,10 +20,29 @@ from signalman.pipeline import Poison, Processed, process_record
 
 log = structlog.get_logger("signalman.processor")
 _meter = metrics.get_meter("signalman")
-_processed = _meter.create_counter("signalman_records_processed", description="records handled")
-_appended = _meter.create_counter("signalman_events_appended", description="events in history")
-_duplicates = _meter.create_counter(
-    "signalman_duplicate_appends_skipped", description="replayed records already in history"
+# Processors of this process: the hot-path counters below are read from their own stats when
+# metrics are collected, instead of being added to per batch (an OpenTelemetry add costs several
+# microseconds, as much as decoding a record).
+_processors: weakref.WeakSet[Processor] = weakref.WeakSet()
+
+
+def _observe(stat: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+    def observe(_options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(sum(getattr(p.stats, stat) for p in list(_processors)))]
+
+    return observe
+
+
+_meter.create_observable_counter(
+    "signalman_records_processed", [_observe("records")], description="records handled"
+)
+_meter.create_observable_counter(
+    "signalman_events_appended", [_observe("appended")], description="events in history"
+)
+_meter.create_observable_counter(
+    "signalman_duplicate_appends_skipped",
+    [_observe("duplicates")],
+    description="replayed records already in history",
 )
 _dead = _meter.create_counter("signalman_dead_lettered", description="poison records")
 AGE_BUCKETS_MS = (1, 2, 5, 10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 250, 500, 1_000, 2_500, 10_000)
@@ -40,9 +61,10 @@ _fenced = _meter.create_counter(
 
 
 # One event in AGE_SAMPLE_EVERY (by offset, so independent of its latency) is observed: a
-# histogram observation costs ~10 us, more than decoding the event, and was 12% of a replica's CPU
-# at 2,000 events/s when every event was observed at every stage.
-AGE_SAMPLE_EVERY = 8
+# histogram observation costs 10-50 us, more than decoding the event; every event at every stage
+# was 12% of a replica's CPU at 2,000 events/s, and one in 8 still 5-10% (CPU-time samples).
+# One in 16 still gives a few hundred observations per stage in a benchmark's 3.5 s at 2,000/s.
+AGE_SAMPLE_EVERY = 16
 _STAGE_ATTRS = {s: {"stage": s} for s in ("fetched", "appended", "delivered")}
 
 
@@ -110,6 +132,7 @@ class Processor:
         self.dead_letter = dead_letter
         self.clock = clock
         self.stats = ProcessorStats()
+        _processors.add(self)
 
     async def handle(
         self,
@@ -141,9 +164,7 @@ class Processor:
                 await self._dead_letter(rec, result)
             else:
                 pending.append((i, result, rec.source))
-        # Counters once per batch: each add costs ~6 us, as much as decoding a record.
-        self.stats.records += len(records)
-        _processed.add(len(records))
+        self.stats.records += len(records)  # (exported by _observe)
         if fetched_at is not None:
             for _, processed, src in pending:
                 if age_sampled(src.offset):
@@ -163,12 +184,8 @@ class Processor:
                 duplicates += 1
             else:
                 self._fenced(res, src, fence)
-        if appended:
-            self.stats.appended += appended
-            _appended.add(appended)
-        if duplicates:
-            self.stats.duplicates += duplicates
-            _duplicates.add(duplicates)
+        self.stats.appended += appended
+        self.stats.duplicates += duplicates
         return outcomes
 
     async def _dead_letter(self, rec: RecordIn, poison: Poison) -> None:
@@ -194,10 +211,8 @@ class Processor:
             self._fenced(res, source, fence)
         elif res.status == "duplicate":
             self.stats.duplicates += 1
-            _duplicates.add(1)
         else:
             self.stats.appended += len(res.offsets)
-            _appended.add(len(res.offsets))
         return Outcome(res.status, res.offsets)
 
     def _fenced(self, res: AppendResult, source: SourcePos, fence: int) -> None:

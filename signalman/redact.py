@@ -37,6 +37,18 @@ def _key_kind(key: str) -> int:
     return 0
 
 
+def needs_redaction(data: dict[str, Any]) -> bool:
+    """Whether ``redact`` would change a flat object: False for most events (no secret or address
+    key, no nested value), which are then used as they are instead of copied."""
+    for key, value in data.items():
+        if type(value) is dict or type(value) is list:
+            return True
+        k = str(key)
+        if (_key_kind(k) if len(k) <= 64 else _key_kind.__wrapped__(k)) != 0:
+            return True
+    return False
+
+
 def redact(data: Any, depth: int = 0) -> Any:
     """A copy of ``data`` with secret-looking keys replaced and IP addresses truncated."""
     if depth > MAX_DEPTH:

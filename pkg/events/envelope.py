@@ -19,8 +19,25 @@ ENVELOPE_VERSION = 1
 MAX_SCHEMA_VERSION = 1
 MAX_BATCH = 1_000
 
-_TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+# fullmatch: ``$`` alone would also accept a trailing newline ("acme\n").
+_TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+_TYPE_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
+# Tenants and event types repeat on every record: once one has passed its regex it is found in a
+# set (a regex match per field and event was a tenth of decoding one). Bounded: past the cap,
+# new names are still checked, just not remembered.
+_KNOWN_CAP = 10_000
+_known_tenants: set[str] = set()
+_known_types: set[str] = set()
+
+
+def _valid(value: str, pattern: re.Pattern[str], known: set[str]) -> bool:
+    if value in known:
+        return True
+    if pattern.fullmatch(value) is None:
+        return False
+    if len(known) < _KNOWN_CAP:
+        known.add(value)
+    return True
 
 
 class EnvelopeError(ValueError):
@@ -58,12 +75,13 @@ def encode_batch(events: Iterable[Event]) -> bytes:
 
 def valid_tenant(tenant: str) -> bool:
     """Tenants are short identifiers: they become Kafka keys and Redis key parts."""
-    return bool(_TENANT_RE.match(tenant))
+    return _valid(tenant, _TENANT_RE, _known_tenants)
 
 
 def event_from_dict(obj: Any, where: str = "event") -> Event:
     """Validate one event object; raises ``EnvelopeError`` naming the bad field."""
-    if not isinstance(obj, Mapping):
+    # type() first: what json.loads returns is a dict, and an ABC isinstance check is slow.
+    if type(obj) is not dict and not isinstance(obj, Mapping):
         raise EnvelopeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     tenant = obj.get("tenant")
     if not isinstance(tenant, str) or not tenant:
@@ -71,13 +89,13 @@ def event_from_dict(obj: Any, where: str = "event") -> Event:
     if not valid_tenant(tenant):
         raise EnvelopeError(f"{where}.tenant: {tenant[:40]!r} is not a valid tenant id")
     etype = obj.get("type")
-    if not isinstance(etype, str) or not _TYPE_RE.match(etype):
+    if not isinstance(etype, str) or not _valid(etype, _TYPE_RE, _known_types):
         raise EnvelopeError(f"{where}.type: {str(etype)[:40]!r} is not a dotted event type")
     eid = obj.get("id")
     if not isinstance(eid, str) or not eid or len(eid) > 128:
         raise EnvelopeError(f"{where}.id: missing or not a string of at most 128 characters")
     version = obj.get("schema_version", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    if type(version) is not int or version < 1:  # (not a bool either)
         raise EnvelopeError(f"{where}.schema_version: expected a positive integer")
     if version > MAX_SCHEMA_VERSION:
         raise EnvelopeError(
@@ -85,7 +103,7 @@ def event_from_dict(obj: Any, where: str = "event") -> Event:
             retryable=True,
         )
     when = obj.get("time", 0.0)
-    if not isinstance(when, int | float) or isinstance(when, bool):
+    if type(when) is not float and type(when) is not int:  # (not a bool either)
         raise EnvelopeError(f"{where}.time: expected a number (unix seconds)")
     data = obj.get("data", {})
     if not isinstance(data, dict):
@@ -119,7 +137,7 @@ def decode_record(value: bytes | None, key: bytes | None = None) -> list[Event]:
     if not isinstance(obj, dict):
         raise EnvelopeError(f"envelope: expected a JSON object, got {type(obj).__name__}")
     version = obj.get("v")
-    if version != ENVELOPE_VERSION:
+    if type(version) is not int or version != ENVELOPE_VERSION:  # (true == 1 in Python)
         raise EnvelopeError(
             f"envelope.v: {version!r} is not a supported envelope version",
             retryable=isinstance(version, int) and version > ENVELOPE_VERSION,
@@ -133,7 +151,7 @@ def decode_record(value: bytes | None, key: bytes | None = None) -> list[Event]:
         events = [event_from_dict(item, f"batch[{i}]") for i, item in enumerate(batch)]
     else:
         events = [event_from_dict(obj)]
-    tenants = {e.tenant for e in events}
+    tenants = {e.tenant for e in events} if len(events) > 1 else ()
     if len(tenants) > 1:
         raise EnvelopeError(f"envelope.batch: mixes tenants {sorted(tenants)[:3]}")
     if key is not None and key.decode(errors="replace") != events[0].tenant:

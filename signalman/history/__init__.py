@@ -8,11 +8,16 @@ everything a tenant sees.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
-from pkg.events.envelope import event_to_dict
 from pkg.events.sink import Event
+from signalman import wire
+
+# At most this many entries per tenant and read of the tail (``History.wait_many``).
+TAIL_COUNT = 1_000
 
 
 @dataclass(frozen=True)
@@ -26,14 +31,40 @@ class SourcePos:
 
 @dataclass(frozen=True)
 class Entry:
-    """One event in a tenant's history. ``data_json`` is the event's data, encoded once and
-    shared by every subscriber it is sent to."""
+    """One event in a tenant's history.
+
+    ``body`` is the event in the subscribers' wire encoding (``signalman.wire``), made once when
+    it was appended: delivering it to any number of subscribers, on any replica, parses nothing.
+    ``event`` decodes it, only for whoever asks (replay filters, trimming, tests).
+    """
 
     offset: int
     channel: str
-    event: Event
-    data_json: str = ""
+    body: bytes
     epoch: str = ""  # the history epoch it was appended in ("" if not recorded)
+
+    @cached_property
+    def event(self) -> Event:
+        return wire.decode_body(self.body)
+
+    @property
+    def time(self) -> float:
+        """The event's time, without decoding its data."""
+        return wire.body_time(self.body)
+
+    def wire_event(self, subscription: str, epoch: str) -> bytes:
+        """The serialized ``signalman.v1.Event`` for a subscription to ``subscription``: made
+        once per entry and subscription channel, however many sessions receive it."""
+        key = (subscription, epoch)
+        encoded = self._wire.get(key)
+        if encoded is None:
+            encoded = self._wire[key] = wire.event_bytes(subscription, self.offset, epoch,
+                                                         self.body)  # fmt: skip
+        return encoded
+
+    @cached_property
+    def _wire(self) -> dict[tuple[str, str], bytes]:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -86,8 +117,10 @@ class History(Protocol):
         """Entries with offset > ``after``, oldest first, at most ``limit``."""
         ...
 
-    async def wait_after(self, tenant: str, after: int, wait_s: float) -> list[Entry]:
-        """Like ``read_after`` but waits up to ``wait_s`` seconds for something new."""
+    async def wait_many(self, after: Mapping[str, int], wait_s: float) -> dict[str, list[Entry]]:
+        """The entries after ``after[tenant]`` of each tenant that has some (oldest first, up to
+        ``TAIL_COUNT`` each), waiting up to ``wait_s`` seconds for any: one read serves every
+        tenant a replica tails (``{}`` if nothing arrived)."""
         ...
 
     async def trim(self, tenant: str, max_len: int, min_time: float) -> int:
@@ -103,27 +136,9 @@ class History(Protocol):
     async def close(self) -> None: ...
 
 
-# One encoder for every dump (json.dumps with options builds a new encoder on each call). Event
-# data comes from json.loads, so it has no cycles to check for.
-_encode = json.JSONEncoder(default=str, separators=(",", ":"), check_circular=False).encode
-
-
-def dump_event(event: Event) -> str:
-    return _encode(event_to_dict(event))
-
-
-def dump_meta(event: Event) -> str:
-    """The event without its data (stored apart, so subscribers get ``data_json`` as stored)."""
-    return _encode({**event_to_dict(event), "data": {}})
-
-
-def dump_data(event: Event) -> str:
-    return _encode(event.data)
-
-
 def load_event(raw: str | bytes, data: dict[str, Any] | None = None) -> Event:
-    """An event read back from the history: validated on the way in, so trusted here. ``data``
-    replaces the stored data (entries keep their data apart from the rest of the event)."""
+    """An event stored by an older version (its fields as JSON, ``data`` kept apart): such
+    entries stay readable through a rolling upgrade. Validated on the way in, so trusted here."""
     obj: Any = json.loads(raw)
     return Event(
         type=obj["type"],

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from pkg.events.sink import Event
-from signalman.history import AppendResult, Entry, HistoryInfo, SourcePos, dump_data
+from signalman import wire
+from signalman.history import TAIL_COUNT, AppendResult, Entry, HistoryInfo, SourcePos
 
 
 @dataclass
@@ -17,7 +19,6 @@ class _Tenant:
     epoch: str
     entries: deque[Entry] = field(default_factory=deque)
     seq: int = 0
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
 class MemoryHistory:
@@ -28,6 +29,7 @@ class MemoryHistory:
         self._tenants: dict[str, _Tenant] = {}
         self._fences: dict[tuple[str, int], int] = {}
         self._watermarks: dict[tuple[str, int], int] = {}
+        self._changed = asyncio.Condition()  # notified on every append: wakes wait_many
 
     def _tenant(self, tenant: str, create: bool) -> _Tenant | None:
         state = self._tenants.get(tenant)
@@ -51,12 +53,12 @@ class MemoryHistory:
         offsets = []
         for channel, event in items:
             state.seq += 1
-            state.entries.append(Entry(state.seq, channel, event, dump_data(event), state.epoch))
+            state.entries.append(Entry(state.seq, channel, wire.encode_body(event), state.epoch))
             offsets.append(state.seq)
         while len(state.entries) > self.max_len:
             state.entries.popleft()
-        async with state.changed:
-            state.changed.notify_all()
+        async with self._changed:
+            self._changed.notify_all()
         return AppendResult("appended", tuple(offsets), state.epoch, fence)
 
     async def append_many(
@@ -88,25 +90,30 @@ class MemoryHistory:
                     break
         return out
 
-    async def wait_after(self, tenant: str, after: int, wait_s: float) -> list[Entry]:
-        state = self._tenant(tenant, create=True)
-        assert state is not None
-        if state.seq <= after:
-            async with state.changed:
+    async def wait_many(self, after: Mapping[str, int], wait_s: float) -> dict[str, list[Entry]]:
+        def ready() -> bool:
+            return any(
+                (state := self._tenants.get(t)) is not None and state.seq > pos
+                for t, pos in after.items()
+            )
+
+        if after and not ready():
+            async with self._changed:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        state.changed.wait_for(lambda: state.seq > after), wait_s
-                    )
-        return await self.read_after(tenant, after, 1_000)
+                    await asyncio.wait_for(self._changed.wait_for(ready), wait_s)
+        out: dict[str, list[Entry]] = {}
+        for tenant, pos in after.items():
+            entries = await self.read_after(tenant, pos, TAIL_COUNT)
+            if entries:
+                out[tenant] = entries
+        return out
 
     async def trim(self, tenant: str, max_len: int, min_time: float) -> int:
         state = self._tenant(tenant, create=False)
         if state is None:
             return 0
         dropped = 0
-        while state.entries and (
-            len(state.entries) > max_len or state.entries[0].event.time < min_time
-        ):
+        while state.entries and (len(state.entries) > max_len or state.entries[0].time < min_time):
             state.entries.popleft()
             dropped += 1
         return dropped

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -21,20 +22,21 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import StreamRangeResponse, XReadResponse
 
 from pkg.events.sink import Event
+from signalman import wire
 from signalman.history import (
+    TAIL_COUNT,
     AppendResult,
     Entry,
     HistoryInfo,
     SourcePos,
-    dump_data,
-    dump_meta,
     load_event,
 )
 
 # Appends a whole fetched batch in one call (one round trip, one command to encode): KEYS are the
 # tenants set, then each source partition's hash, then (stream, seq, epoch) of each tenant. ARGV:
-# fence, a new-epoch candidate, maxlen, and the records as one JSON array of [partition key index,
-# index of the tenant's stream key, source offset, source, tenant, [channel, meta, data, ...]].
+# fence, a new-epoch candidate, maxlen, the records as one JSON array of [partition key index,
+# index of the tenant's stream key, source offset, source, tenant, [channel, body index, ...]],
+# then the events' bodies (binary: they cannot travel inside the JSON), each ARGV[body index].
 # Each record is checked on its own, in order (fence, watermark), exactly as if appended alone.
 _APPEND = """
 local fence = tonumber(ARGV[1])
@@ -77,13 +79,12 @@ for r = 1, #records do
       seen[ekey] = true
     end
     local items = rec[6]
-    local n = #items / 3
+    local n = #items / 2
     local last = redis.call('INCRBY', skey, n)
     local first = last - n + 1
     for i = 0, n - 1 do
       redis.call('XADD', hkey, 'MAXLEN', '~', maxlen, tostring(first + i) .. '-0',
-                 'c', items[1 + 3 * i], 'e', items[2 + 3 * i], 'd', items[3 + 3 * i],
-                 's', rec[4], 'p', epoch)
+                 'c', items[1 + 2 * i], 'b', ARGV[items[2 + 2 * i]], 's', rec[4], 'p', epoch)
     end
     out[r] = {'appended', tostring(first), tostring(n), epoch}
   end
@@ -102,6 +103,7 @@ return cur
 
 
 _encode_payload = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_FIRST_BODY = 5  # ARGV index of the first body: after fence, epoch, maxlen and the records
 
 
 class RedisHistory:
@@ -141,14 +143,16 @@ class RedisHistory:
                 keys.append(f"{self.prefix}:part:{source.topic}:{source.partition}")
         tenant_index: dict[str, int] = {}
         payload = []
+        bodies: list[bytes] = []
         for tenant, items, source in records:
             ti = tenant_index.get(tenant)
             if ti is None:
                 ti = tenant_index[tenant] = len(keys) + 1
                 keys += [self._k(tenant, "h"), self._k(tenant, "seq"), self._k(tenant, "epoch")]
-            flat: list[str] = []
+            flat: list[str | int] = []
             for channel, event in items:
-                flat += [channel, dump_meta(event), dump_data(event)]
+                bodies.append(wire.encode_body(event))
+                flat += [channel, _FIRST_BODY + len(bodies) - 1]  # its ARGV index (1-based)
             where = f"{source.topic}/{source.partition}/{source.offset}"
             pi = part_index[(source.topic, source.partition)]
             payload.append([pi, ti, str(source.offset), where, tenant, flat])
@@ -157,6 +161,7 @@ class RedisHistory:
             f"{self._epoch_prefix}{time.time_ns() & 0xFFFFFFFFFFF:011x}",
             self.max_len,
             _encode_payload(payload),
+            *bodies,
         ]
         return keys, args
 
@@ -214,14 +219,15 @@ class RedisHistory:
             return list(await pipe.execute())
 
     def _entries(self, rows: StreamRangeResponse | None) -> list[Entry]:
+        # The hot path of every replica's tail: no parsing beyond the stream entry itself.
         out = []
         for entry_id, fields in rows or ():
             if entry_id is None or fields is None:
                 continue  # a deleted entry: only XCLAIM returns those, never XRANGE or XREAD
-            data_json = _s(fields[b"d"])
-            event = load_event(fields[b"e"], json.loads(data_json))
-            epoch = _s(fields.get(b"p", b""))
-            out.append(Entry(_offset(entry_id), _s(fields[b"c"]), event, data_json, epoch))
+            body = fields.get(b"b")
+            if not isinstance(body, bytes):  # (the client never decodes: always bytes or None)
+                body = _legacy_body(fields)
+            out.append(Entry(_offset(entry_id), _s(fields[b"c"]), body, _s(fields.get(b"p", b""))))
         return out
 
     async def read_after(self, tenant: str, after: int, limit: int) -> list[Entry]:
@@ -230,11 +236,24 @@ class RedisHistory:
         )
         return self._entries(rows)
 
-    async def wait_after(self, tenant: str, after: int, wait_s: float) -> list[Entry]:
+    async def wait_many(self, after: Mapping[str, int], wait_s: float) -> dict[str, list[Entry]]:
+        # One XREAD BLOCK over every tenant's stream: a replica's tail costs one round trip per
+        # wake-up whatever the number of tenants it serves (one per tenant cost a command, a
+        # task wake-up and a Redis wake-up each, for every append).
+        if not after:
+            return {}
+        tenants = {self._k(t, "h").encode(): t for t in after}
         res = await self._redis.xread(
-            {self._k(tenant, "h"): f"{after}-0"}, count=1_000, block=max(1, int(wait_s * 1000))
+            {self._k(t, "h"): f"{pos}-0" for t, pos in after.items()},
+            count=TAIL_COUNT,
+            block=max(1, int(wait_s * 1000)),
         )
-        return self._entries(_xread_entries(res))
+        out: dict[str, list[Entry]] = {}
+        for stream, rows in _xread_streams(res):
+            tenant = tenants.get(stream if isinstance(stream, bytes) else stream.encode())
+            if tenant is not None and rows:
+                out[tenant] = self._entries(rows)
+        return out
 
     async def trim(self, tenant: str, max_len: int, min_time: float) -> int:
         key = self._k(tenant, "h")
@@ -242,7 +261,7 @@ class RedisHistory:
         # Age trimming cuts a prefix only (MINID), so history never gets holes in the middle.
         while True:
             rows = _rows(await self._redis.xrange(key, count=100))
-            young = next((r for r in rows if load_event(r[1][b"e"]).time >= min_time), None)
+            young = next((r for r in rows if _entry_time(r[1]) >= min_time), None)
             if young is not None:
                 cut = _offset(young[0])
             elif rows:
@@ -278,16 +297,25 @@ def _rows(raw: StreamRangeResponse | None) -> list[_Row]:
     return [(i, f) for i, f in raw or () if i is not None and f is not None]
 
 
-def _xread_entries(res: XReadResponse) -> StreamRangeResponse:
-    """The entries of the one stream an XREAD asked for. redis-py's default (legacy) reply is
-    ``[[stream, entries]]``; a client made with ``legacy_responses=False`` answers
+def _xread_streams(res: XReadResponse) -> list[tuple[bytes | str, StreamRangeResponse]]:
+    """(stream, entries) of each stream an XREAD answered for. redis-py's default (legacy) reply
+    is ``[[stream, entries], ...]``; a client made with ``legacy_responses=False`` answers
     ``{stream: entries}``."""
     if not res:
         return []
     if isinstance(res, dict):
         raise TypeError("RedisHistory needs a client with redis-py's legacy XREAD replies")
-    entries: StreamRangeResponse = res[0][1]
-    return entries
+    return [(stream, entries) for stream, entries in res]
+
+
+def _legacy_body(fields: dict[Any, Any]) -> bytes:
+    """The body of an entry an older version stored as JSON (event ``e`` and data ``d``)."""
+    return wire.encode_body(load_event(fields[b"e"], json.loads(fields[b"d"])))
+
+
+def _entry_time(fields: dict[Any, Any]) -> float:
+    body = fields.get(b"b")
+    return wire.body_time(body) if body is not None else float(load_event(fields[b"e"]).time)
 
 
 def _s(value: Any) -> str:
@@ -295,4 +323,5 @@ def _s(value: Any) -> str:
 
 
 def _offset(entry_id: Any) -> int:
-    return int(_s(entry_id).split("-", 1)[0])
+    raw = entry_id if isinstance(entry_id, bytes) else str(entry_id).encode()
+    return int(raw[: raw.index(b"-")])

@@ -89,14 +89,33 @@ async def test_trim_by_length_and_age_keeps_a_suffix(history: History) -> None:
     assert "acme" in await history.tenants()
 
 
-async def test_wait_after_returns_new_entries(history: History) -> None:
-    assert await history.wait_after("acme", 0, 0.05) == []
+async def test_wait_many_returns_new_entries(history: History) -> None:
+    assert await history.wait_many({"acme": 0}, 0.05) == {}
 
     async def later() -> None:
         await asyncio.sleep(0.05)
         await history.append("acme", [("streams", ev(7))], SourcePos("t", 0, 0), 1)
 
     task = asyncio.create_task(later())
-    got = await history.wait_after("acme", 0, 5.0)
+    got = await history.wait_many({"acme": 0}, 5.0)
     await task
-    assert [e.event.data["n"] for e in got] == [7]
+    assert [e.event.data["n"] for e in got["acme"]] == [7]
+
+
+async def test_one_wait_serves_every_tenant_from_its_own_position(history: History) -> None:
+    for i, tenant in enumerate(["acme", "globex", "acme", "initech"]):
+        await history.append(tenant, [("streams", ev(i, tenant))], SourcePos("t", 0, i), 1)
+    got = await history.wait_many({"acme": 1, "globex": 0, "initech": 1, "umbrella": 0}, 5.0)
+    # acme after its first entry, globex from the start, nothing new for initech or umbrella.
+    assert {t: [e.event.data["n"] for e in entries] for t, entries in got.items()} == {
+        "acme": [2], "globex": [1],
+    }  # fmt: skip
+
+    async def later() -> None:
+        await asyncio.sleep(0.05)
+        await history.append("umbrella", [("streams", ev(9, "umbrella"))], SourcePos("t", 1, 0), 1)
+
+    task = asyncio.create_task(later())
+    got = await history.wait_many({"acme": 2, "umbrella": 0}, 5.0)
+    await task
+    assert [e.event.data["n"] for e in got["umbrella"]] == [9] and "acme" not in got
