@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from pkg.events import Event
 from signalman.history import History, SourcePos
@@ -15,13 +16,17 @@ from signalman.history.memory import MemoryHistory
 from signalman.history.redis import RedisHistory
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "redis-resp2"])
 async def history(request: pytest.FixtureRequest) -> AsyncIterator[History]:
     if request.param == "memory":
         yield MemoryHistory(max_len=100)
         return
     server: Any = request.getfixturevalue("redis_server")
-    store = RedisHistory(server.url, prefix=f"t{uuid.uuid4().hex[:8]}", max_len=100)
+    # redis-py speaks RESP3 by default; a client configured for RESP2 gets other reply shapes.
+    client = None
+    if request.param == "redis-resp2":
+        client = aioredis.Redis.from_url(server.url, protocol=2)
+    store = RedisHistory(server.url, prefix=f"t{uuid.uuid4().hex[:8]}", max_len=100, client=client)
     try:
         yield store
     finally:

@@ -142,3 +142,27 @@ async def test_events_emitted_while_a_batch_waits_for_its_ack_are_sent_without_w
     finally:
         producer.ack_all()
         await asyncio.to_thread(sink.close, 1.0)
+
+
+def test_the_sink_partitions_keys_exactly_like_aiokafkas_default_partitioner() -> None:
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from pkg.events.kafka import KeyHashCache
+
+    cached, default = KeyHashCache(max_keys=50), DefaultPartitioner()
+    for partitions in ([0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [0]):
+        for _ in range(2):  # the second round from the cache (past max_keys: computed again)
+            for i in range(120):
+                key = f"tenant-{i}".encode()
+                assert cached(key, partitions, partitions) == default(key, partitions, partitions)
+    assert cached(None, [0, 1], [1]) == 1  # keyless: any available partition
+
+
+def test_emitted_events_are_counted_for_metrics_without_an_add_per_event() -> None:
+    from pkg.events.kafka import _observe_emitted
+
+    sink = KafkaSink("127.0.0.1:1", topic="counted-topic", autostart=False)
+    for i in range(3):
+        sink.emit(Event("stream.started", "acme", {"n": i}))
+    counts = {o.attributes["topic"]: o.value for o in _observe_emitted(None)}  # type: ignore[arg-type,index]
+    assert sink.emitted == 3 and counts["counted-topic"] >= 3
