@@ -8,6 +8,8 @@ One redis-server, everything measured in one run, side by side with its raw base
   Redis round trip it builds on, XADD of the same payload on one connection until a blocked
   XREAD on another returns it, same pacing, same process.
   ``sync_lag_ratio`` = the first over the second (target <= 3).
+* ``sync_lag_loaded_p99_ms`` (no target): the same lag while replica A also carries steady
+  report traffic (batches then leave at most once per ``LINGER_S``).
 * ``ha_ingest_ratio``: load reports/s ingested by a real ``foghorn`` process with Redis
   write-through over reports/s of the same process in memory only (target >= 0.5); the same
   burst (nodes x reports) through pkg.clients control streams in both runs, after a warm-up
@@ -173,6 +175,57 @@ async def lag_pairs(
         await writer.aclose()
         await reader.aclose()
     return raw_lags, sync_lags, puts
+
+
+async def loaded_lag(url: str, samples: int, writers: int) -> list[float]:
+    """Sync lag while store A also carries steady report traffic (``writers`` nodes staging a
+    report every 2 ms each): a sample is staged on A every 10 ms and timed until B applied it.
+    Under sustained traffic batches leave at most once per ``LINGER_S``, so this shows what
+    that bound costs in lag (the paced samples of ``lag_pairs`` never wait for it)."""
+    cluster = f"bench{uuid.uuid4().hex[:8]}"
+    a = RedisNodeStore(url, RedisStoreSettings(replica_id="a", cluster=cluster))
+    b = RedisNodeStore(url, RedisStoreSettings(replica_id="b", cluster=cluster))
+    await a.start()
+    await b.start()
+    arrived: asyncio.Queue[float] = asyncio.Queue()
+    b.add_listener(
+        lambda node_id, rec: (
+            arrived.put_nowait(time.perf_counter())
+            if node_id == "bench-sync" and rec is not None
+            else None
+        )
+    )
+    stop = asyncio.Event()
+
+    async def writer(i: int) -> None:
+        base = _record(0)
+        ident = dataclasses.replace(base.identity, node_id=f"bg-{i:03d}")
+        k = 0
+        while not stop.is_set():
+            k += 1
+            await a.stage(dataclasses.replace(_record(k), identity=ident))
+            await asyncio.sleep(0.002)
+
+    tasks = [asyncio.create_task(writer(i)) for i in range(writers)]
+    lags: list[float] = []
+    try:
+        await asyncio.sleep(0.5)  # traffic established
+        for i in range(samples):
+            t0 = time.perf_counter()
+            await a.stage(_record(i))
+            lags.append(await asyncio.wait_for(arrived.get(), 5) - t0)
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await a.close()
+        await b.close()
+        cleaner = aioredis.Redis.from_url(url, decode_responses=True)
+        keys = [k async for k in cleaner.scan_iter(match=f"foghorn:{{{cluster}}}:*")]
+        if keys:
+            await cleaner.delete(*keys)
+        await cleaner.aclose()
+    return lags
 
 
 # -- ingest: memory vs write-through -------------------------------------------------------------
@@ -484,6 +537,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         raw, lags, puts = await lag_pairs(server.url, args.samples, args.pace_ms / 1000)
         raw_p50, raw_p99 = _p(raw, 0.5) * 1e3, _p(raw, 0.99) * 1e3
         lag_p50, lag_p99 = _p(lags, 0.5) * 1e3, _p(lags, 0.99) * 1e3
+        loaded = await loaded_lag(server.url, args.loaded_samples, args.loaded_writers)
         ingest = await ingest_pair(
             server.url, args.nodes, args.reports_per_node, args.ingest_rounds, run_dir
         )
@@ -496,6 +550,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "sync_lag_ratio": round(lag_p99 / raw_p99, 3),
             "sync_lag_p50_ratio": round(lag_p50 / raw_p50, 3),
             "sync_samples": len(lags),
+            "sync_lag_loaded_p50_ms": round(_p(loaded, 0.5) * 1e3, 3),
+            "sync_lag_loaded_p99_ms": round(_p(loaded, 0.99) * 1e3, 3),
+            "sync_lag_loaded_writers": args.loaded_writers,
             "ha_stage_p50_ms": round(statistics.median(puts) * 1e3, 3),
             **ingest,
             "ingest_nodes": args.nodes,
@@ -510,6 +567,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="./dev bench foghorn-ha", description=__doc__)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--pace-ms", type=float, default=2.0)
+    parser.add_argument("--loaded-samples", type=int, default=300)
+    parser.add_argument("--loaded-writers", type=int, default=20, help="loaded sync lag")
     parser.add_argument("--nodes", type=int, default=200, help="ingest: control streams")
     parser.add_argument("--reports-per-node", type=int, default=25)
     parser.add_argument("--ingest-rounds", type=int, default=7, help="bursts per mode")

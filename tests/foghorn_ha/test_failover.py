@@ -286,7 +286,12 @@ async def no_owner(cluster: Cluster, node_id: str) -> bool:
 
 
 async def cpu_is(client: FoghornClient, node_id: str, cpu: float) -> bool:
-    node = await client.get_node(node_id)
+    try:
+        node = await client.get_node(node_id)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            return False  # not synced to this replica yet
+        raise
     return node.last_report.cpu_percent == cpu
 
 

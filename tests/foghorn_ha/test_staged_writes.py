@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from api_balancing.model import NodeRecord
 from api_balancing.sessions import Closed, SessionRegistry
 from api_balancing.store import redis_codec
 from api_balancing.store.base import StaleWriteError
-from api_balancing.store.redis_store import RedisNodeStore
+from api_balancing.store.redis_store import LINGER_S, RedisNodeStore
 from pkg.coord import PutBatch
 from tests.foghorn_ha.conftest import StoreFactory, eventually, make_record
 
@@ -171,3 +172,38 @@ async def test_staged_reports_during_a_redis_outage_are_written_when_it_returns(
         await eventually(lambda i=i: b.get(f"n{i}").report.cpu_percent == 6.0)  # type: ignore[misc, union-attr]
         assert await _redis_cpu(a, f"n{i}") == 6.0
     assert len(a._writes) == 0
+
+
+async def test_under_sustained_traffic_batches_leave_at_most_once_per_linger(
+    store_factory: StoreFactory,
+) -> None:
+    a = await store_factory("a")
+    launches: list[tuple[float, int]] = []
+    launch = a._launch
+
+    def recording() -> None:
+        before = a.counters.batches
+        launch()
+        if a.counters.batches > before:
+            launches.append((a._last_launch, a._last_batch))
+
+    a._launch = recording  # type: ignore[method-assign]
+    await a.stage(report("lone", 1.0))  # an idle store sends a lone write at once
+    await eventually(lambda: len(a._writes) == 0)
+
+    async def node(i: int) -> None:
+        for k in range(30):
+            await a.stage(report(f"n{i}", float(k)))
+            await asyncio.sleep(0.001)  # reports faster than batches leave
+
+    await asyncio.gather(*(node(i) for i in range(20)))
+    await eventually(lambda: len(a._writes) == 0)
+    assert launches[0][1] == 1
+    gaps = [
+        later - earlier for (earlier, size), (later, _) in itertools.pairwise(launches) if size > 1
+    ]
+    assert gaps and min(gaps) >= LINGER_S * 0.99
+    written = a.staging.staged - a.staging.coalesced
+    assert written < a.staging.staged, "a node's reports within one linger coalesced"
+    for i in range(20):
+        assert await _redis_cpu(a, f"n{i}") == 29.0
