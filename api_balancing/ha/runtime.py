@@ -157,6 +157,7 @@ class HaRuntime:
 
     async def stop(self) -> None:
         """Release what this replica holds so others need not wait for TTLs."""
+        await self.store.flush()  # staged reports land while the ownership is still ours
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

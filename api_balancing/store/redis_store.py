@@ -260,7 +260,24 @@ class RedisNodeStore:
         if self._sync is None:
             self._sync = asyncio.create_task(self._sync_loop.run(resume=True), name="foghorn-sync")
 
+    async def flush(self, timeout_s: float | None = None) -> None:
+        """Send every staged write now, without lingering, and wait for the batches on the
+        wire (a graceful stop: the last reports land before ownership is released). Bounded
+        by ``timeout_s`` (default: two Redis timeouts); what is left stays in memory only."""
+        limit = timeout_s if timeout_s is not None else self.settings.op_timeout_s * 2
+        try:
+            async with asyncio.timeout(limit):
+                while self._writes or self._flushes:
+                    if self._writes and self._in_flight < MAX_IN_FLIGHT:
+                        self._launch()
+                    if not self._flushes:
+                        break  # nothing could be sent (unencodable records were dropped)
+                    await asyncio.wait(set(self._flushes), return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            log.warning("staged writes not flushed in time", staged=len(self._writes))
+
     async def close(self) -> None:
+        await self.flush()
         if self._sync is not None:
             self._sync_loop.stopping = True
             self._sync.cancel()

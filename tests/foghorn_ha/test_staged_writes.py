@@ -207,3 +207,16 @@ async def test_under_sustained_traffic_batches_leave_at_most_once_per_linger(
     assert written < a.staging.staged, "a node's reports within one linger coalesced"
     for i in range(20):
         assert await _redis_cpu(a, f"n{i}") == 29.0
+
+
+async def test_flush_writes_every_staged_report_before_a_graceful_stop(
+    store_factory: StoreFactory,
+) -> None:
+    a = await store_factory("a")
+    for cpu in (1.0, 2.0, 3.0):
+        for i in range(10):
+            await a.stage(report(f"n{i}", cpu))  # nothing has been sent yet
+    await a.flush()
+    assert len(a._writes) == 0 and not a._flushes
+    for i in range(10):
+        assert await _redis_cpu(a, f"n{i}") == 3.0
