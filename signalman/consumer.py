@@ -436,16 +436,12 @@ class GroupMember:
                 # (otherwise every record also waited for the batch before it).
                 reader = asyncio.create_task(self._read_ahead())
                 try:
-                    # Partitions are independent: their history appends go out concurrently.
-                    progressed = await asyncio.gather(
-                        *(self._process_partition(tp, r, offsets, fetched_at)
-                          for tp, r in batches.items())
-                    )  # fmt: skip
+                    progressed = await self._process_batches(batches, offsets, fetched_at)
                 finally:
                     reader.cancel()
                     await asyncio.wait({reader})
                 self._schedule_commit(offsets)
-            if not any(progressed):
+            if not progressed:
                 await self.clock.asleep(0.05)  # waiting for ownership: do not spin on refetches
 
     async def _next_batches(self) -> dict[TopicPartition, list[Any]]:
@@ -474,45 +470,60 @@ class GroupMember:
         self.consumer.seek(tp, offset)
         self._ahead.pop(tp, None)
 
-    async def _process_partition(
+    async def _process_batches(
         self,
-        tp: TopicPartition,
-        records: list[Any],
+        batches: dict[TopicPartition, list[Any]],
         offsets: dict[TopicPartition, int],
         fetched_at: float | None = None,
     ) -> bool:
-        """Process one partition's records; False when they were not ours to process."""
-        owned = self.owned.get(tp)
-        if owned is None:
-            # Not ours yet (the fetcher can run ahead of the listener still taking the lock) or not
-            # ours any more. Rewind, so these records are fetched again once we do own it;
-            # skipping them would move the position past records nobody processed.
-            if tp in self.consumer.assignment():
+        """Process the fetched records of every partition we own; False when none were ours.
+
+        One history append for all of them (each record still checked against its own
+        partition's fence and watermark): an append per partition cost a Redis command, a task
+        and a round trip each, per fetch.
+        """
+        mine: dict[TopicPartition, tuple[Owned, list[Any]]] = {}
+        for tp, records in batches.items():
+            owned = self.owned.get(tp)
+            if owned is not None:
+                mine[tp] = (owned, records)
+            elif tp in self.consumer.assignment():
+                # Not ours yet (the fetcher can run ahead of the listener still taking the lock).
+                # Rewind, so these records are fetched again once we do own it; skipping them
+                # would move the position past records nobody processed.
                 self._rewind(tp, records[0].offset)
             else:
-                self._ahead.pop(tp, None)
+                self._ahead.pop(tp, None)  # not ours any more
+        if not mine:
             return False
         batch = [
             RecordIn(r.value, r.key, SourcePos(tp.topic, tp.partition, r.offset),
                      attempts_of(r.headers))
-            for r in records
+            for tp, (_, records) in mine.items() for r in records
         ]  # fmt: skip
+        fences = {(tp.topic, tp.partition): owned.fence for tp, (owned, _) in mine.items()}
         try:
-            outcomes = await self.processor.handle_batch(batch, owned.fence, fetched_at)
+            outcomes = await self.processor.handle_batch(batch, fences, fetched_at)
         except Exception as exc:
             # History or dead-letter topic unreachable: retry the whole batch later (what was
             # appended is skipped as duplicate then); never skip a record.
-            log.warning("partition_processing_failed", partition=tp.partition,
-                        offset=records[0].offset, error=repr(exc)[:200])  # fmt: skip
-            self._rewind(tp, records[0].offset)
+            log.warning("partition_processing_failed",
+                        partitions=sorted(tp.partition for tp in mine),
+                        error=repr(exc)[:200])  # fmt: skip
+            for tp, (_, records) in mine.items():
+                self._rewind(tp, records[0].offset)
             await self.clock.asleep(0.5)
             return True
-        if any(o.status == "fenced" for o in outcomes):
-            self.owned.pop(tp, None)
-            raise OwnershipLost(f"partition {tp.partition} is fenced by a newer owner")
-        done = records[-1].offset
-        owned.position = done + 1
-        offsets[tp] = done + 1
+        fenced = {(r.source.topic, r.source.partition) for r, o in zip(batch, outcomes, strict=True)
+                  if o.status == "fenced"}  # fmt: skip
+        if fenced:
+            for tp in mine:
+                if (tp.topic, tp.partition) in fenced:
+                    self.owned.pop(tp, None)
+            parts = sorted(p for _, p in fenced)
+            raise OwnershipLost(f"partitions {parts} are fenced by a newer owner")
+        for tp, (owned, records) in mine.items():
+            owned.position = offsets[tp] = records[-1].offset + 1
         return True
 
     def _schedule_commit(self, offsets: dict[TopicPartition, int]) -> None:

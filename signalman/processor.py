@@ -15,7 +15,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-from signalman.history import AppendResult, History, SourcePos
+from signalman.history import AppendResult, Fences, History, SourcePos, fence_of
 from signalman.pipeline import Poison, Processed, process_record
 
 log = structlog.get_logger("signalman.processor")
@@ -147,9 +147,10 @@ class Processor:
         return outcome
 
     async def handle_batch(
-        self, records: list[RecordIn], fence: int, fetched_at: float | None = None
+        self, records: list[RecordIn], fence: Fences, fetched_at: float | None = None
     ) -> list[Outcome]:
-        """Process a partition's fetched records in order, appending them in one round trip.
+        """Process fetched records in order, appending them in one round trip. ``fence`` is the
+        fencing token of every source partition (one int when they share it).
 
         Poison records are dead-lettered first (their acks awaited); raises when the history or
         the dead-letter topic is unreachable, in which case nothing may be committed.
@@ -183,7 +184,7 @@ class Processor:
             elif res.status == "duplicate":
                 duplicates += 1
             else:
-                self._fenced(res, src, fence)
+                self._fenced(res, src, fence_of(fence, src))
         self.stats.appended += appended
         self.stats.duplicates += duplicates
         return outcomes

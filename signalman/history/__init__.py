@@ -29,6 +29,17 @@ class SourcePos:
     offset: int
 
 
+# The fencing token of each source (topic, partition) of a batched append, or one for all.
+Fences = int | Mapping[tuple[str, int], int]
+
+
+def fence_of(fences: Fences, source: SourcePos) -> int:
+    """The fencing token an append from ``source`` carries."""
+    if isinstance(fences, int):
+        return fences
+    return fences[(source.topic, source.partition)]
+
+
 @dataclass(frozen=True)
 class Entry:
     """One event in a tenant's history.
@@ -101,9 +112,10 @@ class History(Protocol):
         ...
 
     async def append_many(
-        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: int
+        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: Fences
     ) -> list[AppendResult]:
-        """``append`` for several records (tenant, items, source) in order, in one round trip."""
+        """``append`` for several records (tenant, items, source) in order, in one round trip;
+        each with its source partition's fence (``fence_of``)."""
         ...
 
     async def claim(self, topic: str, partition: int, fence: int) -> int:

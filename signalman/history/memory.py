@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 
 from pkg.events.sink import Event
 from signalman import wire
-from signalman.history import TAIL_COUNT, AppendResult, Entry, HistoryInfo, SourcePos
+from signalman.history import (
+    TAIL_COUNT,
+    AppendResult,
+    Entry,
+    Fences,
+    HistoryInfo,
+    SourcePos,
+    fence_of,
+)
 
 
 @dataclass
@@ -62,9 +70,9 @@ class MemoryHistory:
         return AppendResult("appended", tuple(offsets), state.epoch, fence)
 
     async def append_many(
-        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: int
+        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: Fences
     ) -> list[AppendResult]:
-        return [await self.append(t, items, src, fence) for t, items, src in records]
+        return [await self.append(t, items, src, fence_of(fence, src)) for t, items, src in records]
 
     async def claim(self, topic: str, partition: int, fence: int) -> int:
         current = max(self._fences.get((topic, partition), 0), fence)

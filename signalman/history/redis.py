@@ -28,26 +28,29 @@ from signalman.history import (
     TAIL_COUNT,
     AppendResult,
     Entry,
+    Fences,
     HistoryInfo,
     SourcePos,
+    fence_of,
     load_event,
 )
 
 # Appends a whole fetched batch in one call (one round trip, one command to encode): KEYS are the
 # tenants set, then each source partition's hash, then (stream, seq, epoch) of each tenant. ARGV:
-# fence, a new-epoch candidate, maxlen, the records as one JSON array of [partition key index,
-# index of the tenant's stream key, source offset, source, tenant, [channel, body index, ...]],
+# a new-epoch candidate, maxlen, the records as one JSON array of [partition key index, index of
+# the tenant's stream key, source offset, source, tenant, [channel, body index, ...], fence],
 # then the events' bodies (binary: they cannot travel inside the JSON), each ARGV[body index].
-# Each record is checked on its own, in order (fence, watermark), exactly as if appended alone.
+# Each record is checked on its own, in order (its partition's fence, then watermark), exactly as
+# if appended alone.
 _APPEND = """
-local fence = tonumber(ARGV[1])
-local maxlen = tonumber(ARGV[3])
-local records = cjson.decode(ARGV[4])
+local maxlen = tonumber(ARGV[2])
+local records = cjson.decode(ARGV[3])
 local fences, wms, epochs, seen = {}, {}, {}, {}
 local out = {}
 for r = 1, #records do
   local rec = records[r]
   local pk, tk = KEYS[rec[1]], rec[2]
+  local fence = tonumber(rec[7])
   if not fences[pk] then
     local cur = tonumber(redis.call('HGET', pk, 'fence') or '0')
     if fence > cur then
@@ -70,7 +73,7 @@ for r = 1, #records do
     if not epoch then
       epoch = redis.call('GET', ekey)
       if not epoch then
-        epoch = ARGV[2] .. rec[2]
+        epoch = ARGV[1] .. rec[2]
         redis.call('SET', ekey, epoch)
       end
       epochs[ekey] = epoch
@@ -104,7 +107,7 @@ return cur
 
 
 _encode_payload = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-_FIRST_BODY = 5  # ARGV index of the first body: after fence, epoch, maxlen and the records
+_FIRST_BODY = 4  # ARGV index of the first body: after the epoch, maxlen and the records
 
 
 class RedisHistory:
@@ -135,7 +138,7 @@ class RedisHistory:
         return f"{self.prefix}:t:{{{tenant}}}:{suffix}"
 
     def _append_call(
-        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: int
+        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: Fences
     ) -> tuple[list[str], list[Any]]:
         keys = [f"{self.prefix}:tenants"]
         part_index: dict[tuple[str, int], int] = {}
@@ -158,9 +161,9 @@ class RedisHistory:
                 flat += [channel, _FIRST_BODY + len(bodies) - 1]  # its ARGV index (1-based)
             where = f"{source.topic}/{source.partition}/{source.offset}"
             pi = part_index[(source.topic, source.partition)]
-            payload.append([pi, ti, str(source.offset), where, tenant, flat])
+            payload.append([pi, ti, str(source.offset), where, tenant, flat,
+                            fence_of(fence, source)])  # fmt: skip
         args: list[Any] = [
-            fence,
             f"{self._epoch_prefix}{time.time_ns() & 0xFFFFFFFFFFF:011x}",
             self.max_len,
             _encode_payload(payload),
@@ -185,7 +188,7 @@ class RedisHistory:
         return result
 
     async def append_many(
-        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: int
+        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: Fences
     ) -> list[AppendResult]:
         # One EVALSHA for the whole fetched batch: a pipeline of one script call per record cost
         # ~60 us of client CPU per record to encode, plus a SCRIPT EXISTS round trip per batch.
@@ -193,7 +196,8 @@ class RedisHistory:
             return []
         keys, args = self._append_call(records, fence)
         raws = await self._append(keys=keys, args=args)
-        return [self._result(raw, fence) for raw in raws]
+        return [self._result(raw, fence_of(fence, src))
+                for raw, (_, _, src) in zip(raws, records, strict=True)]  # fmt: skip
 
     async def claim(self, topic: str, partition: int, fence: int) -> int:
         raw = await self._claim(keys=[f"{self.prefix}:part:{topic}:{partition}"], args=[fence])

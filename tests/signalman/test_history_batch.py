@@ -118,3 +118,20 @@ async def test_event_fields_round_trip_exactly(history: History) -> None:
     (entry,) = await history.read_after("acme", 0, 10)
     assert entry.event == event
     assert entry.epoch == result.epoch
+
+
+async def test_one_call_carries_each_partitions_own_fence(history: History) -> None:
+    assert await history.claim("t", 0, 3) == 3
+    assert await history.claim("t", 1, 5) == 5
+    results = await history.append_many(
+        [
+            ("acme", [("streams", ev(1))], SourcePos("t", 0, 0)),
+            ("acme", [("streams", ev(2))], SourcePos("t", 1, 0)),
+            ("acme", [("streams", ev(3))], SourcePos("t", 1, 1)),
+        ],
+        {("t", 0): 3, ("t", 1): 4},  # partition 1 has a newer owner than us
+    )
+    assert [(r.status, r.current_fence) for r in results] == [
+        ("appended", 3), ("fenced", 5), ("fenced", 5),
+    ]  # fmt: skip
+    assert [e.event.data["n"] for e in await history.read_after("acme", 0, 10)] == [1]
