@@ -67,7 +67,9 @@ class Hub(FeedRegistry):
         self.dropped_total = 0
         self._ids = itertools.count(1)
         self._tail: asyncio.Task[None] | None = None
-        self._read: asyncio.Future[dict[str, list[Entry]]] | None = None  # the tail's read
+        self._reading = False  # the tail is waiting in its read (and only there)
+        self._interrupted = False  # ... and was cancelled to start another read
+        self._closing = False
         self._wake = asyncio.Event()  # a feed became ready while the tail had none to read
 
     # -- sessions --------------------------------------------------------------------------------
@@ -138,10 +140,11 @@ class Hub(FeedRegistry):
         feed.task = None
         if self._tail is None or self._tail.done():
             self._tail = asyncio.create_task(self._run_tail(), name="history-tail")
-        elif self._read is not None and not self._read.done():
+        elif self._reading and not self._interrupted:
             # The read in flight does not include this feed: start another one that does
             # (redis-py closes the connection of a cancelled blocking read; once per new tenant).
-            self._read.cancel()
+            self._interrupted = True
+            self._tail.cancel()
         self._wake.set()
 
     def _tailed(self) -> dict[str, Feed]:
@@ -173,20 +176,21 @@ class Hub(FeedRegistry):
                     # without persistence). Check before reading on from old positions.
                     for feed in feeds.values():
                         await self._check_epoch(feed)
-                self._read = asyncio.ensure_future(
-                    self.history.wait_many(
+                # Interruptible by a new feed (cancelled, then un-cancelled): a task per read to
+                # cancel instead would cost one more task and two more steps per wake-up.
+                self._reading = True
+                try:
+                    got = await self.history.wait_many(
                         {t: f.position for t, f in feeds.items()}, self.poll_timeout
                     )
-                )
-                try:
-                    got = await self._read
                 except asyncio.CancelledError:
                     task = asyncio.current_task()
-                    if task is not None and task.cancelling():
-                        raise  # the hub is closing
-                    continue  # interrupted: a new feed joins the next read
+                    if not self._interrupted or self._closing or task is None:
+                        raise
+                    task.uncancel()
+                    continue  # a new feed joins the next read
                 finally:
-                    self._read = None
+                    self._reading = self._interrupted = False
                 backoff.reset()
                 now = self.clock.monotonic()
                 for tenant, entries in got.items():
@@ -238,6 +242,7 @@ class Hub(FeedRegistry):
     async def close(self) -> None:
         for session in list(self.sessions.values()):
             session.drop("UNAVAILABLE", "replica shutting down; reconnect and resume")
+        self._closing = True
         tasks = [f.task for f in self.feeds.values() if f.task is not None]
         if self._tail is not None:
             tasks.append(self._tail)

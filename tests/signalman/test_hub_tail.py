@@ -1,0 +1,97 @@
+"""The hub's tail: one read for every tenant a replica serves, interrupted when a tenant joins.
+
+Driven through sessions on the in-memory history and, for the shared read, Redis (the same tail
+runs on both); delivery through the wire API is covered by ``test_service.py`` and the replica
+tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from pkg.common.auth import Principal
+from pkg.events import Event
+from signalman.history import History, SourcePos
+from signalman.history.memory import MemoryHistory
+from signalman.history.redis import RedisHistory
+from signalman.hub import Hub
+from signalman.session import ChannelRequest, OutEvent, Session
+from tests.signalman.conftest import wait_until
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def history(request: pytest.FixtureRequest) -> AsyncIterator[History]:
+    if request.param == "memory":
+        yield MemoryHistory()
+        return
+    server: Any = request.getfixturevalue("redis_server")
+    store = RedisHistory(server.url, prefix=f"h{uuid.uuid4().hex[:8]}")
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def subscribe(hub: Hub, tenant: str) -> Session:
+    session = hub.open_session(Principal("reader", tenant, frozenset({"reader"})))
+    await session.subscribe(1, [ChannelRequest("streams")])
+    return session
+
+
+def events_of(session: Session) -> list[int]:
+    return [item.entry.event.data["n"] for item in list(session.queue._queue)  # type: ignore[attr-defined]
+            if isinstance(item, OutEvent)]  # fmt: skip
+
+
+async def append(history: History, tenant: str, n: int, offset: int) -> None:
+    event = Event("stream.started", tenant, {"n": n})
+    await history.append(tenant, [("streams", event)], SourcePos("t", 0, offset), 1)
+
+
+async def test_a_tenant_joining_while_the_tail_waits_is_served_at_once(history: History) -> None:
+    # A read that waits up to a minute: a tenant that joined meanwhile must not wait for it.
+    hub = Hub(history, poll_timeout=60.0)
+    try:
+        acme = await subscribe(hub, "acme")
+        await asyncio.sleep(0.2)  # the tail is now blocked in a read of acme's history alone
+        globex = await subscribe(hub, "globex")
+        await append(history, "globex", 1, 0)
+        await wait_until(lambda: events_of(globex) == [1], timeout=5)
+        await append(history, "acme", 2, 1)
+        await wait_until(lambda: events_of(acme) == [2], timeout=5)
+        assert events_of(globex) == [1]  # tenants never see each other's events
+    finally:
+        await hub.close()
+
+
+async def test_one_tail_serves_every_tenant_in_order(history: History) -> None:
+    hub = Hub(history, poll_timeout=1.0)
+    tenants = [f"t{i}" for i in range(5)]
+    try:
+        sessions = {t: await subscribe(hub, t) for t in tenants}
+        for n in range(40):
+            await append(history, tenants[n % 5], n, offset=n)
+        for i, tenant in enumerate(tenants):
+            await wait_until(lambda s=sessions[tenant]: len(events_of(s)) == 8, timeout=5)
+            assert events_of(sessions[tenant]) == list(range(i, 40, 5))
+        assert hub._tail is not None and len(hub.feeds) == 5
+    finally:
+        await hub.close()
+
+
+async def test_a_feed_everyone_left_is_no_longer_read(history: History) -> None:
+    hub = Hub(history, poll_timeout=0.2)
+    try:
+        session = await subscribe(hub, "acme")
+        hub.close_session(session)
+        assert "acme" not in hub.feeds
+        other = await subscribe(hub, "globex")
+        await append(history, "globex", 1, 0)
+        await wait_until(lambda: events_of(other) == [1], timeout=5)
+    finally:
+        await hub.close()
