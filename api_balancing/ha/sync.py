@@ -61,6 +61,8 @@ class SyncLoop:
         settings = store.settings
         self.reader = ChangelogSet(store.redis_reader, watch=store.keys.logs_watch)
         self._retention_s = settings.record_ttl_s
+        # Several heartbeats per retention, so a live replica's stream never expires between two.
+        self._beat_every_s = min(HEARTBEAT_S, settings.record_ttl_s / 3)
         self._beat_at = float("-inf")
         self._clock = clock
         self._backoff = Backoff(base=0.05, cap=2.0, clock=clock)
@@ -89,7 +91,7 @@ class SyncLoop:
                     self.reader.watch_fired = False
                     for key in await self._other_logs():
                         self.reader.add(key)
-                if self._clock.monotonic() - self._beat_at >= HEARTBEAT_S:
+                if self._clock.monotonic() - self._beat_at >= self._beat_every_s:
                     await self._heartbeat()
                 if entries:
                     appended_ms = int(entries[-1].id.partition("-")[0])
