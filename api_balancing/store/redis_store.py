@@ -86,6 +86,8 @@ MAX_IN_FLIGHT = 2
 # Puts per script call: bigger batches cost less per put, but Redis runs a script alone, so a
 # bound keeps every other client's wait short (about 20 us of Redis time per put).
 MAX_BATCH = 500
+# Passes of re-publication after an outage (writes deferred during one go out in the next).
+REPUBLISH_PASSES = 4
 # Under sustained traffic, batches leave at most this often (see _schedule_launch): a bound on
 # the extra sync lag a write can see under load, none for a lone write. When the event loop's
 # turns are short (a quiet machine), batches would otherwise carry ~10 puts, and the script
@@ -394,7 +396,12 @@ class RedisNodeStore:
         self._drop(node_id, (current.owner_fence, current.version))
 
     def _defer(self, record: NodeRecord) -> None:
+        """Keep ``record`` for re-publication, unless a newer one of the node is kept already
+        (a staged record sent after the outage began fails after newer ones were deferred)."""
         self.counters.writes_deferred += 1
+        kept = self._dirty.get(record.node_id)
+        if kept is not None and kept.version > record.version:
+            return
         self._dirty[record.node_id] = record
         self._dirty_deletes.discard(record.node_id)
 
@@ -636,20 +643,33 @@ class RedisNodeStore:
                 announce=self._announce_delete(node_id, self._max_version.get(node_id, 0)),
             )
             self._dirty_deletes.discard(node_id)
-        for node_id, record in list(self._dirty.items()):
-            if self._dirty.get(node_id) is not record:
-                continue
-            latest = self._records.get(node_id)
-            if latest is None or latest.version != record.version:
-                self._dirty.pop(node_id, None)
-                continue
-            try:
-                await self._confirmed(record)
-                published += 1
-            except FencedWriteRejected as exc:
-                log.info("deferred write superseded", node_id=node_id, reason=exc.reason)
-            if self._dirty.get(node_id) is record:
-                del self._dirty[node_id]
+        # Writes keep being deferred while this runs (the store is not healthy until it is
+        # done): those are published by the next pass, so none is left dirty once healthy.
+        for _ in range(REPUBLISH_PASSES):
+            if not self._dirty:
+                break
+            sent: list[tuple[str, NodeRecord, asyncio.Future[None]]] = []
+            for node_id, record in list(self._dirty.items()):
+                latest = self._records.get(node_id)
+                if latest is None or latest.version != record.version:
+                    self._dirty.pop(node_id, None)  # superseded by a newer record
+                    continue
+                sent.append((node_id, record, self._confirmed(record)))  # batched together
+            results = await asyncio.gather(*(f for _, _, f in sent), return_exceptions=True)
+            failure: BaseException | None = None
+            for (node_id, record, _), result in zip(sent, results, strict=True):
+                if isinstance(result, FencedWriteRejected):
+                    log.info("deferred write superseded", node_id=node_id, reason=result.reason)
+                elif isinstance(result, BaseException):
+                    failure = failure or result  # still dirty: the sync loop tries again
+                    continue
+                else:
+                    published += 1
+                if self._dirty.get(node_id) is record:
+                    del self._dirty[node_id]
+            if failure is not None:
+                self.counters.republished += published
+                raise failure
         self.counters.republished += published
         return published
 

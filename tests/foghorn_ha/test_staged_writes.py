@@ -220,3 +220,58 @@ async def test_flush_writes_every_staged_report_before_a_graceful_stop(
     assert len(a._writes) == 0 and not a._flushes
     for i in range(10):
         assert await _redis_cpu(a, f"n{i}") == 3.0
+
+
+async def test_a_staged_write_failing_after_newer_ones_were_deferred_does_not_win(
+    store_factory: StoreFactory,
+) -> None:
+    a = await store_factory("a")
+    a.set_ownership_view(lambda node_id: 1)
+    real = a._fenced.put_batch
+    gate = asyncio.Event()
+    calls: list[list[float]] = []
+
+    async def outage(batch: PutBatch) -> Any:
+        calls.append(_cpus(batch))
+        if len(calls) == 2:
+            await gate.wait()  # the second write is still on the wire when newer ones come
+        raise ConnectionError("redis went away")
+
+    a._fenced.put_batch = outage  # type: ignore[method-assign]
+    await a.stage(report("n1", 1.0))
+    await eventually(lambda: len(calls) == 1)
+    await a.stage(report("n1", 2.0))  # staged behind the first write
+    await eventually(lambda: len(calls) == 2 and not a.healthy())
+    await a.stage(report("n1", 3.0))  # degraded: kept as dirty, the newest
+    a._fenced.put_batch = real  # type: ignore[method-assign]
+    gate.set()  # report 2's write fails now, after report 3 was deferred
+    await eventually(a.healthy, what="re-converged and re-published")
+    await eventually(lambda: _redis_cpu(a, "n1"), what="written")
+    assert await _redis_cpu(a, "n1") == 3.0
+
+
+async def test_reports_deferred_while_republishing_are_published_before_healthy(
+    store_factory: StoreFactory,
+) -> None:
+    a = await store_factory("a")
+    a.set_ownership_view(lambda node_id: 1)
+    real = a._fenced.put_batch
+    state = {"down": True, "arrived": False}
+
+    async def flaky(batch: PutBatch) -> Any:
+        if state["down"]:
+            raise ConnectionError("redis went away")
+        if not state["arrived"]:  # the re-publication's batch: a report arrives meanwhile
+            state["arrived"] = True
+            await a.stage(report("n1", 3.0))  # still degraded: deferred
+        return await real(batch)
+
+    a._fenced.put_batch = flaky  # type: ignore[method-assign]
+    await a.stage(report("n1", 1.0))
+    await eventually(lambda: not a.healthy())
+    await a.stage(report("n1", 2.0))
+    state["down"] = False
+    await eventually(a.healthy)
+    assert state["arrived"]
+    assert await _redis_cpu(a, "n1") == 3.0, "the report deferred during re-publication too"
+    assert not a.is_dirty("n1")
