@@ -9,7 +9,7 @@ One redis-server, everything measured in one run, side by side with its raw base
   XREAD on another returns it, same pacing, same process.
   ``sync_lag_ratio`` = the first over the second (target <= 3).
 * ``sync_lag_loaded_p99_ms`` (no target): the same lag while replica A also carries steady
-  report traffic (batches then leave at most once per ``LINGER_S``).
+  report traffic (batches then leave at most once per ``FOGHORN_WRITE_LINGER_MS``).
 * ``ha_ingest_ratio``: load reports/s ingested by a real ``foghorn`` process with Redis
   write-through over reports/s of the same process in memory only (target >= 0.5); the same
   burst (nodes x reports) through pkg.clients control streams in both runs, after a warm-up
@@ -180,7 +180,7 @@ async def lag_pairs(
 async def loaded_lag(url: str, samples: int, writers: int) -> list[float]:
     """Sync lag while store A also carries steady report traffic (``writers`` nodes staging a
     report every 2 ms each): a sample is staged on A every 10 ms and timed until B applied it.
-    Under sustained traffic batches leave at most once per ``LINGER_S``, so this shows what
+    Under sustained traffic batches leave at most once per linger (5 ms), so this shows what
     that bound costs in lag (the paced samples of ``lag_pairs`` never wait for it)."""
     cluster = f"bench{uuid.uuid4().hex[:8]}"
     a = RedisNodeStore(url, RedisStoreSettings(replica_id="a", cluster=cluster))

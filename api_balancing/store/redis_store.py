@@ -66,6 +66,7 @@ class RedisStoreSettings:
     record_ttl_s: float = 3600.0
     op_timeout_s: float = 2.0
     read_block_ms: int = 1000
+    linger_s: float = 0.005  # see LINGER_S
 
 
 @dataclass
@@ -92,7 +93,7 @@ REPUBLISH_PASSES = 4
 # the extra sync lag a write can see under load, none for a lone write. When the event loop's
 # turns are short (a quiet machine), batches would otherwise carry ~10 puts, and the script
 # call costs the process more than the puts in it (measured: 45 -> 30 us per report).
-LINGER_S = 0.005
+LINGER_S = 0.005  # the default of RedisStoreSettings.linger_s (FOGHORN_WRITE_LINGER_MS)
 
 
 class _PackedConnection(aioredis.Connection):
@@ -443,14 +444,14 @@ class RedisNodeStore:
 
     def _schedule_launch(self) -> None:
         """Launch on the next loop turn, so the writes of this turn join the batch; under
-        sustained traffic (the last batch carried several puts) no sooner than ``LINGER_S``
+        sustained traffic (the last batch carried several puts) no sooner than ``linger_s``
         after the last launch, so batches stay large when the loop turns are short (each
         script call costs the process far more than a put in it). A lone write is sent at once.
         """
         self._launch_scheduled = True
         loop = asyncio.get_running_loop()
         if self._last_batch > 1:
-            wait = self._last_launch + LINGER_S - loop.time()
+            wait = self._last_launch + self.settings.linger_s - loop.time()
             if wait > 0:
                 loop.call_later(wait, self._launch)
                 return

@@ -74,3 +74,21 @@ def test_replicas_relay_with_the_relay_token_else_the_first_accepted_one(
     assert _relay_token(FoghornConfig(), HaConfig(relay_token="relay")) == "relay"
     monkeypatch.delenv("PLATFORM_TOKENS")
     assert _relay_token(FoghornConfig(), HaConfig()) is None
+
+
+@pytest.mark.parametrize("value", [-1.0, 101.0, float("nan")])
+def test_a_write_linger_out_of_range_is_refused_naming_the_setting(value: float) -> None:
+    from api_balancing.ha.runtime import HaConfig
+
+    with pytest.raises(ValueError, match="write_linger_ms"):
+        HaConfig(write_linger_ms=value)
+
+
+def test_the_write_linger_reaches_the_store_in_seconds() -> None:
+    from api_balancing.ha.runtime import HaConfig, build_store
+
+    store = build_store(
+        FoghornConfig(redis_url="redis://127.0.0.1:1/0"), HaConfig(write_linger_ms=0)
+    )
+    assert store.settings.linger_s == 0.0
+    assert HaConfig().write_linger_ms == 5.0

@@ -16,7 +16,7 @@ from api_balancing.model import NodeRecord
 from api_balancing.sessions import Closed, SessionRegistry
 from api_balancing.store import redis_codec
 from api_balancing.store.base import StaleWriteError
-from api_balancing.store.redis_store import LINGER_S, RedisNodeStore
+from api_balancing.store.redis_store import RedisNodeStore
 from pkg.coord import PutBatch
 from tests.foghorn_ha.conftest import StoreFactory, eventually, make_record
 
@@ -202,7 +202,7 @@ async def test_under_sustained_traffic_batches_leave_at_most_once_per_linger(
     gaps = [
         later - earlier for (earlier, size), (later, _) in itertools.pairwise(launches) if size > 1
     ]
-    assert gaps and min(gaps) >= LINGER_S * 0.99
+    assert gaps and min(gaps) >= a.settings.linger_s * 0.99
     written = a.staging.staged - a.staging.coalesced
     assert written < a.staging.staged, "a node's reports within one linger coalesced"
     for i in range(20):
