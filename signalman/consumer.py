@@ -103,8 +103,10 @@ class GroupMember:
         self._commit_task: asyncio.Task[None] | None = None
         self._pending_offsets: dict[TopicPartition, int] = {}
         self._commit_pacing = False
-        # Records taken from the consumer while the previous batch was processed (in order).
+        # Records taken from the consumer and not processed yet (in order), by the read-ahead.
         self._ahead: dict[TopicPartition, list[Any]] = {}
+        self._ahead_waiter: asyncio.Future[None] | None = None  # the loop waits for records
+        self._ahead_room = asyncio.Event()  # the read-ahead waits for room (READ_AHEAD_MAX)
         self._restart = asyncio.Event()
         self._restart_reason = ""
         self._stopping = asyncio.Event()
@@ -422,46 +424,70 @@ class GroupMember:
     # -- processing ----------------------------------------------------------------------------
     async def _consume(self) -> None:
         self._ahead = {}  # records of a previous consumer are not ours to process
-        while not self._stopping.is_set():
-            if self._restart.is_set():
-                raise OwnershipLost(self._restart_reason or "member restart requested")
-            batches = await self._next_batches()
-            if not batches:
-                continue
-            fetched_at = self.clock.time()
-            async with self._processing:
-                offsets: dict[TopicPartition, int] = {}
-                # aiokafka sends the next fetch only once the records it holds are taken: taking
-                # them while this batch is processed overlaps the next Kafka round trip with it
-                # (otherwise every record also waited for the batch before it).
-                reader = asyncio.create_task(self._read_ahead())
-                try:
+        self._ahead_room.set()
+        # aiokafka sends the next fetch only once the records it holds are taken: one reader
+        # takes them as they arrive, also while a batch is processed, so the next Kafka round
+        # trip overlaps the batch (otherwise every record also waited for the batch before it).
+        # It is the only caller of getmany; a reader started and cancelled around every batch
+        # cost a task, a cancelled fetch wait and an asyncio.wait per batch.
+        reader = asyncio.create_task(self._read_ahead(), name="read-ahead")
+        try:
+            while not self._stopping.is_set():
+                if self._restart.is_set():
+                    raise OwnershipLost(self._restart_reason or "member restart requested")
+                if reader.done():
+                    reader.result()  # the consumer failed (stopped, fatal error): restart
+                    raise OwnershipLost("the read-ahead of the consumer ended")
+                batches = await self._next_batches()
+                if not batches:
+                    continue
+                fetched_at = self.clock.time()
+                async with self._processing:
+                    offsets: dict[TopicPartition, int] = {}
                     progressed = await self._process_batches(batches, offsets, fetched_at)
-                finally:
-                    reader.cancel()
-                    await asyncio.wait({reader})
-                self._schedule_commit(offsets)
-            if not progressed:
-                await self.clock.asleep(0.05)  # waiting for ownership: do not spin on refetches
+                    self._schedule_commit(offsets)
+                if not progressed:
+                    await self.clock.asleep(0.05)  # waiting for ownership: no spin on refetches
+        finally:
+            reader.cancel()
+            await asyncio.wait({reader})
 
     async def _next_batches(self) -> dict[TopicPartition, list[Any]]:
-        """The records read ahead during the last batch and whatever else is ready, or wait up
-        to 200 ms for some."""
+        """The records read so far, or wait up to 200 ms for some."""
+        if not self._ahead:
+            waiter = self._ahead_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait({waiter}, timeout=0.2)
+            finally:
+                self._ahead_waiter = None
         ahead, self._ahead = self._ahead, {}
-        more = await self.consumer.getmany(
-            timeout_ms=0 if ahead else 200, max_records=READ_AHEAD_MAX
-        )
-        for tp, records in more.items():
-            ahead.setdefault(tp, []).extend(records)
+        self._ahead_room.set()
         return ahead
 
     async def _read_ahead(self) -> None:
-        """Take fetched records into ``_ahead`` until cancelled (or it holds enough). Safe to
-        cancel at any point: getmany hands records over only when it returns."""
-        while sum(len(r) for r in self._ahead.values()) < READ_AHEAD_MAX:
-            more = await self.consumer.getmany(timeout_ms=1_000, max_records=READ_AHEAD_MAX)
-            for tp, records in more.items():
-                self._ahead.setdefault(tp, []).extend(records)
+        """Take fetched records into ``_ahead`` as they arrive, at most ``READ_AHEAD_MAX``
+        waiting. Safe to cancel at any point: getmany hands records over only when it returns;
+        a rewind (``seek``) drops what aiokafka holds of the partition, so what is read after
+        it starts at the rewound offset."""
+        try:
+            while True:
+                if sum(len(r) for r in self._ahead.values()) >= READ_AHEAD_MAX:
+                    self._ahead_room.clear()
+                    await self._ahead_room.wait()
+                    continue
+                more = await self.consumer.getmany(timeout_ms=1_000, max_records=READ_AHEAD_MAX)
+                if not more:
+                    continue
+                for tp, records in more.items():
+                    self._ahead.setdefault(tp, []).extend(records)
+                self._wake_loop()
+        finally:
+            self._wake_loop()  # a failed consumer: the loop sees it at once and restarts
+
+    def _wake_loop(self) -> None:
+        waiter = self._ahead_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _rewind(self, tp: TopicPartition, offset: int) -> None:
         """Fetch ``tp`` again from ``offset``. What was read ahead of it goes too, in the same

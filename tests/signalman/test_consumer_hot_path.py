@@ -227,3 +227,30 @@ async def test_records_read_ahead_for_a_revoked_partition_are_dropped_on_revocat
     assert member._ahead.keys() == {kept}
     assert revoked not in member.owned
     assert [r.offset for r in member._ahead[kept]] == [0, 1, 2, 3, 4]
+
+
+class FailingLogs(PartitionLogs):
+    """A consumer whose fetches fail after ``ok_calls`` (a stopped or broken aiokafka client)."""
+
+    ok_calls = 3
+
+    async def getmany(self, timeout_ms: int = 0, max_records: int | None = None) -> Any:
+        if self.getmany_calls >= self.ok_calls:
+            self.getmany_calls += 1
+            await asyncio.sleep(0)
+            raise RuntimeError("consumer broken")
+        return await super().getmany(timeout_ms, max_records)
+
+
+@pytest.mark.timeout(30)
+async def test_a_consumer_that_fails_to_fetch_ends_the_loop_for_a_restart() -> None:
+    logs = partition_logs(50)
+    history = FlakyHistory()
+    member = member_over(logs, history)
+    member.consumer = FailingLogs(logs, history)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="consumer broken"):
+        await asyncio.wait_for(member._consume(), 10)
+    # Promptly (the loop does not keep waiting for records); what was fetched was appended.
+    assert time.monotonic() - started < 1.0
+    assert [len(await seqs(history, t)) > 0 for t in TENANTS] == [True] * len(TENANTS)
