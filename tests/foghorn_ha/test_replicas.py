@@ -151,6 +151,27 @@ async def test_reconnect_to_b_takes_ownership_and_a_aborts_its_stream(
     await new.close()
 
 
+async def test_a_report_refused_by_redis_aborts_the_stale_stream_without_the_changelog(
+    make_replica: Callable[..., Awaitable[Any]], clients: Callable[[Any], FoghornClient]
+) -> None:
+    a = await make_replica("a")
+    b = await make_replica("b")
+    old = await connect_node(clients(a.grpc_target), "edge-1")
+    await eventually(reported(b, "edge-1"))
+    await a.store.pause_sync()  # A will not hear of the takeover: only Redis can tell it
+    new = await connect_node(clients(b.grpc_target), "edge-1", cpu=50.0)
+    await eventually(reported(b, "edge-1", at_least=2))
+    assert a.ha.ownership.fence_of("edge-1") is not None, "A still believes it owns the node"
+    old.report(report_msg(77.0))  # staged on A, refused when written: A closes the stream
+    assert await old.status() == grpc.StatusCode.ABORTED
+    assert a.ha.ownership.fence_of("edge-1") is None
+    assert a.store.counters.writes_rejected >= 1
+    a.store.resume_sync()
+    await eventually(lambda: a.store.get("edge-1").owner == "b")
+    assert b.store.get("edge-1").report.cpu_percent == 50.0
+    await new.close()
+
+
 async def test_exactly_one_leader_and_the_lease_moves_when_it_stops(
     make_replica: Callable[..., Awaitable[Any]],
 ) -> None:
