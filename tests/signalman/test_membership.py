@@ -72,10 +72,19 @@ async def peers(postgres_server: Any, clock: FakeClock) -> AsyncIterator[Callabl
             await locks.close()
 
 
-async def test_a_live_peer_is_never_removed(peers: Callable[..., Peer], clock: FakeClock) -> None:
+async def joined(peers: Callable[..., Peer], *, b_dies: bool = False) -> tuple[Peer, Peer]:
+    """Peers ``a`` and ``b`` recorded as members ``member-a`` and ``member-b``; with ``b_dies``,
+    b's lock connection is then closed (what PostgreSQL sees when its process is killed -9)."""
     a, b = peers("a"), peers("b")
     await a.join("member-a")
-    await b.join("member-b")  # b idles (a paused process keeps its connection just the same)
+    await b.join("member-b")
+    if b_dies:
+        await b.locks.close()
+    return a, b
+
+
+async def test_a_live_peer_is_never_removed(peers: Callable[..., Peer], clock: FakeClock) -> None:
+    a, _ = await joined(peers)  # b idles (a paused process keeps its connection just the same)
     for _ in range(5):
         assert await a.watch.check("member-a") == []
         clock.advance(10 * EVICT_AFTER_S)
@@ -85,10 +94,7 @@ async def test_a_live_peer_is_never_removed(peers: Callable[..., Peer], clock: F
 async def test_a_peer_whose_connection_ended_is_removed_after_the_wait(
     peers: Callable[..., Peer], clock: FakeClock
 ) -> None:
-    a, b = peers("a"), peers("b")
-    await a.join("member-a")
-    await b.join("member-b")
-    await b.locks.close()  # what PostgreSQL sees when b's process is killed -9
+    a, _ = await joined(peers, b_dies=True)
     assert await a.watch.check("member-a") == []  # gone, but not for long enough yet
     clock.advance(EVICT_AFTER_S / 2)
     assert await a.watch.check("member-a") == []
@@ -103,10 +109,7 @@ async def test_a_peer_whose_connection_ended_is_removed_after_the_wait(
 async def test_a_peer_already_out_of_the_group_is_forgotten_without_counting(
     peers: Callable[..., Peer], clock: FakeClock
 ) -> None:
-    a, b = peers("a"), peers("b")
-    await a.join("member-a")
-    await b.join("member-b")
-    await b.locks.close()
+    a, _ = await joined(peers, b_dies=True)
     a.remover.code = UNKNOWN_MEMBER_ID  # its session expired first
     await a.watch.check("member-a")
     clock.advance(EVICT_AFTER_S)
@@ -120,10 +123,7 @@ async def test_a_peer_already_out_of_the_group_is_forgotten_without_counting(
 async def test_a_refused_removal_is_tried_again(
     peers: Callable[..., Peer], clock: FakeClock
 ) -> None:
-    a, b = peers("a"), peers("b")
-    await a.join("member-a")
-    await b.join("member-b")
-    await b.locks.close()
+    a, _ = await joined(peers, b_dies=True)
     a.remover.code = 16  # NOT_COORDINATOR: the record stays, a later check tries again
     await a.watch.check("member-a")
     clock.advance(EVICT_AFTER_S)
@@ -139,10 +139,7 @@ async def test_a_refused_removal_is_tried_again(
 async def test_a_removal_that_raises_is_tried_again(
     peers: Callable[..., Peer], clock: FakeClock
 ) -> None:
-    a, b = peers("a"), peers("b")
-    await a.join("member-a")
-    await b.join("member-b")
-    await b.locks.close()
+    a, _ = await joined(peers, b_dies=True)
 
     async def unsupported(member: str) -> int:
         raise RuntimeError("the broker does not support LeaveGroup v1")
@@ -159,9 +156,7 @@ async def test_a_removal_that_raises_is_tried_again(
 async def test_a_member_that_rejoined_under_a_new_id_is_not_dead(
     peers: Callable[..., Peer], clock: FakeClock
 ) -> None:
-    a, b = peers("a"), peers("b")
-    await a.join("member-a")
-    await b.join("member-b")
+    a, b = await joined(peers)
     await b.join("member-b2")  # same replica, same connection, new group member id
     await a.watch.check("member-a")
     clock.advance(10 * EVICT_AFTER_S)
@@ -171,10 +166,7 @@ async def test_a_member_that_rejoined_under_a_new_id_is_not_dead(
 async def test_a_reconnected_peer_is_not_removed(
     peers: Callable[..., Peer], clock: FakeClock
 ) -> None:
-    a, b = peers("a"), peers("b")
-    await a.join("member-a")
-    await b.join("member-b")
-    await b.locks.close()
+    a, b = await joined(peers, b_dies=True)
     await a.watch.check("member-a")  # seen gone...
     await b.join("member-b")  # ...but back (a new lock connection) before the wait is over
     clock.advance(10 * EVICT_AFTER_S)
