@@ -112,7 +112,7 @@ eventually = functools.partial(shared_eventually, timeout=10.0)
 class Harness:
     """An in-process Foghorn plus clients: authenticated (ops), anonymous, and fake nodes."""
 
-    def __init__(self, server: FoghornServer, clock: FakeClock | None, events: MemorySink) -> None:
+    def __init__(self, server: FoghornServer, clock: FakeClock | None, events: Any) -> None:
         self.server = server
         self.clock = clock
         self.events = events
@@ -157,7 +157,8 @@ async def make_foghorn() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
 
     async def make(fake_clock: bool = False, **overrides: Any) -> Harness:
         clock = FakeClock() if fake_clock else None
-        events = MemorySink()
+        # With a Kafka bootstrap the server builds its real sink; otherwise events are recorded.
+        events: Any = None if overrides.get("kafka_bootstrap") else MemorySink()
         config = FoghornConfig(
             grpc_port=0,
             http_port=overrides.pop("http_port", -1),
@@ -170,7 +171,7 @@ async def make_foghorn() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
             kwargs["clock"] = clock
         server = FoghornServer(config, **kwargs)
         await server.start()
-        harness = Harness(server, clock, events)
+        harness = Harness(server, clock, server.events)
         harnesses.append(harness)
         return harness
 
