@@ -142,7 +142,7 @@ class GroupMember:
             self.peers = PeerWatch(
                 cfg.group_id,
                 cfg.replica_id,
-                self._query_locks,
+                locks.query,
                 self._remove_member,
                 evict_after_s=cfg.peer_evict_after_s,
                 # A record older than a PostgreSQL restart: its member may still be reconnecting
@@ -308,11 +308,6 @@ class GroupMember:
             else:
                 self._retry_at = self.clock.monotonic() + backoff.next_delay()
         await self._watch_peers()
-
-    async def _query_locks(self, method: str, *args: Any) -> Any:
-        if self.locks is None:
-            raise OwnershipLost("no lock connection")
-        return await self.locks.query(method, *args)
 
     async def _remove_member(self, member: str) -> int:
         if self.consumer is None:

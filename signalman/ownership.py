@@ -138,7 +138,10 @@ class PartitionLocks:
         if conn is not None and not conn.is_closed():
             conn.terminate()
 
-    async def _query(self, method: str, *args: Any) -> Any:
+    async def query(self, method: str, *args: Any) -> Any:
+        """One bounded round trip on the dedicated connection (``method``: an asyncpg
+        connection method such as ``execute`` or ``fetch``); raises ``OwnershipLost`` when the
+        connection fails or does not answer in time (and gives the connection up)."""
         conn = self._conn
         if conn is None or conn.is_closed():
             raise OwnershipLost("the dedicated lock connection is closed")
@@ -163,14 +166,8 @@ class PartitionLocks:
                     raise OwnershipLost(f"lock connection closed: {exc!r}") from exc
                 raise
 
-    async def query(self, method: str, *args: Any) -> Any:
-        """One bounded round trip on the dedicated connection (``method``: an asyncpg
-        connection method such as ``execute`` or ``fetch``); raises ``OwnershipLost`` when the
-        connection fails or does not answer in time (and gives the connection up)."""
-        return await self._query(method, *args)
-
     async def try_lock(self, key: int) -> bool:
-        got = bool(await self._query("fetchval", "SELECT pg_try_advisory_lock($1)", key))
+        got = bool(await self.query("fetchval", "SELECT pg_try_advisory_lock($1)", key))
         if got:
             self._held.add(key)
         return got
@@ -180,10 +177,10 @@ class PartitionLocks:
             return
         self._held.discard(key)
         with contextlib.suppress(OwnershipLost):
-            await self._query("fetchval", "SELECT pg_advisory_unlock($1)", key)
+            await self.query("fetchval", "SELECT pg_advisory_unlock($1)", key)
 
     async def holders(self, key: int) -> list[int]:
-        rows = await self._query("fetch", _HOLDER, key >> 32, key & 0xFFFFFFFF)
+        rows = await self.query("fetch", _HOLDER, key >> 32, key & 0xFFFFFFFF)
         return [int(r["pid"]) for r in rows]
 
     async def acquire_partition(
@@ -210,7 +207,7 @@ class PartitionLocks:
                     await self._evict(key, topic, partition)
                     evict_at = now + self.grace_s
                 await self.clock.asleep(self.retry_interval_s)
-        fence = int(await self._query("fetchval", _BUMP, topic, partition, self.owner))
+        fence = int(await self.query("fetchval", _BUMP, topic, partition, self.owner))
         log.info("partition_acquired", topic=topic, partition=partition, fence=fence)
         return fence
 
@@ -218,7 +215,7 @@ class PartitionLocks:
         pids = await self.holders(key)
         for pid in pids:
             log.warning("evicting_stale_owner", topic=topic, partition=partition, backend_pid=pid)
-            await self._query("fetchval", "SELECT pg_terminate_backend($1)", pid)
+            await self.query("fetchval", "SELECT pg_terminate_backend($1)", pid)
             self.evictions += 1
 
     async def release_partition(self, topic: str, partition: int) -> None:

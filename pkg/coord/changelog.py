@@ -141,7 +141,35 @@ def _raw_reply(response: Any, **_options: Any) -> Any:
     return response
 
 
-class ChangelogReader:
+class _XRead:
+    """The ``XREAD`` both readers share: on a client of its own over the caller's pool, with
+    the reply left as Redis sent it (flat field lists: redis-py's parser would build a dict per
+    entry, skipped ones included), and a connection error remembered, so that the next good
+    read reports a gap instead of pretending nothing was missed."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = aioredis.Redis(connection_pool=redis.connection_pool)
+        self._redis.set_response_callback("XREAD", _raw_reply)
+        self._broken = False  # a connection error happened since the last good read
+
+    async def _xread(self, keys: list[str], ids: list[str], block_ms: int, count: int) -> Any:
+        try:
+            # NEVER_DECODE: the reply stays bytes whatever the client's decoding, so entries a
+            # reader skips cost no text decoding; only the entries kept are decoded.
+            reply = await self._redis.execute_command(  # type: ignore[no-untyped-call]
+                "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", *keys, *ids,
+                **{NEVER_DECODE: True},
+            )  # fmt: skip
+        except (RedisError, OSError):
+            self._broken = True
+            raise
+        if self._broken:
+            self._broken = False
+            raise GapDetected("connection to Redis was lost")
+        return reply
+
+
+class ChangelogReader(_XRead):
     """Reads entries after a cursor, raising ``GapDetected`` when replay cannot be complete.
 
     Every entry is read (the sequence check needs them all) but entries written by
@@ -154,15 +182,11 @@ class ChangelogReader:
     def __init__(
         self, redis: aioredis.Redis, key: str, cursor: Position, skip_origin: str | None
     ) -> None:
-        # A client of its own on the same pool, with XREAD's reply left as Redis sent it (flat
-        # field lists): redis-py's parser would build a dict per entry, skipped ones included.
-        self._redis = aioredis.Redis(connection_pool=redis.connection_pool)
-        self._redis.set_response_callback("XREAD", _raw_reply)
+        super().__init__(redis)
         self.key = key
         self.position = cursor
         self.skip_origin = skip_origin
         self._skip_raw = skip_origin.encode() if skip_origin is not None else None
-        self._broken = False  # a connection error happened since the last good read
 
     @property
     def cursor(self) -> str:
@@ -180,20 +204,7 @@ class ChangelogReader:
         returned), and lets connection errors through (after which the next successful read
         reports a gap).
         """
-        try:
-            # NEVER_DECODE: the reply stays bytes whatever the client's decoding, so the entries
-            # skipped below (our own: half of all with two replicas, all of them alone) cost no
-            # text decoding; only the entries kept are decoded.
-            reply = await self._redis.execute_command(  # type: ignore[no-untyped-call]
-                "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key, self.position.id,
-                **{NEVER_DECODE: True},
-            )  # fmt: skip
-        except (RedisError, OSError):
-            self._broken = True
-            raise
-        if self._broken:
-            self._broken = False
-            raise GapDetected("connection to Redis was lost")
+        reply = await self._xread([self.key], [self.position.id], block_ms, count)
         entries: list[Entry] = []
         self.position = _parse(
             self.key, self.position, _messages(reply), self._skip_raw, entries, self.skip_origin
@@ -201,7 +212,7 @@ class ChangelogReader:
         return entries
 
 
-class ChangelogSet:
+class ChangelogSet(_XRead):
     """Several changelog streams read as one, each with its own cursor and gap check.
 
     For one stream per writer: a writer appends only to its own stream (``Changelog`` or any
@@ -217,13 +228,11 @@ class ChangelogSet:
     """
 
     def __init__(self, redis: aioredis.Redis, watch: str | None = None) -> None:
-        self._redis = aioredis.Redis(connection_pool=redis.connection_pool)
-        self._redis.set_response_callback("XREAD", _raw_reply)
+        super().__init__(redis)
         self.positions: dict[str, Position] = {}
         self.watch = watch
         self.watch_cursor = START
         self.watch_fired = False
-        self._broken = False
 
     def add(self, key: str, position: Position | None = None) -> bool:
         """Read ``key`` from after ``position`` (from its start by default: a stream first seen
@@ -255,17 +264,7 @@ class ChangelogSet:
             ids.append(self.watch_cursor)
         if not keys:
             raise ValueError("nothing to read: no stream and no watch stream")
-        try:
-            reply = await self._redis.execute_command(  # type: ignore[no-untyped-call]
-                "XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", *keys, *ids,
-                **{NEVER_DECODE: True},
-            )  # fmt: skip
-        except (RedisError, OSError):
-            self._broken = True
-            raise
-        if self._broken:
-            self._broken = False
-            raise GapDetected("connection to Redis was lost")
+        reply = await self._xread(keys, ids, block_ms, count)
         entries: list[Entry] = []
         advanced: dict[str, Position] = {}
         for raw_key, messages in _streams(reply):

@@ -67,6 +67,10 @@ class FakeLocks:
     async def release_partition(self, topic: str, partition: int) -> None:
         self.held.discard(partition)
 
+    async def query(self, method: str, *args: Any) -> Any:
+        # The peer watch's SQL (membership.py) needs a real PostgreSQL: test_membership.py.
+        raise NotImplementedError("FakeLocks runs no SQL")
+
     async def close(self) -> None:
         self._connected = False
 

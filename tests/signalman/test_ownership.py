@@ -114,7 +114,7 @@ async def test_a_query_that_does_not_answer_times_out_and_counts_as_lost(
     first = await locks.acquire_partition(topic, 0)
     # SIGSTOP the server process of this session (PostgreSQL backends run in their own
     # session, so this is the one that stops answering): the socket stays open, nothing moves.
-    backend = int(await locks._query("fetchval", "SELECT pg_backend_pid()"))
+    backend = int(await locks.query("fetchval", "SELECT pg_backend_pid()"))
     os.kill(backend, signal.SIGSTOP)
     try:
         started = time.monotonic()
