@@ -19,6 +19,14 @@ from grpc_reflection.v1alpha import reflection
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
+# Calls that have arrived but that the asyncio server has not picked up yet. grpc core's
+# default backlog (1,000, cancelling at random above it and every call above 3,000) cancels a
+# herd: a fleet reconnecting at once, or a burst of subscribes, opens thousands of streams
+# faster than one Python thread accepts them. The client saw those as INTERNAL "Internal
+# error from Core" (its first write failed on the cancelled stream). Load is shed where the
+# application can see it instead (handlers, the load-shedding interceptor).
+DEFAULT_MAX_PENDING_CALLS = 20_000
+
 
 @dataclass
 class ServiceBinding:
@@ -67,6 +75,7 @@ def build_server(
     host: str = "127.0.0.1",
     interceptors: Iterable[grpc.aio.ServerInterceptor[Any, Any]] = (),
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
     extra_options: Sequence[tuple[str, Any]] = (),
 ) -> GrpcServer:
     """Create an asyncio gRPC server listening on ``host:port`` (0 picks a free port)."""
@@ -78,6 +87,8 @@ def build_server(
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.so_reuseport", 0),
+        ("grpc.server.max_pending_requests", max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_calls),
         *extra_options,
     ]
     server = grpc.aio.server(interceptors=list(interceptors), options=options)
