@@ -65,9 +65,12 @@ class LatencyWindow:
 
     def __init__(self, size: int = 10_000) -> None:
         self._samples: deque[float] = deque(maxlen=size)
+        # Every decision since start, for the /metrics histogram (seconds, cumulative).
+        self.buckets = metrics.route_latency_buckets()
 
     def add(self, micros: float) -> None:
         self._samples.append(micros)
+        self.buckets.observe(micros / 1e6)
 
     def percentile(self, q: float) -> float:
         if not self._samples:
@@ -105,7 +108,6 @@ class Fleet:
         self._rng = rng or random.Random()
         self._locks: dict[str, asyncio.Lock] = {}
         store.add_listener(self._on_change)
-        metrics.track(self)
         for record in store.snapshot():
             self._on_change(record.node_id, record)
 

@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 import uvicorn
 
+from api_balancing import metrics as foghorn_metrics
 from api_balancing.config import FoghornConfig
 from api_balancing.fleet import Fleet, FleetSettings
 from api_balancing.geoip import GeoIpTable
@@ -22,6 +23,7 @@ from api_balancing.store.memory import MemoryNodeStore
 from pkg.common.auth import Authenticator, BearerAuthInterceptor, static_authenticator
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
+from pkg.common.metrics import process_metrics
 from pkg.events import EventSink, build_sink
 from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
 
@@ -82,6 +84,7 @@ class FoghornServer:
             self.events,
             rng=rng,
         )
+        foghorn_metrics.register(process_metrics(), self.fleet)
         self.sessions = SessionRegistry()
         locator = Locator(geoip)
         # HA (FOGHORN_REDIS_URL set): node-facing handlers see the fleet through fenced
@@ -89,6 +92,7 @@ class FoghornServer:
         self.ha: Any = None
         node_fleet: Any = self.fleet
         if config.redis_url:
+            from api_balancing.ha import telemetry as ha_telemetry
             from api_balancing.ha.runtime import HaRuntime
             from api_balancing.store.redis_store import RedisNodeStore
 
@@ -96,6 +100,7 @@ class FoghornServer:
             if not isinstance(self.store, RedisNodeStore):
                 raise TypeError("FOGHORN_REDIS_URL is set: HA needs the Redis node store")
             self.ha = HaRuntime(config, self.store, self.fleet, self.sessions, clock=clock)
+            ha_telemetry.register(process_metrics(), self.ha)
             node_fleet = self.ha.owned_fleet
         self.control = NodeControlService(node_fleet, self.sessions, config.report_interval_s)
         self.routing = RoutingService(self.fleet, locator)

@@ -23,7 +23,9 @@ from api_realtime.handlers import SERVICE, SignalmanServicer, add_to_server
 from pkg.common.auth import BearerAuthInterceptor, static_authenticator, tokens_from_env
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
+from pkg.common.metrics import process_metrics
 from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
+from signalman import processor as processor_metrics
 from signalman.config import SignalmanConfig
 from signalman.history import History
 from signalman.history.memory import MemoryHistory
@@ -64,6 +66,7 @@ class SignalmanApp:
             self.dlq = DeadLetterProducer(cfg.kafka_bootstrap, cfg.dlq_topic)
             dead_letter = self.dlq
         self.processor = Processor(self.history, dead_letter, clock)
+        processor_metrics.register(process_metrics(), self.processor)
         self.hub = Hub(
             self.history,
             buffer=cfg.subscriber_buffer,
@@ -100,6 +103,7 @@ class SignalmanApp:
             interval_s=cfg.duties_interval_s, history_maxlen=cfg.history_maxlen,
             retention_s=cfg.history_retention_s, redrive=redrive, lag=lag, clock=clock,
         )  # fmt: skip
+        self.duties.register_metrics(process_metrics())
         self.servicer = SignalmanServicer(
             self.hub, self.processor, self.stats, embedded=self.embedded
         )

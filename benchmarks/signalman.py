@@ -331,7 +331,8 @@ async def catch_up_rate(redis_url: str, prefix: str, n: int, timeout: float = 30
 
 
 async def age_buckets(http_ports: list[int]) -> dict[str, dict[float, float]]:
-    """Cumulative ``signalman_event_age`` bucket counts per stage, summed over replicas."""
+    """Cumulative ``signalman_event_age_seconds`` bucket counts per stage (bounds in ms),
+    summed over replicas."""
     from pkg.clients.http import AsyncHttpClient
 
     buckets: dict[str, dict[float, float]] = {}
@@ -339,12 +340,12 @@ async def age_buckets(http_ports: list[int]) -> dict[str, dict[float, float]]:
         async with AsyncHttpClient(base_url=f"http://127.0.0.1:{port}") as http:
             text = (await http.get("/metrics")).text
         for line in text.splitlines():
-            if not line.startswith("signalman_event_age_milliseconds_bucket"):
+            if not line.startswith("signalman_event_age_seconds_bucket"):
                 continue
             labels, _, value = line.rpartition(" ")
             stage = labels.split('stage="', 1)[1].split('"', 1)[0]
             le = labels.split('le="', 1)[1].split('"', 1)[0]
-            bound = float("inf") if le == "+Inf" else float(le)
+            bound = float("inf") if le == "+Inf" else float(le) * 1000.0  # ms, as reported
             per = buckets.setdefault(stage, {})
             per[bound] = per.get(bound, 0.0) + float(value)
     return buckets

@@ -52,6 +52,10 @@ def cmd_test(args: argparse.Namespace) -> int:
     # The GraphiQL browser test needs Chromium; installing it here keeps a first-time download
     # out of that test's time limit (./dev up never needs it).
     print(f"{'chromium':14} {install.chromium_binary()}", flush=True)
+    # The interface tests check every /metrics with promtool and drive the reference node
+    # client of graphql-ws: installed here, outside any test's time limit.
+    print(f"{'promtool':14} {install.promtool_binary()}", flush=True)
+    print(f"{'node clients':14} {install.node_clients()}", flush=True)
     if not args.no_lint:
         code = cmd_lint(args)
         if code:

@@ -6,54 +6,53 @@ dead-letter destination is a callable the caller provides.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 import structlog
 from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Observation
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.metrics import Metrics, Sample
 from signalman.history import AppendResult, Fences, History, SourcePos, fence_of
 from signalman.pipeline import Poison, Processed, process_record
 
 log = structlog.get_logger("signalman.processor")
 _meter = metrics.get_meter("signalman")
-# Processors of this process: the hot-path counters below are read from their own stats when
-# metrics are collected, instead of being added to per batch (an OpenTelemetry add costs several
-# microseconds, as much as decoding a record).
-_processors: weakref.WeakSet[Processor] = weakref.WeakSet()
 
 
-def _observe(stat: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
-    def observe(_options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(sum(getattr(p.stats, stat) for p in list(_processors)))]
+def _stats(name: str) -> Callable[[Processor], Iterable[Sample]]:
+    def read(p: Processor) -> Iterable[Sample]:
+        return [({}, getattr(p.stats, name))]
 
-    return observe
+    return read
 
 
-_meter.create_observable_counter(
-    "signalman_records_processed", [_observe("records")], description="records handled"
-)
-_meter.create_observable_counter(
-    "signalman_events_appended", [_observe("appended")], description="events in history"
-)
-_meter.create_observable_counter(
-    "signalman_duplicate_appends_skipped",
-    [_observe("duplicates")],
-    description="replayed records already in history",
-)
+def register(registry: Metrics, processor: Processor) -> None:
+    """Report ``processor``'s counts on /metrics: read from its own stats at scrape time instead
+    of added to per batch (an OpenTelemetry add costs several microseconds, as much as decoding
+    a record). Called by the app's wiring; the processor is held weakly."""
+    for name, stat, text in (
+        ("signalman_records_processed_total", "records", "records handled"),
+        ("signalman_events_appended_total", "appended", "events in history"),
+        ("signalman_duplicate_appends_skipped_total", "duplicates", "replayed, already in history"),
+    ):  # fmt: skip
+        registry.counter(name, text, _stats(stat), (), processor)
+
+
 _dead = _meter.create_counter("signalman_dead_lettered", description="poison records")
-AGE_BUCKETS_MS = (1, 2, 5, 10, 15, 20, 25, 30, 40, 50, 75, 100, 150, 250, 500, 1_000, 2_500, 10_000)
+AGE_BUCKETS_S = (
+    0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+)  # fmt: skip
 _age = _meter.create_histogram(
-    "signalman_event_age",
-    unit="ms",
+    "signalman_event_age_seconds",
+    unit="s",
     description="event age (now - event time) when fetched from Kafka / appended to the "
     "history / written to a subscriber, by stage: where an event's latency is spent (one "
-    "event in 8, by offset)",
+    "event in 16, by offset)",
     # Finer than the default buckets below 100 ms, where the latency target (50 ms) lies.
-    explicit_bucket_boundaries_advisory=AGE_BUCKETS_MS,
+    explicit_bucket_boundaries_advisory=AGE_BUCKETS_S,
 )
 _fenced = _meter.create_counter(
     "signalman_fenced_writes", description="appends rejected because this replica lost ownership"
@@ -76,7 +75,7 @@ def age_sampled(offset: int) -> bool:
 def record_age(now: float, event_time: float, stage: str) -> None:
     """Observe how old an event is at ``stage`` (producer clocks may be skewed: never < 0)."""
     attrs = _STAGE_ATTRS.get(stage) or {"stage": stage}
-    _age.record(max(0.0, (now - event_time) * 1000.0), attrs)
+    _age.record(max(0.0, now - event_time), attrs)
 
 
 @dataclass(frozen=True)
@@ -132,7 +131,6 @@ class Processor:
         self.dead_letter = dead_letter
         self.clock = clock
         self.stats = ProcessorStats()
-        _processors.add(self)
 
     async def handle(
         self,

@@ -13,16 +13,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Observation
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.metrics import Metrics, Sample
 from signalman.history import History
 from signalman.kafka_clients import start_client
 from signalman.ownership import PartitionLocks
 
 log = structlog.get_logger("signalman.singleton")
-_meter = metrics.get_meter("signalman")
 
 
 class GroupLag:
@@ -96,16 +94,19 @@ class SingletonDuties:
         self.leader = False
         self.trimmed = 0
         self._stop = asyncio.Event()
-        _meter.create_observable_gauge(
-            "signalman_consumer_lag",
-            callbacks=[self._observe_lag],
-            description="records not yet committed by the group, per partition (singleton)",
-        )
 
-    def _observe_lag(self, _options: CallbackOptions) -> list[Observation]:
+    def register_metrics(self, registry: Metrics) -> None:
+        """Report the group's lag per partition while this replica is the singleton leader."""
+        registry.gauge(
+            "signalman_consumer_lag",
+            "records not yet committed by the group, per partition (singleton leader only)",
+            SingletonDuties._lag_samples, ("partition",), self,
+        )  # fmt: skip
+
+    def _lag_samples(self) -> list[Sample]:
         if not self.leader or self.group_lag is None:
             return []
-        return [Observation(v, {"partition": str(p)}) for p, v in self.group_lag.lag.items()]
+        return [({"partition": str(p)}, v) for p, v in self.group_lag.lag.items()]
 
     async def _is_leader(self) -> bool:
         if self.locks is None:

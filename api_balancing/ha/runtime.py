@@ -17,7 +17,6 @@ import structlog
 
 from api_balancing.config import FoghornConfig
 from api_balancing.fleet import Fleet
-from api_balancing.ha import telemetry
 from api_balancing.ha.keys import Keys
 from api_balancing.ha.leader import leader_reaper
 from api_balancing.ha.owned_fleet import OwnedFleet
@@ -142,7 +141,6 @@ class HaRuntime:
             self.lease, fleet, self.ownership, config.reap_interval_s, clock=clock
         )
         self._tasks: list[asyncio.Task[Any]] = []
-        telemetry.register(self)
 
     def binding(self) -> ServiceBinding:
         """The internal relay service, mounted on the replica's gRPC server."""

@@ -1,21 +1,21 @@
-"""OpenTelemetry instruments of Foghorn HA (exported on /metrics with the service's others).
+"""Foghorn HA's metrics (exported on /metrics with the service's others).
 
-Gauges and counters are observed from the runtimes' own counters at collection time (no cost
-on the hot path); the sync lag is a histogram recorded per applied changelog entry (entry
-time from its stream ID against this replica's clock).
+Gauges and counters are read from the runtime's own figures at scrape time (``register``,
+called by the server's wiring: no cost on the hot path); the sync lag is an OpenTelemetry
+histogram recorded per applied changelog entry (entry time from its stream ID against this
+replica's clock).
 """
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from opentelemetry import metrics
-from opentelemetry.metrics import CallbackOptions, Observation
+
+from pkg.common.metrics import Metrics, Sample
 
 _meter = metrics.get_meter("foghorn.ha")
-_runtimes: weakref.WeakSet[Any] = weakref.WeakSet()
 
 sync_lag = _meter.create_histogram(
     "foghorn_ha_sync_lag_seconds",
@@ -24,45 +24,41 @@ sync_lag = _meter.create_histogram(
 )
 
 
-def _observe(field: str) -> Any:
-    def callback(options: CallbackOptions) -> Iterable[Observation]:
-        for runtime in list(_runtimes):
-            yield Observation(runtime.describe()[field], {"replica": runtime.config.replica_id})
+def _field(name: str) -> Callable[[Any], Iterable[Sample]]:
+    def read(runtime: Any) -> Iterable[Sample]:
+        return [({"replica": runtime.config.replica_id}, runtime.describe()[name])]
 
-    return callback
-
-
-def _flag(field: str) -> Any:
-    def callback(options: CallbackOptions) -> Iterable[Observation]:
-        for runtime in list(_runtimes):
-            doc = runtime.describe()
-            value = doc[field] if field != "status" else doc["status"] == "ok"
-            yield Observation(int(bool(value)), {"replica": runtime.config.replica_id})
-
-    return callback
+    return read
 
 
-_meter.create_observable_gauge(
-    "foghorn_ha_in_sync", [_flag("status")], description="1 when in sync with Redis, 0 degraded"
+def _flag(name: str) -> Callable[[Any], Iterable[Sample]]:
+    def read(runtime: Any) -> Iterable[Sample]:
+        doc = runtime.describe()
+        value = doc[name] if name != "status" else doc["status"] == "ok"
+        return [({"replica": runtime.config.replica_id}, int(bool(value)))]
+
+    return read
+
+
+_GAUGES = (
+    ("foghorn_ha_in_sync", _flag("status"), "1 when in sync with Redis, 0 degraded"),
+    ("foghorn_ha_leader", _flag("leader"), "1 while this replica holds the lease"),
+    ("foghorn_ha_owned_nodes", _field("owned_nodes"), "Node streams owned here"),
 )
-_meter.create_observable_gauge(
-    "foghorn_ha_leader", [_flag("leader")], description="1 while this replica holds the lease"
+_COUNTERS = (
+    ("foghorn_ha_rehydrations_total", "rehydrations", "Tail-first rehydrations (start, gaps)"),
+    ("foghorn_ha_takeovers_total", "takeovers", "Streams closed: another replica took over"),
+    ("foghorn_ha_writes_rejected_total", "writes_rejected", "Writes refused by fencing"),
+    ("foghorn_ha_writes_deferred_total", "writes_deferred", "Writes kept in memory, degraded"),
+    ("foghorn_ha_remote_applied_total", "remote_applied", "Other replicas' changes applied"),
+    ("foghorn_ha_remote_stale_total", "remote_stale", "Other replicas' changes dropped, stale"),
+    ("foghorn_ha_relayed_total", "relayed", "Admin calls relayed to the owner replica"),
 )
-_meter.create_observable_gauge(
-    "foghorn_ha_owned_nodes", [_observe("owned_nodes")], description="Node streams owned here"
-)
-for _name, _field, _help in (
-    ("foghorn_ha_rehydrations", "rehydrations", "Tail-first rehydrations (start-up and gaps)"),
-    ("foghorn_ha_takeovers", "takeovers", "Streams closed because another replica took over"),
-    ("foghorn_ha_writes_rejected", "writes_rejected", "Writes refused by fencing"),
-    ("foghorn_ha_writes_deferred", "writes_deferred", "Writes kept in memory while degraded"),
-    ("foghorn_ha_remote_applied", "remote_applied", "Other replicas' changes applied"),
-    ("foghorn_ha_remote_stale", "remote_stale", "Other replicas' changes dropped as stale"),
-    ("foghorn_ha_relayed", "relayed", "Admin calls relayed to the owner replica"),
-):
-    _meter.create_observable_counter(_name, [_observe(_field)], description=_help)
 
 
-def register(runtime: Any) -> None:
+def register(registry: Metrics, runtime: Any) -> None:
     """Report ``runtime``'s figures (kept weakly: a stopped runtime drops out)."""
-    _runtimes.add(runtime)
+    for name, read, text in _GAUGES:
+        registry.gauge(name, text, read, ("replica",), runtime)
+    for name, key, text in _COUNTERS:
+        registry.counter(name, text, _field(key), ("replica",), runtime)

@@ -21,6 +21,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 
 from pkg.clients.breaker import STATE_CODES
 from pkg.clients.outlier import OutlierDetector, OutlierEvent
+from pkg.common.metrics import Buckets, HistogramSample, process_metrics
 
 if TYPE_CHECKING:
     from pkg.clients.runtime import Runtime
@@ -183,21 +184,13 @@ class _Instruments:
             "client_breaker_rejected", description="Calls failed fast by an open breaker"
         )
         self.hedges = meter.create_counter("client_hedges", description="Hedged attempts sent")
-        meter.create_observable_counter(
-            "client_call_duration_seconds_bucket",
-            callbacks=[self._latency_buckets],
-            description="Call latency including retries: cumulative count of calls <= le",
-        )
-        meter.create_observable_counter(
-            "client_call_duration_seconds_sum",
-            callbacks=[self._latency_sum],
-            unit="s",
-            description="Call latency including retries: sum",
-        )
-        meter.create_observable_counter(
-            "client_call_duration_seconds_count",
-            callbacks=[self._latency_count],
-            description="Call latency including retries: number of calls",
+        # A real Prometheus histogram, read from the call counters at scrape time (OpenTelemetry
+        # has no histogram that can be observed from counts kept elsewhere).
+        process_metrics().histogram(
+            "client_call_duration_seconds",
+            "Call latency including retries",
+            self._latency,
+            ("target", "method"),
         )
         meter.create_observable_counter(
             "client_attempts", callbacks=[self._attempts], description="Attempts sent"
@@ -222,21 +215,12 @@ class _Instruments:
         for m in self._methods():
             yield Observation(m.calls, m.attrs)
 
-    def _latency_buckets(self, options: CallbackOptions) -> Iterable[Observation]:
+    def _latency(self, _source: object) -> Iterable[HistogramSample]:
         for m in self._methods():
-            running = 0
-            counts = list(m.latency_counts)
-            for bound, count in zip((*LATENCY_BOUNDS, "+Inf"), counts, strict=True):
-                running += count
-                yield Observation(running, {**m.attrs, "le": str(bound)})
-
-    def _latency_sum(self, options: CallbackOptions) -> Iterable[Observation]:
-        for m in self._methods():
-            yield Observation(m.latency_sum, m.attrs)
-
-    def _latency_count(self, options: CallbackOptions) -> Iterable[Observation]:
-        for m in self._methods():
-            yield Observation(sum(m.latency_counts), m.attrs)
+            buckets = Buckets(LATENCY_BOUNDS)
+            buckets.counts = list(m.latency_counts)
+            buckets.sum = m.latency_sum
+            yield m.attrs, buckets
 
     def _ejected(self, options: CallbackOptions) -> Iterable[Observation]:
         # Several channels may balance over the same target: report the sum per target.

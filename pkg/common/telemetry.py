@@ -1,40 +1,26 @@
-"""The one telemetry setup: an OpenTelemetry MeterProvider exported as Prometheus text.
+"""The one telemetry setup: OpenTelemetry metrics exported through the process's registry.
 
-Code records metrics through ``opentelemetry.metrics.get_meter(...)`` (the API's global proxy),
-so libraries such as ``pkg.clients`` need no wiring; a service process calls ``setup_metrics``
-once and serves ``prometheus_text()`` on ``/metrics``.
+Code records rare events through ``opentelemetry.metrics.get_meter(...)`` (the API's global
+proxy), so libraries such as ``pkg.clients`` need no wiring; hot-path figures are registered
+with ``pkg.common.metrics`` by each app's wiring. A service process calls ``setup_metrics`` once
+and serves ``prometheus_text()`` on ``/metrics``.
 """
 
 from __future__ import annotations
 
-import threading
-
-from opentelemetry import metrics
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.resources import Resource
-from prometheus_client import REGISTRY, generate_latest
-
-_lock = threading.Lock()
-_provider: MeterProvider | None = None
-
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from pkg.common import metrics
+from pkg.common.metrics import CONTENT_TYPE, Metrics
 
 
-def setup_metrics(service: str) -> MeterProvider:
-    """Install the process-wide MeterProvider (idempotent: later calls return the first one)."""
-    global _provider
-    with _lock:
-        if _provider is None:
-            reader = PrometheusMetricReader()
-            _provider = MeterProvider(
-                metric_readers=[reader],
-                resource=Resource.create({"service.name": service}),
-            )
-            metrics.set_meter_provider(_provider)
-        return _provider
+def setup_metrics(service: str) -> Metrics:
+    """Install the process-wide registry and MeterProvider (idempotent: later calls return the
+    first one)."""
+    return metrics.setup(service)
 
 
 def prometheus_text() -> bytes:
     """Every metric of this process in the Prometheus text format."""
-    return generate_latest(REGISTRY)
+    return metrics.process_metrics().text()
+
+
+__all__ = ["CONTENT_TYPE", "prometheus_text", "setup_metrics"]

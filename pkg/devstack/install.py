@@ -106,6 +106,53 @@ def chromium_binary() -> Path:
     return Path(found)
 
 
+def promtool_binary() -> Path:
+    """Path of ``promtool`` (Debian's ``prometheus`` package: the server and its checker).
+
+    The package's maintainer scripts would start a system-wide Prometheus daemon; the
+    policy-rc.d written by ``_apt_install`` forbids that. ``./dev`` runs the binary itself.
+    """
+    found = shutil.which("promtool")
+    if found:
+        return Path(found)
+    _apt_install("prometheus")
+    found = shutil.which("promtool")
+    if not found:
+        raise InstallError("prometheus installed but promtool is not on PATH")
+    return Path(found)
+
+
+# The reference GraphQL-over-WebSocket client (and its peers) for the interface tests, from the
+# npm registry into a folder of the project's own (never a global install).
+NODE_CLIENTS = {"graphql-ws": "6.4.2", "graphql": "16.11.0", "ws": "8.18.3"}
+NODE_DIR = Path(__file__).resolve().parent.parent.parent / ".node"
+
+
+def node_clients() -> Path:
+    """The project-local ``node_modules`` folder holding ``NODE_CLIENTS`` (installed once)."""
+    modules = NODE_DIR / "node_modules"
+    wanted = [f"{name}@{version}" for name, version in NODE_CLIENTS.items()]
+    stamp = NODE_DIR / ".installed"
+    if stamp.exists() and stamp.read_text() == " ".join(wanted) and modules.is_dir():
+        return modules
+    npm = shutil.which("npm")
+    if npm is None or shutil.which("node") is None:
+        _apt_install("nodejs", "npm")
+        npm = shutil.which("npm")
+    if npm is None:
+        raise InstallError("node/npm are not installed: apt-get install nodejs npm")
+    NODE_DIR.mkdir(parents=True, exist_ok=True)
+    package = '{"name": "ha-platform-test-clients", "private": true}\n'
+    (NODE_DIR / "package.json").write_text(package)
+    print(f"devstack: npm install {' '.join(wanted)} into {NODE_DIR}", file=sys.stderr, flush=True)
+    subprocess.run(
+        [npm, "install", "--no-audit", "--no-fund", "--silent", "--prefix", str(NODE_DIR), *wanted],
+        check=True,
+    )
+    stamp.write_text(" ".join(wanted))
+    return modules
+
+
 def ensure_all() -> dict[str, Path]:
     """Install (if needed) and locate every server; returns their paths for display.
 
