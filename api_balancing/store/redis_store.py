@@ -19,17 +19,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
-
-try:  # redis[hiredis] is a dependency; without it redis-py's packer is used
-    import hiredis
-except ImportError:  # pragma: no cover
-    HAVE_HIREDIS = False
-else:
-    HAVE_HIREDIS = True
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -41,6 +33,7 @@ from api_balancing.model import NodeRecord, evolve
 from api_balancing.store import redis_codec
 from api_balancing.store.base import StaleWriteError, StoreListener
 from api_balancing.store.staging import NodeWrites, StagingCounters
+from pkg.common import redisconn
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.coord import Announce, Entry, FencedHash, FencedWriteRejected, PutBatch, Watermarks
 
@@ -96,40 +89,26 @@ REPUBLISH_PASSES = 4
 LINGER_S = 0.005  # the default of RedisStoreSettings.linger_s (FOGHORN_WRITE_LINGER_MS)
 
 
-class _PackedConnection(aioredis.Connection):
-    """redis-py's asyncio connection packs commands in pure Python (about 4 us per argument);
-    the synchronous client uses hiredis' C packer when installed, and so do we. Anything
-    hiredis refuses falls back to redis-py's own packer."""
-
-    def pack_command(self, *args: Any) -> list[bytes]:
-        first = args[0]
-        if isinstance(first, str):
-            head: tuple[Any, ...] = tuple(first.encode().split())
-            args = head + args[1:]
-        try:
-            return [hiredis.pack_command(args)]
-        except TypeError:
-            return super().pack_command(*args)
-
-
 def connect(url: str, op_timeout_s: float, extra_timeout_s: float = 0.0) -> aioredis.Redis:
     """A client that fails fast (no hidden retries): our own loops decide when to retry.
 
+    ``url``: a plain Redis URL or a ``redis+sentinel://`` spec (``pkg.common.redisconn``).
     The pool is bounded: hundreds of node streams writing at once would otherwise open a
     connection each (with its handshake); bounded, they queue briefly and share connections
-    while writes of one loop turn already travel as one pipeline.
+    while writes of one loop turn already travel as one pipeline. Commands are packed by
+    hiredis (redis-py's asyncio connection packs them in pure Python).
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
+    return redisconn.connect(
         url,
+        name="foghorn",
         max_connections=MAX_CONNECTIONS,
-        timeout=op_timeout_s,
+        blocking_timeout=op_timeout_s,
+        hiredis_packing=True,
         decode_responses=True,
         socket_timeout=op_timeout_s + extra_timeout_s,
         socket_connect_timeout=op_timeout_s,
         retry=Retry(NoBackoff(), 0),
-        connection_class=_PackedConnection if HAVE_HIREDIS else aioredis.Connection,
     )
-    return aioredis.Redis(connection_pool=pool)
 
 
 class RedisNodeStore:

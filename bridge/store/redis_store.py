@@ -25,6 +25,7 @@ from redis.retry import Retry
 from bridge.store import StoreUnavailable
 from bridge.store.health import RedisHealth
 from bridge.token_bucket import Decision, Limit
+from pkg.common import redisconn
 from pkg.coord.scripts import DELETE_IF_EQUALS
 
 T = TypeVar("T")
@@ -67,10 +68,12 @@ def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
     """A client that fails fast: short socket timeouts, one immediate retry on a dropped socket.
 
     redis-py's default (3 retries with backoff) would stall every request for seconds during an
-    outage; the retry covers a pooled connection that a Redis restart closed.
+    outage; the retry covers a pooled connection that a Redis restart (or a Sentinel failover:
+    ``url`` may be a ``redis+sentinel://`` spec, see ``pkg.common.redisconn``) closed.
     """
-    return aioredis.Redis.from_url(
+    return redisconn.connect(
         url,
+        name="bridge",
         socket_timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),

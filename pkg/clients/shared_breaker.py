@@ -31,6 +31,7 @@ from pkg.clients.breaker import (
     TICKET_PROBE,
     CircuitBreaker,
 )
+from pkg.common import redisconn
 
 _log = structlog.get_logger("pkg.clients.shared_breaker")
 
@@ -260,8 +261,9 @@ class SharedBreakerStore:
             raise ValueError(f"sync_interval must be in 0.01..60 seconds, got {sync_interval!r}")
         if not namespace or not isinstance(namespace, str):
             raise ValueError("namespace must be a non-empty string")
-        self.client: redis.Redis = client or redis.Redis.from_url(
-            url or "", socket_timeout=1.0, socket_connect_timeout=1.0
+        # ``url``: a plain Redis URL or a ``redis+sentinel://`` spec (pkg.common.redisconn).
+        self.client: redis.Redis = client or redisconn.connect_sync(
+            url or "", name="pkg-clients-breaker", socket_timeout=1.0, socket_connect_timeout=1.0
         )
         self._owns_client = client is None  # a client the caller passed in is the caller's
         self.namespace = namespace

@@ -17,6 +17,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from pkg.coord.changelog import APPEND_LUA, seq_key
+from pkg.coord.era import ERA_KEY, ERA_LUA
 
 FENCE_FIELD = "_fence"
 
@@ -260,16 +261,34 @@ class BatchOutcome:
     untouched: frozenset[int] = frozenset()
 
 
+# KEYS: counter, failover-epoch record. INCR, lifted above this primary's failover-epoch
+# floor (a promoted replica may lack the last increments).
+_NEXT = (
+    ERA_LUA
+    + """
+local n = redis.call('INCR', KEYS[1])
+local floor = era_floor(KEYS[2])
+if n <= floor then
+  n = floor + 1
+  redis.call('SET', KEYS[1], n)
+end
+return n
+"""
+)
+
+
 class FenceCounter:
-    """A strictly increasing token source (Redis INCR), shared by every replica."""
+    """A strictly increasing token source (Redis INCR), shared by every replica, that keeps
+    growing across Sentinel failovers (``pkg.coord.era``)."""
 
     def __init__(self, redis: aioredis.Redis, key: str) -> None:
         self._redis = redis
         self.key = key
+        self._next = redis.register_script(_NEXT)
 
     async def next(self) -> int:
         """A token higher than every token issued before by this counter."""
-        return int(await self._redis.incr(self.key))
+        return int(await self._next(keys=[self.key, ERA_KEY]))
 
     async def current(self) -> int:
         """The last issued token (0 when none)."""

@@ -2,7 +2,9 @@
 
 Key ``<key>`` holds ``holder|epoch`` with a TTL (default 15 s, renewed every 5 s, like the
 upstream Go Foghorn). Epochs come from ``<key>:epoch`` (INCR), so two terms never share one.
-Acquire is SET-if-absent, renewal and release are compare-and-set on the exact value, so only
+Epochs also survive a Sentinel failover to a replica that lacked the last increments (they
+start above the new primary's failover-epoch floor, ``pkg.coord.era``). Acquire is
+SET-if-absent, renewal and release are compare-and-set on the exact value, so only
 the holder can extend or drop its term.
 
 Locally the holder counts its term as valid until ``sent + ttl - safety`` where ``sent`` is the
@@ -25,18 +27,29 @@ import structlog
 from redis.exceptions import RedisError
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.coord.era import ERA_KEY, ERA_LUA
 from pkg.coord.scripts import DELETE_IF_EQUALS, EXPIRE_IF_EQUALS
 
 log = structlog.get_logger("pkg.coord.lease")
 
-_ACQUIRE = """
+# KEYS: lease, epoch counter, failover-epoch record. A promoted replica may lack the last
+# INCR of the epoch counter: epochs start above its failover-epoch floor (pkg.coord.era).
+_ACQUIRE = (
+    ERA_LUA
+    + """
 local cur = redis.call('GET', KEYS[1])
 if cur then return {0, cur} end
 local epoch = redis.call('INCR', KEYS[2])
+local floor = era_floor(KEYS[3])
+if epoch <= floor then
+  epoch = floor + 1
+  redis.call('SET', KEYS[2], epoch)
+end
 local value = ARGV[1] .. '|' .. epoch
 redis.call('SET', KEYS[1], value, 'PX', ARGV[2])
 return {1, value}
 """
+)
 
 
 @dataclass(frozen=True)
@@ -125,7 +138,8 @@ class LeaderLease:
         """Acquire the lease if nobody holds it; returns our new term or None."""
         sent = self._clock.monotonic()
         raw: Any = await self._acquire(
-            keys=[self.key, self.epoch_key], args=[self.holder, str(int(self.ttl_s * 1000))]
+            keys=[self.key, self.epoch_key, ERA_KEY],
+            args=[self.holder, str(int(self.ttl_s * 1000))],
         )
         if int(raw[0]) != 1:
             return None

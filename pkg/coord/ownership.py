@@ -11,7 +11,9 @@ Redis counter (``<prefix>:fence``) and only grow. The rules, all enforced by Lua
 - release / evict: delete only when the record is exactly the one the caller holds or saw.
 
 After Redis loses its data (restart without persistence), a live owner's refresh restores its
-record and raises the counter back to at least its fence, so fences keep growing.
+record and raises the counter back to at least its fence, so fences keep growing. After a
+Sentinel failover to a replica that lacked the last increments, acquire issues fences above the
+new primary's failover-epoch floor (``pkg.coord.era``), so no fence is ever issued twice.
 """
 
 from __future__ import annotations
@@ -22,16 +24,23 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from pkg.coord.era import ERA_KEY, ERA_LUA
 from pkg.coord.scripts import DELETE_IF_EQUALS
 
-_ACQUIRE = """
+# KEYS: record, counter, high-water, failover-epoch record (pkg.coord.era).
+_ACQUIRE = (
+    ERA_LUA
+    + """
 local fence = redis.call('INCR', KEYS[2])
 local floor = tonumber(ARGV[4]) or 0
 local hw = tonumber(redis.call('GET', KEYS[3])) or 0
 if hw > floor then floor = hw end
+local era = era_floor(KEYS[4])
+if era > floor then floor = era end
 if fence <= floor then
-  -- the counter was lost (Redis restart) while fences survived elsewhere (in another key,
-  -- or in the caller's memory): jump past them so fences keep growing
+  -- the counter was lost (Redis restart) or lacks increments (a promoted replica) while fences
+  -- survived elsewhere (in another key, in the caller's memory, or below this primary's
+  -- failover epoch): jump past them so fences keep growing
   fence = floor + 1
   redis.call('SET', KEYS[2], fence)
 end
@@ -45,6 +54,7 @@ redis.call('SET', KEYS[1], rec, 'PX', ARGV[2])
 redis.call('SET', KEYS[3], fence, 'PX', ARGV[3])
 return {1, rec}
 """
+)
 
 _REFRESH = """
 local fence = tonumber(ARGV[2])
@@ -146,7 +156,7 @@ class Ownership:
         if "|" in replica or "|" in address:
             raise ValueError("replica and address must not contain '|'")
         raw: Any = await self._acquire(
-            keys=self._keys(entity),
+            keys=[*self._keys(entity), ERA_KEY],
             args=[
                 f"{replica}|{address}",
                 str(self.ttl_ms),

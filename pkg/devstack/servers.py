@@ -196,6 +196,290 @@ class RedisServer(ServerProcess):
             return False
 
 
+class RedisReplicaServer(RedisServer):
+    """A Redis started as a replica of ``primary`` (``--replicaof``), no persistence.
+
+    ``min_replicas_to_write`` applies when it is (or becomes) a primary: with 1, a primary that
+    lost its replicas (a paused "zombie" woken after a failover) refuses writes once the link
+    ages past ``min_replicas_max_lag`` seconds.
+    """
+
+    name = "redis-replica"
+
+    def __init__(
+        self,
+        run_dir: Path | None = None,
+        port: int | None = None,
+        *,
+        primary: tuple[str, int] | None = None,
+        min_replicas_to_write: int = 0,
+        min_replicas_max_lag: int = 10,
+    ) -> None:
+        super().__init__(run_dir=run_dir, port=port)
+        self.primary = primary
+        self.min_replicas_to_write = min_replicas_to_write
+        self.min_replicas_max_lag = min_replicas_max_lag
+
+    def command(self) -> Sequence[str]:
+        cmd = [*super().command()]
+        if self.primary is not None:
+            cmd += ["--replicaof", self.primary[0], str(self.primary[1])]
+        if self.min_replicas_to_write:
+            cmd += [
+                "--min-replicas-to-write", str(self.min_replicas_to_write),
+                "--min-replicas-max-lag", str(self.min_replicas_max_lag),
+            ]  # fmt: skip
+        # Sentinel reconfigures replicas with REPLICAOF; a restarted replica must accept it.
+        cmd += ["--replica-read-only", "yes"]
+        return cmd
+
+
+class SentinelServer(ServerProcess):
+    """``redis-server --sentinel`` watching one primary under ``master_name``.
+
+    Sentinel rewrites its config file (failovers, known replicas and Sentinels), so the file
+    lives in the run directory and a restart keeps what it learnt.
+    """
+
+    name = "sentinel"
+
+    def __init__(
+        self,
+        run_dir: Path | None = None,
+        port: int | None = None,
+        *,
+        primary: tuple[str, int],
+        master_name: str = "mymaster",
+        quorum: int = 2,
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
+        super().__init__(run_dir=run_dir, port=port)
+        self.primary = primary
+        self.master_name = master_name
+        self.quorum = quorum
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.config_path = self.run_dir / "sentinel.conf"
+
+    def prepare(self) -> None:
+        host, port = self.primary
+        m = self.master_name
+        self.config_path.write_text(
+            f"port {self.port}\n"
+            "bind 127.0.0.1\n"
+            "protected-mode no\n"
+            f"dir {self.run_dir}\n"
+            f"sentinel monitor {m} {host} {port} {self.quorum}\n"
+            f"sentinel down-after-milliseconds {m} {self.down_after_ms}\n"
+            f"sentinel failover-timeout {m} {self.failover_timeout_ms}\n"
+            f"sentinel parallel-syncs {m} 2\n"
+        )
+
+    def command(self) -> Sequence[str]:
+        return [
+            str(install.redis_server_binary()), str(self.config_path), "--sentinel",
+            "--loglevel", "notice",
+        ]  # fmt: skip
+
+    def is_ready(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+
+def redis_command(port: int, *args: str, timeout: float = 2.0) -> str:
+    """One command to a Redis or Sentinel on 127.0.0.1 (inline protocol), its reply as text.
+
+    For devstack status and drills, which must not depend on an event loop or a client pool.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        parts = [f"${len(a.encode())}\r\n{a}\r\n" for a in args]
+        sock.sendall(f"*{len(args)}\r\n{''.join(parts)}".encode())
+        sock.settimeout(timeout)
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            data += chunk
+            if not chunk or _resp_complete(data):
+                break
+    return data.decode(errors="replace")
+
+
+def _resp_complete(data: bytes) -> bool:
+    try:
+        _, end = _resp_parse(data, 0)
+    except (IndexError, ValueError):
+        return False
+    return end == len(data)
+
+
+def _resp_parse(data: bytes, i: int) -> tuple[Any, int]:
+    kind, line_end = data[i : i + 1], data.index(b"\r\n", i)
+    head = data[i + 1 : line_end]
+    if kind in (b"+", b"-", b":"):
+        return head.decode(), line_end + 2
+    if kind == b"$":
+        n = int(head)
+        if n < 0:
+            return None, line_end + 2
+        if len(data) < line_end + 2 + n + 2:
+            raise IndexError("incomplete")
+        return data[line_end + 2 : line_end + 2 + n].decode(), line_end + 4 + n
+    if kind == b"*":
+        n, out, j = int(head), [], line_end + 2
+        for _ in range(max(n, 0)):
+            item, j = _resp_parse(data, j)
+            out.append(item)
+        return out, j
+    raise ValueError(f"unexpected RESP type {kind!r}")
+
+
+def redis_info(port: int, section: str = "replication") -> dict[str, str]:
+    """``INFO <section>`` of the Redis on ``port`` as a dict."""
+    text = redis_command(port, "INFO", section)
+    out = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and not line.startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
+
+
+class RedisHA:
+    """A Sentinel-managed Redis on 127.0.0.1: one primary, ``replicas`` replicas and
+    ``sentinels`` Sentinels (quorum: a majority), no persistence.
+
+    ``spec`` is the ``redis+sentinel://`` spec clients use. Servers are exposed (``servers``,
+    ``sentinel_servers``) so drills can kill, pause and restart each one by pid; ``primary_port``
+    asks the Sentinels who is primary now.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        replicas: int = 2,
+        sentinels: int = 3,
+        master_name: str = "mymaster",
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 3000,
+        min_replicas_to_write: int = 1,
+        min_replicas_max_lag: int = 2,
+    ) -> None:
+        self.master_name = master_name
+        port = free_port()
+        common: dict[str, Any] = {
+            "min_replicas_to_write": min_replicas_to_write if replicas else 0,
+            "min_replicas_max_lag": min_replicas_max_lag,
+        }
+        self.servers: list[RedisReplicaServer] = [
+            RedisReplicaServer(run_dir / "redis-0", port, **common)
+        ]
+        for i in range(replicas):
+            self.servers.append(
+                RedisReplicaServer(
+                    run_dir / f"redis-{i + 1}", primary=("127.0.0.1", port), **common
+                )
+            )
+        self.sentinel_servers = [
+            SentinelServer(
+                run_dir / f"sentinel-{i}",
+                primary=("127.0.0.1", port),
+                master_name=master_name,
+                quorum=sentinels // 2 + 1,
+                down_after_ms=down_after_ms,
+                failover_timeout_ms=failover_timeout_ms,
+            )
+            for i in range(sentinels)
+        ]
+
+    @property
+    def spec(self) -> str:
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinel_servers)
+        return f"redis+sentinel://{hosts}/{self.master_name}"
+
+    def start(self) -> None:
+        for server in self.servers:
+            server.start()
+        for sentinel in self.sentinel_servers:
+            sentinel.start()
+        self.wait_settled()
+
+    def wait_settled(self, timeout: float = 20.0) -> None:
+        """Wait until every Sentinel knows the primary and all replicas are linked to it."""
+        deadline = time.monotonic() + timeout
+        want = len(self.servers) - 1
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, ValueError):
+                primary = self.primary_port()
+                if primary is not None and all(
+                    self.sentinel_view(s.port) == primary for s in self.sentinel_servers
+                ):
+                    info = redis_info(primary)
+                    links = sum(
+                        1 for k, v in info.items() if k.startswith("slave") and "state=online" in v
+                    )
+                    if info.get("role") == "master" and links >= want:
+                        return
+            time.sleep(0.1)
+        raise ServerError(f"Redis HA not settled within {timeout} s")
+
+    def sentinel_view(self, sentinel_port: int) -> int | None:
+        reply = _resp_parse(
+            redis_command(
+                sentinel_port, "SENTINEL", "get-master-addr-by-name", self.master_name
+            ).encode(),
+            0,
+        )[0]
+        return int(reply[1]) if isinstance(reply, list) and len(reply) == 2 else None
+
+    def primary_port(self) -> int | None:
+        """The primary's port according to the first Sentinel that answers."""
+        for sentinel in self.sentinel_servers:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                return self.sentinel_view(sentinel.port)
+        return None
+
+    def server(self, port: int) -> RedisReplicaServer:
+        return next(s for s in self.servers if s.port == port)
+
+    def failover_epoch(self) -> int:
+        """The primary's config epoch as the first answering Sentinel reports it."""
+        for sentinel in self.sentinel_servers:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                reply = _resp_parse(
+                    redis_command(sentinel.port, "SENTINEL", "master", self.master_name).encode(),
+                    0,
+                )[0]
+                fields = dict(zip(reply[::2], reply[1::2], strict=False))
+                return int(fields["config-epoch"])
+        return -1
+
+    def wait_primary_change(self, old_port: int, timeout: float = 30.0) -> int:
+        """Wait until the Sentinels report a primary other than ``old_port``; its port."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            port = self.primary_port()
+            if port is not None and port != old_port:
+                with contextlib.suppress(OSError):
+                    if redis_info(port).get("role") == "master":
+                        return port
+            time.sleep(0.05)
+        raise ServerError(f"no failover away from {old_port} within {timeout} s")
+
+    def stop(self) -> None:
+        for proc in [*self.sentinel_servers, *self.servers]:
+            proc.stop()
+
+    def cleanup(self) -> None:
+        for proc in [*self.sentinel_servers, *self.servers]:
+            remove_run_dir(proc)
+
+
 class PostgresServer(ServerProcess):
     """PostgreSQL 15 in a throw-away data directory, run as the ``postgres`` user when root."""
 

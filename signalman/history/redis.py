@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.typing import StreamRangeResponse
 
+from pkg.common import redisconn
 from pkg.events.sink import Event
 from signalman import wire
 from signalman.history import (
@@ -123,8 +124,13 @@ class RedisHistory:
     ) -> None:
         self.prefix = prefix
         self.max_len = max_len
-        self._redis: aioredis.Redis = client or aioredis.Redis.from_url(
-            url, decode_responses=False, health_check_interval=10, socket_timeout=None
+        # ``url``: a plain Redis URL or a ``redis+sentinel://`` spec (pkg.common.redisconn).
+        self._redis: aioredis.Redis = client or redisconn.connect(
+            url,
+            name="signalman-history",
+            decode_responses=False,
+            health_check_interval=10,
+            socket_timeout=None,
         )
         self._append = self._redis.register_script(_APPEND)
         # Used only if the tenant has no epoch yet (new or lost history); unique per call without
