@@ -11,6 +11,7 @@ enforced here.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 from dataclasses import dataclass, field
@@ -21,9 +22,14 @@ from pkg.clients.backoff import Backoff
 from pkg.common.auth import Principal
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from signalman.history import Entry, History
-from signalman.session import FeedRegistry, Session
+from signalman.session import FeedPosition, FeedRegistry, Session
 
 log = structlog.get_logger("signalman.hub")
+
+# Entries a feed keeps after dispatching them, per tenant: a subscriber resuming from an offset
+# this close to the head (a replica's subscribers moving here after it died) is replayed from
+# memory, with no history read a burst could queue up behind.
+RECENT_ENTRIES = 256
 
 
 class TooManyConnections(Exception):
@@ -40,6 +46,10 @@ class Feed:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     ready_at: float = 0.0  # when it started (monotonic)
     checked_at: float = 0.0  # last time entries arrived or the epoch was checked (monotonic)
+    # The latest dispatched entries, contiguous, ending at ``position``.
+    recent: collections.deque[Entry] = field(
+        default_factory=lambda: collections.deque(maxlen=RECENT_ENTRIES)
+    )
 
 
 class Hub(FeedRegistry):
@@ -103,7 +113,7 @@ class Hub(FeedRegistry):
         return sum(s.delivered for s in self.sessions.values())
 
     # -- feeds (FeedRegistry) ------------------------------------------------------------------
-    async def attach(self, tenant: str, session: Session) -> int:
+    async def attach(self, tenant: str, session: Session) -> FeedPosition:
         feed = self.feeds.get(tenant)
         if feed is None:
             feed = self.feeds[tenant] = Feed(tenant)
@@ -112,7 +122,15 @@ class Hub(FeedRegistry):
         # No await between reading the position and joining: the tail dispatches everything
         # after ``position`` to this session, the session replays everything up to it.
         feed.sessions.add(session)
-        return feed.position
+        return FeedPosition(feed.position, feed.epoch)
+
+    def recent(self, tenant: str, after: int, upto: int) -> list[Entry] | None:
+        feed = self.feeds.get(tenant)
+        if feed is None or not feed.recent or feed.recent[0].offset > after + 1:
+            return None
+        if upto > feed.recent[-1].offset:
+            return None
+        return [e for e in feed.recent if after < e.offset <= upto]
 
     def detach(self, tenant: str, session: Session) -> None:
         feed = self.feeds.get(tenant)
@@ -224,6 +242,9 @@ class Hub(FeedRegistry):
         if not feed.epoch:
             feed.epoch = (await self.history.info(feed.tenant)).epoch
         tenant, epoch = feed.tenant, feed.epoch
+        if entries[0].offset != feed.position + 1:
+            feed.recent.clear()  # trimmed under a slow tail: what it kept is no longer contiguous
+        feed.recent.extend(entries)
         for entry in entries:
             feed.position = entry.offset
             for session in list(feed.sessions):
@@ -238,6 +259,7 @@ class Hub(FeedRegistry):
             for session in list(feed.sessions):
                 session.drop("UNAVAILABLE", "history epoch changed; resubscribe with resume")
             feed.position, feed.epoch = info.head_offset, info.epoch
+            feed.recent.clear()
 
     async def close(self) -> None:
         for session in list(self.sessions.values()):

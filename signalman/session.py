@@ -94,11 +94,29 @@ class ChannelRequest:
     epoch: str = ""
 
 
-class FeedRegistry:
-    """What a session needs from the hub: join a tenant feed and learn its position."""
+@dataclass(frozen=True)
+class FeedPosition:
+    """Where a tenant's feed on this replica stands: everything up to ``offset`` (in ``epoch``)
+    was dispatched before the session joined; everything after it will be offered to it."""
 
-    async def attach(self, tenant: str, session: Session) -> int:  # pragma: no cover - protocol
-        """Register ``session`` on ``tenant``'s feed; returns the feed's last dispatched offset."""
+    offset: int
+    epoch: str
+
+
+class FeedRegistry:
+    """What a session needs from the hub: join a tenant feed, learn its position, and read the
+    entries the feed dispatched lately (a resume near the head needs no history read)."""
+
+    async def attach(  # pragma: no cover - protocol
+        self, tenant: str, session: Session
+    ) -> FeedPosition:
+        """Register ``session`` on ``tenant``'s feed; returns where the feed stands."""
+        raise NotImplementedError
+
+    def recent(  # pragma: no cover - protocol
+        self, tenant: str, after: int, upto: int
+    ) -> list[Entry] | None:
+        """The entries ``after`` < offset <= ``upto`` if the feed still holds all of them."""
         raise NotImplementedError
 
     def detach(self, tenant: str, session: Session) -> None:  # pragma: no cover - protocol
@@ -232,32 +250,58 @@ class Session:
             )
             return
         tenant = history_tenant(req.channel, self.principal.tenant)
-        info = await self.history.info(tenant)
-        if (
-            req.resume
-            and req.after_offset > info.head_offset
-            and (not req.epoch or req.epoch == info.epoch)
-        ):
-            await self.error(
-                request_id,
-                "INVALID_ARGUMENT",
-                f"{where}.after_offset {req.after_offset} is ahead of this tenant's history head "
-                f"{info.head_offset} (offsets are per tenant; was it taken from another tenant?)",
-                f"{where}.after_offset",
-            )
-            return
-        # Attach first so no live entry slips between the history read and the feed.
-        sub = Subscription(req.channel, tenant, live_from=0, epoch=info.epoch, replaying=True)
+        # Attach first so no live entry slips between the history read and the feed. The feed
+        # knows the tenant's head and epoch: a subscribe costs no history round trip unless it
+        # resumes from further back than the feed remembers (a burst of subscribes, as when a
+        # replica's subscribers all move here at once, is served from memory).
+        sub = Subscription(req.channel, tenant, live_from=0, replaying=True)
         self.subs[req.channel] = sub
-        sub.live_from = await self.feeds.attach(tenant, self)
-        await self._put(OutSubscribed(request_id, req.channel, info.epoch, info.head_offset))
+        feed = await self.feeds.attach(tenant, self)
+        sub.live_from, sub.epoch = feed.offset, feed.epoch
+        if req.resume and req.epoch and not feed.epoch:
+            # The feed started before the tenant had any history: its epoch is not known yet.
+            sub.epoch = (await self.history.info(tenant)).epoch
+        same_epoch = not req.epoch or req.epoch == sub.epoch
+        if req.resume and same_epoch and req.after_offset > feed.offset:
+            # The feed may trail the history by the read in flight: ask the history itself.
+            info = await self.history.info(tenant)
+            if req.after_offset > info.head_offset and (not req.epoch or req.epoch == info.epoch):
+                self._forget(sub)
+                await self.error(
+                    request_id,
+                    "INVALID_ARGUMENT",
+                    f"{where}.after_offset {req.after_offset} is ahead of this tenant's history "
+                    f"head {info.head_offset} (offsets are per tenant; was it taken from another "
+                    "tenant?)",
+                    f"{where}.after_offset",
+                )
+                return
+            # The client already has everything up to its offset: the feed's next entries up
+            # to there must not reach it a second time.
+            sub.live_from = req.after_offset
+        await self._put(OutSubscribed(request_id, req.channel, sub.epoch, sub.live_from))
         if req.resume:
             await self._replay(request_id, sub, req)
         self._finish_replay(sub)
 
+    def _forget(self, sub: Subscription) -> None:
+        """Undo the attach of a subscription that was refused."""
+        self.subs.pop(sub.channel, None)
+        if not any(s.tenant == sub.tenant for s in self.subs.values()):
+            self.feeds.detach(sub.tenant, self)
+
     async def _replay(self, request_id: int, sub: Subscription, req: ChannelRequest) -> None:
-        info = await self.history.info(sub.tenant)
         after = req.after_offset
+        if not req.epoch or req.epoch == sub.epoch:
+            if after >= sub.live_from:
+                return  # caught up: nothing to replay
+            recent = self.feeds.recent(sub.tenant, after, sub.live_from)
+            if recent is not None:
+                for entry in recent:
+                    if matches(sub.channel, entry.channel):
+                        await self._put(OutEvent(sub.channel, sub.epoch, entry))
+                return
+        info = await self.history.info(sub.tenant)
         if req.epoch and req.epoch != info.epoch:  # info.epoch "": history lost, not yet rebuilt
             after = 0
             first = info.first_offset or info.head_offset + 1  # nothing retained: the next one

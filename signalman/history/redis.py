@@ -107,6 +107,10 @@ return cur
 """
 
 
+# Connections of the shared pool (the tail has its own), and how long a command waits for one.
+POOL_CONNECTIONS = 64
+POOL_WAIT_S = 30.0
+
 _encode_payload = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 _FIRST_BODY = 4  # ARGV index of the first body: after the epoch, maxlen and the records
 
@@ -125,9 +129,13 @@ class RedisHistory:
         self.prefix = prefix
         self.max_len = max_len
         # ``url``: a plain Redis URL or a ``redis+sentinel://`` spec (pkg.common.redisconn).
+        # The pool blocks: a burst of subscribers (a failover moving a replica's subscribers
+        # here) waits for a connection; redis-py's default pool raises once 100 are in use.
         self._redis: aioredis.Redis = client or redisconn.connect(
             url,
             name="signalman-history",
+            max_connections=POOL_CONNECTIONS,
+            blocking_timeout=POOL_WAIT_S,
             decode_responses=False,
             health_check_interval=10,
             socket_timeout=None,
