@@ -6,38 +6,12 @@ FOGHORN_GRPC_PORT=18008 FOGHORN_HTTP_PORT=18080 PLATFORM_TOKENS=secret=ops:admin
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
-import signal
 import sys
 
-import structlog
-
-from api_balancing.config import FoghornConfig
-from api_balancing.server import FoghornServer
-from pkg.common.config import ConfigError, load
-from pkg.common.logging import configure_logging
-from pkg.common.telemetry import setup_metrics
-
-
-async def _run(config: FoghornConfig) -> None:
-    server = FoghornServer(config)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await server.start()
-    tune_gc()
-    print(
-        f"foghorn {config.replica_id}: gRPC {server.grpc_target}, "
-        f"HTTP http://{config.host}:{server.http_port}",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        await stop.wait()
-    finally:
-        await server.stop()
+from api_balancing.config import load_config
+from api_balancing.server import FoghornApp
+from pkg.common.app import run_main
 
 
 def tune_gc() -> None:
@@ -49,6 +23,16 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+
+
+def _started(app: FoghornApp) -> None:
+    tune_gc()
+    print(
+        f"foghorn {app.config.replica_id}: gRPC {app.grpc_target}, "
+        f"HTTP http://{app.config.host}:{app.http_port}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,19 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if v is not None
     }
-    configure_logging("foghorn")
-    try:
-        config = load(FoghornConfig, "FOGHORN", **overrides)
-    except (ConfigError, ValueError) as exc:
-        print(f"foghorn: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    setup_metrics("foghorn")
-    try:
-        asyncio.run(_run(config))
-    except OSError as exc:
-        structlog.get_logger("foghorn").error("cannot start", error=str(exc))
-        return 1
-    return 0
+    return run_main("foghorn", lambda: load_config(**overrides), FoghornApp, _started)
 
 
 if __name__ == "__main__":

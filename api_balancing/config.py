@@ -1,17 +1,67 @@
-"""Foghorn's configuration: ``FOGHORN_<FIELD>`` environment variables (pkg.common.config)."""
+"""Foghorn's configuration: ``FOGHORN_<FIELD>`` environment variables (pkg.common.config).
+
+Every setting is listed, with its default, in docs/foghorn.md (one table); a variable named
+``FOGHORN_*`` that is not one of them stops the process at start (``load_config``).
+"""
 
 from __future__ import annotations
 
 import math
-import os
-import socket
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
+from api_balancing.ha.keys import Keys
 from api_balancing.scoring import Weights
 from pkg.common.auth import Principal, parse_tokens, tokens_from_env
+from pkg.common.config import default_replica_id, load_settings
+from pkg.common.grpcserver import GrpcSettings
+from pkg.common.httpserver import HttpSettings
+
+DOCS = "docs/foghorn.md#configuration-foghorn_-environment-variables"
+
+# FOGHORN_* variables read by Foghorn's command-line tools, not by the service: a shell that
+# exports them for foghorn-admin may start a replica too.
+TOOL_SETTINGS = frozenset({"FOGHORN_ADDR", "FOGHORN_TOKEN"})
 
 
-@dataclass
+@dataclass(frozen=True)
+class HaConfig:
+    """HA settings (used when ``redis_url`` is set), also ``FOGHORN_<FIELD>`` variables;
+    defaults follow the upstream Go Foghorn."""
+
+    cluster: str = "default"  # key namespace: replicas of one cluster share it
+    changelog_maxlen: int = 10_000  # entries kept in the changelog stream
+    changelog_exact_trim: bool = False  # exact MAXLEN (tests with tiny bounds)
+    record_ttl_s: float = 3600.0  # node hash TTL, refreshed on each write
+    ownership_ttl_s: float = 15.0  # owner record TTL, refreshed on reports
+    lease_ttl_s: float = 15.0  # leader lease TTL
+    lease_renew_s: float = 5.0  # leader lease renewal period
+    redis_timeout_s: float = 2.0  # per Redis operation
+    sync_block_ms: int = 1000  # changelog XREAD BLOCK
+    # Under sustained report traffic write batches leave at most this often: bigger batches
+    # cost less CPU per report, at the price of up to this much sync lag under load.
+    write_linger_ms: float = 5.0
+    relay_token: str = ""  # bearer token for replica-to-replica calls (default: first token)
+    relay_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        Keys(self.cluster)  # validates the name
+        for name in ("record_ttl_s", "ownership_ttl_s", "lease_ttl_s", "lease_renew_s"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value}")
+        if self.lease_renew_s >= self.lease_ttl_s:
+            raise ValueError("lease_renew_s must be shorter than lease_ttl_s")
+        if self.changelog_maxlen < 1:
+            raise ValueError("changelog_maxlen must be >= 1")
+        if not 10 <= self.sync_block_ms <= 60_000:
+            raise ValueError("sync_block_ms must be within 10..60000")
+        if not (math.isfinite(self.write_linger_ms) and 0 <= self.write_linger_ms <= 100):
+            raise ValueError(f"write_linger_ms must be within 0..100, got {self.write_linger_ms}")
+
+
+@dataclass(frozen=True)
 class FoghornConfig:
     """Every knob of a Foghorn process. Validated at construction (bad values fail start-up)."""
 
@@ -36,7 +86,12 @@ class FoghornConfig:
     routing_event_sample: float = 0.01  # fraction of routing decisions emitted as events
     geoip_file: str = ""  # CSV: cidr,latitude,longitude[,label]
     redis_url: str = ""  # HA: shared state in Redis (empty: embedded in-memory state)
-    kafka_bootstrap: str = ""  # platform events to Kafka (empty: events dropped)
+    kafka_bootstrap: str = ""  # platform events to Kafka
+    # Without Kafka: platform events go to Signalman's Publish RPC (its embedded mode) through
+    # pkg.clients, with a token holding the `system` role. Neither set: events are dropped.
+    signalman_addresses: list[str] = field(default_factory=list)
+    signalman_token: str = ""
+    ha: HaConfig = field(default_factory=HaConfig)  # FOGHORN_CLUSTER, FOGHORN_LEASE_TTL_S ...
 
     def __post_init__(self) -> None:
         for name in (
@@ -72,8 +127,19 @@ class FoghornConfig:
             raise ValueError(f"http_port out of range: {self.http_port}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes too small: {self.max_message_bytes}")
+        if self.signalman_addresses and not self.signalman_token and not self.kafka_bootstrap:
+            raise ValueError("signalman_addresses needs signalman_token (a `system` credential)")
         if not self.replica_id:
-            self.replica_id = f"{socket.gethostname()}-{os.getpid()}"
+            object.__setattr__(self, "replica_id", default_replica_id())
+
+    @property
+    def grpc(self) -> GrpcSettings:
+        return GrpcSettings(self.host, self.grpc_port, self.max_message_bytes)
+
+    @property
+    def http(self) -> HttpSettings | None:
+        """The HTTP side's listener, or None when ``http_port`` is -1."""
+        return HttpSettings(self.host, self.http_port) if self.http_port >= 0 else None
 
     @property
     def weights(self) -> Weights:
@@ -89,3 +155,11 @@ class FoghornConfig:
         """The bearer tokens this replica accepts: ``FOGHORN_TOKENS``, else the platform-wide
         ``$PLATFORM_TOKENS`` (parsed by ``pkg.common.auth``, like every service does)."""
         return parse_tokens(self.tokens) if self.tokens else tokens_from_env()
+
+
+def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> FoghornConfig:
+    """The process's config: unknown ``FOGHORN_*``/``PLATFORM_*`` variables refused, every
+    value validated (``ConfigError`` names the variable)."""
+    return load_settings(
+        FoghornConfig, "FOGHORN", env, also_known=TOOL_SETTINGS, docs=DOCS, **overrides
+    )

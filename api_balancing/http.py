@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
-from typing import Any
-
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
@@ -15,7 +10,8 @@ from starlette.routing import Route
 from api_balancing import errors, validation
 from api_balancing.fleet import Fleet
 from api_balancing.service import RoutingService
-from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
+from pkg.common.health import HealthSource
+from pkg.common.httpserver import ops_routes
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 
 _HTTP_STATUS = {
@@ -44,19 +40,8 @@ def _float_param(request: Request, name: str) -> float | None:
         raise errors.InvalidArgument(name, f"{raw[:32]!r} is not a number") from None
 
 
-def build_app(
-    fleet: Fleet,
-    routing: RoutingService,
-    health: Callable[[], dict[str, Any]],
-) -> Starlette:
-    """The ASGI app; ``health()`` builds the /health document."""
-
-    async def health_endpoint(request: Request) -> JSONResponse:
-        doc = health()
-        return JSONResponse(doc, status_code=200 if doc["status"] != "down" else 503)
-
-    async def metrics_endpoint(request: Request) -> Response:
-        return Response(prometheus_text(), media_type=CONTENT_TYPE)
+def build_app(fleet: Fleet, routing: RoutingService, health: HealthSource) -> Starlette:
+    """The ASGI app; ``health()`` is the replica's health report (/health)."""
 
     async def play(request: Request) -> Response:
         """302 to the best node's playback URL. Query: protocol, lat, lon, ip (else client)."""
@@ -121,8 +106,7 @@ def build_app(
 
     return Starlette(
         routes=[
-            Route("/health", health_endpoint),
-            Route("/metrics", metrics_endpoint),
+            *ops_routes(health),
             Route("/nodes", nodes),
             Route("/play/{content:path}", play),
         ]
@@ -135,11 +119,3 @@ def _is_ip(value: str) -> bool:
     except errors.FoghornError:
         return False
     return bool(value)
-
-
-class EmbeddedUvicorn(uvicorn.Server):
-    """uvicorn on the caller's event loop; signals stay with the host process."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield

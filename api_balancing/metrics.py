@@ -10,25 +10,13 @@ use plain OpenTelemetry counters.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from opentelemetry import metrics
 
-from pkg.common.metrics import Buckets, HistogramSample, Metrics, Sample
-
-if TYPE_CHECKING:
-    from api_balancing.fleet import Fleet
+from api_balancing.fleet import Fleet
+from pkg.common.metrics import HistogramSample, Metrics, Sample
 
 _meter = metrics.get_meter("foghorn")
-
-# Routing decision time (seconds): the target is p99 < 1 ms, so most buckets lie below it.
-ROUTE_LATENCY_BOUNDS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25,
-)  # fmt: skip
-
-
-def route_latency_buckets() -> Buckets:
-    return Buckets(ROUTE_LATENCY_BOUNDS)
 
 
 def _replica(f: Fleet) -> dict[str, str]:

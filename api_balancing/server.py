@@ -1,30 +1,40 @@
-"""Foghorn process wiring: store, fleet, gRPC services, HTTP side, reaper; start and stop."""
+"""Foghorn's app: builds one replica from its config and runs its lifecycle.
+
+The same shape as every service (docs/architecture.md): ``FoghornApp(config)`` wires the parts
+(store, fleet, handlers, HA runtime when ``redis_url`` is set, event sink) without I/O;
+``start()`` brings them up in order (store, gRPC, HTTP, HA duties or the reaper, health
+following) and ``stop()`` takes them down in reverse; ``health()`` is the one report that
+``/health`` and gRPC health serve.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import random
-from typing import Any
 
 import structlog
-import uvicorn
 
-from api_balancing import metrics as foghorn_metrics
+from api_balancing import metrics
 from api_balancing.config import FoghornConfig
-from api_balancing.fleet import Fleet, FleetSettings
+from api_balancing.fleet import Fleet, FleetSettings, NodeFleet
 from api_balancing.geoip import GeoIpTable
-from api_balancing.http import EmbeddedUvicorn, build_app
+from api_balancing.ha import telemetry as ha_telemetry
+from api_balancing.ha.runtime import HaRuntime
+from api_balancing.ha.runtime import build_store as build_ha_store
+from api_balancing.http import build_app
 from api_balancing.reaper import Reaper
 from api_balancing.service import Locator, NodeAdminService, NodeControlService, RoutingService
 from api_balancing.sessions import SessionRegistry
 from api_balancing.store.base import NodeStore
 from api_balancing.store.memory import MemoryNodeStore
+from pkg.common.app import Lifecycle
 from pkg.common.auth import Authenticator, BearerAuthInterceptor, static_authenticator
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
+from pkg.common.health import Dependency, HealthReport, Status
+from pkg.common.httpserver import HttpServer
 from pkg.common.metrics import process_metrics
-from pkg.events import EventSink, build_sink
+from pkg.events import ManagedSink
+from pkg.events.factory import build_sink
 from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("foghorn")
@@ -32,21 +42,7 @@ log = structlog.get_logger("foghorn")
 PUBLIC_METHODS = ["/foghorn.v1.Routing/"]
 
 
-def build_store(config: FoghornConfig) -> NodeStore:
-    """The embedded store, or the shared Redis one when ``redis_url`` is set (HA)."""
-    if not config.redis_url:
-        return MemoryNodeStore()
-    try:
-        from api_balancing.ha import build_store as build_ha_store
-    except ImportError as exc:
-        raise RuntimeError(
-            "FOGHORN_REDIS_URL is set but the HA store (api_balancing.ha) is not available"
-        ) from exc
-    store: NodeStore = build_ha_store(config)
-    return store
-
-
-class FoghornServer:
+class FoghornApp:
     """One Foghorn replica: gRPC (node control, routing, admin) plus HTTP, on one event loop."""
 
     def __init__(
@@ -55,7 +51,7 @@ class FoghornServer:
         *,
         clock: Clock = SYSTEM_CLOCK,
         store: NodeStore | None = None,
-        events: EventSink | None = None,
+        events: ManagedSink | None = None,
         geoip: GeoIpTable | None = None,
         authenticator: Authenticator | None = None,
         rng: random.Random | None = None,
@@ -63,9 +59,17 @@ class FoghornServer:
     ) -> None:
         self.config = config
         self.clock = clock
-        self.store = store if store is not None else build_store(config)
-        self.events = (
-            events if events is not None else build_sink(config.kafka_bootstrap, source="foghorn")
+        self.lifecycle = Lifecycle("foghorn")
+        # HA (FOGHORN_REDIS_URL set): the Redis store, and next to it fenced ownership and the
+        # relay; node-facing handlers see the fleet through ownership.
+        self.ha: HaRuntime | None = None
+        ha_store = build_ha_store(config) if config.redis_url and store is None else None
+        self.store: NodeStore = store or ha_store or MemoryNodeStore()
+        self.events: ManagedSink = events or build_sink(
+            config.kafka_bootstrap,
+            source="foghorn",
+            signalman_addresses=config.signalman_addresses,
+            signalman_token=config.signalman_token,
         )
         if geoip is None:
             geoip = GeoIpTable.from_csv(config.geoip_file) if config.geoip_file else GeoIpTable()
@@ -84,22 +88,12 @@ class FoghornServer:
             self.events,
             rng=rng,
         )
-        foghorn_metrics.register(process_metrics(), self.fleet)
+        metrics.register(process_metrics(), self.fleet)
         self.sessions = SessionRegistry()
         locator = Locator(geoip)
-        # HA (FOGHORN_REDIS_URL set): node-facing handlers see the fleet through fenced
-        # ownership, and admin commands reach nodes on other replicas through the relay.
-        self.ha: Any = None
-        node_fleet: Any = self.fleet
-        if config.redis_url:
-            from api_balancing.ha import telemetry as ha_telemetry
-            from api_balancing.ha.runtime import HaRuntime
-            from api_balancing.store.redis_store import RedisNodeStore
-
-            # Fenced ownership and the relay keep their state next to the shared node store.
-            if not isinstance(self.store, RedisNodeStore):
-                raise TypeError("FOGHORN_REDIS_URL is set: HA needs the Redis node store")
-            self.ha = HaRuntime(config, self.store, self.fleet, self.sessions, clock=clock)
+        node_fleet: NodeFleet = self.fleet
+        if ha_store is not None:
+            self.ha = HaRuntime(config, ha_store, self.fleet, self.sessions, clock=clock)
             ha_telemetry.register(process_metrics(), self.ha)
             node_fleet = self.ha.owned_fleet
         self.control = NodeControlService(node_fleet, self.sessions, config.report_interval_s)
@@ -111,14 +105,10 @@ class FoghornServer:
             config.command_timeout_s,
             dispatch=self.ha.relay.dispatch if self.ha else None,
         )
-        if authenticator is None:
-            authenticator = static_authenticator(config.platform_tokens())
-        self._authenticator = authenticator
+        self._authenticator = authenticator or static_authenticator(config.platform_tokens())
         self._run_reaper = run_reaper
         self.grpc: GrpcServer | None = None
-        self.http: uvicorn.Server | None = None
-        self.http_port = 0
-        self._tasks: list[asyncio.Task[Any]] = []
+        self.http: HttpServer | None = None
 
     @property
     def grpc_port(self) -> int:
@@ -128,46 +118,38 @@ class FoghornServer:
     def grpc_target(self) -> str:
         return f"{self.config.host}:{self.grpc_port}"
 
-    def _events_health(self) -> dict[str, Any]:
-        """The event sink's state. Never the service's status: routing does not depend on
-        Kafka (events are buffered, bounded, and dropped with a count when it stays away)."""
-        if not self.config.kafka_bootstrap:
-            return {"kind": "none", "status": "ok"}
-        sink: Any = self.events
-        connected = bool(getattr(sink, "connected", True))
-        doc: dict[str, Any] = {
-            "kind": "kafka",
-            "status": "ok" if connected else "degraded",
-            "connected": connected,
-            "buffered": int(getattr(sink, "buffered", 0)),
-            "dropped": int(getattr(sink, "dropped", 0)),
-            "sent": int(getattr(sink, "sent", 0)),
-        }
-        if not connected:
-            doc["reason"] = (
-                "Kafka unreachable: events wait in a bounded buffer (dropped, counted, when full)"
-            )
-        return doc
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http else 0
 
-    def health(self) -> dict[str, Any]:
-        """The /health document: status, dependencies, counts, routing latency."""
+    # -- health --------------------------------------------------------------------------------
+    def _events_dependency(self) -> Dependency:
+        """The event sink. Never the service's status: routing does not depend on it (events
+        are buffered, bounded, and dropped with a count when it stays away)."""
+        state = self.events.state()
+        detail: dict[str, object] = {}
+        if state.kind not in ("none", "memory"):
+            detail = {"connected": state.connected, "buffered": state.buffered,
+                      "dropped": state.dropped, "sent": state.sent}  # fmt: skip
+        return Dependency(
+            "events",
+            state.kind,
+            Status.OK if state.connected else Status.DEGRADED,
+            state.reason,
+            detail,
+            critical=False,
+        )
+
+    def health(self) -> HealthReport:
+        """The one health report: status, dependencies, counts, routing latency, HA state."""
         store_ok = self.store.healthy()
         records = self.store.snapshot()
         connected = sum(1 for r in records if r.connected)
         stale = sum(1 for r in records if r.connected and self.fleet.is_stale(r))
         c = self.fleet.counters
         lat = self.fleet.route_latency
-        doc: dict[str, Any] = {
-            "status": "ok" if store_ok else "degraded",
-            "service": "foghorn",
-            "replica": self.config.replica_id,
-            "dependencies": {
-                "store": {
-                    "kind": "redis" if self.config.redis_url else "memory",
-                    "status": "ok" if store_ok else "degraded",
-                },
-                "events": self._events_health(),
-            },
+        route_p99_us = round(lat.percentile(0.99), 1)
+        detail: dict[str, object] = {
             "counts": {
                 "nodes": len(records),
                 "connected": connected,
@@ -183,28 +165,47 @@ class FoghornServer:
             "routing": {
                 "samples": len(lat),
                 "p50_us": round(lat.percentile(0.50), 1),
-                "p99_us": round(lat.percentile(0.99), 1),
+                "p99_us": route_p99_us,
             },
         }
         # The handful of numbers a status view (./dev up) shows on one line.
-        doc["figures"] = {
+        figures: dict[str, int | float | str | bool | None] = {
             "nodes": connected,
             "stale": stale,
             "node_streams": len(self.sessions),
             "reports": c.reports_accepted,
             "routes": c.routing_decisions,
-            "route_p99_us": doc["routing"]["p99_us"],
+            "route_p99_us": route_p99_us,
         }
+        store_reason = ""
         if self.ha is not None:  # sync state, degraded reason, leadership, ownership
-            doc["ha"] = self.ha.describe()
-            doc["figures"]["owned"] = doc["ha"]["owned_nodes"]
-            doc["figures"]["sync_lag_p99_ms"] = doc["ha"]["sync_lag_p99_ms"]
-            doc["figures"]["leader"] = doc["ha"]["leader"]
-            doc["dependencies"]["store"]["reason"] = doc["ha"]["reason"]
-        return doc
+            ha = self.ha.describe()
+            detail["ha"] = ha
+            figures.update(owned=ha["owned_nodes"], sync_lag_p99_ms=ha["sync_lag_p99_ms"],
+                           leader=ha["leader"])  # fmt: skip
+            store_reason = ha["reason"]
+        store = Dependency(
+            "store",
+            "redis" if self.ha is not None else "memory",
+            Status.OK if store_ok else Status.DEGRADED,
+            store_reason if not store_ok else "",
+            {"reason": store_reason} if self.ha is not None else {},
+        )
+        return HealthReport.of(
+            "foghorn",
+            self.config.replica_id,
+            [store, self._events_dependency()],
+            figures,
+            detail,
+            stopping=self.lifecycle.stopping,
+        )
 
+    # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
+        lc = self.lifecycle
+        lc.on_stop(self.events.aclose)  # last out: events of the stop itself still leave
         await self.store.start()
+        lc.on_stop(self.store.close)
         interceptor = BearerAuthInterceptor(self._authenticator, public_methods=PUBLIC_METHODS)
         self.grpc = build_server(
             [
@@ -221,65 +222,42 @@ class FoghornServer:
                 ),
                 *([self.ha.binding()] if self.ha else []),
             ],
-            port=self.config.grpc_port,
-            host=self.config.host,
+            settings=self.config.grpc,
             interceptors=[interceptor],
-            max_message_bytes=self.config.max_message_bytes,
         )
         await self.grpc.start()
-        if self.config.http_port >= 0:
-            await self._start_http()
+        lc.on_stop(self.grpc.stop, 0.0)  # drained by stop() already; here after a failed start
+        http = self.config.http
+        if http is not None:
+            self.http = HttpServer(build_app(self.fleet, self.routing, self.health), http)
+            await self.http.start()
+            lc.on_stop(self.http.stop, 2.0)
         if self.ha is not None:
             await self.ha.start(self.grpc_target)  # runs the reaper under the leader lease
+            lc.on_stop(self.ha.stop)
         elif self._run_reaper:
             reaper = Reaper(self.fleet, self.config.reap_interval_s, clock=self.clock)
-            self._tasks.append(asyncio.create_task(reaper.run(), name="foghorn-reaper"))
+            lc.spawn(reaper.run(), "reaper")
+        lc.spawn(self.grpc.follow(self.health), "grpc-health")
         log.info(
             "foghorn started",
             grpc=self.grpc_target,
             http=self.http_port or None,
             replica=self.config.replica_id,
-            store="redis" if self.config.redis_url else "memory",
+            store="redis" if self.ha is not None else "memory",
+            events=self.events.state().kind,
         )
-
-    async def _start_http(self) -> None:
-        app = build_app(self.fleet, self.routing, self.health)
-        config = uvicorn.Config(
-            app,
-            host=self.config.host,
-            port=self.config.http_port,
-            log_level="warning",
-            access_log=False,
-            lifespan="off",
-        )
-        server = EmbeddedUvicorn(config)
-        self.http = server
-        task = asyncio.create_task(server.serve(), name="foghorn-http")
-        self._tasks.append(task)
-        while not server.started:
-            if task.done():
-                task.result()  # raises the bind error
-                raise RuntimeError("HTTP server stopped during start-up")
-            await asyncio.sleep(0.01)
-        self.http_port = server.servers[0].sockets[0].getsockname()[1]
 
     async def stop(self, grace: float = 2.0) -> None:
-        """Stop taking calls, close node streams (they reconnect elsewhere), stop HTTP."""
+        """Stop taking work, then undo what ``start`` did, newest first.
+
+        Health says not serving at once; node streams are closed (nodes reconnect to another
+        replica) and gRPC calls drain for ``grace`` seconds; then HA duties stop (staged
+        reports flushed, ownership released), HTTP, the store and the event sink.
+        """
+        self.lifecycle.stopping = True
         self.sessions.close_all("foghorn replica shutting down")
         if self.grpc is not None:
             await self.grpc.stop(grace)
-        if self.http is not None:
-            self.http.should_exit = True
-        for task in self._tasks:
-            if task.get_name() == "foghorn-http":
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(task, timeout=grace + 1)
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(BaseException):
-                await task
-        self._tasks.clear()
-        if self.ha is not None:
-            await self.ha.stop()
-        await self.store.close()
+        await self.lifecycle.close()
         log.info("foghorn stopped", replica=self.config.replica_id)

@@ -16,7 +16,7 @@ import grpc.aio
 import structlog
 
 from api_balancing import convert, errors, fastwire, metrics, validation
-from api_balancing.fleet import Fleet
+from api_balancing.fleet import Fleet, NodeFleet
 from api_balancing.geoip import GeoIpTable
 from api_balancing.model import GeoPoint, NodeMode
 from api_balancing.sessions import Ack, Closed, Session, SessionRegistry
@@ -75,7 +75,9 @@ class _StreamState:
 class NodeControlService(pb_grpc.NodeControlServicer):
     """One bidirectional stream per node: register, reports, acks in; commands out."""
 
-    def __init__(self, fleet: Fleet, sessions: SessionRegistry, report_interval_s: float) -> None:
+    def __init__(
+        self, fleet: NodeFleet, sessions: SessionRegistry, report_interval_s: float
+    ) -> None:
         self.fleet = fleet
         self.sessions = sessions
         self.report_interval_s = report_interval_s
@@ -292,7 +294,7 @@ def _set_mode_message(mode: NodeMode, reason: str) -> Callable[[str], pb.Control
 class NodeAdminService(pb_grpc.NodeAdminServicer):
     def __init__(
         self,
-        fleet: Fleet,
+        fleet: NodeFleet,
         sessions: SessionRegistry,
         locator: Locator,
         command_timeout_s: float,

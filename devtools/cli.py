@@ -35,6 +35,8 @@ def cmd_lint(_: argparse.Namespace) -> int:
         [PY, "-m", "ruff", "check", "."],
         [PY, "-m", "ruff", "format", "--check", "."],
         [PY, "-m", "mypy"],
+        # Architecture contracts in pyproject.toml: layers, no cycles, domain modules do no I/O.
+        [str(Path(PY).parent / "lint-imports"), "--no-logo", "--no-cache"],
     ]
     for step in steps:
         code = _run(step)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pytest_args", nargs=argparse.REMAINDER, help="passed to pytest")
     p.set_defaults(func=cmd_test)
 
-    p = sub.add_parser("lint", help="ruff check, ruff format --check, mypy on pkg/")
+    p = sub.add_parser("lint", help="ruff check, ruff format --check, mypy, import contracts")
     p.set_defaults(func=cmd_lint)
 
     p = sub.add_parser("bench", help="run a benchmark; writes .bench/NAME.json")

@@ -6,13 +6,18 @@ sync loop flips it back once it has re-converged.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import structlog
+from redis.exceptions import RedisError
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 
 log = structlog.get_logger("foghorn.ha")
+
+# What "Redis is unreachable" looks like to the HA code: the store degrades, loops back off.
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
 @dataclass(frozen=True)

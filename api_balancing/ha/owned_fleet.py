@@ -1,6 +1,7 @@
 """The fleet as the node-facing handlers see it in HA mode: ownership on every node write.
 
-A decorator around ``Fleet`` (everything else is delegated unchanged):
+A decorator around ``Fleet`` with the same ``fleet.NodeFleet`` interface (reads and
+explanations are delegated unchanged):
 
 - ``register`` acquires the node's ownership first and registers with that fence;
 - ``accept_report`` / ``reject_report`` refresh the ownership and write with our fence; a lost
@@ -14,16 +15,15 @@ A decorator around ``Fleet`` (everything else is delegated unchanged):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from api_balancing import errors
-from api_balancing.fleet import Fleet
-from api_balancing.model import LoadReport, NodeIdentity, NodeMode, NodeRecord
-from api_balancing.store.base import StaleWriteError
-
-if TYPE_CHECKING:
-    from api_balancing.ha.ownership import NodeOwnership
-    from api_balancing.ha.relay import Relay
+from api_balancing.fleet import Fleet, FleetSettings
+from api_balancing.ha.ownership import NodeOwnership
+from api_balancing.ha.relay import Relay
+from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeMode, NodeRecord
+from api_balancing.redirects import RedirectTracker
+from api_balancing.scoring import Evaluation
+from api_balancing.store.base import NodeStore, StaleWriteError
+from pkg.common.clock import Clock
 
 
 class OwnershipLost(errors.FoghornError):
@@ -40,8 +40,29 @@ class OwnedFleet:
         self._ownership = ownership
         self._relay = relay
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._fleet, name)
+    @property
+    def store(self) -> NodeStore:
+        return self._fleet.store
+
+    @property
+    def clock(self) -> Clock:
+        return self._fleet.clock
+
+    @property
+    def settings(self) -> FleetSettings:
+        return self._fleet.settings
+
+    @property
+    def redirects(self) -> RedirectTracker:
+        return self._fleet.redirects
+
+    def is_stale(self, record: NodeRecord) -> bool:
+        return self._fleet.is_stale(record)
+
+    def explain(
+        self, content_id: str, location: GeoPoint | None, *, role: str = "edge", protocol: str = ""
+    ) -> list[Evaluation]:
+        return self._fleet.explain(content_id, location, role=role, protocol=protocol)
 
     async def register(self, identity: NodeIdentity, owner_fence: int = 0) -> NodeRecord:
         fence = await self._ownership.acquire(identity.node_id)

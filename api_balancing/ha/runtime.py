@@ -1,23 +1,20 @@
 """Wiring of Foghorn HA for one replica (used by ``api_balancing.server`` when
 ``FOGHORN_REDIS_URL`` is set): Redis store, ownership, relay, leader lease and reaper.
 
-HA settings are ``FOGHORN_*`` variables too (same loader, same prefix), kept out of the
-single-instance config so that one stays exactly as it is without Redis.
+HA settings are ``FOGHORN_*`` variables too, in their own section of the config
+(``FoghornConfig.ha``, ``api_balancing.config.HaConfig``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
-from api_balancing.config import FoghornConfig
+from api_balancing.config import FoghornConfig, HaConfig
 from api_balancing.fleet import Fleet
-from api_balancing.ha.keys import Keys
 from api_balancing.ha.leader import leader_reaper
 from api_balancing.ha.owned_fleet import OwnedFleet
 from api_balancing.ha.ownership import NodeOwnership
@@ -26,7 +23,6 @@ from api_balancing.ha.replicas import ReplicaClaim
 from api_balancing.sessions import SessionRegistry
 from api_balancing.store.redis_store import RedisNodeStore, RedisStoreSettings
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-from pkg.common.config import load
 from pkg.common.grpcserver import ServiceBinding
 from pkg.coord import LeaderLease
 from pkg.proto.foghorn.v1 import relay_pb2_grpc as relay_grpc
@@ -34,44 +30,9 @@ from pkg.proto.foghorn.v1 import relay_pb2_grpc as relay_grpc
 log = structlog.get_logger("foghorn.ha")
 
 
-@dataclass
-class HaConfig:
-    """``FOGHORN_<FIELD>`` knobs of HA mode (defaults follow the upstream Go Foghorn)."""
-
-    cluster: str = "default"  # key namespace: replicas of one cluster share it
-    changelog_maxlen: int = 10_000  # entries kept in the changelog stream
-    changelog_exact_trim: bool = False  # exact MAXLEN (tests with tiny bounds)
-    record_ttl_s: float = 3600.0  # node hash TTL, refreshed on each write
-    ownership_ttl_s: float = 15.0  # owner record TTL, refreshed on reports
-    lease_ttl_s: float = 15.0  # leader lease TTL
-    lease_renew_s: float = 5.0  # leader lease renewal period
-    redis_timeout_s: float = 2.0  # per Redis operation
-    sync_block_ms: int = 1000  # changelog XREAD BLOCK
-    # Under sustained report traffic write batches leave at most this often: bigger batches
-    # cost less CPU per report, at the price of up to this much sync lag under load.
-    write_linger_ms: float = 5.0
-    relay_token: str = ""  # bearer token for replica-to-replica calls (default: first token)
-    relay_timeout_s: float = 5.0
-
-    def __post_init__(self) -> None:
-        Keys(self.cluster)  # validates the name
-        for name in ("record_ttl_s", "ownership_ttl_s", "lease_ttl_s", "lease_renew_s"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value}")
-        if self.lease_renew_s >= self.lease_ttl_s:
-            raise ValueError("lease_renew_s must be shorter than lease_ttl_s")
-        if self.changelog_maxlen < 1:
-            raise ValueError("changelog_maxlen must be >= 1")
-        if not 10 <= self.sync_block_ms <= 60_000:
-            raise ValueError("sync_block_ms must be within 10..60000")
-        if not (math.isfinite(self.write_linger_ms) and 0 <= self.write_linger_ms <= 100):
-            raise ValueError(f"write_linger_ms must be within 0..100, got {self.write_linger_ms}")
-
-
-def build_store(config: FoghornConfig, ha: HaConfig | None = None) -> RedisNodeStore:
+def build_store(config: FoghornConfig) -> RedisNodeStore:
     """The Redis store for ``config`` (the server calls this when ``redis_url`` is set)."""
-    ha = ha or load(HaConfig, "FOGHORN")
+    ha = config.ha
     return RedisNodeStore(
         config.redis_url,
         RedisStoreSettings(
@@ -87,10 +48,10 @@ def build_store(config: FoghornConfig, ha: HaConfig | None = None) -> RedisNodeS
     )
 
 
-def _relay_token(config: FoghornConfig, ha: HaConfig) -> str | None:
+def _relay_token(config: FoghornConfig) -> str | None:
     """The token replicas call each other with: FOGHORN_RELAY_TOKEN, else the first token
     this replica accepts (every replica of a cluster accepts the same ones)."""
-    return ha.relay_token or next(iter(config.platform_tokens()), None)
+    return config.ha.relay_token or next(iter(config.platform_tokens()), None)
 
 
 class HaRuntime:
@@ -104,10 +65,9 @@ class HaRuntime:
         sessions: SessionRegistry,
         *,
         clock: Clock = SYSTEM_CLOCK,
-        ha: HaConfig | None = None,
     ) -> None:
         self.config = config
-        self.ha = ha or load(HaConfig, "FOGHORN")
+        self.ha: HaConfig = config.ha
         self.store = store
         self.fleet = fleet
         self.ownership = NodeOwnership(store, sessions, self.ha.ownership_ttl_s, clock=clock)
@@ -116,7 +76,7 @@ class HaRuntime:
             sessions,
             fleet,
             self.ownership,
-            _relay_token(config, self.ha),
+            _relay_token(config),
             self.ha.relay_timeout_s,
         )
         self.relay_servicer = RelayServicer(sessions, fleet, self.ownership)
@@ -141,6 +101,10 @@ class HaRuntime:
             self.lease, fleet, self.ownership, config.reap_interval_s, clock=clock
         )
         self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def replica_id(self) -> str:
+        return self.config.replica_id
 
     def binding(self) -> ServiceBinding:
         """The internal relay service, mounted on the replica's gRPC server."""
@@ -178,7 +142,7 @@ class HaRuntime:
         """The HA part of /health."""
         status = self.store.health.status
         lease = self.lease.state
-        loop = getattr(self.store, "_sync_loop", None)
+        loop = self.store.sync_loop
         c = self.store.counters
         return {
             "status": "ok" if status.ok else "degraded",

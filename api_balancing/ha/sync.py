@@ -27,20 +27,21 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+import redis.asyncio as aioredis
 import structlog
 
 from api_balancing.fleet import LatencyWindow
 from api_balancing.ha import telemetry
+from api_balancing.ha.health import REDIS_ERRORS, SyncHealth
+from api_balancing.ha.keys import Keys
+from api_balancing.model import NodeRecord
 from api_balancing.store import redis_codec
 from pkg.clients.backoff import Backoff
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-from pkg.coord import ChangelogSet, GapDetected
+from pkg.coord import ChangelogSet, Entry, GapDetected
 from pkg.coord.changelog import seq_key
-
-if TYPE_CHECKING:
-    from api_balancing.store.redis_store import RedisNodeStore
 
 log = structlog.get_logger("foghorn.ha.sync")
 
@@ -50,12 +51,52 @@ WATCH_MAXLEN = 100  # wake-ups only: readers re-read the whole registry on any o
 MIN_RETRY_S = 0.05  # even with instant backoff (pkg.clients testing switch): never spin
 
 
+class SyncSettings(Protocol):
+    @property
+    def replica_id(self) -> str: ...
+    @property
+    def record_ttl_s(self) -> float: ...
+    @property
+    def read_block_ms(self) -> int: ...
+
+
+class SyncCounters(Protocol):
+    remote_malformed: int
+
+
+class SyncedStore(Protocol):
+    """What the loop needs of the store it keeps converged (``RedisNodeStore``): its Redis
+    clients and keys, and the local-state operations of rehydration and replay."""
+
+    @property
+    def settings(self) -> SyncSettings: ...
+    @property
+    def keys(self) -> Keys: ...
+    @property
+    def log_key(self) -> str: ...
+    @property
+    def redis(self) -> aioredis.Redis: ...
+    @property
+    def redis_reader(self) -> aioredis.Redis: ...
+    @property
+    def health(self) -> SyncHealth: ...
+    @property
+    def counters(self) -> SyncCounters: ...
+    def apply_entry(self, entry: Entry) -> None: ...
+    def apply_remote(self, remote: NodeRecord) -> bool: ...
+    def local_ids(self) -> set[str]: ...
+    def is_dirty(self, node_id: str) -> bool: ...
+    def forget_unconfirmed(self, node_id: str) -> None: ...
+    def mark_owned_dirty(self) -> None: ...
+    def mark_synced(self) -> None: ...
+    async def republish(self) -> int: ...
+    async def run_data_loss_hooks(self) -> None: ...
+
+
 class SyncLoop:
     """Keeps one ``RedisNodeStore`` converged with the cluster."""
 
-    def __init__(self, store: RedisNodeStore, *, clock: Clock = SYSTEM_CLOCK) -> None:
-        from api_balancing.store.redis_store import REDIS_ERRORS
-
+    def __init__(self, store: SyncedStore, *, clock: Clock = SYSTEM_CLOCK) -> None:
         self._errors = REDIS_ERRORS
         self.store = store
         settings = store.settings

@@ -9,7 +9,7 @@ replica's clock).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import metrics
 
@@ -24,18 +24,26 @@ sync_lag = _meter.create_histogram(
 )
 
 
-def _field(name: str) -> Callable[[Any], Iterable[Sample]]:
-    def read(runtime: Any) -> Iterable[Sample]:
-        return [({"replica": runtime.config.replica_id}, runtime.describe()[name])]
+class Described(Protocol):
+    """A replica's HA runtime as these metrics read it (``ha.runtime.HaRuntime``)."""
+
+    @property
+    def replica_id(self) -> str: ...
+    def describe(self) -> dict[str, Any]: ...
+
+
+def _field(name: str) -> Callable[[Described], Iterable[Sample]]:
+    def read(runtime: Described) -> Iterable[Sample]:
+        return [({"replica": runtime.replica_id}, runtime.describe()[name])]
 
     return read
 
 
-def _flag(name: str) -> Callable[[Any], Iterable[Sample]]:
-    def read(runtime: Any) -> Iterable[Sample]:
+def _flag(name: str) -> Callable[[Described], Iterable[Sample]]:
+    def read(runtime: Described) -> Iterable[Sample]:
         doc = runtime.describe()
         value = doc[name] if name != "status" else doc["status"] == "ok"
-        return [({"replica": runtime.config.replica_id}, int(bool(value)))]
+        return [({"replica": runtime.replica_id}, int(bool(value)))]
 
     return read
 
@@ -56,7 +64,7 @@ _COUNTERS = (
 )
 
 
-def register(registry: Metrics, runtime: Any) -> None:
+def register(registry: Metrics, runtime: Described) -> None:
     """Report ``runtime``'s figures (kept weakly: a stopped runtime drops out)."""
     for name, read, text in _GAUGES:
         registry.gauge(name, text, read, ("replica",), runtime)

@@ -27,8 +27,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from api_balancing.ha import merge
-from api_balancing.ha.health import SyncHealth
+from api_balancing.ha.health import REDIS_ERRORS, SyncHealth
 from api_balancing.ha.keys import Keys
+from api_balancing.ha.sync import SyncLoop
 from api_balancing.model import NodeRecord, evolve
 from api_balancing.store import redis_codec
 from api_balancing.store.base import StaleWriteError, StoreListener
@@ -45,7 +46,7 @@ TouchOutcome = Callable[[str, bool], None]
 RefusalHook = Callable[[str, int], None]
 DeleteGuard = Callable[[], tuple[str, str] | None]
 
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+__all__ = ["REDIS_ERRORS", "RedisNodeStore", "RedisStoreSettings", "connect"]
 
 
 @dataclass
@@ -148,6 +149,7 @@ class RedisNodeStore:
         self._data_loss_hooks: list[Callable[[], Awaitable[None]]] = []
         self._delete_guard: DeleteGuard | None = None
         self._sync: asyncio.Task[None] | None = None
+        self.sync_loop: SyncLoop | None = None  # set by start()
         self._synced = asyncio.Event()
         # Group commit: writes go to Redis in batches, one script call each (each write still
         # fenced and atomic on its own), with at most MAX_IN_FLIGHT batches on the wire. Writes
@@ -217,10 +219,8 @@ class RedisNodeStore:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Rehydrate from Redis (if reachable) and start the sync loop; never fails on Redis."""
-        from api_balancing.ha.sync import SyncLoop  # the loop drives this store
-
         loop = SyncLoop(self, clock=self._clock)
-        self._sync_loop = loop
+        self.sync_loop = loop
         self._sync = asyncio.create_task(loop.run(), name="foghorn-sync")
         # Serve as soon as the first rehydration is done, or degraded if Redis is not there.
         with_timeout = asyncio.wait_for(self._synced.wait(), self.settings.op_timeout_s * 2)
@@ -231,16 +231,16 @@ class RedisNodeStore:
 
     async def pause_sync(self) -> None:
         """Stop reading the changelog, keeping the cursor (a slow reader, for drills/tests)."""
-        if self._sync is not None:
-            self._sync_loop.stopping = True
+        if self._sync is not None and self.sync_loop is not None:
+            self.sync_loop.stopping = True
             self._sync.cancel()
             await asyncio.gather(self._sync, return_exceptions=True)
             self._sync = None
 
     def resume_sync(self) -> None:
         """Read again from where ``pause_sync`` stopped."""
-        if self._sync is None:
-            self._sync = asyncio.create_task(self._sync_loop.run(resume=True), name="foghorn-sync")
+        if self._sync is None and self.sync_loop is not None:
+            self._sync = asyncio.create_task(self.sync_loop.run(resume=True), name="foghorn-sync")
 
     async def flush(self, timeout_s: float | None = None) -> None:
         """Send every staged write now, without lingering, and wait for the batches on the
@@ -260,8 +260,8 @@ class RedisNodeStore:
 
     async def close(self) -> None:
         await self.flush()
-        if self._sync is not None:
-            self._sync_loop.stopping = True
+        if self._sync is not None and self.sync_loop is not None:
+            self.sync_loop.stopping = True
             self._sync.cancel()
             await asyncio.gather(self._sync, return_exceptions=True)
             self._sync = None

@@ -11,20 +11,25 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import structlog
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
-from pkg.clients.breaker import STATE_CODES
+from pkg.clients.breaker import STATE_CODES, CircuitBreaker
 from pkg.clients.outlier import OutlierDetector, OutlierEvent
 from pkg.common.metrics import Buckets, HistogramSample, process_metrics
 
-if TYPE_CHECKING:
-    from pkg.clients.runtime import Runtime
+
+class BreakerHolder(Protocol):
+    """What the breaker-state gauge reads of a ``pkg.clients.runtime.Runtime``."""
+
+    @property
+    def breakers(self) -> Mapping[str, CircuitBreaker]: ...
+
 
 _log = structlog.get_logger("pkg.clients")
 
@@ -161,7 +166,7 @@ class _Instruments:
 
     def __init__(self) -> None:
         meter = metrics.get_meter("pkg.clients")
-        self.runtimes: weakref.WeakSet[Runtime] = weakref.WeakSet()
+        self.runtimes: weakref.WeakSet[BreakerHolder] = weakref.WeakSet()
         self.detectors: weakref.WeakSet[OutlierDetector] = weakref.WeakSet()
         self.ejections = meter.create_counter(
             "client_outlier_ejections", description="Replicas ejected by outlier detection"

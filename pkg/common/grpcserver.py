@@ -1,12 +1,16 @@
 """The one gRPC server helper: an asyncio server with health, reflection and size limits.
 
 Every service builds its server here so that all of them expose the standard
-``grpc.health.v1.Health`` service (per-service status, flipped to NOT_SERVING on shutdown) and
-server reflection, and share message-size limits and keepalive enforcement.
+``grpc.health.v1.Health`` service (per-service status following the service's health report,
+NOT_SERVING from the first moment of a stop) and server reflection, and share message-size
+limits and keepalive enforcement. The listening port is added in one place (``_listen``), where
+transport security plugs in.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +21,8 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pkg.common.health import HealthSource
+
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 # Calls that have arrived but that the asyncio server has not picked up yet. grpc core's
@@ -26,6 +32,15 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 # error from Core" (its first write failed on the cancelled stream). Load is shed where the
 # application can see it instead (handlers, the load-shedding interceptor).
 DEFAULT_MAX_PENDING_CALLS = 20_000
+
+
+@dataclass(frozen=True)
+class GrpcSettings:
+    """Where and how a service's gRPC server listens (``port`` 0 picks a free port)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 @dataclass
@@ -60,9 +75,21 @@ class GrpcServer:
         for name in [*self.services, ""]:
             await self.health.set(name, status)
 
+    async def follow(self, report: HealthSource, every_s: float = 0.5) -> None:
+        """Keep gRPC health in step with the service's report (run as a background task):
+        SERVING unless the report says not_serving."""
+        serving: bool | None = None
+        while True:
+            now = report().serving
+            if now != serving:
+                await self.set_serving(now)
+                serving = now
+            await asyncio.sleep(every_s)
+
     async def stop(self, grace: float = 2.0) -> None:
         """Tell health checkers first, then drain in-flight calls for ``grace`` seconds."""
-        await self.health.enter_graceful_shutdown()
+        with contextlib.suppress(Exception):  # already shut down: nothing to tell
+            await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
     async def wait(self) -> None:
@@ -77,8 +104,12 @@ def build_server(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
     extra_options: Sequence[tuple[str, Any]] = (),
+    settings: GrpcSettings | None = None,
 ) -> GrpcServer:
-    """Create an asyncio gRPC server listening on ``host:port`` (0 picks a free port)."""
+    """Create an asyncio gRPC server listening on ``host:port`` (0 picks a free port);
+    ``settings``, when given, replaces ``host``, ``port`` and ``max_message_bytes``."""
+    if settings is not None:
+        host, port, max_message_bytes = settings.host, settings.port, settings.max_message_bytes
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -103,7 +134,13 @@ def build_server(
          reflection.SERVICE_NAME],
         server,
     )  # fmt: skip
+    bound = _listen(server, host, port)
+    return GrpcServer(server=server, health=health_servicer, port=bound, services=names)
+
+
+def _listen(server: grpc.aio.Server, host: str, port: int) -> int:
+    """Add the listening port; the one place a service's gRPC transport is chosen."""
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
-    return GrpcServer(server=server, health=health_servicer, port=bound, services=names)
+    return bound

@@ -23,7 +23,7 @@ from opentelemetry import metrics
 from pkg.clients.backoff import Backoff
 from pkg.common.metrics import Sample, process_metrics
 from pkg.events.envelope import encode_event
-from pkg.events.sink import Event
+from pkg.events.sink import Event, SinkState
 
 log = structlog.get_logger("pkg.events.kafka")
 _meter = metrics.get_meter("pkg.events")
@@ -150,6 +150,22 @@ class KafkaSink:
     @property
     def buffered(self) -> int:
         return len(self._buffer)
+
+    def state(self) -> SinkState:
+        return SinkState(
+            "kafka",
+            connected=self.connected,
+            buffered=self.buffered,
+            dropped=self.dropped,
+            sent=self.sent,
+            reason=""
+            if self.connected
+            else "Kafka unreachable: events wait in a bounded buffer (dropped, counted, when full)",
+        )
+
+    async def aclose(self) -> None:
+        """``close()`` off the event loop (it joins the sender thread)."""
+        await asyncio.to_thread(self.close, 2.0)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:

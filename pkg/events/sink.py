@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import time
 import uuid
 from collections import deque
@@ -32,10 +31,38 @@ class EventSink(Protocol):
     def emit(self, event: Event) -> None: ...
 
 
+@dataclass(frozen=True)
+class SinkState:
+    """What a sink reports for its owner's health: ``connected`` false means events wait in a
+    bounded buffer (``reason`` says why), dropped ones are counted."""
+
+    kind: str  # "none", "memory", "kafka", "signalman"
+    connected: bool = True
+    buffered: int = 0
+    dropped: int = 0
+    sent: int = 0
+    reason: str = ""
+
+
+class ManagedSink(EventSink, Protocol):
+    """A sink its owner starts, watches and closes (every sink in this package is one)."""
+
+    def state(self) -> SinkState: ...
+
+    async def aclose(self) -> None:
+        """Send what is buffered (bounded wait), then stop."""
+
+
 class NullSink:
-    """Drops every event: the default when no Kafka bootstrap is configured."""
+    """Drops every event: the default when no event transport is configured."""
 
     def emit(self, event: Event) -> None:
+        return None
+
+    def state(self) -> SinkState:
+        return SinkState("none")
+
+    async def aclose(self) -> None:
         return None
 
 
@@ -48,15 +75,8 @@ class MemorySink:
     def emit(self, event: Event) -> None:
         self.events.append(event)
 
+    def state(self) -> SinkState:
+        return SinkState("memory", sent=len(self.events))
 
-def build_sink(kafka_bootstrap: str | None, *, source: str = "") -> EventSink:
-    """The event sink a service should use: Kafka when a bootstrap is configured, else nothing.
-
-    The Kafka sink (``pkg.events.kafka``) buffers in memory and never blocks its caller.
-    """
-    if not kafka_bootstrap:
-        return NullSink()
-    # Imported lazily: aiokafka is only needed when Kafka is configured.
-    kafka = importlib.import_module("pkg.events.kafka")
-    sink: EventSink = kafka.KafkaSink(kafka_bootstrap, source=source)
-    return sink
+    async def aclose(self) -> None:
+        return None

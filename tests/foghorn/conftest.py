@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from api_balancing.config import FoghornConfig
-from api_balancing.server import FoghornServer
+from api_balancing.server import FoghornApp
 from pkg.clients import Policy, set_testing
 from pkg.clients.foghorn import ControlStream, FoghornClient
 from pkg.common.clock import FakeClock
@@ -112,7 +112,7 @@ eventually = functools.partial(shared_eventually, timeout=10.0)
 class Harness:
     """An in-process Foghorn plus clients: authenticated (ops), anonymous, and fake nodes."""
 
-    def __init__(self, server: FoghornServer, clock: FakeClock | None, events: Any) -> None:
+    def __init__(self, server: FoghornApp, clock: FakeClock | None, events: Any) -> None:
         self.server = server
         self.clock = clock
         self.events = events
@@ -169,7 +169,7 @@ async def make_foghorn() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
         kwargs: dict[str, Any] = {"events": events, "run_reaper": False}
         if clock is not None:
             kwargs["clock"] = clock
-        server = FoghornServer(config, **kwargs)
+        server = FoghornApp(config, **kwargs)
         await server.start()
         harness = Harness(server, clock, server.events)
         harnesses.append(harness)

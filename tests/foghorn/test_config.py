@@ -66,29 +66,72 @@ def test_accepted_tokens_come_from_foghorn_tokens_else_platform_tokens(
 def test_replicas_relay_with_the_relay_token_else_the_first_accepted_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from api_balancing.ha.runtime import HaConfig, _relay_token
+    from api_balancing.config import HaConfig
+    from api_balancing.ha.runtime import _relay_token
 
     monkeypatch.setenv("PLATFORM_TOKENS", "platform-tok=ops@acme:admin")
-    assert _relay_token(FoghornConfig(), HaConfig()) == "platform-tok"
-    assert _relay_token(FoghornConfig(tokens="own=a@b:admin"), HaConfig()) == "own"
-    assert _relay_token(FoghornConfig(), HaConfig(relay_token="relay")) == "relay"
+    assert _relay_token(FoghornConfig(ha=HaConfig())) == "platform-tok"
+    assert _relay_token(FoghornConfig(tokens="own=a@b:admin", ha=HaConfig())) == "own"
+    assert _relay_token(FoghornConfig(ha=HaConfig(relay_token="relay"))) == "relay"
     monkeypatch.delenv("PLATFORM_TOKENS")
-    assert _relay_token(FoghornConfig(), HaConfig()) is None
+    assert _relay_token(FoghornConfig(ha=HaConfig())) is None
 
 
 @pytest.mark.parametrize("value", [-1.0, 101.0, float("nan")])
 def test_a_write_linger_out_of_range_is_refused_naming_the_setting(value: float) -> None:
-    from api_balancing.ha.runtime import HaConfig
+    from api_balancing.config import HaConfig
 
     with pytest.raises(ValueError, match="write_linger_ms"):
         HaConfig(write_linger_ms=value)
 
 
 def test_the_write_linger_reaches_the_store_in_seconds() -> None:
-    from api_balancing.ha.runtime import HaConfig, build_store
+    from api_balancing.config import HaConfig
+    from api_balancing.ha.runtime import build_store
 
     store = build_store(
-        FoghornConfig(redis_url="redis://127.0.0.1:1/0"), HaConfig(write_linger_ms=0)
+        FoghornConfig(redis_url="redis://127.0.0.1:1/0", ha=HaConfig(write_linger_ms=0))
     )
     assert store.settings.linger_s == 0.0
     assert HaConfig().write_linger_ms == 5.0
+
+
+def test_an_unknown_foghorn_variable_is_refused_with_the_closest_setting() -> None:
+    from api_balancing.config import load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(env={"FOGHORN_CLUSTR": "x", "FOGHORN_GRPC_PORT": "9"})
+    assert "FOGHORN_CLUSTR is not a setting (did you mean FOGHORN_CLUSTER?)" in str(err.value)
+
+
+def test_the_tools_variables_are_known_so_one_shell_can_run_both() -> None:
+    from api_balancing.config import load_config
+
+    config = load_config(env={"FOGHORN_ADDR": "127.0.0.1:1", "FOGHORN_TOKEN": "t"})
+    assert config.grpc_port == 18008
+
+
+def test_foghorn_refuses_to_start_on_a_misspelled_setting() -> None:
+    bin_dir = os.path.dirname(sys.executable)
+    result = subprocess.run(
+        [f"{bin_dir}/foghorn"],
+        env={**os.environ, "FOGHORN_CLUSTR": "x"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "FOGHORN_CLUSTR" in result.stderr and "FOGHORN_CLUSTER" in result.stderr
+
+
+def test_every_setting_is_in_the_docs_table() -> None:
+    from pathlib import Path
+
+    from api_balancing.config import TOOL_SETTINGS, FoghornConfig
+    from pkg.common.config import PLATFORM_SETTINGS, setting_names
+
+    doc = (Path(__file__).parents[2] / "docs" / "foghorn.md").read_text()
+    names = setting_names(FoghornConfig, "FOGHORN") | TOOL_SETTINGS | PLATFORM_SETTINGS
+    missing = sorted(n for n in names if f"`{n}`" not in doc)
+    assert not missing, f"settings missing from docs/foghorn.md: {missing}"

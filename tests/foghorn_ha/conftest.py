@@ -95,8 +95,9 @@ async def make_replica(
     redis_server: Any, cluster: str, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
     """In-process Foghorn replicas of one cluster (``FOGHORN_*`` HA env with short TTLs)."""
-    from api_balancing.config import FoghornConfig
-    from api_balancing.server import FoghornServer
+    from api_balancing.config import FoghornConfig, HaConfig
+    from api_balancing.server import FoghornApp
+    from pkg.common.config import load
     from pkg.events import MemorySink
     from tests.foghorn.conftest import TOKENS
 
@@ -112,9 +113,10 @@ async def make_replica(
             replica_id=replica_id,
             redis_url=url or redis_server.url,
             reap_interval_s=overrides.pop("reap_interval_s", 0.3),
+            ha=load(HaConfig, "FOGHORN"),
             **overrides,
         )
-        server = FoghornServer(config, events=MemorySink())
+        server = FoghornApp(config, events=MemorySink())
         servers.append(server)
         await server.start()
         return server

@@ -82,7 +82,7 @@ async def test_trimmed_changelog_forces_a_gap_and_the_replica_reconverges(
 ) -> None:
     a = await store_factory("a", changelog_maxlen=5, exact_trim=True)
     b = await store_factory("b", changelog_maxlen=5, exact_trim=True, read_block_ms=100)
-    loop = b._sync_loop
+    loop = b.sync_loop
     before = loop.rehydrations
     await b.pause_sync()  # B is a slow reader while A writes far more than the log keeps
     for i in range(30):
@@ -185,8 +185,8 @@ async def test_a_replica_never_reads_back_its_own_writes(store_factory: StoreFac
     for i in range(30):
         await a.stage(make_record(f"n{i}", owner="a", fence=1))
     await eventually(lambda: len(b.snapshot()) == 30)
-    assert a.log_key not in a._sync_loop.reader.positions, "a reads only the others' streams"
-    assert b._sync_loop.reader.positions[a.log_key].index >= 30
+    assert a.log_key not in a.sync_loop.reader.positions, "a reads only the others' streams"
+    assert b.sync_loop.reader.positions[a.log_key].index >= 30
     assert a.counters.remote_applied == 0 and a.counters.remote_stale == 0
     assert await a.redis.xlen(a.log_key) >= 30 and await a.redis.xlen(b.log_key) == 0
 
@@ -198,8 +198,8 @@ async def test_a_replica_started_later_is_read_from_its_first_write(
     late = await store_factory("late")  # registers its stream, then writes at once
     await late.put(make_record("n1", owner="late", fence=1))
     await eventually(lambda: a.get("n1") is not None)
-    assert late.log_key in a._sync_loop.reader.positions
-    assert a._sync_loop.rehydrations == 1, "discovered without a gap or a rehydration"
+    assert late.log_key in a.sync_loop.reader.positions
+    assert a.sync_loop.rehydrations == 1, "discovered without a gap or a rehydration"
 
 
 async def test_replicas_silent_past_the_retention_leave_the_registry(
@@ -210,9 +210,9 @@ async def test_replicas_silent_past_the_retention_leave_the_registry(
     await first.redis.zadd(keys.logs, {"ghost": 1.0})  # last heartbeat long ago
     await first.redis.xadd(keys.log("ghost"), {"n": "1"})
     b = await store_factory("b", record_ttl_s=30.0)
-    assert keys.log("ghost") not in b._sync_loop.reader.positions
+    assert keys.log("ghost") not in b.sync_loop.reader.positions
     assert await b.redis.zscore(keys.logs, "ghost") is None
     assert await b.redis.zscore(keys.logs, "first") is not None
     await b.put(make_record("n1", owner="b", fence=1))
-    await b._sync_loop._heartbeat()  # every few seconds: the stream lives while b does
+    await b.sync_loop._heartbeat()  # every few seconds: the stream lives while b does
     assert 0 < await b.redis.pttl(b.log_key) <= 30_000

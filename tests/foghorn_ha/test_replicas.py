@@ -200,13 +200,15 @@ async def test_redis_outage_keeps_routing_reports_degraded_and_reconverges(
     redis.stop()
     stream.report(report_msg(70.0))
     await eventually(lambda: a.store.get("edge-1").report.cpu_percent == 70.0)
-    await eventually(lambda: a.health()["status"] == "degraded")
-    doc = a.health()
+    await eventually(lambda: a.health().to_json()["status"] == "degraded")
+    doc = a.health().to_json()
     assert "redis" in doc["ha"]["reason"].lower()
     for _ in range(20):  # routing keeps answering from memory on both replicas
         assert (await route_b.route_viewer("s1", lat=50.0, lon=8.0)).best.node_id == "edge-1"
     redis.start()
-    await eventually(lambda: a.health()["status"] == "ok" and b.health()["status"] == "ok")
+    await eventually(
+        lambda: a.health().to_json()["status"] == "ok" and b.health().to_json()["status"] == "ok"
+    )
     await eventually(lambda: b.store.get("edge-1").report.cpu_percent == 70.0)
     stream.report(report_msg(20.0))
     await eventually(lambda: b.store.get("edge-1").report.cpu_percent == 20.0)
@@ -256,7 +258,7 @@ async def test_graceful_stop_hands_nodes_over_without_marking_them_down(
     b.store.add_listener(lambda node_id, rec: states.append(rec.connected) if rec else None)
     await a.stop(grace=0.2)
     assert await b.ha.ownership.lookup("edge-1") is None, "released for the next replica"
-    loop = b.store._sync_loop  # b has applied everything a ever wrote:
+    loop = b.store.sync_loop  # b has applied everything a ever wrote:
     a_log = b.store.keys.log("a")
     tail = (await ChangelogSet.tails(b.store.redis, [a_log]))[a_log]
     await eventually(lambda: loop.reader.positions[a_log].index >= tail.index)
@@ -276,4 +278,4 @@ async def test_a_second_process_with_the_same_replica_id_refuses_to_start(
     a = await make_replica("a")
     with pytest.raises(ReplicaIdInUse, match="already used by the live replica at"):
         await make_replica("a")
-    assert a.health()["ha"]["status"] == "ok"
+    assert a.health().to_json()["ha"]["status"] == "ok"

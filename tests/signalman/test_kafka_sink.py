@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from pkg.events import Event, build_sink
+from pkg.events import Event
+from pkg.events.factory import build_sink
 from pkg.events.kafka import KafkaSink
 from tests.signalman.conftest import wait_until
 

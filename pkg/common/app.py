@@ -1,0 +1,163 @@
+"""The one service lifecycle: start in order, serve, stop in reverse order; and the process
+entry every service's ``__main__`` calls.
+
+A service's app object (``FoghornApp``, ``BridgeApp``, ``SignalmanApp``) builds its parts from
+its frozen config in ``__init__`` (no I/O), and in ``start()`` brings them up one by one through
+a ``Lifecycle``: each step registers how to undo it, and ``stop()`` undoes them in reverse order
+(``contextlib.AsyncExitStack``), so a step that fails half-way leaves nothing behind. Background
+tasks started through the lifecycle are cancelled at stop; one that dies of an exception stops
+the process (exit status 1) so that the supervisor restarts it, instead of a replica running on
+without, say, its sync loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+from pkg.common.config import ConfigError
+from pkg.common.health import HealthReport
+from pkg.common.logging import configure_logging
+from pkg.common.telemetry import setup_metrics
+
+log = structlog.get_logger("pkg.common.app")
+
+C = TypeVar("C")
+T = TypeVar("T")
+
+
+class Service(Protocol):
+    """What the process entry and the tests drive: the same three verbs for every service."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def health(self) -> HealthReport: ...
+
+
+class Lifecycle:
+    """Ordered start-up with reverse-order stop (see the module docstring)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._stack = contextlib.AsyncExitStack()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stopping = False
+        self.crashed: BaseException | None = None
+        self._crash = asyncio.Event()
+
+    async def enter(self, cm: AbstractAsyncContextManager[T]) -> T:
+        """Enter ``cm`` now; it exits at stop (before everything entered earlier)."""
+        return await self._stack.enter_async_context(cm)
+
+    def on_stop(self, callback: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Await ``callback(*args)`` at stop, before the steps registered earlier."""
+        self._stack.push_async_callback(callback, *args)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run ``coro`` until stop (cancelled then, in reverse order with the other steps)."""
+        task = asyncio.create_task(coro, name=f"{self.name}-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        self._stack.push_async_callback(self._cancel, task)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or self.stopping:
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("background task died", service=self.name, task=task.get_name(),
+                      error=repr(exc))  # fmt: skip
+            self.crashed = exc
+            self._crash.set()
+
+    @staticmethod
+    async def _cancel(task: asyncio.Task[Any]) -> None:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+
+    async def wait_crash(self) -> BaseException | None:
+        """Return once a background task died of an exception."""
+        await self._crash.wait()
+        return self.crashed
+
+    async def close(self) -> None:
+        """Undo every step, newest first (idempotent)."""
+        self.stopping = True
+        await self._stack.aclose()
+
+
+async def serve(service: Service, lifecycle: Lifecycle, started: Callable[[], None]) -> int:
+    """Start ``service``, serve until SIGINT/SIGTERM or a crashed background task, stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    started()
+    waiters = [
+        asyncio.create_task(stop.wait(), name="stop-signal"),
+        asyncio.create_task(lifecycle.wait_crash(), name="crash-watch"),
+    ]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await service.stop()
+    return 1 if lifecycle.crashed is not None else 0
+
+
+class Runnable(Service, Protocol):
+    @property
+    def lifecycle(self) -> Lifecycle: ...
+
+
+A = TypeVar("A", bound=Runnable)
+
+
+def run_main(
+    name: str,
+    load_config: Callable[[], C],
+    build: Callable[[C], A],
+    started: Callable[[A], None] = lambda _app: None,
+) -> int:
+    """The body of every service's ``main()``: logging, config (refused with exit status 2 and
+    the variable's name), metrics, then serve until a signal."""
+    configure_logging(name)
+    try:
+        config = load_config()
+    except (ConfigError, ValueError) as exc:
+        return _refuse(name, exc)
+    setup_metrics(name)
+
+    async def main() -> int:
+        try:  # built on the loop: parts may create asyncio objects
+            app = build(config)
+        except (ConfigError, ValueError, OSError) as exc:
+            return _refuse(name, exc)
+        return await serve(app, app.lifecycle, lambda: started(app))
+
+    try:
+        return asyncio.run(main())
+    except OSError as exc:
+        structlog.get_logger(name).error("cannot start", error=str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def _refuse(name: str, exc: Exception) -> int:
+    print(f"{name}: bad configuration: {exc}", file=sys.stderr, flush=True)
+    return 2

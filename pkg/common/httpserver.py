@@ -1,0 +1,99 @@
+"""The one way to build a service's HTTP side: Starlette routes served by uvicorn on the
+service's own event loop, with ``/health`` (the ``pkg.common.health`` report) and ``/metrics``.
+
+Every service mounts ``ops_routes(health)`` in its Starlette app and runs it with
+``HttpServer``; the listener is created here only (``HttpSettings`` is where HTTPS plugs in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
+
+from pkg.common.health import HealthSource
+from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
+
+
+def ops_routes(health: HealthSource) -> list[BaseRoute]:
+    """``/health`` (200 unless not serving, then 503) and ``/metrics`` (Prometheus text)."""
+
+    async def health_endpoint(_: Request) -> Response:
+        report = health()
+        return JSONResponse(report.to_json(), status_code=report.http_status)
+
+    async def metrics_endpoint(_: Request) -> Response:
+        return Response(prometheus_text(), media_type=CONTENT_TYPE)
+
+    return [Route("/health", health_endpoint), Route("/metrics", metrics_endpoint)]
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """Where and how the HTTP side listens. ``port`` 0 picks a free port."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    # uvicorn's WebSocket implementation ("none": no WebSocket routes served).
+    ws: str = "none"
+    graceful_s: float = 5.0
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn on the caller's event loop; signals stay with the host process."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class HttpServer:
+    """Serve ``app`` until ``stop()``: ``start()`` returns once the port is bound (a bind error
+    raises there) and ``port`` is the bound one."""
+
+    def __init__(self, app: ASGIApp, settings: HttpSettings) -> None:
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",  # the service's app object owns start and stop
+            ws=settings.ws,
+            timeout_graceful_shutdown=int(settings.graceful_s),
+        )
+        self._server = _EmbeddedUvicorn(config)
+        self._task: asyncio.Task[Any] | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        task = asyncio.create_task(self._server.serve(), name="http-server")
+        self._task = task
+        while not self._server.started:
+            if task.done():
+                task.result()  # raises the bind error
+                raise OSError("HTTP server stopped during start-up")
+            await asyncio.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting, let open requests finish for up to ``grace`` seconds."""
+        if self._task is None:
+            return
+        self._server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), grace + 1)
+        except (TimeoutError, Exception):
+            self._server.force_exit = True
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        self._task = None
