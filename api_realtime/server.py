@@ -25,6 +25,7 @@ from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
 from pkg.common.metrics import process_metrics
 from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
+from pkg.coord.advisory import AdvisoryLease
 from signalman import processor as processor_metrics
 from signalman.config import SignalmanConfig
 from signalman.history import History
@@ -98,8 +99,9 @@ class SignalmanApp:
             )  # fmt: skip
             redrive = self.redriver.run_once
             lag = GroupLag(cfg.kafka_bootstrap, cfg.topic, cfg.group_id)
+        lease = AdvisoryLease(self.locks, cfg.group_id) if self.locks is not None else None
         self.duties = SingletonDuties(
-            cfg.group_id, self.locks, self.history,
+            cfg.group_id, lease, self.history,
             interval_s=cfg.duties_interval_s, history_maxlen=cfg.history_maxlen,
             retention_s=cfg.history_retention_s, redrive=redrive, lag=lag, clock=clock,
         )  # fmt: skip

@@ -1,8 +1,10 @@
 """Singleton duties, run by exactly one replica: history trimming, dead-letter re-drive, lag.
 
-The replica that holds the singleton advisory lock (on its dedicated connection) runs them; the
-others keep trying to take it, so when the holder dies (its connection closes, its lock goes) one
-of them takes over within ``interval_s``. Without PostgreSQL (one replica) the duties run locally.
+The replica that holds the singleton lease (``pkg.coord.protocols.Lease``; with PostgreSQL
+the singleton advisory lock on its dedicated connection, ``pkg.coord.advisory.AdvisoryLease``)
+runs them; the others keep trying to take it, so when the holder dies (its connection closes,
+its lock goes) one of them takes over within ``interval_s``. Without PostgreSQL (one replica)
+the duties run locally.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import structlog
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.metrics import Metrics, Sample
+from pkg.coord.protocols import Lease
 from signalman.history import History
 from signalman.kafka_clients import start_client
-from signalman.ownership import PartitionLocks
 
 log = structlog.get_logger("signalman.singleton")
 
@@ -67,12 +69,14 @@ class GroupLag:
 
 
 class SingletonDuties:
-    """Runs ``duties`` every ``interval_s`` while this replica holds the singleton lock."""
+    """Runs ``duties`` every ``interval_s`` while this replica holds ``lease`` (any
+    ``pkg.coord.protocols.Lease``: with PostgreSQL, ``pkg.coord.advisory.AdvisoryLease`` over
+    the replica's lock connection; None: no coordination, one replica, run locally)."""
 
     def __init__(
         self,
         name: str,
-        locks: PartitionLocks | None,
+        lease: Lease | None,
         history: History,
         *,
         interval_s: float,
@@ -83,7 +87,7 @@ class SingletonDuties:
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.name = name
-        self.locks = locks
+        self.lease = lease
         self.history = history
         self.interval_s = interval_s
         self.history_maxlen = history_maxlen
@@ -109,15 +113,10 @@ class SingletonDuties:
         return [({"partition": str(p)}, v) for p, v in self.group_lag.lag.items()]
 
     async def _is_leader(self) -> bool:
-        if self.locks is None:
+        if self.lease is None:
             return True
-        try:
-            if not self.locks.connected:
-                return False  # the group member owns (re)connecting the dedicated connection
-            return await self.locks.try_singleton(self.name)
-        except Exception as exc:
-            log.warning("singleton_lock_check_failed", error=repr(exc)[:200])
-            return False
+        await self.lease.run_once()
+        return self.lease.is_leader()
 
     async def run_once(self) -> None:
         leader = await self._is_leader()

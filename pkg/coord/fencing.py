@@ -362,6 +362,12 @@ class FencedHash:
         keys = [key, owner_key, stream, seq_key(stream)]
         return _outcome(await self._write(keys=keys, args=args))
 
+    async def check_fence(self, resource: str, fence: int) -> bool:
+        """``FenceCheck``: whether a write of ``resource`` (a hash key) carrying ``fence``
+        would pass the stored-fence check now (the owner record is checked by the write)."""
+        stored = await self._redis.hget(resource, FENCE_FIELD)
+        return stored is None or int(stored) <= fence
+
     async def put_batch(self, batch: PutBatch) -> BatchOutcome:
         """Apply every put of ``batch`` in one script call (each checked on its own, in order,
         all in one atomic step).

@@ -192,3 +192,29 @@ class Ownership:
     async def evict(self, entity: str, seen: OwnerRecord) -> bool:
         """Remove a dead owner's record, only if it is still the one we saw (match-checked)."""
         return await self.release(entity, seen)
+
+
+class OwnershipTaken(Exception):
+    """Another owner holds the resource with a fence at least as high."""
+
+
+class OwnerClaims:
+    """``pkg.coord.protocols.FencedOwnership`` for one replica over ``Ownership`` records."""
+
+    def __init__(self, ownership: Ownership, replica: str, address: str) -> None:
+        self.ownership = ownership
+        self.replica = replica
+        self.address = address
+        self._held: dict[str, OwnerRecord] = {}
+
+    async def acquire_fenced(self, resource: str) -> int:
+        got = await self.ownership.acquire(resource, self.replica, self.address)
+        if not got.ok or got.record is None:
+            raise OwnershipTaken(f"{resource!r} is owned by {got.record}")
+        self._held[resource] = got.record
+        return got.record.fence
+
+    async def release_resource(self, resource: str) -> None:
+        record = self._held.pop(resource, None)
+        if record is not None:
+            await self.ownership.release(resource, record)

@@ -566,6 +566,68 @@ class PostgresServer(ServerProcess):
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
 
+class PostgresStandby(PostgresServer):
+    """A streaming-replication standby of ``primary``: ``pg_basebackup -R`` (run as the
+    ``postgres`` user, like the server) into its own data directory, started on its own port;
+    ``promote()`` makes it the primary (``pg_ctl promote``, what an operator or a Patroni-style
+    manager does after the primary died)."""
+
+    name = "postgres-standby"
+
+    def __init__(
+        self, primary: PostgresServer, run_dir: Path | None = None, port: int | None = None
+    ) -> None:
+        super().__init__(run_dir=run_dir, port=port)
+        self.primary = primary
+
+    def prepare(self) -> None:
+        if (self.data_dir / "PG_VERSION").exists():
+            return
+        kwargs = self._as_postgres()
+        if kwargs:
+            os.chown(self.pg_dir, kwargs["user"], kwargs["group"])
+        subprocess.run(
+            [*self._as_postgres_prefix(), str(install.postgres_bin_dir() / "pg_basebackup"),
+             "-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "postgres",
+             "-D", str(self.data_dir), "-R", "-X", "stream", "--no-sync"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=self.pg_dir,
+        )  # fmt: skip
+
+    def _as_postgres_prefix(self) -> list[str]:
+        if os.geteuid() != 0:
+            return []
+        return ["setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups", "--"]
+
+    def promote(self) -> None:
+        subprocess.run(
+            [*self._as_postgres_prefix(), str(install.postgres_bin_dir() / "pg_ctl"),
+             "promote", "-w", "-D", str(self.data_dir)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=self.pg_dir,
+        )  # fmt: skip
+
+    def is_primary(self) -> bool:
+        """True once promoted (``pg_is_in_recovery()`` is false)."""
+        result = subprocess.run(
+            [str(install.postgres_bin_dir() / "psql"), "-h", "127.0.0.1", "-p", str(self.port),
+             "-U", "postgres", "-Atc", "SELECT pg_is_in_recovery()"],
+            check=False, capture_output=True, text=True,
+        )  # fmt: skip
+        return result.returncode == 0 and result.stdout.strip() == "f"
+
+
+def multi_host_dsn(*servers: PostgresServer) -> str:
+    """A DSN naming every server; libpq-style ``target_session_attrs=read-write`` makes the
+    client connect to the one that accepts writes (the primary, or the promoted standby)."""
+    hosts = ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    return f"postgresql://postgres@{hosts}/postgres?target_session_attrs=read-write"
+
+
 class KafkaBroker(ServerProcess):
     """The Kafka-compatible broker ``tansu`` with in-memory storage (a restart loses topics)."""
 

@@ -217,6 +217,13 @@ class RedisHistory:
         raw = await self._claim(keys=[f"{self.prefix}:part:{topic}:{partition}"], args=[fence])
         return int(raw)
 
+    async def check_fence(self, resource: str, fence: int) -> bool:
+        """``pkg.coord.protocols.FenceCheck``: whether appends for ``resource``
+        (``topic/partition``) carrying ``fence`` pass the fence check now."""
+        topic, _, partition = resource.rpartition("/")
+        stored = await self._redis.hget(f"{self.prefix}:part:{topic}:{partition}", "fence")
+        return stored is None or int(stored) <= fence
+
     async def sources(self, tenant: str) -> list[str]:
         """The source position of every retained entry, in order (audits and tests)."""
         rows = _rows(await self._redis.xrange(self._k(tenant, "h")))
