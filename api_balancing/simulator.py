@@ -188,8 +188,11 @@ class SimNode:
         return pb.CommandAck(request_id=command.request_id, ok=True, message=message)
 
 
-def build_fleet(count: int, seed: int, streams: int = 200, base_port: int = 20000) -> list[SimNode]:
-    """``count`` nodes spread over the cities (deterministic for a seed)."""
+def build_fleet(
+    count: int, seed: int, streams: int = 200, base_port: int = 20000, host: str = "127.0.0.1"
+) -> list[SimNode]:
+    """``count`` nodes spread over the cities (deterministic for a seed); their media URLs
+    (what viewers are redirected to) name ``host``."""
     rng = random.Random(seed)
     catalog = [(f"live-{i:04d}", TENANTS[i % len(TENANTS)]) for i in range(max(1, streams))]
     nodes = []
@@ -211,7 +214,7 @@ def build_fleet(count: int, seed: int, streams: int = 200, base_port: int = 2000
                 ram_max=rng.choice([16, 32, 64]) * 2**30,
                 roles=["edge", "ingest"] if ingest else ["edge"],
                 capabilities=caps,
-                base_url=f"http://127.0.0.1:{base_port + i}",
+                base_url=f"http://{host}:{base_port + i}",
                 rng=random.Random(seed * 1000 + i),
                 catalog=catalog,
             )
@@ -304,7 +307,7 @@ class NodeRunner:
 
 async def run_fleet(args: argparse.Namespace) -> int:
     client = FoghornClient(args.foghorn, token=args.token or None)
-    nodes = build_fleet(args.nodes, args.seed, args.streams, args.base_port)
+    nodes = build_fleet(args.nodes, args.seed, args.streams, args.base_port, args.media_host)
     runners = [NodeRunner(n, client, args.interval) for n in nodes]
     tasks = [asyncio.create_task(r.run()) for r in runners]
     stop = asyncio.Event()
@@ -347,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=200, help="size of the content catalog")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--base-port", type=int, default=20000, help="first node's URL port")
+    parser.add_argument("--media-host", default="127.0.0.1", help="host in the nodes' URLs")
     parser.add_argument("--status-every", type=float, default=30.0)
     args = parser.parse_args(argv)
     if args.nodes < 1 or args.nodes > 100_000:

@@ -216,6 +216,8 @@ class Subscriber:
 
     name: str
     received: dict[str, list[float]] = field(default_factory=dict)  # event id -> arrival times
+    # (event id, offset, epoch) in delivery order: the history checker's view of the stream.
+    deliveries: list[tuple[str, int, str]] = field(default_factory=list)
     gaps: int = 0
     error: str = ""  # why the subscription ended, if it did
     task: asyncio.Task[None] | None = None
@@ -295,6 +297,7 @@ class EventFlow:
             except ValueError:
                 continue
             subscriber.received.setdefault(item.id, []).append(time.monotonic())
+            subscriber.deliveries.append((item.id, item.offset, item.epoch))
 
     async def stop_producing(self) -> None:
         self._stop.set()

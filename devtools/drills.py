@@ -13,7 +13,10 @@ through Signalman: see ``devtools.drill_traffic``), injects one fault and measur
 
 It prints a table, writes ``.bench/drills.json`` and exits 1 when any drill is not ok.
 ``--short`` shortens TTLs, session timeouts and phases so a drill takes seconds (the test suite
-runs it); the full mode runs ``./dev up``'s defaults. Runbooks: docs/runbooks/.
+runs it); the full mode runs ``./dev up``'s defaults. ``--hosts`` runs the platform with every
+process on a simulated host of its own (``devtools.hosts``) and adds the network partition drills
+(``devtools.drill_partitions``), which need it. After every drill the history checker
+(``devtools.checker``) judges what the replicas recorded. Runbooks: docs/runbooks/.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Any
 
 import structlog
 
+from devtools import hosts as simhosts
 from devtools import up
 from devtools.drill_traffic import (
     BridgeViewers,
@@ -188,20 +192,28 @@ class HealthMonitor:
 class Platform:
     """The running stack, a supervision thread, and health watching."""
 
-    def __init__(self, settings: Settings, run_dir: Path | None = None) -> None:
+    def __init__(
+        self, settings: Settings, run_dir: Path | None = None, hosts: bool = False
+    ) -> None:
         args = up.parser().parse_args(
-            # The drills run their own measured traffic: no background viewers.
+            # The drills run their own measured traffic: no background viewers. Replicas record
+            # their coordination history for the checker.
             [
                 "--nodes",
                 str(settings.nodes),
                 "--viewers",
                 "0",
+                "--env=PLATFORM_HISTORY=1",
                 *[f"--env={k}={v}" for k, v in settings.env],
+                *(["--hosts"] if hosts else []),
             ]
         )
         args.run_dir = run_dir or ROOT / ".run" / f"drills-{time.strftime('%Y%m%d-%H%M%S')}"
         self.settings = settings
+        self.started_at = time.time()  # history lines from here on belong to this platform
         self.stack = up.build_stack(args)
+        # Partition faults (hosts only); every drill heals what it left at its end.
+        self.faults = simhosts.Faults(self.stack.hosts) if self.stack.hosts else None
         self.lock = threading.Lock()  # supervision rounds and fault injection never interleave
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._supervise, name="drill-supervisor")
@@ -281,6 +293,7 @@ class Ctx:
     settings: Settings
     t_fault: float = 0.0
     facts: dict[str, Any] = field(default_factory=dict)
+    events: EventFlow | None = None  # the drill's event traffic (for the history checker)
 
 
 Detector = Callable[[dict[str, dict[str, Any]]], bool]
@@ -294,6 +307,11 @@ class Drill:
     detect: Detector | None
     detect_what: str
     check: Callable[[Ctx, Result], list[str]]
+    needs_hosts: bool = False  # partition drills: only with --hosts
+
+
+# Called after every drill's own check (more problems, more facts): the history checker.
+AFTER_DRILL: list[Callable[[Ctx, Result], None]] = []
 
 
 # -- faults -------------------------------------------------------------------------------------
@@ -631,7 +649,7 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
         up.SIGNALMAN_DEMO_TOKEN,
         s.event_rate,
     )
-    ctx = Ctx(platform, s)
+    ctx = Ctx(platform, s, events=events)
     try:
         await events.start()
         foghorn.start()
@@ -664,12 +682,20 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
         await bridge.close()
         await events.close()
         platform.monitor.arm(None)
+        if platform.faults is not None and platform.faults.active:
+            await platform.run_locked(platform.faults.heal_all)  # a drill that failed half-way
     if not result.problems:
         result.problems = drill.check(ctx, result)
         if not ctx.facts.get("traffic_clean_at_end"):
             result.problems.append(
                 f"traffic not clean for {s.quiet_s:g} s within {s.settle_max_s:g} s of the fault"
             )
+    for hook in AFTER_DRILL:
+        try:
+            hook(ctx, result)
+        except Exception as exc:
+            log.exception("after-drill check failed", drill=drill.name)
+            result.problems.append(f"after-drill check failed: {type(exc).__name__}: {exc}")
     result.facts.update({k: v for k, v in ctx.facts.items() if _jsonable(v)})
     result.ok = not result.problems
     return result
@@ -768,7 +794,7 @@ def _jsonable(value: Any) -> bool:
 # -- the suite ----------------------------------------------------------------------------------
 def render(results: list[Result]) -> str:
     head = (
-        f"{'drill':17} {'ok':4} {'detect_s':>8} {'recover_s':>9} {'restored_s':>10} "
+        f"{'drill':28} {'ok':4} {'detect_s':>8} {'recover_s':>9} {'restored_s':>10} "
         f"{'failed':>6} {'requests':>8} {'lost':>5} {'dup':>4} {'events':>6}  problems"
     )
     lines = [head, "-" * len(head)]
@@ -778,7 +804,7 @@ def render(results: list[Result]) -> str:
 
     for r in results:
         lines.append(
-            f"{r.name:17} {'yes' if r.ok else 'NO':4} {num(r.detect_s):>8} {num(r.recover_s):>9} "
+            f"{r.name:28} {'yes' if r.ok else 'NO':4} {num(r.detect_s):>8} {num(r.recover_s):>9} "
             f"{num(r.restored_s):>10} {r.failed_requests:>6} {r.requests:>8} "
             f"{r.lost_events:>5} {r.duplicate_events:>4} {r.events_produced:>6}  "
             + ("; ".join(r.problems) or "-")
@@ -821,16 +847,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--short", action="store_true", help="short TTLs and phases (seconds/drill)")
     p.add_argument("--nodes", type=int, default=None, help="simulated edge nodes")
     p.add_argument("--json", type=Path, default=BENCH_FILE, help="where to write the figures")
+    p.add_argument(
+        "--hosts",
+        action="store_true",
+        help="every process on its own simulated host (network namespaces, needs root); "
+        "adds the partition drills",
+    )
     return p
 
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    names = list(BY_NAME) if args.name == "all" else [args.name]
+    if args.name == "all":
+        names = [d.name for d in DRILLS if args.hosts or not d.needs_hosts]
+    else:
+        names = [args.name]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         print(f"unknown drill {unknown[0]!r}; drills: {', '.join(BY_NAME)}, all")
         return 2
+    if not args.hosts and any(BY_NAME[n].needs_hosts for n in names):
+        print(f"drill {names[0]!r} partitions the network: run it with --hosts (as root)")
+        return 2
+    if args.hosts and not simhosts.inside():
+        return simhosts.run_harness(["drill", *argv])
     settings = Settings.short() if args.short else Settings()
     if args.nodes is not None:
         if args.nodes < 1:
@@ -842,7 +882,7 @@ def main(argv: list[str]) -> int:
     log_file = (run_dir / "drills.log").open("a", buffering=1)
     configure_logging("drills", json=True, stream=log_file)
     print(f"starting the platform ({run_dir}) ...", flush=True)
-    platform = Platform(settings, run_dir)
+    platform = Platform(settings, run_dir, hosts=args.hosts)
     try:
         results = asyncio.run(run_suite(names, platform))
     finally:
@@ -854,3 +894,7 @@ def main(argv: list[str]) -> int:
     write_json(results, settings, args.json)
     print(f"\nwrote {args.json}; logs under {run_dir}")
     return 0 if all(r.ok for r in results) else 1
+
+
+# Drills of their own modules: each registers into DRILLS, BY_NAME and AFTER_DRILL on import.
+from devtools import drill_partitions  # noqa: E402,F401

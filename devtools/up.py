@@ -4,6 +4,8 @@ HA mode (default): Redis, PostgreSQL and the Kafka-compatible broker (tansu), tw
 Foghorn, Bridge and Signalman, and a simulated edge fleet. ``--single``: one instance of each
 service on in-memory state, no servers at all. External servers can be given by URL instead of
 started here. Everything started is stopped on exit (by pid), nothing else.
+``--hosts``: every server and replica on a simulated host of its own (a network namespace with
+its own address, see ``devtools.hosts``); the namespaces are removed on exit.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from devtools import hosts as simhosts
 from devtools.supervisor import Managed, RestartPolicy, Supervisor
 from pkg.common.logging import configure_logging
 from pkg.devstack import install
@@ -64,6 +67,19 @@ class Stack:
     extra_env: dict[str, str] = field(default_factory=dict)
     # The last figures shown per process, so counters are shown as rates (routes/s ...).
     shown: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    # --hosts: each process on its own simulated host (None: everything on 127.0.0.1).
+    hosts: simhosts.HostPlan | None = None
+
+    def address(self, host: str) -> str:
+        """The address a process on ``host`` binds and advertises."""
+        return self.hosts.host(host).address if self.hosts else "127.0.0.1"
+
+    def on_host(self, host: str) -> dict[str, Any]:
+        """``host``/``exec_prefix`` keyword arguments that run a process on ``host``."""
+        if self.hosts is None:
+            return {}
+        h = self.hosts.host(host)
+        return {"host": h.address, "exec_prefix": h.exec_prefix()}
 
 
 def _service_available(module: str) -> bool:
@@ -107,7 +123,10 @@ def add_process(
     port: int,
     health_url: str | None = None,
     ready_port: int | None = None,
+    host: str | None = None,
 ) -> Managed:
+    """Start ``command`` as ``name`` (on simulated host ``host``, default: one named like the
+    process, when the stack runs on hosts)."""
     proc = CommandProcess(
         name,
         command,
@@ -116,6 +135,7 @@ def add_process(
         env={"PLATFORM_TOKENS": f"{DEV_TOKEN}=dev@system:admin|system", **env, **stack.extra_env},
         ready_port=ready_port,
         ready_timeout=60,
+        **stack.on_host(host or name),
     )
     return stack.sup.add(Managed(name, proc, health_url=health_url, policy=RestartPolicy()))
 
@@ -125,18 +145,25 @@ def start_servers(stack: Stack, args: argparse.Namespace) -> None:
     if args.single:
         return
     if not b.redis_url:
-        redis = RedisServer(run_dir=stack.run_dir / "redis")
+        redis = RedisServer(run_dir=stack.run_dir / "redis", **_server_port(stack, "redis", 6379))
         stack.sup.add(Managed("redis", redis, kind="server"))
         b.redis_url = redis.url
     if not b.postgres_dsn:
-        pg = PostgresServer(run_dir=stack.run_dir / "postgres")
+        pg = PostgresServer(
+            run_dir=stack.run_dir / "postgres", **_server_port(stack, "postgres", 5432)
+        )
         stack.sup.add(Managed("postgres", pg, kind="server"))
         b.postgres_dsn = pg.dsn
     if not b.kafka_bootstrap:
-        broker = KafkaBroker(run_dir=stack.run_dir / "tansu")
+        broker = KafkaBroker(run_dir=stack.run_dir / "tansu", **_server_port(stack, "tansu", 9092))
         stack.sup.add(Managed("tansu", broker, kind="server"))
         b.kafka_bootstrap = broker.bootstrap
     asyncio.run(create_topic(b.kafka_bootstrap, EVENTS_TOPIC, EVENTS_PARTITIONS))
+
+
+def _server_port(stack: Stack, host: str, port: int) -> dict[str, Any]:
+    """On hosts a server gets its usual port on its own address; on loopback a free port."""
+    return {"port": port, **stack.on_host(host)} if stack.hosts else {}
 
 
 def _cell(value: Any, width: int) -> str:
@@ -207,6 +234,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=0, help="stop after N s (0: Ctrl-C)")
     p.add_argument("--plain", action="store_true", help="print status lines, no redraw")
     p.add_argument(
+        "--hosts",
+        action="store_true",
+        help="each server and replica on its own simulated host (network namespace, own "
+        "address; needs root); removed on exit",
+    )
+    p.add_argument(
         "--env",
         action="append",
         default=[],
@@ -240,7 +273,12 @@ def build_stack(args: argparse.Namespace, should_stop: Callable[[], bool] = lamb
         run_dir=run_dir,
         backends=Backends(args.redis_url, args.kafka_bootstrap, args.postgres_dsn),
         extra_env=parse_env(getattr(args, "env", None) or []),
+        hosts=simhosts.HostPlan.from_env() if getattr(args, "hosts", False) else None,
     )
+    if stack.hosts is not None and not simhosts.inside():
+        raise RuntimeError(
+            "--hosts stacks are built by a harness on the load host (hosts.run_harness)"
+        )
     try:
         start_servers(stack, args)
         for build in SERVICE_BUILDERS:
@@ -264,6 +302,11 @@ def stop_stack(stack: Stack) -> None:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.hosts and args.single:
+        print("--hosts runs the HA platform: it cannot be combined with --single")
+        return 2
+    if args.hosts and not simhosts.inside():
+        return simhosts.run_harness(["up", *argv])
     run_dir = args.run_dir or ROOT / ".run" / time.strftime("%Y%m%d-%H%M%S")
     args.run_dir = run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -315,9 +358,13 @@ def main(argv: list[str]) -> int:
 
 # Service builders, registered in start order. Fixed, documented ports when free (the README's
 # examples use them), a free port otherwise.
-def _port(preferred: int) -> int:
+def _port(preferred: int, stack: Stack | None = None) -> int:
+    """The documented port; on loopback a free one when it is taken (on hosts every replica has
+    an address of its own, so the documented port is always free there)."""
     from pkg.devstack.servers import port_open
 
+    if stack is not None and stack.hosts is not None:
+        return preferred
     return free_port() if port_open(preferred) else preferred
 
 
@@ -329,8 +376,10 @@ def _replicas(args: argparse.Namespace) -> int:
 def foghorn(stack: Stack, args: argparse.Namespace) -> None:
     grpc_targets = []
     for i in range(_replicas(args)):
-        grpc_port, http_port = _port(18008 + i), _port(18080 + i)
+        grpc_port, http_port = _port(18008 + i, stack), _port(18080 + i, stack)
+        addr = stack.address(f"foghorn-{i}")
         env = {
+            "FOGHORN_HOST": addr,  # binds and advertises (relay target, ownership records)
             "FOGHORN_GRPC_PORT": str(grpc_port),
             "FOGHORN_HTTP_PORT": str(http_port),
             "FOGHORN_REPLICA_ID": f"foghorn-{i}",
@@ -344,10 +393,10 @@ def foghorn(stack: Stack, args: argparse.Namespace) -> None:
             [PY, "-m", "api_balancing"],
             env,
             port=grpc_port,
-            health_url=f"http://127.0.0.1:{http_port}/health",
+            health_url=f"http://{addr}:{http_port}/health",
         )
-        grpc_targets.append(f"127.0.0.1:{grpc_port}")
-        stack.endpoints.setdefault("foghorn http", []).append(f"http://127.0.0.1:{http_port}")
+        grpc_targets.append(f"{addr}:{grpc_port}")
+        stack.endpoints.setdefault("foghorn http", []).append(f"http://{addr}:{http_port}")
     stack.endpoints["foghorn grpc"] = grpc_targets
     stack.notes.append(
         f"admin CLI:        .venv/bin/foghorn-admin --foghorn {','.join(grpc_targets)} "
@@ -360,8 +409,10 @@ def signalman(stack: Stack, args: argparse.Namespace) -> None:
     b = stack.backends
     targets = []
     for i in range(_replicas(args)):
-        grpc_port, http_port = _port(50070 + i), _port(8070 + i)
+        grpc_port, http_port = _port(50070 + i, stack), _port(8070 + i, stack)
+        addr = stack.address(f"signalman-{i}")
         env = {
+            "SIGNALMAN_HOST": addr,
             "SIGNALMAN_GRPC_PORT": str(grpc_port),
             "SIGNALMAN_HTTP_PORT": str(http_port),
             "SIGNALMAN_REPLICA_ID": f"signalman-{i}",
@@ -381,9 +432,9 @@ def signalman(stack: Stack, args: argparse.Namespace) -> None:
             [PY, "-m", "api_realtime"],
             env,
             port=grpc_port,
-            health_url=f"http://127.0.0.1:{http_port}/health",
+            health_url=f"http://{addr}:{http_port}/health",
         )
-        targets.append(f"127.0.0.1:{grpc_port}")
+        targets.append(f"{addr}:{grpc_port}")
     stack.endpoints["signalman grpc"] = targets
     stack.notes.append(
         f"tail events:      .venv/bin/signalman-tail --targets {','.join(targets)} "
@@ -395,7 +446,8 @@ def signalman(stack: Stack, args: argparse.Namespace) -> None:
 def bridge(stack: Stack, args: argparse.Namespace) -> None:
     urls = []
     for i in range(_replicas(args)):
-        port = _port(8080 + i)
+        port = _port(8080 + i, stack)
+        addr = stack.address(f"bridge-{i}")
         env = {
             "BRIDGE_REDIS_URL": stack.backends.redis_url or "",
             "BRIDGE_FOGHORN_ADDRESSES": ",".join(stack.endpoints.get("foghorn grpc", [])),
@@ -407,12 +459,12 @@ def bridge(stack: Stack, args: argparse.Namespace) -> None:
         add_process(
             stack,
             f"bridge-{i}",
-            [PY, "-m", "api_gateway", "--port", str(port), "--id", f"bridge-{i}"],
+            [PY, "-m", "api_gateway", "--host", addr, "--port", str(port), "--id", f"bridge-{i}"],
             env,
             port=port,
-            health_url=f"http://127.0.0.1:{port}/health",
+            health_url=f"http://{addr}:{port}/health",
         )
-        urls.append(f"http://127.0.0.1:{port}/graphql")
+        urls.append(f"http://{addr}:{port}/graphql")
     stack.endpoints["bridge graphql"] = urls
     stack.notes.append(
         "bridge JWT:       "
@@ -437,9 +489,11 @@ def edge_fleet(stack: Stack, args: argparse.Namespace) -> None:
     proc = PortlessProcess(
         "edge-sim",
         [PY, "-m", "api_balancing.simulator", "--foghorn", ",".join(targets),
-         "--nodes", str(args.nodes), "--token", DEV_TOKEN],
+         "--nodes", str(args.nodes), "--token", DEV_TOKEN,
+         "--media-host", stack.address("nodes")],
         run_dir=stack.run_dir / "edge-sim",
         ready_timeout=60,
+        **stack.on_host("nodes"),
     )  # fmt: skip
     stack.sup.add(Managed("edge-sim", proc, policy=RestartPolicy()))
 
@@ -467,5 +521,6 @@ def viewers(stack: Stack, args: argparse.Namespace) -> None:
          "--bridge", ",".join(bridge or []), "--rate", str(args.viewers)],
         run_dir=stack.run_dir / "viewers",
         env={"BRIDGE_JWT_HS256_SECRET": BRIDGE_JWT_SECRET},
+        **stack.on_host(simhosts.HARNESS_HOST),
     )  # fmt: skip
     stack.sup.add(Managed("viewers", proc, policy=RestartPolicy()))

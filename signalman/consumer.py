@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from pkg.clients.backoff import Backoff
+from pkg.common import history
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from signalman.config import SignalmanConfig
 from signalman.deadletter import attempts_of
@@ -164,7 +166,9 @@ class GroupMember:
                 log.warning("revoke_commit_failed", error=repr(exc)[:200])
             self.assignment.difference_update(revoked)
             for tp in revoked:
-                self.owned.pop(tp, None)
+                gone = self.owned.pop(tp, None)
+                if gone is not None:
+                    self._history(tp, "release", gone.fence)
                 # Read ahead but not processed: not ours to process any more, and nothing is
                 # lost (only processed offsets were committed; the next owner reads from there).
                 self._ahead.pop(tp, None)
@@ -214,6 +218,7 @@ class GroupMember:
         return not failed
 
     async def _own(self, tp: TopicPartition) -> None:
+        sent = time.time()
         fence = 0
         if self.locks is not None:
             fence = await self.locks.acquire_partition(
@@ -227,6 +232,7 @@ class GroupMember:
                 await self.locks.release_partition(tp.topic, tp.partition)
             return
         self.owned[tp] = Owned(max(fence, claimed))
+        self._history(tp, "acquire", self.owned[tp].fence, t_sent=round(sent, 6))
         consumer = self.consumer
         if consumer is not None and tp in consumer.assignment():
             consumer.resume(tp)
@@ -243,6 +249,8 @@ class GroupMember:
         """Stop processing every partition at once (the batch in flight finishes first)."""
         async with self._ownership, self._processing:
             dropped = sorted(tp.partition for tp in self.owned)
+            for tp, owned in self.owned.items():
+                self._history(tp, "lost", owned.fence)
             self.owned.clear()
             self._pause_unowned()
         log.warning("ownership_dropped", reason=reason, partitions=dropped)
@@ -523,6 +531,7 @@ class GroupMember:
             for tp, (_, records) in mine.items() for r in records
         ]  # fmt: skip
         fences = {(tp.topic, tp.partition): owned.fence for tp, (owned, _) in mine.items()}
+        sent_at = time.time() if history.enabled() else 0.0
         try:
             outcomes = await self.processor.handle_batch(batch, fences, fetched_at)
         except Exception as exc:
@@ -540,12 +549,27 @@ class GroupMember:
         if fenced:
             for tp in mine:
                 if (tp.topic, tp.partition) in fenced:
-                    self.owned.pop(tp, None)
+                    gone = self.owned.pop(tp, None)
+                    if gone is not None:
+                        self._history(tp, "lost", gone.fence)
             parts = sorted(p for _, p in fenced)
             raise OwnershipLost(f"partitions {parts} are fenced by a newer owner")
+        if sent_at:
+            appended = {
+                (r.source.topic, r.source.partition)
+                for r, o in zip(batch, outcomes, strict=True)
+                if o.status == "appended"
+            }
+            for tp, (owned, _) in mine.items():
+                if (tp.topic, tp.partition) in appended:
+                    self._history(tp, "write", owned.fence, t_sent=round(sent_at, 6))
         for tp, (owned, records) in mine.items():
             owned.position = offsets[tp] = records[-1].offset + 1
         return True
+
+    def _history(self, tp: TopicPartition, op: str, fence: int, **extra: Any) -> None:
+        history.record("partition", f"{tp.topic}/{tp.partition}", op, fence,
+                       self.cfg.replica_id, **extra)  # fmt: skip
 
     def _schedule_commit(self, offsets: dict[TopicPartition, int]) -> None:
         """Commit in the background, never on the processing path: a slow commit (seen taking

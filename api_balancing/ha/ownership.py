@@ -25,6 +25,7 @@ import structlog
 from api_balancing.model import NodeRecord
 from api_balancing.sessions import SessionRegistry
 from api_balancing.store.redis_store import REDIS_ERRORS, RedisNodeStore
+from pkg.common import history
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.coord import OwnerRecord, Ownership, RefreshOutcome
 
@@ -102,6 +103,7 @@ class NodeOwnership:
         """Own the node's stream; returns the fence its writes carry."""
         current = self._store.get(node_id)
         seen = current.owner_fence if current else 0
+        sent = history.now()
         try:
             result = await self._owners.acquire(
                 node_id, self.replica_id, self.address, at_least=seen
@@ -115,6 +117,9 @@ class NodeOwnership:
         if not result.ok or result.record is None:  # only after a counter anomaly
             raise RuntimeError(f"ownership of {node_id!r} not acquired: {result.record}")
         self._held[node_id] = Held(result.record, refreshed_at=self._clock.monotonic())
+        history.record(
+            "ownership", node_id, "acquire", result.record.fence, self.replica_id, t_sent=sent
+        )
         return result.record.fence
 
     def fresh(self, node_id: str) -> bool:
@@ -160,12 +165,16 @@ class NodeOwnership:
         ):
             self._lose(node_id, f"owned by {current.replica} since the outage")
             return False
+        sent = history.now()
         result = await self._owners.acquire(
             node_id, self.replica_id, self.address, at_least=held.record.fence
         )
         if result.record is None or not result.ok:
             return False
         self._held[node_id] = Held(result.record, refreshed_at=self._clock.monotonic())
+        history.record(
+            "ownership", node_id, "acquire", result.record.fence, self.replica_id, t_sent=sent
+        )
         log.info("provisional ownership confirmed", node_id=node_id, fence=result.record.fence)
         return True
 
@@ -174,6 +183,7 @@ class NodeOwnership:
         held = self._held.pop(node_id, None)
         if held is None or held.provisional:
             return
+        history.record("ownership", node_id, "release", held.record.fence, self.replica_id)
         try:
             await self._owners.release(node_id, held.record)
         except REDIS_ERRORS:
@@ -208,8 +218,11 @@ class NodeOwnership:
             self._lose(node_id, f"taken over by {record.owner} (fence {record.owner_fence})")
 
     def _lose(self, node_id: str, why: str) -> None:
-        if self._held.pop(node_id, None) is None:
+        held = self._held.pop(node_id, None)
+        if held is None:
             return
+        if not held.provisional:
+            history.record("ownership", node_id, "lost", held.record.fence, self.replica_id)
         self.takeovers += 1
         log.warning("node ownership lost: closing its stream", node_id=node_id, reason=why)
         session = self._sessions.get(node_id)

@@ -17,6 +17,7 @@ dirty; the sync loop reconnects, re-converges (tail-first rehydration) and re-pu
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -34,7 +35,7 @@ from api_balancing.model import NodeRecord, evolve
 from api_balancing.store import redis_codec
 from api_balancing.store.base import StaleWriteError, StoreListener
 from api_balancing.store.staging import NodeWrites, StagingCounters
-from pkg.common import redisconn
+from pkg.common import history, redisconn
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.coord import Announce, Entry, FencedHash, FencedWriteRejected, PutBatch, Watermarks
 
@@ -491,6 +492,7 @@ class RedisNodeStore:
         self, batch: PutBatch, sent: list[tuple[str, NodeRecord]], touches: list[bool]
     ) -> None:
         writes = self._writes
+        sent_at = time.time() if history.enabled() else 0.0
         try:
             async with asyncio.timeout(self.settings.op_timeout_s * 2):  # no task per batch
                 outcome = await self._fenced.put_batch(batch)
@@ -518,6 +520,9 @@ class RedisNodeStore:
                 continue
             if touches[i]:
                 self._touch_outcome(node_id, not untouched or i not in untouched)
+            if sent_at and record.owner == self.settings.replica_id and record.owner_fence:
+                history.record("ownership", node_id, "write", record.owner_fence, record.owner,
+                               t_sent=round(sent_at, 6))  # fmt: skip
             writes.finish(node_id)
 
     def _refused(self, node_id: str, record: NodeRecord, refusal: FencedWriteRejected) -> None:

@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from pkg.common import history
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.coord.era import ERA_KEY, ERA_LUA
 from pkg.coord.scripts import DELETE_IF_EQUALS, EXPIRE_IF_EQUALS
@@ -173,6 +174,7 @@ class LeaderLease:
             await self._step_down("renewal answered too late")
             return False
         self._valid_until = sent + self.ttl_s - self.safety_s
+        self._record("renew", state.epoch)
         return True
 
     async def release(self) -> bool:
@@ -181,6 +183,7 @@ class LeaderLease:
         if state is None:
             return False
         self._state = None
+        self._record("release", state.epoch)
         try:
             released = int(await self._release(keys=[self.key], args=[state.encode()])) == 1
         finally:
@@ -191,6 +194,7 @@ class LeaderLease:
     async def _become(self, state: LeaseState, sent: float) -> None:
         self._state = state
         self._valid_until = sent + self.ttl_s - self.safety_s
+        self._record("acquire", state.epoch, t_sent=history.wall_of(sent, self._clock.monotonic()))
         log.info("lease acquired", key=self.key, holder=self.holder, epoch=state.epoch)
         await self._notify(state)
 
@@ -198,8 +202,15 @@ class LeaderLease:
         state = self._state
         self._state = None
         if state is not None:
+            self._record("lost", state.epoch)
             log.warning("lease lost", key=self.key, epoch=state.epoch, reason=reason)
             await self._notify(None)
+
+    def _record(self, op: str, epoch: int, **extra: float) -> None:
+        # The term as this holder sees it ends at valid_until even if nothing is logged then
+        # (is_leader() just turns false): the checker reads the end from here.
+        valid_until = history.wall_of(self._valid_until, self._clock.monotonic())
+        history.record("lease", self.key, op, epoch, self.holder, valid_until=valid_until, **extra)
 
     async def _notify(self, state: LeaseState | None) -> None:
         if self._on_change is None:

@@ -153,6 +153,19 @@ def node_clients() -> Path:
     return modules
 
 
+def nft_binary() -> Path:
+    """Path of ``nft`` (Debian's nftables): the partition faults of ``--hosts`` drills."""
+    found = shutil.which("nft") or (
+        Path("/usr/sbin/nft") if Path("/usr/sbin/nft").exists() else None
+    )
+    if found:
+        return Path(found)
+    _apt_install("nftables")
+    if not Path("/usr/sbin/nft").exists():
+        raise InstallError("nftables installed but /usr/sbin/nft is missing")
+    return Path("/usr/sbin/nft")
+
+
 def ensure_all() -> dict[str, Path]:
     """Install (if needed) and locate every server; returns their paths for display.
 

@@ -1,8 +1,12 @@
-"""Real server processes on 127.0.0.1: Redis, PostgreSQL and the Kafka-compatible broker tansu.
+"""Real server processes: Redis, PostgreSQL and the Kafka-compatible broker tansu.
 
 Used by ``./dev up`` and by the test fixtures. Each server runs in its own process group under a
 run directory; it is stopped, killed, paused (SIGSTOP) and resumed by its own pid/pgid, never by
 name. ``restart()`` brings it back on the same port, which is what failure drills need.
+
+A server listens on ``host`` (127.0.0.1 unless told otherwise) and, given ``exec_prefix`` (e.g.
+``nsenter --net=/run/netns/NAME --``, see ``devtools.hosts``), runs inside another network
+namespace: it then binds and advertises that host's address.
 """
 
 from __future__ import annotations
@@ -48,9 +52,18 @@ class ServerProcess:
     name = "server"
     ready_timeout = 20.0
 
-    def __init__(self, run_dir: Path | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path | None = None,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        exec_prefix: Sequence[str] = (),
+    ) -> None:
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"{self.name}-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.exec_prefix = list(exec_prefix)
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.run_dir / f"{self.name}.log"
@@ -67,7 +80,7 @@ class ServerProcess:
         """One-time setup before the first start (data directories)."""
 
     def is_ready(self) -> bool:
-        return port_open(self.port)
+        return port_open(self.port, self.host)
 
     def cleanup(self) -> None:
         """Remove data kept outside ``run_dir`` (after ``stop``)."""
@@ -89,7 +102,7 @@ class ServerProcess:
         log = self.log_path.open("ab")
         try:
             self.proc = subprocess.Popen(
-                list(self.command()),
+                [*self.exec_prefix, *self.command()],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -175,7 +188,7 @@ class RedisServer(ServerProcess):
         return [
             str(install.redis_server_binary()),
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", self.host,
             "--save", "",
             "--appendonly", "no",
             "--protected-mode", "no",
@@ -185,11 +198,11 @@ class RedisServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def is_ready(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
@@ -486,8 +499,15 @@ class PostgresServer(ServerProcess):
     name = "postgres"
     ready_timeout = 30.0
 
-    def __init__(self, run_dir: Path | None = None, port: int | None = None) -> None:
-        super().__init__(run_dir=run_dir, port=port)
+    def __init__(
+        self,
+        run_dir: Path | None = None,
+        port: int | None = None,
+        *,
+        host: str = "127.0.0.1",
+        exec_prefix: Sequence[str] = (),
+    ) -> None:
+        super().__init__(run_dir=run_dir, port=port, host=host, exec_prefix=exec_prefix)
         # The postgres user must reach its data and socket directories; test and run dirs are
         # often private to root (0700), so the cluster lives in its own world-traversable dir.
         self.pg_dir = Path(tempfile.mkdtemp(prefix="pg-"))
@@ -521,6 +541,11 @@ class PostgresServer(ServerProcess):
             cwd=self.pg_dir,
             **kwargs,
         )  # fmt: skip
+        if self.host != "127.0.0.1":
+            # initdb trusts loopback only; on a simulated host clients come from the host's own
+            # subnet ("samenet": the /24 of its one interface, nothing beyond it).
+            with (self.data_dir / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all samenet trust\n")
 
     def command(self) -> Sequence[str]:
         # As root, ``setpriv`` switches to the postgres user after the exec. Switching in Python
@@ -537,7 +562,7 @@ class PostgresServer(ServerProcess):
             "-D", str(self.data_dir),
             "-p", str(self.port),
             "-k", str(self.pg_dir),
-            "-c", "listen_addresses=127.0.0.1",
+            "-c", f"listen_addresses={self.host}",
             "-c", "fsync=off",
             "-c", "synchronous_commit=off",
             "-c", "full_page_writes=off",
@@ -552,10 +577,10 @@ class PostgresServer(ServerProcess):
         shutil.rmtree(self.pg_dir, ignore_errors=True)
 
     def is_ready(self) -> bool:
-        if not port_open(self.port):
+        if not port_open(self.port, self.host):
             return False
         result = subprocess.run(
-            [str(install.postgres_bin_dir() / "pg_isready"), "-h", "127.0.0.1",
+            [str(install.postgres_bin_dir() / "pg_isready"), "-h", self.host,
              "-p", str(self.port), "-U", "postgres", "-q"],
             check=False,
         )  # fmt: skip
@@ -563,7 +588,7 @@ class PostgresServer(ServerProcess):
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
 
 
 class PostgresStandby(PostgresServer):
@@ -634,7 +659,7 @@ class KafkaBroker(ServerProcess):
     name = "tansu"
 
     def command(self) -> Sequence[str]:
-        url = f"tcp://127.0.0.1:{self.port}"
+        url = f"tcp://{self.host}:{self.port}"
         return [
             str(install.tansu_binary()),
             "broker",
@@ -648,7 +673,7 @@ class KafkaBroker(ServerProcess):
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 def remove_run_dir(server: ServerProcess) -> None:
@@ -672,10 +697,13 @@ class CommandProcess(ServerProcess):
         env: dict[str, str] | None = None,
         ready_port: int | None = None,
         ready_timeout: float = 30.0,
+        *,
+        host: str = "127.0.0.1",
+        exec_prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.ready_timeout = ready_timeout
-        super().__init__(run_dir=run_dir, port=port)
+        super().__init__(run_dir=run_dir, port=port, host=host, exec_prefix=exec_prefix)
         self._command = [part.replace("{port}", str(self.port)) for part in command]
         self._env = env or {}
         self.ready_port = ready_port or self.port
@@ -687,4 +715,4 @@ class CommandProcess(ServerProcess):
         return {"env": {**os.environ, "PYTHONUNBUFFERED": "1", **self._env}}
 
     def is_ready(self) -> bool:
-        return port_open(self.ready_port)
+        return port_open(self.ready_port, self.host)

@@ -1,0 +1,61 @@
+"""One partition drill end to end, as ``./dev drill NAME --short --hosts`` runs it.
+
+A subprocess, like an operator's run: it creates the namespaces, starts the platform on its
+hosts, cuts the leading Foghorn replica from Redis under traffic, heals, runs the history
+checker, writes its JSON and removes every namespace. The finalizer removes the namespaces
+itself if the run was killed half-way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devtools import hosts
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.failure,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root (CI is root)"),
+]
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAN = hosts.HostPlan(prefix="hapd", subnet="10.213.9.0/24")
+
+
+@pytest.fixture
+def drill_env() -> Iterator[dict[str, str]]:
+    env = dict(os.environ, DEV_HOSTS_PREFIX=PLAN.prefix, DEV_HOSTS_SUBNET=PLAN.subnet)
+    env.pop("DEV_HOSTS_INSIDE", None)
+    try:
+        yield env
+    finally:
+        hosts.Hosts(PLAN).teardown()  # only matters when the run was killed
+        assert hosts.leftovers(PLAN) == []
+
+
+def test_leader_cut_from_redis_keeps_routing_and_the_history_clean(
+    drill_env: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "drills.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "devtools", "drill", "partition-foghorn-redis", "--short",
+         "--hosts", "--json", str(out)],
+        check=False, cwd=ROOT, env=drill_env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    row = json.loads(out.read_text())["drills"]["partition-foghorn-redis"]
+    why = json.dumps({k: row[k] for k in ("problems", "facts", "errors_sample")})[:4000]
+    assert row["requests"] > 50 and row["failed_requests"] == 0, why
+    assert [p["action"] for p in row["facts"]["partition"]] == ["cut", "heal"], why
+    assert row["facts"]["checker"]["clean"] and row["facts"]["checker"]["records"] > 0, why
+    assert row["detect_s"] is not None, why  # the victim said degraded
+    assert row["ok"], why
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert hosts.leftovers(PLAN) == []
