@@ -27,9 +27,9 @@ T = TypeVar("T")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
-# Settings shared by every service (read by pkg.common.auth).
+# Settings shared by every service (read by pkg.common.auth and pkg.common.history).
 PLATFORM_PREFIX = "PLATFORM"
-PLATFORM_SETTINGS = frozenset({"PLATFORM_TOKENS"})
+PLATFORM_SETTINGS = frozenset({"PLATFORM_TOKENS", "PLATFORM_HISTORY"})
 
 
 class ConfigError(ValueError):
