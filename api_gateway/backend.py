@@ -46,13 +46,12 @@ class RouteQuery:
     protocol: str = ""
     max_fallbacks: int = 3
 
-    def cache_key(self) -> str:
+    def key_parts(self) -> tuple[str | int | None, ...]:
+        """What identifies the answer, for a cache key (``service.cache_key`` encodes it)."""
         # Locations are rounded to ~1 km: viewers that close get the same answer from the cache.
-        lat = "" if self.latitude is None else f"{self.latitude:.2f}"
-        lon = "" if self.longitude is None else f"{self.longitude:.2f}"
-        return "|".join(
-            (self.content_id, lat, lon, self.viewer_ip, self.protocol, str(self.max_fallbacks))
-        )
+        lat = None if self.latitude is None else f"{self.latitude:.2f}"
+        lon = None if self.longitude is None else f"{self.longitude:.2f}"
+        return (self.content_id, lat, lon, self.viewer_ip, self.protocol, self.max_fallbacks)
 
 
 class FleetBackend(Protocol):

@@ -21,6 +21,10 @@ NO_ELIGIBLE_NODE = "NO_ELIGIBLE_NODE"
 BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
 BACKEND_TIMEOUT = "BACKEND_TIMEOUT"
 SUBSCRIPTIONS_UNAVAILABLE = "SUBSCRIPTIONS_UNAVAILABLE"
+SUBSCRIPTION_LIMIT = "SUBSCRIPTION_LIMIT"
+NOT_ACCEPTABLE = "NOT_ACCEPTABLE"
+OPERATION_NAME_REQUIRED = "OPERATION_NAME_REQUIRED"
+TOKEN_EXPIRED = "TOKEN_EXPIRED"
 INTERNAL = "INTERNAL_SERVER_ERROR"
 
 
@@ -33,13 +37,16 @@ class ApiError(GraphQLError):
 
 
 def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    """A GraphQL-shaped body for errors answered before GraphQL runs (401, 413, 429, 400)."""
-    return {"data": None, "errors": [{"message": message, "extensions": {"code": code, **extra}}]}
+    """A GraphQL-shaped body for errors answered before GraphQL runs (401, 406, 413, 429, 400):
+    no ``data`` entry, because execution never started (GraphQL spec, "Response Format")."""
+    return {"errors": [{"message": message, "extensions": {"code": code, **extra}}]}
 
 
 def classify(error: GraphQLError) -> str:
     """The code of an error raised by GraphQL itself (parse, validation, variables, limits)."""
     msg = error.message
+    if msg.startswith("Must provide operation name"):
+        return OPERATION_NAME_REQUIRED
     if "tokens. Parsing aborted" in msg or "aliases found. Allowed" in msg:
         return QUERY_TOO_LARGE
     if msg.startswith("Syntax Error"):

@@ -29,6 +29,7 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.types import ExecutionResult
+from strawberry.types.execution import PreExecutionError
 
 from api_gateway import errors
 from api_gateway.auth import AuthError, JwtAuthenticator, is_anonymous
@@ -96,20 +97,73 @@ class RequestGuard:
         return await self.limiter.check(f"tenant:{principal.tenant}", limits.requests)
 
 
+def retry_after_s(d: Decision) -> int:
+    """Whole seconds until a refused request may succeed (at least 1)."""
+    return max(1, d.retry_after_s)
+
+
 def rate_headers(d: Decision) -> dict[str, str]:
+    """``X-RateLimit-Reset`` is the seconds until the bucket is full again; on a refusal it is
+    the seconds until the next request may pass, the same figure as ``Retry-After``."""
     headers = {
         "X-RateLimit-Limit": str(d.limit),
         "X-RateLimit-Remaining": str(d.remaining),
         "X-RateLimit-Reset": str(d.reset_s),
     }
     if not d.allowed:
-        headers["Retry-After"] = str(max(1, d.retry_after_s))
+        headers["Retry-After"] = headers["X-RateLimit-Reset"] = str(retry_after_s(d))
     return headers
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+# GraphQL over HTTP (the GraphQL Foundation's spec): the response media types.
+JSON = "application/json"
+GRAPHQL_RESPONSE = "application/graphql-response+json"
+
+
+def negotiate(accept: str | None) -> str | None:
+    """The media type to answer with, from an ``Accept`` header; None when nothing we serve is
+    acceptable (406). No header: ``application/json`` (what clients predating the spec expect);
+    wildcards: ``application/json``; equal weights favour ``application/graphql-response+json``.
+    """
+    if accept is None or not accept.strip():
+        return JSON
+    best: tuple[float, int, str] | None = None
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media = media.lower()
+        if media == GRAPHQL_RESPONSE:
+            choice = (q, 2, GRAPHQL_RESPONSE)
+        elif media in (JSON, "application/*", "*/*"):
+            choice = (q, 1, JSON)
+        else:
+            continue
+        if q > 0 and (best is None or choice[:2] > best[:2]):
+            best = choice
+    return best[2] if best else None
+
+
+def _error(
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    media: str = JSON,
+) -> Response:
     _count_response(status, code)
-    return JSONResponse(errors.error_body(code, message), status_code=status, headers=headers)
+    return JSONResponse(
+        errors.error_body(code, message),
+        status_code=status,
+        headers=headers,
+        media_type=f"{media}; charset=utf-8" if media == GRAPHQL_RESPONSE else media,
+    )
 
 
 def format_error(error: GraphQLError) -> dict[str, Any]:
@@ -180,7 +234,13 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         return await super().on_ws_connect(context)
 
     async def process_result(self, request: Any, result: ExecutionResult) -> Any:
-        body: dict[str, Any] = {"data": result.data}
+        body: dict[str, Any] = {}
+        if isinstance(result, PreExecutionError):
+            # A request error: execution never started, so the response has no "data" entry,
+            # and the graphql-response+json media type answers it with a 4xx.
+            request.scope["bridge.request_error"] = True
+        else:
+            body["data"] = result.data
         if result.errors:
             body["errors"] = [format_error(e) for e in result.errors]
         if result.extensions:
@@ -233,6 +293,13 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
             and "query" not in request.query_params
         ):
             return await self.render_graphql_ide(request)
+        media = negotiate(request.headers.get("accept"))
+        if media is None:
+            return _error(
+                406,
+                errors.NOT_ACCEPTABLE,
+                f"cannot answer with any type in Accept; use {GRAPHQL_RESPONSE} or {JSON}",
+            )
         try:
             principal = self.guard.auth.authenticate(request.headers.get("authorization"))
         except AuthError as exc:
@@ -240,7 +307,8 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
                 401,
                 errors.UNAUTHENTICATED,
                 str(exc),
-                {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc}"'},
+                media,
             )
         decision = await self.guard.admit(principal, self.guard.client_ip(request))
         headers = rate_headers(decision)
@@ -250,6 +318,7 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
                 errors.RATE_LIMITED,
                 f"rate limit exceeded: retry after {headers['Retry-After']} s",
                 headers,
+                media,
             )
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.limits.max_body_bytes:
@@ -258,6 +327,7 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
                 errors.PAYLOAD_TOO_LARGE,
                 f"body larger than {self.limits.max_body_bytes} bytes",
                 headers,
+                media,
             )
         scope["bridge.principal"] = principal
         limited = Request(scope, _limit_body(receive, self.limits.max_body_bytes))
@@ -265,17 +335,27 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
             response = await self.run(limited)
         except HTTPException as exc:
             code = errors.PAYLOAD_TOO_LARGE if exc.status_code == 413 else errors.BAD_REQUEST
-            return _error(exc.status_code, code, exc.reason, headers)
+            return _error(exc.status_code, code, exc.reason, headers, media)
         except _BodyTooLarge:
             return _error(
                 413,
                 errors.PAYLOAD_TOO_LARGE,
                 f"body larger than {self.limits.max_body_bytes} bytes",
                 headers,
+                media,
             )
         except (UnicodeDecodeError, ValueError) as exc:
-            return _error(400, errors.BAD_REQUEST, f"unreadable request: {exc.__class__.__name__}")
+            return _error(
+                400,
+                errors.BAD_REQUEST,
+                f"unreadable request: {exc.__class__.__name__}",
+                media=media,
+            )
         response.headers.update(headers)
+        if media == GRAPHQL_RESPONSE and response.media_type == JSON:
+            response.headers["content-type"] = f"{GRAPHQL_RESPONSE}; charset=utf-8"
+            if scope.get("bridge.request_error") and response.status_code == 200:
+                response.status_code = 400
         _count_response(response.status_code, "OK")
         return response
 

@@ -1,23 +1,25 @@
 """The GraphQL schema (Strawberry): types, and resolvers that delegate to ``service.Gateway``.
 
 Public without a token: ``route`` and ``me``. Everything else needs a bearer token with a tenant;
-``setNodeMode`` and ``invalidateCache`` need the ``admin`` role. Byte and bit-rate counts are
-Floats because GraphQL's Int is 32-bit.
+the fleet, ``explainRoute`` and ``setNodeMode`` need ``operator`` (see ``service``). Byte and
+bit-rate counts are Floats because GraphQL's Int is 32-bit.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from enum import Enum
 from typing import Any
 
 import strawberry
+from graphql import GraphQLError, OperationDefinitionNode
 from strawberry.extensions import (
     AddValidationRules,
     MaxAliasesLimiter,
     MaxTokensLimiter,
     ParserCache,
     QueryDepthLimiter,
+    SchemaExtension,
     ValidationCache,
 )
 from strawberry.types import Info
@@ -282,7 +284,7 @@ class Query:
 
 @strawberry.type
 class Mutation:
-    @strawberry.mutation(description="Set a node's operational mode (admin role).")  # type: ignore[untyped-decorator]
+    @strawberry.mutation(description="Set a node's operational mode (operator role).")  # type: ignore[untyped-decorator]
     async def set_node_mode(
         self, info: Info[Any, Any], node_id: strawberry.ID, mode: NodeMode, reason: str = ""
     ) -> SetModeResult:
@@ -295,7 +297,7 @@ class Mutation:
             message=r.get("message", ""),
         )
 
-    @strawberry.mutation(description="Invalidate cached answers by tenant and/or tag (admin).")  # type: ignore[untyped-decorator]
+    @strawberry.mutation(description="Invalidate cached answers (admin: own tenant; operator: any)")  # type: ignore[untyped-decorator]
     async def invalidate_cache(
         self, info: Info[Any, Any], tenant: str | None = None, tags: list[str] | None = None
     ) -> list[str]:
@@ -310,6 +312,30 @@ class Subscription:
     ) -> AsyncGenerator[TenantEvent, None]:
         async for event in _gateway(info).tenant_events(_principal(info), channels):
             yield TenantEvent(**event)
+
+
+class OperationNameRequired(SchemaExtension):
+    """A document with several operations needs ``operationName`` (GraphQL spec, GetOperation).
+
+    Strawberry takes the first operation's name when none is given, so the first one ran. The
+    check sits before validation: setting the errors there skips validation and answers them as
+    a request error (execution never starts), on HTTP and WebSocket alike.
+    """
+
+    def on_validate(self) -> Iterator[None]:
+        ctx = self.execution_context
+        document = ctx.graphql_document
+        if document is not None and getattr(ctx, "_provided_operation_name", None) is None:
+            operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+            if len(operations) > 1:
+                ctx.pre_execution_errors = [
+                    *(ctx.pre_execution_errors or []),
+                    GraphQLError(
+                        "Must provide operation name if query contains multiple operations.",
+                        extensions={"code": "OPERATION_NAME_REQUIRED"},
+                    ),
+                ]
+        yield
 
 
 class BridgeSchema(strawberry.Schema):
@@ -343,5 +369,7 @@ def build_schema(
             # Strawberry shares these LRU caches across instances of the same size.
             lambda: ParserCache(maxsize=512),
             lambda: ValidationCache(maxsize=512),
+            # After the validation cache, which overwrites the errors it finds with its own.
+            OperationNameRequired,
         ],
     )

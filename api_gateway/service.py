@@ -3,18 +3,26 @@
 Resolvers call these methods; they check the caller's rights, go through the shared response
 cache and translate backend failures into ``ApiError`` with stable codes.
 
-Cache keys and tags (see docs/rfcs/bridge-state.md):
+Who may do what (JWT ``roles``; docs/graphql-http.md): ``route`` and ``me`` are public;
+``tenantEvents`` needs a tenant; the fleet (``nodes``, ``node``: addresses and load),
+``explainRoute`` and ``setNodeMode`` need ``operator`` (the platform operator scope); a tenant's
+``admin`` may invalidate its own tenant's cached answers only, ``operator`` any tag.
 
-- ``route:{tenant}:{query}``  tags ``routing``, ``tenant:{tenant}``   (route TTL, short)
-- ``explain:{query}``         tags ``routing``                        (route TTL)
-- ``nodes:{mode}:{connected}`` tags ``nodes``                         (cache TTL)
-- ``node:{id}``               tags ``nodes``, ``node:{id}``           (cache TTL; negative)
+Cache keys and tags (see docs/rfcs/bridge-state.md). A key is a kind followed by the JSON array
+of its parts, so no choice of tenant, content id or any other argument can make two different
+requests share a key:
+
+- ``route:["acme","live/1",...]``  tags ``routing``, ``tenant:{tenant}`` or ``anonymous``
+- ``explain:[...]``                tags ``routing``                        (route TTL)
+- ``nodes:["ALL",0]``              tags ``nodes``                          (cache TTL)
+- ``node:["n1"]``                  tags ``nodes``, ``node:{id}``           (cache TTL; negative)
 
 ``setNodeMode`` invalidates ``nodes``, ``node:{id}`` and ``routing`` on every replica.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -37,7 +45,13 @@ _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _CONTENT = re.compile(r"^[A-Za-z0-9._:/-]{1,256}$")
 _TAG = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _CHANNEL = re.compile(r"^[A-Za-z0-9._:*-]{1,128}$")
-ADMIN_ROLE = "admin"
+ADMIN_ROLE = "admin"  # a tenant's administrator (of that tenant only)
+OPERATOR_ROLE = "operator"  # the platform operator: the fleet, routing internals, every cache
+
+
+def cache_key(kind: str, *parts: object) -> str:
+    """``kind:`` + the JSON array of ``parts``: injective, whatever characters the parts hold."""
+    return f"{kind}:{json.dumps(parts, separators=(',', ':'))}"
 
 
 def require_tenant(principal: Principal) -> str:
@@ -46,10 +60,10 @@ def require_tenant(principal: Principal) -> str:
     return principal.tenant
 
 
-def require_admin(principal: Principal) -> str:
+def require_operator(principal: Principal, what: str) -> str:
     tenant = require_tenant(principal)
-    if not principal.has_role(ADMIN_ROLE):
-        raise ApiError(errors.FORBIDDEN, f"this mutation needs the {ADMIN_ROLE!r} role")
+    if not principal.has_role(OPERATOR_ROLE):
+        raise ApiError(errors.FORBIDDEN, f"{what} needs the {OPERATOR_ROLE!r} role")
     return tenant
 
 
@@ -88,20 +102,20 @@ class Gateway:
     async def route(self, principal: Principal, query: RouteQuery) -> Json:
         """Best node (plus fallbacks) for a viewer: public, cached per tenant."""
         self._check_route(query)
-        tenant = principal.tenant or "anonymous"
+        tenant = None if is_anonymous(principal) else principal.tenant
         result = await self._cached(
-            f"route:{tenant}:{query.cache_key()}",
+            cache_key("route", tenant, *query.key_parts()),
             lambda: self.fleet.route_viewer(query),
-            ["routing", f"tenant:{tenant}"],
+            ["routing", f"tenant:{tenant}" if tenant else "anonymous"],
             self.route_policy,
         )
         return dict(result.value)
 
     async def explain(self, principal: Principal, query: RouteQuery) -> Json:
-        require_tenant(principal)
+        require_operator(principal, "explainRoute")
         self._check_route(query)
         result = await self._cached(
-            f"explain:{query.cache_key()}",
+            cache_key("explain", *query.key_parts()),
             lambda: self.fleet.explain_route(query),
             ["routing"],
             self.route_policy,
@@ -111,9 +125,9 @@ class Gateway:
     async def nodes(
         self, principal: Principal, mode: str | None, connected_only: bool
     ) -> list[Json]:
-        require_tenant(principal)
+        require_operator(principal, "the fleet listing")
         result = await self._cached(
-            f"nodes:{mode or 'ALL'}:{int(connected_only)}",
+            cache_key("nodes", mode or "ALL", int(connected_only)),
             lambda: self.fleet.list_nodes(mode, connected_only),
             ["nodes"],
         )
@@ -121,11 +135,11 @@ class Gateway:
 
     async def node(self, principal: Principal, node_id: str) -> Json | None:
         """One node, or None when Foghorn says it does not exist (cached negatively)."""
-        require_tenant(principal)
+        require_operator(principal, "node")
         if not _ID.match(node_id):
             raise ApiError(errors.BAD_USER_INPUT, "id: 1..128 chars of [A-Za-z0-9._:-]", field="id")
         result = await self._cached(
-            f"node:{node_id}",
+            cache_key("node", node_id),
             lambda: self.fleet.get_node(node_id),
             ["nodes", f"node:{node_id}"],
         )
@@ -134,8 +148,8 @@ class Gateway:
     async def set_node_mode(
         self, principal: Principal, node_id: str, mode: str, reason: str
     ) -> Json:
-        """Admin only. The change is visible through every replica's cache at once."""
-        require_admin(principal)
+        """Operator only. The change is visible through every replica's cache at once."""
+        require_operator(principal, "setNodeMode")
         if not _ID.match(node_id):
             raise ApiError(
                 errors.BAD_USER_INPUT, "nodeId: 1..128 chars of [A-Za-z0-9._:-]", field="nodeId"
@@ -154,14 +168,33 @@ class Gateway:
     async def invalidate(
         self, principal: Principal, tenant: str | None, tags: Sequence[str]
     ) -> list[str]:
-        """Admin only: invalidate a tenant's entries and/or named tags on every replica."""
-        require_admin(principal)
-        all_tags = list(tags) + ([f"tenant:{tenant}"] if tenant else [])
+        """Invalidate a tenant's entries and/or named tags on every replica.
+
+        ``operator``: any tenant, any tag. A tenant's ``admin``: its own tenant only (the
+        ``tenant`` argument, or the tag ``tenant:<own>``); global tags and other tenants are
+        refused before anything is invalidated.
+        """
+        own = require_tenant(principal)
+        all_tags = list(dict.fromkeys([*tags, *([f"tenant:{tenant}"] if tenant else [])]))
         if not all_tags:
             raise ApiError(errors.BAD_USER_INPUT, "give a tenant or at least one tag")
         for tag in all_tags:
             if not _TAG.match(tag):
                 raise ApiError(errors.BAD_USER_INPUT, f"bad tag {tag[:64]!r}", field="tags")
+        if not principal.has_role(OPERATOR_ROLE):
+            if not principal.has_role(ADMIN_ROLE):
+                raise ApiError(
+                    errors.FORBIDDEN,
+                    f"invalidateCache needs the {ADMIN_ROLE!r} role (own tenant) "
+                    f"or {OPERATOR_ROLE!r}",
+                )
+            foreign = [t for t in all_tags if t != f"tenant:{own}"]
+            if foreign:
+                raise ApiError(
+                    errors.FORBIDDEN,
+                    f"a tenant admin may invalidate only tenant:{own}; "
+                    f"{foreign[0][:64]!r} needs the {OPERATOR_ROLE!r} role",
+                )
         await self._invalidate(all_tags)
         return all_tags
 

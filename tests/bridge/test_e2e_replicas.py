@@ -71,7 +71,7 @@ async def test_set_node_mode_on_one_replica_is_seen_by_the_other_at_once(
     redis_server, foghorn, start_bridges, prefix
 ):
     a, b = start_bridges(bridge_env(redis_server.url, prefix, foghorn.grpc_port))
-    viewer, admin = token("acme"), token("acme", ["admin"])
+    viewer, admin = token("acme", ["operator"]), token("acme", ["operator"])
     async with http_client() as client, edge_nodes(foghorn.grpc_port, ["n1", "n2"]):
         assert await wait_for(lambda: _routes_ok(client, a, viewer, 2), 30), _last_seen
         first = await gql(client, b, NODE_Q, {"id": "n1"}, viewer)
@@ -88,7 +88,7 @@ async def test_an_unknown_node_is_null_on_both_replicas(
     redis_server, foghorn, start_bridges, prefix
 ):
     a, b = start_bridges(bridge_env(redis_server.url, prefix, foghorn.grpc_port))
-    viewer = token("acme")
+    viewer = token("acme", ["operator"])
     async with http_client() as client:
         for port in (a, b, a):
             r = await gql(client, port, NODE_Q, {"id": "ghost"}, viewer)
@@ -165,7 +165,7 @@ async def test_foghorn_down_answers_fast_errors_or_stale_cache(
         BRIDGE_ROUTE_CACHE_TTL_S="0.5", BRIDGE_BACKEND_TIMEOUT_S="1.0",
     )  # fmt: skip
     ports = start_bridges(env)
-    tok = token("acme")
+    tok = token("acme", ["operator"])
     async with http_client() as client, edge_nodes(foghorn.grpc_port, ["n1"]):
         assert await wait_for(lambda: _routes_ok(client, ports[0], tok), 30), _last_seen
         nodes = await gql(client, ports[0], "{ nodes { id } }", None, tok)
@@ -238,7 +238,7 @@ async def test_every_query_answers_from_a_real_foghorn(
     env = bridge_env(redis_server.url, prefix, foghorn.grpc_port, BRIDGE_CACHE_TTL_S="0.2",
                      BRIDGE_ROUTE_CACHE_TTL_S="0.2")  # fmt: skip
     (port,) = start_bridges(env, count=1)
-    viewer, admin = token("acme"), token("acme", ["admin"])
+    viewer, admin = token("acme", ["operator"]), token("acme", ["operator"])
     q = """query($c: String!) {
       nodes { id mode connected stale region latitude capacity load { cpuPercent ramMaxBytes } }
       node(id: "n2") { id baseUrl capabilities roles ownerReplica lastReportAgeS }

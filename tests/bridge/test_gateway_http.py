@@ -68,36 +68,39 @@ def test_anonymous_callers_get_no_private_fields(client):
 
 
 def test_a_token_gives_the_tenant_and_roles(client):
-    resp = gql(client, "{ me { anonymous tenant roles } nodes { id } }", tok=token("acme", ["ops"]))
+    resp = gql(
+        client, "{ me { anonymous tenant roles } nodes { id } }", tok=token("acme", ["operator"])
+    )
     data = resp.json()["data"]
-    assert data["me"] == {"anonymous": False, "tenant": "acme", "roles": ["ops"]}
+    assert data["me"] == {"anonymous": False, "tenant": "acme", "roles": ["operator"]}
     assert sorted(n["id"] for n in data["nodes"]) == ["n1", "n2"]
 
 
 def test_repeated_queries_are_served_from_the_cache(client):
-    tok = token()
+    tok = token(roles=["operator"])
     for _ in range(3):
         assert gql(client, NODE_Q, {"id": "n1"}, tok=tok).json()["data"]["node"]["id"] == "n1"
     assert client.fleet.calls["get_node"] == 1
 
 
 def test_an_unknown_node_is_null_and_cached_negatively(client):
-    tok = token()
+    tok = token(roles=["operator"])
     for _ in range(3):
         resp = gql(client, NODE_Q, {"id": "ghost"}, tok=tok)
         assert resp.json() == {"data": {"node": None}}
     assert client.fleet.calls["get_node"] == 1
 
 
-def test_set_node_mode_needs_the_admin_role(client):
+def test_set_node_mode_needs_the_operator_role(client):
     m = 'mutation { setNodeMode(nodeId: "n1", mode: DRAINING) { ok node { mode } } }'
     assert codes(gql(client, m)) == ["UNAUTHENTICATED"]
     assert codes(gql(client, m, tok=token(roles=["viewer"]))) == ["FORBIDDEN"]
+    assert codes(gql(client, m, tok=token(roles=["admin"]))) == ["FORBIDDEN"]
     assert client.fleet.calls.get("set_node_mode") is None
 
 
 def test_set_node_mode_invalidates_cached_answers(client):
-    tok, admin = token(), token(roles=["admin"])
+    tok = admin = token(roles=["operator"])
     assert gql(client, NODE_Q, {"id": "n1"}, tok=tok).json()["data"]["node"]["mode"] == "NORMAL"
     m = (
         'mutation { setNodeMode(nodeId: "n1", mode: MAINTENANCE, reason: "disk") '
@@ -113,11 +116,11 @@ def test_set_node_mode_invalidates_cached_answers(client):
 
 
 def test_backend_errors_have_stable_codes(client):
-    admin = token(roles=["admin"])
+    admin = token(roles=["operator"])
     m = 'mutation { setNodeMode(nodeId: "ghost", mode: DRAINING) { ok } }'
     assert codes(gql(client, m, tok=admin)) == ["NOT_FOUND"]
     client.fleet.down = True
-    assert codes(gql(client, "{ nodes { id } }", tok=token())) == ["BACKEND_UNAVAILABLE"]
+    assert codes(gql(client, "{ nodes { id } }", tok=admin)) == ["BACKEND_UNAVAILABLE"]
 
 
 def _rsa_keys():
@@ -264,7 +267,7 @@ def test_health_and_metrics(client):
     setup_metrics("bridge-test")
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["redis"] == "embedded"
-    gql(client, NODE_Q, {"id": "n1"}, tok=token())
+    gql(client, NODE_Q, {"id": "n1"}, tok=token(roles=["operator"]))
     text = client.get("/metrics").text
     assert "bridge_cache_requests" in text
 
@@ -369,7 +372,7 @@ def test_anonymous_buckets_follow_x_forwarded_for_only_when_trusted(trust):
 def test_health_figures_count_requests_and_cache_answers(client):
     before = client.get("/health").json()["figures"]
     for _ in range(3):
-        assert gql(client, NODE_Q, {"id": "n1"}, tok=token()).status_code == 200
+        assert gql(client, NODE_Q, {"id": "n1"}, tok=token(roles=["operator"])).status_code == 200
     after = client.get("/health").json()["figures"]
     assert after["requests"] - before["requests"] == 3
     assert after["http_5xx"] == before["http_5xx"]
