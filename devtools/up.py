@@ -69,6 +69,8 @@ class Stack:
     shown: dict[str, tuple[float, dict[str, Any]]] = field(default_factory=dict)
     # --hosts: each process on its own simulated host (None: everything on 127.0.0.1).
     hosts: simhosts.HostPlan | None = None
+    # --ha-stores: the Sentinel-managed Redis and the PostgreSQL pair (devtools.ha_stores).
+    ha_stores: Any = None
 
     def address(self, host: str) -> str:
         """The address a process on ``host`` binds and advertises."""
@@ -144,6 +146,10 @@ def start_servers(stack: Stack, args: argparse.Namespace) -> None:
     b = stack.backends
     if args.single:
         return
+    if getattr(args, "ha_stores", False):
+        from devtools import ha_stores
+
+        stack.ha_stores = ha_stores.start(stack)
     if not b.redis_url:
         redis = RedisServer(run_dir=stack.run_dir / "redis", **_server_port(stack, "redis", 6379))
         stack.sup.add(Managed("redis", redis, kind="server"))
@@ -210,6 +216,8 @@ def render(stack: Stack) -> str:
     for name, urls in stack.endpoints.items():
         lines.append(f"{name:18} {' '.join(urls)}")
     lines.extend(stack.notes)
+    if stack.ha_stores is not None:
+        lines.extend(stack.ha_stores.status_lines())
     if stack.sup.events:
         lines.append("")
         lines.append("recent events:")
@@ -220,6 +228,11 @@ def render(stack: Stack) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="./dev up", description=__doc__)
     p.add_argument("--single", action="store_true", help="one instance each, in memory")
+    p.add_argument(
+        "--ha-stores",
+        action="store_true",
+        help="Redis as 1 primary + 2 replicas + 3 Sentinels, PostgreSQL as primary + standby",
+    )
     p.add_argument("--nodes", type=int, default=50, help="simulated edge nodes")
     p.add_argument(
         "--viewers",

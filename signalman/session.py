@@ -302,7 +302,8 @@ class Session:
                         await self._put(OutEvent(sub.channel, sub.epoch, entry))
                 return
         info = await self.history.info(sub.tenant)
-        if req.epoch and req.epoch != info.epoch:  # info.epoch "": history lost, not yet rebuilt
+        epoch_changed = bool(req.epoch) and req.epoch != info.epoch
+        if epoch_changed:  # info.epoch "": history lost, not yet rebuilt
             after = 0
             first = info.first_offset or info.head_offset + 1  # nothing retained: the next one
             await self._put(
@@ -322,6 +323,10 @@ class Session:
             for entry in chunk:
                 if entry.offset > sub.live_from:
                     break
+                if epoch_changed and entry.epoch and entry.epoch != info.epoch:
+                    # Kept from before the epoch changed (a store failover): its offset is not
+                    # comparable with the subscriber's; the gap above covers it.
+                    continue
                 if matches(sub.channel, entry.channel):
                     await self._put(OutEvent(sub.channel, info.epoch or sub.epoch, entry))
             cursor = chunk[-1].offset

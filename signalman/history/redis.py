@@ -43,7 +43,30 @@ from signalman.history import (
 # then the events' bodies (binary: they cannot travel inside the JSON), each ARGV[body index].
 # Each record is checked on its own, in order (its partition's fence, then watermark), exactly as
 # if appended alone.
-_APPEND = """
+# A tenant's epoch belongs to the primary it was created on (``<epoch key>:rid`` holds that
+# primary's ``master_replid``). A different replid means Redis failed over (or restarted) since:
+# the promoted replica may lack entries, and its offsets may continue below ones subscribers saw,
+# so the epoch changes and resuming subscribers get an explicit gap instead of reused offsets.
+_TENANT_EPOCH = """
+local replid_now = nil
+local function tenant_epoch(ekey, rkey, candidate)
+  if not replid_now then
+    replid_now = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
+  end
+  local epoch = redis.call('GET', ekey)
+  local rid = redis.call('GET', rkey)
+  if not epoch or (rid and rid ~= replid_now) then
+    epoch = candidate
+    redis.call('SET', ekey, epoch)
+  end
+  if rid ~= replid_now then redis.call('SET', rkey, replid_now) end
+  return epoch
+end
+"""
+
+_APPEND = (
+    _TENANT_EPOCH
+    + """
 local maxlen = tonumber(ARGV[2])
 local records = cjson.decode(ARGV[3])
 local fences, wms, epochs, seen = {}, {}, {}, {}
@@ -69,14 +92,10 @@ for r = 1, #records do
   else
     wms[pk] = koff
     redis.call('HSET', pk, 'wm', rec[3])
-    local hkey, skey, ekey = KEYS[tk], KEYS[tk + 1], KEYS[tk + 2]
+    local hkey, skey, ekey, rkey = KEYS[tk], KEYS[tk + 1], KEYS[tk + 2], KEYS[tk + 3]
     local epoch = epochs[ekey]
     if not epoch then
-      epoch = redis.call('GET', ekey)
-      if not epoch then
-        epoch = ARGV[1] .. rec[2]
-        redis.call('SET', ekey, epoch)
-      end
+      epoch = tenant_epoch(ekey, rkey, ARGV[1] .. rec[2])
       epochs[ekey] = epoch
     end
     if not seen[ekey] then
@@ -95,6 +114,27 @@ for r = 1, #records do
   end
 end
 return out
+"""
+)
+
+# Where a tenant's history stands, rotating its epoch first if Redis changed primary since it
+# was created (see _TENANT_EPOCH; a tenant without an epoch keeps none: nothing to rotate).
+# KEYS: stream, seq, epoch, epoch:rid; ARGV: a new-epoch candidate.
+_INFO = """
+local epoch = redis.call('GET', KEYS[3])
+if epoch then
+  local rid = redis.call('GET', KEYS[4])
+  local now = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or ''
+  if rid and rid ~= now then
+    epoch = ARGV[1]
+    redis.call('SET', KEYS[3], epoch)
+    redis.call('SET', KEYS[4], now)
+  end
+end
+local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)
+local first_id = ''
+if first[1] then first_id = first[1][1] end
+return {epoch or '', redis.call('GET', KEYS[2]) or '0', first_id}
 """
 
 _CLAIM = """
@@ -145,6 +185,7 @@ class RedisHistory:
         # paying for os.urandom on every append.
         self._epoch_prefix = uuid.uuid4().hex[:6]
         self._claim = self._redis.register_script(_CLAIM)
+        self._info_script = self._redis.register_script(_INFO)
         self._tail_conn: Any = None  # wait_many's own connection (made on first use)
         self._tail_lock = asyncio.Lock()
 
@@ -168,7 +209,12 @@ class RedisHistory:
             ti = tenant_index.get(tenant)
             if ti is None:
                 ti = tenant_index[tenant] = len(keys) + 1
-                keys += [self._k(tenant, "h"), self._k(tenant, "seq"), self._k(tenant, "epoch")]
+                keys += [
+                    self._k(tenant, "h"),
+                    self._k(tenant, "seq"),
+                    self._k(tenant, "epoch"),
+                    self._k(tenant, "epoch:rid"),
+                ]
             flat: list[str | int] = []
             for channel, event in items:
                 bodies.append(wire.encode_body(event))
@@ -233,18 +279,16 @@ class RedisHistory:
         try:
             epoch, seq, first = await self._info(tenant)
         except RedisConnectionError:
-            # After a Redis restart the first transaction on a pooled connection to the old server
-            # fails (redis-py retries plain commands, not MULTI/EXEC); the read is safe to repeat.
+            # After a Redis restart or failover the first call on a pooled connection to the old
+            # server fails; the read is safe to repeat.
             epoch, seq, first = await self._info(tenant)
-        first_offset = _offset(first[0][0]) if first else 0
+        first_offset = _offset(first) if first else 0
         return HistoryInfo(_s(epoch) if epoch else "", first_offset, int(seq or 0))
 
     async def _info(self, tenant: str) -> list[Any]:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.get(self._k(tenant, "epoch"))
-            pipe.get(self._k(tenant, "seq"))
-            pipe.xrange(self._k(tenant, "h"), count=1)
-            return list(await pipe.execute())
+        keys = [self._k(tenant, s) for s in ("h", "seq", "epoch", "epoch:rid")]
+        candidate = f"{self._epoch_prefix}{time.time_ns() & 0xFFFFFFFFFFF:011x}i"
+        return list(await self._info_script(keys=keys, args=[candidate]))
 
     def _entries(self, rows: StreamRangeResponse | None) -> list[Entry]:
         # The hot path of every replica's tail: no parsing beyond the stream entry itself.

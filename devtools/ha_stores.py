@@ -1,0 +1,73 @@
+"""``./dev up --ha-stores``: the stores as they run in production, on 127.0.0.1.
+
+Redis is one primary, two replicas and three Sentinels (quorum 2); services get the
+``redis+sentinel://`` spec. PostgreSQL is a primary and a streaming standby
+(``pg_basebackup -R``); services get a multi-host DSN with ``target_session_attrs=read-write``.
+Nothing promotes the standby by itself: the ``postgres-failover`` drill does it, as an operator
+or a Patroni-style manager would. The status view shows which server is primary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+from devtools.supervisor import Managed
+from pkg.devstack.servers import (
+    PostgresServer,
+    PostgresStandby,
+    RedisHA,
+    multi_host_dsn,
+    redis_info,
+)
+
+
+@dataclass
+class HaStores:
+    """What ``start`` made: the Redis group and the PostgreSQL pair."""
+
+    redis: RedisHA
+    postgres: PostgresServer
+    standby: PostgresStandby
+
+    def status_lines(self) -> list[str]:
+        """Which Redis and which PostgreSQL are primary (for the status view)."""
+        primary = self.redis.primary_port()
+        epoch = self.redis.failover_epoch()
+        roles = []
+        for i, server in enumerate(self.redis.servers):
+            role = "down"
+            with contextlib.suppress(OSError, ValueError):
+                role = redis_info(server.port).get("role", "?") if server.running else "down"
+            roles.append(f"redis-{i}:{server.port}={role}")
+        pg_primary = "none"
+        if self.standby.running and self.standby.is_primary():
+            pg_primary = f"postgres-standby:{self.standby.port} (promoted)"
+        elif self.postgres.running:
+            pg_primary = f"postgres:{self.postgres.port}"
+        return [
+            f"redis primary:     127.0.0.1:{primary} (failover epoch {epoch}); " + " ".join(roles),
+            f"postgres primary:  {pg_primary}",
+        ]
+
+
+def start(stack: Any) -> HaStores:
+    """Start the HA stores under the stack's supervisor and point the backends at them."""
+    run_dir = stack.run_dir
+    redis = RedisHA(run_dir / "redis-ha")
+    for i, server in enumerate(redis.servers):
+        stack.sup.add(Managed(f"redis-{i}", server, kind="server"))
+    for i, sentinel in enumerate(redis.sentinel_servers):
+        stack.sup.add(Managed(f"sentinel-{i}", sentinel, kind="server"))
+    redis.wait_settled()
+    pg = PostgresServer(run_dir=run_dir / "postgres")
+    stack.sup.add(Managed("postgres", pg, kind="server"))
+    standby = PostgresStandby(pg, run_dir=run_dir / "postgres-standby")
+    stack.sup.add(Managed("postgres-standby", standby, kind="server"))
+    stack.backends.redis_url = redis.spec
+    stack.backends.postgres_dsn = multi_host_dsn(pg, standby)
+    stores = HaStores(redis, pg, standby)
+    stack.notes.append(f"redis (Sentinel): {redis.spec}")
+    stack.notes.append(f"postgres (multi-host): {stack.backends.postgres_dsn}")
+    return stores
