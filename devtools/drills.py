@@ -193,7 +193,11 @@ class Platform:
     """The running stack, a supervision thread, and health watching."""
 
     def __init__(
-        self, settings: Settings, run_dir: Path | None = None, hosts: bool = False
+        self,
+        settings: Settings,
+        run_dir: Path | None = None,
+        hosts: bool = False,
+        ha_stores: bool = False,
     ) -> None:
         args = up.parser().parse_args(
             # The drills run their own measured traffic: no background viewers. Replicas record
@@ -206,6 +210,7 @@ class Platform:
                 "--env=PLATFORM_HISTORY=1",
                 *[f"--env={k}={v}" for k, v in settings.env],
                 *(["--hosts"] if hosts else []),
+                *(["--ha-stores"] if ha_stores else []),
             ]
         )
         args.run_dir = run_dir or ROOT / ".run" / f"drills-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -308,6 +313,7 @@ class Drill:
     detect_what: str
     check: Callable[[Ctx, Result], list[str]]
     needs_hosts: bool = False  # partition drills: only with --hosts
+    needs_ha_stores: bool = False  # store failover drills: on a platform of their own
 
 
 # Called after every drill's own check (more problems, more facts): the history checker.
@@ -881,13 +887,21 @@ def main(argv: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = (run_dir / "drills.log").open("a", buffering=1)
     configure_logging("drills", json=True, stream=log_file)
-    print(f"starting the platform ({run_dir}) ...", flush=True)
-    platform = Platform(settings, run_dir, hosts=args.hosts)
+    results = []
     try:
-        results = asyncio.run(run_suite(names, platform))
+        # Store failover drills run on a platform of their own (--ha-stores), after the others.
+        for ha in (False, True):
+            group = [n for n in names if BY_NAME[n].needs_ha_stores == ha]
+            if not group:
+                continue
+            print(f"starting the platform ({run_dir}{' --ha-stores' if ha else ''}) ...")
+            platform = Platform(settings, run_dir / ("ha-stores" if ha else ""), args.hosts, ha)
+            try:
+                results += asyncio.run(run_suite(group, platform))
+            finally:
+                print("stopping the platform ...", flush=True)
+                platform.close()
     finally:
-        print("stopping the platform ...", flush=True)
-        platform.close()
         log_file.close()
     print()
     print(render(results))
@@ -897,4 +911,4 @@ def main(argv: list[str]) -> int:
 
 
 # Drills of their own modules: each registers into DRILLS, BY_NAME and AFTER_DRILL on import.
-from devtools import drill_partitions  # noqa: E402,F401
+from devtools import drill_partitions, drill_stores  # noqa: E402,F401

@@ -325,13 +325,25 @@ class _SentinelConn(async_sentinel.SentinelManagedConnection):
     async def _connect_retry(self) -> None:
         if self._reader:
             return
-        pool = self.connection_pool
-        if not pool.is_master:  # (only the primary is used by the platform)
+        if not self.connection_pool.is_master:  # (only the primary is used by the platform)
             await super()._connect_retry()  # type: ignore[no-untyped-call]
             return
-        address, epoch = await pool.discover_primary()
-        self.failover_epoch = epoch
-        await self.connect_to(address)  # type: ignore[no-untyped-call]
+        await self.connect_check_health(retry_socket_connect=False)
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        # Every way to connect comes here (a pooled connection through connect(), a raw one
+        # made by the pool for a tail on its first send_command): ask the Sentinels first.
+        if self.is_connected:
+            return
+        if self.connection_pool.is_master:
+            address, epoch = await self.connection_pool.discover_primary()
+            self.failover_epoch = epoch
+            self.host, self.port = address
+        await super().connect_check_health(
+            check_health=check_health, retry_socket_connect=retry_socket_connect
+        )
 
     async def on_connect_check_health(self, check_health: bool = True) -> None:
         await super().on_connect_check_health(check_health=check_health)
