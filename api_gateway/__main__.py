@@ -11,7 +11,7 @@ import sys
 
 import uvicorn
 
-from pkg.common.config import ConfigError, load
+from pkg.common.config import ConfigError
 from pkg.common.logging import configure_logging
 from pkg.common.telemetry import setup_metrics
 
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_logging("bridge")
     setup_metrics("bridge")
-    from api_gateway.config import BridgeConfig
+    from api_gateway.config import load_config
     from api_gateway.server import build_replica
 
     overrides = {
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None
     }
     try:
-        cfg = load(BridgeConfig, "BRIDGE", **overrides)
+        cfg = load_config(**overrides)
         replica = build_replica(cfg)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"bridge: bad configuration: {exc}", file=sys.stderr)

@@ -1,11 +1,21 @@
-"""Bridge configuration: ``pkg.common.config.load(BridgeConfig, "BRIDGE")`` (BRIDGE_* env vars)."""
+"""Bridge configuration: ``BRIDGE_*`` environment variables read by the one loader.
+
+Every setting is listed, with its default, in docs/bridge.md (one table); a ``BRIDGE_*``
+variable that is not one of them stops the process at start (``load_config``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+from pkg.common.config import default_replica_id, load_settings
+
+DOCS = "docs/bridge.md#configuration"
 
 
-@dataclass
+@dataclass(frozen=True)
 class BridgeConfig:
     """Every setting of a Bridge replica; empty ``redis_url`` means embedded (in-memory) state."""
 
@@ -69,3 +79,11 @@ class BridgeConfig:
         for name in ("tenant_rate", "anon_rate", "cache_ttl_s", "backend_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
+        if not self.replica_id:
+            object.__setattr__(self, "replica_id", default_replica_id())
+
+
+def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> BridgeConfig:
+    """The process's config: unknown ``BRIDGE_*``/``PLATFORM_*`` variables refused, every value
+    validated (``ConfigError`` names the variable)."""
+    return load_settings(BridgeConfig, "BRIDGE", env, docs=DOCS, **overrides)

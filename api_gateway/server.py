@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,8 +75,7 @@ def build_replica(
     clock: Clock = SYSTEM_CLOCK,
 ) -> Replica:
     """Everything one replica needs; backends default to the configured Foghorn/Signalman."""
-    replica_id = cfg.replica_id or f"{socket.gethostname()}-{os.getpid()}"
-    cfg.replica_id = replica_id
+    replica_id = cfg.replica_id
     fleet = fleet if fleet is not None else _fleet_backend(cfg)
     events = events if events is not None else _events_backend(cfg)
 

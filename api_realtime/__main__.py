@@ -11,11 +11,11 @@ import sys
 
 import structlog
 
+from api_realtime.config import SignalmanConfig, load_config
 from api_realtime.server import SignalmanApp
-from pkg.common.config import ConfigError, load
+from pkg.common.config import ConfigError
 from pkg.common.logging import configure_logging
 from pkg.common.telemetry import setup_metrics
-from signalman.config import SignalmanConfig
 
 log = structlog.get_logger("signalman")
 
@@ -57,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     configure_logging("signalman")
     try:
-        cfg = load(SignalmanConfig, "SIGNALMAN", **overrides)
-    except ConfigError as exc:
-        print(f"signalman: configuration error: {exc}", file=sys.stderr)
+        cfg = load_config(**overrides)
+    except (ConfigError, ValueError) as exc:
+        print(f"signalman: bad configuration: {exc}", file=sys.stderr)
         return 2
     setup_metrics("signalman")
     try:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import socket
 from typing import Any
 
 import structlog
@@ -19,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from api_realtime.config import SignalmanConfig
 from api_realtime.handlers import SERVICE, SignalmanServicer, add_to_server
 from pkg.common.auth import BearerAuthInterceptor, static_authenticator, tokens_from_env
 from pkg.common.clock import SYSTEM_CLOCK, Clock
@@ -27,7 +26,6 @@ from pkg.common.metrics import process_metrics
 from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
 from pkg.coord.advisory import AdvisoryLease
 from signalman import processor as processor_metrics
-from signalman.config import SignalmanConfig
 from signalman.history import History
 from signalman.history.memory import MemoryHistory
 from signalman.hub import Hub
@@ -54,8 +52,6 @@ class SignalmanApp:
         serve_http: bool = True,
     ) -> None:
         self.cfg = cfg
-        if not cfg.replica_id:
-            cfg.replica_id = f"{socket.gethostname()}-{os.getpid()}"
         self.clock = clock
         self.embedded = not cfg.kafka_bootstrap
         self.history: History = self._build_history()

@@ -62,6 +62,8 @@ class Stack:
     run_dir: Path
     backends: Backends
     endpoints: dict[str, list[str]] = field(default_factory=dict)
+    # Ports chosen before their service is built (another service is told of them first).
+    ports: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     # --env NAME=VALUE settings given to every service process (the drills shorten TTLs).
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -385,6 +387,13 @@ def _replicas(args: argparse.Namespace) -> int:
     return 1 if args.single else 2
 
 
+def _signalman_ports(stack: Stack, args: argparse.Namespace) -> list[int]:
+    """Signalman's gRPC ports, chosen once (Foghorn needs them before Signalman is built)."""
+    if "signalman grpc" not in stack.ports:
+        stack.ports["signalman grpc"] = [_port(50070 + i, stack) for i in range(_replicas(args))]
+    return stack.ports["signalman grpc"]
+
+
 @service_builder
 def foghorn(stack: Stack, args: argparse.Namespace) -> None:
     grpc_targets = []
@@ -400,6 +409,13 @@ def foghorn(stack: Stack, args: argparse.Namespace) -> None:
             "FOGHORN_REDIS_URL": stack.backends.redis_url or "",
             "FOGHORN_KAFKA_BOOTSTRAP": stack.backends.kafka_bootstrap or "",
         }
+        if not stack.backends.kafka_bootstrap:
+            # No Kafka (--single): events reach Signalman through its Publish RPC.
+            env["FOGHORN_SIGNALMAN_ADDRESSES"] = ",".join(
+                f"{stack.address(f'signalman-{j}')}:{p}"
+                for j, p in enumerate(_signalman_ports(stack, args))
+            )
+            env["FOGHORN_SIGNALMAN_TOKEN"] = DEV_TOKEN
         add_process(
             stack,
             f"foghorn-{i}",
@@ -421,8 +437,8 @@ def foghorn(stack: Stack, args: argparse.Namespace) -> None:
 def signalman(stack: Stack, args: argparse.Namespace) -> None:
     b = stack.backends
     targets = []
-    for i in range(_replicas(args)):
-        grpc_port, http_port = _port(50070 + i, stack), _port(8070 + i, stack)
+    for i, grpc_port in enumerate(_signalman_ports(stack, args)):
+        http_port = _port(8070 + i, stack)
         addr = stack.address(f"signalman-{i}")
         env = {
             "SIGNALMAN_HOST": addr,

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -34,7 +34,6 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from pkg.clients.backoff import Backoff
 from pkg.common import history
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-from signalman.config import SignalmanConfig
 from signalman.deadletter import attempts_of
 from signalman.history import History, SourcePos
 from signalman.kafka_clients import member_id, remove_member
@@ -45,6 +44,35 @@ from signalman.processor import Processor, RecordIn
 log = structlog.get_logger("signalman.consumer")
 # At most this many records per batch, and read ahead while a batch is processed.
 READ_AHEAD_MAX = 500
+
+
+class GroupSettings(Protocol):
+    """The settings a group member reads (``api_realtime.config.SignalmanConfig`` has them)."""
+
+    @property
+    def kafka_bootstrap(self) -> str: ...
+    @property
+    def topic(self) -> str: ...
+    @property
+    def dlq_topic(self) -> str: ...
+    @property
+    def partitions(self) -> int: ...
+    @property
+    def group_id(self) -> str: ...
+    @property
+    def replica_id(self) -> str: ...
+    @property
+    def session_timeout_ms(self) -> int: ...
+    @property
+    def heartbeat_interval_ms(self) -> int: ...
+    @property
+    def fetch_max_wait_ms(self) -> int: ...
+    @property
+    def commit_interval_ms(self) -> int: ...
+    @property
+    def lock_rejoin_after_s(self) -> float: ...
+    @property
+    def peer_evict_after_s(self) -> float: ...
 
 
 @dataclass
@@ -87,7 +115,7 @@ class GroupMember:
 
     def __init__(
         self,
-        cfg: SignalmanConfig,
+        cfg: GroupSettings,
         processor: Processor,
         history: History,
         locks: PartitionLocks | None,

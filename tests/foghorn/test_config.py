@@ -123,15 +123,3 @@ def test_foghorn_refuses_to_start_on_a_misspelled_setting() -> None:
     )
     assert result.returncode == 2
     assert "FOGHORN_CLUSTR" in result.stderr and "FOGHORN_CLUSTER" in result.stderr
-
-
-def test_every_setting_is_in_the_docs_table() -> None:
-    from pathlib import Path
-
-    from api_balancing.config import TOOL_SETTINGS, FoghornConfig
-    from pkg.common.config import PLATFORM_SETTINGS, setting_names
-
-    doc = (Path(__file__).parents[2] / "docs" / "foghorn.md").read_text()
-    names = setting_names(FoghornConfig, "FOGHORN") | TOOL_SETTINGS | PLATFORM_SETTINGS
-    missing = sorted(n for n in names if f"`{n}`" not in doc)
-    assert not missing, f"settings missing from docs/foghorn.md: {missing}"

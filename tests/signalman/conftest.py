@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
+from api_realtime.config import SignalmanConfig
 from api_realtime.server import SignalmanApp
 from pkg.clients.signalman import SignalmanClient
 from pkg.common.auth import parse_tokens
-from signalman.config import SignalmanConfig
 from tests.waiting import eventually
 
 TOKENS = ",".join(

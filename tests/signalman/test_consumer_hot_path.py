@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from api_realtime.config import SignalmanConfig
 from pkg.common.clock import SYSTEM_CLOCK, Clock, FakeClock
 from pkg.events import Event
 from pkg.events.envelope import encode_event
-from signalman.config import SignalmanConfig
 from signalman.consumer import GroupMember, Owned
 from signalman.history.memory import MemoryHistory
 from signalman.processor import DeadLetter, Processor

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
+from api_realtime.config import SignalmanConfig
 from api_realtime.server import SignalmanApp
 from pkg.clients.signalman import SignalmanClient
 from pkg.common.auth import parse_tokens
 from pkg.devstack.servers import CommandProcess
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
-from signalman.config import SignalmanConfig
 from tests.signalman.conftest import TOKENS
 
 pytestmark = pytest.mark.integration

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaProducer
 
+from api_realtime.config import SignalmanConfig
 from api_realtime.server import SignalmanApp
 from pkg.clients.signalman import Gap, SignalmanClient
 from pkg.common.auth import parse_tokens
@@ -17,7 +18,6 @@ from pkg.events import Event
 from pkg.events.envelope import encode_event
 from pkg.events.kafka import KafkaSink
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
-from signalman.config import SignalmanConfig
 from tests.signalman.conftest import TOKENS, wait_until
 from tests.signalman.test_kafka_sink import consume_all
 

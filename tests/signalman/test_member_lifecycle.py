@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from aiokafka import TopicPartition
 
+from api_realtime.config import SignalmanConfig
 from pkg.clients.backoff import Backoff
 from pkg.common.clock import FakeClock
-from signalman.config import SignalmanConfig
 from signalman.consumer import GroupMember
 from signalman.history.memory import MemoryHistory
 from signalman.ownership import LockBusy, OwnershipLost

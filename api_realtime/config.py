@@ -1,8 +1,23 @@
-"""Signalman's configuration, read from ``SIGNALMAN_*`` environment variables by the one loader."""
+"""Signalman's configuration, read from ``SIGNALMAN_*`` environment variables by the one loader.
+
+Every setting is listed, with its default, in docs/signalman.md (one table); a ``SIGNALMAN_*``
+variable that is not one of them stops the process at start (``load_config``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
+
+from pkg.common.config import default_replica_id, load_settings
+from pkg.common.grpcserver import GrpcSettings
+from pkg.common.httpserver import HttpSettings
+
+DOCS = "docs/signalman.md#configuration"
+
+# SIGNALMAN_* variables read by signalman-tail, not by the service.
+TOOL_SETTINGS = frozenset({"SIGNALMAN_TARGETS", "SIGNALMAN_TOKEN"})
 
 # Durations and sizes that only make sense above zero (a typo such as a negative timeout must
 # stop the process at start with the variable's name, not misbehave later).
@@ -13,7 +28,7 @@ _POSITIVE = (
 _NOT_NEGATIVE = ("fetch_max_wait_ms", "redrive_delay_s", "redrive_max_attempts")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SignalmanConfig:
     """Every knob of a Signalman replica. Nothing set = embedded mode (memory, no Kafka)."""
 
@@ -84,6 +99,25 @@ class SignalmanConfig:
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
 
+        if not self.replica_id:
+            object.__setattr__(self, "replica_id", default_replica_id())
+
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic}.dlq"
+
+    @property
+    def grpc(self) -> GrpcSettings:
+        return GrpcSettings(self.host, self.grpc_port, self.max_message_bytes)
+
+    @property
+    def http(self) -> HttpSettings:
+        return HttpSettings(self.host, self.http_port)
+
+
+def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> SignalmanConfig:
+    """The process's config: unknown ``SIGNALMAN_*``/``PLATFORM_*`` variables refused, every
+    value validated (``ConfigError`` names the variable)."""
+    return load_settings(
+        SignalmanConfig, "SIGNALMAN", env, also_known=TOOL_SETTINGS, docs=DOCS, **overrides
+    )
