@@ -33,6 +33,12 @@ from strawberry.types.execution import PreExecutionError
 
 from api_gateway import errors
 from api_gateway.auth import AuthError, JwtAuthenticator, is_anonymous
+from api_gateway.persisted import (
+    PersistedQueries,
+    PersistedQueryInvalid,
+    PersistedQueryNotFound,
+    not_found_body,
+)
 from api_gateway.service import Gateway
 from bridge.ratelimit import RateLimiter
 from bridge.tenant_limits import CachedLimits
@@ -199,11 +205,14 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         guard: RequestGuard,
         limits: Limits,
         graphiql_html: str,
+        persisted: PersistedQueries | None = None,
     ) -> None:
         super().__init__(schema, graphql_ide="graphiql")
         self.gateway = gateway
         self.guard = guard
         self.limits = limits
+        # Automatic persisted queries (api_gateway.persisted): hash-only requests.
+        self.persisted = persisted or PersistedQueries(max_query_bytes=limits.max_query_bytes)
         self._ide_html = graphiql_html
 
     async def render_graphql_ide(self, request: Request) -> Response:
@@ -256,7 +265,12 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         query = getattr(data, "query", None)
         if isinstance(query, str) and len(query.encode()) > self.limits.max_query_bytes:
             raise HTTPException(413, f"query larger than {self.limits.max_query_bytes} bytes")
-        return data
+        try:
+            if isinstance(data, list):
+                return [self.persisted.resolve(item) for item in data]
+            return self.persisted.resolve(data)
+        except PersistedQueryInvalid as exc:
+            raise HTTPException(400, str(exc)) from None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -336,6 +350,15 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         except HTTPException as exc:
             code = errors.PAYLOAD_TOO_LARGE if exc.status_code == 413 else errors.BAD_REQUEST
             return _error(exc.status_code, code, exc.reason, headers, media)
+        except PersistedQueryNotFound:
+            # Apollo's clients answer this one with the query and its hash: a 200 that no
+            # cache may keep (the next request registers the query).
+            _count_response(200, "PERSISTED_QUERY_NOT_FOUND")
+            return JSONResponse(
+                not_found_body(),
+                headers={**headers, "Cache-Control": "private, no-cache"},
+                media_type=f"{media}; charset=utf-8" if media == GRAPHQL_RESPONSE else media,
+            )
         except _BodyTooLarge:
             return _error(
                 413,

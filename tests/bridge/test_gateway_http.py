@@ -378,3 +378,48 @@ def test_health_figures_count_requests_and_cache_answers(client):
     assert after["http_5xx"] == before["http_5xx"]
     assert after["cache_hit_rate"] > 0  # the second and third lookups came from the cache
     assert after["breakers_open"].startswith("0/")
+
+
+def _apq(query: str | None, digest: str) -> dict:
+    body: dict = {"extensions": {"persistedQuery": {"version": 1, "sha256Hash": digest}}}
+    if query is not None:
+        body["query"] = query
+    return body
+
+
+def test_persisted_queries_follow_the_apq_protocol(client):
+    query = '{ route(contentId: "live/apq") { best { nodeId } } }'
+    digest = hashlib.sha256(query.encode()).hexdigest()
+    # Hash alone, never seen: the error Apollo's clients answer by sending the query.
+    miss = client.post("/graphql", json=_apq(None, digest))
+    assert miss.status_code == 200
+    assert miss.json()["errors"][0]["message"] == "PersistedQueryNotFound"
+    assert codes(miss) == ["PERSISTED_QUERY_NOT_FOUND"]
+    assert "no-cache" in miss.headers["cache-control"]
+    # Query and hash: registered and run; then the hash alone runs it, by POST and by GET.
+    first = client.post("/graphql", json=_apq(query, digest))
+    assert first.json()["data"]["route"]["best"]["nodeId"] == "n1"
+    again = client.post("/graphql", json=_apq(None, digest))
+    assert again.json() == first.json()
+    extensions = json.dumps(_apq(None, digest)["extensions"])
+    got = client.get(
+        "/graphql", params={"extensions": extensions}, headers={"Accept": "application/json"}
+    )
+    assert got.status_code == 200 and got.json() == first.json()
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (_apq("{ me { tenant } }", "0" * 64), "does not match"),
+        (_apq(None, "not-a-hash"), "64 hexadecimal"),
+        ({"extensions": {"persistedQuery": {"version": 2, "sha256Hash": "0" * 64}}}, "version"),
+        ({"extensions": {"persistedQuery": "x"}}, "must be an object"),
+    ],
+)
+def test_bad_persisted_query_requests_are_400_and_register_nothing(client, body, says):
+    reply = client.post("/graphql", json=body)
+    assert reply.status_code == 400
+    assert codes(reply) == ["BAD_REQUEST"] and says in reply.json()["errors"][0]["message"]
+    miss = client.post("/graphql", json=_apq(None, "0" * 64))
+    assert codes(miss) == ["PERSISTED_QUERY_NOT_FOUND"]
