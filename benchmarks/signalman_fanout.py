@@ -1,0 +1,571 @@
+"""Signalman's fan-out curve: ``./dev bench signalman-fanout`` -> ``.bench/signalman-fanout.json``.
+
+Real servers (tansu, redis-server, PostgreSQL), two replica processes in one consumer group and
+1,000, 5,000 and 10,000 concurrent gRPC subscribers over 100 tenants, **each subscriber on its
+own connection** (its own ``pkg.clients`` channel), homed on the two replicas in turn and spread
+over several subscriber processes that this benchmark drives over their stdin. Events go through
+Kafka from a producer process (``KafkaSink``, like Foghorn) at a steady rate chosen so that
+about 5,000 deliveries/s go out whatever the size (events/s = deliveries/s x tenants /
+subscribers). Per size ``N`` (fresh replicas, group and history each):
+
+* ``delivered_p50_ms_N`` / ``delivered_p99_ms_N``: produce (the event's own send time) to receipt
+  by the subscriber process; ``deliveries_per_s_N``; ``drops_N`` (subscribers the replicas
+  dropped as too slow) and ``missing_N`` (events a subscriber never got: seq gaps);
+* ``replica_cpu_us_per_event_N``: both replicas' CPU per consumed event, measured in a phase of
+  the same rate to tenants nobody subscribes to (consume, decode, fence, append; no fan-out);
+* ``replica_cpu_us_per_delivery_N``: both replicas' CPU in the fan-out phase, minus that
+  per-event cost for its events, per delivery (tail read, dispatch, per-session write);
+* ``rss_mb_N`` (both replicas) and ``bytes_per_subscriber_N`` (their RSS growth while the
+  subscribers connected, per subscriber).
+
+At the largest size, the reconnect herd: kill -9 of one replica while events flow; its
+subscribers (half) reconnect with their offsets to the other at once: ``herd_resume_s`` (kill
+until every one of them is subscribed again) and ``herd_refused`` (re-subscribe attempts that
+failed). 127.0.0.1 only; every process is stopped by pid; each size is bounded to 90 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Panel, cpu_seconds, load_average, rss_bytes, write_curves_svg
+
+SIZES = (1_000, 5_000, 10_000)
+TENANTS = [f"t{i:03d}" for i in range(100)]
+IDLE_TENANTS = [f"idle{i:03d}" for i in range(100)]  # events nobody subscribes to
+TOKENS = ",".join(f"k{t}=sub@{t}:reader" for t in TENANTS)
+PARTITIONS = 4
+DELIVERIES_PER_S = 5_000
+SIZE_BUDGET_S = 90.0
+TARGETS: dict[str, tuple[str, float]] = {
+    "delivered_p99_ms_10000": ("<=", 100.0),
+    "drops_10000": ("<=", 0.0),
+    "replica_cpu_us_per_event": ("<=", 120.0),
+    "replica_cpu_us_per_delivery": ("<=", 50.0),
+    "herd_resume_s": ("<=", 10.0),
+    "herd_refused": ("<=", 0.0),
+}
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- subscriber processes -------------------------------------------------------------------------
+
+
+class Subscriber:
+    """One subscriber: its own client (channel) to its home replica first, then the other."""
+
+    def __init__(self, index: int, targets: list[str]) -> None:
+        from pkg.clients.signalman import SignalmanClient
+
+        self.index = index
+        self.tenant = TENANTS[index % len(TENANTS)]
+        home = (index // len(TENANTS)) % 2  # a tenant's subscribers alternate between replicas
+        self.home = targets[home]
+        self.client = SignalmanClient([targets[home], targets[1 - home]], token=f"k{self.tenant}")
+        self.sub = self.client.subscribe(["streams"], buffer=10_000)
+        self.last_seq: int | None = None
+        self.missing = 0
+        self.received = 0
+
+    async def drain(self, sink: list[float] | None, recording: list[bool]) -> None:
+        while True:
+            item = await self.sub.get()
+            data = json.loads(getattr(item, "data_json", "") or "{}")
+            if "seq" not in data:
+                continue
+            now = time.time()
+            self.received += 1
+            seq = int(data["seq"])
+            if self.last_seq is not None and seq > self.last_seq + 1:
+                self.missing += seq - self.last_seq - 1
+            self.last_seq = max(seq, self.last_seq or 0)
+            if recording[0] and sink is not None:
+                sink.append((now - float(data["sent"])) * 1000)
+
+
+async def subscribers_main(spec_json: str) -> int:
+    """``--subscribers SPEC``: subscribers ``lo..hi``; commands as JSON lines on stdin (``start``,
+    ``status``, ``record``, ``collect``, ``herd_status``, ``quit``), one JSON answer each."""
+    from pkg.common.logging import configure_logging
+
+    # stdout carries the answers to the driving process: logs go to stderr, errors only.
+    configure_logging("bench-subscribers", level="ERROR")
+    spec = json.loads(spec_json)
+    subs = [Subscriber(i, spec["targets"]) for i in range(spec["lo"], spec["hi"])]
+    latencies: list[float] = []
+    recording = [False]
+    drains: list[asyncio.Task[None]] = []
+    herd: list[Subscriber] = []
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def answer(doc: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(doc) + "\n")
+        sys.stdout.flush()
+
+    def subscribed(s: Subscriber) -> bool:
+        return s.sub._subscribed.is_set()  # (the client keeps it private; a benchmark may look)
+
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "start":
+            for s in subs:
+                s.sub.start()
+            drains = [asyncio.create_task(s.drain(latencies, recording)) for s in subs]
+            answer({"started": len(subs)})
+        elif op == "status":
+            answer({"subscribed": sum(subscribed(s) for s in subs),
+                    "reconnects": sum(s.sub.stats.reconnects for s in subs)})  # fmt: skip
+        elif op == "record":
+            latencies.clear()
+            for s in subs:
+                s.received = 0
+            recording[0] = bool(cmd["on"])
+            answer({"recording": recording[0]})
+        elif op == "collect":
+            answer({"latencies": [round(v, 2) for v in latencies],
+                    "received": sum(s.received for s in subs),
+                    "missing": sum(s.missing for s in subs)})  # fmt: skip
+        elif op == "herd":
+            # The subscribers homed on the replica about to be killed, and their reconnects
+            # so far (each of them needs exactly one).
+            herd = [s for s in subs if s.home == cmd["victim"]]
+            for s in herd:
+                s.herd_base = s.sub.stats.reconnects  # type: ignore[attr-defined]
+            answer({"herd": len(herd)})
+        elif op == "herd_status":
+            resumed = sum(1 for s in herd if s.sub.stats.connects >= 2 and subscribed(s))
+            extra = sum(max(0, s.sub.stats.reconnects - s.herd_base - 1)  # type: ignore[attr-defined]
+                        for s in herd)  # fmt: skip
+            answer({"herd": len(herd), "resumed": resumed, "refused": extra,
+                    "errors": [s.sub.stats.last_error for s in herd
+                               if s.sub.stats.reconnects - s.herd_base > 1][:3]})  # type: ignore[attr-defined]  # fmt: skip
+        elif op == "quit":
+            break
+    for task in drains:
+        task.cancel()
+    for s in subs:
+        await s.sub.close()
+        await s.client.close()
+    answer({"bye": True})
+    return 0
+
+
+class Audience:
+    """The subscriber processes of one size, driven over their stdin."""
+
+    def __init__(self, size: int, targets: list[str], processes: int) -> None:
+        self.size = size
+        self.targets = targets
+        self.processes = processes
+        self.procs: list[asyncio.subprocess.Process] = []
+
+    async def start(self) -> None:
+        per = (self.size + self.processes - 1) // self.processes
+        for lo in range(0, self.size, per):
+            spec = {"targets": self.targets, "lo": lo, "hi": min(self.size, lo + per)}
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "benchmarks.signalman_fanout", "--subscribers",
+                json.dumps(spec), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env={**os.environ, "LOG_LEVEL": "ERROR"},
+            )  # fmt: skip
+            self.procs.append(proc)
+
+    async def command(self, **cmd: Any) -> list[dict[str, Any]]:
+        line = (json.dumps(cmd) + "\n").encode()
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(line)
+        answers = []
+        for proc in self.procs:
+            assert proc.stdout is not None
+            raw = await asyncio.wait_for(proc.stdout.readline(), 60)
+            if not raw:
+                raise RuntimeError(f"subscriber process {proc.pid} ended")
+            answers.append(json.loads(raw))
+        return answers
+
+    async def total(self, key: str, **cmd: Any) -> int:
+        return sum(int(a[key]) for a in await self.command(**cmd))
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None and proc.stdin is not None:
+                with contextlib.suppress(Exception):
+                    proc.stdin.write(b'{"op": "quit"}\n')
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+# -- producer process -----------------------------------------------------------------------------
+
+
+def produce_main(spec_json: str) -> int:
+    """``--produce SPEC``: events at a steady rate through KafkaSink to the given tenants, round
+    robin, each with its tenant's next seq and its send time; prints what it sent."""
+    from pkg.events import Event
+    from pkg.events.kafka import KafkaSink
+
+    spec = json.loads(spec_json)
+    tenants: list[str] = spec["tenants"]
+    seq: dict[str, int] = {t: int(spec["seq"].get(t, 0)) for t in tenants}
+    sink = KafkaSink(spec["bootstrap"], topic=spec["topic"], source="bench", buffer_size=100_000)
+    deadline = time.monotonic() + 10
+    while not sink.connected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    rate = float(spec["rate"])
+    total = int(rate * spec["seconds"])
+    start = time.monotonic()
+    for i in range(total):
+        delay = start + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        tenant = tenants[i % len(tenants)]
+        seq[tenant] += 1
+        sink.emit(Event("stream.started", tenant, {"seq": seq[tenant], "sent": time.time()}))
+    sink.close(flush_timeout=10)
+    print(json.dumps({"seq": seq, "sent": total, "dropped": sink.dropped}))
+    return 0
+
+
+async def produce(spec: dict[str, Any]) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.signalman_fanout", "--produce", json.dumps(spec),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    doc: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return doc
+
+
+# -- the replicas ---------------------------------------------------------------------------------
+
+
+def start_replicas(stack: Any, size: int, root: Path) -> tuple[list[Any], str]:
+    from pkg.devstack.servers import CommandProcess, free_port
+
+    suffix = f"{size}-{uuid.uuid4().hex[:6]}"
+    topic = f"fanout-{suffix}"
+    replicas = []
+    for name in ("a", "b"):
+        env = {
+            "PLATFORM_TOKENS": TOKENS,
+            "SIGNALMAN_KAFKA_BOOTSTRAP": stack.kafka.bootstrap,
+            "SIGNALMAN_TOPIC": topic,
+            "SIGNALMAN_GROUP_ID": f"g-{suffix}",
+            "SIGNALMAN_PARTITIONS": str(PARTITIONS),
+            "SIGNALMAN_REDIS_URL": stack.redis.url,
+            "SIGNALMAN_REDIS_PREFIX": f"sm-{suffix}",
+            "SIGNALMAN_POSTGRES_DSN": stack.postgres.dsn,
+            "SIGNALMAN_SESSION_TIMEOUT_MS": "6000",
+            "SIGNALMAN_HEARTBEAT_INTERVAL_MS": "200",
+            "SIGNALMAN_LOCK_GRACE_S": "1.0",
+            # Every tenant's subscribers fit on one replica (the herd moves them all there).
+            "SIGNALMAN_MAX_CONNECTIONS_PER_TENANT": "1000",
+            "SIGNALMAN_HTTP_PORT": str(free_port()),
+            "SIGNALMAN_REPLICA_ID": f"{name}-{suffix}",
+            "LOG_LEVEL": "WARNING",
+        }
+        proc = CommandProcess(
+            f"signalman-{name}-{size}",
+            [sys.executable, "-m", "api_realtime", "--grpc-port", "{port}"],
+            run_dir=root / f"{name}-{size}",
+            env=env,
+            ready_timeout=60.0,
+        )
+        stack.procs.append(proc)
+        proc.start(wait=False)
+        replicas.append(proc)
+    for proc in replicas:
+        proc.wait_ready()
+    return replicas, topic
+
+
+async def stats(address: str) -> Any:
+    from pkg.clients.signalman import SignalmanClient
+
+    client = SignalmanClient(address, token=f"k{TENANTS[0]}")
+    try:
+        return await client.stats(deadline_s=5.0)
+    finally:
+        await client.close()
+
+
+async def dropped_total(addresses: list[str]) -> int:
+    """Subscribers the replicas dropped as too slow, so far."""
+    return sum([int((await stats(a)).subscribers_dropped) for a in addresses])
+
+
+async def until(check: Any, limit_s: float, interval: float = 0.1) -> float:
+    deadline = time.perf_counter() + limit_s
+    while True:
+        if await check():
+            return time.perf_counter()
+        if time.perf_counter() > deadline:
+            raise TimeoutError("condition not met in time")
+        await asyncio.sleep(interval)
+
+
+# -- one size -------------------------------------------------------------------------------------
+
+
+async def one_size(
+    stack: Any, size: int, args: argparse.Namespace, root: Path, herd: bool, out: dict[str, Any]
+) -> None:
+    """Figures go to ``out`` as they are measured (a size cut by the bound keeps them)."""
+    replicas, topic = start_replicas(stack, size, root)
+    addresses = [f"127.0.0.1:{p.port}" for p in replicas]
+    audience = Audience(size, addresses, args.processes)
+    seq: dict[str, int] = {}
+    try:
+
+        async def settled() -> bool:
+            try:
+                owned = [{p.partition for p in (await stats(a)).partitions} for a in addresses]
+            except Exception:
+                return False
+            return all(owned) and set().union(*owned) == set(range(PARTITIONS))
+
+        await until(settled, 40, 0.2)
+        # Create the topic's tenants' histories: one event per tenant before anyone subscribes.
+        spec = {"bootstrap": stack.kafka.bootstrap, "topic": topic}
+        first = await produce({**spec, "tenants": TENANTS, "rate": 1000, "seconds": 0.1,
+                               "seq": seq})  # fmt: skip
+        seq.update(first["seq"])
+        rss0 = sum(rss_bytes(p.pid) for p in replicas)
+        await audience.start()
+        await audience.command(op="status")  # processes up, clients built
+        t0 = time.perf_counter()
+        await audience.command(op="start")
+
+        async def all_subscribed() -> bool:
+            return await audience.total("subscribed", op="status") >= size
+
+        out["subscribe_s"] = round(await until(all_subscribed, 60, 0.2) - t0, 2)
+        await asyncio.sleep(0.5)
+        rss1 = sum(rss_bytes(p.pid) for p in replicas)
+        out["rss_mb"] = round(rss1 / 2**20, 1)
+        out["bytes_per_subscriber"] = round((rss1 - rss0) / size)
+
+        events_per_s = DELIVERIES_PER_S * len(TENANTS) / size
+        out["events_per_s"] = round(events_per_s, 1)
+        # Consume only: the same rate to tenants nobody subscribes to.
+        cpu0 = sum(cpu_seconds(p.pid) for p in replicas)
+        idle = await produce({**spec, "tenants": IDLE_TENANTS, "rate": events_per_s,
+                              "seconds": args.seconds, "seq": {}})  # fmt: skip
+        await asyncio.sleep(0.5)
+        per_event_us = (sum(cpu_seconds(p.pid) for p in replicas) - cpu0) / idle["sent"] * 1e6
+        out["replica_cpu_us_per_event"] = round(per_event_us, 1)
+
+        # Fan-out: the subscribed tenants at the same rate.
+        dropped0 = await dropped_total(addresses)
+        await audience.command(op="record", on=True)
+        cpu0 = sum(cpu_seconds(p.pid) for p in replicas)
+        t0 = time.perf_counter()
+        live = await produce({**spec, "tenants": TENANTS, "rate": events_per_s,
+                              "seconds": args.seconds, "seq": seq})  # fmt: skip
+        seq.update(live["seq"])
+        expected = live["sent"] * size // len(TENANTS)
+
+        async def delivered() -> bool:
+            got = await audience.command(op="collect")
+            return bool(sum(int(a["received"]) for a in got) >= expected)
+
+        with contextlib.suppress(TimeoutError):
+            await until(delivered, 10, 0.2)
+        wall = time.perf_counter() - t0
+        cpu = sum(cpu_seconds(p.pid) for p in replicas) - cpu0
+        got = await audience.command(op="collect")
+        await audience.command(op="record", on=False)
+        latencies = [v for a in got for v in a["latencies"]]
+        received = sum(int(a["received"]) for a in got)
+        out["deliveries"] = received
+        out["deliveries_expected"] = expected
+        out["deliveries_per_s"] = round(received / wall, 1)
+        out["delivered_p50_ms"] = _pct(latencies, 0.50)
+        out["delivered_p99_ms"] = _pct(latencies, 0.99)
+        out["missing"] = sum(int(a["missing"]) for a in got)
+        out["drops"] = await dropped_total(addresses) - dropped0
+        fanout_cpu = cpu - live["sent"] * per_event_us / 1e6
+        out["replica_cpu_us_per_delivery"] = round(fanout_cpu / max(1, received) * 1e6, 1)
+        out["replica_cpu_us_total_per_delivery"] = round(cpu / max(1, received) * 1e6, 1)
+        if herd:
+            await reconnect_herd(replicas, addresses, audience, spec, seq, events_per_s, out)
+    finally:
+        await audience.stop()
+        for proc in replicas:
+            proc.stop(timeout=5)
+            if proc in stack.procs:
+                stack.procs.remove(proc)
+
+
+async def reconnect_herd(
+    replicas: list[Any],
+    addresses: list[str],
+    audience: Audience,
+    spec: dict[str, Any],
+    seq: dict[str, int],
+    events_per_s: float,
+    out: dict[str, Any],
+) -> None:
+    """kill -9 replica A while events flow; its subscribers resume on B."""
+    victim = addresses[0]
+    herd = await audience.total("herd", op="herd", victim=victim)
+    producing = asyncio.create_task(
+        produce({**spec, "tenants": TENANTS, "rate": events_per_s, "seconds": 8.0, "seq": seq})
+    )
+    await asyncio.sleep(1.0)
+    killed = time.perf_counter()
+    replicas[0].kill()
+
+    async def resumed() -> bool:
+        return await audience.total("resumed", op="herd_status") >= herd
+
+    out["herd_subscribers"] = herd
+    try:
+        out["herd_resume_s"] = round(await until(resumed, 40, 0.1) - killed, 2)
+    except TimeoutError:
+        out["herd_resume_s"] = None
+    status = await audience.command(op="herd_status")
+    out["herd_refused"] = sum(int(a["refused"]) for a in status)
+    out["herd_resumed"] = sum(int(a["resumed"]) for a in status)
+    out["herd_errors"] = [e for a in status for e in a["errors"]][:3]
+    await producing
+
+
+async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    from benchmarks.signalman import Stack
+
+    stack = Stack(root)
+    result: dict[str, Any] = {"load_average_start": load_average()}
+    try:
+        stack.start()
+        largest = max(args.sizes)
+        for size in args.sizes:
+            started = time.perf_counter()
+            got: dict[str, Any] = {}
+            try:
+                await asyncio.wait_for(
+                    one_size(stack, size, args, root, size == largest and args.herd, got),
+                    SIZE_BUDGET_S,
+                )
+            except TimeoutError:
+                got["timed_out"] = True
+            got["wall_s"] = round(time.perf_counter() - started, 1)
+            got["load_average"] = load_average()
+            result[f"size_{size}"] = got
+            for key in ("delivered_p50_ms", "delivered_p99_ms", "deliveries_per_s", "drops",
+                        "missing", "replica_cpu_us_per_delivery", "replica_cpu_us_per_event",
+                        "rss_mb", "bytes_per_subscriber", "subscribe_s"):  # fmt: skip
+                result[f"{key}_{size}"] = got.get(key)
+            if size == largest:
+                result["replica_cpu_us_per_event"] = got.get("replica_cpu_us_per_event")
+                result["replica_cpu_us_per_delivery"] = got.get("replica_cpu_us_per_delivery")
+                for key in ("herd_resume_s", "herd_refused", "herd_subscribers"):
+                    result[key] = got.get(key)
+    finally:
+        stack.stop()
+    return result
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--subscribers"]:
+        return asyncio.run(subscribers_main(argv[1]))
+    if argv[:1] == ["--produce"]:
+        return produce_main(argv[1])
+    parser = argparse.ArgumentParser(prog="./dev bench signalman-fanout", description=__doc__)
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--processes", type=int, default=4, help="subscriber processes")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per measured phase")
+    parser.add_argument("--no-herd", dest="herd", action="store_false")
+    parser.add_argument("--out", default=".bench/signalman-fanout.json")
+    parser.add_argument("--svg", default="docs/rfcs/img/signalman-fanout.svg")
+    args = parser.parse_args(argv)
+    from pkg.common.logging import configure_logging
+
+    configure_logging("bench-signalman-fanout", level="WARNING")
+    root = Path(tempfile.mkdtemp(prefix="signalman-fanout-"))
+    started = time.perf_counter()
+    try:
+        result = asyncio.run(run(args, root))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    result["load_average_end"] = load_average()
+    result["deliveries_per_s_target_rate"] = DELIVERIES_PER_S
+    result["tenants"] = len(TENANTS)
+    checks = {}
+    for name, (op, target) in TARGETS.items():
+        value = result.get(name)
+        checks[name] = value is not None and (value <= target if op == "<=" else value >= target)
+    result["targets"] = {k: f"{op} {t:g}" for k, (op, t) in TARGETS.items()}
+    result["pass"] = checks
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    sizes = list(args.sizes)
+    keys = ("subscribe_s", "deliveries_per_s", "delivered_p50_ms", "delivered_p99_ms", "drops",
+            "missing", "replica_cpu_us_per_event", "replica_cpu_us_per_delivery", "rss_mb",
+            "bytes_per_subscriber")  # fmt: skip
+    print(f"signalman-fanout ({result['wall_s']} s; load {result['load_average_start']} -> "
+          f"{result['load_average_end']})")  # fmt: skip
+    for key in keys:
+        print(f"{key:30} " + " ".join(f"{result.get(f'{key}_{s}')!s:>12}" for s in sizes))
+    print(f"{'target':30} {'value':>12} {'want':>10}  ok")
+    for name, (op, target) in TARGETS.items():
+        print(f"{name:30} {result.get(name)!s:>12} {op + format(target, 'g'):>10}  "
+              f"{'yes' if checks[name] else 'NO'}")  # fmt: skip
+    if args.svg and len(sizes) > 1:
+        panel_keys: list[tuple[str, str, str, float | None]] = [
+            ("delivered_p99_ms", "delivered p99", "ms", 100.0),
+            ("delivered_p50_ms", "delivered p50", "ms", None),
+            ("deliveries_per_s", "deliveries/s (two replicas)", "/s", None),
+            ("replica_cpu_us_per_delivery", "replica CPU per delivery", "us", 50.0),
+            ("replica_cpu_us_per_event", "replica CPU per consumed event", "us", 120.0),
+            ("bytes_per_subscriber", "replica RSS per subscriber", "KB", None),
+        ]
+        panels = []
+        for key, title, unit, line in panel_keys:
+            values = [result.get(f"{key}_{s}") for s in sizes]
+            if key == "bytes_per_subscriber":
+                values = [v / 1024 if v is not None else None for v in values]
+            panels.append(Panel(title, values, unit, line))
+        write_curves_svg(
+            Path(args.svg), "Signalman: two replicas, 100 tenants, ~5,000 deliveries/s",
+            sizes, panels,
+            note=f"./dev bench signalman-fanout, load average {result['load_average_start']} "
+                 f"(2 shared cores); herd of {result.get('herd_subscribers')}: resumed in "
+                 f"{result.get('herd_resume_s')} s, {result.get('herd_refused')} refused",
+        )  # fmt: skip
+        print(f"wrote {out} and {args.svg}")
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
