@@ -10,6 +10,7 @@ from starlette.routing import Route
 from api_balancing import errors, validation
 from api_balancing.fleet import Fleet
 from api_balancing.service import RoutingService
+from pkg.common import tracing
 from pkg.common.health import HealthSource
 from pkg.common.httpserver import ops_routes
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
@@ -104,13 +105,15 @@ def build_app(fleet: Fleet, routing: RoutingService, health: HealthSource) -> St
             )
         return JSONResponse({"count": len(rows), "nodes": rows})
 
-    return Starlette(
+    app = Starlette(
         routes=[
             *ops_routes(health),
             Route("/nodes", nodes),
             Route("/play/{content:path}", play),
         ]
     )
+    tracing.trace_http(app)
+    return app
 
 
 def _is_ip(value: str) -> bool:

@@ -43,6 +43,7 @@ from api_gateway.service import Gateway
 from bridge.ratelimit import RateLimiter
 from bridge.tenant_limits import CachedLimits
 from bridge.token_bucket import Decision, Limit
+from pkg.common import tracing
 from pkg.common.auth import ANONYMOUS, Principal
 from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
 
@@ -462,6 +463,7 @@ def build_asgi(view: BridgeGraphQL, health: HealthFn, max_header_bytes: int = 16
         exception_handlers={404: not_found, 405: method_not_allowed, 500: internal},
     )
     app.add_middleware(HeaderLimit, max_bytes=max_header_bytes)
+    tracing.trace_http(app)
     return app
 
 

@@ -235,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Redis as 1 primary + 2 replicas + 3 Sentinels, PostgreSQL as primary + standby",
     )
+    p.add_argument(
+        "--replicas", type=int, default=2, help="replicas of each service in HA mode (default 2)"
+    )
     p.add_argument("--nodes", type=int, default=50, help="simulated edge nodes")
     p.add_argument(
         "--viewers",
@@ -384,7 +387,7 @@ def _port(preferred: int, stack: Stack | None = None) -> int:
 
 
 def _replicas(args: argparse.Namespace) -> int:
-    return 1 if args.single else 2
+    return 1 if args.single else max(1, getattr(args, "replicas", 2))
 
 
 def _signalman_ports(stack: Stack, args: argparse.Namespace) -> list[int]:
@@ -478,6 +481,7 @@ def bridge(stack: Stack, args: argparse.Namespace) -> None:
         port = _port(8080 + i, stack)
         addr = stack.address(f"bridge-{i}")
         env = {
+            "BRIDGE_REPLICA_ID": f"bridge-{i}",
             "BRIDGE_REDIS_URL": stack.backends.redis_url or "",
             "BRIDGE_FOGHORN_ADDRESSES": ",".join(stack.endpoints.get("foghorn grpc", [])),
             "BRIDGE_FOGHORN_TOKEN": DEV_TOKEN,

@@ -34,6 +34,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from pkg.clients.backoff import Backoff
 from pkg.common import history
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.events.kafka import trace_of
 from signalman.deadletter import attempts_of
 from signalman.history import History, SourcePos
 from signalman.kafka_clients import member_id, remove_member
@@ -555,7 +556,7 @@ class GroupMember:
             return False
         batch = [
             RecordIn(r.value, r.key, SourcePos(tp.topic, tp.partition, r.offset),
-                     attempts_of(r.headers))
+                     attempts_of(r.headers), trace_of(r.headers))
             for tp, (_, records) in mine.items() for r in records
         ]  # fmt: skip
         fences = {(tp.topic, tp.partition): owned.fence for tp, (owned, _) in mine.items()}

@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 import structlog
 
 from pkg.clients.backoff import Backoff
+from pkg.common import tracing
 from pkg.common.auth import Principal
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from signalman.history import Entry, History
 from signalman.session import FeedPosition, FeedRegistry, Session
+from signalman.tracing import deliver_span
 
 log = structlog.get_logger("signalman.hub")
 
@@ -247,8 +249,13 @@ class Hub(FeedRegistry):
         feed.recent.extend(entries)
         for entry in entries:
             feed.position = entry.offset
+            span = None
+            if entry.trace and tracing.ENABLED:
+                span = deliver_span(entry.trace, tenant, entry.offset, len(feed.sessions))
             for session in list(feed.sessions):
                 session.offer(tenant, entry, epoch)
+            if span is not None:
+                span.end()
 
     async def _check_epoch(self, feed: Feed) -> None:
         """A lost history restarts offsets under a new epoch: subscribers must resume (and be

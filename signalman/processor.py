@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import structlog
 from opentelemetry import metrics
 
+from pkg.common import tracing
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.metrics import Metrics, Sample
 from signalman.history import AppendResult, Fences, History, SourcePos, fence_of
 from signalman.pipeline import Poison, Processed, process_record
+from signalman.tracing import ProcessSpans
 
 log = structlog.get_logger("signalman.processor")
 _meter = metrics.get_meter("signalman")
@@ -101,6 +103,7 @@ class RecordIn:
     key: bytes | None
     source: SourcePos
     attempts: int = 0
+    trace: str = ""  # the traceparent its producer sent in the record headers ("": none)
 
 
 @dataclass
@@ -156,21 +159,44 @@ class Processor:
         at append split an event's latency into the Kafka hop and our processing.
         """
         outcomes: list[Outcome] = [_DEAD_LETTERED] * len(records)
+        if not tracing.ENABLED:
+            return await self._handle(records, outcomes, fence, fetched_at, None)
+        # Traced: a consumer span per record that carries its producer's context, ended with
+        # the record's outcome whatever happens (see signalman.tracing).
+        spans = ProcessSpans(records)
+        try:
+            return await self._handle(records, outcomes, fence, fetched_at, spans)
+        finally:
+            spans.end(outcomes)
+
+    async def _handle(
+        self,
+        records: list[RecordIn],
+        outcomes: list[Outcome],
+        fence: Fences,
+        fetched_at: float | None,
+        spans: ProcessSpans | None,
+    ) -> list[Outcome]:
         pending: list[tuple[int, Processed, SourcePos]] = []
         for i, rec in enumerate(records):
             result = process_record(rec.value, rec.key)
             if isinstance(result, Poison):
                 await self._dead_letter(rec, result)
             else:
+                if spans is not None:
+                    result = spans.carry(i, result)
                 pending.append((i, result, rec.source))
         self.stats.records += len(records)  # (exported by _observe)
         if fetched_at is not None:
             for _, processed, src in pending:
                 if age_sampled(src.offset):
                     record_age(fetched_at, processed.items[0][1].time, "fetched")
-        results = await self.history.append_many(
-            [(p.tenant, p.items, src) for _, p, src in pending], fence
-        )
+        appends = [(p.tenant, p.items, src) for _, p, src in pending]
+        if spans is not None and spans.any:
+            with spans.append_span(len(appends)):
+                results = await self.history.append_many(appends, fence)
+        else:
+            results = await self.history.append_many(appends, fence)
         now = self.clock.time()
         appended = duplicates = 0
         for (i, processed, src), res in zip(pending, results, strict=True):

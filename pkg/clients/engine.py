@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from pkg.clients import backoff, testing
+from pkg.clients import backoff, testing, tracing
 from pkg.clients.breaker import (
     BREAKER_FAILURE,
     BREAKER_IGNORE,
@@ -223,16 +223,28 @@ def _driven_by(decider: _Decider) -> dict[str, Any]:
 # -- asyncio -----------------------------------------------------------------------------------
 
 
-async def call_async(
+def call_async(
+    ms: MethodState,
+    call_timeout: float | None,
+    attempt: Callable[[float], Awaitable[T]],
+    classify: Classifier,
+) -> Awaitable[T]:
+    """Run ``attempt(attempt_timeout)`` under the policy of ``ms``; awaits to its result.
+
+    ``call_timeout`` is the caller's overall deadline (None: the policy's ``timeout``). With
+    tracing on, the call runs inside a call span (``pkg.clients.tracing``).
+    """
+    if tracing.enabled():
+        return tracing.traced_async(ms, lambda: _call_async(ms, call_timeout, attempt, classify))
+    return _call_async(ms, call_timeout, attempt, classify)
+
+
+async def _call_async(
     ms: MethodState,
     call_timeout: float | None,
     attempt: Callable[[float], Awaitable[T]],
     classify: Classifier,
 ) -> T:
-    """Run ``attempt(attempt_timeout)`` under the policy of ``ms``; returns its result.
-
-    ``call_timeout`` is the caller's overall deadline (None: the policy's ``timeout``).
-    """
     # The success path is kept short on purpose (no objects beyond a tuple, no tenacity): it
     # runs on every call and its cost is what the benchmark's policy_overhead_us measures.
     now = ms.now
@@ -381,6 +393,17 @@ def call_sync(
     classify: Classifier,
 ) -> T:
     """Blocking twin of ``call_async`` (no hedging: that needs concurrent attempts)."""
+    if tracing.enabled():
+        return tracing.traced_sync(ms, lambda: _call_sync(ms, timeout, attempt, classify))
+    return _call_sync(ms, timeout, attempt, classify)
+
+
+def _call_sync(
+    ms: MethodState,
+    timeout: float | None,
+    attempt: Callable[[float], T],
+    classify: Classifier,
+) -> T:
     clock = ms.clock
     start = clock.monotonic()
     deadline = _overall_deadline(ms, timeout, start)

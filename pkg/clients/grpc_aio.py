@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from pkg.clients import tracing
 from pkg.clients.grpc_aio_calls import PooledStreamMultiCallable, UnaryUnaryMultiCallable
 from pkg.clients.grpc_aio_interceptors import aio_stream_interceptors
 from pkg.clients.grpc_core import ClientCore, channel_options
@@ -175,7 +176,8 @@ def aio_channel(
     core = ClientCore(policy, runtime, resolved.name, token)
     # Unary-unary calls are driven by ResilientChannel itself; the stream interceptors ride on
     # the underlying channel, and user interceptors run inside ours (once per attempt).
-    chain: list[Any] = [*aio_stream_interceptors(core), *interceptors]
+    # With tracing on, the innermost interceptors make a span per attempt and send its context.
+    chain: list[Any] = [*aio_stream_interceptors(core), *interceptors, *tracing.aio_interceptors()]
     extra = list(options)
 
     def open_channel(target: ResolvedTarget) -> grpc.aio.Channel:

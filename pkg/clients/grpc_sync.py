@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import grpc
 
+from pkg.clients import tracing
 from pkg.clients.engine import call_sync
 from pkg.clients.grpc_core import (
     END_OF_STREAM,
@@ -232,4 +233,7 @@ def sync_channel(
         raw = grpc.secure_channel(resolved.target, credentials, opts)
     else:
         raw = grpc.insecure_channel(resolved.target, opts)
-    return grpc.intercept_channel(raw, *sync_interceptors(core), *interceptors)
+    # With tracing on, the innermost interceptor makes a span per attempt and sends its context.
+    return grpc.intercept_channel(
+        raw, *sync_interceptors(core), *interceptors, *tracing.sync_interceptors()
+    )

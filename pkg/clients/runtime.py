@@ -30,6 +30,7 @@ from pkg.clients.telemetry import (
     default_instrumentation,
     instruments,
 )
+from pkg.clients.tracing import TracingInstrumentation
 from pkg.common.clock import SYSTEM_CLOCK, Clock, SystemClock
 
 if TYPE_CHECKING:
@@ -120,7 +121,9 @@ class Runtime:
         self.clock = clock
         self.rng = rng or random.Random()
         self.hooks: tuple[Instrumentation, ...] = tuple(
-            default_instrumentation() if instrumentation is None else instrumentation
+            (*default_instrumentation(), TracingInstrumentation())
+            if instrumentation is None
+            else instrumentation
         )
         self.breaker_listeners = tuple(breaker_listeners)
         self.shared_breakers = shared_breakers

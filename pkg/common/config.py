@@ -29,7 +29,7 @@ _FALSE = {"0", "false", "no", "off", ""}
 
 # Settings shared by every service (read by pkg.common.auth and pkg.common.history).
 PLATFORM_PREFIX = "PLATFORM"
-PLATFORM_SETTINGS = frozenset({"PLATFORM_TOKENS", "PLATFORM_HISTORY"})
+PLATFORM_SETTINGS = frozenset({"PLATFORM_TOKENS", "PLATFORM_HISTORY", "PLATFORM_TRACES_DIR"})
 
 
 class ConfigError(ValueError):

@@ -21,6 +21,7 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pkg.common import tracing
 from pkg.common.health import HealthSource
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -122,7 +123,9 @@ def build_server(
         ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_calls),
         *extra_options,
     ]
-    server = grpc.aio.server(interceptors=list(interceptors), options=options)
+    # Tracing (when on) is outermost: the server span covers the other interceptors too.
+    chain = [*tracing.server_interceptors(), *interceptors]
+    server = grpc.aio.server(interceptors=chain, options=options)
     names = []
     for binding in bindings:
         binding.add(binding.servicer, server)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from pkg.common import metrics
 from pkg.common.metrics import CONTENT_TYPE, Metrics
+from pkg.common.tracing import setup_tracing
 
 
 def setup_metrics(service: str) -> Metrics:
     """Install the process-wide registry and MeterProvider (idempotent: later calls return the
-    first one)."""
+    first one), and tracing when an exporter is configured (``pkg.common.tracing``): the one
+    telemetry setup of every service."""
+    setup_tracing(service)
     return metrics.setup(service)
 
 

@@ -15,12 +15,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import structlog
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind
 
 from pkg.clients.backoff import Backoff
+from pkg.common import tracing
 from pkg.common.metrics import Sample, process_metrics
 from pkg.events.envelope import encode_event
 from pkg.events.sink import Event, SinkState
@@ -39,6 +42,41 @@ _dropped = _meter.create_counter(
 )
 
 DEFAULT_TOPIC = "signalman.events"
+TRACE_HEADER = "traceparent"
+
+
+def _published(event: Event, topic: str) -> Event:
+    """``event`` with the context of a producer span for it (a child of the emitting span).
+
+    The span ends at once: the record is sent later, batched with others, by the sender
+    thread; what the trace needs is the hand-over point the consumer continues from.
+    """
+    span = tracing.tracer("pkg.events").start_span(
+        f"publish {topic}",
+        kind=SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "kafka",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": topic,
+            "messaging.message.id": event.id,
+            "platform.event.type": event.type,
+        },
+    )
+    with trace.use_span(span, end_on_exit=True):
+        return replace(event, trace=tracing.current_traceparent())
+
+
+def trace_headers(event: Event) -> list[tuple[str, bytes]] | None:
+    """The Kafka record headers carrying ``event``'s trace context (None: untraced)."""
+    return [(TRACE_HEADER, event.trace.encode())] if event.trace else None
+
+
+def trace_of(headers: Iterable[tuple[str, bytes]] | None) -> str:
+    """The traceparent a consumed record's headers carry ("" when none)."""
+    for name, value in headers or ():
+        if name == TRACE_HEADER:
+            return value.decode("ascii", "replace")
+    return ""
 
 
 class KeyHashCache:
@@ -131,8 +169,9 @@ class KafkaSink:
         """Buffer ``event`` for sending; drop and count it if the buffer is full. Never blocks."""
         try:
             if self.source and not event.source:
-                event = Event(event.type, event.tenant, event.data, event.id, event.time,
-                              event.schema_version, self.source)  # fmt: skip
+                event = replace(event, source=self.source)
+            if tracing.ENABLED and not event.trace:
+                event = _published(event, self.topic)
             with self._lock:
                 full = len(self._buffer) >= self.buffer_size or self._closing.is_set()
                 if full:
@@ -317,7 +356,12 @@ class KafkaSink:
                 batch = self._take(sent) if room else []
                 if batch:
                     futures = [
-                        await producer.send(self.topic, encode_event(e), key=e.tenant.encode())
+                        await producer.send(
+                            self.topic,
+                            encode_event(e),
+                            key=e.tenant.encode(),
+                            headers=trace_headers(e),
+                        )
                         for e in batch
                     ]
                     acked = asyncio.ensure_future(asyncio.gather(*futures))

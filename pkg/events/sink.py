@@ -23,6 +23,10 @@ class Event:
     time: float = field(default_factory=time.time)
     schema_version: int = 1
     source: str = ""
+    # W3C traceparent of the span that published it ("": untraced). It travels in the Kafka
+    # record's headers and the history entry, never in the envelope or to subscribers, and is
+    # not part of an event's identity.
+    trace: str = field(default="", compare=False)
 
 
 class EventSink(Protocol):

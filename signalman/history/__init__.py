@@ -53,6 +53,8 @@ class Entry:
     channel: str
     body: bytes
     epoch: str = ""  # the history epoch it was appended in ("" if not recorded)
+    # The traceparent of the span that processed it ("": untraced): delivery continues it.
+    trace: str = ""
 
     @cached_property
     def event(self) -> Event:

@@ -61,7 +61,9 @@ class MemoryHistory:
         offsets = []
         for channel, event in items:
             state.seq += 1
-            state.entries.append(Entry(state.seq, channel, wire.encode_body(event), state.epoch))
+            state.entries.append(
+                Entry(state.seq, channel, wire.encode_body(event), state.epoch, event.trace)
+            )
             offsets.append(state.seq)
         while len(state.entries) > self.max_len:
             state.entries.popleft()

@@ -39,7 +39,8 @@ from signalman.history import (
 # Appends a whole fetched batch in one call (one round trip, one command to encode): KEYS are the
 # tenants set, then each source partition's hash, then (stream, seq, epoch) of each tenant. ARGV:
 # a new-epoch candidate, maxlen, the records as one JSON array of [partition key index, index of
-# the tenant's stream key, source offset, source, tenant, [channel, body index, ...], fence],
+# the tenant's stream key, source offset, source, tenant, [channel, body index, ...], fence,
+# traceparent ("" for none: the field is then left out)],
 # then the events' bodies (binary: they cannot travel inside the JSON), each ARGV[body index].
 # Each record is checked on its own, in order (its partition's fence, then watermark), exactly as
 # if appended alone.
@@ -106,9 +107,16 @@ for r = 1, #records do
     local n = #items / 2
     local last = redis.call('INCRBY', skey, n)
     local first = last - n + 1
+    local tp = rec[8]
     for i = 0, n - 1 do
-      redis.call('XADD', hkey, 'MAXLEN', '~', maxlen, tostring(first + i) .. '-0',
-                 'c', items[1 + 2 * i], 'b', ARGV[items[2 + 2 * i]], 's', rec[4], 'p', epoch)
+      if tp and tp ~= '' then
+        redis.call('XADD', hkey, 'MAXLEN', '~', maxlen, tostring(first + i) .. '-0',
+                   'c', items[1 + 2 * i], 'b', ARGV[items[2 + 2 * i]], 's', rec[4], 'p', epoch,
+                   't', tp)
+      else
+        redis.call('XADD', hkey, 'MAXLEN', '~', maxlen, tostring(first + i) .. '-0',
+                   'c', items[1 + 2 * i], 'b', ARGV[items[2 + 2 * i]], 's', rec[4], 'p', epoch)
+      end
     end
     out[r] = {'appended', tostring(first), tostring(n), epoch}
   end
@@ -221,8 +229,9 @@ class RedisHistory:
                 flat += [channel, _FIRST_BODY + len(bodies) - 1]  # its ARGV index (1-based)
             where = f"{source.topic}/{source.partition}/{source.offset}"
             pi = part_index[(source.topic, source.partition)]
+            tp = items[0][1].trace if items else ""  # one record's events share its context
             payload.append([pi, ti, str(source.offset), where, tenant, flat,
-                            fence_of(fence, source)])  # fmt: skip
+                            fence_of(fence, source), tp])  # fmt: skip
         args: list[Any] = [
             f"{self._epoch_prefix}{time.time_ns() & 0xFFFFFFFFFFF:011x}",
             self.max_len,
@@ -299,7 +308,8 @@ class RedisHistory:
             body = fields.get(b"b")
             if not isinstance(body, bytes):  # (the client never decodes: always bytes or None)
                 body = _legacy_body(fields)
-            out.append(Entry(_offset(entry_id), _s(fields[b"c"]), body, _s(fields.get(b"p", b""))))
+            out.append(Entry(_offset(entry_id), _s(fields[b"c"]), body, _s(fields.get(b"p", b"")),
+                             _s(fields.get(b"t", b""))))  # fmt: skip
         return out
 
     async def read_after(self, tenant: str, after: int, limit: int) -> list[Entry]:

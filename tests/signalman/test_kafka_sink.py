@@ -107,7 +107,9 @@ class HeldAcks:
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
 
-    async def send(self, topic: str, value: bytes, key: bytes | None = None) -> Any:
+    async def send(
+        self, topic: str, value: bytes, key: bytes | None = None, headers: Any = None
+    ) -> Any:
         assert self.loop is not None
         future: asyncio.Future[None] = self.loop.create_future()
         self.futures.append(future)
