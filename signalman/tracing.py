@@ -22,18 +22,42 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind
 
 from pkg.common import tracing
-
-if TYPE_CHECKING:
-    from signalman.pipeline import Processed
-    from signalman.processor import Outcome, RecordIn
+from pkg.events.sink import Event
+from signalman.history import SourcePos
 
 _TRACER = "signalman"
+
+
+# What these spans read of the processor's records, results and outcomes (signalman.processor
+# and signalman.pipeline use this module, not the other way round).
+class RecordIn(Protocol):
+    @property
+    def source(self) -> SourcePos: ...
+
+    @property
+    def trace(self) -> str: ...
+
+
+class Processed(Protocol):
+    @property
+    def items(self) -> list[tuple[str, Event]]: ...
+
+
+class Outcome(Protocol):
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def offsets(self) -> tuple[int, ...]: ...
+
+
+P = TypeVar("P", bound=Processed)
 
 
 def _tracer() -> trace.Tracer:
@@ -72,13 +96,13 @@ class ProcessSpans:
     def any(self) -> bool:
         return bool(self.spans)
 
-    def carry(self, i: int, processed: Processed) -> Processed:
+    def carry(self, i: int, processed: P) -> P:
         """``processed`` with its events carrying record ``i``'s span context to the history."""
         parent = self.parents.get(i)
         if not parent:
             return processed
         items = [(channel, replace(event, trace=parent)) for channel, event in processed.items]
-        return replace(processed, items=items)
+        return replace(processed, items=items)  # type: ignore[type-var]
 
     @contextlib.contextmanager
     def append_span(self, records: int) -> Iterator[trace.Span]:

@@ -18,7 +18,7 @@ When tracing is off none of this is installed and the engine pays one boolean te
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -27,10 +27,25 @@ from pkg.clients.outlier import OutlierEvent
 from pkg.clients.telemetry import Instrumentation, RetryEvent
 from pkg.common import tracing
 
-if TYPE_CHECKING:
-    from pkg.clients.runtime import MethodState
-
 T = TypeVar("T")
+
+
+class _Counters(Protocol):
+    attempts: int
+
+
+class MethodState(Protocol):
+    """What a call span reads of ``pkg.clients.runtime.MethodState``."""
+
+    @property
+    def target(self) -> str: ...
+
+    @property
+    def method(self) -> str: ...
+
+    @property
+    def counters(self) -> _Counters: ...
+
 
 _TRACER_NAME = "pkg.clients"
 
