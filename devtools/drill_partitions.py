@@ -55,15 +55,17 @@ def _ownership_ttl(ctx: Ctx) -> float:
 
 def signalman_takeover_bound(ctx: Ctx) -> float:
     """How long partitions of a replica cut from PostgreSQL may stay unprocessed, by design:
-    the replica drops them at once (its lock queries time out, ``query_timeout_s`` 3 s), leaves
-    the group once its lock connection has been down ``SIGNALMAN_LOCK_REJOIN_AFTER_S``; the group
-    rebalances (session timeout + tansu's join hold, half of it); the new owner finds the old
-    session's locks still held (PostgreSQL never saw a FIN) and terminates that backend after
-    ``SIGNALMAN_LOCK_GRACE_S``. Plus 3 s of reconnect backoff and scheduling on a busy machine."""
+    the replica drops them as soon as a lock query times out (``query_timeout_s`` 3 s, queries
+    about every second), decides to leave the group once its lock connection has been down
+    ``SIGNALMAN_LOCK_REJOIN_AFTER_S`` (checked between reconnect attempts, each bounded by
+    ``connect_timeout_s`` 5 s, so up to 5 s late); the group rebalances (session timeout +
+    tansu's join hold, half of it); the new owner finds the old session's locks still held
+    (PostgreSQL never saw a FIN, and with default TCP keepalives would not for hours) and
+    terminates that backend after ``SIGNALMAN_LOCK_GRACE_S``. Plus 2 s of scheduling."""
     rejoin = _env(ctx, "SIGNALMAN_LOCK_REJOIN_AFTER_S", 30.0)
     session = _env(ctx, "SIGNALMAN_SESSION_TIMEOUT_MS", 10_000) / 1000
     grace = _env(ctx, "SIGNALMAN_LOCK_GRACE_S", 2.0)
-    return 3.0 + rejoin + 1.5 * session + grace + 3.0
+    return 1.0 + 3.0 + rejoin + 5.0 + 1.5 * session + grace + 2.0
 
 
 def _faults(ctx: Ctx) -> Faults:
@@ -84,6 +86,15 @@ def leading_foghorn(ctx: Ctx) -> list[str]:
         if (ctx.platform.health(name).get("ha") or {}).get("leader"):
             return [name]
     return ["foghorn-0"]
+
+
+def busiest_foghorn(ctx: Ctx) -> str:
+    """The Foghorn replica holding the most node streams now (earlier drills move nodes)."""
+    owned = {
+        name: int((ctx.platform.health(name).get("ha") or {}).get("owned_nodes") or 0)
+        for name in ("foghorn-0", "foghorn-1")
+    }
+    return max(owned, key=lambda name: (owned[name], name == "foghorn-0"))
 
 
 def fixed(*names: str) -> Callable[[Ctx], list[str]]:
@@ -140,6 +151,20 @@ def _snapshot(ctx: Ctx) -> dict[str, Any]:
 def _hold_foghorn(ctx: Ctx) -> float:
     # Past the leader lease and the ownership TTL, so both can have moved, plus a margin.
     return max(_lease_ttl(ctx), _ownership_ttl(ctx)) + ctx.settings.pause_margin_s + 2.0
+
+
+def node_takeover_bound(_ctx: Ctx | None = None) -> float:
+    """How long nodes whose replica went silent (no FIN, no RST) keep their stream to it: until
+    their client's keepalive gives up (``pkg.clients`` pings every 20 s and waits 10 s for the
+    answer), plus the reconnect to the other replica and its registration (fresh fence)."""
+    from pkg.clients.grpc_core import KEEPALIVE_OPTIONS
+
+    opts = dict(KEEPALIVE_OPTIONS)
+    return (int(opts["grpc.keepalive_time_ms"]) + int(opts["grpc.keepalive_timeout_ms"])) / 1000 + 5
+
+
+def _hold_nodes(ctx: Ctx) -> float:
+    return node_takeover_bound(ctx) + 3.0
 
 
 def _hold_signalman_kafka(ctx: Ctx) -> float:
@@ -199,17 +224,21 @@ def foghorn_redis_check(ctx: Ctx, r: Result) -> list[str]:
     return out
 
 
-def foghorn_nodes_check(ctx: Ctx, r: Result) -> list[str]:
-    out = _common(ctx, r)
+def _nodes_moved(ctx: Ctx, victim: str) -> list[str]:
     own = _takeover(ctx, "ownership")
+    bound = node_takeover_bound(ctx)
+    ctx.facts["node_takeover_bound_s"] = bound
     if not own.get("victim_held"):
-        out.append("foghorn-0 owned no node stream before the cut: nothing was tested")
-    elif own.get("moved", 0) < own.get("victim_held", 0):
-        out.append(
-            f"only {own.get('moved', 0)} of {own.get('victim_held')} nodes moved to foghorn-1 "
-            "during the partition"
-        )
-    return out
+        return [f"{victim} owned no node stream before the cut: nothing was tested"]
+    if own.get("moved", 0) < own.get("victim_held", 0):
+        return [f"only {own.get('moved', 0)} of {own['victim_held']} nodes moved off {victim}"]
+    if own.get("max_s") is not None and own["max_s"] > bound:
+        return [f"nodes moved off {victim} after {own['max_s']} s (bound {bound:g} s)"]
+    return []
+
+
+def foghorn_nodes_check(ctx: Ctx, r: Result) -> list[str]:
+    return [*_common(ctx, r), *_nodes_moved(ctx, (ctx.facts.get("victims") or ["foghorn"])[0])]
 
 
 def signalman_postgres_check(ctx: Ctx, r: Result) -> list[str]:
@@ -247,9 +276,7 @@ def isolate_check(ctx: Ctx, r: Result) -> list[str]:
     out = _common(ctx, r)
     if r.detect_s is None:
         out.append("the isolated replicas' health never showed unreachable")
-    own = _takeover(ctx, "ownership")
-    if own.get("victim_held") and own.get("moved", 0) < own["victim_held"]:
-        out.append(f"only {own.get('moved', 0)} of {own['victim_held']} nodes moved off foghorn-0")
+    out.extend(_nodes_moved(ctx, (ctx.facts.get("victims") or ["foghorn"])[0]))
     part = _takeover(ctx, "partition")
     if part.get("victim_held") and part.get("moved", 0) < part["victim_held"]:
         out.append(f"only {part.get('moved', 0)} of {part['victim_held']} partitions moved")
@@ -271,12 +298,15 @@ DRILLS: list[Drill] = [
     ),
     Drill(
         "partition-foghorn-nodes",
-        "foghorn-0 cut from the edge nodes only: the nodes move to foghorn-1 and ownership "
-        "follows (higher fences), no node owned by two replicas at once as judged by the "
-        "fences Redis accepted; 0 failed routings",
-        partition(fixed("foghorn-0"), lambda f, v: [f.cut(v[0], "nodes")], _hold_foghorn),
+        "the Foghorn replica with the most node streams cut from the edge nodes only: the nodes "
+        "move to the other replica within the keepalive bound and ownership follows (higher "
+        "fences), no node owned by two replicas at once as judged by the fences Redis "
+        "accepted; 0 failed routings",
+        partition(
+            lambda ctx: [busiest_foghorn(ctx)], lambda f, v: [f.cut(v[0], "nodes")], _hold_nodes
+        ),
         None,
-        "event delivery overdue",
+        "(no health shows it: the nodes notice by keepalive)",
         foghorn_nodes_check,
         needs_hosts=True,
     ),
@@ -317,13 +347,14 @@ DRILLS: list[Drill] = [
     ),
     Drill(
         "isolate-replica",
-        "one replica of each service (foghorn-0, signalman-0, bridge-0) cut from everything, "
+        "one replica of each service (the Foghorn replica with the most nodes, signalman-0, "
+        "bridge-0) cut from everything, "
         "then healed: callers eject them and route around, nodes and partitions move; after "
         "the heal they serve nothing stale; 0 failed routings, 0 lost events",
         partition(
-            fixed("foghorn-0", "signalman-0", "bridge-0"),
+            lambda ctx: [busiest_foghorn(ctx), "signalman-0", "bridge-0"],
             lambda f, v: [f.isolate(name) for name in v],
-            lambda ctx: max(_hold_foghorn(ctx), _hold_signalman_kafka(ctx)),
+            lambda ctx: max(_hold_nodes(ctx), _hold_foghorn(ctx), _hold_signalman_kafka(ctx)),
         ),
         status_not_ok("foghorn-0", "signalman-0", "bridge-0"),
         "isolated replicas /health unreachable",

@@ -712,9 +712,10 @@ async def _settle(
 ) -> tuple[float | None, bool]:
     """After the fault: wait until the platform is healthy and traffic has been clean for
     ``quiet_s``. Returns when the platform was first fully healthy again (None: never) and
-    whether traffic ended clean within ``settle_max_s``."""
+    whether traffic ended clean within ``settle_max_s`` of the fault's end (a partition drill
+    holds its fault for tens of seconds before it heals)."""
     s = platform.settings
-    deadline = t0 + s.settle_max_s
+    deadline = max(t0, time.monotonic()) + s.settle_max_s
     restored_at: float | None = None
     while time.monotonic() < deadline:
         now = time.monotonic()
@@ -849,7 +850,12 @@ def write_json(results: list[Result], settings: Settings, path: Path = BENCH_FIL
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="./dev drill", description=__doc__.split("\n\n")[0])
-    p.add_argument("name", nargs="?", default="all", help="one of: " + ", ".join(BY_NAME) + ", all")
+    p.add_argument(
+        "name",
+        nargs="?",
+        default="all",
+        help="one of: " + ", ".join(BY_NAME) + ", all (or several, comma-separated)",
+    )
     p.add_argument("--short", action="store_true", help="short TTLs and phases (seconds/drill)")
     p.add_argument("--nodes", type=int, default=None, help="simulated edge nodes")
     p.add_argument("--json", type=Path, default=BENCH_FILE, help="where to write the figures")
@@ -867,7 +873,7 @@ def main(argv: list[str]) -> int:
     if args.name == "all":
         names = [d.name for d in DRILLS if args.hosts or not d.needs_hosts]
     else:
-        names = [args.name]
+        names = [n for n in args.name.split(",") if n]
     unknown = [n for n in names if n not in BY_NAME]
     if unknown:
         print(f"unknown drill {unknown[0]!r}; drills: {', '.join(BY_NAME)}, all")

@@ -92,7 +92,10 @@ class _RedisBase:
             raise StoreUnavailable(self.health.last_error or "redis down")
         try:
             return await fn()
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, RuntimeError) as exc:
+            # RuntimeError: asyncio's "unable to perform operation on <TCPTransport closed=True>"
+            # from a pooled connection whose socket died during a network partition (seen in the
+            # isolate-replica drill); redis-py drops that connection, so the next call is clean.
             self.health.mark_down(exc)
             raise StoreUnavailable(repr(exc)) from exc
 
