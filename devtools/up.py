@@ -308,6 +308,12 @@ def build_stack(args: argparse.Namespace, should_stop: Callable[[], bool] = lamb
         stop_stack(stack)
         raise
     stack.notes.append(f"admin token: {DEV_TOKEN}")
+    if stack.hosts is not None:
+        harness = stack.hosts.host(simhosts.HARNESS_HOST)
+        stack.notes.append(
+            f"on hosts:         these addresses answer inside the hosts only: prefix commands "
+            f"with `ip netns exec {harness.netns}`"
+        )
     return stack
 
 
@@ -320,8 +326,9 @@ def stop_stack(stack: Stack) -> None:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    if args.hosts and args.single:
-        print("--hosts runs the HA platform: it cannot be combined with --single")
+    if args.hosts and (args.single or args.ha_stores):
+        # --ha-stores' Sentinels and standby are loopback-only so far.
+        print("--hosts runs the HA platform on simulated hosts: not with --single or --ha-stores")
         return 2
     if args.hosts and not simhosts.inside():
         return simhosts.run_harness(["up", *argv])
