@@ -34,10 +34,9 @@ def events_message(events: list[OutEvent]) -> bytes:
     """A serialized ``ServerMessage`` with one event, or an ``EventBatch`` of several (the common
     case under load), spliced from the bytes the history stores: nothing is parsed or built per
     event (see ``signalman.wire``)."""
-    encoded = [e.entry.wire_event(e.subscription, e.epoch) for e in events]
-    if len(encoded) == 1:
-        return wire.event_message(encoded[0])
-    return wire.batch_message(encoded)
+    if len(events) == 1:
+        return events[0].entry.wire_message(events[0].subscription, events[0].epoch)
+    return wire.batch_message([e.entry.wire_event(e.subscription, e.epoch) for e in events])
 
 
 def serialize(message: pb.ServerMessage | bytes) -> bytes:

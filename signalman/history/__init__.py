@@ -75,8 +75,22 @@ class Entry:
                                                          self.body)  # fmt: skip
         return encoded
 
+    def wire_message(self, subscription: str, epoch: str) -> bytes:
+        """The serialized ``ServerMessage`` carrying this event alone (what a subscriber that
+        keeps up receives): made once per entry and subscription channel, like ``wire_event``,
+        so every session of the tenant writes the same bytes object."""
+        key = (subscription, epoch)
+        message = self._message.get(key)
+        if message is None:
+            message = self._message[key] = wire.event_message(self.wire_event(subscription, epoch))
+        return message
+
     @cached_property
     def _wire(self) -> dict[tuple[str, str], bytes]:
+        return {}
+
+    @cached_property
+    def _message(self) -> dict[tuple[str, str], bytes]:
         return {}
 
 

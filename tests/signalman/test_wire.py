@@ -80,6 +80,11 @@ def test_an_entry_decodes_its_event_and_encodes_each_subscription_once() -> None
     assert pb.Event.FromString(entry.wire_event("all", "ep")).channel == "all"
     parsed: Any = to_proto(OutEvent("all", "ep", entry))
     assert parsed.event.offset == 7 and parsed.event.data_json == '{"n":1,"ip":"10.0.0.0/24"}'
+    # What a subscriber that keeps up gets: one message per entry and channel, the same bytes
+    # object for every session (encoded once per event and tenant, never per subscriber).
+    alone = events_message([OutEvent("streams", "ep", entry)])
+    assert events_message([OutEvent("streams", "ep", entry)]) is alone
+    assert pb.ServerMessage.FromString(alone).event.SerializeToString() == first
 
 
 def test_a_large_offset_and_long_fields_use_multi_byte_varints() -> None:
