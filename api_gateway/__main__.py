@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         log_level="warning",
         access_log=False,
         ws="websockets-sansio",
+        # A WebSocket frame may be no larger than an HTTP body (close 1009 past it).
+        ws_max_size=cfg.max_body_bytes,
         lifespan="on",
         timeout_graceful_shutdown=5,
     )

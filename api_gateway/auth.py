@@ -20,9 +20,16 @@ import jwt
 from pkg.common.auth import ANONYMOUS, Principal
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 
+TOKEN_EXPIRED = "token expired"
+
 
 class AuthError(Exception):
     """The credentials are present but unacceptable; the message says why (safe to show)."""
+
+    @property
+    def expired(self) -> bool:
+        """True when the token was valid but has expired (refresh it), not malformed/forged."""
+        return str(self) == TOKEN_EXPIRED
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,13 @@ class JwtAuthenticator:
 
     def authenticate(self, authorization: str | None) -> Principal:
         """ANONYMOUS without a header; a Principal for a valid bearer token; AuthError otherwise."""
+        return self.authenticate_until(authorization)[0]
+
+    def authenticate_until(self, authorization: str | None) -> tuple[Principal, float | None]:
+        """Like ``authenticate``, with the time (epoch seconds, leeway included) after which the
+        token is refused: a WebSocket is closed then unless the client re-authenticates."""
         if authorization is None:
-            return ANONYMOUS
+            return ANONYMOUS, None
         if len(authorization) > self._s.max_token_bytes:
             raise AuthError("authorization header too long")
         scheme, _, token = authorization.strip().partition(" ")
@@ -82,14 +94,14 @@ class JwtAuthenticator:
         hit = self._verified.get(token)
         if hit is not None:
             if self._clock.time() < hit[1] + self._s.leeway_s:
-                return hit[0]
+                return hit[0], hit[1] + self._s.leeway_s
             del self._verified[token]
-            raise AuthError("token expired")
+            raise AuthError(TOKEN_EXPIRED)
         principal, exp = self._verify(token)
         self._verified[token] = (principal, exp)
         if len(self._verified) > 4096:
             self._verified.popitem(last=False)
-        return principal
+        return principal, exp + self._s.leeway_s
 
     def _verify(self, token: str) -> tuple[Principal, float]:
         try:
@@ -111,7 +123,7 @@ class JwtAuthenticator:
                 options={"require": ["exp", "iss", "aud"]},
             )
         except jwt.ExpiredSignatureError:
-            raise AuthError("token expired") from None
+            raise AuthError(TOKEN_EXPIRED) from None
         except jwt.InvalidAudienceError:
             raise AuthError("token audience not accepted") from None
         except jwt.InvalidIssuerError:

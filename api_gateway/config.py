@@ -70,10 +70,20 @@ class BridgeConfig:
     max_token_bytes: int = 4096
     max_header_bytes: int = 16_384
 
+    # Subscriptions (WebSocket): a tenant's subscriptions on one replica share one Signalman
+    # stream; past the cap a new one fails with SUBSCRIPTION_LIMIT. A subscription more than
+    # subscription_buffer events behind is ended (SLOW_SUBSCRIBER).
+    max_subscriptions_per_tenant: int = 100
+    subscription_buffer: int = 256
+    ws_connection_init_timeout_s: float = 10.0
+
     def __post_init__(self) -> None:
         if not 0 < self.http_port < 65536:
             raise ValueError(f"http_port must be 1..65535, got {self.http_port}")
-        for name in ("tenant_burst", "anon_burst", "max_query_depth", "max_query_bytes"):
+        for name in (
+            "tenant_burst", "anon_burst", "max_query_depth", "max_query_bytes",
+            "max_subscriptions_per_tenant", "subscription_buffer",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("tenant_rate", "anon_rate", "cache_ttl_s", "backend_timeout_s"):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from graphql import GraphQLError
+from strawberry.schema.exceptions import CannotGetOperationTypeError
+
+log = structlog.get_logger("bridge.errors")
 
 UNAUTHENTICATED = "UNAUTHENTICATED"
 FORBIDDEN = "FORBIDDEN"
@@ -22,6 +26,7 @@ BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
 BACKEND_TIMEOUT = "BACKEND_TIMEOUT"
 SUBSCRIPTIONS_UNAVAILABLE = "SUBSCRIPTIONS_UNAVAILABLE"
 SUBSCRIPTION_LIMIT = "SUBSCRIPTION_LIMIT"
+SLOW_SUBSCRIBER = "SLOW_SUBSCRIBER"
 NOT_ACCEPTABLE = "NOT_ACCEPTABLE"
 OPERATION_NAME_REQUIRED = "OPERATION_NAME_REQUIRED"
 TOKEN_EXPIRED = "TOKEN_EXPIRED"
@@ -56,3 +61,32 @@ def classify(error: GraphQLError) -> str:
     if msg.startswith("Variable ") or "got invalid value" in msg:
         return BAD_USER_INPUT
     return VALIDATION_FAILED
+
+
+def format_error(error: GraphQLError) -> dict[str, Any]:
+    """A GraphQL error as sent to clients: unexpected failures are masked, never leaked."""
+    original = error.original_error
+    ext = dict(error.extensions or {})
+    if isinstance(original, ApiError):
+        ext = {**original.extensions, **ext} if original.extensions else ext
+    elif isinstance(original, CannotGetOperationTypeError):
+        # An unknown operationName, or a document without an operation: the request is wrong.
+        return {
+            "message": original.as_http_error_reason(),
+            "extensions": {"code": BAD_REQUEST},
+        }
+    elif original is not None and not isinstance(original, GraphQLError):
+        log.error("resolver_failed", error=repr(original), path=error.path)
+        return {
+            "message": "internal error",
+            "path": error.path,
+            "extensions": {"code": INTERNAL},
+        }
+    if "code" not in ext:
+        ext["code"] = classify(error)
+    out: dict[str, Any] = {"message": error.message, "extensions": ext}
+    if error.locations:
+        out["locations"] = [{"line": loc.line, "column": loc.column} for loc in error.locations]
+    if error.path:
+        out["path"] = error.path
+    return out

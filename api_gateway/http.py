@@ -12,12 +12,12 @@ import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import structlog
 from cross_web import HTTPException
-from graphql import GraphQLError
 from opentelemetry import metrics
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
@@ -27,12 +27,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
-from strawberry.exceptions import ConnectionRejectionError
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult
 from strawberry.types.execution import PreExecutionError
 
 from api_gateway import errors
 from api_gateway.auth import AuthError, JwtAuthenticator, is_anonymous
+from api_gateway.errors import format_error
 from api_gateway.persisted import (
     PersistedQueries,
     PersistedQueryInvalid,
@@ -40,6 +41,9 @@ from api_gateway.persisted import (
     not_found_body,
 )
 from api_gateway.service import Gateway
+from api_gateway.websocket import CLOSE_RATE_LIMITED, BridgeTransportWSHandler, retry_after_s
+from api_gateway.websocket import PROTOCOL as WS_PROTOCOL
+from api_gateway.websocket import refusal as ws_refusal
 from bridge.ratelimit import RateLimiter
 from bridge.tenant_limits import CachedLimits
 from bridge.token_bucket import Decision, Limit
@@ -102,11 +106,6 @@ class RequestGuard:
             return await self.limiter.check(f"ip:{ip}", self.anon_limit)
         limits = await self.tenant_limits.limits_for(principal.tenant)
         return await self.limiter.check(f"tenant:{principal.tenant}", limits.requests)
-
-
-def retry_after_s(d: Decision) -> int:
-    """Whole seconds until a refused request may succeed (at least 1)."""
-    return max(1, d.retry_after_s)
 
 
 def rate_headers(d: Decision) -> dict[str, str]:
@@ -173,31 +172,10 @@ def _error(
     )
 
 
-def format_error(error: GraphQLError) -> dict[str, Any]:
-    """A GraphQL error as sent to clients: unexpected failures are masked, never leaked."""
-    original = error.original_error
-    ext = dict(error.extensions or {})
-    if isinstance(original, errors.ApiError):
-        ext = {**original.extensions, **ext} if original.extensions else ext
-    elif original is not None and not isinstance(original, GraphQLError):
-        log.error("resolver_failed", error=repr(original), path=error.path)
-        return {
-            "message": "internal error",
-            "path": error.path,
-            "extensions": {"code": errors.INTERNAL},
-        }
-    if "code" not in ext:
-        ext["code"] = errors.classify(error)
-    out: dict[str, Any] = {"message": error.message, "extensions": ext}
-    if error.locations:
-        out["locations"] = [{"line": loc.line, "column": loc.column} for loc in error.locations]
-    if error.path:
-        out["path"] = error.path
-    return out
-
-
 class BridgeGraphQL(GraphQL[dict[str, Any], None]):
     """Strawberry's ASGI view with Bridge's guard in front and its error format."""
+
+    graphql_transport_ws_handler_class = BridgeTransportWSHandler
 
     def __init__(
         self,
@@ -207,8 +185,15 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         limits: Limits,
         graphiql_html: str,
         persisted: PersistedQueries | None = None,
+        connection_init_timeout_s: float = 10.0,
     ) -> None:
-        super().__init__(schema, graphql_ide="graphiql")
+        super().__init__(
+            schema,
+            graphql_ide="graphiql",
+            # Only graphql-transport-ws: the legacy graphql-ws is refused at the upgrade.
+            subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+            connection_init_wait_timeout=timedelta(seconds=connection_init_timeout_s),
+        )
         self.gateway = gateway
         self.guard = guard
         self.limits = limits
@@ -226,22 +211,10 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
             "response": response,
             "principal": principal,
             "gateway": self.gateway,
+            # The WebSocket path: when the token stops being valid, where the caller is.
+            "expires_at": request.scope.get("bridge.expires_at"),
+            "client_ip": request.scope.get("bridge.client_ip", ""),
         }
-
-    async def on_ws_connect(self, context: dict[str, Any]) -> Any:
-        """A token may come in ``connection_init`` (browsers cannot set WS headers)."""
-        params = context.get("connection_params") or {}
-        raw = params.get("Authorization") or params.get("authorization")
-        if raw is not None:
-            if not isinstance(raw, str):
-                raise ConnectionRejectionError({"code": errors.UNAUTHENTICATED})
-            try:
-                context["principal"] = self.guard.auth.authenticate(raw)
-            except AuthError as exc:
-                raise ConnectionRejectionError(
-                    {"code": errors.UNAUTHENTICATED, "message": str(exc)}
-                ) from None
-        return await super().on_ws_connect(context)
 
     async def process_result(self, request: Any, result: ExecutionResult) -> Any:
         body: dict[str, Any] = {}
@@ -283,20 +256,39 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         await response(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refusals carry their reason: an upgrade without our subprotocol is an HTTP 400 with
+        a body; a refused token or an exhausted rate limit is accepted, then closed with the
+        protocol's code and a reason (see ``api_gateway.websocket``)."""
         ws = WebSocket(scope, receive, send)
-        principal: Principal = ANONYMOUS
-        header = ws.headers.get("authorization")
-        try:
-            if header is not None:
-                principal = self.guard.auth.authenticate(header)
-            decision = await self.guard.admit(principal, self.guard.client_ip(ws))
-        except AuthError:
-            await ws.close(code=4401, reason="unauthenticated")
+        offered = [p.strip() for p in scope.get("subprotocols") or []]
+        if WS_PROTOCOL not in offered:
+            await _refuse_upgrade(
+                ws,
+                f"unsupported WebSocket subprotocol {offered[:3]}: this endpoint speaks "
+                f"{WS_PROTOCOL!r} only (the legacy 'graphql-ws' is not supported)",
+            )
             return
+        principal: Principal = ANONYMOUS
+        expires_at: float | None = None
+        ip = self.guard.client_ip(ws)
+        try:
+            principal, expires_at = self.guard.auth.authenticate_until(
+                ws.headers.get("authorization")
+            )
+        except AuthError as exc:
+            await ws.accept(subprotocol=WS_PROTOCOL)
+            await ws.close(*ws_refusal(exc))
+            return
+        decision = await self.guard.admit(principal, ip)
         if not decision.allowed:
-            await ws.close(code=4429, reason="rate limited")
+            await ws.accept(subprotocol=WS_PROTOCOL)
+            await ws.close(
+                CLOSE_RATE_LIMITED, f"rate limited: retry after {retry_after_s(decision)} s"
+            )
             return
         scope["bridge.principal"] = principal
+        scope["bridge.expires_at"] = expires_at
+        scope["bridge.client_ip"] = ip
         await self.run(ws)
 
     async def _http(self, scope: Scope, receive: Receive) -> Response:
@@ -382,6 +374,14 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
                 response.status_code = 400
         _count_response(response.status_code, "OK")
         return response
+
+
+async def _refuse_upgrade(ws: WebSocket, message: str) -> None:
+    response = JSONResponse(errors.error_body(errors.BAD_REQUEST, message), status_code=400)
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(response)
+    else:  # a server without the denial extension: the protocol's own refusal
+        await ws.close(4406, "Subprotocol not acceptable")
 
 
 def _limit_body(receive: Receive, limit: int) -> Receive:

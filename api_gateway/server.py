@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from api_gateway.auth import JwtAuthenticator, JwtSettings, load_public_key
 from api_gateway.backend import EventsBackend, FleetBackend, NoEvents, NoFleet
 from api_gateway.config import BridgeConfig
+from api_gateway.fanout import SharedEvents
 from api_gateway.http import (
     RESPONSES_BY_STATUS,
     BridgeGraphQL,
@@ -150,13 +151,16 @@ def build_replica(
         Limit(cfg.anon_burst, cfg.anon_rate),
         cfg.trust_forwarded_for,
     )
-    gateway = Gateway(fleet, events, cache, route_policy)
+    # A tenant's subscriptions share one Signalman stream per replica (and are capped).
+    shared_events = SharedEvents(events, cfg.max_subscriptions_per_tenant, cfg.subscription_buffer)
+    gateway = Gateway(fleet, shared_events, cache, route_policy)
     view = BridgeGraphQL(
         build_schema(cfg.max_query_depth, cfg.max_query_tokens, cfg.max_aliases),
         gateway,
         guard,
         Limits(cfg.max_body_bytes, cfg.max_query_bytes),
         load_graphiql_html(),
+        connection_init_timeout_s=cfg.ws_connection_init_timeout_s,
     )
 
     async def health_report() -> dict[str, Any]:
@@ -180,7 +184,7 @@ def build_replica(
 
     app = build_asgi(view, health_report, cfg.max_header_bytes)
     replica = Replica(cfg, app, gateway, cache, health, closers)
-    app.router.lifespan_context = _lifespan(replica, fleet, events)
+    app.router.lifespan_context = _lifespan(replica, fleet, shared_events)
     return replica
 
 

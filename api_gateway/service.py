@@ -68,7 +68,9 @@ def require_operator(principal: Principal, what: str) -> str:
 
 
 def _as_api_error(exc: BackendError) -> ApiError:
-    extra = {"field": exc.field} if exc.field else {}
+    extra: dict[str, Any] = {"field": exc.field} if exc.field else {}
+    if exc.code == errors.SUBSCRIPTION_LIMIT:
+        extra["retryable"] = False  # waiting does not free a slot: closing a subscription does
     return ApiError(exc.code, exc.message, **extra)
 
 

@@ -49,7 +49,8 @@ class SignalmanEvents:
             if tok is None:
                 raise BackendError(
                     errors.SUBSCRIPTIONS_UNAVAILABLE,
-                    f"no Signalman credential for tenant {tenant!r}",
+                    f"events of tenant {tenant!r} cannot be relayed: this gateway holds no "
+                    "Signalman credential for it (BRIDGE_SIGNALMAN_TOKENS)",
                 )
             client = SignalmanClient(self.addresses, token=tok)
             self._clients[tenant] = client

@@ -4,7 +4,7 @@ tests, which drive it with third-party clients the way a new user would."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,6 +91,40 @@ def start_platform(run_dir: Path, **bridge_env: str) -> Platform:
 def stop_platform(platform: Platform) -> None:
     for proc in reversed(platform.procs):
         proc.stop(timeout=5)
+
+
+@pytest.fixture
+def extra_bridge(platform: Platform, tmp_path: Path) -> Iterator[Callable[..., int]]:
+    """``extra_bridge(BRIDGE_X="...")``: another Bridge on the platform's Foghorn and Signalman
+    with these settings (tight limits, short leeway); returns its port."""
+    started: list[CommandProcess] = []
+
+    def start(**env: str) -> int:
+        port = free_port()
+        proc = CommandProcess(
+            f"bridge-extra-{len(started)}",
+            [sys.executable, "-m", "api_gateway", "--port", str(port), "--id", "extra"],
+            run_dir=tmp_path / f"bridge-{len(started)}",
+            port=port,
+            env={
+                "BRIDGE_FOGHORN_ADDRESSES": f"127.0.0.1:{platform.foghorn_grpc}",
+                "BRIDGE_FOGHORN_TOKEN": OPERATOR_TOKEN,
+                "BRIDGE_SIGNALMAN_ADDRESSES": f"127.0.0.1:{platform.signalman_grpc}",
+                "BRIDGE_SIGNALMAN_TOKENS": "acme=sig-acme,globex=sig-globex",
+                "BRIDGE_JWT_HS256_SECRET": SECRET,
+                **env,
+            },
+        )
+        started.append(proc)
+        proc.start()
+        start.procs = started  # type: ignore[attr-defined]
+        return port
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            proc.stop(timeout=5)
 
 
 @pytest.fixture(scope="module")

@@ -3,4 +3,4 @@
 from __future__ import annotations
 
 # Bridge's adversarial tests run against the same small platform as the interface tests.
-from tests.interfaces.conftest import platform  # noqa: F401
+from tests.interfaces.conftest import extra_bridge, platform  # noqa: F401

@@ -1,0 +1,177 @@
+"""Bridge's WebSocket path has the limits of its HTTP path (issue 12, item 6), checked with a raw
+``websockets`` client against a real Bridge, Foghorn and Signalman.
+
+Every operation on a socket is charged to the caller's rate limit; the HTTP size limits apply to
+frames and queries; parse and limit errors come back as GraphQL errors (one log line, no
+traceback quoting the query); a socket is closed 4401 when its token expires unless the client
+re-authenticates; a tenant's subscriptions are capped (non-retryable error) and share one
+Signalman stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import websockets
+from websockets.exceptions import ConnectionClosed
+
+from tests.bridge.fakes import token
+from tests.interfaces.conftest import Platform
+
+pytestmark = pytest.mark.integration
+PROTOCOL = "graphql-transport-ws"
+SUB = 'subscription { tenantEvents(channels: ["%s"]) { type } }'
+
+
+@contextlib.asynccontextmanager
+async def socket(port: int, tok: str | None = None) -> AsyncIterator[Any]:
+    async with websockets.connect(
+        f"ws://127.0.0.1:{port}/graphql", subprotocols=[PROTOCOL], max_size=None
+    ) as ws:
+        payload = {"Authorization": f"Bearer {tok}"} if tok else {}
+        await ws.send(json.dumps({"type": "connection_init", "payload": payload}))
+        assert json.loads(await ws.recv())["type"] == "connection_ack"
+        yield ws
+
+
+async def reply(ws: Any, op_id: str, timeout: float = 10) -> dict[str, Any]:
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), timeout))
+        if msg.get("id") == op_id:
+            return msg  # type: ignore[no-any-return]
+
+
+async def run(ws: Any, op_id: str, query: str) -> dict[str, Any]:
+    await ws.send(json.dumps({"id": op_id, "type": "subscribe", "payload": {"query": query}}))
+    return await reply(ws, op_id)
+
+
+async def closed_with(ws: Any, timeout: float = 10) -> tuple[int, str]:
+    """Read (and drop) messages until the server closes the socket: its code and reason."""
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            await asyncio.wait_for(ws.recv(), timeout)
+    assert closed.value.rcvd is not None, "closed without a close frame"
+    return closed.value.rcvd.code, closed.value.rcvd.reason
+
+
+def code_of(msg: dict[str, Any]) -> str:
+    errors = msg["payload"] if msg["type"] == "error" else msg["payload"].get("errors", [{}])
+    return str(errors[0].get("extensions", {}).get("code"))
+
+
+async def test_every_operation_on_a_socket_is_charged_to_the_rate_limit(extra_bridge) -> None:  # type: ignore[no-untyped-def]
+    port = extra_bridge(BRIDGE_TENANT_BURST="4", BRIDGE_TENANT_RATE="0.1")
+    async with socket(port, token("acme")) as ws:
+        answers = [await run(ws, str(i), "{ me { tenant } }") for i in range(5)]
+    assert [a["type"] for a in answers[:4]] == ["next"] * 4
+    assert answers[4]["type"] == "error" and code_of(answers[4]) == "RATE_LIMITED"
+    assert answers[4]["payload"][0]["extensions"]["retryAfter"] == 10
+    # The same bucket as HTTP: the tenant's next HTTP request is refused too.
+    async with httpx.AsyncClient() as http:
+        r = await http.post(
+            f"http://127.0.0.1:{port}/graphql",
+            json={"query": "{ me { tenant } }"},
+            headers={"Authorization": f"Bearer {token('acme')}"},
+        )
+    assert r.status_code == 429
+
+
+async def test_http_size_limits_apply_to_frames_and_queries(extra_bridge) -> None:  # type: ignore[no-untyped-def]
+    port = extra_bridge(BRIDGE_MAX_BODY_BYTES="8192", BRIDGE_MAX_QUERY_BYTES="1024")
+    async with socket(port, token("acme")) as ws:
+        big_query = "{ me { tenant } }" + " " * 2000
+        refused = await run(ws, "1", big_query)
+        assert refused["type"] == "error" and code_of(refused) == "PAYLOAD_TOO_LARGE"
+        assert (await run(ws, "2", "{ me { tenant } }"))["type"] == "next"  # still open
+        payload = {"query": "{ me { tenant } }", "padding": "y" * 20_000}
+        await ws.send(json.dumps({"id": "3", "type": "subscribe", "payload": payload}))
+        code, _ = await closed_with(ws)
+    assert code == 1009  # message too big
+
+
+async def test_parse_and_limit_errors_are_graphql_errors_without_a_traceback(extra_bridge) -> None:  # type: ignore[no-untyped-def]
+    port = extra_bridge(BRIDGE_MAX_QUERY_TOKENS="50", BRIDGE_MAX_QUERY_DEPTH="2")
+    secret = "SECRET_MARKER_IN_QUERY"
+    names = " name" * 60
+    cases = {
+        f"{{ me {{ {secret} ": "GRAPHQL_PARSE_FAILED",
+        f"{{ me {{ {names} }} }}": "QUERY_TOO_LARGE",
+        f'{{ route(contentId: "x") {{ best {{ urls {{ url }} }} }} {secret}: me {{ name }} }}':
+            "QUERY_TOO_DEEP",
+        f"query Q {{ me {{ name }} }} query R {{ me {{ name }} }} # {secret}":
+            "OPERATION_NAME_REQUIRED",
+    }  # fmt: skip
+    async with socket(port, token("acme")) as ws:
+        for i, (query, code) in enumerate(cases.items()):
+            msg = await run(ws, str(i), query)
+            assert msg["type"] == "error" and code_of(msg) == code, (query, msg)
+        assert (await run(ws, "ok", "{ me { tenant } }"))["type"] == "next"  # still open
+    log = extra_bridge.procs[0].log_path.read_text()
+    assert "Traceback" not in log and secret not in log
+
+
+async def test_a_socket_is_closed_when_its_token_expires_unless_reauthenticated(
+    extra_bridge,  # type: ignore[no-untyped-def]
+) -> None:
+    port = extra_bridge(BRIDGE_JWT_LEEWAY_S="0")
+    started = time.monotonic()
+    async with socket(port, token("acme", exp_in=2)) as ws:
+        assert await closed_with(ws) == (4401, "token expired")
+    assert time.monotonic() - started < 6
+    # A fresh token in a ping's payload keeps the socket open past the first one's expiry.
+    async with socket(port, token("acme", exp_in=2)) as ws:
+        fresh = {"Authorization": f"Bearer {token('acme', exp_in=60)}"}
+        await ws.send(json.dumps({"type": "ping", "payload": fresh}))
+        assert json.loads(await ws.recv())["type"] == "pong"
+        await asyncio.sleep(3)
+        assert (await run(ws, "1", "{ me { tenant } }"))["type"] == "next"
+        # ... but not with another tenant's token.
+        other = {"Authorization": f"Bearer {token('globex', exp_in=60)}"}
+        await ws.send(json.dumps({"type": "ping", "payload": other}))
+        assert await closed_with(ws) == (4403, "invalid token: it is for another tenant")
+
+
+async def _signalman_subscribers(platform: Platform) -> int:
+    async with httpx.AsyncClient() as http:
+        health = (await http.get(f"http://127.0.0.1:{platform.signalman_http}/health")).json()
+    return int(health["subscribers"])
+
+
+async def test_a_tenants_subscriptions_share_one_stream_and_are_capped(
+    platform: Platform,
+    extra_bridge,  # type: ignore[no-untyped-def]
+) -> None:
+    port = extra_bridge(BRIDGE_MAX_SUBSCRIPTIONS_PER_TENANT="3")
+    before = await _signalman_subscribers(platform)
+    async with socket(port, token("acme")) as a, socket(port, token("acme")) as b:
+        for ws, op_id, channel in ((a, "1", "streams"), (a, "2", "nodes"), (b, "3", "all")):
+            await ws.send(json.dumps({"id": op_id, "type": "subscribe",
+                                      "payload": {"query": SUB % channel}}))  # fmt: skip
+        for _ in range(50):
+            if await _signalman_subscribers(platform) == before + 1:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # no second stream shows up either
+        assert await _signalman_subscribers(platform) == before + 1
+        refused = await run(b, "4", SUB % "routing")
+        assert code_of(refused) == "SUBSCRIPTION_LIMIT", refused
+        errors = refused["payload"] if refused["type"] == "error" else refused["payload"]["errors"]
+        assert errors[0]["extensions"]["retryable"] is False
+        # Another tenant has its own cap and its own stream.
+        async with socket(port, token("globex")) as g:
+            await g.send(
+                json.dumps({"id": "g", "type": "subscribe", "payload": {"query": SUB % "all"}})
+            )
+            for _ in range(50):
+                if await _signalman_subscribers(platform) == before + 2:
+                    break
+                await asyncio.sleep(0.1)
+            assert await _signalman_subscribers(platform) == before + 2
