@@ -102,6 +102,7 @@ class SignalmanApp:
             retention_s=cfg.history_retention_s, redrive=redrive, lag=lag, clock=clock,
         )  # fmt: skip
         self.duties.register_metrics(process_metrics())
+        self.hub.register_metrics(process_metrics())
         self.servicer = SignalmanServicer(
             self.hub, self.processor, self.stats, embedded=self.embedded
         )

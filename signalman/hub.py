@@ -22,6 +22,7 @@ from pkg.clients.backoff import Backoff
 from pkg.common import tracing
 from pkg.common.auth import Principal
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.metrics import Metrics, per_source
 from signalman.history import Entry, History
 from signalman.session import FeedPosition, FeedRegistry, Session
 from signalman.tracing import deliver_span
@@ -83,6 +84,23 @@ class Hub(FeedRegistry):
         self._interrupted = False  # ... and was cancelled to start another read
         self._closing = False
         self._wake = asyncio.Event()  # a feed became ready while the tail had none to read
+
+    def register_metrics(self, registry: Metrics) -> None:
+        """Subscribers here and the slow ones dropped, on /metrics (read at scrape time)."""
+        registry.gauge(
+            "signalman_subscribers",
+            "subscriber sessions open on this replica",
+            per_source(lambda _: {}, lambda hub: len(hub.sessions)),
+            (),
+            self,
+        )
+        registry.counter(
+            "signalman_subscribers_dropped_total",
+            "subscribers dropped because they did not read fast enough",
+            per_source(lambda _: {}, lambda hub: hub.dropped_total),
+            (),
+            self,
+        )
 
     # -- sessions --------------------------------------------------------------------------------
     def open_session(self, principal: Principal) -> Session:

@@ -38,11 +38,12 @@ def register(registry: Metrics, processor: Processor) -> None:
         ("signalman_records_processed_total", "records", "records handled"),
         ("signalman_events_appended_total", "appended", "events in history"),
         ("signalman_duplicate_appends_skipped_total", "duplicates", "replayed, already in history"),
+        ("signalman_dead_lettered_total", "dead_lettered", "poison records sent to the DLQ"),
+        ("signalman_fenced_writes_total", "fenced", "appends refused after losing ownership"),
     ):  # fmt: skip
         registry.counter(name, text, _stats(stat), (), processor)
 
 
-_dead = _meter.create_counter("signalman_dead_lettered", description="poison records")
 AGE_BUCKETS_S = (
     0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5,
     1.0, 2.5, 10.0,
@@ -55,9 +56,6 @@ _age = _meter.create_histogram(
     "event in 16, by offset)",
     # Finer than the default buckets below 100 ms, where the latency target (50 ms) lies.
     explicit_bucket_boundaries_advisory=AGE_BUCKETS_S,
-)
-_fenced = _meter.create_counter(
-    "signalman_fenced_writes", description="appends rejected because this replica lost ownership"
 )
 
 
@@ -218,7 +216,6 @@ class Processor:
                             rec.attempts)  # fmt: skip
         await self.dead_letter(letter)
         self.stats.dead_lettered += 1
-        _dead.add(1, {"retryable": str(poison.retryable).lower()})
         log.warning(
             "event_dead_lettered",
             topic=rec.source.topic,
@@ -242,7 +239,6 @@ class Processor:
 
     def _fenced(self, res: AppendResult, source: SourcePos, fence: int) -> None:
         self.stats.fenced += 1
-        _fenced.add(1)
         log.warning(
             "append_fenced",
             topic=source.topic,

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-from pkg.common.metrics import Metrics, Sample
+from pkg.common.metrics import Metrics, Sample, per_source
 from pkg.coord.protocols import Lease
 from signalman.history import History
 from signalman.kafka_clients import start_client
@@ -105,6 +105,11 @@ class SingletonDuties:
             "signalman_consumer_lag",
             "records not yet committed by the group, per partition (singleton leader only)",
             SingletonDuties._lag_samples, ("partition",), self,
+        )  # fmt: skip
+        registry.gauge(
+            "signalman_singleton_leader",
+            "1 while this replica runs the group's singleton duties (lag, trimming, re-drive)",
+            per_source(lambda _: {}, lambda duties: 1.0 if duties.leader else 0.0), (), self,
         )  # fmt: skip
 
     def _lag_samples(self) -> list[Sample]:

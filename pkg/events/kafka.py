@@ -32,14 +32,25 @@ log = structlog.get_logger("pkg.events.kafka")
 _meter = metrics.get_meter("pkg.events")
 
 
-def _emitted(sink: KafkaSink) -> Iterable[Sample]:
-    return [({"topic": sink.topic}, sink.emitted)]
+def _reader(value: Callable[[KafkaSink], float]) -> Callable[[KafkaSink], Iterable[Sample]]:
+    def read(sink: KafkaSink) -> Iterable[Sample]:
+        return [({"topic": sink.topic}, value(sink))]
+
+    return read
 
 
-_sent = _meter.create_counter("events_sent", description="events acknowledged by Kafka")
-_dropped = _meter.create_counter(
-    "events_dropped", description="events dropped because the buffer was full or at shutdown"
-)
+# Read from each sink at scrape time (held weakly), so every series exists from the start at 0:
+# an alert on drops needs the series before the first drop, not after.
+_SINK_METRICS = (
+    ("counter", "events_emitted_total", "events accepted by emit()", lambda s: s.emitted),
+    ("counter", "events_sent_total", "events acknowledged by Kafka", lambda s: s.sent),
+    ("counter", "events_dropped_total",
+     "events dropped because the buffer was full or at shutdown", lambda s: s.dropped),
+    ("gauge", "events_buffered", "events waiting in the sink's buffer for Kafka",
+     lambda s: len(s._buffer)),
+    ("gauge", "events_sink_connected", "1 while the sink's producer is connected to Kafka",
+     lambda s: 1.0 if s.connected else 0.0),
+)  # fmt: skip
 
 DEFAULT_TOPIC = "signalman.events"
 TRACE_HEADER = "traceparent"
@@ -158,9 +169,10 @@ class KafkaSink:
         # ``events_emitted_total`` is read from ``emitted`` at scrape time: an OpenTelemetry add
         # per emit cost the producer ~10 us per event. A sink is library code with no wiring of
         # its own, so it joins the process's registry itself (held weakly).
-        process_metrics().counter(
-            "events_emitted_total", "events accepted by emit()", _emitted, ("topic",), self
-        )
+        registry = process_metrics()
+        for kind, name, text, value in _SINK_METRICS:
+            define = registry.counter if kind == "counter" else registry.gauge
+            define(name, text, _reader(value), ("topic",), self)
         if autostart:
             self.start()
 
@@ -179,9 +191,7 @@ class KafkaSink:
                 else:
                     self._buffer.append(event)
                     self.emitted += 1
-            if full:
-                _dropped.add(1, {"topic": self.topic})
-            else:
+            if not full:
                 self._signal()
         except Exception:  # emit must never fail its caller, whatever happens here
             self.dropped += 1
@@ -229,7 +239,6 @@ class KafkaSink:
             self._buffer.clear()
         if lost:
             self.dropped += lost
-            _dropped.add(lost, {"topic": self.topic})
             log.warning("kafka_sink_dropped_at_close", events=lost, topic=self.topic)
 
     # -- the sender thread ------------------------------------------------------------------------
@@ -351,7 +360,6 @@ class KafkaSink:
                     self._ack(count)
                     sent -= count
                     self.sent += count
-                    _sent.add(count, {"topic": self.topic})
                 room = len(inflight) < self.max_in_flight
                 batch = self._take(sent) if room else []
                 if batch:
