@@ -17,9 +17,11 @@ from typing import Any
 
 import grpc
 import grpc.aio
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import _async as reflection_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from pkg.common import tracing
 from pkg.common.health import HealthSource
@@ -58,7 +60,7 @@ class GrpcServer:
     """A started (or startable) server and its health servicer."""
 
     server: grpc.aio.Server
-    health: health_aio.HealthServicer
+    health: HealthServicer
     port: int
     services: list[str] = field(default_factory=list)
 
@@ -130,15 +132,93 @@ def build_server(
     for binding in bindings:
         binding.add(binding.servicer, server)
         names.append(binding.full_name)
-    health_servicer = health_aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
-        server,
-    )  # fmt: skip
+    health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+    _enable_reflection(server, [*names, health_name])
     bound = _listen(server, host, port)
     return GrpcServer(server=server, health=health_servicer, port=bound, services=names)
+
+
+class HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
+    """grpcio's health servicer plus ``List`` (the whole health map in one call) and a
+    NOT_FOUND that says which services this server does report on."""
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._server_status.get(request.service)
+        if status is None:
+            known = ", ".join(repr(n) for n in sorted(self._server_status)) or "none"
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no health status for service {request.service[:200]!r}; this server reports "
+                f"on: {known} ('' is the whole server)",
+            )
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> health_pb2.HealthListResponse:
+        return health_pb2.HealthListResponse(
+            statuses={
+                name: health_pb2.HealthCheckResponse(status=status)
+                for name, status in self._server_status.items()
+            }
+        )
+
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _enable_reflection(server: grpc.aio.Server, names: Sequence[str]) -> None:
+    """Server reflection under both names clients ask for: ``grpc.reflection.v1`` (current
+    clients try it first) and ``v1alpha`` (older ones). The two protocols are the same messages
+    under two package names, so one servicer answers both; the v1 descriptors are registered
+    so that clients can describe the v1 service too."""
+    _register_reflection_v1_descriptor()
+    servicer = reflection_aio.ReflectionServicer([*names, reflection.SERVICE_NAME, REFLECTION_V1])
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                REFLECTION_V1,
+                {
+                    "ServerReflectionInfo": grpc.stream_stream_rpc_method_handler(
+                        servicer.ServerReflectionInfo,
+                        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+                        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+                    )
+                },
+            ),
+        )
+    )
+
+
+def _register_reflection_v1_descriptor() -> None:
+    """Add ``grpc/reflection/v1/reflection.proto`` to the default pool: v1alpha's file with the
+    package renamed (grpcio-reflection ships only v1alpha's)."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName("grpc/reflection/v1/reflection.proto")
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    proto.name = "grpc/reflection/v1/reflection.proto"
+    proto.package = "grpc.reflection.v1"
+    proto.ClearField("options")
+    for message in proto.message_type:
+        for fld in message.field:
+            if fld.type_name:
+                fld.type_name = fld.type_name.replace(old, new)
+    for service in proto.service:
+        for method in service.method:
+            method.input_type = method.input_type.replace(old, new)
+            method.output_type = method.output_type.replace(old, new)
+    pool.Add(proto)
 
 
 def _listen(server: grpc.aio.Server, host: str, port: int) -> int:
