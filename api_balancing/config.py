@@ -66,6 +66,9 @@ class FoghornConfig:
     """Every knob of a Foghorn process. Validated at construction (bad values fail start-up)."""
 
     host: str = "127.0.0.1"
+    # Where other replicas reach this one (relay target in its ownership records): default
+    # ``host``; needed when ``host`` is a wildcard (0.0.0.0, ::), which nobody can connect to.
+    advertise_host: str = ""
     grpc_port: int = 18008
     http_port: int = 18080  # 0 picks a free port; -1 disables the HTTP side
     replica_id: str = ""  # default: <hostname>-<pid>
@@ -129,6 +132,11 @@ class FoghornConfig:
             raise ValueError(f"max_message_bytes too small: {self.max_message_bytes}")
         if self.signalman_addresses and not self.signalman_token and not self.kafka_bootstrap:
             raise ValueError("signalman_addresses needs signalman_token (a `system` credential)")
+        if self.redis_url and not self.advertise_host and self.host in ("0.0.0.0", "::", ""):
+            raise ValueError(
+                f"host {self.host!r} listens everywhere but cannot be relayed to: set "
+                "FOGHORN_ADVERTISE_HOST to the address other replicas reach this one at"
+            )
         if not self.replica_id:
             object.__setattr__(self, "replica_id", default_replica_id())
 

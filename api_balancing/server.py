@@ -116,7 +116,7 @@ class FoghornApp:
 
     @property
     def grpc_target(self) -> str:
-        return f"{self.config.host}:{self.grpc_port}"
+        return f"{self.config.advertise_host or self.config.host}:{self.grpc_port}"
 
     @property
     def http_port(self) -> int:

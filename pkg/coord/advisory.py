@@ -104,6 +104,8 @@ class PartitionLocks:
         self.retry_interval_s = retry_interval_s
         self._conn: Any = None
         self._held: set[int] = set()
+        # lock key -> (first, last) time it was found held by someone else in a row of tries
+        self._busy: dict[int, tuple[float, float]] = {}
         self._io = asyncio.Lock()  # one query at a time on the dedicated connection
         self.lost = asyncio.Event()
         self.evictions = 0
@@ -214,15 +216,24 @@ class PartitionLocks:
         key = lock_key(f"signalman:{topic}", partition)
         if key not in self._held:
             start = self.clock.monotonic()
-            evict_at = start + self.grace_s
             while not await self.try_lock(key):
                 now = self.clock.monotonic()
+                # The grace runs from the first try that found the lock held, across calls: a
+                # caller whose timeout is shorter than the grace (session 3 s -> 1.5 s, grace
+                # 2 s) retried forever and never evicted a holder cut off by a partition (found
+                # by the partition-signalman-postgres drill). A pause between tries longer than
+                # the grace starts it again: the holder may be a live owner letting go.
+                first, last = self._busy.get(key, (now, now))
+                if now - last > self.grace_s + 5.0:
+                    first = now
+                if now - first >= self.grace_s:
+                    await self._evict(key, topic, partition)
+                    first = now
+                self._busy[key] = (first, now)
                 if timeout_s is not None and now - start >= timeout_s:
                     raise LockBusy(f"{topic}/{partition} still locked after {timeout_s} s")
-                if now >= evict_at:
-                    await self._evict(key, topic, partition)
-                    evict_at = now + self.grace_s
                 await self.clock.asleep(self.retry_interval_s)
+            self._busy.pop(key, None)
         fence = int(await self.query("fetchval", _BUMP, topic, partition, self.owner))
         log.info("partition_acquired", topic=topic, partition=partition, fence=fence)
         return fence

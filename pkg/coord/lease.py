@@ -33,8 +33,10 @@ from pkg.coord.scripts import DELETE_IF_EQUALS, EXPIRE_IF_EQUALS
 
 log = structlog.get_logger("pkg.coord.lease")
 
-# KEYS: lease, epoch counter, failover-epoch record. A promoted replica may lack the last
-# INCR of the epoch counter: epochs start above its failover-epoch floor (pkg.coord.era).
+# KEYS: lease, epoch counter, failover-epoch record. ARGV: holder, ttl ms, the highest epoch the
+# caller has seen. A promoted replica may lack the last INCR of the epoch counter: epochs start
+# above its failover-epoch floor (pkg.coord.era); a Redis restarted empty (no persistence) lost
+# the counter and the era record too: epochs start above what the contenders saw.
 _ACQUIRE = (
     ERA_LUA
     + """
@@ -42,6 +44,8 @@ local cur = redis.call('GET', KEYS[1])
 if cur then return {0, cur} end
 local epoch = redis.call('INCR', KEYS[2])
 local floor = era_floor(KEYS[3])
+local seen = tonumber(ARGV[3]) or 0
+if seen > floor then floor = seen end
 if epoch <= floor then
   epoch = floor + 1
   redis.call('SET', KEYS[2], epoch)
@@ -103,6 +107,10 @@ class LeaderLease:
         self._clock = clock
         self._on_change = on_change
         self._state: LeaseState | None = None
+        # The highest epoch seen (ours, or another holder's in a refused acquire): a Redis that
+        # lost its counter must not hand out an epoch again (found by the history checker in
+        # the redis-restart drill: epoch 2 issued twice, epoch 1 after 2).
+        self._seen_epoch = 0
         self._valid_until = 0.0
         self._acquire = redis.register_script(_ACQUIRE)
         self._renew = redis.register_script(EXPIRE_IF_EQUALS)
@@ -132,7 +140,10 @@ class LeaderLease:
     async def current(self) -> LeaseState | None:
         """Who holds the lease according to Redis right now."""
         raw = await self._redis.get(self.key)
-        return LeaseState.decode(raw) if raw is not None else None
+        state = LeaseState.decode(raw) if raw is not None else None
+        if state is not None:
+            self._seen_epoch = max(self._seen_epoch, state.epoch)
+        return state
 
     # -- transitions ------------------------------------------------------------------------
     async def try_acquire(self) -> LeaseState | None:
@@ -140,11 +151,15 @@ class LeaderLease:
         sent = self._clock.monotonic()
         raw: Any = await self._acquire(
             keys=[self.key, self.epoch_key, ERA_KEY],
-            args=[self.holder, str(int(self.ttl_s * 1000))],
+            args=[self.holder, str(int(self.ttl_s * 1000)), str(self._seen_epoch)],
         )
         if int(raw[0]) != 1:
+            with contextlib.suppress(ValueError):  # someone else's term: remember its epoch
+                self._seen_epoch = max(self._seen_epoch, LeaseState.decode(raw[1]).epoch)
             return None
-        await self._become(LeaseState.decode(raw[1]), sent)
+        state = LeaseState.decode(raw[1])
+        self._seen_epoch = max(self._seen_epoch, state.epoch)
+        await self._become(state, sent)
         return self._state
 
     async def renew(self) -> bool:

@@ -123,3 +123,15 @@ def test_foghorn_refuses_to_start_on_a_misspelled_setting() -> None:
     )
     assert result.returncode == 2
     assert "FOGHORN_CLUSTR" in result.stderr and "FOGHORN_CLUSTER" in result.stderr
+
+
+def test_the_relay_address_is_the_advertised_host_not_a_wildcard_listen_address() -> None:
+    from api_balancing.server import FoghornApp
+
+    env = {"FOGHORN_HOST": "0.0.0.0", "FOGHORN_REDIS_URL": "redis://10.0.0.5:6379/0"}
+    with pytest.raises(ConfigError, match="FOGHORN_ADVERTISE_HOST"):
+        load(FoghornConfig, "FOGHORN", env=env)
+    config = load(FoghornConfig, "FOGHORN", env={**env, "FOGHORN_ADVERTISE_HOST": "10.1.2.3"})
+    app = FoghornApp(config)
+    assert app.grpc_target == "10.1.2.3:0"  # the port is known once the server listens
+    assert FoghornApp(load(FoghornConfig, "FOGHORN", env={})).grpc_target == "127.0.0.1:0"

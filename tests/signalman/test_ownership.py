@@ -61,6 +61,29 @@ async def test_new_owner_evicts_a_holder_that_does_not_let_go(
         await zombie.try_lock(lock_key(f"signalman:{topic}", 3))
 
 
+async def test_a_holder_is_evicted_even_when_each_try_is_shorter_than_the_grace(
+    make_locks: Callable[[str], Any],
+) -> None:
+    # The group member retries a busy partition with a timeout of half its session (1.5 s at
+    # 3 s) while the grace is 2 s: the grace must add up across tries (partition drill finding).
+    topic = f"t-{uuid.uuid4().hex[:8]}"
+    zombie, owner = make_locks("zombie"), make_locks("owner")
+    await zombie.connect()
+    await owner.connect()
+    old = await zombie.acquire_partition(topic, 5)
+    refused = 0
+    for _ in range(20):
+        try:
+            new = await owner.acquire_partition(topic, 5, timeout_s=0.1)  # grace is 0.3 s
+            break
+        except LockBusy:
+            refused += 1
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the holder was never evicted")
+    assert refused >= 1 and new > old and owner.evictions == 1
+
+
 async def test_only_one_replica_holds_the_singleton(make_locks: Callable[[str], Any]) -> None:
     name = f"g-{uuid.uuid4().hex[:8]}"
     a, b = make_locks("a"), make_locks("b")
