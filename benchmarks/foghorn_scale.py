@@ -275,6 +275,10 @@ class Fleet:
             answers.append(json.loads(raw))
         return answers
 
+    def cpu_seconds(self) -> float:
+        """CPU used so far by the fleet processes (the load generator's own cost)."""
+        return sum(cpu_seconds(p.pid) for p in self.procs)
+
     async def status(self) -> dict[str, int]:
         by: dict[str, int] = {}
         for doc in await self.command(op="status"):
@@ -418,6 +422,7 @@ async def memory_size(size: int, args: argparse.Namespace, root: Path, out: dict
         await fleet.start()
         await fleet.command(op="status")  # the fleet processes are up, their nodes built
         cpu0 = cpu_seconds(replica.proc.pid)
+        fleet_cpu0 = fleet.cpu_seconds()
         t0 = time.perf_counter()
         await fleet.command(op="start")
 
@@ -428,6 +433,9 @@ async def memory_size(size: int, args: argparse.Namespace, root: Path, out: dict
         # The server's share: on one machine the fleet's own connects weigh on register_s.
         out["register_cpu_us_per_node"] = round(
             (cpu_seconds(replica.proc.pid) - cpu0) / size * 1e6, 1
+        )
+        out["fleet_register_cpu_us_per_node"] = round(
+            (fleet.cpu_seconds() - fleet_cpu0) / size * 1e6, 1
         )
         await _burst(fleet, [replica], 1)  # every node has its streams: the full index
         rates, cpus = [], []

@@ -144,6 +144,8 @@ async def subscribers_main(spec_json: str) -> int:
                 s.received = 0
             recording[0] = bool(cmd["on"])
             answer({"recording": recording[0]})
+        elif op == "received":
+            answer({"received": sum(s.received for s in subs)})
         elif op == "collect":
             answer({"latencies": [round(v, 2) for v in latencies],
                     "received": sum(s.received for s in subs),
@@ -223,42 +225,80 @@ class Audience:
 # -- producer process -----------------------------------------------------------------------------
 
 
-def produce_main(spec_json: str) -> int:
-    """``--produce SPEC``: events at a steady rate through KafkaSink to the given tenants, round
-    robin, each with its tenant's next seq and its send time; prints what it sent."""
+def produce_main(bootstrap: str) -> int:
+    """``--produce BOOTSTRAP``: one producer process for the whole run (its start-up and Kafka
+    connection are not paid per phase). Each stdin line asks for events at a steady rate
+    through KafkaSink to the given tenants of a topic, round robin, each with its tenant's next
+    seq and its send time; it answers what it sent once they are all acknowledged."""
     from pkg.events import Event
     from pkg.events.kafka import KafkaSink
 
-    spec = json.loads(spec_json)
-    tenants: list[str] = spec["tenants"]
-    seq: dict[str, int] = {t: int(spec["seq"].get(t, 0)) for t in tenants}
-    sink = KafkaSink(spec["bootstrap"], topic=spec["topic"], source="bench", buffer_size=100_000)
-    deadline = time.monotonic() + 10
-    while not sink.connected and time.monotonic() < deadline:
-        time.sleep(0.01)
-    rate = float(spec["rate"])
-    total = int(rate * spec["seconds"])
-    start = time.monotonic()
-    for i in range(total):
-        delay = start + i / rate - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        tenant = tenants[i % len(tenants)]
-        seq[tenant] += 1
-        sink.emit(Event("stream.started", tenant, {"seq": seq[tenant], "sent": time.time()}))
-    sink.close(flush_timeout=10)
-    print(json.dumps({"seq": seq, "sent": total, "dropped": sink.dropped}))
+    sinks: dict[str, KafkaSink] = {}
+    for line in sys.stdin:
+        spec = json.loads(line)
+        if spec.get("op") == "quit":
+            break
+        tenants: list[str] = spec["tenants"]
+        seq: dict[str, int] = {t: int(spec["seq"].get(t, 0)) for t in tenants}
+        sink = sinks.get(spec["topic"])
+        if sink is None:
+            sink = sinks[spec["topic"]] = KafkaSink(
+                bootstrap, topic=spec["topic"], source="bench", buffer_size=100_000
+            )
+            deadline = time.monotonic() + 10
+            while not sink.connected and time.monotonic() < deadline:
+                time.sleep(0.01)
+        rate = float(spec["rate"])
+        total = int(rate * spec["seconds"])
+        start = time.monotonic()
+        for i in range(total):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            tenant = tenants[i % len(tenants)]
+            seq[tenant] += 1
+            sink.emit(Event("stream.started", tenant, {"seq": seq[tenant], "sent": time.time()}))
+        deadline = time.monotonic() + 10
+        while sink.buffered and time.monotonic() < deadline:
+            time.sleep(0.005)
+        print(json.dumps({"seq": seq, "sent": total, "dropped": sink.dropped}), flush=True)
+    for sink in sinks.values():
+        sink.close(flush_timeout=5)
     return 0
 
 
-async def produce(spec: dict[str, Any]) -> dict[str, Any]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "benchmarks.signalman_fanout", "--produce", json.dumps(spec),
-        stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, _ = await proc.communicate()
-    doc: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    return doc
+class Producer:
+    """The producer process, driven over its stdin."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lock = asyncio.Lock()
+
+    async def __call__(self, spec: dict[str, Any]) -> dict[str, Any]:
+        async with self.lock:
+            if self.proc is None:
+                self.proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "benchmarks.signalman_fanout", "--produce",
+                    self.bootstrap, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self.proc.stdin.write((json.dumps(spec) + "\n").encode())
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), spec["seconds"] + 60)
+            if not raw:
+                raise RuntimeError("the producer process ended")
+            doc: dict[str, Any] = json.loads(raw)
+            return doc
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b'{"op": "quit"}\n')
+            try:
+                await asyncio.wait_for(self.proc.wait(), 15)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
 
 
 # -- the replicas ---------------------------------------------------------------------------------
@@ -333,7 +373,13 @@ async def until(check: Any, limit_s: float, interval: float = 0.1) -> float:
 
 
 async def one_size(
-    stack: Any, size: int, args: argparse.Namespace, root: Path, herd: bool, out: dict[str, Any]
+    stack: Any,
+    produce: Producer,
+    size: int,
+    args: argparse.Namespace,
+    root: Path,
+    herd: bool,
+    out: dict[str, Any],
 ) -> None:
     """Figures go to ``out`` as they are measured (a size cut by the bound keeps them)."""
     replicas, topic = start_replicas(stack, size, root)
@@ -351,7 +397,7 @@ async def one_size(
 
         await until(settled, 40, 0.2)
         # Create the topic's tenants' histories: one event per tenant before anyone subscribes.
-        spec = {"bootstrap": stack.kafka.bootstrap, "topic": topic}
+        spec = {"topic": topic}
         first = await produce({**spec, "tenants": TENANTS, "rate": 1000, "seconds": 0.1,
                                "seq": seq})  # fmt: skip
         seq.update(first["seq"])
@@ -388,11 +434,10 @@ async def one_size(
         live = await produce({**spec, "tenants": TENANTS, "rate": events_per_s,
                               "seconds": args.seconds, "seq": seq})  # fmt: skip
         seq.update(live["seq"])
-        expected = live["sent"] * size // len(TENANTS)
+        expected = int(live["sent"]) * size // len(TENANTS)
 
         async def delivered() -> bool:
-            got = await audience.command(op="collect")
-            return bool(sum(int(a["received"]) for a in got) >= expected)
+            return await audience.total("received", op="received") >= expected
 
         with contextlib.suppress(TimeoutError):
             await until(delivered, 10, 0.2)
@@ -413,7 +458,9 @@ async def one_size(
         out["replica_cpu_us_per_delivery"] = round(fanout_cpu / max(1, received) * 1e6, 1)
         out["replica_cpu_us_total_per_delivery"] = round(cpu / max(1, received) * 1e6, 1)
         if herd:
-            await reconnect_herd(replicas, addresses, audience, spec, seq, events_per_s, out)
+            await reconnect_herd(
+                replicas, addresses, audience, produce, spec, seq, events_per_s, out
+            )
     finally:
         await audience.stop()
         for proc in replicas:
@@ -426,6 +473,7 @@ async def reconnect_herd(
     replicas: list[Any],
     addresses: list[str],
     audience: Audience,
+    produce: Producer,
     spec: dict[str, Any],
     seq: dict[str, int],
     events_per_s: float,
@@ -461,15 +509,17 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
     stack = Stack(root)
     result: dict[str, Any] = {"load_average_start": load_average()}
+    produce: Producer | None = None
     try:
         stack.start()
+        produce = Producer(stack.kafka.bootstrap)
         largest = max(args.sizes)
         for size in args.sizes:
             started = time.perf_counter()
             got: dict[str, Any] = {}
             try:
                 await asyncio.wait_for(
-                    one_size(stack, size, args, root, size == largest and args.herd, got),
+                    one_size(stack, produce, size, args, root, size == largest and args.herd, got),
                     SIZE_BUDGET_S,
                 )
             except TimeoutError:
@@ -487,6 +537,8 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 for key in ("herd_resume_s", "herd_refused", "herd_subscribers"):
                     result[key] = got.get(key)
     finally:
+        if produce is not None:
+            await produce.stop()
         stack.stop()
     return result
 
