@@ -42,6 +42,23 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 DEV_TOKEN = "dev-admin-token"
 SIGNALMAN_DEMO_TOKEN = "dev-sig-demo"
+# The tenants whose streams the simulated fleet carries (api_balancing.simulator.TENANTS), so
+# their events flow from the first seconds; the README's tour subscribes as "acme".
+EVENT_TENANTS = ("acme", "globex", "initech", "umbrella", "hooli")
+
+
+def signalman_tenant_token(tenant: str) -> str:
+    """The dev Signalman credential Bridge subscribes with for ``tenant``."""
+    return f"dev-sig-{tenant}"
+
+
+def signalman_tenant_tokens() -> str:
+    """PLATFORM_TOKENS entries for Bridge's per-tenant Signalman credentials."""
+    return ",".join(
+        f"{signalman_tenant_token(t)}=bridge@{t}:tenant-user" for t in ("demo", *EVENT_TENANTS)
+    )
+
+
 BRIDGE_JWT_SECRET = "dev-bridge-secret-change-me-0123456789"
 EVENTS_TOPIC = DEFAULT_TOPIC
 EVENTS_PARTITIONS = 6
@@ -462,8 +479,7 @@ def signalman(stack: Stack, args: argparse.Namespace) -> None:
             "SIGNALMAN_HEARTBEAT_INTERVAL_MS": "200",  # detection within 0.2 s of expiry
             "SIGNALMAN_REDIS_URL": b.redis_url or "",
             "SIGNALMAN_POSTGRES_DSN": b.postgres_dsn or "",
-            "PLATFORM_TOKENS": f"{DEV_TOKEN}=dev@system:admin|system,"
-            f"{SIGNALMAN_DEMO_TOKEN}=bridge@demo:subscriber",
+            "PLATFORM_TOKENS": f"{DEV_TOKEN}=dev@system:admin|system,{signalman_tenant_tokens()}",
         }
         add_process(
             stack,
@@ -494,7 +510,10 @@ def bridge(stack: Stack, args: argparse.Namespace) -> None:
             "BRIDGE_FOGHORN_TOKEN": DEV_TOKEN,
             "BRIDGE_JWT_HS256_SECRET": BRIDGE_JWT_SECRET,
             "BRIDGE_SIGNALMAN_ADDRESSES": ",".join(stack.endpoints.get("signalman grpc", [])),
-            "BRIDGE_SIGNALMAN_TOKENS": f"demo={SIGNALMAN_DEMO_TOKEN}",
+            # One Signalman credential per tenant: Signalman takes the tenant from it.
+            "BRIDGE_SIGNALMAN_TOKENS": ",".join(
+                f"{t}={signalman_tenant_token(t)}" for t in ("demo", *EVENT_TENANTS)
+            ),
         }
         add_process(
             stack,
@@ -509,7 +528,8 @@ def bridge(stack: Stack, args: argparse.Namespace) -> None:
     stack.notes.append(
         "bridge JWT:       "
         f"BRIDGE_JWT_HS256_SECRET={BRIDGE_JWT_SECRET} .venv/bin/python -m api_gateway.devtoken "
-        "--tenant demo --roles admin"
+        "--tenant acme --roles operator   (tenant users: --roles user; events flow for acme, "
+        "globex, initech, umbrella, hooli)"
     )
 
 
