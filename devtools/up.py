@@ -490,6 +490,8 @@ def signalman(stack: Stack, args: argparse.Namespace) -> None:
             health_url=f"http://{addr}:{http_port}/health",
         )
         targets.append(f"{addr}:{grpc_port}")
+        # /health and /metrics: shown, so nobody has to find them with ss (docs/metrics.md)
+        stack.endpoints.setdefault("signalman http", []).append(f"http://{addr}:{http_port}")
     stack.endpoints["signalman grpc"] = targets
     stack.notes.append(
         f"tail events:      .venv/bin/signalman-tail --targets {','.join(targets)} "

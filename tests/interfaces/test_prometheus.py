@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 import subprocess
+import sys
 
 import httpx
 import pytest
@@ -126,3 +127,54 @@ def test_scrape_time_families_follow_their_sources_and_add_up() -> None:
     assert 'things_total{replica="r"} 2.0' in registry.text().decode()
     with pytest.raises(MetricDefinitionError):
         registry.gauge("things_total", "redefined as a gauge", count, ("replica",), a)
+
+
+async def test_ha_processes_metrics_pass_promtool(
+    redis_server,
+    kafka_broker,
+    postgres_server,
+    process_factory,  # type: ignore[no-untyped-def]
+) -> None:
+    """The HA-only families (Foghorn's sync and lease, Signalman's group and lag) too."""
+    from pkg.devstack.servers import free_port
+    from tests.interfaces.conftest import TOKENS
+
+    fog_http, sig_http = free_port(), free_port()
+    fog_grpc, sig_grpc = free_port(), free_port()
+    prefix = f"promtool-{fog_grpc}"
+    process_factory(
+        "foghorn-ha",
+        [sys.executable, "-m", "api_balancing", "--grpc-port", str(fog_grpc),
+         "--http-port", str(fog_http), "--replica-id", "fog-ha"],
+        env={"PLATFORM_TOKENS": TOKENS, "FOGHORN_REDIS_URL": redis_server.url,
+             "FOGHORN_CLUSTER": prefix},
+        port=fog_grpc,
+    )  # fmt: skip
+    process_factory(
+        "signalman-ha",
+        [sys.executable, "-m", "api_realtime", "--grpc-port", str(sig_grpc),
+         "--http-port", str(sig_http), "--replica-id", "sig-ha"],
+        env={"PLATFORM_TOKENS": TOKENS, "SIGNALMAN_KAFKA_BOOTSTRAP": kafka_broker.bootstrap,
+             "SIGNALMAN_TOPIC": f"{prefix}-events", "SIGNALMAN_GROUP_ID": f"{prefix}-group",
+             "SIGNALMAN_REDIS_URL": redis_server.url, "SIGNALMAN_REDIS_PREFIX": prefix,
+             "SIGNALMAN_POSTGRES_DSN": postgres_server.dsn},
+        port=sig_grpc,
+    )  # fmt: skip
+    promtool = install.promtool_binary()
+    async with httpx.AsyncClient(timeout=10) as http:
+        for name, port, family in (
+            ("foghorn", fog_http, "foghorn_ha_in_sync"),
+            ("signalman", sig_http, "signalman_singleton_leader"),
+        ):
+            text = ""
+            for _ in range(100):  # until the HA runtime has reported once
+                text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+                if f"# TYPE {family} " in text:
+                    break
+                await asyncio.sleep(0.2)
+            assert f"# TYPE {family} " in text, name
+            check = subprocess.run(
+                [str(promtool), "check", "metrics"], input=text, capture_output=True,
+                text=True, check=False,
+            )  # fmt: skip
+            assert check.returncode == 0, f"{name}: {check.stdout}{check.stderr}"
