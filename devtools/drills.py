@@ -47,6 +47,7 @@ import structlog
 
 from devtools import hosts as simhosts
 from devtools import up
+from devtools.alerts import AlertWatch
 from devtools.drill_traffic import (
     BridgeViewers,
     EventFlow,
@@ -86,6 +87,11 @@ class Settings:
     slow_s: float = 1.0  # a routing answer slower than this is not healthy
     late_s: float = 2.0  # an event later than this is not healthy
     recover_target_s: float = 10.0
+    # How long an expected alert may keep firing after traffic recovered (its rate windows and
+    # hold times, on the local platform's clock, must pass).
+    alerts_resolve_s: float = 60.0
+    # The alert rules' clock on the drills' platform (./dev up's --rules-time-scale).
+    rules_time_scale: float = 1 / 20
     # Signalman's consumer-group session timeout bounds how fast a dead replica's partitions move
     # (takeover = session timeout + tansu's ~3 s join delay + a heartbeat): ./dev up's
     # 6 s leaves no margin under the 10 s recovery target, so the drills run Signalman with 3 s.
@@ -104,12 +110,15 @@ class Settings:
             healthy_timeout_s=60.0,
             drain_s=15.0,
             down_s=2.0,
-            broker_pause_s=4.0,
+            # Long enough for the sink's no-acknowledgement alert on the short rules clock.
+            broker_pause_s=8.0,
             pause_margin_s=1.5,
             ownership_ttl_s=3.0,
             foghorn_rate=30.0,
             bridge_rate=10.0,
             event_rate=15.0,
+            # Short drills resolve their alerts sooner: ReplicaRestarted's 15 minutes are 30 s.
+            rules_time_scale=1 / 30,
             env=(
                 ("FOGHORN_OWNERSHIP_TTL_S", "3"),
                 ("FOGHORN_LEASE_TTL_S", "3"),
@@ -141,6 +150,9 @@ class Result:
     history_gaps: int = 0
     route_p99_before_ms: float = 0.0
     route_p99_fault_ms: float = 0.0
+    alerts_expected: list[str] = field(default_factory=list)
+    alerts_fired: list[str] = field(default_factory=list)  # every alert seen firing, in order
+    alerts_resolved: list[str] = field(default_factory=list)  # expected ones that then cleared
     problems: list[str] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
     errors_sample: list[str] = field(default_factory=list)
@@ -208,6 +220,7 @@ class Platform:
                 "--viewers",
                 "0",
                 "--env=PLATFORM_HISTORY=1",
+                f"--rules-time-scale={settings.rules_time_scale}",
                 *[f"--env={k}={v}" for k, v in settings.env],
                 *(["--hosts"] if hosts else []),
                 *(["--ha-stores"] if ha_stores else []),
@@ -314,6 +327,9 @@ class Drill:
     check: Callable[[Ctx, Result], list[str]]
     needs_hosts: bool = False  # partition drills: only with --hosts
     needs_ha_stores: bool = False  # store failover drills: on a platform of their own
+    # The alerts (deploy/prometheus/alerts.yml) this fault must fire, read from the platform's
+    # Prometheus during the fault, and that must resolve once the platform recovered.
+    alerts: tuple[str, ...] = ()
 
 
 # Called after every drill's own check (more problems, more facts): the history checker.
@@ -551,6 +567,7 @@ DRILLS: list[Drill] = [
         unreachable("foghorn-0"),
         "foghorn-0 /health unreachable",
         single_kill_check,
+        alerts=("ReplicaRestarted",),
     ),
     Drill(
         "bridge-kill",
@@ -560,6 +577,7 @@ DRILLS: list[Drill] = [
         unreachable("bridge-0"),
         "bridge-0 /health unreachable",
         single_kill_check,
+        alerts=("ReplicaRestarted",),
     ),
     Drill(
         "signalman-kill",
@@ -569,6 +587,7 @@ DRILLS: list[Drill] = [
         unreachable("signalman-0"),
         "signalman-0 /health unreachable",
         single_kill_check,
+        alerts=("ReplicaRestarted",),
     ),
     Drill(
         "foghorn-both",
@@ -578,6 +597,7 @@ DRILLS: list[Drill] = [
         unreachable("foghorn-0", "foghorn-1"),
         "foghorn /health unreachable",
         both_foghorn_check,
+        alerts=("ReplicaRestarted", "ServiceDown"),
     ),
     Drill(
         "redis-restart",
@@ -588,6 +608,7 @@ DRILLS: list[Drill] = [
         foghorn_degraded,
         "foghorn /health degraded",
         redis_check,
+        alerts=("HAStoreUnreachable",),
     ),
     Drill(
         "postgres-restart",
@@ -597,6 +618,7 @@ DRILLS: list[Drill] = [
         signalman_lock_lost,
         "signalman lock connection reconnecting",
         postgres_check,
+        alerts=("LeaderMissing",),
     ),
     Drill(
         "pause",
@@ -607,6 +629,7 @@ DRILLS: list[Drill] = [
         unreachable("foghorn-0"),
         "foghorn-0 /health unreachable",
         pause_check,
+        alerts=("ReplicaDown", "FencingRejections"),
     ),
     Drill(
         "kafka-outage",
@@ -617,6 +640,7 @@ DRILLS: list[Drill] = [
         None,
         "event delivery overdue",
         broker_check,
+        alerts=("EventSinkBuffering",),
     ),
 ]
 BY_NAME = {d.name: d for d in DRILLS}
@@ -656,6 +680,8 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
         s.event_rate,
     )
     ctx = Ctx(platform, s, events=events)
+    result.alerts_expected = list(drill.alerts)
+    watch = AlertWatch(platform.stack.prometheus_url) if platform.stack.prometheus_url else None
     try:
         await events.start()
         foghorn.start()
@@ -665,6 +691,8 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
         platform.monitor.arm(drill.detect)
         ctx.t_fault = time.monotonic()
         log.info("drill fault", drill=drill.name)
+        if watch is not None:
+            watch.start()
         await drill.inject(ctx)
         t0 = ctx.t_fault
         restored_at, settled = await _settle(
@@ -675,6 +703,8 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
         await foghorn.stop()
         await bridge.stop()
         await events.drain(s.drain_s)
+        if watch is not None:
+            await _alerts_after(watch, drill, result, s)
         _measure(
             result, ctx, drill, (foghorn.recorder, bridge.recorder), events, t_warm, restored_at
         )
@@ -682,6 +712,8 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
         log.exception("drill failed to run", drill=drill.name)
         result.problems.append(f"drill did not run to the end: {type(exc).__name__}: {exc}")
     finally:
+        if watch is not None:
+            await watch.stop()
         await foghorn.stop()
         await bridge.stop()
         await foghorn.close()
@@ -691,7 +723,7 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
         if platform.faults is not None and platform.faults.active:
             await platform.run_locked(platform.faults.heal_all)  # a drill that failed half-way
     if not result.problems:
-        result.problems = drill.check(ctx, result)
+        result.problems = drill.check(ctx, result) + _alert_problems(platform, drill, result)
         if not ctx.facts.get("traffic_clean_at_end"):
             result.problems.append(
                 f"traffic not clean for {s.quiet_s:g} s within {s.settle_max_s:g} s of the fault"
@@ -705,6 +737,36 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
     result.facts.update({k: v for k, v in ctx.facts.items() if _jsonable(v)})
     result.ok = not result.problems
     return result
+
+
+async def _alerts_after(watch: AlertWatch, drill: Drill, result: Result, s: Settings) -> None:
+    """Once traffic recovered: every expected alert that fired must resolve (bounded wait)."""
+    await watch.stop()
+    fired = [name for name, _ in sorted(watch.fired.items(), key=lambda kv: kv[1])]
+    expected_fired = [a for a in drill.alerts if a in watch.fired]
+    resolved = await watch.wait_resolved(expected_fired, s.alerts_resolve_s)
+    result.alerts_fired = [name for name, _ in sorted(watch.fired.items(), key=lambda kv: kv[1])]
+    result.alerts_resolved = [a for a in expected_fired if a in resolved]
+    result.facts["alerts_fired_during_fault"] = fired
+    result.facts["alert_polls"] = watch.polls
+    result.facts["alert_polls_failed"] = watch.failed_polls
+
+
+def _alert_problems(platform: Platform, drill: Drill, result: Result) -> list[str]:
+    if not drill.alerts:
+        return []
+    if not platform.stack.prometheus_url:
+        return ["no Prometheus on this platform: expected alerts cannot be checked"]
+    problems = []
+    missing = [a for a in drill.alerts if a not in result.alerts_fired]
+    if missing:
+        problems.append(f"expected alerts did not fire: {', '.join(missing)}")
+    stuck = [
+        a for a in drill.alerts if a in result.alerts_fired and a not in result.alerts_resolved
+    ]
+    if stuck:
+        problems.append(f"alerts still firing after recovery: {', '.join(stuck)}")
+    return problems
 
 
 async def _settle(
@@ -802,7 +864,8 @@ def _jsonable(value: Any) -> bool:
 def render(results: list[Result]) -> str:
     head = (
         f"{'drill':28} {'ok':4} {'detect_s':>8} {'recover_s':>9} {'restored_s':>10} "
-        f"{'failed':>6} {'requests':>8} {'lost':>5} {'dup':>4} {'events':>6}  problems"
+        f"{'failed':>6} {'requests':>8} {'lost':>5} {'dup':>4} {'events':>6} {'alerts':>6}  "
+        "problems"
     )
     lines = [head, "-" * len(head)]
 
@@ -813,10 +876,18 @@ def render(results: list[Result]) -> str:
         lines.append(
             f"{r.name:28} {'yes' if r.ok else 'NO':4} {num(r.detect_s):>8} {num(r.recover_s):>9} "
             f"{num(r.restored_s):>10} {r.failed_requests:>6} {r.requests:>8} "
-            f"{r.lost_events:>5} {r.duplicate_events:>4} {r.events_produced:>6}  "
-            + ("; ".join(r.problems) or "-")
+            f"{r.lost_events:>5} {r.duplicate_events:>4} {r.events_produced:>6} "
+            f"{_alerts_cell(r):>6}  " + ("; ".join(r.problems) or "-")
         )
     return "\n".join(lines)
+
+
+def _alerts_cell(r: Result) -> str:
+    """Expected alerts fired / resolved out of expected, e.g. "2/2/2" ("-": none expected)."""
+    if not r.alerts_expected:
+        return "-"
+    fired = sum(1 for a in r.alerts_expected if a in r.alerts_fired)
+    return f"{fired}/{len(r.alerts_resolved)}/{len(r.alerts_expected)}"
 
 
 async def run_suite(names: list[str], platform: Platform) -> list[Result]:

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from devtools import alerts
 from devtools import hosts as simhosts
 from devtools.supervisor import Managed, RestartPolicy, Supervisor
 from pkg.common.logging import configure_logging
@@ -31,6 +33,7 @@ from pkg.devstack.servers import (
     CommandProcess,
     KafkaBroker,
     PostgresServer,
+    PrometheusServer,
     RedisServer,
     free_port,
 )
@@ -90,6 +93,8 @@ class Stack:
     hosts: simhosts.HostPlan | None = None
     # --ha-stores: the Sentinel-managed Redis and the PostgreSQL pair (devtools.ha_stores).
     ha_stores: Any = None
+    # The local Prometheus scraping every process (None: not started, e.g. --single).
+    prometheus_url: str | None = None
 
     def address(self, host: str) -> str:
         """The address a process on ``host`` binds and advertises."""
@@ -219,6 +224,37 @@ def _figures(stack: Stack, name: str, health: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+# Recorded figures shown under the table (deploy/prometheus/rules.yml), with their format.
+PROMETHEUS_FIGURES = (
+    ("job:foghorn_routing_decisions:rate1m{foghorn}", "routes/s", "{:.1f}"),
+    ("job:foghorn_routing_decision_seconds:p99_5m{foghorn}", "route p99 ms", "{:.2f}", 1000),
+    ("job:foghorn_ha_sync_lag_seconds:p99_5m{foghorn}", "sync lag p99 ms", "{:.1f}", 1000),
+    ("job:bridge_http_responses:rate1m{bridge}", "bridge req/s", "{:.1f}"),
+    ("job:bridge_http_5xx:ratio_rate5m{bridge}", "bridge 5xx %", "{:.2f}", 100),
+    ("job:signalman_events_appended:rate1m{signalman}", "events/s", "{:.1f}"),
+    ("job:signalman_consumer_lag:sum{signalman}", "consumer lag", "{:.0f}"),
+    ("job:events_buffered:sum{foghorn}", "events buffered", "{:.0f}"),
+)
+
+
+def _prometheus_lines(url: str) -> list[str]:
+    found = alerts.firing(url, timeout=0.3)
+    figures = alerts.recorded(url, timeout=0.3)
+    shown = []
+    for key, label, fmt, *scale in PROMETHEUS_FIGURES:
+        if key in figures and figures[key] == figures[key]:  # (NaN: no traffic yet)
+            shown.append(f"{label}={fmt.format(figures[key] * (scale[0] if scale else 1))}")
+    lines = ["", f"prometheus         {url}   {' '.join(shown)}"]
+    if found is None:
+        lines.append("alerts:            (Prometheus not answering)")
+    elif not found:
+        lines.append("alerts:            none firing")
+    else:
+        lines.append(f"alerts:            {len(found)} firing")
+        lines.extend(f"  {a.describe()}"[:160] for a in found[:8])
+    return lines
+
+
 def render(stack: Stack) -> str:
     lines = [
         f"platform up  run dir: {stack.run_dir}   {time.strftime('%H:%M:%S')}   Ctrl-C stops all",
@@ -237,6 +273,8 @@ def render(stack: Stack) -> str:
     lines.extend(stack.notes)
     if stack.ha_stores is not None:
         lines.extend(stack.ha_stores.status_lines())
+    if stack.prometheus_url:
+        lines.extend(_prometheus_lines(stack.prometheus_url))
     if stack.sup.events:
         lines.append("")
         lines.append("recent events:")
@@ -268,6 +306,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", type=Path, default=None)
     p.add_argument("--duration", type=float, default=0, help="stop after N s (0: Ctrl-C)")
     p.add_argument("--plain", action="store_true", help="print status lines, no redraw")
+    p.add_argument(
+        "--rules-time-scale",
+        type=float,
+        default=alerts.DEV_TIME_SCALE,
+        metavar="F",
+        help="alert rules' hold times and windows times F on this platform "
+        f"(default {alerts.DEV_TIME_SCALE:g}: faults last seconds here, minutes in production)",
+    )
+    p.add_argument(
+        "--no-prometheus",
+        action="store_true",
+        help="do not start Prometheus (it scrapes every process and evaluates the alert rules)",
+    )
     p.add_argument(
         "--hosts",
         action="store_true",
@@ -586,3 +637,23 @@ def viewers(stack: Stack, args: argparse.Namespace) -> None:
         **stack.on_host(simhosts.HARNESS_HOST),
     )  # fmt: skip
     stack.sup.add(Managed("viewers", proc, policy=RestartPolicy()))
+
+
+@service_builder
+def prometheus(stack: Stack, args: argparse.Namespace) -> None:
+    """Prometheus scraping every service process, with the platform's alert and recording rules
+    on the local clock (``alerts.DEV_TIME_SCALE``). Last: it needs every target's address."""
+    if args.single or getattr(args, "no_prometheus", False):
+        return
+    targets: dict[str, list[str]] = {}
+    for item in stack.sup.items:
+        if item.health_url and item.kind == "service":
+            address = urllib.parse.urlsplit(item.health_url).netloc
+            targets.setdefault(item.name.rsplit("-", 1)[0], []).append(address)
+    server = PrometheusServer(
+        targets, alerts.RULE_FILES, run_dir=stack.run_dir / "prometheus",
+        port=_port(9090), time_scale=args.rules_time_scale,
+    )  # fmt: skip
+    stack.sup.add(Managed("prometheus", server, kind="server"))
+    stack.prometheus_url = server.url
+    stack.endpoints["prometheus"] = [server.url, f"{server.url}/alerts"]

@@ -21,6 +21,23 @@ sync_lag = _meter.create_histogram(
     "foghorn_ha_sync_lag_seconds",
     unit="s",
     description="Time from a change's append on another replica to its apply here",
+    # In seconds: the SDK's default bounds (0, 5, 10, 25 ... 10000) are meant for milliseconds,
+    # which put every normal lag (a few ms) in the first bucket and made its p99 read 4.95 s.
+    explicit_bucket_boundaries_advisory=(
+        0.001,
+        0.0025,
+        0.005,
+        0.01,
+        0.025,
+        0.05,
+        0.1,
+        0.25,
+        0.5,
+        1.0,
+        2.5,
+        5.0,
+        10.0,
+    ),
 )
 
 

@@ -122,6 +122,19 @@ def promtool_binary() -> Path:
     return Path(found)
 
 
+def prometheus_binary() -> Path:
+    """Path of the Prometheus server (Debian's ``prometheus``, the package that ships promtool).
+
+    ``./dev up`` runs it directly with a configuration under its run directory; the package's
+    own daemon is never started (see ``promtool_binary``).
+    """
+    promtool_binary()  # installs the package when missing
+    found = shutil.which("prometheus") or "/usr/bin/prometheus"
+    if not Path(found).exists():
+        raise InstallError("the prometheus package is installed but /usr/bin/prometheus is not")
+    return Path(found)
+
+
 # The reference GraphQL-over-WebSocket client (and its peers) for the interface tests, from the
 # npm registry into a folder of the project's own (never a global install).
 NODE_CLIENTS = {"graphql-ws": "6.4.2", "graphql": "16.11.0", "ws": "8.18.3"}
@@ -188,4 +201,5 @@ def ensure_all() -> dict[str, Path]:
         "redis-server": redis_server_binary(),
         "postgres": postgres_bin_dir() / "postgres",
         "tansu": tansu_binary(),
+        "prometheus": prometheus_binary(),
     }

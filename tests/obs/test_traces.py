@@ -1,17 +1,17 @@
 """One trace across processes: a viewer routing through Bridge, a node event through Kafka.
 
-The platform of ``./dev up`` (Redis, PostgreSQL, tansu, one replica each of Foghorn, Signalman
-and Bridge) runs with ``PLATFORM_TRACES_DIR`` set, so every service process writes its finished
-spans to its own JSON-lines file. The test process plays the viewer and the edge node: it starts
-the root span itself and sends its W3C context, then reads every process's spans and checks that
-they form one trace with the expected spans, in order, across the process boundaries.
+The platform of ``./dev up`` (tests/obs/conftest.py) runs with ``PLATFORM_TRACES_DIR`` set, so
+every service process writes its finished spans to its own JSON-lines file. The test process
+plays the viewer and the edge node: it starts the root span itself and sends its W3C context,
+then reads every process's spans and checks that they form one trace with the expected spans,
+in order, across the process boundaries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,30 +39,6 @@ ROUTE_QUERY = (
     "query($c: String!) { route(contentId: $c, latitude: 48.85, longitude: 2.35) "
     "{ best { nodeId } } }"
 )
-
-
-@pytest.fixture(scope="module")
-def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[up.Stack, Path]]:
-    run_dir = tmp_path_factory.mktemp("traced")
-    traces = run_dir / "traces"
-    args = up.parser().parse_args(
-        ["--replicas", "1", "--nodes", "3", "--viewers", "0", "--plain",
-         "--run-dir", str(run_dir), "--env", f"PLATFORM_TRACES_DIR={traces}"]
-    )  # fmt: skip
-    stack = up.build_stack(args)
-    try:
-        deadline = time.monotonic() + 90
-        while not stack.sup.all_healthy():
-            assert time.monotonic() < deadline, "platform not healthy within 90 s"
-            stack.sup.tick()
-            time.sleep(0.5)
-        nodes_url = stack.endpoints["foghorn http"][0] + "/nodes"
-        while httpx.get(nodes_url, timeout=5).json()["count"] < 3:  # the fleet registered
-            assert time.monotonic() < deadline, "the edge fleet did not register within 90 s"
-            time.sleep(0.3)
-        yield stack, traces
-    finally:
-        up.stop_stack(stack)
 
 
 class Viewer:
