@@ -85,6 +85,7 @@ class FleetNode:
         self.targets = targets
         self.jitter_s = jitter_s
         self.clients: dict[str, Any] = {}
+        self.client(targets[index % len(targets)])  # a node has its client before it connects
         self.outbox: asyncio.Queue[Any] | None = None
         self.target = ""  # where its stream is registered ("" while not)
         self.connects = 0
