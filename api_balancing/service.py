@@ -19,7 +19,7 @@ from api_balancing import convert, errors, fastwire, metrics, validation
 from api_balancing.fleet import Fleet, NodeFleet
 from api_balancing.geoip import GeoIpTable
 from api_balancing.model import GeoPoint, NodeMode
-from api_balancing.sessions import Ack, Closed, Session, SessionRegistry
+from api_balancing.sessions import Ack, Closed, Mailbox, Outbox, Session, SessionRegistry
 from api_balancing.urls import ingest_url
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
@@ -86,7 +86,7 @@ class NodeControlService(pb_grpc.NodeControlServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[pb.NodeMessage], context: Context
     ) -> AsyncIterator[pb.ControlMessage]:
-        outbox: asyncio.Queue[Any] = asyncio.Queue()
+        outbox = Mailbox()
         state = _StreamState()
         reader = asyncio.create_task(self._read(request_iterator, state, outbox))
         metrics.control_streams.add(1)
@@ -116,7 +116,7 @@ class NodeControlService(pb_grpc.NodeControlServicer):
         self,
         requests: AsyncIterator[pb.NodeMessage],
         state: _StreamState,
-        outbox: asyncio.Queue[Any],
+        outbox: Outbox,
     ) -> None:
         try:
             async for msg in requests:
@@ -136,7 +136,7 @@ class NodeControlService(pb_grpc.NodeControlServicer):
             outbox.put_nowait(Closed("INTERNAL", "internal error on the control stream"))
 
     async def _handle(
-        self, msg: pb.NodeMessage, state: _StreamState, outbox: asyncio.Queue[Any]
+        self, msg: pb.NodeMessage, state: _StreamState, outbox: Outbox
     ) -> Closed | None:
         kind = msg.WhichOneof("msg")
         session = state.session
@@ -178,7 +178,7 @@ class NodeControlService(pb_grpc.NodeControlServicer):
             return None
         return Closed("INVALID_ARGUMENT", "msg: empty NodeMessage (set register, report or ack)")
 
-    async def _report(self, node_id: str, msg: pb.LoadReport, outbox: asyncio.Queue[Any]) -> None:
+    async def _report(self, node_id: str, msg: pb.LoadReport, outbox: Outbox) -> None:
         try:
             report = validation.report(msg)
         except errors.FoghornError as exc:

@@ -551,7 +551,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="./dev bench signalman-fanout", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--processes", type=int, default=4, help="subscriber processes")
-    parser.add_argument("--seconds", type=float, default=6.0, help="per measured phase")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per measured phase")
     parser.add_argument("--no-herd", dest="herd", action="store_false")
     parser.add_argument("--out", default=".bench/signalman-fanout.json")
     parser.add_argument("--svg", default="docs/rfcs/img/signalman-fanout.svg")
