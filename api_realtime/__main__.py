@@ -4,36 +4,25 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
-import signal
 import sys
 
-import structlog
-
-from api_realtime.config import SignalmanConfig, load_config
+from api_realtime.config import load_config
 from api_realtime.server import SignalmanApp
-from pkg.common.config import ConfigError
-from pkg.common.logging import configure_logging
-from pkg.common.telemetry import setup_metrics
-
-log = structlog.get_logger("signalman")
+from pkg.common.app import run_main
 
 
-async def serve(cfg: SignalmanConfig) -> None:
-    app = SignalmanApp(cfg)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await app.start()
+def _started(app: SignalmanApp) -> None:
     # Everything built so far (modules, clients, protobuf descriptors) lives as long as the
     # process: keep it out of the collector's full passes, which took ~70 ms on a busy replica
     # and stalled delivery for that long.
     gc.freeze()
-    await stop.wait()
-    log.info("signalman_stopping", replica=cfg.replica_id)
-    await app.stop()
+    print(
+        f"signalman {app.config.replica_id}: gRPC {app.grpc_target}, "
+        f"HTTP http://{app.config.host}:{app.http_port}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,25 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {
         k: v
-        for k, v in {
-            "grpc_port": args.grpc_port,
-            "http_port": args.http_port,
-            "replica_id": args.replica_id,
-        }.items()
+        for k, v in (
+            ("grpc_port", args.grpc_port),
+            ("http_port", args.http_port),
+            ("replica_id", args.replica_id),
+        )
         if v is not None
     }
-    configure_logging("signalman")
-    try:
-        cfg = load_config(**overrides)
-    except (ConfigError, ValueError) as exc:
-        print(f"signalman: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    setup_metrics("signalman")
-    try:
-        asyncio.run(serve(cfg))
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_main("signalman", lambda: load_config(**overrides), SignalmanApp, _started)
 
 
 if __name__ == "__main__":

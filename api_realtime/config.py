@@ -33,7 +33,7 @@ class SignalmanConfig:
     """Every knob of a Signalman replica. Nothing set = embedded mode (memory, no Kafka)."""
 
     grpc_port: int = 50070
-    http_port: int = 8070
+    http_port: int = 8070  # 0 picks a free port; -1 disables the HTTP side
     host: str = "127.0.0.1"
     replica_id: str = ""
     # Kafka: unset = embedded mode (events arrive through the Publish RPC).
@@ -96,6 +96,10 @@ class SignalmanConfig:
             raise ValueError(
                 "peer_evict_after_s (SIGNALMAN_PEER_EVICT_AFTER_S) must be >= 0 (0: off)"
             )
+        if not 0 <= self.grpc_port <= 65535:
+            raise ValueError(f"grpc_port out of range: {self.grpc_port}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port out of range: {self.http_port}")
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
 
@@ -111,8 +115,9 @@ class SignalmanConfig:
         return GrpcSettings(self.host, self.grpc_port, self.max_message_bytes)
 
     @property
-    def http(self) -> HttpSettings:
-        return HttpSettings(self.host, self.http_port)
+    def http(self) -> HttpSettings | None:
+        """The HTTP side's listener, or None when ``http_port`` is -1."""
+        return HttpSettings(self.host, self.http_port) if self.http_port >= 0 else None
 
 
 def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> SignalmanConfig:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -43,10 +43,17 @@ class SignalmanServicer:
     base does not allow; ``add_to_server`` serves the same three methods.
     """
 
-    def __init__(self, hub: Hub, processor: Processor, stats: Any, *, embedded: bool) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        processor: Processor,
+        stats: Callable[[], dict[str, Any]],
+        *,
+        embedded: bool,
+    ) -> None:
         self.hub = hub
         self.processor = processor
-        self.stats = stats  # callable -> dict of replica-level stats (ownership, mode...)
+        self.stats = stats  # replica-level stats (ownership, mode...)
         self.embedded = embedded
         self._local_offsets: itertools.count[int] | None = None
         self._publish_lock = asyncio.Lock()

@@ -1,36 +1,42 @@
-"""Wiring of one Signalman replica: history, hub, processor, group member, duties, servers.
+"""Signalman's app: builds one replica from its config and runs its lifecycle.
 
-``SignalmanApp(cfg)`` builds everything from the config (embedded when no Kafka is configured) and
-is what ``__main__`` runs and what tests start in-process.
+The same shape as every service (docs/architecture.md): ``SignalmanApp(config)`` wires the
+parts (history, processor, hub, group member and duties when Kafka is configured, handlers)
+without I/O; ``start()`` brings them up in order (history probe, gRPC, group member, singleton
+duties, HTTP, health following) and ``stop()`` takes them down in reverse; ``health()`` is the
+one report that ``/health`` and gRPC health serve. With no Kafka configured it runs embedded
+(memory history, events arrive through the Publish RPC).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import structlog
-import uvicorn
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from api_realtime.config import SignalmanConfig
 from api_realtime.handlers import SERVICE, SignalmanServicer, add_to_server
-from pkg.common.auth import BearerAuthInterceptor, static_authenticator, tokens_from_env
+from pkg.common.app import Lifecycle
+from pkg.common.auth import BearerAuthInterceptor, Principal, static_authenticator, tokens_from_env
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
+from pkg.common.health import Dependency, HealthReport, Probe, Status
+from pkg.common.httpserver import HttpServer, ops_routes
 from pkg.common.metrics import process_metrics
-from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
 from pkg.coord.advisory import AdvisoryLease
 from signalman import processor as processor_metrics
 from signalman.history import History
 from signalman.history.memory import MemoryHistory
 from signalman.hub import Hub
-from signalman.processor import DeadLetter, Processor
+from signalman.processor import DeadLetter, DeadLetterFn, Processor
 from signalman.singleton import SingletonDuties
+
+if TYPE_CHECKING:  # Kafka and PostgreSQL parts are imported only when configured
+    from signalman.consumer import GroupMember
+    from signalman.deadletter import DeadLetterProducer, Redriver
+    from signalman.ownership import PartitionLocks
 
 log = structlog.get_logger("api_realtime.server")
 
@@ -41,38 +47,41 @@ async def _no_dead_letter_topic(letter: DeadLetter) -> None:
 
 
 class SignalmanApp:
-    """One replica. ``start()`` serves, ``stop()`` drains and releases everything it holds."""
+    """One Signalman replica: the Signalman gRPC service plus HTTP, on one event loop."""
 
     def __init__(
         self,
-        cfg: SignalmanConfig,
+        config: SignalmanConfig,
         *,
-        tokens: dict[str, Any] | None = None,
+        tokens: Mapping[str, Principal] | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        serve_http: bool = True,
     ) -> None:
-        self.cfg = cfg
+        self.config = config
         self.clock = clock
-        self.embedded = not cfg.kafka_bootstrap
+        self.lifecycle = Lifecycle("signalman")
+        self.embedded = not config.kafka_bootstrap
+        # The shared Redis history is probed in the background, so /health never waits on it.
+        self._history_probe: Probe | None = None
         self.history: History = self._build_history()
-        self.dlq: Any = None
-        dead_letter = _no_dead_letter_topic
+        self.dlq: DeadLetterProducer | None = None
+        dead_letter: DeadLetterFn = _no_dead_letter_topic
         if not self.embedded:
             from signalman.deadletter import DeadLetterProducer
 
-            self.dlq = DeadLetterProducer(cfg.kafka_bootstrap, cfg.dlq_topic)
+            self.dlq = DeadLetterProducer(config.kafka_bootstrap, config.dlq_topic)
             dead_letter = self.dlq
         self.processor = Processor(self.history, dead_letter, clock)
         processor_metrics.register(process_metrics(), self.processor)
         self.hub = Hub(
             self.history,
-            buffer=cfg.subscriber_buffer,
-            max_per_tenant=cfg.max_connections_per_tenant,
-            max_channels=cfg.max_channels_per_session,
+            buffer=config.subscriber_buffer,
+            max_per_tenant=config.max_connections_per_tenant,
+            max_channels=config.max_channels_per_session,
             clock=clock,
         )
-        self.locks: Any = None
-        self.member: Any = None
+        self.locks: PartitionLocks | None = None
+        self.member: GroupMember | None = None
+        self.redriver: Redriver | None = None
         redrive = lag = None
         if not self.embedded:
             from signalman.consumer import GroupMember
@@ -80,94 +89,143 @@ class SignalmanApp:
             from signalman.ownership import PartitionLocks
             from signalman.singleton import GroupLag
 
-            if cfg.postgres_dsn:
+            if config.postgres_dsn:
                 self.locks = PartitionLocks(
-                    cfg.postgres_dsn, cfg.replica_id, grace_s=cfg.lock_grace_s, clock=clock
-                )
+                    config.postgres_dsn, config.replica_id, grace_s=config.lock_grace_s,
+                    clock=clock,
+                )  # fmt: skip
             else:
                 log.warning(
                     "ownership_unfenced", reason="no SIGNALMAN_POSTGRES_DSN: run one replica"
                 )
-            self.member = GroupMember(cfg, self.processor, self.history, self.locks, clock=clock)
+            self.member = GroupMember(config, self.processor, self.history, self.locks, clock=clock)
             self.redriver = Redriver(
-                cfg.kafka_bootstrap, cfg.topic, cfg.dlq_topic, cfg.group_id,
-                delay_s=cfg.redrive_delay_s, max_attempts=cfg.redrive_max_attempts, clock=clock,
+                config.kafka_bootstrap, config.topic, config.dlq_topic, config.group_id,
+                delay_s=config.redrive_delay_s, max_attempts=config.redrive_max_attempts,
+                clock=clock,
             )  # fmt: skip
             redrive = self.redriver.run_once
-            lag = GroupLag(cfg.kafka_bootstrap, cfg.topic, cfg.group_id)
-        lease = AdvisoryLease(self.locks, cfg.group_id) if self.locks is not None else None
+            lag = GroupLag(config.kafka_bootstrap, config.topic, config.group_id)
+        lease = AdvisoryLease(self.locks, config.group_id) if self.locks is not None else None
         self.duties = SingletonDuties(
-            cfg.group_id, lease, self.history,
-            interval_s=cfg.duties_interval_s, history_maxlen=cfg.history_maxlen,
-            retention_s=cfg.history_retention_s, redrive=redrive, lag=lag, clock=clock,
+            config.group_id, lease, self.history,
+            interval_s=config.duties_interval_s, history_maxlen=config.history_maxlen,
+            retention_s=config.history_retention_s, redrive=redrive, lag=lag, clock=clock,
         )  # fmt: skip
         self.duties.register_metrics(process_metrics())
         self.hub.register_metrics(process_metrics())
         self.servicer = SignalmanServicer(
             self.hub, self.processor, self.stats, embedded=self.embedded
         )
-        auth = BearerAuthInterceptor(static_authenticator(tokens or tokens_from_env()))
-        self.grpc: GrpcServer = build_server(
-            [ServiceBinding(add_to_server, self.servicer, SERVICE)],
-            port=cfg.grpc_port,
-            host=cfg.host,
-            interceptors=[auth],
-            max_message_bytes=cfg.max_message_bytes,
-        )
-        self.serve_http = serve_http
-        self._http: uvicorn.Server | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._authenticator = static_authenticator(tokens or tokens_from_env())
+        self.grpc: GrpcServer | None = None
+        self.http: HttpServer | None = None
 
     def _build_history(self) -> History:
-        cfg = self.cfg
-        if cfg.redis_url:
+        config = self.config
+        if config.redis_url:
             from signalman.history.redis import RedisHistory
 
-            return RedisHistory(cfg.redis_url, prefix=cfg.redis_prefix, max_len=cfg.history_maxlen)
-        if cfg.kafka_bootstrap:
+            history = RedisHistory(
+                config.redis_url, prefix=config.redis_prefix, max_len=config.history_maxlen
+            )
+            self._history_probe = Probe(history.ping, interval_s=1.0, timeout_s=1.0)
+            return history
+        if config.kafka_bootstrap:
             log.warning(
                 "history_not_shared",
                 reason="no SIGNALMAN_REDIS_URL: subscribers only see this replica's partitions",
             )
-        return MemoryHistory(max_len=cfg.history_maxlen)
+        return MemoryHistory(max_len=config.history_maxlen)
+
+    @property
+    def grpc_port(self) -> int:
+        return self.grpc.port if self.grpc else 0
 
     @property
     def port(self) -> int:
-        return self.grpc.port
+        """The gRPC port (what clients dial)."""
+        return self.grpc_port
+
+    @property
+    def grpc_target(self) -> str:
+        return f"{self.config.host}:{self.grpc_port}"
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http else 0
 
     def stats(self) -> dict[str, Any]:
+        """Replica-level state: mode, owned partitions (topic, partition, fence, lag), whether
+        this replica runs the singleton duties (GetStats and /health)."""
         parts: list[tuple[str, int, int, int]] = []
         if self.member is not None:
             lag = self.member.lag()
             for tp, owned in sorted(self.member.owned.items(), key=lambda kv: kv[0].partition):
                 parts.append((tp.topic, tp.partition, owned.fence, lag.get(tp, 0)))
         return {
-            "replica_id": self.cfg.replica_id,
+            "replica_id": self.config.replica_id,
             "mode": "embedded" if self.embedded else "kafka",
             "partitions": parts,
             "singleton": self.duties.leader,
         }
 
-    async def health(self) -> tuple[bool, dict[str, Any]]:
-        detail: dict[str, Any] = {"replica_id": self.cfg.replica_id, **self.stats()}
-        ok = True
-        if self.cfg.redis_url:
-            try:
-                await asyncio.wait_for(self.history.ping(), 1.0)  # type: ignore[attr-defined]
-                detail["redis"] = "ok"
-            except Exception as exc:
-                detail["redis"] = f"down: {exc!r}"[:200]
-                ok = False
+    # -- health --------------------------------------------------------------------------------
+    def _dependencies(self, detail: dict[str, Any]) -> list[Dependency]:
+        """The history store decides the status (no history, no delivery); the lock connection
+        and the consumer are shown without changing it: while they are away the replica still
+        serves its subscribers, and its partitions move to the other replicas."""
+        deps: list[Dependency] = []
+        probe = self._history_probe
+        if probe is None:
+            deps.append(Dependency("history", "memory"))
+        else:
+            up = probe.up is not False
+            detail["redis"] = "ok" if up else f"down: {probe.reason}"[:200]
+            deps.append(
+                Dependency(
+                    "history",
+                    "redis",
+                    Status.OK if up else Status.DEGRADED,
+                    "" if up else f"redis down: {probe.reason}",
+                )
+            )
         if self.locks is not None:
-            detail["postgres_lock_connection"] = "ok" if self.locks.connected else "reconnecting"
+            connected = self.locks.connected
+            detail["postgres_lock_connection"] = "ok" if connected else "reconnecting"
+            deps.append(
+                Dependency(
+                    "locks",
+                    "postgres",
+                    Status.OK if connected else Status.DEGRADED,
+                    "" if connected else "lock connection reconnecting",
+                    critical=False,
+                )
+            )
         if self.member is not None:
-            detail["kafka_consumer"] = "running" if self.member.consumer is not None else "starting"
+            running = self.member.consumer is not None
+            detail["kafka_consumer"] = "running" if running else "starting"
+            deps.append(
+                Dependency(
+                    "consumer",
+                    "kafka",
+                    Status.OK if running else Status.DEGRADED,
+                    "" if running else "consumer starting",
+                    critical=False,
+                )
+            )
+        return deps
+
+    def health(self) -> HealthReport:
+        """The one health report: status, dependencies, ownership, subscribers, figures."""
+        detail: dict[str, Any] = self.stats()
+        deps = self._dependencies(detail)
         detail["subscribers"] = len(self.hub.sessions)
-        detail["status"] = "ok" if ok else "degraded"
+        partitions = detail["partitions"]
         # The handful of numbers a status view (./dev up) shows on one line.
-        detail["figures"] = {
-            "partitions": len(detail["partitions"]),
-            "consumer_lag": sum(lag for *_, lag in detail["partitions"]),
+        figures: dict[str, int | float | str | bool | None] = {
+            "partitions": len(partitions),
+            "consumer_lag": sum(lag for *_, lag in partitions),
             "subscribers": detail["subscribers"],
             "slow_dropped": self.hub.dropped_total,
             "singleton": bool(detail["singleton"]),
@@ -178,57 +236,68 @@ class SignalmanApp:
                 else 0
             ),
         }
-        return ok, detail
+        return HealthReport.of(
+            "signalman",
+            self.config.replica_id,
+            deps,
+            figures,
+            detail,
+            stopping=self.lifecycle.stopping,
+        )
 
-    def _http_app(self) -> Starlette:
-        async def health(_: Request) -> Response:
-            ok, detail = await self.health()
-            return JSONResponse(detail, status_code=200 if ok else 503)
-
-        async def metrics(_: Request) -> Response:
-            return Response(prometheus_text(), media_type=CONTENT_TYPE)
-
-        return Starlette(routes=[Route("/health", health), Route("/metrics", metrics)])
-
+    # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.grpc.start()
+        lc = self.lifecycle
+        lc.on_stop(self.history.close)  # last out: the stop itself still reads and writes it
+        if self.dlq is not None:
+            lc.on_stop(self.dlq.close)
+        if self.duties.group_lag is not None:
+            lc.on_stop(self.duties.group_lag.close)
+        if self.redriver is not None:
+            lc.on_stop(self.redriver.close)
         if self.member is not None:
-            self._tasks.append(asyncio.create_task(self.member.run(), name="group-member"))
-        self._tasks.append(asyncio.create_task(self.duties.run(), name="singleton-duties"))
-        if self.serve_http:
-            config = uvicorn.Config(
-                self._http_app(), host=self.cfg.host, port=self.cfg.http_port,
-                log_level="warning", lifespan="off",
-            )  # fmt: skip
-            self._http = uvicorn.Server(config)
-            self._tasks.append(asyncio.create_task(self._http.serve(), name="http"))
+            lc.on_stop(self.member.close)  # leaves the group, releases every partition lock
+        if self._history_probe is not None:
+            await lc.enter(self._history_probe.running())
+        interceptor = BearerAuthInterceptor(self._authenticator)
+        self.grpc = build_server(
+            [ServiceBinding(add_to_server, self.servicer, SERVICE)],
+            settings=self.config.grpc,
+            interceptors=[interceptor],
+        )
+        await self.grpc.start()
+        lc.on_stop(self.grpc.stop, 0.0)  # drained by stop() already; here after a failed start
+        if self.member is not None:
+            lc.spawn(self.member.run(), "group-member")
+        lc.spawn(self.duties.run(), "singleton-duties")
+        http = self.config.http
+        if http is not None:
+            self.http = HttpServer(Starlette(routes=ops_routes(self.health)), http)
+            await self.http.start()
+            lc.on_stop(self.http.stop, 2.0)
+        lc.spawn(self.grpc.follow(self.health), "grpc-health")
         log.info(
             "signalman_started",
-            replica=self.cfg.replica_id,
-            grpc_port=self.port,
-            http_port=self.cfg.http_port if self.serve_http else None,
+            replica=self.config.replica_id,
+            grpc_port=self.grpc_port,
+            http_port=self.http_port or None,
             mode="embedded" if self.embedded else "kafka",
         )
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 1.0) -> None:
+        """Stop taking work, then undo what ``start`` did, newest first.
+
+        Health says not serving at once; subscriber sessions end (clients resume on another
+        replica) and gRPC calls drain for ``grace`` seconds; the duties and the group member
+        are told to stop; then HTTP, the member (leaving the group, releasing its locks), the
+        Kafka clients and the history close.
+        """
+        self.lifecycle.stopping = True
         await self.hub.close()
-        await self.grpc.stop(grace=1.0)
+        if self.grpc is not None:
+            await self.grpc.stop(grace)
         self.duties.stop()
         if self.member is not None:
             await self.member.stop()
-        if self._http is not None:
-            self._http.should_exit = True
-        for task in self._tasks:
-            if task.get_name() != "http":
-                task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(task, 10.0)
-        if self.member is not None:
-            await self.member._stop_consumer()
-            await self.redriver.close()
-            if self.duties.group_lag is not None:
-                await self.duties.group_lag.close()
-        if self.dlq is not None:
-            await self.dlq.close()
-        await self.history.close()
+        await self.lifecycle.close()
+        log.info("signalman_stopped", replica=self.config.replica_id)

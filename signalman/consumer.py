@@ -453,6 +453,10 @@ class GroupMember:
     async def stop(self) -> None:
         self._stopping.set()
 
+    async def close(self) -> None:
+        """Leave the group and release every partition lock (also when ``run`` never ran)."""
+        await self._stop_consumer()
+
     # -- processing ----------------------------------------------------------------------------
     async def _consume(self) -> None:
         self._ahead = {}  # records of a previous consumer are not ours to process

@@ -55,6 +55,7 @@ wait_until = functools.partial(eventually, interval=0.05)
 def embedded_config(**overrides: Any) -> SignalmanConfig:
     base: dict[str, Any] = {
         "grpc_port": 0,
+        "http_port": -1,
         "subscriber_buffer": 50,
         "max_connections_per_tenant": 3,
         "history_maxlen": 1_000,
@@ -67,7 +68,7 @@ def embedded_config(**overrides: Any) -> SignalmanConfig:
 @pytest.fixture
 async def app() -> AsyncIterator[SignalmanApp]:
     """An embedded Signalman (memory history, events via Publish) on a free port."""
-    replica = SignalmanApp(embedded_config(), tokens=parse_tokens(TOKENS), serve_http=False)
+    replica = SignalmanApp(embedded_config(), tokens=parse_tokens(TOKENS))
     await replica.start()
     try:
         yield replica

@@ -36,8 +36,9 @@ async def test_foghorn_node_events_reach_system_subscribers(
         grpc_port=0, kafka_bootstrap=kafka_broker.bootstrap, topic=topic,
         group_id=f"signalman-e2e-{suffix}", redis_url=redis_server.url,
         redis_prefix=f"sm-e2e-{suffix}", session_timeout_ms=6_000, heartbeat_interval_ms=500,
+        http_port=-1,
     )  # fmt: skip
-    app = SignalmanApp(cfg, tokens=parse_tokens(TOKENS), serve_http=False)
+    app = SignalmanApp(cfg, tokens=parse_tokens(TOKENS))
     await app.start()
     client = SignalmanClient(f"127.0.0.1:{app.port}", token="tsys")
     try:

@@ -28,6 +28,7 @@ def kafka_config(kafka: Any, redis: Any, postgres: Any, **overrides: Any) -> Sig
     suffix = uuid.uuid4().hex[:8]
     base: dict[str, Any] = {
         "grpc_port": 0,
+        "http_port": -1,
         "kafka_bootstrap": kafka.bootstrap,
         "topic": f"events-{suffix}",
         "group_id": f"signalman-{suffix}",
@@ -52,7 +53,6 @@ async def replica(
     app = SignalmanApp(
         kafka_config(kafka_broker, redis_server, postgres_server),
         tokens=parse_tokens(TOKENS),
-        serve_http=False,
     )
     await app.start()
     try:
@@ -85,7 +85,7 @@ async def produce_raw(
 async def test_events_arrive_in_order_per_tenant(
     replica: SignalmanApp, reader: SignalmanClient
 ) -> None:
-    sink = KafkaSink(replica.cfg.kafka_bootstrap, topic=replica.cfg.topic, source="test")
+    sink = KafkaSink(replica.config.kafka_bootstrap, topic=replica.config.topic, source="test")
     try:
         for i in range(200):
             sink.emit(Event("stream.started", "acme", {"seq": i}))
@@ -109,7 +109,7 @@ async def test_events_arrive_in_order_per_tenant(
 async def test_poison_events_are_dead_lettered_and_partition_continues(
     replica: SignalmanApp, reader: SignalmanClient
 ) -> None:
-    cfg = replica.cfg
+    cfg = replica.config
     good = Event("stream.ended", "acme", {"after": "poison"})
     no_tenant = json.dumps({"v": 1, "type": "stream.started", "id": "x1"}).encode()
     wrong_schema = json.dumps({"v": 1, "type": "stream.started", "tenant": "acme", "id": "x2",
@@ -138,7 +138,7 @@ async def test_poison_events_are_dead_lettered_and_partition_continues(
 async def test_retryable_dead_letters_are_redriven_a_bounded_number_of_times(
     replica: SignalmanApp,
 ) -> None:
-    cfg = replica.cfg
+    cfg = replica.config
     newer = json.dumps({"v": 1, "type": "stream.started", "tenant": "acme", "id": "n1",
                         "schema_version": 2}).encode()  # fmt: skip
     await produce_raw(cfg.kafka_bootstrap, cfg.topic, [(b"acme", newer)])
@@ -186,7 +186,7 @@ async def test_redis_restart_loses_history_subscribers_get_a_gap_then_events(
 ) -> None:
     redis = redis_factory()
     cfg = kafka_config(kafka_broker, redis, postgres_server)
-    app = SignalmanApp(cfg, tokens=parse_tokens(TOKENS), serve_http=False)
+    app = SignalmanApp(cfg, tokens=parse_tokens(TOKENS))
     await app.start()
     client = SignalmanClient(f"127.0.0.1:{app.port}", token="ta")
     sink = KafkaSink(cfg.kafka_bootstrap, topic=cfg.topic, source="test")

@@ -46,8 +46,7 @@ async def test_after_redis_restarts_empty_every_subscriber_on_every_replica_gets
 ) -> None:
     redis = redis_factory()
     apps = [
-        SignalmanApp(embedded_config(redis_url=redis.url), tokens=parse_tokens(TOKENS),
-                     serve_http=False)
+        SignalmanApp(embedded_config(redis_url=redis.url), tokens=parse_tokens(TOKENS))
         for _ in range(2)
     ]  # fmt: skip
     for app in apps:
@@ -107,7 +106,7 @@ async def test_history_lost_under_a_blocked_read_is_a_gap_not_silently_skipped_e
     import redis.asyncio as aioredis
 
     cfg = embedded_config(redis_url=redis_server.url, redis_prefix=f"sm-{uuid.uuid4().hex[:8]}")
-    app = SignalmanApp(cfg, tokens=parse_tokens(TOKENS), serve_http=False)
+    app = SignalmanApp(cfg, tokens=parse_tokens(TOKENS))
     await app.start()
     client = SignalmanClient(f"127.0.0.1:{app.port}", token="ta")
     publisher = SignalmanClient(f"127.0.0.1:{app.port}", token="tpa")

@@ -248,7 +248,7 @@ async def test_token_without_tenant_is_refused(connect: Connect) -> None:
 
 async def test_per_tenant_connection_cap(app: SignalmanApp, connect: Connect) -> None:
     streams = []
-    for _ in range(app.cfg.max_connections_per_tenant):
+    for _ in range(app.config.max_connections_per_tenant):
         raw = RawStream(connect("ta"))
         await raw.send(subscribe_msg("streams"))
         assert (await raw.recv()).WhichOneof("kind") == "subscribed"
@@ -274,7 +274,7 @@ async def test_slow_subscriber_is_dropped_others_keep_receiving(
     assert (await slow.recv()).WhichOneof("kind") == "subscribed"
     async with connect("ta2").subscribe(["streams"]) as fast:
         await fast.wait_subscribed()
-        total = app.cfg.subscriber_buffer * 10  # far more than the buffer + a 64 KiB window
+        total = app.config.subscriber_buffer * 10  # far more than the buffer + a 64 KiB window
         payload = "x" * 2_000
         received = 0
         for i in range(0, total, 20):
