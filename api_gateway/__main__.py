@@ -1,7 +1,8 @@
-"""``bridge``: run one Bridge replica (GraphQL gateway) with uvicorn.
+"""``bridge``: run one Bridge replica (GraphQL gateway).
 
 Configuration comes from BRIDGE_* environment variables (see ``api_gateway.config``); flags
-``--port`` and ``--id`` override the port and replica id, handy for running two replicas.
+``--port``, ``--host`` and ``--id`` override the port, bind address and replica id, handy for
+running two replicas.
 """
 
 from __future__ import annotations
@@ -9,11 +10,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-import uvicorn
+from api_gateway.config import load_config
+from api_gateway.server import BridgeApp
+from pkg.common.app import run_main
 
-from pkg.common.config import ConfigError
-from pkg.common.logging import configure_logging
-from pkg.common.telemetry import setup_metrics
+
+def _started(app: BridgeApp) -> None:
+    print(
+        f"bridge {app.config.replica_id}: HTTP http://{app.config.http_host}:{app.http_port}"
+        "/graphql",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,12 +30,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="bind address (default $BRIDGE_HTTP_HOST or 127.0.0.1)")
     parser.add_argument("--id", dest="replica_id", help="replica id shown in /health")
     args = parser.parse_args(argv)
-
-    configure_logging("bridge")
-    setup_metrics("bridge")
-    from api_gateway.config import load_config
-    from api_gateway.server import build_replica
-
     overrides = {
         k: v
         for k, v in (
@@ -37,25 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if v is not None
     }
-    try:
-        cfg = load_config(**overrides)
-        replica = build_replica(cfg)
-    except (ConfigError, ValueError, OSError) as exc:
-        print(f"bridge: bad configuration: {exc}", file=sys.stderr)
-        return 2
-    uvicorn.run(
-        replica.app,
-        host=cfg.http_host,
-        port=cfg.http_port,
-        log_level="warning",
-        access_log=False,
-        ws="websockets-sansio",
-        # A WebSocket frame may be no larger than an HTTP body (close 1009 past it).
-        ws_max_size=cfg.max_body_bytes,
-        lifespan="on",
-        timeout_graceful_shutdown=5,
-    )
-    return 0
+    return run_main("bridge", lambda: load_config(**overrides), BridgeApp, _started)
 
 
 if __name__ == "__main__":

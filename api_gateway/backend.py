@@ -67,11 +67,19 @@ class FleetBackend(Protocol):
 
     async def set_node_mode(self, node_id: str, mode: str, reason: str) -> Json: ...
 
+    def state(self) -> dict[str, str]:
+        """Breaker state per backend address (``closed``/``open``/``half-open``), for health."""
+        ...
+
+    async def close(self) -> None: ...
+
 
 class EventsBackend(Protocol):
     def subscribe(self, tenant: str, channels: list[str]) -> AsyncIterator[Json]:
         """The tenant's events on ``channels`` as they happen (dicts in GraphQL field names)."""
         ...
+
+    async def close(self) -> None: ...
 
 
 class NoEvents:
@@ -84,6 +92,9 @@ class NoEvents:
             "(set BRIDGE_SIGNALMAN_ADDRESSES)",
         )
         yield {}  # pragma: no cover - makes this an async generator
+
+    async def close(self) -> None:
+        pass
 
 
 class NoFleet:
@@ -106,3 +117,9 @@ class NoFleet:
 
     async def set_node_mode(self, node_id: str, mode: str, reason: str) -> Json:
         raise self._fail()
+
+    def state(self) -> dict[str, str]:
+        return {}
+
+    async def close(self) -> None:
+        pass

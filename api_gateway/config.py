@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pkg.common.config import default_replica_id, load_settings
+from pkg.common.httpserver import HttpSettings
 
 DOCS = "docs/bridge.md#configuration"
 
@@ -91,6 +92,18 @@ class BridgeConfig:
                 raise ValueError(f"{name} must be > 0")
         if not self.replica_id:
             object.__setattr__(self, "replica_id", default_replica_id())
+
+    @property
+    def http(self) -> HttpSettings:
+        """The listener: GraphQL over HTTP and WebSocket, whose frames may be no larger than an
+        HTTP body (close 1009 past it); open requests get 5 s to finish at stop."""
+        return HttpSettings(
+            self.http_host,
+            self.http_port,
+            ws="websockets-sansio",
+            ws_max_size=self.max_body_bytes,
+            graceful_s=5.0,
+        )
 
 
 def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> BridgeConfig:

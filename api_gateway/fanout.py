@@ -167,6 +167,4 @@ class SharedEvents:
     async def close(self) -> None:
         for feed in list(self._feeds.values()):
             await self._close(feed)
-        close = getattr(self.upstream, "close", None)
-        if close is not None:
-            await close()
+        await self.upstream.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -49,7 +48,8 @@ from bridge.tenant_limits import CachedLimits
 from bridge.token_bucket import Decision, Limit
 from pkg.common import tracing
 from pkg.common.auth import ANONYMOUS, Principal
-from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
+from pkg.common.health import HealthSource
+from pkg.common.httpserver import ops_routes
 
 log = structlog.get_logger("bridge.http")
 STATIC = Path(__file__).parent / "static"
@@ -399,9 +399,6 @@ def _limit_body(receive: Receive, limit: int) -> Receive:
     return wrapped
 
 
-HealthFn = Callable[[], Awaitable[dict[str, Any]]]
-
-
 class HeaderLimit:
     """Refuses requests whose headers add up to more than ``max_bytes`` (431, JSON body).
 
@@ -428,15 +425,11 @@ class HeaderLimit:
         await self.app(scope, receive, send)
 
 
-def build_asgi(view: BridgeGraphQL, health: HealthFn, max_header_bytes: int = 16_384) -> Starlette:
-    """Routes: /graphql (POST/GET/WS + GraphiQL page), /health, /metrics, /static/graphiql."""
-
-    async def health_endpoint(_: Request) -> Response:
-        body = await health()
-        return JSONResponse(body, status_code=200)
-
-    async def metrics_endpoint(_: Request) -> Response:
-        return Response(prometheus_text(), media_type=CONTENT_TYPE)
+def build_asgi(
+    view: BridgeGraphQL, health: HealthSource, max_header_bytes: int = 16_384
+) -> Starlette:
+    """Routes: /graphql (POST/GET/WS + GraphiQL page), /health and /metrics (the shared ops
+    routes), /static/graphiql."""
 
     async def root(_: Request) -> Response:
         return JSONResponse({"graphql": "/graphql", "health": "/health", "metrics": "/metrics"})
@@ -454,8 +447,7 @@ def build_asgi(view: BridgeGraphQL, health: HealthFn, max_header_bytes: int = 16
     app = Starlette(
         routes=[
             Route("/", root),
-            Route("/health", health_endpoint),
-            Route("/metrics", metrics_endpoint),
+            *ops_routes(health),
             Mount("/static/graphiql", StaticFiles(directory=STATIC / "graphiql")),
             Route("/graphql", view, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", view),

@@ -1,17 +1,19 @@
-"""Wiring: build a Bridge replica (stores, cache, limiter, backends, ASGI app) from its config.
+"""Bridge's app: builds one replica from its config and runs its lifecycle.
 
-``redis_url`` empty: embedded mode, in-memory cache and buckets (one replica). Set: HA mode,
-shared through Redis, with the in-memory stores as the degraded fallback while Redis is down.
+The same shape as every service (docs/architecture.md): ``BridgeApp(config)`` wires the parts
+(stores, cache, limiter, backends, the ASGI app) without I/O; ``start()`` brings them up in
+order (Redis probe, HTTP) and ``stop()`` takes them down in reverse; ``health()`` is the one
+report ``/health`` serves. ``redis_url`` empty: embedded mode, in-memory cache and buckets (one
+replica). Set: HA mode, shared through Redis, with the in-memory stores as the degraded
+fallback while Redis is down.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Awaitable, Callable
 
+import redis.asyncio as aioredis
 import structlog
 from starlette.applications import Starlette
 
@@ -36,21 +38,12 @@ from bridge.store.health import RedisHealth
 from bridge.store.memory import MemoryBucketStore, MemoryCacheStore
 from bridge.tenant_limits import CachedLimits, ConfigLimitsProvider, parse_overrides
 from bridge.token_bucket import Limit
+from pkg.common.app import Lifecycle
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.health import Dependency, Figure, HealthReport, Status
+from pkg.common.httpserver import HttpServer
 
 log = structlog.get_logger("bridge")
-
-
-@dataclass
-class Replica:
-    """One Bridge replica's parts, for the process and for tests."""
-
-    config: BridgeConfig
-    app: Starlette
-    gateway: Gateway
-    cache: ResponseCache
-    health: RedisHealth | None
-    closers: list[Any] = field(default_factory=list)
 
 
 def _fleet_backend(cfg: BridgeConfig) -> FleetBackend:
@@ -69,126 +62,198 @@ def _events_backend(cfg: BridgeConfig) -> EventsBackend:
     return SignalmanEvents(cfg.signalman_addresses, parse_tenant_tokens(cfg.signalman_tokens))
 
 
-def build_replica(
-    cfg: BridgeConfig,
-    fleet: FleetBackend | None = None,
-    events: EventsBackend | None = None,
-    clock: Clock = SYSTEM_CLOCK,
-) -> Replica:
-    """Everything one replica needs; backends default to the configured Foghorn/Signalman."""
-    replica_id = cfg.replica_id
-    fleet = fleet if fleet is not None else _fleet_backend(cfg)
-    events = events if events is not None else _events_backend(cfg)
+class BridgeApp:
+    """One Bridge replica: GraphQL over HTTP and WebSocket, on one event loop."""
 
-    health: RedisHealth | None = None
-    cache_store: CacheStore
-    bucket_store: BucketStore | None
-    closers: list[Any] = []
-    if cfg.redis_url:
-        from bridge.store.redis_store import RedisBucketStore, RedisCacheStore, connect
-
-        client = connect(cfg.redis_url, cfg.redis_timeout_s)
-        health = RedisHealth(client, clock)
-        cache_store = RedisCacheStore(client, health, cfg.redis_prefix)
-        bucket_store = RedisBucketStore(client, health, cfg.redis_prefix)
-        closers.append(client)
-    else:
-        cache_store = MemoryCacheStore(clock)
-        bucket_store = None  # the limiter's local buckets are the embedded default
-
-    policy = CachePolicy(
-        ttl=cfg.cache_ttl_s,
-        stale=cfg.cache_stale_s,
-        negative_ttl=cfg.cache_negative_ttl_s,
-        error_grace=cfg.cache_error_grace_s,
-    )
-    route_policy = CachePolicy(
-        ttl=cfg.route_cache_ttl_s,
-        stale=cfg.route_cache_ttl_s * 4,
-        negative_ttl=cfg.cache_negative_ttl_s,
-        error_grace=cfg.cache_error_grace_s,
-    )
-    cache = ResponseCache(
-        cache_store,
-        policy=policy,
-        clock=clock,
-        xfetch_beta=cfg.xfetch_beta,
-        lock_ttl_s=cfg.cache_lock_ttl_s,
-        # A lock holder slower than one backend deadline has failed (or is paused): waiters
-        # then load themselves instead of stalling on it until the lock expires.
-        lock_wait_s=min(cfg.cache_lock_ttl_s, cfg.backend_timeout_s + 0.5),
-        local_size=cfg.cache_local_size if cfg.redis_url else 0,
-    )
-    if health is not None:
-        health.on_recover(cache.flush_pending)
-
-    limiter = RateLimiter(bucket_store, MemoryBucketStore(clock))
-    tenant_limits = CachedLimits(
-        ConfigLimitsProvider(
-            Limit(cfg.tenant_burst, cfg.tenant_rate), parse_overrides(cfg.tenant_limits)
-        ),
-        ttl_s=cfg.tenant_limits_ttl_s,
-        clock=clock,
-    )
-    auth = JwtAuthenticator(
-        JwtSettings(
-            hs256_secret=cfg.jwt_hs256_secret,
-            rs256_public_key=load_public_key(
-                cfg.jwt_rs256_public_key, cfg.jwt_rs256_public_key_file
-            ),
-            issuer=cfg.jwt_issuer,
-            audience=cfg.jwt_audience,
-            leeway_s=cfg.jwt_leeway_s,
-            tenant_claim=cfg.jwt_tenant_claim,
-            roles_claim=cfg.jwt_roles_claim,
-            max_token_bytes=cfg.max_token_bytes,
+    def __init__(
+        self,
+        config: BridgeConfig,
+        *,
+        fleet: FleetBackend | None = None,
+        events: EventsBackend | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        """Backends default to the configured Foghorn/Signalman (tests pass fakes)."""
+        cfg = self.config = config
+        self.clock = clock
+        self.lifecycle = Lifecycle("bridge")
+        self.fleet: FleetBackend = fleet if fleet is not None else _fleet_backend(cfg)
+        upstream = events if events is not None else _events_backend(cfg)
+        # A tenant's subscriptions share one Signalman stream per replica (and are capped).
+        self.events = SharedEvents(
+            upstream, cfg.max_subscriptions_per_tenant, cfg.subscription_buffer
         )
-    )
-    guard = RequestGuard(
-        auth,
-        limiter,
-        tenant_limits,
-        Limit(cfg.anon_burst, cfg.anon_rate),
-        cfg.trust_forwarded_for,
-    )
-    # A tenant's subscriptions share one Signalman stream per replica (and are capped).
-    shared_events = SharedEvents(events, cfg.max_subscriptions_per_tenant, cfg.subscription_buffer)
-    gateway = Gateway(fleet, shared_events, cache, route_policy)
-    view = BridgeGraphQL(
-        build_schema(cfg.max_query_depth, cfg.max_query_tokens, cfg.max_aliases),
-        gateway,
-        guard,
-        Limits(cfg.max_body_bytes, cfg.max_query_bytes),
-        load_graphiql_html(),
-        connection_init_timeout_s=cfg.ws_connection_init_timeout_s,
-    )
 
-    async def health_report() -> dict[str, Any]:
-        redis_state = "embedded" if health is None else ("up" if health.up else "down")
-        state = getattr(fleet, "state", None)
-        breakers = state() if callable(state) else {}
+        self.redis: aioredis.Redis | None = None
+        self.redis_health: RedisHealth | None = None
+        cache_store: CacheStore
+        bucket_store: BucketStore | None
+        if cfg.redis_url:
+            from bridge.store.redis_store import RedisBucketStore, RedisCacheStore, connect
+
+            self.redis = connect(cfg.redis_url, cfg.redis_timeout_s)
+            self.redis_health = RedisHealth(self.redis, clock)
+            cache_store = RedisCacheStore(self.redis, self.redis_health, cfg.redis_prefix)
+            bucket_store = RedisBucketStore(self.redis, self.redis_health, cfg.redis_prefix)
+        else:
+            cache_store = MemoryCacheStore(clock)
+            bucket_store = None  # the limiter's local buckets are the embedded default
+
+        policy = CachePolicy(
+            ttl=cfg.cache_ttl_s,
+            stale=cfg.cache_stale_s,
+            negative_ttl=cfg.cache_negative_ttl_s,
+            error_grace=cfg.cache_error_grace_s,
+        )
+        route_policy = CachePolicy(
+            ttl=cfg.route_cache_ttl_s,
+            stale=cfg.route_cache_ttl_s * 4,
+            negative_ttl=cfg.cache_negative_ttl_s,
+            error_grace=cfg.cache_error_grace_s,
+        )
+        self.cache = ResponseCache(
+            cache_store,
+            policy=policy,
+            clock=clock,
+            xfetch_beta=cfg.xfetch_beta,
+            lock_ttl_s=cfg.cache_lock_ttl_s,
+            # A lock holder slower than one backend deadline has failed (or is paused): waiters
+            # then load themselves instead of stalling on it until the lock expires.
+            lock_wait_s=min(cfg.cache_lock_ttl_s, cfg.backend_timeout_s + 0.5),
+            local_size=cfg.cache_local_size if cfg.redis_url else 0,
+        )
+        if self.redis_health is not None:
+            self.redis_health.on_recover(self.cache.flush_pending)
+
+        limiter = RateLimiter(bucket_store, MemoryBucketStore(clock))
+        tenant_limits = CachedLimits(
+            ConfigLimitsProvider(
+                Limit(cfg.tenant_burst, cfg.tenant_rate), parse_overrides(cfg.tenant_limits)
+            ),
+            ttl_s=cfg.tenant_limits_ttl_s,
+            clock=clock,
+        )
+        self.auth = JwtAuthenticator(
+            JwtSettings(
+                hs256_secret=cfg.jwt_hs256_secret,
+                rs256_public_key=load_public_key(
+                    cfg.jwt_rs256_public_key, cfg.jwt_rs256_public_key_file
+                ),
+                issuer=cfg.jwt_issuer,
+                audience=cfg.jwt_audience,
+                leeway_s=cfg.jwt_leeway_s,
+                tenant_claim=cfg.jwt_tenant_claim,
+                roles_claim=cfg.jwt_roles_claim,
+                max_token_bytes=cfg.max_token_bytes,
+            )
+        )
+        guard = RequestGuard(
+            self.auth,
+            limiter,
+            tenant_limits,
+            Limit(cfg.anon_burst, cfg.anon_rate),
+            cfg.trust_forwarded_for,
+        )
+        self.gateway = Gateway(self.fleet, self.events, self.cache, route_policy)
+        view = BridgeGraphQL(
+            build_schema(cfg.max_query_depth, cfg.max_query_tokens, cfg.max_aliases),
+            self.gateway,
+            guard,
+            Limits(cfg.max_body_bytes, cfg.max_query_bytes),
+            load_graphiql_html(),
+            connection_init_timeout_s=cfg.ws_connection_init_timeout_s,
+        )
+        # Built here, not in start(): tests drive it in process (Starlette's TestClient).
+        self.asgi: Starlette = build_asgi(view, self.health, cfg.max_header_bytes)
+        self.http: HttpServer | None = None
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port if self.http else 0
+
+    # -- health --------------------------------------------------------------------------------
+    def health(self) -> HealthReport:
+        """The one health report: Redis, Foghorn's breakers, Signalman, auth mode, figures."""
+        cfg = self.config
+        detail: dict[str, object] = {}
+        rh = self.redis_health
+        if rh is None:
+            detail["redis"] = "embedded"
+            redis = Dependency("redis", "memory")
+        else:
+            detail["redis"] = "up" if rh.up else "down"
+            if not rh.up:
+                detail["redis_error"] = rh.last_error[:200]
+            redis = Dependency(
+                "redis",
+                "redis",
+                Status.OK if rh.up else Status.DEGRADED,
+                "" if rh.up else f"down: {rh.last_error[:200]}",
+            )
+        breakers = self.fleet.state()
         # Open = failing fast right now; half-open = the next call probes Foghorn again.
-        foghorn_open = any(v == "open" for v in breakers.values())
-        body: dict[str, Any] = {
-            "status": "degraded" if redis_state == "down" or foghorn_open else "ok",
-            "replica": replica_id,
-            "redis": redis_state,
-            "foghorn": {"breakers": breakers} if cfg.foghorn_addresses else "unconfigured",
-            "signalman": "configured" if cfg.signalman_addresses else "unconfigured",
-            "auth": "jwt" if auth.enabled else "anonymous-only",
-        }
-        if health is not None and not health.up:
-            body["redis_error"] = health.last_error[:200]
-        body["figures"] = _figures(cache.stats, breakers)
-        return body
+        open_ = sorted(addr for addr, state in breakers.items() if state == "open")
+        detail["foghorn"] = {"breakers": breakers} if cfg.foghorn_addresses else "unconfigured"
+        foghorn = Dependency(
+            "foghorn",
+            "grpc" if cfg.foghorn_addresses else "none",
+            Status.DEGRADED if open_ else Status.OK,
+            f"breaker open for {', '.join(open_)}" if open_ else "",
+        )
+        detail["signalman"] = "configured" if cfg.signalman_addresses else "unconfigured"
+        # Subscriptions fail one by one with their own error; queries and routing go on.
+        signalman = Dependency(
+            "signalman", "grpc" if cfg.signalman_addresses else "none", critical=False
+        )
+        detail["auth"] = "jwt" if self.auth.enabled else "anonymous-only"
+        return HealthReport.of(
+            "bridge",
+            cfg.replica_id,
+            [redis, foghorn, signalman],
+            _figures(self.cache.stats, breakers),
+            detail,
+            stopping=self.lifecycle.stopping,
+        )
 
-    app = build_asgi(view, health_report, cfg.max_header_bytes)
-    replica = Replica(cfg, app, gateway, cache, health, closers)
-    app.router.lifespan_context = _lifespan(replica, fleet, shared_events)
-    return replica
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        lc = self.lifecycle
+        if self.redis is not None:
+            lc.on_stop(_quietly, self.redis.aclose)  # last out
+        lc.on_stop(_quietly, self.fleet.close)
+        lc.on_stop(_quietly, self.events.close)
+        lc.on_stop(self.cache.close)
+        if self.redis_health is not None:
+            await self.redis_health.probe()
+            lc.spawn(self.redis_health.run(), "redis-probe")
+        self.http = HttpServer(self.asgi, self.config.http)
+        await self.http.start()
+        lc.on_stop(self.http.stop, 0.0)  # drained by stop() already; here after a failed start
+        log.info(
+            "bridge_started",
+            replica=self.config.replica_id,
+            port=self.http_port,
+            redis=bool(self.config.redis_url),
+        )
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop taking work, then undo what ``start`` did, newest first: health says not
+        serving at once, open requests finish for up to ``grace`` seconds, then the Redis
+        probe, the cache, the backends and the Redis client close."""
+        self.lifecycle.stopping = True
+        if self.http is not None:
+            await self.http.stop(grace)
+        await self.lifecycle.close()
+        log.info("bridge_stopped", replica=self.config.replica_id)
 
 
-def _figures(stats: CacheStats, breakers: dict[str, str]) -> dict[str, Any]:
+async def _quietly(close: Callable[[], Awaitable[object]]) -> None:
+    """A backend that fails to close must not keep the rest of the stop from running."""
+    with contextlib.suppress(Exception):
+        await close()
+
+
+def _figures(stats: CacheStats, breakers: dict[str, str]) -> dict[str, Figure]:
     """The handful of numbers a status view (./dev up) shows on one line."""
     lookups = sum(stats.by_status.values())
     from_cache = stats.hits + stats.stale + stats.negative  # answered without a backend call
@@ -198,36 +263,3 @@ def _figures(stats: CacheStats, breakers: dict[str, str]) -> dict[str, Any]:
         "cache_hit_rate": round(from_cache / lookups, 3) if lookups else 0.0,
         "breakers_open": f"{sum(v != 'closed' for v in breakers.values())}/{len(breakers)}",
     }
-
-
-def _lifespan(replica: Replica, fleet: Any, events: Any) -> Any:
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        probe: asyncio.Task[None] | None = None
-        if replica.health is not None:
-            await replica.health.probe()
-            probe = asyncio.create_task(replica.health.run())
-        log.info(
-            "bridge_started",
-            replica=replica.config.replica_id,
-            port=replica.config.http_port,
-            redis=bool(replica.config.redis_url),
-        )
-        try:
-            yield
-        finally:
-            if probe is not None:
-                probe.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await probe
-            await replica.cache.close()
-            for backend in (fleet, events):
-                close = getattr(backend, "close", None)
-                if close is not None:
-                    with contextlib.suppress(Exception):
-                        await close()
-            for client in replica.closers:
-                with contextlib.suppress(Exception):
-                    await client.aclose()
-
-    return lifespan

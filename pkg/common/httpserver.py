@@ -42,8 +42,10 @@ class HttpSettings:
 
     host: str = "127.0.0.1"
     port: int = 0
-    # uvicorn's WebSocket implementation ("none": no WebSocket routes served).
+    # uvicorn's WebSocket implementation ("none": no WebSocket routes served) and the largest
+    # frame it accepts (a bigger one closes the socket with 1009).
     ws: str = "none"
+    ws_max_size: int = 16 * 1024 * 1024
     graceful_s: float = 5.0
 
 
@@ -68,6 +70,7 @@ class HttpServer:
             access_log=False,
             lifespan="off",  # the service's app object owns start and stop
             ws=settings.ws,
+            ws_max_size=settings.ws_max_size,
             timeout_graceful_shutdown=int(settings.graceful_s),
         )
         self._server = _EmbeddedUvicorn(config)

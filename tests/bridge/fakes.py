@@ -110,6 +110,12 @@ class FakeFleet:
         self.nodes[node_id] = {**self.nodes[node_id], "mode": mode, "mode_reason": reason}
         return {"node": self.nodes[node_id], "delivered": True, "acked": True, "ok": True}
 
+    def state(self) -> dict[str, str]:
+        return {}
+
+    async def close(self) -> None:
+        pass
+
 
 class FakeEvents:
     """Yields the given events for any tenant subscription, tagged with the caller's tenant."""
@@ -122,3 +128,6 @@ class FakeEvents:
         self.subscribed.append((tenant, channels))
         for e in self.events:
             yield {**e, "tenant": tenant}
+
+    async def close(self) -> None:
+        pass

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from api_gateway.config import BridgeConfig
-from api_gateway.server import build_replica
+from api_gateway.server import BridgeApp
 from tests.bridge.fakes import SECRET, FakeFleet, token
 
 KNOWN_CODES = {
@@ -60,11 +60,11 @@ tokens = st.one_of(
 
 @pytest.fixture(scope="module")
 def client():
-    replica = build_replica(
+    app = BridgeApp(
         BridgeConfig(jwt_hs256_secret=SECRET, anon_burst=10**6, tenant_burst=10**6),
         fleet=FakeFleet(),
     )
-    with TestClient(replica.app, raise_server_exceptions=False) as c:
+    with TestClient(app.asgi, raise_server_exceptions=False) as c:
         yield c
 
 

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from api_gateway.config import BridgeConfig
-from api_gateway.server import build_replica
+from api_gateway.server import BridgeApp
 from pkg.common.telemetry import setup_metrics
 from tests.bridge.fakes import SECRET, FakeEvents, FakeFleet, token
 
@@ -26,8 +26,8 @@ def make_client(fleet=None, events=None, **cfg) -> tuple[TestClient, FakeFleet]:
     fleet = fleet or FakeFleet()
     cfg.setdefault("jwt_hs256_secret", SECRET)
     config = BridgeConfig(**cfg)
-    replica = build_replica(config, fleet=fleet, events=events)
-    return TestClient(replica.app), fleet
+    app = BridgeApp(config, fleet=fleet, events=events)
+    return TestClient(app.asgi), fleet
 
 
 @pytest.fixture
