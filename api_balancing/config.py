@@ -14,7 +14,7 @@ from typing import Any
 from api_balancing.ha.keys import Keys
 from api_balancing.scoring import Weights
 from pkg.common.auth import Principal, parse_tokens, tokens_from_env
-from pkg.common.config import default_replica_id, load_settings
+from pkg.common.config import ServiceSettings, load_settings
 from pkg.common.grpcserver import GrpcSettings
 from pkg.common.httpserver import HttpSettings
 
@@ -62,7 +62,7 @@ class HaConfig:
 
 
 @dataclass(frozen=True)
-class FoghornConfig:
+class FoghornConfig(ServiceSettings):
     """Every knob of a Foghorn process. Validated at construction (bad values fail start-up)."""
 
     host: str = "127.0.0.1"
@@ -71,7 +71,6 @@ class FoghornConfig:
     advertise_host: str = ""
     grpc_port: int = 18008
     http_port: int = 18080  # 0 picks a free port; -1 disables the HTTP side
-    replica_id: str = ""  # default: <hostname>-<pid>
     tokens: str = ""  # PLATFORM_TOKENS syntax; empty: use $PLATFORM_TOKENS
     weight_cpu: float = 500.0
     weight_ram: float = 500.0
@@ -97,6 +96,7 @@ class FoghornConfig:
     ha: HaConfig = field(default_factory=HaConfig)  # FOGHORN_CLUSTER, FOGHORN_LEASE_TTL_S ...
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in (
             "weight_cpu",
             "weight_ram",
@@ -137,8 +137,6 @@ class FoghornConfig:
                 f"host {self.host!r} listens everywhere but cannot be relayed to: set "
                 "FOGHORN_ADVERTISE_HOST to the address other replicas reach this one at"
             )
-        if not self.replica_id:
-            object.__setattr__(self, "replica_id", default_replica_id())
 
     @property
     def grpc(self) -> GrpcSettings:

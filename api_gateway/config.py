@@ -10,19 +10,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pkg.common.config import default_replica_id, load_settings
+from pkg.common.config import ServiceSettings, load_settings
 from pkg.common.httpserver import HttpSettings
 
 DOCS = "docs/bridge.md#configuration"
 
 
 @dataclass(frozen=True)
-class BridgeConfig:
+class BridgeConfig(ServiceSettings):
     """Every setting of a Bridge replica; empty ``redis_url`` means embedded (in-memory) state."""
 
     http_host: str = "127.0.0.1"
     http_port: int = 8080
-    replica_id: str = ""
     foghorn_addresses: list[str] = field(default_factory=list)
     signalman_addresses: list[str] = field(default_factory=list)
     signalman_tokens: str = ""  # one Signalman credential per tenant: "acme=tok1,globex=tok2"
@@ -79,6 +78,7 @@ class BridgeConfig:
     ws_connection_init_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.http_port < 65536:
             raise ValueError(f"http_port must be 1..65535, got {self.http_port}")
         for name in (
@@ -90,8 +90,6 @@ class BridgeConfig:
         for name in ("tenant_rate", "anon_rate", "cache_ttl_s", "backend_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
-        if not self.replica_id:
-            object.__setattr__(self, "replica_id", default_replica_id())
 
     @property
     def http(self) -> HttpSettings:

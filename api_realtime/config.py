@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pkg.common.config import default_replica_id, load_settings
+from pkg.common.config import ServiceSettings, load_settings
 from pkg.common.grpcserver import GrpcSettings
 from pkg.common.httpserver import HttpSettings
 
@@ -29,13 +29,12 @@ _NOT_NEGATIVE = ("fetch_max_wait_ms", "redrive_delay_s", "redrive_max_attempts")
 
 
 @dataclass(frozen=True)
-class SignalmanConfig:
+class SignalmanConfig(ServiceSettings):
     """Every knob of a Signalman replica. Nothing set = embedded mode (memory, no Kafka)."""
 
     grpc_port: int = 50070
     http_port: int = 8070  # 0 picks a free port; -1 disables the HTTP side
     host: str = "127.0.0.1"
-    replica_id: str = ""
     # Kafka: unset = embedded mode (events arrive through the Publish RPC).
     kafka_bootstrap: str = ""
     topic: str = "signalman.events"
@@ -72,6 +71,7 @@ class SignalmanConfig:
     redrive_max_attempts: int = 3
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in _POSITIVE:
             value = getattr(self, name)
             if not value > 0:
@@ -102,9 +102,6 @@ class SignalmanConfig:
             raise ValueError(f"http_port out of range: {self.http_port}")
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
-
-        if not self.replica_id:
-            object.__setattr__(self, "replica_id", default_replica_id())
 
     @property
     def dlq_topic(self) -> str:

@@ -41,6 +41,18 @@ def default_replica_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
+@dataclasses.dataclass(frozen=True)
+class ServiceSettings:
+    """What the settings of every service start with: the replica's name, defaulted here only
+    (``<hostname>-<pid>``). A subclass's ``__post_init__`` calls this one first."""
+
+    replica_id: str = ""  # default: <hostname>-<pid>
+
+    def __post_init__(self) -> None:
+        if not self.replica_id:
+            object.__setattr__(self, "replica_id", default_replica_id())
+
+
 def _parse(name: str, raw: str, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
