@@ -32,7 +32,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -446,14 +446,3 @@ class Faults:
             }
             for e in self.log
         ]
-
-
-@contextlib.contextmanager
-def created(plan: HostPlan) -> Iterator[Hosts]:
-    """``with created(plan) as hosts:`` the namespaces exist inside the block, never after."""
-    hosts = Hosts(plan)
-    hosts.setup()
-    try:
-        yield hosts
-    finally:
-        hosts.teardown()
