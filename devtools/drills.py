@@ -808,6 +808,10 @@ def _measure(
     result.failed_requests = result.failed_foghorn + result.failed_bridge
     result.requests = len(foghorn.samples) + len(bridge.samples)
     result.errors_sample = sorted({x.error for r in recorders for x in r.failures(t_warm)})[:5]
+    # When each failed request started, relative to the fault (first 60): which phase failed.
+    ctx.facts["failed_at_s"] = sorted(
+        round(x.start - ctx.t_fault, 2) for r in recorders for x in r.failures(t_warm)
+    )[:60]
     result.events_produced = len(events.produced)
     result.lost_events = events.missing()
     result.duplicate_events = events.duplicates()
