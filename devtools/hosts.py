@@ -128,12 +128,13 @@ def _run(cmd: Sequence[str], stdin: str | None = None, check: bool = True) -> st
 
 
 def require_tools() -> None:
-    """``ip``, ``nsenter`` and ``nft`` (installed from Debian's nftables when missing); root."""
+    """``ip``, ``nsenter`` and ``nft`` (installed from Debian when missing); root."""
     if os.geteuid() != 0:
         raise HostsError("--hosts needs root (network namespaces and nftables)")
     from pkg.devstack import install
 
     install.nft_binary()
+    install.netns_tools()
     for tool in ("ip", "nsenter"):
         if shutil.which(tool) is None:
             raise HostsError(f"{tool} not found (Debian: iproute2, util-linux)")

@@ -166,6 +166,16 @@ def node_clients() -> Path:
     return modules
 
 
+def netns_tools() -> None:
+    """``ip`` (iproute2) and ``nsenter`` (util-linux) for ``--hosts``, installed when missing
+    (a minimal Debian image lacks iproute2)."""
+    missing = [pkg for tool, pkg in (("ip", "iproute2"), ("nsenter", "util-linux"))
+               if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()
+               and not Path("/usr/bin", tool).exists()]  # fmt: skip
+    if missing:
+        _apt_install(*missing)
+
+
 def nft_binary() -> Path:
     """Path of ``nft`` (Debian's nftables): the partition faults of ``--hosts`` drills."""
     found = shutil.which("nft") or (
