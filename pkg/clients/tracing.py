@@ -57,7 +57,7 @@ def enabled() -> bool:
 
 def _start(ms: MethodState) -> trace.Span:
     method = ms.method
-    return trace.get_tracer(_TRACER_NAME).start_span(
+    return tracing.tracer(_TRACER_NAME).start_span(
         f"call {method}",
         kind=SpanKind.CLIENT,
         attributes={"pkg_clients.target": ms.target, "rpc.method": method},
@@ -115,7 +115,7 @@ def aio_interceptors() -> list[Any]:
         return []
     from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
-    interceptors: list[Any] = aio_client_interceptors()
+    interceptors: list[Any] = aio_client_interceptors(tracer_provider=tracing.provider())
     return interceptors
 
 
@@ -125,7 +125,7 @@ def sync_interceptors() -> list[Any]:
         return []
     from opentelemetry.instrumentation.grpc import client_interceptor
 
-    return [client_interceptor()]
+    return [client_interceptor(tracer_provider=tracing.provider())]
 
 
 def _event(name: str, attributes: dict[str, Any]) -> None:

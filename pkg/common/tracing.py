@@ -146,6 +146,25 @@ def _instrument_libraries(provider: TracerProvider) -> None:
     HTTPXClientInstrumentor().instrument(tracer_provider=provider, meter_provider=no_metrics)
 
 
+def install_provider(provider: TracerProvider | None) -> TracerProvider | None:
+    """Trace this process's own instrumentation (``pkg.clients``, servers built from now on,
+    events) with ``provider``, or stop tracing it (None); returns the previous provider.
+
+    For tests: the process-wide OpenTelemetry provider can be set only once, so the platform's
+    code asks this module for its tracers instead. ``setup_tracing`` calls it too.
+    """
+    global ENABLED, _provider
+    with _lock:
+        previous, _provider = _provider, provider
+        ENABLED = provider is not None
+    return previous
+
+
+def provider() -> TracerProvider | None:
+    """The provider the platform's spans go to (None: tracing off)."""
+    return _provider
+
+
 def shutdown() -> None:
     """Flush and stop exporting (at process exit)."""
     provider = _provider
@@ -155,7 +174,8 @@ def shutdown() -> None:
 
 def tracer(name: str) -> trace.Tracer:
     """The tracer of a component (``pkg.events``, ``signalman`` ...)."""
-    return trace.get_tracer(name)
+    current = _provider
+    return current.get_tracer(name) if current is not None else trace.get_tracer(name)
 
 
 # -- context in carriers -----------------------------------------------------------------------
