@@ -12,9 +12,11 @@ subscribers). Per size ``N`` (fresh replicas, group and history each):
   by the subscriber process; ``deliveries_per_s_N``; ``drops_N`` (subscribers the replicas
   dropped as too slow) and ``missing_N`` (events a subscriber never got: seq gaps);
 * ``replica_cpu_us_per_event_N``: both replicas' CPU per consumed event, measured in a phase of
-  the same rate to tenants nobody subscribes to (consume, decode, fence, append; no fan-out);
+  the same rate to tenants nobody subscribes to (consume, decode, fence, append; no fan-out),
+  minus their background CPU (``replica_background_cpu_pct``: measured with no events at all);
 * ``replica_cpu_us_per_delivery_N``: both replicas' CPU in the fan-out phase, minus that
-  per-event cost for its events, per delivery (tail read, dispatch, per-session write);
+  per-event cost for its events and the background, per delivery (tail read, dispatch,
+  per-session write); ``replica_cpu_us_total_per_delivery_N`` without the subtractions;
 * ``rss_mb_N`` (both replicas) and ``bytes_per_subscriber_N`` (their RSS growth while the
   subscribers connected, per subscriber).
 
@@ -418,12 +420,22 @@ async def one_size(
 
         events_per_s = DELIVERIES_PER_S * len(TENANTS) / size
         out["events_per_s"] = round(events_per_s, 1)
+        # Background: what the replicas spend with no event at all (consumer polls,
+        # heartbeats, lock checks, the subscribers' keepalives). Subtracted from the phases
+        # below, so that a low event rate does not charge it to each event.
+        cpu0, t0 = sum(cpu_seconds(p.pid) for p in replicas), time.perf_counter()
+        await asyncio.sleep(2.0)
+        background = (sum(cpu_seconds(p.pid) for p in replicas) - cpu0) / (time.perf_counter() - t0)
+        out["replica_background_cpu_pct"] = round(background * 100, 1)
+
         # Consume only: the same rate to tenants nobody subscribes to.
-        cpu0 = sum(cpu_seconds(p.pid) for p in replicas)
+        cpu0, t0 = sum(cpu_seconds(p.pid) for p in replicas), time.perf_counter()
         idle = await produce({**spec, "tenants": IDLE_TENANTS, "rate": events_per_s,
                               "seconds": args.seconds, "seq": {}})  # fmt: skip
         await asyncio.sleep(0.5)
-        per_event_us = (sum(cpu_seconds(p.pid) for p in replicas) - cpu0) / idle["sent"] * 1e6
+        used = sum(cpu_seconds(p.pid) for p in replicas) - cpu0
+        used -= background * (time.perf_counter() - t0)
+        per_event_us = used / idle["sent"] * 1e6
         out["replica_cpu_us_per_event"] = round(per_event_us, 1)
 
         # Fan-out: the subscribed tenants at the same rate.
@@ -454,7 +466,7 @@ async def one_size(
         out["delivered_p99_ms"] = _pct(latencies, 0.99)
         out["missing"] = sum(int(a["missing"]) for a in got)
         out["drops"] = await dropped_total(addresses) - dropped0
-        fanout_cpu = cpu - live["sent"] * per_event_us / 1e6
+        fanout_cpu = cpu - live["sent"] * per_event_us / 1e6 - background * wall
         out["replica_cpu_us_per_delivery"] = round(fanout_cpu / max(1, received) * 1e6, 1)
         out["replica_cpu_us_total_per_delivery"] = round(cpu / max(1, received) * 1e6, 1)
         if herd:
@@ -529,7 +541,9 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             result[f"size_{size}"] = got
             for key in ("delivered_p50_ms", "delivered_p99_ms", "deliveries_per_s", "drops",
                         "missing", "replica_cpu_us_per_delivery", "replica_cpu_us_per_event",
-                        "rss_mb", "bytes_per_subscriber", "subscribe_s"):  # fmt: skip
+                        "rss_mb", "bytes_per_subscriber", "subscribe_s",
+                        "replica_background_cpu_pct",
+                        "replica_cpu_us_total_per_delivery"):  # fmt: skip
                 result[f"{key}_{size}"] = got.get(key)
             if size == largest:
                 result["replica_cpu_us_per_event"] = got.get("replica_cpu_us_per_event")
