@@ -124,11 +124,12 @@ class SignalmanApp:
     def _build_history(self) -> History:
         config = self.config
         if config.redis_url:
-            from signalman.history.redis import RedisHistory
+            from signalman.history import redis as redis_history
 
-            history = RedisHistory(
+            history = redis_history.RedisHistory(
                 config.redis_url, prefix=config.redis_prefix, max_len=config.history_maxlen
             )
+            redis_history.register(process_metrics(), history)
             self._history_probe = Probe(history.ping, interval_s=1.0, timeout_s=1.0)
             return history
         if config.kafka_bootstrap:
@@ -190,6 +191,20 @@ class SignalmanApp:
                     "" if up else f"redis down: {probe.reason}",
                 )
             )
+            replication = getattr(self.history, "replication", None)
+            if replication is not None and replication.wanted:
+                # Lagging replicas: appends go on (delivery is not held back), counted as
+                # unreplicated; shown degraded without changing the replica's status.
+                detail["history_replication"] = replication.as_dict()
+                deps.append(
+                    Dependency(
+                        "history-replicas",
+                        "redis",
+                        Status.DEGRADED if replication.lagging else Status.OK,
+                        "appends not acknowledged by a replica" if replication.lagging else "",
+                        critical=False,
+                    )
+                )
         if self.locks is not None:
             connected = self.locks.connected
             detail["postgres_lock_connection"] = "ok" if connected else "reconnecting"

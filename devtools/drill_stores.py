@@ -12,11 +12,16 @@ import contextlib
 import time
 from typing import Any
 
+import structlog
+from redis.exceptions import RedisError
+
 from devtools import drills
 from devtools.drills import Ctx, Drill, Result
+from devtools.supervisor import Managed
 from pkg.common import redisconn
-from pkg.devstack.servers import redis_command, redis_info
+from pkg.devstack.servers import PostgresStandby, redis_command, redis_info
 
+log = structlog.get_logger("drills.stores")
 CLUSTER = "dev"  # FOGHORN_CLUSTER of ./dev up
 
 
@@ -62,17 +67,31 @@ class TokenWatch:
             self._see(self.epochs, "lease epoch", int(epoch), holder)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(Exception):  # Redis failing over: poll again
-                await self._poll()
+                await asyncio.wait_for(self._poll(), 2.0)
             await asyncio.sleep(0.1)
 
+    _stopping = False
+
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.client.aclose()
+        # A flag first, a cancel only if the poll does not end by itself, and never wait
+        # unbounded: a cancellation swallowed inside the Redis client kept the drill waiting
+        # here forever (seen: redis-zombie-primary hung after the promotion). asyncio.wait
+        # neither raises the task's cancellation nor swallows our own.
+        self._stopping = True
+        task, self._task = self._task, None
+        if task is not None:
+            _, pending = await asyncio.wait({task}, timeout=3.0)
+            if pending:
+                task.cancel()
+                _, pending = await asyncio.wait({task}, timeout=3.0)
+                if pending:
+                    log.warning("token watch did not stop; left behind")
+        try:
+            await asyncio.wait_for(self.client.aclose(), 5.0)
+        except (TimeoutError, OSError, RedisError) as exc:
+            log.warning("token watch client did not close", error=repr(exc)[:200])
 
     def facts(self) -> dict[str, Any]:
         return {
@@ -118,6 +137,7 @@ async def _redis_fault(ctx: Ctx, pause: bool) -> None:
         await ctx.platform.run_locked(item.proc.pause if pause else item.proc.kill)
         try:
             new = await asyncio.to_thread(stores.redis.wait_primary_change, old, 30.0)
+            log.info("store drill: replica promoted", old=old, new=new)
         finally:
             if pause:
                 promoted_at = time.monotonic()
@@ -127,6 +147,9 @@ async def _redis_fault(ctx: Ctx, pause: bool) -> None:
                 with contextlib.suppress(OSError):
                     reply = redis_command(old, "SET", "drill:zombie-probe", "written-by-zombie")
                     ctx.facts["zombie_write_reply"] = reply.strip()[:80]
+                log.info(
+                    "store drill: old primary resumed", reply=ctx.facts.get("zombie_write_reply")
+                )
         promoted_at = time.monotonic()
         ctx.facts["new_primary"] = new
         ctx.facts["promoted_after_s"] = round(promoted_at - ctx.t_fault, 2)
@@ -143,6 +166,7 @@ async def _redis_fault(ctx: Ctx, pause: bool) -> None:
                     break
             await asyncio.sleep(0.25)
         ctx.facts["old_primary_role_after"] = role
+        log.info("store drill: old primary back", role=role)
         if pause:
             with contextlib.suppress(OSError):
                 ctx.facts["zombie_probe_on_new_primary"] = redis_command(
@@ -190,11 +214,15 @@ def _zombie_check(ctx: Ctx, r: Result) -> list[str]:
 
 
 async def kill_postgres_primary(ctx: Ctx) -> None:
-    """kill -9 the PostgreSQL primary (left down, like a dead host), promote the standby."""
+    """kill -9 the PostgreSQL primary (left down, like a dead host), promote the standby, then
+    rebuild a standby of the promoted one where the dead primary was (same port: the services'
+    multi-host DSN names it), so the drills that follow have a standby again."""
     stores, platform = _stores(ctx), ctx.platform
     before = _signalman_fences(ctx)
     ctx.facts["fences_before"] = before
-    item = platform.item("postgres")
+    # The primary now (after an earlier run of this drill, the promoted standby).
+    item = next(i for i in platform.stack.sup.items if i.proc is stores.postgres)
+    dead_port = stores.postgres.port
 
     def kill_for_good() -> None:
         item.supervise = False  # a dead host: it does not come back as a second primary
@@ -214,6 +242,29 @@ async def kill_postgres_primary(ctx: Ctx) -> None:
         await asyncio.sleep(0.25)
     ctx.facts["fences_after"] = _signalman_fences(ctx)
     ctx.facts["signalman_resumed_after_promotion_s"] = round(time.monotonic() - promoted_at, 2)
+    t_rebuild = time.monotonic()
+    try:
+        await _rebuild_standby(ctx, dead_port)
+        ctx.facts["standby_rebuilt_s"] = round(time.monotonic() - t_rebuild, 2)
+    except Exception as exc:
+        ctx.facts["standby_rebuild_failed"] = f"{type(exc).__name__}: {exc}"[:300]
+
+
+async def _rebuild_standby(ctx: Ctx, port: int) -> None:
+    """A fresh standby of the promoted primary (``pg_basebackup -R``) on ``port``."""
+    stores, platform = _stores(ctx), ctx.platform
+    promoted = stores.standby
+    n = sum(1 for i in platform.stack.sup.items if i.name.startswith("postgres"))
+    fresh = PostgresStandby(promoted, run_dir=platform.stack.run_dir / f"postgres-{n}", port=port)
+    await asyncio.to_thread(fresh.start, True)  # outside the lock: supervision goes on meanwhile
+    fresh_item = Managed(f"postgres-standby-{n}", fresh, kind="server")
+    fresh_item.state = "running"
+
+    def adopt() -> None:
+        platform.stack.sup.add(fresh_item, start=False)
+
+    await platform.run_locked(adopt)
+    stores.postgres, stores.standby = promoted, fresh
 
 
 def _signalman_fences(ctx: Ctx) -> dict[str, int]:
@@ -234,6 +285,8 @@ def _postgres_check(ctx: Ctx, r: Result) -> list[str]:
     resumed = f.get("signalman_resumed_after_promotion_s")
     if resumed is None or resumed > 15:
         out.append(f"Signalman resumed {resumed} s after the promotion (target <= 15 s)")
+    if "standby_rebuild_failed" in f:
+        out.append(f"no standby after the drill: {f['standby_rebuild_failed']}")
     return out
 
 

@@ -963,7 +963,7 @@ def main(argv: list[str]) -> int:
         print(f"drill {names[0]!r} partitions the network: run it with --hosts (as root)")
         return 2
     if args.hosts and any(BY_NAME[n].needs_ha_stores for n in names):
-        print(f"drill {names[0]!r} needs --ha-stores, which runs on loopback only: not --hosts")
+        print(up.HOSTS_HA_STORES)
         return 2
     if args.hosts and not simhosts.inside():
         return simhosts.run_harness(["drill", *argv])

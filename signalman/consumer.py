@@ -45,6 +45,9 @@ from signalman.processor import Processor, RecordIn
 log = structlog.get_logger("signalman.consumer")
 # At most this many records per batch, and read ahead while a batch is processed.
 READ_AHEAD_MAX = 500
+# A history that failed over lacks at most the replication lag's appends; a watermark farther
+# back than this is not re-read (see GroupMember._reread_lost).
+MAX_REREAD = 100_000
 
 
 class GroupSettings(Protocol):
@@ -80,6 +83,9 @@ class GroupSettings(Protocol):
 class Owned:
     fence: int
     position: int = -1  # next offset to process (-1: unknown until the first record)
+    # The last offset this member appended (or found appended) to the history: what a history
+    # that failed over must still hold (-1: nothing yet; History.append_many's ``expect``).
+    appended: int = -1
 
 
 async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 10.0) -> None:
@@ -564,9 +570,11 @@ class GroupMember:
             for tp, (_, records) in mine.items() for r in records
         ]  # fmt: skip
         fences = {(tp.topic, tp.partition): owned.fence for tp, (owned, _) in mine.items()}
+        expect = {(tp.topic, tp.partition): owned.appended for tp, (owned, _) in mine.items()
+                  if owned.appended >= 0}  # fmt: skip
         sent_at = time.time() if history.enabled() else 0.0
         try:
-            outcomes = await self.processor.handle_batch(batch, fences, fetched_at)
+            outcomes = await self.processor.handle_batch(batch, fences, fetched_at, expect)
         except Exception as exc:
             # History or dead-letter topic unreachable: retry the whole batch later (what was
             # appended is skipped as duplicate then); never skip a record.
@@ -596,9 +604,44 @@ class GroupMember:
             for tp, (owned, _) in mine.items():
                 if (tp.topic, tp.partition) in appended:
                     self._history(tp, "write", owned.fence, t_sent=round(sent_at, 6))
+        behind: dict[tuple[str, int], int] = {}
+        for r, o in zip(batch, outcomes, strict=True):
+            part = (r.source.topic, r.source.partition)
+            if o.status == "behind":
+                behind[part] = o.watermark
+            elif o.status in ("appended", "duplicate"):
+                holder = self.owned.get(TopicPartition(*part))
+                if holder is not None:
+                    holder.appended = max(holder.appended, r.source.offset)
         for tp, (owned, records) in mine.items():
-            owned.position = offsets[tp] = records[-1].offset + 1
+            wm = behind.get((tp.topic, tp.partition))
+            if wm is None:
+                owned.position = offsets[tp] = records[-1].offset + 1
+            else:
+                self._reread_lost(tp, owned, wm, records[0].offset)
+                offsets[tp] = owned.position
         return True
+
+    def _reread_lost(self, tp: TopicPartition, owned: Owned, watermark: int, first: int) -> None:
+        """The history failed over to a replica that lacked our last appends of ``tp`` (it
+        holds them up to ``watermark``): read the partition again from there and commit that
+        position, so the lost events are appended again instead of leaving a hole (at least
+        once: live subscribers who got one of them from the old primary may get it again)."""
+        lost = first - (watermark + 1)
+        if lost > MAX_REREAD:
+            # Farther back than a failover loses: give up the expectation and go on (what the
+            # history lacks is reported to resuming subscribers by its new epoch).
+            log.error("history_lost_appends_not_reread", partition=tp.partition,
+                      watermark=watermark, position=first)  # fmt: skip
+            owned.appended = -1
+            owned.position = first
+            self._rewind(tp, first)
+            return
+        log.warning("history_lost_appends_reread", partition=tp.partition,
+                    watermark=watermark, missing=lost)  # fmt: skip
+        owned.appended = watermark
+        owned.position = watermark + 1
+        self._rewind(tp, watermark + 1)
 
     def _history(self, tp: TopicPartition, op: str, fence: int, **extra: Any) -> None:
         history.record("partition", f"{tp.topic}/{tp.partition}", op, fence,

@@ -15,7 +15,7 @@ from opentelemetry import metrics
 from pkg.common import tracing
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.metrics import Metrics, Sample
-from signalman.history import AppendResult, Fences, History, SourcePos, fence_of
+from signalman.history import AppendResult, Expected, Fences, History, SourcePos, fence_of
 from signalman.pipeline import Poison, Processed, process_record
 from signalman.tracing import ProcessSpans
 
@@ -111,12 +111,14 @@ class ProcessorStats:
     duplicates: int = 0
     dead_lettered: int = 0
     fenced: int = 0
+    behind: int = 0  # records not appended: the history had lost earlier appends (re-read)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # "appended", "duplicate", "fenced", "dead-lettered"
+    status: str  # "appended", "duplicate", "fenced", "behind", "dead-lettered"
     offsets: tuple[int, ...] = ()
+    watermark: int = -1  # "behind": the partition's offset the history holds up to
 
 
 _DEAD_LETTERED = Outcome("dead-lettered")
@@ -146,7 +148,11 @@ class Processor:
         return outcome
 
     async def handle_batch(
-        self, records: list[RecordIn], fence: Fences, fetched_at: float | None = None
+        self,
+        records: list[RecordIn],
+        fence: Fences,
+        fetched_at: float | None = None,
+        expect: Expected | None = None,
     ) -> list[Outcome]:
         """Process fetched records in order, appending them in one round trip. ``fence`` is the
         fencing token of every source partition (one int when they share it).
@@ -154,16 +160,18 @@ class Processor:
         Poison records are dead-lettered first (their acks awaited); raises when the history or
         the dead-letter topic is unreachable, in which case nothing may be committed.
         ``fetched_at`` (unix s) is when the consumer received the records: the ages at fetch and
-        at append split an event's latency into the Kafka hop and our processing.
+        at append split an event's latency into the Kafka hop and our processing. ``expect``:
+        the offset last appended per source partition (``History.append_many``); records of a
+        partition the history holds less of come back "behind", not appended.
         """
         outcomes: list[Outcome] = [_DEAD_LETTERED] * len(records)
         if not tracing.ENABLED:
-            return await self._handle(records, outcomes, fence, fetched_at, None)
+            return await self._handle(records, outcomes, fence, fetched_at, None, expect)
         # Traced: a consumer span per record that carries its producer's context, ended with
         # the record's outcome whatever happens (see signalman.tracing).
         spans = ProcessSpans(records)
         try:
-            return await self._handle(records, outcomes, fence, fetched_at, spans)
+            return await self._handle(records, outcomes, fence, fetched_at, spans, expect)
         finally:
             spans.end(outcomes)
 
@@ -174,6 +182,7 @@ class Processor:
         fence: Fences,
         fetched_at: float | None,
         spans: ProcessSpans | None,
+        expect: Expected | None = None,
     ) -> list[Outcome]:
         pending: list[tuple[int, Processed, SourcePos]] = []
         for i, rec in enumerate(records):
@@ -192,14 +201,16 @@ class Processor:
         appends = [(p.tenant, p.items, src) for _, p, src in pending]
         if spans is not None and spans.any:
             with spans.append_span(len(appends)):
-                results = await self.history.append_many(appends, fence)
+                results = await self.history.append_many(appends, fence, expect)
         else:
-            results = await self.history.append_many(appends, fence)
+            results = await self.history.append_many(appends, fence, expect)
         now = self.clock.time()
         appended = duplicates = 0
         for (i, processed, src), res in zip(pending, results, strict=True):
-            outcomes[i] = Outcome(res.status, res.offsets)
-            if res.status == "appended":
+            outcomes[i] = Outcome(res.status, res.offsets, res.watermark)
+            if res.status == "behind":
+                self.stats.behind += 1
+            elif res.status == "appended":
                 appended += len(res.offsets)
                 if age_sampled(src.offset):
                     record_age(now, processed.items[0][1].time, "appended")

@@ -456,8 +456,11 @@ class _SentinelPoolMixin:
         task, self._watcher = self._watcher, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            # asyncio.wait: neither the watcher's cancellation nor its errors surface here, and
+            # a cancellation of the caller itself is not swallowed (suppressing CancelledError
+            # around ``await task`` would swallow it too); bounded, the watcher only closes
+            # sockets on its way out.
+            await asyncio.wait({task}, timeout=5.0)
 
 
 class _SentinelPool(_SentinelPoolMixin, async_sentinel.SentinelConnectionPool):

@@ -105,12 +105,20 @@ class HistoryInfo:
 
 @dataclass(frozen=True)
 class AppendResult:
-    """``status``: "appended", "duplicate" (already there) or "fenced" (stale owner, rejected)."""
+    """``status``: "appended", "duplicate" (already there), "fenced" (stale owner, rejected) or
+    "behind" (the history lost appends of this partition the caller made: it holds the
+    partition only up to ``watermark``, so nothing was appended; see ``History.append_many``)."""
 
     status: str
     offsets: tuple[int, ...] = ()
     epoch: str = ""
     current_fence: int = 0
+    watermark: int = -1
+
+
+# What the caller last appended (or found appended) of each source partition, for
+# ``append_many``'s loss check; -1 or absent: nothing known.
+Expected = Mapping[tuple[str, int], int]
 
 
 class History(Protocol):
@@ -128,10 +136,21 @@ class History(Protocol):
         ...
 
     async def append_many(
-        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: Fences
+        self,
+        records: list[tuple[str, list[tuple[str, Event]], SourcePos]],
+        fence: Fences,
+        expect: Expected | None = None,
     ) -> list[AppendResult]:
         """``append`` for several records (tenant, items, source) in order, in one round trip;
-        each with its source partition's fence (``fence_of``)."""
+        each with its source partition's fence (``fence_of``).
+
+        ``expect``: per source partition, the offset the caller last appended. A history that
+        holds the partition below it (``0 <= watermark < expect``: a store failover lost the
+        last appends) appends nothing of that partition and answers "behind" with its
+        watermark, so the caller re-reads from there instead of leaving a hole (appending later
+        records would move the watermark past the lost ones). A history without a watermark
+        (reset, empty) is not "behind": what it lost is reported to subscribers as a new epoch.
+        """
         ...
 
     async def claim(self, topic: str, partition: int, fence: int) -> int:

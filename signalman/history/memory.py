@@ -15,6 +15,7 @@ from signalman.history import (
     TAIL_COUNT,
     AppendResult,
     Entry,
+    Expected,
     Fences,
     HistoryInfo,
     SourcePos,
@@ -72,9 +73,33 @@ class MemoryHistory:
         return AppendResult("appended", tuple(offsets), state.epoch, fence)
 
     async def append_many(
-        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: Fences
+        self,
+        records: list[tuple[str, list[tuple[str, Event]], SourcePos]],
+        fence: Fences,
+        expect: Expected | None = None,
     ) -> list[AppendResult]:
-        return [await self.append(t, items, src, fence_of(fence, src)) for t, items, src in records]
+        behind: dict[tuple[str, int], int] = {}
+        for part, want in (expect or {}).items():
+            wm = self._watermarks.get(part, -1)
+            if 0 <= wm < want:
+                behind[part] = wm
+        out = []
+        for tenant, items, src in records:
+            part = (src.topic, src.partition)
+            f = fence_of(fence, src)
+            if part in behind and f >= self._fences.get(part, 0):
+                out.append(AppendResult("behind", current_fence=f, watermark=behind[part]))
+            else:
+                out.append(await self.append(tenant, items, src, f))
+        return out
+
+    def lose_last(self, topic: str, partition: int, tenant: str, count: int) -> None:
+        """Forget the last ``count`` appends of a partition (one event each), as a promoted
+        replica that lacked them would: the watermark goes back, the entries are gone."""
+        state = self._tenants[tenant]
+        for _ in range(count):
+            state.entries.pop()
+        self._watermarks[(topic, partition)] -= count
 
     async def claim(self, topic: str, partition: int, fence: int) -> int:
         current = max(self._fences.get((topic, partition), 0), fence)

@@ -7,6 +7,14 @@ epoch it was appended in), ``p:t:{tenant}:seq`` the last offset, ``p:t:{tenant}:
 
 The append is one Lua script, so check-fence, check-watermark, allocate offsets and XADD happen
 atomically: a stale owner (lower fence) is rejected and a replay after a rebalance is skipped.
+
+Behind Sentinel each append is followed, on the same connection, by ``WAIT <replicas> <timeout>``
+(``WAIT`` does not block inside a script): the processor, and so the Kafka commit, goes on only
+once a replica holds the entries, or once the wait timed out. A timed-out wait is counted
+(``Replication``) and the history reports itself degraded; it never stalls delivery: the tails
+read the entries from the primary at once, and while replicas lag, appends wait at most 1 ms
+until one acknowledges again. See docs/rfcs/signalman-scaling.md, "History across a Redis
+failover".
 """
 
 from __future__ import annotations
@@ -15,20 +23,25 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.typing import StreamRangeResponse
 
 from pkg.common import redisconn
+from pkg.common.metrics import Metrics, Sample
 from pkg.events.sink import Event
 from signalman import wire
 from signalman.history import (
     TAIL_COUNT,
     AppendResult,
     Entry,
+    Expected,
     Fences,
     HistoryInfo,
     SourcePos,
@@ -36,11 +49,14 @@ from signalman.history import (
     load_event,
 )
 
+log = structlog.get_logger("signalman.history.redis")
+
 # Appends a whole fetched batch in one call (one round trip, one command to encode): KEYS are the
 # tenants set, then each source partition's hash, then (stream, seq, epoch) of each tenant. ARGV:
 # a new-epoch candidate, maxlen, the records as one JSON array of [partition key index, index of
 # the tenant's stream key, source offset, source, tenant, [channel, body index, ...], fence,
-# traceparent ("" for none: the field is then left out)],
+# traceparent ("" for none: the field is then left out), the offset the caller last appended
+# of the partition (-1: unknown; a lower stored watermark answers 'behind', History.append_many)],
 # then the events' bodies (binary: they cannot travel inside the JSON), each ARGV[body index].
 # Each record is checked on its own, in order (its partition's fence, then watermark), exactly as
 # if appended alone.
@@ -70,7 +86,7 @@ _APPEND = (
     + """
 local maxlen = tonumber(ARGV[2])
 local records = cjson.decode(ARGV[3])
-local fences, wms, epochs, seen = {}, {}, {}, {}
+local fences, wms, epochs, seen, behind = {}, {}, {}, {}, {}
 local out = {}
 for r = 1, #records do
   local rec = records[r]
@@ -84,10 +100,14 @@ for r = 1, #records do
     end
     fences[pk] = cur
     wms[pk] = tonumber(redis.call('HGET', pk, 'wm') or '-1')
+    local want = tonumber(rec[9])
+    behind[pk] = wms[pk] >= 0 and wms[pk] < want
   end
   local koff = tonumber(rec[3])
   if fence < fences[pk] then
     out[r] = {'fenced', tostring(fences[pk])}
+  elseif behind[pk] then
+    out[r] = {'behind', tostring(wms[pk])}
   elseif koff <= wms[pk] then
     out[r] = {'duplicate', tostring(fence)}
   else
@@ -159,8 +179,72 @@ return cur
 POOL_CONNECTIONS = 64
 POOL_WAIT_S = 30.0
 
+# After an append, how long ``WAIT`` may block for a replica's acknowledgement (normally one
+# loopback or LAN round trip). While replicas lag (an append was not acknowledged in time),
+# appends wait ``LAGGING_WAIT_MS`` (0 would mean "forever" to Redis) except one full wait per
+# ``PROBE_EVERY_S``, which notices the replicas are back. The history reports itself lagging
+# until an append is acknowledged again.
+WAIT_TIMEOUT_MS = 100
+LAGGING_WAIT_MS = 1
+PROBE_EVERY_S = 1.0
+
+
+@dataclass
+class Replication:
+    """How the appends' ``WAIT`` went: appends (script calls) acknowledged by enough replicas,
+    and those that were not (``unreplicated``: their events, if the primary died before its
+    replicas caught up, are lost from the history and resuming subscribers get an explicit gap,
+    the epoch having changed with the primary)."""
+
+    wanted: int = 0
+    acknowledged: int = 0
+    unreplicated: int = 0
+    unreplicated_events: int = 0
+    lagging: bool = False  # the last append was not acknowledged in time
+    next_probe_at: float = 0.0  # (monotonic) when a lagging history next waits in full
+
+    def wait_ms(self, full_ms: int) -> int:
+        """How long the next append's ``WAIT`` may block."""
+        if not self.lagging:
+            return full_ms
+        now = time.monotonic()
+        if now < self.next_probe_at:
+            return LAGGING_WAIT_MS
+        self.next_probe_at = now + PROBE_EVERY_S
+        return full_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "wait_replicas": self.wanted,
+            "acknowledged_appends": self.acknowledged,
+            "unreplicated_appends": self.unreplicated,
+            "unreplicated_events": self.unreplicated_events,
+            "status": "lagging" if self.lagging else "ok",
+        }
+
+
 _encode_payload = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 _FIRST_BODY = 4  # ARGV index of the first body: after the epoch, maxlen and the records
+
+
+def register(registry: Metrics, history: RedisHistory) -> None:
+    """Report the appends' replication on /metrics (read at scrape time; held weakly)."""
+    for name, attr, text in (
+        ("signalman_history_replicated_appends_total", "acknowledged",
+         "history appends a replica acknowledged (WAIT) in time"),
+        ("signalman_history_unreplicated_appends_total", "unreplicated",
+         "history appends no replica acknowledged in time (lost if the primary dies first)"),
+        ("signalman_history_unreplicated_events_total", "unreplicated_events",
+         "events in history appends no replica acknowledged in time"),
+    ):  # fmt: skip
+        registry.counter(name, text, _replication(attr), (), history)
+
+
+def _replication(attr: str) -> Callable[[RedisHistory], Iterable[Sample]]:
+    def read(h: RedisHistory) -> Iterable[Sample]:
+        return [({}, getattr(h.replication, attr))]
+
+    return read
 
 
 class RedisHistory:
@@ -173,9 +257,19 @@ class RedisHistory:
         prefix: str = "sm",
         max_len: int = 10_000,
         client: aioredis.Redis | None = None,
+        wait_replicas: int | None = None,
+        wait_timeout_ms: int = WAIT_TIMEOUT_MS,
     ) -> None:
         self.prefix = prefix
         self.max_len = max_len
+        # ``wait_replicas``: replicas that must acknowledge each append (``WAIT``); by default 1
+        # behind Sentinel (a primary with replicas), 0 (no WAIT) for a plain Redis URL.
+        if wait_replicas is None:
+            wait_replicas = 1 if redisconn.parse_spec(url).is_sentinel else 0
+        if wait_replicas < 0 or wait_timeout_ms < 1:
+            raise ValueError("wait_replicas must be >= 0 and wait_timeout_ms >= 1")
+        self.replication = Replication(wanted=wait_replicas)
+        self._wait_timeout_ms = wait_timeout_ms
         # ``url``: a plain Redis URL or a ``redis+sentinel://`` spec (pkg.common.redisconn).
         # The pool blocks: a burst of subscribers (a failover moving a replica's subscribers
         # here) waits for a connection; redis-py's default pool raises once 100 are in use.
@@ -201,7 +295,10 @@ class RedisHistory:
         return f"{self.prefix}:t:{{{tenant}}}:{suffix}"
 
     def _append_call(
-        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: Fences
+        self,
+        records: list[tuple[str, list[tuple[str, Event]], SourcePos]],
+        fence: Fences,
+        expect: Expected | None = None,
     ) -> tuple[list[str], list[Any]]:
         keys = [f"{self.prefix}:tenants"]
         part_index: dict[tuple[str, int], int] = {}
@@ -230,8 +327,9 @@ class RedisHistory:
             where = f"{source.topic}/{source.partition}/{source.offset}"
             pi = part_index[(source.topic, source.partition)]
             tp = items[0][1].trace if items else ""  # one record's events share its context
+            want = expect.get((source.topic, source.partition), -1) if expect else -1
             payload.append([pi, ti, str(source.offset), where, tenant, flat,
-                            fence_of(fence, source), tp])  # fmt: skip
+                            fence_of(fence, source), tp, want])  # fmt: skip
         args: list[Any] = [
             f"{self._epoch_prefix}{time.time_ns() & 0xFFFFFFFFFFF:011x}",
             self.max_len,
@@ -247,6 +345,8 @@ class RedisHistory:
             return AppendResult("fenced", current_fence=int(raw[1]))
         if status == "duplicate":
             return AppendResult("duplicate", current_fence=int(raw[1]))
+        if status == "behind":
+            return AppendResult("behind", current_fence=fence, watermark=int(raw[1]))
         first, n = int(raw[1]), int(raw[2])
         return AppendResult("appended", tuple(range(first, first + n)), _s(raw[3]), fence)
 
@@ -257,16 +357,55 @@ class RedisHistory:
         return result
 
     async def append_many(
-        self, records: list[tuple[str, list[tuple[str, Event]], SourcePos]], fence: Fences
+        self,
+        records: list[tuple[str, list[tuple[str, Event]], SourcePos]],
+        fence: Fences,
+        expect: Expected | None = None,
     ) -> list[AppendResult]:
         # One EVALSHA for the whole fetched batch: a pipeline of one script call per record cost
         # ~60 us of client CPU per record to encode, plus a SCRIPT EXISTS round trip per batch.
         if not records:
             return []
-        keys, args = self._append_call(records, fence)
-        raws = await self._append(keys=keys, args=args)
-        return [self._result(raw, fence_of(fence, src))
-                for raw, (_, _, src) in zip(raws, records, strict=True)]  # fmt: skip
+        keys, args = self._append_call(records, fence, expect)
+        replicated = True
+        if self.replication.wanted:
+            raws, replicated = await self._append_replicated(keys, args)
+        else:
+            raws = await self._append(keys=keys, args=args)
+        results = [self._result(raw, fence_of(fence, src))
+                   for raw, (_, _, src) in zip(raws, records, strict=True)]  # fmt: skip
+        if not replicated:
+            self.replication.unreplicated_events += sum(len(r.offsets) for r in results)
+        return results
+
+    async def _append_replicated(self, keys: list[str], args: list[Any]) -> tuple[Any, bool]:
+        """The append script, then ``WAIT`` on the same connection (one pipeline: one
+        connection, one round trip plus the replica's acknowledgement); whether enough replicas
+        acknowledged."""
+        rep = self.replication
+        timeout = rep.wait_ms(self._wait_timeout_ms)
+        for attempt in (1, 2):
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.execute_command("EVALSHA", self._append.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", rep.wanted, timeout)
+            raws, acked = await pipe.execute(raise_on_error=False)
+            if isinstance(raws, NoScriptError) and attempt == 1:
+                # A promoted replica or a restarted server has an empty script cache.
+                self._append.sha = _s(await self._redis.script_load(_APPEND))
+                continue
+            break
+        if isinstance(raws, Exception):
+            raise raws
+        if isinstance(acked, int) and acked >= rep.wanted:
+            rep.acknowledged += 1
+            rep.lagging = False
+            return raws, True
+        rep.unreplicated += 1
+        if not rep.lagging:
+            rep.lagging = True
+            rep.next_probe_at = time.monotonic() + PROBE_EVERY_S
+            log.warning("history_replicas_lagging", wanted=rep.wanted, acknowledged=acked)
+        return raws, False
 
     async def claim(self, topic: str, partition: int, fence: int) -> int:
         raw = await self._claim(keys=[f"{self.prefix}:part:{topic}:{partition}"], args=[fence])

@@ -92,14 +92,14 @@ class FlakyHistory(MemoryHistory):
         self.hold = asyncio.Event()
         self.hold.set()
 
-    async def append_many(self, records: Any, fence: Any) -> Any:
+    async def append_many(self, records: Any, fence: Any, expect: Any = None) -> Any:
         self.calls += 1
         await self.hold.wait()
         if self.calls == self.fail_call:
             await asyncio.sleep(0.01)
             self.failed += 1
             raise ConnectionError("history unreachable")
-        return await super().append_many(records, fence)
+        return await super().append_many(records, fence, expect)
 
 
 def partition_logs(per_partition: int) -> dict[TopicPartition, list[Record]]:
@@ -254,3 +254,33 @@ async def test_a_consumer_that_fails_to_fetch_ends_the_loop_for_a_restart() -> N
     # Promptly (the loop does not keep waiting for records); what was fetched was appended.
     assert time.monotonic() - started < 1.0
     assert [len(await seqs(history, t)) > 0 for t in TENANTS] == [True] * len(TENANTS)
+
+
+class FailingOverHistory(FlakyHistory):
+    """Before its ``lose_at``-th append, forgets the last ``lose`` appends of partition 0, as a
+    Redis replica promoted without them would."""
+
+    def __init__(self, lose_at: int, lose: int) -> None:
+        super().__init__()
+        self.lose_at, self.lose = lose_at, lose
+
+    async def append_many(self, records: Any, fence: Any, expect: Any = None) -> Any:
+        if self.calls + 1 == self.lose_at:
+            self.lose_last(TOPIC, 0, TENANTS[0], self.lose)
+        return await super().append_many(records, fence, expect)
+
+
+@pytest.mark.timeout(60)
+async def test_appends_a_failed_over_history_lost_are_read_again_from_its_watermark() -> None:
+    logs = partition_logs(100)
+    history = FailingOverHistory(lose_at=6, lose=7)
+    member = member_over(logs, history)
+    await run_until_appended(member, history, 100)
+    # The partition was read again from where the history stood: no hole, nothing twice, in
+    # order; the other partition went on untouched.
+    for tenant in TENANTS:
+        assert await seqs(history, tenant) == list(range(100))
+    assert member.processor.stats.behind >= 1
+    consumer = member.consumer
+    assert consumer.committed_beyond_history == []
+    assert committed(consumer) == dict.fromkeys(logs, 100)

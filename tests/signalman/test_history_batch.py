@@ -135,3 +135,31 @@ async def test_one_call_carries_each_partitions_own_fence(history: History) -> N
         ("appended", 3), ("fenced", 5), ("fenced", 5),
     ]  # fmt: skip
     assert [e.event.data["n"] for e in await history.read_after("acme", 0, 10)] == [1]
+
+
+async def test_a_partition_held_below_what_the_caller_appended_is_behind_and_nothing_is_added(
+    history: History,
+) -> None:
+    """A history that failed over to a replica lacking the caller's last appends of a
+    partition answers "behind" with what it holds (the caller re-reads from there); other
+    partitions of the same call go on; a partition without a watermark is not behind."""
+    await history.append_many(
+        [("acme", [("streams", ev(i))], SourcePos("t", 0, i)) for i in range(3)], 1
+    )
+    results = await history.append_many(
+        [
+            ("acme", [("streams", ev(5))], SourcePos("t", 0, 5)),
+            ("acme", [("streams", ev(6))], SourcePos("t", 0, 6)),
+            ("globex", [("streams", ev(7, "globex"))], SourcePos("t", 1, 0)),
+        ],
+        1,
+        expect={("t", 0): 4, ("t", 1): 9},  # partition 1 has no watermark: reset, not behind
+    )
+    assert [(r.status, r.watermark) for r in results[:2]] == [("behind", 2), ("behind", 2)]
+    assert results[2].status == "appended"
+    assert await history.watermark("t", 0) == 2
+    assert [e.event.data["n"] for e in await history.read_after("acme", 0, 10)] == [0, 1, 2]
+    again = await history.append_many(
+        [("acme", [("streams", ev(3))], SourcePos("t", 0, 3))], 1, expect={("t", 0): 2}
+    )
+    assert again[0].status == "appended"
