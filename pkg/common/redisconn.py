@@ -474,20 +474,36 @@ class _BlockingSentinelPool(
 
 
 async def _discover(manager: Any, service: str) -> tuple[tuple[str, int], int]:
-    """Ask the Sentinels (first answering one that sees a healthy primary) for the primary's
-    address and config epoch, from one reply."""
-    errors = []
-    for i, sentinel in enumerate(manager.sentinels):
-        try:
-            masters = await sentinel.sentinel_masters()
-        except (RedisConnectionError, TimeoutError, redis.exceptions.TimeoutError) as exc:
-            errors.append(repr(exc)[:120])
+    """Ask every Sentinel (at once) for the primary's address and config epoch and take the
+    answer with the highest epoch among those that see a healthy primary.
+
+    The first answer is not enough: right after a failover a Sentinel that has not yet heard of
+    it still names the old primary, and a paused old primary that wakes up looks healthy to it
+    (seen in redis-zombie-primary: a connection went back to the woken old primary and its
+    writes were refused with NOREPLICAS). The Sentinel that ran the failover, and every one
+    that learnt of it, answers with the higher epoch."""
+
+    async def ask(sentinel: Any) -> Any:
+        return await sentinel.sentinel_masters()
+
+    replies = await asyncio.gather(*(ask(s) for s in manager.sentinels), return_exceptions=True)
+    errors, best = [], None
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            if not isinstance(
+                reply, (RedisConnectionError, TimeoutError, redis.exceptions.TimeoutError)
+            ):
+                raise reply
+            errors.append(repr(reply)[:120])
             continue
-        state = masters.get(service)
+        state = reply.get(service)
         if state and manager.check_master_state(state, service):
-            manager.sentinels[0], manager.sentinels[i] = sentinel, manager.sentinels[0]
-            return (state["ip"], int(state["port"])), int(state.get("config-epoch", 0))
-    raise async_sentinel.MasterNotFoundError(f"no primary found for {service!r}: {errors}")
+            epoch = int(state.get("config-epoch", 0))
+            if best is None or epoch > best[1]:
+                best = ((state["ip"], int(state["port"])), epoch)
+    if best is None:
+        raise async_sentinel.MasterNotFoundError(f"no primary found for {service!r}: {errors}")
+    return best
 
 
 class _ClientWithWatcher(aioredis.Redis):
