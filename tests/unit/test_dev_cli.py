@@ -52,3 +52,14 @@ def test_a_run_that_outlives_its_bound_is_stopped_with_124(tmp_path: Any) -> Non
         [sys.executable, "-c", "import time; time.sleep(60)"], {}, 0.5, tmp_path / "stacks.txt"
     )
     assert code == 124
+
+
+def test_ha_stores_with_hosts_is_refused_with_the_reason(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from devtools import drills, up
+
+    assert up.main(["--hosts", "--ha-stores"]) == 2
+    assert "--ha-stores cannot be combined with --hosts" in capsys.readouterr().out
+    assert drills.main(["redis-failover", "--hosts"]) == 2
+    assert "127.0.0.1" in capsys.readouterr().out
