@@ -269,6 +269,13 @@ def _new_stats(name: str, spec: RedisSpec) -> ConnStats:
     return stats
 
 
+def is_sentinel(client: Any) -> bool:
+    """Whether ``client`` reaches a Sentinel-managed primary (a primary with replicas)."""
+    return isinstance(
+        getattr(client, "connection_pool", None), async_sentinel.SentinelConnectionPool
+    )
+
+
 def stats(client: Any) -> ConnStats | None:
     """The counters of a client made by ``connect`` / ``connect_sync`` (None otherwise)."""
     pool = getattr(client, "connection_pool", None)

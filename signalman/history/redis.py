@@ -262,14 +262,6 @@ class RedisHistory:
     ) -> None:
         self.prefix = prefix
         self.max_len = max_len
-        # ``wait_replicas``: replicas that must acknowledge each append (``WAIT``); by default 1
-        # behind Sentinel (a primary with replicas), 0 (no WAIT) for a plain Redis URL.
-        if wait_replicas is None:
-            wait_replicas = 1 if redisconn.parse_spec(url).is_sentinel else 0
-        if wait_replicas < 0 or wait_timeout_ms < 1:
-            raise ValueError("wait_replicas must be >= 0 and wait_timeout_ms >= 1")
-        self.replication = Replication(wanted=wait_replicas)
-        self._wait_timeout_ms = wait_timeout_ms
         # ``url``: a plain Redis URL or a ``redis+sentinel://`` spec (pkg.common.redisconn).
         # The pool blocks: a burst of subscribers (a failover moving a replica's subscribers
         # here) waits for a connection; redis-py's default pool raises once 100 are in use.
@@ -282,6 +274,14 @@ class RedisHistory:
             health_check_interval=10,
             socket_timeout=None,
         )
+        # ``wait_replicas``: replicas that must acknowledge each append (``WAIT``); by default 1
+        # behind Sentinel (a primary with replicas), 0 (no WAIT) for a plain Redis URL.
+        if wait_replicas is None:
+            wait_replicas = 1 if redisconn.is_sentinel(self._redis) else 0
+        if wait_replicas < 0 or wait_timeout_ms < 1:
+            raise ValueError("wait_replicas must be >= 0 and wait_timeout_ms >= 1")
+        self.replication = Replication(wanted=wait_replicas)
+        self._wait_timeout_ms = wait_timeout_ms
         self._append = self._redis.register_script(_APPEND)
         # Used only if the tenant has no epoch yet (new or lost history); unique per call without
         # paying for os.urandom on every append.
