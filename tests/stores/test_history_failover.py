@@ -46,7 +46,6 @@ async def test_a_subscriber_resuming_across_a_failover_gets_a_gap_never_a_reused
     app = SignalmanApp(
         embedded_config(redis_url=ha.spec, redis_prefix=prefix),
         tokens=parse_tokens(TOKENS),
-        serve_http=False,
     )
     await app.start()
     client = SignalmanClient(f"127.0.0.1:{app.port}", token="tpa")
