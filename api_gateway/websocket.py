@@ -8,8 +8,10 @@ Strawberry's protocol handler, with Bridge's guard in every place HTTP has it:
   reconnect) or 4403 ``invalid token: <why>`` (give up). The socket is closed with 4401
   ``token expired`` when its token expires, unless the client re-authenticates first by sending a
   ``ping`` whose payload carries a fresh ``Authorization`` for the same tenant.
-- Rate limits: opening the socket and every ``subscribe`` (query, mutation or subscription) is
-  charged to the caller's bucket, the same as one HTTP request. A refused connection closes
+- Rate limits: opening the socket is charged like one HTTP request (to the bucket of the
+  upgrade's token, or of the client address when it has none) and so is every ``subscribe``
+  (query, mutation or subscription), to the bucket of the socket's current credentials (the
+  token of ``connection_init`` once given). A refused connection closes
   with 4429 ``rate limited: retry after N s``; a refused operation gets an ``error`` message
   with ``extensions.code`` RATE_LIMITED and ``extensions.retryAfter``.
 - Sizes: frames are capped by the server (``ws_max_size`` = the HTTP body limit, close 1009) and

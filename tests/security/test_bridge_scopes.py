@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import uuid
 from typing import Any
 
 import httpx
@@ -21,9 +22,17 @@ from tests.interfaces.conftest import Platform
 
 pytestmark = pytest.mark.integration
 
-OPERATOR = token("ops", ["operator"])
-ACME_ADMIN = token("acme", ["admin"])
-ACME_USER = token("acme", ["user"])
+
+def operator() -> str:
+    return token("ops", ["operator"])
+
+
+def acme_admin() -> str:
+    return token("acme", ["admin"])
+
+
+def acme_user() -> str:
+    return token("acme", ["user"])
 
 
 async def _gql(http: httpx.AsyncClient, p: Platform, query: str, tok: str | None) -> Any:
@@ -44,8 +53,10 @@ async def _backend_calls(http: httpx.AsyncClient, p: Platform) -> float:
 
 
 async def _routable(http: httpx.AsyncClient, p: Platform) -> None:
+    """Wait until the test's node is routable (a fresh content id each time: no cached answer)."""
     for _ in range(100):
-        body = await _gql(http, p, '{ route(contentId: "warmup") { best { nodeId } } }', None)
+        query = f'{{ route(contentId: "warmup-{uuid.uuid4().hex}") {{ best {{ nodeId }} }} }}'
+        body = await _gql(http, p, query, None)
         if body.get("data"):
             return
         await asyncio.sleep(0.1)
@@ -63,19 +74,19 @@ async def test_fleet_listings_explain_and_mutations_need_the_operator_role(
     }
     async with edge_nodes(platform.foghorn_grpc, ["scope-n1"]), httpx.AsyncClient() as http:
         await _routable(http, platform)
-        for tok in (ACME_ADMIN, ACME_USER):
+        for tok in (acme_admin(), acme_user()):
             for name, query in queries.items():
                 body = await _gql(http, platform, query, tok)
                 assert _codes(body) == ["FORBIDDEN"], (name, body)
                 assert "operator" in body["errors"][0]["message"]
         # Nothing changed: the operator still sees the node in NORMAL mode...
-        seen = await _gql(http, platform, '{ node(id: "scope-n1") { mode baseUrl } }', OPERATOR)
+        seen = await _gql(http, platform, '{ node(id: "scope-n1") { mode baseUrl } }', operator())
         assert seen["data"]["node"]["mode"] == "NORMAL" and seen["data"]["node"]["baseUrl"]
         # ... and may do each of these.
         for name, query in queries.items():
-            body = await _gql(http, platform, query, OPERATOR)
+            body = await _gql(http, platform, query, operator())
             assert "errors" not in body, (name, body)
-        drained = await _gql(http, platform, '{ node(id: "scope-n1") { mode } }', OPERATOR)
+        drained = await _gql(http, platform, '{ node(id: "scope-n1") { mode } }', operator())
         assert drained["data"]["node"]["mode"] == "DRAINING"
 
 
@@ -95,16 +106,16 @@ async def test_a_tenant_admin_invalidates_only_its_own_tenant(platform: Platform
         assert "errors" not in await _gql(http, platform, route, globex)  # cached for globex
         calls = await _backend_calls(http, platform)
         for name, mutation in refused.items():
-            body = await _gql(http, platform, mutation, ACME_ADMIN)
+            body = await _gql(http, platform, mutation, acme_admin())
             assert _codes(body) == ["FORBIDDEN"], (name, body)
-        assert _codes(await _gql(http, platform, own, ACME_USER)) == ["FORBIDDEN"]
+        assert _codes(await _gql(http, platform, own, acme_user())) == ["FORBIDDEN"]
         # Nothing was invalidated: globex's answer still comes from the cache.
         assert "errors" not in await _gql(http, platform, route, globex)
         assert await _backend_calls(http, platform) == calls
-        ok = await _gql(http, platform, own, ACME_ADMIN)
+        ok = await _gql(http, platform, own, acme_admin())
         assert ok == {"data": {"invalidateCache": ["tenant:acme"]}}
         everything = await _gql(
-            http, platform, 'mutation { invalidateCache(tags: ["routing"]) }', OPERATOR
+            http, platform, 'mutation { invalidateCache(tags: ["routing"]) }', operator()
         )
         assert everything == {"data": {"invalidateCache": ["routing"]}}
         assert "errors" not in await _gql(http, platform, route, globex)
