@@ -1,9 +1,13 @@
 """The ASGI application: GraphQL over HTTP and WebSocket, GraphiQL, /health and /metrics.
 
-Every GraphQL request passes, in order: the auth check (JWT -> Principal; bad token = 401), the
-rate limiter (tenant bucket, or per-IP bucket for anonymous callers; 429 with ``Retry-After``),
-size limits (413), then Strawberry. Every answer, errors included, is a GraphQL-shaped JSON body
-with ``extensions.code``; nothing a client sends can produce a 500.
+Every GraphQL request over HTTP passes, in order: content negotiation (``Accept``: 406 when
+nothing we serve fits), the auth check (JWT -> Principal; bad token = 401), the rate limiter
+(tenant bucket, or per-IP bucket for anonymous callers; 429 with ``Retry-After``), size limits
+(413), then Strawberry. Every answer, errors included, is a GraphQL-shaped JSON body with
+``extensions.code`` and no ``data`` entry when execution never started; with
+``application/graphql-response+json`` a request error is a 4xx (docs/graphql-http.md). Nothing a
+client sends can produce a 500. WebSocket upgrades get the same checks, then the protocol handler
+of ``api_gateway.websocket`` (docs/graphql-websocket.md).
 """
 
 from __future__ import annotations
