@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -19,12 +20,13 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from api_realtime.convert import channel_requests, events_message, serialize, to_proto
+from pkg.common import tracing
 from pkg.common.auth import current_principal
 from pkg.events.envelope import EnvelopeError, event_from_dict
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 from signalman.history import SourcePos
 from signalman.hub import Hub, TooManyConnections
-from signalman.pipeline import Poison, process_events
+from signalman.pipeline import Poison, Processed, process_events
 from signalman.processor import Processor, age_sampled, record_age
 from signalman.session import Dropped, OutEvent, Session
 
@@ -219,10 +221,19 @@ class SignalmanServicer:
                 if isinstance(result, Poison):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.reason)
                     return pb.PublishReply()  # unreachable: abort raises
+                if tracing.ENABLED:  # delivery continues the Publish call's trace
+                    result = _traced(result, tracing.current_traceparent())
                 source = SourcePos(LOCAL_TOPIC, 0, next(self._local_offsets))
                 outcome = await self.processor.append(result, source, 0)
                 offsets.extend(outcome.offsets)
         return pb.PublishReply(offsets=offsets)
+
+
+def _traced(processed: Processed, traceparent: str) -> Processed:
+    if not traceparent:
+        return processed
+    items = [(channel, replace(event, trace=traceparent)) for channel, event in processed.items]
+    return replace(processed, items=items)
 
 
 def add_to_server(servicer: SignalmanServicer, server: grpc.aio.Server) -> None:
