@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from api_balancing.ha.keys import Keys
 from api_balancing.scoring import Weights
+from api_balancing.store.keys import Keys
 from pkg.common.auth import Principal, parse_tokens, tokens_from_env
 from pkg.common.config import ServiceSettings, load_settings
 from pkg.common.grpcserver import GrpcSettings

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,6 +19,7 @@ import structlog
 
 from api_balancing import errors
 from api_balancing.index import FleetIndex, Ranked
+from api_balancing.latency import LatencyWindow
 from api_balancing.model import (
     GeoPoint,
     LoadReport,
@@ -32,15 +32,9 @@ from api_balancing.redirects import RedirectTracker
 from api_balancing.scoring import Evaluation, Rejection, RouteQuery, Weights, evaluate, rank
 from api_balancing.store.base import NodeStore
 from pkg.common.clock import Clock
-from pkg.common.metrics import Buckets
 from pkg.events import SYSTEM_TENANT, Event, EventSink
 
 log = structlog.get_logger("foghorn.fleet")
-
-# Routing decision time (seconds): the target is p99 < 1 ms, so most buckets lie below it.
-ROUTE_LATENCY_BOUNDS = (
-    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25,
-)  # fmt: skip
 
 
 @dataclass
@@ -62,34 +56,6 @@ class FleetCounters:
     routing_failures: int = 0
     registrations: int = 0
     evictions: int = 0
-
-
-class LatencyWindow:
-    """The last N durations (microseconds), for p50/p99 in /health and the benchmark.
-
-    Filled by the routing handler with the whole decision (validation, ranking, reply).
-    """
-
-    def __init__(self, size: int = 10_000) -> None:
-        self._samples: deque[float] = deque(maxlen=size)
-        # Every decision since start, for the /metrics histogram (seconds, cumulative).
-        self.buckets = Buckets(ROUTE_LATENCY_BOUNDS)
-
-    def add(self, micros: float) -> None:
-        self._samples.append(micros)
-        self.buckets.observe(micros / 1e6)
-
-    def percentile(self, q: float) -> float:
-        if not self._samples:
-            return 0.0
-        ordered = sorted(self._samples)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-    def __len__(self) -> int:
-        return len(self._samples)
-
-    def clear(self) -> None:
-        self._samples.clear()
 
 
 class NodeFleet(Protocol):

@@ -1,9 +1,8 @@
 """Foghorn HA's metrics (exported on /metrics with the service's others).
 
 Gauges and counters are read from the runtime's own figures at scrape time (``register``,
-called by the server's wiring: no cost on the hot path); the sync lag is an OpenTelemetry
-histogram recorded per applied changelog entry (entry time from its stream ID against this
-replica's clock).
+called by the server's wiring: no cost on the hot path). The sync lag histogram is recorded
+by the sync loop itself, per applied changelog entry (``store.sync.sync_lag``).
 """
 
 from __future__ import annotations
@@ -11,34 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from opentelemetry import metrics
-
 from pkg.common.metrics import Metrics, Sample
-
-_meter = metrics.get_meter("foghorn.ha")
-
-sync_lag = _meter.create_histogram(
-    "foghorn_ha_sync_lag_seconds",
-    unit="s",
-    description="Time from a change's append on another replica to its apply here",
-    # In seconds: the SDK's default bounds (0, 5, 10, 25 ... 10000) are meant for milliseconds,
-    # which put every normal lag (a few ms) in the first bucket and made its p99 read 4.95 s.
-    explicit_bucket_boundaries_advisory=(
-        0.001,
-        0.0025,
-        0.005,
-        0.01,
-        0.025,
-        0.05,
-        0.1,
-        0.25,
-        0.5,
-        1.0,
-        2.5,
-        5.0,
-        10.0,
-    ),
-)
 
 
 class Described(Protocol):

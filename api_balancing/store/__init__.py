@@ -1,7 +1,9 @@
 """Foghorn state backends behind one interface (``base.NodeStore``).
 
 ``memory.MemoryNodeStore`` is the embedded default (single instance, tests); the Redis store
-(``redis*.py``, HA) shares the same records between replicas.
+(``redis_store.py``, HA) shares the same records between replicas: ``keys`` (key schema),
+``merge`` (pure merge rules for other replicas' records), ``staging`` (writes behind),
+``health`` (degraded-mode tracking) and ``sync`` (changelog reader, tail-first rehydration).
 """
 
 from api_balancing.store.base import NodeStore, StaleWriteError, StoreListener

@@ -6,8 +6,8 @@ changelog stream in the same atomic step. ``put`` (identity and lifecycle writes
 that and then updates the local copy and runs listeners; ``stage`` (load reports) updates the
 local copy at once and writes behind, per node one write in flight and one staged, newest
 wins (``store.staging``); Redis refusing a staged write closes the node's stream (refusal hook).
-Other replicas' changes arrive through ``api_balancing.ha.sync`` (a changelog reader) and are
-applied in order, newer-token-only (``ha.merge``). Reads (``get``/``snapshot``) never touch the
+Other replicas' changes arrive through ``store.sync`` (a changelog reader) and are
+applied in order, newer-token-only (``store.merge``). Reads (``get``/``snapshot``) never touch the
 network.
 
 When Redis is unreachable the store is *degraded*: writes land in memory only and are kept as
@@ -27,14 +27,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from api_balancing.ha import merge
-from api_balancing.ha.health import REDIS_ERRORS, SyncHealth
-from api_balancing.ha.keys import Keys
-from api_balancing.ha.sync import SyncLoop
 from api_balancing.model import NodeRecord, evolve
-from api_balancing.store import redis_codec
+from api_balancing.store import merge, redis_codec
 from api_balancing.store.base import StaleWriteError, StoreListener
+from api_balancing.store.health import REDIS_ERRORS, SyncHealth
+from api_balancing.store.keys import Keys
 from api_balancing.store.staging import NodeWrites, StagingCounters
+from api_balancing.store.sync import SyncLoop
 from pkg.common import history, redisconn
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.coord import Announce, Entry, FencedHash, FencedWriteRejected, PutBatch, Watermarks
@@ -559,7 +558,7 @@ class RedisNodeStore:
             except Exception:  # a broken listener must not break writes or sync
                 log.exception("store listener failed", node_id=node_id)
 
-    # -- the sync side (called by ha.sync) ----------------------------------------------------
+    # -- the sync side (called by store.sync) ----------------------------------------------------
     def apply_entry(self, entry: Entry) -> None:
         """Apply one changelog entry written by another replica, if it is newer."""
         fields = entry.fields
