@@ -533,6 +533,8 @@ async def ha_phase(
                 return False  # not serving HTTP yet
 
         out["rehydrate_s"] = round(await _until(whole_fleet, 60, 0.05) - t0, 2)
+        # Of which the tail-first rehydration itself (the rest is the process start).
+        out["rehydrate_store_s"] = (await extra.health())["ha"]["last_rehydrate_s"]
         await extra.stop()
         extra = None
 

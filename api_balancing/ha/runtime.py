@@ -154,6 +154,7 @@ class HaRuntime:
             "owned_nodes": len(self.ownership.owned()),
             "takeovers": self.ownership.takeovers,
             "rehydrations": loop.rehydrations if loop else 0,
+            "last_rehydrate_s": round(loop.last_rehydrate_s, 3) if loop else 0.0,
             "last_gap": loop.last_gap if loop else "",
             "sync_lag_p99_ms": round(loop.lag_ms.percentile(0.99), 2) if loop else 0.0,
             "writes": c.writes,
