@@ -134,7 +134,8 @@ async def test_rate_limit_headers_agree_with_retry_after(strict_bridge: int) -> 
         replies = [await http.post(url, json={"query": "{ me { name } }"}) for _ in range(3)]
     limited = replies[-1]
     assert [r.status_code for r in replies] == [200, 200, 429]
-    assert limited.headers["retry-after"] == limited.headers["x-ratelimit-reset"] == "4"
+    assert limited.headers["retry-after"] == limited.headers["x-ratelimit-reset"]
+    assert 1 <= int(limited.headers["retry-after"]) <= 4  # one token at 0.25/s
     assert limited.headers["x-ratelimit-remaining"] == "0"
     assert "data" not in limited.json()
     assert limited.json()["errors"][0]["extensions"]["code"] == "RATE_LIMITED"
