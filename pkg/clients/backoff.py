@@ -16,20 +16,26 @@ reconnecting clients so a restarted server is not hit by all of them at the same
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 
 from pkg.clients import testing
-from pkg.clients.policy import finite_number
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 
 
+def _finite(value: float) -> bool:
+    # policy.finite_number's rule, kept here so that reconnect loops in domain modules
+    # (Signalman's hub) can back off without importing the policy module, which imports grpc.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check(base: float, cap: float, multiplier: float) -> None:
-    if not (finite_number(base) and base >= 0):
+    if not (_finite(base) and base >= 0):
         raise ValueError(f"backoff base must be a finite number >= 0, got {base!r}")
-    if not (finite_number(cap) and cap >= base):
+    if not (_finite(cap) and cap >= base):
         raise ValueError(f"backoff cap must be finite and >= base ({base}), got {cap!r}")
-    if not (finite_number(multiplier) and multiplier >= 1):
+    if not (_finite(multiplier) and multiplier >= 1):
         raise ValueError(f"backoff multiplier must be >= 1, got {multiplier!r}")
 
 
