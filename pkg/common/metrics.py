@@ -212,8 +212,10 @@ class Metrics:
             merged: dict[tuple[str, ...], Buckets] = {}
             for labels, buckets in family.samples():
                 key = self._key(family, labels)
-                if key is not None:
-                    merged[key] = merged[key].merged(buckets) if key in merged else buckets
+                if key in merged:
+                    merged[key] = merged[key].merged(buckets)
+                elif self._room(family, len(merged)):
+                    merged[key] = buckets
             if not family.sources:
                 return None
             hist = HistogramMetricFamily(family.name, family.help, labels=names)
@@ -227,8 +229,10 @@ class Metrics:
         values: dict[tuple[str, ...], float] = {}
         for labels, value in family.samples():
             key = self._key(family, labels)
-            if key is not None:
-                values[key] = values.get(key, 0.0) + float(value)
+            if key in values:
+                values[key] += float(value)
+            elif self._room(family, len(values)):
+                values[key] = float(value)
         if not family.sources:
             return None
         metric: CounterMetricFamily | GaugeMetricFamily
@@ -241,7 +245,17 @@ class Metrics:
             metric.add_metric(list(key), value)
         return metric
 
-    def _key(self, family: _Family, labels: Labels) -> tuple[str, ...] | None:
+    @staticmethod
+    def _room(family: _Family, series: int) -> bool:
+        """Whether another series fits; past ``MAX_SERIES`` the rest is dropped, logged once."""
+        if series < MAX_SERIES:
+            return True
+        if not family.warned:
+            family.warned = True
+            log.error("metric_series_capped", metric=family.name, max_series=MAX_SERIES)
+        return False
+
+    def _key(self, family: _Family, labels: Labels) -> tuple[str, ...]:
         if set(labels) != set(family.labels):
             raise MetricDefinitionError(
                 f"{family.name}: got labels {sorted(labels)}, declared {list(family.labels)}"

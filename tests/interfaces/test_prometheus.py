@@ -178,3 +178,13 @@ async def test_ha_processes_metrics_pass_promtool(
                 text=True, check=False,
             )  # fmt: skip
             assert check.returncode == 0, f"{name}: {check.stdout}{check.stderr}"
+
+
+def test_a_family_past_the_series_cap_keeps_the_first_series() -> None:
+    from pkg.common import metrics
+
+    registry = Metrics("unit", process_collectors=False)
+    many = [({"replica": f"r{i}"}, 1.0) for i in range(metrics.MAX_SERIES + 50)]
+    registry.gauge("wide", "too many series", lambda _: many, ("replica",))
+    text = registry.text().decode()
+    assert text.count("wide{") == metrics.MAX_SERIES and 'replica="r0"' in text
