@@ -37,6 +37,16 @@ if os.environ.get("DEV_TEST_STACKS_FILE"):
     faulthandler.register(signal.SIGUSR1, file=_stacks, all_threads=True)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_client_runtime() -> Iterator[None]:
+    """Each test starts with an empty process-wide pkg.clients runtime: one test's open breaker
+    or spent retry budget for a target never reaches the next test."""
+    from pkg.clients.testing import fresh_runtime
+
+    with fresh_runtime():
+        yield
+
+
 @pytest.fixture(scope="session")
 def run_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("servers")

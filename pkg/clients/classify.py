@@ -4,7 +4,9 @@ Every decision carries a human-readable ``reason`` that ends up in the structlog
 the ``reason`` attribute of the retry metrics. The rules (see docs/rfcs/client-resilience.md):
 
 * UNAVAILABLE and transport failures are retryable for idempotent methods; for the others only
-  when the request provably never left this process (the connection could not be made).
+  when the request provably never left this process: the library itself refused to send it
+  because no connection was READY (``NotSentError``, see ``pkg.clients.connection``). The text
+  of a status is never evidence: a server may send "connection refused" itself.
 * DEADLINE_EXCEEDED is retryable only when it was a capped per-attempt timeout and the overall
   deadline still has time; never once the overall deadline is spent.
 * CANCELLED, the breaker's own open error and domain errors are never retried.
@@ -20,33 +22,10 @@ from dataclasses import dataclass
 import grpc
 
 from pkg.clients.breaker import BREAKER_FAILURE, BREAKER_IGNORE, BreakerOpenError
+from pkg.clients.connection import NotSentError
 from pkg.clients.outlier import OUTCOME_ERROR, OUTCOME_LOCAL, OUTCOME_NEUTRAL, OUTCOME_SUCCESS
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
-
-# Messages grpc-core uses when no connection could be made: the request never left.
-_NEVER_SENT_MARKERS = (
-    "failed to connect to all addresses",
-    "connection refused",
-    "connections to all backends failing",
-    "dns resolution failed",
-    "name resolution failure",
-    "empty address list",
-)
-
-# Messages grpc-core uses when the connection to the replica broke or could not be made: the
-# replica did not answer (as opposed to an UNAVAILABLE it sent itself).
-_TRANSPORT_MARKERS = (
-    *_NEVER_SENT_MARKERS,
-    "failed to connect",
-    "socket closed",
-    "connection reset",
-    "broken pipe",
-    "keepalive",
-    "goaway",
-    "endpoint closing",
-    "connection aborted",
-)
 
 # Server errors that count against a replica in outlier detection (Envoy's consecutive 5xx).
 _OUTLIER_ERROR_CODES = frozenset(
@@ -94,23 +73,19 @@ def _pushback_from(metadata: object) -> float | None:
     return None
 
 
-def never_sent(details: str | None) -> bool:
-    """Whether grpc's error ``details`` say no connection was made (so nothing was sent)."""
-    if not details:
-        return False
-    lowered = details.lower()
-    return any(marker in lowered for marker in _NEVER_SENT_MARKERS)
-
-
-def outlier_outcome(exc: BaseException, timeout_counts: bool) -> int:
+def outlier_outcome(exc: BaseException, timeout_counts: bool, connected: bool = True) -> int:
     """What a failed attempt says about the replica it went to (``pkg.clients.outlier``).
 
-    A broken connection, or a timeout when ``timeout_counts`` (the attempt had ample time,
-    see ``pkg.clients.grpc_aio``): the replica did not answer (OUTCOME_LOCAL). A server error
-    status: it answered badly (OUTCOME_ERROR). A domain error: it is alive (OUTCOME_SUCCESS).
-    Cancellation, or a timeout with too little time: nothing (OUTCOME_NEUTRAL), since a
-    caller's tiny deadline must not eject healthy replicas.
+    Not sent for want of a connection, UNAVAILABLE while the replica's connection is not READY
+    (``connected`` is False: it broke or could not be made), or a timeout when
+    ``timeout_counts`` (the attempt had ample time, see ``pkg.clients.grpc_aio_calls``): the
+    replica did not answer (OUTCOME_LOCAL). A server error status on a live connection: it
+    answered badly (OUTCOME_ERROR), whatever its text says. A domain error: it is alive
+    (OUTCOME_SUCCESS). Cancellation, or a timeout with too little time: nothing
+    (OUTCOME_NEUTRAL), since a caller's tiny deadline must not eject healthy replicas.
     """
+    if isinstance(exc, NotSentError):
+        return OUTCOME_LOCAL
     if not isinstance(exc, grpc.RpcError) or not hasattr(exc, "code"):
         return OUTCOME_NEUTRAL
     code = exc.code()
@@ -119,9 +94,7 @@ def outlier_outcome(exc: BaseException, timeout_counts: bool) -> int:
     if code == grpc.StatusCode.CANCELLED:
         return OUTCOME_NEUTRAL
     if code in _OUTLIER_ERROR_CODES:
-        details = exc.details() if hasattr(exc, "details") else None
-        lowered = (details or "").lower()
-        if code == grpc.StatusCode.UNAVAILABLE and any(m in lowered for m in _TRANSPORT_MARKERS):
+        if code == grpc.StatusCode.UNAVAILABLE and not connected:
             return OUTCOME_LOCAL
         return OUTCOME_ERROR
     return OUTCOME_SUCCESS
@@ -140,6 +113,12 @@ def classify_grpc(
         return Verdict(False, "circuit breaker open (never retried)", BREAKER_IGNORE, code="OPEN")
     if isinstance(exc, asyncio.CancelledError):
         return CANCELLED_VERDICT
+    if isinstance(exc, NotSentError):
+        name = exc.code().name
+        if time_left <= 0:
+            why = f"not sent ({exc.why}); overall deadline spent"
+            return Verdict(False, why, BREAKER_FAILURE, code=name)
+        return Verdict(True, f"not sent: {exc.why}", BREAKER_FAILURE, code=name)
     if not isinstance(exc, grpc.RpcError) or not hasattr(exc, "code"):
         return Verdict(False, f"{type(exc).__name__} is not a gRPC status", BREAKER_IGNORE)
     code = exc.code()
@@ -155,11 +134,6 @@ def classify_grpc(
     if pushback is not None and pushback < 0:
         return Verdict(False, "server pushback says do not retry", breaker, pushback, name)
     if code == grpc.StatusCode.UNAVAILABLE:
-        details = exc.details() if hasattr(exc, "details") else None
-        if never_sent(details):
-            return Verdict(
-                True, "UNAVAILABLE: connection failed, never sent", breaker, pushback, name
-            )
         if idempotent:
             return Verdict(True, "UNAVAILABLE", breaker, pushback, name)
         return Verdict(

@@ -18,12 +18,11 @@ import grpc.aio
 from pkg.clients import tracing
 from pkg.clients.grpc_aio_calls import PooledStreamMultiCallable, UnaryUnaryMultiCallable
 from pkg.clients.grpc_aio_interceptors import aio_stream_interceptors
-from pkg.clients.grpc_core import ClientCore, channel_options
+from pkg.clients.grpc_core import ChannelRef, ClientCore, channel_options
 from pkg.clients.outlier import OutlierDetector
 from pkg.clients.policy import Policy
 from pkg.clients.runtime import Runtime
 from pkg.clients.targets import ResolvedTarget, resolve_targets
-from pkg.clients.telemetry import instruments
 
 
 class ResilientChannel(grpc.aio.Channel):
@@ -96,7 +95,7 @@ class ResilientChannel(grpc.aio.Channel):
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """A multicallable that runs the policy around every call."""
         raws = self._per_replica("unary_unary", method, args, kwargs)
-        return UnaryUnaryMultiCallable(raws, self.core, method, self.detector)
+        return UnaryUnaryMultiCallable(raws, self.core, method, self.detector, self._raws)
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Server-streaming multicallable (setup retries by interceptor)."""
@@ -121,7 +120,7 @@ class ResilientChannel(grpc.aio.Channel):
         raws = self._per_replica(kind, method, args, kwargs)
         if self.detector is None:
             return raws[0]
-        return PooledStreamMultiCallable(raws, self.detector)
+        return PooledStreamMultiCallable(raws, self.detector, self._raws)
 
 
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
@@ -167,36 +166,44 @@ def aio_channel(
     connection and every attempt goes to a replica picked by outlier detection (round robin
     over the healthy ones, retries on another replica, hung or failing replicas ejected);
     otherwise grpc's round robin balances them. ``token`` adds ``authorization: Bearer
-    <token>`` to every call. ``runtime`` shares budgets/breakers (and injects clock, random
-    source, instrumentation). Extra ``interceptors`` run inside ours (once per attempt).
+    <token>`` to every call. ``runtime`` holds budgets, breakers and outlier state per target
+    and injects clock, random source, instrumentation (default: the process-wide
+    ``default_runtime()``). Extra ``interceptors`` run inside ours (once per attempt).
     A bad target, policy, runtime, token or option raises ``ValueError`` here, not at call
     time. Call ``await channel.close()``.
     """
     resolved = resolve_targets(targets)
     core = ClientCore(policy, runtime, resolved.name, token)
-    # Unary-unary calls are driven by ResilientChannel itself; the stream interceptors ride on
-    # the underlying channel, and user interceptors run inside ours (once per attempt).
-    # With tracing on, the innermost interceptors make a span per attempt and send its context.
-    chain: list[Any] = [*aio_stream_interceptors(core), *interceptors, *tracing.aio_interceptors()]
     extra = list(options)
 
     def open_channel(target: ResolvedTarget) -> grpc.aio.Channel:
-        opts = channel_options(target, extra)
+        # Unary-unary calls are driven by ResilientChannel itself; the stream interceptors
+        # ride on the underlying channel (each knows its channel, for the connection gate),
+        # and user interceptors run inside ours (once per attempt).
+        # With tracing on, the innermost interceptors make a span per attempt and send its
+        # context.
+        ref = ChannelRef()
+        chain: list[Any] = [
+            *aio_stream_interceptors(core, ref),
+            *interceptors,
+            *tracing.aio_interceptors(),
+        ]
+        opts = channel_options(target, extra, core.policy.keepalive)
         if credentials is not None:
-            return grpc.aio.secure_channel(target.target, credentials, opts, interceptors=chain)
-        return grpc.aio.insecure_channel(target.target, opts, interceptors=chain)
+            channel = grpc.aio.secure_channel(target.target, credentials, opts, interceptors=chain)
+        else:
+            channel = grpc.aio.insecure_channel(target.target, opts, interceptors=chain)
+        ref.channel = channel
+        return channel
 
     if not (resolved.multi and core.policy.outlier.enabled):
         return ResilientChannel(open_channel(resolved), core)
     # One connection per replica, so that pkg.clients (not grpc's round robin, which keeps
     # sending every other call to a paused replica) chooses the replica of every attempt.
     raws = [open_channel(ResolvedTarget(r, False, r)) for r in resolved.replicas]
-    detector = OutlierDetector(
-        resolved.name,
-        [r.split(":", 1)[1] for r in resolved.replicas],
-        core.policy.outlier,
-        core.runtime.clock,
-        core.runtime.emit_outlier,
+    # The runtime keeps one detector per target: every channel to the same replicas shares
+    # what is known about them (a replica ejected by one is skipped by all).
+    detector = core.runtime.detector(
+        resolved.name, [r.split(":", 1)[1] for r in resolved.replicas], core.policy.outlier
     )
-    instruments().detectors.add(detector)
     return ResilientChannel(raws[0], core, replicas=raws, detector=detector)

@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 
 from pkg.clients.classify import outlier_outcome
+from pkg.clients.connection import connected, ensure_ready
 from pkg.clients.engine import EJECTED_REPLICA_ATTR, call_async
 from pkg.clients.grpc_core import ClientCore
 from pkg.clients.outlier import (
@@ -112,9 +113,13 @@ class UnaryCall:
             callback(self)
 
     def _attempt_fn(self, request: Any, kw: dict[str, Any]) -> Callable[[float], Any]:
-        raw = self._callable.raw
+        mc = self._callable
+        raw = mc.raw
+        channel = mc.channels[0] if mc.gated else None
 
         async def attempt(attempt_timeout: float) -> Any:
+            if channel is not None and channel.get_state(False) is not _READY:
+                attempt_timeout = await _connected(channel, mc.core.target, attempt_timeout)
             call = raw(request, timeout=attempt_timeout, **kw)
             self._last = call
             try:
@@ -215,6 +220,18 @@ class UnaryCall:
             pass
 
 
+_READY = grpc.ChannelConnectivity.READY
+
+
+async def _connected(channel: Any, target: str, attempt_timeout: float) -> float:
+    """Wait (within the attempt's time) until ``channel`` is READY, else raise ``NotSentError``;
+    returns the attempt time left for the call itself."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    await ensure_ready(channel, target, attempt_timeout)
+    return max(0.001, attempt_timeout - (loop.time() - start))
+
+
 # Least time an attempt without a per-attempt cap must have had for its timeout to count
 # against the replica (outlier ejection).
 MIN_HUNG_TIMEOUT = 0.1
@@ -233,13 +250,20 @@ class PooledUnaryCall(UnaryCall):
         state = mc.state
         cap = state.attempt_timeout
         idempotent = state.idempotent
+        channels = mc.channels
+        gated = mc.gated
         failed = [-1]  # the replica the previous attempt failed on: a retry avoids it
 
         async def attempt(attempt_timeout: float) -> Any:
             i = detector.pick(failed[0])
-            call = raws[i](request, timeout=attempt_timeout, **kw)
-            self._last = call
             try:
+                channel = channels[i]
+                if gated and channel.get_state(False) is not _READY:
+                    attempt_timeout = await _connected(
+                        channel, detector.replicas[i].address, attempt_timeout
+                    )
+                call = raws[i](request, timeout=attempt_timeout, **kw)
+                self._last = call
                 result = await call
             except Exception as exc:
                 # A timeout says the replica hung when the attempt was capped by its per-attempt
@@ -254,6 +278,7 @@ class PooledUnaryCall(UnaryCall):
                         idempotent
                         and attempt_timeout >= max(MIN_HUNG_TIMEOUT, 10 * state.latency_ema)
                     ),
+                    connected(channels[i]),
                 )
                 if outcome == OUTCOME_SUCCESS:
                     detector.success(i)
@@ -278,9 +303,14 @@ class PooledUnaryCall(UnaryCall):
 
 
 class UnaryUnaryMultiCallable:
-    """``stub.Method`` on a ``ResilientChannel``: the policy without grpc's interceptor task."""
+    """``stub.Method`` on a ``ResilientChannel``: the policy without grpc's interceptor task.
 
-    __slots__ = ("classify", "core", "detector", "raw", "raws", "state")
+    ``channels`` are the grpc channels behind ``raws`` (one per replica). A method that is not
+    idempotent is ``gated``: each attempt is sent only on a READY connection, so that a failure
+    to connect is known, from the transport, to have sent nothing (``pkg.clients.connection``).
+    """
+
+    __slots__ = ("channels", "classify", "core", "detector", "gated", "raw", "raws", "state")
 
     def __init__(
         self,
@@ -288,12 +318,17 @@ class UnaryUnaryMultiCallable:
         core: ClientCore,
         method: str | bytes,
         detector: OutlierDetector | None = None,
+        channels: Sequence[Any] = (),
     ) -> None:
         self.raw = raws[0]
         self.raws = raws
         self.detector = detector
         self.core = core
         self.state, self.classify = core.method(method)
+        self.channels = tuple(channels)
+        # Without the channels (a multicallable built by hand) nothing is gated, so nothing is
+        # ever taken as not sent.
+        self.gated = bool(self.channels) and not self.state.idempotent
 
     def __call__(self, request: Any, **kw: Any) -> UnaryCall:
         """A call of ``request`` (``timeout=`` is its overall deadline); it starts when awaited."""
@@ -316,7 +351,7 @@ class _StreamOutcome(grpc.RpcError):
         return self._details
 
 
-async def _report_stream_end(detector: OutlierDetector, i: int, call: Any) -> None:
+async def _report_stream_end(detector: OutlierDetector, i: int, call: Any, channel: Any) -> None:
     # Only a broken connection (a dead or unreachable replica) says something here: streams
     # end for many legitimate reasons (cancelled, server closed them, domain errors).
     try:
@@ -326,7 +361,7 @@ async def _report_stream_end(detector: OutlierDetector, i: int, call: Any) -> No
         return
     if code != grpc.StatusCode.UNAVAILABLE:
         return
-    outcome = outlier_outcome(_StreamOutcome(code, details), False)
+    outcome = outlier_outcome(_StreamOutcome(code, details), False, connected(channel))
     if outcome == OUTCOME_LOCAL:
         detector.stream_failed(i, outcome)
 
@@ -340,11 +375,14 @@ class PooledStreamMultiCallable:
     after a few failures instead of alternating with it until keepalive notices.
     """
 
-    __slots__ = ("detector", "raws")
+    __slots__ = ("channels", "detector", "raws")
 
-    def __init__(self, raws: Sequence[Any], detector: OutlierDetector) -> None:
+    def __init__(
+        self, raws: Sequence[Any], detector: OutlierDetector, channels: Sequence[Any]
+    ) -> None:
         self.raws = raws
         self.detector = detector
+        self.channels = channels
 
     def __call__(self, *args: Any, **kw: Any) -> Any:
         """Start a stream (grpc's arguments) on the replica the detector picks."""
@@ -357,7 +395,9 @@ class PooledStreamMultiCallable:
             tasks: set[asyncio.Task[None]] = _STREAM_REPORTS
 
             def on_done(done_call: Any) -> None:
-                task = asyncio.ensure_future(_report_stream_end(detector, i, done_call))
+                task = asyncio.ensure_future(
+                    _report_stream_end(detector, i, done_call, self.channels[i])
+                )
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 

@@ -17,8 +17,15 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from pkg.clients.connection import ensure_ready
 from pkg.clients.engine import call_async
-from pkg.clients.grpc_core import END_OF_STREAM, ClientCore, InterceptorBase, StreamCall
+from pkg.clients.grpc_core import (
+    END_OF_STREAM,
+    ChannelRef,
+    ClientCore,
+    InterceptorBase,
+    StreamCall,
+)
 
 
 def _details(
@@ -101,8 +108,11 @@ class AioUnaryStreamInterceptor(InterceptorBase, grpc.aio.UnaryStreamClientInter
     ) -> Any:
         auth = self.core.auth
         stream = StreamCall(self.core, client_call_details)
+        gate = self._gate(stream)
 
-        async def attempt(_: float) -> tuple[Any, Any]:
+        async def attempt(timeout: float) -> tuple[Any, Any]:  # noqa: ASYNC109
+            if gate is not None:
+                await ensure_ready(gate, self.core.target, timeout)
             details = _details(client_call_details, stream.attempt_timeout(), auth)
             return await _establish(await continuation(details, request), stream.setup)
 
@@ -186,8 +196,11 @@ class AioStreamStreamInterceptor(InterceptorBase, grpc.aio.StreamStreamClientInt
             return await continuation(details, request_iterator)
         stream = StreamCall(core, client_call_details)
         replay = _AsyncReplay(request_iterator)
+        gate = self._gate(stream)
 
-        async def attempt(_: float) -> tuple[Any, Any]:
+        async def attempt(timeout: float) -> tuple[Any, Any]:  # noqa: ASYNC109
+            if gate is not None:
+                await ensure_ready(gate, core.target, timeout)
             details = _details(client_call_details, stream.attempt_timeout(), auth)
             return await _establish(await continuation(details, replay.fresh()), stream.setup)
 
@@ -210,12 +223,13 @@ class AioStreamUnaryInterceptor(InterceptorBase, grpc.aio.StreamUnaryClientInter
         return await continuation(details, request_iterator)
 
 
-def aio_stream_interceptors(core: ClientCore) -> list[Any]:
-    """The streaming interceptors (``ResilientChannel`` runs unary-unary calls itself)."""
+def aio_stream_interceptors(core: ClientCore, ref: ChannelRef | None = None) -> list[Any]:
+    """The streaming interceptors (``ResilientChannel`` runs unary-unary calls itself);
+    ``ref`` names the channel they ride on (for the connection gate)."""
     return [
-        AioUnaryStreamInterceptor(core),
-        AioStreamStreamInterceptor(core),
-        AioStreamUnaryInterceptor(core),
+        AioUnaryStreamInterceptor(core, ref),
+        AioStreamStreamInterceptor(core, ref),
+        AioStreamUnaryInterceptor(core, ref),
     ]
 
 

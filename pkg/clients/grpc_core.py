@@ -8,19 +8,24 @@ from typing import Any
 from pkg.clients.breaker import BreakerOpenError
 from pkg.clients.classify import classify_grpc
 from pkg.clients.engine import Classifier
-from pkg.clients.policy import Policy
+from pkg.clients.policy import KeepalivePolicy, Policy
 from pkg.clients.runtime import MethodState, Runtime
 from pkg.clients.settings import ClientSettings
 from pkg.clients.targets import ResolvedTarget
 
-# Keepalive: ping every 20 s (servers permit one every 10 s), give up on a dead peer after
-# 10 s, keep pinging idle connections so a silently dead replica is noticed before a call.
-KEEPALIVE_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-)
+
+def keepalive_options(keepalive: KeepalivePolicy) -> tuple[tuple[str, Any], ...]:
+    """The keepalive channel arguments of ``keepalive`` (see ``KeepalivePolicy`` for why the
+    defaults are what a grpc server with default settings accepts)."""
+    return (
+        ("grpc.keepalive_time_ms", int(keepalive.time * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive.timeout * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1 if keepalive.without_calls else 0),
+        # No cap on pings between data frames: a quiet stream is kept alive by pings alone
+        # (the server's own rule is the interval, which ``time`` respects).
+        ("grpc.http2.max_pings_without_data", 0),
+    )
+
 
 # One retry layer only: grpcio's transparent and service-config retries are off.
 NO_GRPC_RETRIES: tuple[tuple[str, Any], ...] = (("grpc.enable_retries", 0),)
@@ -34,10 +39,18 @@ RECONNECT_OPTIONS: tuple[tuple[str, Any], ...] = (
 
 
 def channel_options(
-    resolved: ResolvedTarget, extra: Sequence[tuple[str, Any]] = ()
+    resolved: ResolvedTarget,
+    extra: Sequence[tuple[str, Any]] = (),
+    keepalive: KeepalivePolicy | None = None,
 ) -> list[tuple[str, Any]]:
     """The channel arguments every pkg.clients channel uses (``extra`` wins on conflicts)."""
-    options: dict[str, Any] = dict((*NO_GRPC_RETRIES, *KEEPALIVE_OPTIONS, *RECONNECT_OPTIONS))
+    options: dict[str, Any] = dict(
+        (
+            *NO_GRPC_RETRIES,
+            *keepalive_options(keepalive or KeepalivePolicy()),
+            *RECONNECT_OPTIONS,
+        )
+    )
     if resolved.multi:
         options["grpc.lb_policy_name"] = "round_robin"
     for key, value in extra:
@@ -133,11 +146,32 @@ _MIN_STREAM_TIMEOUT = 0.001
 END_OF_STREAM = object()
 
 
-class InterceptorBase:
-    """What every pkg.clients interceptor (sync or asyncio) holds: its channel's core."""
+class ChannelRef:
+    """The grpc channel an interceptor rides on, known once the channel exists.
 
-    def __init__(self, core: ClientCore) -> None:
+    Interceptors are built before their channel; the connection gate (``pkg.clients.connection``)
+    needs the channel to ask whether a connection is READY before a non-idempotent stream is
+    set up. None: unknown (a channel built elsewhere), so nothing is ever taken as not sent.
+    """
+
+    __slots__ = ("channel",)
+
+    def __init__(self) -> None:
+        self.channel: Any = None
+
+
+class InterceptorBase:
+    """What every pkg.clients interceptor (sync or asyncio) holds: its channel's core, and a
+    reference to the channel it rides on."""
+
+    def __init__(self, core: ClientCore, ref: ChannelRef | None = None) -> None:
         self.core = core
+        self.ref = ref or ChannelRef()
+
+    def _gate(self, stream: StreamCall) -> Any:
+        """The channel whose readiness a setup attempt of ``stream`` must wait for: set for
+        methods that are not idempotent (their setup is retried only if it was not sent)."""
+        return None if stream.state.idempotent else self.ref.channel
 
 
 def _classifier(state: MethodState) -> Classifier:

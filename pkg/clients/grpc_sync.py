@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any, NamedTuple
@@ -17,9 +18,11 @@ from typing import Any, NamedTuple
 import grpc
 
 from pkg.clients import tracing
+from pkg.clients.connection import ensure_ready_sync
 from pkg.clients.engine import call_sync
 from pkg.clients.grpc_core import (
     END_OF_STREAM,
+    ChannelRef,
     ClientCore,
     InterceptorBase,
     StreamCall,
@@ -66,8 +69,11 @@ class SyncUnaryUnaryInterceptor(InterceptorBase, grpc.UnaryUnaryClientIntercepto
         core = self.core
         state, classify = core.method(client_call_details.method)
         auth = core.auth
+        gate = None if state.idempotent else self.ref.channel
 
         def attempt(timeout: float) -> Any:
+            if gate is not None:
+                timeout = _connected(gate, core.target, timeout)
             outcome = continuation(_details(client_call_details, timeout, auth), request)
             outcome.result()  # raises the attempt's RpcError
             return outcome
@@ -127,8 +133,11 @@ class SyncUnaryStreamInterceptor(InterceptorBase, grpc.UnaryStreamClientIntercep
     ) -> Any:
         auth = self.core.auth
         stream = StreamCall(self.core, client_call_details)
+        gate = self._gate(stream)
 
-        def attempt(_: float) -> Any:
+        def attempt(timeout: float) -> Any:
+            if gate is not None:
+                _connected(gate, self.core.target, timeout)
             details = _details(client_call_details, stream.attempt_timeout(), auth)
             call = continuation(details, request)
             return _StreamResult(call, _establish(call, stream.setup))
@@ -176,8 +185,11 @@ class SyncStreamStreamInterceptor(InterceptorBase, grpc.StreamStreamClientInterc
         auth = self.core.auth
         stream = StreamCall(self.core, client_call_details)
         replay = _SyncReplay(request_iterator)
+        gate = self._gate(stream)
 
-        def attempt(_: float) -> Any:
+        def attempt(timeout: float) -> Any:
+            if gate is not None:
+                _connected(gate, self.core.target, timeout)
             details = _details(client_call_details, stream.attempt_timeout(), auth)
             call = continuation(details, replay.fresh())
             return _StreamResult(call, _establish(call, stream.setup))
@@ -201,14 +213,21 @@ class SyncStreamUnaryInterceptor(InterceptorBase, grpc.StreamUnaryClientIntercep
         return continuation(details, request_iterator)
 
 
-def sync_interceptors(core: ClientCore) -> list[Any]:
-    """The interceptors of a blocking channel, in order."""
+def sync_interceptors(core: ClientCore, ref: ChannelRef | None = None) -> list[Any]:
+    """The interceptors of a blocking channel, in order (``ref``: the channel, for the gate)."""
     return [
-        SyncUnaryUnaryInterceptor(core),
-        SyncUnaryStreamInterceptor(core),
-        SyncStreamStreamInterceptor(core),
-        SyncStreamUnaryInterceptor(core),
+        SyncUnaryUnaryInterceptor(core, ref),
+        SyncUnaryStreamInterceptor(core, ref),
+        SyncStreamStreamInterceptor(core, ref),
+        SyncStreamUnaryInterceptor(core, ref),
     ]
+
+
+def _connected(channel: Any, target: str, timeout: float) -> float:
+    """Wait until ``channel`` is READY (else ``NotSentError``); the attempt time left."""
+    start = time.monotonic()
+    ensure_ready_sync(channel, target, timeout)
+    return max(0.001, timeout - (time.monotonic() - start))
 
 
 def sync_channel(
@@ -228,12 +247,14 @@ def sync_channel(
     """
     resolved = resolve_targets(targets)
     core = ClientCore(policy, runtime, resolved.name, token)
-    opts = channel_options(resolved, list(options))
+    opts = channel_options(resolved, list(options), core.policy.keepalive)
     if credentials is not None:
         raw = grpc.secure_channel(resolved.target, credentials, opts)
     else:
         raw = grpc.insecure_channel(resolved.target, opts)
+    ref = ChannelRef()
+    ref.channel = raw
     # With tracing on, the innermost interceptor makes a span per attempt and sends its context.
     return grpc.intercept_channel(
-        raw, *sync_interceptors(core), *interceptors, *tracing.sync_interceptors()
+        raw, *sync_interceptors(core, ref), *interceptors, *tracing.sync_interceptors()
     )

@@ -16,7 +16,9 @@ Envoy-style passive health checking, driven by the outcomes of real calls (no ex
 * A retry avoids the replica its previous attempt failed on whenever another one is eligible.
 
 Pure logic on an injected clock: no grpc import, so the state machine is unit-tested with a
-``FakeClock``. Not thread-safe by design: a detector belongs to one asyncio channel (one loop).
+``FakeClock``. One detector per target and runtime, shared by the asyncio channels to it; its
+updates never await, so calls on one event loop cannot interleave them (across threads a race
+could only blur a count).
 """
 
 from __future__ import annotations

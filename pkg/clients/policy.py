@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 
 import grpc
 
-# Methods whose name starts with one of these verbs are treated as idempotent (safe to retry
-# after the request may have reached the server). Anything else is retried only when the
-# request provably never left the client. Services override this per method (see
-# ``RetryPolicy.idempotent_methods`` / ``non_idempotent_methods``).
-DEFAULT_IDEMPOTENT_VERBS: tuple[str, ...] = (
+from pkg.clients.contract import declared_safe
+
+# The verbs of the old name-prefix guess (``GetNode`` -> idempotent). Not used unless a policy
+# opts in with ``RetryPolicy(idempotent_verbs=NAME_PREFIX_VERBS)``: a name proves nothing
+# (``GetOrCreateCart``, ``ListenAndCharge``); the method's contract (``idempotency_level`` in
+# its .proto, see ``pkg.clients.contract``) or an explicit pattern does.
+NAME_PREFIX_VERBS: tuple[str, ...] = (
     "Get",
     "List",
     "Read",
@@ -65,6 +67,35 @@ def _integer(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+_WILDCARDS = frozenset("*?[")
+
+
+def check_method_patterns(patterns: object, field: str) -> None:
+    """Method patterns: a tuple of fnmatch patterns on full method names ("/pkg.Svc/Method").
+
+    A pattern without the leading ``/`` (``"testsvc.v1.TestService/*"``) or with a wrong shape
+    (``"/testsvc.v1.TestService.Unary"``) would silently match nothing: ``ValueError`` naming
+    the pattern instead.
+    """
+    _require(
+        isinstance(patterns, tuple) and all(isinstance(p, str) and p for p in patterns),
+        f"{field} must be a tuple of non-empty strings, got {patterns!r}",
+    )
+    assert isinstance(patterns, tuple)
+    for pattern in patterns:
+        bad = not pattern.startswith("/") or any(c.isspace() for c in pattern)
+        if not bad and not _WILDCARDS.intersection(pattern):
+            # A literal must be exactly "/<package.Service>/<Method>".
+            service, sep, method = pattern[1:].partition("/")
+            bad = not (sep and service and method and "/" not in method)
+        _require(
+            not bad,
+            f"{field}: bad method pattern {pattern!r}: expected a full method name such as "
+            "'/pkg.v1.Service/Method' or an fnmatch pattern starting with '/' "
+            "('/pkg.v1.Service/*')",
+        )
+
+
 def _require_seconds(value: float, field: str) -> None:
     """A duration setting: a finite number of seconds > 0, else ``ValueError`` naming it."""
     _require(finite_number(value) and value > 0, f"{field} must be > 0 seconds, got {value!r}")
@@ -93,7 +124,7 @@ class RetryPolicy:
     attempt_timeouts: tuple[tuple[str, float], ...] = ()
     min_attempt_time: float = 0.02
     honour_pushback: bool = True
-    idempotent_verbs: tuple[str, ...] = DEFAULT_IDEMPOTENT_VERBS
+    idempotent_verbs: tuple[str, ...] = ()
     idempotent_methods: tuple[str, ...] = ()
     non_idempotent_methods: tuple[str, ...] = ()
 
@@ -126,18 +157,23 @@ class RetryPolicy:
             "retry.attempt_timeouts must be a tuple of (method pattern, seconds) pairs, "
             f"got {self.attempt_timeouts!r}",
         )
+        check_method_patterns(
+            tuple(pattern for pattern, _ in self.attempt_timeouts), "retry.attempt_timeouts"
+        )
         for pattern, seconds in self.attempt_timeouts:
             _require_seconds(seconds, f"retry.attempt_timeouts[{pattern!r}]")
         _require(
             finite_number(self.min_attempt_time) and self.min_attempt_time >= 0,
             f"retry.min_attempt_time must be >= 0, got {self.min_attempt_time!r}",
         )
-        for name in ("idempotent_methods", "non_idempotent_methods", "idempotent_verbs"):
-            value = getattr(self, name)
-            _require(
-                isinstance(value, tuple) and all(isinstance(v, str) and v for v in value),
-                f"retry.{name} must be a tuple of non-empty strings, got {value!r}",
-            )
+        for name in ("idempotent_methods", "non_idempotent_methods"):
+            check_method_patterns(getattr(self, name), f"retry.{name}")
+        _require(
+            isinstance(self.idempotent_verbs, tuple)
+            and all(isinstance(v, str) and v and v.isidentifier() for v in self.idempotent_verbs),
+            "retry.idempotent_verbs must be a tuple of method-name prefixes such as 'Get', "
+            f"got {self.idempotent_verbs!r}",
+        )
 
     def attempt_timeout_for(self, method: str) -> float | None:
         """The per-attempt timeout of ``method``: the first matching pattern, else the default."""
@@ -150,8 +186,10 @@ class RetryPolicy:
         """Whether ``method`` ("/pkg.Service/Method") may be retried after it may have been sent.
 
         Order: an explicit ``non_idempotent_methods`` match wins, then ``idempotent_methods``
-        (fnmatch patterns such as ``"/testsvc.v1.TestService/*"``), then the verb prefix of the
-        method name (``GetNode`` -> idempotent, ``CreateNode`` -> not).
+        (fnmatch patterns such as ``"/testsvc.v1.TestService/*"``), then the method's contract
+        (``idempotency_level`` NO_SIDE_EFFECTS or IDEMPOTENT in its .proto, read from
+        protobuf's default descriptor pool), then, only when a policy opts in, the verb prefix
+        of the method name (``idempotent_verbs``). Anything else is not idempotent.
         """
         for pattern in self.non_idempotent_methods:
             if fnmatch.fnmatchcase(method, pattern):
@@ -159,8 +197,12 @@ class RetryPolicy:
         for pattern in self.idempotent_methods:
             if fnmatch.fnmatchcase(method, pattern):
                 return True
-        name = method.rsplit("/", 1)[-1]
-        return name.startswith(self.idempotent_verbs)
+        if declared_safe(method):
+            return True
+        if self.idempotent_verbs:
+            name = method.rsplit("/", 1)[-1]
+            return name.startswith(self.idempotent_verbs)
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +293,7 @@ class HedgePolicy:
             _integer(self.max_attempts) and 2 <= self.max_attempts <= 5,
             f"hedge.max_attempts must be an integer in 2..5, got {self.max_attempts!r}",
         )
+        check_method_patterns(self.methods, "hedge.methods")
 
     def applies_to(self, method: str) -> bool:
         """Whether hedging is on for ``method`` (any idempotent one if ``methods`` is empty)."""
@@ -309,6 +352,41 @@ class OutlierPolicy:
         )
 
 
+# What a gRPC server built with grpc-core's defaults accepts from a client (the values of
+# ``grpc.http2.min_recv_ping_interval_without_data_ms`` and ``grpc.keepalive_permit_without_calls``
+# when a server sets neither): one ping per 5 minutes, and none while no call is active. Three
+# pings sooner than that and the server sends GOAWAY ``too_many_pings``, which ends every
+# stream on the connection.
+GRPC_DEFAULT_SERVER_MIN_PING_INTERVAL_S = 300.0
+GRPC_DEFAULT_SERVER_PERMITS_PINGS_WITHOUT_CALLS = False
+
+
+@dataclass(frozen=True, slots=True)
+class KeepalivePolicy:
+    """HTTP/2 keepalive pings of a gRPC channel (per target: one policy per channel).
+
+    The defaults work against any server, including one we do not own with grpc's default
+    settings: a ping every ``time`` = 330 s, only while a call or stream is active
+    (``without_calls=False``), and a connection whose ping is not answered within ``timeout``
+    seconds is closed. 330 s is 10% above the default server minimum (300 s): the server
+    measures between arrivals, and a ping arriving even a millisecond early is a strike.
+    Against a server that permits more (the platform's own servers accept a ping every 10 s,
+    also without calls), a shorter ``time`` notices a silently dead peer sooner.
+    """
+
+    time: float = 1.1 * GRPC_DEFAULT_SERVER_MIN_PING_INTERVAL_S
+    timeout: float = 20.0
+    without_calls: bool = GRPC_DEFAULT_SERVER_PERMITS_PINGS_WITHOUT_CALLS
+
+    def __post_init__(self) -> None:
+        _require_seconds(self.time, "keepalive.time")
+        _require_seconds(self.timeout, "keepalive.timeout")
+        _require(
+            isinstance(self.without_calls, bool),
+            f"keepalive.without_calls must be a bool, got {self.without_calls!r}",
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """Everything a resilient client does: one overall deadline plus the sub-policies.
@@ -327,6 +405,7 @@ class Policy:
     breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
     hedge: HedgePolicy = field(default_factory=HedgePolicy)
     outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
+    keepalive: KeepalivePolicy = field(default_factory=KeepalivePolicy)
     stream_setup: float = 0.5
     record_latency: bool = True
 
@@ -339,6 +418,7 @@ class Policy:
             ("breaker", BreakerPolicy),
             ("hedge", HedgePolicy),
             ("outlier", OutlierPolicy),
+            ("keepalive", KeepalivePolicy),
         ):
             _require(
                 isinstance(getattr(self, name), cls),

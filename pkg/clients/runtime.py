@@ -1,10 +1,12 @@
-"""Mutable per-target state shared by the calls of a channel: budgets, breakers, counters.
+"""Mutable per-target state shared by the calls of every channel: budgets, breakers, outliers.
 
-A ``Runtime`` holds the injected clock, random source and instrumentation, and the breakers and
-budgets per target. Each channel gets its own runtime unless one is passed in (pass the same
-runtime to several channels to share budgets and breakers between them). Everything a call
-needs is precomputed once per method in a ``MethodState``, so the success path does no
-lookups, allocations of loggers or string formatting.
+A ``Runtime`` holds the injected clock, random source and instrumentation, and the breakers,
+budgets and outlier detectors per target. Every client uses the process-wide
+``default_runtime()`` unless one is passed in, so code that builds a channel per request still
+gets one breaker and one retry budget per target, not a fresh (full) one each time. Pass an
+explicit ``Runtime`` to keep a client's protection apart (or to inject a clock in tests).
+Everything a call needs is precomputed once per method in a ``MethodState``, so the success
+path does no lookups, allocations of loggers or string formatting.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import pybreaker
 
 from pkg.clients.breaker import BREAKER_SUCCESS, CircuitBreaker
 from pkg.clients.budget import RetryBudget
-from pkg.clients.outlier import OutlierEvent
-from pkg.clients.policy import Policy
+from pkg.clients.outlier import OutlierDetector, OutlierEvent
+from pkg.clients.policy import OutlierPolicy, Policy
 from pkg.clients.telemetry import (
     LATENCY_BOUNDS,
     Instrumentation,
@@ -129,6 +131,7 @@ class Runtime:
         self.shared_breakers = shared_breakers
         self.budgets: dict[str, RetryBudget] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
+        self.detectors: dict[tuple[str, tuple[str, ...]], OutlierDetector] = {}
         self.methods: dict[tuple[str, str, int], MethodState] = {}
         self._lock = threading.Lock()
         instruments().runtimes.add(self)
@@ -176,6 +179,24 @@ class Runtime:
                 self.shared_breakers.attach(breaker)
         return breaker
 
+    def detector(
+        self, target: str, addresses: Sequence[str], policy: OutlierPolicy
+    ) -> OutlierDetector:
+        """The outlier detector of the replicas ``addresses`` of ``target`` (created on first
+        use, from the policy of the first channel that asks)."""
+        key = (target, tuple(addresses))
+        detector = self.detectors.get(key)
+        if detector is None:
+            with self._lock:
+                detector = self.detectors.get(key)
+                if detector is None:
+                    detector = OutlierDetector(
+                        target, addresses, policy, self.clock, self.emit_outlier
+                    )
+                    instruments().detectors.add(detector)
+                    self.detectors[key] = detector
+        return detector
+
     def _on_transition(self, breaker: CircuitBreaker, old: str, new: str, reason: str) -> None:
         for hook in self.hooks:
             hook.on_breaker_transition(breaker.name, old, new, reason)
@@ -204,3 +225,31 @@ class Runtime:
         """Tell every hook a hedge was sent."""
         for hook in self.hooks:
             hook.on_hedge(target, method, attempt)
+
+
+_default_runtime: Runtime | None = None
+_default_lock = threading.Lock()
+
+
+def default_runtime() -> Runtime:
+    """The runtime of every client built without ``runtime=``: one per process (created on
+    first use), so every channel to a target shares its breaker, budget and outlier state."""
+    global _default_runtime
+    runtime = _default_runtime
+    if runtime is None:
+        with _default_lock:
+            if _default_runtime is None:
+                _default_runtime = Runtime()
+            runtime = _default_runtime
+    return runtime
+
+
+def set_default_runtime(runtime: Runtime | None) -> Runtime | None:
+    """Replace the process-wide runtime (None: a new one is made on next use); returns the
+    previous one. Clients built before keep the runtime they were built with."""
+    global _default_runtime
+    if runtime is not None and not isinstance(runtime, Runtime):
+        raise ValueError(f"runtime must be a pkg.clients.Runtime, got {type(runtime).__name__}")
+    with _default_lock:
+        previous, _default_runtime = _default_runtime, runtime
+    return previous

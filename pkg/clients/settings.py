@@ -9,11 +9,12 @@ non-policy such as ``0``, being silently replaced by the default).
 from __future__ import annotations
 
 from pkg.clients.policy import Policy
-from pkg.clients.runtime import Runtime
+from pkg.clients.runtime import Runtime, default_runtime
 
 
 class ClientSettings:
-    """A checked (policy, runtime, token): ``None`` gets the default, a wrong value is refused."""
+    """A checked (policy, runtime, token): ``None`` gets the default (for the runtime: the
+    process-wide one), a wrong value is refused."""
 
     def __init__(self, policy: Policy | None, runtime: Runtime | None, token: str | None) -> None:
         if policy is None:
@@ -21,7 +22,7 @@ class ClientSettings:
         elif not isinstance(policy, Policy):
             raise ValueError(f"policy must be a pkg.clients.Policy, got {type(policy).__name__}")
         if runtime is None:
-            runtime = Runtime()
+            runtime = default_runtime()
         elif not isinstance(runtime, Runtime):
             raise ValueError(f"runtime must be a pkg.clients.Runtime, got {type(runtime).__name__}")
         self.policy = policy

@@ -20,7 +20,6 @@ import weakref
 from typing import Any
 
 import redis
-import structlog
 
 from pkg.clients.breaker import (
     BREAKER_FAILURE,
@@ -31,9 +30,10 @@ from pkg.clients.breaker import (
     TICKET_PROBE,
     CircuitBreaker,
 )
+from pkg.clients.log import get_logger
 from pkg.common import redisconn
 
-_log = structlog.get_logger("pkg.clients.shared_breaker")
+_log = get_logger("pkg.clients.shared_breaker")
 
 # KEYS[1]: breaker hash. ARGV: owner, successes, failures, probe_result (0 none, 1 success,
 # 2 failure, 3 released), want_probe, window_ms, buckets, min_calls, ratio, open_ms,

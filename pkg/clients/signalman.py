@@ -25,14 +25,14 @@ from typing import Any
 
 import grpc
 import grpc.aio
-import structlog
 
 from pkg.clients import Backoff, OutlierPolicy, Policy, RetryPolicy, aio_channel
+from pkg.clients.log import get_logger
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 from pkg.proto.signalman.v1 import signalman_pb2_grpc as pb_grpc
 
-log = structlog.get_logger("pkg.clients.signalman")
+log = get_logger("pkg.clients.signalman")
 
 # Stream endings worth a reconnect: the replica went away, shut down, or dropped us as too slow.
 RECONNECT_CODES = frozenset(

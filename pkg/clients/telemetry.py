@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import structlog
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from pkg.clients.breaker import STATE_CODES, CircuitBreaker
+from pkg.clients.log import get_logger
 from pkg.clients.outlier import OutlierDetector, OutlierEvent
 from pkg.common.metrics import Buckets, HistogramSample, process_metrics
 
@@ -31,7 +31,7 @@ class BreakerHolder(Protocol):
     def breakers(self) -> Mapping[str, CircuitBreaker]: ...
 
 
-_log = structlog.get_logger("pkg.clients")
+_log = get_logger("pkg.clients")
 
 # Upper bounds (seconds) of the call latency histogram buckets (plus +Inf).
 LATENCY_BOUNDS: tuple[float, ...] = (

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pkg.clients.runtime import Runtime, set_default_runtime
+
 _testing = False
 
 
@@ -33,3 +35,16 @@ def testing(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         set_testing(previous)
+
+
+@contextmanager
+def fresh_runtime(runtime: Runtime | None = None) -> Iterator[Runtime]:
+    """A new process-wide default runtime inside the ``with`` block (breakers, budgets and
+    outlier state start empty), the previous one restored after: one test's open breaker or
+    spent budget never reaches the next test."""
+    fresh = runtime or Runtime()
+    previous = set_default_runtime(fresh)
+    try:
+        yield fresh
+    finally:
+        set_default_runtime(previous)

@@ -65,7 +65,8 @@ class TestServicer(pb_grpc.TestServiceServicer):
                 context.set_trailing_metadata(tuple(trailing))
             await context.abort(
                 grpc.StatusCode(_code(behavior.fail_code)),
-                f"scripted failure {attempt}/{behavior.fail_times} for key {key!r}",
+                behavior.fail_details
+                or f"scripted failure {attempt}/{behavior.fail_times} for key {key!r}",
             )
         stats.completed += 1
         return attempt, left
@@ -81,6 +82,21 @@ class TestServicer(pb_grpc.TestServiceServicer):
             deadline_left_s=left,
             payload=request.payload,
         )
+
+    async def Charge(
+        self, request: pb.UnaryRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.UnaryReply:
+        """Unary under another name: a method whose contract declares no idempotency."""
+        return await self.Unary(request, context)
+
+    async def Work(
+        self, request: pb.UnaryRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.UnaryReply:
+        """A unit of work lasting ``behavior.delay_s`` (no per-key bookkeeping: benchmarks
+        send many thousands)."""
+        if request.behavior.delay_s > 0:
+            await asyncio.sleep(request.behavior.delay_s)
+        return pb.UnaryReply(key=request.key, attempt=1, server_id=self.server_id)
 
     async def ServerStream(
         self, request: pb.StreamRequest, context: grpc.aio.ServicerContext[object, object]

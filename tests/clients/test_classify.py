@@ -14,6 +14,7 @@ from pkg.clients.breaker import (
     STATE_OPEN,
 )
 from pkg.clients.classify import classify_grpc, parse_retry_after
+from pkg.clients.connection import NotSentError
 from pkg.clients.policy import DEFAULT_BREAKER_FAILURE_CODES
 from tests.clients.conftest import status_error
 
@@ -32,12 +33,20 @@ def verdict(code: grpc.StatusCode, details: str = "boom", **kw: object):  # type
 def test_classifier_rules_each_with_a_reason() -> None:
     assert verdict(grpc.StatusCode.UNAVAILABLE).retryable
     assert not verdict(grpc.StatusCode.UNAVAILABLE, idempotent=False).retryable
-    never_left = verdict(
-        grpc.StatusCode.UNAVAILABLE,
+    # A server's text proves nothing: only the library's own NotSentError says "not sent".
+    for text in (
         "failed to connect to all addresses; last error: Connection refused",
+        "Error 111 connecting to 10.0.0.5:6379. Connection refused.",
+    ):
+        assert not verdict(grpc.StatusCode.UNAVAILABLE, text, idempotent=False).retryable
+    never_left = classify_grpc(
+        NotSentError("svc:1", "no connection could be made", grpc.StatusCode.UNAVAILABLE),
         idempotent=False,
+        attempt_capped=False,
+        time_left=1.0,
+        failure_codes=DEFAULT_BREAKER_FAILURE_CODES,
     )
-    assert never_left.retryable and "never sent" in never_left.reason
+    assert never_left.retryable and "not sent" in never_left.reason
     assert verdict(grpc.StatusCode.DEADLINE_EXCEEDED, attempt_capped=True).retryable
     spent = verdict(grpc.StatusCode.DEADLINE_EXCEEDED, attempt_capped=True, time_left=0.0)
     assert not spent.retryable and "overall deadline" in spent.reason

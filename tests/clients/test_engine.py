@@ -46,7 +46,11 @@ class Recorder(Instrumentation):
         self.budget += 1
 
 
-def engine(policy: Policy, clock: FakeClock, method: str = "/svc.v1.S/GetX"):  # type: ignore[no-untyped-def]
+# The contract of TestService.Unary declares it IDEMPOTENT (proto/testsvc/v1/testsvc.proto).
+IDEMPOTENT_METHOD = "/testsvc.v1.TestService/Unary"
+
+
+def engine(policy: Policy, clock: FakeClock, method: str = IDEMPOTENT_METHOD):  # type: ignore[no-untyped-def]
     recorder = Recorder()
     runtime = Runtime(clock=clock, rng=random.Random(3), instrumentation=[recorder])
     state, classify = ClientCore(policy, runtime, "t:1", None).method(method)
@@ -205,7 +209,7 @@ def test_sync_engine_retries_and_never_retries_domain_errors() -> None:
                 raise status_error(grpc.StatusCode.UNAVAILABLE, "x")
             return "ok"
 
-        state2, classify2, _ = engine(Policy(), clock, "/svc.v1.S/GetY")
+        state2, classify2, _ = engine(Policy(), clock, "/testsvc.v1.TestService/Echo")
         state2.runtime.hooks = (StructlogInstrumentation(),)
         assert call_sync(state2, None, flaky, classify2) == "ok"
     assert [entry["event"] for entry in logs] == ["retry", "retry"]

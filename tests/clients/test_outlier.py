@@ -7,6 +7,7 @@ import pytest
 
 from pkg.clients import OutlierDetector, OutlierEvent, OutlierPolicy, Policy, RetryPolicy, Runtime
 from pkg.clients.classify import outlier_outcome
+from pkg.clients.connection import NotSentError
 from pkg.clients.foghorn import default_policy as foghorn_policy
 from pkg.clients.outlier import (
     EJECTED,
@@ -187,27 +188,36 @@ def test_when_every_replica_is_ejected_the_one_back_soonest_is_used() -> None:
 
 
 @pytest.mark.parametrize(
-    ("code", "details", "capped", "expected"),
+    ("code", "details", "capped", "connected", "expected"),
     [
-        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", True, OUTCOME_LOCAL),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", False, OUTCOME_NEUTRAL),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", True, True, OUTCOME_LOCAL),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", False, True, OUTCOME_NEUTRAL),
+        # The connection is gone (a transport fact): the replica did not answer.
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", False, False, OUTCOME_LOCAL),
+        # The same texts on a live connection were sent by the replica: a server error.
         (
             grpc.StatusCode.UNAVAILABLE,
             "failed to connect to all addresses; last error: Connection refused",
             False,
-            OUTCOME_LOCAL,
+            True,
+            OUTCOME_ERROR,
         ),
-        (grpc.StatusCode.UNAVAILABLE, "Socket closed", False, OUTCOME_LOCAL),
-        (grpc.StatusCode.UNAVAILABLE, "replica is draining", False, OUTCOME_ERROR),
-        (grpc.StatusCode.INTERNAL, "boom", False, OUTCOME_ERROR),
-        (grpc.StatusCode.NOT_FOUND, "no such node", False, OUTCOME_SUCCESS),
-        (grpc.StatusCode.CANCELLED, "Cancelled", False, OUTCOME_NEUTRAL),
+        (grpc.StatusCode.UNAVAILABLE, "Socket closed", False, True, OUTCOME_ERROR),
+        (grpc.StatusCode.UNAVAILABLE, "replica is draining", False, True, OUTCOME_ERROR),
+        (grpc.StatusCode.INTERNAL, "boom", False, True, OUTCOME_ERROR),
+        (grpc.StatusCode.NOT_FOUND, "no such node", False, True, OUTCOME_SUCCESS),
+        (grpc.StatusCode.CANCELLED, "Cancelled", False, True, OUTCOME_NEUTRAL),
     ],
 )
 def test_attempt_outcomes_are_classified_for_outlier_detection(
-    code: grpc.StatusCode, details: str, capped: bool, expected: int
+    code: grpc.StatusCode, details: str, capped: bool, connected: bool, expected: int
 ) -> None:
-    assert outlier_outcome(status_error(code, details), capped) == expected
+    assert outlier_outcome(status_error(code, details), capped, connected) == expected
+
+
+def test_a_request_the_library_did_not_send_counts_as_no_answer() -> None:
+    error = NotSentError("10.0.0.1:1", "no connection could be made", grpc.StatusCode.UNAVAILABLE)
+    assert outlier_outcome(error, False, True) == OUTCOME_LOCAL
 
 
 def test_outlier_policy_rejects_bad_settings_naming_the_field() -> None:

@@ -18,6 +18,7 @@ from pkg.clients import (
 from pkg.clients.deadline import deadline_scope
 from pkg.clients.grpc_core import channel_options
 from pkg.clients.http import AsyncHttpClient, HttpClient
+from pkg.clients.policy import NAME_PREFIX_VERBS
 from pkg.clients.shared_breaker import SharedBreakerStore
 from pkg.clients.targets import resolve_targets
 
@@ -144,23 +145,67 @@ def test_shared_breaker_store_settings_are_validated() -> None:
             SharedBreakerStore("redis://127.0.0.1:1/0", sync_interval=interval)  # type: ignore[arg-type]
 
 
-def test_idempotency_defaults_follow_the_method_verb_and_explicit_lists() -> None:
+def test_idempotency_comes_from_the_contract_then_explicit_lists_never_the_name() -> None:
     policy = RetryPolicy(
         idempotent_methods=("/billing.v1.Billing/Charge",),
-        non_idempotent_methods=("/foghorn.v1.Nodes/GetAndBump",),
+        non_idempotent_methods=("/foghorn.v1.NodeAdmin/GetNode",),
     )
-    assert policy.is_idempotent("/foghorn.v1.Nodes/GetNode")
-    assert policy.is_idempotent("/foghorn.v1.Nodes/ListNodes")
-    assert not policy.is_idempotent("/foghorn.v1.Nodes/CreateNode")
-    assert not policy.is_idempotent("/foghorn.v1.Nodes/SetMode")
+    # idempotency_level in the .proto (loaded with the generated stubs)
+    assert policy.is_idempotent("/foghorn.v1.NodeAdmin/ListNodes")  # NO_SIDE_EFFECTS
+    assert policy.is_idempotent("/foghorn.v1.Routing/RouteViewer")  # IDEMPOTENT
+    assert policy.is_idempotent("/testsvc.v1.TestService/Unary")  # IDEMPOTENT
+    assert not policy.is_idempotent("/foghorn.v1.NodeAdmin/SetMode")  # declares nothing
+    assert not policy.is_idempotent("/testsvc.v1.TestService/Charge")
+    assert policy.is_idempotent("/grpc.health.v1.Health/Check")  # gRPC's standard reads
+    # Names prove nothing: unknown methods are not idempotent, whatever their verb.
+    for name in ("GetOrCreateCart", "ListenAndCharge", "Checkout", "GetNode"):
+        assert not policy.is_idempotent(f"/shop.v1.Cart/{name}")
+    # Explicit patterns win over the contract.
     assert policy.is_idempotent("/billing.v1.Billing/Charge")
-    assert not policy.is_idempotent("/foghorn.v1.Nodes/GetAndBump")
+    assert not policy.is_idempotent("/foghorn.v1.NodeAdmin/GetNode")
+
+
+def test_name_prefix_guessing_is_an_explicit_opt_in() -> None:
+    guessing = RetryPolicy(idempotent_verbs=NAME_PREFIX_VERBS)
+    assert guessing.is_idempotent("/shop.v1.Cart/GetCart")
+    assert not guessing.is_idempotent("/shop.v1.Cart/CreateCart")
+    # Why it is no longer the default: "Checkout" starts with "Check".
+    assert guessing.is_idempotent("/shop.v1.Cart/Checkout")
+    for name in ("GetCart", "Checkout"):
+        assert not RetryPolicy().is_idempotent(f"/shop.v1.Cart/{name}")
+
+
+@pytest.mark.parametrize(
+    ("build", "pattern"),
+    [
+        (lambda: RetryPolicy(idempotent_methods=("testsvc.v1.TestService/*",)), "testsvc.v1"),
+        (lambda: RetryPolicy(non_idempotent_methods=("Charge",)), "'Charge'"),
+        (
+            lambda: RetryPolicy(idempotent_methods=("/testsvc.v1.TestService.Unary",)),
+            "TestService.Unary",
+        ),
+        (lambda: RetryPolicy(attempt_timeouts=(("foghorn.v1.Routing/*", 0.3),)), "Routing"),
+        (lambda: HedgePolicy(methods=("*/Get*",)), "Get"),
+        (lambda: RetryPolicy(idempotent_methods=("/a.B/ C",)), "/a.B/ C"),
+    ],
+)
+def test_bad_method_patterns_are_refused_naming_the_pattern(build, pattern) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="bad method pattern") as info:
+        build()
+    assert pattern in str(info.value)
+
+
+def test_good_method_patterns_are_accepted() -> None:
+    RetryPolicy(
+        idempotent_methods=("/testsvc.v1.TestService/*", "/*", "/billing.v1.*/Get[A-Z]*"),
+        non_idempotent_methods=("/foghorn.v1.NodeAdmin/SetMode",),
+    )
 
 
 def test_channels_disable_grpc_retries_set_keepalive_and_round_robin() -> None:
     single = dict(channel_options(resolve_targets("127.0.0.1:1")))
     assert single["grpc.enable_retries"] == 0
-    assert single["grpc.keepalive_time_ms"] == 20_000
+    assert single["grpc.keepalive_time_ms"] == 330_000
     assert "grpc.lb_policy_name" not in single
     multi = dict(channel_options(resolve_targets(["127.0.0.1:1", "127.0.0.1:2"])))
     assert multi["grpc.lb_policy_name"] == "round_robin"

@@ -127,6 +127,8 @@ class RoutingServicer:
 
     def RouteViewer(self, request, context):
         """Best edge node plus ranked fallbacks. RESOURCE_EXHAUSTED when no node is eligible.
+        Its one effect is a pending redirect on the chosen node (a bandwidth penalty that expires
+        on its own), so a retry costs at most a short-lived extra penalty: safe to retry.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -258,7 +260,8 @@ class NodeAdminServicer:
     """Missing associated documentation comment in .proto file."""
 
     def SetMode(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Not marked idempotent: a retry sent after another operator's change would undo it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

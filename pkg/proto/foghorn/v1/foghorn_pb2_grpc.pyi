@@ -78,7 +78,10 @@ class RoutingStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> RoutingAsyncStub: ...
     RouteViewer: _grpc.UnaryUnaryMultiCallable[_foghorn_pb2.ViewerRouteRequest, _foghorn_pb2.ViewerRouteResponse]
-    """Best edge node plus ranked fallbacks. RESOURCE_EXHAUSTED when no node is eligible."""
+    """Best edge node plus ranked fallbacks. RESOURCE_EXHAUSTED when no node is eligible.
+    Its one effect is a pending redirect on the chosen node (a bandwidth penalty that expires
+    on its own), so a retry costs at most a short-lived extra penalty: safe to retry.
+    """
     RouteIngest: _grpc.UnaryUnaryMultiCallable[_foghorn_pb2.IngestRouteRequest, _foghorn_pb2.IngestRouteResponse]
     """Best ingest node for a stream key."""
 
@@ -86,7 +89,10 @@ class RoutingStub:
 class RoutingAsyncStub(RoutingStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     RouteViewer: _aio.UnaryUnaryMultiCallable[_foghorn_pb2.ViewerRouteRequest, _foghorn_pb2.ViewerRouteResponse]  # type: ignore[assignment]
-    """Best edge node plus ranked fallbacks. RESOURCE_EXHAUSTED when no node is eligible."""
+    """Best edge node plus ranked fallbacks. RESOURCE_EXHAUSTED when no node is eligible.
+    Its one effect is a pending redirect on the chosen node (a bandwidth penalty that expires
+    on its own), so a retry costs at most a short-lived extra penalty: safe to retry.
+    """
     RouteIngest: _aio.UnaryUnaryMultiCallable[_foghorn_pb2.IngestRouteRequest, _foghorn_pb2.IngestRouteResponse]  # type: ignore[assignment]
     """Best ingest node for a stream key."""
 
@@ -97,7 +103,10 @@ class RoutingServicer(metaclass=_abc_1.ABCMeta):
         request: _foghorn_pb2.ViewerRouteRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_foghorn_pb2.ViewerRouteResponse, _abc.Awaitable[_foghorn_pb2.ViewerRouteResponse]]:
-        """Best edge node plus ranked fallbacks. RESOURCE_EXHAUSTED when no node is eligible."""
+        """Best edge node plus ranked fallbacks. RESOURCE_EXHAUSTED when no node is eligible.
+        Its one effect is a pending redirect on the chosen node (a bandwidth penalty that expires
+        on its own), so a retry costs at most a short-lived extra penalty: safe to retry.
+        """
 
     @_abc_1.abstractmethod
     def RouteIngest(
@@ -115,6 +124,7 @@ class NodeAdminStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> NodeAdminAsyncStub: ...
     SetMode: _grpc.UnaryUnaryMultiCallable[_foghorn_pb2.SetModeRequest, _foghorn_pb2.SetModeResponse]
+    """Not marked idempotent: a retry sent after another operator's change would undo it."""
     ListNodes: _grpc.UnaryUnaryMultiCallable[_foghorn_pb2.ListNodesRequest, _foghorn_pb2.ListNodesResponse]
     GetNode: _grpc.UnaryUnaryMultiCallable[_foghorn_pb2.GetNodeRequest, _foghorn_pb2.NodeInfo]
     ExplainRoute: _grpc.UnaryUnaryMultiCallable[_foghorn_pb2.ViewerRouteRequest, _foghorn_pb2.ExplainRouteResponse]
@@ -127,6 +137,7 @@ class NodeAdminStub:
 class NodeAdminAsyncStub(NodeAdminStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     SetMode: _aio.UnaryUnaryMultiCallable[_foghorn_pb2.SetModeRequest, _foghorn_pb2.SetModeResponse]  # type: ignore[assignment]
+    """Not marked idempotent: a retry sent after another operator's change would undo it."""
     ListNodes: _aio.UnaryUnaryMultiCallable[_foghorn_pb2.ListNodesRequest, _foghorn_pb2.ListNodesResponse]  # type: ignore[assignment]
     GetNode: _aio.UnaryUnaryMultiCallable[_foghorn_pb2.GetNodeRequest, _foghorn_pb2.NodeInfo]  # type: ignore[assignment]
     ExplainRoute: _aio.UnaryUnaryMultiCallable[_foghorn_pb2.ViewerRouteRequest, _foghorn_pb2.ExplainRouteResponse]  # type: ignore[assignment]
@@ -141,7 +152,8 @@ class NodeAdminServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _foghorn_pb2.SetModeRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_foghorn_pb2.SetModeResponse, _abc.Awaitable[_foghorn_pb2.SetModeResponse]]: ...
+    ) -> _typing.Union[_foghorn_pb2.SetModeResponse, _abc.Awaitable[_foghorn_pb2.SetModeResponse]]:
+        """Not marked idempotent: a retry sent after another operator's change would undo it."""
 
     @_abc_1.abstractmethod
     def ListNodes(

@@ -56,7 +56,8 @@ class SignalmanServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Subscribe(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Reads only: a subscription set up again (its requests replayed) receives the same events.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

@@ -35,6 +35,7 @@ class SignalmanStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SignalmanAsyncStub: ...
     Subscribe: _grpc.StreamStreamMultiCallable[_signalman_pb2.ClientMessage, _signalman_pb2.ServerMessage]
+    """Reads only: a subscription set up again (its requests replayed) receives the same events."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_signalman_pb2.GetStatsRequest, _signalman_pb2.HubStats]
     Publish: _grpc.UnaryUnaryMultiCallable[_signalman_pb2.PublishRequest, _signalman_pb2.PublishReply]
     """Embedded mode (no Kafka configured): inject events directly. Needs the `publisher` role."""
@@ -43,6 +44,7 @@ class SignalmanStub:
 class SignalmanAsyncStub(SignalmanStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Subscribe: _aio.StreamStreamMultiCallable[_signalman_pb2.ClientMessage, _signalman_pb2.ServerMessage]  # type: ignore[assignment]
+    """Reads only: a subscription set up again (its requests replayed) receives the same events."""
     GetStats: _aio.UnaryUnaryMultiCallable[_signalman_pb2.GetStatsRequest, _signalman_pb2.HubStats]  # type: ignore[assignment]
     Publish: _aio.UnaryUnaryMultiCallable[_signalman_pb2.PublishRequest, _signalman_pb2.PublishReply]  # type: ignore[assignment]
     """Embedded mode (no Kafka configured): inject events directly. Needs the `publisher` role."""
@@ -53,7 +55,8 @@ class SignalmanServicer(metaclass=_abc_1.ABCMeta):
         self,
         request_iterator: _MaybeAsyncIterator[_signalman_pb2.ClientMessage],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_signalman_pb2.ServerMessage], _abc.AsyncIterator[_signalman_pb2.ServerMessage]]: ...
+    ) -> _typing.Union[_abc.Iterator[_signalman_pb2.ServerMessage], _abc.AsyncIterator[_signalman_pb2.ServerMessage]]:
+        """Reads only: a subscription set up again (its requests replayed) receives the same events."""
 
     @_abc_1.abstractmethod
     def GetStats(

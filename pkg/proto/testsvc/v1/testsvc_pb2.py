@@ -25,31 +25,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18testsvc/v1/testsvc.proto\x12\ntestsvc.v1\"\x89\x01\n\x08\x42\x65havior\x12\x12\n\nfail_times\x18\x01 \x01(\x05\x12\x11\n\tfail_code\x18\x02 \x01(\x05\x12\x0f\n\x07\x64\x65lay_s\x18\x03 \x01(\x01\x12\x19\n\x11\x64\x65lay_on_attempts\x18\x04 \x03(\x05\x12\x13\n\x0bpushback_ms\x18\x05 \x01(\x03\x12\x15\n\rpushback_stop\x18\x06 \x01(\x08\"T\n\x0cUnaryRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x08\x62\x65havior\x18\x02 \x01(\x0b\x32\x14.testsvc.v1.Behavior\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"g\n\nUnaryReply\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x61\x64line_left_s\x18\x04 \x01(\x01\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\"g\n\rStreamRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x08\x62\x65havior\x18\x02 \x01(\x0b\x32\x14.testsvc.v1.Behavior\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x12\n\ninterval_s\x18\x04 \x01(\x01\"K\n\x0bStreamReply\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x11\n\tserver_id\x18\x04 \x01(\t\"\x1b\n\x0cStatsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"^\n\nStatsReply\x12\x10\n\x08\x61ttempts\x18\x01 \x01(\x05\x12\x11\n\tcancelled\x18\x02 \x01(\x05\x12\x11\n\tcompleted\x18\x03 \x01(\x05\x12\x18\n\x10\x64\x65\x61\x64lines_left_s\x18\x04 \x03(\x01\"\x1e\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1c\n\tEchoReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xca\x02\n\x0bTestService\x12\x39\n\x05Unary\x12\x18.testsvc.v1.UnaryRequest\x1a\x16.testsvc.v1.UnaryReply\x12\x44\n\x0cServerStream\x12\x19.testsvc.v1.StreamRequest\x1a\x17.testsvc.v1.StreamReply0\x01\x12\x44\n\nBidiStream\x12\x19.testsvc.v1.StreamRequest\x1a\x17.testsvc.v1.StreamReply(\x01\x30\x01\x12<\n\x08GetStats\x12\x18.testsvc.v1.StatsRequest\x1a\x16.testsvc.v1.StatsReply\x12\x36\n\x04\x45\x63ho\x12\x17.testsvc.v1.EchoRequest\x1a\x15.testsvc.v1.EchoReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18testsvc/v1/testsvc.proto\x12\ntestsvc.v1\"\x9f\x01\n\x08\x42\x65havior\x12\x12\n\nfail_times\x18\x01 \x01(\x05\x12\x11\n\tfail_code\x18\x02 \x01(\x05\x12\x0f\n\x07\x64\x65lay_s\x18\x03 \x01(\x01\x12\x19\n\x11\x64\x65lay_on_attempts\x18\x04 \x03(\x05\x12\x13\n\x0bpushback_ms\x18\x05 \x01(\x03\x12\x15\n\rpushback_stop\x18\x06 \x01(\x08\x12\x14\n\x0c\x66\x61il_details\x18\x07 \x01(\t\"T\n\x0cUnaryRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x08\x62\x65havior\x18\x02 \x01(\x0b\x32\x14.testsvc.v1.Behavior\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\"g\n\nUnaryReply\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x61\x64line_left_s\x18\x04 \x01(\x01\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\"g\n\rStreamRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x08\x62\x65havior\x18\x02 \x01(\x0b\x32\x14.testsvc.v1.Behavior\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x12\n\ninterval_s\x18\x04 \x01(\x01\"K\n\x0bStreamReply\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x11\n\tserver_id\x18\x04 \x01(\t\"\x1b\n\x0cStatsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"^\n\nStatsReply\x12\x10\n\x08\x61ttempts\x18\x01 \x01(\x05\x12\x11\n\tcancelled\x18\x02 \x01(\x05\x12\x11\n\tcompleted\x18\x03 \x01(\x05\x12\x18\n\x10\x64\x65\x61\x64lines_left_s\x18\x04 \x03(\x01\"\x1e\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1c\n\tEchoReply\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xde\x03\n\x0bTestService\x12>\n\x05Unary\x12\x18.testsvc.v1.UnaryRequest\x1a\x16.testsvc.v1.UnaryReply\"\x03\x90\x02\x02\x12I\n\x0cServerStream\x12\x19.testsvc.v1.StreamRequest\x1a\x17.testsvc.v1.StreamReply\"\x03\x90\x02\x02\x30\x01\x12I\n\nBidiStream\x12\x19.testsvc.v1.StreamRequest\x1a\x17.testsvc.v1.StreamReply\"\x03\x90\x02\x02(\x01\x30\x01\x12\x41\n\x08GetStats\x12\x18.testsvc.v1.StatsRequest\x1a\x16.testsvc.v1.StatsReply\"\x03\x90\x02\x01\x12;\n\x04\x45\x63ho\x12\x17.testsvc.v1.EchoRequest\x1a\x15.testsvc.v1.EchoReply\"\x03\x90\x02\x01\x12:\n\x06\x43harge\x12\x18.testsvc.v1.UnaryRequest\x1a\x16.testsvc.v1.UnaryReply\x12=\n\x04Work\x12\x18.testsvc.v1.UnaryRequest\x1a\x16.testsvc.v1.UnaryReply\"\x03\x90\x02\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'testsvc.v1.testsvc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['Unary']._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['Unary']._serialized_options = b'\220\002\002'
+  _globals['_TESTSERVICE'].methods_by_name['ServerStream']._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['ServerStream']._serialized_options = b'\220\002\002'
+  _globals['_TESTSERVICE'].methods_by_name['BidiStream']._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['BidiStream']._serialized_options = b'\220\002\002'
+  _globals['_TESTSERVICE'].methods_by_name['GetStats']._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['GetStats']._serialized_options = b'\220\002\001'
+  _globals['_TESTSERVICE'].methods_by_name['Echo']._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['Echo']._serialized_options = b'\220\002\001'
+  _globals['_TESTSERVICE'].methods_by_name['Work']._loaded_options = None
+  _globals['_TESTSERVICE'].methods_by_name['Work']._serialized_options = b'\220\002\002'
   _globals['_BEHAVIOR']._serialized_start=41
-  _globals['_BEHAVIOR']._serialized_end=178
-  _globals['_UNARYREQUEST']._serialized_start=180
-  _globals['_UNARYREQUEST']._serialized_end=264
-  _globals['_UNARYREPLY']._serialized_start=266
-  _globals['_UNARYREPLY']._serialized_end=369
-  _globals['_STREAMREQUEST']._serialized_start=371
-  _globals['_STREAMREQUEST']._serialized_end=474
-  _globals['_STREAMREPLY']._serialized_start=476
-  _globals['_STREAMREPLY']._serialized_end=551
-  _globals['_STATSREQUEST']._serialized_start=553
-  _globals['_STATSREQUEST']._serialized_end=580
-  _globals['_STATSREPLY']._serialized_start=582
-  _globals['_STATSREPLY']._serialized_end=676
-  _globals['_ECHOREQUEST']._serialized_start=678
-  _globals['_ECHOREQUEST']._serialized_end=708
-  _globals['_ECHOREPLY']._serialized_start=710
-  _globals['_ECHOREPLY']._serialized_end=738
-  _globals['_TESTSERVICE']._serialized_start=741
-  _globals['_TESTSERVICE']._serialized_end=1071
+  _globals['_BEHAVIOR']._serialized_end=200
+  _globals['_UNARYREQUEST']._serialized_start=202
+  _globals['_UNARYREQUEST']._serialized_end=286
+  _globals['_UNARYREPLY']._serialized_start=288
+  _globals['_UNARYREPLY']._serialized_end=391
+  _globals['_STREAMREQUEST']._serialized_start=393
+  _globals['_STREAMREQUEST']._serialized_end=496
+  _globals['_STREAMREPLY']._serialized_start=498
+  _globals['_STREAMREPLY']._serialized_end=573
+  _globals['_STATSREQUEST']._serialized_start=575
+  _globals['_STATSREQUEST']._serialized_end=602
+  _globals['_STATSREPLY']._serialized_start=604
+  _globals['_STATSREPLY']._serialized_end=698
+  _globals['_ECHOREQUEST']._serialized_start=700
+  _globals['_ECHOREQUEST']._serialized_end=730
+  _globals['_ECHOREPLY']._serialized_start=732
+  _globals['_ECHOREPLY']._serialized_end=760
+  _globals['_TESTSERVICE']._serialized_start=763
+  _globals['_TESTSERVICE']._serialized_end=1241
 # @@protoc_insertion_point(module_scope)

@@ -35,6 +35,7 @@ class Behavior(_message.Message):
     DELAY_ON_ATTEMPTS_FIELD_NUMBER: _builtins.int
     PUSHBACK_MS_FIELD_NUMBER: _builtins.int
     PUSHBACK_STOP_FIELD_NUMBER: _builtins.int
+    FAIL_DETAILS_FIELD_NUMBER: _builtins.int
     fail_times: _builtins.int
     """Fail the first `fail_times` attempts for this key with `fail_code` (a grpc status code
     number). fail_times < 0 fails every attempt.
@@ -46,6 +47,10 @@ class Behavior(_message.Message):
     """On failures, send `grpc-retry-pushback-ms` trailing metadata with this value (0: none)."""
     pushback_stop: _builtins.bool
     """On failures, send a negative pushback, which means "do not retry" (gRFC A6)."""
+    fail_details: _builtins.str
+    """The status message of the scripted failures (default: "scripted failure n/m for key k").
+    Lets a test send exactly what a client must never mistake for its own connection failure.
+    """
     @_builtins.property
     def delay_on_attempts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
@@ -57,10 +62,11 @@ class Behavior(_message.Message):
         delay_on_attempts: _abc.Iterable[_builtins.int] | None = ...,
         pushback_ms: _builtins.int = ...,
         pushback_stop: _builtins.bool = ...,
+        fail_details: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_on_attempts", b"delay_on_attempts", "delay_s", b"delay_s", "fail_code", b"fail_code", "fail_times", b"fail_times", "pushback_ms", b"pushback_ms", "pushback_stop", b"pushback_stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay_on_attempts", b"delay_on_attempts", "delay_s", b"delay_s", "fail_code", b"fail_code", "fail_details", b"fail_details", "fail_times", b"fail_times", "pushback_ms", b"pushback_ms", "pushback_stop", b"pushback_stop"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

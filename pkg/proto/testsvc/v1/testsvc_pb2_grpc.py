@@ -27,7 +27,9 @@ if _version_not_supported:
 
 
 class TestServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Idempotency is declared per method with protobuf's standard `idempotency_level` option, which
+    pkg.clients reads to decide what may be retried after it may have reached the server.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -60,13 +62,26 @@ class TestServiceStub:
                 request_serializer=testsvc_dot_v1_dot_testsvc__pb2.EchoRequest.SerializeToString,
                 response_deserializer=testsvc_dot_v1_dot_testsvc__pb2.EchoReply.FromString,
                 _registered_method=True)
+        self.Charge = channel.unary_unary(
+                '/testsvc.v1.TestService/Charge',
+                request_serializer=testsvc_dot_v1_dot_testsvc__pb2.UnaryRequest.SerializeToString,
+                response_deserializer=testsvc_dot_v1_dot_testsvc__pb2.UnaryReply.FromString,
+                _registered_method=True)
+        self.Work = channel.unary_unary(
+                '/testsvc.v1.TestService/Work',
+                request_serializer=testsvc_dot_v1_dot_testsvc__pb2.UnaryRequest.SerializeToString,
+                response_deserializer=testsvc_dot_v1_dot_testsvc__pb2.UnaryReply.FromString,
+                _registered_method=True)
 
 
 class TestServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Idempotency is declared per method with protobuf's standard `idempotency_level` option, which
+    pkg.clients reads to decide what may be retried after it may have reached the server.
+    """
 
     def Unary(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Counts attempts per key: retrying it is what the retry tests exercise.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -91,6 +106,22 @@ class TestServiceServicer:
 
     def Echo(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Charge(self, request, context):
+        """Behaves like Unary but declares nothing: a write with effects, which a client must send
+        at most once unless it knows the request never left.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Work(self, request, context):
+        """Holds the call for `delay_s` inside the server's bounded in-flight queue (load shedding
+        benchmarks): a unit of work of fixed duration.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -123,6 +154,16 @@ def add_TestServiceServicer_to_server(servicer, server):
                     request_deserializer=testsvc_dot_v1_dot_testsvc__pb2.EchoRequest.FromString,
                     response_serializer=testsvc_dot_v1_dot_testsvc__pb2.EchoReply.SerializeToString,
             ),
+            'Charge': grpc.unary_unary_rpc_method_handler(
+                    servicer.Charge,
+                    request_deserializer=testsvc_dot_v1_dot_testsvc__pb2.UnaryRequest.FromString,
+                    response_serializer=testsvc_dot_v1_dot_testsvc__pb2.UnaryReply.SerializeToString,
+            ),
+            'Work': grpc.unary_unary_rpc_method_handler(
+                    servicer.Work,
+                    request_deserializer=testsvc_dot_v1_dot_testsvc__pb2.UnaryRequest.FromString,
+                    response_serializer=testsvc_dot_v1_dot_testsvc__pb2.UnaryReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'testsvc.v1.TestService', rpc_method_handlers)
@@ -132,7 +173,9 @@ def add_TestServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TestService:
-    """Missing associated documentation comment in .proto file."""
+    """Idempotency is declared per method with protobuf's standard `idempotency_level` option, which
+    pkg.clients reads to decide what may be retried after it may have reached the server.
+    """
 
     @staticmethod
     def Unary(request,
@@ -259,6 +302,60 @@ class TestService:
             '/testsvc.v1.TestService/Echo',
             testsvc_dot_v1_dot_testsvc__pb2.EchoRequest.SerializeToString,
             testsvc_dot_v1_dot_testsvc__pb2.EchoReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Charge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testsvc.v1.TestService/Charge',
+            testsvc_dot_v1_dot_testsvc__pb2.UnaryRequest.SerializeToString,
+            testsvc_dot_v1_dot_testsvc__pb2.UnaryReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Work(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/testsvc.v1.TestService/Work',
+            testsvc_dot_v1_dot_testsvc__pb2.UnaryRequest.SerializeToString,
+            testsvc_dot_v1_dot_testsvc__pb2.UnaryReply.FromString,
             options,
             channel_credentials,
             insecure,

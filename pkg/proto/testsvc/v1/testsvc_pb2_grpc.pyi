@@ -30,32 +30,63 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class TestServiceStub:
+    """Idempotency is declared per method with protobuf's standard `idempotency_level` option, which
+    pkg.clients reads to decide what may be retried after it may have reached the server.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> TestServiceAsyncStub: ...
     Unary: _grpc.UnaryUnaryMultiCallable[_testsvc_pb2.UnaryRequest, _testsvc_pb2.UnaryReply]
+    """Counts attempts per key: retrying it is what the retry tests exercise."""
     ServerStream: _grpc.UnaryStreamMultiCallable[_testsvc_pb2.StreamRequest, _testsvc_pb2.StreamReply]
     BidiStream: _grpc.StreamStreamMultiCallable[_testsvc_pb2.StreamRequest, _testsvc_pb2.StreamReply]
     GetStats: _grpc.UnaryUnaryMultiCallable[_testsvc_pb2.StatsRequest, _testsvc_pb2.StatsReply]
     Echo: _grpc.UnaryUnaryMultiCallable[_testsvc_pb2.EchoRequest, _testsvc_pb2.EchoReply]
+    Charge: _grpc.UnaryUnaryMultiCallable[_testsvc_pb2.UnaryRequest, _testsvc_pb2.UnaryReply]
+    """Behaves like Unary but declares nothing: a write with effects, which a client must send
+    at most once unless it knows the request never left.
+    """
+    Work: _grpc.UnaryUnaryMultiCallable[_testsvc_pb2.UnaryRequest, _testsvc_pb2.UnaryReply]
+    """Holds the call for `delay_s` inside the server's bounded in-flight queue (load shedding
+    benchmarks): a unit of work of fixed duration.
+    """
 
 @_typing.type_check_only
 class TestServiceAsyncStub(TestServiceStub):
+    """Idempotency is declared per method with protobuf's standard `idempotency_level` option, which
+    pkg.clients reads to decide what may be retried after it may have reached the server.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     Unary: _aio.UnaryUnaryMultiCallable[_testsvc_pb2.UnaryRequest, _testsvc_pb2.UnaryReply]  # type: ignore[assignment]
+    """Counts attempts per key: retrying it is what the retry tests exercise."""
     ServerStream: _aio.UnaryStreamMultiCallable[_testsvc_pb2.StreamRequest, _testsvc_pb2.StreamReply]  # type: ignore[assignment]
     BidiStream: _aio.StreamStreamMultiCallable[_testsvc_pb2.StreamRequest, _testsvc_pb2.StreamReply]  # type: ignore[assignment]
     GetStats: _aio.UnaryUnaryMultiCallable[_testsvc_pb2.StatsRequest, _testsvc_pb2.StatsReply]  # type: ignore[assignment]
     Echo: _aio.UnaryUnaryMultiCallable[_testsvc_pb2.EchoRequest, _testsvc_pb2.EchoReply]  # type: ignore[assignment]
+    Charge: _aio.UnaryUnaryMultiCallable[_testsvc_pb2.UnaryRequest, _testsvc_pb2.UnaryReply]  # type: ignore[assignment]
+    """Behaves like Unary but declares nothing: a write with effects, which a client must send
+    at most once unless it knows the request never left.
+    """
+    Work: _aio.UnaryUnaryMultiCallable[_testsvc_pb2.UnaryRequest, _testsvc_pb2.UnaryReply]  # type: ignore[assignment]
+    """Holds the call for `delay_s` inside the server's bounded in-flight queue (load shedding
+    benchmarks): a unit of work of fixed duration.
+    """
 
 class TestServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Idempotency is declared per method with protobuf's standard `idempotency_level` option, which
+    pkg.clients reads to decide what may be retried after it may have reached the server.
+    """
+
     @_abc_1.abstractmethod
     def Unary(
         self,
         request: _testsvc_pb2.UnaryRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_testsvc_pb2.UnaryReply, _abc.Awaitable[_testsvc_pb2.UnaryReply]]: ...
+    ) -> _typing.Union[_testsvc_pb2.UnaryReply, _abc.Awaitable[_testsvc_pb2.UnaryReply]]:
+        """Counts attempts per key: retrying it is what the retry tests exercise."""
 
     @_abc_1.abstractmethod
     def ServerStream(
@@ -84,5 +115,25 @@ class TestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _testsvc_pb2.EchoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_testsvc_pb2.EchoReply, _abc.Awaitable[_testsvc_pb2.EchoReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Charge(
+        self,
+        request: _testsvc_pb2.UnaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_testsvc_pb2.UnaryReply, _abc.Awaitable[_testsvc_pb2.UnaryReply]]:
+        """Behaves like Unary but declares nothing: a write with effects, which a client must send
+        at most once unless it knows the request never left.
+        """
+
+    @_abc_1.abstractmethod
+    def Work(
+        self,
+        request: _testsvc_pb2.UnaryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_testsvc_pb2.UnaryReply, _abc.Awaitable[_testsvc_pb2.UnaryReply]]:
+        """Holds the call for `delay_s` inside the server's bounded in-flight queue (load shedding
+        benchmarks): a unit of work of fixed duration.
+        """
 
 def add_TestServiceServicer_to_server(servicer: TestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
