@@ -26,6 +26,7 @@ _READY = grpc.ChannelConnectivity.READY
 _FAILED = grpc.ChannelConnectivity.TRANSIENT_FAILURE
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 _SETTLED = (_READY, _FAILED, _SHUTDOWN)
+_TIMED_OUT = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class NotSentError(grpc.aio.AioRpcError):
@@ -62,12 +63,17 @@ def _not_sent(target: str, state: grpc.ChannelConnectivity) -> NotSentError:
     return NotSentError(target, "no connection could be made", grpc.StatusCode.UNAVAILABLE)
 
 
-async def ensure_ready(channel: grpc.aio.Channel, target: str, timeout: float) -> None:  # noqa: ASYNC109
+async def ensure_ready(
+    channel: grpc.aio.Channel,
+    target: str,
+    timeout: float | None,  # noqa: ASYNC109
+) -> None:
     """Return once ``channel`` is READY; else raise ``NotSentError`` (nothing is sent).
 
     A channel in TRANSIENT_FAILURE (its last connection attempt failed) fails at once, as grpc
     itself fails a call that does not wait for readiness; an IDLE or CONNECTING one gets up to
-    ``timeout`` seconds (event-loop time) to connect.
+    ``timeout`` seconds (event-loop time; None: until its connection attempt succeeds or
+    fails, as grpc lets a call without deadline wait) to connect.
     """
     state = channel.get_state(False)
     if state is _READY:
@@ -76,10 +82,10 @@ async def ensure_ready(channel: grpc.aio.Channel, target: str, timeout: float) -
         raise _not_sent(target, state)
     state = channel.get_state(True)
     loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
+    end = None if timeout is None else loop.time() + timeout
     while state not in _SETTLED:
-        left = end - loop.time()
-        if left <= 0:
+        left = None if end is None else end - loop.time()
+        if left is not None and left <= 0:
             break
         try:
             await asyncio.wait_for(channel.wait_for_state_change(state), left)
@@ -91,7 +97,7 @@ async def ensure_ready(channel: grpc.aio.Channel, target: str, timeout: float) -
     if state in _SETTLED:
         raise _not_sent(target, state)
     raise NotSentError(
-        target, f"not connected within {timeout:.3f}s", grpc.StatusCode.DEADLINE_EXCEEDED
+        target, f"not connected within {timeout}s", grpc.StatusCode.DEADLINE_EXCEEDED
     )
 
 
@@ -130,7 +136,7 @@ def sync_state(channel: Any, try_to_connect: bool = False) -> grpc.ChannelConnec
         return None
 
 
-def ensure_ready_sync(channel: Any, target: str, timeout: float) -> None:
+def ensure_ready_sync(channel: Any, target: str, timeout: float | None) -> None:
     """Blocking twin of ``ensure_ready`` (polls the state while connecting)."""
     state = sync_state(channel)
     if state is None or state is _READY:
@@ -138,7 +144,7 @@ def ensure_ready_sync(channel: Any, target: str, timeout: float) -> None:
     if state is _FAILED or state is _SHUTDOWN:
         raise _not_sent(target, state)
     state = sync_state(channel, True)
-    end = time.monotonic() + timeout
+    end = float("inf") if timeout is None else time.monotonic() + timeout
     while state not in _SETTLED and state is not None and time.monotonic() < end:
         time.sleep(_SYNC_POLL_S)
         state = sync_state(channel)
@@ -147,5 +153,5 @@ def ensure_ready_sync(channel: Any, target: str, timeout: float) -> None:
     if state in _SETTLED:
         raise _not_sent(target, state)
     raise NotSentError(
-        target, f"not connected within {timeout:.3f}s", grpc.StatusCode.DEADLINE_EXCEEDED
+        target, f"not connected within {timeout}s", grpc.StatusCode.DEADLINE_EXCEEDED
     )

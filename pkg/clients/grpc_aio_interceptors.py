@@ -110,9 +110,9 @@ class AioUnaryStreamInterceptor(InterceptorBase, grpc.aio.UnaryStreamClientInter
         stream = StreamCall(self.core, client_call_details)
         gate = self._gate(stream)
 
-        async def attempt(timeout: float) -> tuple[Any, Any]:  # noqa: ASYNC109
-            if gate is not None:
-                await ensure_ready(gate, self.core.target, timeout)
+        async def attempt(_: float) -> tuple[Any, Any]:
+            if gate is not None:  # within the stream's own deadline, if it has one
+                await ensure_ready(gate, self.core.target, stream.attempt_timeout())
             details = _details(client_call_details, stream.attempt_timeout(), auth)
             return await _establish(await continuation(details, request), stream.setup)
 
@@ -198,9 +198,9 @@ class AioStreamStreamInterceptor(InterceptorBase, grpc.aio.StreamStreamClientInt
         replay = _AsyncReplay(request_iterator)
         gate = self._gate(stream)
 
-        async def attempt(timeout: float) -> tuple[Any, Any]:  # noqa: ASYNC109
-            if gate is not None:
-                await ensure_ready(gate, core.target, timeout)
+        async def attempt(_: float) -> tuple[Any, Any]:
+            if gate is not None:  # within the stream's own deadline, if it has one
+                await ensure_ready(gate, core.target, stream.attempt_timeout())
             details = _details(client_call_details, stream.attempt_timeout(), auth)
             return await _establish(await continuation(details, replay.fresh()), stream.setup)
 

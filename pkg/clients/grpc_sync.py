@@ -135,9 +135,9 @@ class SyncUnaryStreamInterceptor(InterceptorBase, grpc.UnaryStreamClientIntercep
         stream = StreamCall(self.core, client_call_details)
         gate = self._gate(stream)
 
-        def attempt(timeout: float) -> Any:
-            if gate is not None:
-                _connected(gate, self.core.target, timeout)
+        def attempt(_: float) -> Any:
+            if gate is not None:  # within the stream's own deadline, if it has one
+                ensure_ready_sync(gate, self.core.target, stream.attempt_timeout())
             details = _details(client_call_details, stream.attempt_timeout(), auth)
             call = continuation(details, request)
             return _StreamResult(call, _establish(call, stream.setup))
@@ -187,9 +187,9 @@ class SyncStreamStreamInterceptor(InterceptorBase, grpc.StreamStreamClientInterc
         replay = _SyncReplay(request_iterator)
         gate = self._gate(stream)
 
-        def attempt(timeout: float) -> Any:
-            if gate is not None:
-                _connected(gate, self.core.target, timeout)
+        def attempt(_: float) -> Any:
+            if gate is not None:  # within the stream's own deadline, if it has one
+                ensure_ready_sync(gate, self.core.target, stream.attempt_timeout())
             details = _details(client_call_details, stream.attempt_timeout(), auth)
             call = continuation(details, replay.fresh())
             return _StreamResult(call, _establish(call, stream.setup))
