@@ -156,12 +156,12 @@ def _hold_foghorn(ctx: Ctx) -> float:
 
 def node_takeover_bound(_ctx: Ctx | None = None) -> float:
     """How long nodes whose replica went silent (no FIN, no RST) keep their stream to it: until
-    their client's keepalive gives up (``pkg.clients`` pings every 20 s and waits 10 s for the
-    answer), plus the reconnect to the other replica and its registration (fresh fence)."""
-    from pkg.clients.grpc_core import KEEPALIVE_OPTIONS
+    their client's keepalive gives up (the Foghorn client pings every 20 s and waits 10 s for
+    the answer), plus the reconnect to the other replica and its registration (fresh fence)."""
+    from pkg.clients.foghorn import default_policy
 
-    opts = dict(KEEPALIVE_OPTIONS)
-    return (int(opts["grpc.keepalive_time_ms"]) + int(opts["grpc.keepalive_timeout_ms"])) / 1000 + 5
+    keepalive = default_policy().keepalive
+    return keepalive.time + keepalive.timeout + 5
 
 
 def _hold_nodes(ctx: Ctx) -> float:

@@ -387,6 +387,13 @@ class KeepalivePolicy:
         )
 
 
+# What the platform's own servers accept (``pkg.common.grpcserver``: a ping every 10 s, also
+# without calls). The typed clients of Foghorn and Signalman use it: an edge node's control
+# stream, or a subscription, to a replica that went silent without closing its sockets (no
+# FIN, no RST: a partition, a frozen host) ends within time + timeout = 30 s and reconnects.
+PLATFORM_KEEPALIVE = KeepalivePolicy(time=20.0, timeout=10.0, without_calls=True)
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """Everything a resilient client does: one overall deadline plus the sub-policies.

@@ -28,6 +28,7 @@ import grpc.aio
 
 from pkg.clients import Backoff, OutlierPolicy, Policy, RetryPolicy, aio_channel
 from pkg.clients.log import get_logger
+from pkg.clients.policy import PLATFORM_KEEPALIVE
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 from pkg.proto.signalman.v1 import signalman_pb2_grpc as pb_grpc
@@ -276,6 +277,8 @@ def default_policy(timeout_s: float = 5.0) -> Policy:
         timeout=timeout_s,
         retry=RetryPolicy(attempt_timeouts=ATTEMPT_TIMEOUTS),
         outlier=OutlierPolicy(enabled=True),
+        # Our servers permit frequent pings: a subscription to a silent replica ends in 30 s.
+        keepalive=PLATFORM_KEEPALIVE,
     )
 
 

@@ -17,11 +17,12 @@ import grpc
 import grpc.aio
 import pytest
 
-from pkg.clients import KeepalivePolicy, Policy, aio_channel
+from pkg.clients import KeepalivePolicy, Policy, aio_channel, foghorn, signalman
 from pkg.clients.grpc_core import channel_options
 from pkg.clients.policy import (
     GRPC_DEFAULT_SERVER_MIN_PING_INTERVAL_S,
     GRPC_DEFAULT_SERVER_PERMITS_PINGS_WITHOUT_CALLS,
+    PLATFORM_KEEPALIVE,
 )
 from pkg.clients.targets import resolve_targets
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
@@ -122,3 +123,11 @@ async def test_pinging_faster_than_a_default_server_allows_kills_the_stream() ->
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await _quiet_stream(port, KeepalivePolicy(time=1.0, timeout=5.0), quiet_s=8.0)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_platforms_typed_clients_ping_as_often_as_our_servers_permit() -> None:
+    # Our servers (pkg.common.grpcserver) accept a ping every 10 s, also without calls: the
+    # Foghorn and Signalman clients use that to notice a silent replica within 30 s.
+    for policy in (foghorn.default_policy(), signalman.default_policy()):
+        assert policy.keepalive == PLATFORM_KEEPALIVE
+    assert PLATFORM_KEEPALIVE.time >= 10.0 and PLATFORM_KEEPALIVE.without_calls
