@@ -36,6 +36,7 @@ from signalman.singleton import SingletonDuties
 if TYPE_CHECKING:  # Kafka and PostgreSQL parts are imported only when configured
     from signalman.consumer import GroupMember
     from signalman.deadletter import DeadLetterProducer, Redriver
+    from signalman.history.redis import RedisHistory
     from signalman.ownership import PartitionLocks
 
 log = structlog.get_logger("api_realtime.server")
@@ -62,6 +63,7 @@ class SignalmanApp:
         self.embedded = not config.kafka_bootstrap
         # The shared Redis history is probed in the background, so /health never waits on it.
         self._history_probe: Probe | None = None
+        self._redis_history: RedisHistory | None = None  # the shared history, when configured
         self.history: History = self._build_history()
         self.dlq: DeadLetterProducer | None = None
         dead_letter: DeadLetterFn = _no_dead_letter_topic
@@ -131,6 +133,7 @@ class SignalmanApp:
             )
             redis_history.register(process_metrics(), history)
             self._history_probe = Probe(history.ping, interval_s=1.0, timeout_s=1.0)
+            self._redis_history = history
             return history
         if config.kafka_bootstrap:
             log.warning(
@@ -191,7 +194,7 @@ class SignalmanApp:
                     "" if up else f"redis down: {probe.reason}",
                 )
             )
-            replication = getattr(self.history, "replication", None)
+            replication = self._redis_history.replication if self._redis_history else None
             if replication is not None and replication.wanted:
                 # Lagging replicas: appends go on (delivery is not held back), counted as
                 # unreplicated; shown degraded without changing the replica's status.
