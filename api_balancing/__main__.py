@@ -29,7 +29,8 @@ def _started(app: FoghornApp) -> None:
     tune_gc()
     print(
         f"foghorn {app.config.replica_id}: gRPC {app.grpc_target}, "
-        f"HTTP http://{app.config.host}:{app.http_port}",
+        f"HTTP {app.http.scheme if app.http else 'http'}://{app.config.host}:{app.http_port}, "
+        f"transport {app.config.tls.describe()}",
         file=sys.stderr,
         flush=True,
     )

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import grpc
 
 from pkg.clients.foghorn import FoghornClient
+from pkg.common.tls import add_tls_arguments, credentials_from_args
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 
 
@@ -118,7 +119,10 @@ def _candidates(best: pb.RouteCandidate, fallbacks: Sequence[pb.RouteCandidate])
 
 
 async def _run(args: argparse.Namespace) -> int:
-    async with FoghornClient(args.foghorn, token=args.token or None) as client:
+    credentials = credentials_from_args(args)
+    async with FoghornClient(
+        args.foghorn, token=args.token or None, credentials=credentials
+    ) as client:
         cmd = args.cmd
         if cmd == "nodes":
             nodes = await client.list_nodes(mode=args.mode, connected_only=args.connected)
@@ -221,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foghorn-admin", description="Operate a Foghorn fleet")
     parser.add_argument("--foghorn", default=os.environ.get("FOGHORN_ADDR", "127.0.0.1:18008"))
     parser.add_argument("--token", default=os.environ.get("FOGHORN_TOKEN", ""))
+    add_tls_arguments(parser)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("nodes", help="list nodes")
     p.add_argument("--mode", choices=["normal", "draining", "maintenance"])

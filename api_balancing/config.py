@@ -17,6 +17,7 @@ from pkg.common.auth import Principal, parse_tokens, tokens_from_env
 from pkg.common.config import ServiceSettings, load_settings
 from pkg.common.grpcserver import GrpcSettings
 from pkg.common.httpserver import HttpSettings
+from pkg.common.tls import TlsSettings
 
 DOCS = "docs/foghorn.md#configuration-foghorn_-environment-variables"
 
@@ -94,6 +95,7 @@ class FoghornConfig(ServiceSettings):
     signalman_addresses: list[str] = field(default_factory=list)
     signalman_token: str = ""
     ha: HaConfig = field(default_factory=HaConfig)  # FOGHORN_CLUSTER, FOGHORN_LEASE_TTL_S ...
+    tls: TlsSettings = field(default_factory=TlsSettings)  # PLATFORM_TLS_* (docs/tls.md)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,12 +142,14 @@ class FoghornConfig(ServiceSettings):
 
     @property
     def grpc(self) -> GrpcSettings:
-        return GrpcSettings(self.host, self.grpc_port, self.max_message_bytes)
+        return GrpcSettings(self.host, self.grpc_port, self.max_message_bytes, self.tls)
 
     @property
     def http(self) -> HttpSettings | None:
         """The HTTP side's listener, or None when ``http_port`` is -1."""
-        return HttpSettings(self.host, self.http_port) if self.http_port >= 0 else None
+        if self.http_port < 0:
+            return None
+        return HttpSettings(self.host, self.http_port, tls=self.tls)
 
     @property
     def weights(self) -> Weights:

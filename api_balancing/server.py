@@ -70,6 +70,7 @@ class FoghornApp:
             source="foghorn",
             signalman_addresses=config.signalman_addresses,
             signalman_token=config.signalman_token,
+            tls=config.tls,
         )
         if geoip is None:
             geoip = GeoIpTable.from_csv(config.geoip_file) if config.geoip_file else GeoIpTable()

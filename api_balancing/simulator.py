@@ -26,6 +26,7 @@ import structlog
 from pkg.clients.backoff import Backoff
 from pkg.clients.foghorn import FoghornClient
 from pkg.common.logging import configure_logging
+from pkg.common.tls import add_tls_arguments, credentials_from_args
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 
 log = structlog.get_logger("edge-sim")
@@ -306,7 +307,9 @@ class NodeRunner:
 
 
 async def run_fleet(args: argparse.Namespace) -> int:
-    client = FoghornClient(args.foghorn, token=args.token or None)
+    client = FoghornClient(
+        args.foghorn, token=args.token or None, credentials=credentials_from_args(args)
+    )
     nodes = build_fleet(args.nodes, args.seed, args.streams, args.base_port, args.media_host)
     runners = [NodeRunner(n, client, args.interval) for n in nodes]
     tasks = [asyncio.create_task(r.run()) for r in runners]
@@ -352,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-port", type=int, default=20000, help="first node's URL port")
     parser.add_argument("--media-host", default="127.0.0.1", help="host in the nodes' URLs")
     parser.add_argument("--status-every", type=float, default=30.0)
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
     if args.nodes < 1 or args.nodes > 100_000:
         parser.error("--nodes must be in 1..100000")

@@ -17,8 +17,9 @@ from pkg.common.app import run_main
 
 def _started(app: BridgeApp) -> None:
     print(
-        f"bridge {app.config.replica_id}: HTTP http://{app.config.http_host}:{app.http_port}"
-        "/graphql",
+        f"bridge {app.config.replica_id}: HTTP "
+        f"{'https' if app.config.tls.serves_tls else 'http'}://{app.config.http_host}:"
+        f"{app.http_port}/graphql, transport {app.config.tls.describe()}",
         file=sys.stderr,
         flush=True,
     )

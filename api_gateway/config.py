@@ -12,6 +12,7 @@ from typing import Any
 
 from pkg.common.config import ServiceSettings, load_settings
 from pkg.common.httpserver import HttpSettings
+from pkg.common.tls import TlsSettings
 
 DOCS = "docs/bridge.md#configuration"
 
@@ -77,6 +78,8 @@ class BridgeConfig(ServiceSettings):
     subscription_buffer: int = 256
     ws_connection_init_timeout_s: float = 10.0
 
+    tls: TlsSettings = field(default_factory=TlsSettings)  # PLATFORM_TLS_* (docs/tls.md)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.http_port < 65536:
@@ -101,6 +104,7 @@ class BridgeConfig(ServiceSettings):
             ws="websockets-sansio",
             ws_max_size=self.max_body_bytes,
             graceful_s=5.0,
+            tls=self.tls,
         )
 
 

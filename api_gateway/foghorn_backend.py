@@ -110,9 +110,15 @@ class FoghornFleet:
     """Foghorn replicas as Bridge's fleet backend."""
 
     def __init__(
-        self, addresses: Sequence[str], timeout_s: float = 2.0, token: str | None = None
+        self,
+        addresses: Sequence[str],
+        timeout_s: float = 2.0,
+        token: str | None = None,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._addresses = list(addresses)
+        self._credentials = credentials
         self._token = token
         self._timeout_s = timeout_s
         self._client: FoghornClient | None = None
@@ -132,6 +138,7 @@ class FoghornFleet:
                 default_policy(self._timeout_s),
                 token=self._token,
                 runtime=self.runtime,
+                credentials=self._credentials,
             )
             self._client = FoghornClient(
                 self._addresses, channel=channel, timeout_s=self._timeout_s

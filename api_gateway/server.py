@@ -42,6 +42,7 @@ from pkg.common.app import Lifecycle
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.health import Dependency, Figure, HealthReport, Status
 from pkg.common.httpserver import HttpServer
+from pkg.common.tls import grpc_channel_credentials
 
 log = structlog.get_logger("bridge")
 
@@ -51,7 +52,12 @@ def _fleet_backend(cfg: BridgeConfig) -> FleetBackend:
         return NoFleet()
     from api_gateway.foghorn_backend import FoghornFleet
 
-    return FoghornFleet(cfg.foghorn_addresses, cfg.backend_timeout_s, cfg.foghorn_token or None)
+    return FoghornFleet(
+        cfg.foghorn_addresses,
+        cfg.backend_timeout_s,
+        cfg.foghorn_token or None,
+        credentials=grpc_channel_credentials(cfg.tls),
+    )
 
 
 def _events_backend(cfg: BridgeConfig) -> EventsBackend:
@@ -59,7 +65,11 @@ def _events_backend(cfg: BridgeConfig) -> EventsBackend:
         return NoEvents()
     from api_gateway.signalman_backend import SignalmanEvents, parse_tenant_tokens
 
-    return SignalmanEvents(cfg.signalman_addresses, parse_tenant_tokens(cfg.signalman_tokens))
+    return SignalmanEvents(
+        cfg.signalman_addresses,
+        parse_tenant_tokens(cfg.signalman_tokens),
+        credentials=grpc_channel_credentials(cfg.tls),
+    )
 
 
 class BridgeApp:

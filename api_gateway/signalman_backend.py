@@ -37,8 +37,15 @@ def parse_tenant_tokens(spec: str) -> dict[str, str]:
 class SignalmanEvents:
     """Tenant event streams relayed from Signalman replicas."""
 
-    def __init__(self, addresses: Sequence[str], tenant_tokens: dict[str, str]) -> None:
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        tenant_tokens: dict[str, str],
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.addresses = list(addresses)
+        self.credentials = credentials
         self.tenant_tokens = dict(tenant_tokens)
         self._clients: dict[str, SignalmanClient] = {}
 
@@ -52,7 +59,7 @@ class SignalmanEvents:
                     f"events of tenant {tenant!r} cannot be relayed: this gateway holds no "
                     "Signalman credential for it (BRIDGE_SIGNALMAN_TOKENS)",
                 )
-            client = SignalmanClient(self.addresses, token=tok)
+            client = SignalmanClient(self.addresses, token=tok, credentials=self.credentials)
             self._clients[tenant] = client
         return client
 

@@ -7,12 +7,13 @@ variable that is not one of them stops the process at start (``load_config``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pkg.common.config import ServiceSettings, load_settings
 from pkg.common.grpcserver import GrpcSettings
 from pkg.common.httpserver import HttpSettings
+from pkg.common.tls import TlsSettings
 
 DOCS = "docs/signalman.md#configuration"
 
@@ -69,6 +70,7 @@ class SignalmanConfig(ServiceSettings):
     duties_interval_s: float = 5.0
     redrive_delay_s: float = 30.0
     redrive_max_attempts: int = 3
+    tls: TlsSettings = field(default_factory=TlsSettings)  # PLATFORM_TLS_* (docs/tls.md)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -109,12 +111,14 @@ class SignalmanConfig(ServiceSettings):
 
     @property
     def grpc(self) -> GrpcSettings:
-        return GrpcSettings(self.host, self.grpc_port, self.max_message_bytes)
+        return GrpcSettings(self.host, self.grpc_port, self.max_message_bytes, self.tls)
 
     @property
     def http(self) -> HttpSettings | None:
         """The HTTP side's listener, or None when ``http_port`` is -1."""
-        return HttpSettings(self.host, self.http_port) if self.http_port >= 0 else None
+        if self.http_port < 0:
+            return None
+        return HttpSettings(self.host, self.http_port, tls=self.tls)
 
 
 def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> SignalmanConfig:

@@ -20,7 +20,9 @@ from typing import TextIO
 import grpc
 
 from pkg.clients.signalman import Gap, SignalmanClient, SubscriptionError
+from pkg.common.config import ConfigError
 from pkg.common.logging import configure_logging
+from pkg.common.tls import add_tls_arguments, credentials_from_args
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 
 
@@ -47,7 +49,9 @@ def _code_name(code: grpc.StatusCode | int) -> str:
 
 
 async def tail(args: argparse.Namespace, out: TextIO) -> int:
-    client = SignalmanClient(args.targets, token=args.token)
+    client = SignalmanClient(
+        args.targets, token=args.token, credentials=credentials_from_args(args)
+    )
     resume = {c: ("", 0) for c in args.channels} if args.from_start else None
     try:
         async with client.subscribe(args.channels, resume_from=resume) as sub:
@@ -82,13 +86,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-start", action="store_true", help="replay retained history first")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--limit", type=int, default=0, help="exit after this many lines")
+    add_tls_arguments(parser)
     args = parser.parse_args(argv)
     if not args.token:
         parser.error("a token is required (--token or SIGNALMAN_TOKEN)")
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     configure_logging("signalman-tail", level=os.environ.get("LOG_LEVEL", "WARNING"))
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(tail(args, sys.stdout))
+        try:
+            return asyncio.run(tail(args, sys.stdout))
+        except ConfigError as exc:
+            print(f"signalman-tail: {exc}", file=sys.stderr)
+            return 2
     return 130
 
 

@@ -103,8 +103,10 @@ class Relay:
         ownership: NodeOwnership,
         token: str | None,
         timeout_s: float = 5.0,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self.replica_id = replica_id
+        self._credentials = credentials  # TLS to the other replicas (PLATFORM_TLS_*)
         self.sessions = sessions
         self.fleet = fleet
         self.ownership = ownership
@@ -119,7 +121,7 @@ class Relay:
         if entry is None:
             # Deliver is not idempotent: never retried once sent (pkg.clients knows).
             policy = Policy(timeout=self._timeout_s, retry=RetryPolicy(max_attempts=2))
-            channel = aio_channel(address, policy, token=self._token)
+            channel = aio_channel(address, policy, token=self._token, credentials=self._credentials)
             entry = (channel, relay_grpc.RelayStub(channel))
             self._stubs[address] = entry
         return entry[1]

@@ -24,6 +24,7 @@ from api_balancing.sessions import SessionRegistry
 from api_balancing.store.redis_store import RedisNodeStore, RedisStoreSettings
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.grpcserver import ServiceBinding
+from pkg.common.tls import grpc_channel_credentials
 from pkg.coord import LeaderLease
 from pkg.proto.foghorn.v1 import relay_pb2_grpc as relay_grpc
 
@@ -78,6 +79,7 @@ class HaRuntime:
             self.ownership,
             _relay_token(config),
             self.ha.relay_timeout_s,
+            credentials=grpc_channel_credentials(config.tls),
         )
         self.relay_servicer = RelayServicer(sessions, fleet, self.ownership)
         self.owned_fleet = OwnedFleet(fleet, self.ownership, self.relay)

@@ -100,10 +100,13 @@ class FoghornClient:
         policy: Policy | None = None,
         channel: grpc.aio.Channel | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """``credentials``: TLS to the replicas (``pkg.common.tls.client_credentials``: a CA
+        bundle and, for mTLS, a client certificate); None: plaintext."""
         self.targets = parse_targets(targets)
         self._channel = channel or aio_channel(
-            self.targets, policy or default_policy(timeout_s), token=token
+            self.targets, policy or default_policy(timeout_s), token=token, credentials=credentials
         )
         self._owns_channel = channel is None
         self.timeout_s = timeout_s

@@ -292,8 +292,12 @@ class SignalmanClient:
         token: str | None,
         policy: Policy | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """``credentials``: TLS to the replicas (``pkg.common.tls.client_credentials``); None:
+        plaintext."""
         self.targets = targets
+        self.credentials = credentials
         self.token = token
         self.policy = policy or default_policy()
         self.clock = clock
@@ -315,7 +319,12 @@ class SignalmanClient:
         key = target or ""
         channel = self._channels.get(key)
         if channel is None:
-            channel = aio_channel(target or self.targets, self.policy, token=self.token or None)
+            channel = aio_channel(
+                target or self.targets,
+                self.policy,
+                token=self.token or None,
+                credentials=self.credentials,
+            )
             self._channels[key] = channel
         return channel
 

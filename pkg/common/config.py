@@ -4,7 +4,9 @@ Each field ``foo_bar`` of a config dataclass is read from ``<PREFIX>_FOO_BAR``. 
 parsing (str, int, float, bool, ``list[str]`` as comma-separated, optional values); a value that
 does not parse raises ``ConfigError`` naming the variable, at start-up, never later. A field whose
 type is itself a dataclass is a *section*: its fields are read with the same prefix (the HA
-settings of Foghorn, for example, are ``FOGHORN_CLUSTER``... inside ``FoghornConfig.ha``).
+settings of Foghorn, for example, are ``FOGHORN_CLUSTER``... inside ``FoghornConfig.ha``), unless
+the section's class names its own ``PREFIX`` (the platform-wide ``PLATFORM_TLS_*`` section that
+every service shares, ``pkg.common.tls.TlsSettings``).
 
 A process refuses variables of its own prefix (and ``PLATFORM_*``) that are not settings
 (``check_unknown``): a typo such as ``FOGHORN_CLUSTR`` stops it at start with the closest known
@@ -88,12 +90,18 @@ def _fields(cls: type[Any]) -> list[tuple[dataclasses.Field[Any], Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if f.init]
 
 
+def _section_prefix(tp: Any, prefix: str) -> str:
+    """A section is read with the enclosing prefix unless its class names its own."""
+    own = getattr(tp, "PREFIX", None)
+    return own if isinstance(own, str) and own else prefix
+
+
 def setting_names(cls: type[Any], prefix: str) -> frozenset[str]:
     """Every environment variable ``cls`` reads (sections included), e.g. ``FOGHORN_HOST``."""
     names: set[str] = set()
     for field, tp in _fields(cls):
         if _is_section(tp):
-            names |= setting_names(tp, prefix)
+            names |= setting_names(tp, _section_prefix(tp, prefix))
         else:
             names.add(f"{prefix}_{field.name}".upper())
     return frozenset(names)
@@ -110,7 +118,7 @@ def load(cls: type[T], prefix: str, env: Mapping[str, str] | None = None, **over
             values[field.name] = overrides[field.name]
             continue
         if _is_section(tp):
-            values[field.name] = load(tp, prefix, env)
+            values[field.name] = load(tp, _section_prefix(tp, prefix), env)
             continue
         var = f"{prefix}_{field.name}".upper()
         if var in env:

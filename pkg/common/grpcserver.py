@@ -3,8 +3,8 @@
 Every service builds its server here so that all of them expose the standard
 ``grpc.health.v1.Health`` service (per-service status following the service's health report,
 NOT_SERVING from the first moment of a stop) and server reflection, and share message-size
-limits and keepalive enforcement. The listening port is added in one place (``_listen``), where
-transport security plugs in.
+limits and keepalive enforcement. The listening port is added in one place (``_listen``): TLS
+(mTLS with client authentication) when the settings carry a certificate (``pkg.common.tls``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from pkg.common import tracing
 from pkg.common.health import HealthSource
+from pkg.common.tls import PLAINTEXT, TlsSettings, grpc_server_credentials
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
@@ -44,6 +45,7 @@ class GrpcSettings:
     host: str = "127.0.0.1"
     port: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    tls: TlsSettings = PLAINTEXT  # PLATFORM_TLS_*: TLS when it has a certificate
 
 
 @dataclass
@@ -63,6 +65,7 @@ class GrpcServer:
     health: HealthServicer
     port: int
     services: list[str] = field(default_factory=list)
+    tls: str = "plaintext"  # plaintext | tls | mtls
 
     async def start(self) -> None:
         await self.server.start()
@@ -110,9 +113,12 @@ def build_server(
     settings: GrpcSettings | None = None,
 ) -> GrpcServer:
     """Create an asyncio gRPC server listening on ``host:port`` (0 picks a free port);
-    ``settings``, when given, replaces ``host``, ``port`` and ``max_message_bytes``."""
+    ``settings``, when given, replaces ``host``, ``port`` and ``max_message_bytes`` and gives
+    the transport security (plaintext without it)."""
+    tls = PLAINTEXT
     if settings is not None:
         host, port, max_message_bytes = settings.host, settings.port, settings.max_message_bytes
+        tls = settings.tls
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -137,8 +143,10 @@ def build_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     _enable_reflection(server, [*names, health_name])
-    bound = _listen(server, host, port)
-    return GrpcServer(server=server, health=health_servicer, port=bound, services=names)
+    bound = _listen(server, host, port, tls)
+    return GrpcServer(
+        server=server, health=health_servicer, port=bound, services=names, tls=tls.describe()
+    )
 
 
 class HealthServicer(health_aio.HealthServicer):  # type: ignore[misc]
@@ -222,9 +230,15 @@ def _register_reflection_v1_descriptor() -> None:
     pool.Add(proto)
 
 
-def _listen(server: grpc.aio.Server, host: str, port: int) -> int:
-    """Add the listening port; the one place a service's gRPC transport is chosen."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+def _listen(server: grpc.aio.Server, host: str, port: int, tls: TlsSettings = PLAINTEXT) -> int:
+    """Add the listening port; the one place a service's gRPC transport is chosen: TLS (client
+    certificates required with ``client_auth=require``) when ``tls`` has a certificate, else
+    plaintext."""
+    credentials = grpc_server_credentials(tls)
+    if credentials is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {host}:{port}")
     return bound

@@ -2,17 +2,21 @@
 service's own event loop, with ``/health`` (the ``pkg.common.health`` report) and ``/metrics``.
 
 Every service mounts ``ops_routes(health)`` in its Starlette app and runs it with
-``HttpServer``; the listener is created here only (``HttpSettings`` is where HTTPS plugs in).
+``HttpServer``; the listener is created here only: HTTPS (client certificates required with
+``PLATFORM_TLS_CLIENT_AUTH=require``) when ``HttpSettings.tls`` has a certificate, which is
+reloaded from disk when its files change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 import uvicorn
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -21,6 +25,15 @@ from starlette.types import ASGIApp
 
 from pkg.common.health import HealthSource
 from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
+from pkg.common.tls import (
+    PLAINTEXT,
+    RELOAD_CHECK_S,
+    CertificateFiles,
+    TlsSettings,
+    server_ssl_context,
+)
+
+log = structlog.get_logger("pkg.common.httpserver")
 
 
 def ops_routes(health: HealthSource) -> list[BaseRoute]:
@@ -47,6 +60,7 @@ class HttpSettings:
     ws: str = "none"
     ws_max_size: int = 16 * 1024 * 1024
     graceful_s: float = 5.0
+    tls: TlsSettings = PLAINTEXT  # PLATFORM_TLS_*: HTTPS when it has a certificate
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -62,8 +76,19 @@ class HttpServer:
     raises there) and ``port`` is the bound one."""
 
     def __init__(self, app: ASGIApp, settings: HttpSettings) -> None:
+        self.tls = settings.tls
+        self.ssl = server_ssl_context(settings.tls)
+        self._files = CertificateFiles(settings.tls) if self.ssl is not None else None
+        ssl_factory = None
+        if self.ssl is not None:
+            ctx = self.ssl
+
+            def ssl_factory(_config: uvicorn.Config, _default: Any) -> ssl.SSLContext:
+                return ctx
+
         config = uvicorn.Config(
             app,
+            ssl_context_factory=ssl_factory,
             host=settings.host,
             port=settings.port,
             log_level="warning",
@@ -75,7 +100,28 @@ class HttpServer:
         )
         self._server = _EmbeddedUvicorn(config)
         self._task: asyncio.Task[Any] | None = None
+        self._reload_task: asyncio.Task[Any] | None = None
         self.port = 0
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ssl is not None else "http"
+
+    async def _reload_certificates(self) -> None:
+        """Load changed certificate files into the listening context: new handshakes get the
+        new certificate, open connections keep theirs (a CA removed from the bundle stays
+        trusted until a restart: an ``SSLContext`` only adds CAs)."""
+        assert self._files is not None and self.ssl is not None
+        while True:
+            await asyncio.sleep(RELOAD_CHECK_S)
+            if self._files.changed() is None:
+                continue
+            try:
+                self.ssl.load_cert_chain(self.tls.cert, self.tls.key)
+                if self.tls.ca:
+                    self.ssl.load_verify_locations(self.tls.ca)
+            except (ssl.SSLError, OSError) as exc:  # files replaced again while loading
+                log.error("https_tls_reload_failed", error=str(exc))
 
     async def start(self) -> None:
         task = asyncio.create_task(self._server.serve(), name="http-server")
@@ -86,9 +132,16 @@ class HttpServer:
                 raise OSError("HTTP server stopped during start-up")
             await asyncio.sleep(0.01)
         self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        if self._files is not None:
+            self._reload_task = asyncio.create_task(
+                self._reload_certificates(), name="http-tls-reload"
+            )
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, let open requests finish for up to ``grace`` seconds."""
+        if self._reload_task is not None:
+            self._reload_task.cancel()
+            self._reload_task = None
         if self._task is None:
             return
         self._server.should_exit = True

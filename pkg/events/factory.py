@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pkg.common.tls import PLAINTEXT, TlsSettings, grpc_channel_credentials
 from pkg.events.kafka import KafkaSink
 from pkg.events.signalman import SignalmanSink
 from pkg.events.sink import ManagedSink, NullSink
@@ -16,6 +17,7 @@ def build_sink(
     source: str = "",
     signalman_addresses: Sequence[str] = (),
     signalman_token: str = "",
+    tls: TlsSettings = PLAINTEXT,
 ) -> ManagedSink:
     """The sink a service should use. Both non-blocking with a bounded buffer: Kafka (the HA
     platform: Signalman's consumer group reads the topic) or Signalman's Publish RPC (the
@@ -23,5 +25,10 @@ def build_sink(
     if kafka_bootstrap:
         return KafkaSink(kafka_bootstrap, source=source)
     if signalman_addresses:
-        return SignalmanSink(signalman_addresses, signalman_token, source=source)
+        return SignalmanSink(
+            signalman_addresses,
+            signalman_token,
+            source=source,
+            credentials=grpc_channel_credentials(tls),
+        )
     return NullSink()

@@ -50,9 +50,13 @@ class SignalmanSink:
         max_batch: int = 500,
         timeout_s: float = 2.0,
         client: SignalmanClient | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         self._client = client or SignalmanClient(
-            list(targets), token=token or None, policy=default_policy(timeout_s)
+            list(targets),
+            token=token or None,
+            policy=default_policy(timeout_s),
+            credentials=credentials,
         )
         self.source = source
         self.buffer_size = buffer_size
