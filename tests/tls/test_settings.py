@@ -47,7 +47,7 @@ def test_inconsistent_tls_settings_are_refused_naming_the_setting(
 
 
 def test_a_file_that_is_not_pem_is_refused(ca: CertificateAuthority) -> None:
-    with pytest.raises(ConfigError, match="PLATFORM_TLS_CA=.*no PEM certificate"):
+    with pytest.raises(ConfigError, match=r"PLATFORM_TLS_CA=.*no PEM certificate"):
         tls_from_env({"PLATFORM_TLS_CA": str(ca.directory / "ca-key.pem")})
 
 
