@@ -73,6 +73,8 @@ CITIES = [
 
 # -- the fleet processes --------------------------------------------------------------------------
 
+_NODE_POLICY: Any = None
+
 
 class FleetNode:
     """One edge node: its own channel per replica address, one control stream at a time."""
@@ -119,8 +121,11 @@ class FleetNode:
         from pkg.clients import Policy
         from pkg.clients.foghorn import FoghornClient
 
+        global _NODE_POLICY
+        if _NODE_POLICY is None:
+            _NODE_POLICY = Policy(timeout=10.0)  # one for the process: a third of a client's build
         if target not in self.clients:
-            self.clients[target] = FoghornClient(target, token=TOKEN, policy=Policy(timeout=10.0))
+            self.clients[target] = FoghornClient(target, token=TOKEN, policy=_NODE_POLICY)
         return self.clients[target]
 
     def send(self, k: int) -> bool:
