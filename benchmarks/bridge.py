@@ -33,7 +33,7 @@ from typing import Any
 
 import jwt
 
-from benchmarks.common import load_average
+from benchmarks.common import cpu_seconds, load_average
 from pkg.clients import BreakerPolicy, Policy, RetryPolicy
 from pkg.clients.foghorn import FoghornClient
 from pkg.clients.http import AsyncHttpClient
@@ -158,15 +158,17 @@ async def _closed_loop(
     return len(latencies) / wall, latencies[int(len(latencies) * 0.99) - 1] * 1000
 
 
-async def _capacity(port: int, request: bytes, seconds: float) -> dict[str, Any]:
-    """The best req/s over rising concurrency whose p99 stays within ``P99_BOUND_MS``."""
+async def _capacity(port: int, pid: int | None, request: bytes, seconds: float) -> dict[str, Any]:
+    """The best req/s over rising concurrency whose p99 stays within ``P99_BOUND_MS``, and the
+    server process's CPU per request at each level (what the rate is on a quiet core)."""
     levels = []
     best = 0.0
     for concurrency in LEVELS:
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
         rate, p99 = await _closed_loop(port, request, concurrency, seconds)
-        levels.append(
-            {"concurrency": concurrency, "req_per_s": round(rate), "p99_ms": round(p99, 2)}
-        )
+        cpu_us = (cpu_seconds(pid) - cpu0) / max(1.0, rate * (time.perf_counter() - t0)) * 1e6
+        levels.append({"concurrency": concurrency, "req_per_s": round(rate),
+                       "p99_ms": round(p99, 2), "cpu_us_per_request": round(cpu_us)})  # fmt: skip
         if p99 <= P99_BOUND_MS:
             best = max(best, rate)
         else:
@@ -305,8 +307,10 @@ async def run(samples: int, rounds: int, load_seconds: float) -> dict[str, Any]:
                 "Authorization": f"Bearer {tok}", "Content-Type": "application/json"})  # fmt: skip
             trivial_request = _http_request(ports[0], "GET", "/", b"", {})
             await _closed_loop(ports[0], gql_request, 4, 1.0)  # warm-up
-            capacity = await _capacity(ports[0], gql_request, load_seconds)
-            trivial_capacity = await _capacity(ports[0], trivial_request, load_seconds)
+            capacity = await _capacity(ports[0], bridges[0].pid, gql_request, load_seconds)
+            trivial_capacity = await _capacity(
+                ports[0], bridges[0].pid, trivial_request, load_seconds
+            )
 
             # -- stampede: 200 concurrent identical misses over two replicas --
             fog_metrics = f"http://127.0.0.1:{fog_http}/metrics"
@@ -371,6 +375,12 @@ async def run(samples: int, rounds: int, load_seconds: float) -> dict[str, Any]:
         "throughput_ratio": round(
             capacity["req_per_s"] / max(1.0, trivial_capacity["req_per_s"]), 3
         ),
+        "cpu_us_per_cached_query": statistics.median(
+            lv["cpu_us_per_request"] for lv in capacity["levels"]
+        ),
+        "cpu_us_per_trivial_request": statistics.median(
+            lv["cpu_us_per_request"] for lv in trivial_capacity["levels"]
+        ),
         "throughput_levels": capacity["levels"],
         "trivial_throughput_levels": trivial_capacity["levels"],
         "throughput_p99_bound_ms": P99_BOUND_MS,
@@ -411,6 +421,11 @@ def main(argv: list[str]) -> int:
         ("cached_vs_redis_ratio", result["cached_vs_redis_ratio"], "<= 1.3"),
         ("requests_per_s", result["requests_per_s"], f"p99 <= {P99_BOUND_MS:g} ms"),
         ("  trivial route req/s", result["trivial_requests_per_s"], "baseline, same process"),
+        (
+            "  server CPU us: query",
+            result["cpu_us_per_cached_query"],
+            f"trivial route {result['cpu_us_per_trivial_request']}",
+        ),
         ("throughput_ratio", result["throughput_ratio"], ">= 0.5"),
         ("stampede_backend_calls", result["stampede_backend_calls"], "== 1"),
         ("ratelimit_error_pct", result["ratelimit_error_pct"], "== 0"),
