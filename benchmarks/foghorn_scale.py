@@ -39,6 +39,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -343,9 +344,9 @@ class Replica:
         return doc
 
     async def stop(self) -> None:
+        self.proc.stop(timeout=10)  # first: the process must not outlive the benchmark
         if self.http is not None:
             await self.http.aclose()
-        self.proc.stop(timeout=10)
 
 
 async def _until(check: Any, limit_s: float, interval: float = 0.1) -> float:
@@ -470,8 +471,10 @@ async def memory_size(size: int, args: argparse.Namespace, root: Path, out: dict
             nodes=doc["counts"]["nodes"],
         )
     finally:
-        await fleet.stop()
-        await replica.stop()
+        try:
+            await fleet.stop()
+        finally:
+            await replica.stop()  # even when the fleet's teardown failed or was cut short
 
 
 async def ha_phase(
@@ -591,17 +594,29 @@ async def ha_phase(
         out["herd_failure_examples"] = failures[:3]
         out["herd_jitter_s"] = args.jitter_s
     finally:
-        if router is not None:
-            await router.close()
-        await fleet.stop()
-        for replica in (extra, a, b):
-            if replica is not None:
-                await replica.stop()
-        redis.stop()
+        try:
+            if router is not None:
+                await router.close()
+            await fleet.stop()
+        finally:
+            for replica in (extra, a, b):
+                if replica is not None:
+                    replica.proc.stop(timeout=10)
+            for replica in (extra, a, b):
+                if replica is not None:
+                    await replica.stop()
+            redis.stop()
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="foghorn-scale-"))
+    try:
+        return await _run(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"load_average_start": load_average()}
     memory_cpu: dict[int, float] = {}
     for size in args.sizes:

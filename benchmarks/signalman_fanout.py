@@ -474,11 +474,13 @@ async def one_size(
                 replicas, addresses, audience, produce, spec, seq, events_per_s, out
             )
     finally:
-        await audience.stop()
-        for proc in replicas:
-            proc.stop(timeout=5)
-            if proc in stack.procs:
-                stack.procs.remove(proc)
+        try:
+            await audience.stop()
+        finally:
+            for proc in replicas:
+                proc.stop(timeout=5)
+                if proc in stack.procs:
+                    stack.procs.remove(proc)
 
 
 async def reconnect_herd(
