@@ -23,12 +23,14 @@ from pkg.clients.policy import (
     BudgetPolicy,
     HedgePolicy,
     KeepalivePolicy,
+    LimiterPolicy,
     OutlierPolicy,
     Policy,
     RetryPolicy,
 )
 from pkg.clients.runtime import Runtime
 from pkg.clients.shared_breaker import SharedBreakerStore
+from pkg.clients.shared_budget import SharedBudgetStore
 from pkg.clients.telemetry import (
     Instrumentation,
     OtelInstrumentation,
@@ -48,6 +50,7 @@ __all__ = [
     "HttpClient",
     "Instrumentation",
     "KeepalivePolicy",
+    "LimiterPolicy",
     "OtelInstrumentation",
     "OutlierDetector",
     "OutlierEvent",
@@ -58,6 +61,7 @@ __all__ = [
     "RetryPolicy",
     "Runtime",
     "SharedBreakerStore",
+    "SharedBudgetStore",
     "StructlogInstrumentation",
     "aio_channel",
     "deadline_from_grpc",

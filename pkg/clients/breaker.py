@@ -12,10 +12,11 @@ a ``pybreaker.CircuitBreakerStorage`` (``storage``), listeners are
 ``pybreaker.CircuitBreakerListener`` objects (``state_change``, ``success``, ``failure``), and
 the open error is a ``pybreaker.CircuitBreakerError``.
 
-Decision rules: failure ratio over a sliding time window (``buckets`` buckets over ``window``
-seconds) with a minimum number of calls; open for ``open_duration``; then exactly one probe;
-a probe that is cancelled or ends with an ignored outcome frees the slot for the next caller,
-and a probe that never reports frees it after ``probe_timeout``.
+Decision rules: failure ratio (and, optionally, slow-call ratio) over a sliding time window
+(``buckets`` buckets over ``window`` seconds) with a minimum number of calls; open for
+``open_duration``; then exactly one probe; a probe that is cancelled or ends with an ignored
+outcome frees the slot for the next caller, and a probe that never reports frees it after
+``probe_timeout``.
 """
 
 from __future__ import annotations
@@ -94,8 +95,8 @@ TransitionHook = Callable[["CircuitBreaker", str, str, str], None]
 class SharedState(Protocol):
     """The optional cross-process state behind a breaker (see ``shared_breaker.py``)."""
 
-    def note(self, ticket: int, outcome: int) -> None:
-        """Hand one outcome to the shared window."""
+    def note(self, ticket: int, outcome: int, slow: bool = False) -> None:
+        """Hand one outcome (and whether it was slow) to the shared window."""
 
     healthy: bool
 
@@ -136,7 +137,9 @@ class CircuitBreaker:
         self._n = policy.buckets
         self._succ = [0] * self._n
         self._fail = [0] * self._n
+        self._slow = [0] * self._n
         self._epoch = [-1] * self._n
+        self._slow_after = policy.slow_call_duration
         self.rejected = 0
 
     # -- state ---------------------------------------------------------------------------
@@ -172,7 +175,8 @@ class CircuitBreaker:
         """(successes, failures) inside the sliding window."""
         now = self.clock.monotonic() if now is None else now
         with self._lock:
-            return self._totals(int(now / self._width))
+            successes, failures, _ = self._totals(int(now / self._width))
+            return successes, failures
 
     # -- call path -----------------------------------------------------------------------
     def admit(self, now: float) -> int:
@@ -212,10 +216,12 @@ class CircuitBreaker:
             self.rejected += 1
             raise BreakerOpenError(self.name, self._open_until - now, STATE_OPEN)
 
-    def record(self, ticket: int, outcome: int, now: float) -> None:
-        """Account one finished attempt admitted with ``ticket``."""
+    def record(self, ticket: int, outcome: int, now: float, elapsed: float = 0.0) -> None:
+        """Account one finished attempt admitted with ``ticket`` that took ``elapsed`` s."""
+        slow = self._slow_after is not None and elapsed > self._slow_after
         if (
             outcome == BREAKER_SUCCESS
+            and not slow
             and ticket == TICKET_NORMAL
             and self._state is STATE_CLOSED
             and self.shared is None
@@ -234,12 +240,13 @@ class CircuitBreaker:
             if ticket == TICKET_PROBE:
                 self._probe_until = 0.0
                 if self._state == STATE_HALF_OPEN:
-                    if outcome == BREAKER_SUCCESS:
+                    if outcome == BREAKER_SUCCESS and not slow:
                         self._reset_window()
                         fired = self._set_state(STATE_CLOSED, "probe succeeded")
-                    elif outcome == BREAKER_FAILURE:
+                    elif outcome == BREAKER_FAILURE or (slow and outcome == BREAKER_SUCCESS):
                         self._open_until = now + self.policy.open_duration
-                        fired = self._set_state(STATE_OPEN, "probe failed")
+                        why = "probe failed" if outcome == BREAKER_FAILURE else "probe slow"
+                        fired = self._set_state(STATE_OPEN, why)
                     # BREAKER_IGNORE: the probe proved nothing; the next caller probes.
             elif (
                 outcome != BREAKER_IGNORE
@@ -253,22 +260,17 @@ class CircuitBreaker:
                     self._epoch[slot] = epoch
                     self._succ[slot] = 0
                     self._fail[slot] = 0
+                    self._slow[slot] = 0
+                if slow:
+                    self._slow[slot] += 1
                 if outcome == BREAKER_SUCCESS:
                     self._succ[slot] += 1
                 else:
                     self._fail[slot] += 1
-                    successes, failures = self._totals(epoch)
-                    total = successes + failures
-                    if (
-                        total >= self.policy.min_calls
-                        and failures >= self.policy.failure_ratio * total
-                    ):
-                        self._open_until = now + self.policy.open_duration
-                        fired = self._set_state(
-                            STATE_OPEN, f"{failures}/{total} failures in {self.policy.window}s"
-                        )
+                if outcome == BREAKER_FAILURE or slow:
+                    fired = self._judge(epoch, now)
         if self.shared is not None:
-            self.shared.note(ticket, outcome)
+            self.shared.note(ticket, outcome, slow)
         if self.listeners:
             for listener in self.listeners:
                 if outcome == BREAKER_SUCCESS:
@@ -277,6 +279,23 @@ class CircuitBreaker:
                     listener.failure(self, RuntimeError("attempt failed"))  # type: ignore[arg-type]
         if fired:
             self._fire(*fired)
+
+    def _judge(self, epoch: int, now: float) -> tuple[str, str, str] | None:
+        # Under the lock: open when the window has the volume and too many failures, or too
+        # many slow calls.
+        policy = self.policy
+        successes, failures, slow = self._totals(epoch)
+        total = successes + failures
+        if total < policy.min_calls:
+            return None
+        if failures >= policy.failure_ratio * total:
+            why = f"{failures}/{total} failures in {policy.window}s"
+        elif self._slow_after is not None and slow >= policy.slow_call_ratio * total:
+            why = f"{slow}/{total} calls slower than {self._slow_after}s in {policy.window}s"
+        else:
+            return None
+        self._open_until = now + policy.open_duration
+        return self._set_state(STATE_OPEN, why)
 
     def release(self, ticket: int) -> None:
         """Forget an attempt that ended without an outcome (cancelled): frees a probe slot."""
@@ -327,16 +346,18 @@ class CircuitBreaker:
         for i in range(self._n):
             self._succ[i] = 0
             self._fail[i] = 0
+            self._slow[i] = 0
             self._epoch[i] = -1
 
-    def _totals(self, epoch: int) -> tuple[int, int]:
+    def _totals(self, epoch: int) -> tuple[int, int, int]:
         oldest = epoch - self._n
-        successes = failures = 0
+        successes = failures = slow = 0
         for i in range(self._n):
             if self._epoch[i] > oldest:
                 successes += self._succ[i]
                 failures += self._fail[i]
-        return successes, failures
+                slow += self._slow[i]
+        return successes, failures, slow
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.name!r}, state={self._state})"

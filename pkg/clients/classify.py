@@ -9,7 +9,11 @@ the ``reason`` attribute of the retry metrics. The rules (see docs/rfcs/client-r
   of a status is never evidence: a server may send "connection refused" itself.
 * DEADLINE_EXCEEDED is retryable only when it was a capped per-attempt timeout and the overall
   deadline still has time; never once the overall deadline is spent.
-* CANCELLED, the breaker's own open error and domain errors are never retried.
+* RESOURCE_EXHAUSTED with a ``grpc-retry-pushback-ms`` (a server shedding load) is retried for
+  idempotent methods after the pushback; it costs a budget token but does not count against
+  the breaker (the server is alive). Without pushback it is a domain error (a quota).
+* CANCELLED, the breaker's own open error, the limiter's refusal and domain errors are never
+  retried.
 * A negative ``grpc-retry-pushback-ms`` (or an unparsable one) means "do not retry".
 """
 
@@ -23,6 +27,7 @@ import grpc
 
 from pkg.clients.breaker import BREAKER_FAILURE, BREAKER_IGNORE, BreakerOpenError
 from pkg.clients.connection import NotSentError
+from pkg.clients.limiter import LimitExceededError
 from pkg.clients.outlier import OUTCOME_ERROR, OUTCOME_LOCAL, OUTCOME_NEUTRAL, OUTCOME_SUCCESS
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
@@ -50,6 +55,7 @@ class Verdict:
     breaker: int
     pushback: float | None = None  # seconds the server asked us to wait; < 0: do not retry
     code: str = "ERROR"
+    overload: bool = False  # the callee shed the call: costs a budget token like a failure
 
 
 CANCELLED_VERDICT = Verdict(False, "cancelled by the caller", BREAKER_IGNORE, code="CANCELLED")
@@ -113,6 +119,14 @@ def classify_grpc(
         return Verdict(False, "circuit breaker open (never retried)", BREAKER_IGNORE, code="OPEN")
     if isinstance(exc, asyncio.CancelledError):
         return CANCELLED_VERDICT
+    if isinstance(exc, LimitExceededError):
+        return Verdict(
+            False, "client concurrency limit reached (never retried)", BREAKER_IGNORE, code="LIMIT"
+        )
+    if isinstance(exc, LimitExceededError):
+        return Verdict(
+            False, "client concurrency limit reached (never retried)", BREAKER_IGNORE, code="LIMIT"
+        )
     if isinstance(exc, NotSentError):
         name = exc.code().name
         if time_left <= 0:
@@ -150,6 +164,20 @@ def classify_grpc(
             return Verdict(True, "per-attempt timeout", breaker, pushback, name)
         return Verdict(
             False, "per-attempt timeout on a non-idempotent method", breaker, pushback, name
+        )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and pushback is not None:
+        # A server shedding load says when to come back (pkg.common.shedding does). Without a
+        # pushback RESOURCE_EXHAUSTED may be a quota, which a retry does not fix.
+        if idempotent:
+            why = "RESOURCE_EXHAUSTED: server shed load"
+            return Verdict(True, why, breaker, pushback, name, overload=True)
+        return Verdict(
+            False,
+            "RESOURCE_EXHAUSTED on a non-idempotent method",
+            breaker,
+            pushback,
+            name,
+            overload=True,
         )
     if code == grpc.StatusCode.CANCELLED:
         return Verdict(False, "CANCELLED is never retried", BREAKER_IGNORE, pushback, name)

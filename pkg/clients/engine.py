@@ -29,6 +29,7 @@ from pkg.clients.breaker import (
 )
 from pkg.clients.classify import CANCELLED_VERDICT, Verdict
 from pkg.clients.deadline import _deadline
+from pkg.clients.limiter import LimitExceededError, is_overload
 from pkg.clients.runtime import MethodState
 from pkg.clients.telemetry import RetryEvent
 from pkg.common import tracing as _tracing_on
@@ -111,22 +112,23 @@ class _Decider:
         timeout, self.capped = _attempt_timeout(self.ms, self.deadline, now)
         return timeout
 
-    def settle(self, exc: BaseException, ticket: int) -> Verdict:
-        """Classify a failed attempt and feed breaker and budget."""
+    def settle(self, exc: BaseException, ticket: int, started: float) -> Verdict:
+        """Classify a failed attempt (started at ``started``) and feed breaker and budget."""
         ms = self.ms
         now = ms.clock.monotonic()
+        elapsed = now - started
         verdict = self.classify(exc, self.capped, self.deadline - now)
         self.verdict = verdict
         breaker = ms.breaker
         if breaker is not None and not isinstance(exc, BreakerOpenError):
             if verdict is CANCELLED_VERDICT or verdict.breaker == BREAKER_IGNORE:
                 if ticket != TICKET_NORMAL:
-                    breaker.record(ticket, BREAKER_IGNORE, now)
+                    breaker.record(ticket, BREAKER_IGNORE, now, elapsed)
             else:
-                breaker.record(ticket, verdict.breaker, now)
+                breaker.record(ticket, verdict.breaker, now, elapsed)
         if isinstance(exc, BreakerOpenError):
             ms.runtime.emit_rejected(exc.name, exc.retry_after)
-        if verdict.breaker == BREAKER_FAILURE:
+        if verdict.breaker == BREAKER_FAILURE or verdict.overload:
             ms.budget.on_failure()
         return verdict
 
@@ -235,9 +237,35 @@ def call_async(
     ``call_timeout`` is the caller's overall deadline (None: the policy's ``timeout``). With
     tracing on, the call runs inside a call span (``pkg.clients.tracing``).
     """
+    run = _call_async if ms.limiter is None else _limited_async
     if _tracing_on.ENABLED:  # an attribute read: the untraced success path stays as it was
-        return tracing.traced_async(ms, lambda: _call_async(ms, call_timeout, attempt, classify))
-    return _call_async(ms, call_timeout, attempt, classify)
+        return tracing.traced_async(ms, lambda: run(ms, call_timeout, attempt, classify))
+    return run(ms, call_timeout, attempt, classify)
+
+
+async def _limited_async(
+    ms: MethodState,
+    call_timeout: float | None,
+    attempt: Callable[[float], Awaitable[T]],
+    classify: Classifier,
+) -> T:
+    # The whole call (its retries included) holds one slot of the target's concurrency limit;
+    # a call refused by the limit still counts as a call.
+    limiter = ms.limiter
+    assert limiter is not None
+    try:
+        await limiter.acquire()
+    except LimitExceededError:
+        ms.counters.calls += 1
+        raise
+    start = ms.now()
+    try:
+        result = await _call_async(ms, call_timeout, attempt, classify)
+    except BaseException as exc:
+        limiter.release(None, is_overload(exc))
+        raise
+    limiter.release(ms.now() - start, False)
+    return result
 
 
 async def _call_async(
@@ -281,7 +309,7 @@ async def _retry_async(
     if not isinstance(first, Exception):  # cancelled: never retried
         _abandoned(ms, ticket)
         raise first
-    decider.settle(first, ticket)
+    decider.settle(first, ticket, decider.start)
     replay: list[BaseException] = [first]
 
     async def run_attempt() -> T:
@@ -320,11 +348,12 @@ def _abandoned(ms: MethodState, ticket: int) -> None:
 
 async def _one_async_attempt(decider: _Decider, attempt: Callable[[float], Awaitable[T]]) -> T:
     ticket = TICKET_NORMAL
+    start = decider.ms.clock.monotonic()
     try:
         start, ticket, timeout = _begin_retry(decider)
         result = await attempt(timeout)
     except Exception as exc:
-        decider.settle(exc, ticket)
+        decider.settle(exc, ticket, start)
         raise
     except BaseException:
         _abandoned(decider.ms, ticket)
@@ -394,9 +423,33 @@ def call_sync(
     classify: Classifier,
 ) -> T:
     """Blocking twin of ``call_async`` (no hedging: that needs concurrent attempts)."""
+    run = _call_sync if ms.limiter is None else _limited_sync
     if _tracing_on.ENABLED:  # an attribute read: the untraced success path stays as it was
-        return tracing.traced_sync(ms, lambda: _call_sync(ms, timeout, attempt, classify))
-    return _call_sync(ms, timeout, attempt, classify)
+        return tracing.traced_sync(ms, lambda: run(ms, timeout, attempt, classify))
+    return run(ms, timeout, attempt, classify)
+
+
+def _limited_sync(
+    ms: MethodState,
+    timeout: float | None,
+    attempt: Callable[[float], T],
+    classify: Classifier,
+) -> T:
+    limiter = ms.limiter
+    assert limiter is not None
+    try:
+        limiter.acquire_sync()
+    except LimitExceededError:
+        ms.counters.calls += 1
+        raise
+    start = ms.clock.monotonic()
+    try:
+        result = _call_sync(ms, timeout, attempt, classify)
+    except BaseException as exc:
+        limiter.release(None, is_overload(exc))
+        raise
+    limiter.release(ms.clock.monotonic() - start, False)
+    return result
 
 
 def _call_sync(
@@ -431,7 +484,7 @@ def _retry_sync(
     decider: _Decider, first: Exception, ticket: int, attempt: Callable[[float], T]
 ) -> T:
     ms = decider.ms
-    decider.settle(first, ticket)
+    decider.settle(first, ticket, decider.start)
     replay: list[BaseException] = [first]
 
     def run_attempt() -> T:
@@ -450,11 +503,12 @@ def _retry_sync(
 
 def _one_sync_attempt(decider: _Decider, attempt: Callable[[float], T]) -> T:
     ticket = TICKET_NORMAL
+    start = decider.ms.clock.monotonic()
     try:
         start, ticket, timeout = _begin_retry(decider)
         result = attempt(timeout)
     except Exception as exc:
-        decider.settle(exc, ticket)
+        decider.settle(exc, ticket, start)
         raise
     except BaseException:
         _abandoned(decider.ms, ticket)

@@ -240,6 +240,12 @@ class BreakerPolicy:
     then lets exactly one probe through (half-open): success closes it, failure re-opens it.
     A probe that never reports (cancelled, crashed thread) frees its slot after
     ``probe_timeout`` seconds.
+
+    Slow calls (resilience4j's slow-call rate): with ``slow_call_duration`` set, an attempt
+    that took longer counts as slow (whether it succeeded or failed), and the breaker also
+    opens when, with at least ``min_calls`` outcomes in the window, the share of slow ones
+    reaches ``slow_call_ratio``. A callee that still answers, but ten times slower, ties up the
+    caller's concurrency as surely as one that fails. A slow probe re-opens the breaker.
     """
 
     enabled: bool = True
@@ -251,6 +257,8 @@ class BreakerPolicy:
     probe_timeout: float = 30.0
     per_method: bool = False
     failure_codes: frozenset[grpc.StatusCode] = DEFAULT_BREAKER_FAILURE_CODES
+    slow_call_duration: float | None = None
+    slow_call_ratio: float = 0.5
 
     def __post_init__(self) -> None:
         _require(
@@ -268,6 +276,12 @@ class BreakerPolicy:
         )
         _require_seconds(self.open_duration, "breaker.open_duration")
         _require_seconds(self.probe_timeout, "breaker.probe_timeout")
+        if self.slow_call_duration is not None:
+            _require_seconds(self.slow_call_duration, "breaker.slow_call_duration")
+        _require(
+            finite_number(self.slow_call_ratio) and 0 < self.slow_call_ratio <= 1,
+            f"breaker.slow_call_ratio must be a ratio in (0, 1], got {self.slow_call_ratio!r}",
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,6 +366,52 @@ class OutlierPolicy:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class LimiterPolicy:
+    """Adaptive concurrency limit per target (``pkg.clients.limiter``), off unless enabled.
+
+    The limit starts at ``initial_limit`` and moves within ``min_limit``..``max_limit``
+    following latency (Vegas): it grows while fewer than ``alpha * log10(limit)`` calls seem to
+    queue at the callee, shrinks above ``beta * log10(limit)``, and shrinks by 10% when the
+    callee sheds a call (RESOURCE_EXHAUSTED) or one times out. A call over the limit waits up to
+    ``max_wait`` seconds for a slot, then fails at once with ``LimitExceededError``.
+    ``probe_interval``: successful calls between two re-measurements of the no-load latency.
+    ``alpha``/``beta`` are twice Netflix's VegasLimit defaults: in a Python caller the event
+    loop's own scheduling adds latency that is not queueing at the callee (measured in
+    ``./dev bench clients``: 3/6 held the limit below what the callee could serve).
+    """
+
+    enabled: bool = False
+    initial_limit: int = 20
+    min_limit: int = 1
+    max_limit: int = 1000
+    alpha: float = 6.0
+    beta: float = 12.0
+    max_wait: float = 0.0
+    probe_interval: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("initial_limit", "min_limit", "max_limit", "probe_interval"):
+            value = getattr(self, name)
+            _require(
+                _integer(value) and value >= 1,
+                f"limiter.{name} must be an integer >= 1, got {value!r}",
+            )
+        _require(
+            self.min_limit <= self.initial_limit <= self.max_limit,
+            "limiter: min_limit <= initial_limit <= max_limit must hold, got "
+            f"{self.min_limit}, {self.initial_limit}, {self.max_limit}",
+        )
+        _require(
+            finite_number(self.alpha) and finite_number(self.beta) and 0 < self.alpha < self.beta,
+            f"limiter: 0 < alpha < beta must hold, got {self.alpha!r}, {self.beta!r}",
+        )
+        _require(
+            finite_number(self.max_wait) and self.max_wait >= 0,
+            f"limiter.max_wait must be >= 0 seconds, got {self.max_wait!r}",
+        )
+
+
 # What a gRPC server built with grpc-core's defaults accepts from a client (the values of
 # ``grpc.http2.min_recv_ping_interval_without_data_ms`` and ``grpc.keepalive_permit_without_calls``
 # when a server sets neither): one ping per 5 minutes, and none while no call is active. Three
@@ -413,6 +473,7 @@ class Policy:
     hedge: HedgePolicy = field(default_factory=HedgePolicy)
     outlier: OutlierPolicy = field(default_factory=OutlierPolicy)
     keepalive: KeepalivePolicy = field(default_factory=KeepalivePolicy)
+    limiter: LimiterPolicy = field(default_factory=LimiterPolicy)
     stream_setup: float = 0.5
     record_latency: bool = True
 
@@ -426,6 +487,7 @@ class Policy:
             ("hedge", HedgePolicy),
             ("outlier", OutlierPolicy),
             ("keepalive", KeepalivePolicy),
+            ("limiter", LimiterPolicy),
         ):
             _require(
                 isinstance(getattr(self, name), cls),

@@ -22,6 +22,7 @@ import pybreaker
 
 from pkg.clients.breaker import BREAKER_SUCCESS, CircuitBreaker
 from pkg.clients.budget import RetryBudget
+from pkg.clients.limiter import AdaptiveLimiter
 from pkg.clients.outlier import OutlierDetector, OutlierEvent
 from pkg.clients.policy import OutlierPolicy, Policy
 from pkg.clients.telemetry import (
@@ -37,6 +38,7 @@ from pkg.common.clock import SYSTEM_CLOCK, Clock, SystemClock
 
 if TYPE_CHECKING:
     from pkg.clients.shared_breaker import SharedBreakerStore
+    from pkg.clients.shared_budget import SharedBudgetStore
 
 
 class MethodState:
@@ -51,6 +53,7 @@ class MethodState:
         "hedge",
         "idempotent",
         "latency_ema",
+        "limiter",
         "method",
         "now",
         "policy",
@@ -76,6 +79,7 @@ class MethodState:
         self.hedge = self.idempotent and policy.hedge.applies_to(method)
         self.budget = runtime.budget(target, policy)
         self.breaker = runtime.breaker(target, method, policy) if policy.breaker.enabled else None
+        self.limiter = runtime.limiter(target, policy) if policy.limiter.enabled else None
         self.latency_ema = 0.0
         self.record_latency = policy.record_latency
         # Attempts, calls and the latency histogram are aggregated in plain counters that
@@ -87,12 +91,15 @@ class MethodState:
         """Success bookkeeping of an attempt, shared by every call style: breaker, budget,
         latency. ``ticket`` is the breaker's admission ticket of the attempt."""
         breaker = self.breaker
-        if breaker is not None:
-            breaker.record(ticket, BREAKER_SUCCESS, end)
         elapsed = end - start
+        if breaker is not None:
+            breaker.record(ticket, BREAKER_SUCCESS, end, elapsed)
         budget = self.budget  # RetryBudget.on_success, inlined (hot path)
-        tokens = budget.tokens + budget.ratio
-        budget.tokens = tokens if tokens < budget.max_tokens else budget.max_tokens
+        if budget.shared is None:
+            tokens = budget.tokens + budget.ratio
+            budget.tokens = tokens if tokens < budget.max_tokens else budget.max_tokens
+        else:
+            budget.on_success()
         # An EMA of success latency tells the deadline check how long an attempt takes.
         self.latency_ema += (elapsed - self.latency_ema) * 0.1
         if self.record_latency:
@@ -119,6 +126,7 @@ class Runtime:
         instrumentation: Sequence[Instrumentation] | None = None,
         breaker_listeners: Sequence[pybreaker.CircuitBreakerListener] = (),
         shared_breakers: SharedBreakerStore | None = None,
+        shared_budgets: SharedBudgetStore | None = None,
     ) -> None:
         self.clock = clock
         self.rng = rng or random.Random()
@@ -129,9 +137,11 @@ class Runtime:
         )
         self.breaker_listeners = tuple(breaker_listeners)
         self.shared_breakers = shared_breakers
+        self.shared_budgets = shared_budgets
         self.budgets: dict[str, RetryBudget] = {}
         self.breakers: dict[str, CircuitBreaker] = {}
         self.detectors: dict[tuple[str, tuple[str, ...]], OutlierDetector] = {}
+        self.limiters: dict[str, AdaptiveLimiter] = {}
         self.methods: dict[tuple[str, str, int], MethodState] = {}
         self._lock = threading.Lock()
         instruments().runtimes.add(self)
@@ -159,8 +169,18 @@ class Runtime:
         """The retry budget of ``target``."""
         budget = self.budgets.get(target)
         if budget is None:
-            budget = self.budgets.setdefault(target, RetryBudget(policy.budget))
+            created = RetryBudget(policy.budget)
+            budget = self.budgets.setdefault(target, created)
+            if budget is created and self.shared_budgets is not None and created.enabled:
+                self.shared_budgets.attach(target, created)
         return budget
+
+    def limiter(self, target: str, policy: Policy) -> AdaptiveLimiter:
+        """The adaptive concurrency limiter of ``target`` (every method of it shares one)."""
+        limiter = self.limiters.get(target)
+        if limiter is None:
+            limiter = self.limiters.setdefault(target, AdaptiveLimiter(target, policy.limiter))
+        return limiter
 
     def breaker(self, target: str, method: str, policy: Policy) -> CircuitBreaker:
         """The breaker of ``target`` (or of ``target`` + ``method`` when per_method)."""

@@ -23,6 +23,7 @@ import redis
 
 from pkg.clients.breaker import (
     BREAKER_FAILURE,
+    BREAKER_IGNORE,
     BREAKER_SUCCESS,
     STATE_CLOSED,
     STATE_HALF_OPEN,
@@ -37,8 +38,9 @@ _log = get_logger("pkg.clients.shared_breaker")
 
 # KEYS[1]: breaker hash. ARGV: owner, successes, failures, probe_result (0 none, 1 success,
 # 2 failure, 3 released), want_probe, window_ms, buckets, min_calls, ratio, open_ms,
-# probe_ttl_ms, grant_ttl_ms, probe_started. Returns {state, ms until the open state ends,
-# 1 if owner holds the probe}.
+# probe_ttl_ms, grant_ttl_ms, probe_started, slow (outcomes slower than the breaker's
+# slow_call_duration), slow_ratio (0: no slow-call rule). Returns {state, ms until the open
+# state ends, 1 if owner holds the probe}.
 SYNC_LUA = """
 local key = KEYS[1]
 local owner = ARGV[1]
@@ -54,6 +56,8 @@ local open_ms = tonumber(ARGV[10])
 local probe_ttl = tonumber(ARGV[11])
 local grant_ttl = tonumber(ARGV[12])
 local probe_started = tonumber(ARGV[13])
+local slow = tonumber(ARGV[14])
+local slow_ratio = tonumber(ARGV[15])
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -66,7 +70,7 @@ local function clear_window()
   local fields = redis.call('HKEYS', key)
   for _, f in ipairs(fields) do
     local p = string.sub(f, 1, 2)
-    if p == 's:' or p == 'f:' then redis.call('HDEL', key, f) end
+    if p == 's:' or p == 'f:' or p == 'w:' then redis.call('HDEL', key, f) end
   end
 end
 
@@ -87,24 +91,29 @@ if state == 'closed' and (succ > 0 or fail > 0) then
   local epoch = math.floor(now / width)
   if succ > 0 then redis.call('HINCRBY', key, 's:' .. epoch, succ) end
   if fail > 0 then redis.call('HINCRBY', key, 'f:' .. epoch, fail) end
-  local total_s, total_f = 0, 0
+  if slow > 0 then redis.call('HINCRBY', key, 'w:' .. epoch, slow) end
+  local total_s, total_f, total_w = 0, 0, 0
   local fields = redis.call('HGETALL', key)
   for i = 1, #fields, 2 do
     local f = fields[i]
     local p = string.sub(f, 1, 2)
-    if p == 's:' or p == 'f:' then
+    if p == 's:' or p == 'f:' or p == 'w:' then
       local e = tonumber(string.sub(f, 3))
       if e <= epoch - buckets then
         redis.call('HDEL', key, f)
       elseif p == 's:' then
         total_s = total_s + tonumber(fields[i + 1])
-      else
+      elseif p == 'f:' then
         total_f = total_f + tonumber(fields[i + 1])
+      else
+        total_w = total_w + tonumber(fields[i + 1])
       end
     end
   end
   local total = total_s + total_f
-  if fail > 0 and total >= min_calls and total_f >= ratio * total then
+  local too_many_failures = fail > 0 and total_f >= ratio * total
+  local too_many_slow = slow > 0 and slow_ratio > 0 and total_w >= slow_ratio * total
+  if total >= min_calls and (too_many_failures or too_many_slow) then
     state = 'open'
     open_until = now + open_ms
     clear_window()
@@ -144,6 +153,7 @@ class _SharedState:
         self.lock = threading.Lock()
         self.successes = 0
         self.failures = 0
+        self.slow = 0
         self.probe_result = 0
         self.want_probe = False
         self.granted = False
@@ -151,17 +161,22 @@ class _SharedState:
         self.healthy = False  # True once a sync succeeded; False: the local window decides
 
     # Called on the call path: counters only, under a tiny lock.
-    def note(self, ticket: int, outcome: int) -> None:
+    def note(self, ticket: int, outcome: int, slow: bool = False) -> None:
         with self.lock:
             if ticket == TICKET_PROBE:
+                if slow and outcome == BREAKER_SUCCESS:
+                    outcome = BREAKER_FAILURE  # a slow probe re-opens, as it does locally
                 self.probe_result = {BREAKER_SUCCESS: 1, BREAKER_FAILURE: 2}.get(outcome, 3)
                 self.granted = False
                 self.want_probe = False
-            elif outcome == BREAKER_SUCCESS:
-                self.successes += 1
-            elif outcome == BREAKER_FAILURE:
-                self.failures += 1
-        if ticket == TICKET_PROBE or outcome == BREAKER_FAILURE:
+            else:
+                if outcome == BREAKER_SUCCESS:
+                    self.successes += 1
+                elif outcome == BREAKER_FAILURE:
+                    self.failures += 1
+                if slow and outcome != BREAKER_IGNORE:
+                    self.slow += 1
+        if ticket == TICKET_PROBE or outcome == BREAKER_FAILURE or slow:
             self.store.wake()
 
     def wants_probe(self) -> bool:
@@ -189,10 +204,11 @@ class _SharedState:
             return
         with self.lock:
             successes, failures, probe_result = self.successes, self.failures, self.probe_result
+            slow = self.slow
             want = self.want_probe
             started = self.started
             self.started = False
-            self.successes = self.failures = self.probe_result = 0
+            self.successes = self.failures = self.probe_result = self.slow = 0
         policy = breaker.policy
         try:
             state, open_ms, mine = script(
@@ -211,12 +227,15 @@ class _SharedState:
                     int(policy.probe_timeout * 1000),
                     int(self.store.grant_ttl * 1000),
                     1 if started else 0,
+                    slow,
+                    policy.slow_call_ratio if policy.slow_call_duration is not None else 0,
                 ],
             )
         except Exception:
             with self.lock:  # put the counts back for the next try
                 self.successes += successes
                 self.failures += failures
+                self.slow += slow
                 if probe_result and not self.probe_result:
                     self.probe_result = probe_result
             raise

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from pkg.common import tracing
 from pkg.common.health import HealthSource
+from pkg.common.shedding import LoadShedder, SheddingPolicy
 from pkg.common.tls import PLAINTEXT, TlsSettings, grpc_server_credentials
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -111,10 +112,12 @@ def build_server(
     max_pending_calls: int = DEFAULT_MAX_PENDING_CALLS,
     extra_options: Sequence[tuple[str, Any]] = (),
     settings: GrpcSettings | None = None,
+    shedding: SheddingPolicy | None = None,
 ) -> GrpcServer:
     """Create an asyncio gRPC server listening on ``host:port`` (0 picks a free port);
     ``settings``, when given, replaces ``host``, ``port`` and ``max_message_bytes`` and gives
-    the transport security (plaintext without it)."""
+    the transport security (plaintext without it); ``shedding`` bounds each unary method's
+    in-flight queue (``pkg.common.shedding``)."""
     tls = PLAINTEXT
     if settings is not None:
         host, port, max_message_bytes = settings.host, settings.port, settings.max_message_bytes
@@ -132,8 +135,10 @@ def build_server(
         ("grpc.server.max_pending_requests_hard_limit", 2 * max_pending_calls),
         *extra_options,
     ]
-    # Tracing (when on) is outermost: the server span covers the other interceptors too.
-    chain = [*tracing.server_interceptors(), *interceptors]
+    # Tracing (when on) is outermost: the server span covers the other interceptors too; then
+    # load shedding, so a refused call costs no more than the refusal.
+    shedder = [LoadShedder(shedding)] if shedding is None or shedding.enabled else []
+    chain = [*tracing.server_interceptors(), *shedder, *interceptors]
     server = grpc.aio.server(interceptors=chain, options=options)
     names = []
     for binding in bindings:

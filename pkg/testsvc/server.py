@@ -17,6 +17,7 @@ import grpc
 import grpc.aio
 
 from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
+from pkg.common.shedding import SheddingPolicy
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
 
@@ -32,8 +33,11 @@ class _KeyStats:
 class TestServicer(pb_grpc.TestServiceServicer):
     """Implements testsvc.v1.TestService; ``stats`` is readable in-process too."""
 
-    def __init__(self, server_id: str = "testsvc") -> None:
+    def __init__(self, server_id: str = "testsvc", workers: int | None = None) -> None:
         self.server_id = server_id
+        # Work holds one of ``workers`` slots (a connection pool, say) for its duration: the
+        # server's capacity is workers / delay. None: unlimited.
+        self._workers = asyncio.Semaphore(workers) if workers else None
         self.stats: dict[str, _KeyStats] = defaultdict(_KeyStats)
         self.total_attempts = 0
 
@@ -92,10 +96,13 @@ class TestServicer(pb_grpc.TestServiceServicer):
     async def Work(
         self, request: pb.UnaryRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.UnaryReply:
-        """A unit of work lasting ``behavior.delay_s`` (no per-key bookkeeping: benchmarks
-        send many thousands)."""
-        if request.behavior.delay_s > 0:
+        """A unit of work lasting ``behavior.delay_s`` on one of the server's workers (no
+        per-key bookkeeping: benchmarks send many thousands)."""
+        if self._workers is None:
             await asyncio.sleep(request.behavior.delay_s)
+        else:
+            async with self._workers:
+                await asyncio.sleep(request.behavior.delay_s)
         return pb.UnaryReply(key=request.key, attempt=1, server_id=self.server_id)
 
     async def ServerStream(
@@ -149,7 +156,9 @@ def _code(number: int) -> tuple[int, str]:
     raise ValueError(f"unknown grpc status code {number}")
 
 
-def build(servicer: TestServicer, port: int = 0) -> GrpcServer:
+def build(
+    servicer: TestServicer, port: int = 0, shedding: SheddingPolicy | None = None
+) -> GrpcServer:
     return build_server(
         [
             ServiceBinding(
@@ -157,11 +166,14 @@ def build(servicer: TestServicer, port: int = 0) -> GrpcServer:
             )
         ],
         port=port,
+        shedding=shedding,
     )
 
 
-async def serve(port: int, server_id: str) -> None:
-    server = build(TestServicer(server_id), port)
+async def serve(
+    port: int, server_id: str, shedding: SheddingPolicy | None = None, workers: int | None = None
+) -> None:
+    server = build(TestServicer(server_id, workers), port, shedding)
     await server.start()
     print(f"testsvc {server_id} listening on 127.0.0.1:{server.port}", flush=True)
     stop = asyncio.Event()
@@ -176,9 +188,26 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="testsvc", description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--id", default="testsvc")
+    parser.add_argument(
+        "--max-in-flight", type=int, default=None, help="load shedding: calls running per method"
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=None, help="load shedding: calls waiting per method"
+    )
+    parser.add_argument(
+        "--no-shedding", action="store_true", help="no bounded queue (a naive server)"
+    )
+    parser.add_argument("--workers", type=int, default=None, help="Work's worker slots")
     args = parser.parse_args(argv)
+    shedding = SheddingPolicy(enabled=False) if args.no_shedding else None
+    if args.max_in_flight is not None or args.max_queue is not None:
+        default = SheddingPolicy()
+        shedding = SheddingPolicy(
+            max_in_flight=args.max_in_flight or default.max_in_flight,
+            max_queue=default.max_queue if args.max_queue is None else args.max_queue,
+        )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.port, args.id))
+        asyncio.run(serve(args.port, args.id, shedding, args.workers))
     return 0
 
 

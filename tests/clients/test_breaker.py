@@ -158,3 +158,34 @@ def test_breakers_are_per_target_or_per_method() -> None:
     other = Runtime(clock=FakeClock())
     x = other.breaker("svc:1", "/s.v1.S/GetA", per_method)
     assert other.breaker("svc:1", "/s.v1.S/GetB", per_method) is not x
+
+
+def test_slow_calls_open_the_breaker_even_when_they_succeed() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock, slow_call_duration=0.5, slow_call_ratio=0.5)
+    now = clock.monotonic()
+    for elapsed in (0.01, 0.9, 0.01):
+        breaker.record(breaker.admit(now), BREAKER_SUCCESS, now, elapsed)
+    assert breaker.state == STATE_CLOSED  # 3 < min_calls
+    breaker.record(breaker.admit(now), BREAKER_SUCCESS, now, 1.2)
+    assert breaker.state == STATE_OPEN  # 2 slow / 4 calls >= 0.5
+    # A slow probe re-opens it; a fast one closes it.
+    clock.advance(5.0)
+    now = clock.monotonic()
+    breaker.record(breaker.admit(now), BREAKER_SUCCESS, now, 0.8)
+    assert breaker.state == STATE_OPEN
+    clock.advance(5.0)
+    now = clock.monotonic()
+    breaker.record(breaker.admit(now), BREAKER_SUCCESS, now, 0.01)
+    assert breaker.state == STATE_CLOSED
+
+
+def test_without_a_slow_call_duration_latency_never_opens_the_breaker() -> None:
+    clock = FakeClock()
+    breaker = make_breaker(clock)
+    now = clock.monotonic()
+    for _ in range(20):
+        breaker.record(breaker.admit(now), BREAKER_SUCCESS, now, 30.0)
+    assert breaker.state == STATE_CLOSED
+    with pytest.raises(ValueError, match="slow_call_ratio"):
+        BreakerPolicy(slow_call_duration=1.0, slow_call_ratio=0)

@@ -503,3 +503,15 @@ async def test_a_stream_written_with_write_fails_fast_on_an_open_breaker(
     await channel.close()
     assert rejected == [target]
     assert (await attempts(stats_stub, key)).attempts == 1  # the refused stream never left
+
+
+async def test_a_server_that_answers_slowly_opens_the_slow_call_breaker(target: str, key: str):  # type: ignore[no-untyped-def]
+    policy = fast_policy(breaker=BreakerPolicy(min_calls=3, slow_call_duration=0.05))
+    channel = aio_channel(target, policy, runtime=Runtime())
+    stub = pb_grpc.TestServiceStub(channel)
+    slow = pb.UnaryRequest(key=key, behavior=pb.Behavior(delay_s=0.1))
+    for _ in range(3):
+        assert (await stub.Unary(slow, timeout=5)).key == key  # every call succeeds, slowly
+    with pytest.raises(BreakerOpenError):
+        await stub.Unary(slow, timeout=5)
+    await channel.close()

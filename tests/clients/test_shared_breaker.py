@@ -233,3 +233,15 @@ def test_close_leaves_a_redis_client_the_caller_passed_in_to_the_caller(redis_se
     own.client.__class__ = Recording  # the store's own client is closed with it
     own.close()
     assert own.client.closed  # type: ignore[attr-defined]
+
+
+def test_slow_calls_in_one_process_open_the_breaker_in_all(two_stores) -> None:
+    stores = two_stores
+    policy = Policy(breaker=BreakerPolicy(min_calls=4, slow_call_duration=0.1))
+    a, b = (breaker_of(store, policy) for store in stores)
+    now = a.clock.monotonic()
+    for _ in range(4):
+        a.record(a.admit(now), BREAKER_SUCCESS, now, 0.5)  # answered, but 5x too slow
+    stores[0].sync_now()
+    stores[1].sync_now()
+    assert a.state == STATE_OPEN and b.state == STATE_OPEN
