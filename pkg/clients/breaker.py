@@ -141,6 +141,7 @@ class CircuitBreaker:
         self._epoch = [-1] * self._n
         self._slow_after = policy.slow_call_duration
         self.rejected = 0
+        self.probe_outcomes = 0  # probes that ended here (shared state compares it)
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -239,6 +240,12 @@ class CircuitBreaker:
         with self._lock:
             if ticket == TICKET_PROBE:
                 self._probe_until = 0.0
+                if self.shared is not None:
+                    # Handed over before the state changes, then counted: a shared-state sync
+                    # that read its counts without this probe sees the count move and does not
+                    # undo what the probe decides here (``force(unless_probed_since=...)``).
+                    self.shared.note(ticket, outcome, slow)
+                self.probe_outcomes += 1
                 if self._state == STATE_HALF_OPEN:
                     if outcome == BREAKER_SUCCESS and not slow:
                         self._reset_window()
@@ -269,7 +276,7 @@ class CircuitBreaker:
                     self._fail[slot] += 1
                 if outcome == BREAKER_FAILURE or slow:
                     fired = self._judge(epoch, now)
-        if self.shared is not None:
+        if self.shared is not None and ticket != TICKET_PROBE:
             self.shared.note(ticket, outcome, slow)
         if self.listeners:
             for listener in self.listeners:
@@ -306,12 +313,24 @@ class CircuitBreaker:
                 self.shared.released()
 
     # -- transitions ---------------------------------------------------------------------
-    def force(self, state: str, open_for: float | None = None, reason: str = "forced") -> None:
-        """Set the state from outside (shared state, operators, tests)."""
+    def force(
+        self,
+        state: str,
+        open_for: float | None = None,
+        reason: str = "forced",
+        unless_probed_since: int | None = None,
+    ) -> None:
+        """Set the state from outside (shared state, operators, tests).
+
+        ``unless_probed_since``: a ``probe_outcomes`` count; when a probe has ended since, the
+        state it set stands and nothing is forced.
+        """
         if state not in _CANONICAL:
             raise ValueError(f"unknown breaker state {state!r}: one of {sorted(_CANONICAL)}")
         now = self.clock.monotonic()
         with self._lock:
+            if unless_probed_since is not None and self.probe_outcomes != unless_probed_since:
+                return
             if state == STATE_OPEN:
                 self._open_until = now + (
                     self.policy.open_duration if open_for is None else open_for

@@ -202,6 +202,9 @@ class _SharedState:
         breaker = self.breaker_ref()
         if breaker is None:
             return
+        # Read before the counts: a probe that ends after this is not in them, and the shared
+        # state returned must not override what it decided (see CircuitBreaker.record).
+        probes_seen = breaker.probe_outcomes
         with self.lock:
             successes, failures, probe_result = self.successes, self.failures, self.probe_result
             slow = self.slow
@@ -245,17 +248,33 @@ class _SharedState:
             if self.granted:
                 self.want_probe = False
         self.healthy = True
-        self._adopt(breaker, state, int(open_ms) / 1000.0)
+        self._adopt(breaker, state, int(open_ms) / 1000.0, probes_seen)
 
-    def _adopt(self, breaker: CircuitBreaker, state: str, open_left: float) -> None:
+    def _adopt(
+        self, breaker: CircuitBreaker, state: str, open_left: float, probes_seen: int
+    ) -> None:
         local = breaker.state
         if state == STATE_OPEN and (local != STATE_OPEN):
-            breaker.force(STATE_OPEN, open_for=open_left, reason="shared state (redis): open")
+            breaker.force(
+                STATE_OPEN,
+                open_for=open_left,
+                reason="shared state (redis): open",
+                unless_probed_since=probes_seen,
+            )
         elif state == STATE_CLOSED and local != STATE_CLOSED:
-            breaker.force(STATE_CLOSED, reason="shared state (redis): closed")
+            breaker.force(
+                STATE_CLOSED,
+                reason="shared state (redis): closed",
+                unless_probed_since=probes_seen,
+            )
         elif state == STATE_HALF_OPEN and local == STATE_CLOSED:
             # Another replica is probing: stop sending here until it reports.
-            breaker.force(STATE_OPEN, open_for=0.0, reason="shared state (redis): half-open")
+            breaker.force(
+                STATE_OPEN,
+                open_for=0.0,
+                reason="shared state (redis): half-open",
+                unless_probed_since=probes_seen,
+            )
 
 
 class SharedBreakerStore:

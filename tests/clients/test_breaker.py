@@ -189,3 +189,21 @@ def test_without_a_slow_call_duration_latency_never_opens_the_breaker() -> None:
     assert breaker.state == STATE_CLOSED
     with pytest.raises(ValueError, match="slow_call_ratio"):
         BreakerPolicy(slow_call_duration=1.0, slow_call_ratio=0)
+
+
+def test_a_state_forced_from_a_stale_view_never_undoes_a_probe_that_ended_since() -> None:
+    # The shared-state sync reads this count before its counts; a probe that ends while the
+    # sync is in flight decides, and the sync's older view does not override it.
+    clock = FakeClock()
+    breaker = make_breaker(clock, open_duration=1.0)
+    breaker.force(STATE_OPEN, open_for=0.0)
+    seen = breaker.probe_outcomes
+    now = clock.monotonic()
+    ticket = breaker.admit(now)
+    assert ticket == TICKET_PROBE
+    breaker.record(ticket, BREAKER_SUCCESS, now)
+    assert breaker.state == STATE_CLOSED
+    breaker.force(STATE_OPEN, open_for=0.0, unless_probed_since=seen)  # the stale view
+    assert breaker.state == STATE_CLOSED
+    breaker.force(STATE_OPEN, open_for=5.0, unless_probed_since=breaker.probe_outcomes)
+    assert breaker.state == STATE_OPEN
