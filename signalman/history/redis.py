@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.typing import StreamRangeResponse
 
 from pkg.common import redisconn
@@ -185,6 +186,7 @@ POOL_WAIT_S = 30.0
 # ``PROBE_EVERY_S``, which notices the replicas are back. The history reports itself lagging
 # until an append is acknowledged again.
 WAIT_TIMEOUT_MS = 100
+OP_TIMEOUT_S = 5.0  # how long an append may wait for its reply (normally milliseconds)
 LAGGING_WAIT_MS = 1
 PROBE_EVERY_S = 1.0
 
@@ -259,6 +261,7 @@ class RedisHistory:
         client: aioredis.Redis | None = None,
         wait_replicas: int | None = None,
         wait_timeout_ms: int = WAIT_TIMEOUT_MS,
+        op_timeout_s: float = OP_TIMEOUT_S,
     ) -> None:
         self.prefix = prefix
         self.max_len = max_len
@@ -282,6 +285,7 @@ class RedisHistory:
             raise ValueError("wait_replicas must be >= 0 and wait_timeout_ms >= 1")
         self.replication = Replication(wanted=wait_replicas)
         self._wait_timeout_ms = wait_timeout_ms
+        self._op_timeout_s = op_timeout_s
         self._append = self._redis.register_script(_APPEND)
         # Used only if the tenant has no epoch yet (new or lost history); unique per call without
         # paying for os.urandom on every append.
@@ -368,10 +372,20 @@ class RedisHistory:
             return []
         keys, args = self._append_call(records, fence, expect)
         replicated = True
-        if self.replication.wanted:
-            raws, replicated = await self._append_replicated(keys, args)
-        else:
-            raws = await self._append(keys=keys, args=args)
+        try:
+            # Bounded: an append waiting on a frozen primary (SIGSTOP, a black-holed network)
+            # fails instead of holding the partition until +switch-master, if that ever comes;
+            # the cancelled command's connection is dropped, the next one asks the Sentinels,
+            # and the consumer appends the batch again (the watermark skips what landed).
+            async with asyncio.timeout(self._op_timeout_s):
+                if self.replication.wanted:
+                    raws, replicated = await self._append_replicated(keys, args)
+                else:
+                    raws = await self._append(keys=keys, args=args)
+        except TimeoutError as exc:
+            raise RedisTimeoutError(
+                f"history append got no reply within {self._op_timeout_s:g} s"
+            ) from exc
         results = [self._result(raw, fence_of(fence, src))
                    for raw, (_, _, src) in zip(raws, records, strict=True)]  # fmt: skip
         if not replicated:

@@ -10,13 +10,16 @@ import asyncio
 import json
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
+import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from api_realtime.server import SignalmanApp
 from pkg.clients.signalman import Gap, SignalmanClient
 from pkg.common.auth import parse_tokens
-from pkg.devstack.servers import RedisHA, redis_command
+from pkg.devstack.servers import RedisHA, RedisServer, redis_command
 from pkg.events.sink import Event
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 from signalman.history import SourcePos
@@ -154,3 +157,31 @@ async def test_appends_without_a_replica_keep_flowing_and_are_counted(
         assert len(await history.read_after("acme", 0, 1000)) == offset  # 0 .. offset - 1
     finally:
         await history.close()
+
+
+async def test_an_append_to_a_frozen_primary_fails_in_bounded_time_instead_of_waiting(
+    tmp_path: Path,
+) -> None:
+    """Without Sentinel's +switch-master to end it, a command waiting on a SIGSTOPped server
+    times out (and its connection reconnects): the consumer retries the batch instead of
+    hanging on the frozen primary."""
+    server = RedisServer(run_dir=tmp_path / "redis")
+    server.start()
+    history = RedisHistory(server.url, prefix="frozen", op_timeout_s=0.5)
+    event = Event("stream.started", "acme", {"n": 0})
+    try:
+        await history.append("acme", [("streams", event)], SourcePos("ev", 0, 0), 1)
+        server.pause()
+        try:
+            with pytest.raises(RedisError):
+                await asyncio.wait_for(
+                    history.append("acme", [("streams", event)], SourcePos("ev", 0, 1), 1), 30
+                )
+        finally:
+            server.resume()
+        result = await history.append("acme", [("streams", event)], SourcePos("ev", 0, 2), 1)
+        assert result.status == "appended"
+    finally:
+        await history.close()
+        server.stop()
+        server.cleanup()
