@@ -1,6 +1,6 @@
 """``foghorn``: run one Foghorn replica (config from FOGHORN_* environment variables).
 
-FOGHORN_GRPC_PORT=18008 FOGHORN_HTTP_PORT=18080 PLATFORM_TOKENS=secret=ops:admin foghorn
+FOGHORN_GRPC_PORT=18008 FOGHORN_HTTP_PORT=18080 PLATFORM_TOKENS=secret=ops:operator foghorn
 """
 
 from __future__ import annotations

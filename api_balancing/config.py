@@ -43,7 +43,9 @@ class HaConfig:
     # Under sustained report traffic write batches leave at most this often: bigger batches
     # cost less CPU per report, at the price of up to this much sync lag under load.
     write_linger_ms: float = 5.0
-    relay_token: str = ""  # bearer token for replica-to-replica calls (default: first token)
+    # Bearer token replicas relay commands with: a credential with the replica role (default:
+    # the one accepted token that has that role; never any other).
+    relay_token: str = ""
     relay_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -73,6 +75,13 @@ class FoghornConfig(ServiceSettings):
     grpc_port: int = 18008
     http_port: int = 18080  # 0 picks a free port; -1 disables the HTTP side
     tokens: str = ""  # PLATFORM_TOKENS syntax; empty: use $PLATFORM_TOKENS
+    # Trust limits (docs/security.md): anonymous routing per client address (IPv6: per /64),
+    # pending redirects one address may account for, streams per credential, registration.
+    anon_routes_per_s: float = 50.0
+    anon_route_burst: int = 100
+    redirects_per_client: int = 4
+    max_streams_per_credential: int = 1000
+    register_timeout_s: float = 5.0
     weight_cpu: float = 500.0
     weight_ram: float = 500.0
     weight_bandwidth: float = 1000.0
@@ -116,6 +125,8 @@ class FoghornConfig(ServiceSettings):
             "redirect_window_s",
             "report_interval_s",
             "command_timeout_s",
+            "anon_routes_per_s",
+            "register_timeout_s",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
@@ -130,6 +141,9 @@ class FoghornConfig(ServiceSettings):
             raise ValueError(f"grpc_port out of range: {self.grpc_port}")
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"http_port out of range: {self.http_port}")
+        for name in ("anon_route_burst", "redirects_per_client", "max_streams_per_credential"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes too small: {self.max_message_bytes}")
         if self.signalman_addresses and not self.signalman_token and not self.kafka_bootstrap:

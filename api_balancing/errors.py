@@ -46,3 +46,17 @@ class NoEligibleNode(FoghornError):
 
 class CommandTimeout(FoghornError):
     code = "DEADLINE_EXCEEDED"
+
+
+class PermissionDenied(FoghornError):
+    code = "PERMISSION_DENIED"
+
+
+class RateLimited(FoghornError):
+    """Too many calls from one address; ``retry_after_s`` is when the next one is allowed."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

@@ -18,6 +18,7 @@ from typing import Protocol
 import structlog
 
 from api_balancing import errors
+from api_balancing.identity import CREDENTIAL_KEY
 from api_balancing.index import FleetIndex, Ranked
 from api_balancing.latency import LatencyWindow
 from api_balancing.model import (
@@ -46,6 +47,7 @@ class FleetSettings:
     redirect_bps: float = 2_500_000.0
     routing_event_sample: float = 0.01
     replica_id: str = "foghorn"
+    redirects_per_client: int = 4  # pending redirects one client address may account for
 
 
 @dataclass
@@ -71,10 +73,13 @@ class NodeFleet(Protocol):
     @property
     def redirects(self) -> RedirectTracker: ...
     def is_stale(self, record: NodeRecord) -> bool: ...
+    def bound_tenant(self, stream_id: str) -> str | None: ...
     def explain(
         self, content_id: str, location: GeoPoint | None, *, role: str = "edge", protocol: str = ""
     ) -> list[Evaluation]: ...
-    async def register(self, identity: NodeIdentity, owner_fence: int = 0) -> NodeRecord: ...
+    async def register(
+        self, identity: NodeIdentity, owner_fence: int = 0, credential: str = ""
+    ) -> NodeRecord: ...
     async def accept_report(self, node_id: str, report: LoadReport) -> NodeRecord: ...
     async def reject_report(self, node_id: str, reason: str) -> None: ...
     async def disconnect(self, node_id: str) -> None: ...
@@ -97,7 +102,9 @@ class Fleet:
         self.settings = settings
         self.events = events
         self.index = FleetIndex(settings.weights, settings.redirect_bps, settings.stale_after_s)
-        self.redirects = RedirectTracker(clock, settings.redirect_window_s)
+        self.redirects = RedirectTracker(
+            clock, settings.redirect_window_s, per_client=settings.redirects_per_client
+        )
         self.redirects.add_listener(self.index.set_pending)
         self.counters = FleetCounters()
         self.route_latency = LatencyWindow()
@@ -111,6 +118,11 @@ class Fleet:
 
     def _on_change(self, node_id: str, record: NodeRecord | None) -> None:
         self.index.update(node_id, record)
+
+    def bound_tenant(self, stream_id: str) -> str | None:
+        """The tenant a stream is bound to while some node carries it (None when none does):
+        the first tenant it was reported with, authoritative over later reports."""
+        return self.index.tenant_of(stream_id)
 
     def tenant_of(self, stream_id: str) -> str:
         """The tenant owning a stream (from load reports), or the system tenant if unknown."""
@@ -154,12 +166,25 @@ class Fleet:
 
     # -- node lifecycle --------------------------------------------------------------------
 
-    async def register(self, identity: NodeIdentity, owner_fence: int = 0) -> NodeRecord:
-        """A node opened its control stream. Mode and counters survive reconnects."""
+    async def register(
+        self, identity: NodeIdentity, owner_fence: int = 0, credential: str = ""
+    ) -> NodeRecord:
+        """A node opened its control stream. Mode and counters survive reconnects.
+
+        ``credential``: the name of the credential that registered it (recorded, so that no
+        other credential can displace the node while it is connected).
+        """
         now = self.clock.time()
         node_id = identity.node_id
         async with self._lock(node_id):
             previous = self.store.get(node_id)
+            holder = previous.extra.get(CREDENTIAL_KEY, "") if previous else ""
+            if previous is not None and previous.connected and holder not in ("", credential):
+                # Checked before too (check_register); again here, under the node's lock.
+                raise errors.PermissionDenied(
+                    f"register.node_id: node {node_id!r} is connected under another credential",
+                    "register.node_id",
+                )
             if previous is None:
                 record = NodeRecord(identity=identity, connected_at=now)
             else:
@@ -170,6 +195,7 @@ class Fleet:
                 disconnected_at=0.0,
                 owner=self.settings.replica_id,
                 owner_fence=max(owner_fence, record.owner_fence if previous else 0),
+                extra={**record.extra, CREDENTIAL_KEY: credential},
             )
             stored = await self.store.put(record)
         self.redirects.forget(node_id)
@@ -332,11 +358,13 @@ class Fleet:
         limit: int,
         role: str = "edge",
         protocol: str = "",
-        record_redirect: bool = True,
+        redirect_client: str | None = None,
     ) -> tuple[list[Ranked], int]:
         """The best ``limit`` nodes for a request (raises NoEligibleNode when there is none).
 
-        The chosen node gets a pending redirect (bandwidth penalty until the viewer shows up).
+        ``redirect_client``: the request is a redirect actually issued to a viewer at that
+        address key (``/play``): the chosen node gets a pending redirect (bandwidth penalty
+        until the viewer shows up), within the per-client cap. None: an answer only.
         """
         self.redirects.expire()
         ranked, considered = self.index.rank(
@@ -352,8 +380,8 @@ class Fleet:
         if not ranked:
             self.counters.routing_failures += 1
             raise errors.NoEligibleNode(self._why_none(content_id, location, role, protocol))
-        if record_redirect and role == "edge":
-            self.redirects.record(ranked[0].node_id, content_id)
+        if redirect_client is not None and role == "edge":
+            self.redirects.record(ranked[0].node_id, content_id, redirect_client)
         if self.settings.routing_event_sample > 0 and (
             self._rng.random() < self.settings.routing_event_sample
         ):

@@ -1,4 +1,8 @@
-"""Foghorn's HTTP side (same process, same event loop): /health, /metrics, /play, /nodes."""
+"""Foghorn's HTTP side (same process, same event loop): /health, /metrics, /play, /nodes.
+
+Every route is in Foghorn's access map (``api_balancing.access``): /play and the short /health
+are public; /nodes, /metrics and the full /health document need an operator credential.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,11 @@ from starlette.routing import Route
 
 from api_balancing import errors, validation
 from api_balancing.fleet import Fleet
+from api_balancing.limits import address_key, retry_after_header
 from api_balancing.service import RoutingService
 from pkg.common import tracing
+from pkg.common.auth import ANONYMOUS
+from pkg.common.authz import HttpGuard
 from pkg.common.health import HealthSource
 from pkg.common.httpserver import ops_routes
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
@@ -24,6 +31,12 @@ _HTTP_STATUS = {
 
 
 def _error(exc: errors.FoghornError) -> JSONResponse:
+    if isinstance(exc, errors.RateLimited):
+        return JSONResponse(
+            {"error": exc.message, "code": exc.code},
+            status_code=429,
+            headers={"Retry-After": retry_after_header(exc.retry_after_s)},
+        )
     return JSONResponse(
         {"error": exc.message, "field": exc.field, "code": exc.code},
         status_code=_HTTP_STATUS.get(exc.code, 500),
@@ -41,8 +54,11 @@ def _float_param(request: Request, name: str) -> float | None:
         raise errors.InvalidArgument(name, f"{raw[:32]!r} is not a number") from None
 
 
-def build_app(fleet: Fleet, routing: RoutingService, health: HealthSource) -> Starlette:
-    """The ASGI app; ``health()`` is the replica's health report (/health)."""
+def build_app(
+    fleet: Fleet, routing: RoutingService, health: HealthSource, guard: HttpGuard
+) -> Starlette:
+    """The ASGI app; ``health()`` is the replica's health report (/health), ``guard`` applies
+    the access map to every route."""
 
     async def play(request: Request) -> Response:
         """302 to the best node's playback URL. Query: protocol, lat, lon, ip (else client)."""
@@ -55,9 +71,14 @@ def build_app(fleet: Fleet, routing: RoutingService, health: HealthSource) -> St
                 raise errors.InvalidArgument("lat" if lat is None else "lon", "give lat and lon")
             if lat is not None and lon is not None:
                 req.location.latitude, req.location.longitude = lat, lon
-            ip = request.query_params.get("ip") or (request.client.host if request.client else "")
+            client = request.client.host if request.client else ""
+            key = address_key(client)
+            if request.state.principal is ANONYMOUS:
+                routing.admit(key)
+            ip = request.query_params.get("ip") or client
             req.viewer_ip = ip if _is_ip(ip) else ""
-            out = routing.route_viewer(req)
+            # A redirect issued to this client: counted as pending (capped per client key).
+            out = routing.route_viewer(req, redirect_client=key)
         except errors.FoghornError as exc:
             return _error(exc)
         urls = list(out.best.urls)
@@ -106,11 +127,13 @@ def build_app(fleet: Fleet, routing: RoutingService, health: HealthSource) -> St
         return JSONResponse({"count": len(rows), "nodes": rows})
 
     app = Starlette(
-        routes=[
-            *ops_routes(health),
-            Route("/nodes", nodes),
-            Route("/play/{content:path}", play),
-        ]
+        routes=guard.routes(
+            [
+                *ops_routes(health, detail_for=guard.is_operator),
+                Route("/nodes", nodes),
+                Route("/play/{content:path}", play),
+            ]
+        )
     )
     tracing.trace_http(app)
     return app

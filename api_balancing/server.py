@@ -14,6 +14,7 @@ import random
 import structlog
 
 from api_balancing import metrics
+from api_balancing.access import FOGHORN_ACCESS
 from api_balancing.config import FoghornConfig
 from api_balancing.fleet import Fleet, FleetSettings, NodeFleet
 from api_balancing.geoip import GeoIpTable
@@ -21,13 +22,15 @@ from api_balancing.ha import telemetry as ha_telemetry
 from api_balancing.ha.runtime import HaRuntime
 from api_balancing.ha.runtime import build_store as build_ha_store
 from api_balancing.http import build_app
+from api_balancing.limits import AddressLimiter
 from api_balancing.reaper import Reaper
 from api_balancing.service import Locator, NodeAdminService, NodeControlService, RoutingService
 from api_balancing.sessions import SessionRegistry
 from api_balancing.store.base import NodeStore
 from api_balancing.store.memory import MemoryNodeStore
 from pkg.common.app import Lifecycle
-from pkg.common.auth import Authenticator, BearerAuthInterceptor, static_authenticator
+from pkg.common.auth import Authenticator, static_authenticator
+from pkg.common.authz import AuthzInterceptor, HttpGuard
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
 from pkg.common.health import Dependency, HealthReport, Status
@@ -38,8 +41,6 @@ from pkg.events.factory import build_sink
 from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
 
 log = structlog.get_logger("foghorn")
-
-PUBLIC_METHODS = ["/foghorn.v1.Routing/"]
 
 
 class FoghornApp:
@@ -85,6 +86,7 @@ class FoghornApp:
                 redirect_bps=config.redirect_bps,
                 routing_event_sample=config.routing_event_sample,
                 replica_id=config.replica_id,
+                redirects_per_client=config.redirects_per_client,
             ),
             self.events,
             rng=rng,
@@ -97,8 +99,14 @@ class FoghornApp:
             self.ha = HaRuntime(config, ha_store, self.fleet, self.sessions, clock=clock)
             ha_telemetry.register(process_metrics(), self.ha)
             node_fleet = self.ha.owned_fleet
-        self.control = NodeControlService(node_fleet, self.sessions, config.report_interval_s)
-        self.routing = RoutingService(self.fleet, locator)
+        self.control = NodeControlService(
+            node_fleet, self.sessions, config.report_interval_s, config.register_timeout_s
+        )
+        self.routing = RoutingService(
+            self.fleet,
+            locator,
+            AddressLimiter(clock, config.anon_routes_per_s, config.anon_route_burst),
+        )
         self.admin = NodeAdminService(
             node_fleet,
             self.sessions,
@@ -207,7 +215,9 @@ class FoghornApp:
         lc.on_stop(self.events.aclose)  # last out: events of the stop itself still leave
         await self.store.start()
         lc.on_stop(self.store.close)
-        interceptor = BearerAuthInterceptor(self._authenticator, public_methods=PUBLIC_METHODS)
+        interceptor = AuthzInterceptor(
+            self._authenticator, FOGHORN_ACCESS, max_streams=self.config.max_streams_per_credential
+        )
         self.grpc = build_server(
             [
                 ServiceBinding(
@@ -230,7 +240,8 @@ class FoghornApp:
         lc.on_stop(self.grpc.stop, 0.0)  # drained by stop() already; here after a failed start
         http = self.config.http
         if http is not None:
-            self.http = HttpServer(build_app(self.fleet, self.routing, self.health), http)
+            guard = HttpGuard(FOGHORN_ACCESS, self._authenticator)
+            self.http = HttpServer(build_app(self.fleet, self.routing, self.health, guard), http)
             await self.http.start()
             lc.on_stop(self.http.stop, 2.0)
         if self.ha is not None:

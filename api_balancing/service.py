@@ -18,9 +18,12 @@ import structlog
 from api_balancing import convert, errors, fastwire, metrics, validation
 from api_balancing.fleet import Fleet, NodeFleet
 from api_balancing.geoip import GeoIpTable
+from api_balancing.identity import check_register, check_report
+from api_balancing.limits import AddressLimiter, address_key, peer_ip
 from api_balancing.model import GeoPoint, NodeMode
 from api_balancing.sessions import Ack, Closed, Mailbox, Outbox, Session, SessionRegistry
 from api_balancing.urls import ingest_url
+from pkg.common.auth import ANONYMOUS, Principal, current_principal
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
 
@@ -71,28 +74,50 @@ _END = object()
 class _StreamState:
     session: Session | None = None
 
+    def __init__(self, principal: Principal) -> None:
+        self.principal = principal
+
 
 class NodeControlService(pb_grpc.NodeControlServicer):
     """One bidirectional stream per node: register, reports, acks in; commands out."""
 
     def __init__(
-        self, fleet: NodeFleet, sessions: SessionRegistry, report_interval_s: float
+        self,
+        fleet: NodeFleet,
+        sessions: SessionRegistry,
+        report_interval_s: float,
+        register_timeout_s: float = 5.0,
     ) -> None:
         self.fleet = fleet
         self.sessions = sessions
         self.report_interval_s = report_interval_s
+        # A stream that has not registered by then is closed: an open, silent stream costs a
+        # task and a slot of the credential's stream quota and serves no node.
+        self.register_timeout_s = register_timeout_s
         self._background: set[asyncio.Task[None]] = set()
 
     async def Connect(
         self, request_iterator: AsyncIterator[pb.NodeMessage], context: Context
     ) -> AsyncIterator[pb.ControlMessage]:
         outbox = Mailbox()
-        state = _StreamState()
+        state = _StreamState(current_principal())
         reader = asyncio.create_task(self._read(request_iterator, state, outbox))
         metrics.control_streams.add(1)
         try:
             while True:
-                item = await outbox.get()
+                if state.session is None:
+                    try:
+                        item = await asyncio.wait_for(outbox.get(), self.register_timeout_s)
+                    except TimeoutError:
+                        if state.session is not None or outbox.qsize():
+                            continue
+                        await context.abort(
+                            grpc.StatusCode.DEADLINE_EXCEEDED,
+                            f"register: no Register within {self.register_timeout_s:g} s of "
+                            "opening the control stream",
+                        )
+                else:
+                    item = await outbox.get()
                 if item is _END:
                     return
                 if isinstance(item, Closed):
@@ -145,7 +170,7 @@ class NodeControlService(pb_grpc.NodeControlServicer):
                 return Closed("FAILED_PRECONDITION", "report: sent before register")
             if session.closed:
                 return None  # replaced by a newer stream; ignore what is still in flight
-            await self._report(session.node_id, msg.report, outbox)
+            await self._report(state.principal, session.node_id, msg.report, outbox)
             return None
         if kind == "register":
             if session is not None:
@@ -154,10 +179,12 @@ class NodeControlService(pb_grpc.NodeControlServicer):
                     f"register: this stream already registered node {session.node_id!r}",
                 )
             identity = validation.register(msg.register)
+            node_id = identity.node_id
+            check_register(state.principal, node_id, self.fleet.store.get(node_id))
             # Take the stream over first, so an older stream ending meanwhile cannot mark the
             # node disconnected after this registration.
             state.session = self.sessions.open(identity.node_id, outbox)
-            record = await self.fleet.register(identity)
+            record = await self.fleet.register(identity, credential=state.principal.name)
             outbox.put_nowait(
                 pb.ControlMessage(
                     registered=pb.Registered(
@@ -178,9 +205,12 @@ class NodeControlService(pb_grpc.NodeControlServicer):
             return None
         return Closed("INVALID_ARGUMENT", "msg: empty NodeMessage (set register, report or ack)")
 
-    async def _report(self, node_id: str, msg: pb.LoadReport, outbox: Outbox) -> None:
+    async def _report(
+        self, principal: Principal, node_id: str, msg: pb.LoadReport, outbox: Outbox
+    ) -> None:
         try:
             report = validation.report(msg)
+            check_report(principal, node_id, report, self.fleet.bound_tenant)
         except errors.FoghornError as exc:
             await self.fleet.reject_report(node_id, exc.message)
             metrics.rejected_fields.add(1, {"field": exc.field.split("[")[0]})
@@ -203,12 +233,55 @@ class NodeControlService(pb_grpc.NodeControlServicer):
 
 
 class RoutingService(pb_grpc.RoutingServicer):
-    def __init__(self, fleet: Fleet, locator: Locator) -> None:
+    def __init__(
+        self, fleet: Fleet, locator: Locator, limiter: AddressLimiter | None = None
+    ) -> None:
         self.fleet = fleet
         self.locator = locator
+        # Anonymous callers, per client address (authenticated callers are not limited here).
+        self.limiter = limiter
+        self._peer_keys: dict[str, str] = {}  # grpc peer (ip:port) -> address key
 
-    def route_viewer(self, request: pb.ViewerRouteRequest) -> pb.ViewerRouteResponse:
-        """The routing decision behind RouteViewer and /play (raises domain errors)."""
+    def admit(self, peer_key: str) -> None:
+        """Charge one anonymous routing call to ``peer_key``; RateLimited when over."""
+        if self.limiter is None:
+            return
+        wait = self.limiter.take(peer_key)
+        if wait > 0:
+            raise errors.RateLimited(
+                f"too many routing requests from {peer_key or 'this client'}: "
+                f"retry in {wait:.2f} s",
+                wait,
+            )
+
+    def _peer_key(self, context: Context) -> str:
+        peer = context.peer() or ""
+        key = self._peer_keys.get(peer)
+        if key is None:
+            if len(self._peer_keys) > 10_000:
+                self._peer_keys.clear()
+            key = self._peer_keys[peer] = address_key(peer_ip(peer))
+        return key
+
+    async def _admit_grpc(self, context: Context) -> None:
+        if self.limiter is None or current_principal() is not ANONYMOUS:
+            return
+        try:
+            self.admit(self._peer_key(context))
+        except errors.RateLimited as exc:
+            context.set_trailing_metadata(
+                (("grpc-retry-pushback-ms", str(max(1, int(exc.retry_after_s * 1000)))),)
+            )
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message)
+
+    def route_viewer(
+        self, request: pb.ViewerRouteRequest, redirect_client: str | None = None
+    ) -> pb.ViewerRouteResponse:
+        """The routing decision behind RouteViewer and /play (raises domain errors).
+
+        ``redirect_client``: /play issues a redirect to a viewer at that address key, which
+        counts as a pending redirect; RouteViewer only answers.
+        """
         started = time.perf_counter()
         cid = validation.content_id("content_id", request.content_id)
         ip = validation.ip("viewer_ip", request.viewer_ip)
@@ -218,7 +291,11 @@ class RoutingService(pb_grpc.RoutingServicer):
         protocol = validation.protocol("protocol", request.protocol, validation.VIEWER_PROTOCOLS)
         fallbacks = validation.fallbacks("max_fallbacks", request.max_fallbacks)
         ranked, considered = self.fleet.route(
-            cid, location, limit=1 + (fallbacks or DEFAULT_FALLBACKS), protocol=protocol
+            cid,
+            location,
+            limit=1 + (fallbacks or DEFAULT_FALLBACKS),
+            protocol=protocol,
+            redirect_client=redirect_client,
         )
         get = self.fleet.store.get
         content = fastwire.content_bytes(cid)
@@ -239,6 +316,8 @@ class RoutingService(pb_grpc.RoutingServicer):
     async def RouteViewer(
         self, request: pb.ViewerRouteRequest, context: Context
     ) -> pb.ViewerRouteResponse:
+        if self.limiter is not None:
+            await self._admit_grpc(context)
         try:  # the hot path: no wrapper coroutine
             return self.route_viewer(request)
         except errors.FoghornError as exc:
@@ -248,6 +327,8 @@ class RoutingService(pb_grpc.RoutingServicer):
     async def RouteIngest(
         self, request: pb.IngestRouteRequest, context: Context
     ) -> pb.IngestRouteResponse:
+        await self._admit_grpc(context)
+
         async def body() -> pb.IngestRouteResponse:
             key = validation.stream_key("stream_key", request.stream_key)
             ip = validation.ip("ingest_ip", request.ingest_ip)

@@ -13,13 +13,15 @@ from collections.abc import Iterable
 
 from api_balancing import errors
 from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeMode, StreamLoad
+from pkg.common.tenant import SYNTAX as TENANT_SYNTAX
+from pkg.common.tenant import TENANT_ID_RE
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 
 # Matched with fullmatch: "$" would also accept a trailing newline.
 NODE_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CONTENT_ID_RE = re.compile(r"[A-Za-z0-9._:/-]{1,256}")
 STREAM_KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,256}")
-TENANT_RE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+TENANT_RE = TENANT_ID_RE  # the platform's one tenant-id syntax
 NAME_RE = re.compile(r"[a-z0-9_-]{1,32}")
 KNOWN_ROLES = frozenset({"edge", "ingest"})
 VIEWER_PROTOCOLS = ("hls", "llhls", "dash", "webrtc")
@@ -113,6 +115,7 @@ def register(msg: pb.Register) -> NodeIdentity:
     capacity = _count("register.capacity", msg.capacity)
     if len(msg.region) > MAX_REGION:
         raise errors.InvalidArgument("register.region", f"too long ({len(msg.region)} chars)")
+    free_text("register.region", msg.region)
     return NodeIdentity(nid, roles, caps, url.rstrip("/"), location, capacity, msg.region)
 
 
@@ -164,7 +167,7 @@ def _stream_error(f: str, s: pb.StreamLoad, seen: set[str]) -> None:
     sid = content_id(f"{f}.stream_id", s.stream_id)
     if sid in seen:
         raise errors.InvalidArgument(f"{f}.stream_id", f"{sid!r} listed twice")
-    _id(f"{f}.tenant_id", s.tenant_id, TENANT_RE, "tenant id")
+    _id(f"{f}.tenant_id", s.tenant_id, TENANT_RE, f"tenant id ({TENANT_SYNTAX})")
     _count(f"{f}.viewers", s.viewers)
     _count(f"{f}.inputs", s.inputs)
     _count(f"{f}.upload_bps", s.upload_bps)
@@ -183,7 +186,19 @@ def mode(field: str, value: int) -> NodeMode:
 def reason(field: str, value: str) -> str:
     if len(value) > MAX_REASON:
         raise errors.InvalidArgument(field, f"too long ({len(value)} chars, max {MAX_REASON})")
-    return value
+    return free_text(field, value)
+
+
+def free_text(field: str, value: str) -> str:
+    """Free text ends up in logs, events and operators' terminals: printable characters only
+    (no control characters, line or paragraph separators, or invisible format characters such
+    as bidi overrides)."""
+    if value.isprintable():
+        return value
+    at = next(i for i, c in enumerate(value) if not c.isprintable())
+    raise errors.InvalidArgument(
+        field, f"character {at} (U+{ord(value[at]):04X}) is a control or format character"
+    )
 
 
 def ip(field: str, value: str) -> str:

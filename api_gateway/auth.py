@@ -19,6 +19,7 @@ import jwt
 
 from pkg.common.auth import ANONYMOUS, Principal
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.tenant import TenantIdError, check_customer_tenant
 
 TOKEN_EXPIRED = "token expired"
 
@@ -137,6 +138,10 @@ class JwtAuthenticator:
         tenant = claims.get(self._s.tenant_claim)
         if not isinstance(tenant, str) or not tenant.strip():
             raise AuthError(f"token lacks the {self._s.tenant_claim!r} claim")
+        try:  # the platform's one tenant-id syntax; "system" is the platform's own
+            check_customer_tenant(tenant, f"claim {self._s.tenant_claim!r}")
+        except TenantIdError as exc:
+            raise AuthError(f"token {exc}") from None
         roles = claims.get(self._s.roles_claim, [])
         if isinstance(roles, str):
             roles = roles.split()

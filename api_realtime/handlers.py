@@ -19,6 +19,7 @@ import grpc.aio
 import structlog
 from google.protobuf.message import DecodeError
 
+from api_realtime.access import subscription_tenant
 from api_realtime.convert import channel_requests, events_message, serialize, to_proto
 from pkg.common import tracing
 from pkg.common.auth import current_principal
@@ -26,7 +27,7 @@ from pkg.events.envelope import EnvelopeError, event_from_dict
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 from signalman.history import SourcePos
 from signalman.hub import Hub, TooManyConnections
-from signalman.pipeline import Poison, Processed, process_events
+from signalman.pipeline import Poison, Processed, oversized, process_events
 from signalman.processor import Processor, age_sampled, record_age
 from signalman.session import Dropped, OutEvent, Session
 
@@ -52,11 +53,14 @@ class SignalmanServicer:
         stats: Callable[[], dict[str, Any]],
         *,
         embedded: bool,
+        max_batch_bytes: int = 0,
     ) -> None:
         self.hub = hub
         self.processor = processor
         self.stats = stats  # replica-level stats (ownership, mode...)
         self.embedded = embedded
+        # A batch written to a subscriber stays under the gRPC send limit (0: count only).
+        self.max_batch_bytes = max_batch_bytes
         self._local_offsets: itertools.count[int] | None = None
         self._publish_lock = asyncio.Lock()
 
@@ -65,11 +69,9 @@ class SignalmanServicer:
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         principal = current_principal()
-        if not principal.tenant:
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                "the bearer token has no tenant (expected token=name@tenant:roles)",
-            )
+        tenant = subscription_tenant(principal)
+        if tenant != principal.tenant:  # a platform credential: the SYSTEM channel only
+            principal = replace(principal, tenant=tenant)
         try:
             session = self.hub.open_session(principal)
         except TooManyConnections as exc:
@@ -109,7 +111,9 @@ class SignalmanServicer:
             if isinstance(out, Dropped):
                 return
             if isinstance(out, OutEvent):
-                events = [out, *session.take_events(MAX_BATCH - 1)]
+                cap = self.max_batch_bytes
+                room = max(1, cap - len(out.entry.body)) if cap else 0  # 1: nothing more fits
+                events = [out, *session.take_events(MAX_BATCH - 1, room)]
                 await context.write(events_message(events))
                 sampled = [e.entry for e in events if age_sampled(e.entry.offset)]
                 if sampled:
@@ -183,11 +187,8 @@ class SignalmanServicer:
     async def Publish(
         self, request: pb.PublishRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.PublishReply:
-        principal = current_principal()
-        if not (principal.has_role("publisher") or principal.has_role("system")):
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, "Publish needs the 'publisher' role"
-            )
+        # The access map lets only the platform's system credential call Publish: it may
+        # publish for any tenant (the envelope checks each tenant id).
         if not self.embedded:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -205,19 +206,17 @@ class SignalmanServicer:
                 event = event_from_dict(json.loads(raw), f"events_json[{i}]")
             except (ValueError, EnvelopeError) as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:300])
-            if event.tenant != principal.tenant and not principal.has_role("system"):
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
-                    f"events_json[{i}].tenant: may only publish to tenant {principal.tenant!r}",
-                )
             events.append(event)
         offsets: list[int] = []
         async with self._publish_lock:  # local offsets are the idempotency keys: keep them dense
             if self._local_offsets is None:
                 start = await self.processor.history.watermark(LOCAL_TOPIC, 0) + 1
                 self._local_offsets = itertools.count(start)
-            for event in events:
+            for i, event in enumerate(events):
                 result = process_events([event])
+                limit = self.processor.max_event_bytes
+                if limit and len(request.events_json[i]) > limit and not isinstance(result, Poison):
+                    result = oversized(result, limit) or result
                 if isinstance(result, Poison):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.reason)
                     return pb.PublishReply()  # unreachable: abort raises

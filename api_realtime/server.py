@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from starlette.applications import Starlette
 
+from api_realtime.access import SIGNALMAN_ACCESS
 from api_realtime.config import SignalmanConfig
 from api_realtime.handlers import SERVICE, SignalmanServicer, add_to_server
 from pkg.common.app import Lifecycle
-from pkg.common.auth import BearerAuthInterceptor, Principal, static_authenticator, tokens_from_env
+from pkg.common.auth import Principal, static_authenticator, tokens_from_env
+from pkg.common.authz import AuthzInterceptor, HttpGuard
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
 from pkg.common.health import Dependency, HealthReport, Probe, Status
@@ -39,6 +41,8 @@ if TYPE_CHECKING:  # Kafka and PostgreSQL parts are imported only when configure
     from signalman.history.redis import RedisHistory
     from signalman.ownership import PartitionLocks
 
+# Bytes of a ServerMessage around its events (channel, offset, epoch, batch framing).
+MESSAGE_OVERHEAD = 1024
 log = structlog.get_logger("api_realtime.server")
 
 
@@ -72,7 +76,11 @@ class SignalmanApp:
 
             self.dlq = DeadLetterProducer(config.kafka_bootstrap, config.dlq_topic)
             dead_letter = self.dlq
-        self.processor = Processor(self.history, dead_letter, clock)
+        # What one subscriber message may carry: gRPC's send limit less room for its framing.
+        self.max_event_bytes = max(1024, config.max_message_bytes - MESSAGE_OVERHEAD)
+        self.processor = Processor(
+            self.history, dead_letter, clock, max_event_bytes=self.max_event_bytes
+        )
         processor_metrics.register(process_metrics(), self.processor)
         self.hub = Hub(
             self.history,
@@ -93,8 +101,8 @@ class SignalmanApp:
 
             if config.postgres_dsn:
                 self.locks = PartitionLocks(
-                    config.postgres_dsn, config.replica_id, grace_s=config.lock_grace_s,
-                    clock=clock,
+                    config.postgres_dsn, config.replica_id, group=config.group_id,
+                    grace_s=config.lock_grace_s, clock=clock,
                 )  # fmt: skip
             else:
                 log.warning(
@@ -117,7 +125,11 @@ class SignalmanApp:
         self.duties.register_metrics(process_metrics())
         self.hub.register_metrics(process_metrics())
         self.servicer = SignalmanServicer(
-            self.hub, self.processor, self.stats, embedded=self.embedded
+            self.hub,
+            self.processor,
+            self.stats,
+            embedded=self.embedded,
+            max_batch_bytes=self.max_event_bytes,
         )
         self._authenticator = static_authenticator(tokens or tokens_from_env())
         self.grpc: GrpcServer | None = None
@@ -277,7 +289,7 @@ class SignalmanApp:
             lc.on_stop(self.member.close)  # leaves the group, releases every partition lock
         if self._history_probe is not None:
             await lc.enter(self._history_probe.running())
-        interceptor = BearerAuthInterceptor(self._authenticator)
+        interceptor = AuthzInterceptor(self._authenticator, SIGNALMAN_ACCESS)
         self.grpc = build_server(
             [ServiceBinding(add_to_server, self.servicer, SERVICE)],
             settings=self.config.grpc,
@@ -290,7 +302,9 @@ class SignalmanApp:
         lc.spawn(self.duties.run(), "singleton-duties")
         http = self.config.http
         if http is not None:
-            self.http = HttpServer(Starlette(routes=ops_routes(self.health)), http)
+            guard = HttpGuard(SIGNALMAN_ACCESS, self._authenticator)
+            routes = guard.routes(ops_routes(self.health, detail_for=guard.is_operator))
+            self.http = HttpServer(Starlette(routes=routes), http)
             await self.http.start()
             lc.on_stop(self.http.stop, 2.0)
         lc.spawn(self.grpc.follow(self.health), "grpc-health")

@@ -205,7 +205,9 @@ async def _nodes(grpc_port: int, count: int) -> tuple[FoghornClient, list[Any]]:
 
 async def _metric(http: AsyncHttpClient, url: str, name: str) -> float:
     total = 0.0
-    for line in (await http.get(url)).text.splitlines():
+    # Foghorn's /metrics needs an operator credential: the benchmark's Foghorn token has it.
+    headers = {"authorization": f"Bearer {FOGHORN_TOKEN}"}
+    for line in (await http.get(url, headers=headers)).text.splitlines():
         if line.startswith(name + "{") or line.startswith(name + " "):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -230,7 +232,10 @@ async def run(samples: int, rounds: int, load_seconds: float) -> dict[str, Any]:
             [sys.executable, "-m", "api_balancing", "--grpc-port", str(fog_grpc),
              "--http-port", str(fog_http), "--replica-id", "bench-fog"],
             port=fog_grpc,
-            env={"PLATFORM_TOKENS": f"{FOGHORN_TOKEN}=bridge@ops:admin", "LOG_LEVEL": "WARNING"},
+            env={
+                "PLATFORM_TOKENS": f"{FOGHORN_TOKEN}=bridge:operator|node;nodes=*;tenants=*",
+                "LOG_LEVEL": "WARNING",
+            },
         )  # fmt: skip
         procs.append(foghorn)
         foghorn.start()

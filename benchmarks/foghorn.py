@@ -136,8 +136,11 @@ async def _route_vs_echo(
 async def run(nodes: int, streams: int, rounds: int, reports_per_node: int) -> dict[str, Any]:
     port, http_port = free_port(), free_port()
     env = {
-        "PLATFORM_TOKENS": f"{TOKEN}=bench:admin",
+        "PLATFORM_TOKENS": f"{TOKEN}=bench:operator|node;nodes=*;tenants=*;streams=100000,"
+        "bench-relay=bench-relay:replica",
         "FOGHORN_REPLICA_ID": "bench",
+        "FOGHORN_ANON_ROUTES_PER_S": "1000000",  # the benchmark routes anonymously, flat out
+        "FOGHORN_ANON_ROUTE_BURST": "1000000",
         "FOGHORN_ROUTING_EVENT_SAMPLE": "0",
         "LOG_LEVEL": "WARNING",
         **{k: v for k, v in os.environ.items() if k.startswith("OPENBLAS")},
@@ -155,7 +158,7 @@ async def run(nodes: int, streams: int, rounds: int, reports_per_node: int) -> d
     target = f"127.0.0.1:{port}"
     policy = Policy(timeout=10.0)
     client = FoghornClient(target, token=TOKEN, policy=policy)
-    http = AsyncHttpClient(f"http://127.0.0.1:{http_port}", policy)
+    http = AsyncHttpClient(f"http://127.0.0.1:{http_port}", policy, token=TOKEN)  # full /health
     raw = grpc.aio.insecure_channel(target)  # raw-client: baseline
     rng = random.Random(7)
     try:

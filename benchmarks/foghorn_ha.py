@@ -307,8 +307,11 @@ class IngestTarget:
         self.nodes = nodes
         self.http_port = free_port()
         env = {
-            "PLATFORM_TOKENS": f"{TOKEN}=bench:admin",
+            "PLATFORM_TOKENS": f"{TOKEN}=bench:operator|node;nodes=*;tenants=*;streams=100000,"
+            "bench-relay=bench-relay:replica",
             "FOGHORN_REPLICA_ID": f"ingest-{self.kind}",
+            "FOGHORN_ANON_ROUTES_PER_S": "1000000",  # the benchmark routes anonymously, flat out
+            "FOGHORN_ANON_ROUTE_BURST": "1000000",
             "FOGHORN_ROUTING_EVENT_SAMPLE": "0",
             "FOGHORN_CLUSTER": f"ingest{uuid.uuid4().hex[:6]}",
             "FOGHORN_REDIS_URL": redis_url,
@@ -328,7 +331,7 @@ class IngestTarget:
         self.server.start()
         policy = Policy(timeout=10.0)
         self.client = FoghornClient(f"127.0.0.1:{self.server.port}", token=TOKEN, policy=policy)
-        self.http = AsyncHttpClient(f"http://127.0.0.1:{self.http_port}", policy)
+        self.http = AsyncHttpClient(f"http://127.0.0.1:{self.http_port}", policy, token=TOKEN)
         self.fleet = [Node(self.client, i) for i in range(self.nodes)]
         for node in self.fleet:
             node.queue.put_nowait(node.register())
@@ -431,9 +434,12 @@ async def _owners(redis: aioredis.Redis, cluster: str) -> dict[str, OwnerRecord]
 async def failover(redis_url: str, nodes: int, rate: float, run_dir: Path) -> dict[str, Any]:
     cluster = f"fail{uuid.uuid4().hex[:6]}"
     env = {
-        "PLATFORM_TOKENS": f"{TOKEN}=bench:admin",
+        "PLATFORM_TOKENS": f"{TOKEN}=bench:operator|node;nodes=*;tenants=*;streams=100000,"
+        "bench-relay=bench-relay:replica",
         "FOGHORN_REDIS_URL": redis_url,
         "FOGHORN_CLUSTER": cluster,
+        "FOGHORN_ANON_ROUTES_PER_S": "1000000",  # the benchmark routes anonymously, flat out
+        "FOGHORN_ANON_ROUTE_BURST": "1000000",
         "FOGHORN_ROUTING_EVENT_SAMPLE": "0",
         "FOGHORN_REPORT_INTERVAL_S": "1",
         "LOG_LEVEL": "WARNING",

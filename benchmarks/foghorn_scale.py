@@ -322,7 +322,9 @@ class Replica:
             [sys.executable, "-m", "api_balancing", "--grpc-port", "{port}", "--http-port",
              str(self.http_port)],
             run_dir=run_dir / name,
-            env={"PLATFORM_TOKENS": f"{TOKEN}=bench:admin", "FOGHORN_REPLICA_ID": name,
+            env={"PLATFORM_TOKENS": f"{TOKEN}=bench:operator|node;nodes=*;tenants=*;"
+                                    "streams=1000000,bench-relay=bench-relay:replica",
+                 "FOGHORN_REPLICA_ID": name,
                  "FOGHORN_ROUTING_EVENT_SAMPLE": "0", "LOG_LEVEL": "WARNING", **env},
             ready_timeout=60.0,
         )  # fmt: skip
@@ -337,7 +339,10 @@ class Replica:
         from pkg.clients.http import AsyncHttpClient
 
         self.proc.start(wait=wait)
-        self.http = AsyncHttpClient(f"http://127.0.0.1:{self.http_port}", Policy(timeout=20.0))
+        # The full /health (counts, latency) is for operators: the benchmark's token is one.
+        self.http = AsyncHttpClient(
+            f"http://127.0.0.1:{self.http_port}", Policy(timeout=20.0), token=TOKEN
+        )
 
     async def health(self) -> dict[str, Any]:
         doc: dict[str, Any] = (await self.http.get("/health", timeout=20.0)).json()

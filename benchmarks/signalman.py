@@ -38,7 +38,10 @@ from typing import Any
 from benchmarks.common import cpu_seconds
 
 TENANTS = [f"t{i}" for i in range(8)]
-TOKENS = ",".join(f"bench{i}=bench@{t}:reader" for i, t in enumerate(TENANTS))
+OPERATOR_TOKEN = "bench-ops"
+TOKENS = ",".join(
+    [*(f"bench{i}=bench@{t}:tenant-user" for i, t in enumerate(TENANTS)), "bench-ops=ops:operator"]
+)
 PARTITIONS = 4
 SESSION_TIMEOUT_MS = 6_000
 # The survivor learns of a dead member at its first heartbeat after the session expired, so the
@@ -337,7 +340,8 @@ async def age_buckets(http_ports: list[int]) -> dict[str, dict[float, float]]:
 
     buckets: dict[str, dict[float, float]] = {}
     for port in http_ports:
-        async with AsyncHttpClient(base_url=f"http://127.0.0.1:{port}") as http:
+        base = f"http://127.0.0.1:{port}"
+        async with AsyncHttpClient(base_url=base, token=OPERATOR_TOKEN) as http:
             text = (await http.get("/metrics")).text
         for line in text.splitlines():
             if not line.startswith("signalman_event_age_seconds_bucket"):

@@ -46,7 +46,7 @@ from benchmarks.common import Panel, cpu_seconds, load_average, rss_bytes, write
 SIZES = (1_000, 5_000, 10_000)
 TENANTS = [f"t{i:03d}" for i in range(100)]
 IDLE_TENANTS = [f"idle{i:03d}" for i in range(100)]  # events nobody subscribes to
-TOKENS = ",".join(f"k{t}=sub@{t}:reader" for t in TENANTS)
+TOKENS = ",".join(f"k{t}=sub@{t}:tenant-user" for t in TENANTS)
 PARTITIONS = 4
 DELIVERIES_PER_S = 5_000
 SIZE_BUDGET_S = 90.0

@@ -99,16 +99,21 @@ async def poll(
 class ZombieProbe:
     """Drives the sequence above against two replica addresses; ``facts`` holds what it saw."""
 
-    def __init__(self, victim: str, survivor: str, token: str, run_id: str) -> None:
+    def __init__(
+        self, victim: str, survivor: str, token: str, node_token: str, run_id: str
+    ) -> None:
         self.node_id = f"drill-zombie-{run_id}"
+        # Admin reads with the operator's credential; the probe node's streams with a node's.
         self.victim = FoghornClient([victim], token=token, policy=ADMIN_POLICY)
         self.survivor = FoghornClient([survivor], token=token, policy=ADMIN_POLICY)
+        self.victim_node = FoghornClient([victim], token=node_token, policy=ADMIN_POLICY)
+        self.survivor_node = FoghornClient([survivor], token=node_token, policy=ADMIN_POLICY)
         self.old: ProbeStream | None = None
         self.new: ProbeStream | None = None
         self.facts: dict[str, object] = {}
 
     async def before_pause(self, victim_replica: str) -> None:
-        self.old = ProbeStream(self.victim)
+        self.old = ProbeStream(self.victim_node)
         await self.old.register(identity(self.node_id))
         self.old.report(CPU_BEFORE)
 
@@ -120,7 +125,7 @@ class ZombieProbe:
 
     async def during_pause(self) -> None:
         """The node reconnects to the survivor (after the victim's ownership expired)."""
-        self.new = ProbeStream(self.survivor)
+        self.new = ProbeStream(self.survivor_node)
         await self.new.register(identity(self.node_id))
         self.new.report(CPU_AFTER)
 
@@ -153,5 +158,5 @@ class ZombieProbe:
         for stream in (self.old, self.new):
             if stream is not None:
                 await stream.close()
-        for client in (self.victim, self.survivor):
+        for client in (self.victim, self.survivor, self.victim_node, self.survivor_node):
             await client.close()

@@ -165,7 +165,8 @@ class HealthMonitor:
         self.urls = {i.name: i.health_url for i in items if i.health_url}
         self.latest: dict[str, dict[str, Any]] = {n: {} for n in self.urls}
         policy = replace(Policy.no_retries(timeout=0.8), breaker=BreakerPolicy(enabled=False))
-        self.http = AsyncHttpClient(policy=policy)
+        # The operator's credential: the full /health documents (figures, HA, partitions).
+        self.http = AsyncHttpClient(policy=policy, token=up.OPERATOR_TOKEN)
         self.detector: Callable[[dict[str, dict[str, Any]]], bool] | None = None
         self.detected_at: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -406,7 +407,9 @@ async def pause_foghorn(ctx: Ctx) -> None:
     platform, s = ctx.platform, ctx.settings
     victim, survivor = platform.item("foghorn-0"), platform.item("foghorn-1")
     targets = platform.endpoint("foghorn grpc")
-    probe = ZombieProbe(targets[0], targets[1], up.DEV_TOKEN, run_id=f"{int(time.time())}")
+    probe = ZombieProbe(
+        targets[0], targets[1], up.OPERATOR_TOKEN, up.NODE_TOKEN, run_id=f"{int(time.time())}"
+    )
     before = platform.health(victim.name).get("ha", {})
     ctx.facts["victim_fenced_before"] = before.get("takeovers", 0) + before.get(
         "writes_rejected", 0

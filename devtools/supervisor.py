@@ -79,14 +79,18 @@ class Managed:
 _HEALTH_CLIENT: HttpClient | None = None
 
 
-def fetch_health(url: str, timeout: float = 0.5) -> dict[str, Any]:
-    """GET a service's /health JSON through pkg.clients (one attempt: a probe must not retry)."""
+def fetch_health(url: str, timeout: float = 0.5, token: str | None = None) -> dict[str, Any]:
+    """GET a service's /health JSON through pkg.clients (one attempt: a probe must not retry).
+
+    ``token``: an operator credential, for the full document (figures, dependencies); without
+    one, services answer only ok/degraded."""
     global _HEALTH_CLIENT
     if _HEALTH_CLIENT is None:
         policy = Policy.no_retries(timeout=timeout)
         _HEALTH_CLIENT = HttpClient(policy=replace(policy, breaker=BreakerPolicy(enabled=False)))
     try:
-        response = _HEALTH_CLIENT.get(url, timeout=timeout)
+        headers = {"authorization": f"Bearer {token}"} if token else None
+        response = _HEALTH_CLIENT.get(url, timeout=timeout, headers=headers)
     except Exception:  # connection refused, timeout: the process is not answering
         return {"status": "unreachable"}
     try:

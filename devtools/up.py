@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import signal
 import sys
@@ -26,7 +27,7 @@ import structlog
 
 from devtools import alerts
 from devtools import hosts as simhosts
-from devtools.supervisor import Managed, RestartPolicy, Supervisor
+from devtools.supervisor import Managed, RestartPolicy, Supervisor, fetch_health
 from pkg.common.logging import configure_logging
 from pkg.devstack import install
 from pkg.devstack.servers import (
@@ -43,8 +44,6 @@ log = structlog.get_logger("dev-up")
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-DEV_TOKEN = "dev-admin-token"
-SIGNALMAN_DEMO_TOKEN = "dev-sig-demo"
 # The tenants whose streams the simulated fleet carries (api_balancing.simulator.TENANTS), so
 # their events flow from the first seconds; the README's tour subscribes as "acme".
 EVENT_TENANTS = ("acme", "globex", "initech", "umbrella", "hooli")
@@ -62,6 +61,31 @@ def signalman_tenant_tokens() -> str:
     )
 
 
+# Dev credentials, one per role (docs/security.md); ./dev up prints them. Never use in production.
+OPERATOR_TOKEN = "dev-operator-token"  # foghorn-admin, signalman-tail system, full /health
+NODE_TOKEN = "dev-node-token"  # the simulated edge fleet (node ids edge-*, drill-*)
+RELAY_TOKEN = "dev-relay-token"  # Foghorn replica to replica (command relay)
+SYSTEM_TOKEN = "dev-system-token"  # the platform's own event publishing
+BRIDGE_FOGHORN_TOKEN = "dev-bridge-foghorn-token"  # Bridge -> Foghorn (fleet queries, modes)
+SIGNALMAN_DEMO_TOKEN = "dev-sig-demo"  # Bridge -> Signalman for tenant "demo" (see below)
+DEV_TOKEN = OPERATOR_TOKEN  # the name older callers use
+PLATFORM_TOKENS = ",".join(
+    [
+        f"{OPERATOR_TOKEN}=dev-operator:operator",
+        f"{NODE_TOKEN}=dev-edge-fleet:node;nodes=edge-*|drill-*;tenants=*;streams=100000",
+        f"{RELAY_TOKEN}=dev-foghorn-relay:replica",
+        f"{SYSTEM_TOKEN}=dev-platform:system",
+        f"{BRIDGE_FOGHORN_TOKEN}=dev-bridge:operator",
+        signalman_tenant_tokens(),  # Bridge -> Signalman, one tenant-user per tenant
+    ]
+)
+CREDENTIALS = (
+    ("operator", OPERATOR_TOKEN, "foghorn-admin, signalman-tail system, full /health, /metrics"),
+    ("node", NODE_TOKEN, "edge node control streams (node ids edge-*, drill-*)"),
+    ("replica", RELAY_TOKEN, "Foghorn replica-to-replica relay"),
+    ("system", SYSTEM_TOKEN, "platform event publishing"),
+    ("tenant-user", "dev-sig-<tenant>", "a tenant's events on Signalman (Bridge uses them)"),
+)
 BRIDGE_JWT_SECRET = "dev-bridge-secret-change-me-0123456789"
 EVENTS_TOPIC = DEFAULT_TOPIC
 EVENTS_PARTITIONS = 6
@@ -165,7 +189,7 @@ def add_process(
         command,
         run_dir=stack.run_dir / name,
         port=port,
-        env={"PLATFORM_TOKENS": f"{DEV_TOKEN}=dev@system:admin|system", **env, **stack.extra_env},
+        env={"PLATFORM_TOKENS": PLATFORM_TOKENS, **env, **stack.extra_env},
         ready_port=ready_port,
         ready_timeout=60,
         **stack.on_host(host or name),
@@ -362,7 +386,7 @@ def build_stack(args: argparse.Namespace, should_stop: Callable[[], bool] = lamb
     if not args.single:
         install.ensure_all()
     stack = Stack(
-        sup=Supervisor(),
+        sup=Supervisor(health_fetcher=functools.partial(fetch_health, token=OPERATOR_TOKEN)),
         run_dir=run_dir,
         backends=Backends(args.redis_url, args.kafka_bootstrap, args.postgres_dsn),
         extra_env=parse_env(getattr(args, "env", None) or []),
@@ -384,7 +408,11 @@ def build_stack(args: argparse.Namespace, should_stop: Callable[[], bool] = lamb
         exc.add_note(f"partial stack in {run_dir}")
         stop_stack(stack)
         raise
-    stack.notes.append(f"admin token: {DEV_TOKEN}")
+    stack.notes.append(
+        "dev credentials: "
+        + "  ".join(f"{role}={token}" for role, token, _ in CREDENTIALS)
+        + "  (docs/security.md)"
+    )
     if stack.hosts is not None:
         harness = stack.hosts.host(simhosts.HARNESS_HOST)
         stack.notes.append(
@@ -506,7 +534,7 @@ def foghorn(stack: Stack, args: argparse.Namespace) -> None:
                 f"{stack.address(f'signalman-{j}')}:{p}"
                 for j, p in enumerate(_signalman_ports(stack, args))
             )
-            env["FOGHORN_SIGNALMAN_TOKEN"] = DEV_TOKEN
+            env["FOGHORN_SIGNALMAN_TOKEN"] = SYSTEM_TOKEN  # Publish needs the system role
         add_process(
             stack,
             f"foghorn-{i}",
@@ -543,7 +571,6 @@ def signalman(stack: Stack, args: argparse.Namespace) -> None:
             "SIGNALMAN_HEARTBEAT_INTERVAL_MS": "200",  # detection within 0.2 s of expiry
             "SIGNALMAN_REDIS_URL": b.redis_url or "",
             "SIGNALMAN_POSTGRES_DSN": b.postgres_dsn or "",
-            "PLATFORM_TOKENS": f"{DEV_TOKEN}=dev@system:admin|system,{signalman_tenant_tokens()}",
         }
         add_process(
             stack,
@@ -573,7 +600,7 @@ def bridge(stack: Stack, args: argparse.Namespace) -> None:
             "BRIDGE_REPLICA_ID": f"bridge-{i}",
             "BRIDGE_REDIS_URL": stack.backends.redis_url or "",
             "BRIDGE_FOGHORN_ADDRESSES": ",".join(stack.endpoints.get("foghorn grpc", [])),
-            "BRIDGE_FOGHORN_TOKEN": DEV_TOKEN,
+            "BRIDGE_FOGHORN_TOKEN": BRIDGE_FOGHORN_TOKEN,
             "BRIDGE_JWT_HS256_SECRET": BRIDGE_JWT_SECRET,
             "BRIDGE_SIGNALMAN_ADDRESSES": ",".join(stack.endpoints.get("signalman grpc", [])),
             # One Signalman credential per tenant: Signalman takes the tenant from it.
@@ -615,7 +642,7 @@ def edge_fleet(stack: Stack, args: argparse.Namespace) -> None:
     proc = PortlessProcess(
         "edge-sim",
         [PY, "-m", "api_balancing.simulator", "--foghorn", ",".join(targets),
-         "--nodes", str(args.nodes), "--token", DEV_TOKEN,
+         "--nodes", str(args.nodes), "--token", NODE_TOKEN,
          "--media-host", stack.address("nodes")],
         run_dir=stack.run_dir / "edge-sim",
         ready_timeout=60,

@@ -35,13 +35,28 @@ def matches(subscription: str, channel: str) -> bool:
     return subscription == channel or (subscription == ALL and channel != SYSTEM)
 
 
-def check_subscribable(channel: str, roles: frozenset[str]) -> tuple[str, str] | None:
-    """``None`` if allowed, else ``(status code name, message)``."""
+# Platform events (the SYSTEM channel) are for platform credentials, never a tenant's.
+SYSTEM_READERS = frozenset({"operator", "system"})
+
+
+def check_subscribable(
+    channel: str, roles: frozenset[str], tenant: str = ""
+) -> tuple[str, str] | None:
+    """``None`` if allowed, else ``(status code name, message)``. ``tenant`` is the
+    subscriber's tenant ("" for a platform credential, which reads the SYSTEM channel only)."""
     if channel not in KNOWN_CHANNELS:
         known = ", ".join(sorted(KNOWN_CHANNELS))
         return "INVALID_ARGUMENT", f"unknown channel {channel[:64]!r}; known channels: {known}"
-    if channel == SYSTEM and "system" not in roles:
-        return "PERMISSION_DENIED", "channel 'system' needs a token with the 'system' role"
+    if channel == SYSTEM:
+        if roles & SYSTEM_READERS:
+            return None
+        return "PERMISSION_DENIED", "channel 'system' requires role operator or system"
+    if not tenant:
+        return (
+            "PERMISSION_DENIED",
+            f"channel {channel!r} is a tenant channel: requires a tenant credential "
+            "(tenant-user or tenant-admin)",
+        )
     return None
 
 

@@ -128,11 +128,17 @@ class Processor:
     """Turns one record into history entries, exactly once per source position."""
 
     def __init__(
-        self, history: History, dead_letter: DeadLetterFn, clock: Clock = SYSTEM_CLOCK
+        self,
+        history: History,
+        dead_letter: DeadLetterFn,
+        clock: Clock = SYSTEM_CLOCK,
+        max_event_bytes: int = 0,
     ) -> None:
         self.history = history
         self.dead_letter = dead_letter
         self.clock = clock
+        # Events that no subscriber message could carry are dead-lettered at intake (0: off).
+        self.max_event_bytes = max_event_bytes
         self.stats = ProcessorStats()
 
     async def handle(
@@ -186,7 +192,7 @@ class Processor:
     ) -> list[Outcome]:
         pending: list[tuple[int, Processed, SourcePos]] = []
         for i, rec in enumerate(records):
-            result = process_record(rec.value, rec.key)
+            result = process_record(rec.value, rec.key, self.max_event_bytes)
             if isinstance(result, Poison):
                 await self._dead_letter(rec, result)
             else:

@@ -20,6 +20,10 @@ from signalman.history import Entry, History
 REPLAY_CHUNK = 200
 
 
+# Bytes a batched event adds beyond its body (channel, offset, epoch, field tags).
+EVENT_FRAMING = 64
+
+
 @dataclass(frozen=True)
 class OutEvent:
     subscription: str
@@ -237,13 +241,21 @@ class Session:
             self.delivered += 1
         return item
 
-    def take_events(self, limit: int) -> list[OutEvent]:
-        """Up to ``limit`` more events already waiting, without waiting (batching writes)."""
+    def take_events(self, limit: int, max_bytes: int = 0) -> list[OutEvent]:
+        """Up to ``limit`` more events already waiting, without waiting (batching writes), and
+        at most ``max_bytes`` of event bodies (0: no byte limit): a batch must stay under the
+        transport's message size, or writing it would fail the subscriber."""
         taken: list[OutEvent] = []
+        left = max_bytes
         while len(taken) < limit and not self.queue.empty():
             item = self.queue.peek()  # stop at the first message that is not an event
             if not isinstance(item, OutEvent):
                 break
+            if max_bytes:
+                size = len(item.entry.body) + EVENT_FRAMING
+                if size > left:
+                    break
+                left -= size
             taken.append(item)
             self.queue.get_nowait()
         self.delivered += len(taken)
@@ -276,7 +288,7 @@ class Session:
             await self._subscribe_one(request_id, req, f"channels[{i}]")
 
     async def _subscribe_one(self, request_id: int, req: ChannelRequest, where: str) -> None:
-        problem = check_subscribable(req.channel, self.principal.roles)
+        problem = check_subscribable(req.channel, self.principal.roles, self.principal.tenant)
         if problem is not None:
             await self.error(request_id, problem[0], problem[1], f"{where}.channel")
             return

@@ -59,15 +59,22 @@ class OwnedFleet:
     def is_stale(self, record: NodeRecord) -> bool:
         return self._fleet.is_stale(record)
 
+    def bound_tenant(self, stream_id: str) -> str | None:
+        return self._fleet.bound_tenant(stream_id)
+
     def explain(
         self, content_id: str, location: GeoPoint | None, *, role: str = "edge", protocol: str = ""
     ) -> list[Evaluation]:
         return self._fleet.explain(content_id, location, role=role, protocol=protocol)
 
-    async def register(self, identity: NodeIdentity, owner_fence: int = 0) -> NodeRecord:
+    async def register(
+        self, identity: NodeIdentity, owner_fence: int = 0, credential: str = ""
+    ) -> NodeRecord:
         fence = await self._ownership.acquire(identity.node_id)
         try:
-            return await self._fleet.register(identity, owner_fence=max(fence, owner_fence))
+            return await self._fleet.register(
+                identity, owner_fence=max(fence, owner_fence), credential=credential
+            )
         except StaleWriteError as exc:
             raise OwnershipLost(f"node {identity.node_id!r}: {exc}") from None
 

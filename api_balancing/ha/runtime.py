@@ -22,7 +22,9 @@ from api_balancing.ha.relay import Relay, RelayServicer
 from api_balancing.ha.replicas import ReplicaClaim
 from api_balancing.sessions import SessionRegistry
 from api_balancing.store.redis_store import RedisNodeStore, RedisStoreSettings
+from pkg.common.auth import REPLICA
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.config import ConfigError
 from pkg.common.grpcserver import ServiceBinding
 from pkg.common.tls import grpc_channel_credentials
 from pkg.coord import LeaderLease
@@ -49,10 +51,28 @@ def build_store(config: FoghornConfig) -> RedisNodeStore:
     )
 
 
-def _relay_token(config: FoghornConfig) -> str | None:
-    """The token replicas call each other with: FOGHORN_RELAY_TOKEN, else the first token
-    this replica accepts (every replica of a cluster accepts the same ones)."""
-    return config.ha.relay_token or next(iter(config.platform_tokens()), None)
+def relay_token(config: FoghornConfig) -> str:
+    """The token replicas call each other with: ``FOGHORN_RELAY_TOKEN``, else the one accepted
+    token whose credential has the ``replica`` role. Never a node's or an operator's token: the
+    relay's receiving side accepts the replica role only. Raises ``ConfigError`` when there is
+    no such credential (HA without a relay cannot deliver commands across replicas)."""
+    tokens = config.platform_tokens()
+    wanted = config.ha.relay_token
+    if wanted:
+        principal = tokens.get(wanted)
+        if principal is None or not principal.has_role(REPLICA):
+            raise ConfigError(
+                "FOGHORN_RELAY_TOKEN: not an accepted token with the replica role "
+                "(replicas of a cluster accept the same tokens)"
+            )
+        return wanted
+    candidates = [t for t, p in tokens.items() if p.has_role(REPLICA)]
+    if len(candidates) != 1:
+        raise ConfigError(
+            "FOGHORN_RELAY_TOKEN: HA needs the relay credential; set it, or give exactly one "
+            f"accepted token the replica role ({len(candidates)} have it)"
+        )
+    return candidates[0]
 
 
 class HaRuntime:
@@ -77,7 +97,7 @@ class HaRuntime:
             sessions,
             fleet,
             self.ownership,
-            _relay_token(config),
+            relay_token(config),
             self.ha.relay_timeout_s,
             credentials=grpc_channel_credentials(config.tls),
         )

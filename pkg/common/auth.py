@@ -1,9 +1,32 @@
-"""Bearer-token authentication for gRPC servers: one interceptor shared by every service.
+"""Platform credentials: roles, the token spec, and the authenticated principal of a call.
 
-Tokens come from the environment for now: ``PLATFORM_TOKENS="secret1=principal1:role1|role2,..."``
-(principal and roles optional; default principal ``service``, roles ``admin``). Methods listed as
-public pass without a token. The authenticated ``Principal`` is put in a context variable that
-handlers read with ``current_principal()``; it is never taken from a request message.
+Every gRPC service of the platform authenticates a bearer token to a ``Principal`` and then
+authorizes the call with its access map (``pkg.common.authz``). Roles (docs/security.md):
+
+- ``operator``: platform operator (node admin, fleet-wide mutations, detailed health, metrics,
+  reflection, the SYSTEM event channel).
+- ``node``: an edge node's control stream; the credential names the node ids it may register
+  (``nodes=``) and the tenants whose streams it may report (``tenants=``).
+- ``replica``: service-to-service calls between replicas (Foghorn's command relay).
+- ``system``: the platform's own event publishing.
+- ``tenant-admin``, ``tenant-user``: bound to one tenant (``name@tenant``).
+
+A credential with no role authenticates but may do nothing.
+
+Token spec (``PLATFORM_TOKENS``, ``FOGHORN_TOKENS``): entries separated by commas, each
+``TOKEN=NAME[@TENANT][:ROLE[|ROLE...]][;OPTION=VALUE...]`` with the options
+``nodes=PATTERN|PATTERN`` (node ids: exact, ``prefix*`` or ``*``), ``tenants=PATTERN|PATTERN``
+(same patterns; ``*`` never matches a reserved tenant) and ``streams=N`` (concurrent streams of
+this credential, instead of the service's default). Examples::
+
+    ops-secret=ops:operator
+    edge-secret=edge-paris:node;nodes=edge-paris-*;tenants=*
+    relay-secret=foghorn-relay:replica
+    acme-secret=bridge@acme:tenant-user
+
+Tokens with the same NAME are one credential (rotation: add the new token with the same name,
+move callers, remove the old one). The principal is put in a context variable that handlers read
+with ``current_principal()``; it is never taken from a request message.
 """
 
 from __future__ import annotations
@@ -11,24 +34,55 @@ from __future__ import annotations
 import contextvars
 import hmac
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-import grpc
-import grpc.aio
+from pkg.common.tenant import RESERVED_TENANTS, TenantIdError, check_customer_tenant
+
+OPERATOR = "operator"
+NODE = "node"
+REPLICA = "replica"
+SYSTEM = "system"
+TENANT_ADMIN = "tenant-admin"
+TENANT_USER = "tenant-user"
+PLATFORM_ROLES = frozenset({OPERATOR, NODE, REPLICA, SYSTEM})
+TENANT_ROLES = frozenset({TENANT_ADMIN, TENANT_USER})
+ROLES = PLATFORM_ROLES | TENANT_ROLES
+
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_PATTERN_RE = re.compile(r"\*|[A-Za-z0-9._:-]{1,128}\*?")
+MAX_STREAMS_OPTION = 1_000_000
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a name, a tenant (for tenant-scoped services) and roles."""
+    """Who is calling: a credential name, a tenant (tenant roles only) and roles.
+
+    ``nodes`` / ``tenants`` are the patterns of a ``node`` credential; ``max_streams`` (0: the
+    service's default) caps the streams it may hold open at once.
+    """
 
     name: str
     tenant: str = ""
     roles: frozenset[str] = field(default_factory=frozenset)
+    nodes: tuple[str, ...] = ()
+    tenants: tuple[str, ...] = ()
+    max_streams: int = 0
 
     def has_role(self, role: str) -> bool:
         return role in self.roles
+
+    def has_any(self, roles: Iterable[str]) -> bool:
+        return any(r in self.roles for r in roles)
+
+    def may_register(self, node_id: str) -> bool:
+        """May this credential register (and report for) ``node_id``?"""
+        return NODE in self.roles and matches_any(self.nodes, node_id)
+
+    def may_carry(self, tenant: str) -> bool:
+        """May this node credential report streams of ``tenant``? Reserved tenants: never."""
+        return tenant not in RESERVED_TENANTS and matches_any(self.tenants, tenant)
 
 
 ANONYMOUS = Principal(name="anonymous")
@@ -40,24 +94,150 @@ def current_principal() -> Principal:
     return _current.get()
 
 
-def parse_tokens(spec: str) -> dict[str, Principal]:
-    """Parse ``token=name@tenant:role|role`` entries separated by commas.
+def set_current_principal(principal: Principal) -> None:
+    _current.set(principal)
 
-    Raises ``ValueError`` naming the bad entry.
+
+def matches_any(patterns: Iterable[str], value: str) -> bool:
+    """``*`` matches anything, ``prefix*`` a prefix, anything else exactly."""
+    for pattern in patterns:
+        if pattern == "*":
+            return True
+        if pattern.endswith("*"):
+            if value.startswith(pattern[:-1]):
+                return True
+        elif pattern == value:
+            return True
+    return False
+
+
+class TokenSpecError(ValueError):
+    """A token entry is malformed; the message names the entry by its principal (never the
+    secret itself, which would end up in a log)."""
+
+
+def _patterns(entry: str, option: str, raw: str) -> tuple[str, ...]:
+    items = tuple(p for p in raw.split("|") if p)
+    if not items:
+        raise TokenSpecError(f"token entry {entry}: {option}= is empty")
+    for p in items:
+        if not _PATTERN_RE.fullmatch(p):
+            raise TokenSpecError(
+                f"token entry {entry}: {option}= pattern {p[:40]!r} is not an id, 'prefix*' or '*'"
+            )
+    return items
+
+
+def parse_token_entry(raw: str) -> tuple[str, Principal]:
+    """One ``TOKEN=NAME[@TENANT][:ROLES][;OPTION=VALUE...]`` entry; raises TokenSpecError."""
+    token, sep, rest = raw.partition("=")
+    token = token.strip()
+    if not sep or not token or any(c.isspace() for c in token):
+        raise TokenSpecError(
+            "token entry without a name: expected TOKEN=NAME[@TENANT][:ROLES][;OPTION=VALUE]"
+        )
+    main, *options = rest.split(";")
+    who, _, role_text = main.partition(":")
+    name, at, tenant = who.partition("@")
+    if not _NAME_RE.fullmatch(name):
+        raise TokenSpecError(f"token entry {name[:40]!r}: name must be 1..64 of A-Za-z0-9._-")
+    label = repr(name)
+    roles = frozenset(r.strip() for r in role_text.split("|") if r.strip())
+    unknown = sorted(roles - ROLES)
+    if unknown:
+        hint = (
+            " (the old catch-all role 'admin' is gone: give operator, node, replica or system)"
+            if "admin" in unknown
+            else ""
+        )
+        raise TokenSpecError(
+            f"token entry {label}: unknown role {unknown[0]!r}; roles: "
+            f"{', '.join(sorted(ROLES))}{hint}"
+        )
+    if at:
+        try:
+            check_customer_tenant(tenant, "tenant")
+        except TenantIdError as exc:
+            raise TokenSpecError(f"token entry {label}: {exc}") from None
+        if not roles & TENANT_ROLES:
+            raise TokenSpecError(
+                f"token entry {label}: a tenant binding (@{tenant}) needs a tenant role "
+                "(tenant-admin or tenant-user)"
+            )
+    elif roles & TENANT_ROLES:
+        raise TokenSpecError(f"token entry {label}: tenant roles need a tenant (NAME@TENANT)")
+    nodes: tuple[str, ...] = ()
+    tenants: tuple[str, ...] = ()
+    streams = 0
+    for opt in options:
+        key, eq, value = opt.partition("=")
+        key = key.strip()
+        if not eq:
+            raise TokenSpecError(f"token entry {label}: option {key[:20]!r} needs =VALUE")
+        if key == "nodes":
+            nodes = _patterns(label, key, value)
+        elif key == "tenants":
+            tenants = _patterns(label, key, value)
+        elif key == "streams":
+            try:
+                streams = int(value)
+            except ValueError:
+                streams = -1
+            if not 1 <= streams <= MAX_STREAMS_OPTION:
+                raise TokenSpecError(
+                    f"token entry {label}: streams= must be 1..{MAX_STREAMS_OPTION}"
+                )
+        else:
+            raise TokenSpecError(
+                f"token entry {label}: unknown option {key[:20]!r} (nodes, tenants, streams)"
+            )
+    if (nodes or tenants) and NODE not in roles:
+        raise TokenSpecError(f"token entry {label}: nodes=/tenants= need the node role")
+    if NODE in roles and not nodes:
+        raise TokenSpecError(
+            f"token entry {label}: role node needs nodes=PATTERN (the ids it may register)"
+        )
+    return token, Principal(
+        name=name,
+        tenant=tenant,
+        roles=roles,
+        nodes=nodes,
+        tenants=tenants,
+        max_streams=streams,
+    )
+
+
+def parse_tokens(spec: str) -> dict[str, Principal]:
+    """Parse comma-separated token entries (see the module docstring).
+
+    Raises ``TokenSpecError`` (a ``ValueError``) naming the bad entry.
     """
     tokens: dict[str, Principal] = {}
     for raw in spec.split(","):
         entry = raw.strip()
         if not entry:
             continue
-        token, sep, rest = entry.partition("=")
-        if not token or (sep and not rest):
-            raise ValueError(f"bad token entry {entry!r}: expected token=name[@tenant][:roles]")
-        who, _, roles = (rest or "service").partition(":")
-        name, _, tenant = who.partition("@")
-        role_set = frozenset(r for r in (roles or "admin").split("|") if r)
-        tokens[token] = Principal(name=name or "service", tenant=tenant, roles=role_set)
+        token, principal = parse_token_entry(entry)
+        if token in tokens:
+            raise TokenSpecError(f"token entry {principal.name!r}: the same token is listed twice")
+        tokens[token] = principal
     return tokens
+
+
+def token_entry(token: str, principal: Principal) -> str:
+    """The spec entry of ``principal`` (the inverse of ``parse_token_entry``)."""
+    text = f"{token}={principal.name}"
+    if principal.tenant:
+        text += f"@{principal.tenant}"
+    if principal.roles:
+        text += ":" + "|".join(sorted(principal.roles))
+    if principal.nodes:
+        text += ";nodes=" + "|".join(principal.nodes)
+    if principal.tenants:
+        text += ";tenants=" + "|".join(principal.tenants)
+    if principal.max_streams:
+        text += f";streams={principal.max_streams}"
+    return text
 
 
 def tokens_from_env(env: Mapping[str, str] | None = None) -> dict[str, Principal]:
@@ -70,138 +250,25 @@ Authenticator = Callable[[str], Principal | None]
 
 def static_authenticator(tokens: Mapping[str, Principal]) -> Authenticator:
     """Constant-time lookup of a bearer token among known tokens."""
-    items = list(tokens.items())
+    items = [(known.encode(), principal) for known, principal in tokens.items()]
 
     def authenticate(token: str) -> Principal | None:
         found: Principal | None = None
+        given = token.encode()
         for known, principal in items:
-            if hmac.compare_digest(known.encode(), token.encode()):
+            if hmac.compare_digest(known, given):
                 found = principal
         return found
 
     return authenticate
 
 
-def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization":
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            scheme, _, token = text.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                return token.strip()
-            return ""
-    return None
-
-
-def _abort_handler(
-    handler: grpc.RpcMethodHandler[Any, Any], code: grpc.StatusCode, message: str
-) -> grpc.RpcMethodHandler[Any, Any]:
-    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
-
-    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(code, message)
-        yield  # pragma: no cover - makes this an async generator
-
-    des = handler.request_deserializer
-    ser = handler.response_serializer
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(stream, des, ser)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(unary, des, ser)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(stream, des, ser)
-    return grpc.unary_unary_rpc_method_handler(unary, des, ser)
-
-
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Requires ``authorization: Bearer <token>`` on every method not in ``public_methods``.
-
-    ``public_methods`` holds full method names (``/pkg.Service/Method``) or service prefixes ending
-    in ``/`` (``/grpc.health.v1.Health/``). On a public method a valid token still yields its
-    principal; an invalid one is rejected. Missing or unknown tokens get UNAUTHENTICATED.
-    """
-
-    def __init__(
-        self,
-        authenticate: Authenticator,
-        public_methods: Iterable[str] = (),
-        required_role: str | None = None,
-    ) -> None:
-        self._authenticate = authenticate
-        self._public = (
-            *public_methods,
-            "/grpc.health.v1.Health/",
-            "/grpc.reflection.v1alpha.ServerReflection/",
-            "/grpc.reflection.v1.ServerReflection/",
-        )
-        self._required_role = required_role
-
-    def _is_public(self, method: str) -> bool:
-        return any(method == p or (p.endswith("/") and method.startswith(p)) for p in self._public)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        token = _bearer(handler_call_details.invocation_metadata)
-        public = self._is_public(method)
-        if token is None and public:
-            _current.set(ANONYMOUS)
-            return handler
-        if not token:
-            return _abort_handler(
-                handler, grpc.StatusCode.UNAUTHENTICATED, f"{method} requires a bearer token"
-            )
-        principal = self._authenticate(token)
-        if principal is None:
-            return _abort_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
-        if not public and self._required_role and not principal.has_role(self._required_role):
-            return _abort_handler(
-                handler,
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{method} requires role {self._required_role!r}",
-            )
-        return _wrap_with_principal(handler, principal)
-
-
-def _wrap_with_principal(
-    handler: grpc.RpcMethodHandler[Any, Any], principal: Principal
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """Run the handler with ``principal`` set in its context variable."""
-
-    def wrap_unary(fn: Any) -> Any:
-        async def call(request: Any, context: Any) -> Any:
-            _current.set(principal)
-            return await fn(request, context)
-
-        return call
-
-    def wrap_stream(fn: Any) -> Any:
-        async def call(request: Any, context: Any) -> Any:
-            _current.set(principal)
-            result = fn(request, context)
-            if hasattr(result, "__aiter__"):
-                async for item in result:
-                    yield item
-            else:  # a handler that writes with context.write() and returns None
-                await result
-
-        return call
-
-    des = handler.request_deserializer
-    ser = handler.response_serializer
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), des, ser)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), des, ser)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), des, ser)
-    return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), des, ser)
+def bearer_token(header: str | bytes | None) -> str | None:
+    """The token of an ``authorization`` value: None when absent, "" when not a bearer token."""
+    if header is None:
+        return None
+    text = header.decode(errors="replace") if isinstance(header, bytes) else str(header)
+    scheme, _, token = text.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return ""

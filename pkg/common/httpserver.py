@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +36,19 @@ from pkg.common.tls import (
 log = structlog.get_logger("pkg.common.httpserver")
 
 
-def ops_routes(health: HealthSource) -> list[BaseRoute]:
-    """``/health`` (200 unless not serving, then 503) and ``/metrics`` (Prometheus text)."""
+def ops_routes(
+    health: HealthSource, detail_for: Callable[[Request], bool] | None = None
+) -> list[BaseRoute]:
+    """``/health`` (200 unless not serving, then 503) and ``/metrics`` (Prometheus text).
 
-    async def health_endpoint(_: Request) -> Response:
+    ``detail_for(request)``: whether this caller sees the full report (an operator); others get
+    the status alone (``{"status": "ok"}``). None: everyone sees it all.
+    """
+
+    async def health_endpoint(request: Request) -> Response:
         report = health()
+        if detail_for is not None and not detail_for(request):
+            return JSONResponse({"status": report.status.value}, status_code=report.http_status)
         return JSONResponse(report.to_json(), status_code=report.http_status)
 
     async def metrics_endpoint(_: Request) -> Response:

@@ -50,18 +50,28 @@ _FLOOR = (
     "((('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint - 1)"
     f" * {TIMELINE_SPAN} + 1)"
 )
+# A consumer group's rows are keyed "<group>/<topic>" ($1), so two groups sharing a database
+# never bump each other's fences. A group's first row starts above the group-less row of the
+# same topic ($4, what replicas before the group was part of the key wrote): upgrading never
+# issues a fence lower than one already recorded downstream.
 _BUMP = f"""
 INSERT INTO signalman_partition_fence AS f (topic, partition, fence, owner)
-VALUES ($1, $2, {_FLOOR}, $3)
+VALUES ($1, $2, GREATEST({_FLOOR}, COALESCE((SELECT g.fence + 1 FROM signalman_partition_fence g
+                                             WHERE g.topic = $4 AND g.partition = $2), 0)), $3)
 ON CONFLICT (topic, partition)
 DO UPDATE SET fence = GREATEST(f.fence + 1, {_FLOOR}), owner = EXCLUDED.owner, updated_at = now()
 RETURNING fence
 """
+# Holders of a lock key, and whether each is one of our group's lock sessions (by its
+# application_name): only those may be terminated.
 _HOLDER = """
-SELECT pid FROM pg_locks
-WHERE locktype = 'advisory' AND granted AND objsubid = 1
-  AND classid = $1::bigint::oid AND objid = $2::bigint::oid AND pid <> pg_backend_pid()
+SELECT l.pid, left(coalesce(a.application_name, ''), length($3)) = $3 AS ours
+FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid AND l.pid <> pg_backend_pid()
 """
+# PostgreSQL keeps the first 63 bytes of an application_name.
+_APP_NAME_MAX = 63
 
 
 class OwnershipLost(Exception):
@@ -87,6 +97,7 @@ class PartitionLocks:
         dsn: str,
         owner: str,
         *,
+        group: str = "",
         grace_s: float = 2.0,
         clock: Clock = SYSTEM_CLOCK,
         connect_timeout_s: float = 5.0,
@@ -95,6 +106,13 @@ class PartitionLocks:
     ) -> None:
         self.dsn = dsn
         self.owner = owner
+        # The consumer group is part of every lock key, fence row and session name: groups
+        # sharing one PostgreSQL never lock, fence or evict each other ("" = the group-less
+        # names of earlier releases).
+        self.group = group
+        self._scope = f"{group}:" if group else ""
+        self.app_prefix = f"signalman-locks:{self._scope}"[:_APP_NAME_MAX]
+        self.app_name = f"{self.app_prefix}{owner}"[:_APP_NAME_MAX]
         self.grace_s = grace_s
         self.clock = clock
         # Every round trip is bounded: a PostgreSQL that is starting, paused or behind a dead
@@ -129,7 +147,7 @@ class PartitionLocks:
                 conn = await asyncpg.connect(
                     self.dsn,
                     timeout=self.connect_timeout_s,
-                    server_settings={"application_name": f"signalman-locks:{self.owner}"},
+                    server_settings={"application_name": self.app_name},
                 )
                 await conn.execute(_SCHEMA)
         except BaseException:
@@ -197,9 +215,16 @@ class PartitionLocks:
         with contextlib.suppress(OwnershipLost):
             await self.query("fetchval", "SELECT pg_advisory_unlock($1)", key)
 
-    async def holders(self, key: int) -> list[int]:
-        rows = await self.query("fetch", _HOLDER, key >> 32, key & 0xFFFFFFFF)
-        return [int(r["pid"]) for r in rows]
+    def partition_key(self, topic: str, partition: int) -> int:
+        return lock_key(f"signalman:{self._scope}{topic}", partition)
+
+    def _fence_topic(self, topic: str) -> str:
+        return f"{self.group}/{topic}" if self.group else topic
+
+    async def holders(self, key: int) -> list[tuple[int, bool]]:
+        """Backends holding ``key``: (pid, whether it is one of this group's lock sessions)."""
+        rows = await self.query("fetch", _HOLDER, key >> 32, key & 0xFFFFFFFF, self.app_prefix)
+        return [(int(r["pid"]), bool(r["ours"])) for r in rows]
 
     async def acquire_partition(
         self, topic: str, partition: int, *, timeout_s: float | None = None
@@ -213,7 +238,7 @@ class PartitionLocks:
         but not recorded would stay held until the connection closes), ``OwnershipLost`` when
         the connection fails.
         """
-        key = lock_key(f"signalman:{topic}", partition)
+        key = self.partition_key(topic, partition)
         if key not in self._held:
             start = self.clock.monotonic()
             while not await self.try_lock(key):
@@ -234,7 +259,7 @@ class PartitionLocks:
                     raise LockBusy(f"{topic}/{partition} still locked after {timeout_s} s")
                 await self.clock.asleep(self.retry_interval_s)
             self._busy.pop(key, None)
-        fence = int(await self.query("fetchval", _BUMP, topic, partition, self.owner))
+        fence = await self.bump(topic, partition)
         log.info("partition_acquired", topic=topic, partition=partition, fence=fence)
         return fence
 
@@ -249,26 +274,40 @@ class PartitionLocks:
 
     async def bump(self, topic: str, partition: int) -> int:
         """A new fence for (topic, partition) without locking (the caller holds the lock)."""
-        return int(await self.query("fetchval", _BUMP, topic, partition, self.owner))
+        return int(
+            await self.query(
+                "fetchval", _BUMP, self._fence_topic(topic), partition, self.owner, topic
+            )
+        )
 
     async def _evict(self, key: int, topic: str, partition: int) -> None:
-        pids = await self.holders(key)
-        for pid in pids:
+        for pid, ours in await self.holders(key):
+            if not ours:
+                # Not one of our group's lock sessions (another application, or a session
+                # whose name we cannot vouch for): never terminated, we wait (LockBusy).
+                log.warning(
+                    "lock_held_by_foreign_backend", topic=topic, partition=partition,
+                    backend_pid=pid,
+                )  # fmt: skip
+                continue
             log.warning("evicting_stale_owner", topic=topic, partition=partition, backend_pid=pid)
             await self.query("fetchval", "SELECT pg_terminate_backend($1)", pid)
             self.evictions += 1
 
     async def release_partition(self, topic: str, partition: int) -> None:
         """Unlock (topic, partition) if this connection holds it (a no-op otherwise)."""
-        key = lock_key(f"signalman:{topic}", partition)
+        key = self.partition_key(topic, partition)
         if key not in self._held:
             return
         await self.unlock(key)
         log.info("partition_released", topic=topic, partition=partition)
 
+    def singleton_key(self, name: str) -> int:
+        return lock_key(f"signalman-singleton:{self._scope}{name}", 0)
+
     async def try_singleton(self, name: str) -> bool:
         """Take (or confirm) the singleton lock ``name`` without waiting."""
-        key = lock_key(f"signalman-singleton:{name}", 0)
+        key = self.singleton_key(name)
         if key in self._held and self.connected:
             return True
         return await self.try_lock(key)
@@ -316,5 +355,5 @@ class AdvisoryLease:
         if self._epoch is None:
             return False
         self._epoch = None
-        await self.locks.unlock(lock_key(f"signalman-singleton:{self.name}", 0))
+        await self.locks.unlock(self.locks.singleton_key(self.name))
         return True

@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from pkg.common.tenant import TENANT_ID_RE
 from pkg.events.sink import Event
 
 ENVELOPE_VERSION = 1
@@ -19,8 +20,8 @@ ENVELOPE_VERSION = 1
 MAX_SCHEMA_VERSION = 1
 MAX_BATCH = 1_000
 
-# fullmatch: ``$`` alone would also accept a trailing newline ("acme\n").
-_TENANT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+# The platform's one tenant-id syntax (pkg.common.tenant).
+_TENANT_RE = TENANT_ID_RE
 _TYPE_RE = re.compile(r"[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+")
 # Tenants and event types repeat on every record: once one has passed its regex it is found in a
 # set (a regex match per field and event was a tenth of decoding one). Bounded: past the cap,
@@ -81,7 +82,8 @@ def encode_batch(events: Iterable[Event]) -> bytes:
 
 
 def valid_tenant(tenant: str) -> bool:
-    """Tenants are short identifiers: they become Kafka keys and Redis key parts."""
+    """Tenant ids have the platform's one syntax (``pkg.common.tenant``): they become Kafka
+    keys, Redis key parts and cache-key parts."""
     return _valid(tenant, _TENANT_RE, _known_tenants)
 
 

@@ -8,7 +8,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-SYSTEM_TENANT = "system"
+from pkg.common.tenant import SYSTEM_TENANT
+
+__all__ = [
+    "SYSTEM_TENANT",
+    "Event",
+    "EventSink",
+    "ManagedSink",
+    "MemorySink",
+    "NullSink",
+    "SinkState",
+]
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,10 @@ def foghorn(process_factory) -> FoghornProc:
         "foghorn",
         [sys.executable, "-m", "api_balancing", "--grpc-port", str(grpc_port),
          "--http-port", str(http_port), "--replica-id", "fog-1"],
-        env={"PLATFORM_TOKENS": f"{FOGHORN_TOKEN}=bridge@ops:admin", "FOGHORN_REDIS_URL": ""},
+        env={
+            "PLATFORM_TOKENS": f"{FOGHORN_TOKEN}=bridge:operator|node;nodes=*;tenants=*",
+            "FOGHORN_REDIS_URL": "",
+        },
         port=grpc_port,
     )  # fmt: skip
     return FoghornProc(proc, grpc_port, http_port)

@@ -121,7 +121,7 @@ async def test_the_graphiql_page_relays_a_subscription_over_websocket(
         "signalman",
         [sys.executable, "-m", "api_realtime", "--grpc-port", str(grpc_port),
          "--http-port", str(free_port()), "--replica-id", "sig-b"],
-        env={"PLATFORM_TOKENS": "sig-acme=bridge@acme:subscriber,pub-acme=pub@acme:publisher"},
+        env={"PLATFORM_TOKENS": "sig-acme=bridge@acme:tenant-user,pub-acme=pub:system"},
         port=grpc_port,
     )  # fmt: skip
     bridge = process_factory(

@@ -284,7 +284,8 @@ async def test_bridge_fails_over_to_the_surviving_foghorn_replica(
             f"foghorn-{i}",
             [sys.executable, "-m", "api_balancing", "--grpc-port", str(grpc_ports[i]),
              "--http-port", str(free_port()), "--replica-id", f"fog-{i}"],
-            env={"PLATFORM_TOKENS": f"{FOGHORN_TOKEN}=bridge@ops:admin",
+            env={"PLATFORM_TOKENS": f"{FOGHORN_TOKEN}=bridge:operator|node;nodes=*;tenants=*,"
+                                    "fog-relay=relay:replica",
                  "FOGHORN_REDIS_URL": foghorn_redis.url},
             port=grpc_ports[i],
         )

@@ -47,8 +47,8 @@ async def test_tenant_events_reach_their_tenant_and_no_other(process_factory):
         "signalman",
         [sys.executable, "-m", "api_realtime", "--grpc-port", str(grpc_port),
          "--http-port", str(free_port()), "--replica-id", "sig-1"],
-        env={"PLATFORM_TOKENS": "sig-acme=bridge@acme:subscriber,"
-             "sig-globex=bridge@globex:subscriber,pub-acme=pub@acme:publisher"},
+        env={"PLATFORM_TOKENS": "sig-acme=bridge@acme:tenant-user,"
+             "sig-globex=bridge@globex:tenant-user,pub-acme=pub:system"},
         port=grpc_port,
     )  # fmt: skip
     bridge = process_factory(

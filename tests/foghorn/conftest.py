@@ -20,7 +20,10 @@ from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 from tests.waiting import eventually as shared_eventually
 
 TOKEN = "node-secret"
-TOKENS = f"{TOKEN}=ops@system:admin"
+RELAY_TOKEN = "relay-secret"
+# One credential that is both operator and node keeps these functional tests short; the
+# separation of roles is what tests/security proves.
+TOKENS = f"{TOKEN}=ops:operator|node;nodes=*;tenants=*;streams=100000,{RELAY_TOKEN}=relay:replica"
 
 
 @pytest.fixture(autouse=True)
@@ -159,6 +162,10 @@ async def make_foghorn() -> AsyncIterator[Callable[..., Awaitable[Harness]]]:
         clock = FakeClock() if fake_clock else None
         # With a Kafka bootstrap the server builds its real sink; otherwise events are recorded.
         events: Any = None if overrides.get("kafka_bootstrap") else MemorySink()
+        # Functional tests route far faster than an anonymous viewer may: the per-address
+        # limit is tested on its own (tests/security), not in every routing test.
+        overrides.setdefault("anon_routes_per_s", 100_000.0)
+        overrides.setdefault("anon_route_burst", 100_000)
         config = FoghornConfig(
             grpc_port=0,
             http_port=overrides.pop("http_port", -1),

@@ -56,25 +56,27 @@ def test_foghorn_refuses_to_start_on_bad_configuration() -> None:
 def test_accepted_tokens_come_from_foghorn_tokens_else_platform_tokens(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("PLATFORM_TOKENS", "platform-tok=ops@acme:admin")
+    monkeypatch.setenv("PLATFORM_TOKENS", "platform-tok=ops:operator")
     assert list(FoghornConfig().platform_tokens()) == ["platform-tok"]
-    own = FoghornConfig(tokens="own-tok=svc@acme:admin,second=x@y:admin")
+    own = FoghornConfig(tokens="own-tok=svc@acme:tenant-user,second=x:operator")
     assert list(own.platform_tokens()) == ["own-tok", "second"]
     assert own.platform_tokens()["own-tok"].tenant == "acme"
 
 
-def test_replicas_relay_with_the_relay_token_else_the_first_accepted_one(
+def test_replicas_relay_with_a_replica_credential_never_the_first_accepted_token(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from api_balancing.config import HaConfig
-    from api_balancing.ha.runtime import _relay_token
+    from api_balancing.ha.runtime import relay_token
+    from pkg.common.config import ConfigError
 
-    monkeypatch.setenv("PLATFORM_TOKENS", "platform-tok=ops@acme:admin")
-    assert _relay_token(FoghornConfig(ha=HaConfig())) == "platform-tok"
-    assert _relay_token(FoghornConfig(tokens="own=a@b:admin", ha=HaConfig())) == "own"
-    assert _relay_token(FoghornConfig(ha=HaConfig(relay_token="relay"))) == "relay"
-    monkeypatch.delenv("PLATFORM_TOKENS")
-    assert _relay_token(FoghornConfig(ha=HaConfig())) is None
+    monkeypatch.setenv("PLATFORM_TOKENS", "ops-tok=ops:operator,relay-tok=relay:replica")
+    assert relay_token(FoghornConfig(ha=HaConfig())) == "relay-tok"
+    assert relay_token(FoghornConfig(ha=HaConfig(relay_token="relay-tok"))) == "relay-tok"
+    with pytest.raises(ConfigError, match="FOGHORN_RELAY_TOKEN"):
+        relay_token(FoghornConfig(ha=HaConfig(relay_token="ops-tok")))  # not a replica
+    with pytest.raises(ConfigError, match="FOGHORN_RELAY_TOKEN"):
+        relay_token(FoghornConfig(tokens="own=a:operator", ha=HaConfig()))  # none has the role
 
 
 @pytest.mark.parametrize("value", [-1.0, 101.0, float("nan")])
@@ -128,7 +130,11 @@ def test_foghorn_refuses_to_start_on_a_misspelled_setting() -> None:
 def test_the_relay_address_is_the_advertised_host_not_a_wildcard_listen_address() -> None:
     from api_balancing.server import FoghornApp
 
-    env = {"FOGHORN_HOST": "0.0.0.0", "FOGHORN_REDIS_URL": "redis://10.0.0.5:6379/0"}
+    env = {
+        "FOGHORN_HOST": "0.0.0.0",
+        "FOGHORN_REDIS_URL": "redis://10.0.0.5:6379/0",
+        "FOGHORN_TOKENS": "relay-secret=relay:replica",  # HA needs its relay credential
+    }
     with pytest.raises(ConfigError, match="FOGHORN_ADVERTISE_HOST"):
         load(FoghornConfig, "FOGHORN", env=env)
     config = load(FoghornConfig, "FOGHORN", env={**env, "FOGHORN_ADVERTISE_HOST": "10.1.2.3"})

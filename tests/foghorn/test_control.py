@@ -8,8 +8,17 @@ import grpc
 import pytest
 
 from api_balancing.model import NodeMode
+from pkg.common.auth import parse_tokens
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
-from tests.foghorn.conftest import Harness, NodeStream, eventually, register_msg, report_msg
+from tests.foghorn.conftest import (
+    TOKEN,
+    TOKENS,
+    Harness,
+    NodeStream,
+    eventually,
+    register_msg,
+    report_msg,
+)
 
 
 async def test_node_registers_and_its_report_is_stored(foghorn: Harness) -> None:
@@ -218,6 +227,7 @@ async def test_rejection_notices_stop_queueing_for_a_node_that_does_not_read(
     outbox: asyncio.Queue[object] = asyncio.Queue()
     for _ in range(MAX_QUEUED_REJECTIONS):
         outbox.put_nowait(object())  # the node's stream is backed up this far
-    await foghorn.server.control._report("n1", report_msg(cpu=-1), outbox)
+    node = parse_tokens(TOKENS)[TOKEN]
+    await foghorn.server.control._report(node, "n1", report_msg(cpu=-1), outbox)
     assert outbox.qsize() == MAX_QUEUED_REJECTIONS  # nothing more queued...
     assert foghorn.fleet.counters.reports_rejected == 1  # ...but counted

@@ -9,7 +9,7 @@ import pytest
 from pkg.clients import Policy, RetryPolicy
 from pkg.clients.http import AsyncHttpClient
 from pkg.common.telemetry import setup_metrics
-from tests.foghorn.conftest import Harness, report_msg
+from tests.foghorn.conftest import TOKEN, Harness, report_msg
 
 
 @pytest.fixture
@@ -18,7 +18,8 @@ async def web(make_foghorn) -> AsyncIterator[tuple[Harness, AsyncHttpClient]]:  
     h: Harness = await make_foghorn(http_port=0)
     # One attempt: these tests look at each answer as it is (503 + Retry-After included).
     policy = Policy(timeout=10.0, retry=RetryPolicy(max_attempts=1))
-    client = AsyncHttpClient(f"http://127.0.0.1:{h.server.http_port}", policy)
+    # The operator's view: /nodes, /metrics and the full /health need the operator role.
+    client = AsyncHttpClient(f"http://127.0.0.1:{h.server.http_port}", policy, token=TOKEN)
     try:
         yield h, client
     finally:

@@ -51,3 +51,22 @@ async def test_kafka_down_routing_never_fails_and_health_says_so(
                      what="buffered events delivered once Kafka is back")  # fmt: skip
     assert h.server.health().to_json()["dependencies"]["events"]["status"] == "ok"
     assert sink.dropped == 0
+
+
+async def test_stop_closes_the_event_sink_and_counts_what_it_could_not_send(
+    make_foghorn: Callable[..., Awaitable[Harness]],
+) -> None:
+    """Kafka never reachable: on stop the sink is flushed for a bounded time and closed; the
+    events it could not send are counted as dropped (and logged), none is left buffered."""
+    from structlog.testing import capture_logs
+
+    from pkg.devstack.servers import free_port
+
+    h = await make_foghorn(kafka_bootstrap=f"127.0.0.1:{free_port()}")  # nothing listens
+    await h.node("n1", report_msg())  # node.registered: an event that cannot leave
+    sink = h.server.events
+    assert sink.buffered >= 1
+    with capture_logs() as logs:
+        await h.close()
+    assert sink.buffered == 0 and sink.dropped >= 1
+    assert any(e["event"] == "kafka_sink_dropped_at_close" for e in logs)

@@ -26,7 +26,10 @@ def _foghorn(process_factory: Callable[..., CommandProcess], http_port: int) -> 
     return process_factory(
         "foghorn",
         [f"{BIN}/foghorn", "--grpc-port", "{port}", "--http-port", str(http_port)],
-        env={"PLATFORM_TOKENS": f"{TOKEN}=ops:admin", "FOGHORN_REPLICA_ID": "proc-1"},
+        env={
+            "PLATFORM_TOKENS": f"{TOKEN}=ops:operator|node;nodes=*;tenants=*",
+            "FOGHORN_REPLICA_ID": "proc-1",
+        },
     )
 
 

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
@@ -74,20 +75,36 @@ async def test_requested_protocol_filters_nodes_and_urls(foghorn: Harness) -> No
     assert [u.protocol for u in reply.best.urls] == ["webrtc"]
 
 
+async def play(h: Harness, content: str) -> str:
+    """GET /play (a redirect issued to a viewer); the node it sent the viewer to."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{h.server.http_port}") as http:
+        reply = await http.get(f"/play/{content}")
+    assert reply.status_code == 302, reply.text
+    return reply.headers["x-foghorn-node"]
+
+
 async def test_redirects_spread_a_burst_of_viewers(make_foghorn) -> None:  # type: ignore[no-untyped-def]
-    h: Harness = await make_foghorn(redirect_bps=1_000_000_000)
+    h: Harness = await make_foghorn(redirect_bps=1_000_000_000, http_port=0)
     await h.node("a", report_msg(cpu=10, limit=10_000_000_000))
     await h.node("b", report_msg(cpu=11, limit=10_000_000_000))
-    first = (await h.anon.route_viewer("s1")).best.node_id
-    second = (await h.anon.route_viewer("s1")).best.node_id
+    first, second = await play(h, "s1"), await play(h, "s1")
     assert (first, second) == ("a", "b")  # the pending viewer on "a" costs it bandwidth
     assert (await h.ops.get_node("a")).health.pending_redirects == 1
 
 
-async def test_pending_redirect_settles_when_the_viewer_shows_up(make_foghorn) -> None:  # type: ignore[no-untyped-def]
+async def test_a_routing_answer_is_not_a_pending_redirect(make_foghorn) -> None:  # type: ignore[no-untyped-def]
     h: Harness = await make_foghorn(redirect_bps=1_000_000_000)
+    await h.node("a", report_msg(cpu=10, limit=10_000_000_000))
+    await h.node("b", report_msg(cpu=11, limit=10_000_000_000))
+    answers = [(await h.anon.route_viewer("s1")).best.node_id for _ in range(5)]
+    assert answers == ["a"] * 5  # nobody was sent anywhere: nothing is pending
+    assert (await h.ops.get_node("a")).health.pending_redirects == 0
+
+
+async def test_pending_redirect_settles_when_the_viewer_shows_up(make_foghorn) -> None:  # type: ignore[no-untyped-def]
+    h: Harness = await make_foghorn(redirect_bps=1_000_000_000, http_port=0)
     stream = await h.node("a", report_msg(streams=(("s1", "acme", 1),)))
-    await h.anon.route_viewer("s1")
+    await play(h, "s1")
     assert (await h.ops.get_node("a")).health.pending_redirects == 1
     stream.report(report_msg(streams=(("s1", "acme", 2),)))
     await eventually(lambda: h.fleet.redirects.pending("a") == 0, what="redirect settled")

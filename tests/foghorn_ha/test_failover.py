@@ -119,7 +119,8 @@ async def make_cluster(
             redis_url=url,
             factory=process_factory,
             env={
-                "PLATFORM_TOKENS": f"{TOKEN}=ops:admin",
+                "PLATFORM_TOKENS": f"{TOKEN}=ops:operator|node;nodes=*;tenants=*,"
+                "ha-relay=relay:replica",
                 "FOGHORN_REDIS_URL": url,
                 "FOGHORN_CLUSTER": name,
                 "FOGHORN_OWNERSHIP_TTL_S": "2",
@@ -134,7 +135,7 @@ async def make_cluster(
             },
         )
         cluster.redis = aioredis.Redis.from_url(url, decode_responses=True)
-        cluster.http = AsyncHttpClient(policy=Policy(timeout=3.0))
+        cluster.http = AsyncHttpClient(policy=Policy(timeout=3.0), token=TOKEN)  # operator
         made.append(cluster)
         return cluster
 

@@ -14,16 +14,18 @@ from pkg.devstack.servers import CommandProcess, free_port
 from tests.bridge.fakes import SECRET
 from tests.bridge.stack import FOGHORN_TOKEN
 
-# Platform credentials (PLATFORM_TOKENS syntax): an operator, a publisher per tenant, and the
-# per-tenant credentials Bridge subscribes with.
+# Platform credentials (PLATFORM_TOKENS syntax, docs/security.md): an operator (Bridge's
+# Foghorn credential too), the test edge nodes, platform publishers, and the per-tenant
+# credentials Bridge subscribes with.
 TOKENS = ",".join(
     [
-        "op-token=ops@system:admin|system",
-        f"{FOGHORN_TOKEN}=edge@system:node",
-        "pub-acme=pub@acme:publisher",
-        "pub-globex=pub@globex:publisher",
-        "sig-acme=bridge@acme:subscriber",
-        "sig-globex=bridge@globex:subscriber",
+        "op-token=ops:operator",
+        "relay-token=relay:replica",  # Foghorn's HA relay (test_ha_processes_metrics...)
+        f"{FOGHORN_TOKEN}=edge:node;nodes=*;tenants=*",
+        "pub-acme=pub-acme:system",
+        "pub-globex=pub-globex:system",
+        "sig-acme=bridge@acme:tenant-user",
+        "sig-globex=bridge@globex:tenant-user",
     ]
 )
 OPERATOR_TOKEN = "op-token"

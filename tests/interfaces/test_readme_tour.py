@@ -64,7 +64,7 @@ def test_the_readme_tour_shows_live_events(tmp_path: Path) -> None:
                 break
             out += line
         status = ""
-        while "admin token:" not in status and time.monotonic() < deadline:
+        while "dev credentials:" not in status and time.monotonic() < deadline:
             status += up.stdout.readline()
         assert "every health check ok" in out, out[-3000:]
         bridge = re.search(r"^bridge graphql\s+http://([\d.]+:\d+)/graphql", status, re.M)

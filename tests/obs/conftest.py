@@ -35,7 +35,8 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[up.Stac
             stack.sup.tick()
             time.sleep(0.5)
         nodes_url = stack.endpoints["foghorn http"][0] + "/nodes"
-        while httpx.get(nodes_url, timeout=5).json()["count"] < NODES:  # the fleet registered
+        operator = {"Authorization": f"Bearer {up.OPERATOR_TOKEN}"}  # /nodes is for operators
+        while httpx.get(nodes_url, headers=operator, timeout=5).json()["count"] < NODES:
             assert time.monotonic() < deadline, "the edge fleet did not register in time"
             time.sleep(0.3)
         yield stack, traces

@@ -141,7 +141,7 @@ async def _node_event(stack: up.Stack, viewer: Viewer, node_id: str) -> tuple[An
     """Subscribe to SYSTEM events, connect a node in a root span, wait for its event."""
     signalman = SignalmanClient(stack.endpoints["signalman grpc"], token=up.DEV_TOKEN)
     channel = aio_channel(stack.endpoints["foghorn grpc"], Policy(timeout=10.0),
-                          token=up.DEV_TOKEN)  # fmt: skip
+                          token=up.NODE_TOKEN)  # fmt: skip
     try:
         async with signalman.subscribe(["system"]) as sub:
             await sub.wait_subscribed()
@@ -180,7 +180,7 @@ def test_node_event_is_one_trace_from_edge_node_to_subscriber(
 ) -> None:
     stack, traces = platform
     viewer = Viewer()
-    root, event_type = asyncio.run(_node_event(stack, viewer, "traced-node-1"))
+    root, event_type = asyncio.run(_node_event(stack, viewer, "drill-traced-node-1"))
     root_id = f"0x{root.get_span_context().span_id:016x}"
 
     def trace_complete() -> list[dict[str, Any]] | None:

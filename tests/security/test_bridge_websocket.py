@@ -23,7 +23,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from tests.bridge.fakes import token
-from tests.interfaces.conftest import Platform
+from tests.interfaces.conftest import OPERATOR_TOKEN, Platform
 
 pytestmark = pytest.mark.integration
 PROTOCOL = "graphql-transport-ws"
@@ -141,7 +141,10 @@ async def test_a_socket_is_closed_when_its_token_expires_unless_reauthenticated(
 
 async def _signalman_subscribers(platform: Platform) -> int:
     async with httpx.AsyncClient() as http:
-        health = (await http.get(f"http://127.0.0.1:{platform.signalman_http}/health")).json()
+        # The full health report (subscriber counts) is for operators (docs/security.md).
+        headers = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
+        url = f"http://127.0.0.1:{platform.signalman_http}/health"
+        health = (await http.get(url, headers=headers)).json()
     return int(health["subscribers"])
 
 

@@ -19,13 +19,15 @@ from tests.waiting import eventually
 
 TOKENS = ",".join(
     [
-        "ta=alice@acme:reader",
-        "ta2=alice2@acme:reader",
-        "tb=bob@globex:reader",
-        "tpa=pub@acme:publisher",
-        "tpb=pub@globex:publisher",
-        "tsys=ops@system:system|publisher",
-        "tnotenant=svc:reader",
+        "ta=alice@acme:tenant-user",
+        "ta2=alice2@acme:tenant-user",
+        "tb=bob@globex:tenant-user",
+        # Publishing (embedded mode) is the platform's: system credentials, any tenant.
+        "tpa=pub-a:system",
+        "tpb=pub-b:system",
+        "tsys=ops:system",
+        "tops=operator:operator",  # full /health, /metrics
+        "tnotenant=svc",  # authenticates, has no role: may do nothing
     ]
 )
 TOKEN_ENV = {"PLATFORM_TOKENS": TOKENS}

@@ -19,7 +19,7 @@ from tests.signalman.conftest import TOKENS
 
 pytestmark = pytest.mark.integration
 
-FOGHORN_TOKENS = TOKENS + ",tnode=edge@system:node|admin"
+FOGHORN_TOKENS = TOKENS + ",tnode=edge:node;nodes=*;tenants=*"
 
 
 async def test_foghorn_events_reach_embedded_signalman_subscribers_without_kafka(

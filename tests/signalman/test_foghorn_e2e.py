@@ -24,7 +24,7 @@ from tests.signalman.conftest import TOKENS
 
 pytestmark = pytest.mark.integration
 
-FOGHORN_TOKENS = TOKENS + ",tnode=edge@system:node|admin"
+FOGHORN_TOKENS = TOKENS + ",tnode=edge:node;nodes=*;tenants=*"
 
 
 async def test_foghorn_node_events_reach_system_subscribers(

@@ -161,7 +161,8 @@ async def test_health_and_metrics_endpoints(
     app = SignalmanApp(cfg, tokens=parse_tokens(TOKENS))
     await app.start()
     try:
-        async with AsyncHttpClient(base_url=f"http://127.0.0.1:{cfg.http_port}") as http:
+        http_client = AsyncHttpClient(base_url=f"http://127.0.0.1:{cfg.http_port}", token="tops")
+        async with http_client as http:
             await wait_until(lambda: app.member is not None and len(app.member.owned) == 4)
             health = await http.get("/health")
             assert health.status_code == 200

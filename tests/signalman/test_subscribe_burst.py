@@ -25,7 +25,9 @@ async def test_1000_concurrent_subscribes_on_one_replica_all_succeed(
         [sys.executable, "-m", "api_realtime", "--grpc-port", "{port}",
          "--http-port", str(free_port())],
         env={
-            "PLATFORM_TOKENS": ",".join(f"k{t}=u@{t}:reader|publisher" for t in TENANTS),
+            "PLATFORM_TOKENS": ",".join(
+                [*(f"k{t}=u@{t}:tenant-user" for t in TENANTS), "kpub=publisher:system"]
+            ),
             "SIGNALMAN_REDIS_URL": redis_server.url,
             "SIGNALMAN_REDIS_PREFIX": f"burst{uuid.uuid4().hex[:6]}",
             "SIGNALMAN_MAX_CONNECTIONS_PER_TENANT": str(PER_TENANT),
@@ -33,12 +35,13 @@ async def test_1000_concurrent_subscribes_on_one_replica_all_succeed(
         },
     )  # fmt: skip
     clients = [SignalmanClient(f"127.0.0.1:{replica.port}", token=f"k{t}") for t in TENANTS]
+    publisher = SignalmanClient(f"127.0.0.1:{replica.port}", token="kpub")  # system role
     subs: list[Subscription] = []
     try:
         # Three events per tenant already in history: the resuming half replays two of them.
         epochs = {}
         for tenant, client in zip(TENANTS, clients, strict=True):
-            await client.publish([event_json(tenant, n=n) for n in range(3)])
+            await publisher.publish([event_json(tenant, n=n) for n in range(3)])
             probe = client.subscribe(["all"], resume_from={"all": ("", 0)})
             async with probe:
                 first = await probe.get(5.0)
@@ -53,8 +56,8 @@ async def test_1000_concurrent_subscribes_on_one_replica_all_succeed(
         await asyncio.gather(*(sub.wait_subscribed(60.0) for sub in subs))
         # Each subscribe succeeded on its first connection: none was refused and retried.
         assert [s.stats.last_error for s in subs if s.stats.connects != 1] == []
-        for tenant, client in zip(TENANTS, clients, strict=True):
-            await client.publish([event_json(tenant, n=3)])
+        for tenant in TENANTS:
+            await publisher.publish([event_json(tenant, n=3)])
         for index, sub in enumerate(subs):
             want = [2, 3, 4] if index % 2 else [4]  # replay after offset 1, then the live one
             got = [(await sub.get(20.0)) for _ in want]
@@ -63,5 +66,5 @@ async def test_1000_concurrent_subscribes_on_one_replica_all_succeed(
     finally:
         for sub in subs:
             await sub.close()
-        for client in clients:
+        for client in [*clients, publisher]:
             await client.close()

@@ -1,0 +1,79 @@
+"""What a node credential may claim: node ids, and the tenants of the streams it reports.
+
+Rules (docs/security.md, "edge node"):
+
+- a credential registers only the node ids its ``nodes=`` patterns allow;
+- while a node is connected, only the credential that registered it may register it again (a
+  restarting node replaces its own older stream; a different credential never displaces it);
+- a stream's tenant is accepted only if the credential may carry that tenant (``tenants=``),
+  never the reserved platform tenant, and never a tenant other than the one the stream is
+  already bound to: while any node carries a stream, the tenant it was first reported with is
+  authoritative (the fleet index's binding), so no node can re-assign another tenant's stream;
+  the binding ends when no node carries the stream any more.
+
+Pure logic over records and principals: no grpc, no store writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from api_balancing import errors
+from api_balancing.model import LoadReport, NodeRecord
+from pkg.common.auth import Principal
+from pkg.common.tenant import RESERVED_TENANTS
+
+CREDENTIAL_KEY = "credential"  # NodeRecord.extra: the credential that registered the node
+
+
+def check_register(principal: Principal, node_id: str, current: NodeRecord | None) -> None:
+    """Raise PermissionDenied unless ``principal`` may register ``node_id`` now."""
+    if not principal.may_register(node_id):
+        allowed = "|".join(principal.nodes) or "none"
+        raise errors.PermissionDenied(
+            f"register.node_id: credential {principal.name!r} may not register node "
+            f"{node_id!r} (its node ids: {allowed})",
+            "register.node_id",
+        )
+    if current is None or not current.connected:
+        return
+    holder = current.extra.get(CREDENTIAL_KEY, "")
+    if holder and holder != principal.name:
+        raise errors.PermissionDenied(
+            f"register.node_id: node {node_id!r} is connected under another credential; "
+            "a different credential cannot displace it",
+            "register.node_id",
+        )
+
+
+def check_report(
+    principal: Principal,
+    node_id: str,
+    report: LoadReport,
+    bound_tenant: Callable[[str], str | None],
+) -> None:
+    """Raise PermissionDenied naming the first stream whose tenant this node may not report.
+
+    ``bound_tenant(stream_id)`` is the tenant the stream is bound to while some node carries
+    it (None when no node does).
+    """
+    for i, stream in enumerate(report.streams):
+        tenant = stream.tenant_id
+        where = f"report.streams[{i}].tenant_id"
+        if tenant in RESERVED_TENANTS:
+            raise errors.PermissionDenied(
+                f"{where}: {tenant!r} is reserved for platform events", where
+            )
+        if not principal.may_carry(tenant):
+            raise errors.PermissionDenied(
+                f"{where}: credential {principal.name!r} may not report streams of tenant "
+                f"{tenant!r}",
+                where,
+            )
+        bound = bound_tenant(stream.stream_id)
+        if bound is not None and bound != tenant:
+            raise errors.PermissionDenied(
+                f"{where}: stream {stream.stream_id!r} belongs to another tenant "
+                f"(node {node_id!r} may not re-assign it)",
+                where,
+            )
