@@ -692,7 +692,7 @@ def prometheus(stack: Stack, args: argparse.Namespace) -> None:
             targets.setdefault(item.name.rsplit("-", 1)[0], []).append(address)
     server = PrometheusServer(
         targets, alerts.RULE_FILES, run_dir=stack.run_dir / "prometheus",
-        port=_port(9090), time_scale=args.rules_time_scale,
+        port=_port(9090), time_scale=args.rules_time_scale, bearer_token=OPERATOR_TOKEN,
     )  # fmt: skip
     stack.sup.add(Managed("prometheus", server, kind="server"))
     stack.prometheus_url = server.url

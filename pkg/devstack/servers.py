@@ -774,9 +774,12 @@ class PrometheusServer(ServerProcess):
         *,
         scrape_interval_s: float = 1.0,
         time_scale: float = 1.0,
+        bearer_token: str = "",
     ) -> None:
         super().__init__(run_dir, port)
         self.targets = targets
+        # /metrics is for operators (docs/security.md): Prometheus scrapes with this credential.
+        self.bearer_token = bearer_token
         self.rule_files = list(rule_files)
         self.scrape_interval_s = scrape_interval_s
         self.time_scale = time_scale
@@ -800,7 +803,9 @@ class PrometheusServer(ServerProcess):
                        "scrape_timeout": _duration(min(10.0, self.scrape_interval_s))},
             "rule_files": rules,
             "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": addresses}]}
+                {"job_name": job, "static_configs": [{"targets": addresses}],
+                 **({"authorization": {"type": "Bearer", "credentials": self.bearer_token}}
+                    if self.bearer_token else {})}
                 for job, addresses in sorted(self.targets.items())
             ],
         }  # fmt: skip

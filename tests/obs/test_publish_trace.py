@@ -23,7 +23,7 @@ from pkg.proto.signalman.v1 import signalman_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 
-TOKENS = "tsys=system@system:admin|system"
+TOKENS = "tsys=platform:system"
 
 
 async def test_delivery_of_a_published_event_continues_the_publishers_trace(
