@@ -6,7 +6,7 @@ authorizes the call with its access map (``pkg.common.authz``). Roles (docs/secu
 - ``operator``: platform operator (node admin, fleet-wide mutations, detailed health, metrics,
   reflection, the SYSTEM event channel).
 - ``node``: an edge node's control stream; the credential names the node ids it may register
-  (``nodes=``) and the tenants whose streams it may report (``tenants=``).
+  (``nodes=``; none given: none) and the tenants whose streams it may report (``tenants=``).
 - ``replica``: service-to-service calls between replicas (Foghorn's command relay).
 - ``system``: the platform's own event publishing.
 - ``tenant-admin``, ``tenant-user``: bound to one tenant (``name@tenant``).
@@ -193,10 +193,6 @@ def parse_token_entry(raw: str) -> tuple[str, Principal]:
             )
     if (nodes or tenants) and NODE not in roles:
         raise TokenSpecError(f"token entry {label}: nodes=/tenants= need the node role")
-    if NODE in roles and not nodes:
-        raise TokenSpecError(
-            f"token entry {label}: role node needs nodes=PATTERN (the ids it may register)"
-        )
     return token, Principal(
         name=name,
         tenant=tenant,
