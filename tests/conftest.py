@@ -41,7 +41,7 @@ if os.environ.get("DEV_TEST_STACKS_FILE"):
 def _fresh_client_runtime() -> Iterator[None]:
     """Each test starts with an empty process-wide pkg.clients runtime: one test's open breaker
     or spent retry budget for a target never reaches the next test."""
-    from pkg.clients.testing import fresh_runtime
+    from pkg.clients.runtime import fresh_runtime
 
     with fresh_runtime():
         yield

@@ -15,7 +15,8 @@ import random
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import pybreaker
@@ -273,3 +274,16 @@ def set_default_runtime(runtime: Runtime | None) -> Runtime | None:
     with _default_lock:
         previous, _default_runtime = _default_runtime, runtime
     return previous
+
+
+@contextmanager
+def fresh_runtime(runtime: Runtime | None = None) -> Iterator[Runtime]:
+    """A new process-wide default runtime inside the ``with`` block (breakers, budgets and
+    outlier state start empty), the previous one restored after: one test's open breaker or
+    spent budget never reaches the next test."""
+    fresh = runtime or Runtime()
+    previous = set_default_runtime(fresh)
+    try:
+        yield fresh
+    finally:
+        set_default_runtime(previous)

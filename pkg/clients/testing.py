@@ -2,15 +2,15 @@
 
 Like ``stamina.set_testing``: users of ``pkg.clients`` call ``set_testing(True)`` (or use the
 ``testing()`` context manager) in their own test suites so retries still happen, and are still
-counted, but never wait in real time.
+counted, but never wait in real time. It is a flag and nothing else (no client machinery is
+imported here), so that pure modules using ``pkg.clients.backoff`` stay free of grpc and redis;
+a fresh process-wide runtime per test is ``pkg.clients.runtime.fresh_runtime``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-from pkg.clients.runtime import Runtime, set_default_runtime
 
 _testing = False
 
@@ -35,16 +35,3 @@ def testing(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         set_testing(previous)
-
-
-@contextmanager
-def fresh_runtime(runtime: Runtime | None = None) -> Iterator[Runtime]:
-    """A new process-wide default runtime inside the ``with`` block (breakers, budgets and
-    outlier state start empty), the previous one restored after: one test's open breaker or
-    spent budget never reaches the next test."""
-    fresh = runtime or Runtime()
-    previous = set_default_runtime(fresh)
-    try:
-        yield fresh
-    finally:
-        set_default_runtime(previous)
