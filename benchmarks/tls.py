@@ -79,6 +79,7 @@ class Side:
             self.verify = client_ssl_context(tls_from_env(client.env("none")))
         self.target = f"127.0.0.1:{self.port}"
         self.fleet: list[BenchNode] = []
+        self.cpu_us_per_report: list[float] = []
         self.assignment: list[list[str]] = []
 
     def start(self) -> None:
@@ -106,9 +107,17 @@ class Side:
             node.queue.put_nowait(node.report(mine))
         await _wait_reports(self.http, nodes, 60)
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (user + system, from /proc)."""
+        assert self.server.proc is not None
+        fields = Path(f"/proc/{self.server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     async def burst(self, reports_per_node: int) -> float:
-        """Reports/s accepted for one burst of ``reports_per_node`` reports from every node."""
+        """Reports/s accepted for one burst of ``reports_per_node`` reports from every node
+        (the server's CPU per report is added to ``cpu_us_per_report``)."""
         before = (await _health(self.http))["counts"]["reports_accepted"]
+        cpu_before = self.cpu_s()
         msgs = [[n.report(self.assignment[i]) for _ in range(reports_per_node)]
                 for i, n in enumerate(self.fleet)]  # fmt: skip
         total = len(self.fleet) * reports_per_node
@@ -117,6 +126,7 @@ class Side:
             for msg in mine:
                 node.queue.put_nowait(msg)
         done = await _wait_reports(self.http, before + total, 60)
+        self.cpu_us_per_report.append((self.cpu_s() - cpu_before) / total * 1e6)
         return total / (done - start)
 
     async def close(self) -> None:
@@ -213,6 +223,12 @@ async def run(nodes: int, streams: int, rounds: int, reports_per_node: int,
             "reports_per_s_bursts_plaintext": [round(r, 1) for r in plain_rates],
             "reports_per_s_bursts_mtls": [round(r, 1) for r in mtls_rates],
             "tls_ingest_ratio": round(ingest_mtls / ingest_plain, 3),
+            # Server CPU per accepted report (includes the /health polls of the burst): what
+            # TLS costs the server itself, less exposed to the neighbours than wall time.
+            "server_cpu_us_per_report_plaintext": round(
+                statistics.median(plain.cpu_us_per_report), 1
+            ),
+            "server_cpu_us_per_report_mtls": round(statistics.median(mtls.cpu_us_per_report), 1),
             "load_average": [round(x, 2) for x in os.getloadavg()],
         }
     finally:
@@ -258,5 +274,7 @@ def main(argv: list[str]) -> int:
           f"{'>=0.85':>8}  {'yes' if checks['tls_ingest_ratio'] else 'NO'}")  # fmt: skip
     print(f"{'new connection p50 (ms)':26} {result['plaintext_connect_ms']:>12} "
           f"{result['tls_handshake_ms']:>12}")  # fmt: skip
+    print(f"{'server CPU/report (us)':26} {result['server_cpu_us_per_report_plaintext']:>12} "
+          f"{result['server_cpu_us_per_report_mtls']:>12}")  # fmt: skip
     print(f"wrote {out}")
     return 0 if all(checks.values()) else 1

@@ -34,6 +34,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 from pkg.clients.backoff import Backoff
 from pkg.common import history
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.kafkaconn import kafka_options
 from pkg.events.kafka import trace_of
 from signalman.deadletter import attempts_of
 from signalman.history import History, SourcePos
@@ -91,7 +92,7 @@ class Owned:
 async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 10.0) -> None:
     """Create the topics that do not exist yet (partition counts are only used on creation)."""
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=bootstrap, request_timeout_ms=int(timeout_s * 1000)
+        **kafka_options(bootstrap), request_timeout_ms=int(timeout_s * 1000)
     )
     await admin.start()
     try:
@@ -394,7 +395,7 @@ class GroupMember:
             self.start_timeout_s,
         )
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=cfg.kafka_bootstrap,
+            **kafka_options(cfg.kafka_bootstrap),
             group_id=cfg.group_id,
             client_id=f"signalman-{cfg.replica_id}",
             enable_auto_commit=False,

@@ -16,6 +16,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.kafkaconn import kafka_options
 from signalman.kafka_clients import start_client
 from signalman.processor import DeadLetter
 
@@ -50,7 +51,7 @@ class DeadLetterProducer:
     async def _get(self) -> Any:
         async with self._lock:
             if self._producer is None:
-                producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+                producer = AIOKafkaProducer(**kafka_options(self.bootstrap), acks="all")
                 await start_client(producer)
                 self._producer = producer
             return self._producer
@@ -107,7 +108,7 @@ class Redriver:
         if self._consumer is None:
             consumer = AIOKafkaConsumer(
                 self.dlq_topic,
-                bootstrap_servers=self.bootstrap,
+                **kafka_options(self.bootstrap),
                 group_id=self.group_id,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
@@ -117,7 +118,7 @@ class Redriver:
             await start_client(consumer)
             self._consumer = consumer
         if self._producer is None:
-            producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, acks="all")
+            producer = AIOKafkaProducer(**kafka_options(self.bootstrap), acks="all")
             await start_client(producer)
             self._producer = producer
 

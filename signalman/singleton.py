@@ -17,6 +17,7 @@ from typing import Any
 import structlog
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
+from pkg.common.kafkaconn import kafka_options
 from pkg.common.metrics import Metrics, Sample, per_source
 from pkg.coord.protocols import Lease
 from signalman.history import History
@@ -41,7 +42,7 @@ class GroupLag:
         if self._consumer is None:
             # Same group id to read its commits, but never subscribes: it does not join the group.
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.bootstrap, group_id=self.group_id, enable_auto_commit=False
+                **kafka_options(self.bootstrap), group_id=self.group_id, enable_auto_commit=False
             )
             # Stopped again if the start fails or is cancelled (the replica stopping meanwhile).
             await start_client(consumer)

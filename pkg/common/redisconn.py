@@ -322,6 +322,16 @@ class _PackedCounted(_HiredisPacking, _Counted):
     pass
 
 
+# rediss:// (TLS): the same counting and C packing over redis-py's SSL connection, whose options
+# (ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs) come from the URL's query string.
+class _CountedSSL(_Counted, aioredis.SSLConnection):
+    pass
+
+
+class _PackedCountedSSL(_HiredisPacking, _CountedSSL):
+    pass
+
+
 class _SentinelConn(async_sentinel.SentinelManagedConnection):
     """A connection to the primary that knows the failover epoch it was discovered with and
     registers it on the primary before any other command (see ``_REGISTER_ERA``)."""
@@ -560,11 +570,14 @@ def connect(
     parsed = spec if isinstance(spec, RedisSpec) else parse_spec(spec)
     conn_stats = _new_stats(name, parsed)
     if not parsed.is_sentinel:
-        base_plain = _PackedCounted if hiredis_packing else _Counted
+        url = parsed.url or ""
+        if url.startswith("rediss"):
+            base_plain: type[_Counted] = _PackedCountedSSL if hiredis_packing else _CountedSSL
+        else:
+            base_plain = _PackedCounted if hiredis_packing else _Counted
         conn_class: type[Any] = type(
             f"{base_plain.__name__}_{name}", (base_plain,), {"conn_stats": conn_stats}
         )
-        url = parsed.url or ""
         plain_pool: aioredis.ConnectionPool
         if max_connections is not None and blocking_timeout is not None:
             plain_pool = aioredis.BlockingConnectionPool.from_url(
@@ -575,14 +588,15 @@ def connect(
                 **kwargs,
             )
         else:
-            if url.startswith("rediss"):
-                conn_class = aioredis.SSLConnection  # (TLS: redis-py's own class, not counted)
             plain_pool = aioredis.ConnectionPool.from_url(
                 url,
                 connection_class=conn_class,
                 **({"max_connections": max_connections} if max_connections else {}),
                 **kwargs,
             )
+        # A rediss:// URL makes from_url pick redis-py's plain SSLConnection over the class
+        # given: keep ours (the same SSL connection, counted, with the C packer).
+        plain_pool.connection_class = conn_class
         plain_pool.conn_stats = conn_stats  # type: ignore[attr-defined]
         return aioredis.Redis(connection_pool=plain_pool)
     ssl_kwargs = _ssl_kwargs(parsed)
@@ -601,7 +615,7 @@ def connect(
     )
     base: type[_SentinelConn] = _PackedSentinelConn if hiredis_packing else _SentinelConn
     if ssl_kwargs:
-        base = type("_SSLSentinelConn", (_SentinelConn, aioredis.SSLConnection), {})
+        base = type("_SSLSentinelConn", (base, aioredis.SSLConnection), {})
     conn_class_s = type(f"{base.__name__}_{name}", (base,), {"conn_stats": conn_stats})
     pool_kwargs: dict[str, Any] = {
         **kwargs,

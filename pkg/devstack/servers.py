@@ -19,7 +19,9 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pkg.devstack import install
+from pkg.devstack.certs import CertFiles
 
 
 def free_port() -> int:
@@ -62,7 +65,10 @@ class ServerProcess:
         *,
         host: str = "127.0.0.1",
         exec_prefix: Sequence[str] = (),
+        tls: CertFiles | None = None,
     ) -> None:
+        # TLS (and client certificates) for servers that support it: Redis, PostgreSQL.
+        self.tls = tls
         self.run_dir = Path(run_dir or tempfile.mkdtemp(prefix=f"{self.name}-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.host = host
@@ -188,9 +194,22 @@ class RedisServer(ServerProcess):
     name = "redis"
 
     def command(self) -> Sequence[str]:
+        # With TLS the port speaks TLS only (no plaintext port) and clients need a certificate
+        # issued by the CA.
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = [
+                "--port", "0",
+                "--tls-port", str(self.port),
+                "--tls-cert-file", str(self.tls.cert),
+                "--tls-key-file", str(self.tls.key),
+                "--tls-ca-cert-file", str(self.tls.ca),
+                "--tls-auth-clients", "yes",
+                "--tls-replication", "yes",
+            ]  # fmt: skip
         return [
             str(install.redis_server_binary()),
-            "--port", str(self.port),
+            *listen,
             "--bind", self.host,
             "--save", "",
             "--appendonly", "no",
@@ -201,15 +220,31 @@ class RedisServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        """The client URL: ``rediss://`` with the CA and this process's client certificate in
+        the query string (redis-py's SSL options) when the server runs TLS."""
+        if self.tls is None:
+            return f"redis://{self.host}:{self.port}/0"
+        return (
+            f"rediss://{self.host}:{self.port}/0?ssl_ca_certs={self.tls.ca}"
+            f"&ssl_certfile={self.tls.cert}&ssl_keyfile={self.tls.key}"
+        )
 
     def is_ready(self) -> bool:
         try:
-            with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as raw:
+                sock: socket.socket = raw
+                if self.tls is not None:
+                    sock = _tls_client(self.tls).wrap_socket(raw, server_hostname=self.host)
                 sock.sendall(b"PING\r\n")
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+
+def _tls_client(files: CertFiles) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(files.ca))
+    ctx.load_cert_chain(str(files.cert), str(files.key))
+    return ctx
 
 
 class RedisReplicaServer(RedisServer):
@@ -509,8 +544,9 @@ class PostgresServer(ServerProcess):
         *,
         host: str = "127.0.0.1",
         exec_prefix: Sequence[str] = (),
+        tls: CertFiles | None = None,
     ) -> None:
-        super().__init__(run_dir=run_dir, port=port, host=host, exec_prefix=exec_prefix)
+        super().__init__(run_dir=run_dir, port=port, host=host, exec_prefix=exec_prefix, tls=tls)
         # The postgres user must reach its data and socket directories; test and run dirs are
         # often private to root (0700), so the cluster lives in its own world-traversable dir.
         self.pg_dir = Path(tempfile.mkdtemp(prefix="pg-"))
@@ -549,6 +585,28 @@ class PostgresServer(ServerProcess):
             # subnet ("samenet": the /24 of its one interface, nothing beyond it).
             with (self.data_dir / "pg_hba.conf").open("a") as hba:
                 hba.write("host all all samenet trust\n")
+        if self.tls is not None:
+            self._prepare_tls(kwargs)
+
+    def _prepare_tls(self, owner: dict[str, Any]) -> None:
+        """TLS only over TCP, with a client certificate issued by the CA (``hostssl`` with
+        ``clientcert=verify-ca``); the key is copied where the postgres user may read it."""
+        assert self.tls is not None
+        tls_dir = self.pg_dir / "tls"
+        tls_dir.mkdir(exist_ok=True)
+        for src, name in ((self.tls.cert, "server.pem"), (self.tls.key, "server-key.pem"),
+                          (self.tls.ca, "ca.pem")):  # fmt: skip
+            shutil.copyfile(src, tls_dir / name)
+            (tls_dir / name).chmod(0o600)
+            if owner:
+                os.chown(tls_dir / name, owner["user"], owner["group"])
+        if owner:
+            os.chown(tls_dir, owner["user"], owner["group"])
+        nets = ["127.0.0.1/32", "::1/128"] + (["samenet"] if self.host != "127.0.0.1" else [])
+        lines = ["local all all trust"] + [
+            f"hostssl all all {net} trust clientcert=verify-ca" for net in nets
+        ]
+        (self.data_dir / "pg_hba.conf").write_text("\n".join(lines) + "\n")
 
     def command(self) -> Sequence[str]:
         # As root, ``setpriv`` switches to the postgres user after the exec. Switching in Python
@@ -570,6 +628,19 @@ class PostgresServer(ServerProcess):
             "-c", "synchronous_commit=off",
             "-c", "full_page_writes=off",
             "-c", "max_connections=200",
+            *self._tls_options(),
+        ]  # fmt: skip
+
+    def _tls_options(self) -> list[str]:
+        if self.tls is None:
+            return []
+        tls_dir = self.pg_dir / "tls"
+        return [
+            "-c", "ssl=on",
+            "-c", f"ssl_cert_file={tls_dir / 'server.pem'}",
+            "-c", f"ssl_key_file={tls_dir / 'server-key.pem'}",
+            "-c", f"ssl_ca_file={tls_dir / 'ca.pem'}",
+            "-c", "ssl_min_protocol_version=TLSv1.2",
         ]  # fmt: skip
 
     def popen_kwargs(self) -> dict[str, Any]:
@@ -591,7 +662,15 @@ class PostgresServer(ServerProcess):
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@{self.host}:{self.port}/postgres"
+        """The client DSN: with TLS, ``sslmode=verify-full`` against the CA (the certificate
+        must name the host) and this process's client certificate."""
+        base = f"postgresql://postgres@{self.host}:{self.port}/postgres"
+        if self.tls is None:
+            return base
+        return (
+            f"{base}?sslmode=verify-full&sslrootcert={self.tls.ca}"
+            f"&sslcert={self.tls.cert}&sslkey={self.tls.key}"
+        )
 
 
 class PostgresStandby(PostgresServer):
@@ -657,26 +736,50 @@ def multi_host_dsn(*servers: PostgresServer) -> str:
 
 
 class KafkaBroker(ServerProcess):
-    """The Kafka-compatible broker ``tansu`` with in-memory storage (a restart loses topics)."""
+    """The Kafka-compatible broker ``tansu`` with in-memory storage (a restart loses topics).
+
+    With ``tls``: clients reach it over TLS with a client certificate on ``port`` through
+    ``pkg.devstack.tlsproxy`` (tansu in the wheel cannot serve TLS itself), the broker listening
+    on a second loopback port and advertising the TLS one.
+    """
 
     name = "tansu"
 
     def command(self) -> Sequence[str]:
         url = f"tcp://{self.host}:{self.port}"
-        return [
+        listen = url
+        if self.tls is not None:
+            self.inner_port = getattr(self, "inner_port", 0) or free_port()
+            listen = f"tcp://{self.host}:{self.inner_port}"
+        broker = [
             str(install.tansu_binary()),
             "broker",
-            "--listener-url", url,
+            "--listener-url", listen,
             "--advertised-listener-url", url,
             "--storage-engine", "memory://tansu/",
         ]  # fmt: skip
+        if self.tls is None:
+            return broker
+        return [
+            sys.executable, "-m", "pkg.devstack.tlsproxy", "--host", self.host,
+            "--listen", str(self.port), "--to", str(self.inner_port),
+            "--cert", str(self.tls.cert), "--key", str(self.tls.key), "--ca", str(self.tls.ca),
+            "--", *broker,
+        ]  # fmt: skip
+
+    def is_ready(self) -> bool:
+        if self.tls is None:
+            return port_open(self.port, self.host)
+        return port_open(self.port, self.host) and port_open(self.inner_port, self.host)
 
     def popen_kwargs(self) -> dict[str, Any]:
         return {"env": {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}}
 
     @property
     def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
+        """``host:port``, or ``ssl://host:port`` (``pkg.common.kafkaconn``) with TLS."""
+        scheme = "ssl://" if self.tls is not None else ""
+        return f"{scheme}{self.host}:{self.port}"
 
 
 def remove_run_dir(server: ServerProcess) -> None:
@@ -775,11 +878,14 @@ class PrometheusServer(ServerProcess):
         scrape_interval_s: float = 1.0,
         time_scale: float = 1.0,
         bearer_token: str = "",
+        scrape_tls: CertFiles | None = None,
     ) -> None:
         super().__init__(run_dir, port)
         self.targets = targets
         # /metrics is for operators (docs/security.md): Prometheus scrapes with this credential.
         self.bearer_token = bearer_token
+        # HTTPS scrapes with this client certificate (targets requiring mTLS).
+        self.scrape_tls = scrape_tls
         self.rule_files = list(rule_files)
         self.scrape_interval_s = scrape_interval_s
         self.time_scale = time_scale
@@ -805,12 +911,25 @@ class PrometheusServer(ServerProcess):
             "scrape_configs": [
                 {"job_name": job, "static_configs": [{"targets": addresses}],
                  **({"authorization": {"type": "Bearer", "credentials": self.bearer_token}}
-                    if self.bearer_token else {})}
+                    if self.bearer_token else {}),
+                 **self._scheme()}
                 for job, addresses in sorted(self.targets.items())
             ],
         }  # fmt: skip
         # JSON is YAML: no YAML library needed to write Prometheus' configuration.
         (self.run_dir / "prometheus.yml").write_text(json.dumps(config, indent=2))
+
+    def _scheme(self) -> dict[str, Any]:
+        if self.scrape_tls is None:
+            return {}
+        return {
+            "scheme": "https",
+            "tls_config": {
+                "ca_file": str(self.scrape_tls.ca),
+                "cert_file": str(self.scrape_tls.cert),
+                "key_file": str(self.scrape_tls.key),
+            },
+        }
 
     def command(self) -> Sequence[str]:
         return [

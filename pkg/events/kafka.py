@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind
 
 from pkg.clients.backoff import Backoff
 from pkg.common import tracing
+from pkg.common.kafkaconn import kafka_options
 from pkg.common.metrics import Sample, process_metrics
 from pkg.events.envelope import encode_event
 from pkg.events.sink import Event, SinkState
@@ -287,7 +288,7 @@ class KafkaSink:
         from aiokafka import AIOKafkaProducer
 
         return AIOKafkaProducer(
-            bootstrap_servers=self.bootstrap,
+            **kafka_options(self.bootstrap),
             partitioner=KeyHashCache(),
             acks="all",
             linger_ms=0,  # the pump lingers while batches are in flight; an idle sink sends now
