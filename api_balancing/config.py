@@ -105,6 +105,8 @@ class FoghornConfig(ServiceSettings):
     signalman_token: str = ""
     ha: HaConfig = field(default_factory=HaConfig)  # FOGHORN_CLUSTER, FOGHORN_LEASE_TTL_S ...
     tls: TlsSettings = field(default_factory=TlsSettings)  # PLATFORM_TLS_* (docs/tls.md)
+    # With TLS: also serve plaintext on this port while callers move to TLS (-1: no).
+    grpc_plaintext_port: int = -1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -144,6 +146,13 @@ class FoghornConfig(ServiceSettings):
         for name in ("anon_route_burst", "redirects_per_client", "max_streams_per_credential"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not -1 <= self.grpc_plaintext_port <= 65535:
+            raise ValueError(f"grpc_plaintext_port out of range: {self.grpc_plaintext_port}")
+        if self.grpc_plaintext_port >= 0 and not self.tls.serves_tls:
+            raise ValueError(
+                "grpc_plaintext_port (FOGHORN_GRPC_PLAINTEXT_PORT) is the plaintext listener "
+                "beside a TLS one: set PLATFORM_TLS_CERT / PLATFORM_TLS_KEY too"
+            )
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes too small: {self.max_message_bytes}")
         if self.signalman_addresses and not self.signalman_token and not self.kafka_bootstrap:
@@ -156,7 +165,9 @@ class FoghornConfig(ServiceSettings):
 
     @property
     def grpc(self) -> GrpcSettings:
-        return GrpcSettings(self.host, self.grpc_port, self.max_message_bytes, self.tls)
+        return GrpcSettings(
+            self.host, self.grpc_port, self.max_message_bytes, self.tls, self.grpc_plaintext_port
+        )
 
     @property
     def http(self) -> HttpSettings | None:

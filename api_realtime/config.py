@@ -71,6 +71,8 @@ class SignalmanConfig(ServiceSettings):
     redrive_delay_s: float = 30.0
     redrive_max_attempts: int = 3
     tls: TlsSettings = field(default_factory=TlsSettings)  # PLATFORM_TLS_* (docs/tls.md)
+    # With TLS: also serve plaintext on this port while callers move to TLS (-1: no).
+    grpc_plaintext_port: int = -1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,6 +104,13 @@ class SignalmanConfig(ServiceSettings):
             raise ValueError(f"grpc_port out of range: {self.grpc_port}")
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"http_port out of range: {self.http_port}")
+        if not -1 <= self.grpc_plaintext_port <= 65535:
+            raise ValueError(f"grpc_plaintext_port out of range: {self.grpc_plaintext_port}")
+        if self.grpc_plaintext_port >= 0 and not self.tls.serves_tls:
+            raise ValueError(
+                "grpc_plaintext_port (SIGNALMAN_GRPC_PLAINTEXT_PORT) is the plaintext listener "
+                "beside a TLS one: set PLATFORM_TLS_CERT / PLATFORM_TLS_KEY too"
+            )
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
 
@@ -111,7 +120,9 @@ class SignalmanConfig(ServiceSettings):
 
     @property
     def grpc(self) -> GrpcSettings:
-        return GrpcSettings(self.host, self.grpc_port, self.max_message_bytes, self.tls)
+        return GrpcSettings(
+            self.host, self.grpc_port, self.max_message_bytes, self.tls, self.grpc_plaintext_port
+        )
 
     @property
     def http(self) -> HttpSettings | None:

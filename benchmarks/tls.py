@@ -34,7 +34,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2_grpc
 
 from benchmarks.foghorn import BenchNode, _health, _route_vs_echo, _wait_reports
-from pkg.clients import Policy
+from pkg.clients import Policy, aio_channel
 from pkg.clients.foghorn import FoghornClient
 from pkg.clients.http import AsyncHttpClient
 from pkg.common.tls import client_credentials, client_ssl_context, tls_from_env
@@ -144,11 +144,7 @@ def _register(node: BenchNode) -> Any:
 async def _connect_ms(target: str, credentials: grpc.ChannelCredentials | None) -> float:
     """Milliseconds from a new channel to READY (a new connection every time)."""
     start = time.perf_counter()
-    channel = (
-        grpc.aio.secure_channel(target, credentials)  # raw-client: the connection is measured
-        if credentials is not None
-        else grpc.aio.insecure_channel(target)  # raw-client: the connection is measured
-    )
+    channel = aio_channel(target, Policy(timeout=10.0), credentials=credentials)
     try:
         await asyncio.wait_for(channel.channel_ready(), 10)
         return (time.perf_counter() - start) * 1000

@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from devtools.devtls import grpc_credentials, http_verify
 from pkg.clients import BreakerPolicy, Policy, RetryPolicy
 from pkg.clients.foghorn import FoghornClient
 from pkg.clients.http import AsyncHttpClient
@@ -141,7 +142,9 @@ class FoghornViewers(_Paced):
 
     def __init__(self, targets: Sequence[str], rate: float) -> None:
         super().__init__(rate)
-        self.client = FoghornClient(list(targets), policy=VIEWER_POLICY)
+        self.client = FoghornClient(
+            list(targets), policy=VIEWER_POLICY, credentials=grpc_credentials()
+        )
         self.recorder = Recorder("foghorn")
 
     async def one(self, seq: int) -> None:
@@ -170,7 +173,7 @@ class BridgeViewers(_Paced):
         # One attempt per upstream: the load balancer model below moves to the next one. The
         # breaker stays on, so a dead upstream is skipped at once instead of costing a timeout.
         policy = replace(Policy.no_retries(timeout=2.0), breaker=BreakerPolicy())
-        self.http = AsyncHttpClient(policy=policy)
+        self.http = AsyncHttpClient(policy=policy, verify=http_verify())
         self.headers = {"authorization": f"Bearer {jwt}"}
         self.recorder = Recorder("bridge")
 
@@ -247,7 +250,9 @@ class EventFlow:
         targets = list(signalman_targets)
         # One subscriber per replica order, so whichever replica dies some subscriber was on it.
         orders = [targets[i:] + targets[:i] for i in range(len(targets))]
-        self.clients = [SignalmanClient(order, token=token) for order in orders]
+        self.clients = [
+            SignalmanClient(order, token=token, credentials=grpc_credentials()) for order in orders
+        ]
         self.subscribers = [Subscriber(f"sub-{order[0]}") for order in orders]
         self._stop = asyncio.Event()
         self._producer: asyncio.Task[None] | None = None

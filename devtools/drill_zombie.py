@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 import grpc.aio
 
+from devtools.devtls import grpc_credentials
 from pkg.clients import Policy, RetryPolicy
 from pkg.clients.foghorn import ControlStream, FoghornClient
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
@@ -104,10 +105,17 @@ class ZombieProbe:
     ) -> None:
         self.node_id = f"drill-zombie-{run_id}"
         # Admin reads with the operator's credential; the probe node's streams with a node's.
-        self.victim = FoghornClient([victim], token=token, policy=ADMIN_POLICY)
-        self.survivor = FoghornClient([survivor], token=token, policy=ADMIN_POLICY)
-        self.victim_node = FoghornClient([victim], token=node_token, policy=ADMIN_POLICY)
-        self.survivor_node = FoghornClient([survivor], token=node_token, policy=ADMIN_POLICY)
+        creds = grpc_credentials()
+        self.victim = FoghornClient([victim], token=token, policy=ADMIN_POLICY, credentials=creds)
+        self.survivor = FoghornClient(
+            [survivor], token=token, policy=ADMIN_POLICY, credentials=creds
+        )
+        self.victim_node = FoghornClient(
+            [victim], token=node_token, policy=ADMIN_POLICY, credentials=creds
+        )
+        self.survivor_node = FoghornClient(
+            [survivor], token=node_token, policy=ADMIN_POLICY, credentials=creds
+        )
         self.old: ProbeStream | None = None
         self.new: ProbeStream | None = None
         self.facts: dict[str, object] = {}

@@ -48,6 +48,7 @@ import structlog
 from devtools import hosts as simhosts
 from devtools import up
 from devtools.alerts import AlertWatch
+from devtools.devtls import http_verify
 from devtools.drill_traffic import (
     BridgeViewers,
     EventFlow,
@@ -166,7 +167,7 @@ class HealthMonitor:
         self.latest: dict[str, dict[str, Any]] = {n: {} for n in self.urls}
         policy = replace(Policy.no_retries(timeout=0.8), breaker=BreakerPolicy(enabled=False))
         # The operator's credential: the full /health documents (figures, HA, partitions).
-        self.http = AsyncHttpClient(policy=policy, token=up.OPERATOR_TOKEN)
+        self.http = AsyncHttpClient(policy=policy, token=up.OPERATOR_TOKEN, verify=http_verify())
         self.detector: Callable[[dict[str, dict[str, Any]]], bool] | None = None
         self.detected_at: float | None = None
         self._task: asyncio.Task[None] | None = None
@@ -211,6 +212,7 @@ class Platform:
         run_dir: Path | None = None,
         hosts: bool = False,
         ha_stores: bool = False,
+        tls: bool = False,
     ) -> None:
         args = up.parser().parse_args(
             # The drills run their own measured traffic: no background viewers. Replicas record
@@ -225,6 +227,7 @@ class Platform:
                 *[f"--env={k}={v}" for k, v in settings.env],
                 *(["--hosts"] if hosts else []),
                 *(["--ha-stores"] if ha_stores else []),
+                *(["--tls"] if tls else []),
             ]
         )
         args.run_dir = run_dir or ROOT / ".run" / f"drills-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -943,6 +946,12 @@ def parser() -> argparse.ArgumentParser:
         help="every process on its own simulated host (network namespaces, needs root); "
         "adds the partition drills",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="the platform with TLS on every hop and mTLS between services (./dev up --tls); "
+        "leaves out the store failover drills (--ha-stores runs plaintext)",
+    )
     return p
 
 
@@ -954,7 +963,8 @@ def main(argv: list[str]) -> int:
         names = [
             d.name
             for d in DRILLS
-            if (args.hosts or not d.needs_hosts) and not (args.hosts and d.needs_ha_stores)
+            if (args.hosts or not d.needs_hosts)
+            and not ((args.hosts or args.tls) and d.needs_ha_stores)
         ]
     else:
         names = [n for n in args.name.split(",") if n]
@@ -967,6 +977,9 @@ def main(argv: list[str]) -> int:
         return 2
     if args.hosts and any(BY_NAME[n].needs_ha_stores for n in names):
         print(up.HOSTS_HA_STORES)
+        return 2
+    if args.tls and any(BY_NAME[n].needs_ha_stores for n in names):
+        print(up.TLS_HA_STORES)
         return 2
     if args.hosts and not simhosts.inside():
         return simhosts.run_harness(["drill", *argv])
@@ -988,7 +1001,9 @@ def main(argv: list[str]) -> int:
             if not group:
                 continue
             print(f"starting the platform ({run_dir}{' --ha-stores' if ha else ''}) ...")
-            platform = Platform(settings, run_dir / ("ha-stores" if ha else ""), args.hosts, ha)
+            platform = Platform(
+                settings, run_dir / ("ha-stores" if ha else ""), args.hosts, ha, args.tls
+            )
             try:
                 results += asyncio.run(run_suite(group, platform))
             finally:

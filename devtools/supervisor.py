@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from devtools.devtls import http_verify
 from pkg.clients import BreakerPolicy, Policy
 from pkg.clients.backoff import ceiling
 from pkg.clients.http import HttpClient
@@ -87,7 +88,9 @@ def fetch_health(url: str, timeout: float = 0.5, token: str | None = None) -> di
     global _HEALTH_CLIENT
     if _HEALTH_CLIENT is None:
         policy = Policy.no_retries(timeout=timeout)
-        _HEALTH_CLIENT = HttpClient(policy=replace(policy, breaker=BreakerPolicy(enabled=False)))
+        _HEALTH_CLIENT = HttpClient(
+            policy=replace(policy, breaker=BreakerPolicy(enabled=False)), verify=http_verify()
+        )
     try:
         headers = {"authorization": f"Bearer {token}"} if token else None
         response = _HEALTH_CLIENT.get(url, timeout=timeout, headers=headers)

@@ -27,7 +27,9 @@ import structlog
 
 from devtools import alerts
 from devtools import hosts as simhosts
+from devtools.devtls import DevTls
 from devtools.supervisor import Managed, RestartPolicy, Supervisor, fetch_health
+from pkg.common.kafkaconn import kafka_options
 from pkg.common.logging import configure_logging
 from pkg.devstack import install
 from pkg.devstack.servers import (
@@ -87,6 +89,10 @@ CREDENTIALS = (
     ("tenant-user", "dev-sig-<tenant>", "a tenant's events on Signalman (Bridge uses them)"),
 )
 BRIDGE_JWT_SECRET = "dev-bridge-secret-change-me-0123456789"
+TLS_HA_STORES = (
+    "--tls cannot be combined with --ha-stores yet: the Sentinels and the PostgreSQL standby "
+    "run plaintext. Run the store failover drills without --tls."
+)
 EVENTS_TOPIC = DEFAULT_TOPIC
 EVENTS_PARTITIONS = 6
 # The HA stores run on 127.0.0.1 of the load host (Sentinels announce loopback addresses), which
@@ -126,6 +132,28 @@ class Stack:
     ha_stores: Any = None
     # The local Prometheus scraping every process (None: not started, e.g. --single).
     prometheus_url: str | None = None
+    # --tls: the run's CA and the certificates it issued (None: plaintext everywhere).
+    tls: DevTls | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def _tls_address(self, name: str) -> str:
+        try:
+            return self.address(name)
+        except KeyError:  # a process on the load host (--hosts)
+            return "127.0.0.1"
+
+    def tls_env(self, name: str, client_auth: str = "require") -> dict[str, str]:
+        """``PLATFORM_TLS_*`` of process ``name`` (empty without --tls)."""
+        if self.tls is None:
+            return {}
+        return self.tls.service_env(name, self._tls_address(name), client_auth)
+
+    def server_tls(self, name: str) -> dict[str, Any]:
+        """``tls=`` keyword of a store server (nothing without --tls)."""
+        return {"tls": self.tls.cert(name, self._tls_address(name))} if self.tls else {}
 
     def address(self, host: str) -> str:
         """The address a process on ``host`` binds and advertises."""
@@ -153,7 +181,7 @@ async def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
     from aiokafka.errors import TopicAlreadyExistsError
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = AIOKafkaAdminClient(**kafka_options(bootstrap))
     await admin.start()
     try:
         await admin.create_topics([NewTopic(topic, partitions, 1)])
@@ -189,7 +217,12 @@ def add_process(
         command,
         run_dir=stack.run_dir / name,
         port=port,
-        env={"PLATFORM_TOKENS": PLATFORM_TOKENS, **env, **stack.extra_env},
+        env={
+            "PLATFORM_TOKENS": PLATFORM_TOKENS,
+            **stack.tls_env(host or name),
+            **env,
+            **stack.extra_env,
+        },
         ready_port=ready_port,
         ready_timeout=60,
         **stack.on_host(host or name),
@@ -206,17 +239,27 @@ def start_servers(stack: Stack, args: argparse.Namespace) -> None:
 
         stack.ha_stores = ha_stores.start(stack)
     if not b.redis_url:
-        redis = RedisServer(run_dir=stack.run_dir / "redis", **_server_port(stack, "redis", 6379))
+        redis = RedisServer(
+            run_dir=stack.run_dir / "redis",
+            **_server_port(stack, "redis", 6379),
+            **stack.server_tls("redis"),
+        )
         stack.sup.add(Managed("redis", redis, kind="server"))
         b.redis_url = redis.url
     if not b.postgres_dsn:
         pg = PostgresServer(
-            run_dir=stack.run_dir / "postgres", **_server_port(stack, "postgres", 5432)
+            run_dir=stack.run_dir / "postgres",
+            **_server_port(stack, "postgres", 5432),
+            **stack.server_tls("postgres"),
         )
         stack.sup.add(Managed("postgres", pg, kind="server"))
         b.postgres_dsn = pg.dsn
     if not b.kafka_bootstrap:
-        broker = KafkaBroker(run_dir=stack.run_dir / "tansu", **_server_port(stack, "tansu", 9092))
+        broker = KafkaBroker(
+            run_dir=stack.run_dir / "tansu",
+            **_server_port(stack, "tansu", 9092),
+            **stack.server_tls("tansu"),
+        )
         stack.sup.add(Managed("tansu", broker, kind="server"))
         b.kafka_bootstrap = broker.bootstrap
     asyncio.run(create_topic(b.kafka_bootstrap, EVENTS_TOPIC, EVENTS_PARTITIONS))
@@ -317,6 +360,12 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="./dev up", description=__doc__)
     p.add_argument("--single", action="store_true", help="one instance each, in memory")
     p.add_argument(
+        "--tls",
+        action="store_true",
+        help="TLS on every hop and mTLS between services, with a throwaway CA under the run "
+        "directory (docs/tls.md)",
+    )
+    p.add_argument(
         "--ha-stores",
         action="store_true",
         help="Redis as 1 primary + 2 replicas + 3 Sentinels, PostgreSQL as primary + standby",
@@ -394,6 +443,11 @@ def build_stack(args: argparse.Namespace, should_stop: Callable[[], bool] = lamb
     )
     if stack.hosts is not None and getattr(args, "ha_stores", False):
         raise ValueError(HOSTS_HA_STORES)
+    if getattr(args, "tls", False):
+        if getattr(args, "ha_stores", False):
+            raise ValueError(TLS_HA_STORES)
+        stack.tls = DevTls(run_dir)
+        stack.tls.enable_for_this_process()
     if stack.hosts is not None and not simhosts.inside():
         raise RuntimeError(
             "--hosts stacks are built by a harness on the load host (hosts.run_harness)"
@@ -413,6 +467,16 @@ def build_stack(args: argparse.Namespace, should_stop: Callable[[], bool] = lamb
         + "  ".join(f"{role}={token}" for role, token, _ in CREDENTIALS)
         + "  (docs/security.md)"
     )
+    if stack.tls is not None:
+        stack.notes.append(
+            f"transport:        TLS on every hop (servers included), mTLS between services; "
+            f"CA {stack.tls.ca.ca_path}, certificates in {stack.tls.dir}"
+        )
+        mine = stack.tls.cert("harness")
+        stack.notes.append(
+            f"TLS for the CLIs: export PLATFORM_TLS_CA={mine.ca} "
+            f"PLATFORM_TLS_CERT={mine.cert} PLATFORM_TLS_KEY={mine.key}"
+        )
     if stack.hosts is not None:
         harness = stack.hosts.host(simhosts.HARNESS_HOST)
         stack.notes.append(
@@ -541,10 +605,12 @@ def foghorn(stack: Stack, args: argparse.Namespace) -> None:
             [PY, "-m", "api_balancing"],
             env,
             port=grpc_port,
-            health_url=f"http://{addr}:{http_port}/health",
+            health_url=f"{stack.scheme}://{addr}:{http_port}/health",
         )
         grpc_targets.append(f"{addr}:{grpc_port}")
-        stack.endpoints.setdefault("foghorn http", []).append(f"http://{addr}:{http_port}")
+        stack.endpoints.setdefault("foghorn http", []).append(
+            f"{stack.scheme}://{addr}:{http_port}"
+        )
     stack.endpoints["foghorn grpc"] = grpc_targets
     stack.notes.append(
         f"admin CLI:        .venv/bin/foghorn-admin --foghorn {','.join(grpc_targets)} "
@@ -578,11 +644,13 @@ def signalman(stack: Stack, args: argparse.Namespace) -> None:
             [PY, "-m", "api_realtime"],
             env,
             port=grpc_port,
-            health_url=f"http://{addr}:{http_port}/health",
+            health_url=f"{stack.scheme}://{addr}:{http_port}/health",
         )
         targets.append(f"{addr}:{grpc_port}")
         # /health and /metrics: shown, so nobody has to find them with ss (docs/metrics.md)
-        stack.endpoints.setdefault("signalman http", []).append(f"http://{addr}:{http_port}")
+        stack.endpoints.setdefault("signalman http", []).append(
+            f"{stack.scheme}://{addr}:{http_port}"
+        )
     stack.endpoints["signalman grpc"] = targets
     stack.notes.append(
         f"tail events:      .venv/bin/signalman-tail --targets {','.join(targets)} "
@@ -607,6 +675,8 @@ def bridge(stack: Stack, args: argparse.Namespace) -> None:
             "BRIDGE_SIGNALMAN_TOKENS": ",".join(
                 f"{t}={signalman_tenant_token(t)}" for t in ("demo", *EVENT_TENANTS)
             ),
+            # Public: HTTPS without client certificates; its own calls present its certificate.
+            **stack.tls_env(f"bridge-{i}", client_auth="none"),
         }
         add_process(
             stack,
@@ -614,9 +684,9 @@ def bridge(stack: Stack, args: argparse.Namespace) -> None:
             [PY, "-m", "api_gateway", "--host", addr, "--port", str(port), "--id", f"bridge-{i}"],
             env,
             port=port,
-            health_url=f"http://{addr}:{port}/health",
+            health_url=f"{stack.scheme}://{addr}:{port}/health",
         )
-        urls.append(f"http://{addr}:{port}/graphql")
+        urls.append(f"{stack.scheme}://{addr}:{port}/graphql")
     stack.endpoints["bridge graphql"] = urls
     stack.notes.append(
         "bridge JWT:       "
@@ -645,6 +715,7 @@ def edge_fleet(stack: Stack, args: argparse.Namespace) -> None:
          "--nodes", str(args.nodes), "--token", NODE_TOKEN,
          "--media-host", stack.address("nodes")],
         run_dir=stack.run_dir / "edge-sim",
+        env=stack.tls_env("nodes", client_auth="none"),
         ready_timeout=60,
         **stack.on_host("nodes"),
     )  # fmt: skip
@@ -673,7 +744,10 @@ def viewers(stack: Stack, args: argparse.Namespace) -> None:
         [PY, "-m", "devtools.viewers", "--foghorn", ",".join(foghorn),
          "--bridge", ",".join(bridge or []), "--rate", str(args.viewers)],
         run_dir=stack.run_dir / "viewers",
-        env={"BRIDGE_JWT_HS256_SECRET": BRIDGE_JWT_SECRET},
+        env={
+            "BRIDGE_JWT_HS256_SECRET": BRIDGE_JWT_SECRET,
+            **stack.tls_env(simhosts.HARNESS_HOST, client_auth="none"),
+        },
         **stack.on_host(simhosts.HARNESS_HOST),
     )  # fmt: skip
     stack.sup.add(Managed("viewers", proc, policy=RestartPolicy()))
@@ -693,6 +767,7 @@ def prometheus(stack: Stack, args: argparse.Namespace) -> None:
     server = PrometheusServer(
         targets, alerts.RULE_FILES, run_dir=stack.run_dir / "prometheus",
         port=_port(9090), time_scale=args.rules_time_scale, bearer_token=OPERATOR_TOKEN,
+        scrape_tls=stack.tls.cert("prometheus") if stack.tls else None,
     )  # fmt: skip
     stack.sup.add(Managed("prometheus", server, kind="server"))
     stack.prometheus_url = server.url

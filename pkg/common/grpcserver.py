@@ -47,6 +47,9 @@ class GrpcSettings:
     port: int = 0
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     tls: TlsSettings = PLAINTEXT  # PLATFORM_TLS_*: TLS when it has a certificate
+    # A second, plaintext listener beside the TLS one (-1: none): "accept both" while callers
+    # move to TLS during a rollout (docs/tls.md).
+    plaintext_port: int = -1
 
 
 @dataclass
@@ -67,6 +70,7 @@ class GrpcServer:
     port: int
     services: list[str] = field(default_factory=list)
     tls: str = "plaintext"  # plaintext | tls | mtls
+    plaintext_port: int = -1  # the plaintext listener beside a TLS one (-1: none)
 
     async def start(self) -> None:
         await self.server.start()
@@ -119,9 +123,10 @@ def build_server(
     the transport security (plaintext without it); ``shedding`` bounds each unary method's
     in-flight queue (``pkg.common.shedding``)."""
     tls = PLAINTEXT
+    plaintext_port = -1
     if settings is not None:
         host, port, max_message_bytes = settings.host, settings.port, settings.max_message_bytes
-        tls = settings.tls
+        tls, plaintext_port = settings.tls, settings.plaintext_port
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -149,8 +154,16 @@ def build_server(
     health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     _enable_reflection(server, [*names, health_name])
     bound = _listen(server, host, port, tls)
+    extra = -1
+    if plaintext_port >= 0 and tls.serves_tls:
+        extra = _listen(server, host, plaintext_port)
     return GrpcServer(
-        server=server, health=health_servicer, port=bound, services=names, tls=tls.describe()
+        server=server,
+        health=health_servicer,
+        port=bound,
+        services=names,
+        tls=tls.describe(),
+        plaintext_port=extra,
     )
 
 

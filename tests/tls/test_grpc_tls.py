@@ -38,14 +38,16 @@ def foghorn(ca: CertificateAuthority, tmp_path_factory: pytest.TempPathFactory
             ) -> Iterator[tuple[CommandProcess, int]]:  # fmt: skip
     """One Foghorn replica requiring client certificates, gRPC and HTTPS."""
     server = ca.issue("foghorn")
-    http_port = free_port()
+    http_port, plaintext_port = free_port(), free_port()
     proc = CommandProcess(
         "foghorn-tls",
         [PY, "-m", "api_balancing", "--grpc-port", "{port}", "--http-port", str(http_port)],
         run_dir=tmp_path_factory.mktemp("foghorn-tls"),
-        env={"PLATFORM_TOKENS": TOKENS, **server.env("require")},
-    )
+        env={"PLATFORM_TOKENS": TOKENS, **server.env("require"),
+             "FOGHORN_GRPC_PLAINTEXT_PORT": str(plaintext_port)},
+    )  # fmt: skip
     proc.start()
+    proc.plaintext_port = plaintext_port  # type: ignore[attr-defined]
     try:
         yield proc, http_port
     finally:
@@ -76,6 +78,15 @@ async def test_a_plaintext_client_is_refused_by_a_tls_port(foghorn: tuple) -> No
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _health(proc.port, None)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_during_a_rollout_a_replica_also_serves_plaintext_on_its_plaintext_port(
+    foghorn: tuple,
+) -> None:
+    proc, _ = foghorn
+    assert await _health(proc.plaintext_port, None) == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.aio.AioRpcError):  # the TLS port stays TLS-only
+        await _health(proc.port, None)
 
 
 async def test_a_client_with_the_platform_ca_and_its_certificate_is_served(

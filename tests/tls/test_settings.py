@@ -66,3 +66,15 @@ def test_certificate_identities_map_sans_to_credentials_and_bad_entries_are_refu
         tls_from_env({**files.env("require"), "PLATFORM_TLS_IDENTITIES": "=nobody"})
     with pytest.raises(ConfigError, match="needs PLATFORM_TLS_CLIENT_AUTH=require"):
         tls_from_env({**files.env("none"), "PLATFORM_TLS_IDENTITIES": "san=x:node"})
+
+
+@pytest.mark.parametrize(
+    ("load", "var"),
+    [
+        (foghorn_config, "FOGHORN_GRPC_PLAINTEXT_PORT"),
+        (signalman_config, "SIGNALMAN_GRPC_PLAINTEXT_PORT"),
+    ],
+)
+def test_a_plaintext_port_without_tls_is_refused(load: object, var: str) -> None:
+    with pytest.raises(ConfigError, match=var):
+        load({var: "5000"})  # type: ignore[operator]
