@@ -26,7 +26,7 @@ from tests.signalman.conftest import TOKENS
 pytestmark = pytest.mark.integration
 
 PY = sys.executable
-FOGHORN_TOKENS = TOKENS + ",tnode=edge@system:node|admin"
+FOGHORN_TOKENS = TOKENS + ",tnode=edge:node;nodes=*;tenants=*,trelay=relay:replica"
 
 
 async def test_node_events_travel_every_hop_over_tls(
