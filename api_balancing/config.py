@@ -47,9 +47,20 @@ class HaConfig:
     # the one accepted token that has that role; never any other).
     relay_token: str = ""
     relay_timeout_s: float = 5.0
+    # Membership and rebalancing (ha.membership): the replica list is read, nodes are told of
+    # changes and an uneven split is corrected this often (0: never rebalance), moving at most
+    # rebalance_batch nodes per round per replica.
+    rebalance_interval_s: float = 1.0
+    rebalance_batch: int = 10
 
     def __post_init__(self) -> None:
         Keys(self.cluster)  # validates the name
+        if not (math.isfinite(self.rebalance_interval_s) and 0 <= self.rebalance_interval_s <= 60):
+            raise ValueError(
+                f"rebalance_interval_s must be within 0..60, got {self.rebalance_interval_s}"
+            )
+        if not 1 <= self.rebalance_batch <= 10_000:
+            raise ValueError(f"rebalance_batch must be within 1..10000, got {self.rebalance_batch}")
         for name in ("record_ttl_s", "ownership_ttl_s", "lease_ttl_s", "lease_renew_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
@@ -94,6 +105,9 @@ class FoghornConfig(ServiceSettings):
     redirect_bps: float = 2_500_000.0  # bandwidth one pending viewer is assumed to take
     report_interval_s: float = 5.0  # what nodes are told to use
     command_timeout_s: float = 5.0
+    # A stopping replica tells its nodes where to reconnect and waits this long for their
+    # streams to move before closing the rest.
+    handover_s: float = 3.0
     max_message_bytes: int = 1024 * 1024
     routing_event_sample: float = 0.01  # fraction of routing decisions emitted as events
     geoip_file: str = ""  # CSV: cidr,latitude,longitude[,label]
@@ -129,6 +143,7 @@ class FoghornConfig(ServiceSettings):
             "command_timeout_s",
             "anon_routes_per_s",
             "register_timeout_s",
+            "handover_s",
         ):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:

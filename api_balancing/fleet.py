@@ -23,6 +23,7 @@ from api_balancing.index import FleetIndex, Ranked
 from api_balancing.latency import LatencyWindow
 from api_balancing.model import (
     GeoPoint,
+    HeldMode,
     LoadReport,
     NodeIdentity,
     NodeMode,
@@ -78,11 +79,16 @@ class NodeFleet(Protocol):
         self, content_id: str, location: GeoPoint | None, *, role: str = "edge", protocol: str = ""
     ) -> list[Evaluation]: ...
     async def register(
-        self, identity: NodeIdentity, owner_fence: int = 0, credential: str = ""
+        self,
+        identity: NodeIdentity,
+        owner_fence: int = 0,
+        credential: str = "",
+        held: HeldMode | None = None,
     ) -> NodeRecord: ...
     async def accept_report(self, node_id: str, report: LoadReport) -> NodeRecord: ...
     async def reject_report(self, node_id: str, reason: str) -> None: ...
     async def disconnect(self, node_id: str) -> None: ...
+    async def hand_over(self, node_id: str) -> None: ...
     async def set_mode(self, node_id: str, mode: NodeMode, reason: str = "") -> NodeRecord: ...
 
 
@@ -167,12 +173,18 @@ class Fleet:
     # -- node lifecycle --------------------------------------------------------------------
 
     async def register(
-        self, identity: NodeIdentity, owner_fence: int = 0, credential: str = ""
+        self,
+        identity: NodeIdentity,
+        owner_fence: int = 0,
+        credential: str = "",
+        held: HeldMode | None = None,
     ) -> NodeRecord:
         """A node opened its control stream. Mode and counters survive reconnects.
 
         ``credential``: the name of the credential that registered it (recorded, so that no
-        other credential can displace the node while it is connected).
+        other credential can displace the node while it is connected). ``held``: the mode the
+        node says it runs in, kept when this replica's store has no record of the node (an
+        operator's mode set before the store was replaced: a backend switch, a rollback).
         """
         now = self.clock.time()
         node_id = identity.node_id
@@ -186,7 +198,12 @@ class Fleet:
                     "register.node_id",
                 )
             if previous is None:
-                record = NodeRecord(identity=identity, connected_at=now)
+                mode, reason = held or (NodeMode.NORMAL, "")
+                record = NodeRecord(
+                    identity=identity, mode=mode, mode_reason=reason, connected_at=now
+                )
+                if mode is not NodeMode.NORMAL:
+                    log.info("node keeps the mode it held", node_id=node_id, mode=mode.name)
             else:
                 record = dataclasses.replace(previous, identity=identity, connected_at=now)
             record = dataclasses.replace(
@@ -284,6 +301,13 @@ class Fleet:
             "node.disconnected", SYSTEM_TENANT, node_id=node_id, replica=self.settings.replica_id
         )
         log.info("node disconnected", node_id=node_id)
+
+    async def hand_over(self, node_id: str) -> None:
+        """The node's stream ended because this replica told it to move to another one: the
+        record stays connected and routable (the node reports to its new replica within a
+        report interval, long before it would turn stale). Without HA there is no shared
+        record to hand over; only a stopping replica hands over, and its state goes with it."""
+        log.debug("node handed over", node_id=node_id)
 
     async def set_mode(self, node_id: str, mode: NodeMode, reason: str = "") -> NodeRecord:
         """Operator sets a node's mode; routing applies it at once."""

@@ -38,6 +38,10 @@ class NodeIdentity:
     region: str = ""
 
 
+# The mode a node says it runs in when it registers, with its reason (``Register.mode``).
+HeldMode = tuple["NodeMode", str]
+
+
 class StreamLoad(NamedTuple):
     """One stream a node carries. A NamedTuple rather than a dataclass: thousands are built
     per second from load reports and a tuple is built in half the time."""

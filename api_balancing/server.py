@@ -9,6 +9,8 @@ following) and ``stop()`` takes them down in reverse; ``health()`` is the one re
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 
 import structlog
@@ -24,7 +26,13 @@ from api_balancing.ha.runtime import build_store as build_ha_store
 from api_balancing.http import build_app
 from api_balancing.limits import AddressLimiter
 from api_balancing.reaper import Reaper
-from api_balancing.service import Locator, NodeAdminService, NodeControlService, RoutingService
+from api_balancing.service import (
+    Locator,
+    NodeAdminService,
+    NodeControlService,
+    RoutingService,
+    reconnect_message,
+)
 from api_balancing.sessions import SessionRegistry
 from api_balancing.store.base import NodeStore
 from api_balancing.store.memory import MemoryNodeStore
@@ -100,7 +108,11 @@ class FoghornApp:
             ha_telemetry.register(process_metrics(), self.ha)
             node_fleet = self.ha.owned_fleet
         self.control = NodeControlService(
-            node_fleet, self.sessions, config.report_interval_s, config.register_timeout_s
+            node_fleet,
+            self.sessions,
+            config.report_interval_s,
+            config.register_timeout_s,
+            replicas=self.ha.membership.addresses if self.ha else None,
         )
         self.routing = RoutingService(
             self.fleet,
@@ -118,6 +130,7 @@ class FoghornApp:
         self._run_reaper = run_reaper
         self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None
+        self._stopped = False
 
     @property
     def grpc_port(self) -> int:
@@ -261,15 +274,41 @@ class FoghornApp:
         )
 
     async def stop(self, grace: float = 2.0) -> None:
-        """Stop taking work, then undo what ``start`` did, newest first.
+        """Stop taking work, hand the nodes over, then undo what ``start`` did, newest first.
 
-        Health says not serving at once; node streams are closed (nodes reconnect to another
-        replica) and gRPC calls drain for ``grace`` seconds; then HA duties stop (staged
-        reports flushed, ownership released), HTTP, the store and the event sink.
+        Health says not serving at once (HTTP and gRPC); the replica leaves the membership and
+        tells every node to reconnect to a peer now (``hand_over``); streams still open after
+        ``handover_s`` are closed; gRPC calls drain for ``grace`` seconds; then HA duties stop
+        (staged reports flushed, remaining ownership released), HTTP, the store and the event
+        sink.
         """
-        self.lifecycle.stopping = True
+        if self._stopped:
+            return
+        self._stopped = self.lifecycle.stopping = True
+        if self.grpc is not None:
+            await self.grpc.set_serving(False)
+        await self.hand_over()
         self.sessions.close_all("foghorn replica shutting down")
+        await self.control.settle()
         if self.grpc is not None:
             await self.grpc.stop(grace)
         await self.lifecycle.close()
         log.info("foghorn stopped", replica=self.config.replica_id)
+
+    async def hand_over(self) -> int:
+        """Tell every connected node to reconnect elsewhere (to the peers, least loaded first;
+        with no peer known, to any other address the node knows) and wait up to
+        ``handover_s`` for the streams to end. Their records stay connected: routing on the
+        other replicas never misses a node that is moving. Returns how many were told."""
+        started = self.clock.monotonic()
+        targets: list[str] = []
+        if self.ha is not None:
+            with contextlib.suppress(Exception):  # Redis down: nodes use the list they know
+                targets = await asyncio.wait_for(self.ha.withdraw(), 1.0)
+        message = reconnect_message(targets, "replica stopping")
+        told = sum(1 for s in self.sessions.open_sessions() if s.hand_over(message))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.sessions.wait_empty(), self.config.handover_s)
+        log.info("foghorn nodes handed over", told=told, left=len(self.sessions), targets=targets,
+                 took_s=round(self.clock.monotonic() - started, 3))  # fmt: skip
+        return told

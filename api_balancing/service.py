@@ -21,7 +21,7 @@ from api_balancing.geoip import GeoIpTable
 from api_balancing.identity import check_register, check_report
 from api_balancing.limits import AddressLimiter, address_key, peer_ip
 from api_balancing.model import GeoPoint, NodeMode
-from api_balancing.sessions import Ack, Closed, Mailbox, Outbox, Session, SessionRegistry
+from api_balancing.sessions import Ack, Closed, Ended, Mailbox, Outbox, Session, SessionRegistry
 from api_balancing.urls import ingest_url
 from pkg.common.auth import ANONYMOUS, Principal, current_principal
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
@@ -71,6 +71,16 @@ class Locator:
 _END = object()
 
 
+def replicas_message(addresses: list[str]) -> pb.ControlMessage:
+    """The replica list a node keeps to reconnect to (see ``pb.Replicas``)."""
+    return pb.ControlMessage(replicas=pb.Replicas(addresses=addresses))
+
+
+def reconnect_message(targets: list[str], reason: str) -> pb.ControlMessage:
+    """Ask a node to move its stream to ``targets`` (preferred first) at once."""
+    return pb.ControlMessage(reconnect=pb.Reconnect(targets=targets, reason=reason))
+
+
 class _StreamState:
     session: Session | None = None
 
@@ -87,6 +97,7 @@ class NodeControlService(pb_grpc.NodeControlServicer):
         sessions: SessionRegistry,
         report_interval_s: float,
         register_timeout_s: float = 5.0,
+        replicas: Callable[[], list[str]] | None = None,
     ) -> None:
         self.fleet = fleet
         self.sessions = sessions
@@ -94,6 +105,9 @@ class NodeControlService(pb_grpc.NodeControlServicer):
         # A stream that has not registered by then is closed: an open, silent stream costs a
         # task and a slot of the credential's stream quota and serves no node.
         self.register_timeout_s = register_timeout_s
+        # Every replica's address (HA: the registry in Redis), told to each node after it
+        # registers so that it knows where to reconnect without a restart.
+        self.replicas = replicas
         self._background: set[asyncio.Task[None]] = set()
 
     async def Connect(
@@ -118,7 +132,7 @@ class NodeControlService(pb_grpc.NodeControlServicer):
                         )
                 else:
                     item = await outbox.get()
-                if item is _END:
+                if item is _END or isinstance(item, Ended):
                     return
                 if isinstance(item, Closed):
                     await context.abort(_status(item.code), item.message)
@@ -129,9 +143,19 @@ class NodeControlService(pb_grpc.NodeControlServicer):
             session = state.session
             if session is not None and self.sessions.release(session):
                 # Not awaited here: this generator may be finishing because it was cancelled.
-                task = asyncio.get_running_loop().create_task(self._disconnected(session.node_id))
+                ended = (
+                    self.fleet.hand_over(session.node_id)
+                    if session.handed_over
+                    else self._disconnected(session.node_id)
+                )
+                task = asyncio.get_running_loop().create_task(ended)
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    async def settle(self) -> None:
+        """Wait for what ended streams still have to write (disconnects, hand-overs)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
 
     async def _disconnected(self, node_id: str) -> None:
         if self.sessions.get(node_id) is None:  # not re-registered meanwhile
@@ -184,7 +208,9 @@ class NodeControlService(pb_grpc.NodeControlServicer):
             # Take the stream over first, so an older stream ending meanwhile cannot mark the
             # node disconnected after this registration.
             state.session = self.sessions.open(identity.node_id, outbox)
-            record = await self.fleet.register(identity, credential=state.principal.name)
+            record = await self.fleet.register(
+                identity, credential=state.principal.name, held=validation.held_mode(msg.register)
+            )
             outbox.put_nowait(
                 pb.ControlMessage(
                     registered=pb.Registered(
@@ -192,9 +218,12 @@ class NodeControlService(pb_grpc.NodeControlServicer):
                         mode=pb.NodeMode.ValueType(record.mode),
                         replica_id=self.fleet.settings.replica_id,
                         report_interval_s=self.report_interval_s,
+                        mode_reason=record.mode_reason,
                     )
                 )
             )
+            if self.replicas is not None:
+                outbox.put_nowait(replicas_message(self.replicas()))
             return None
         if kind == "ack":
             if session is None:

@@ -32,6 +32,14 @@ class Closed:
     message: str
 
 
+@dataclass(frozen=True)
+class Ended:
+    """Put on an outbox to end the stream with OK: the node was told to move (``hand_over``)."""
+
+
+ENDED = Ended()
+
+
 class Outbox(Protocol):
     """What a control stream's outgoing messages are queued on (``Mailbox``, or a plain
     ``asyncio.Queue`` in tests)."""
@@ -85,6 +93,19 @@ class Session:
     outbox: Outbox = field(default_factory=Mailbox)
     pending: dict[str, asyncio.Future[Ack]] = field(default_factory=dict)
     closed: bool = False
+    # Ended by a hand-over (the node was told where to reconnect): its record stays connected
+    # and routable while the node moves, only the ownership is let go.
+    handed_over: bool = False
+
+    def hand_over(self, message: Any) -> bool:
+        """Send ``message`` (a Reconnect) and end the stream with OK; False when already closed."""
+        if self.closed:
+            return False
+        self.closed = self.handed_over = True
+        self.outbox.put_nowait(message)
+        self.outbox.put_nowait(ENDED)
+        self.fail_pending(f"node {self.node_id!r} is moving to another Foghorn replica")
+        return True
 
     def close(self, code: str, message: str) -> None:
         """End this stream (the handler aborts with ``code``) and fail its pending commands."""
@@ -116,6 +137,7 @@ class SessionRegistry:
         self._sessions: dict[str, Session] = {}
         self._serial = itertools.count(1)
         self.acks_unmatched = 0
+        self._emptied: asyncio.Event | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -138,8 +160,16 @@ class SessionRegistry:
         session.fail_pending(f"node {session.node_id!r} disconnected before acknowledging")
         if self._sessions.get(session.node_id) is session:
             del self._sessions[session.node_id]
+            if not self._sessions and self._emptied is not None:
+                self._emptied.set()
             return True
         return False
+
+    async def wait_empty(self) -> None:
+        """Return once no stream is open here (a stopping replica's nodes have moved)."""
+        while self._sessions:
+            self._emptied = asyncio.Event()
+            await self._emptied.wait()
 
     def get(self, node_id: str) -> Session | None:
         return self._sessions.get(node_id)
@@ -170,6 +200,17 @@ class SessionRegistry:
             ) from None
         finally:
             session.pending.pop(request_id, None)
+
+    def open_sessions(self) -> list[Session]:
+        """The current streams that are still open (not closed nor handed over)."""
+        return [s for s in self._sessions.values() if not s.closed]
+
+    def broadcast(self, message: Any) -> int:
+        """Queue ``message`` on every open stream; how many got it."""
+        sessions = self.open_sessions()
+        for session in sessions:
+            session.outbox.put_nowait(message)
+        return len(sessions)
 
     def close_all(self, message: str) -> None:
         for session in list(self._sessions.values()):

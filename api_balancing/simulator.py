@@ -7,6 +7,9 @@ counts (CPU, RAM and upload follow the viewers), report every few seconds and ob
 draining sheds viewers a bit every tick, maintenance drops them all, ``stop_sessions`` ends a
 stream, ``drain`` sheds down to a target. A broken stream (Foghorn replica killed, restarted)
 reconnects through ``pkg.clients.backoff`` with full jitter, to any of the given replicas.
+Foghorn moves nodes without a failure: a ``Reconnect`` message (the replica stops, or hands
+nodes to a replica that joined) is obeyed at once, and a ``Replicas`` message replaces the list
+of replicas the fleet knows, so replicas can join and leave without restarting the fleet.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import structlog
 
 from pkg.clients.backoff import Backoff
-from pkg.clients.foghorn import FoghornClient
+from pkg.clients.foghorn import FoghornClient, parse_targets
 from pkg.common.logging import configure_logging
 from pkg.common.tls import add_tls_arguments, credentials_from_args
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
@@ -93,6 +97,7 @@ class SimNode:
     catalog: list[tuple[str, str]]
     streams: dict[str, SimStream] = field(default_factory=dict)
     mode: int = pb.NODE_MODE_NORMAL
+    mode_reason: str = ""
     drain_target: int | None = None
     connects: int = 0
     commands: int = 0
@@ -106,6 +111,9 @@ class SimNode:
             location=pb.GeoPoint(latitude=self.lat, longitude=self.lon),
             capacity=self.capacity,
             region=self.region,
+            # The operator's mode travels with the node: a Foghorn with a fresh store keeps it.
+            mode=self.mode,  # type: ignore[arg-type]
+            mode_reason=self.mode_reason,
         )
 
     @property
@@ -174,6 +182,7 @@ class SimNode:
         action = command.WhichOneof("action")
         if action == "set_mode":
             self.mode = command.set_mode.mode
+            self.mode_reason = command.set_mode.reason[:256]
             name = pb.NodeMode.Name(self.mode).removeprefix("NODE_MODE_").lower()
             message = f"mode {name}"
             if self.mode == pb.NODE_MODE_NORMAL:
@@ -223,42 +232,161 @@ def build_fleet(
     return nodes
 
 
+def read_targets(path: Path) -> list[str]:
+    """Replica addresses from a file: ``host:port`` per line (or comma-separated)."""
+    return parse_targets(path.read_text().replace("\n", ","))
+
+
+class Replicas:
+    """The Foghorn replicas a fleet knows and one client (channel) per replica.
+
+    Two sources, both changing without a restart: the configured addresses (``--foghorn``, or
+    the file given with ``--foghorn-file``, re-read when it changes: what an operator edits when
+    a replica that is not in the registry joins or leaves, e.g. an in-memory one during a
+    rollout) and the list Foghorn announces on the control stream (``Replicas``: every HA
+    replica of the cluster). Announced replicas come first; configured ones are kept as a
+    fallback. A node's stream goes to one replica at a time: one channel per address keeps a
+    replica's failures (and its circuit breaker) to itself, so a node moves on at once.
+    """
+
+    def __init__(
+        self,
+        addresses: list[str],
+        token: str | None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.configured = list(addresses)
+        self.credentials = credentials  # TLS to every replica (--tls-ca ...)
+        self.announced: list[str] = []
+        self.addresses = list(addresses)
+        self.token = token
+        self._clients: dict[str, FoghornClient] = {}
+
+    def _merge(self) -> None:
+        merged = [*self.announced, *(a for a in self.configured if a not in self.announced)]
+        if merged != self.addresses:
+            log.info("foghorn replicas", addresses=merged, was=self.addresses)
+            self.addresses = merged
+
+    def update(self, announced: list[str]) -> None:
+        """Foghorn's list (``Replicas``); an empty one (the replica knows none) is ignored."""
+        if announced:
+            self.announced = list(announced)
+            self._merge()
+
+    def configure(self, addresses: list[str]) -> None:
+        """The operator's list (the watched file)."""
+        if addresses:
+            self.configured = list(addresses)
+            self._merge()
+
+    def client(self, address: str) -> FoghornClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = self._clients[address] = FoghornClient(
+                [address], token=self.token, credentials=self.credentials
+            )
+        return client
+
+    async def watch_file(self, path: Path, every_s: float = 1.0) -> None:
+        """Re-read ``path`` (``host:port`` per line or comma-separated) whenever it changes."""
+        seen: float | None = None
+        while True:
+            try:
+                seen = await asyncio.to_thread(self._reread, path, seen)
+            except (OSError, ValueError) as exc:
+                log.warning("replica file not read", path=str(path), error=str(exc))
+            await asyncio.sleep(every_s)
+
+    def _reread(self, path: Path, seen: float | None) -> float:
+        mtime = path.stat().st_mtime
+        if mtime != seen:
+            self.configure(read_targets(path))
+        return mtime
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+
 class NodeRunner:
-    """Keeps one simulated node connected: register, report on a timer, answer commands."""
+    """Keeps one simulated node connected: register, report on a timer, answer commands.
+
+    Which replica: the targets of the last ``Reconnect`` Foghorn sent (at once, no backoff),
+    else the known replicas in turn starting from the node's own slot; a replica that refused
+    or broke the stream is skipped on the next try (after the backoff, reset by each
+    registration).
+    """
 
     def __init__(
         self,
         node: SimNode,
-        client: FoghornClient,
+        replicas: Replicas | FoghornClient,
         interval_s: float,
         backoff: Backoff | None = None,
+        slot: int = 0,
     ) -> None:
         self.node = node
-        self.client = client
+        if isinstance(replicas, FoghornClient):  # a fixed client (tests, one channel)
+            self.replicas: Replicas | None = None
+            self._fixed: FoghornClient | None = replicas
+        else:
+            self.replicas, self._fixed = replicas, None
         self.interval_s = interval_s
         self.backoff = backoff or Backoff(base=0.2, cap=5.0)
         self.connected = asyncio.Event()
         self.rejections: list[pb.ReportRejected] = []
+        self.slot = slot
+        self.address = ""  # the replica of the current (or last) stream
+        self.moved = 0  # Reconnect messages obeyed
+        self._moving_to: list[str] = []
+        self._failed: set[str] = set()
+
+    def _pick(self) -> str:
+        if self.replicas is None:
+            return ""
+        known = self.replicas.addresses
+        for target in self._moving_to:
+            if target not in self._failed:
+                return target
+        order = [known[(self.slot + i) % len(known)] for i in range(len(known))]
+        for address in order:
+            if address not in self._failed:
+                return address
+        self._failed.clear()
+        return order[0]
 
     async def run(self) -> None:
-        """Forever: connect, serve the stream until it breaks, back off, reconnect."""
-        # Nodes boot at slightly different moments; it also lets the channel see every Foghorn
-        # replica ready, so round robin spreads the streams instead of all taking the first.
+        """Forever: connect, serve the stream until it breaks or Foghorn moves it, reconnect."""
+        # Nodes boot at slightly different moments (spreads the registrations).
         await asyncio.sleep(self.node.rng.uniform(0.0, min(1.0, self.interval_s)))
         while True:
+            self.address = self._pick()
+            moved = False
             try:
-                await self._session()
+                moved = await self._session()
             except asyncio.CancelledError:
                 raise
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
-                log.info("control stream ended", node_id=self.node.node_id, code=str(code))
+                log.info("control stream ended", node_id=self.node.node_id, code=str(code),
+                         replica=self.address)  # fmt: skip
             except Exception as exc:
-                log.warning("control stream failed", node_id=self.node.node_id, error=repr(exc))
+                log.warning("control stream failed", node_id=self.node.node_id, error=repr(exc),
+                            replica=self.address)  # fmt: skip
             self.connected.clear()
+            if moved:
+                continue  # told where to go: no backoff
+            self._moving_to = []
+            if self.address:
+                self._failed.add(self.address)
+            # Reset at each registration: the first retry (to the next replica) waits at most
+            # 0.2 s, which spreads a fleet whose replica died; repeated failures wait longer.
             await self.backoff.wait()
 
-    async def _session(self) -> None:
+    async def _session(self) -> bool:
+        """One control stream; True when Foghorn told the node to move (reconnect at once)."""
         outbox: asyncio.Queue[pb.NodeMessage] = asyncio.Queue()
         outbox.put_nowait(pb.NodeMessage(register=self.node.register()))
 
@@ -266,7 +394,12 @@ class NodeRunner:
             while True:
                 yield await outbox.get()
 
-        call = self.client.connect(messages())
+        if self._fixed is not None:
+            client = self._fixed
+        else:
+            assert self.replicas is not None
+            client = self.replicas.client(self.address)
+        call = client.connect(messages())
         reporter: asyncio.Task[None] | None = None
         try:
             async for msg in call:
@@ -274,7 +407,10 @@ class NodeRunner:
                 if kind == "registered":
                     self.node.connects += 1
                     self.node.mode = msg.registered.mode or pb.NODE_MODE_NORMAL
+                    self.node.mode_reason = msg.registered.mode_reason
                     self.backoff.reset()
+                    self._failed.clear()
+                    self._moving_to = []
                     self.connected.set()
                     outbox.put_nowait(pb.NodeMessage(report=self.node.report()))
                     if reporter is None:
@@ -290,12 +426,24 @@ class NodeRunner:
                     log.warning(
                         "report rejected", node_id=self.node.node_id, why=msg.rejected.message
                     )
+                elif kind == "replicas":
+                    if self.replicas is not None:
+                        self.replicas.update(list(msg.replicas.addresses))
+                elif kind == "reconnect":
+                    # GOAWAY-like: move now, to the targets given (else any other replica).
+                    self.moved += 1
+                    self._moving_to = list(msg.reconnect.targets)
+                    self._failed = {self.address} if self.address else set()
+                    log.info("moving to another replica", node_id=self.node.node_id,
+                             reason=msg.reconnect.reason, targets=self._moving_to)  # fmt: skip
+                    return True
         finally:
             if reporter is not None:
                 reporter.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await reporter
             call.cancel()
+        return False
 
     async def _report_loop(self, outbox: asyncio.Queue[pb.NodeMessage]) -> None:
         rng = self.node.rng
@@ -307,28 +455,33 @@ class NodeRunner:
 
 
 async def run_fleet(args: argparse.Namespace) -> int:
-    client = FoghornClient(
-        args.foghorn, token=args.token or None, credentials=credentials_from_args(args)
-    )
+    credentials = credentials_from_args(args)
+    if args.foghorn_file:
+        path = Path(args.foghorn_file)
+        replicas = Replicas(read_targets(path), args.token or None, credentials)
+        watcher: asyncio.Task[None] | None = asyncio.create_task(replicas.watch_file(path))
+    else:
+        replicas = Replicas(parse_targets(args.foghorn), args.token or None, credentials)
+        watcher = None
     nodes = build_fleet(args.nodes, args.seed, args.streams, args.base_port, args.media_host)
-    runners = [NodeRunner(n, client, args.interval) for n in nodes]
+    runners = [NodeRunner(n, replicas, args.interval, slot=i) for i, n in enumerate(nodes)]
     tasks = [asyncio.create_task(r.run()) for r in runners]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(
-        f"edge-sim: {len(nodes)} nodes -> {', '.join(client.targets)} "
+        f"edge-sim: {len(nodes)} nodes -> {', '.join(replicas.addresses)} "
         f"(report every {args.interval:g} s)",
         file=sys.stderr,
         flush=True,
     )
     status = asyncio.create_task(_status_loop(runners, args.status_every))
     await stop.wait()
-    for task in [*tasks, status]:
+    for task in [*tasks, status, *([watcher] if watcher else [])]:
         task.cancel()
-    await asyncio.gather(*tasks, status, return_exceptions=True)
-    await client.close()
+    await asyncio.gather(*tasks, status, *([watcher] if watcher else []), return_exceptions=True)
+    await replicas.close()
     return 0
 
 
@@ -344,8 +497,11 @@ async def _status_loop(runners: list[NodeRunner], every: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-sim", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--foghorn", required=True, help="host:port[,host:port] of Foghorn replicas"
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--foghorn", help="host:port[,host:port] of Foghorn replicas")
+    where.add_argument(
+        "--foghorn-file",
+        help="a file listing the Foghorn replicas (host:port per line), re-read when it changes",
     )
     parser.add_argument("--nodes", type=int, default=50)
     parser.add_argument("--token", default="", help="bearer token (default $EDGE_SIM_TOKEN)")

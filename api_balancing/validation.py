@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable
 
 from api_balancing import errors
-from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeMode, StreamLoad
+from api_balancing.model import GeoPoint, HeldMode, LoadReport, NodeIdentity, NodeMode, StreamLoad
 from pkg.common.tenant import SYNTAX as TENANT_SYNTAX
 from pkg.common.tenant import TENANT_ID_RE
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
@@ -117,6 +117,19 @@ def register(msg: pb.Register) -> NodeIdentity:
         raise errors.InvalidArgument("register.region", f"too long ({len(msg.region)} chars)")
     free_text("register.region", msg.region)
     return NodeIdentity(nid, roles, caps, url.rstrip("/"), location, capacity, msg.region)
+
+
+def held_mode(msg: pb.Register) -> HeldMode:
+    """The mode a registering node says it runs in (UNSPECIFIED: normal), with its reason."""
+    try:
+        mode = NodeMode(int(msg.mode)) if msg.mode else NodeMode.NORMAL
+    except ValueError:
+        raise errors.InvalidArgument("register.mode", f"unknown node mode {msg.mode}") from None
+    if len(msg.mode_reason) > MAX_REASON:
+        raise errors.InvalidArgument(
+            "register.mode_reason", f"too long ({len(msg.mode_reason)} chars, max {MAX_REASON})"
+        )
+    return mode, msg.mode_reason
 
 
 def report(msg: pb.LoadReport) -> LoadReport:

@@ -10,6 +10,8 @@ explanations are delegated unchanged):
   report is staged, not awaited: when Redis refuses it later, ``NodeOwnership.refused`` closes
   the stream instead);
 - ``disconnect`` releases the ownership record after marking the node disconnected;
+  ``hand_over`` (the node was told to move to another replica) releases it and leaves the
+  record connected;
 - ``set_mode`` goes to the node's owner (single writer) through the relay.
 """
 
@@ -19,7 +21,14 @@ from api_balancing import errors
 from api_balancing.fleet import Fleet, FleetSettings
 from api_balancing.ha.ownership import NodeOwnership
 from api_balancing.ha.relay import Relay
-from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeMode, NodeRecord
+from api_balancing.model import (
+    GeoPoint,
+    HeldMode,
+    LoadReport,
+    NodeIdentity,
+    NodeMode,
+    NodeRecord,
+)
 from api_balancing.redirects import RedirectTracker
 from api_balancing.scoring import Evaluation
 from api_balancing.store.base import NodeStore, StaleWriteError
@@ -68,12 +77,16 @@ class OwnedFleet:
         return self._fleet.explain(content_id, location, role=role, protocol=protocol)
 
     async def register(
-        self, identity: NodeIdentity, owner_fence: int = 0, credential: str = ""
+        self,
+        identity: NodeIdentity,
+        owner_fence: int = 0,
+        credential: str = "",
+        held: HeldMode | None = None,
     ) -> NodeRecord:
         fence = await self._ownership.acquire(identity.node_id)
         try:
             return await self._fleet.register(
-                identity, owner_fence=max(fence, owner_fence), credential=credential
+                identity, owner_fence=max(fence, owner_fence), credential=credential, held=held
             )
         except StaleWriteError as exc:
             raise OwnershipLost(f"node {identity.node_id!r}: {exc}") from None
@@ -110,6 +123,11 @@ class OwnedFleet:
             pass
         finally:
             await self._ownership.release(node_id)
+
+    async def hand_over(self, node_id: str) -> None:
+        """The node was told to move to another replica: let the ownership go (only if still
+        ours) without marking the node disconnected, so it stays routable while it moves."""
+        await self._ownership.release(node_id)
 
     async def set_mode(self, node_id: str, mode: NodeMode, reason: str = "") -> NodeRecord:
         if self._fleet.store.get(node_id) is None:

@@ -48,6 +48,7 @@ class ReplicaClaim:
         self.replica_id = replica_id
         self.interval_s = interval_s
         self.address = ""
+        self.withdrawn = False
         self._clock = clock
         self._claim = redis.register_script(_CLAIM)
         self._release = redis.register_script(DELETE_IF_EQUALS)
@@ -76,6 +77,8 @@ class ReplicaClaim:
         """Keep the claim fresh; log loudly if another process took the id meanwhile."""
         while True:
             await self._clock.asleep(self.interval_s)
+            if self.withdrawn:
+                return
             try:
                 holder = await self._claim(
                     keys=[self.key], args=[self.address, str(int(self.interval_s * 3000))]
@@ -90,6 +93,8 @@ class ReplicaClaim:
                 )
 
     async def release(self) -> None:
+        """Give the id up (a stopping replica: peers drop it from their membership at once)."""
+        self.withdrawn = True
         try:
             await self._release(keys=[self.key], args=[self.address])
         except REDIS_ERRORS:

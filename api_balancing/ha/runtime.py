@@ -16,6 +16,7 @@ import structlog
 from api_balancing.config import FoghornConfig, HaConfig
 from api_balancing.fleet import Fleet
 from api_balancing.ha.leader import leader_reaper
+from api_balancing.ha.membership import Membership
 from api_balancing.ha.owned_fleet import OwnedFleet
 from api_balancing.ha.ownership import NodeOwnership
 from api_balancing.ha.relay import Relay, RelayServicer
@@ -112,11 +113,25 @@ class HaRuntime:
             clock=clock,
         )
         store.set_delete_guard(self.lease.guard)
+        # Renewed at least every second (TTL 3 s): the claim is also the membership peers read,
+        # and a replica that died must drop out of it before peers move nodes to it.
+        membership_s = self.ha.rebalance_interval_s or 1.0
         self.replica_claim = ReplicaClaim(
             store.redis,
             store.keys.replica(config.replica_id),
             config.replica_id,
-            self.ha.lease_renew_s,
+            min(self.ha.lease_renew_s, membership_s),
+            clock=clock,
+        )
+        self.membership = Membership(
+            store,
+            store.keys,
+            config.replica_id,
+            sessions,
+            lambda node_id: self.ownership.fence_of(node_id) is not None,
+            interval_s=membership_s,
+            batch=self.ha.rebalance_batch,
+            rebalance=self.ha.rebalance_interval_s > 0,
             clock=clock,
         )
         self.reaper, self.orphans = leader_reaper(
@@ -142,8 +157,16 @@ class HaRuntime:
             asyncio.create_task(self.replica_claim.run(), name="foghorn-replica-claim"),
             asyncio.create_task(self.lease.run(), name="foghorn-lease"),
             asyncio.create_task(self.reaper.run(), name="foghorn-reaper"),
+            asyncio.create_task(self.membership.run(), name="foghorn-membership"),
         ]
         log.info("foghorn HA started", replica=self.config.replica_id, address=address)
+
+    async def withdraw(self) -> list[str]:
+        """The first step of a stop: leave the membership (peers stop moving nodes here and
+        drop this replica from the list they give nodes); the peers' addresses to hand this
+        replica's nodes to, least loaded first."""
+        await self.replica_claim.release()
+        return await self.membership.withdraw()
 
     async def stop(self) -> None:
         """Release what this replica holds so others need not wait for TTLs."""
@@ -191,4 +214,5 @@ class HaRuntime:
             "republished": c.republished,
             "relayed": self.relay.relayed,
             "relay_delivered": self.relay_servicer.delivered,
+            **self.membership.describe(),
         }

@@ -36,6 +36,8 @@ def _instant_backoff() -> Any:
 class NodeStream(ControlStream):
     """A hand-driven node control stream: send messages, read what Foghorn pushes."""
 
+    announced: list[str] = []
+
     async def register(self, identity: pb.Register) -> pb.Registered:
         self.send(pb.NodeMessage(register=identity))
         reply = await self.read()
@@ -46,9 +48,15 @@ class NodeStream(ControlStream):
         self.send(pb.NodeMessage(report=report))
 
     async def read(self, timeout: float = 10.0) -> pb.ControlMessage:
-        msg = await asyncio.wait_for(self.call.read(), timeout)
-        assert msg is not grpc.aio.EOF, "stream ended"
-        return msg  # type: ignore[return-value]
+        """The next message, past replica-list announcements (kept in ``announced``), which
+        an HA replica sends after Registered and whenever its cluster changes."""
+        while True:
+            msg = await asyncio.wait_for(self.call.read(), timeout)
+            assert msg is not grpc.aio.EOF, "stream ended"
+            assert isinstance(msg, pb.ControlMessage)
+            if msg.WhichOneof("msg") != "replicas":
+                return msg
+            self.announced = list(msg.replicas.addresses)
 
     async def status(self, timeout: float = 10.0) -> grpc.StatusCode:
         """Wait for the stream to end and return its status code."""

@@ -135,6 +135,8 @@ class Register(_message.Message):
     LOCATION_FIELD_NUMBER: _builtins.int
     CAPACITY_FIELD_NUMBER: _builtins.int
     REGION_FIELD_NUMBER: _builtins.int
+    MODE_FIELD_NUMBER: _builtins.int
+    MODE_REASON_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """1..128 chars of [A-Za-z0-9._:-]"""
     base_url: _builtins.str
@@ -143,6 +145,14 @@ class Register(_message.Message):
     """max viewers the node accepts (0: none)"""
     region: _builtins.str
     """free-form label, e.g. "eu-west" """
+    mode: Global___NodeMode.ValueType
+    """The mode the node runs in now (the last SetMode it obeyed) and its reason. A Foghorn that
+    holds no record of the node (a fresh store: a replica restarted onto a new backend, or
+    rolled back to memory) takes it over, so an operator's mode survives the switch; a record
+    Foghorn holds always wins (Registered.mode tells the node). UNSPECIFIED: normal.
+    """
+    mode_reason: _builtins.str
+    """at most 256 chars"""
     @_builtins.property
     def roles(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"edge" (serves viewers), "ingest" (accepts publishers)"""
@@ -165,10 +175,12 @@ class Register(_message.Message):
         location: Global___GeoPoint | None = ...,
         capacity: _builtins.int = ...,
         region: _builtins.str = ...,
+        mode: Global___NodeMode.ValueType = ...,
+        mode_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["location", b"location"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "capabilities", b"capabilities", "capacity", b"capacity", "location", b"location", "node_id", b"node_id", "region", b"region", "roles", b"roles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "capabilities", b"capabilities", "capacity", b"capacity", "location", b"location", "mode", b"mode", "mode_reason", b"mode_reason", "node_id", b"node_id", "region", b"region", "roles", b"roles"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -417,12 +429,15 @@ class Registered(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     REPLICA_ID_FIELD_NUMBER: _builtins.int
     REPORT_INTERVAL_S_FIELD_NUMBER: _builtins.int
+    MODE_REASON_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     mode: Global___NodeMode.ValueType
     """the mode Foghorn holds for this node (kept across reconnects)"""
     replica_id: _builtins.str
     """which Foghorn replica owns this stream"""
     report_interval_s: _builtins.float
+    mode_reason: _builtins.str
+    """the reason of that mode (what the node tells a fresh Foghorn)"""
     def __init__(
         self,
         *,
@@ -430,10 +445,11 @@ class Registered(_message.Message):
         mode: Global___NodeMode.ValueType = ...,
         replica_id: _builtins.str = ...,
         report_interval_s: _builtins.float = ...,
+        mode_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "node_id", b"node_id", "replica_id", b"replica_id", "report_interval_s", b"report_interval_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "mode_reason", b"mode_reason", "node_id", b"node_id", "replica_id", b"replica_id", "report_interval_s", b"report_interval_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -469,30 +485,96 @@ class ReportRejected(_message.Message):
 Global___ReportRejected: _TypeAlias = ReportRejected  # noqa: Y015
 
 @_typing.final
+class Reconnect(_message.Message):
+    """The replica asks the node to move its control stream (GOAWAY-like): it is stopping (a
+    restart, a deploy) or it holds more than its share of the fleet (a replica joined). The node
+    opens a new stream at once, to the first of `targets` it can reach (empty: any replica it
+    knows other than this one), with no backoff. Foghorn ends this stream shortly after; the node
+    stays routable meanwhile (its record is not marked disconnected by a hand-over).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGETS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """"replica stopping", "rebalance" """
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """host:port of replicas to move to, preferred first"""
+
+    def __init__(
+        self,
+        *,
+        targets: _abc.Iterable[_builtins.str] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Reconnect: _TypeAlias = Reconnect  # noqa: Y015
+
+@_typing.final
+class Replicas(_message.Message):
+    """Every Foghorn replica serving now (host:port), sent after Registered and whenever the set
+    changes: a node keeps it as the list it reconnects to, so replicas that join or leave need
+    no restart of the node. Empty while the replica does not know (embedded mode: no registry).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Replicas: _TypeAlias = Replicas  # noqa: Y015
+
+@_typing.final
 class ControlMessage(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REGISTERED_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     REJECTED_FIELD_NUMBER: _builtins.int
+    RECONNECT_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___Registered: ...
     @_builtins.property
     def command(self) -> Global___Command: ...
     @_builtins.property
     def rejected(self) -> Global___ReportRejected: ...
+    @_builtins.property
+    def reconnect(self) -> Global___Reconnect: ...
+    @_builtins.property
+    def replicas(self) -> Global___Replicas: ...
     def __init__(
         self,
         *,
         registered: Global___Registered | None = ...,
         command: Global___Command | None = ...,
         rejected: Global___ReportRejected | None = ...,
+        reconnect: Global___Reconnect | None = ...,
+        replicas: Global___Replicas | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "msg", b"msg", "registered", b"registered", "rejected", b"rejected"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "msg", b"msg", "reconnect", b"reconnect", "registered", b"registered", "rejected", b"rejected", "replicas", b"replicas"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "msg", b"msg", "registered", b"registered", "rejected", b"rejected"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "msg", b"msg", "reconnect", b"reconnect", "registered", b"registered", "rejected", b"rejected", "replicas", b"replicas"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["registered", "command", "rejected"]  # noqa: Y015
+    _WhichOneofReturnType_msg: _TypeAlias = _typing.Literal["registered", "command", "rejected", "reconnect", "replicas"]  # noqa: Y015
     _WhichOneofArgType_msg: _TypeAlias = _typing.Literal["msg", b"msg"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_msg) -> _WhichOneofReturnType_msg | None: ...
 

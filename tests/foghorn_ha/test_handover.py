@@ -1,0 +1,203 @@
+"""Foghorn hands its nodes over instead of dropping them: a stopping replica tells every node
+where to reconnect (nodes move at once and stay routable meanwhile), nodes learn of replicas
+that join from the control stream, and a replica that joins gets its share of the fleet a few
+nodes at a time. Real gRPC replicas on one redis-server, ``edge-sim``'s node runners."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from api_balancing.simulator import NodeRunner, Replicas, build_fleet
+from pkg.clients import Policy
+from pkg.clients.foghorn import FoghornClient
+from tests.foghorn.conftest import TOKEN
+from tests.foghorn_ha.conftest import eventually
+
+pytestmark = pytest.mark.integration
+
+NODES = 6
+
+
+class Fleet:
+    """``count`` simulated nodes that know only the addresses given at start."""
+
+    def __init__(self, addresses: list[str], count: int) -> None:
+        self.replicas = Replicas(addresses, TOKEN)
+        nodes = build_fleet(count, seed=7)
+        self.runners = [NodeRunner(n, self.replicas, 0.3, slot=i) for i, n in enumerate(nodes)]
+        self.tasks = [asyncio.create_task(r.run()) for r in self.runners]
+
+    def on(self, server: Any) -> int:
+        return sum(
+            1 for r in self.runners if r.connected.is_set() and r.address == server.grpc_target
+        )
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.replicas.close()
+
+
+class Routing:
+    """Viewer routing through one replica in a loop; every failure is kept."""
+
+    def __init__(self, target: str) -> None:
+        self.client = FoghornClient(target, policy=Policy(timeout=2.0))
+        self.ok = 0
+        self.failures: list[str] = []
+        self.considered: list[int] = []
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                reply = await self.client.route_viewer("live-0001", lat=50.0, lon=8.0)
+                self.ok += 1
+                self.considered.append(reply.considered)
+            except Exception as exc:
+                self.failures.append(repr(exc)[:200])
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        await self.client.close()
+
+
+@pytest.fixture
+async def fleets() -> AsyncIterator[Callable[[list[str], int], Fleet]]:
+    made: list[Fleet] = []
+
+    def make(addresses: list[str], count: int = NODES) -> Fleet:
+        made.append(Fleet(addresses, count))
+        return made[-1]
+
+    yield make
+    for fleet in made:
+        await fleet.close()
+
+
+def owned(server: Any) -> int:
+    return len(server.ha.ownership.owned())
+
+
+async def test_stopping_replica_hands_every_node_to_the_other_at_once_without_a_failed_routing(
+    make_replica: Callable[..., Awaitable[Any]],
+    fleets: Callable[[list[str], int], Fleet],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FOGHORN_REBALANCE_INTERVAL_S", "0")  # only the stop moves nodes here
+    a = await make_replica("a")
+    fleet = fleets([a.grpc_target], NODES)
+    await eventually(lambda: fleet.on(a) == NODES, what="every node on a")
+    b = await make_replica("b")
+    # The nodes were told of b on their control stream: no restart, no configuration change.
+    await eventually(lambda: b.grpc_target in fleet.replicas.addresses, what="nodes know b")
+    await eventually(lambda: len(b.store.snapshot()) == NODES, what="b synced")
+    routing = Routing(b.grpc_target)
+    try:
+        await eventually(lambda: routing.ok > 5, what="routing through b")
+        stop = asyncio.create_task(a.stop())
+        await asyncio.sleep(0)
+        assert not a.health().serving  # NOT_SERVING from the first moment of the stop
+        await eventually(lambda: fleet.on(b) == NODES, timeout=5.0, what="every node on b")
+        await stop
+        await eventually(lambda: owned(b) == NODES, what="b owns every node")
+        await asyncio.sleep(0.3)
+    finally:
+        await routing.close()
+    assert routing.failures == []
+    # Every node stayed connected and eligible through the move: routing never saw fewer.
+    assert min(routing.considered) == NODES
+    assert all(r.moved == 1 for r in fleet.runners)  # told once, obeyed at once
+    assert b.fleet.counters.evictions == 0
+    assert all(rec.connected and rec.owner == "b" for rec in b.store.snapshot())
+
+
+async def test_replica_that_joins_gets_an_even_share_a_few_nodes_at_a_time(
+    make_replica: Callable[..., Awaitable[Any]],
+    fleets: Callable[[list[str], int], Fleet],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FOGHORN_REBALANCE_INTERVAL_S", "0.3")
+    monkeypatch.setenv("FOGHORN_REBALANCE_BATCH", "2")
+    count = 10
+    a = await make_replica("a")
+    fleet = fleets([a.grpc_target], count)
+    await eventually(lambda: owned(a) == count, what="a owns every node")
+    routing = Routing(a.grpc_target)
+    try:
+        b = await make_replica("b")
+        await eventually(lambda: owned(a) == owned(b) == count // 2, what="an even split")
+        await asyncio.sleep(1.0)  # and it stays even: no node keeps bouncing
+        assert owned(a) == owned(b) == count // 2
+    finally:
+        await routing.close()
+    assert routing.failures == []
+    assert min(routing.considered) == count
+    # Only the surplus moved, each node once (no node asked twice, none bounced back).
+    assert a.ha.membership.moves_asked == count // 2
+    assert b.ha.membership.moves_asked == 0
+    assert sum(r.moved for r in fleet.runners) == count // 2
+
+
+async def test_operator_mode_survives_the_switch_to_redis_and_the_rollback_to_memory(
+    make_replica: Callable[..., Awaitable[Any]],
+    fleets: Callable[[list[str], int], Fleet],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The RFC's Phase 1 both ways: an in-memory replica, then an HA one started beside it on a
+    fresh Redis, the in-memory one retired (SIGTERM), and back. The operator's mode lives in
+    each store, and travels with the node (``Register.mode``) into a store that has none."""
+    from api_balancing.config import FoghornConfig
+    from api_balancing.server import FoghornApp
+    from pkg.events import MemorySink
+    from tests.foghorn.conftest import TOKENS
+
+    monkeypatch.setenv("FOGHORN_REBALANCE_INTERVAL_S", "0")
+    memory: list[FoghornApp] = []
+
+    async def in_memory(name: str) -> FoghornApp:
+        config = FoghornConfig(grpc_port=0, http_port=-1, tokens=TOKENS, replica_id=name)
+        app = FoghornApp(config, events=MemorySink())
+        memory.append(app)
+        await app.start()
+        return app
+
+    def mode_on(server: Any) -> tuple[str, str] | None:
+        rec = server.store.get("edge-amsterdam-000")
+        return None if rec is None else (rec.mode.name, rec.mode_reason)
+
+    try:
+        m = await in_memory("m")
+        fleet = fleets([m.grpc_target], 2)
+        await eventually(lambda: fleet.on(m) == 2, what="nodes on the in-memory replica")
+        admin = FoghornClient(m.grpc_target, token=TOKEN)
+        try:
+            reply = await admin.set_mode("edge-amsterdam-000", "draining", reason="kernel upgrade")
+        finally:
+            await admin.close()
+        assert reply.command.acked
+        # Phase 1 rollout: the HA replica beside it (fresh Redis), nodes told of it (here: the
+        # file they watch), the in-memory replica retired with SIGTERM.
+        h = await make_replica("h")
+        fleet.replicas.configure([m.grpc_target, h.grpc_target])
+        await m.stop()
+        await eventually(lambda: fleet.on(h) == 2, timeout=5.0, what="nodes on the HA replica")
+        assert mode_on(h) == ("DRAINING", "kernel upgrade")
+        # Rollback: an in-memory replica beside it, the HA one retired.
+        m2 = await in_memory("m2")
+        fleet.replicas.configure([h.grpc_target, m2.grpc_target])
+        await h.stop()
+        await eventually(lambda: fleet.on(m2) == 2, timeout=5.0, what="nodes back in memory")
+        assert mode_on(m2) == ("DRAINING", "kernel upgrade")
+    finally:
+        for app in memory:
+            await app.stop(grace=0.2)
