@@ -10,6 +10,7 @@ one report that ``/health`` and gRPC health serve. With no Kafka configured it r
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,10 @@ if TYPE_CHECKING:  # Kafka and PostgreSQL parts are imported only when configure
 # Bytes of a ServerMessage around its events (channel, offset, epoch, batch framing).
 MESSAGE_OVERHEAD = 1024
 log = structlog.get_logger("api_realtime.server")
+
+# A stopping replica waits this long for its group member to commit, leave the group and
+# release its locks before the rest of the stop cancels it.
+LEAVE_BOUND_S = 10.0
 
 
 async def _no_dead_letter_topic(letter: DeadLetter) -> None:
@@ -134,6 +139,7 @@ class SignalmanApp:
         self._authenticator = static_authenticator(tokens or tokens_from_env())
         self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None
+        self._member_task: asyncio.Task[Any] | None = None
 
     def _build_history(self) -> History:
         config = self.config
@@ -298,7 +304,7 @@ class SignalmanApp:
         await self.grpc.start()
         lc.on_stop(self.grpc.stop, 0.0)  # drained by stop() already; here after a failed start
         if self.member is not None:
-            lc.spawn(self.member.run(), "group-member")
+            self._member_task = lc.spawn(self.member.run(), "group-member")
         lc.spawn(self.duties.run(), "singleton-duties")
         http = self.config.http
         if http is not None:
@@ -317,19 +323,39 @@ class SignalmanApp:
         )
 
     async def stop(self, grace: float = 1.0) -> None:
-        """Stop taking work, then undo what ``start`` did, newest first.
+        """Hand the work over, then undo what ``start`` did, newest first.
 
-        Health says not serving at once; subscriber sessions end (clients resume on another
-        replica) and gRPC calls drain for ``grace`` seconds; the duties and the group member
-        are told to stop; then HTTP, the member (leaving the group, releasing its locks), the
-        Kafka clients and the history close.
+        Health says not serving at once (HTTP and gRPC). Then, at the same time: the group
+        member finishes its batch, commits, leaves the consumer group and releases its
+        partition locks (bounded by ``LEAVE_BOUND_S``), so the other replicas take the
+        partitions over now rather than after a session timeout; and subscriber sessions end
+        with UNAVAILABLE "reconnect and resume" (clients resume from their offset on another
+        replica: the history is shared). gRPC calls drain for ``grace`` seconds; then the
+        duties, HTTP, the Kafka clients and the history close.
         """
         self.lifecycle.stopping = True
-        await self.hub.close()
+        started = self.clock.monotonic()
+        if self.grpc is not None:
+            await self.grpc.set_serving(False)
+        self.duties.stop()
+        await asyncio.gather(self._leave_group(), self.hub.close())
+        left_s = self.clock.monotonic() - started
         if self.grpc is not None:
             await self.grpc.stop(grace)
-        self.duties.stop()
-        if self.member is not None:
-            await self.member.stop()
         await self.lifecycle.close()
-        log.info("signalman_stopped", replica=self.config.replica_id)
+        log.info("signalman_stopped", replica=self.config.replica_id, left_group_s=round(left_s, 3))
+
+    async def _leave_group(self) -> None:
+        """Stop the member's loop and wait for it to leave (commit, LeaveGroup, locks)."""
+        if self.member is None:
+            return
+        await self.member.stop()
+        task = self._member_task
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), LEAVE_BOUND_S)
+        except TimeoutError:
+            log.warning("group_leave_slow", bound_s=LEAVE_BOUND_S)  # cancelled by close()
+        except Exception as exc:
+            log.warning("group_leave_failed", error=repr(exc)[:200])
