@@ -18,8 +18,10 @@ from collections.abc import AsyncIterator, Sequence
 
 import grpc.aio
 
+from pkg.clients.discovery import dynamic_targets
 from pkg.clients.grpc_aio import aio_channel
 from pkg.clients.policy import PLATFORM_KEEPALIVE, OutlierPolicy, Policy, RetryPolicy
+from pkg.clients.targets import TargetList
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
 
@@ -59,8 +61,11 @@ def default_policy(timeout_s: float = DEFAULT_TIMEOUT_S) -> Policy:
     )
 
 
-def parse_targets(spec: str | Sequence[str]) -> list[str]:
-    """``"127.0.0.1:1,127.0.0.1:2"`` or a list -> list of addresses (empty entries dropped)."""
+def parse_targets(spec: str | Sequence[str] | TargetList) -> list[str]:
+    """``"127.0.0.1:1,127.0.0.1:2"`` or a list -> list of addresses (empty entries dropped);
+    a ``TargetList`` -> its current addresses."""
+    if isinstance(spec, TargetList):
+        return list(spec.addresses)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     targets = [t.strip() for t in items if t.strip()]
     if not targets:
@@ -94,7 +99,7 @@ class FoghornClient:
 
     def __init__(
         self,
-        targets: str | Sequence[str],
+        targets: str | Sequence[str] | TargetList,
         *,
         token: str | None = None,
         policy: Policy | None = None,
@@ -102,11 +107,19 @@ class FoghornClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
-        """``credentials``: TLS to the replicas (``pkg.common.tls.client_credentials``: a CA
+        """``targets``: replica addresses, or a replica set that changes without a restart:
+        "dns:///name:port", "file:/path" or a ``TargetList`` (``pkg.clients.discovery``).
+        ``credentials``: TLS to the replicas (``pkg.common.tls.client_credentials``: a CA
         bundle and, for mTLS, a client certificate); None: plaintext."""
-        self.targets = parse_targets(targets)
+        self.target_list = dynamic_targets(targets)
+        self.targets = (
+            [self.target_list.name] if self.target_list is not None else parse_targets(targets)
+        )
         self._channel = channel or aio_channel(
-            self.targets, policy or default_policy(timeout_s), token=token, credentials=credentials
+            self.target_list or self.targets,
+            policy or default_policy(timeout_s),
+            token=token,
+            credentials=credentials,
         )
         self._owns_channel = channel is None
         self.timeout_s = timeout_s

@@ -9,6 +9,8 @@ and pkg.clients picks the replica of every attempt.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -16,13 +18,19 @@ import grpc
 import grpc.aio
 
 from pkg.clients import tracing
-from pkg.clients.grpc_aio_calls import PooledStreamMultiCallable, UnaryUnaryMultiCallable
+from pkg.clients.discovery import dynamic_targets
+from pkg.clients.grpc_aio_calls import (
+    PooledStreamMultiCallable,
+    PooledUnaryUnaryMultiCallable,
+    UnaryUnaryMultiCallable,
+)
 from pkg.clients.grpc_aio_interceptors import aio_stream_interceptors
 from pkg.clients.grpc_core import ChannelRef, ClientCore, channel_options
 from pkg.clients.outlier import OutlierDetector
 from pkg.clients.policy import Policy
+from pkg.clients.replicas import ReplicaPool
 from pkg.clients.runtime import Runtime
-from pkg.clients.targets import ResolvedTarget, resolve_targets
+from pkg.clients.targets import ResolvedTarget, TargetList, grpc_target, resolve_targets
 
 
 class ResilientChannel(grpc.aio.Channel):
@@ -32,21 +40,28 @@ class ResilientChannel(grpc.aio.Channel):
     costs tens of microseconds per call (see the benchmark's no-op interceptor row). Unary
     calls therefore run through the engine here; streaming calls go through the stream
     interceptors of the underlying channel. Everything else is the underlying channel's.
+    Over several replicas (``pool``) each replica has its own grpc channel, and every attempt
+    or new stream goes to the replica the outlier detector picks.
     """
 
     def __init__(
         self,
-        raw: grpc.aio.Channel,
+        raw: grpc.aio.Channel | None,
         core: ClientCore,
         *,
-        replicas: Sequence[grpc.aio.Channel] = (),
-        detector: OutlierDetector | None = None,
+        pool: ReplicaPool | None = None,
     ) -> None:
         self._raw: Any = raw  # typed loosely: grpc-stubs lacks _registered_method
-        self._raws: tuple[Any, ...] = tuple(replicas) or (raw,)
         self.core = core
+        self.pool = pool
         # Set when the channel picks the replica of each attempt itself (outlier ejection).
-        self.detector = detector
+        self.detector: OutlierDetector | None = None if pool is None else pool.detector
+
+    @property
+    def _raws(self) -> tuple[Any, ...]:
+        if self.pool is None:
+            return (self._raw,)
+        return tuple(self.pool.channels.values())
 
     async def __aenter__(self) -> ResilientChannel:
         return self
@@ -56,7 +71,10 @@ class ResilientChannel(grpc.aio.Channel):
 
     async def close(self, grace: float | None = None) -> None:
         """Close the underlying channel(s) (``grace``: let calls in flight finish)."""
-        await asyncio.gather(*(raw.close(grace) for raw in self._raws))
+        if self.pool is not None:
+            await self.pool.close(grace)
+        else:
+            await self._raw.close(grace)
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         """Connectivity state: the best state of the replica channels."""
@@ -64,8 +82,7 @@ class ResilientChannel(grpc.aio.Channel):
         for candidate in _STATE_ORDER:
             if candidate in states:
                 return candidate
-        best: grpc.ChannelConnectivity = states[0]
-        return best
+        return _SHUTDOWN if self.pool is not None and self.pool.closed else _IDLE
 
     async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
         """Wait until the connectivity state (``get_state``) differs from the one observed.
@@ -73,7 +90,7 @@ class ResilientChannel(grpc.aio.Channel):
         With several replicas that state is the best of theirs, read again whenever one of
         them changes; a change that happened before this call returns at once.
         """
-        if len(self._raws) == 1:
+        if self.pool is None:
             await self._raw.wait_for_state_change(last_observed_state)
             return
         while self.get_state(False) == last_observed_state:
@@ -84,7 +101,7 @@ class ResilientChannel(grpc.aio.Channel):
 
     async def channel_ready(self) -> None:
         """Wait until the channel (with several replicas: any one of them) is READY."""
-        if len(self._raws) == 1:
+        if self.pool is None:
             await self._raw.channel_ready()
             return
         await _first_of(raw.channel_ready() for raw in self._raws)
@@ -94,8 +111,10 @@ class ResilientChannel(grpc.aio.Channel):
 
     def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """A multicallable that runs the policy around every call."""
-        raws = self._per_replica("unary_unary", method, args, kwargs)
-        return UnaryUnaryMultiCallable(raws, self.core, method, self.detector, self._raws)
+        if self.pool is not None:
+            return PooledUnaryUnaryMultiCallable(self.pool, self.core, method, args, kwargs)
+        raw = self._raw.unary_unary(method, *args, **kwargs)
+        return UnaryUnaryMultiCallable([raw], self.core, method, (self._raw,))
 
     def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Server-streaming multicallable (setup retries by interceptor)."""
@@ -109,21 +128,16 @@ class ResilientChannel(grpc.aio.Channel):
         """Bidirectional multicallable (setup retries with replay by interceptor)."""
         return self._streaming("stream_stream", method, args, kwargs)
 
-    def _per_replica(
-        self, kind: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> list[Any]:
-        return [getattr(raw, kind)(method, *args, **kwargs) for raw in self._raws]
-
     def _streaming(
         self, kind: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        raws = self._per_replica(kind, method, args, kwargs)
-        if self.detector is None:
-            return raws[0]
-        return PooledStreamMultiCallable(raws, self.detector, self._raws)
+        if self.pool is None:
+            return getattr(self._raw, kind)(method, *args, **kwargs)
+        return PooledStreamMultiCallable(self.pool, kind, method, args, kwargs)
 
 
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
+_IDLE = grpc.ChannelConnectivity.IDLE
 
 # Best first: what get_state reports for a channel over several replicas.
 _STATE_ORDER = (
@@ -150,7 +164,7 @@ async def _first_of(awaitables: Iterable[Any]) -> None:
 
 
 def aio_channel(
-    targets: str | Sequence[str],
+    targets: str | Sequence[str] | TargetList,
     policy: Policy | None = None,
     *,
     token: str | None = None,
@@ -161,22 +175,34 @@ def aio_channel(
 ) -> grpc.aio.Channel:
     """An asyncio channel to one service (one or several replica addresses) with the policy.
 
-    ``targets``: "127.0.0.1:5001", "a:1,b:2" or a list of replica addresses. With several
-    addresses and ``policy.outlier.enabled`` (the default) each replica gets its own
-    connection and every attempt goes to a replica picked by outlier detection (round robin
-    over the healthy ones, retries on another replica, hung or failing replicas ejected);
-    otherwise grpc's round robin balances them. ``token`` adds ``authorization: Bearer
-    <token>`` to every call. ``runtime`` holds budgets, breakers and outlier state per target
-    and injects clock, random source, instrumentation (default: the process-wide
-    ``default_runtime()``). Extra ``interceptors`` run inside ours (once per attempt).
-    A bad target, policy, runtime, token or option raises ``ValueError`` here, not at call
-    time. Call ``await channel.close()``.
+    ``targets``: "127.0.0.1:5001", "a:1,b:2", a list of replica addresses, or a replica set
+    that may change while the channel is in use: a ``TargetList`` (fed by the caller),
+    "dns:///name:port" (re-resolved in the background and after failures) or "file:/path"
+    (a watched file of addresses, ``pkg.clients.discovery``). With several
+    addresses and ``policy.outlier.enabled`` (the default), and always for a
+    ``TargetList``, each replica gets its own connection and circuit breaker, and every
+    attempt goes to a replica picked by outlier detection (round robin over the healthy
+    ones, retries on another replica, hung or failing replicas ejected and health-checked
+    back into rotation); otherwise grpc's round robin balances them. ``token`` adds
+    ``authorization: Bearer <token>`` to every call. ``runtime`` holds budgets, breakers
+    and outlier state per target and injects clock, random source, instrumentation (default:
+    the process-wide ``default_runtime()``). Extra ``interceptors`` run inside ours (once per
+    attempt). A bad target, policy, runtime, token or option raises ``ValueError`` here, not
+    at call time. Call ``await channel.close()``.
     """
-    resolved = resolve_targets(targets)
-    core = ClientCore(policy, runtime, resolved.name, token)
+    target_list = None
+    if isinstance(targets, TargetList) or (
+        not isinstance(policy, Policy) or policy.outlier.enabled
+    ):
+        target_list = dynamic_targets(targets)
+    resolved = None if target_list is not None else resolve_targets(targets)  # type: ignore[arg-type]
+    name = target_list.name if target_list is not None else resolved.name  # type: ignore[union-attr]
+    core = ClientCore(policy, runtime, name, token)
     extra = list(options)
 
-    def open_channel(target: ResolvedTarget) -> grpc.aio.Channel:
+    def open_channel(
+        target: ResolvedTarget, channel_core: ClientCore, own: Sequence[tuple[str, Any]] = ()
+    ) -> grpc.aio.Channel:
         # Unary-unary calls are driven by ResilientChannel itself; the stream interceptors
         # ride on the underlying channel (each knows its channel, for the connection gate),
         # and user interceptors run inside ours (once per attempt).
@@ -184,11 +210,11 @@ def aio_channel(
         # context.
         ref = ChannelRef()
         chain: list[Any] = [
-            *aio_stream_interceptors(core, ref),
+            *aio_stream_interceptors(channel_core, ref),
             *interceptors,
             *tracing.aio_interceptors(),
         ]
-        opts = channel_options(target, extra, core.policy.keepalive)
+        opts = channel_options(target, [*own, *extra], core.policy.keepalive)
         if credentials is not None:
             channel = grpc.aio.secure_channel(target.target, credentials, opts, interceptors=chain)
         else:
@@ -196,14 +222,54 @@ def aio_channel(
         ref.channel = channel
         return channel
 
-    if not (resolved.multi and core.policy.outlier.enabled):
-        return ResilientChannel(open_channel(resolved), core)
+    if resolved is not None and not (resolved.multi and core.policy.outlier.enabled):
+        return ResilientChannel(open_channel(resolved, core), core)
     # One connection per replica, so that pkg.clients (not grpc's round robin, which keeps
     # sending every other call to a paused replica) chooses the replica of every attempt.
-    raws = [open_channel(ResolvedTarget(r, False, r)) for r in resolved.replicas]
+    dynamic = target_list is not None
+    if target_list is None:
+        assert resolved is not None
+        target_list = TargetList([r.split(":", 1)[1] for r in resolved.replicas], name=name)
     # The runtime keeps one detector per target: every channel to the same replicas shares
     # what is known about them (a replica ejected by one is skipped by all).
     detector = core.runtime.detector(
-        resolved.name, [r.split(":", 1)[1] for r in resolved.replicas], core.policy.outlier
+        name, target_list.addresses, core.policy.outlier, dynamic=dynamic
     )
-    return ResilientChannel(raws[0], core, replicas=raws, detector=detector)
+    if dynamic:
+        if detector.addresses != list(target_list.addresses):
+            detector.set_addresses(target_list.addresses)
+        target_list.subscribe(detector.set_addresses)
+
+    def open_replica(address: str) -> grpc.aio.Channel:
+        # Each replica's streams have that replica's own breaker, and spend the service's
+        # retry budget.
+        replica_core = ClientCore(core.policy, core.runtime, address, token, budget_target=name)
+        return open_channel(
+            ResolvedTarget(grpc_target(address), False, address), replica_core, reconnect
+        )
+
+    # A replica that comes back is reconnected (and health-checked back into rotation) within
+    # about one health-check interval: the others carry the calls meanwhile, so trying its
+    # port that often costs nothing.
+    outlier = core.policy.outlier
+    reconnect = (
+        (("grpc.max_reconnect_backoff_ms", max(200, int(outlier.health_check_interval * 1000))),)
+        if outlier.health_check
+        else ()
+    )
+
+    # Unary calls take the breaker of the replica each attempt goes to (in the attempt), not
+    # one breaker for the whole service: one dead replica must not fail calls the others
+    # would answer.
+    pooled = ClientCore(_per_replica_breakers(core.policy), core.runtime, name, token)
+    pool = ReplicaPool(target_list, detector, pooled, core.policy, open_replica)
+    return ResilientChannel(None, pooled, pool=pool)
+
+
+@functools.lru_cache(maxsize=256)
+def _per_replica_breakers(policy: Policy) -> Policy:
+    # The same policy without the service-wide breaker (cached: the runtime keeps method
+    # state per policy object, and channels built per request must not add one each).
+    if not policy.breaker.enabled:
+        return policy
+    return dataclasses.replace(policy, breaker=dataclasses.replace(policy.breaker, enabled=False))

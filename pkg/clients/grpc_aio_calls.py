@@ -11,13 +11,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 
+from pkg.clients.breaker import (
+    BREAKER_IGNORE,
+    BREAKER_SUCCESS,
+    STATE_CLOSED,
+    STATE_OPEN,
+    TICKET_NORMAL,
+    BreakerOpenError,
+    CircuitBreaker,
+)
 from pkg.clients.classify import outlier_outcome
-from pkg.clients.connection import connected, ensure_ready
+from pkg.clients.connection import NotSentError, connected, ensure_ready
 from pkg.clients.engine import EJECTED_REPLICA_ATTR, call_async
 from pkg.clients.grpc_core import ClientCore
 from pkg.clients.outlier import (
@@ -25,8 +34,11 @@ from pkg.clients.outlier import (
     OUTCOME_LOCAL,
     OUTCOME_NEUTRAL,
     OUTCOME_SUCCESS,
-    OutlierDetector,
+    Replica,
 )
+
+if TYPE_CHECKING:
+    from pkg.clients.replicas import ReplicaPool
 
 
 class UnaryCall:
@@ -52,7 +64,12 @@ class UnaryCall:
         "_task",
     )
 
-    def __init__(self, callable_: UnaryUnaryMultiCallable, request: Any, kw: dict[str, Any]):
+    def __init__(
+        self,
+        callable_: UnaryUnaryMultiCallable | PooledUnaryUnaryMultiCallable,
+        request: Any,
+        kw: dict[str, Any],
+    ):
         self._callable = callable_
         self._request = request
         self._kw = kw
@@ -114,6 +131,7 @@ class UnaryCall:
 
     def _attempt_fn(self, request: Any, kw: dict[str, Any]) -> Callable[[float], Any]:
         mc = self._callable
+        assert isinstance(mc, UnaryUnaryMultiCallable)  # pooled calls have their own
         raw = mc.raw
         channel = mc.channels[0] if mc.gated else None
 
@@ -221,6 +239,7 @@ class UnaryCall:
 
 
 _READY = grpc.ChannelConnectivity.READY
+_CLOSED = STATE_CLOSED
 
 
 async def _connected(channel: Any, target: str, attempt_timeout: float) -> float:
@@ -238,34 +257,65 @@ MIN_HUNG_TIMEOUT = 0.1
 
 
 class PooledUnaryCall(UnaryCall):
-    """A unary call whose every attempt goes to the replica the outlier detector picks."""
+    """A unary call whose every attempt goes to the replica the outlier detector picks, under
+    that replica's own circuit breaker."""
 
     __slots__ = ()
 
     def _attempt_fn(self, request: Any, kw: dict[str, Any]) -> Callable[[float], Any]:
-        mc = self._callable
-        raws = mc.raws
-        detector = mc.detector
-        assert detector is not None  # a pooled call exists only with a detector
+        mc: PooledUnaryUnaryMultiCallable = self._callable  # type: ignore[assignment]
+        pool = mc.pool
+        detector = pool.detector
         state = mc.state
         cap = state.attempt_timeout
         idempotent = state.idempotent
-        channels = mc.channels
         gated = mc.gated
-        failed = [-1]  # the replica the previous attempt failed on: a retry avoids it
+        clock = state.clock
+        failed: list[Replica | None] = [None]  # the replica the previous attempt failed on
+
+        def choose() -> tuple[Replica, CircuitBreaker | None, int]:
+            # The replica picked, its breaker and the breaker's ticket. A replica whose
+            # breaker refuses is skipped; when every one refuses, the call fails fast.
+            refused: list[Replica] = []
+            error: BreakerOpenError | None = None
+            while True:
+                i = detector.pick(-1 if failed[0] is None else failed[0], refused)
+                if i < 0:
+                    if error is not None:
+                        raise error
+                    pool.targets.refresh_soon()
+                    raise NotSentError(
+                        pool.targets.name,
+                        "no replica address known",
+                        grpc.StatusCode.UNAVAILABLE,
+                    )
+                r = detector.replicas[i]
+                breaker = mc.breaker(r.address)
+                if breaker is None or breaker._state is _CLOSED:
+                    return r, breaker, TICKET_NORMAL
+                try:
+                    return r, breaker, breaker.admit(clock.monotonic())
+                except BreakerOpenError as exc:
+                    detector.release(r)
+                    refused.append(r)
+                    error = exc
+                    pool.wake_checker()
 
         async def attempt(attempt_timeout: float) -> Any:
-            i = detector.pick(failed[0])
+            r, breaker, ticket = choose()
             try:
-                channel = channels[i]
+                channel = pool.channel(r.address)
                 if gated and channel.get_state(False) is not _READY:
-                    attempt_timeout = await _connected(
-                        channel, detector.replicas[i].address, attempt_timeout
-                    )
-                call = raws[i](request, timeout=attempt_timeout, **kw)
+                    attempt_timeout = await _connected(channel, r.address, attempt_timeout)
+                call = mc.raw(r.address)(request, timeout=attempt_timeout, **kw)
                 self._last = call
                 result = await call
             except Exception as exc:
+                capped = attempt_timeout == cap
+                if breaker is not None:
+                    verdict = mc.classify(exc, capped, attempt_timeout)
+                    if verdict.breaker != BREAKER_IGNORE or ticket != TICKET_NORMAL:
+                        breaker.record(ticket, verdict.breaker, clock.monotonic())
                 # A timeout says the replica hung when the attempt was capped by its per-attempt
                 # timeout (the engine passes exactly the cap then), or, for an idempotent
                 # method (a read: it answers by itself), when it had ample time: at least
@@ -273,33 +323,104 @@ class PooledUnaryCall(UnaryCall):
                 # deadline, or a write waiting on something downstream, says nothing.
                 outcome = outlier_outcome(
                     exc,
-                    attempt_timeout == cap
+                    capped
                     or (
                         idempotent
                         and attempt_timeout >= max(MIN_HUNG_TIMEOUT, 10 * state.latency_ema)
                     ),
-                    connected(channels[i]),
+                    connected(pool.channels.get(r.address)),
                 )
                 if outcome == OUTCOME_SUCCESS:
-                    detector.success(i)
+                    detector.success(r)
                 elif outcome == OUTCOME_NEUTRAL:
-                    detector.release(i)
+                    detector.release(r)
                 else:
-                    failed[0] = i
-                    detector.failure(i, outcome)
-                    if detector.replicas[i].state is EJECTED:
+                    failed[0] = r
+                    detector.failure(r, outcome)
+                    if outcome == OUTCOME_LOCAL:
+                        pool.targets.refresh_soon()
+                    if r.state is EJECTED:
                         with contextlib.suppress(AttributeError):
                             setattr(exc, EJECTED_REPLICA_ATTR, True)
                 self._attempt_failed()
                 raise
             except BaseException:
-                detector.release(i)
+                if breaker is not None:
+                    breaker.release(ticket)
+                detector.release(r)
                 self._attempt_failed()
                 raise
-            detector.success(i)
+            if breaker is not None:
+                breaker.record(ticket, BREAKER_SUCCESS, clock.monotonic())
+            detector.success(r)
             return result
 
         return attempt
+
+
+class PooledUnaryUnaryMultiCallable:
+    """``stub.Method`` on a channel over replicas: each attempt on a picked replica.
+
+    A method that is not idempotent is ``gated`` (see ``UnaryUnaryMultiCallable``). The grpc
+    multicallable and the breaker of each replica are looked up by address (cached), so the
+    replica set can change between calls.
+    """
+
+    __slots__ = (
+        "_args",
+        "_breakers",
+        "_raws",
+        "classify",
+        "core",
+        "gated",
+        "method",
+        "pool",
+        "state",
+    )
+
+    def __init__(
+        self,
+        pool: ReplicaPool,
+        core: ClientCore,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> None:
+        self.pool = pool
+        self.core = core
+        self.method = method
+        self._args = (args, kwargs)
+        self.state, self.classify = core.method(method)
+        self.gated = not self.state.idempotent
+        self._raws: dict[str, Any] = {}
+        self._breakers: dict[str, CircuitBreaker | None] = {}
+
+    def raw(self, address: str) -> Any:
+        """grpc's multicallable of this method on the replica ``address``."""
+        raw = self._raws.get(address)
+        channel = self.pool.channel(address)
+        if raw is None or raw[0] is not channel:  # a replica that left and came back
+            args, kwargs = self._args
+            raw = self._raws[address] = (
+                channel,
+                channel.unary_unary(self.method, *args, **kwargs),
+            )
+        return raw[1]
+
+    def breaker(self, address: str) -> CircuitBreaker | None:
+        """The breaker of the replica ``address`` (None when the policy has none)."""
+        try:
+            return self._breakers[address]
+        except KeyError:
+            name = self.method.decode() if isinstance(self.method, bytes) else self.method
+            breaker = self._breakers[address] = self.pool.breaker(address, name)
+            return breaker
+
+    def __call__(self, request: Any, **kw: Any) -> UnaryCall:
+        """A call of ``request`` (``timeout=`` is its overall deadline); it starts when awaited."""
+        if not self.pool.started:
+            self.pool.start()
+        return PooledUnaryCall(self, request, kw)
 
 
 class UnaryUnaryMultiCallable:
@@ -310,19 +431,16 @@ class UnaryUnaryMultiCallable:
     to connect is known, from the transport, to have sent nothing (``pkg.clients.connection``).
     """
 
-    __slots__ = ("channels", "classify", "core", "detector", "gated", "raw", "raws", "state")
+    __slots__ = ("channels", "classify", "core", "gated", "raw", "state")
 
     def __init__(
         self,
         raws: Sequence[Any],
         core: ClientCore,
         method: str | bytes,
-        detector: OutlierDetector | None = None,
         channels: Sequence[Any] = (),
     ) -> None:
         self.raw = raws[0]
-        self.raws = raws
-        self.detector = detector
         self.core = core
         self.state, self.classify = core.method(method)
         self.channels = tuple(channels)
@@ -332,9 +450,7 @@ class UnaryUnaryMultiCallable:
 
     def __call__(self, request: Any, **kw: Any) -> UnaryCall:
         """A call of ``request`` (``timeout=`` is its overall deadline); it starts when awaited."""
-        if self.detector is None:
-            return UnaryCall(self, request, kw)
-        return PooledUnaryCall(self, request, kw)
+        return UnaryCall(self, request, kw)
 
 
 class _StreamOutcome(grpc.RpcError):
@@ -351,7 +467,7 @@ class _StreamOutcome(grpc.RpcError):
         return self._details
 
 
-async def _report_stream_end(detector: OutlierDetector, i: int, call: Any, channel: Any) -> None:
+async def _report_stream_end(pool: ReplicaPool, r: Replica, call: Any, channel: Any) -> None:
     # Only a broken connection (a dead or unreachable replica) says something here: streams
     # end for many legitimate reasons (cancelled, server closed them, domain errors).
     try:
@@ -363,7 +479,8 @@ async def _report_stream_end(detector: OutlierDetector, i: int, call: Any, chann
         return
     outcome = outlier_outcome(_StreamOutcome(code, details), False, connected(channel))
     if outcome == OUTCOME_LOCAL:
-        detector.stream_failed(i, outcome)
+        pool.detector.stream_failed(r, outcome)
+        pool.targets.refresh_soon()
 
 
 class PooledStreamMultiCallable:
@@ -372,32 +489,74 @@ class PooledStreamMultiCallable:
     A stream lives long, so its pick is released at once; when it later ends because the
     connection to its replica broke (the replica died or is unreachable), that counts against
     the replica like a failed attempt, so reconnecting streams stop picking a dead replica
-    after a few failures instead of alternating with it until keepalive notices.
+    after a few failures instead of alternating with it until keepalive notices. Each
+    replica's channel carries the stream interceptors with that replica's own breaker; a
+    replica whose breaker is open is skipped while another one can take the stream.
     """
 
-    __slots__ = ("channels", "detector", "raws")
+    __slots__ = ("_args", "_raws", "kind", "method", "pool")
 
     def __init__(
-        self, raws: Sequence[Any], detector: OutlierDetector, channels: Sequence[Any]
+        self,
+        pool: ReplicaPool,
+        kind: str,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
     ) -> None:
-        self.raws = raws
-        self.detector = detector
-        self.channels = channels
+        self.pool = pool
+        self.kind = kind
+        self.method = method
+        self._args = (args, kwargs)
+        self._raws: dict[str, tuple[Any, Any]] = {}
+
+    def _raw(self, address: str) -> Any:
+        raw = self._raws.get(address)
+        channel = self.pool.channel(address)
+        if raw is None or raw[0] is not channel:
+            args, kwargs = self._args
+            raw = self._raws[address] = (
+                channel,
+                getattr(channel, self.kind)(self.method, *args, **kwargs),
+            )
+        return raw[1]
 
     def __call__(self, *args: Any, **kw: Any) -> Any:
         """Start a stream (grpc's arguments) on the replica the detector picks."""
-        detector = self.detector
-        i = detector.pick()
-        detector.release(i)
-        call = self.raws[i](*args, **kw)
+        pool = self.pool
+        if not pool.started:
+            pool.start()
+        detector = pool.detector
+        method = self.method.decode() if isinstance(self.method, bytes) else self.method
+        refused: list[Replica] = []
+        while True:
+            i = detector.pick(-1, refused)
+            if i < 0:
+                # Every replica's breaker is open (or none is known): the interceptors of
+                # the first one fail the stream fast with the breaker's error.
+                pool.wake_checker()
+                replicas = detector.replicas
+                if not replicas:
+                    pool.targets.refresh_soon()
+                    raise NotSentError(
+                        pool.targets.name, "no replica address known", grpc.StatusCode.UNAVAILABLE
+                    )
+                r = replicas[0]
+                break
+            r = detector.replicas[i]
+            detector.release(r)
+            breaker = pool.breaker(r.address, method)
+            if breaker is None or breaker.state != STATE_OPEN or breaker.retry_after() <= 0:
+                break
+            refused.append(r)
+        channel = pool.channel(r.address)
+        call = self._raw(r.address)(*args, **kw)
         add_done = getattr(call, "add_done_callback", None)
         if add_done is not None:
             tasks: set[asyncio.Task[None]] = _STREAM_REPORTS
 
             def on_done(done_call: Any) -> None:
-                task = asyncio.ensure_future(
-                    _report_stream_end(detector, i, done_call, self.channels[i])
-                )
+                task = asyncio.ensure_future(_report_stream_end(pool, r, done_call, channel))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
 

@@ -64,6 +64,7 @@ class ClientCore(ClientSettings):
     """Per-channel state of the interceptors: policy, runtime, target name and auth header.
 
     ``policy``/``runtime``/``token`` are checked by ``ClientSettings`` (None: the defaults).
+    ``budget_target``: whose retry budget the calls spend (default: ``target``'s own).
     """
 
     def __init__(
@@ -72,9 +73,11 @@ class ClientCore(ClientSettings):
         runtime: Runtime | None,
         target: str,
         token: str | None,
+        budget_target: str | None = None,
     ) -> None:
         super().__init__(policy, runtime, token)
         self.target = target
+        self.budget_target = budget_target
         self.auth: tuple[tuple[str, str], ...] = (
             (("authorization", f"Bearer {self.token}"),) if self.token else ()
         )
@@ -85,7 +88,7 @@ class ClientCore(ClientSettings):
         found = self._methods.get(method)
         if found is None:
             name = method.decode() if isinstance(method, bytes) else method
-            state = self.runtime.method(self.policy, self.target, name)
+            state = self.runtime.method(self.policy, self.target, name, self.budget_target)
             found = (state, _classifier(state))
             self._methods[method] = found
         return found

@@ -14,6 +14,14 @@ Envoy-style passive health checking, driven by the outcomes of real calls (no ex
 * When its ejection time is over, the replica gets exactly one probe attempt (half-open):
   success puts it back into rotation, failure ejects it again for longer.
 * A retry avoids the replica its previous attempt failed on whenever another one is eligible.
+* Re-admission is active as well: a replica out of rotation is health-checked by the channels
+  that use it (``pkg.clients.health_check``) and ``readmit`` returns it as soon as it reports
+  SERVING, so a replica that crashed and came back is not benched for its ejection time.
+* Panic routing (Envoy's panic threshold): when every replica still in rotation is failing
+  (it met the ejection criteria but stayed in because of ``max_ejection_percent``), ejected
+  replicas are picked again too, so a call tries a replica that may have recovered before it
+  fails on the one that is known to be failing.
+* The replica set can change (``set_addresses``): a replica that stays keeps its state.
 
 Pure logic on an injected clock: no grpc import, so the state machine is unit-tested with a
 ``FakeClock``. One detector per target and runtime, shared by the asyncio channels to it; its
@@ -23,8 +31,10 @@ could only blur a count).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pkg.clients.policy import OutlierPolicy
 from pkg.common.clock import Clock
@@ -57,6 +67,12 @@ class OutlierEvent:
     ejections: int  # how many times in a row this replica has been ejected
 
 
+class Watcher(Protocol):
+    """Told when a replica leaves the rotation (the channels' health checkers)."""
+
+    def wake(self) -> None: ...
+
+
 class Replica:
     """The health state of one replica address."""
 
@@ -65,6 +81,7 @@ class Replica:
         "ejections",
         "errors",
         "healthy_since",
+        "held",
         "in_flight",
         "local",
         "state",
@@ -80,6 +97,12 @@ class Replica:
         self.ejections = 0  # consecutive ejections: the multiplier of the ejection time
         self.until = 0.0  # end of the current ejection
         self.healthy_since = 0.0
+        # Met the ejection criteria but kept in rotation by max_ejection_percent: failing.
+        self.held = False
+
+
+# A replica, or its index in ``OutlierDetector.replicas`` at the time of the call.
+ReplicaRef = int | Replica
 
 
 class OutlierDetector:
@@ -93,8 +116,6 @@ class OutlierDetector:
         clock: Clock,
         on_event: Callable[[OutlierEvent], None] | None = None,
     ) -> None:
-        if not addresses:
-            raise ValueError("an outlier detector needs at least one replica address")
         self.target = target
         self.policy = policy
         self.clock = clock
@@ -102,68 +123,111 @@ class OutlierDetector:
         self.max_ejected = len(addresses) * policy.max_ejection_percent // 100
         self._on_event = on_event
         self._next = 0
+        self._panic = False
+        self.watchers: weakref.WeakSet[Watcher] = weakref.WeakSet()
+
+    @property
+    def addresses(self) -> list[str]:
+        """The replica addresses, in rotation order."""
+        return [r.address for r in self.replicas]
+
+    @property
+    def panic(self) -> bool:
+        """Whether every replica in rotation is failing, so ejected ones are picked too."""
+        return self._panic
+
+    def set_addresses(self, addresses: Sequence[str]) -> None:
+        """Change the replica set: new addresses join healthy, removed ones are forgotten (an
+        attempt in flight on one may still report on the ``Replica`` it holds). Empty (a name
+        that resolves to nothing for now): ``pick`` returns -1."""
+        known = {r.address: r for r in self.replicas}
+        self.replicas = [known.get(a) or Replica(a) for a in addresses]
+        self.max_ejected = len(addresses) * self.policy.max_ejection_percent // 100
+        self._next = 0
+        self._refresh()
+
+    def replica(self, ref: ReplicaRef) -> Replica:
+        """The ``Replica`` of ``ref`` (an index or the replica itself)."""
+        return ref if isinstance(ref, Replica) else self.replicas[ref]
 
     @property
     def ejected(self) -> int:
         """How many replicas are out of rotation now (ejected, not yet probing)."""
         return sum(1 for r in self.replicas if r.state == EJECTED)
 
-    def pick(self, avoid: int = -1) -> int:
+    def pick(self, avoid: ReplicaRef = -1, exclude: Collection[Replica] = ()) -> int:
         """The index of the replica for the next attempt; marks it in flight.
 
-        ``avoid``: the replica the previous attempt of this call failed on. The caller must
-        report the outcome with ``success``/``failure``/``release`` exactly once.
+        ``avoid``: the replica the previous attempt of this call failed on. ``exclude``:
+        replicas that must not be picked at all (their circuit breaker is open); -1 when that
+        leaves none. The caller must report the outcome with ``success``/``failure``/
+        ``release`` exactly once.
         """
         replicas = self.replicas
         n = len(replicas)
+        avoided = (
+            avoid if isinstance(avoid, Replica) else (replicas[avoid] if 0 <= avoid < n else None)
+        )
         start = self._next
+        panic = self._panic
         now = -1.0
         for step in range(n):
             i = (start + step) % n
             r = replicas[i]
-            if i == avoid:
+            if r is avoided or r in exclude:
                 continue
             state = r.state
             if state is EJECTED:
                 if now < 0:
                     now = self.clock.monotonic()
-                if now < r.until:
+                if now >= r.until:
+                    r.state = state = PROBING  # ejection over: one probe attempt goes through
+                    if panic:
+                        self._refresh()
+                elif not panic:
                     continue
-                r.state = state = PROBING  # ejection over: one probe attempt goes through
-            if r.in_flight and (state is PROBING or r.errors):
+            if r.in_flight and (state is not HEALTHY or r.errors):
                 continue  # a probe, or a suspect replica: one attempt at a time
             self._next = i + 1
             r.in_flight += 1
             return i
-        return self._fallback(avoid)
+        return self._fallback(avoided, exclude)
 
-    def _fallback(self, avoid: int) -> int:
+    def _fallback(self, avoided: Replica | None, exclude: Collection[Replica]) -> int:
         # No replica is fully eligible: rather than fail the call, use the least bad one.
-        # Order: any replica in rotation other than ``avoid``, then ``avoid`` itself, then the
-        # ejected replica whose ejection ends first.
-        replicas = self.replicas
-        in_rotation = [i for i, r in enumerate(replicas) if r.state is not EJECTED]
-        others = [i for i in in_rotation if i != avoid]
-        if others:
-            i = min(others, key=lambda j: (replicas[j].errors, replicas[j].in_flight))
-        elif in_rotation:
-            i = in_rotation[0]
-        else:
-            i = min(range(len(replicas)), key=lambda j: replicas[j].until)
-        replicas[i].in_flight += 1
-        return i
+        # Order: a replica in rotation that is not failing; then (panic) an ejected one, the
+        # one whose ejection ends first, as it may have recovered; then a failing replica in
+        # rotation; then the one this call's previous attempt failed on.
+        best = -1
+        best_key: tuple[int, float, float] | None = None
+        for i, r in enumerate(self.replicas):
+            if r in exclude:
+                continue
+            if r is avoided:
+                key: tuple[int, float, float] = (3, 0.0, 0.0)
+            elif r.state is EJECTED:
+                key = (1, r.until, 0.0)
+            elif r.held:
+                key = (2, r.errors, r.in_flight)
+            else:
+                key = (0, r.errors, r.in_flight)
+            if best_key is None or key < best_key:
+                best, best_key = i, key
+        if best >= 0:
+            self.replicas[best].in_flight += 1
+        return best
 
-    def success(self, i: int) -> None:
+    def success(self, i: ReplicaRef) -> None:
         """The attempt on replica ``i`` got an answer."""
-        r = self.replicas[i]
+        r = self.replica(i)
         r.in_flight -= 1
         r.local = 0
         r.errors = 0
+        if r.held:
+            r.held = False
+            self._refresh()
         if r.state is not HEALTHY:
-            now = self.clock.monotonic()
-            r.state = HEALTHY
-            r.healthy_since = now
-            self._emit(r, False, "probe succeeded", 0.0)
+            self._return(r, "probe succeeded")
         elif r.ejections:
             # Forget past ejections once the replica has stayed healthy for the longest
             # ejection time, so one bad minute does not haunt it for the rest of the day.
@@ -171,26 +235,45 @@ class OutlierDetector:
             if now - r.healthy_since >= self.policy.max_ejection_time:
                 r.ejections = 0
 
-    def release(self, i: int) -> None:
-        """The attempt on replica ``i`` ended without saying anything about the replica."""
-        r = self.replicas[i]
-        r.in_flight -= 1
+    def readmit(self, i: ReplicaRef, reason: str = "health check: SERVING") -> bool:
+        """An active health check found replica ``i`` serving: back into rotation now (its
+        ejection count stays, so a replica that keeps failing is still benched longer).
+        Returns whether it was out of rotation."""
+        r = self.replica(i)
+        if r.state is HEALTHY:
+            return False
+        r.local = 0
+        r.errors = 0
+        r.held = False
+        self._return(r, reason)
+        return True
 
-    def stream_failed(self, i: int, outcome: int) -> None:
+    def _return(self, r: Replica, reason: str) -> None:
+        r.state = HEALTHY
+        r.healthy_since = self.clock.monotonic()
+        self._refresh()
+        self._emit(r, False, reason, 0.0)
+
+    def release(self, i: ReplicaRef) -> None:
+        """The attempt on replica ``i`` ended without saying anything about the replica."""
+        self.replica(i).in_flight -= 1
+
+    def stream_failed(self, i: ReplicaRef, outcome: int) -> None:
         """A stream started on replica ``i`` (its pick already released: streams live long)
         ended with ``outcome``: counted like a failed attempt."""
-        self.replicas[i].in_flight += 1
-        self.failure(i, outcome)
+        r = self.replica(i)
+        r.in_flight += 1
+        self.failure(r, outcome)
 
-    def failure(self, i: int, outcome: int) -> None:
+    def failure(self, i: ReplicaRef, outcome: int) -> None:
         """The attempt on replica ``i`` failed with ``outcome`` (OUTCOME_LOCAL or _ERROR)."""
-        r = self.replicas[i]
+        r = self.replica(i)
         r.in_flight -= 1
         if outcome == OUTCOME_LOCAL:
             r.local += 1
         r.errors += 1
         if r.state is EJECTED:
-            return  # an attempt sent before the ejection: nothing new
+            return  # an attempt sent before the ejection (or a panic pick): nothing new
         policy = self.policy
         if r.state is PROBING:
             self._eject(r, "probe failed: " + REASONS.get(outcome, "failure"))
@@ -202,16 +285,35 @@ class OutlierDetector:
     def _eject(self, r: Replica, reason: str) -> None:
         if self.ejected >= self.max_ejected:
             # Ejecting would leave too few replicas in rotation: it stays in (suspect, one
-            # attempt at a time), and a failed probe returns it to plain rotation.
+            # attempt at a time, ``held``: failing), and a failed probe returns it to plain
+            # rotation. When every replica in rotation is held, ejected ones are tried too.
             r.state = HEALTHY
+            if not r.held:
+                r.held = True
+                self._refresh()
             return
         now = self.clock.monotonic()
         policy = self.policy
         r.ejections += 1
+        r.held = False
         duration = min(policy.max_ejection_time, policy.base_ejection_time * 2 ** (r.ejections - 1))
         r.state = EJECTED
         r.until = now + duration
+        self._refresh()
         self._emit(r, True, reason, duration)
+        for watcher in list(self.watchers):
+            watcher.wake()
+
+    def _refresh(self) -> None:
+        # Panic: some replica is out of rotation and every one still in it is failing.
+        out = False
+        failing = True
+        for r in self.replicas:
+            if r.state is EJECTED:
+                out = True
+            elif not r.held:
+                failing = False
+        self._panic = out and failing
 
     def _emit(self, r: Replica, ejected: bool, reason: str, duration: float) -> None:
         if self._on_event is not None:

@@ -331,6 +331,14 @@ class OutlierPolicy:
     ejected at once, so a two-replica fleet ejects at most one and a single replica never
     ejects itself. After its ejection one probe attempt goes through: success brings the
     replica back. ``enabled=False`` falls back to grpc's own round robin (no ejection).
+
+    Re-admission is active: with ``health_check`` each channel asks an ejected replica (or one
+    whose circuit breaker is open) for its gRPC health (``grpc.health.v1.Health/Check`` of
+    ``health_service``, through that replica's own connection) every
+    ``health_check_interval`` seconds, and returns it to rotation as soon as it answers
+    SERVING (a server without the health service answers UNIMPLEMENTED: it is up, so that
+    counts too). When every replica in rotation is failing, ejected replicas are tried as
+    well (panic routing).
     """
 
     enabled: bool = True
@@ -339,6 +347,10 @@ class OutlierPolicy:
     base_ejection_time: float = 2.0
     max_ejection_time: float = 30.0
     max_ejection_percent: int = 50
+    health_check: bool = True
+    health_check_interval: float = 0.5
+    health_check_timeout: float = 1.0
+    health_service: str = ""
 
     def __post_init__(self) -> None:
         _require(
@@ -363,6 +375,16 @@ class OutlierPolicy:
             _integer(self.max_ejection_percent) and 0 <= self.max_ejection_percent <= 100,
             "outlier.max_ejection_percent must be an integer in 0..100, "
             f"got {self.max_ejection_percent!r}",
+        )
+        _require(
+            isinstance(self.health_check, bool),
+            f"outlier.health_check must be True or False, got {self.health_check!r}",
+        )
+        _require_seconds(self.health_check_interval, "outlier.health_check_interval")
+        _require_seconds(self.health_check_timeout, "outlier.health_check_timeout")
+        _require(
+            isinstance(self.health_service, str),
+            f"outlier.health_service must be a string, got {self.health_service!r}",
         )
 
 

@@ -64,7 +64,14 @@ class MethodState:
         "timeout",
     )
 
-    def __init__(self, runtime: Runtime, policy: Policy, target: str, method: str) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        policy: Policy,
+        target: str,
+        method: str,
+        budget_target: str | None = None,
+    ) -> None:
         self.runtime = runtime
         self.policy = policy
         self.target = target
@@ -78,9 +85,13 @@ class MethodState:
         self.attempt_timeout = policy.retry.attempt_timeout_for(method)
         self.idempotent = policy.retry.is_idempotent(method)
         self.hedge = self.idempotent and policy.hedge.applies_to(method)
-        self.budget = runtime.budget(target, policy)
+        # A replica's own state (breaker) may share the retry budget and concurrency limit of
+        # its whole service.
+        self.budget = runtime.budget(budget_target or target, policy)
         self.breaker = runtime.breaker(target, method, policy) if policy.breaker.enabled else None
-        self.limiter = runtime.limiter(target, policy) if policy.limiter.enabled else None
+        self.limiter = (
+            runtime.limiter(budget_target or target, policy) if policy.limiter.enabled else None
+        )
         self.latency_ema = 0.0
         self.record_latency = policy.record_latency
         # Attempts, calls and the latency histogram are aggregated in plain counters that
@@ -143,26 +154,30 @@ class Runtime:
         self.breakers: dict[str, CircuitBreaker] = {}
         self.detectors: dict[tuple[str, tuple[str, ...]], OutlierDetector] = {}
         self.limiters: dict[str, AdaptiveLimiter] = {}
-        self.methods: dict[tuple[str, str, int], MethodState] = {}
+        self.methods: dict[tuple[str, str, int, str | None], MethodState] = {}
         self._lock = threading.Lock()
         instruments().runtimes.add(self)
 
-    def method(self, policy: Policy, target: str, method: str) -> MethodState:
+    def method(
+        self, policy: Policy, target: str, method: str, budget_target: str | None = None
+    ) -> MethodState:
         """The cached state of ``method`` on ``target`` under ``policy`` (created on first use).
 
         Channels that share this runtime share the budget and breaker of a target, but each
-        keeps its own policy (deadline, retries, hedging) for its calls.
+        keeps its own policy (deadline, retries, hedging) for its calls. ``budget_target``:
+        the target whose retry budget the calls spend (one replica's calls spend their
+        service's budget).
         """
         # Keyed by the policy's identity, not its value (hashing it per HTTP request would
         # cost more than the call's bookkeeping); the cached state holds the policy, so the
         # id cannot be reused by another policy while the entry exists.
-        key = (target, method, id(policy))
+        key = (target, method, id(policy), budget_target)
         state = self.methods.get(key)
         if state is None:
             with self._lock:
                 state = self.methods.get(key)
                 if state is None:
-                    state = MethodState(self, policy, target, method)
+                    state = MethodState(self, policy, target, method, budget_target)
                     self.methods[key] = state
         return state
 
@@ -183,6 +198,12 @@ class Runtime:
             limiter = self.limiters.setdefault(target, AdaptiveLimiter(target, policy.limiter))
         return limiter
 
+    def breakers_of(self, target: str) -> list[CircuitBreaker]:
+        """The breakers of ``target`` (one, or one per method)."""
+        prefix = target + "/"
+        found = list(self.breakers.items())
+        return [b for name, b in found if name == target or name.startswith(prefix)]
+
     def breaker(self, target: str, method: str, policy: Policy) -> CircuitBreaker:
         """The breaker of ``target`` (or of ``target`` + ``method`` when per_method)."""
         name = f"{target}{method}" if policy.breaker.per_method else target
@@ -201,11 +222,16 @@ class Runtime:
         return breaker
 
     def detector(
-        self, target: str, addresses: Sequence[str], policy: OutlierPolicy
+        self,
+        target: str,
+        addresses: Sequence[str],
+        policy: OutlierPolicy,
+        dynamic: bool = False,
     ) -> OutlierDetector:
         """The outlier detector of the replicas ``addresses`` of ``target`` (created on first
-        use, from the policy of the first channel that asks)."""
-        key = (target, tuple(addresses))
+        use, from the policy of the first channel that asks). ``dynamic``: the replica set
+        changes (a ``TargetList``): one detector per target name, whatever its addresses."""
+        key = (target, () if dynamic else tuple(addresses))
         detector = self.detectors.get(key)
         if detector is None:
             with self._lock:

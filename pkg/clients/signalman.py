@@ -27,8 +27,10 @@ import grpc
 import grpc.aio
 
 from pkg.clients import Backoff, OutlierPolicy, Policy, RetryPolicy, aio_channel
+from pkg.clients.discovery import dynamic_targets
 from pkg.clients.log import get_logger
 from pkg.clients.policy import PLATFORM_KEEPALIVE
+from pkg.clients.targets import TargetList
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 from pkg.proto.signalman.v1 import signalman_pb2_grpc as pb_grpc
@@ -287,7 +289,7 @@ class SignalmanClient:
 
     def __init__(
         self,
-        targets: str | Sequence[str],
+        targets: str | Sequence[str] | TargetList,
         *,
         token: str | None,
         policy: Policy | None = None,
@@ -297,6 +299,8 @@ class SignalmanClient:
         """``credentials``: TLS to the replicas (``pkg.common.tls.client_credentials``); None:
         plaintext."""
         self.targets = targets
+        # "dns:///name:port", "file:/path" or a TargetList: replicas join and leave at runtime.
+        self.target_list = dynamic_targets(targets)
         self.credentials = credentials
         self.token = token
         self.policy = policy or default_policy()
@@ -305,13 +309,18 @@ class SignalmanClient:
 
     @property
     def replicas(self) -> list[str]:
-        """The replica addresses, in preference order."""
+        """The replica addresses, in preference order (the current ones of a changing set)."""
+        if self.target_list is not None:
+            return list(self.target_list.addresses)
         if isinstance(self.targets, str):
             return [t.strip() for t in self.targets.split(",") if t.strip()]
+        assert not isinstance(self.targets, TargetList)  # a TargetList is target_list
         return list(self.targets)
 
     def replica(self, index: int) -> str:
         replicas = self.replicas
+        if not replicas and self.target_list is not None:
+            return self.target_list.name  # none known yet: the whole (changing) set
         return replicas[index % len(replicas)]
 
     def channel(self, target: str | None = None) -> grpc.aio.Channel:
@@ -320,7 +329,7 @@ class SignalmanClient:
         channel = self._channels.get(key)
         if channel is None:
             channel = aio_channel(
-                target or self.targets,
+                target or self.target_list or self.targets,
                 self.policy,
                 token=self.token or None,
                 credentials=self.credentials,

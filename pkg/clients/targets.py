@@ -10,8 +10,9 @@ what ``sync_channel``, or ``aio_channel`` with outlier ejection off, balances wi
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 _SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
@@ -96,3 +97,105 @@ def resolve_targets(targets: str | Sequence[str]) -> ResolvedTarget:
     scheme = "ipv4:" if families == {4} else "ipv6:"
     joined = ",".join(parts)
     return ResolvedTarget(scheme + joined, True, joined, tuple(scheme + part for part in parts))
+
+
+def replica_address(address: str) -> str:
+    """One replica address in the form replica lists use: ``ip:port`` or ``[ip6]:port``
+    (``localhost`` is 127.0.0.1); ``ValueError`` for anything else."""
+    if not isinstance(address, str) or address != address.strip() or not address:
+        raise ValueError(f"unknown replica address {address!r}: empty or padded")
+    host, port = _split_host_port(address)
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"unknown replica address {address!r}: a replica list holds IP literals "
+            "(a DNS name is given as one 'dns:///name:port' target)"
+        ) from None
+    return f"{ip}:{port}" if ip.version == 4 else f"[{ip}]:{port}"
+
+
+def grpc_target(address: str) -> str:
+    """The gRPC target of one replica address (``ipv4:1.2.3.4:5`` / ``ipv6:[::1]:5``)."""
+    return ("ipv6:" if address.startswith("[") else "ipv4:") + address
+
+
+Subscriber = Callable[[tuple[str, ...]], None]
+
+
+class TargetList:
+    """The replica addresses of one service, which may change while callers run.
+
+    Channels built on it (``aio_channel(target_list)``, ``FoghornClient(target_list)``) follow
+    every change: a new replica gets a connection and joins the rotation, a removed one gets
+    no new calls and its connection is closed after a grace period. ``update`` is the seam
+    for whoever learns the replica set (a DNS name re-resolved by ``DnsTargets``, a watched
+    file by ``FileTargets``, or a Foghorn control stream telling its nodes). ``name`` stays
+    the same across changes: budgets, breakers' service and metrics are keyed by it.
+    """
+
+    def __init__(self, addresses: Sequence[str] = (), *, name: str | None = None) -> None:
+        self._addresses = self._checked(addresses)
+        self.name = name or ",".join(self._addresses)
+        if not self.name:
+            raise ValueError("a target list without addresses needs a name")
+        self._subscribers: list[Subscriber] = []
+        self.changes = 0  # how many times the replica set changed
+
+    @staticmethod
+    def _checked(addresses: Sequence[str]) -> tuple[str, ...]:
+        if isinstance(addresses, str):
+            raise ValueError("give a list of addresses, not a string")
+        found: list[str] = []
+        for address in addresses:
+            normal = replica_address(address)
+            if normal not in found:
+                found.append(normal)
+        return tuple(found)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The current replica addresses (``ip:port``)."""
+        return self._addresses
+
+    def update(self, addresses: Sequence[str]) -> bool:
+        """Replace the replica set (validated first: a bad address changes nothing and raises
+        ``ValueError``); subscribers hear of it. Returns whether it changed."""
+        new = self._checked(addresses)
+        if new == self._addresses:
+            return False
+        self._addresses = new
+        self.changes += 1
+        for subscriber in list(self._subscribers):
+            subscriber(new)
+        return True
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Call ``subscriber(addresses)`` after every change (once, however often added)."""
+        if subscriber not in self._subscribers:
+            self._subscribers.append(subscriber)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        """Stop calling ``subscriber``."""
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(subscriber)
+
+    def acquire(self) -> None:
+        """A channel starts using the list (sources refresh while any does)."""
+
+    def release(self) -> None:
+        """A channel stops using the list."""
+
+    def start(self) -> None:
+        """Begin refreshing in the background (sources that have something to refresh)."""
+
+    def refresh_soon(self) -> None:
+        """A call failed: refresh now rather than at the next interval (sources that can)."""
+
+    async def close(self) -> None:
+        """Stop refreshing."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {list(self._addresses)})"

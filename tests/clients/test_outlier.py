@@ -124,11 +124,15 @@ def test_never_more_than_max_ejection_percent_of_replicas_are_ejected() -> None:
     fail(d, 1, times=5)
     assert d.ejected == 1
     assert [e.replica for e in events if e.ejected] == ["127.0.0.1:1"]
-    # The replica left in rotation keeps receiving calls (no total failure by ejection).
+    # The replica left in rotation keeps receiving calls (no total failure by ejection); it is
+    # failing too, so the ejected one is tried beside it (panic routing).
+    assert d.panic
+    picks = []
     for _ in range(4):
         i = d.pick()
-        assert i == 1
+        picks.append(i)
         d.release(i)
+    assert sorted(set(picks)) == [0, 1]
 
 
 def test_a_single_replica_is_never_ejected() -> None:
@@ -267,3 +271,71 @@ def test_foghorn_default_policy_fails_routing_over_fast_but_not_commands() -> No
 def test_multi_address_targets_list_one_target_per_replica() -> None:
     resolved = resolve_targets(["127.0.0.1:5001", "localhost:5002"])
     assert resolved.replicas == ("ipv4:127.0.0.1:5001", "ipv4:127.0.0.1:5002")
+
+
+def test_panic_routing_tries_an_ejected_replica_when_every_replica_in_rotation_fails() -> None:
+    d, events, _ = detector(2, consecutive_local_failures=2, base_ejection_time=30.0)
+    fail(d, 0, times=2)  # replica 0 ejected for 30 s
+    assert d.ejected == 1 and not d.panic
+    assert all(d.pick() == 1 for _ in range(1)) and d.replicas[1].in_flight == 1
+    d.success(1)
+    fail(d, 1, times=2)  # replica 1 dies too: cannot be ejected (50 %), it is held
+    assert d.replicas[1].held and d.panic
+    # A retry of a call that failed on replica 1 goes to the ejected replica 0 ...
+    i = d.pick(avoid=1)
+    assert i == 0
+    # ... whose success puts it back into rotation and ends the panic.
+    d.success(i)
+    assert d.replicas[0].state == HEALTHY and not d.panic
+    assert [(e.replica, e.ejected) for e in events] == [
+        ("127.0.0.1:1", True),
+        ("127.0.0.1:1", False),
+    ]
+
+
+def test_a_transient_error_on_the_replica_in_rotation_is_no_panic() -> None:
+    d, _, _ = detector(2, consecutive_local_failures=2, base_ejection_time=30.0)
+    fail(d, 0, times=2)  # replica 0 ejected (hung)
+    fail(d, 1)  # one error on replica 1: suspect, not failing
+    assert not d.panic
+    busy = d.pick()
+    assert busy == 1  # its one attempt in flight
+    # The next call finds replica 1 busy: it still goes there, not to the hung replica.
+    assert d.pick() == 1
+
+
+def test_readmit_returns_an_ejected_replica_at_once() -> None:
+    d, events, clock = detector(2, consecutive_local_failures=2, base_ejection_time=30.0)
+    fail(d, 0, times=2)
+    assert d.replicas[0].state == EJECTED
+    clock.advance(1.0)
+    assert d.readmit(0)
+    assert d.replicas[0].state == HEALTHY and d.replicas[0].ejections == 1
+    assert events[-1].reason == "health check: SERVING" and not events[-1].ejected
+    assert not d.readmit(0)  # already in rotation: nothing to do
+    assert sorted({d.pick() for _ in range(2)}) == [0, 1]
+
+
+def test_breaker_excluded_replicas_are_never_picked() -> None:
+    d, _, _ = detector(3)
+    excluded = {d.replicas[0], d.replicas[2]}
+    for _ in range(4):
+        i = d.pick(exclude=excluded)
+        assert i == 1
+        d.release(i)
+    assert d.pick(exclude=set(d.replicas)) == -1
+
+
+def test_a_changed_replica_set_keeps_the_state_of_replicas_that_stay() -> None:
+    d, _, _ = detector(2, consecutive_local_failures=2, base_ejection_time=30.0)
+    fail(d, 1, times=2)
+    kept = d.replicas[1]
+    d.set_addresses(["127.0.0.1:2", "127.0.0.1:3"])
+    assert d.addresses == ["127.0.0.1:2", "127.0.0.1:3"]
+    assert d.replicas[0] is kept and kept.state == EJECTED
+    assert d.max_ejected == 1
+    # An attempt still in flight on a removed replica reports on the object it holds.
+    removed = OutlierDetector("svc", ["127.0.0.1:9"], OutlierPolicy(), FakeClock()).replicas[0]
+    removed.in_flight += 1
+    d.failure(removed, OUTCOME_LOCAL)
+    assert all(d.pick() == 1 for _ in range(1))

@@ -174,8 +174,16 @@ async def test_calls_in_flight_on_a_replica_that_hangs_are_all_retried_elsewhere
 
 async def test_with_both_replicas_failing_one_stays_in_rotation(replica_pair) -> None:
     retry = RetryPolicy(max_attempts=1, idempotent_methods=(TESTSVC,))
+    # Health checks off: both replicas report SERVING while failing these calls, so a check
+    # would re-admit the ejected one (as Envoy does) and the other would be ejected in turn.
     channel, recorder = recorded_channel(
-        replica_pair, Policy(timeout=2.0, retry=retry, breaker=BreakerPolicy(enabled=False))
+        replica_pair,
+        Policy(
+            timeout=2.0,
+            retry=retry,
+            breaker=BreakerPolicy(enabled=False),
+            outlier=OutlierPolicy(health_check=False),
+        ),
     )
     assert channel.detector is not None
     stub = pb_grpc.TestServiceStub(channel)
