@@ -303,6 +303,7 @@ class PooledUnaryCall(UnaryCall):
 
         async def attempt(attempt_timeout: float) -> Any:
             r, breaker, ticket = choose()
+            started = clock.monotonic()
             try:
                 channel = pool.channel(r.address)
                 if gated and channel.get_state(False) is not _READY:
@@ -315,7 +316,8 @@ class PooledUnaryCall(UnaryCall):
                 if breaker is not None:
                     verdict = mc.classify(exc, capped, attempt_timeout)
                     if verdict.breaker != BREAKER_IGNORE or ticket != TICKET_NORMAL:
-                        breaker.record(ticket, verdict.breaker, clock.monotonic())
+                        now = clock.monotonic()
+                        breaker.record(ticket, verdict.breaker, now, now - started)
                 # A timeout says the replica hung when the attempt was capped by its per-attempt
                 # timeout (the engine passes exactly the cap then), or, for an idempotent
                 # method (a read: it answers by itself), when it had ample time: at least
@@ -351,7 +353,8 @@ class PooledUnaryCall(UnaryCall):
                 self._attempt_failed()
                 raise
             if breaker is not None:
-                breaker.record(ticket, BREAKER_SUCCESS, clock.monotonic())
+                now = clock.monotonic()
+                breaker.record(ticket, BREAKER_SUCCESS, now, now - started)
             detector.success(r)
             return result
 
