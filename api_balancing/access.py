@@ -21,6 +21,7 @@ GRPC = {
     "/foghorn.v1.NodeAdmin/GetNode": needs(OPERATOR),
     "/foghorn.v1.NodeAdmin/ExplainRoute": needs(OPERATOR),
     "/foghorn.v1.NodeAdmin/SendCommand": needs(OPERATOR),
+    "/foghorn.v1.NodeAdmin/MoveNodes": needs(OPERATOR),
     # Replica to replica (HA command relay): its own credential, never a node's or operator's.
     "/foghorn.v1.Relay/Deliver": needs(REPLICA),
     "/foghorn.v1.Relay/SetMode": needs(REPLICA),

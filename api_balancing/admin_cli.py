@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from pkg.clients.foghorn import FoghornClient
+from pkg.clients.foghorn import FoghornClient, parse_targets
 from pkg.common.tls import add_tls_arguments, credentials_from_args
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 
@@ -211,6 +211,10 @@ async def _run(args: argparse.Namespace) -> int:
             took = (time.monotonic() - started) * 1000
             state = "ok" if result.ok else "refused"
             print(f"{args.node_id}: {state}: {result.message} ({result.request_id}, {took:.0f} ms)")
+        elif cmd == "move-nodes":
+            request = pb.MoveNodesRequest(targets=parse_targets(args.to), max_nodes=args.max)
+            moved: pb.MoveNodesResponse = await client.admin.MoveNodes(request, timeout=10.0)
+            print(f"{moved.told} node(s) told to reconnect to {args.to}; {moved.staying} staying")
     return 0
 
 
@@ -252,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["stop-sessions", "drain"])
     p.add_argument("arg", help="stream id (stop-sessions) or target viewers (drain)")
     p.add_argument("--timeout", type=float, default=5.0)
+    p = sub.add_parser(
+        "move-nodes",
+        help="move the node streams of the one replica given with --foghorn to other replicas "
+        "(rollout / rollback: the nodes reconnect at once and stay routable)",
+    )
+    p.add_argument("--to", required=True, help="host:port[,host:port] to move the nodes to")
+    p.add_argument("--max", type=int, default=0, help="at most this many nodes (0: all)")
     return parser
 
 

@@ -557,3 +557,21 @@ class NodeAdminService(pb_grpc.NodeAdminServicer):
             )
 
         return await _call(context, body)
+
+    async def MoveNodes(
+        self, request: pb.MoveNodesRequest, context: Context
+    ) -> pb.MoveNodesResponse:
+        async def body() -> pb.MoveNodesResponse:
+            targets = validation.addresses("targets", request.targets)
+            if request.max_nodes < 0:
+                raise errors.InvalidArgument(
+                    "max_nodes", f"must not be negative, got {request.max_nodes}"
+                )
+            sessions = self.sessions.open_sessions()
+            moving = sessions[: request.max_nodes] if request.max_nodes else sessions
+            message = reconnect_message(targets, "moved by an operator")
+            told = sum(1 for s in moving if s.hand_over(message))
+            log.info("node streams moved by an operator", told=told, targets=targets)
+            return pb.MoveNodesResponse(told=told, staying=len(sessions) - told)
+
+        return await _call(context, body)

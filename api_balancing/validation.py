@@ -214,6 +214,22 @@ def free_text(field: str, value: str) -> str:
     )
 
 
+MAX_ADDRESSES = 16
+_ADDRESS_RE = re.compile(r"[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}|\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}")
+
+
+def addresses(field: str, values: Iterable[str]) -> list[str]:
+    """Replica addresses (``host:port``), at most ``MAX_ADDRESSES``."""
+    out = list(values)
+    if len(out) > MAX_ADDRESSES:
+        raise errors.InvalidArgument(field, f"{len(out)} addresses (max {MAX_ADDRESSES})")
+    for i, value in enumerate(out):
+        port = value.rsplit(":", 1)[-1]
+        if not _ADDRESS_RE.fullmatch(value) or not 0 < int(port) < 65536:
+            raise errors.InvalidArgument(f"{field}[{i}]", f"{value[:64]!r} is not host:port")
+    return out
+
+
 def ip(field: str, value: str) -> str:
     if not value:
         return ""

@@ -10,11 +10,13 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import grpc
 import pytest
 
 from api_balancing.simulator import NodeRunner, Replicas, build_fleet
 from pkg.clients import Policy
 from pkg.clients.foghorn import FoghornClient
+from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 from tests.foghorn.conftest import TOKEN
 from tests.foghorn_ha.conftest import eventually
 
@@ -82,6 +84,15 @@ async def fleets() -> AsyncIterator[Callable[[list[str], int], Fleet]]:
     yield make
     for fleet in made:
         await fleet.close()
+
+
+async def move_nodes(source: Any, target: Any) -> int:
+    """``foghorn-admin --foghorn SOURCE move-nodes --to TARGET``: how many nodes were told."""
+    async with FoghornClient(source.grpc_target, token=TOKEN) as admin:
+        reply = await admin.admin.MoveNodes(
+            pb.MoveNodesRequest(targets=[target.grpc_target]), timeout=5.0
+        )
+    return int(reply.told)
 
 
 def owned(server: Any) -> int:
@@ -153,9 +164,10 @@ async def test_operator_mode_survives_the_switch_to_redis_and_the_rollback_to_me
     fleets: Callable[[list[str], int], Fleet],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The RFC's Phase 1 both ways: an in-memory replica, then an HA one started beside it on a
-    fresh Redis, the in-memory one retired (SIGTERM), and back. The operator's mode lives in
-    each store, and travels with the node (``Register.mode``) into a store that has none."""
+    """The RFC's Phase 1 both ways, as written: an HA replica started beside the in-memory one
+    on a fresh Redis, the nodes told of it and moved to it (``MoveNodes`` on the old replica),
+    the old one retired (SIGTERM); and back. The operator's mode lives in each store, and travels
+    with the node (``Register.mode``) into a store that has none."""
     from api_balancing.config import FoghornConfig
     from api_balancing.server import FoghornApp
     from pkg.events import MemorySink
@@ -186,18 +198,40 @@ async def test_operator_mode_survives_the_switch_to_redis_and_the_rollback_to_me
             await admin.close()
         assert reply.command.acked
         # Phase 1 rollout: the HA replica beside it (fresh Redis), nodes told of it (here: the
-        # file they watch), the in-memory replica retired with SIGTERM.
+        # file they watch), moved to it, the in-memory replica retired with SIGTERM.
         h = await make_replica("h")
         fleet.replicas.configure([m.grpc_target, h.grpc_target])
-        await m.stop()
+        assert await move_nodes(m, h) == 2
         await eventually(lambda: fleet.on(h) == 2, timeout=5.0, what="nodes on the HA replica")
         assert mode_on(h) == ("DRAINING", "kernel upgrade")
-        # Rollback: an in-memory replica beside it, the HA one retired.
+        await m.stop()
+        # Rollback: an in-memory replica beside it, the nodes moved, the HA one retired.
         m2 = await in_memory("m2")
         fleet.replicas.configure([h.grpc_target, m2.grpc_target])
-        await h.stop()
+        assert await move_nodes(h, m2) == 2
         await eventually(lambda: fleet.on(m2) == 2, timeout=5.0, what="nodes back in memory")
         assert mode_on(m2) == ("DRAINING", "kernel upgrade")
+        await h.stop()
+        assert all(r.moved == 2 for r in fleet.runners)  # moved twice, never dropped
     finally:
         for app in memory:
             await app.stop(grace=0.2)
+
+
+async def test_move_nodes_refuses_a_target_that_is_not_host_port_and_moves_nothing(
+    make_replica: Callable[..., Awaitable[Any]], fleets: Callable[[list[str], int], Fleet]
+) -> None:
+    a = await make_replica("a")
+    fleet = fleets([a.grpc_target], 2)
+    await eventually(lambda: fleet.on(a) == 2, what="nodes on a")
+    async with FoghornClient(a.grpc_target, token=TOKEN) as admin:
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await admin.admin.MoveNodes(
+                pb.MoveNodesRequest(targets=["not an address"]), timeout=5.0
+            )
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "targets[0]" in (bad.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as negative:
+            await admin.admin.MoveNodes(pb.MoveNodesRequest(max_nodes=-1), timeout=5.0)
+        assert negative.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert fleet.on(a) == 2 and all(r.moved == 0 for r in fleet.runners)

@@ -1158,3 +1158,59 @@ class SendCommandRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SendCommandRequest: _TypeAlias = SendCommandRequest  # noqa: Y015
+
+@_typing.final
+class MoveNodesRequest(_message.Message):
+    """Move the node streams held by the replica that answers (not the whole cluster: call one
+    replica by its own address) to other replicas: each node is sent Reconnect(targets) and moves
+    at once, staying routable. A rollout or rollback moves the fleet this way before callers are
+    pointed at the new replicas and the old ones are retired.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGETS_FIELD_NUMBER: _builtins.int
+    MAX_NODES_FIELD_NUMBER: _builtins.int
+    max_nodes: _builtins.int
+    """0: every node on this replica"""
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """host:port, preferred first (at most 16); empty: the node's list"""
+
+    def __init__(
+        self,
+        *,
+        targets: _abc.Iterable[_builtins.str] | None = ...,
+        max_nodes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_nodes", b"max_nodes", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveNodesRequest: _TypeAlias = MoveNodesRequest  # noqa: Y015
+
+@_typing.final
+class MoveNodesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOLD_FIELD_NUMBER: _builtins.int
+    STAYING_FIELD_NUMBER: _builtins.int
+    told: _builtins.int
+    """nodes told to reconnect"""
+    staying: _builtins.int
+    """streams left on this replica (max_nodes reached)"""
+    def __init__(
+        self,
+        *,
+        told: _builtins.int = ...,
+        staying: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["staying", b"staying", "told", b"told"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveNodesResponse: _TypeAlias = MoveNodesResponse  # noqa: Y015

@@ -254,6 +254,11 @@ class NodeAdminStub:
                 request_serializer=foghorn_dot_v1_dot_foghorn__pb2.SendCommandRequest.SerializeToString,
                 response_deserializer=foghorn_dot_v1_dot_foghorn__pb2.CommandResult.FromString,
                 _registered_method=True)
+        self.MoveNodes = channel.unary_unary(
+                '/foghorn.v1.NodeAdmin/MoveNodes',
+                request_serializer=foghorn_dot_v1_dot_foghorn__pb2.MoveNodesRequest.SerializeToString,
+                response_deserializer=foghorn_dot_v1_dot_foghorn__pb2.MoveNodesResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAdminServicer:
@@ -292,6 +297,12 @@ class NodeAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveNodes(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -319,6 +330,11 @@ def add_NodeAdminServicer_to_server(servicer, server):
                     servicer.SendCommand,
                     request_deserializer=foghorn_dot_v1_dot_foghorn__pb2.SendCommandRequest.FromString,
                     response_serializer=foghorn_dot_v1_dot_foghorn__pb2.CommandResult.SerializeToString,
+            ),
+            'MoveNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveNodes,
+                    request_deserializer=foghorn_dot_v1_dot_foghorn__pb2.MoveNodesRequest.FromString,
+                    response_serializer=foghorn_dot_v1_dot_foghorn__pb2.MoveNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -456,6 +472,33 @@ class NodeAdmin:
             '/foghorn.v1.NodeAdmin/SendCommand',
             foghorn_dot_v1_dot_foghorn__pb2.SendCommandRequest.SerializeToString,
             foghorn_dot_v1_dot_foghorn__pb2.CommandResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foghorn.v1.NodeAdmin/MoveNodes',
+            foghorn_dot_v1_dot_foghorn__pb2.MoveNodesRequest.SerializeToString,
+            foghorn_dot_v1_dot_foghorn__pb2.MoveNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -132,6 +132,7 @@ class NodeAdminStub:
     """Push a command and wait for the node's ack; DEADLINE_EXCEEDED when it does not answer in
     time, FAILED_PRECONDITION when the node is not connected, NOT_FOUND when unknown.
     """
+    MoveNodes: _grpc.UnaryUnaryMultiCallable[_foghorn_pb2.MoveNodesRequest, _foghorn_pb2.MoveNodesResponse]
 
 @_typing.type_check_only
 class NodeAdminAsyncStub(NodeAdminStub):
@@ -145,6 +146,7 @@ class NodeAdminAsyncStub(NodeAdminStub):
     """Push a command and wait for the node's ack; DEADLINE_EXCEEDED when it does not answer in
     time, FAILED_PRECONDITION when the node is not connected, NOT_FOUND when unknown.
     """
+    MoveNodes: _aio.UnaryUnaryMultiCallable[_foghorn_pb2.MoveNodesRequest, _foghorn_pb2.MoveNodesResponse]  # type: ignore[assignment]
 
 class NodeAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -185,5 +187,12 @@ class NodeAdminServicer(metaclass=_abc_1.ABCMeta):
         """Push a command and wait for the node's ack; DEADLINE_EXCEEDED when it does not answer in
         time, FAILED_PRECONDITION when the node is not connected, NOT_FOUND when unknown.
         """
+
+    @_abc_1.abstractmethod
+    def MoveNodes(
+        self,
+        request: _foghorn_pb2.MoveNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_foghorn_pb2.MoveNodesResponse, _abc.Awaitable[_foghorn_pb2.MoveNodesResponse]]: ...
 
 def add_NodeAdminServicer_to_server(servicer: NodeAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
