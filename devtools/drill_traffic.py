@@ -325,7 +325,7 @@ class EventFlow:
         while self.missing() and time.monotonic() < deadline:  # noqa: ASYNC110 (bounded poll)
             await asyncio.sleep(0.1)
 
-    def _late(self, since: float, late_s: float) -> list[tuple[float, float]]:
+    def late(self, since: float, late_s: float) -> list[tuple[float, float]]:
         """(produced, arrival) of every event produced after ``since`` that took longer than
         ``late_s`` to reach a subscriber (arrival = now when it never did)."""
         now = time.monotonic()
@@ -343,11 +343,11 @@ class EventFlow:
     def last_late(self, since: float, late_s: float) -> float | None:
         """Arrival time of the last event produced after ``since`` that took longer than
         ``late_s`` to reach a subscriber (or never did: then now)."""
-        return max((arrival for _, arrival in self._late(since, late_s)), default=None)
+        return max((arrival for _, arrival in self.late(since, late_s)), default=None)
 
     def stalled_since(self, since: float, late_s: float) -> float | None:
         """The first moment after ``since`` at which some event was ``late_s`` overdue."""
-        return min((produced + late_s for produced, _ in self._late(since, late_s)), default=None)
+        return min((produced + late_s for produced, _ in self.late(since, late_s)), default=None)
 
     async def close(self) -> None:
         await self.stop_producing()

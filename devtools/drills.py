@@ -316,6 +316,7 @@ class Ctx:
     t_fault: float = 0.0
     facts: dict[str, Any] = field(default_factory=dict)
     events: EventFlow | None = None  # the drill's event traffic (for the history checker)
+    recorders: tuple[Recorder, ...] = ()  # the drill's routing traffic (direct, through Bridge)
 
 
 Detector = Callable[[dict[str, dict[str, Any]]], bool]
@@ -685,7 +686,7 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
         up.SIGNALMAN_DEMO_TOKEN,
         s.event_rate,
     )
-    ctx = Ctx(platform, s, events=events)
+    ctx = Ctx(platform, s, events=events, recorders=(foghorn.recorder, bridge.recorder))
     result.alerts_expected = list(drill.alerts)
     watch = AlertWatch(platform.stack.prometheus_url) if platform.stack.prometheus_url else None
     try:
@@ -1019,4 +1020,4 @@ def main(argv: list[str]) -> int:
 
 
 # Drills of their own modules: each registers into DRILLS, BY_NAME and AFTER_DRILL on import.
-from devtools import drill_partitions, drill_stores  # noqa: E402,F401
+from devtools import drill_day2, drill_partitions, drill_stores  # noqa: E402,F401
