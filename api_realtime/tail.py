@@ -69,7 +69,9 @@ async def tail(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as ``tail`` takes it (targets split into a list); tests build theirs here
+    too, so an option added to the parser reaches them with its default."""
     parser = argparse.ArgumentParser(prog="signalman-tail", description=__doc__.split("\n")[0])
     parser.add_argument(
         "channels", nargs="*", default=["all"],
@@ -91,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.token:
         parser.error("a token is required (--token or SIGNALMAN_TOKEN)")
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     configure_logging("signalman-tail", level=os.environ.get("LOG_LEVEL", "WARNING"))
     with contextlib.suppress(KeyboardInterrupt):
         try:

@@ -326,17 +326,16 @@ async def test_stats_report_subscribers_and_processing(connect: Connect) -> None
 
 
 async def test_tail_prints_the_tenants_events(app: SignalmanApp, connect: Connect) -> None:
-    import argparse
     import io
 
-    from api_realtime.tail import tail
+    from api_realtime.tail import parse_args, tail
 
     await publish(connect, "tpa", event_json("acme", "stream.started", n=1),
                   event_json("acme", "routing.decision", n=2))  # fmt: skip
     await publish(connect, "tpb", event_json("globex", "stream.started", n=3))
     out = io.StringIO()
-    args = argparse.Namespace(targets=[f"127.0.0.1:{app.port}"], token="ta", channels=["all"],
-                              from_start=True, json=True, limit=2)  # fmt: skip
+    args = parse_args(["--targets", f"127.0.0.1:{app.port}", "--token", "ta", "--from-start",
+                       "--json", "--limit", "2", "all"])  # fmt: skip
     assert await asyncio.wait_for(tail(args, out), 10) == 0
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(x["type"], x["data"]["n"], x["tenant"]) for x in lines] == [
