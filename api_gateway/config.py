@@ -61,6 +61,8 @@ class BridgeConfig(ServiceSettings):
     cache_lock_ttl_s: float = 5.0
     cache_local_size: int = 1000
     xfetch_beta: float = 1.0
+    # Whole answers of repeated queries, read with the rate-limit charge (bridge.answers).
+    answer_cache: bool = True
 
     # Request limits.
     max_query_depth: int = 8

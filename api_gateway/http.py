@@ -23,6 +23,7 @@ import structlog
 from cross_web import HTTPException
 from opentelemetry import metrics
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
@@ -37,6 +38,7 @@ from strawberry.types.execution import PreExecutionError
 from api_gateway import errors
 from api_gateway.auth import AuthError, JwtAuthenticator, is_anonymous
 from api_gateway.errors import format_error
+from api_gateway.fastpath import answer_key
 from api_gateway.persisted import (
     PersistedQueries,
     PersistedQueryInvalid,
@@ -47,6 +49,7 @@ from api_gateway.service import Gateway
 from api_gateway.websocket import CLOSE_RATE_LIMITED, BridgeTransportWSHandler, retry_after_s
 from api_gateway.websocket import PROTOCOL as WS_PROTOCOL
 from api_gateway.websocket import refusal as ws_refusal
+from bridge.answers import AnswerCache, Recorder, current_recorder, recording
 from bridge.ratelimit import RateLimiter
 from bridge.tenant_limits import CachedLimits
 from bridge.token_bucket import Decision, Limit
@@ -105,11 +108,15 @@ class RequestGuard:
                 return first[:64]
         return conn.client.host if conn.client else "unknown"
 
-    async def admit(self, principal: Principal, ip: str) -> Decision:
+    async def bucket(self, principal: Principal, ip: str) -> tuple[str, Limit]:
+        """The caller's rate-limit bucket: its tenant's, or its IP's when anonymous."""
         if is_anonymous(principal):
-            return await self.limiter.check(f"ip:{ip}", self.anon_limit)
+            return f"ip:{ip}", self.anon_limit
         limits = await self.tenant_limits.limits_for(principal.tenant)
-        return await self.limiter.check(f"tenant:{principal.tenant}", limits.requests)
+        return f"tenant:{principal.tenant}", limits.requests
+
+    async def admit(self, principal: Principal, ip: str) -> Decision:
+        return await self.limiter.check(*await self.bucket(principal, ip))
 
 
 def rate_headers(d: Decision) -> dict[str, str]:
@@ -190,6 +197,7 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         graphiql_html: str,
         persisted: PersistedQueries | None = None,
         connection_init_timeout_s: float = 10.0,
+        answers: AnswerCache | None = None,
     ) -> None:
         super().__init__(
             schema,
@@ -203,6 +211,8 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         self.limits = limits
         # Automatic persisted queries (api_gateway.persisted): hash-only requests.
         self.persisted = persisted or PersistedQueries(max_query_bytes=limits.max_query_bytes)
+        # Whole answers of repeated queries (bridge.answers): None turns the fast path off.
+        self.answers = answers
         self._ide_html = graphiql_html
 
     async def render_graphql_ide(self, request: Request) -> Response:
@@ -230,6 +240,9 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
             body["data"] = result.data
         if result.errors:
             body["errors"] = [format_error(e) for e in result.errors]
+            recorder = current_recorder()
+            if recorder is not None:
+                recorder.forbid()
         if result.extensions:
             body["extensions"] = result.extensions
         return body
@@ -321,7 +334,21 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
                 {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc}"'},
                 media,
             )
-        decision = await self.guard.admit(principal, self.guard.client_ip(request))
+        ip = self.guard.client_ip(request)
+        key, body = await self._answer_key(request, principal)
+        if key is not None and self.answers is not None:
+            bucket, limit = await self.guard.bucket(principal, ip)
+            decision, answer = await self.answers.admit(bucket, limit, key)
+            if answer is not None:
+                # A kept answer: charged, authenticated, its entries current. No GraphQL.
+                _count_response(200, "OK")
+                return Response(
+                    answer,
+                    headers=rate_headers(decision),
+                    media_type=f"{media}; charset=utf-8" if media == GRAPHQL_RESPONSE else media,
+                )
+        else:
+            decision = await self.guard.admit(principal, ip)
         headers = rate_headers(decision)
         if not decision.allowed:
             return _error(
@@ -341,9 +368,17 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
                 media,
             )
         scope["bridge.principal"] = principal
+        if body is not None:
+            receive = _replay(body)
         limited = Request(scope, _limit_body(receive, self.limits.max_body_bytes))
         try:
-            response = await self.run(limited)
+            if key is None:
+                response = await self.run(limited)
+            else:
+                with recording() as recorder:
+                    response = await self.run(limited)
+                if recorder.cacheable and recorder.reads and response.status_code == 200:
+                    response.background = self._keep(key, bytes(response.body), recorder)
         except HTTPException as exc:
             code = errors.PAYLOAD_TOO_LARGE if exc.status_code == 413 else errors.BAD_REQUEST
             return _error(exc.status_code, code, exc.reason, headers, media)
@@ -378,6 +413,46 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
                 response.status_code = 400
         _count_response(response.status_code, "OK")
         return response
+
+    async def _answer_key(
+        self, request: Request, principal: Principal
+    ) -> tuple[str | None, bytes | None]:
+        """The answer key of a POST with a JSON body within the limits, and the body (read
+        here, so the full path is given it again); (None, None) for anything else, untouched."""
+        if self.answers is None or request.method != "POST":
+            return None, None
+        length = request.headers.get("content-length", "")
+        if not length.isdigit() or int(length) > self.limits.max_body_bytes:
+            return None, None
+        if not request.headers.get("content-type", "").startswith("application/json"):
+            return None, None
+        body = await request.body()
+        try:
+            data = json.loads(body)
+        except ValueError:
+            return None, body  # the full path answers it with its own error
+        return answer_key(principal, data), body
+
+    def _keep(self, key: str, body: bytes, recorder: Recorder) -> BackgroundTask | None:
+        """Keep the answer after it was sent (a miss pays no extra round trip before it)."""
+        answers = self.answers
+        if answers is None:
+            return None
+        return BackgroundTask(answers.remember, key, body, recorder.reads)
+
+
+def _replay(body: bytes) -> Receive:
+    """An ASGI ``receive`` that gives back a body already read."""
+    sent = False
+
+    async def receive() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
 
 
 async def _refuse_upgrade(ws: WebSocket, message: str) -> None:

@@ -12,7 +12,7 @@ from enum import Enum
 from typing import Any
 
 import strawberry
-from graphql import GraphQLError, OperationDefinitionNode
+from graphql import FieldNode, GraphQLError, OperationDefinitionNode
 from strawberry.extensions import (
     AddValidationRules,
     MaxAliasesLimiter,
@@ -23,9 +23,11 @@ from strawberry.extensions import (
     ValidationCache,
 )
 from strawberry.types import Info
+from strawberry.types.graphql import OperationType
 
 from api_gateway.backend import Json, RouteQuery
 from api_gateway.service import Gateway
+from bridge.answers import current_recorder
 from pkg.common.auth import Principal
 
 
@@ -338,6 +340,42 @@ class OperationNameRequired(SchemaExtension):
         yield
 
 
+# Top-level query fields whose value is a response-cache read (recorded by ``Gateway``) or a
+# function of the caller alone (part of the answer key): a query made only of these may keep its
+# whole answer (``bridge.answers``). A new field joins only when the same holds for it.
+ANSWER_FIELDS = frozenset({"route", "explainRoute", "nodes", "node", "me", "__typename"})
+
+
+class KeepableAnswers(SchemaExtension):
+    """Tells ``bridge.answers`` not to keep the answer of anything but a plain query over
+    ``ANSWER_FIELDS``, or of a request with errors."""
+
+    def on_execute(self) -> Iterator[None]:
+        recorder = current_recorder()
+        if recorder is not None and not _keepable(self.execution_context):
+            recorder.forbid()
+        yield
+        result = self.execution_context.result
+        if recorder is not None and (result is None or result.errors):
+            recorder.forbid()
+
+
+def _keepable(ctx: Any) -> bool:
+    document = ctx.graphql_document
+    if document is None or ctx.operation_type is not OperationType.QUERY:
+        return False
+    name = ctx.operation_name
+    operations = [d for d in document.definitions if isinstance(d, OperationDefinitionNode)]
+    chosen = [op for op in operations if name is None or (op.name and op.name.value == name)]
+    if len(chosen) != 1:
+        return False
+    # A fragment spread at the top level could name any field: not looked into, not kept.
+    return all(
+        isinstance(sel, FieldNode) and sel.name.value in ANSWER_FIELDS
+        for sel in chosen[0].selection_set.selections
+    )
+
+
 class BridgeSchema(strawberry.Schema):
     """Strawberry's schema minus its error logging: client mistakes (syntax, validation, bad
     input) are answers, not server errors; real failures are logged where they are masked."""
@@ -371,5 +409,6 @@ def build_schema(
             lambda: ValidationCache(maxsize=512),
             # After the validation cache, which overwrites the errors it finds with its own.
             OperationNameRequired,
+            KeepableAnswers,
         ],
     )

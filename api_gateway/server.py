@@ -31,11 +31,12 @@ from api_gateway.http import (
 )
 from api_gateway.schema import build_schema
 from api_gateway.service import Gateway
+from bridge.answers import AnswerCache
 from bridge.cache import CachePolicy, CacheStats, ResponseCache
 from bridge.ratelimit import RateLimiter
-from bridge.store import BucketStore, CacheStore
+from bridge.store import AnswerStore, BucketStore, CacheStore
 from bridge.store.health import RedisHealth
-from bridge.store.memory import MemoryBucketStore, MemoryCacheStore
+from bridge.store.memory import MemoryAnswerStore, MemoryBucketStore, MemoryCacheStore
 from bridge.tenant_limits import CachedLimits, ConfigLimitsProvider, parse_overrides
 from bridge.token_bucket import Limit
 from pkg.common.app import Lifecycle
@@ -135,7 +136,17 @@ class BridgeApp:
         if self.redis_health is not None:
             self.redis_health.on_recover(self.cache.flush_pending)
 
-        limiter = RateLimiter(bucket_store, MemoryBucketStore(clock))
+        local_buckets = MemoryBucketStore(clock)
+        limiter = RateLimiter(bucket_store, local_buckets)
+        answer_store: AnswerStore
+        if self.redis is not None and self.redis_health is not None:
+            from bridge.store.redis_store import RedisAnswerStore
+
+            answer_store = RedisAnswerStore(self.redis, self.redis_health, cfg.redis_prefix)
+        else:
+            assert isinstance(cache_store, MemoryCacheStore)
+            answer_store = MemoryAnswerStore(local_buckets, cache_store, clock)
+        self.answers = AnswerCache(answer_store, limiter, clock=clock, xfetch_beta=cfg.xfetch_beta)
         tenant_limits = CachedLimits(
             ConfigLimitsProvider(
                 Limit(cfg.tenant_burst, cfg.tenant_rate), parse_overrides(cfg.tenant_limits)
@@ -172,6 +183,7 @@ class BridgeApp:
             Limits(cfg.max_body_bytes, cfg.max_query_bytes),
             load_graphiql_html(),
             connection_init_timeout_s=cfg.ws_connection_init_timeout_s,
+            answers=self.answers if cfg.answer_cache else None,
         )
         # Built here, not in start(): tests drive it in process (Starlette's TestClient).
         self.asgi: Starlette = build_asgi(view, self.health, cfg.max_header_bytes)
@@ -220,7 +232,7 @@ class BridgeApp:
             "bridge",
             cfg.replica_id,
             [redis, foghorn, signalman],
-            _figures(self.cache.stats, breakers),
+            _figures(self.cache.stats, self.answers, breakers),
             detail,
             stopping=self.lifecycle.stopping,
         )
@@ -263,10 +275,13 @@ async def _quietly(close: Callable[[], Awaitable[object]]) -> None:
         await close()
 
 
-def _figures(stats: CacheStats, breakers: dict[str, str]) -> dict[str, Figure]:
+def _figures(
+    stats: CacheStats, answers: AnswerCache, breakers: dict[str, str]
+) -> dict[str, Figure]:
     """The handful of numbers a status view (./dev up) shows on one line."""
-    lookups = sum(stats.by_status.values())
-    from_cache = stats.hits + stats.stale + stats.negative  # answered without a backend call
+    # A kept answer stands for the lookups it skipped: counted as one hit.
+    lookups = sum(stats.by_status.values()) + answers.hits
+    from_cache = stats.hits + stats.stale + stats.negative + answers.hits
     return {
         "requests": sum(RESPONSES_BY_STATUS.values()),
         "http_5xx": sum(n for status, n in RESPONSES_BY_STATUS.items() if status >= 500),

@@ -38,6 +38,7 @@ from api_gateway.backend import (
     RouteQuery,
 )
 from api_gateway.errors import ApiError
+from bridge.answers import Read, current_recorder
 from bridge.cache import CachePolicy, CacheResult, ResponseCache
 from pkg.common.auth import Principal
 
@@ -97,9 +98,13 @@ class Gateway:
         policy: CachePolicy | None = None,
     ) -> CacheResult:
         try:
-            return await self.cache.get(key, loader, tags=tags, policy=policy)
+            result = await self.cache.get(key, loader, tags=tags, policy=policy)
         except BackendError as exc:
             raise _as_api_error(exc) from None
+        recorder = current_recorder()
+        if recorder is not None:  # the request may keep its whole answer (bridge.answers)
+            recorder.add(Read(tuple(tags), result.versions, result.fresh_until, result.delta))
+        return result
 
     async def route(self, principal: Principal, query: RouteQuery) -> Json:
         """Best node (plus fallbacks) for a viewer: public, cached per tenant."""

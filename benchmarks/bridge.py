@@ -5,7 +5,8 @@ the Redis, and a trivial ASGI app (uvicorn + Starlette, one JSON route) as the b
 in one run:
 
 * ``cached_query_p50_ms``: client p50 of an authenticated GraphQL ``route`` query answered from
-  the shared cache (JWT check, Redis rate-limit script, tag-version check, GraphQL execution);
+  the shared cache (JWT check, then one Redis script that charges the rate limit and reads the
+  kept answer with its tag versions: ``bridge.answers``);
 * ``cached_vs_redis_ratio``: that p50 over (raw Redis GET p50 + trivial ASGI request p50),
   measured interleaved in the same run with the same HTTP client (target <= 3);
 * ``stampede_backend_calls``: Foghorn routing decisions caused by 200 concurrent identical
@@ -16,7 +17,10 @@ in one run:
   p99 of at most 20 ms (closed-loop load at rising concurrency, the best level that keeps the
   p99; a minimal keep-alive HTTP/1.1 load generator, so the client is not what saturates);
   ``throughput_ratio``: that over the same figure for Bridge's trivial Starlette route ``/``
-  on the same process, measured right after it (target >= 0.5).
+  on the same process, measured right after it (target >= 0.5);
+  ``requests_per_s_full_path`` / ``cpu_us_per_cached_query_full_path``: the same load on a third
+  replica with ``BRIDGE_ANSWER_CACHE=false`` (every query through GraphQL and the response
+  cache), the A/B of whole-answer caching in the same run.
 """
 
 from __future__ import annotations
@@ -260,6 +264,13 @@ async def run(samples: int, rounds: int, load_seconds: float) -> dict[str, Any]:
             )
             procs.append(b)
             bridges.append(b)
+        # The same replica without kept answers: every cached query through GraphQL (the A/B).
+        full_path = CommandProcess(
+            "bridge-full-path",
+            [sys.executable, "-m", "api_gateway", "--port", "{port}", "--id", "b-full"],
+            env={**env, "BRIDGE_ANSWER_CACHE": "false"},
+        )
+        procs.append(full_path)
         trivial = CommandProcess(
             "trivial", [sys.executable, "-m", "benchmarks.bridge", "--serve-trivial", "{port}"]
         )
@@ -315,6 +326,13 @@ async def run(samples: int, rounds: int, load_seconds: float) -> dict[str, Any]:
             capacity = await _capacity(ports[0], bridges[0].pid, gql_request, load_seconds)
             trivial_capacity = await _capacity(
                 ports[0], bridges[0].pid, trivial_request, load_seconds
+            )
+            full_request = gql_request.replace(
+                f"127.0.0.1:{ports[0]}".encode(), f"127.0.0.1:{full_path.port}".encode()
+            )
+            await _closed_loop(full_path.port, full_request, 4, 1.0)  # warm-up
+            full_capacity = await _capacity(
+                full_path.port, full_path.pid, full_request, load_seconds
             )
 
             # -- stampede: 200 concurrent identical misses over two replicas --
@@ -386,7 +404,12 @@ async def run(samples: int, rounds: int, load_seconds: float) -> dict[str, Any]:
         "cpu_us_per_trivial_request": statistics.median(
             lv["cpu_us_per_request"] for lv in trivial_capacity["levels"]
         ),
+        "requests_per_s_full_path": full_capacity["req_per_s"],
+        "cpu_us_per_cached_query_full_path": statistics.median(
+            lv["cpu_us_per_request"] for lv in full_capacity["levels"]
+        ),
         "throughput_levels": capacity["levels"],
+        "full_path_throughput_levels": full_capacity["levels"],
         "trivial_throughput_levels": trivial_capacity["levels"],
         "throughput_p99_bound_ms": P99_BOUND_MS,
     }
@@ -430,6 +453,11 @@ def main(argv: list[str]) -> int:
             "  server CPU us: query",
             result["cpu_us_per_cached_query"],
             f"trivial route {result['cpu_us_per_trivial_request']}",
+        ),
+        (
+            "  without kept answers",
+            result["requests_per_s_full_path"],
+            f"req/s, {result['cpu_us_per_cached_query_full_path']} us CPU (A/B, same run)",
         ),
         ("throughput_ratio", result["throughput_ratio"], ">= 0.5"),
         ("stampede_backend_calls", result["stampede_backend_calls"], "== 1"),

@@ -76,6 +76,11 @@ class CacheResult:
     value: Any
     found: bool
     status: str  # hit | early | stale | miss | negative | bypass | stale_error
+    # The stored entry the value is (for ``bridge.answers``): its tag versions, until when it is
+    # fresh (0.0 when the value is not a fresh stored entry) and how long it took to load.
+    versions: tuple[int, ...] = ()
+    fresh_until: float = 0.0
+    delta: float = 0.0
 
 
 @dataclass
@@ -263,7 +268,15 @@ class ResponseCache:
         if entry.negative:
             status = "negative"
         self._count(status)
-        return CacheResult(None if entry.negative else entry.value, not entry.negative, status)
+        fresh = 0.0 if status == "stale" else entry.fresh_until
+        return CacheResult(
+            None if entry.negative else entry.value,
+            not entry.negative,
+            status,
+            entry.versions,
+            fresh,
+            entry.delta,
+        )
 
     def _count(self, status: str) -> None:
         s = self.stats
@@ -331,6 +344,7 @@ class ResponseCache:
             until = now + pol.negative_ttl
             entry = _Entry(None, True, until, until, delta, versions)
             life = pol.negative_ttl
+        stored = entry.fresh_until
         try:
             # ``versions`` were read BEFORE the load: an invalidation during the load leaves
             # this entry already outdated, never hiding the newer state.
@@ -338,11 +352,11 @@ class ResponseCache:
             if self._local_size:
                 self._remember(key, entry)
         except StoreUnavailable:
-            pass
+            stored = 0.0
         status = "miss" if found else "negative"
         if count:
             self._count("miss")
-        return CacheResult(value, found, status)
+        return CacheResult(value, found, status, versions, stored, delta)
 
     async def _miss(
         self,

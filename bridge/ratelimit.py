@@ -27,6 +27,21 @@ class RateLimiter:
         self._shared = shared
         self._local = local or MemoryBucketStore()
 
+    @property
+    def shared(self) -> bool:
+        """True when decisions are taken in the shared store (HA mode)."""
+        return self._shared is not None
+
+    @property
+    def local(self) -> MemoryBucketStore:
+        """The in-process buckets: the embedded default and the fallback while Redis is down."""
+        return self._local
+
+    def count(self, decision: Decision, mode: str) -> None:
+        """Count a decision taken elsewhere on one of this limiter's buckets (``bridge.answers``
+        charges them in the same step as its read)."""
+        _decisions.add(1, {"decision": "allowed" if decision.allowed else "rejected", "mode": mode})
+
     async def check(self, key: str, limit: Limit, cost: int = 1) -> Decision:
         """Decide one request of ``cost`` tokens against bucket ``key``."""
         mode = "shared"
@@ -48,5 +63,5 @@ class RateLimiter:
                     exact=False,
                 )
                 mode = "fallback"
-        _decisions.add(1, {"decision": "allowed" if decision.allowed else "rejected", "mode": mode})
+        self.count(decision, mode)
         return decision

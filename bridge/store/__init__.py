@@ -1,7 +1,8 @@
 """State backends for Bridge: one small interface, an in-memory and a Redis implementation.
 
 ``CacheStore`` keeps cache entries (opaque bytes), tag version counters and short locks;
-``BucketStore`` keeps token buckets. The cache and limiter logic cannot tell which backend it
+``BucketStore`` keeps token buckets; ``AnswerStore`` keeps whole answers and charges a bucket in
+the same step (``bridge.answers``). The cache and limiter logic cannot tell which backend it
 has. A backend that cannot answer raises ``StoreUnavailable``; callers then degrade (bypass the
 cache, limit locally) instead of failing the request.
 """
@@ -54,4 +55,22 @@ class BucketStore(Protocol):
         ...
 
 
-__all__ = ["BucketStore", "CacheStore", "StoreUnavailable"]
+class AnswerStore(Protocol):
+    """Whole answers, read in the same atomic step that charges a rate-limit bucket."""
+
+    async def admit_and_read(
+        self, bucket: str, limit: Limit, cost: int, key: str
+    ) -> tuple[Decision, bytes | None]:
+        """Take ``cost`` tokens from ``bucket`` (the ``BucketStore`` bucket of that name) and,
+        when they were granted, return the answer under ``key`` if every tag it was written
+        with still has the version it was written with (else None)."""
+        ...
+
+    async def write_answer(
+        self, key: str, raw: bytes, tags: Sequence[str], versions: Sequence[int], ttl_ms: int
+    ) -> None:
+        """Store ``raw`` under ``key`` with the tag versions it was made from, for ``ttl_ms``."""
+        ...
+
+
+__all__ = ["AnswerStore", "BucketStore", "CacheStore", "StoreUnavailable"]

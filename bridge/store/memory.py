@@ -79,3 +79,48 @@ class MemoryBucketStore:
         while len(self._buckets) > self._max:
             self._buckets.popitem(last=False)
         return decision
+
+
+class MemoryAnswerStore:
+    """Answers in process (the embedded default): the buckets are the limiter's own, the tag
+    versions those of the response cache's ``MemoryCacheStore``, so both paths agree."""
+
+    def __init__(
+        self,
+        buckets: MemoryBucketStore,
+        tags: MemoryCacheStore,
+        clock: Clock = SYSTEM_CLOCK,
+        max_entries: int = 10_000,
+    ) -> None:
+        self._buckets = buckets
+        self._tags = tags
+        self._clock = clock
+        self._max = max_entries
+        self._answers: OrderedDict[str, tuple[bytes, tuple[str, ...], list[int], float]] = (
+            OrderedDict()
+        )
+
+    async def admit_and_read(
+        self, bucket: str, limit: Limit, cost: int, key: str
+    ) -> tuple[Decision, bytes | None]:
+        decision = await self._buckets.take(bucket, limit, cost)
+        found = self._answers.get(key) if decision.allowed else None
+        if found is None:
+            return decision, None
+        raw, tags, versions, until = found
+        if until <= self._clock.monotonic():
+            del self._answers[key]
+            return decision, None
+        if await self._tags.tag_versions(tags) != versions:
+            return decision, None
+        self._answers.move_to_end(key)
+        return decision, raw
+
+    async def write_answer(
+        self, key: str, raw: bytes, tags: Sequence[str], versions: Sequence[int], ttl_ms: int
+    ) -> None:
+        until = self._clock.monotonic() + ttl_ms / 1000.0
+        self._answers[key] = (raw, tuple(tags), list(versions), until)
+        self._answers.move_to_end(key)
+        while len(self._answers) > self._max:
+            self._answers.popitem(last=False)
