@@ -111,7 +111,12 @@ class FoghornClient:
         "dns:///name:port", "file:/path" or a ``TargetList`` (``pkg.clients.discovery``).
         ``credentials``: TLS to the replicas (``pkg.common.tls.client_credentials``: a CA
         bundle and, for mTLS, a client certificate); None: plaintext."""
-        self.target_list = dynamic_targets(targets)
+        # With a channel given, the channel follows the replica set; this is for display.
+        self.target_list = (
+            dynamic_targets(targets)
+            if channel is None
+            else (targets if isinstance(targets, TargetList) else None)
+        )
         self.targets = (
             [self.target_list.name] if self.target_list is not None else parse_targets(targets)
         )

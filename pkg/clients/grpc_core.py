@@ -51,7 +51,9 @@ def channel_options(
             *RECONNECT_OPTIONS,
         )
     )
-    if resolved.multi:
+    if resolved.multi or resolved.target.startswith("dns:"):
+        # A name may resolve to several replicas (a headless Service): spread over all of
+        # them, where grpc's default (pick_first) would send everything to the first.
         options["grpc.lb_policy_name"] = "round_robin"
     for key, value in extra:
         if key == "grpc.enable_retries" and value:

@@ -1,0 +1,108 @@
+"""FoghornClient over real Foghorn processes whose replica set changes: a replica added to and
+removed from a watched file, a replica killed and restarted (re-admitted by its gRPC health)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pkg.clients import Instrumentation, OutlierEvent, Runtime, aio_channel
+from pkg.clients.foghorn import FoghornClient, default_policy
+from pkg.clients.grpc_aio import ResilientChannel
+from pkg.devstack.servers import CommandProcess, free_port
+from tests.foghorn.conftest import eventually
+
+pytestmark = [pytest.mark.integration, pytest.mark.failure]
+
+TOKEN = "replicas-secret"
+BIN = os.path.dirname(sys.executable)
+
+
+class Returns(Instrumentation):
+    def __init__(self) -> None:
+        self.events: list[tuple[float, OutlierEvent]] = []
+
+    def on_outlier(self, event: OutlierEvent) -> None:
+        self.events.append((time.monotonic(), event))
+
+
+def _foghorn(process_factory: Callable[..., CommandProcess], name: str) -> CommandProcess:
+    return process_factory(
+        name,
+        [f"{BIN}/foghorn", "--grpc-port", "{port}", "--http-port", str(free_port())],
+        env={
+            "PLATFORM_TOKENS": f"{TOKEN}=ops:operator|node;nodes=*;tenants=*",
+            "FOGHORN_REPLICA_ID": name,
+        },
+    )
+
+
+async def test_foghorn_client_follows_a_replica_file_and_readmits_a_restarted_replica(
+    process_factory: Callable[..., CommandProcess], tmp_path: Path
+) -> None:
+    a = _foghorn(process_factory, "fog-a")
+    b = _foghorn(process_factory, "fog-b")
+    address_a, address_b = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
+    listing = tmp_path / "foghorn-replicas"
+    listing.write_text(address_a + "\n")
+    returns = Returns()
+    channel = aio_channel(
+        f"file:{listing}", default_policy(), token=TOKEN, runtime=Runtime(instrumentation=[returns])
+    )
+    assert isinstance(channel, ResilientChannel) and channel.pool is not None
+    pool = channel.pool
+    client = FoghornClient(f"file:{listing}", channel=channel)
+    failures: list[BaseException] = []
+    calls = 0
+
+    async def traffic() -> None:
+        nonlocal calls
+        while True:
+            try:
+                await client.list_nodes()
+            except Exception as exc:
+                failures.append(exc)
+            calls += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.ensure_future(traffic())
+    try:
+        listing.write_text(f"{address_a}\n{address_b}\n")  # a replica joins: no restart
+        await eventually(lambda: address_b in pool.channels, timeout=10, what="b connected")
+        await eventually(
+            lambda: pool.detector.addresses == [address_a, address_b], timeout=10, what="b used"
+        )
+        b.kill()
+        await eventually(
+            lambda: any(e.ejected and e.replica == address_b for _, e in returns.events),
+            timeout=15,
+            what="b ejected",
+        )
+        b.start()
+        back = time.monotonic()
+
+        def readmitted() -> bool:
+            return any(
+                not e.ejected and e.replica == address_b and e.reason == "health check: SERVING"
+                for _, e in returns.events
+            )
+
+        await eventually(readmitted, timeout=10, what="b re-admitted by its health")
+        at = next(t for t, e in returns.events if not e.ejected and e.replica == address_b)
+        assert at - back < 2.0, f"re-admitted {at - back:.2f}s after b listened again"
+        listing.write_text(f"{address_b}\n")  # a is removed
+        await eventually(lambda: address_a not in pool.channels, timeout=10, what="a dropped")
+        before = calls
+        await eventually(lambda: calls > before + 5, timeout=10, what="calls on b alone")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await client.close()
+        await channel.close()
+    assert failures == []  # nothing failed while replicas joined, died, returned and left
