@@ -44,6 +44,7 @@ from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
 from pkg.common.health import Dependency, HealthReport, Status
 from pkg.common.httpserver import HttpServer
 from pkg.common.metrics import process_metrics
+from pkg.common.tls import identity_map
 from pkg.events import ManagedSink
 from pkg.events.factory import build_sink
 from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
@@ -229,7 +230,10 @@ class FoghornApp:
         await self.store.start()
         lc.on_stop(self.store.close)
         interceptor = AuthzInterceptor(
-            self._authenticator, FOGHORN_ACCESS, max_streams=self.config.max_streams_per_credential
+            self._authenticator,
+            FOGHORN_ACCESS,
+            max_streams=self.config.max_streams_per_credential,
+            identities=identity_map(self.config.tls.identities),
         )
         self.grpc = build_server(
             [

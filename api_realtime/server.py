@@ -28,6 +28,7 @@ from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
 from pkg.common.health import Dependency, HealthReport, Probe, Status
 from pkg.common.httpserver import HttpServer, ops_routes
 from pkg.common.metrics import process_metrics
+from pkg.common.tls import identity_map
 from pkg.coord.advisory import AdvisoryLease
 from signalman import processor as processor_metrics
 from signalman.history import History
@@ -295,7 +296,11 @@ class SignalmanApp:
             lc.on_stop(self.member.close)  # leaves the group, releases every partition lock
         if self._history_probe is not None:
             await lc.enter(self._history_probe.running())
-        interceptor = AuthzInterceptor(self._authenticator, SIGNALMAN_ACCESS)
+        interceptor = AuthzInterceptor(
+            self._authenticator,
+            SIGNALMAN_ACCESS,
+            identities=identity_map(self.config.tls.identities),
+        )
         self.grpc = build_server(
             [ServiceBinding(add_to_server, self.servicer, SERVICE)],
             settings=self.config.grpc,

@@ -32,6 +32,7 @@ from pkg.common.auth import (
     bearer_token,
     set_current_principal,
 )
+from pkg.common.tls import principal_from_certificate
 
 log = structlog.get_logger("pkg.common.authz")
 
@@ -114,6 +115,9 @@ class AccessMap:
         principal = authenticate(token)
         if principal is None:
             return Denial("UNAUTHENTICATED", "unknown bearer token")
+        return self._admit(key, rule, principal)
+
+    def _admit(self, key: str, rule: Rule, principal: Principal) -> Principal | Denial:
         if rule.public or principal.has_any(rule.roles):
             return principal
         held = ", ".join(sorted(principal.roles)) or "no role"
@@ -121,6 +125,27 @@ class AccessMap:
             "PERMISSION_DENIED",
             f"{key} requires role {rule.describe()} (credential {principal.name!r} has {held})",
         )
+
+    def authorize_certificate(
+        self, key: str, rules: Mapping[str, Rule], principal: Principal | None
+    ) -> Principal | Denial:
+        """Like ``authorize`` for a call without a token whose client certificate mapped to
+        ``principal`` (None: its certificate names no known identity)."""
+        rule = rules.get(key)
+        if rule is None:
+            return Denial(
+                "PERMISSION_DENIED",
+                f"{key} is not in {self.service}'s access map: refused (deny by default)",
+            )
+        if principal is None:
+            if rule.public:
+                return ANONYMOUS
+            return Denial(
+                "UNAUTHENTICATED",
+                f"{key} requires a bearer token or a client certificate mapped in "
+                f"PLATFORM_TLS_IDENTITIES ({rule.describe()})",
+            )
+        return self._admit(key, rule, principal)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,9 +212,13 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         access: AccessMap,
         *,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        identities: Mapping[str, Principal] | None = None,
     ) -> None:
         self._authenticate = authenticate
         self.access = access
+        # Client-certificate SANs -> credentials (PLATFORM_TLS_IDENTITIES, with mTLS): a call
+        # without a bearer token is authenticated by its verified certificate.
+        self.identities = dict(identities or {})
         self.max_streams = max_streams
         self.streams: dict[str, int] = {}  # open streams per credential name
         self.refused = 0
@@ -210,11 +239,60 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             if key == "authorization":
                 token = bearer_token(value)
                 break
+        if token is None and self.identities:
+            return self._by_certificate(handler, method)
         verdict = self.access.authorize(method, self.access.grpc, token, self._authenticate)
         if isinstance(verdict, Denial):
             self.refused += 1
             return _abort_handler(handler, grpc.StatusCode[verdict.code], verdict.message)
         return self._wrap(handler, method, verdict)
+
+    def _by_certificate(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """Decide at call time, when the connection's verified certificate is known: its mapped
+        credential is authorized like a token's, then the call runs as ``_wrap`` runs it."""
+        interceptor = self
+
+        def decide(context: Any) -> Principal | Denial:
+            found = principal_from_certificate(context.auth_context(), interceptor.identities)
+            return interceptor.access.authorize_certificate(method, interceptor.access.grpc, found)
+
+        def inner(verdict: Principal) -> Any:
+            wrapped = interceptor._wrap(handler, method, verdict)
+            return (
+                wrapped.unary_unary
+                or wrapped.unary_stream
+                or wrapped.stream_unary
+                or wrapped.stream_stream
+            )
+
+        async def unary(request: Any, context: Any) -> Any:
+            verdict = decide(context)
+            if isinstance(verdict, Denial):
+                interceptor.refused += 1
+                await context.abort(grpc.StatusCode[verdict.code], verdict.message)
+                return None  # not reached: abort raises
+            return await inner(verdict)(request, context)
+
+        async def stream(request: Any, context: Any) -> Any:
+            verdict = decide(context)
+            if isinstance(verdict, Denial):
+                interceptor.refused += 1
+                await context.abort(grpc.StatusCode[verdict.code], verdict.message)
+                return  # not reached: abort raises
+            async for item in inner(verdict)(request, context):
+                yield item
+
+        des = _guard_deserializer(handler.request_deserializer)
+        ser = handler.response_serializer
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary, des, ser)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream, des, ser)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary, des, ser)
+        return grpc.stream_stream_rpc_method_handler(stream, des, ser)
 
     def _stream_slot(self, principal: Principal) -> str | None:
         """Take one stream slot of ``principal``; the refusal message when none is left."""
