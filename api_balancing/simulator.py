@@ -28,7 +28,9 @@ import grpc
 import structlog
 
 from pkg.clients.backoff import Backoff
+from pkg.clients.discovery import dynamic_targets
 from pkg.clients.foghorn import FoghornClient, parse_targets
+from pkg.clients.targets import TargetList
 from pkg.common.logging import configure_logging
 from pkg.common.tls import add_tls_arguments, credentials_from_args
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
@@ -456,13 +458,22 @@ class NodeRunner:
 
 async def run_fleet(args: argparse.Namespace) -> int:
     credentials = credentials_from_args(args)
+    source: TargetList | None = None
     if args.foghorn_file:
         path = Path(args.foghorn_file)
         replicas = Replicas(read_targets(path), args.token or None, credentials)
         watcher: asyncio.Task[None] | None = asyncio.create_task(replicas.watch_file(path))
     else:
-        replicas = Replicas(parse_targets(args.foghorn), args.token or None, credentials)
+        # "dns:///name:port" (every address of the name, re-resolved) or "file:/path" feed the
+        # configured list through pkg.clients' own sources; plain addresses are fixed.
+        source = dynamic_targets(args.foghorn)
+        configured = list(source.addresses) if source else parse_targets(args.foghorn)
+        replicas = Replicas(configured, args.token or None, credentials)
         watcher = None
+        if source is not None:
+            source.subscribe(lambda found: replicas.configure(list(found)))
+            source.acquire()
+            source.start()
     nodes = build_fleet(args.nodes, args.seed, args.streams, args.base_port, args.media_host)
     runners = [NodeRunner(n, replicas, args.interval, slot=i) for i, n in enumerate(nodes)]
     tasks = [asyncio.create_task(r.run()) for r in runners]
@@ -481,6 +492,8 @@ async def run_fleet(args: argparse.Namespace) -> int:
     for task in [*tasks, status, *([watcher] if watcher else [])]:
         task.cancel()
     await asyncio.gather(*tasks, status, *([watcher] if watcher else []), return_exceptions=True)
+    if source is not None:
+        await source.close()
     await replicas.close()
     return 0
 
@@ -498,7 +511,11 @@ async def _status_loop(runners: list[NodeRunner], every: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edge-sim", description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--foghorn", help="host:port[,host:port] of Foghorn replicas")
+    where.add_argument(
+        "--foghorn",
+        help="host:port[,host:port] of Foghorn replicas, or dns:///name:port (every address "
+        "of the name, re-resolved every 5 s and after failures)",
+    )
     where.add_argument(
         "--foghorn-file",
         help="a file listing the Foghorn replicas (host:port per line), re-read when it changes",

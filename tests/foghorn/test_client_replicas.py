@@ -106,3 +106,25 @@ async def test_foghorn_client_follows_a_replica_file_and_readmits_a_restarted_re
         await client.close()
         await channel.close()
     assert failures == []  # nothing failed while replicas joined, died, returned and left
+
+
+async def test_edge_sim_finds_foghorn_through_a_dns_name(
+    process_factory: Callable[..., CommandProcess],
+) -> None:
+    foghorn = _foghorn(process_factory, "fog-dns")
+    # getaddrinfo here gives 127.0.0.1 for localhost: the name stands for one replica.
+    process_factory(
+        "edge-sim",
+        [f"{BIN}/edge-sim", "--foghorn", f"dns:///localhost:{foghorn.port}", "--nodes", "3",
+         "--token", TOKEN, "--interval", "0.5", "--status-every", "0"],
+        ready_port=foghorn.port,
+    )  # fmt: skip
+    client = FoghornClient(f"dns:///localhost:{foghorn.port}", token=TOKEN)
+    try:
+
+        async def registered() -> bool:
+            return len(await client.list_nodes(connected_only=True)) == 3
+
+        await eventually(registered, timeout=30, what="edge-sim nodes registered via DNS")
+    finally:
+        await client.close()
