@@ -126,6 +126,7 @@ class FoghornApp:
             locator,
             config.command_timeout_s,
             dispatch=self.ha.relay.dispatch if self.ha else None,
+            withdraw=self.ha.withdraw if self.ha else None,
         )
         self._authenticator = authenticator or static_authenticator(config.platform_tokens())
         self._run_reaper = run_reaper

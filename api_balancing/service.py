@@ -409,11 +409,15 @@ class NodeAdminService(pb_grpc.NodeAdminServicer):
         locator: Locator,
         command_timeout_s: float,
         dispatch: Callable[[str, Callable[[str], Any], float], Awaitable[Ack]] | None = None,
+        withdraw: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         self.fleet = fleet
         self.sessions = sessions
         self.locator = locator
         self.command_timeout_s = command_timeout_s
+        # HA: a replica emptied by MoveNodes leaves the cluster's membership first, so that its
+        # peers do not rebalance nodes back onto the replica being retired.
+        self.withdraw = withdraw
         # Where commands go: this replica's streams by default; the HA layer relays instead.
         self.dispatch = dispatch or sessions.send
 
@@ -567,6 +571,8 @@ class NodeAdminService(pb_grpc.NodeAdminServicer):
                 raise errors.InvalidArgument(
                     "max_nodes", f"must not be negative, got {request.max_nodes}"
                 )
+            if not request.max_nodes and self.withdraw is not None:
+                await self.withdraw()
             sessions = self.sessions.open_sessions()
             moving = sessions[: request.max_nodes] if request.max_nodes else sessions
             message = reconnect_message(targets, "moved by an operator")

@@ -235,3 +235,37 @@ async def test_move_nodes_refuses_a_target_that_is_not_host_port_and_moves_nothi
             await admin.admin.MoveNodes(pb.MoveNodesRequest(max_nodes=-1), timeout=5.0)
         assert negative.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert fleet.on(a) == 2 and all(r.moved == 0 for r in fleet.runners)
+
+
+async def test_rollback_moves_every_node_off_both_ha_replicas_without_bouncing_back(
+    make_replica: Callable[..., Awaitable[Any]],
+    fleets: Callable[[list[str], int], Fleet],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Rollback of Phase 1 under rebalancing: a replica emptied by move-nodes leaves the
+    membership, so its peer does not hand it nodes again while the fleet moves to memory."""
+    from api_balancing.config import FoghornConfig
+    from api_balancing.server import FoghornApp
+    from pkg.events import MemorySink
+    from tests.foghorn.conftest import TOKENS
+
+    monkeypatch.setenv("FOGHORN_REBALANCE_INTERVAL_S", "0.2")
+    h1, h2 = await make_replica("h1"), await make_replica("h2")
+    fleet = fleets([h1.grpc_target, h2.grpc_target], 4)
+    await eventually(lambda: owned(h1) == owned(h2) == 2, what="an even split")
+    m = FoghornApp(
+        FoghornConfig(grpc_port=0, http_port=-1, tokens=TOKENS, replica_id="m"),
+        events=MemorySink(),
+    )
+    await m.start()
+    try:
+        fleet.replicas.configure([h1.grpc_target, h2.grpc_target, m.grpc_target])
+        asked_before = h2.ha.membership.moves_asked
+        assert await move_nodes(h1, m) == 2
+        await eventually(lambda: fleet.on(m) == 2, timeout=5.0, what="h1's nodes on m")
+        await asyncio.sleep(1.0)  # five rebalancing rounds of h2
+        assert owned(h1) == 0 and h2.ha.membership.moves_asked == asked_before
+        assert await move_nodes(h2, m) == 2
+        await eventually(lambda: fleet.on(m) == 4, timeout=5.0, what="every node on m")
+    finally:
+        await m.stop(grace=0.2)

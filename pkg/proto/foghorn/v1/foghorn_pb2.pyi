@@ -1164,7 +1164,9 @@ class MoveNodesRequest(_message.Message):
     """Move the node streams held by the replica that answers (not the whole cluster: call one
     replica by its own address) to other replicas: each node is sent Reconnect(targets) and moves
     at once, staying routable. A rollout or rollback moves the fleet this way before callers are
-    pointed at the new replicas and the old ones are retired.
+    pointed at the new replicas and the old ones are retired. An HA replica moving all its nodes
+    (max_nodes 0) also leaves the cluster's membership until it restarts, so that its peers do
+    not rebalance nodes back onto it.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
