@@ -495,6 +495,9 @@ def stop_stack(stack: Stack) -> None:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.tls and args.ha_stores:
+        print(TLS_HA_STORES)
+        return 2
     if args.hosts and args.ha_stores:
         print(HOSTS_HA_STORES)
         return 2
