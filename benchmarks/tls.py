@@ -89,8 +89,9 @@ class Side:
             self.target, token=TOKEN, policy=policy, credentials=self.credentials
         )
         scheme = "https" if self.credentials else "http"
+        # The operator's credential: /health's counts are for operators.
         self.http = AsyncHttpClient(
-            f"{scheme}://127.0.0.1:{self.http_port}", policy, verify=self.verify
+            f"{scheme}://127.0.0.1:{self.http_port}", policy, token=TOKEN, verify=self.verify
         )
 
     async def load(self, nodes: int, streams: int) -> None:
@@ -238,7 +239,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--streams", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=2000)
     parser.add_argument("--reports-per-node", type=int, default=20)
-    parser.add_argument("--bursts", type=int, default=3)
+    parser.add_argument("--bursts", type=int, default=5)
     parser.add_argument("--handshakes", type=int, default=100)
     parser.add_argument("--out", default=".bench/tls.json")
     args = parser.parse_args(argv)
