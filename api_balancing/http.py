@@ -13,8 +13,8 @@ from starlette.routing import Route
 
 from api_balancing import errors, validation
 from api_balancing.fleet import Fleet
+from api_balancing.handlers import RoutingService
 from api_balancing.limits import address_key, retry_after_header
-from api_balancing.service import RoutingService
 from pkg.common import tracing
 from pkg.common.auth import ANONYMOUS
 from pkg.common.authz import HttpGuard

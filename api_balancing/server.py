@@ -23,16 +23,16 @@ from api_balancing.geoip import GeoIpTable
 from api_balancing.ha import telemetry as ha_telemetry
 from api_balancing.ha.runtime import HaRuntime
 from api_balancing.ha.runtime import build_store as build_ha_store
-from api_balancing.http import build_app
-from api_balancing.limits import AddressLimiter
-from api_balancing.reaper import Reaper
-from api_balancing.service import (
+from api_balancing.handlers import (
     Locator,
     NodeAdminService,
     NodeControlService,
     RoutingService,
     reconnect_message,
 )
+from api_balancing.http import build_app
+from api_balancing.limits import AddressLimiter
+from api_balancing.reaper import Reaper
 from api_balancing.sessions import SessionRegistry
 from api_balancing.store.base import NodeStore
 from api_balancing.store.memory import MemoryNodeStore

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from api_balancing import rebalance
-from api_balancing.service import reconnect_message, replicas_message
+from api_balancing.handlers import reconnect_message, replicas_message
 from api_balancing.sessions import SessionRegistry
 from api_balancing.store.keys import Keys
 from api_balancing.store.redis_store import REDIS_ERRORS, RedisNodeStore

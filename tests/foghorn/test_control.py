@@ -221,7 +221,7 @@ async def test_rejection_notices_stop_queueing_for_a_node_that_does_not_read(
 ) -> None:
     import asyncio
 
-    from api_balancing.service import MAX_QUEUED_REJECTIONS
+    from api_balancing.handlers import MAX_QUEUED_REJECTIONS
 
     await foghorn.node("n1", report_msg())
     outbox: asyncio.Queue[object] = asyncio.Queue()

@@ -27,7 +27,7 @@ from pkg.common.auth import ANONYMOUS, Principal, current_principal
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
 
-log = structlog.get_logger("foghorn.service")
+log = structlog.get_logger("foghorn.handlers")
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
