@@ -31,6 +31,7 @@ from pkg.clients.engine import EJECTED_REPLICA_ATTR, call_async
 from pkg.clients.grpc_core import ClientCore
 from pkg.clients.outlier import (
     EJECTED,
+    HEALTHY,
     OUTCOME_LOCAL,
     OUTCOME_NEUTRAL,
     OUTCOME_SUCCESS,
@@ -308,7 +309,15 @@ class PooledUnaryCall(UnaryCall):
                 channel = pool.channel(r.address)
                 if gated and channel.get_state(False) is not _READY:
                     attempt_timeout = await _connected(channel, r.address, attempt_timeout)
-                call = mc.raw(r.address)(request, timeout=attempt_timeout, **kw)
+                if r.state is HEALTHY:
+                    call = mc.raw(r.address)(request, timeout=attempt_timeout, **kw)
+                else:
+                    # A replica out of rotation is tried because nothing better is left (its
+                    # probe, or panic routing): it may be back but not yet reconnected, so
+                    # the attempt waits (within its time) for the connection instead of
+                    # failing at once on the broken one.
+                    ready = {**kw, "wait_for_ready": True}
+                    call = mc.raw(r.address)(request, timeout=attempt_timeout, **ready)
                 self._last = call
                 result = await call
             except Exception as exc:

@@ -177,3 +177,46 @@ async def test_every_replica_breaker_open_fails_fast(replica_pair) -> None:
     with pytest.raises(BreakerOpenError):
         await stub.Unary(pb.UnaryRequest(key="all-open"), timeout=3.0)
     await channel.close()
+
+
+async def test_crash_then_restart_then_stop_the_other_fails_no_call(replica_pair) -> None:
+    # The issue-19 drill: kill -9 B, B comes back, and as soon as it listens A gets SIGTERM.
+    # Passive ejection alone ignored B for its ejection time: a 9.6 s outage.
+    a, b = replica_pair
+    p = policy(breaker=BreakerPolicy())
+    channel, stub, outliers, _ = channel_over(replica_pair, p)
+    address_b = addresses(b)[0]
+    await both_in_rotation(stub)
+    answers: list[tuple[float, str]] = []
+    failures: list[BaseException] = []
+
+    async def traffic() -> None:
+        i = 0
+        while True:
+            i += 1
+            try:
+                reply = await stub.Unary(pb.UnaryRequest(key=f"drill-{i}"), timeout=3.0)
+                answers.append((time.monotonic(), reply.server_id))
+            except Exception as exc:
+                failures.append(exc)
+            await asyncio.sleep(0.02)
+
+    task = asyncio.ensure_future(traffic())
+    try:
+        b.kill()
+        await eventually(
+            lambda: any(e.ejected and e.replica == address_b for _, e in outliers.events),
+            timeout=10,
+            what="b ejected",
+        )
+        await asyncio.to_thread(b.start)  # listening again, still ejected for ~30 s
+        stopped = time.monotonic()
+        await asyncio.to_thread(a.stop)  # SIGTERM: graceful stop of the other replica
+        await asyncio.sleep(2.0)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert failures == [], failures[:3]
+    after = [who for t, who in answers if t > stopped + 1.0]
+    assert after and set(after) == {"b"}
+    await channel.close()
