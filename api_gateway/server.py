@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 import structlog
 from starlette.applications import Starlette
 
+from api_gateway import metrics
 from api_gateway.auth import JwtAuthenticator, JwtSettings, load_public_key
 from api_gateway.backend import EventsBackend, FleetBackend, NoEvents, NoFleet
 from api_gateway.config import BridgeConfig
@@ -43,6 +44,7 @@ from pkg.common.app import Lifecycle
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.health import Dependency, Figure, HealthReport, Status
 from pkg.common.httpserver import HttpServer
+from pkg.common.metrics import process_metrics
 from pkg.common.tls import grpc_channel_credentials
 
 log = structlog.get_logger("bridge")
@@ -147,6 +149,7 @@ class BridgeApp:
             assert isinstance(cache_store, MemoryCacheStore)
             answer_store = MemoryAnswerStore(local_buckets, cache_store, clock)
         self.answers = AnswerCache(answer_store, limiter, clock=clock, xfetch_beta=cfg.xfetch_beta)
+        metrics.register(process_metrics(), limiter, self.answers)
         tenant_limits = CachedLimits(
             ConfigLimitsProvider(
                 Limit(cfg.tenant_burst, cfg.tenant_rate), parse_overrides(cfg.tenant_limits)

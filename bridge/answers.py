@@ -32,23 +32,16 @@ from __future__ import annotations
 
 import contextvars
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-
-from opentelemetry import metrics
 
 from bridge.ratelimit import RateLimiter
 from bridge.store import AnswerStore, StoreUnavailable
 from bridge.token_bucket import Decision, Limit
 from bridge.xfetch import should_refresh_early
 from pkg.common.clock import SYSTEM_CLOCK, Clock
-
-_meter = metrics.get_meter("bridge.answers")
-_answers = _meter.create_counter(
-    "bridge_answer_cache_requests",
-    description="Whole-answer lookups of cacheable queries by result (hit, miss, early, stored)",
-)
 
 
 @dataclass(frozen=True)
@@ -136,6 +129,8 @@ class AnswerCache:
         self.hits = 0
         self.misses = 0
         self.stored = 0
+        # result -> count, read at scrape time (api_gateway.metrics): no instrument call per hit.
+        self.results: Counter[str] = Counter()
 
     async def admit(self, bucket: str, limit: Limit, key: str) -> tuple[Decision, bytes | None]:
         """The rate-limit decision for ``bucket`` and, when allowed, the body stored under
@@ -199,7 +194,7 @@ class AnswerCache:
             self.misses += 1
         else:
             self.stored += 1
-        _answers.add(1, {"result": result})
+        self.results[result] += 1
 
 
 __all__ = ["AnswerCache", "Read", "Recorder", "current_recorder", "decode", "encode", "recording"]

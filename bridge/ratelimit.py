@@ -8,16 +8,11 @@ say ``exact=False``.
 
 from __future__ import annotations
 
-from opentelemetry import metrics
+from collections import Counter
 
 from bridge.store import BucketStore, StoreUnavailable
 from bridge.store.memory import MemoryBucketStore
 from bridge.token_bucket import Decision, Limit
-
-_meter = metrics.get_meter("bridge.ratelimit")
-_decisions = _meter.create_counter(
-    "bridge_ratelimit_decisions", description="Rate-limit decisions by outcome and mode"
-)
 
 
 class RateLimiter:
@@ -26,6 +21,9 @@ class RateLimiter:
     def __init__(self, shared: BucketStore | None, local: MemoryBucketStore | None = None) -> None:
         self._shared = shared
         self._local = local or MemoryBucketStore()
+        # (decision, mode) -> count: read at scrape time (api_gateway.metrics), a plain integer
+        # per request on the hot path instead of an instrument call.
+        self.decisions: Counter[tuple[str, str]] = Counter()
 
     @property
     def shared(self) -> bool:
@@ -40,7 +38,7 @@ class RateLimiter:
     def count(self, decision: Decision, mode: str) -> None:
         """Count a decision taken elsewhere on one of this limiter's buckets (``bridge.answers``
         charges them in the same step as its read)."""
-        _decisions.add(1, {"decision": "allowed" if decision.allowed else "rejected", "mode": mode})
+        self.decisions["allowed" if decision.allowed else "rejected", mode] += 1
 
     async def check(self, key: str, limit: Limit, cost: int = 1) -> Decision:
         """Decide one request of ``cost`` tokens against bucket ``key``."""

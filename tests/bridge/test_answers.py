@@ -49,6 +49,10 @@ def test_a_repeated_query_is_answered_from_its_kept_answer(bridge):
     spec = gql(bridge, NODE_Q, {"id": "n1"}, tok=tok, headers={"Accept": media})
     assert spec.headers["content-type"].startswith(media)
     assert bridge.fleet.calls["get_node"] == 1
+    text = bridge.get("/metrics").text
+    assert 'bridge_answer_cache_requests_total{result="hit"}' in text
+    assert 'bridge_ratelimit_decisions_total{decision="allowed",mode="local"}' in text
+    assert 'bridge_http_responses_total{code="OK",status="200"}' in text
 
 
 def test_kept_answers_are_per_caller_and_per_variables(bridge):
