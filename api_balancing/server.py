@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import Mapping
 
 import structlog
 
@@ -37,7 +38,7 @@ from api_balancing.sessions import SessionRegistry
 from api_balancing.store.base import NodeStore
 from api_balancing.store.memory import MemoryNodeStore
 from pkg.common.app import Lifecycle
-from pkg.common.auth import Authenticator, static_authenticator
+from pkg.common.auth import Principal, static_authenticator
 from pkg.common.authz import AuthzInterceptor, HttpGuard
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
@@ -63,7 +64,7 @@ class FoghornApp:
         store: NodeStore | None = None,
         events: ManagedSink | None = None,
         geoip: GeoIpTable | None = None,
-        authenticator: Authenticator | None = None,
+        tokens: Mapping[str, Principal] | None = None,
         rng: random.Random | None = None,
         run_reaper: bool = True,
     ) -> None:
@@ -128,7 +129,9 @@ class FoghornApp:
             dispatch=self.ha.relay.dispatch if self.ha else None,
             withdraw=self.ha.withdraw if self.ha else None,
         )
-        self._authenticator = authenticator or static_authenticator(config.platform_tokens())
+        self._authenticator = static_authenticator(
+            config.platform_tokens() if tokens is None else tokens
+        )
         self._run_reaper = run_reaper
         self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None

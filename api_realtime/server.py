@@ -137,7 +137,7 @@ class SignalmanApp:
             embedded=self.embedded,
             max_batch_bytes=self.max_event_bytes,
         )
-        self._authenticator = static_authenticator(tokens or tokens_from_env())
+        self._authenticator = static_authenticator(tokens_from_env() if tokens is None else tokens)
         self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None
         self._member_task: asyncio.Task[Any] | None = None
