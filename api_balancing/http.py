@@ -15,7 +15,6 @@ from api_balancing import errors, validation
 from api_balancing.fleet import Fleet
 from api_balancing.handlers import RoutingService
 from api_balancing.limits import address_key, retry_after_header
-from pkg.common import tracing
 from pkg.common.auth import ANONYMOUS
 from pkg.common.authz import HttpGuard
 from pkg.common.health import HealthSource
@@ -135,7 +134,6 @@ def build_app(
             ]
         )
     )
-    tracing.trace_http(app)
     return app
 
 

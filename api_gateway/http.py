@@ -52,7 +52,6 @@ from bridge.answers import AnswerCache, Recorder, current_recorder, recording
 from bridge.ratelimit import RateLimiter
 from bridge.tenant_limits import CachedLimits
 from bridge.token_bucket import Decision, Limit
-from pkg.common import tracing
 from pkg.common.auth import ANONYMOUS, Principal
 from pkg.common.health import HealthSource
 from pkg.common.httpserver import ops_routes
@@ -531,7 +530,6 @@ def build_asgi(
         exception_handlers={404: not_found, 405: method_not_allowed, 500: internal},
     )
     app.add_middleware(HeaderLimit, max_bytes=max_header_bytes)
-    tracing.trace_http(app)
     return app
 
 

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
+from pkg.common import tracing
 from pkg.common.health import HealthSource
 from pkg.common.telemetry import CONTENT_TYPE, prometheus_text
 from pkg.common.tls import (
@@ -84,6 +85,7 @@ class HttpServer:
     raises there) and ``port`` is the bound one."""
 
     def __init__(self, app: ASGIApp, settings: HttpSettings) -> None:
+        app = tracing.trace_http(app)  # callers' traces continue over every service's HTTP side
         self.tls = settings.tls
         self.ssl = server_ssl_context(settings.tls)
         self._files = CertificateFiles(settings.tls) if self.ssl is not None else None

@@ -265,15 +265,16 @@ def _aio_server_interceptor() -> Any:
     return AioServerInterceptor(tracer("opentelemetry.instrumentation.grpc"), filter_=untraced)
 
 
-def trace_http(app: Any) -> None:
-    """Make a Starlette ``app`` continue callers' traces over HTTP (outermost middleware, so
-    call it after adding the others). Nothing when tracing is off."""
+def trace_http(app: Any) -> Any:
+    """``app`` (ASGI) continuing callers' traces over HTTP, outermost, so a request's span covers
+    every middleware and error handler; ``app`` itself when tracing is off. ``HttpServer``
+    applies it to every service's HTTP side."""
     if not ENABLED:
-        return
+        return app
     from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
 
-    app.add_middleware(
-        OpenTelemetryMiddleware,
+    return OpenTelemetryMiddleware(
+        app,
         excluded_urls=UNTRACED_PATHS,
         meter_provider=NoOpMeterProvider(),
         # One span per request: the per-message receive/send spans are noise here.
