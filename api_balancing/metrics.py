@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from opentelemetry import metrics
 
 from api_balancing.fleet import Fleet
+from api_balancing.limits import AddressLimiter
 from pkg.common.metrics import HistogramSample, Metrics, Sample
 
 _meter = metrics.get_meter("foghorn")
@@ -69,6 +70,15 @@ def register(registry: Metrics, fleet: Fleet) -> None:
         _latency, ("replica",), fleet,
     )  # fmt: skip
     registry.gauge("foghorn_nodes", "Known nodes by state", _nodes, ("replica", "state"), fleet)
+
+
+def register_limits(registry: Metrics, limiter: AddressLimiter, replica_id: str) -> None:
+    """Report the anonymous routing calls ``limiter`` refused (gRPC and /play together)."""
+    registry.counter(
+        "foghorn_anonymous_limited_total",
+        "Anonymous routing calls (RouteViewer, RouteIngest, /play) refused by the address limit",
+        lambda lim: [({"replica": replica_id}, lim.limited)], ("replica",), limiter,
+    )  # fmt: skip
 
 
 rejected_fields = _meter.create_counter(

@@ -116,11 +116,9 @@ class FoghornApp:
             config.register_timeout_s,
             replicas=self.ha.membership.addresses if self.ha else None,
         )
-        self.routing = RoutingService(
-            self.fleet,
-            locator,
-            AddressLimiter(clock, config.anon_routes_per_s, config.anon_route_burst),
-        )
+        limiter = AddressLimiter(clock, config.anon_routes_per_s, config.anon_route_burst)
+        metrics.register_limits(process_metrics(), limiter, config.replica_id)
+        self.routing = RoutingService(self.fleet, locator, limiter)
         self.admin = NodeAdminService(
             node_fleet,
             self.sessions,

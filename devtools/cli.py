@@ -58,6 +58,8 @@ def cmd_test(args: argparse.Namespace) -> int:
     # client of graphql-ws: installed here, outside any test's time limit.
     print(f"{'promtool':14} {install.promtool_binary()}", flush=True)
     print(f"{'node clients':14} {install.node_clients()}", flush=True)
+    # The anonymous-flood test offers its 2,000 calls/s with h2load (tests/security).
+    print(f"{'h2load':14} {install.h2load_binary()}", flush=True)
     if not args.no_lint:
         code = cmd_lint(args)
         if code:

@@ -106,6 +106,20 @@ def chromium_binary() -> Path:
     return Path(found)
 
 
+def h2load_binary() -> Path:
+    """Path of ``h2load`` (Debian's ``nghttp2-client``): the anonymous-flood test and benchmark
+    offer thousands of gRPC and HTTP calls per second with it, which no Python client can on
+    two loaded cores (``devtools.flood``)."""
+    found = shutil.which("h2load")
+    if found:
+        return Path(found)
+    _apt_install("nghttp2-client")
+    found = shutil.which("h2load")
+    if not found:
+        raise InstallError("nghttp2-client installed but h2load is not on PATH")
+    return Path(found)
+
+
 def promtool_binary() -> Path:
     """Path of ``promtool`` (Debian's ``prometheus`` package: the server and its checker).
 

@@ -3,14 +3,13 @@ address is rate limited (RESOURCE_EXHAUSTED with grpc-retry-pushback-ms, HTTP 42
 Retry-After), its pending redirects are capped, and a viewer at another address is routed
 every time while it lasts.
 
-The flood's length is ``SEC_FLOOD_S`` (default 3 s; the issue's 10 s run is in the report).
+The flood is offered by h2load (``devtools.flood``), so it really reaches its rate; its length
+is ``SEC_FLOOD_S`` (default 3 s; the 10 s figure of docs/security.md is ``./dev bench flood``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -19,6 +18,7 @@ import grpc.aio
 import httpx
 import pytest
 
+from devtools.flood import VIEWER_ADDRESS, flood, summary
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
 from tests.security import conftest as sec
@@ -28,8 +28,7 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.integration
 
 FLOOD_S = float(os.environ.get("SEC_FLOOD_S", "3"))
-FLOOD_RATE = 2000.0  # calls per second aimed at (half gRPC RouteViewer, half HTTP /play)
-VIEWER_ADDRESS = "127.0.0.2"  # loopback, but another client address than the flood's
+FLOOD_RATE = 2000.0  # calls per second offered (half gRPC RouteViewer, half HTTP /play)
 
 
 @pytest.fixture(scope="module")
@@ -65,79 +64,56 @@ async def test_an_anonymous_flood_leaves_a_real_viewer_routed_every_time(
 ) -> None:
     fog = small_fleet_foghorn
     nodes = await _nodes(fog)
-    outcomes: Counter[str] = Counter()
-    pushback: list[str] = []
-    viewer_codes: list[int] = []
-    stop = time.monotonic() + FLOOD_S
-    channel = fog.channel()
-    route = pb_grpc.RoutingStub(channel).RouteViewer
-    request = pb.ViewerRouteRequest(content_id="live-1")
-
-    in_flight = asyncio.Semaphore(64)
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def one_grpc() -> None:
-        try:
-            await route(request, timeout=5)
-            outcomes["grpc ok"] += 1
-        except grpc.aio.AioRpcError as exc:
-            outcomes[f"grpc {exc.code().name}"] += 1
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and len(pushback) < 5:
-                trailers = dict(exc.trailing_metadata() or ())
-                pushback.append(str(trailers.get("grpc-retry-pushback-ms", "")))
-        finally:
-            in_flight.release()
-
-    async def one_http(client: httpx.AsyncClient) -> None:
-        try:
-            reply = await client.get("/play/live-1")
-            outcomes[f"http {reply.status_code}"] += 1
-            if reply.status_code == 429:
-                assert int(reply.headers["retry-after"]) >= 1
-        finally:
-            in_flight.release()
-
-    async def flooder(client: httpx.AsyncClient) -> None:
-        """Launch calls at FLOOD_RATE (alternating gRPC and /play), at most 64 in flight."""
-        sent = 0
-        started = time.monotonic()
-        while time.monotonic() < stop:
-            due = int((time.monotonic() - started) * FLOOD_RATE)
-            while sent < due and time.monotonic() < stop:
-                await in_flight.acquire()
-                call = one_grpc() if sent % 2 == 0 else one_http(client)
-                task = asyncio.create_task(call)
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                sent += 1
-            await asyncio.sleep(0.005)
-        await asyncio.gather(*tasks)
-
-    async def viewer() -> None:
-        transport = httpx.AsyncHTTPTransport(local_address=VIEWER_ADDRESS)
-        async with httpx.AsyncClient(base_url=fog.http, transport=transport) as client:
-            while time.monotonic() < stop:
-                reply = await client.get("/play/live-1")
-                viewer_codes.append(reply.status_code)
-                await asyncio.sleep(0.1)
-
-    started = time.monotonic()
-    limits = httpx.Limits(max_connections=64)
-    async with httpx.AsyncClient(base_url=fog.http, limits=limits) as client:
-        await asyncio.gather(viewer(), flooder(client))
-    elapsed = time.monotonic() - started
-    flood = sum(outcomes.values())
-    print(f"flood: {flood} calls in {elapsed:.1f} s ({flood / elapsed:.0f}/s) {dict(outcomes)}")
-    print(f"viewer: {len(viewer_codes)} /play, codes {Counter(viewer_codes)}")
-    assert viewer_codes and all(code == 302 for code in viewer_codes)
-    limited = outcomes["grpc RESOURCE_EXHAUSTED"] + outcomes["http 429"]
-    assert limited >= flood - (10 + 5 * elapsed) - 1  # all but the burst and the refill
-    assert all(p.isdigit() and int(p) > 0 for p in pushback)  # every refusal says when
+    result = await flood(
+        fog.grpc_port, fog.http_port, operator_token=sec.OPS, rate=FLOOD_RATE,
+        # 4 calls/s: under the viewer's own limit of 5/s, as a real viewer is.
+        duration_s=FLOOD_S, viewer_address=VIEWER_ADDRESS, viewer_interval_s=0.25,
+    )  # fmt: skip
+    print(summary(result))
+    grpc_side, play, viewer = result["grpc"], result["play"], result["viewer"]
+    # The flood is really offered (h2load, not a Python client): at least half the aimed rate
+    # even on a loaded machine (the benchmark's 10 s run records the full figure).
+    assert result["offered_per_s"] >= FLOOD_RATE / 2, result
+    # The viewer, at another address, is routed every time, over /play and over gRPC.
+    # (A saturated Foghorn answers it late: p50 ~0.9 s at load 8, in the printed summary.)
+    assert viewer["calls"] >= 2 and viewer["routed"] == viewer["calls"], viewer
+    assert viewer["outcomes"].get("grpc routed", 0) >= 1, viewer
+    # All the flood's answers but the burst and the refill are refusals (limit 5/s, burst 10):
+    # 429 on /play, RESOURCE_EXHAUSTED on gRPC (Foghorn's own count of refused calls).
+    allowed = 10 + 5 * (FLOOD_S + 2)
+    assert play["status"]["3xx"] + grpc_side["routed"] <= allowed, result
+    assert play["status"]["4xx"] >= play["done"] - allowed, result
+    assert result["foghorn_limited"] >= grpc_side["done"] + play["done"] - allowed, result
     # The flood's pending redirects are capped per address: every node stays eligible.
     rows = await fog.nodes()
     assert all(not rows[f"edge-paris-flood-{i}"]["stale"] for i in range(3))
     for node in nodes:
         node.close()
+    await fog.close_channels()
+
+
+async def test_a_refusal_says_when_to_come_back(small_fleet_foghorn: Foghorn) -> None:
+    """Past the burst, gRPC refusals carry grpc-retry-pushback-ms and /play's 429 Retry-After."""
+    fog = small_fleet_foghorn
+    route = pb_grpc.RoutingStub(fog.channel()).RouteViewer
+    codes: Counter[str] = Counter()
+    pushback = ""
+    for _ in range(15):  # over the burst of 10
+        try:
+            await route(pb.ViewerRouteRequest(content_id="live-1"), timeout=5)
+            codes["ok"] += 1
+        except grpc.aio.AioRpcError as exc:
+            # (RESOURCE_EXHAUSTED is also "no eligible node": the nodes of the flood are gone.)
+            limited = "too many routing requests" in (exc.details() or "")
+            codes["limited" if limited else exc.code().name] += 1
+            if limited:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                pushback = str(dict(exc.trailing_metadata() or ()).get("grpc-retry-pushback-ms"))
+    assert codes["limited"] >= 1 and pushback.isdigit() and int(pushback) > 0, codes
+    async with httpx.AsyncClient(base_url=fog.http) as client:
+        replies = [await client.get("/play/live-1") for _ in range(15)]
+    limited = [r for r in replies if r.status_code == 429]
+    assert limited and all(int(r.headers["retry-after"]) >= 1 for r in limited)
     await fog.close_channels()
 
 
