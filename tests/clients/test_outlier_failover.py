@@ -61,14 +61,16 @@ def recorded_channel(
     return channel, recorder
 
 
-def policy(base_ejection_time: float = 1.0) -> Policy:
+def policy(
+    base_ejection_time: float = 1.0, attempt_timeout: float = 0.2, timeout: float = 2.0
+) -> Policy:
     return Policy(
-        timeout=2.0,
+        timeout=timeout,
         retry=RetryPolicy(
             max_attempts=3,
             base_backoff=0.01,
             max_backoff=0.05,
-            attempt_timeouts=((TESTSVC, 0.2),),
+            attempt_timeouts=((TESTSVC, attempt_timeout),),
             idempotent_methods=(TESTSVC,),
         ),
         breaker=BreakerPolicy(enabled=True),
@@ -157,13 +159,17 @@ async def test_a_paused_replica_is_ejected_and_no_call_fails(replica_pair) -> No
 async def test_calls_in_flight_on_a_replica_that_hangs_are_all_retried_elsewhere(
     replica_pair,
 ) -> None:
-    # 400 calls/s with a 0.2 s attempt timeout: about 40 attempts are in flight on the replica
-    # when it hangs, far more than the retry budget's 5 spare tokens. They fail together, their
-    # replica is ejected, and each is retried on the live replica.
-    channel, recorder = recorded_channel(replica_pair, policy(30.0))
+    # 200 calls in 0.5 s with a 1 s attempt timeout: about 100 attempts are in flight on the
+    # replica when it hangs, far more than the retry budget's 5 spare tokens. They fail
+    # together, their replica is ejected, and each is retried on the live replica. (With a
+    # 0.2 s attempt timeout a loaded machine made the live replica's answers time out too: it
+    # could not be ejected as well, so those retries were the budget's to refuse.)
+    channel, recorder = recorded_channel(
+        replica_pair, policy(30.0, attempt_timeout=1.0, timeout=5.0)
+    )
     stub = pb_grpc.TestServiceStub(channel)
     results = await calls_while_paused(
-        stub, replica_pair[0], "burst", 300, interval=0.0025, timeout=2.0
+        stub, replica_pair[0], "burst", 200, interval=0.0025, timeout=5.0
     )
     assert [r for r in results if isinstance(r, BaseException)] == []
     timed_out = [e for e in recorder.retries if e.reason.startswith("per-attempt timeout")]
