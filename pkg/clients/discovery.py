@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class RefreshingTargets(TargetList):
         self.refreshes = 0  # how many times the source was read
         self._users = 0
         self._task: asyncio.Task[None] | None = None
+        self._task_loop: asyncio.AbstractEventLoop | None = None
         self._soon: asyncio.Event | None = None
         self._last = 0.0
 
@@ -79,12 +81,14 @@ class RefreshingTargets(TargetList):
 
     def start(self) -> None:
         """Start refreshing (inside an event loop; no-op when running or outside one)."""
-        if self._task is not None and not self._task.done():
-            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
+        if self._task is not None and not self._task.done() and self._task_loop is loop:
+            return
+        # A list shared by channels of another (perhaps closed) loop restarts on this one.
+        self._task_loop = loop
         self._soon = asyncio.Event()
         self._last = loop.time()
         self._task = loop.create_task(self._loop())
@@ -226,16 +230,29 @@ class FileTargets(RefreshingTargets):
         return parse_address_file(self.path.read_text())
 
 
+# One list per spec in the process, so code that builds a channel per request neither resolves
+# the name (a blocking getaddrinfo) nor starts a refresh task each time.
+_SHARED: weakref.WeakValueDictionary[str, TargetList] = weakref.WeakValueDictionary()
+
+
 def dynamic_targets(targets: object) -> TargetList | None:
     """The ``TargetList`` a target spec stands for, when it names a changing replica set:
     a ``TargetList`` itself, ``dns:///name:port`` or ``file:/path`` (alone, as a string or
-    a one-element list). None for fixed addresses."""
+    a one-element list; one shared list per spec while something uses it). None for fixed
+    addresses."""
     if isinstance(targets, TargetList):
         return targets
     if isinstance(targets, (list, tuple)) and len(targets) == 1:
         targets = targets[0]
-    if not isinstance(targets, str):
+    if not isinstance(targets, str) or not targets.startswith(("file:", "dns:")):
         return None
+    found = _SHARED.get(targets)
+    if found is None:
+        found = _SHARED.setdefault(targets, _from_spec(targets))
+    return found
+
+
+def _from_spec(targets: str) -> TargetList:
     if targets.startswith("file:"):
         path = targets[len("file:") :]
         if path.startswith("//"):
@@ -243,15 +260,13 @@ def dynamic_targets(targets: object) -> TargetList | None:
         if not path:
             raise ValueError(f"unknown target syntax {targets!r}: expected 'file:/path'")
         return FileTargets(path)
-    if targets.startswith("dns:"):
-        rest = targets[len("dns:") :]
-        if rest.startswith("//"):
-            authority, slash, rest = rest[2:].partition("/")
-            if authority or not slash:
-                raise ValueError(
-                    f"unknown target syntax {targets!r}: expected 'dns:///name:port' (a DNS "
-                    "server other than the system's is not supported)"
-                )
-        host, port = _split_host_port(rest)
-        return DnsTargets(host, port)
-    return None
+    rest = targets[len("dns:") :]
+    if rest.startswith("//"):
+        authority, slash, rest = rest[2:].partition("/")
+        if authority or not slash:
+            raise ValueError(
+                f"unknown target syntax {targets!r}: expected 'dns:///name:port' (a DNS "
+                "server other than the system's is not supported)"
+            )
+    host, port = _split_host_port(rest)
+    return DnsTargets(host, port)

@@ -178,3 +178,11 @@ def test_target_specs_and_address_files_are_checked() -> None:
     started = time.monotonic()
     assert DnsTargets("localhost", 1).addresses[0] == "127.0.0.1:1"
     assert time.monotonic() - started < 5
+
+
+def test_one_list_per_spec_is_shared_while_in_use(tmp_path: Path) -> None:
+    listing = tmp_path / "replicas"
+    listing.write_text("127.0.0.1:1\n")
+    first = dynamic_targets(f"file:{listing}")
+    assert dynamic_targets([f"file:{listing}"]) is first  # no second read or refresh task
+    assert dynamic_targets("dns:///localhost:1") is dynamic_targets("dns:///localhost:1")

@@ -4,6 +4,7 @@ removed from a watched file, a replica killed and restarted (re-admitted by its 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pkg.clients import Instrumentation, OutlierEvent, Runtime, aio_channel
+from pkg.clients import Instrumentation, OutlierEvent, OutlierPolicy, Runtime, aio_channel
 from pkg.clients.foghorn import FoghornClient, default_policy
 from pkg.clients.grpc_aio import ResilientChannel
 from pkg.devstack.servers import CommandProcess, free_port
@@ -52,8 +53,12 @@ async def test_foghorn_client_follows_a_replica_file_and_readmits_a_restarted_re
     listing = tmp_path / "foghorn-replicas"
     listing.write_text(address_a + "\n")
     returns = Returns()
+    # A 30 s ejection: only the health check can bring b back within the test's bound.
+    policy = dataclasses.replace(
+        default_policy(), outlier=OutlierPolicy(base_ejection_time=30.0, max_ejection_time=60.0)
+    )
     channel = aio_channel(
-        f"file:{listing}", default_policy(), token=TOKEN, runtime=Runtime(instrumentation=[returns])
+        f"file:{listing}", policy, token=TOKEN, runtime=Runtime(instrumentation=[returns])
     )
     assert isinstance(channel, ResilientChannel) and channel.pool is not None
     pool = channel.pool
@@ -84,7 +89,7 @@ async def test_foghorn_client_follows_a_replica_file_and_readmits_a_restarted_re
             timeout=15,
             what="b ejected",
         )
-        b.start()
+        await asyncio.to_thread(b.start)  # the calls and the checks go on meanwhile
         back = time.monotonic()
 
         def readmitted() -> bool:
