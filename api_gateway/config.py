@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pkg.common.auth import Principal, parse_tokens, tokens_from_env
 from pkg.common.config import ServiceSettings, load_settings
 from pkg.common.httpserver import HttpSettings
 from pkg.common.tls import TlsSettings
@@ -27,6 +28,9 @@ class BridgeConfig(ServiceSettings):
     signalman_addresses: list[str] = field(default_factory=list)
     signalman_tokens: str = ""  # one Signalman credential per tenant: "acme=tok1,globex=tok2"
     foghorn_token: str = ""
+    # Platform tokens (PLATFORM_TOKENS syntax; empty: $PLATFORM_TOKENS): only an operator's
+    # opens /metrics and the full /health (api_gateway.ops); GraphQL callers use JWTs.
+    tokens: str = ""
     backend_timeout_s: float = 2.0
     redis_url: str = ""
     redis_prefix: str = "bridge"
@@ -95,6 +99,11 @@ class BridgeConfig(ServiceSettings):
         for name in ("tenant_rate", "anon_rate", "cache_ttl_s", "backend_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
+
+    def platform_tokens(self) -> dict[str, Principal]:
+        """The platform bearer tokens this replica knows: ``BRIDGE_TOKENS``, else
+        ``$PLATFORM_TOKENS`` (the same spec and parser as every service)."""
+        return parse_tokens(self.tokens) if self.tokens else tokens_from_env()
 
     @property
     def http(self) -> HttpSettings:

@@ -38,6 +38,7 @@ from api_gateway import errors
 from api_gateway.auth import AuthError, JwtAuthenticator, is_anonymous
 from api_gateway.errors import format_error
 from api_gateway.fastpath import answer_key
+from api_gateway.ops import OperatorGuard
 from api_gateway.persisted import (
     PersistedQueries,
     PersistedQueryInvalid,
@@ -54,7 +55,6 @@ from bridge.tenant_limits import CachedLimits
 from bridge.token_bucket import Decision, Limit
 from pkg.common.auth import ANONYMOUS, Principal
 from pkg.common.health import HealthSource
-from pkg.common.httpserver import ops_routes
 
 log = structlog.get_logger("bridge.http")
 STATIC = Path(__file__).parent / "static"
@@ -501,7 +501,7 @@ class HeaderLimit:
 
 
 def build_asgi(
-    view: BridgeGraphQL, health: HealthSource, max_header_bytes: int = 16_384
+    view: BridgeGraphQL, health: HealthSource, ops: OperatorGuard, max_header_bytes: int = 16_384
 ) -> Starlette:
     """Routes: /graphql (POST/GET/WS + GraphiQL page), /health and /metrics (the shared ops
     routes), /static/graphiql."""
@@ -522,7 +522,8 @@ def build_asgi(
     app = Starlette(
         routes=[
             Route("/", root),
-            *ops_routes(health),
+            # Public /health says ok/degraded; /metrics and the full report: operators.
+            *ops.routes(health),
             Mount("/static/graphiql", StaticFiles(directory=STATIC / "graphiql")),
             Route("/graphql", view, methods=["GET", "POST"]),
             WebSocketRoute("/graphql", view),

@@ -30,6 +30,7 @@ from api_gateway.http import (
     build_asgi,
     load_graphiql_html,
 )
+from api_gateway.ops import OperatorGuard
 from api_gateway.schema import build_schema
 from api_gateway.service import Gateway
 from bridge.answers import AnswerCache
@@ -41,6 +42,7 @@ from bridge.store.memory import MemoryAnswerStore, MemoryBucketStore, MemoryCach
 from bridge.tenant_limits import CachedLimits, ConfigLimitsProvider, parse_overrides
 from bridge.token_bucket import Limit
 from pkg.common.app import Lifecycle
+from pkg.common.auth import static_authenticator
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.health import Dependency, Figure, HealthReport, Status
 from pkg.common.httpserver import HttpServer
@@ -189,7 +191,8 @@ class BridgeApp:
             answers=self.answers if cfg.answer_cache else None,
         )
         # Built here, not in start(): tests drive it in process (Starlette's TestClient).
-        self.asgi: Starlette = build_asgi(view, self.health, cfg.max_header_bytes)
+        ops = OperatorGuard(self.auth, static_authenticator(cfg.platform_tokens()))
+        self.asgi: Starlette = build_asgi(view, self.health, ops, cfg.max_header_bytes)
         self.http: HttpServer | None = None
 
     @property

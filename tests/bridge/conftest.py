@@ -92,6 +92,8 @@ def bridge_env(redis_url: str, prefix: str, foghorn_port: int, **extra: str) -> 
         "BRIDGE_REDIS_TIMEOUT_S": "5",  # loaded CI machine: slow is not down
         "BRIDGE_FOGHORN_ADDRESSES": f"127.0.0.1:{foghorn_port}",
         "BRIDGE_FOGHORN_TOKEN": FOGHORN_TOKEN,
+        # The same token opens Bridge's /metrics and full /health (operators only).
+        "BRIDGE_TOKENS": f"{FOGHORN_TOKEN}=bridge-ops:operator",
         "BRIDGE_JWT_HS256_SECRET": SECRET,
         "BRIDGE_TENANT_BURST": "100000",
         "BRIDGE_TENANT_RATE": "100000",

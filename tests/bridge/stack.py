@@ -43,7 +43,8 @@ async def gql(
 async def metric_sum(client: AsyncHttpClient, url: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` (with these labels) on a Prometheus /metrics page.
 
-    Foghorn's /metrics needs an operator credential: the tests' Foghorn token is one."""
+    /metrics needs an operator credential: the tests' Foghorn token is one for Foghorn and for
+    Bridge (``BRIDGE_TOKENS`` in ``bridge_env``)."""
     text = (await client.get(url, headers={"authorization": f"Bearer {FOGHORN_TOKEN}"})).text
     total = 0.0
     for line in text.splitlines():

@@ -49,7 +49,8 @@ def test_a_repeated_query_is_answered_from_its_kept_answer(bridge):
     spec = gql(bridge, NODE_Q, {"id": "n1"}, tok=tok, headers={"Accept": media})
     assert spec.headers["content-type"].startswith(media)
     assert bridge.fleet.calls["get_node"] == 1
-    text = bridge.get("/metrics").text
+    ops = {"Authorization": f"Bearer {token(roles=['operator'])}"}  # operators only
+    text = bridge.get("/metrics", headers=ops).text
     assert 'bridge_answer_cache_requests_total{result="hit"}' in text
     assert 'bridge_ratelimit_decisions_total{decision="allowed",mode="local"}' in text
     assert 'bridge_http_responses_total{code="OK",status="200"}' in text

@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.integration]
 
 ROUTE_Q = "query($c: String!) { route(contentId: $c) { best { nodeId } considered } }"
 NODE_Q = "query($id: ID!) { node(id: $id) { id mode } }"
+OPS = {"authorization": f"Bearer {FOGHORN_TOKEN}"}  # an operator's: the full /health
 
 
 async def _viewer_routes(client, foghorn) -> float:
@@ -130,7 +131,7 @@ async def test_redis_stopped_mid_traffic_degrades_and_recovers(
         assert await wait_for(lambda: _routes_ok(client, ports[0], tok), 30), _last_seen
 
         async def health(port):
-            return (await client.get(f"http://127.0.0.1:{port}/health")).json()
+            return (await client.get(f"http://127.0.0.1:{port}/health", headers=OPS)).json()
 
         for p in ports:
             assert (await health(p))["status"] == "ok"
@@ -187,7 +188,7 @@ async def test_foghorn_down_answers_fast_errors_or_stale_cache(
     assert set(codes) <= {"BACKEND_UNAVAILABLE", "BACKEND_TIMEOUT"}
     # The breaker opened: later calls fail at once without trying the dead backend.
     assert any("circuit breaker" in m for m in messages[-10:]), messages[-3:]
-    health = (await client_.get(f"http://127.0.0.1:{ports[0]}/health")).json()
+    health = (await client_.get(f"http://127.0.0.1:{ports[0]}/health", headers=OPS)).json()
     assert health["status"] == "degraded"
     assert set(health["foghorn"]["breakers"].values()) & {"open", "half-open"}
     await client_.aclose()

@@ -265,10 +265,11 @@ def test_tenants_have_their_own_buckets_and_overrides():
 
 def test_health_and_metrics(client):
     setup_metrics("bridge-test")
-    health = client.get("/health").json()
+    ops = {"Authorization": f"Bearer {token(roles=['operator'])}"}  # operators only
+    health = client.get("/health", headers=ops).json()
     assert health["status"] == "ok" and health["redis"] == "embedded"
     gql(client, NODE_Q, {"id": "n1"}, tok=token(roles=["operator"]))
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers=ops).text
     assert "bridge_cache_requests" in text
 
 
@@ -372,10 +373,11 @@ def test_anonymous_buckets_follow_x_forwarded_for_only_when_trusted(trust):
 
 
 def test_health_figures_count_requests_and_cache_answers(client):
-    before = client.get("/health").json()["figures"]
+    ops = {"Authorization": f"Bearer {token(roles=['operator'])}"}  # the full report
+    before = client.get("/health", headers=ops).json()["figures"]
     for _ in range(3):
         assert gql(client, NODE_Q, {"id": "n1"}, tok=token(roles=["operator"])).status_code == 200
-    after = client.get("/health").json()["figures"]
+    after = client.get("/health", headers=ops).json()["figures"]
     assert after["requests"] - before["requests"] == 3
     assert after["http_5xx"] == before["http_5xx"]
     assert after["cache_hit_rate"] > 0  # the second and third lookups came from the cache

@@ -30,7 +30,7 @@ def _foghorn() -> FoghornApp:
 
 
 def _bridge() -> BridgeApp:
-    return BridgeApp(BridgeConfig(http_port=free_port(), replica_id="b-1"))
+    return BridgeApp(BridgeConfig(http_port=free_port(), replica_id="b-1", tokens="t=ops:operator"))
 
 
 def _signalman() -> SignalmanApp:
