@@ -165,17 +165,49 @@ class FoghornViewers(_Paced):
 
 
 class BridgeViewers(_Paced):
-    """The GraphQL ``route`` query through Bridge, behind a next-upstream load balancer."""
+    """The GraphQL ``route`` query through Bridge, behind a health-checked load balancer.
+
+    What the scaling RFC asks for in front of Bridge (and Foghorn's ``/play``): every upstream's
+    ``/health`` is polled every ``HEALTH_EVERY_S``; requests go to the upstreams that answered
+    200 (round robin), and to the next upstream when one does not answer (next-upstream). An
+    upstream that stops (503 from the first moment of a SIGTERM) leaves the rotation at the next
+    poll; one that comes back rejoins at the next poll, as with nginx's or Envoy's active checks.
+    """
+
+    HEALTH_EVERY_S = 0.25
 
     def __init__(self, urls: Sequence[str], jwt: str, rate: float) -> None:
         super().__init__(rate)
         self.urls = list(urls)
-        # One attempt per upstream: the load balancer model below moves to the next one. The
-        # breaker stays on, so a dead upstream is skipped at once instead of costing a timeout.
-        policy = replace(Policy.no_retries(timeout=2.0), breaker=BreakerPolicy())
+        # One attempt per upstream: the load balancer moves to the next one; no breaker (the
+        # health checks decide the rotation, and a refused connection costs nothing).
+        policy = replace(Policy.no_retries(timeout=2.0), breaker=BreakerPolicy(enabled=False))
         self.http = AsyncHttpClient(policy=policy, verify=http_verify())
         self.headers = {"authorization": f"Bearer {jwt}"}
         self.recorder = Recorder("bridge")
+        self.healthy = {url: True for url in self.urls}  # until the first poll says otherwise
+        self._checker: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        super().start()
+        self._checker = asyncio.create_task(self._check_health())
+
+    async def _check_one(self, url: str) -> None:
+        try:
+            reply = await self.http.get(url.removesuffix("/graphql") + "/health", timeout=1.0)
+            self.healthy[url] = reply.status_code == 200
+        except Exception:
+            self.healthy[url] = False
+
+    async def _check_health(self) -> None:
+        while True:
+            await asyncio.gather(*(self._check_one(u) for u in self.urls))
+            await asyncio.sleep(self.HEALTH_EVERY_S)
+
+    def _order(self, seq: int) -> list[str]:
+        turn = [self.urls[(seq + i) % len(self.urls)] for i in range(len(self.urls))]
+        # Healthy upstreams first; the others only when none is (a balancer's panic mode).
+        return [u for u in turn if self.healthy[u]] + [u for u in turn if not self.healthy[u]]
 
     async def one(self, seq: int) -> None:
         lat, lon = VIEWER_SPOTS[seq % len(VIEWER_SPOTS)]
@@ -185,8 +217,7 @@ class BridgeViewers(_Paced):
         }
         start = time.monotonic()
         errors = []
-        for i in range(len(self.urls)):
-            url = self.urls[(seq + i) % len(self.urls)]
+        for url in self._order(seq):
             try:
                 reply = await self.http.post(url, json=body, headers=self.headers, timeout=2.0)
             except Exception as exc:  # this upstream did not answer: try the next one
@@ -208,6 +239,14 @@ class BridgeViewers(_Paced):
                 self.recorder.add(start, False, "no best node in the answer")
             return
         self.recorder.add(start, False, "; ".join(errors)[:200])
+
+    async def stop(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
+            self._checker = None
+        await super().stop()
 
     async def close(self) -> None:
         await self.http.aclose()

@@ -38,7 +38,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -335,6 +335,9 @@ class Drill:
     # The alerts (deploy/prometheus/alerts.yml) this fault must fire, read from the platform's
     # Prometheus during the fault, and that must resolve once the platform recovered.
     alerts: tuple[str, ...] = ()
+    # A drill that builds its own platform (the rollout starts from the embedded default):
+    # run as alone(settings, run_dir) instead of on the shared one.
+    alone: Callable[[Settings, Path], Coroutine[Any, Any, Result]] | None = None
 
 
 # Called after every drill's own check (more problems, more facts): the history checker.
@@ -966,6 +969,7 @@ def main(argv: list[str]) -> int:
             for d in DRILLS
             if (args.hosts or not d.needs_hosts)
             and not ((args.hosts or args.tls) and d.needs_ha_stores)
+            and not ((args.hosts or args.tls) and d.alone is not None)  # loopback, plaintext
         ]
     else:
         names = [n for n in args.name.split(",") if n]
@@ -994,8 +998,15 @@ def main(argv: list[str]) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = (run_dir / "drills.log").open("a", buffering=1)
     configure_logging("drills", json=True, stream=log_file)
-    results = []
+    results: list[Result] = []
     try:
+        for name in [n for n in names if BY_NAME[n].alone is not None]:
+            alone = BY_NAME[name].alone
+            assert alone is not None
+            print(f"drill {name} (a platform of its own): {BY_NAME[name].expected}", flush=True)
+            results.append(asyncio.run(alone(settings, run_dir / name)))
+            print(render([results[-1]]).splitlines()[-1], flush=True)
+        names = [n for n in names if BY_NAME[n].alone is None]
         # Store failover drills run on a platform of their own (--ha-stores), after the others.
         for ha in (False, True):
             group = [n for n in names if BY_NAME[n].needs_ha_stores == ha]
@@ -1020,4 +1031,4 @@ def main(argv: list[str]) -> int:
 
 
 # Drills of their own modules: each registers into DRILLS, BY_NAME and AFTER_DRILL on import.
-from devtools import drill_day2, drill_partitions, drill_stores  # noqa: E402,F401
+from devtools import drill_day2, drill_partitions, drill_rollout, drill_stores  # noqa: E402,F401
