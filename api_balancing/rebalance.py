@@ -22,8 +22,8 @@ def plan(me: str, owned: Mapping[str, int], batch: int) -> dict[str, int]:
 
     ``owned`` holds every live replica (``me`` included) with the connected nodes it owns
     (moves in flight already counted at their target). ``me`` moves only what it holds above
-    the even split's ceiling, at most ``batch`` nodes, to the peers below its floor, the
-    least loaded first, never more than each one lacks.
+    the even split's ceiling, at most ``batch`` nodes, to the peers below its floor (the least
+    loaded first, never more than each lacks), then to peers still below the ceiling.
     """
     if me not in owned or len(owned) < 2 or batch <= 0:
         return {}
@@ -32,14 +32,19 @@ def plan(me: str, owned: Mapping[str, int], batch: int) -> dict[str, int]:
     floor = total // len(owned)
     excess = min(owned[me] - ceiling, batch)
     moves: dict[str, int] = {}
-    for peer, count in sorted(owned.items(), key=lambda kv: (kv[1], kv[0])):
-        if excess <= 0:
-            break
-        if peer == me or count >= floor:
-            continue
-        give = min(excess, floor - count)
-        moves[peer] = give
-        excess -= give
+    peers = sorted(((c, p) for p, c in owned.items() if p != me))
+    # First up to the floor (every replica holds at least that), then one more each to those
+    # at the floor while there is a remainder to place (some replicas hold the ceiling).
+    for limit in (floor, ceiling):
+        for count, peer in peers:
+            have = count + moves.get(peer, 0)
+            if excess <= 0:
+                break
+            if have >= limit:
+                continue
+            give = min(excess, limit - have)
+            moves[peer] = moves.get(peer, 0) + give
+            excess -= give
     return moves
 
 
