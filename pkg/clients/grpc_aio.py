@@ -9,8 +9,6 @@ and pkg.clients picks the replica of every attempt.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import functools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,7 +25,7 @@ from pkg.clients.grpc_aio_calls import (
 from pkg.clients.grpc_aio_interceptors import aio_stream_interceptors
 from pkg.clients.grpc_core import ChannelRef, ClientCore, channel_options
 from pkg.clients.outlier import OutlierDetector
-from pkg.clients.policy import Policy
+from pkg.clients.policy import Policy, per_replica_breakers
 from pkg.clients.replicas import ReplicaPool
 from pkg.clients.runtime import Runtime
 from pkg.clients.targets import ResolvedTarget, TargetList, grpc_target, resolve_targets
@@ -261,15 +259,6 @@ def aio_channel(
     # Unary calls take the breaker of the replica each attempt goes to (in the attempt), not
     # one breaker for the whole service: one dead replica must not fail calls the others
     # would answer.
-    pooled = ClientCore(_per_replica_breakers(core.policy), core.runtime, name, token)
+    pooled = ClientCore(per_replica_breakers(core.policy), core.runtime, name, token)
     pool = ReplicaPool(target_list, detector, pooled, core.policy, open_replica)
     return ResilientChannel(None, pooled, pool=pool)
-
-
-@functools.lru_cache(maxsize=256)
-def _per_replica_breakers(policy: Policy) -> Policy:
-    # The same policy without the service-wide breaker (cached: the runtime keeps method
-    # state per policy object, and channels built per request must not add one each).
-    if not policy.breaker.enabled:
-        return policy
-    return dataclasses.replace(policy, breaker=dataclasses.replace(policy.breaker, enabled=False))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -22,7 +22,6 @@ from pkg.clients.breaker import (
     STATE_CLOSED,
     STATE_OPEN,
     TICKET_NORMAL,
-    BreakerOpenError,
     CircuitBreaker,
 )
 from pkg.clients.classify import outlier_outcome
@@ -37,9 +36,7 @@ from pkg.clients.outlier import (
     OUTCOME_SUCCESS,
     Replica,
 )
-
-if TYPE_CHECKING:
-    from pkg.clients.replicas import ReplicaPool
+from pkg.clients.replicas import ReplicaPool, pick_admitted
 
 
 class UnaryCall:
@@ -275,32 +272,19 @@ class PooledUnaryCall(UnaryCall):
         failed: list[Replica | None] = [None]  # the replica the previous attempt failed on
 
         def choose() -> tuple[Replica, CircuitBreaker | None, int]:
-            # The replica picked, its breaker and the breaker's ticket. A replica whose
-            # breaker refuses is skipped; when every one refuses, the call fails fast.
-            refused: list[Replica] = []
-            error: BreakerOpenError | None = None
-            while True:
-                i = detector.pick(-1 if failed[0] is None else failed[0], refused)
-                if i < 0:
-                    if error is not None:
-                        raise error
-                    pool.targets.refresh_soon()
-                    raise NotSentError(
-                        pool.targets.name,
-                        "no replica address known",
-                        grpc.StatusCode.UNAVAILABLE,
-                    )
-                r = detector.replicas[i]
-                breaker = mc.breaker(r.address)
-                if breaker is None or breaker._state is _CLOSED:
-                    return r, breaker, TICKET_NORMAL
-                try:
-                    return r, breaker, breaker.admit(clock.monotonic())
-                except BreakerOpenError as exc:
-                    detector.release(r)
-                    refused.append(r)
-                    error = exc
-                    pool.wake_checker()
+            # The replica picked, its breaker and the breaker's ticket; when every replica's
+            # breaker refuses, the call fails fast.
+            r, breaker, ticket, error = pick_admitted(
+                detector, failed[0], mc.breaker, clock.monotonic, pool.wake_checker
+            )
+            if r is not None:
+                return r, breaker, ticket
+            if error is not None:
+                raise error
+            pool.targets.refresh_soon()
+            raise NotSentError(
+                pool.targets.name, "no replica address known", grpc.StatusCode.UNAVAILABLE
+            )
 
         async def attempt(attempt_timeout: float) -> Any:
             r, breaker, ticket = choose()

@@ -11,7 +11,7 @@ stays a 503 response, not an exception); transport errors are raised.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar
 
 import httpx
@@ -25,9 +25,11 @@ from pkg.clients.classify import (
     parse_retry_after,
 )
 from pkg.clients.engine import Classifier, call_async, call_sync
-from pkg.clients.policy import Policy, finite_number
+from pkg.clients.http_replicas import HttpReplicas
+from pkg.clients.policy import Policy, finite_number, per_replica_breakers
 from pkg.clients.runtime import MethodState, Runtime
 from pkg.clients.settings import ClientSettings
+from pkg.clients.targets import TargetList
 
 
 class RetryableStatus(Exception):
@@ -109,9 +111,11 @@ class _HttpCore(ClientSettings):
         url: Any,
         timeout: float | None,
         kwargs: dict[str, Any],
+        replicas: HttpReplicas | None = None,
     ) -> _Prepared:
         """The request to send, how to send it, the state of its (authority, method) and its
-        classifier. ``kwargs`` are httpx's request arguments."""
+        classifier. ``kwargs`` are httpx's request arguments. With ``replicas`` the state is
+        the replica set's, without the service-wide breaker (each replica has its own)."""
         if timeout is not None and not finite_number(timeout):
             raise ValueError(
                 "timeout must be a number of seconds (the overall deadline of the call), "
@@ -122,8 +126,12 @@ class _HttpCore(ClientSettings):
         if self.token and "authorization" not in headers:
             headers["authorization"] = f"Bearer {self.token}"
         request = client.build_request(method, url, headers=headers, **kwargs)
-        authority = f"{request.url.scheme}://{request.url.netloc.decode()}"
-        state = self.runtime.method(self.policy, authority, f"HTTP {request.method}")
+        if replicas is None:
+            authority = f"{request.url.scheme}://{request.url.netloc.decode()}"
+            state = self.runtime.method(self.policy, authority, f"HTTP {request.method}")
+        else:
+            policy = per_replica_breakers(self.policy)
+            state = self.runtime.method(policy, replicas.name, f"HTTP {request.method}")
         idempotent = http_idempotent(request.method, request.headers)
         clock = self.runtime.clock
 
@@ -168,9 +176,33 @@ class AsyncHttpClient(_PolicyClient[httpx.AsyncClient]):
     ``AsyncHttpClient(base_url="http://127.0.0.1:8080", policy=..., token=...)``, then
     ``await client.get("/path")``. ``timeout=`` per request is the overall deadline.
     Extra keyword arguments go to ``httpx.AsyncClient`` (e.g. ``transport`` in tests).
+
+    ``replicas``: several replicas of one service (a list of ``ip:port``, ``dns:///name:port``,
+    ``file:/path`` or a ``TargetList``): every attempt goes to a replica picked by outlier
+    detection, each replica has its own breaker, and one out of rotation is re-admitted as
+    soon as ``GET health_path`` answers 2xx (``pkg.clients.http_replicas``). ``base_url``
+    then gives the scheme and the ``Host`` header; its host is not dialled.
     """
 
     _httpx_class = httpx.AsyncClient
+
+    def __init__(
+        self,
+        base_url: str = "",
+        policy: Policy | None = None,
+        *,
+        replicas: str | Sequence[str] | TargetList | None = None,
+        health_path: str = "/health",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(base_url, policy, **kwargs)
+        self._replicas: HttpReplicas | None = None
+        if replicas is not None:
+            scheme = httpx.URL(base_url).scheme or "http"
+            core = self._core
+            self._replicas = HttpReplicas(
+                replicas, core.policy, core.runtime, self._client, scheme, health_path
+            )
 
     async def request(
         self,
@@ -181,10 +213,18 @@ class AsyncHttpClient(_PolicyClient[httpx.AsyncClient]):
         **kwargs: Any,
     ) -> httpx.Response:
         """Send a request under the policy; returns the final response."""
+        pool = self._replicas
         request, send_options, state, classify = self._core.prepare(
-            self._client, method, url, timeout, kwargs
+            self._client, method, url, timeout, kwargs, pool
         )
         client = self._client
+        if pool is not None:
+            pooled = pool.attempt_fn(request, send_options, state, classify, RetryableStatus)
+            try:
+                response: httpx.Response = await call_async(state, timeout, pooled, classify)
+            except RetryableStatus as final:
+                return final.response
+            return response
 
         async def attempt(attempt_timeout: float) -> httpx.Response:
             _set_attempt_timeout(request, attempt_timeout)
@@ -216,7 +256,9 @@ class AsyncHttpClient(_PolicyClient[httpx.AsyncClient]):
         return await self.request("DELETE", url, **kwargs)
 
     async def aclose(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pool (and stop health-checking replicas)."""
+        if self._replicas is not None:
+            await self._replicas.close()
         await self._client.aclose()
 
     async def __aenter__(self) -> AsyncHttpClient:

@@ -9,8 +9,9 @@ never at call time.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -520,3 +521,13 @@ class Policy:
     def no_retries(cls, timeout: float = 10.0) -> Policy:
         """A policy that never retries (breaker and deadline still apply)."""
         return cls(timeout=timeout, retry=RetryPolicy(max_attempts=1))
+
+
+@functools.lru_cache(maxsize=256)
+def per_replica_breakers(policy: Policy) -> Policy:
+    """``policy`` without the service-wide breaker, for clients over several replicas: each
+    replica's own breaker (same settings) takes its place. Cached: the runtime keeps method
+    state per policy object, and clients built per request must not add one each."""
+    if not policy.breaker.enabled:
+        return policy
+    return replace(policy, breaker=replace(policy.breaker, enabled=False))

@@ -17,17 +17,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2
 
-from pkg.clients.breaker import STATE_HALF_OPEN, STATE_OPEN, CircuitBreaker
+from pkg.clients.breaker import (
+    STATE_CLOSED,
+    STATE_HALF_OPEN,
+    STATE_OPEN,
+    TICKET_NORMAL,
+    BreakerOpenError,
+    CircuitBreaker,
+)
 from pkg.clients.grpc_core import ClientCore
 from pkg.clients.outlier import HEALTHY, OutlierDetector, Replica
 from pkg.clients.policy import Policy
+from pkg.clients.runtime import Runtime
 from pkg.clients.targets import TargetList
 
 CHECK_METHOD = "/grpc.health.v1.Health/Check"
@@ -63,9 +71,20 @@ class ReplicaPool:
         self._retiring: set[asyncio.Task[None]] = set()
         self.closed = False
         self.started = False
-        self.checker = HealthChecker(self) if policy.outlier.health_check else None
-        if self.checker is not None:
-            detector.watchers.add(self.checker)
+        outlier = policy.outlier
+        self.checker = (
+            HealthChecker(
+                detector,
+                core.runtime,
+                outlier.health_check_interval,
+                self._serving,
+                self.channels.__contains__,
+            )
+            if outlier.health_check
+            else None
+        )
+        self._check_request = health_pb2.HealthCheckRequest(service=outlier.health_service)
+        self._check_timeout = outlier.health_check_timeout
         for address in targets.addresses:
             self.channel(address)
         targets.subscribe(self._on_change)
@@ -96,6 +115,28 @@ class ReplicaPool:
     def breakers_of(self, address: str) -> list[CircuitBreaker]:
         """Every breaker of one replica created so far."""
         return self.core.runtime.breakers_of(address)
+
+    async def _serving(self, address: str) -> bool:
+        # gRPC health through the replica's own connection; wait_for_ready lets the check
+        # ride its reconnection, so a replica that restarts answers as soon as it listens.
+        channel = self.channels.get(address)
+        if channel is None:
+            return False
+        try:
+            reply: Any = await channel.unary_unary(
+                CHECK_METHOD,
+                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+                response_deserializer=health_pb2.HealthCheckResponse.FromString,
+            )(
+                self._check_request,
+                timeout=self._check_timeout,
+                wait_for_ready=True,
+                metadata=self.core.auth,
+            )
+        except grpc.RpcError as exc:
+            # A server without the health service is up: it answered.
+            return isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNIMPLEMENTED
+        return bool(reply.status == _SERVING)
 
     def wake_checker(self) -> None:
         """A replica's breaker refused a call: make sure the health checker runs."""
@@ -136,23 +177,34 @@ class ReplicaPool:
 
 
 class HealthChecker:
-    """Active re-admission for one channel's replicas (``OutlierPolicy.health_check``).
+    """Active re-admission of the replicas of one channel or HTTP client.
 
     Runs only while some replica is out of rotation (ejected, probing) or has an open breaker:
-    woken by an ejection (the detector's watchers) or a breaker refusal, it checks every such
-    replica each interval and stops when none is left. ``wait_for_ready`` lets a check ride
-    the replica's reconnection, so a replica that restarts answers as soon as it listens.
+    woken by an ejection (the detector's watchers) or a breaker refusal, it asks every such
+    replica ``probe(address)`` (True: it serves) each interval and stops when none is left.
+    On True the replica is back in rotation and its open breakers go half-open (the next call
+    probes them at once instead of after their open duration).
     """
 
-    def __init__(self, pool: ReplicaPool) -> None:
-        self.pool = pool
-        outlier = pool.policy.outlier
-        self.interval = outlier.health_check_interval
-        self.timeout = outlier.health_check_timeout
-        self.request = health_pb2.HealthCheckRequest(service=outlier.health_service)
+    def __init__(
+        self,
+        detector: OutlierDetector,
+        runtime: Runtime,
+        interval: float,
+        probe: Callable[[str], Awaitable[bool]],
+        known: Callable[[str], bool],
+        breaker_name: Callable[[str], str] = str,
+    ) -> None:
+        self.detector = detector
+        self.runtime = runtime
+        self.interval = interval
+        self._probe = probe
+        self._known = known
+        self._breaker_name = breaker_name
         self.checks = 0  # health checks sent (for tests and the curious)
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        detector.watchers.add(self)
 
     def wake(self) -> None:
         """Start checking (no-op when already running, closed, or outside an event loop)."""
@@ -164,14 +216,16 @@ class HealthChecker:
             return
         self._task = loop.create_task(self._run())
 
+    def _breakers(self, address: str) -> list[CircuitBreaker]:
+        return self.runtime.breakers_of(self._breaker_name(address))
+
     def _due(self) -> list[Replica]:
-        pool = self.pool
         due = []
-        for r in pool.detector.replicas:
-            if r.address not in pool.channels:
+        for r in self.detector.replicas:
+            if not self._known(r.address):
                 continue
             if r.state is not HEALTHY or any(
-                b.state == STATE_OPEN for b in pool.breakers_of(r.address)
+                b.state == STATE_OPEN for b in self._breakers(r.address)
             ):
                 due.append(r)
         return due
@@ -185,30 +239,17 @@ class HealthChecker:
             await asyncio.sleep(self.interval)
 
     async def _check(self, r: Replica) -> None:
-        pool = self.pool
-        channel = pool.channels.get(r.address)
-        if channel is None:
-            return
         self.checks += 1
         try:
-            reply: Any = await channel.unary_unary(
-                CHECK_METHOD,
-                request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                response_deserializer=health_pb2.HealthCheckResponse.FromString,
-            )(self.request, timeout=self.timeout, wait_for_ready=True, metadata=pool.core.auth)
-            serving = reply.status == _SERVING
-        except grpc.RpcError as exc:
-            # A server without the health service is up: it answered.
-            serving = isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNIMPLEMENTED
-        except Exception:  # closed channel, cancelled check: no news about the replica
+            serving = await self._probe(r.address)
+        except Exception:  # closed channel or client: no news about the replica
             serving = False
         if not serving or self._closed:
             return
-        if r in pool.detector.replicas:
-            pool.detector.readmit(r)
-        for breaker in pool.breakers_of(r.address):
+        if r in self.detector.replicas:
+            self.detector.readmit(r)
+        for breaker in self._breakers(r.address):
             if breaker.state == STATE_OPEN:
-                # The next call probes it at once instead of after the open duration.
                 breaker.force(STATE_HALF_OPEN, reason="health check: SERVING")
 
     async def close(self) -> None:
@@ -219,3 +260,34 @@ class HealthChecker:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def pick_admitted(
+    detector: OutlierDetector,
+    avoid: Replica | None,
+    breaker_of: Callable[[str], CircuitBreaker | None],
+    now: Callable[[], float],
+    refused_hook: Callable[[], None],
+) -> tuple[Replica | None, CircuitBreaker | None, int, BreakerOpenError | None]:
+    """The replica for an attempt, its breaker and the breaker's ticket.
+
+    A replica whose breaker refuses is skipped; when none is left: (None, None, 0, the last
+    breaker error or None when no replica is known at all).
+    """
+    refused: list[Replica] = []
+    error: BreakerOpenError | None = None
+    while True:
+        i = detector.pick(-1 if avoid is None else avoid, refused)
+        if i < 0:
+            return None, None, TICKET_NORMAL, error
+        r = detector.replicas[i]
+        breaker = breaker_of(r.address)
+        if breaker is None or breaker.state == STATE_CLOSED:
+            return r, breaker, TICKET_NORMAL, None
+        try:
+            return r, breaker, breaker.admit(now()), None
+        except BreakerOpenError as exc:
+            detector.release(r)
+            refused.append(r)
+            error = exc
+            refused_hook()
