@@ -20,6 +20,7 @@ import contextlib
 import random
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from pkg.common.tls import add_tls_arguments, credentials_from_args
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 
 log = structlog.get_logger("edge-sim")
+# How long a node avoids the replica that told it to move (Reconnect) when it picks one itself.
+LEFT_AVOID_S = 10.0
 
 # (city, region, latitude, longitude)
 CITIES: list[tuple[str, str, float, float]] = [
@@ -344,6 +347,9 @@ class NodeRunner:
         self.moved = 0  # Reconnect messages obeyed
         self._moving_to: list[str] = []
         self._failed: set[str] = set()
+        # A replica that told this node to move (it is stopping, or it holds more than its
+        # share) is not picked again for a while, unless no other replica is left to try.
+        self._left: dict[str, float] = {}
 
     def _pick(self) -> str:
         if self.replicas is None:
@@ -353,6 +359,10 @@ class NodeRunner:
             if target not in self._failed:
                 return target
         order = [known[(self.slot + i) % len(known)] for i in range(len(known))]
+        now = time.monotonic()
+        for address in order:
+            if address not in self._failed and self._left.get(address, 0.0) <= now:
+                return address
         for address in order:
             if address not in self._failed:
                 return address
@@ -436,6 +446,8 @@ class NodeRunner:
                     self.moved += 1
                     self._moving_to = list(msg.reconnect.targets)
                     self._failed = {self.address} if self.address else set()
+                    if self.address:
+                        self._left[self.address] = time.monotonic() + LEFT_AVOID_S
                     log.info("moving to another replica", node_id=self.node.node_id,
                              reason=msg.reconnect.reason, targets=self._moving_to)  # fmt: skip
                     return True

@@ -143,6 +143,9 @@ async def test_replica_that_joins_gets_an_even_share_a_few_nodes_at_a_time(
     a = await make_replica("a")
     fleet = fleets([a.grpc_target], count)
     await eventually(lambda: owned(a) == count, what="a owns every node")
+    await eventually(
+        lambda: sum(r.connected for r in a.store.snapshot()) == count, what="a routes every node"
+    )
     routing = Routing(a.grpc_target)
     try:
         b = await make_replica("b")
