@@ -266,6 +266,8 @@ class Replicas:
         self.addresses = list(addresses)
         self.token = token
         self._clients: dict[str, FoghornClient] = {}
+        # Where the configured list comes from when it changes by itself (dns:///, file:).
+        self.source: TargetList | None = None
 
     def _merge(self) -> None:
         merged = [*self.announced, *(a for a in self.configured if a not in self.announced)]
@@ -284,6 +286,12 @@ class Replicas:
         if addresses:
             self.configured = list(addresses)
             self._merge()
+
+    def failed(self) -> None:
+        """A node's stream to a replica failed: a configured DNS name is re-resolved soon (at
+        most once a second however many nodes fail)."""
+        if self.source is not None:
+            self.source.refresh_soon()
 
     def client(self, address: str) -> FoghornClient:
         client = self._clients.get(address)
@@ -393,6 +401,8 @@ class NodeRunner:
             self._moving_to = []
             if self.address:
                 self._failed.add(self.address)
+                if self.replicas is not None:
+                    self.replicas.failed()
             # Reset at each registration: the first retry (to the next replica) waits at most
             # 0.2 s, which spreads a fleet whose replica died; repeated failures wait longer.
             await self.backoff.wait()
@@ -468,6 +478,24 @@ class NodeRunner:
             await asyncio.sleep(self.interval_s * rng.uniform(0.9, 1.1))
 
 
+def configured_replicas(
+    spec: str | TargetList, token: str | None, credentials: grpc.ChannelCredentials | None = None
+) -> Replicas:
+    """The fleet's replicas from ``--foghorn``: fixed addresses, or a list that changes by
+    itself ("dns:///name:port": every address of the name, re-resolved every 5 s and soon
+    after a node's stream fails; "file:/path"; a ``TargetList``) through pkg.clients' own
+    sources. Call inside the event loop (the source refreshes on it)."""
+    source = dynamic_targets(spec)
+    configured = list(source.addresses) if source else parse_targets(spec)
+    replicas = Replicas(configured, token, credentials)
+    if source is not None:
+        replicas.source = source
+        source.subscribe(lambda found: replicas.configure(list(found)))
+        source.acquire()
+        source.start()
+    return replicas
+
+
 async def run_fleet(args: argparse.Namespace) -> int:
     credentials = credentials_from_args(args)
     source: TargetList | None = None
@@ -476,16 +504,9 @@ async def run_fleet(args: argparse.Namespace) -> int:
         replicas = Replicas(read_targets(path), args.token or None, credentials)
         watcher: asyncio.Task[None] | None = asyncio.create_task(replicas.watch_file(path))
     else:
-        # "dns:///name:port" (every address of the name, re-resolved) or "file:/path" feed the
-        # configured list through pkg.clients' own sources; plain addresses are fixed.
-        source = dynamic_targets(args.foghorn)
-        configured = list(source.addresses) if source else parse_targets(args.foghorn)
-        replicas = Replicas(configured, args.token or None, credentials)
+        replicas = configured_replicas(args.foghorn, args.token or None, credentials)
+        source = replicas.source
         watcher = None
-        if source is not None:
-            source.subscribe(lambda found: replicas.configure(list(found)))
-            source.acquire()
-            source.start()
     nodes = build_fleet(args.nodes, args.seed, args.streams, args.base_port, args.media_host)
     runners = [NodeRunner(n, replicas, args.interval, slot=i) for i, n in enumerate(nodes)]
     tasks = [asyncio.create_task(r.run()) for r in runners]

@@ -220,3 +220,19 @@ async def test_crash_then_restart_then_stop_the_other_fails_no_call(replica_pair
     after = [who for t, who in answers if t > stopped + 1.0]
     assert after and set(after) == {"b"}
     await channel.close()
+
+
+async def test_new_streams_skip_a_replica_whose_breaker_is_open(replica_pair) -> None:
+    p = policy(breaker=BreakerPolicy(open_duration=30.0), health_check=False)
+    channel, stub, _, runtime = channel_over(replica_pair, p)
+    address_a, _ = addresses(*replica_pair)
+    await both_in_rotation(stub)
+    # a's breaker (the one its unary calls use, named by its address) is open: every new
+    # stream starts on b, and none fails on a's breaker.
+    runtime.breaker(address_a, "", p).force(STATE_OPEN)
+    servers = set()
+    for i in range(6):
+        call = stub.ServerStream(pb.StreamRequest(key=f"s-{i}", count=1), timeout=3.0)
+        servers.update([reply.server_id async for reply in call])
+    assert servers == {"b"}
+    await channel.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -13,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from api_balancing.simulator import NodeRunner, build_fleet, configured_replicas
 from pkg.clients import Instrumentation, OutlierEvent, OutlierPolicy, Runtime, aio_channel
+from pkg.clients.discovery import DnsTargets
 from pkg.clients.foghorn import FoghornClient, default_policy
 from pkg.clients.grpc_aio import ResilientChannel
 from pkg.devstack.servers import CommandProcess, free_port
@@ -133,3 +136,45 @@ async def test_edge_sim_finds_foghorn_through_a_dns_name(
         await eventually(registered, timeout=30, what="edge-sim nodes registered via DNS")
     finally:
         await client.close()
+
+
+async def test_edge_sim_nodes_follow_a_dns_name_re_resolved_after_their_streams_fail(
+    process_factory: Callable[..., CommandProcess], tmp_path: Path
+) -> None:
+    a = _foghorn(process_factory, "fog-old")
+    b = _foghorn(process_factory, "fog-new")
+    zone = tmp_path / "zone.json"
+
+    def publish(*records: str) -> None:
+        zone.write_text(json.dumps({"foghorn.internal": list(records)}))
+
+    def resolver(host: str, port: int) -> list[str]:
+        return list(json.loads(zone.read_text())[host])
+
+    publish(f"127.0.0.1:{a.port}")
+    # The periodic refresh an hour away: only the nodes' failures can trigger re-resolution.
+    source = DnsTargets("foghorn.internal", 8008, resolver=resolver, interval=3600.0)
+    replicas = configured_replicas(source, TOKEN)
+    runners = [NodeRunner(n, replicas, 0.3, slot=i) for i, n in enumerate(build_fleet(3, 5))]
+    tasks = [asyncio.create_task(r.run()) for r in runners]
+    try:
+        await eventually(
+            lambda: all(r.connected.is_set() for r in runners), timeout=20, what="nodes on a"
+        )
+        publish(f"127.0.0.1:{b.port}")  # the name now points at the new replica only
+        before = source.refreshes
+        a.kill()
+        await eventually(
+            lambda: all(
+                r.connected.is_set() and r.address == f"127.0.0.1:{b.port}" for r in runners
+            ),
+            timeout=20,
+            what="nodes moved to the replica the name resolves to now",
+        )
+        assert source.refreshes > before
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await replicas.close()
+        await source.close()
