@@ -169,8 +169,15 @@ class FoghornApp:
         """The one health report: status, dependencies, counts, routing latency, HA state."""
         store_ok = self.store.healthy()
         records = self.store.snapshot()
-        connected = sum(1 for r in records if r.connected)
-        stale = sum(1 for r in records if r.connected and self.fleet.is_stale(r))
+        # One pass with the clock read once: at 10,000 nodes, polled by monitors and drills,
+        # the two generator passes calling is_stale per node were a tenth of a busy server.
+        oldest = self.fleet.clock.time() - self.fleet.settings.stale_after_s
+        connected = stale = 0
+        for r in records:
+            if r.connected:
+                connected += 1
+                if r.report is None or r.last_report_at < oldest:
+                    stale += 1
         c = self.fleet.counters
         lat = self.fleet.route_latency
         route_p99_us = round(lat.percentile(0.99), 1)

@@ -29,12 +29,14 @@ async def web(make_foghorn) -> AsyncIterator[tuple[Harness, AsyncHttpClient]]:  
 async def test_health_reports_status_dependencies_and_counts(web) -> None:  # type: ignore[no-untyped-def]
     h, http = web
     await h.node("n1", report_msg())
+    await h.node("quiet")  # connected, never reported: stale
     reply = await http.get("/health")
     assert reply.status_code == 200
     doc = reply.json()
     assert doc["status"] == "ok"
     assert doc["dependencies"]["store"] == {"kind": "memory", "status": "ok"}
-    assert doc["counts"]["nodes"] == 1 and doc["counts"]["connected"] == 1
+    assert doc["counts"]["nodes"] == 2 and doc["counts"]["connected"] == 2
+    assert doc["counts"]["stale"] == 1
     assert doc["counts"]["reports_accepted"] == 1
 
 
