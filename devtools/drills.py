@@ -91,6 +91,9 @@ class Settings:
     # How long an expected alert may keep firing after traffic recovered (its rate windows and
     # hold times, on the local platform's clock, must pass).
     alerts_resolve_s: float = 60.0
+    # Added to every documented port of the drills' platform (./dev up's --port-offset), so a
+    # drill runs beside another platform on this host.
+    port_offset: int = 0
     # The alert rules' clock on the drills' platform (./dev up's --rules-time-scale).
     rules_time_scale: float = 1 / 20
     # Signalman's consumer-group session timeout bounds how fast a dead replica's partitions move
@@ -227,6 +230,7 @@ class Platform:
                 *[f"--env={k}={v}" for k, v in settings.env],
                 *(["--hosts"] if hosts else []),
                 *(["--ha-stores"] if ha_stores else []),
+                f"--port-offset={settings.port_offset}",
                 *(["--tls"] if tls else []),
             ]
         )
@@ -943,6 +947,12 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--short", action="store_true", help="short TTLs and phases (seconds/drill)")
     p.add_argument("--nodes", type=int, default=None, help="simulated edge nodes")
+    p.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="added to every documented port, to run beside another platform (./dev up's)",
+    )
     p.add_argument("--json", type=Path, default=BENCH_FILE, help="where to write the figures")
     p.add_argument(
         "--hosts",
@@ -989,6 +999,10 @@ def main(argv: list[str]) -> int:
     if args.hosts and not simhosts.inside():
         return simhosts.run_harness(["drill", *argv])
     settings = Settings.short() if args.short else Settings()
+    if not 0 <= args.port_offset <= 20000:
+        print("--port-offset must be within 0..20000")
+        return 2
+    settings = replace(settings, port_offset=args.port_offset)
     if args.nodes is not None:
         if args.nodes < 1:
             print("--nodes must be >= 1")

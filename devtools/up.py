@@ -132,6 +132,8 @@ class Stack:
     ha_stores: Any = None
     # The local Prometheus scraping every process (None: not started, e.g. --single).
     prometheus_url: str | None = None
+    # --port-offset: added to every documented port (a second platform on the same host).
+    port_offset: int = 0
     # --tls: the run's CA and the certificates it issued (None: plaintext everywhere).
     tls: DevTls | None = None
 
@@ -395,6 +397,13 @@ def parser() -> argparse.ArgumentParser:
         f"(default {alerts.DEV_TIME_SCALE:g}: faults last seconds here, minutes in production)",
     )
     p.add_argument(
+        "--port-offset",
+        type=int,
+        default=0,
+        help="add this to every documented port (18008, 8080, 50070, 9090 ...), to run beside "
+        "another platform on this host (a port still taken is replaced by a free one)",
+    )
+    p.add_argument(
         "--no-prometheus",
         action="store_true",
         help="do not start Prometheus (it scrapes every process and evaluates the alert rules)",
@@ -440,7 +449,10 @@ def build_stack(args: argparse.Namespace, should_stop: Callable[[], bool] = lamb
         backends=Backends(args.redis_url, args.kafka_bootstrap, args.postgres_dsn),
         extra_env=parse_env(getattr(args, "env", None) or []),
         hosts=simhosts.HostPlan.from_env() if getattr(args, "hosts", False) else None,
+        port_offset=getattr(args, "port_offset", 0),
     )
+    if not 0 <= stack.port_offset <= 20000:
+        raise ValueError(f"--port-offset must be within 0..20000, got {stack.port_offset}")
     if stack.hosts is not None and getattr(args, "ha_stores", False):
         raise ValueError(HOSTS_HA_STORES)
     if getattr(args, "tls", False):
@@ -566,6 +578,8 @@ def _port(preferred: int, stack: Stack | None = None) -> int:
 
     if stack is not None and stack.hosts is not None:
         return preferred
+    if stack is not None:
+        preferred += stack.port_offset
     return free_port() if port_open(preferred) else preferred
 
 
@@ -769,7 +783,7 @@ def prometheus(stack: Stack, args: argparse.Namespace) -> None:
             targets.setdefault(item.name.rsplit("-", 1)[0], []).append(address)
     server = PrometheusServer(
         targets, alerts.RULE_FILES, run_dir=stack.run_dir / "prometheus",
-        port=_port(9090), time_scale=args.rules_time_scale, bearer_token=OPERATOR_TOKEN,
+        port=_port(9090, stack), time_scale=args.rules_time_scale, bearer_token=OPERATOR_TOKEN,
         scrape_tls=stack.tls.cert("prometheus") if stack.tls else None,
     )  # fmt: skip
     stack.sup.add(Managed("prometheus", server, kind="server"))

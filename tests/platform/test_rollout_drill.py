@@ -1,0 +1,26 @@
+"""The scaling RFC's Phase 1 and 2 procedures, out and back, with real processes (the
+``rollout`` drill, short): an operator's node mode survives every step in both directions and
+no viewer routing fails, straight to Foghorn or through Bridge."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from devtools.drill_rollout import run_rollout
+
+pytestmark = [pytest.mark.integration, pytest.mark.failure]
+
+
+def test_rollout_and_rollback_keep_the_operators_mode_and_fail_no_routing(tmp_path: Path) -> None:
+    facts = asyncio.run(run_rollout(4, tmp_path))
+    assert "error" not in facts, facts
+    steps = facts["steps"]
+    assert [s["step"].split()[0] for s in steps][:2] == ["P1.2", "P1.3"], steps
+    assert len(steps) == 12, steps
+    # Kept at every step: every Foghorn replica holding the node had the mode set on the first.
+    assert facts["state_kept"] is True and all(s["state_kept"] for s in steps), steps
+    assert facts["requests"] > 200, facts  # traffic really flowed through every step
+    assert facts["failed_foghorn"] == 0 and facts["failed_bridge"] == 0, steps
