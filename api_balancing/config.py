@@ -15,6 +15,7 @@ from api_balancing.scoring import Weights
 from api_balancing.store.keys import Keys
 from pkg.common.auth import Principal, parse_tokens, tokens_from_env
 from pkg.common.config import ServiceSettings, load_settings
+from pkg.common.forwarded import TrustedProxies
 from pkg.common.grpcserver import GrpcSettings
 from pkg.common.httpserver import HttpSettings
 from pkg.common.tls import TlsSettings
@@ -91,6 +92,9 @@ class FoghornConfig(ServiceSettings):
     anon_routes_per_s: float = 50.0
     anon_route_burst: int = 100
     redirects_per_client: int = 4
+    # Load balancers whose X-Forwarded-For (HTTP header, gRPC metadata) names the client:
+    # comma-separated CIDRs (pkg.common.forwarded); empty: every peer is the client itself.
+    trusted_proxies: str = ""
     max_streams_per_credential: int = 1000
     register_timeout_s: float = 5.0
     weight_cpu: float = 500.0
@@ -158,6 +162,7 @@ class FoghornConfig(ServiceSettings):
             raise ValueError(f"grpc_port out of range: {self.grpc_port}")
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"http_port out of range: {self.http_port}")
+        TrustedProxies.parse(self.trusted_proxies)  # raises naming the bad entry
         for name in ("anon_route_burst", "redirects_per_client", "max_streams_per_credential"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -200,6 +205,10 @@ class FoghornConfig(ServiceSettings):
             geo=self.weight_geo,
             stream_bonus=self.stream_bonus,
         )
+
+    @property
+    def proxies(self) -> TrustedProxies:
+        return TrustedProxies.parse(self.trusted_proxies)
 
     def platform_tokens(self) -> dict[str, Principal]:
         """The bearer tokens this replica accepts: ``FOGHORN_TOKENS``, else the platform-wide

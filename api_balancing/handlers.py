@@ -24,6 +24,8 @@ from api_balancing.model import GeoPoint, NodeMode
 from api_balancing.sessions import Ack, Closed, Ended, Mailbox, Outbox, Session, SessionRegistry
 from api_balancing.urls import ingest_url
 from pkg.common.auth import ANONYMOUS, Principal, current_principal
+from pkg.common.forwarded import HEADER as FORWARDED
+from pkg.common.forwarded import NO_PROXIES, TrustedProxies
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 from pkg.proto.foghorn.v1 import foghorn_pb2_grpc as pb_grpc
 
@@ -263,12 +265,18 @@ class NodeControlService(pb_grpc.NodeControlServicer):
 
 class RoutingService(pb_grpc.RoutingServicer):
     def __init__(
-        self, fleet: Fleet, locator: Locator, limiter: AddressLimiter | None = None
+        self,
+        fleet: Fleet,
+        locator: Locator,
+        limiter: AddressLimiter | None = None,
+        proxies: TrustedProxies = NO_PROXIES,
     ) -> None:
         self.fleet = fleet
         self.locator = locator
-        # Anonymous callers, per client address (authenticated callers are not limited here).
+        # Anonymous callers, per client address (authenticated callers are not limited here);
+        # behind a trusted proxy the address is the one its X-Forwarded-For names.
         self.limiter = limiter
+        self.proxies = proxies
         self._peer_keys: dict[str, str] = {}  # grpc peer (ip:port) -> address key
 
     def admit(self, peer_key: str) -> None:
@@ -287,9 +295,15 @@ class RoutingService(pb_grpc.RoutingServicer):
         peer = context.peer() or ""
         key = self._peer_keys.get(peer)
         if key is None:
+            ip = peer_ip(peer)
+            if self.proxies.trusts(ip):  # one connection carries many clients: per call
+                forwarded = [
+                    str(v) for k, v in context.invocation_metadata() or () if k == FORWARDED
+                ]
+                return address_key(self.proxies.client_address(ip, forwarded))
             if len(self._peer_keys) > 10_000:
                 self._peer_keys.clear()
-            key = self._peer_keys[peer] = address_key(peer_ip(peer))
+            key = self._peer_keys[peer] = address_key(ip)
         return key
 
     async def _admit_grpc(self, context: Context) -> None:

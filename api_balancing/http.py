@@ -17,6 +17,7 @@ from api_balancing.handlers import RoutingService
 from api_balancing.limits import address_key, retry_after_header
 from pkg.common.auth import ANONYMOUS
 from pkg.common.authz import HttpGuard
+from pkg.common.forwarded import HEADER as FORWARDED
 from pkg.common.health import HealthSource
 from pkg.common.httpserver import ops_routes
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
@@ -70,7 +71,9 @@ def build_app(
                 raise errors.InvalidArgument("lat" if lat is None else "lon", "give lat and lon")
             if lat is not None and lon is not None:
                 req.location.latitude, req.location.longitude = lat, lon
-            client = request.client.host if request.client else ""
+            peer = request.client.host if request.client else ""
+            # Behind a trusted load balancer the client is the one its X-Forwarded-For names.
+            client = routing.proxies.client_address(peer, request.headers.getlist(FORWARDED))
             key = address_key(client)
             if request.state.principal is ANONYMOUS:
                 routing.admit(key)

@@ -118,7 +118,7 @@ class FoghornApp:
         )
         limiter = AddressLimiter(clock, config.anon_routes_per_s, config.anon_route_burst)
         metrics.register_limits(process_metrics(), limiter, config.replica_id)
-        self.routing = RoutingService(self.fleet, locator, limiter)
+        self.routing = RoutingService(self.fleet, locator, limiter, config.proxies)
         self.admin = NodeAdminService(
             node_fleet,
             self.sessions,

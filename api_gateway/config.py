@@ -12,6 +12,7 @@ from typing import Any
 
 from pkg.common.auth import Principal, parse_tokens, tokens_from_env
 from pkg.common.config import ServiceSettings, load_settings
+from pkg.common.forwarded import TrustedProxies
 from pkg.common.httpserver import HttpSettings
 from pkg.common.tls import TlsSettings
 
@@ -54,7 +55,8 @@ class BridgeConfig(ServiceSettings):
     tenant_limits_ttl_s: float = 30.0
     anon_burst: int = 20
     anon_rate: float = 5.0
-    trust_forwarded_for: bool = False
+    # Load balancers whose X-Forwarded-For names the client (CIDRs; pkg.common.forwarded).
+    trusted_proxies: str = ""
 
     # Cache lifetimes (seconds).
     cache_ttl_s: float = 5.0
@@ -96,9 +98,14 @@ class BridgeConfig(ServiceSettings):
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        TrustedProxies.parse(self.trusted_proxies)  # raises naming the bad entry
         for name in ("tenant_rate", "anon_rate", "cache_ttl_s", "backend_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")
+
+    @property
+    def proxies(self) -> TrustedProxies:
+        return TrustedProxies.parse(self.trusted_proxies)
 
     def platform_tokens(self) -> dict[str, Principal]:
         """The platform bearer tokens this replica knows: ``BRIDGE_TOKENS``, else

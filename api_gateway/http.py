@@ -54,6 +54,8 @@ from bridge.ratelimit import RateLimiter
 from bridge.tenant_limits import CachedLimits
 from bridge.token_bucket import Decision, Limit
 from pkg.common.auth import ANONYMOUS, Principal
+from pkg.common.forwarded import HEADER as FORWARDED
+from pkg.common.forwarded import NO_PROXIES, TrustedProxies
 from pkg.common.health import HealthSource
 
 log = structlog.get_logger("bridge.http")
@@ -88,21 +90,19 @@ class RequestGuard:
         limiter: RateLimiter,
         tenant_limits: CachedLimits,
         anon_limit: Limit,
-        trust_forwarded_for: bool = False,
+        proxies: TrustedProxies = NO_PROXIES,
     ) -> None:
         self.auth = auth
         self.limiter = limiter
         self.tenant_limits = tenant_limits
         self.anon_limit = anon_limit
-        self.trust_forwarded_for = trust_forwarded_for
+        self.proxies = proxies
 
     def client_ip(self, conn: HTTPConnection) -> str:
-        if self.trust_forwarded_for:
-            fwd = conn.headers.get("x-forwarded-for", "")
-            first = fwd.split(",")[0].strip()
-            if first:
-                return first[:64]
-        return conn.client.host if conn.client else "unknown"
+        """The caller's address: the socket peer, or behind a trusted proxy the rightmost
+        X-Forwarded-For hop that is not one (pkg.common.forwarded)."""
+        peer = conn.client.host if conn.client else "unknown"
+        return self.proxies.client_address(peer, conn.headers.getlist(FORWARDED))[:64]
 
     async def bucket(self, principal: Principal, ip: str) -> tuple[str, Limit]:
         """The caller's rate-limit bucket: its tenant's, or its IP's when anonymous."""

@@ -178,7 +178,7 @@ class BridgeApp:
             limiter,
             tenant_limits,
             Limit(cfg.anon_burst, cfg.anon_rate),
-            cfg.trust_forwarded_for,
+            cfg.proxies,
         )
         self.gateway = Gateway(self.fleet, self.events, self.cache, route_policy)
         view = BridgeGraphQL(

@@ -107,6 +107,11 @@ class HttpServer:
             ws=settings.ws,
             ws_max_size=settings.ws_max_size,
             timeout_graceful_shutdown=int(settings.graceful_s),
+            # uvicorn would otherwise rewrite the client address from X-Forwarded-For for any
+            # peer on 127.0.0.1 (its default forwarded_allow_ips): a local caller could pick
+            # the address it is rate limited as. The services' own TRUSTED_PROXIES settings
+            # decide whom to believe (pkg.common.forwarded).
+            proxy_headers=False,
         )
         self._server = _EmbeddedUvicorn(config)
         self._task: asyncio.Task[Any] | None = None

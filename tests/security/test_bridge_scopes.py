@@ -18,7 +18,7 @@ import pytest
 
 from tests.bridge.fakes import token
 from tests.bridge.stack import edge_nodes
-from tests.interfaces.conftest import Platform
+from tests.interfaces.conftest import OPERATOR_TOKEN, Platform
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,11 @@ def _codes(body: Any) -> list[str]:
 
 
 async def _backend_calls(http: httpx.AsyncClient, p: Platform) -> float:
-    text = (await http.get(p.metrics_urls()["bridge"])).text
+    reply = await http.get(  # /metrics is for operators
+        p.metrics_urls()["bridge"], headers={"authorization": f"Bearer {OPERATOR_TOKEN}"}
+    )
+    reply.raise_for_status()
+    text = reply.text
     m = re.search(r"^bridge_cache_backend_calls_total (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
 
