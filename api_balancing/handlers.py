@@ -154,10 +154,16 @@ class NodeControlService(pb_grpc.NodeControlServicer):
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
-    async def settle(self) -> None:
-        """Wait for what ended streams still have to write (disconnects, hand-overs)."""
+    async def settle(self, bound_s: float = 5.0) -> None:
+        """Wait (at most ``bound_s``) for what ended streams still have to write (disconnects,
+        hand-overs): a stop must end within a bound even when the store does not answer."""
+        deadline = asyncio.get_running_loop().time() + bound_s
         while self._background:
-            await asyncio.gather(*list(self._background), return_exceptions=True)
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                log.warning("stream endings still writing at stop", count=len(self._background))
+                return
+            await asyncio.wait(list(self._background), timeout=left)
 
     async def _disconnected(self, node_id: str) -> None:
         if self.sessions.get(node_id) is None:  # not re-registered meanwhile
