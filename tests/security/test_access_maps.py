@@ -85,12 +85,12 @@ def test_every_method_signalman_serves_is_in_its_access_map(signalman: Signalman
     assert SIGNALMAN_ACCESS.unmapped(methods) == []
 
 
-async def _late_empty_message() -> AsyncIterator[bytes]:
-    # A refusal does not depend on what the client sends; sending only after it arrived avoids
-    # a grpc-core race (a client still writing when the server's status arrives may see
-    # INTERNAL "Internal error from Core" instead of the status, ~2% of calls).
-    await asyncio.sleep(0.1)
+async def _one_empty_message() -> AsyncIterator[bytes]:
+    # One message at once: the refusal must reach a client that is writing (the server reads
+    # what it sends before refusing, pkg.common.authz.drain_requests); it then keeps the
+    # stream open without writing, as a node waiting for its registration answer does.
     yield b""
+    await asyncio.sleep(3600)
 
 
 async def call(target: str, method: str, token: str | None, wait_s: float = 0.5) -> grpc.StatusCode:
@@ -101,7 +101,7 @@ async def call(target: str, method: str, token: str | None, wait_s: float = 0.5)
         try:
             stream: Any = None
             if method.endswith(("/Connect", "/Subscribe", "/ServerReflectionInfo")):
-                stream = channel.stream_stream(method)(_late_empty_message(), metadata=metadata)
+                stream = channel.stream_stream(method)(_one_empty_message(), metadata=metadata)
             elif method.endswith("/Watch"):
                 stream = channel.unary_stream(method)(b"", metadata=metadata)
             if stream is not None:
@@ -164,6 +164,34 @@ async def test_a_credential_without_a_role_can_do_nothing_not_even_list(foghorn:
             continue
         code = await call(foghorn.target, method, sec.NOROLE)
         assert code == grpc.StatusCode.PERMISSION_DENIED, method
+
+
+async def test_a_refused_stream_reaches_a_client_that_is_still_writing(foghorn: Foghorn) -> None:
+    """grpcio's asyncio client reports INTERNAL "Internal error from Core" instead of the
+    server's status when its own write is in flight as the status arrives (grpc/grpc#36066):
+    2 in 3 refused node streams that write a few messages at once did, before the server read
+    what they send before refusing. Each must now see UNAUTHENTICATED and its message."""
+    register = sec.register_msg("edge-paris-writer").SerializeToString()
+
+    async def one(channel: grpc.aio.Channel) -> tuple[grpc.StatusCode, str]:
+        async def messages() -> AsyncIterator[bytes]:
+            for _ in range(6):
+                yield register
+
+        call = channel.stream_stream("/foghorn.v1.NodeControl/Connect")(messages())
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            return exc.code(), exc.details() or ""
+        return await call.code(), await call.details()
+
+    async with grpc.aio.insecure_channel(foghorn.target) as channel:
+        results = []
+        for _ in range(10):
+            results += await asyncio.gather(*(one(channel) for _ in range(20)))
+    assert {code for code, _ in results} == {grpc.StatusCode.UNAUTHENTICATED}, results[:3]
+    assert all("requires a bearer token (node)" in details for _, details in results)
 
 
 def test_a_token_spec_with_the_old_catch_all_admin_role_stops_the_process(
