@@ -112,6 +112,11 @@ class FoghornConfig(ServiceSettings):
     # A stopping replica tells its nodes where to reconnect and waits this long for their
     # streams to move before closing the rest.
     handover_s: float = 3.0
+    # After health says not serving, a replica with peers keeps answering this long before its
+    # gRPC server stops accepting: callers that check health (pkg.clients' active checks, a load
+    # balancer) have moved away by then, so no call arrives as the server shuts down (grpc
+    # cancels those, and CANCELLED is never retried).
+    drain_delay_s: float = 1.0
     max_message_bytes: int = 1024 * 1024
     routing_event_sample: float = 0.01  # fraction of routing decisions emitted as events
     geoip_file: str = ""  # CSV: cidr,latitude,longitude[,label]
@@ -152,6 +157,8 @@ class FoghornConfig(ServiceSettings):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value}")
+        if not (math.isfinite(self.drain_delay_s) and 0 <= self.drain_delay_s <= 30):
+            raise ValueError(f"drain_delay_s must be within 0..30, got {self.drain_delay_s}")
         if not math.isfinite(self.redirect_bps) or self.redirect_bps < 0:
             raise ValueError(f"redirect_bps must be >= 0, got {self.redirect_bps}")
         if not 0.0 <= self.routing_event_sample <= 1.0:

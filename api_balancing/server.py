@@ -291,28 +291,35 @@ class FoghornApp:
 
         Health says not serving at once (HTTP and gRPC); the replica leaves the membership and
         tells every node to reconnect to a peer now (``hand_over``); streams still open after
-        ``handover_s`` are closed; gRPC calls drain for ``grace`` seconds; then HA duties stop
+        ``handover_s`` are closed; with peers to go to, routing keeps being answered until
+        ``drain_delay_s`` after the start of the stop (callers checking health move away
+        meanwhile); then the gRPC
+        server stops accepting and its calls drain for ``grace`` seconds; then HA duties stop
         (staged reports flushed, remaining ownership released), HTTP, the store and the event
         sink.
         """
         if self._stopped:
             return
         self._stopped = self.lifecycle.stopping = True
+        started = self.clock.monotonic()
         if self.grpc is not None:
             await self.grpc.set_serving(False)
-        await self.hand_over()
+        peers = await self.hand_over()
         self.sessions.close_all("foghorn replica shutting down")
         await self.control.settle()
+        left = self.config.drain_delay_s - (self.clock.monotonic() - started)
+        if left > 0 and peers and self.grpc is not None:
+            await asyncio.sleep(left)  # callers see not_serving and move away first
         if self.grpc is not None:
             await self.grpc.stop(grace)
         await self.lifecycle.close()
         log.info("foghorn stopped", replica=self.config.replica_id)
 
-    async def hand_over(self) -> int:
+    async def hand_over(self) -> list[str]:
         """Tell every connected node to reconnect elsewhere (to the peers, least loaded first;
         with no peer known, to any other address the node knows) and wait up to
         ``handover_s`` for the streams to end. Their records stay connected: routing on the
-        other replicas never misses a node that is moving. Returns how many were told."""
+        other replicas never misses a node that is moving. Returns the peers handed over to."""
         started = self.clock.monotonic()
         targets: list[str] = []
         if self.ha is not None:
@@ -324,4 +331,4 @@ class FoghornApp:
             await asyncio.wait_for(self.sessions.wait_empty(), self.config.handover_s)
         log.info("foghorn nodes handed over", told=told, left=len(self.sessions), targets=targets,
                  took_s=round(self.clock.monotonic() - started, 3))  # fmt: skip
-        return told
+        return targets

@@ -113,6 +113,7 @@ async def make_replica(
             replica_id=replica_id,
             redis_url=url or redis_server.url,
             reap_interval_s=overrides.pop("reap_interval_s", 0.3),
+            drain_delay_s=overrides.pop("drain_delay_s", 0.0),  # no caller checks health here
             ha=load(HaConfig, "FOGHORN"),
             **overrides,
         )
