@@ -70,3 +70,15 @@ def test_forget_touches_only_the_nodes_own_entries() -> None:
     clock.advance(31)
     tracker.expire()
     assert tracker.pending("n1") == 0 and tracker.pending("other-5") == 0
+
+
+def test_a_client_accounts_for_at_most_its_cap_of_pending_redirects() -> None:
+    clock = FakeClock()
+    tracker = RedirectTracker(clock, window_s=30, per_client=4)
+    counted = [tracker.record("n1", "s1", client="203.0.113.7") for _ in range(10)]
+    assert counted == [True] * 4 + [False] * 6 and tracker.capped == 6
+    assert tracker.pending("n1") == 4
+    assert tracker.record("n1", "s1", client="198.51.100.1")  # another client: its own cap
+    tracker.arrived("n1", "s1", 1)  # the oldest (the first client's) arrived: a slot frees up
+    assert tracker.record("n1", "s1", client="203.0.113.7")
+    assert tracker.pending("n1") == 5
