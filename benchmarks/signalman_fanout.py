@@ -414,15 +414,17 @@ async def one_size(
                 return False
             return all(owned) and set().union(*owned) == set(range(PARTITIONS))
 
+        # The subscriber processes start (interpreter, imports, thousands of clients built)
+        # while the group settles: seconds of the size's bound that used to come after it.
+        await audience.start()
         await until(settled, 40, 0.2)
         # Create the topic's tenants' histories: one event per tenant before anyone subscribes.
         spec = {"topic": topic}
         first = await produce({**spec, "tenants": TENANTS, "rate": 1000, "seconds": 0.1,
                                "seq": seq})  # fmt: skip
         seq.update(first["seq"])
+        await audience.command(op="status")  # processes up, clients built, none connected
         rss0 = sum(rss_bytes(p.pid) for p in replicas)
-        await audience.start()
-        await audience.command(op="status")  # processes up, clients built
         t0 = time.perf_counter()
         await audience.command(op="start")
 
