@@ -84,10 +84,11 @@ async def run(rate: float, seconds: float, viewer_interval_s: float) -> dict[str
     )  # fmt: skip
     server.start()
     stop = asyncio.Event()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}")  # raw-client: adversary
     nodes = [asyncio.create_task(_node(channel, i, stop)) for i in range(3)]
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}") as client:
+        admin = httpx.AsyncClient(base_url=f"http://127.0.0.1:{http_port}")  # raw-client: adversary
+        async with admin as client:
             for _ in range(100):
                 reply = await client.get("/nodes", headers={"authorization": f"Bearer {OPERATOR}"})
                 rows = reply.json()["nodes"]

@@ -107,10 +107,10 @@ async def _viewer(grpc_base: str, http_base: str, content_id: str, address: str,
     grpc_headers = {"content-type": "application/grpc", "te": "trailers"}
     h1 = httpx.AsyncHTTPTransport(local_address=address)
     h2 = httpx.AsyncHTTPTransport(local_address=address, http1=False, http2=True)
-    async with (
-        httpx.AsyncClient(base_url=http_base, transport=h1, timeout=10) as http,
-        httpx.AsyncClient(base_url=grpc_base, transport=h2, timeout=10) as grpc,
-    ):
+    # Each viewer is its own naive client on its own address: no pkg.clients policy on purpose.
+    http1 = httpx.AsyncClient(base_url=http_base, transport=h1, timeout=10)  # raw-client: adversary
+    http2 = httpx.AsyncClient(base_url=grpc_base, transport=h2, timeout=10)  # raw-client: adversary
+    async with http1 as http, http2 as grpc:
         turn = 0
         while time.monotonic() < until:
             started = time.monotonic()
@@ -152,7 +152,7 @@ def _grpc_outcome(reply: httpx.Response, viewer: Viewer) -> str:
 
 async def _counters(http_base: str, operator_token: str) -> dict[str, float]:
     """Foghorn's refused-anonymous and routed counts (summed over label sets)."""
-    async with httpx.AsyncClient(base_url=http_base, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=http_base, timeout=10) as client:  # raw-client: adversary
         text = (
             await client.get("/metrics", headers={"authorization": f"Bearer {operator_token}"})
         ).text
