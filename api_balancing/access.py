@@ -25,6 +25,7 @@ GRPC = {
     # Replica to replica (HA command relay): its own credential, never a node's or operator's.
     "/foghorn.v1.Relay/Deliver": needs(REPLICA),
     "/foghorn.v1.Relay/SetMode": needs(REPLICA),
+    "/foghorn.v1.Relay/StoreReachable": needs(REPLICA),
 }
 
 HTTP = {

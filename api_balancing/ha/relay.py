@@ -8,12 +8,15 @@ connected. Receiving side (``RelayServicer``): dispatch to a local stream *only*
 again, so a relay cannot loop even while ownership records are in flux.
 
 Mode changes are relayed too: the owner is the single writer of a node's record.
+
+``StoreReachable`` is the question a replica cut from Redis asks its peers before handing its
+streams to them (``ha.partition``): the peer answers by pinging Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -23,6 +26,7 @@ import structlog
 from api_balancing import errors
 from api_balancing.fleet import Fleet
 from api_balancing.ha.ownership import NodeOwnership
+from api_balancing.ha.partition import PeerAnswer
 from api_balancing.model import NodeMode, NodeRecord
 from api_balancing.sessions import Ack, SessionRegistry
 from api_balancing.store.redis_store import REDIS_ERRORS
@@ -41,11 +45,19 @@ _DEAD = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 class RelayServicer(relay_grpc.RelayServicer):
     """The owner side: act on a local stream only."""
 
-    def __init__(self, sessions: SessionRegistry, fleet: Fleet, ownership: NodeOwnership) -> None:
+    def __init__(
+        self,
+        sessions: SessionRegistry,
+        fleet: Fleet,
+        ownership: NodeOwnership,
+        reaches_store: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
         self.sessions = sessions
         self.fleet = fleet
         self.ownership = ownership
+        self.reaches_store = reaches_store
         self.delivered = 0
+        self.store_checks = 0
 
     async def Deliver(
         self, request: relay_pb.RelayCommandRequest, context: Context
@@ -91,6 +103,20 @@ class RelayServicer(relay_grpc.RelayServicer):
         await self.fleet.set_mode(node_id, mode, request.reason[:512])
         return relay_pb.RelaySetModeResponse(applied=True)
 
+    async def StoreReachable(
+        self, request: relay_pb.StoreReachableRequest, context: Context
+    ) -> relay_pb.StoreReachableResponse:
+        self.store_checks += 1
+        reachable = self.reaches_store is not None and await self.reaches_store()
+        log.info("asked whether Redis is reachable here", sender=request.from_replica[:64],
+                 reachable=reachable)  # fmt: skip
+        return relay_pb.StoreReachableResponse(
+            reachable=reachable,
+            replica_id=self.fleet.settings.replica_id,
+            address=self.ownership.address,
+            node_streams=len(self.sessions),
+        )
+
 
 class Relay:
     """The sending side, used by the admin service as its ``dispatch`` and mode setter."""
@@ -130,6 +156,26 @@ class Relay:
         for channel, _ in self._stubs.values():
             await channel.close(None)
         self._stubs.clear()
+
+    async def ask_store_reachable(
+        self, addresses: list[str], timeout_s: float = 2.0
+    ) -> list[PeerAnswer]:
+        """Ask every peer at once whether it reaches Redis now; a peer that does not answer
+        within ``timeout_s`` counts as not reaching it."""
+
+        async def one(address: str) -> PeerAnswer:
+            request = relay_pb.StoreReachableRequest(from_replica=self.replica_id)
+            try:
+                call: Any = self._stub(address).StoreReachable(request, timeout=timeout_s)
+                reply: relay_pb.StoreReachableResponse = await call
+            except grpc.aio.AioRpcError as exc:
+                return PeerAnswer(address, False, error=exc.code().name)
+            # Nodes are sent where the peer says it is reached (its advertised address).
+            return PeerAnswer(
+                reply.address or address, reply.reachable, reply.replica_id, reply.node_streams
+            )
+
+        return list(await asyncio.gather(*(one(a) for a in addresses)))
 
     async def _owner(self, node_id: str) -> OwnerRecord | None:
         """The remote owner to relay to, or None when the stream is (or must be) local."""

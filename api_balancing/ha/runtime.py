@@ -19,10 +19,11 @@ from api_balancing.ha.leader import leader_reaper
 from api_balancing.ha.membership import Membership
 from api_balancing.ha.owned_fleet import OwnedFleet
 from api_balancing.ha.ownership import NodeOwnership
+from api_balancing.ha.partition import PartitionHandover
 from api_balancing.ha.relay import Relay, RelayServicer
 from api_balancing.ha.replicas import ReplicaClaim
 from api_balancing.sessions import SessionRegistry
-from api_balancing.store.redis_store import RedisNodeStore, RedisStoreSettings
+from api_balancing.store.redis_store import REDIS_ERRORS, RedisNodeStore, RedisStoreSettings
 from pkg.common.auth import REPLICA
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.config import ConfigError
@@ -102,7 +103,7 @@ class HaRuntime:
             self.ha.relay_timeout_s,
             credentials=grpc_channel_credentials(config.tls),
         )
-        self.relay_servicer = RelayServicer(sessions, fleet, self.ownership)
+        self.relay_servicer = RelayServicer(sessions, fleet, self.ownership, self.reaches_redis)
         self.owned_fleet = OwnedFleet(fleet, self.ownership, self.relay)
         self.lease = LeaderLease(
             store.redis,
@@ -134,6 +135,17 @@ class HaRuntime:
             rebalance=self.ha.rebalance_interval_s > 0,
             clock=clock,
         )
+        # Half the ownership TTL: the nodes of a replica cut from Redis move to a peer before
+        # their owner records lapse there (relays and routing keep finding them).
+        self.partition = PartitionHandover(
+            config.replica_id,
+            store.healthy,
+            lambda: self.membership.replicas,
+            sessions,
+            self.relay.ask_store_reachable,
+            after_s=self.ha.ownership_ttl_s / 2,
+            clock=clock,
+        )
         self.reaper, self.orphans = leader_reaper(
             self.lease, fleet, self.ownership, config.reap_interval_s, clock=clock
         )
@@ -158,8 +170,20 @@ class HaRuntime:
             asyncio.create_task(self.lease.run(), name="foghorn-lease"),
             asyncio.create_task(self.reaper.run(), name="foghorn-reaper"),
             asyncio.create_task(self.membership.run(), name="foghorn-membership"),
+            asyncio.create_task(self.partition.run(), name="foghorn-partition"),
         ]
         log.info("foghorn HA started", replica=self.config.replica_id, address=address)
+
+    async def reaches_redis(self) -> bool:
+        """What this replica answers a peer asking whether it reaches Redis (``ha.partition``):
+        in sync, and a PING answered now."""
+        if not self.store.healthy():
+            return False
+        try:
+            await asyncio.wait_for(self.store.redis.ping(), self.ha.redis_timeout_s)
+        except REDIS_ERRORS:
+            return False
+        return True
 
     async def withdraw(self) -> list[str]:
         """The first step of a stop: leave the membership (peers stop moving nodes here and
@@ -215,4 +239,5 @@ class HaRuntime:
             "relayed": self.relay.relayed,
             "relay_delivered": self.relay_servicer.delivered,
             **self.membership.describe(),
+            "partition": self.partition.describe(),
         }

@@ -26,19 +26,25 @@ _sym_db = _symbol_database.Default()
 from pkg.proto.foghorn.v1 import foghorn_pb2 as foghorn_dot_v1_dot_foghorn__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66oghorn/v1/relay.proto\x12\nfoghorn.v1\x1a\x18\x66oghorn/v1/foghorn.proto\"\x8a\x01\n\x13RelayCommandRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x13.foghorn.v1.Command\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x66rom_replica\x18\x04 \x01(\t\x12\x13\n\x0bowner_fence\x18\x05 \x01(\x03\"p\n\x13RelaySetModeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\"\n\x04mode\x18\x02 \x01(\x0e\x32\x14.foghorn.v1.NodeMode\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0c\x66rom_replica\x18\x04 \x01(\t\"\'\n\x14RelaySetModeResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\x32\x9c\x01\n\x05Relay\x12\x45\n\x07\x44\x65liver\x12\x1f.foghorn.v1.RelayCommandRequest\x1a\x19.foghorn.v1.CommandResult\x12L\n\x07SetMode\x12\x1f.foghorn.v1.RelaySetModeRequest\x1a .foghorn.v1.RelaySetModeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66oghorn/v1/relay.proto\x12\nfoghorn.v1\x1a\x18\x66oghorn/v1/foghorn.proto\"\x8a\x01\n\x13RelayCommandRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x13.foghorn.v1.Command\x12\x11\n\ttimeout_s\x18\x03 \x01(\x01\x12\x14\n\x0c\x66rom_replica\x18\x04 \x01(\t\x12\x13\n\x0bowner_fence\x18\x05 \x01(\x03\"p\n\x13RelaySetModeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\"\n\x04mode\x18\x02 \x01(\x0e\x32\x14.foghorn.v1.NodeMode\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x14\n\x0c\x66rom_replica\x18\x04 \x01(\t\"\'\n\x14RelaySetModeResponse\x12\x0f\n\x07\x61pplied\x18\x01 \x01(\x08\"-\n\x15StoreReachableRequest\x12\x14\n\x0c\x66rom_replica\x18\x01 \x01(\t\"f\n\x16StoreReachableResponse\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x12\n\nreplica_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x14\n\x0cnode_streams\x18\x04 \x01(\x05\x32\xfa\x01\n\x05Relay\x12\x45\n\x07\x44\x65liver\x12\x1f.foghorn.v1.RelayCommandRequest\x1a\x19.foghorn.v1.CommandResult\x12L\n\x07SetMode\x12\x1f.foghorn.v1.RelaySetModeRequest\x1a .foghorn.v1.RelaySetModeResponse\x12\\\n\x0eStoreReachable\x12!.foghorn.v1.StoreReachableRequest\x1a\".foghorn.v1.StoreReachableResponse\"\x03\x90\x02\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foghorn.v1.relay_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_RELAY'].methods_by_name['StoreReachable']._loaded_options = None
+  _globals['_RELAY'].methods_by_name['StoreReachable']._serialized_options = b'\220\002\001'
   _globals['_RELAYCOMMANDREQUEST']._serialized_start=65
   _globals['_RELAYCOMMANDREQUEST']._serialized_end=203
   _globals['_RELAYSETMODEREQUEST']._serialized_start=205
   _globals['_RELAYSETMODEREQUEST']._serialized_end=317
   _globals['_RELAYSETMODERESPONSE']._serialized_start=319
   _globals['_RELAYSETMODERESPONSE']._serialized_end=358
-  _globals['_RELAY']._serialized_start=361
-  _globals['_RELAY']._serialized_end=517
+  _globals['_STOREREACHABLEREQUEST']._serialized_start=360
+  _globals['_STOREREACHABLEREQUEST']._serialized_end=405
+  _globals['_STOREREACHABLERESPONSE']._serialized_start=407
+  _globals['_STOREREACHABLERESPONSE']._serialized_end=509
+  _globals['_RELAY']._serialized_start=512
+  _globals['_RELAY']._serialized_end=762
 # @@protoc_insertion_point(module_scope)

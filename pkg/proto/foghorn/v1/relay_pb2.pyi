@@ -107,3 +107,54 @@ class RelaySetModeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RelaySetModeResponse: _TypeAlias = RelaySetModeResponse  # noqa: Y015
+
+@_typing.final
+class StoreReachableRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROM_REPLICA_FIELD_NUMBER: _builtins.int
+    from_replica: _builtins.str
+    """for logs"""
+    def __init__(
+        self,
+        *,
+        from_replica: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_replica", b"from_replica"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreReachableRequest: _TypeAlias = StoreReachableRequest  # noqa: Y015
+
+@_typing.final
+class StoreReachableResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    NODE_STREAMS_FIELD_NUMBER: _builtins.int
+    reachable: _builtins.bool
+    """a PING answered just now and this replica is in sync"""
+    replica_id: _builtins.str
+    address: _builtins.str
+    """where nodes reach this replica"""
+    node_streams: _builtins.int
+    """streams it holds now (the asker prefers the least loaded)"""
+    def __init__(
+        self,
+        *,
+        reachable: _builtins.bool = ...,
+        replica_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        node_streams: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "node_streams", b"node_streams", "reachable", b"reachable", "replica_id", b"replica_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreReachableResponse: _TypeAlias = StoreReachableResponse  # noqa: Y015

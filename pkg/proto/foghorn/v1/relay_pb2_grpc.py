@@ -46,6 +46,11 @@ class RelayStub:
                 request_serializer=foghorn_dot_v1_dot_relay__pb2.RelaySetModeRequest.SerializeToString,
                 response_deserializer=foghorn_dot_v1_dot_relay__pb2.RelaySetModeResponse.FromString,
                 _registered_method=True)
+        self.StoreReachable = channel.unary_unary(
+                '/foghorn.v1.Relay/StoreReachable',
+                request_serializer=foghorn_dot_v1_dot_relay__pb2.StoreReachableRequest.SerializeToString,
+                response_deserializer=foghorn_dot_v1_dot_relay__pb2.StoreReachableResponse.FromString,
+                _registered_method=True)
 
 
 class RelayServicer:
@@ -67,6 +72,16 @@ class RelayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StoreReachable(self, request, context):
+        """Whether this replica reaches the cluster's Redis right now (it pings it to answer). A
+        replica that has not reached Redis for a while asks its peers: if one does, the asker is
+        partitioned from Redis (not facing an outage) and hands its node streams to the peers that
+        answered reachable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RelayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +94,11 @@ def add_RelayServicer_to_server(servicer, server):
                     servicer.SetMode,
                     request_deserializer=foghorn_dot_v1_dot_relay__pb2.RelaySetModeRequest.FromString,
                     response_serializer=foghorn_dot_v1_dot_relay__pb2.RelaySetModeResponse.SerializeToString,
+            ),
+            'StoreReachable': grpc.unary_unary_rpc_method_handler(
+                    servicer.StoreReachable,
+                    request_deserializer=foghorn_dot_v1_dot_relay__pb2.StoreReachableRequest.FromString,
+                    response_serializer=foghorn_dot_v1_dot_relay__pb2.StoreReachableResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -135,6 +155,33 @@ class Relay:
             '/foghorn.v1.Relay/SetMode',
             foghorn_dot_v1_dot_relay__pb2.RelaySetModeRequest.SerializeToString,
             foghorn_dot_v1_dot_relay__pb2.RelaySetModeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StoreReachable(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foghorn.v1.Relay/StoreReachable',
+            foghorn_dot_v1_dot_relay__pb2.StoreReachableRequest.SerializeToString,
+            foghorn_dot_v1_dot_relay__pb2.StoreReachableResponse.FromString,
             options,
             channel_credentials,
             insecure,

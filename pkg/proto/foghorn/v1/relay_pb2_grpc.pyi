@@ -46,6 +46,12 @@ class RelayStub:
     """
     SetMode: _grpc.UnaryUnaryMultiCallable[_relay_pb2.RelaySetModeRequest, _relay_pb2.RelaySetModeResponse]
     """Set a node's mode as its owner (the single writer of the node's record)."""
+    StoreReachable: _grpc.UnaryUnaryMultiCallable[_relay_pb2.StoreReachableRequest, _relay_pb2.StoreReachableResponse]
+    """Whether this replica reaches the cluster's Redis right now (it pings it to answer). A
+    replica that has not reached Redis for a while asks its peers: if one does, the asker is
+    partitioned from Redis (not facing an outage) and hands its node streams to the peers that
+    answered reachable.
+    """
 
 @_typing.type_check_only
 class RelayAsyncStub(RelayStub):
@@ -57,6 +63,12 @@ class RelayAsyncStub(RelayStub):
     """
     SetMode: _aio.UnaryUnaryMultiCallable[_relay_pb2.RelaySetModeRequest, _relay_pb2.RelaySetModeResponse]  # type: ignore[assignment]
     """Set a node's mode as its owner (the single writer of the node's record)."""
+    StoreReachable: _aio.UnaryUnaryMultiCallable[_relay_pb2.StoreReachableRequest, _relay_pb2.StoreReachableResponse]  # type: ignore[assignment]
+    """Whether this replica reaches the cluster's Redis right now (it pings it to answer). A
+    replica that has not reached Redis for a while asks its peers: if one does, the asker is
+    partitioned from Redis (not facing an outage) and hands its node streams to the peers that
+    answered reachable.
+    """
 
 class RelayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -77,5 +89,17 @@ class RelayServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_relay_pb2.RelaySetModeResponse, _abc.Awaitable[_relay_pb2.RelaySetModeResponse]]:
         """Set a node's mode as its owner (the single writer of the node's record)."""
+
+    @_abc_1.abstractmethod
+    def StoreReachable(
+        self,
+        request: _relay_pb2.StoreReachableRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_relay_pb2.StoreReachableResponse, _abc.Awaitable[_relay_pb2.StoreReachableResponse]]:
+        """Whether this replica reaches the cluster's Redis right now (it pings it to answer). A
+        replica that has not reached Redis for a while asks its peers: if one does, the asker is
+        partitioned from Redis (not facing an outage) and hands its node streams to the peers that
+        answered reachable.
+        """
 
 def add_RelayServicer_to_server(servicer: RelayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
