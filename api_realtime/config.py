@@ -33,7 +33,9 @@ _NOT_NEGATIVE = ("fetch_max_wait_ms", "redrive_delay_s", "redrive_max_attempts")
 class SignalmanConfig(ServiceSettings):
     """Every knob of a Signalman replica. Nothing set = embedded mode (memory, no Kafka)."""
 
-    grpc_port: int = 50070
+    # Below Linux's ephemeral range (32768-60999): on a shared host a port in it can be held by
+    # an outgoing connection (or its 60 s TIME_WAIT), and a restarted replica then cannot bind.
+    grpc_port: int = 18070
     http_port: int = 8070  # 0 picks a free port; -1 disables the HTTP side
     host: str = "127.0.0.1"
     # Kafka: unset = embedded mode (events arrive through the Publish RPC).

@@ -1,6 +1,6 @@
 """``signalman-tail``: follow a tenant's events from the command line.
 
-    signalman-tail --targets 127.0.0.1:50070,127.0.0.1:50071 --token TOKEN streams routing
+    signalman-tail --targets 127.0.0.1:18070,127.0.0.1:18071 --token TOKEN streams routing
 
 The tenant is the token's. Reconnects and resumes across the listed replicas on its own (the
 typed client in ``pkg.clients.signalman``); prints one line per event, and says so loudly when
@@ -78,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="channels: all, streams, routing, nodes, system (default: all)",
     )  # fmt: skip
     parser.add_argument(
-        "--targets", default=os.environ.get("SIGNALMAN_TARGETS", "127.0.0.1:50070"),
+        "--targets", default=os.environ.get("SIGNALMAN_TARGETS", "127.0.0.1:18070"),
         help="comma-separated replica addresses (env SIGNALMAN_TARGETS)",
     )  # fmt: skip
     parser.add_argument(

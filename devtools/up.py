@@ -15,6 +15,7 @@ import asyncio
 import functools
 import os
 import signal
+import socket
 import sys
 import time
 import urllib.parse
@@ -400,7 +401,7 @@ def parser() -> argparse.ArgumentParser:
         "--port-offset",
         type=int,
         default=0,
-        help="add this to every documented port (18008, 8080, 50070, 9090 ...), to run beside "
+        help="add this to every documented port (18008, 8080, 18070, 9090 ...), to run beside "
         "another platform on this host (a port still taken is replaced by a free one)",
     )
     p.add_argument(
@@ -580,7 +581,19 @@ def _port(preferred: int, stack: Stack | None = None) -> int:
         return preferred
     if stack is not None:
         preferred += stack.port_offset
-    return free_port() if port_open(preferred) else preferred
+    return free_port() if port_open(preferred) or not _bindable(preferred) else preferred
+
+
+def _bindable(port: int) -> bool:
+    """Whether a server could listen on ``port`` now: nothing listens there may still not be
+    enough (an outgoing connection's local port, or its TIME_WAIT, refuses the bind)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers set it
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _replicas(args: argparse.Namespace) -> int:
@@ -590,7 +603,7 @@ def _replicas(args: argparse.Namespace) -> int:
 def _signalman_ports(stack: Stack, args: argparse.Namespace) -> list[int]:
     """Signalman's gRPC ports, chosen once (Foghorn needs them before Signalman is built)."""
     if "signalman grpc" not in stack.ports:
-        stack.ports["signalman grpc"] = [_port(50070 + i, stack) for i in range(_replicas(args))]
+        stack.ports["signalman grpc"] = [_port(18070 + i, stack) for i in range(_replicas(args))]
     return stack.ports["signalman grpc"]
 
 

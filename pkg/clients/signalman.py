@@ -1,6 +1,6 @@
 """Typed Signalman client: subscribe to channels, reconnect on its own and resume where it was.
 
-    client = SignalmanClient(["127.0.0.1:50070", "127.0.0.1:50071"], token="tok")
+    client = SignalmanClient(["127.0.0.1:18070", "127.0.0.1:18071"], token="tok")
     async with client.subscribe(["streams", "routing"]) as sub:
         async for item in sub:
             if isinstance(item, Gap): ...      # history did not reach back: events were lost

@@ -80,7 +80,7 @@ def test_the_readme_tour_shows_live_events(tmp_path: Path) -> None:
                 + _quote(commands[2].replace("127.0.0.1:8080", bridge[1]))
                 + f" > {sub_path} 2>&1 || true",
                 "timeout 30 "
-                + commands[3].replace("127.0.0.1:50070,127.0.0.1:50071", signalman[1])
+                + commands[3].replace("127.0.0.1:18070,127.0.0.1:18071", signalman[1])
                 + f" > {tail_path} 2>&1 || true",
             ]
         )
