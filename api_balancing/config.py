@@ -16,8 +16,7 @@ from api_balancing.store.keys import Keys
 from pkg.common.auth import Principal, parse_tokens, tokens_from_env
 from pkg.common.config import ServiceSettings, load_settings
 from pkg.common.forwarded import TrustedProxies
-from pkg.common.grpcserver import GrpcSettings
-from pkg.common.httpserver import HttpSettings
+from pkg.common.listeners import GrpcServiceListeners
 from pkg.common.tls import TlsSettings
 
 DOCS = "docs/foghorn.md#configuration-foghorn_-environment-variables"
@@ -77,7 +76,7 @@ class HaConfig:
 
 
 @dataclass(frozen=True)
-class FoghornConfig(ServiceSettings):
+class FoghornConfig(ServiceSettings, GrpcServiceListeners):
     """Every knob of a Foghorn process. Validated at construction (bad values fail start-up)."""
 
     host: str = "127.0.0.1"
@@ -133,6 +132,7 @@ class FoghornConfig(ServiceSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_listeners("FOGHORN_")
         for name in (
             "weight_cpu",
             "weight_ram",
@@ -165,23 +165,10 @@ class FoghornConfig(ServiceSettings):
             raise ValueError(
                 f"routing_event_sample must be in 0..1, got {self.routing_event_sample}"
             )
-        if not 0 <= self.grpc_port <= 65535:
-            raise ValueError(f"grpc_port out of range: {self.grpc_port}")
-        if not -1 <= self.http_port <= 65535:
-            raise ValueError(f"http_port out of range: {self.http_port}")
         TrustedProxies.parse(self.trusted_proxies)  # raises naming the bad entry
         for name in ("anon_route_burst", "redirects_per_client", "max_streams_per_credential"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not -1 <= self.grpc_plaintext_port <= 65535:
-            raise ValueError(f"grpc_plaintext_port out of range: {self.grpc_plaintext_port}")
-        if self.grpc_plaintext_port >= 0 and not self.tls.serves_tls:
-            raise ValueError(
-                "grpc_plaintext_port (FOGHORN_GRPC_PLAINTEXT_PORT) is the plaintext listener "
-                "beside a TLS one: set PLATFORM_TLS_CERT / PLATFORM_TLS_KEY too"
-            )
-        if self.max_message_bytes < 1024:
-            raise ValueError(f"max_message_bytes too small: {self.max_message_bytes}")
         if self.signalman_addresses and not self.signalman_token and not self.kafka_bootstrap:
             raise ValueError("signalman_addresses needs signalman_token (a `system` credential)")
         if self.redis_url and not self.advertise_host and self.host in ("0.0.0.0", "::", ""):
@@ -189,19 +176,6 @@ class FoghornConfig(ServiceSettings):
                 f"host {self.host!r} listens everywhere but cannot be relayed to: set "
                 "FOGHORN_ADVERTISE_HOST to the address other replicas reach this one at"
             )
-
-    @property
-    def grpc(self) -> GrpcSettings:
-        return GrpcSettings(
-            self.host, self.grpc_port, self.max_message_bytes, self.tls, self.grpc_plaintext_port
-        )
-
-    @property
-    def http(self) -> HttpSettings | None:
-        """The HTTP side's listener, or None when ``http_port`` is -1."""
-        if self.http_port < 0:
-            return None
-        return HttpSettings(self.host, self.http_port, tls=self.tls)
 
     @property
     def weights(self) -> Weights:

@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pkg.common.config import ServiceSettings, load_settings
-from pkg.common.grpcserver import GrpcSettings
-from pkg.common.httpserver import HttpSettings
+from pkg.common.listeners import GrpcServiceListeners
 from pkg.common.tls import TlsSettings
 
 DOCS = "docs/signalman.md#configuration"
@@ -30,7 +29,7 @@ _NOT_NEGATIVE = ("fetch_max_wait_ms", "redrive_delay_s", "redrive_max_attempts")
 
 
 @dataclass(frozen=True)
-class SignalmanConfig(ServiceSettings):
+class SignalmanConfig(ServiceSettings, GrpcServiceListeners):
     """Every knob of a Signalman replica. Nothing set = embedded mode (memory, no Kafka)."""
 
     # Below Linux's ephemeral range (32768-60999): on a shared host a port in it can be held by
@@ -78,6 +77,7 @@ class SignalmanConfig(ServiceSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.check_listeners("SIGNALMAN_")
         for name in _POSITIVE:
             value = getattr(self, name)
             if not value > 0:
@@ -102,36 +102,12 @@ class SignalmanConfig(ServiceSettings):
             raise ValueError(
                 "peer_evict_after_s (SIGNALMAN_PEER_EVICT_AFTER_S) must be >= 0 (0: off)"
             )
-        if not 0 <= self.grpc_port <= 65535:
-            raise ValueError(f"grpc_port out of range: {self.grpc_port}")
-        if not -1 <= self.http_port <= 65535:
-            raise ValueError(f"http_port out of range: {self.http_port}")
-        if not -1 <= self.grpc_plaintext_port <= 65535:
-            raise ValueError(f"grpc_plaintext_port out of range: {self.grpc_plaintext_port}")
-        if self.grpc_plaintext_port >= 0 and not self.tls.serves_tls:
-            raise ValueError(
-                "grpc_plaintext_port (SIGNALMAN_GRPC_PLAINTEXT_PORT) is the plaintext listener "
-                "beside a TLS one: set PLATFORM_TLS_CERT / PLATFORM_TLS_KEY too"
-            )
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
 
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic}.dlq"
-
-    @property
-    def grpc(self) -> GrpcSettings:
-        return GrpcSettings(
-            self.host, self.grpc_port, self.max_message_bytes, self.tls, self.grpc_plaintext_port
-        )
-
-    @property
-    def http(self) -> HttpSettings | None:
-        """The HTTP side's listener, or None when ``http_port`` is -1."""
-        if self.http_port < 0:
-            return None
-        return HttpSettings(self.host, self.http_port, tls=self.tls)
 
 
 def load_config(env: Mapping[str, str] | None = None, **overrides: Any) -> SignalmanConfig:
