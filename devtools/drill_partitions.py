@@ -142,6 +142,7 @@ def _snapshot(ctx: Ctx) -> dict[str, Any]:
             "status": doc.get("status"),
             "nodes": (doc.get("figures") or {}).get("nodes"),
             "leader": ha.get("leader"),
+            "owned_nodes": ha.get("owned_nodes"),
             "writes_rejected": ha.get("writes_rejected"),
             "takeovers": ha.get("takeovers"),
             "partitions": [p[1] for p in doc.get("partitions", []) if isinstance(p, list)],
@@ -149,9 +150,22 @@ def _snapshot(ctx: Ctx) -> dict[str, Any]:
     return out
 
 
+def redis_cut_node_bound(ctx: Ctx) -> float:
+    """How long the node streams of a Foghorn replica cut from Redis may stay there
+    (``api_balancing.ha.partition``): its store notices (a changelog read blocks
+    ``FOGHORN_SYNC_BLOCK_MS``, then an operation times out after ``FOGHORN_REDIS_TIMEOUT_S``),
+    half the ownership TTL passes, the next one-second check asks the peers (2 s at most),
+    and the nodes reconnect and register on the peer (3 s allowed)."""
+    noticed = _env(ctx, "FOGHORN_SYNC_BLOCK_MS", 1000) / 1000 + _env(
+        ctx, "FOGHORN_REDIS_TIMEOUT_S", 2.0
+    )
+    return noticed + _ownership_ttl(ctx) / 2 + 1.0 + 2.0 + 3.0
+
+
 def _hold_foghorn(ctx: Ctx) -> float:
-    # Past the leader lease and the ownership TTL, so both can have moved, plus a margin.
-    return max(_lease_ttl(ctx), _ownership_ttl(ctx)) + ctx.settings.pause_margin_s + 2.0
+    # Past the leader lease, the ownership TTL and the nodes' move, so all can have happened.
+    longest = max(_lease_ttl(ctx), _ownership_ttl(ctx), redis_cut_node_bound(ctx))
+    return longest + ctx.settings.pause_margin_s + 2.0
 
 
 def node_takeover_bound(_ctx: Ctx | None = None) -> float:
@@ -222,6 +236,19 @@ def foghorn_redis_check(ctx: Ctx, r: Result) -> list[str]:
     during = (ctx.facts.get("during") or {}).get(victim) or {}
     if during.get("leader"):
         out.append(f"{victim} still claimed leadership at the end of the partition")
+    if during.get("owned_nodes"):
+        out.append(
+            f"{victim} still owned {during['owned_nodes']} nodes at the end of the partition"
+        )
+    own = _takeover(ctx, "ownership")
+    bound = round(redis_cut_node_bound(ctx), 1)
+    ctx.facts["node_takeover_bound_s"] = bound
+    if not own.get("victim_held"):
+        out.append(f"{victim} owned no node stream before the cut: the hand-over was not tested")
+    elif own.get("moved", 0) < own["victim_held"]:
+        out.append(f"only {own.get('moved', 0)} of {own['victim_held']} nodes moved off {victim}")
+    elif own.get("max_s") is not None and own["max_s"] > bound:
+        out.append(f"nodes moved off {victim} after {own['max_s']} s (bound {bound:g} s)")
     return out
 
 
@@ -289,8 +316,9 @@ DRILLS: list[Drill] = [
         "partition-foghorn-redis",
         "the leading Foghorn replica cut from Redis only (both directions): routing keeps "
         "answering from memory (degraded), it gives up the leader lease within its term and "
-        "the other replica leads; after the heal it converges; 0 failed routings, history "
-        "checker clean",
+        "the other replica leads; its peers still reach Redis, so it hands its node streams "
+        "to them within the stated bound and owns nothing; after the heal it converges; 0 "
+        "failed routings, history checker clean",
         partition(leading_foghorn, lambda f, v: [f.cut(v[0], "redis")], _hold_foghorn),
         status_not_ok("foghorn-0", "foghorn-1"),
         "the cut replica's /health degraded",
@@ -365,8 +393,8 @@ DRILLS: list[Drill] = [
     Drill(
         "asymmetric",
         "the leading Foghorn replica sends to Redis but receives nothing back: the same "
-        "guarantees as partition-foghorn-redis (degraded, steps down, converges, 0 failed "
-        "routings)",
+        "guarantees as partition-foghorn-redis (degraded, steps down, hands its nodes over, "
+        "converges, 0 failed routings)",
         partition(leading_foghorn, lambda f, v: [f.cut_one_way("redis", v[0])], _hold_foghorn),
         status_not_ok("foghorn-0", "foghorn-1"),
         "the cut replica's /health degraded",

@@ -11,7 +11,9 @@ through Signalman: see ``devtools.drill_traffic``), injects one fault and measur
 - ``failed_requests`` (viewer routings, both paths), ``lost_events``, ``duplicate_events``;
 - ``ok``: whether the drill's stated expected outcome was met (``problems`` says what was not).
 
-It prints a table, writes ``.bench/drills.json`` and exits 1 when any drill is not ok.
+It prints a table, writes ``.bench/drills.json`` (``--hosts``: ``.bench/drills-hosts.json``, with
+each partition drill's ``facts.partition`` cut/heal times, ``facts.takeover`` and
+``facts.checker``) and exits 1 when any drill is not ok.
 ``--short`` shortens TTLs, session timeouts and phases so a drill takes seconds (the test suite
 runs it); the full mode runs ``./dev up``'s defaults. ``--hosts`` runs the platform with every
 process on a simulated host of its own (``devtools.hosts``) and adds the network partition drills
@@ -65,6 +67,9 @@ from pkg.common.logging import configure_logging
 log = structlog.get_logger("drills")
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_FILE = ROOT / ".bench" / "drills.json"
+# --hosts runs (the partition drills with every process on its own host) keep their own file, so
+# a run of one platform never overwrites the other's figures.
+HOSTS_BENCH_FILE = ROOT / ".bench" / "drills-hosts.json"
 EVENT_TENANT = "demo"  # the tenant ./dev up's Signalman demo token subscribes as
 
 
@@ -953,7 +958,13 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="added to every documented port, to run beside another platform (./dev up's)",
     )
-    p.add_argument("--json", type=Path, default=BENCH_FILE, help="where to write the figures")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help="where to write the figures (default .bench/drills.json, with --hosts "
+        ".bench/drills-hosts.json)",
+    )
     p.add_argument(
         "--hosts",
         action="store_true",
@@ -1039,8 +1050,9 @@ def main(argv: list[str]) -> int:
         log_file.close()
     print()
     print(render(results))
-    write_json(results, settings, args.json)
-    print(f"\nwrote {args.json}; logs under {run_dir}")
+    json_path = args.json or (HOSTS_BENCH_FILE if args.hosts else BENCH_FILE)
+    write_json(results, settings, json_path)
+    print(f"\nwrote {json_path}; logs under {run_dir}")
     return 0 if all(r.ok for r in results) else 1
 
 

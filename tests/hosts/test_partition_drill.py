@@ -1,7 +1,8 @@
 """Two partition drills end to end, as ``./dev drill A,B --short --hosts`` runs them.
 
 A subprocess, like an operator's run: it creates the namespaces, starts the platform on its
-hosts, cuts the leading Foghorn replica from Redis under traffic, heals, then cuts a Signalman
+hosts, cuts the leading Foghorn replica from Redis under traffic (it steps down and hands its
+nodes to the other replica), heals, then cuts a Signalman
 replica from the broker, heals, runs the history checker after each, writes the JSON and
 removes every namespace. The finalizer removes the namespaces itself if the run was killed
 half-way.
@@ -63,6 +64,8 @@ def test_partitioned_replicas_are_routed_around_and_the_history_stays_clean(
     assert row["facts"]["checker"]["clean"] and row["facts"]["checker"]["records"] > 0, why
     assert row["detect_s"] is not None, why  # the victim said degraded
     assert row["facts"]["takeover"]["lease"]["moved"] == 1, why  # the other replica leads
+    own = row["facts"]["takeover"]["ownership"]  # its nodes moved to the replica reaching Redis
+    assert own["victim_held"] >= 1 and own["moved"] == own["victim_held"], why
     assert row["ok"], why
     sig = drills["partition-signalman-kafka"]
     why = json.dumps({k: sig[k] for k in ("problems", "facts")})[:4000]
