@@ -9,6 +9,12 @@ up to ``batch`` of its nodes to reconnect to the peers that hold less (``Reconne
 that joins or restarts fills up within seconds, a few nodes at a time, and none of them is
 ever unroutable (a moved node's record stays connected).
 
+A peer whose share of the fleet fell since the previous round is given no node for
+``hold_s`` (its claim's TTL): nodes leave a replica by themselves when it died, and a replica
+killed without a goodbye keeps its claim, so its membership, until that TTL runs out. Its nodes
+reconnect here within a fraction of a second; without the hold, the next round would see the
+dead peer empty and send them back to an address that no longer answers.
+
 A stopping replica withdraws first (``withdraw``): its claim is deleted so that no peer moves
 nodes to it, and it learns which peers to hand its own nodes to.
 """
@@ -49,6 +55,7 @@ class Membership:
         interval_s: float = 1.0,
         batch: int = 10,
         rebalance: bool = True,
+        hold_s: float | None = None,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.store = store
@@ -60,12 +67,15 @@ class Membership:
         self.interval_s = interval_s
         self.batch = batch
         self.rebalance = rebalance
+        self.hold_s = 3 * interval_s if hold_s is None else hold_s
         self.clock = clock
         self.replicas: dict[str, str] = {}  # live replica id -> address (this one included)
         self.withdrawn = False
         self.moves_asked = 0  # nodes asked to move by rebalancing
         self.notified = 0  # replica-list messages sent to nodes
         self._moving: dict[str, tuple[str, float]] = {}  # node id -> (target replica, asked at)
+        self._last_counts: Counter[str] = Counter()  # owned_counts() at the previous round
+        self._held_until: dict[str, float] = {}  # peer -> no node moved to it before then
 
     def addresses(self) -> list[str]:
         """Every live replica's address, in replica id order (what nodes are told)."""
@@ -124,7 +134,7 @@ class Membership:
             or not self.store.healthy()
         ):
             return 0
-        moves = rebalance.plan(self.replica_id, self.owned_counts(), self.batch)
+        moves = rebalance.plan(self.replica_id, self._eligible(self.owned_counts()), self.batch)
         if not moves:
             return 0
         candidates = (
@@ -146,6 +156,22 @@ class Membership:
             self.moves_asked += asked
             log.info("rebalancing node streams", moves=moves, asked=asked)
         return asked
+
+    def _eligible(self, counts: Counter[str]) -> Counter[str]:
+        """``counts`` without the peers on hold (see the module doc): the split is planned over
+        the replicas known to be serving, as if the suspect ones had already left."""
+        now = self.clock.monotonic()
+        for peer, count in counts.items():
+            if peer != self.replica_id and count < self._last_counts.get(peer, 0):
+                if self._held_until.get(peer, now) <= now:
+                    before = self._last_counts[peer]
+                    log.info("peer lost nodes: none moved to it for a while",
+                             peer=peer, before=before, now=count, hold_s=self.hold_s)  # fmt: skip
+                self._held_until[peer] = now + self.hold_s
+        self._last_counts = counts
+        for peer in [p for p, until in self._held_until.items() if until <= now]:
+            del self._held_until[peer]
+        return Counter({p: c for p, c in counts.items() if p not in self._held_until})
 
     async def run(self) -> None:
         while True:
@@ -174,4 +200,5 @@ class Membership:
             "replicas": self.addresses(),
             "rebalance_moves": self.moves_asked,
             "moving": len(self._moving),
+            "peers_on_hold": sorted(self._held_until),
         }

@@ -47,6 +47,7 @@ class ReplicaClaim:
         self.key = key
         self.replica_id = replica_id
         self.interval_s = interval_s
+        self.ttl_s = 3 * interval_s  # how long a killed replica stays a member
         self.address = ""
         self.withdrawn = False
         self._clock = clock
@@ -61,9 +62,7 @@ class ReplicaClaim:
         """
         self.address = address
         try:
-            holder = await self._claim(
-                keys=[self.key], args=[address, str(int(self.interval_s * 3000))]
-            )
+            holder = await self._claim(keys=[self.key], args=[address, str(int(self.ttl_s * 1000))])
         except REDIS_ERRORS as exc:
             log.warning("replica id not claimed yet (Redis unreachable)", error=str(exc))
             return
@@ -81,7 +80,7 @@ class ReplicaClaim:
                 return
             try:
                 holder = await self._claim(
-                    keys=[self.key], args=[self.address, str(int(self.interval_s * 3000))]
+                    keys=[self.key], args=[self.address, str(int(self.ttl_s * 1000))]
                 )
             except REDIS_ERRORS:
                 continue

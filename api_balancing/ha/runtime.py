@@ -133,6 +133,7 @@ class HaRuntime:
             interval_s=membership_s,
             batch=self.ha.rebalance_batch,
             rebalance=self.ha.rebalance_interval_s > 0,
+            hold_s=self.replica_claim.ttl_s,
             clock=clock,
         )
         # Half the ownership TTL: the nodes of a replica cut from Redis move to a peer before

@@ -231,16 +231,25 @@ async def test_kill_9_of_an_owner_moves_its_nodes_and_routing_never_fails(
     survivor = b if victim is a else a
     moved = [n for n, o in owners.items() if o.replica == victim.name]
     assert moved, "the victim owns nodes"
+    moves_before = (await cluster.health(survivor))["ha"]["rebalance_moves"]
     with RoutingLoad(cluster.client()) as load:
         await asyncio.sleep(0.5)
         victim.proc.kill()
         await eventually(lambda: fleet_owned(cluster, by={survivor.name}), timeout=20)
         after = load.calls
         await eventually(lambda: load.calls > after + 50, timeout=10)
+
+        # The victim stays a member until its replica claim expires (3 renewal periods): the
+        # survivor must not send it back any of the nodes that just left it.
+        async def victim_left() -> bool:
+            return (await cluster.health(survivor))["ha"]["replicas"] == [survivor.target]
+
+        await eventually(victim_left, timeout=10)
     assert load.failures == [], load.failures[:5]
     assert load.calls > 100
     doc = await cluster.health(survivor)
     assert doc["ha"]["owned_nodes"] == NODES
+    assert doc["ha"]["rebalance_moves"] == moves_before, "nodes were sent to the dead replica"
 
 
 async def test_paused_owner_is_fenced_after_takeover_and_drops_the_stream(
