@@ -5,17 +5,21 @@ Foghorn; plaintext HTTP to the HTTPS port gets nothing."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Callable
 
+import grpc
+import grpc.aio
 import httpx
 import pytest
 
-from pkg.common.tls import client_ssl_context, tls_from_env
+from pkg.clients import Policy
+from pkg.clients.foghorn import FoghornClient
+from pkg.common.tls import client_credentials, client_ssl_context, tls_from_env
 from pkg.devstack.certs import CertificateAuthority
 from pkg.devstack.servers import CommandProcess, free_port
 from tests.bridge.fakes import SECRET, token
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -48,20 +52,32 @@ async def test_a_graphql_query_over_https_reaches_foghorn_over_mtls(
              "BRIDGE_FOGHORN_ADDRESSES": f"127.0.0.1:{foghorn.port}",
              "BRIDGE_FOGHORN_TOKEN": "op-token", "BRIDGE_JWT_HS256_SECRET": SECRET},
     )  # fmt: skip
+    # Bridge is asked once edge-sim's nodes are routable at Foghorn (asked directly, over mTLS):
+    # before they registered Foghorn rightly answers "no eligible node".
+    me = ca.issue("test-client")
+    creds = client_credentials(str(ca.ca_path), str(me.cert), str(me.key))
+    async with FoghornClient(
+        f"127.0.0.1:{foghorn.port}", token="op-token", credentials=creds, policy=Policy(timeout=5)
+    ) as direct:
+
+        async def routable() -> bool:
+            try:
+                await direct.route_viewer("live-0001", lat=48.8, lon=2.3)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc  # no eligible node yet
+                return False
+            return True
+
+        await eventually(routable, timeout=30, interval=0.2, what="edge-sim's nodes routable")
     verify = client_ssl_context(tls_from_env({"PLATFORM_TLS_CA": str(ca.ca_path)}))
     headers = {"authorization": f"Bearer {token('acme', ['user'])}"}
     async with httpx.AsyncClient(verify=verify, timeout=10) as http:
-        doc: dict = {}
-        for _ in range(40):  # until edge-sim's nodes have registered and reported
-            reply = await http.post(
-                f"https://127.0.0.1:{port}/graphql", json={"query": QUERY}, headers=headers
-            )
-            assert reply.status_code == 200, reply.text
-            doc = reply.json()
-            assert not doc.get("errors"), doc  # Foghorn answered Bridge over mTLS
-            if doc["data"]["route"]["best"]:
-                break
-            await asyncio.sleep(0.5)
+        reply = await http.post(
+            f"https://127.0.0.1:{port}/graphql", json={"query": QUERY}, headers=headers
+        )
+        assert reply.status_code == 200, reply.text
+        doc = reply.json()
+        assert not doc.get("errors"), doc  # Foghorn answered Bridge over mTLS
         assert doc["data"]["route"]["best"]["nodeId"].startswith("edge-")
     async with httpx.AsyncClient(timeout=5) as plain:
         with pytest.raises(httpx.TransportError):
