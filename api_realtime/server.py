@@ -27,7 +27,7 @@ from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.grpcserver import GrpcServer, ServiceBinding, build_server
 from pkg.common.health import Dependency, HealthReport, Probe, Status
 from pkg.common.httpserver import HttpServer, ops_routes
-from pkg.common.metrics import process_metrics
+from pkg.common.metrics import per_source, process_metrics
 from pkg.common.tls import identity_map
 from pkg.coord.advisory import AdvisoryLease
 from signalman import processor as processor_metrics
@@ -130,6 +130,13 @@ class SignalmanApp:
         )  # fmt: skip
         self.duties.register_metrics(process_metrics())
         self.hub.register_metrics(process_metrics())
+        if self.locks is not None:
+            process_metrics().gauge(
+                "signalman_postgres_timeline",
+                "WAL timeline of the PostgreSQL primary holding this replica's locks (one "
+                "more at each standby promotion; 0 before the first connection)",
+                per_source(lambda _: {}, lambda locks: float(locks.timeline)), (), self.locks,
+            )  # fmt: skip
         self.servicer = SignalmanServicer(
             self.hub,
             self.processor,

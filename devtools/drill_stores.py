@@ -301,6 +301,7 @@ STORE_DRILLS = [
         "foghorn /health degraded",
         _redis_check,
         needs_ha_stores=True,
+        alerts=("StoreFailover",),
     ),
     Drill(
         "redis-zombie-primary",
@@ -312,6 +313,7 @@ STORE_DRILLS = [
         "foghorn /health degraded",
         _zombie_check,
         needs_ha_stores=True,
+        alerts=("StoreFailover",),
     ),
     Drill(
         "postgres-failover",
@@ -322,6 +324,7 @@ STORE_DRILLS = [
         "signalman lock connection reconnecting",
         _postgres_check,
         needs_ha_stores=True,
+        alerts=("StoreFailover",),
     ),
 ]
 

@@ -62,6 +62,8 @@ ON CONFLICT (topic, partition)
 DO UPDATE SET fence = GREATEST(f.fence + 1, {_FLOOR}), owner = EXCLUDED.owner, updated_at = now()
 RETURNING fence
 """
+# The WAL timeline the server writes on: 1 on a fresh cluster, one more at each promotion.
+_TIMELINE = "SELECT ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint"
 # Holders of a lock key, and whether each is one of our group's lock sessions (by its
 # application_name): only those may be terminated.
 _HOLDER = """
@@ -128,6 +130,9 @@ class PartitionLocks:
         self.lost = asyncio.Event()
         self.evictions = 0
         self.connects = 0
+        # The WAL timeline of the primary the dedicated connection reached last (0: not read):
+        # a higher one than before means a standby was promoted (exported as a metric).
+        self.timeline = 0
 
     @property
     def connected(self) -> bool:
@@ -150,6 +155,7 @@ class PartitionLocks:
                     server_settings={"application_name": self.app_name},
                 )
                 await conn.execute(_SCHEMA)
+                timeline = int(await conn.fetchval(_TIMELINE))
         except BaseException:
             if conn is not None:
                 conn.terminate()
@@ -159,6 +165,10 @@ class PartitionLocks:
         self._held.clear()
         self.lost.clear()
         self.connects += 1
+        if self.timeline and timeline != self.timeline:
+            log.warning("postgres_timeline_changed", owner=self.owner, old=self.timeline,
+                        new=timeline)  # fmt: skip
+        self.timeline = timeline
 
     def _on_terminated(self, conn: Any) -> None:
         if conn is not self._conn:

@@ -839,7 +839,8 @@ def _duration(seconds: float) -> str:
 
 
 def scaled_rules(text: str, factor: float, min_window_s: float) -> str:
-    """Rule file ``text`` with every ``for:`` and range ``[...]`` multiplied by ``factor``.
+    """Rule file ``text`` with every ``for:``, range ``[...]`` and ``offset`` multiplied by
+    ``factor``.
 
     The local platform's faults last seconds where production's last minutes: the same
     expressions and thresholds, on a shorter clock, so a drill sees the alert a production
@@ -854,6 +855,7 @@ def scaled_rules(text: str, factor: float, min_window_s: float) -> str:
         return f"{match.group(1)}{_duration(_seconds(match.group(2)) * factor)}"
 
     text = re.sub(r"\[((?:\d+(?:ms|s|m|h))+)\]", window, text)
+    text = re.sub(r"(\boffset\s+)((?:\d+(?:ms|s|m|h))+)", hold, text)
     return re.sub(r"(\bfor:\s*)((?:\d+(?:ms|s|m|h))+)", hold, text)
 
 

@@ -15,6 +15,8 @@ RULE = """
       - alert: Y
         expr: increase(c_total[10m]) > 5
         for: 30s
+      - alert: Z
+        expr: d_total > last_over_time(d_total[15m] offset 2m)
 """
 
 
@@ -25,6 +27,7 @@ def test_scaled_rules_shorten_every_hold_and_window_but_keep_a_few_scrapes() -> 
     assert "increase(c_total[30000ms])" in scaled
     assert "for: 6000ms" in scaled  # 2 m / 20
     assert "for: 1500ms" in scaled  # 30 s / 20
+    assert "last_over_time(d_total[45000ms] offset 6000ms)" in scaled  # offsets too
     assert "> 5" in scaled and "> 0" in scaled  # thresholds untouched
 
 

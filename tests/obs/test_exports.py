@@ -46,6 +46,7 @@ def metric_names(expr: str) -> set[str]:
     text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
     text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
     text = re.sub(r"\[[^\]]*\]", " ", text)  # range and subquery windows
+    text = re.sub(r"\boffset\s+-?(?:\d+(?:ms|s|m|h|d|w|y))+", " ", text)  # offsets
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
         rest = text[match.end() :].lstrip()
@@ -78,13 +79,14 @@ def test_metric_names_are_found_in_expressions() -> None:
     expr = (
         'sum by (job) (rate(bridge_http_responses_total{status=~"5.."}[5m])) '
         "/ on (job) histogram_quantile(0.99, sum by (le) (rate(x_seconds_bucket[1m]))) > 0.5 "
-        "or job:foo:sum unless ALERTS"
+        "or job:foo:sum unless ALERTS or last_over_time(y_total[15m] offset 1h2m)"
     )
     assert metric_names(expr) == {
         "bridge_http_responses_total",
         "x_seconds_bucket",
         "job:foo:sum",
         "ALERTS",
+        "y_total",
     }
 
 

@@ -38,6 +38,8 @@ async def test_fences_after_a_standby_promotion_are_above_every_fence_before(
     try:
         standby.start()
         await locks.connect()
+        timeline = locks.timeline  # what signalman_postgres_timeline exports (StoreFailover)
+        assert timeline >= 1
         issued = [await locks.acquire_partition("ev", 0) for _ in range(3)]
         # Wait until the standby has replayed them, then cut it off: paused, WAL sender ended.
         deadline = time.monotonic() + 10
@@ -58,6 +60,7 @@ async def test_fences_after_a_standby_promotion_are_above_every_fence_before(
         assert await _max_fence(standby.port, "ev") == max(replicated) < max(issued)
 
         await successor.connect()  # the multi-host DSN finds the promoted standby
+        assert successor.timeline == timeline + 1
         after = [await successor.acquire_partition("ev", 0) for _ in range(2)]
         assert min(after) > max(issued), (issued, after)
         assert len(set(after) | set(issued)) == len(after) + len(issued)
