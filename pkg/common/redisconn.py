@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import ssl as ssl_module
 import threading
 import weakref
@@ -54,6 +55,7 @@ import structlog
 from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 from redis.asyncio import sentinel as async_sentinel
+from redis.asyncio.connection import RedisSSLContext
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
@@ -322,9 +324,67 @@ class _PackedCounted(_HiredisPacking, _Counted):
     pass
 
 
+# -- TLS contexts shared by connections ---------------------------------------------------------
+def _file_signature(path: str | None) -> tuple[int, int, int] | None:
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # building the context raises the real error
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+_CONTEXTS: dict[tuple[Any, ...], tuple[tuple[Any, ...], ssl_module.SSLContext]] = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+class _SharedSSLContext(RedisSSLContext):
+    """One ``SSLContext`` for every connection with the same TLS options, instead of redis-py's
+    one per connection: its ``ssl.create_default_context()`` reads the system's CA store, about
+    30 ms of CPU on the event loop for each connection a pool opens (27% of a Bridge replica's
+    CPU while its pool grew in the bridge-kill drill over TLS, stalling every request it held).
+    The shared context is built again when a certificate, key or CA file changes, so new
+    connections present a rotated certificate as before. Trust is redis-py's: the system's CAs
+    plus ``ssl_ca_certs``."""
+
+    __slots__ = ()
+
+    def get(self) -> ssl_module.SSLContext:
+        key = tuple(
+            _hashable(getattr(self, name))
+            for name in RedisSSLContext.__slots__
+            if name != "context"
+        )
+        files = tuple(_file_signature(p) for p in (self.certfile, self.keyfile, self.ca_certs))
+        with _CONTEXTS_LOCK:
+            cached = _CONTEXTS.get(key)
+        if cached is not None and cached[0] == files:
+            return cached[1]
+        self.context = None  # build from the files as they are now
+        context = super().get()
+        with _CONTEXTS_LOCK:
+            _CONTEXTS[key] = (files, context)
+        return context
+
+
+class _SharedContextSSL(aioredis.SSLConnection):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        own = self.ssl_context
+        shared = _SharedSSLContext.__new__(_SharedSSLContext)
+        for name in RedisSSLContext.__slots__:
+            setattr(shared, name, getattr(own, name))
+        self.ssl_context = shared
+
+
 # rediss:// (TLS): the same counting and C packing over redis-py's SSL connection, whose options
 # (ssl_ca_certs, ssl_certfile, ssl_keyfile, ssl_cert_reqs) come from the URL's query string.
-class _CountedSSL(_Counted, aioredis.SSLConnection):
+class _CountedSSL(_Counted, _SharedContextSSL):
     pass
 
 
@@ -615,7 +675,7 @@ def connect(
     )
     base: type[_SentinelConn] = _PackedSentinelConn if hiredis_packing else _SentinelConn
     if ssl_kwargs:
-        base = type("_SSLSentinelConn", (base, aioredis.SSLConnection), {})
+        base = type("_SSLSentinelConn", (base, _SharedContextSSL), {})
     conn_class_s = type(f"{base.__name__}_{name}", (base,), {"conn_stats": conn_stats})
     pool_kwargs: dict[str, Any] = {
         **kwargs,

@@ -46,6 +46,42 @@ async def test_redis_over_tls_keeps_the_packed_counted_connections(
             await client.aclose()
 
 
+async def test_redis_tls_connections_share_one_context_until_a_certificate_file_changes(
+    ca: CertificateAuthority, redis_factory: Callable[..., ServerProcess]
+) -> None:
+    # redis-py builds an SSLContext per connection (the system CA store read each time, ~30 ms
+    # of CPU on the event loop): a pool that grows under load stalls its process.
+    server = redis_factory(tls=ca.issue("redis"))
+    me = ca.issue("redis-user")
+    url = (
+        f"rediss://127.0.0.1:{server.port}/0?ssl_ca_certs={ca.ca_path}"
+        f"&ssl_certfile={me.cert}&ssl_keyfile={me.key}"
+    )
+    client = redisconn.connect(url, name="tls-shared", socket_timeout=5)
+    pool = client.connection_pool
+
+    async def contexts(n: int) -> list[object]:
+        conns = [await pool.get_connection() for _ in range(n)]  # n connections at once
+        try:
+            for conn in conns:
+                await conn.send_command("PING")
+                assert await conn.read_response() in (b"PONG", "PONG")
+            return [conn._writer.get_extra_info("sslcontext") for conn in conns]  # type: ignore[attr-defined]
+        finally:
+            for conn in conns:
+                await pool.release(conn)
+                await conn.disconnect()
+
+    try:
+        first = await contexts(3)
+        assert first[0] is not None and all(c is first[0] for c in first)
+        ca.issue("redis-user")  # rotation: a new key and certificate in the same files
+        second = await contexts(2)
+        assert second[0] is not first[0] and all(c is second[0] for c in second)
+    finally:
+        await client.aclose()
+
+
 async def test_redis_over_tls_refuses_plaintext_and_clients_without_a_certificate(
     ca: CertificateAuthority, redis_factory: Callable[..., ServerProcess]
 ) -> None:
