@@ -9,8 +9,10 @@ import pytest
 
 from bridge.answers import AnswerCache, Read
 from bridge.ratelimit import RateLimiter
-from bridge.store.redis_store import RedisAnswerStore
+from bridge.store.health import RedisHealth
+from bridge.store.redis_store import RedisAnswerStore, RedisBucketStore, connect
 from bridge.token_bucket import Limit
+from pkg.devstack.servers import RedisServer
 
 pytestmark = pytest.mark.integration
 
@@ -61,3 +63,27 @@ async def test_an_unreachable_redis_falls_back_to_the_local_limiter_and_reads_no
     replicas[0].health.mark_down(ConnectionError("test: down"))
     decision, body = await a.admit("tenant:acme", WIDE, "k")
     assert decision.allowed and not decision.exact and body is None
+
+
+async def test_a_restarted_redis_is_reconnected_and_its_lost_script_reloaded(tmp_path):
+    """The answer store holds its connections: a restart drops them and empties the script
+    cache; the next requests reconnect (the client's one retry on a dropped socket) and reload
+    the script, and every one is charged exactly once on the new server."""
+    server = RedisServer(run_dir=tmp_path / "redis")
+    server.start()
+    client = connect(server.url, timeout_s=5.0)
+    try:
+        health = RedisHealth(client)
+        store = RedisAnswerStore(client, health, "t")
+        cache = AnswerCache(store, RateLimiter(RedisBucketStore(client, health, "t")))
+        await cache.remember("k", b"x", [Read((), (), cache._clock.time() + 30, 0)])
+        assert (await cache.admit("tenant:a", WIDE, "k"))[1] == b"x"
+        server.restart()
+        limit = Limit(capacity=5, rate=0.001)
+        results = await asyncio.gather(*[cache.admit("tenant:a", limit, "k") for _ in range(8)])
+        assert sum(d.allowed and d.exact for d, _ in results) == 5
+        assert all(body is None for _, body in results)  # the restart lost the answer too
+        assert health.up
+    finally:
+        await client.aclose()
+        server.stop()
