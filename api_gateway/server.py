@@ -132,9 +132,12 @@ class BridgeApp:
             clock=clock,
             xfetch_beta=cfg.xfetch_beta,
             lock_ttl_s=cfg.cache_lock_ttl_s,
-            # A lock holder slower than one backend deadline has failed (or is paused): waiters
-            # then load themselves instead of stalling on it until the lock expires.
-            lock_wait_s=min(cfg.cache_lock_ttl_s, cfg.backend_timeout_s + 0.5),
+            # A lock holder that has not filled the entry within half a backend deadline is
+            # more likely gone (paused, partitioned from us or from Redis) than slow: waiters
+            # then load themselves, with the other half left for their own backend call, so a
+            # caller whose deadline equals Bridge's still gets an answer. At worst one backend
+            # call per replica and key while the backend is that slow.
+            lock_wait_s=min(cfg.cache_lock_ttl_s, cfg.backend_timeout_s / 2),
             local_size=cfg.cache_local_size if cfg.redis_url else 0,
         )
         if self.redis_health is not None:
