@@ -69,6 +69,10 @@ class HttpSettings:
     ws: str = "none"
     ws_max_size: int = 16 * 1024 * 1024
     graceful_s: float = 5.0
+    # How long an idle keep-alive connection stays open. Longer than the idle timeout of the
+    # load balancers and pools in front (uvicorn's 5 s default closes them first: every
+    # request after a pause then pays a new connection, a TLS handshake with HTTPS).
+    keep_alive_s: float = 75.0
     tls: TlsSettings = PLAINTEXT  # PLATFORM_TLS_*: HTTPS when it has a certificate
 
 
@@ -107,6 +111,7 @@ class HttpServer:
             ws=settings.ws,
             ws_max_size=settings.ws_max_size,
             timeout_graceful_shutdown=int(settings.graceful_s),
+            timeout_keep_alive=int(settings.keep_alive_s),
             # uvicorn would otherwise rewrite the client address from X-Forwarded-For for any
             # peer on 127.0.0.1 (its default forwarded_allow_ips): a local caller could pick
             # the address it is rate limited as. The services' own TRUSTED_PROXIES settings
