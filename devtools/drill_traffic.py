@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import httpx
 import structlog
 
 from devtools.devtls import grpc_credentials, http_verify
@@ -46,6 +47,9 @@ VIEWER_POLICY = Policy(
     timeout=3.0, retry=RetryPolicy(max_attempts=4, attempt_timeout=0.6, base_backoff=0.02)
 )
 MAX_IN_FLIGHT = 64
+# Connections the Bridge load balancer keeps per upstream (see BridgeViewers), idle ones kept
+# 60 s (below the services' 75 s keep-alive, so the server never closes one being reused).
+UPSTREAM_POOL = httpx.Limits(max_connections=4, max_keepalive_connections=4, keepalive_expiry=60.0)
 # Cities viewers ask from (latitude, longitude): routing depends on them.
 VIEWER_SPOTS = [(52.5, 13.4), (40.7, -74.0), (35.7, 139.7), (-23.5, -46.6), (51.5, -0.1)]
 
@@ -182,7 +186,20 @@ class BridgeViewers(_Paced):
         # One attempt per upstream: the load balancer moves to the next one; no breaker (the
         # health checks decide the rotation, and a refused connection costs nothing).
         policy = replace(Policy.no_retries(timeout=2.0), breaker=BreakerPolicy(enabled=False))
-        self.http = AsyncHttpClient(policy=policy, verify=http_verify())
+        # A warm pool of connections per upstream, as a balancer keeps (nginx's upstream
+        # keepalive, Envoy's per-host pools): a burst queues for a pooled connection instead
+        # of opening one per request. With HTTPS each new connection is a TLS handshake on
+        # this process's and the Bridge's event loops (Python TLS on both), slower than the
+        # queue when the machine is loaded: when one Bridge stopped, the survivor's pool grew
+        # by ~30 connections in 6 s, each handshake 0.2-1.1 s, and requests timed out.
+        self.http = {
+            url: AsyncHttpClient(policy=policy, verify=http_verify(), limits=UPSTREAM_POOL)
+            for url in self.urls
+        }
+        # Health checks on connections of their own: never queued behind the traffic.
+        self.probe_http = AsyncHttpClient(
+            policy=policy, verify=http_verify(), limits=httpx.Limits(keepalive_expiry=60.0)
+        )
         self.headers = {"authorization": f"Bearer {jwt}"}
         self.recorder = Recorder("bridge")
         self.healthy = {url: True for url in self.urls}  # until the first poll says otherwise
@@ -194,7 +211,7 @@ class BridgeViewers(_Paced):
 
     async def _check_one(self, url: str) -> None:
         try:
-            reply = await self.http.get(url.removesuffix("/graphql") + "/health", timeout=1.0)
+            reply = await self.probe_http.get(url.removesuffix("/graphql") + "/health", timeout=1.0)
             self.healthy[url] = reply.status_code == 200
         except Exception:
             self.healthy[url] = False
@@ -219,7 +236,7 @@ class BridgeViewers(_Paced):
         errors = []
         for url in self._order(seq):
             try:
-                reply = await self.http.post(url, json=body, headers=self.headers, timeout=2.0)
+                reply = await self.http[url].post(url, json=body, headers=self.headers, timeout=2.0)
             except Exception as exc:  # this upstream did not answer: try the next one
                 errors.append(_describe(exc))
                 continue
@@ -249,7 +266,8 @@ class BridgeViewers(_Paced):
         await super().stop()
 
     async def close(self) -> None:
-        await self.http.aclose()
+        for client in (*self.http.values(), self.probe_http):
+            await client.aclose()
 
 
 @dataclass
