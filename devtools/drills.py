@@ -49,7 +49,7 @@ import structlog
 
 from devtools import hosts as simhosts
 from devtools import up
-from devtools.alerts import AlertWatch
+from devtools.alerts import AlertWatch, wait_scraped
 from devtools.devtls import http_verify
 from devtools.drill_traffic import (
     BridgeViewers,
@@ -96,6 +96,13 @@ class Settings:
     # How long an expected alert may keep firing after traffic recovered (its rate windows and
     # hold times, on the local platform's clock, must pass).
     alerts_resolve_s: float = 60.0
+    # How long after traffic recovered an expected alert not seen yet is still waited for.
+    # ReplicaRestarted can only fire after the recovery: Prometheus sees the restarted process
+    # at its first scrape once it serves and fires at the rule evaluation after that (1 s each
+    # here, later on a loaded machine), while traffic through a killed Foghorn replica's peer
+    # is clean again within seconds (a CI run on 2 busy cores stopped watching before it).
+    # The alerts the drills expect hold `for:` 1 minute at most: 2-3 s on the drills' clock.
+    alerts_fire_s: float = 15.0
     # Added to every documented port of the drills' platform (./dev up's --port-offset), so a
     # drill runs beside another platform on this host.
     port_offset: int = 0
@@ -687,6 +694,17 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
             "platform not healthy before the drill: " + "; ".join(platform.unhealthy())
         ]
         return result
+    if drill.alerts and platform.stack.prometheus_url:
+        # Alerts compare what Prometheus saw before the fault with what it sees after (e.g.
+        # ReplicaRestarted: a start time newer than the oldest in its window). A platform that
+        # just started (the first drill of a run) may not have been scraped yet: then the killed
+        # process was never seen and its restart cannot fire anything.
+        waited = time.monotonic()
+        seen = await wait_scraped(platform.stack.prometheus_url, s.healthy_timeout_s)
+        result.facts["waited_for_scrapes_s"] = round(time.monotonic() - waited, 2)
+        if not seen:
+            result.problems = ["Prometheus never scraped every target: alerts cannot be judged"]
+            return result
     foghorn = FoghornViewers(platform.endpoint("foghorn grpc"), s.foghorn_rate)
     jwt = _bridge_jwt()
     bridge = BridgeViewers(platform.endpoint("bridge graphql"), jwt, s.bridge_rate)
@@ -759,7 +777,10 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
 
 
 async def _alerts_after(watch: AlertWatch, drill: Drill, result: Result, s: Settings) -> None:
-    """Once traffic recovered: every expected alert that fired must resolve (bounded wait)."""
+    """Once traffic recovered: every expected alert must fire, then resolve (bounded waits)."""
+    t_wait = time.monotonic()
+    await watch.wait_fired(drill.alerts, s.alerts_fire_s)
+    result.facts["alerts_fire_wait_s"] = round(time.monotonic() - t_wait, 2)
     await watch.stop()
     fired = [name for name, _ in sorted(watch.fired.items(), key=lambda kv: kv[1])]
     expected_fired = [a for a in drill.alerts if a in watch.fired]
