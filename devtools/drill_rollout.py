@@ -185,9 +185,10 @@ class Checks:
                 total += float(line.rsplit(" ", 1)[1])
         return total
 
-    async def unused(self, *replicas: Replica, quiet_s: float = 1.5) -> None:
+    async def unused(self, *replicas: Replica, quiet_s: float = 1.5) -> dict[str, float]:
         """Wait until no caller routes to ``replicas`` any more: their routing counters stay
-        flat for ``quiet_s`` (what an operator checks on /metrics before retiring one)."""
+        flat for ``quiet_s`` (what an operator checks on /metrics before retiring one).
+        Returns each one's final count (an unreadable counter never counts as flat)."""
 
         async def counts() -> list[float | None]:
             return [await self.routings(r) for r in replicas]
@@ -197,10 +198,10 @@ class Checks:
         while time.monotonic() < deadline:
             await asyncio.sleep(0.25)
             now = await counts()
-            if now != last:
+            if now != last or None in now:
                 last, since = now, time.monotonic()
             elif time.monotonic() - since >= quiet_s:
-                return
+                return {r.name: float(c or 0.0) for r, c in zip(replicas, now, strict=True)}
         names = ", ".join(r.name for r in replicas)
         raise RuntimeError(f"callers still route to {names} 30 s after the list changed")
 
@@ -239,7 +240,9 @@ async def run_rollout(nodes: int, run_dir: Path) -> dict[str, Any]:
     p = RolloutPlatform(run_dir, nodes)
     checks = Checks()
     steps: list[dict[str, Any]] = []
-    facts: dict[str, Any] = {"steps": steps}
+    # Routing decisions each replica made before the callers left it (all > 0: they used it).
+    retired: dict[str, float] = {}
+    facts: dict[str, Any] = {"steps": steps, "routings_before_retired": retired}
     state_ok: list[bool] = []
     callers: Callers | None = None
 
@@ -322,7 +325,7 @@ async def run_rollout(nodes: int, run_dir: Path) -> dict[str, Any]:
 
         async def s5() -> None:
             p.write_caller_file(["foghorn-h1"])
-            await checks.unused(p.foghorn["foghorn-m"])
+            retired.update(await checks.unused(p.foghorn["foghorn-m"]))
 
         async def s6() -> None:
             await asyncio.to_thread(p.foghorn.pop("foghorn-m").proc.stop, 30)
@@ -360,7 +363,7 @@ async def run_rollout(nodes: int, run_dir: Path) -> dict[str, Any]:
 
         async def r3() -> None:
             p.write_caller_file(["foghorn-m2"])
-            await checks.unused(p.foghorn["foghorn-h1"], p.foghorn["foghorn-h2"])
+            retired.update(await checks.unused(p.foghorn["foghorn-h1"], p.foghorn["foghorn-h2"]))
 
         async def r4() -> None:
             for name in ("foghorn-h1", "foghorn-h2"):
@@ -423,6 +426,9 @@ async def rollout_drill(settings: Settings, run_dir: Path) -> Result:
         result.problems.append(f"{result.failed_requests} failed routings (expected 0)")
     if not facts.get("state_kept"):
         result.problems.append("operator state not kept at every step")
+    unused = [n for n, c in facts.get("routings_before_retired", {}).items() if not c > 0]
+    if unused:  # the callers never followed the list to them: the drill proved nothing there
+        result.problems.append(f"callers never routed to {', '.join(unused)} before retiring it")
     result.ok = not result.problems
     return result
 
