@@ -111,9 +111,15 @@ class Settings:
     # Signalman's consumer-group session timeout bounds how fast a dead replica's partitions move
     # (takeover = session timeout + tansu's ~3 s join delay + a heartbeat): ./dev up's
     # 6 s leaves no margin under the 10 s recovery target, so the drills run Signalman with 3 s.
+    # The drills' direct viewers all come from 127.0.0.1: one address standing for the whole
+    # audience. At 40 routings/s plus a 20 % retry budget it sits at Foghorn's per-address
+    # anonymous limit (50/s, burst 100), so a replica down (every call on the other one) or a
+    # catch-up burst of the load generator got RESOURCE_EXHAUSTED for what is many viewers.
     env: tuple[tuple[str, str], ...] = (
         ("SIGNALMAN_SESSION_TIMEOUT_MS", "3000"),
         ("SIGNALMAN_HEARTBEAT_INTERVAL_MS", "200"),
+        ("FOGHORN_ANON_ROUTES_PER_S", "500"),
+        ("FOGHORN_ANON_ROUTE_BURST", "1000"),
     )
 
     @classmethod
@@ -142,6 +148,8 @@ class Settings:
                 ("SIGNALMAN_SESSION_TIMEOUT_MS", "3000"),
                 ("SIGNALMAN_HEARTBEAT_INTERVAL_MS", "200"),
                 ("SIGNALMAN_LOCK_GRACE_S", "1.0"),
+                ("FOGHORN_ANON_ROUTES_PER_S", "500"),
+                ("FOGHORN_ANON_ROUTE_BURST", "1000"),
             ),
         )
 
@@ -297,6 +305,13 @@ class Platform:
         ]
         if sorted(owned) != list(range(up.EVENTS_PARTITIONS)):
             why.append(f"signalman partitions owned {sorted(owned)}")
+        # Full redundancy is both replicas in the consumer group: a restarted replica answers ok
+        # before its join completes while the other still owns every partition, and stopping
+        # that other one then (a rolling restart's next step) left the group with a join in
+        # flight, which tansu never completed (both members 'group_join_stalled' for minutes).
+        for name in ("signalman-0", "signalman-1"):
+            if not self.health(name).get("partitions"):
+                why.append(f"{name} owns no partition (not in the consumer group yet)")
         return why
 
     async def wait_healthy(self, timeout_s: float) -> float | None:
