@@ -40,11 +40,12 @@ from graphql.utilities import get_operation_ast
 
 from api_gateway import errors
 from api_gateway.auth import is_anonymous
+from pkg.common.auth import OPERATOR as PLATFORM_OPERATOR
 from pkg.common.auth import Principal
 
-# The roles of a Bridge JWT's ``roles`` claim that the map names.
+# The roles of a Bridge JWT's ``roles`` claim that the map names (docs/security.md).
 ADMIN = "admin"  # a tenant's administrator (of that tenant only)
-OPERATOR = "operator"  # the platform operator: the fleet, routing internals, every cache
+OPERATOR = PLATFORM_OPERATOR  # the platform operator: the fleet, routing internals, every cache
 
 
 @dataclass(frozen=True)

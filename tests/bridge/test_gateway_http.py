@@ -129,7 +129,7 @@ def test_a_forbidden_root_field_anywhere_refuses_the_request_before_anything_run
     assert resp.headers["www-authenticate"] == 'Bearer error="insufficient_scope"'
     assert codes(resp) == ["FORBIDDEN"]
     assert client.fleet.calls == {}  # not even the allowed fields ran
-    # The admin's own-tenant invalidation alone is allowed; the operator may do it all.
+    # The operator may run each of them.
     assert gql(client, query, tok=token(roles=["operator"])).status_code == 200
 
 
