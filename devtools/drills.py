@@ -754,6 +754,9 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
         await events.stop_producing()
         await foghorn.stop()
         await bridge.stop()
+        # Requests the generators dropped because this process was starved (a busy machine):
+        # not failures of the platform, but fewer requests than the rate says.
+        ctx.facts["traffic_skipped"] = {"foghorn": foghorn.skipped, "bridge": bridge.skipped}
         await events.drain(s.drain_s)
         if watch is not None:
             await _alerts_after(watch, drill, result, s)
