@@ -513,7 +513,17 @@ class RedisHistory:
 
     async def trim(self, tenant: str, max_len: int, min_time: float) -> int:
         key = self._k(tenant, "h")
-        dropped = int(await self._redis.xtrim(key, maxlen=max_len, approximate=False))
+        # The length trim and a look at the oldest entry in one round trip: in the usual run
+        # (every 5 s, every tenant) nothing is old enough and that is all. Reading 100 entries
+        # and a no-op MINID trim per tenant was ~4% of a replica's CPU with 200 tenants.
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xtrim(key, maxlen=max_len, approximate=False)
+            pipe.xrange(key, count=1)
+            trimmed, oldest = await pipe.execute()
+        dropped = int(trimmed)
+        oldest_rows = _rows(oldest)
+        if not oldest_rows or _entry_time(oldest_rows[0][1]) >= min_time:
+            return dropped
         # Age trimming cuts a prefix only (MINID), so history never gets holes in the middle.
         while True:
             rows = _rows(await self._redis.xrange(key, count=100))
