@@ -393,23 +393,25 @@ class OutlierPolicy:
 class LimiterPolicy:
     """Adaptive concurrency limit per target (``pkg.clients.limiter``), off unless enabled.
 
-    The limit starts at ``initial_limit`` and moves within ``min_limit``..``max_limit``
-    following latency (Vegas): it grows while fewer than ``alpha * log10(limit)`` calls seem to
-    queue at the callee, shrinks above ``beta * log10(limit)``, and shrinks by 10% when the
-    callee sheds a call (RESOURCE_EXHAUSTED) or one times out. A call over the limit waits up to
-    ``max_wait`` seconds for a slot, then fails at once with ``LimitExceededError``.
-    ``probe_interval``: successful calls between two re-measurements of the no-load latency.
-    ``alpha``/``beta`` are twice Netflix's VegasLimit defaults: in a Python caller the event
-    loop's own scheduling adds latency that is not queueing at the callee (measured in
-    ``./dev bench clients``: 3/6 held the limit below what the callee could serve).
+    The limit starts at ``initial_limit`` and moves within ``min_limit``..``max_limit``,
+    updated once per window (one round of the calls in flight): it grows while fewer than
+    ``alpha * log10(limit)`` calls seem to queue at the callee, shrinks back towards what the
+    callee serves without queueing above ``beta * log10(limit)`` (log10 taken as at least 1),
+    and shrinks by 10% of the calls in flight, once per window, when the callee sheds a call
+    (RESOURCE_EXHAUSTED) or one times out. A call over the limit waits up to ``max_wait``
+    seconds for a slot (default 0: at once), then fails with ``LimitExceededError``.
+    ``probe_interval``:
+    successful calls between two chances for the no-load latency to rise (by 10% at most).
+    ``alpha``/``beta`` are Netflix VegasLimit's defaults (3/6): averaging each window's
+    latencies keeps an event loop's scheduling noise from reading as queueing.
     """
 
     enabled: bool = False
     initial_limit: int = 20
     min_limit: int = 1
     max_limit: int = 1000
-    alpha: float = 6.0
-    beta: float = 12.0
+    alpha: float = 3.0
+    beta: float = 6.0
     max_wait: float = 0.0
     probe_interval: int = 1000
 
