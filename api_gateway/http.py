@@ -3,8 +3,10 @@
 Every GraphQL request over HTTP passes, in order: content negotiation (``Accept``: 406 when
 nothing we serve fits), the auth check (JWT -> Principal; bad token = 401), the rate limiter
 (tenant bucket, or per-IP bucket for anonymous callers; 429 with ``Retry-After``), size limits
-(413), then Strawberry. Every answer, errors included, is a GraphQL-shaped JSON body with
-``extensions.code`` and no ``data`` entry when execution never started; with
+(413), then Strawberry: parse, validation, the access map's check of every root field
+(``api_gateway.access``: 401 without a token, 403 without the role), execution. Every answer,
+errors included, is a GraphQL-shaped JSON body with ``extensions.code`` and no ``data`` entry
+when execution never started; with
 ``application/graphql-response+json`` a request error is a 4xx (docs/graphql-http.md). Nothing a
 client sends can produce a 500. WebSocket upgrades get the same checks, then the protocol handler
 of ``api_gateway.websocket`` (docs/graphql-websocket.md).
@@ -34,7 +36,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types import ExecutionResult
 from strawberry.types.execution import PreExecutionError
 
-from api_gateway import errors
+from api_gateway import access, errors
 from api_gateway.auth import AuthError, JwtAuthenticator, is_anonymous
 from api_gateway.errors import format_error
 from api_gateway.fastpath import answer_key
@@ -236,8 +238,12 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         body: dict[str, Any] = {}
         if isinstance(result, PreExecutionError):
             # A request error: execution never started, so the response has no "data" entry,
-            # and the graphql-response+json media type answers it with a 4xx.
+            # and the graphql-response+json media type answers it with a 4xx; a refusal by the
+            # access map with 401/403 whatever the media type (docs/graphql-http.md).
             request.scope["bridge.request_error"] = True
+            refused = access.refusal_status(result.errors or [])
+            if refused is not None:
+                request.scope["bridge.refused"] = refused
         else:
             body["data"] = result.data
         if result.errors:
@@ -409,11 +415,22 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
                 media=media,
             )
         response.headers.update(headers)
+        refused = scope.get("bridge.refused")
+        if refused is not None and response.status_code == 200:
+            # The spec's "not permitted to issue the request": 401/403 for both media types
+            # (application/json too: a client that reads only the status still sees it).
+            response.status_code = refused
+            response.headers["WWW-Authenticate"] = (
+                "Bearer" if refused == 401 else 'Bearer error="insufficient_scope"'
+            )
         if media == GRAPHQL_RESPONSE and response.media_type == JSON:
             response.headers["content-type"] = f"{GRAPHQL_RESPONSE}; charset=utf-8"
             if scope.get("bridge.request_error") and response.status_code == 200:
                 response.status_code = 400
-        _count_response(response.status_code, "OK")
+        code = "OK"
+        if refused is not None:
+            code = errors.UNAUTHENTICATED if refused == 401 else errors.FORBIDDEN
+        _count_response(response.status_code, code)
         return response
 
     async def _answer_key(

@@ -1,8 +1,9 @@
 """The GraphQL schema (Strawberry): types, and resolvers that delegate to ``service.Gateway``.
 
-Public without a token: ``route`` and ``me``. Everything else needs a bearer token with a tenant;
-the fleet, ``explainRoute`` and ``setNodeMode`` need ``operator`` (see ``service``). Byte and
-bit-rate counts are Floats because GraphQL's Int is 32-bit.
+Who may use each root field is in ``api_gateway.access`` (public: ``route`` and ``me``; the
+fleet, ``explainRoute`` and ``setNodeMode``: ``operator``), checked before execution by
+``FieldAccess`` and again in the resolvers. Byte and bit-rate counts are Floats because GraphQL's
+Int is 32-bit.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from strawberry.extensions import (
     SchemaExtension,
     ValidationCache,
 )
+from strawberry.schema.schema import validate_document
 from strawberry.types import Info
 from strawberry.types.graphql import OperationType
 
+from api_gateway import access
 from api_gateway.backend import Json, RouteQuery
 from api_gateway.service import Gateway
 from bridge.answers import current_recorder
-from pkg.common.auth import Principal
+from pkg.common.auth import ANONYMOUS, Principal
 
 
 @strawberry.enum
@@ -316,6 +319,42 @@ class Subscription:
             yield TenantEvent(**event)
 
 
+class FieldAccess(SchemaExtension):
+    """The access map's check before execution (``api_gateway.access``): a request naming a
+    root field its caller may not use is refused whole, as a request error (no ``data``; HTTP
+    401/403, a WebSocket ``error`` message), and nothing runs.
+
+    It runs after validation, so an invalid document gets its validation errors, and only a
+    valid one is looked into. Errors set here, before Strawberry's own validation step, skip
+    that step and stop the request before execution (see ``OperationNameRequired``).
+    """
+
+    def on_validate(self) -> Iterator[None]:
+        ctx = self.execution_context
+        document = ctx.graphql_document
+        if document is not None:
+            if ctx.pre_execution_errors is None:
+                # No validation cache ran before this extension: validate as Strawberry would.
+                ctx.pre_execution_errors = validate_document(
+                    ctx.schema._schema, document, ctx.validation_rules
+                )
+            if not ctx.pre_execution_errors:
+                refused = access.check_operation(
+                    _context_principal(ctx.context),
+                    ctx.schema._schema,
+                    document,
+                    getattr(ctx, "_provided_operation_name", None),
+                )
+                if refused:
+                    ctx.pre_execution_errors = refused
+        yield
+
+
+def _context_principal(context: Any) -> Principal:
+    principal = context.get("principal") if isinstance(context, dict) else None
+    return principal if isinstance(principal, Principal) else ANONYMOUS
+
+
 class OperationNameRequired(SchemaExtension):
     """A document with several operations needs ``operationName`` (GraphQL spec, GetOperation).
 
@@ -409,6 +448,8 @@ def build_schema(
             lambda: ValidationCache(maxsize=512),
             # After the validation cache, which overwrites the errors it finds with its own.
             OperationNameRequired,
+            # After validation (the cache above) and the operation-name check.
+            FieldAccess,
             KeepableAnswers,
         ],
     )

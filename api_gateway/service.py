@@ -3,10 +3,10 @@
 Resolvers call these methods; they check the caller's rights, go through the shared response
 cache and translate backend failures into ``ApiError`` with stable codes.
 
-Who may do what (JWT ``roles``; docs/graphql-http.md): ``route`` and ``me`` are public;
-``tenantEvents`` needs a tenant; the fleet (``nodes``, ``node``: addresses and load),
-``explainRoute`` and ``setNodeMode`` need ``operator`` (the platform operator scope); a tenant's
-``admin`` may invalidate its own tenant's cached answers only, ``operator`` any tag.
+Who may do what is ``api_gateway.access``'s map (docs/graphql-http.md), already checked before
+execution; each use case checks it again (``access.require``), in depth. The one rule that
+depends on argument values lives here: a tenant's ``admin`` may invalidate its own tenant's
+cached answers only, ``operator`` any tag.
 
 Cache keys and tags (see docs/rfcs/bridge-state.md). A key is a kind followed by the JSON array
 of its parts, so no choice of tenant, content id or any other argument can make two different
@@ -27,7 +27,8 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
-from api_gateway import errors
+from api_gateway import access, errors
+from api_gateway.access import OPERATOR
 from api_gateway.auth import is_anonymous
 from api_gateway.backend import (
     NODE_MODES,
@@ -46,26 +47,11 @@ _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _CONTENT = re.compile(r"^[A-Za-z0-9._:/-]{1,256}$")
 _TAG = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _CHANNEL = re.compile(r"^[A-Za-z0-9._:*-]{1,128}$")
-ADMIN_ROLE = "admin"  # a tenant's administrator (of that tenant only)
-OPERATOR_ROLE = "operator"  # the platform operator: the fleet, routing internals, every cache
 
 
 def cache_key(kind: str, *parts: object) -> str:
     """``kind:`` + the JSON array of ``parts``: injective, whatever characters the parts hold."""
     return f"{kind}:{json.dumps(parts, separators=(',', ':'))}"
-
-
-def require_tenant(principal: Principal) -> str:
-    if is_anonymous(principal):
-        raise ApiError(errors.UNAUTHENTICATED, "this field needs a bearer token")
-    return principal.tenant
-
-
-def require_operator(principal: Principal, what: str) -> str:
-    tenant = require_tenant(principal)
-    if not principal.has_role(OPERATOR_ROLE):
-        raise ApiError(errors.FORBIDDEN, f"{what} needs the {OPERATOR_ROLE!r} role")
-    return tenant
 
 
 def _as_api_error(exc: BackendError) -> ApiError:
@@ -119,7 +105,7 @@ class Gateway:
         return dict(result.value)
 
     async def explain(self, principal: Principal, query: RouteQuery) -> Json:
-        require_operator(principal, "explainRoute")
+        access.require(principal, "Query.explainRoute")
         self._check_route(query)
         result = await self._cached(
             cache_key("explain", *query.key_parts()),
@@ -132,7 +118,7 @@ class Gateway:
     async def nodes(
         self, principal: Principal, mode: str | None, connected_only: bool
     ) -> list[Json]:
-        require_operator(principal, "the fleet listing")
+        access.require(principal, "Query.nodes")
         result = await self._cached(
             cache_key("nodes", mode or "ALL", int(connected_only)),
             lambda: self.fleet.list_nodes(mode, connected_only),
@@ -142,7 +128,7 @@ class Gateway:
 
     async def node(self, principal: Principal, node_id: str) -> Json | None:
         """One node, or None when Foghorn says it does not exist (cached negatively)."""
-        require_operator(principal, "node")
+        access.require(principal, "Query.node")
         if not _ID.match(node_id):
             raise ApiError(errors.BAD_USER_INPUT, "id: 1..128 chars of [A-Za-z0-9._:-]", field="id")
         result = await self._cached(
@@ -156,7 +142,7 @@ class Gateway:
         self, principal: Principal, node_id: str, mode: str, reason: str
     ) -> Json:
         """Operator only. The change is visible through every replica's cache at once."""
-        require_operator(principal, "setNodeMode")
+        access.require(principal, "Mutation.setNodeMode")
         if not _ID.match(node_id):
             raise ApiError(
                 errors.BAD_USER_INPUT, "nodeId: 1..128 chars of [A-Za-z0-9._:-]", field="nodeId"
@@ -181,26 +167,22 @@ class Gateway:
         ``tenant`` argument, or the tag ``tenant:<own>``); global tags and other tenants are
         refused before anything is invalidated.
         """
-        own = require_tenant(principal)
+        own = access.require(principal, "Mutation.invalidateCache")
         all_tags = list(dict.fromkeys([*tags, *([f"tenant:{tenant}"] if tenant else [])]))
         if not all_tags:
             raise ApiError(errors.BAD_USER_INPUT, "give a tenant or at least one tag")
         for tag in all_tags:
             if not _TAG.match(tag):
                 raise ApiError(errors.BAD_USER_INPUT, f"bad tag {tag[:64]!r}", field="tags")
-        if not principal.has_role(OPERATOR_ROLE):
-            if not principal.has_role(ADMIN_ROLE):
-                raise ApiError(
-                    errors.FORBIDDEN,
-                    f"invalidateCache needs the {ADMIN_ROLE!r} role (own tenant) "
-                    f"or {OPERATOR_ROLE!r}",
-                )
+        if not principal.has_role(OPERATOR):
+            # The map admitted an ``admin``: of its own tenant only (a value-dependent rule,
+            # hence here, at execution: a field error that changes nothing).
             foreign = [t for t in all_tags if t != f"tenant:{own}"]
             if foreign:
                 raise ApiError(
                     errors.FORBIDDEN,
                     f"a tenant admin may invalidate only tenant:{own}; "
-                    f"{foreign[0][:64]!r} needs the {OPERATOR_ROLE!r} role",
+                    f"{foreign[0][:64]!r} needs the {OPERATOR!r} role",
                 )
         await self._invalidate(all_tags)
         return all_tags
@@ -211,7 +193,7 @@ class Gateway:
 
     async def tenant_events(self, principal: Principal, channels: list[str]) -> AsyncIterator[Json]:
         """The caller's tenant's events; the tenant comes from the token, never the query."""
-        tenant = require_tenant(principal)
+        tenant = access.require(principal, "Subscription.tenantEvents")
         if not channels or len(channels) > 32:
             raise ApiError(errors.BAD_USER_INPUT, "channels: 1..32 channel names", field="channels")
         for ch in channels:

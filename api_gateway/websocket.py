@@ -16,8 +16,10 @@ Strawberry's protocol handler, with Bridge's guard in every place HTTP has it:
   with ``extensions.code`` RATE_LIMITED and ``extensions.retryAfter``.
 - Sizes: frames are capped by the server (``ws_max_size`` = the HTTP body limit, close 1009) and
   a query larger than the HTTP query limit is refused (PAYLOAD_TOO_LARGE).
-- Errors: parse, validation and limit errors are ``error`` messages with ``extensions.code``,
-  never a socket closed on a syntax error or a traceback that quotes the query in the log.
+- Errors: parse, validation and limit errors, and the access map's refusals (a root field the
+  socket's token may not use: UNAUTHENTICATED / FORBIDDEN, nothing runs; ``api_gateway.access``)
+  are ``error`` messages for the operation's id with ``extensions.code``, never a socket closed
+  on a syntax error or a traceback that quotes the query in the log.
 
 The legacy ``graphql-ws`` subprotocol (subscriptions-transport-ws) is not offered: an upgrade
 that does not offer ``graphql-transport-ws`` is refused with HTTP 400 and a body saying so.

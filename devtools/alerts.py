@@ -82,6 +82,26 @@ def recorded(prometheus_url: str, timeout: float = 0.5) -> dict[str, float]:
     return out
 
 
+def scraped(prometheus_url: str, timeout: float = 0.5) -> bool:
+    """True when Prometheus has targets and its last scrape of every one succeeded."""
+    try:
+        doc = _get(f"{prometheus_url}/api/v1/targets?state=active", timeout)
+    except (OSError, ValueError):
+        return False
+    targets = doc.get("data", {}).get("activeTargets", [])
+    return bool(targets) and all(t.get("health") == "up" for t in targets)
+
+
+async def wait_scraped(prometheus_url: str, timeout_s: float, interval_s: float = 0.25) -> bool:
+    """Wait (bounded) until ``scraped``; False when it never was."""
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(scraped, prometheus_url):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval_s)
+    return True
+
+
 class AlertWatch:
     """Polls ``/api/v1/alerts`` while a drill runs: which alerts fired, and when they resolved.
 
@@ -122,6 +142,15 @@ class AlertWatch:
     async def _poll(self) -> None:
         while True:
             await self.firing_now()
+            await asyncio.sleep(self.interval_s)
+
+    async def wait_fired(self, names: Iterable[str], timeout_s: float) -> None:
+        """Wait (bounded) until each of ``names`` has been seen firing; needs ``start()``."""
+        wanted = set(names)
+        deadline = time.monotonic() + timeout_s
+        while True:  # the poll task fills ``fired``
+            if wanted <= self.fired.keys() or time.monotonic() >= deadline:
+                return
             await asyncio.sleep(self.interval_s)
 
     async def wait_resolved(self, names: Iterable[str], timeout_s: float) -> set[str]:

@@ -6,8 +6,11 @@ fleet that watches its replica file), sets a node's mode as an operator would, t
 one, the nodes told of it and moved with ``move-nodes``, callers moved, the old replica retired,
 a second HA replica added and filled by rebalancing) and Phase 2 (Bridge onto Redis, a rolling
 restart), then the rollback of both in reverse. Viewer routing runs straight to Foghorn and
-through Bridge the whole time; callers follow the procedure (they are pointed at new replicas
-when the step says so, as a rolling restart of a caller would).
+through Bridge the whole time. Callers are never restarted to follow a step: the direct callers
+(``pkg.clients.foghorn``) and Bridge (``BRIDGE_FOGHORN_ADDRESSES``) take their Foghorn replicas
+from one watched list, ``file:<run dir>/callers-foghorn.txt``, which a step edits as the RFC
+says (the same as changing the records of a ``dns:///`` name); a replica is retired only once
+the callers stopped routing to it (its ``foghorn_routing_decisions_total`` stays flat).
 
 Each step is a row of ``facts.steps``: what it did, how long it took, its own failed/total
 routings. ``facts.state_kept`` is true when after every step every Foghorn replica holding a
@@ -69,6 +72,7 @@ class RolloutPlatform:
     bridge_ports: list[int] = field(default_factory=list)
     fleet: CommandProcess | None = None
     node_file: Path = Path()
+    caller_file: Path = Path()
 
     def start_redis(self) -> str:
         self.redis = RedisServer(run_dir=self.run_dir / "redis")
@@ -93,14 +97,14 @@ class RolloutPlatform:
         self.foghorn[name] = replica
         return replica
 
-    def start_bridge(self, index: int, foghorn: list[str], redis_url: str = "") -> Replica:
+    def start_bridge(self, index: int, redis_url: str = "") -> Replica:
         name = f"bridge-{index}"
         port = self.bridge_ports[index]
         env = {
             "PLATFORM_TOKENS": up.PLATFORM_TOKENS,
             "BRIDGE_REPLICA_ID": name,
             "BRIDGE_REDIS_URL": redis_url,
-            "BRIDGE_FOGHORN_ADDRESSES": ",".join(foghorn),
+            "BRIDGE_FOGHORN_ADDRESSES": f"file:{self.caller_file}",
             "BRIDGE_FOGHORN_TOKEN": up.BRIDGE_FOGHORN_TOKEN,
             "BRIDGE_JWT_HS256_SECRET": up.BRIDGE_JWT_SECRET,
         }
@@ -115,7 +119,11 @@ class RolloutPlatform:
         return replica
 
     def write_node_file(self, names: list[str]) -> None:
-        self.node_file.write_text("\n".join(self.foghorn[n].grpc for n in names) + "\n")
+        _write_list(self.node_file, [self.foghorn[n].grpc for n in names])
+
+    def write_caller_file(self, names: list[str]) -> None:
+        """The callers' replica list (direct callers and Bridge watch it: no restart)."""
+        _write_list(self.caller_file, [self.foghorn[n].grpc for n in names])
 
     def start_fleet(self, names: list[str]) -> None:
         self.node_file = self.run_dir / "foghorn-replicas.txt"
@@ -165,6 +173,38 @@ class Checks:
             await asyncio.sleep(0.2)
         raise RuntimeError(f"not within {timeout_s:g} s: {what}")
 
+    async def routings(self, replica: Replica) -> float | None:
+        """The replica's ``foghorn_routing_decisions_total`` (None: not readable)."""
+        try:
+            reply = await self.http.get(f"{replica.http}/metrics", headers=self.headers)
+        except Exception:
+            return None
+        total = 0.0
+        for line in reply.text.splitlines():
+            if line.startswith("foghorn_routing_decisions_total"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    async def unused(self, *replicas: Replica, quiet_s: float = 1.5) -> dict[str, float]:
+        """Wait until no caller routes to ``replicas`` any more: their routing counters stay
+        flat for ``quiet_s`` (what an operator checks on /metrics before retiring one).
+        Returns each one's final count (an unreadable counter never counts as flat)."""
+
+        async def counts() -> list[float | None]:
+            return [await self.routings(r) for r in replicas]
+
+        last, since = await counts(), time.monotonic()
+        deadline = since + 30.0
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.25)
+            now = await counts()
+            if now != last or None in now:
+                last, since = now, time.monotonic()
+            elif time.monotonic() - since >= quiet_s:
+                return {r.name: float(c or 0.0) for r, c in zip(replicas, now, strict=True)}
+        names = ", ".join(r.name for r in replicas)
+        raise RuntimeError(f"callers still route to {names} 30 s after the list changed")
+
     async def mode(self, replica: Replica) -> tuple[str, str] | None:
         try:
             async with FoghornClient(replica.grpc, token=up.OPERATOR_TOKEN) as client:
@@ -178,27 +218,16 @@ class Checks:
 
 
 class Callers:
-    """Viewer routing straight to Foghorn and through Bridge; re-pointed as the RFC says."""
+    """Viewer routing straight to Foghorn and through Bridge, both following ``caller_file``."""
 
-    def __init__(self, foghorn: list[str], bridges: list[str], jwt: str) -> None:
+    def __init__(self, caller_file: Path, bridges: list[str], jwt: str) -> None:
         self.foghorn_rec, self.bridge_rec = Recorder("foghorn"), Recorder("bridge")
-        self.jwt = jwt
-        self.direct = self._direct(foghorn)
+        self.direct = FoghornViewers([f"file:{caller_file}"], 15.0)
+        self.direct.recorder = self.foghorn_rec
+        self.direct.start()
         self.through = BridgeViewers([f"{u}/graphql" for u in bridges], jwt, 8.0)
         self.through.recorder = self.bridge_rec
         self.through.start()
-
-    def _direct(self, targets: list[str]) -> FoghornViewers:
-        viewers = FoghornViewers(targets, 15.0)
-        viewers.recorder = self.foghorn_rec
-        viewers.start()
-        return viewers
-
-    async def point_at(self, targets: list[str]) -> None:
-        """A rolling restart of the direct callers with the new addresses."""
-        old, self.direct = self.direct, self._direct(targets)
-        await old.stop()
-        await old.close()
 
     async def close(self) -> None:
         for viewers in (self.direct, self.through):
@@ -211,7 +240,9 @@ async def run_rollout(nodes: int, run_dir: Path) -> dict[str, Any]:
     p = RolloutPlatform(run_dir, nodes)
     checks = Checks()
     steps: list[dict[str, Any]] = []
-    facts: dict[str, Any] = {"steps": steps}
+    # Routing decisions each replica made before the callers left it (all > 0: they used it).
+    retired: dict[str, float] = {}
+    facts: dict[str, Any] = {"steps": steps, "routings_before_retired": retired}
     state_ok: list[bool] = []
     callers: Callers | None = None
 
@@ -247,12 +278,11 @@ async def run_rollout(nodes: int, run_dir: Path) -> dict[str, Any]:
         docs = [await checks.health(r) for r in p.bridges.values()]
         return all(d.get("status") == "ok" for d in docs)
 
-    async def roll_bridges(foghorn: list[str], redis_url: str) -> None:
+    async def roll_bridges(redis_url: str) -> None:
         for i in range(len(p.bridge_ports)):
             old = p.bridges[f"bridge-{i}"]
             await asyncio.to_thread(old.proc.stop, 30)
-            await asyncio.to_thread(p.start_bridge, i, [p.foghorn[n].grpc for n in foghorn],
-                                    redis_url)  # fmt: skip
+            await asyncio.to_thread(p.start_bridge, i, redis_url)
             await checks.wait("bridge healthy", bridges_ok)
 
     async def move(source: str, target: str) -> None:
@@ -266,13 +296,15 @@ async def run_rollout(nodes: int, run_dir: Path) -> dict[str, Any]:
         p.bridge_ports = [free_port(), free_port()]
         await asyncio.to_thread(p.start_foghorn, "foghorn-m")
         p.start_fleet(["foghorn-m"])
+        p.caller_file = run_dir / "callers-foghorn.txt"
+        p.write_caller_file(["foghorn-m"])
         for i in range(2):
-            await asyncio.to_thread(p.start_bridge, i, [p.foghorn["foghorn-m"].grpc])
+            await asyncio.to_thread(p.start_bridge, i)
         await checks.wait("fleet on foghorn-m", lambda: all_nodes_on("foghorn-m"))
         await checks.wait("bridges healthy", bridges_ok)
         async with FoghornClient(p.foghorn["foghorn-m"].grpc, token=up.OPERATOR_TOKEN) as ops:
             await ops.set_mode(PROBE_NODE, "draining", reason=PROBE_MODE[1], ack_timeout_s=5.0)
-        callers = Callers([p.foghorn["foghorn-m"].grpc], [r.http for r in p.bridges.values()],
+        callers = Callers(p.caller_file, [r.http for r in p.bridges.values()],
                           drills._bridge_jwt())  # fmt: skip
         await asyncio.sleep(3.0)  # traffic before the first step
         redis_url = await asyncio.to_thread(p.start_redis)
@@ -292,33 +324,32 @@ async def run_rollout(nodes: int, run_dir: Path) -> dict[str, Any]:
             await checks.wait("fleet on h1", lambda: all_nodes_on("foghorn-h1"))
 
         async def s5() -> None:
-            assert callers is not None
-            await callers.point_at([p.foghorn["foghorn-h1"].grpc])
-            await roll_bridges(["foghorn-h1"], "")
+            p.write_caller_file(["foghorn-h1"])
+            retired.update(await checks.unused(p.foghorn["foghorn-m"]))
 
         async def s6() -> None:
             await asyncio.to_thread(p.foghorn.pop("foghorn-m").proc.stop, 30)
+            p.write_node_file(["foghorn-h1"])
 
         async def s7() -> None:
-            assert callers is not None
             await asyncio.to_thread(p.start_foghorn, "foghorn-h2", redis_url)
             await checks.wait("even split", lambda: _even(checks, p, nodes))
             p.write_node_file(["foghorn-h1", "foghorn-h2"])
-            await callers.point_at([p.foghorn[n].grpc for n in ("foghorn-h1", "foghorn-h2")])
-            await roll_bridges(["foghorn-h1", "foghorn-h2"], "")
+            p.write_caller_file(["foghorn-h1", "foghorn-h2"])
+            await asyncio.sleep(1.5)  # both lists are re-read every second
 
         await step("P1.2 start HA replica h1 beside the in-memory m", s2)
         await step("P1.3 tell the nodes of h1 (their replica file)", s3)
         await step("P1.4 move-nodes m -> h1 (modes travel with the nodes)", s4)
-        await step("P1.5 callers to h1 (direct; Bridge rolling restart)", s5)
-        await step("P1.6 SIGTERM m", s6)
-        await step("P1.7 add h2 (rebalanced), callers and node file to h1,h2", s7)
+        await step("P1.5 callers' list to h1 (no restart), until m routes nothing", s5)
+        await step("P1.6 SIGTERM m, drop it from the nodes' file", s6)
+        await step("P1.7 add h2 (rebalanced), callers' list and nodes' file to h1,h2", s7)
         # -- Phase 2 rollout ------------------------------------------------------------------
         await step("P2 Bridge rolling restart with BRIDGE_REDIS_URL",
-                   lambda: roll_bridges(["foghorn-h1", "foghorn-h2"], redis_url))  # fmt: skip
+                   lambda: roll_bridges(redis_url))  # fmt: skip
         # -- rollback, in reverse -------------------------------------------------------------
         await step("P2 rollback: Bridge rolling restart without BRIDGE_REDIS_URL",
-                   lambda: roll_bridges(["foghorn-h1", "foghorn-h2"], ""))  # fmt: skip
+                   lambda: roll_bridges(""))  # fmt: skip
 
         async def r1() -> None:
             await asyncio.to_thread(p.start_foghorn, "foghorn-m2")
@@ -331,9 +362,8 @@ async def run_rollout(nodes: int, run_dir: Path) -> dict[str, Any]:
             await checks.wait("fleet on m2", lambda: all_nodes_on("foghorn-m2"))
 
         async def r3() -> None:
-            assert callers is not None
-            await callers.point_at([p.foghorn["foghorn-m2"].grpc])
-            await roll_bridges(["foghorn-m2"], "")
+            p.write_caller_file(["foghorn-m2"])
+            retired.update(await checks.unused(p.foghorn["foghorn-h1"], p.foghorn["foghorn-h2"]))
 
         async def r4() -> None:
             for name in ("foghorn-h1", "foghorn-h2"):
@@ -342,7 +372,8 @@ async def run_rollout(nodes: int, run_dir: Path) -> dict[str, Any]:
 
         await step("P1 rollback.1 start in-memory m2 beside, tell the nodes", r1)
         await step("P1 rollback.2 move-nodes h1 -> m2, h2 -> m2", r2)
-        await step("P1 rollback.3 callers to m2 (direct; Bridge rolling restart)", r3)
+        await step("P1 rollback.3 callers' list to m2 (no restart), until h1, h2 route nothing",
+                   r3)  # fmt: skip
         await step("P1 rollback.4 SIGTERM h1, h2", r4)
         await asyncio.sleep(2.0)
     except Exception as exc:
@@ -358,6 +389,13 @@ async def run_rollout(nodes: int, run_dir: Path) -> dict[str, Any]:
         await asyncio.to_thread(p.stop)
     facts["state_kept"] = bool(state_ok) and all(state_ok)
     return facts
+
+
+def _write_list(path: Path, addresses: list[str]) -> None:
+    """Replace a replica list at once (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(addresses) + "\n")
+    tmp.replace(path)
 
 
 async def _ok(checks: Checks, replica: Replica) -> bool:
@@ -388,6 +426,9 @@ async def rollout_drill(settings: Settings, run_dir: Path) -> Result:
         result.problems.append(f"{result.failed_requests} failed routings (expected 0)")
     if not facts.get("state_kept"):
         result.problems.append("operator state not kept at every step")
+    unused = [n for n, c in facts.get("routings_before_retired", {}).items() if not c > 0]
+    if unused:  # the callers never followed the list to them: the drill proved nothing there
+        result.problems.append(f"callers never routed to {', '.join(unused)} before retiring it")
     result.ok = not result.problems
     return result
 

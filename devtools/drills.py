@@ -49,7 +49,7 @@ import structlog
 
 from devtools import hosts as simhosts
 from devtools import up
-from devtools.alerts import AlertWatch
+from devtools.alerts import AlertWatch, wait_scraped
 from devtools.devtls import http_verify
 from devtools.drill_traffic import (
     BridgeViewers,
@@ -96,6 +96,13 @@ class Settings:
     # How long an expected alert may keep firing after traffic recovered (its rate windows and
     # hold times, on the local platform's clock, must pass).
     alerts_resolve_s: float = 60.0
+    # How long after traffic recovered an expected alert not seen yet is still waited for.
+    # ReplicaRestarted can only fire after the recovery: Prometheus sees the restarted process
+    # at its first scrape once it serves and fires at the rule evaluation after that (1 s each
+    # here, later on a loaded machine), while traffic through a killed Foghorn replica's peer
+    # is clean again within seconds (a CI run on 2 busy cores stopped watching before it).
+    # The alerts the drills expect hold `for:` 1 minute at most: 2-3 s on the drills' clock.
+    alerts_fire_s: float = 15.0
     # Added to every documented port of the drills' platform (./dev up's --port-offset), so a
     # drill runs beside another platform on this host.
     port_offset: int = 0
@@ -104,9 +111,15 @@ class Settings:
     # Signalman's consumer-group session timeout bounds how fast a dead replica's partitions move
     # (takeover = session timeout + tansu's ~3 s join delay + a heartbeat): ./dev up's
     # 6 s leaves no margin under the 10 s recovery target, so the drills run Signalman with 3 s.
+    # The drills' direct viewers all come from 127.0.0.1: one address standing for the whole
+    # audience. At 40 routings/s plus a 20 % retry budget it sits at Foghorn's per-address
+    # anonymous limit (50/s, burst 100), so a replica down (every call on the other one) or a
+    # catch-up burst of the load generator got RESOURCE_EXHAUSTED for what is many viewers.
     env: tuple[tuple[str, str], ...] = (
         ("SIGNALMAN_SESSION_TIMEOUT_MS", "3000"),
         ("SIGNALMAN_HEARTBEAT_INTERVAL_MS", "200"),
+        ("FOGHORN_ANON_ROUTES_PER_S", "500"),
+        ("FOGHORN_ANON_ROUTE_BURST", "1000"),
     )
 
     @classmethod
@@ -135,6 +148,8 @@ class Settings:
                 ("SIGNALMAN_SESSION_TIMEOUT_MS", "3000"),
                 ("SIGNALMAN_HEARTBEAT_INTERVAL_MS", "200"),
                 ("SIGNALMAN_LOCK_GRACE_S", "1.0"),
+                ("FOGHORN_ANON_ROUTES_PER_S", "500"),
+                ("FOGHORN_ANON_ROUTE_BURST", "1000"),
             ),
         )
 
@@ -290,6 +305,13 @@ class Platform:
         ]
         if sorted(owned) != list(range(up.EVENTS_PARTITIONS)):
             why.append(f"signalman partitions owned {sorted(owned)}")
+        # Full redundancy is both replicas in the consumer group: a restarted replica answers ok
+        # before its join completes while the other still owns every partition, and stopping
+        # that other one then (a rolling restart's next step) left the group with a join in
+        # flight, which tansu never completed (both members 'group_join_stalled' for minutes).
+        for name in ("signalman-0", "signalman-1"):
+            if not self.health(name).get("partitions"):
+                why.append(f"{name} owns no partition (not in the consumer group yet)")
         return why
 
     async def wait_healthy(self, timeout_s: float) -> float | None:
@@ -687,6 +709,17 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
             "platform not healthy before the drill: " + "; ".join(platform.unhealthy())
         ]
         return result
+    if drill.alerts and platform.stack.prometheus_url:
+        # Alerts compare what Prometheus saw before the fault with what it sees after (e.g.
+        # ReplicaRestarted: a start time newer than the oldest in its window). A platform that
+        # just started (the first drill of a run) may not have been scraped yet: then the killed
+        # process was never seen and its restart cannot fire anything.
+        waited = time.monotonic()
+        seen = await wait_scraped(platform.stack.prometheus_url, s.healthy_timeout_s)
+        result.facts["waited_for_scrapes_s"] = round(time.monotonic() - waited, 2)
+        if not seen:
+            result.problems = ["Prometheus never scraped every target: alerts cannot be judged"]
+            return result
     foghorn = FoghornViewers(platform.endpoint("foghorn grpc"), s.foghorn_rate)
     jwt = _bridge_jwt()
     bridge = BridgeViewers(platform.endpoint("bridge graphql"), jwt, s.bridge_rate)
@@ -721,6 +754,9 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
         await events.stop_producing()
         await foghorn.stop()
         await bridge.stop()
+        # Requests the generators dropped because this process was starved (a busy machine):
+        # not failures of the platform, but fewer requests than the rate says.
+        ctx.facts["traffic_skipped"] = {"foghorn": foghorn.skipped, "bridge": bridge.skipped}
         await events.drain(s.drain_s)
         if watch is not None:
             await _alerts_after(watch, drill, result, s)
@@ -759,7 +795,10 @@ async def run_drill(platform: Platform, drill: Drill) -> Result:
 
 
 async def _alerts_after(watch: AlertWatch, drill: Drill, result: Result, s: Settings) -> None:
-    """Once traffic recovered: every expected alert that fired must resolve (bounded wait)."""
+    """Once traffic recovered: every expected alert must fire, then resolve (bounded waits)."""
+    t_wait = time.monotonic()
+    await watch.wait_fired(drill.alerts, s.alerts_fire_s)
+    result.facts["alerts_fire_wait_s"] = round(time.monotonic() - t_wait, 2)
     await watch.stop()
     fired = [name for name, _ in sorted(watch.fired.items(), key=lambda kv: kv[1])]
     expected_fired = [a for a in drill.alerts if a in watch.fired]

@@ -21,6 +21,7 @@ send, and says how each sent write ended. The rules:
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -52,8 +53,10 @@ class NodeWrites(Generic[R]):
 
     def __init__(self) -> None:
         self._slots: dict[str, _Slot[R]] = {}
-        # Nodes with a staged record and nothing in flight, in staging order (FIFO).
-        self._ready: dict[str, None] = {}
+        # Nodes with a staged record and nothing in flight, in staging order (FIFO). An
+        # OrderedDict: taking the oldest from a plain dict (next(iter) then del) scans the
+        # deleted entries left at its front, again for every node of every batch.
+        self._ready: OrderedDict[str, None] = OrderedDict()
         self.counters = StagingCounters()
 
     def stage(
@@ -98,8 +101,7 @@ class NodeWrites(Generic[R]):
         out: list[tuple[str, R]] = []
         ready, slots = self._ready, self._slots
         while ready and len(out) < limit:
-            node_id = next(iter(ready))
-            del ready[node_id]
+            node_id = ready.popitem(last=False)[0]
             slot = slots[node_id]
             record = slot.staged
             assert record is not None  # only staged, idle nodes are ready

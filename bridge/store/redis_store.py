@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError
 
 from bridge.store import StoreUnavailable
 from bridge.store.health import RedisHealth
@@ -117,15 +117,6 @@ def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
         retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         health_check_interval=0,
     )
-
-
-class _Lane:
-    """One connection held for ``RedisAnswerStore``'s batches, one batch in flight on it."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self) -> None:
-        self.conn: Any = None
 
 
 class _RedisBase:
@@ -240,15 +231,10 @@ class RedisAnswerStore(_RedisBase):
 
     The scripts of the requests that reach it while a batch is being sent go to Redis together
     (each script still atomic on its own, so the limit stays exact), on connections this store
-    holds from the client's pool (``LANES`` of them, a batch in flight on each), written and read
-    through the connection itself: redis-py's pipeline object spent ~300 us of CPU around a lone
-    script call (building the pipeline, taking and checking a pooled connection, per-command
-    callbacks) against ~110 us for the same command sent and read on a held connection, and
-    that was most of what a kept answer cost. A lone request waits for nothing: its batch is
-    sent at once. The connections come from the same pool as every other command, so they
-    connect the same way (TLS, credentials, Sentinel discovery and the failover epoch of
-    ``pkg.common.redisconn``), are retried the same way (one immediate retry on a dropped
-    socket) and are closed with the client (its pool disconnects connections in use too).
+    holds from the client's pool (``LANES`` of them, a batch in flight on each; see
+    ``redisconn.HeldConnection``): redis-py's pipeline object spent ~300 us of CPU around a lone
+    script call against ~110 us for the same command on a held connection, and that was most of
+    what a kept answer cost. A lone request waits for nothing: its batch is sent at once.
     """
 
     LANES = 2
@@ -259,7 +245,7 @@ class RedisAnswerStore(_RedisBase):
         self._pending: list[tuple[list[Any], asyncio.Future[list[Any]]]] = []
         self._flushing: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._idle: list[_Lane] = [_Lane() for _ in range(self.LANES)]
+        self._idle = [redisconn.HeldConnection(client) for _ in range(self.LANES)]
 
     async def admit_and_read(
         self, bucket: str, limit: Limit, cost: int, key: str
@@ -291,7 +277,9 @@ class RedisAnswerStore(_RedisBase):
         task.add_done_callback(self._tasks.discard)
 
     async def _send(
-        self, lane: _Lane, batch: list[tuple[list[Any], asyncio.Future[list[Any]]]]
+        self,
+        lane: redisconn.HeldConnection,
+        batch: list[tuple[list[Any], asyncio.Future[list[Any]]]],
     ) -> None:
         try:
             replies = await self._run(lane, batch)
@@ -319,38 +307,13 @@ class RedisAnswerStore(_RedisBase):
                 done.set_result(reply)
 
     async def _run(
-        self, lane: _Lane, batch: list[tuple[list[Any], asyncio.Future[list[Any]]]]
+        self,
+        lane: redisconn.HeldConnection,
+        batch: list[tuple[list[Any], asyncio.Future[list[Any]]]],
     ) -> list[Any]:
         """The batch's replies in order (a script's error reply as its exception)."""
-        if lane.conn is None:
-            lane.conn = await self.client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-        conn = lane.conn
         sha = self._script.sha
-        commands = [("EVALSHA", sha, 2, *args) for args, _ in batch]
-
-        async def attempt() -> list[Any]:
-            await conn.connect()
-            await conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:  # that command's error; the stream is in step
-                    replies.append(exc)
-            return replies
-
-        async def dropped(_: BaseException) -> None:
-            await conn.disconnect()
-
-        try:
-            # The client's retry policy (one immediate retry on a dropped socket), as redis-py
-            # applies it to a pipeline: the whole batch again on a fresh connection.
-            replies: list[Any] = await conn.retry.call_with_retry(attempt, dropped)
-        except BaseException:
-            # Replies may still be on their way: nothing else must read them as its own.
-            await conn.disconnect(nowait=True)
-            raise
-        return replies
+        return await lane.execute([("EVALSHA", sha, 2, *args) for args, _ in batch])
 
     async def write_answer(
         self, key: str, raw: bytes, tags: Sequence[str], versions: Sequence[int], ttl_ms: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -14,8 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
+from api_gateway.access import AccessDenied
 from api_gateway.config import BridgeConfig
 from api_gateway.server import BridgeApp
+from pkg.common.auth import Principal
 from pkg.common.telemetry import setup_metrics
 from tests.bridge.fakes import SECRET, FakeEvents, FakeFleet, token
 
@@ -62,8 +65,8 @@ def test_anonymous_callers_may_ask_who_they_are_and_route_a_viewer(client):
 
 def test_anonymous_callers_get_no_private_fields(client):
     resp = gql(client, "{ nodes { id } }")
-    assert resp.status_code == 200
-    assert codes(resp) == ["UNAUTHENTICATED"]
+    assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+    assert "data" not in resp.json() and codes(resp) == ["UNAUTHENTICATED"]
     assert client.fleet.calls.get("list_nodes") is None
 
 
@@ -93,10 +96,64 @@ def test_an_unknown_node_is_null_and_cached_negatively(client):
 
 def test_set_node_mode_needs_the_operator_role(client):
     m = 'mutation { setNodeMode(nodeId: "n1", mode: DRAINING) { ok node { mode } } }'
-    assert codes(gql(client, m)) == ["UNAUTHENTICATED"]
-    assert codes(gql(client, m, tok=token(roles=["viewer"]))) == ["FORBIDDEN"]
-    assert codes(gql(client, m, tok=token(roles=["admin"]))) == ["FORBIDDEN"]
+    for tok, status, code in (
+        (None, 401, "UNAUTHENTICATED"),
+        (token(roles=["viewer"]), 403, "FORBIDDEN"),
+        (token(roles=["admin"]), 403, "FORBIDDEN"),
+    ):
+        for accept in ("application/json", "application/graphql-response+json"):
+            resp = gql(client, m, tok=tok, headers={"Accept": accept})
+            assert resp.status_code == status, (accept, resp.text)
+            assert resp.headers["content-type"].startswith(accept)
+            assert "data" not in resp.json() and codes(resp) == [code]
+            assert "setNodeMode" in resp.json()["errors"][0]["message"]
+            assert "'operator'" in resp.json()["errors"][0]["message"]
+            # Charged like any request (docs/graphql-http.md, "Rate limits").
+            assert "x-ratelimit-remaining" in resp.headers
     assert client.fleet.calls.get("set_node_mode") is None
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "{ me { name } nodes { id } }",  # one forbidden field refuses the whole request
+        "query Fleet { ...F } fragment F on Query { nodes { id } }",
+        '{ ... on Query { me { name } ... { node(id: "n1") { id } } } }',
+        'mutation { invalidateCache(tags: ["tenant:acme"]) '
+        'm: setNodeMode(nodeId: "n1", mode: MAINTENANCE) { ok } }',
+    ],
+)
+def test_a_forbidden_root_field_anywhere_refuses_the_request_before_anything_runs(client, query):
+    resp = gql(client, query, tok=token(roles=["admin"]), headers={"Accept": "application/json"})
+    assert resp.status_code == 403 and "data" not in resp.json(), resp.text
+    assert resp.headers["www-authenticate"] == 'Bearer error="insufficient_scope"'
+    assert codes(resp) == ["FORBIDDEN"]
+    assert client.fleet.calls == {}  # not even the allowed fields ran
+    # The operator may run each of them.
+    assert gql(client, query, tok=token(roles=["operator"])).status_code == 200
+
+
+def test_a_refusal_is_a_request_error_after_validation(client):
+    tok = token(roles=["admin"])
+    invalid = gql(client, "{ nodes { nope } }", tok=tok)  # invalid first: 200/400 as before
+    assert codes(invalid) == ["GRAPHQL_VALIDATION_FAILED"]
+    several = gql(client, "query A { nodes { id } } query B { me { name } }", tok=tok)
+    assert codes(several) == ["OPERATION_NAME_REQUIRED"]
+    resp = client.post(
+        "/graphql",
+        json={"query": "query A { nodes { id } } query B { me { name } }", "operationName": "B"},
+        headers={"Authorization": f"Bearer {tok}"},
+    )
+    assert resp.status_code == 200 and resp.json() == {"data": {"me": {"name": "user-1"}}}
+
+
+def test_the_resolvers_refuse_a_caller_without_the_role_in_depth():
+    fleet = FakeFleet()
+    gateway = BridgeApp(BridgeConfig(jwt_hs256_secret=SECRET), fleet=fleet).gateway
+    admin = Principal("a", tenant="acme", roles=frozenset({"admin"}))
+    with pytest.raises(AccessDenied) as refused:
+        asyncio.run(gateway.set_node_mode(admin, "n1", "DRAINING", ""))
+    assert refused.value.code == "FORBIDDEN" and fleet.calls == {}
 
 
 def test_set_node_mode_invalidates_cached_answers(client):
@@ -229,7 +286,7 @@ def test_malformed_bodies_get_a_graphql_error_not_a_500(
     ],
 )
 def test_bad_queries_get_stable_error_codes(client, query, variables, code):
-    resp = gql(client, query, variables, tok=token())
+    resp = gql(client, query, variables, tok=token(roles=["operator"]))  # node: operators
     assert resp.status_code in (200, 400)
     assert code in codes(resp)
 

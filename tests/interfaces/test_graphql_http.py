@@ -30,11 +30,14 @@ async def test_gql_client_queries_and_reads_error_codes(platform: Platform) -> N
     async with Client(transport=transport, fetch_schema_from_transport=True) as session:
         me = await session.execute(gql("{ me { anonymous tenant roles } }"))
         assert me == {"me": {"anonymous": False, "tenant": "acme", "roles": []}}
+        # Refused with a 403 whose body is a GraphQL response: gql reads it as query errors.
         with pytest.raises(TransportQueryError) as refused:
             await session.execute(
                 gql('mutation { setNodeMode(nodeId: "n1", mode: DRAINING) { ok } }')
             )
         assert refused.value.errors[0]["extensions"]["code"] == "FORBIDDEN"
+        assert "setNodeMode needs the 'operator' role" in refused.value.errors[0]["message"]
+        assert refused.value.data is None  # no data entry at all
         with pytest.raises(TransportQueryError) as several:
             await session.execute(gql(TWO_OPERATIONS))
         assert several.value.errors[0]["extensions"]["code"] == "OPERATION_NAME_REQUIRED"
@@ -73,18 +76,46 @@ async def test_graphql_response_json_answers_request_errors_with_4xx_and_no_data
             assert r.status_code == status, (body, r.text)
             assert r.headers["content-type"].startswith(GRAPHQL_RESPONSE)
             assert "data" not in r.json() and r.json()["errors"][0]["extensions"]["code"] == code
-        # A field error after execution started keeps data (null here) and a 200.
+        # A field error after execution started keeps data (null here: route is non-null) and
+        # a 200.
         ok = await http.post(
             platform.graphql_url,
-            json={"query": "{ nodes { id } }"},
+            json={"query": '{ route(contentId: "bad id") { considered } }'},
             headers={"Accept": GRAPHQL_RESPONSE},
         )
-        assert ok.status_code == 200 and ok.json()["data"] is None
-        assert ok.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+        assert ok.status_code == 200 and "data" in ok.json() and ok.json()["data"] is None
+        assert ok.json()["errors"][0]["extensions"]["code"] == "BAD_USER_INPUT"
         # Legacy application/json: request errors stay 200 (the spec's SHOULD), still no data.
         legacy = await http.post(platform.graphql_url, json={"query": "{ me { name } "})
         assert legacy.status_code == 200 and legacy.headers["content-type"] == "application/json"
         assert "data" not in legacy.json()
+
+
+async def test_a_request_the_caller_may_not_issue_is_401_or_403_with_no_data(
+    platform: Platform,
+) -> None:
+    """The spec's "client not permitted to issue the request": 401 without a token, 403 with
+    one that lacks the role, for both response media types; nothing ran."""
+    mutation = 'mutation { setNodeMode(nodeId: "http-n1", mode: DRAINING) { ok } }'
+    cases = [
+        (None, "{ nodes { id } }", 401, "UNAUTHENTICATED"),
+        (token("acme", ["admin"]), "{ me { name } nodes { id } }", 403, "FORBIDDEN"),
+        (token("acme", ["admin"]), mutation, 403, "FORBIDDEN"),
+    ]
+    async with httpx.AsyncClient() as http:
+        for tok, query, status, code in cases:
+            for accept in (GRAPHQL_RESPONSE, "application/json"):
+                headers = {"Accept": accept}
+                if tok:
+                    headers["Authorization"] = f"Bearer {tok}"
+                r = await http.post(platform.graphql_url, json={"query": query}, headers=headers)
+                assert r.status_code == status, (query, accept, r.text)
+                assert r.headers["content-type"].startswith(accept)
+                assert r.headers["www-authenticate"].startswith("Bearer")
+                assert "data" not in r.json()
+                error = r.json()["errors"][0]
+                assert error["extensions"]["code"] == code
+                assert "'operator' role" in error["message"], error
 
 
 async def test_an_unacceptable_accept_header_is_406(platform: Platform) -> None:

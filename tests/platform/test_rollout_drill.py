@@ -1,6 +1,7 @@
 """The scaling RFC's Phase 1 and 2 procedures, out and back, with real processes (the
-``rollout`` drill, short): an operator's node mode survives every step in both directions and
-no viewer routing fails, straight to Foghorn or through Bridge."""
+``rollout`` drill, short): an operator's node mode survives every step in both directions, no
+viewer routing fails, straight to Foghorn or through Bridge, and callers move between replicas
+by their watched list alone (no caller restart)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,8 @@ def test_rollout_and_rollback_keep_the_operators_mode_and_fail_no_routing(tmp_pa
     assert facts["state_kept"] is True and all(s["state_kept"] for s in steps), steps
     assert facts["requests"] > 200, facts  # traffic really flowed through every step
     assert facts["failed_foghorn"] == 0 and facts["failed_bridge"] == 0, steps
+    # Callers followed their watched list (no restart) to every replica later retired, and had
+    # left it before its SIGTERM.
+    retired = facts["routings_before_retired"]
+    assert sorted(retired) == ["foghorn-h1", "foghorn-h2", "foghorn-m"], facts
+    assert all(count > 0 for count in retired.values()), facts

@@ -5,7 +5,8 @@ Every operation on a socket is charged to the caller's rate limit; the HTTP size
 frames and queries; parse and limit errors come back as GraphQL errors (one log line, no
 traceback quoting the query); a socket is closed 4401 when its token expires unless the client
 re-authenticates; a tenant's subscriptions are capped (non-retryable error) and share one
-Signalman stream.
+Signalman stream. An operation the access map refuses gets an ``error`` message for its id,
+the socket stays open, and nothing ran.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import websockets
 from websockets.exceptions import ConnectionClosed
 
 from tests.bridge.fakes import token
+from tests.bridge.stack import edge_nodes
 from tests.interfaces.conftest import OPERATOR_TOKEN, Platform
 
 pytestmark = pytest.mark.integration
@@ -178,3 +180,40 @@ async def test_a_tenants_subscriptions_share_one_stream_and_are_capped(
                     break
                 await asyncio.sleep(0.1)
             assert await _signalman_subscribers(platform) == before + 2
+
+
+async def test_a_forbidden_operation_on_a_socket_is_an_error_for_its_id_and_changes_nothing(
+    platform: Platform,
+) -> None:
+    """graphql-transport-ws: an operation refused before execution is an ``error`` message
+    (the protocol's "operation execution error(s)"), not a closed socket."""
+    mutation = 'mutation { setNodeMode(nodeId: "ws-n1", mode: MAINTENANCE) { ok } }'
+    operator = token("ops", ["operator"])
+    async with edge_nodes(platform.foghorn_grpc, ["ws-n1"]):
+        async with socket(platform.bridge_port, operator) as ws:
+            assert await node_mode(ws, "ws-n1") == "NORMAL"
+        async with socket(platform.bridge_port, token("acme", ["admin"])) as ws:
+            refused = await run(ws, "m1", mutation)
+            assert refused["type"] == "error" and code_of(refused) == "FORBIDDEN", refused
+            assert "setNodeMode needs the 'operator' role" in refused["payload"][0]["message"]
+            listing = await run(ws, "q1", "{ me { tenant } nodes { id } }")
+            assert listing["type"] == "error" and code_of(listing) == "FORBIDDEN", listing
+            # The socket is still open and serves what the caller may do.
+            me = await run(ws, "q2", "{ me { tenant } }")
+            assert me["type"] == "next" and me["payload"] == {"data": {"me": {"tenant": "acme"}}}
+        async with socket(platform.bridge_port) as ws:  # anonymous
+            sub = await run(ws, "s1", SUB % "live")
+            assert sub["type"] == "error" and code_of(sub) == "UNAUTHENTICATED", sub
+        async with socket(platform.bridge_port, operator) as ws:
+            assert await node_mode(ws, "ws-n1") == "NORMAL"  # setNodeMode would invalidate it
+
+
+async def node_mode(ws: Any, node_id: str) -> str:
+    """The node's mode as an operator sees it, once it has registered (at most 10 s)."""
+    for i in range(50):
+        seen = await run(ws, f"mode-{i}", f'{{ node(id: "{node_id}") {{ mode }} }}')
+        node = seen["payload"]["data"]["node"]
+        if node is not None:
+            return str(node["mode"])
+        await asyncio.sleep(0.2)  # not registered yet (a miss is cached 2 s)
+    raise AssertionError(f"{node_id} never registered")
