@@ -23,7 +23,7 @@ from pkg.common import tracing
 from pkg.common.auth import Principal
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.metrics import Metrics, per_source
-from signalman.history import Entry, History
+from signalman.history import Entry, History, HistoryInfo
 from signalman.session import FeedPosition, FeedRegistry, Session
 from signalman.tracing import deliver_span
 
@@ -212,8 +212,7 @@ class Hub(FeedRegistry):
                 if backoff.attempt:
                     # The history store was unreachable: it may have come back empty (a restart
                     # without persistence). Check before reading on from old positions.
-                    for feed in feeds.values():
-                        await self._check_epoch(feed)
+                    await self._check_epochs(list(feeds.values()))
                 # Interruptible by a new feed (cancelled, then un-cancelled): a task per read to
                 # cancel instead would cost one more task and two more steps per wake-up.
                 self._reading = True
@@ -238,9 +237,10 @@ class Hub(FeedRegistry):
                         feed.checked_at = now
                 # A quiet tenant's history may have been lost under reads that reconnected
                 # without an error (redis-py retries them): check it now and then.
-                for feed in feeds.values():
-                    if now - feed.checked_at >= self.poll_timeout:
-                        await self._check_epoch(feed)
+                due = [f for f in feeds.values() if now - f.checked_at >= self.poll_timeout]
+                if due:
+                    await self._check_epochs(due)
+                    for feed in due:
                         feed.checked_at = now
             except asyncio.CancelledError:
                 raise
@@ -275,10 +275,18 @@ class Hub(FeedRegistry):
             if span is not None:
                 span.end()
 
+    async def _check_epochs(self, feeds: list[Feed]) -> None:
+        """``_check_epoch`` for several feeds, their histories read in one round trip."""
+        infos = await self.history.info_many([feed.tenant for feed in feeds])
+        for feed, info in zip(feeds, infos, strict=True):
+            self._apply_epoch(feed, info)
+
     async def _check_epoch(self, feed: Feed) -> None:
         """A lost history restarts offsets under a new epoch: subscribers must resume (and be
         told about the gap), so they are ended with UNAVAILABLE and reconnect."""
-        info = await self.history.info(feed.tenant)
+        self._apply_epoch(feed, await self.history.info(feed.tenant))
+
+    def _apply_epoch(self, feed: Feed, info: HistoryInfo) -> None:
         if (feed.epoch and info.epoch != feed.epoch) or info.head_offset < feed.position:
             log.warning("history_epoch_changed", tenant=feed.tenant, old=feed.epoch, new=info.epoch)
             for session in list(feed.sessions):

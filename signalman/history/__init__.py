@@ -8,7 +8,7 @@ everything a tenant sees.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Protocol
@@ -159,6 +159,11 @@ class History(Protocol):
         ...
 
     async def info(self, tenant: str) -> HistoryInfo: ...
+
+    async def info_many(self, tenants: Sequence[str]) -> list[HistoryInfo]:
+        """``info`` of each tenant, in order: one round trip where the store has them (a
+        replica's tail checks every quiet tenant's epoch each second)."""
+        ...
 
     async def read_after(self, tenant: str, after: int, limit: int) -> list[Entry]:
         """Entries with offset > ``after``, oldest first, at most ``limit``."""

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from pkg.events.sink import Event
@@ -112,6 +112,9 @@ class MemoryHistory:
             return HistoryInfo("", 0, 0)
         first = state.entries[0].offset if state.entries else 0
         return HistoryInfo(state.epoch, first, state.seq)
+
+    async def info_many(self, tenants: Sequence[str]) -> list[HistoryInfo]:
+        return [await self.info(tenant) for tenant in tenants]
 
     async def read_after(self, tenant: str, after: int, limit: int) -> list[Entry]:
         state = self._tenant(tenant, create=False)

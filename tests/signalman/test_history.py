@@ -81,6 +81,16 @@ async def test_info_reports_epoch_first_and_head(history: History) -> None:
     assert info.epoch and info.first_offset == 1 and info.head_offset == 5
 
 
+async def test_info_many_answers_as_info_does_for_each_tenant(history: History) -> None:
+    for i in range(3):
+        await history.append("acme", [("streams", ev(i))], SourcePos("t", 0, i), 1)
+    await history.append("beta", [("streams", ev(9, "beta"))], SourcePos("t", 0, 3), 1)
+    await history.trim("acme", max_len=2, min_time=0)
+    tenants = ["acme", "nobody", "beta"]
+    assert await history.info_many(tenants) == [await history.info(t) for t in tenants]
+    assert await history.info_many([]) == []
+
+
 async def test_trim_by_length_and_age_keeps_a_suffix(history: History) -> None:
     for i in range(10):
         await history.append(
