@@ -28,7 +28,9 @@ Then, at the largest size, two HA replicas on one redis-server, each node homed 
   addresses) that failed meanwhile.
 
 Everything listens on 127.0.0.1 and is stopped by pid at the end; each size is bounded to 90 s
-(a phase that does not finish is recorded as such, the next one still runs).
+(a phase that does not finish is recorded as such, the next one still runs); the HA phase's 90 s
+start once its servers run and its fleet processes have built their nodes, a preparation
+bounded to 90 s of its own (``prepare_s``).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ SIZES = (1_000, 5_000, 10_000)
 STREAMS_PER_NODE = 10
 TOKEN = "bench-secret"
 SIZE_BUDGET_S = 90.0
+PREPARE_BUDGET_S = 90.0  # the HA phase's servers and fleet processes, before its own bound
 TARGETS: dict[str, tuple[str, float]] = {
     "route_p99_us_10000": ("<=", 500.0),
     "route_vs_echo_ratio_10000": ("<=", 1.3),
@@ -485,9 +488,16 @@ async def memory_size(size: int, args: argparse.Namespace, root: Path, out: dict
 
 
 async def ha_phase(
-    size: int, args: argparse.Namespace, root: Path, memory_cpu_us: float, out: dict[str, Any]
+    size: int,
+    args: argparse.Namespace,
+    root: Path,
+    memory_cpu_us: float,
+    out: dict[str, Any],
+    prepared: asyncio.Event,
 ) -> None:
-    """Two HA replicas on one Redis with the whole fleet; ingest, lag, rehydration, herd."""
+    """Two HA replicas on one Redis with the whole fleet; ingest, lag, rehydration, herd.
+    ``prepared`` is set once the servers run and the fleet processes have built their nodes
+    (before anything is measured)."""
     from pkg.clients import Policy
     from pkg.clients.foghorn import FoghornClient
     from pkg.devstack.servers import RedisServer
@@ -506,6 +516,7 @@ async def ha_phase(
     try:
         await fleet.start()
         await fleet.command(op="status")
+        prepared.set()
         t0 = time.perf_counter()
         await fleet.command(op="start")
 
@@ -646,14 +657,29 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     if args.ha and largest in memory_cpu:
         started = time.perf_counter()
         ha: dict[str, Any] = {}
+        # Registering the fleet on two write-through replicas comes on top of the size's own
+        # measurements: the HA phase gets its own bound, from the moment its servers run and
+        # the fleet processes have built their nodes (10,000 clients: tens of seconds of a
+        # loaded machine that measure nothing); that preparation is bounded on its own.
+        prepared = asyncio.Event()
+        phase = asyncio.create_task(
+            ha_phase(largest, args, root, memory_cpu[largest], ha, prepared)
+        )
+        ready = asyncio.create_task(prepared.wait())
         try:
-            # Registering the fleet on two write-through replicas comes on top of the size's
-            # own measurements: the HA phase gets its own bound.
-            await asyncio.wait_for(
-                ha_phase(largest, args, root, memory_cpu[largest], ha), SIZE_BUDGET_S
-            )
+            await asyncio.wait({phase, ready}, timeout=PREPARE_BUDGET_S,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+            if not prepared.is_set() and not phase.done():
+                phase.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await phase
+                raise TimeoutError
+            ha["prepare_s"] = round(time.perf_counter() - started, 1)
+            await asyncio.wait_for(phase, SIZE_BUDGET_S)
         except TimeoutError:
             ha["timed_out"] = True
+        finally:
+            ready.cancel()
         ha["wall_s"] = round(time.perf_counter() - started, 1)
         ha["load_average"] = load_average()
         result[f"ha_{largest}"] = ha
