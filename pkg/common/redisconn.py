@@ -787,3 +787,82 @@ class HeldConnection:
                 await conn.disconnect(nowait=True)
                 raise
             return replies
+
+
+class BatchedCalls:
+    """Commands of concurrent callers sent together over connections held from ``client``'s
+    pool (``lanes`` of them, one batch in flight on each; see ``HeldConnection``).
+
+    A command issued while every lane is busy waits for the first one back and goes with every
+    other command waiting then, in one write; a lone command is sent at once. Each command is
+    still executed on its own (a script stays atomic); only the round trips are shared. For hot
+    script calls issued by many tasks at once (a herd of registrations, requests): redis-py
+    spent ~200 us of CPU around each call. A caller cancelled before its command was sent
+    takes it back; once sent, it runs (as a command already on the wire through redis-py does).
+    """
+
+    def __init__(self, client: aioredis.Redis, lanes: int = 2) -> None:
+        self._client = client
+        self._idle = [HeldConnection(client) for _ in range(lanes)]
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._flushing: asyncio.Handle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def call(self, *command: Any) -> Any:
+        """The reply of ``command``; its error reply raised (``NoScriptError`` included)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
+        item = (command, done)
+        self._pending.append(item)
+        if self._flushing is None and self._idle:
+            self._flushing = loop.call_soon(self._flush)
+        try:
+            return await done
+        except asyncio.CancelledError:
+            with contextlib.suppress(ValueError):
+                self._pending.remove(item)  # not sent yet: never will be
+            raise
+
+    async def evalsha(self, script: Any, keys: list[Any], args: list[Any]) -> Any:
+        """``script`` (a registered ``AsyncScript``) on ``keys`` and ``args``, its source loaded
+        again when the server lost its script cache (a restart or a failover)."""
+        try:
+            return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            script.sha = await self._client.script_load(script.script)
+            if isinstance(script.sha, bytes):
+                script.sha = script.sha.decode()
+            return await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    def _flush(self) -> None:
+        self._flushing = None
+        if not self._pending or not self._idle:
+            return  # every lane busy: the first one back sends what waits, as one batch
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._send(self._idle.pop(), batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(
+        self, lane: HeldConnection, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
+    ) -> None:
+        try:
+            replies = await lane.execute([command for command, _ in batch])
+        except BaseException as exc:  # every waiter gets the failure, none is left hanging
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._idle.append(lane)
+            if self._pending and self._flushing is None:
+                self._flushing = asyncio.get_running_loop().call_soon(self._flush)
+        for (_, done), reply in zip(batch, replies, strict=True):
+            if done.done():
+                continue  # its caller gave up
+            if isinstance(reply, Exception):
+                done.set_exception(reply)
+            else:
+                done.set_result(reply)
