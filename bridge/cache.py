@@ -27,11 +27,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +146,7 @@ class ResponseCache:
         lock_ttl_s: float = 5.0,
         lock_wait_s: float = 5.0,
         local_size: int = 0,
+        lock_lease_s: float = 0.5,
     ) -> None:
         self.store = store
         self.policy = policy or CachePolicy()
@@ -153,6 +155,11 @@ class ResponseCache:
         self._rand = rand
         self._beta = xfetch_beta
         self._lock_ttl_ms = int(lock_ttl_s * 1000)
+        # The cross-replica lock is a lease its holder renews while it loads (every third of
+        # it), never past lock_ttl_s: a replica killed while loading frees the key within one
+        # lease, where a plain TTL made the other replicas wait up to lock_wait_s for it (a
+        # viewer retried on the other Bridge at the moment of a kill -9 timed out there).
+        self._lease_ms = int(min(lock_lease_s, lock_ttl_s) * 1000)
         self._lock_wait_s = lock_wait_s
         self._flights: SingleFlight[CacheResult] = SingleFlight()
         self._refreshing: set[str] = set()
@@ -372,16 +379,17 @@ class ResponseCache:
         pause = 0.002
         try:
             while True:
-                if await self.store.acquire(key, token, self._lock_ttl_ms):
+                if await self.store.acquire(key, token, self._lease_ms):
                     try:
                         # Another replica may have written the entry just before we got the lock.
                         entry, versions = await self._read(key, tags)
                         if self._usable(entry, versions):
                             assert entry is not None
                             return self._answer(entry, "hit")
-                        return await self._load_and_store(
-                            key, loader, versions, pol, stale_for_error
-                        )
+                        async with self._renewed(key, token):
+                            return await self._load_and_store(
+                                key, loader, versions, pol, stale_for_error
+                            )
                     finally:
                         try:
                             await self.store.release(key, token)
@@ -401,6 +409,30 @@ class ResponseCache:
             value, found, _ = await self._call_loader(loader)
             self._count("bypass")
             return CacheResult(value, found, "bypass")
+
+    @contextlib.asynccontextmanager
+    async def _renewed(self, key: str, token: str) -> AsyncIterator[None]:
+        """Renew the lock ``token`` holds on ``key`` while the body runs."""
+        task = asyncio.ensure_future(self._renew(key, token))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _renew(self, key: str, token: str) -> None:
+        until = self._clock.monotonic() + self._lock_ttl_ms / 1000.0
+        while True:
+            await self._clock.asleep(self._lease_ms / 3000.0)
+            left_ms = int((until - self._clock.monotonic()) * 1000)
+            if left_ms <= 0:
+                return  # held as long as the lock TTL allows: let it lapse, as before
+            try:
+                if not await self.store.extend(key, token, min(self._lease_ms, left_ms)):
+                    return  # lost it (lapsed, taken): the load goes on, unguarded
+            except StoreUnavailable:
+                return
 
     def _usable(self, entry: _Entry | None, versions: tuple[int, ...]) -> bool:
         return (
@@ -425,12 +457,13 @@ class ResponseCache:
         token = secrets.token_hex(8)
         try:
             # Only one replica refreshes; the others keep serving the stale entry meanwhile.
-            if not await self.store.acquire(key, token, self._lock_ttl_ms):
+            if not await self.store.acquire(key, token, self._lease_ms):
                 return
             try:
-                versions = tuple(await self.store.tag_versions(tags))
-                self.stats.refreshes += 1
-                await self._load_and_store(key, loader, versions, pol, None, count=False)
+                async with self._renewed(key, token):
+                    versions = tuple(await self.store.tag_versions(tags))
+                    self.stats.refreshes += 1
+                    await self._load_and_store(key, loader, versions, pol, None, count=False)
             finally:
                 await self.store.release(key, token)
         except StoreUnavailable:

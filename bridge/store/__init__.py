@@ -46,6 +46,10 @@ class CacheStore(Protocol):
         """Release ``name`` only if ``token`` still holds it."""
         ...
 
+    async def extend(self, name: str, token: str, ttl_ms: int) -> bool:
+        """Hold ``name`` for ``ttl_ms`` from now, only if ``token`` still holds it."""
+        ...
+
 
 class BucketStore(Protocol):
     """Token buckets, one per key, updated atomically."""

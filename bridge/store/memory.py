@@ -60,6 +60,14 @@ class MemoryCacheStore:
         if held is not None and held[0] == token:
             del self._locks[name]
 
+    async def extend(self, name: str, token: str, ttl_ms: int) -> bool:
+        now = self._clock.monotonic()
+        held = self._locks.get(name)
+        if held is None or held[0] != token or held[1] <= now:
+            return False
+        self._locks[name] = (token, now + ttl_ms / 1000.0)
+        return True
+
 
 class MemoryBucketStore:
     """Per-process token buckets (exact for one replica, approximate across several)."""

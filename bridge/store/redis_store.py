@@ -29,7 +29,7 @@ from bridge.store import StoreUnavailable
 from bridge.store.health import RedisHealth
 from bridge.token_bucket import Decision, Limit
 from pkg.common import redisconn
-from pkg.coord.scripts import DELETE_IF_EQUALS
+from pkg.coord.scripts import DELETE_IF_EQUALS, EXPIRE_IF_EQUALS
 
 T = TypeVar("T")
 
@@ -146,6 +146,7 @@ class RedisCacheStore(_RedisBase):
         # Compare-and-delete: a lock whose TTL ran out and was taken by another replica is not
         # ours to delete (the same script as pkg.coord's leases and ownership records).
         self._release = client.register_script(DELETE_IF_EQUALS)
+        self._extend = client.register_script(EXPIRE_IF_EQUALS)
 
     def _tag_keys(self, tags: Sequence[str]) -> list[str]:
         return [f"{self.prefix}:t:{t}" for t in tags]
@@ -196,6 +197,13 @@ class RedisCacheStore(_RedisBase):
             await self._release(keys=[f"{self.prefix}:l:{name}"], args=[token])
 
         await self._call(go)
+
+    async def extend(self, name: str, token: str, ttl_ms: int) -> bool:
+        async def go() -> bool:
+            done = await self._extend(keys=[f"{self.prefix}:l:{name}"], args=[token, ttl_ms])
+            return bool(done)
+
+        return await self._call(go)
 
 
 class RedisBucketStore(_RedisBase):

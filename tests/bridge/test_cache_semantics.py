@@ -196,3 +196,17 @@ async def test_a_corrupt_entry_is_a_miss_not_an_error():
     await store.write("k", b"\x00not json", 60_000)
     result = await cache.get("k", backend.load)
     assert result.status == "miss" and result.value == "v1"
+
+
+async def test_a_lock_is_extended_only_by_its_holder_and_only_while_held():
+    clock = FakeClock()
+    store = MemoryCacheStore(clock)
+    assert await store.acquire("k", "mine", 300)
+    assert not await store.extend("k", "theirs", 300)
+    clock.advance(0.2)
+    assert await store.extend("k", "mine", 300)  # now held until 0.5 s
+    clock.advance(0.25)
+    assert not await store.acquire("k", "theirs", 300)
+    clock.advance(0.1)  # 0.55 s: lapsed
+    assert not await store.extend("k", "mine", 300)
+    assert await store.acquire("k", "theirs", 300)

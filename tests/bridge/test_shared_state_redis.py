@@ -86,6 +86,42 @@ async def test_a_lock_holder_that_never_finishes_does_not_block_readers_forever(
     assert result.value == {"nodes": 3} and backend.calls == 1
 
 
+async def test_a_loading_replica_holds_the_key_by_a_short_lease_so_a_kill_frees_it_soon(
+    replicas,
+):
+    # What a replica killed (kill -9) while loading leaves behind is its lock's remaining time:
+    # one lease at most (renewed while it lives), not the 5 s lock TTL the other replica's
+    # viewers would wait for.
+    release = asyncio.Event()
+
+    async def slow() -> dict[str, int]:
+        await release.wait()
+        return {"nodes": 1}
+
+    store = replicas[0].cache_store
+    a = cache_for(replicas[0], lock_lease_s=0.3)
+    loading = asyncio.ensure_future(a.get("k", slow))
+    try:
+        for _ in range(4):  # across several renewals
+            await asyncio.sleep(0.25)
+            left_ms = await store.client.pttl(f"{store.prefix}:l:k")
+            assert 0 < left_ms <= 300, left_ms
+    finally:
+        release.set()
+        await loading
+
+
+async def test_a_live_holder_renews_its_lock_while_a_load_outlasts_the_lease(replicas):
+    backend = CountingBackend(delay=1.2)  # four leases of 0.3 s
+    a, b = cache_for(replicas[0], lock_lease_s=0.3), cache_for(replicas[1], lock_lease_s=0.3)
+    first = asyncio.ensure_future(a.get("k", backend.load))
+    await asyncio.sleep(0.1)  # a holds the lock and is loading
+    second = await asyncio.wait_for(b.get("k", backend.load), 5)
+    await first
+    # b waited for a's entry instead of loading itself once the first lease ran out.
+    assert backend.calls == 1 and second.status == "hit", (backend.calls, second.status)
+
+
 async def test_rate_limit_is_exact_across_replicas(replicas):
     limiters = [RateLimiter(r.bucket_store) for r in replicas]
     limit = Limit(capacity=25, rate=0.001)  # no refill during the test
