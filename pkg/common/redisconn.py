@@ -747,8 +747,10 @@ class HeldConnection:
     ~200-300 us of CPU around one script call on loopback, the same call sent and read here
     ~110 us. The connection is the pool's own kind, so it connects the same way (TLS,
     credentials, Sentinel discovery and the failover epoch above) and is closed with the client
-    (its pool disconnects connections in use too); the client's retry policy applies as redis-py
-    applies it to a pipeline (the whole batch again on a fresh connection). Calls are serialised
+    (its pool disconnects connections in use too); it is checked before each use as the pool
+    checks a connection it hands out (one the server closed is reconnected), and the client's
+    retry policy applies as redis-py applies it to a pipeline (the whole batch again on a fresh
+    connection). Calls are serialised
     (one batch in flight); a call that fails or is cancelled drops the connection, so replies
     still on their way are never read as another call's, and the next call reconnects.
     """
@@ -769,6 +771,15 @@ class HeldConnection:
 
             async def attempt() -> list[Any]:
                 await conn.connect()
+                try:
+                    # What the pool checks when it hands out a connection: a socket the server
+                    # closed meanwhile (a restart, a failover) reads EOF; reconnect first.
+                    stale = await conn.can_read()
+                except (RedisConnectionError, TimeoutError, OSError):
+                    stale = True
+                if stale:
+                    await conn.disconnect()
+                    await conn.connect()
                 await conn.send_packed_command(conn.pack_commands(commands))
                 replies: list[Any] = []
                 for _ in commands:
