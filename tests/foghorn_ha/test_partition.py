@@ -197,3 +197,36 @@ async def test_replica_cut_from_redis_moves_its_nodes_to_a_peer_and_rejoins_with
     owner = await b.ha.ownership.lookup("edge-1")
     assert owner is not None and owner.replica == "b" and owner.fence == fence_b
     await moved.close()
+
+
+@pytest.mark.integration
+async def test_redis_cut_from_every_replica_is_an_outage_and_the_streams_stay(
+    make_replica: Callable[..., Awaitable[Any]],
+    client_factory: Callable[[Any], FoghornClient],
+    cuttable_redis: Blackhole,
+) -> None:
+    a = await make_replica("a", url=cuttable_redis.url)
+    b = await make_replica("b", url=cuttable_redis.url)
+    stream = NodeStream(client_factory(a.grpc_target))
+    await stream.register(register_msg("edge-1"))
+    stream.report(report_msg(10.0))
+    await eventually(lambda: (r := b.store.get("edge-1")) is not None and r.owner == "a")
+    await eventually(lambda: len(a.ha.membership.replicas) == 2)
+
+    cuttable_redis.blackhole()
+    # a asked b (over the relay), b does not reach Redis either: an outage, nothing moves
+    await eventually(lambda: a.ha.partition.rounds >= 2, timeout=20.0)
+    assert [x.reachable for x in a.ha.partition.last_answers] == [False]
+    assert a.ha.partition.nodes_handed == 0 and len(a.sessions.open_sessions()) == 1
+    route = await client_factory(a.grpc_target).route_viewer("s1", lat=50.0, lon=8.0)
+    assert route.best.node_id == "edge-1"  # routing from memory, with the node still here
+    cuttable_redis.heal()
+    await eventually(lambda: a.health().to_json()["status"] == "ok", timeout=15.0)
+    stream.report(report_msg(20.0))  # its next write restores the lapsed owner record
+
+    async def owned_by_a() -> bool:
+        owner = await b.ha.ownership.lookup("edge-1")
+        return owner is not None and owner.replica == "a"
+
+    await eventually(owned_by_a)
+    await stream.close()
