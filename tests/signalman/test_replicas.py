@@ -65,7 +65,7 @@ async def test_two_replicas_split_the_partitions(cluster: Cluster) -> None:
 
 async def test_kill_replica_subscribers_resume_without_loss_or_duplicates(cluster: Cluster) -> None:
     a, b = cluster.start("a"), cluster.start("b")
-    await wait_until(lambda: split_settled([a, b]), timeout=40)
+    await wait_until(lambda: split_settled([a, b]), timeout=40, what="a and b split the partitions")
     owner_partition = partition_of("acme")
     victim, survivor = (a, b) if owner_partition in await a.partitions() else (b, a)
     client = SignalmanClient([victim.address, survivor.address], token="ta")
@@ -78,7 +78,9 @@ async def test_kill_replica_subscribers_resume_without_loss_or_duplicates(cluste
             producer.start(rate_per_s=100)
             await collect(sub, seqs, lambda: 100)
             victim.proc.kill()  # kill -9: no goodbye to Kafka, PostgreSQL or the subscriber
-            await wait_until(lambda: owns_all(survivor), timeout=40)
+            await wait_until(
+                lambda: owns_all(survivor), timeout=40, what="the survivor owns every partition"
+            )
             target = len(seqs) + 100
             await collect(sub, seqs, lambda: target)  # flowing again, via the survivor
             producer.stop()
