@@ -24,18 +24,24 @@ class GrpcServiceListeners:
     def check_listeners(self, env_prefix: str) -> None:
         """Raise ``ValueError`` naming the bad listener setting."""
         if not 0 <= self.grpc_port <= 65535:
-            raise ValueError(f"grpc_port out of range: {self.grpc_port}")
+            raise ValueError(f"grpc_port ({env_prefix}GRPC_PORT) out of range: {self.grpc_port}")
         if not -1 <= self.http_port <= 65535:
-            raise ValueError(f"http_port out of range: {self.http_port}")
+            raise ValueError(f"http_port ({env_prefix}HTTP_PORT) out of range: {self.http_port}")
         if not -1 <= self.grpc_plaintext_port <= 65535:
-            raise ValueError(f"grpc_plaintext_port out of range: {self.grpc_plaintext_port}")
+            raise ValueError(
+                f"grpc_plaintext_port ({env_prefix}GRPC_PLAINTEXT_PORT) out of range: "
+                f"{self.grpc_plaintext_port}"
+            )
         if self.grpc_plaintext_port >= 0 and not self.tls.serves_tls:
             raise ValueError(
                 f"grpc_plaintext_port ({env_prefix}GRPC_PLAINTEXT_PORT) is the plaintext listener "
                 "beside a TLS one: set PLATFORM_TLS_CERT / PLATFORM_TLS_KEY too"
             )
         if self.max_message_bytes < 1024:
-            raise ValueError(f"max_message_bytes too small: {self.max_message_bytes}")
+            raise ValueError(
+                f"max_message_bytes ({env_prefix}MAX_MESSAGE_BYTES) must be >= 1024, "
+                f"got {self.max_message_bytes}"
+            )
 
     @property
     def grpc(self) -> GrpcSettings:
