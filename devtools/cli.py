@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import pkgutil
@@ -68,10 +69,30 @@ def cmd_test(args: argparse.Namespace) -> int:
     pytest_args = list(args.pytest_args)
     if pytest_args[:1] == ["--"]:
         pytest_args = pytest_args[1:]
+    pytest_args = _workers(pytest_args)
     with tempfile.TemporaryDirectory(prefix="dev-test-") as tmp:
         stacks = Path(tmp) / "stacks.txt"
         env = dict(os.environ, PYTHONUNBUFFERED="1", DEV_TEST_STACKS_FILE=str(stacks))
         return _run_bounded([PY, "-m", "pytest", *pytest_args], env, TEST_WALL_S, stacks)
+
+
+# Most of the suite's time is spent waiting (TTLs, session timeouts, process starts), not
+# computing: DEV_TEST_WORKERS=2 runs two pytest-xdist workers that overlap those waits, each test
+# module on one worker and the tests that must not overlap in one scope (tests/conftest.py).
+# Serial by default until it is measured on a quiet 2-core machine: on the shared one (load
+# 10-19) 1,122 tests took 28 min on two workers, and three timing bounds were missed.
+TEST_WORKERS = os.environ.get("DEV_TEST_WORKERS", "0")
+
+
+def _workers(pytest_args: list[str]) -> list[str]:
+    """``pytest_args`` with ./dev's worker count unless they choose one (-n, -p no:xdist)."""
+    chosen = any(
+        a in ("-n", "--numprocesses", "no:xdist") or a.startswith(("-n", "--numprocesses="))
+        for a in pytest_args
+    )
+    if chosen or TEST_WORKERS in ("", "0"):
+        return pytest_args
+    return ["-n", TEST_WORKERS, "--dist", "loadscope", *pytest_args]
 
 
 # pytest-timeout bounds each test, not a hang in session teardown or between tests; this bounds
@@ -81,21 +102,25 @@ TEST_WALL_S = float(os.environ.get("DEV_TEST_WALL_S", "2400"))
 
 def _run_bounded(cmd: list[str], env: dict[str, str], wall_s: float, stacks: Path) -> int:
     print("+ " + " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    # A session of its own: pytest and its xdist workers form a process group that the hang
+    # guard signals as a whole (the servers the tests start have sessions of their own).
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
     try:
         return proc.wait(timeout=wall_s)
     except subprocess.TimeoutExpired:
         print(f"\n./dev test: no result after {wall_s:.0f} s; stacks follow, then stopping pytest",
               flush=True)  # fmt: skip
-        proc.send_signal(signal.SIGUSR1)  # tests/conftest.py dumps every thread's stack on it
+        # tests/conftest.py dumps every thread's stack on it, in pytest and in each worker
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGUSR1)
         deadline = time.monotonic() + 2.0  # the dump takes milliseconds; a dead pytest never writes
         while time.monotonic() < deadline and proc.poll() is None:
-            if stacks.exists() and stacks.stat().st_size:
-                time.sleep(0.1)  # let the dump of the remaining threads finish
+            if any(f.stat().st_size for f in stacks.parent.glob(stacks.name + "*")):
+                time.sleep(0.2)  # let the dump of the remaining threads and workers finish
                 break
             time.sleep(0.02)
-        if stacks.exists():
-            print(stacks.read_text(), flush=True)
+        for found in sorted(stacks.parent.glob(stacks.name + "*")):
+            print(f"--- {found.name}\n{found.read_text()}", flush=True)
         proc.send_signal(signal.SIGINT)  # pytest stops and runs its teardown: servers stop
         try:
             proc.wait(timeout=60)

@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 # A child Python has to fork rather than vfork (initdb switches to the postgres user in Python)
 # runs gRPC's fork handlers, which can crash it before it execs while channels are busy in
@@ -32,9 +33,40 @@ from pkg.devstack.servers import (
 
 # `./dev test` sends SIGUSR1 before it stops a run that outlived its wall-clock bound: every
 # thread's stack goes to the file it names (stderr is captured by pytest), so a hang says where.
+# Each xdist worker writes a file of its own beside it (the name + "." + the worker's id).
 if os.environ.get("DEV_TEST_STACKS_FILE"):
-    _stacks = open(os.environ["DEV_TEST_STACKS_FILE"], "w")  # noqa: SIM115 (open for the session)
+    _worker = os.environ.get("PYTEST_XDIST_WORKER")
+    _path = os.environ["DEV_TEST_STACKS_FILE"] + (f".{_worker}" if _worker else "")
+    _stacks = open(_path, "w")  # noqa: SIM115 (open for the session)
     faulthandler.register(signal.SIGUSR1, file=_stacks, all_threads=True)
+
+
+# ./dev test runs two pytest-xdist workers with --dist loadscope: each scope runs on one worker,
+# its tests one after another. A scope is a test module (its shared fixtures start once), except
+# that the tests which must not overlap with each other form one scope, handed out first as it
+# is the longest: whole platforms on the documented ports with their Prometheus (tests/platform,
+# tests/obs) and network namespaces with fixed names (tests/hosts). (xdist_group marks and
+# --dist loadgroup do not work with pytest 9: xdist renames items through an attribute that
+# pytest 9 no longer reads.)
+EXCLUSIVE = ("tests/platform/", "tests/obs/", "tests/hosts/")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "loadscope":
+        return None  # whatever was asked for instead
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "exclusive" if nodeid.startswith(EXCLUSIVE) else nodeid.split("::", 1)[0]
+
+        def _assign_work_unit(self, node: Any) -> None:
+            if "exclusive" in self.workqueue:
+                self.workqueue.move_to_end("exclusive", last=False)
+            super()._assign_work_unit(node)
+
+    return Scopes(config, log)
 
 
 @pytest.fixture(autouse=True)

@@ -39,6 +39,17 @@ def test_test_passes_pytest_options_through_and_takes_no_lint(called: dict[str, 
     assert called["test"].pytest_args == ["-k", "breaker", "tests/clients"]
 
 
+def test_test_runs_the_workers_asked_for_unless_the_caller_chooses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(cli, "TEST_WORKERS", "0")  # DEV_TEST_WORKERS=0: serially
+    assert cli._workers(["tests/clients"]) == ["tests/clients"]
+    monkeypatch.setattr(cli, "TEST_WORKERS", "2")
+    assert cli._workers(["tests/clients"]) == ["-n", "2", "--dist", "loadscope", "tests/clients"]
+    for chosen in (["-n", "4"], ["-n0"], ["--numprocesses=3"], ["-p", "no:xdist"]):
+        assert cli._workers([*chosen, "tests/clients"]) == [*chosen, "tests/clients"]
+
+
 def test_bench_takes_the_name_then_its_own_options(called: dict[str, Any]) -> None:
     assert cli.main(["bench", "foghorn-ha", "--quick"]) == 0
     assert called["bench"].name == "foghorn-ha"
