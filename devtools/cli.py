@@ -121,7 +121,7 @@ def _run_bounded(cmd: list[str], env: dict[str, str], wall_s: float, stacks: Pat
             time.sleep(0.02)
         for found in sorted(stacks.parent.glob(stacks.name + "*")):
             print(f"--- {found.name}\n{found.read_text()}", flush=True)
-        proc.send_signal(signal.SIGINT)  # pytest stops and runs its teardown: servers stop
+        _interrupt(proc)  # pytest stops and runs its teardown: servers stop
         try:
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -129,8 +129,15 @@ def _run_bounded(cmd: list[str], env: dict[str, str], wall_s: float, stacks: Pat
             proc.wait()
         return 124
     except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
+        _interrupt(proc)
         return proc.wait()
+
+
+def _interrupt(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT to pytest and each of its xdist workers, so every worker runs its own teardown
+    (a worker its controller stops has no time to: the servers it started would stay)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
 
 
 def _benchmarks() -> list[str]:
