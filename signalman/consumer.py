@@ -38,8 +38,8 @@ from pkg.common.kafkaconn import kafka_options
 from pkg.events.kafka import trace_of
 from signalman.deadletter import attempts_of
 from signalman.history import History, SourcePos
-from signalman.kafka_clients import member_id, remove_member
-from signalman.membership import PeerWatch
+from signalman.kafka_clients import leave_group, member_id, remove_member
+from signalman.membership import NONE, UNKNOWN_MEMBER_ID, PeerWatch
 from signalman.ownership import OwnershipLost, PartitionLocks
 from signalman.processor import Processor, RecordIn
 
@@ -423,7 +423,8 @@ class GroupMember:
         self.owned.clear()
         self.assignment.clear()
         self._joining_since = None
-        if self.peers is not None:
+        left = consumer is None or await self._leave_group(consumer)
+        if self.peers is not None and left:
             with contextlib.suppress(Exception):  # best effort: a leftover is found gone later
                 await asyncio.wait_for(self.peers.forget_self(), 2.0)
         if consumer is not None:
@@ -431,6 +432,23 @@ class GroupMember:
                 await asyncio.wait_for(consumer.stop(), 10.0)
         if self.locks is not None:
             await self.locks.close()  # closing the connection releases every lock it held
+
+    async def _leave_group(self, consumer: Any) -> bool:
+        """Leave the group now, so the others rebalance without waiting for our session to
+        expire; False when the group may not have heard it. Then our membership record stays,
+        and the peers remove us once our lock connection is closed (``PeerWatch``)."""
+        member = member_id(consumer)
+        try:
+            code = await asyncio.wait_for(leave_group(consumer, self.cfg.group_id), 5.0)
+        except Exception as exc:
+            log.warning("group_leave_request_failed", member_id=member, error=repr(exc)[:200])
+            return False
+        if code not in (None, NONE, UNKNOWN_MEMBER_ID):
+            log.warning("group_leave_refused", member_id=member, error_code=code)
+            return False
+        if member:
+            log.info("group_left", member_id=member, error_code=code)
+        return True
 
     async def run(self) -> None:
         """Consume until ``stop``; any failure leaves the group and rejoins after a backoff."""

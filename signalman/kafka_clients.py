@@ -1,4 +1,5 @@
-"""aiokafka helpers: starting clients safely, and group membership calls aiokafka lacks.
+"""aiokafka helpers: starting clients safely, and group membership calls aiokafka lacks (or makes
+only where Kafka numbers generations).
 
 Starting: a start that does not complete leaves nothing open.
 
@@ -67,3 +68,24 @@ async def remove_member(consumer: Any, group_id: str, member: str, timeout_s: fl
         consumer._client.send(node, request, group=ConnectionGroup.COORDINATION), timeout_s
     )
     return int(response.error_code)
+
+
+async def leave_group(consumer: Any, group_id: str, timeout_s: float = 3.0) -> int | None:
+    """Stop ``consumer``'s group membership (no more heartbeats or joins) and make sure the group
+    hears that it left; returns the Kafka error code of the LeaveGroup sent here, or None when
+    aiokafka sent it (its answer is not checked there) or there was no membership to leave.
+
+    aiokafka leaves only a generation above 0 (Kafka's first is 1), but tansu numbers its first
+    generation 0: a member that never saw a second rebalance left silently, and the others kept
+    its partitions unprocessed until its session expired (9.5 s instead of 3.6 s for a
+    SIGTERM). The coordinator is closed first, so nothing rejoins after the LeaveGroup; the
+    client stays open for it until ``consumer.stop()``.
+    """
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None:
+        return None
+    member, generation = member_id(consumer), int(coordinator.generation)
+    await coordinator.close()  # sends LeaveGroup itself for a generation above 0
+    if not member or generation != 0:
+        return None
+    return await remove_member(consumer, group_id, member, timeout_s)
