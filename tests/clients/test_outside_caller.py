@@ -11,6 +11,7 @@ nothing of the test session (fixtures, configured logging, a shared runtime) hel
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -153,12 +154,18 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return result
 
 
+_GRPC_CORE_LINE = re.compile(r"^[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+\s+\d+ \S+\.cc:\d+\]")
+
+
 def test_a_fresh_script_with_its_own_server_works_with_the_defaults(
     outcome: dict[str, Any],
 ) -> None:
     out = outcome
-    # Nothing configured logging: the library prints nothing of its own.
-    assert out["stdout"] == "" and out["stderr"] == ""
+    # Nothing configured logging: the library prints nothing of its own. gRPC's C core may log a
+    # transport event of its own (e.g. "Got goaway" when the script's server stops): its lines
+    # have their own format and are not pkg.clients speaking.
+    ours = [line for line in out["stderr"].splitlines() if not _GRPC_CORE_LINE.match(line)]
+    assert out["stdout"] == "" and ours == []
     assert out["default_get_item"] == "UNAVAILABLE"  # not known to be safe: not retried
     assert out["default_get_item_ok"] == "item:2"
     assert out["checkout"] == "UNAVAILABLE"
