@@ -296,9 +296,7 @@ class RedisAnswerStore(_RedisBase):
                 await self.client.script_load(_ADMIT_AND_READ)
                 replies = await self._run(lane, batch)
         except BaseException as exc:  # every waiter gets the failure, none is left hanging
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
+            redisconn.fail_waiters([done for _, done in batch], exc)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -306,13 +304,8 @@ class RedisAnswerStore(_RedisBase):
             self._idle.append(lane)
             if self._pending and self._flushing is None:
                 self._flushing = asyncio.get_running_loop().call_soon(self._flush)
-        for (_, done), reply in zip(batch, replies, strict=True):
-            if done.done():
-                continue  # its caller gave up (a client that went away)
-            if isinstance(reply, Exception):
-                done.set_exception(reply)
-            else:
-                done.set_result(reply)
+        # A waiter whose client went away is skipped.
+        redisconn.settle_waiters([done for _, done in batch], replies)
 
     async def _run(
         self,

@@ -42,7 +42,7 @@ import os
 import ssl as ssl_module
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -738,6 +738,25 @@ def connect_sync(spec: str | RedisSpec, *, name: str = "redis", **kwargs: Any) -
     return client
 
 
+def fail_waiters(waiters: Sequence[asyncio.Future[Any]], exc: BaseException) -> None:
+    """Every waiter of a batched round trip that failed gets the failure: none is left hanging."""
+    for done in waiters:
+        if not done.done():
+            done.set_exception(exc)
+
+
+def settle_waiters(waiters: Sequence[asyncio.Future[Any]], replies: Sequence[Any]) -> None:
+    """Hand each waiter of a batched round trip its reply (an error reply raises at its caller);
+    a waiter whose caller gave up is skipped."""
+    for done, reply in zip(waiters, replies, strict=True):
+        if done.done():
+            continue
+        if isinstance(reply, Exception):
+            done.set_exception(reply)
+        else:
+            done.set_result(reply)
+
+
 class HeldConnection:
     """Commands written and read straight through one connection held from ``client``'s pool.
 
@@ -860,9 +879,7 @@ class BatchedCalls:
         try:
             replies = await lane.execute([command for command, _ in batch])
         except BaseException as exc:  # every waiter gets the failure, none is left hanging
-            for _, done in batch:
-                if not done.done():
-                    done.set_exception(exc)
+            fail_waiters([done for _, done in batch], exc)
             if not isinstance(exc, Exception):
                 raise
             return
@@ -870,10 +887,4 @@ class BatchedCalls:
             self._idle.append(lane)
             if self._pending and self._flushing is None:
                 self._flushing = asyncio.get_running_loop().call_soon(self._flush)
-        for (_, done), reply in zip(batch, replies, strict=True):
-            if done.done():
-                continue  # its caller gave up
-            if isinstance(reply, Exception):
-                done.set_exception(reply)
-            else:
-                done.set_result(reply)
+        settle_waiters([done for _, done in batch], replies)
