@@ -51,6 +51,22 @@ def _apt_install(*packages: str) -> None:
             policy.unlink(missing_ok=True)
 
 
+def _on_path(names: tuple[str, ...]) -> Path | None:
+    found = next((f for f in map(shutil.which, names) if f), None)
+    return Path(found) if found else None
+
+
+def _debian_binary(names: tuple[str, ...], package: str) -> Path:
+    """The first of ``names`` on PATH, installing Debian's ``package`` when none is."""
+    found = _on_path(names)
+    if found is None:
+        _apt_install(package)
+        found = _on_path(names)
+    if found is None:
+        raise InstallError(f"{package} installed but {' / '.join(names)} is not on PATH")
+    return found
+
+
 def redis_server_binary() -> Path:
     """Path of a runnable ``redis-server``, installing Debian's redis-tools when needed."""
     found = shutil.which("redis-server")
@@ -95,29 +111,14 @@ def tansu_binary() -> Path:
 
 def chromium_binary() -> Path:
     """Path of Debian's ``chromium`` (headless browser checks of Bridge's GraphiQL page)."""
-    for name in ("chromium", "chromium-browser"):
-        found = shutil.which(name)
-        if found:
-            return Path(found)
-    _apt_install("chromium")
-    found = shutil.which("chromium")
-    if not found:
-        raise InstallError("chromium installed but not on PATH")
-    return Path(found)
+    return _debian_binary(("chromium", "chromium-browser"), "chromium")
 
 
 def h2load_binary() -> Path:
     """Path of ``h2load`` (Debian's ``nghttp2-client``): the anonymous-flood test and benchmark
     offer thousands of gRPC and HTTP calls per second with it, which no Python client can on
     two loaded cores (``devtools.flood``)."""
-    found = shutil.which("h2load")
-    if found:
-        return Path(found)
-    _apt_install("nghttp2-client")
-    found = shutil.which("h2load")
-    if not found:
-        raise InstallError("nghttp2-client installed but h2load is not on PATH")
-    return Path(found)
+    return _debian_binary(("h2load",), "nghttp2-client")
 
 
 def promtool_binary() -> Path:
@@ -126,14 +127,7 @@ def promtool_binary() -> Path:
     The package's maintainer scripts would start a system-wide Prometheus daemon; the
     policy-rc.d written by ``_apt_install`` forbids that. ``./dev`` runs the binary itself.
     """
-    found = shutil.which("promtool")
-    if found:
-        return Path(found)
-    _apt_install("prometheus")
-    found = shutil.which("promtool")
-    if not found:
-        raise InstallError("prometheus installed but promtool is not on PATH")
-    return Path(found)
+    return _debian_binary(("promtool",), "prometheus")
 
 
 def prometheus_binary() -> Path:

@@ -11,7 +11,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import grpc
 import pytest
 
-from pkg.clients import BreakerPolicy, Policy, RetryPolicy, aio_channel, sync_channel
+from pkg.clients import (
+    BreakerPolicy,
+    Instrumentation,
+    OutlierEvent,
+    Policy,
+    RetryPolicy,
+    aio_channel,
+    sync_channel,
+)
 from pkg.devstack.servers import CommandProcess
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
@@ -149,3 +157,17 @@ class _StatusError(grpc.RpcError):
 
     def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
         return ()
+
+
+class Outliers(Instrumentation):
+    """Keeps the outlier events of a test with the time each arrived."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, OutlierEvent]] = []
+
+    def on_outlier(self, event: OutlierEvent) -> None:
+        self.events.append((time.monotonic(), event))
+
+    def returned(self, replica: str) -> list[tuple[float, OutlierEvent]]:
+        """The events that took ``replica`` back into rotation."""
+        return [(t, e) for t, e in self.events if e.replica == replica and not e.ejected]

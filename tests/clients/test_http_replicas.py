@@ -15,25 +15,16 @@ import pytest
 from pkg.clients import (
     AsyncHttpClient,
     BreakerPolicy,
-    Instrumentation,
-    OutlierEvent,
     OutlierPolicy,
     Policy,
     RetryPolicy,
     Runtime,
 )
 from pkg.devstack.servers import CommandProcess
+from tests.clients.conftest import Outliers
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.failure]
-
-
-class Outliers(Instrumentation):
-    def __init__(self) -> None:
-        self.events: list[tuple[float, OutlierEvent]] = []
-
-    def on_outlier(self, event: OutlierEvent) -> None:
-        self.events.append((time.monotonic(), event))
 
 
 def web(process_factory: Callable[..., CommandProcess], root: Path, name: str) -> CommandProcess:

@@ -12,8 +12,6 @@ import pytest
 from pkg.clients import (
     BreakerOpenError,
     BreakerPolicy,
-    Instrumentation,
-    OutlierEvent,
     OutlierPolicy,
     Policy,
     RetryPolicy,
@@ -26,23 +24,10 @@ from pkg.clients.outlier import EJECTED, HEALTHY
 from pkg.devstack.servers import CommandProcess
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
-from tests.clients.conftest import TESTSVC, addresses, both_in_rotation
+from tests.clients.conftest import TESTSVC, Outliers, addresses, both_in_rotation
 from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.failure]
-
-
-class Outliers(Instrumentation):
-    """Keeps the outlier events of a test with the time each arrived."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[float, OutlierEvent]] = []
-
-    def on_outlier(self, event: OutlierEvent) -> None:
-        self.events.append((time.monotonic(), event))
-
-    def returned(self, replica: str) -> list[tuple[float, OutlierEvent]]:
-        return [(t, e) for t, e in self.events if e.replica == replica and not e.ejected]
 
 
 def policy(
