@@ -235,9 +235,12 @@ class Callers:
             await viewers.close()
 
 
-async def run_rollout(nodes: int, run_dir: Path) -> dict[str, Any]:
-    """The whole drill; returns its facts (``steps``, ``state_kept``, counts)."""
-    p = RolloutPlatform(run_dir, nodes)
+async def run_rollout(
+    nodes: int, run_dir: Path, platform: RolloutPlatform | None = None
+) -> dict[str, Any]:
+    """The whole drill; returns its facts (``steps``, ``state_kept``, counts). A caller that
+    passes ``platform`` can also stop its processes itself when the drill is interrupted."""
+    p = platform or RolloutPlatform(run_dir, nodes)
     checks = Checks()
     steps: list[dict[str, Any]] = []
     # Routing decisions each replica made before the callers left it (all > 0: they used it).

@@ -6,17 +6,32 @@ by their watched list alone (no caller restart)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from devtools.drill_rollout import run_rollout
+from devtools.drill_rollout import RolloutPlatform, run_rollout
 
 pytestmark = [pytest.mark.integration, pytest.mark.failure]
 
 
-def test_rollout_and_rollback_keep_the_operators_mode_and_fail_no_routing(tmp_path: Path) -> None:
-    facts = asyncio.run(run_rollout(4, tmp_path))
+NODES = 4
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[RolloutPlatform]:
+    """The drill stops its processes itself; this also does when the test is interrupted (a
+    pytest-timeout left the whole platform running)."""
+    p = RolloutPlatform(tmp_path, NODES)
+    yield p
+    p.stop()
+
+
+def test_rollout_and_rollback_keep_the_operators_mode_and_fail_no_routing(
+    platform: RolloutPlatform, tmp_path: Path
+) -> None:
+    facts = asyncio.run(run_rollout(NODES, tmp_path, platform))
     assert "error" not in facts, facts
     steps = facts["steps"]
     assert [s["step"].split()[0] for s in steps][:2] == ["P1.2", "P1.3"], steps
