@@ -11,6 +11,7 @@ from bridge.ratelimit import RateLimiter
 from bridge.store.health import RedisHealth
 from bridge.store.redis_store import RedisBucketStore, RedisCacheStore, connect
 from bridge.token_bucket import Limit
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +116,8 @@ async def test_a_live_holder_renews_its_lock_while_a_load_outlasts_the_lease(rep
     backend = CountingBackend(delay=1.2)  # four leases of 0.3 s
     a, b = cache_for(replicas[0], lock_lease_s=0.3), cache_for(replicas[1], lock_lease_s=0.3)
     first = asyncio.ensure_future(a.get("k", backend.load))
-    await asyncio.sleep(0.1)  # a holds the lock and is loading
+    # a holds the lock once its load has begun (it loads only after taking it).
+    await eventually(lambda: backend.calls == 1, timeout=5, what="a's load started")
     second = await asyncio.wait_for(b.get("k", backend.load), 5)
     await first
     # b waited for a's entry instead of loading itself once the first lease ran out.

@@ -117,7 +117,9 @@ async def test_a_dns_name_is_re_resolved_periodically_and_after_failures(
     # Re-resolution after failures: with the periodic refresh an hour away, a replica that
     # dies and leaves the name is dropped as soon as calls fail to reach it.
     targets.interval = 3600.0
-    await asyncio.sleep(0.4)  # the loop is now waiting on the long interval
+    # One more periodic refresh, and the loop waits on the long interval.
+    settled = targets.refreshes
+    await eventually(lambda: targets.refreshes > settled, timeout=5, what="the last short refresh")
     before = targets.refreshes
     publish(address_b)
     a.kill()
