@@ -12,6 +12,9 @@ import pytest
 
 from api_balancing.model import GeoPoint, LoadReport, NodeIdentity, NodeRecord
 from api_balancing.store.redis_store import RedisNodeStore, RedisStoreSettings
+from pkg.clients import Policy
+from pkg.clients.foghorn import FoghornClient
+from tests.foghorn.conftest import TOKEN
 from tests.waiting import eventually
 
 
@@ -126,3 +129,18 @@ async def make_replica(
     for server in servers:
         if server.grpc is not None:
             await server.stop(grace=0.2)
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable[[Any], FoghornClient]]:
+    """Makes pkg.clients Foghorn clients (the test token) and closes them after the test."""
+    made: list[FoghornClient] = []
+
+    def make(target: Any) -> FoghornClient:
+        client = FoghornClient(target, token=TOKEN, policy=Policy(timeout=10.0))
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()

@@ -11,9 +11,8 @@ import pytest
 
 from api_balancing.ha.partition import PartitionHandover, PeerAnswer
 from api_balancing.sessions import SessionRegistry
-from pkg.clients import Policy
 from pkg.clients.foghorn import FoghornClient
-from tests.foghorn.conftest import TOKEN, NodeStream, register_msg, report_msg
+from tests.foghorn.conftest import NodeStream, register_msg, report_msg
 from tests.foghorn_ha.blackhole import Blackhole
 from tests.foghorn_ha.conftest import eventually
 
@@ -138,20 +137,6 @@ async def test_no_handover_without_streams_or_peers() -> None:
 
 # -- real replicas: a cut from Redis by a silent relay, b not --------------------------------------
 @pytest.fixture
-async def client_factory() -> AsyncIterator[Callable[[Any], FoghornClient]]:
-    made: list[FoghornClient] = []
-
-    def make(target: Any) -> FoghornClient:
-        client = FoghornClient(target, token=TOKEN, policy=Policy(timeout=10.0))
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.close()
-
-
-@pytest.fixture
 async def cuttable_redis(redis_server: Any) -> AsyncIterator[Blackhole]:
     hole = await Blackhole("127.0.0.1", redis_server.port).start()
     yield hole
@@ -161,12 +146,12 @@ async def cuttable_redis(redis_server: Any) -> AsyncIterator[Blackhole]:
 @pytest.mark.integration
 async def test_replica_cut_from_redis_moves_its_nodes_to_a_peer_and_rejoins_without_them(
     make_replica: Callable[..., Awaitable[Any]],
-    client_factory: Callable[[Any], FoghornClient],
+    clients: Callable[[Any], FoghornClient],
     cuttable_redis: Blackhole,
 ) -> None:
     a = await make_replica("a", url=cuttable_redis.url)
     b = await make_replica("b")
-    stream = NodeStream(client_factory(a.grpc_target))
+    stream = NodeStream(clients(a.grpc_target))
     await stream.register(register_msg("edge-1"))
     stream.report(report_msg(10.0))
     await eventually(lambda: (r := b.store.get("edge-1")) is not None and r.owner == "a")
@@ -181,13 +166,13 @@ async def test_replica_cut_from_redis_moves_its_nodes_to_a_peer_and_rejoins_with
     assert a.ha.ownership.owned() == []  # a claims nothing while cut
     assert a.ha.describe()["partition"]["nodes_handed_over"] == 1
 
-    moved = NodeStream(client_factory(b.grpc_target))  # as pkg.clients' node does
+    moved = NodeStream(clients(b.grpc_target))  # as pkg.clients' node does
     await moved.register(register_msg("edge-1"))
     moved.report(report_msg(20.0))
     await eventually(lambda: b.store.get("edge-1").owner == "b")
     fence_b = b.ha.ownership.fence_of("edge-1")
     assert fence_a is not None and fence_b is not None and fence_b > fence_a
-    route = await client_factory(b.grpc_target).route_viewer("s1", lat=50.0, lon=8.0)
+    route = await clients(b.grpc_target).route_viewer("s1", lat=50.0, lon=8.0)
     assert route.best.node_id == "edge-1"
 
     cuttable_redis.heal()
@@ -202,12 +187,12 @@ async def test_replica_cut_from_redis_moves_its_nodes_to_a_peer_and_rejoins_with
 @pytest.mark.integration
 async def test_redis_cut_from_every_replica_is_an_outage_and_the_streams_stay(
     make_replica: Callable[..., Awaitable[Any]],
-    client_factory: Callable[[Any], FoghornClient],
+    clients: Callable[[Any], FoghornClient],
     cuttable_redis: Blackhole,
 ) -> None:
     a = await make_replica("a", url=cuttable_redis.url)
     b = await make_replica("b", url=cuttable_redis.url)
-    stream = NodeStream(client_factory(a.grpc_target))
+    stream = NodeStream(clients(a.grpc_target))
     await stream.register(register_msg("edge-1"))
     stream.report(report_msg(10.0))
     await eventually(lambda: (r := b.store.get("edge-1")) is not None and r.owner == "a")
@@ -218,7 +203,7 @@ async def test_redis_cut_from_every_replica_is_an_outage_and_the_streams_stay(
     await eventually(lambda: a.ha.partition.rounds >= 2, timeout=20.0)
     assert [x.reachable for x in a.ha.partition.last_answers] == [False]
     assert a.ha.partition.nodes_handed == 0 and len(a.sessions.open_sessions()) == 1
-    route = await client_factory(a.grpc_target).route_viewer("s1", lat=50.0, lon=8.0)
+    route = await clients(a.grpc_target).route_viewer("s1", lat=50.0, lon=8.0)
     assert route.best.node_id == "edge-1"  # routing from memory, with the node still here
     cuttable_redis.heal()
     await eventually(lambda: a.health().to_json()["status"] == "ok", timeout=15.0)

@@ -4,34 +4,19 @@ leadership, degraded mode."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 import pytest
 
-from pkg.clients import Policy
 from pkg.clients.foghorn import FoghornClient
 from pkg.coord import ChangelogSet
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
-from tests.foghorn.conftest import TOKEN, NodeStream, register_msg, report_msg
+from tests.foghorn.conftest import NodeStream, register_msg, report_msg
 from tests.foghorn_ha.conftest import eventually
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Callable[[Any], FoghornClient]]:
-    made: list[FoghornClient] = []
-
-    def make(target: Any) -> FoghornClient:
-        client = FoghornClient(target, token=TOKEN, policy=Policy(timeout=10.0))
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.close()
 
 
 async def connect_node(
