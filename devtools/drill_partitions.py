@@ -474,12 +474,51 @@ def history_check(ctx: Ctx, result: Result) -> None:
     result.problems.extend(f"history: {f}" for f in new if f.check not in judged_by_drill)
 
 
+def partition_record(ctx: Ctx, result: Result) -> None:
+    """A partition drill's record in one place (``facts.record``, after the history check): when
+    each cut started and the last heal ended (wall clock, and seconds after the first cut), how
+    long after the cut another replica held what the cut-off one had (per kind, first and last;
+    ``{}``: the victims held no lease, node or partition, as Bridge never does), the failed
+    routings (direct and through Bridge's GraphQL queries), lost and duplicated events and the
+    checker's verdict."""
+    timeline = ctx.facts.get("partition")
+    if not timeline:
+        return  # not a partition drill (or its cut never happened: its problems say so)
+    cuts = [e for e in timeline if e["action"] != "heal"]
+    heals = [e for e in timeline if e["action"] == "heal"]
+    _takeover(ctx, "")  # computed by the checks that judge it; here for every partition drill
+    checker_facts = result.facts.get("checker") or {}
+    result.facts["record"] = {
+        "cuts": [{"what": e["what"], "at": e["at"], "t_s": e["t_s"]} for e in cuts],
+        "healed_at": heals[-1]["at"] if heals else None,
+        "healed_t_s": heals[-1]["t_s"] if heals else None,
+        "takeover_s": {
+            kind: {
+                "first": row.get("first_s"),
+                "last": row.get("max_s"),
+                "moved": row.get("moved"),
+                "held": row.get("victim_held"),
+            }
+            for kind, row in (ctx.facts.get("takeover") or {}).items()
+        },
+        "failed_routings": result.failed_foghorn,
+        "failed_queries": result.failed_bridge,
+        "requests": result.requests,
+        "lost_events": result.lost_events,
+        "duplicate_events": result.duplicate_events,
+        "events": result.events_produced,
+        "checker_clean": checker_facts.get("clean"),
+        "checker_findings": checker_facts.get("new_findings", []),
+    }
+
+
 def register(
     drills: list[Drill], by_name: dict[str, Drill], after: list[Callable[[Ctx, Result], None]]
 ) -> None:
-    """Add the partition drills and the history check to the suite (once)."""
-    if history_check not in after:
-        after.append(history_check)
+    """Add the partition drills, the history check and the partition record (once)."""
+    for hook in (history_check, partition_record):
+        if hook not in after:
+            after.append(hook)
     for drill in DRILLS:
         if drill.name not in by_name:
             drills.append(drill)
@@ -489,4 +528,11 @@ def register(
 register(suite.DRILLS, suite.BY_NAME, suite.AFTER_DRILL)
 
 
-__all__ = ["DRILLS", "history_check", "register", "signalman_takeover_bound", "takeovers"]
+__all__ = [
+    "DRILLS",
+    "history_check",
+    "partition_record",
+    "register",
+    "signalman_takeover_bound",
+    "takeovers",
+]

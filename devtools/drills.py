@@ -11,9 +11,13 @@ through Signalman: see ``devtools.drill_traffic``), injects one fault and measur
 - ``failed_requests`` (viewer routings, both paths), ``lost_events``, ``duplicate_events``;
 - ``ok``: whether the drill's stated expected outcome was met (``problems`` says what was not).
 
-It prints a table, writes ``.bench/drills.json`` (``--hosts``: ``.bench/drills-hosts.json``, with
-each partition drill's ``facts.partition`` cut/heal times, ``facts.takeover`` and
-``facts.checker``) and exits 1 when any drill is not ok.
+It prints a table, records the figures in ``.bench/drills.json`` and exits 1 when any drill is
+not ok. That file holds one section per platform (``loopback``, ``hosts``, ``loopback+tls``,
+``hosts+tls``); a run replaces the rows of the drills it ran in its platform's section and keeps
+every other row, so ``./dev drill all`` and ``./dev drill all --hosts`` never overwrite each
+other's figures. Each row says when it was measured and in which mode (``short``/``full``); a
+partition drill's row carries ``facts.record``: cut and heal times, takeover times, failed
+routings, lost and duplicated events and the history checker's verdict.
 ``--short`` shortens TTLs, session timeouts and phases so a drill takes seconds (the test suite
 runs it); the full mode runs ``./dev up``'s defaults. ``--hosts`` runs the platform with every
 process on a simulated host of its own (``devtools.hosts``) and adds the network partition drills
@@ -35,6 +39,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
 import argparse
 import asyncio
 import contextlib
+import fcntl
 import json
 import signal
 import subprocess
@@ -67,9 +72,6 @@ from pkg.common.logging import configure_logging
 log = structlog.get_logger("drills")
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_FILE = ROOT / ".bench" / "drills.json"
-# --hosts runs (the partition drills with every process on its own host) keep their own file, so
-# a run of one platform never overwrites the other's figures.
-HOSTS_BENCH_FILE = ROOT / ".bench" / "drills-hosts.json"
 EVENT_TENANT = "demo"  # the tenant ./dev up's Signalman demo token subscribes as
 
 
@@ -968,17 +970,57 @@ async def run_suite(names: list[str], platform: Platform) -> list[Result]:
     return results
 
 
-def write_json(results: list[Result], settings: Settings, path: Path = BENCH_FILE) -> None:
+def platform_key(hosts: bool, tls: bool) -> str:
+    """The section of the drills file a run's rows go to: the platforms' figures differ."""
+    return ("hosts" if hosts else "loopback") + ("+tls" if tls else "")
+
+
+def write_json(
+    results: list[Result], settings: Settings, path: Path = BENCH_FILE, platform: str = "loopback"
+) -> dict[str, Any]:
+    """Merge ``results`` into ``path``: they replace the rows of the same drills in the
+    ``platform`` section; other rows and other platforms' sections stay. Returns the document.
+
+    A file in an older layout (one run's rows at the top level) or unreadable is started afresh:
+    its rows have no platform to be filed under."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "mode": "short" if settings.warmup_s < Settings().warmup_s else "full",
-        "settings": {k: v for k, v in asdict(settings).items() if k != "env"}
-        | {"env": dict(settings.env)},
-        "ok": all(r.ok for r in results),
-        "drills": {r.name: asdict(r) for r in results},
-    }
-    path.write_text(json.dumps(doc, indent=2) + "\n")
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    mode = "short" if settings.warmup_s < Settings().warmup_s else "full"
+    # Read, merge and write under a lock on the file itself: two runs ending together (a
+    # loopback and a --hosts run side by side) must not drop each other's rows.
+    with path.open("a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        doc = _merge(handle.read(), results, settings, when, mode, platform)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def _merge(
+    text: str, results: list[Result], settings: Settings, when: str, mode: str, platform: str
+) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("platforms"), dict):
+        doc = {"platforms": {}}
+    section = doc["platforms"].setdefault(platform, {})
+    rows = section.setdefault("drills", {})
+    for r in results:
+        rows[r.name] = {"when": when, "mode": mode, **asdict(r)}
+    section["when"] = when
+    section.setdefault("settings", {})[mode] = {
+        k: v for k, v in asdict(settings).items() if k != "env"
+    } | {"env": dict(settings.env)}
+    section["ok"] = all(row.get("ok") for row in rows.values())
+    section["modes"] = sorted({row.get("mode", "?") for row in rows.values()})
+    doc["platforms"] = dict(sorted(doc["platforms"].items()))
+    doc["when"] = when
+    doc["ok"] = all(sec.get("ok") for sec in doc["platforms"].values())
+    return doc
 
 
 def parser() -> argparse.ArgumentParser:
@@ -1001,8 +1043,8 @@ def parser() -> argparse.ArgumentParser:
         "--json",
         type=Path,
         default=None,
-        help="where to write the figures (default .bench/drills.json, with --hosts "
-        ".bench/drills-hosts.json)",
+        help="the drills file the figures are merged into (default .bench/drills.json; rows go "
+        "to the run's platform section: loopback, hosts, loopback+tls, hosts+tls)",
     )
     p.add_argument(
         "--hosts",
@@ -1089,9 +1131,10 @@ def main(argv: list[str]) -> int:
         log_file.close()
     print()
     print(render(results))
-    json_path = args.json or (HOSTS_BENCH_FILE if args.hosts else BENCH_FILE)
-    write_json(results, settings, json_path)
-    print(f"\nwrote {json_path}; logs under {run_dir}")
+    json_path = args.json or BENCH_FILE
+    section = platform_key(args.hosts, args.tls)
+    write_json(results, settings, json_path, section)
+    print(f"\nwrote {json_path} (section {section!r}); logs under {run_dir}")
     return 0 if all(r.ok for r in results) else 1
 
 

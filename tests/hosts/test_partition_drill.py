@@ -56,7 +56,7 @@ def test_partitioned_replicas_are_routed_around_and_the_history_stays_clean(
         check=False, cwd=ROOT, env=drill_env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
-    drills = json.loads(out.read_text())["drills"]
+    drills = json.loads(out.read_text())["platforms"]["hosts"]["drills"]
     row = drills["partition-foghorn-redis"]
     why = json.dumps({k: row[k] for k in ("problems", "facts", "errors_sample")})[:4000]
     assert row["requests"] > 50 and row["failed_requests"] == 0, why
@@ -66,6 +66,9 @@ def test_partitioned_replicas_are_routed_around_and_the_history_stays_clean(
     assert row["facts"]["takeover"]["lease"]["moved"] == 1, why  # the other replica leads
     own = row["facts"]["takeover"]["ownership"]  # its nodes moved to the replica reaching Redis
     assert own["victim_held"] >= 1 and own["moved"] == own["victim_held"], why
+    record = row["facts"]["record"]  # what .bench/drills.json keeps per partition drill
+    assert record["healed_t_s"] > 0 and record["takeover_s"]["ownership"]["moved"] >= 1, why
+    assert record["checker_clean"] and record["failed_routings"] == 0, why
     assert row["ok"], why
     sig = drills["partition-signalman-kafka"]
     why = json.dumps({k: sig[k] for k in ("problems", "facts")})[:4000]
