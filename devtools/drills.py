@@ -901,6 +901,16 @@ def _measure(
     bad.append(events.last_late(t0, s.late_s))
     known = [b for b in bad if b is not None]
     result.recover_s = round(max(known) - t0, 2) if known else 0.0
+    # Which traffic set recover_s, and how much of it was bad: a slow routing (> slow_s), a
+    # failed one or a late event read differently (a starved harness makes the first).
+    ctx.facts["last_bad_s"] = {
+        name: None if b is None else round(b - t0, 2)
+        for name, b in zip(("foghorn", "bridge", "events"), bad, strict=True)
+    }
+    ctx.facts["slow_after_fault"] = {
+        name: sum(1 for x in r.between(t0) if x.ok and x.latency > s.slow_s)
+        for name, r in zip(("foghorn", "bridge"), recorders, strict=True)
+    } | {"late_events": len(events.late(t0, s.late_s))}
     if result.lost_events:
         result.recover_s = None  # traffic never became whole again
     result.restored_s = None if restored_at is None else round(restored_at - t0, 2)
