@@ -12,9 +12,11 @@ Deny by default: a root field missing here is refused, and tests/bridge/test_fie
 fails for any root field of the schema not listed. Introspection (``__schema``, ``__type``,
 ``__typename``) is public, as the schema itself is (docs/graphql-http.md).
 
-A rule that depends on argument values stays in its resolver, where the values are known:
-a tenant ``admin`` may invalidate only its own tenant's tags (``Gateway.invalidate``). The map
-admits ``admin`` to ``invalidateCache``; asking for another tenant's tags is a field error.
+A rule may also depend on argument values (``FieldRule.values``): a tenant ``admin`` may
+invalidate only its own tenant's tags. The check before execution reads the values the
+operation gives (literals and coerced variables), so an ``admin`` naming another tenant's or a
+global tag is refused like a missing role: 403, nothing runs. The resolver passes the same
+values to ``require``; a caller the value rule applies to whose values are not given is refused.
 
 The check is static: ``@skip`` and ``@include`` are not evaluated, so a field that could run
 counts (ask for operator fields in an operation of their own). No I/O here.
@@ -22,8 +24,9 @@ counts (ask for operator fields in an operation of their own). No I/O here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from graphql import (
     DocumentNode,
@@ -31,11 +34,13 @@ from graphql import (
     FragmentDefinitionNode,
     FragmentSpreadNode,
     GraphQLError,
+    GraphQLObjectType,
     GraphQLSchema,
     InlineFragmentNode,
     OperationDefinitionNode,
     SelectionSetNode,
 )
+from graphql.execution.values import VariableValues, get_argument_values, get_variable_values
 from graphql.utilities import get_operation_ast
 
 from api_gateway import errors
@@ -48,12 +53,29 @@ ADMIN = "admin"  # a tenant's administrator (of that tenant only)
 OPERATOR = PLATFORM_OPERATOR  # the platform operator: the fleet, routing internals, every cache
 
 
+# Why a caller may not pass these argument values (a sentence naming what was wrong), or None.
+ValueRule = Callable[[Principal, Mapping[str, Any]], str | None]
+
+
 @dataclass(frozen=True)
 class FieldRule:
-    """Who may use a field: anyone, any token (a tenant), or a token holding one of ``roles``."""
+    """Who may use a field: anyone, any token (a tenant), or a token holding one of ``roles``;
+    ``values`` further limits the arguments of callers holding none of ``unlimited``."""
 
     token: bool = False
     roles: frozenset[str] = frozenset()
+    values: ValueRule | None = None
+    unlimited: frozenset[str] = frozenset()
+
+    def limits_values(self, principal: Principal) -> bool:
+        """Whether ``values`` applies to ``principal``: it holds a role of the rule (else the
+        role refuses it) and none of ``unlimited``."""
+        return (
+            self.values is not None
+            and not is_anonymous(principal)
+            and principal.has_any(self.roles)
+            and not principal.has_any(self.unlimited)
+        )
 
     def describe(self) -> str:
         if self.roles:
@@ -65,11 +87,28 @@ PUBLIC = FieldRule()
 TOKEN = FieldRule(token=True)
 
 
-def needs(*roles: str) -> FieldRule:
-    """A token holding one of ``roles``."""
+def needs(*roles: str, values: ValueRule | None = None, unlimited: Iterable[str] = ()) -> FieldRule:
+    """A token holding one of ``roles``; with ``values``, only the argument values it allows
+    unless the token holds one of ``unlimited``."""
     if not roles:
         raise ValueError("needs() takes at least one role (use TOKEN for any token)")
-    return FieldRule(token=True, roles=frozenset(roles))
+    return FieldRule(
+        token=True, roles=frozenset(roles), values=values, unlimited=frozenset(unlimited)
+    )
+
+
+def own_tenant_tags(principal: Principal, arguments: Mapping[str, Any]) -> str | None:
+    """``invalidateCache`` for a tenant's ``admin``: its own tenant (``tenant`` or the tag
+    ``tenant:<own>``) and nothing else, neither another tenant's tags nor global ones."""
+    own = f"tenant:{principal.tenant}"
+    tenant = arguments.get("tenant")
+    named = [*(arguments.get("tags") or []), *([f"tenant:{tenant}"] if tenant else [])]
+    foreign = [str(tag) for tag in named if tag != own]
+    if not foreign:
+        return None
+    return (
+        f"a tenant admin may invalidate only {own}; {foreign[0][:64]!r} needs the {OPERATOR!r} role"
+    )
 
 
 # Root fields by ``Type.field`` (GraphQL names).
@@ -81,8 +120,10 @@ FIELDS: dict[str, FieldRule] = {
     "Query.node": needs(OPERATOR),
     "Query.explainRoute": needs(OPERATOR),
     "Mutation.setNodeMode": needs(OPERATOR),
-    # ``admin``: its own tenant's tags only (checked on the values, in Gateway.invalidate).
-    "Mutation.invalidateCache": needs(ADMIN, OPERATOR),
+    # ``admin``: its own tenant's tags only (checked on the argument values).
+    "Mutation.invalidateCache": needs(
+        ADMIN, OPERATOR, values=own_tenant_tags, unlimited=[OPERATOR]
+    ),
     # The caller's own tenant's events: the tenant comes from the token.
     "Subscription.tenantEvents": TOKEN,
 }
@@ -100,8 +141,11 @@ class AccessDenied(errors.ApiError):
         return 401 if self.code == errors.UNAUTHENTICATED else 403
 
 
-def denial(principal: Principal, key: str) -> AccessDenied | None:
-    """Why ``principal`` may not use the root field ``key`` (``Type.field``), or None."""
+def denial(
+    principal: Principal, key: str, arguments: Mapping[str, Any] | None = None
+) -> AccessDenied | None:
+    """Why ``principal`` may not use the root field ``key`` (``Type.field``) with
+    ``arguments`` (its argument values; None: not known), or None."""
     name = key.rpartition(".")[2]
     if name.startswith("__"):
         return None
@@ -122,13 +166,23 @@ def denial(principal: Principal, key: str) -> AccessDenied | None:
             f"{name} needs the {rule.describe()} role (this token of tenant "
             f"{principal.tenant!r} has {held})",
         )
+    if rule.values is not None and rule.limits_values(principal):
+        # Deny by default: values that were not given cannot be shown to be allowed.
+        why = (
+            rule.values(principal, arguments)
+            if arguments is not None
+            else "its argument values were not checked"
+        )
+        if why is not None:
+            return AccessDenied(errors.FORBIDDEN, f"{name}: {why}")
     return None
 
 
-def require(principal: Principal, key: str) -> str:
-    """The caller's tenant if it may use ``key``; raises ``AccessDenied`` otherwise (the
-    resolvers' check in depth: the request was already checked before execution)."""
-    refused = denial(principal, key)
+def require(principal: Principal, key: str, arguments: Mapping[str, Any] | None = None) -> str:
+    """The caller's tenant if it may use ``key`` with ``arguments``; raises ``AccessDenied``
+    otherwise (the resolvers' check in depth: the request was already checked before
+    execution)."""
+    refused = denial(principal, key, arguments)
     if refused is not None:
         raise refused
     return principal.tenant
@@ -140,11 +194,7 @@ def root_fields(
     """The root fields (``Type.field`` and node) the selected operation may run: those of its
     selection set and of every fragment it spreads there, however deeply nested. Empty when the
     operation cannot be determined (GraphQL refuses that request itself)."""
-    operation = get_operation_ast(document, operation_name)
-    if operation is None and operation_name is None:  # Strawberry runs the first one
-        operation = next(
-            (d for d in document.definitions if isinstance(d, OperationDefinitionNode)), None
-        )
+    operation = _operation(document, operation_name)
     if operation is None:
         return []
     root = schema.get_root_type(operation.operation)
@@ -157,6 +207,15 @@ def root_fields(
         (f"{root.name}.{node.name.value}", node)
         for node in _fields(operation.selection_set, fragments, set())
     ]
+
+
+def _operation(document: DocumentNode, name: str | None) -> OperationDefinitionNode | None:
+    operation = get_operation_ast(document, name)
+    if operation is None and name is None:  # Strawberry runs the first one
+        operation = next(
+            (d for d in document.definitions if isinstance(d, OperationDefinitionNode)), None
+        )
+    return operation
 
 
 def _fields(
@@ -182,19 +241,60 @@ def check_operation(
     schema: GraphQLSchema,
     document: DocumentNode,
     operation_name: str | None,
+    variables: Mapping[str, Any] | None = None,
 ) -> list[GraphQLError]:
-    """One ``AccessDenied`` per root field of the operation that ``principal`` may not use
-    (each with the field's location in the document); empty when it may run."""
+    """One ``AccessDenied`` per root field of the operation that ``principal`` may not use,
+    by role or, for a field whose rule limits values, with the argument values it is given
+    (each with the field's location in the document); empty when it may run.
+
+    Variables the operation cannot coerce come back as GraphQL's own errors (a request error
+    either way: nothing runs)."""
     refused: list[GraphQLError] = []
     named: set[str] = set()
+    coerced: VariableValues | None = None
     for key, node in root_fields(schema, document, operation_name):
-        if key in named:
+        rule = FIELDS.get(key)
+        arguments: dict[str, Any] | None = None
+        if rule is not None and rule.limits_values(principal):  # each use, with its values
+            if coerced is None:
+                found = _variables(schema, document, operation_name, variables)
+                if isinstance(found, list):
+                    return found
+                coerced = found
+            arguments = _arguments(schema, key, node, coerced)
+        elif key in named:
             continue
         named.add(key)
-        why = denial(principal, key)
-        if why is not None:
+        why = denial(principal, key, arguments)
+        if why is not None and all(e.message != why.message for e in refused):
             refused.append(AccessDenied(why.code, why.message, node))
     return refused
+
+
+def _variables(
+    schema: GraphQLSchema,
+    document: DocumentNode,
+    operation_name: str | None,
+    variables: Mapping[str, Any] | None,
+) -> VariableValues | list[GraphQLError]:
+    # The same coercion execution does next (graphql-core's ExecutionContext.build).
+    operation = _operation(document, operation_name)
+    definitions = operation.variable_definitions if operation is not None else ()
+    return get_variable_values(schema, definitions or (), dict(variables or {}))
+
+
+def _arguments(
+    schema: GraphQLSchema, key: str, node: FieldNode, variables: VariableValues
+) -> dict[str, Any] | None:
+    type_name, _, field_name = key.partition(".")
+    root = schema.get_type(type_name)
+    field = root.fields.get(field_name) if isinstance(root, GraphQLObjectType) else None
+    if field is None:
+        return None
+    try:
+        return get_argument_values(field, node, variables)
+    except GraphQLError:
+        return None  # not readable: refused (deny by default); validation saw the literals
 
 
 def refusal_status(refusals: Iterable[GraphQLError]) -> int | None:
@@ -217,6 +317,7 @@ __all__ = [
     "check_operation",
     "denial",
     "needs",
+    "own_tenant_tags",
     "refusal_status",
     "require",
     "root_fields",

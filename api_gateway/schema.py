@@ -344,6 +344,7 @@ class FieldAccess(SchemaExtension):
                     ctx.schema._schema,
                     document,
                     getattr(ctx, "_provided_operation_name", None),
+                    ctx.variables,
                 )
                 if refused:
                     ctx.pre_execution_errors = refused

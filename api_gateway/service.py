@@ -4,9 +4,9 @@ Resolvers call these methods; they check the caller's rights, go through the sha
 cache and translate backend failures into ``ApiError`` with stable codes.
 
 Who may do what is ``api_gateway.access``'s map (docs/graphql-http.md), already checked before
-execution; each use case checks it again (``access.require``), in depth. The one rule that
-depends on argument values lives here: a tenant's ``admin`` may invalidate its own tenant's
-cached answers only, ``operator`` any tag.
+execution; each use case checks it again (``access.require``), in depth, with the argument
+values where the map's rule reads them (a tenant's ``admin`` invalidates only its own tenant's
+cached answers, ``operator`` any tag).
 
 Cache keys and tags (see docs/rfcs/bridge-state.md). A key is a kind followed by the JSON array
 of its parts, so no choice of tenant, content id or any other argument can make two different
@@ -28,7 +28,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 from api_gateway import access, errors
-from api_gateway.access import OPERATOR
 from api_gateway.auth import is_anonymous
 from api_gateway.backend import (
     NODE_MODES,
@@ -165,25 +164,15 @@ class Gateway:
 
         ``operator``: any tenant, any tag. A tenant's ``admin``: its own tenant only (the
         ``tenant`` argument, or the tag ``tenant:<own>``); global tags and other tenants are
-        refused before anything is invalidated.
+        refused before anything is invalidated (``access.own_tenant_tags``).
         """
-        own = access.require(principal, "Mutation.invalidateCache")
+        access.require(principal, "Mutation.invalidateCache", {"tenant": tenant, "tags": tags})
         all_tags = list(dict.fromkeys([*tags, *([f"tenant:{tenant}"] if tenant else [])]))
         if not all_tags:
             raise ApiError(errors.BAD_USER_INPUT, "give a tenant or at least one tag")
         for tag in all_tags:
             if not _TAG.match(tag):
                 raise ApiError(errors.BAD_USER_INPUT, f"bad tag {tag[:64]!r}", field="tags")
-        if not principal.has_role(OPERATOR):
-            # The map admitted an ``admin``: of its own tenant only (a value-dependent rule,
-            # hence here, at execution: a field error that changes nothing).
-            foreign = [t for t in all_tags if t != f"tenant:{own}"]
-            if foreign:
-                raise ApiError(
-                    errors.FORBIDDEN,
-                    f"a tenant admin may invalidate only tenant:{own}; "
-                    f"{foreign[0][:64]!r} needs the {OPERATOR!r} role",
-                )
         await self._invalidate(all_tags)
         return all_tags
 

@@ -82,7 +82,7 @@ def test_public_introspection_and_allowed_fields_pass() -> None:
     assert access.check_operation(ANONYMOUS, SCHEMA, parse(public), None) == []
     fleet = '{ nodes { id } explainRoute(contentId: "x") { weights } }'
     assert access.check_operation(OPERATOR, SCHEMA, parse(fleet), None) == []
-    # invalidateCache admits an admin; which tenant it may name is checked on the values.
+    # invalidateCache admits an admin for its own tenant (the values are checked too).
     own = 'mutation { invalidateCache(tenant: "acme") }'
     assert access.check_operation(ADMIN, SCHEMA, parse(own), None) == []
     assert access.refusal_status(access.check_operation(USER, SCHEMA, parse(own), None)) == 403
@@ -96,3 +96,49 @@ def test_the_resolvers_check_the_same_map_in_depth() -> None:
         access.require(ADMIN, "Mutation.setNodeMode")
     assert refused.value.http_status == 403
     assert access.require(OPERATOR, "Mutation.setNodeMode") == "ops"
+
+
+@pytest.mark.parametrize(
+    ("query", "variables", "named"),
+    [
+        ('mutation { invalidateCache(tenant: "globex") }', None, "'tenant:globex'"),
+        ('mutation { invalidateCache(tags: ["tenant:globex"]) }', None, "'tenant:globex'"),
+        ('mutation { invalidateCache(tags: ["routing"]) }', None, "'routing'"),
+        ('mutation { invalidateCache(tenant: "acme", tags: ["nodes"]) }', None, "'nodes'"),
+        ("mutation($t: String) { invalidateCache(tenant: $t) }", {"t": "globex"}, "'tenant:globex'"),  # noqa: E501
+        ("mutation($g: [String!]) { invalidateCache(tags: $g) }", {"g": ["routing"]}, "'routing'"),
+        # Beside an allowed use of the same field, through an alias and a fragment.
+        ('mutation { a: invalidateCache(tenant: "acme") ...F } '
+         'fragment F on Mutation { b: invalidateCache(tenant: "globex") }', None, "'tenant:globex'"),  # noqa: E501
+    ],
+)  # fmt: skip
+def test_a_tenant_admin_naming_another_tenants_or_global_tags_is_forbidden(
+    query: str, variables: dict[str, object] | None, named: str
+) -> None:
+    refused = access.check_operation(ADMIN, SCHEMA, parse(query), None, variables)
+    assert access.refusal_status(refused) == 403 and len(refused) == 1
+    message = refused[0].message
+    assert message.startswith("invalidateCache: a tenant admin may invalidate only tenant:acme")
+    assert named in message and "'operator' role" in message
+    # The operator may; the admin may name its own tenant, by literal or variable.
+    assert access.check_operation(OPERATOR, SCHEMA, parse(query), None, variables) == []
+    own = "mutation($t: String, $g: [String!]) { invalidateCache(tenant: $t, tags: $g) }"
+    mine = {"t": "acme", "g": ["tenant:acme"]}
+    assert access.check_operation(ADMIN, SCHEMA, parse(own), None, mine) == []
+
+
+def test_variables_that_do_not_coerce_are_graphqls_own_request_error() -> None:
+    query = "mutation($g: [String!]!) { invalidateCache(tags: $g) }"
+    refused = access.check_operation(ADMIN, SCHEMA, parse(query), None, {"g": [1, None]})
+    assert refused and access.refusal_status(refused) is None  # not the map's: no 403
+    assert "$g" in refused[0].message
+
+
+def test_the_resolvers_check_argument_values_in_depth_and_refuse_values_not_given() -> None:
+    key = "Mutation.invalidateCache"
+    with pytest.raises(access.AccessDenied, match="'tenant:globex' needs the 'operator' role"):
+        access.require(ADMIN, key, {"tenant": "globex", "tags": []})
+    with pytest.raises(access.AccessDenied, match="argument values were not checked"):
+        access.require(ADMIN, key)
+    assert access.require(ADMIN, key, {"tenant": None, "tags": ["tenant:acme"]}) == "acme"
+    assert access.require(OPERATOR, key) == "ops"  # the operator's values are not limited

@@ -133,6 +133,44 @@ def test_a_forbidden_root_field_anywhere_refuses_the_request_before_anything_run
     assert gql(client, query, tok=token(roles=["operator"])).status_code == 200
 
 
+def test_a_tenant_admin_naming_another_tenants_tags_is_refused_403_and_invalidates_nothing(
+    client,
+):
+    route = '{ route(contentId: "live-1") { best { nodeId } } }'
+    globex = token("globex", roles=["user"])
+    assert "errors" not in gql(client, route, tok=globex).json()  # kept in globex's cache
+    admin = token("acme", roles=["admin"])
+    refused = [
+        ('mutation { invalidateCache(tenant: "globex") }', None),
+        ("mutation($t: [String!]) { invalidateCache(tags: $t) }", {"t": ["tenant:globex"]}),
+        ('mutation { a: invalidateCache(tenant: "acme") b: invalidateCache(tags: ["routing"]) }',
+         None),
+    ]  # fmt: skip
+    for query, variables in refused:
+        for accept in ("application/json", "application/graphql-response+json"):
+            resp = gql(client, query, variables, tok=admin, headers={"Accept": accept})
+            assert resp.status_code == 403 and "data" not in resp.json(), resp.text
+            assert codes(resp) == ["FORBIDDEN"]
+            message = resp.json()["errors"][0]["message"]
+            assert message.startswith("invalidateCache: a tenant admin may invalidate only")
+            assert "needs the 'operator' role" in message
+        # The same on a socket: an error for the operation's id, nothing runs.
+        with client.websocket_connect("/graphql", subprotocols=["graphql-transport-ws"]) as ws:
+            init = {"Authorization": f"Bearer {admin}"}
+            ws.send_json({"type": "connection_init", "payload": init})
+            assert ws.receive_json()["type"] == "connection_ack"
+            payload = {"query": query, "variables": variables}
+            ws.send_json({"id": "1", "type": "subscribe", "payload": payload})
+            msg = ws.receive_json()
+            assert msg["type"] == "error" and msg["id"] == "1", msg
+            assert msg["payload"][0]["extensions"]["code"] == "FORBIDDEN"
+    # Nothing was invalidated: globex's answer is still the cached one.
+    assert "errors" not in gql(client, route, tok=globex).json()
+    assert client.fleet.calls["route_viewer"] == 1
+    own = gql(client, 'mutation { invalidateCache(tenant: "acme") }', tok=admin)
+    assert own.json() == {"data": {"invalidateCache": ["tenant:acme"]}}
+
+
 def test_a_refusal_is_a_request_error_after_validation(client):
     tok = token(roles=["admin"])
     invalid = gql(client, "{ nodes { nope } }", tok=tok)  # invalid first: 200/400 as before
