@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -75,6 +75,8 @@ class NodeFleet(Protocol):
     def redirects(self) -> RedirectTracker: ...
     def is_stale(self, record: NodeRecord) -> bool: ...
     def bound_tenant(self, stream_id: str) -> str | None: ...
+    @property
+    def stream_tenants(self) -> Mapping[str, str]: ...
     def explain(
         self, content_id: str, location: GeoPoint | None, *, role: str = "edge", protocol: str = ""
     ) -> list[Evaluation]: ...
@@ -129,6 +131,12 @@ class Fleet:
         """The tenant a stream is bound to while some node carries it (None when none does):
         the first tenant it was reported with, authoritative over later reports."""
         return self.index.tenant_of(stream_id)
+
+    @property
+    def stream_tenants(self) -> Mapping[str, str]:
+        """Every carried stream's bound tenant (``bound_tenant`` for all of them): a report
+        looks up ten streams, one ``get`` each instead of two calls."""
+        return self.index.stream_tenants
 
     def tenant_of(self, stream_id: str) -> str:
         """The tenant owning a stream (from load reports), or the system tenant if unknown."""

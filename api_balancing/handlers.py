@@ -245,9 +245,11 @@ class NodeControlService(pb_grpc.NodeControlServicer):
     async def _report(
         self, principal: Principal, node_id: str, msg: pb.LoadReport, outbox: Outbox
     ) -> None:
+        current = self.fleet.store.get(node_id)
+        previous = current.report if current is not None else None
         try:
-            report = validation.report(msg)
-            check_report(principal, node_id, report, self.fleet.bound_tenant)
+            report = validation.report(msg, previous.streams if previous is not None else ())
+            check_report(principal, node_id, report, self.fleet.stream_tenants.get)
         except errors.FoghornError as exc:
             await self.fleet.reject_report(node_id, exc.message)
             metrics.rejected_fields.add(1, {"field": exc.field.split("[")[0]})

@@ -57,21 +57,26 @@ def check_report(
     ``bound_tenant(stream_id)`` is the tenant the stream is bound to while some node carries
     it (None when no node does).
     """
+    allowed: set[str] = set()  # tenants already checked in this report: a node has few
     for i, stream in enumerate(report.streams):
         tenant = stream.tenant_id
-        where = f"report.streams[{i}].tenant_id"
-        if tenant in RESERVED_TENANTS:
-            raise errors.PermissionDenied(
-                f"{where}: {tenant!r} is reserved for platform events", where
-            )
-        if not principal.may_carry(tenant):
-            raise errors.PermissionDenied(
-                f"{where}: credential {principal.name!r} may not report streams of tenant "
-                f"{tenant!r}",
-                where,
-            )
+        if tenant not in allowed:
+            if tenant in RESERVED_TENANTS:
+                where = f"report.streams[{i}].tenant_id"
+                raise errors.PermissionDenied(
+                    f"{where}: {tenant!r} is reserved for platform events", where
+                )
+            if not principal.may_carry(tenant):
+                where = f"report.streams[{i}].tenant_id"
+                raise errors.PermissionDenied(
+                    f"{where}: credential {principal.name!r} may not report streams of tenant "
+                    f"{tenant!r}",
+                    where,
+                )
+            allowed.add(tenant)
         bound = bound_tenant(stream.stream_id)
         if bound is not None and bound != tenant:
+            where = f"report.streams[{i}].tenant_id"
             raise errors.PermissionDenied(
                 f"{where}: stream {stream.stream_id!r} belongs to another tenant "
                 f"(node {node_id!r} may not re-assign it)",

@@ -21,6 +21,7 @@ about a metre.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -263,6 +264,11 @@ class FleetIndex:
     def tenant_of(self, stream_id: str) -> str | None:
         """The tenant of a stream some node carries (None when no node does)."""
         return self._tenants.get(stream_id)
+
+    @property
+    def stream_tenants(self) -> Mapping[str, str]:
+        """Stream id -> tenant of every stream some node carries (live, read-only)."""
+        return self._tenants
 
     def _remove(self, node_id: str) -> None:
         slot = self._slots.pop(node_id, None)

@@ -17,6 +17,8 @@ explanations are delegated unchanged):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from api_balancing import errors
 from api_balancing.fleet import Fleet, FleetSettings
 from api_balancing.ha.ownership import NodeOwnership
@@ -70,6 +72,10 @@ class OwnedFleet:
 
     def bound_tenant(self, stream_id: str) -> str | None:
         return self._fleet.bound_tenant(stream_id)
+
+    @property
+    def stream_tenants(self) -> Mapping[str, str]:
+        return self._fleet.stream_tenants
 
     def explain(
         self, content_id: str, location: GeoPoint | None, *, role: str = "edge", protocol: str = ""
