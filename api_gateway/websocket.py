@@ -14,6 +14,11 @@ Strawberry's protocol handler, with Bridge's guard in every place HTTP has it:
   token of ``connection_init`` once given). A refused connection closes
   with 4429 ``rate limited: retry after N s``; a refused operation gets an ``error`` message
   with ``extensions.code`` RATE_LIMITED and ``extensions.retryAfter``.
+- Automatic persisted queries (``api_gateway.persisted``), as on HTTP and with the same
+  registry: a ``subscribe`` whose payload has ``extensions.persistedQuery`` and no query runs the
+  registered query, or gets an ``error`` message PERSISTED_QUERY_NOT_FOUND (the client then sends
+  the query with its hash, which registers it); a malformed extension or a hash that is not the
+  query's is an ``error`` message BAD_REQUEST. The socket stays open in every case.
 - Sizes: frames are capped by the server (``ws_max_size`` = the HTTP body limit, close 1009) and
   a query larger than the HTTP query limit is refused (PAYLOAD_TOO_LARGE).
 - Errors: parse, validation and limit errors, and the access map's refusals (a root field the
@@ -34,6 +39,7 @@ from typing import Any
 
 import structlog
 from graphql import GraphQLError
+from strawberry.http import GraphQLRequestData
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
     Operation,
@@ -50,6 +56,12 @@ from strawberry.utils.aio import aclosing
 from api_gateway import errors
 from api_gateway.auth import AuthError
 from api_gateway.errors import format_error
+from api_gateway.persisted import (
+    NOT_FOUND_CODE,
+    NOT_FOUND_MESSAGE,
+    PersistedQueryInvalid,
+    PersistedQueryNotFound,
+)
 from bridge.token_bucket import Decision
 
 log = structlog.get_logger("bridge.ws")
@@ -196,9 +208,17 @@ class BridgeTransportWSHandler(BaseGraphQLTransportWSHandler[dict[str, Any], Non
             return
         op_id, payload = message.get("id"), message.get("payload")
         query = payload.get("query") if isinstance(payload, dict) else None
-        if not isinstance(op_id, str) or not op_id or not isinstance(query, str):
+        extensions = payload.get("extensions") if isinstance(payload, dict) else None
+        persisted = isinstance(extensions, dict) and "persistedQuery" in extensions
+        if (
+            not isinstance(op_id, str)
+            or not op_id
+            or not (isinstance(query, str) or (query is None and persisted))
+        ):
             await self.websocket.close(
-                4400, "Invalid subscribe message: needs id and payload.query"
+                4400,
+                "Invalid subscribe message: needs id and payload.query "
+                "(or payload.extensions.persistedQuery)",
             )
             return
         assert isinstance(payload, dict)
@@ -212,7 +232,7 @@ class BridgeTransportWSHandler(BaseGraphQLTransportWSHandler[dict[str, Any], Non
             )
             return
         limit = self.view.limits.max_query_bytes
-        if len(query.encode()) > limit:
+        if query is not None and len(query.encode()) > limit:
             await self._refuse(op_id, errors.PAYLOAD_TOO_LARGE, f"query larger than {limit} bytes")
             return
         guard = self.view.guard
@@ -226,6 +246,20 @@ class BridgeTransportWSHandler(BaseGraphQLTransportWSHandler[dict[str, Any], Non
                 retryAfter=wait,
             )
             return
+        if persisted:
+            # After the charge, as on HTTP: a miss costs the request it is.
+            request = GraphQLRequestData(
+                query=query, variables=variables, operation_name=name, extensions=extensions
+            )
+            try:
+                query = self.view.persisted.resolve(request).query
+            except PersistedQueryNotFound:
+                await self._refuse(op_id, NOT_FOUND_CODE, NOT_FOUND_MESSAGE)
+                return
+            except PersistedQueryInvalid as exc:
+                await self._refuse(op_id, errors.BAD_REQUEST, str(exc))
+                return
+        assert isinstance(query, str)
         operation = BridgeOperation(self, op_id, query, variables, name)
         operation.task = asyncio.create_task(self.run_operation(operation))
         operation.task.add_done_callback(self._task_done)

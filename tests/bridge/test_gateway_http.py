@@ -533,3 +533,39 @@ def test_bad_persisted_query_requests_are_400_and_register_nothing(client, body,
     assert codes(reply) == ["BAD_REQUEST"] and says in reply.json()["errors"][0]["message"]
     miss = client.post("/graphql", json=_apq(None, "0" * 64))
     assert codes(miss) == ["PERSISTED_QUERY_NOT_FOUND"]
+
+
+def test_persisted_queries_follow_the_apq_protocol_over_websocket(client):
+    query = '{ route(contentId: "live/apq-ws") { best { nodeId } } }'
+    digest = hashlib.sha256(query.encode()).hexdigest()
+    with client.websocket_connect("/graphql", subprotocols=["graphql-transport-ws"]) as ws:
+        ws.send_json({"type": "connection_init", "payload": {"Authorization": f"Bearer {token()}"}})
+        assert ws.receive_json()["type"] == "connection_ack"
+
+        def subscribe(op_id: str, body: dict) -> dict:
+            ws.send_json({"id": op_id, "type": "subscribe", "payload": body})
+            return ws.receive_json()
+
+        # Hash alone, never seen: an error for that operation, the socket stays open.
+        miss = subscribe("1", _apq(None, digest))
+        assert miss["type"] == "error" and miss["id"] == "1"
+        assert miss["payload"][0]["message"] == "PersistedQueryNotFound"
+        assert miss["payload"][0]["extensions"]["code"] == "PERSISTED_QUERY_NOT_FOUND"
+        # A hash that is not the query's, or a malformed one: BAD_REQUEST, nothing registered.
+        for op_id, body, says in [
+            ("2", _apq(query, "0" * 64), "does not match"),
+            ("3", _apq(None, "not-a-hash"), "64 hexadecimal"),
+        ]:
+            refused = subscribe(op_id, body)
+            assert refused["type"] == "error" and refused["id"] == op_id
+            assert refused["payload"][0]["extensions"]["code"] == "BAD_REQUEST"
+            assert says in refused["payload"][0]["message"]
+        # Query and hash: registered and run; then the hash alone runs it.
+        first = subscribe("4", _apq(query, digest))
+        assert first["type"] == "next"
+        assert first["payload"]["data"]["route"]["best"]["nodeId"] == "n1"
+        assert ws.receive_json() == {"id": "4", "type": "complete"}
+        again = subscribe("5", _apq(None, digest))
+        assert again["type"] == "next" and again["payload"] == first["payload"]
+    # The same registry as HTTP: the hash registered over the socket runs over POST too.
+    assert client.post("/graphql", json=_apq(None, digest)).json() == first["payload"]
