@@ -40,7 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if v is not None
     }
-    return run_main("bridge", lambda: load_config(**overrides), BridgeApp, _started)
+    return run_main(
+        "bridge",
+        lambda: load_config(**overrides),
+        BridgeApp,
+        _started,
+        event_loop=lambda config: config.event_loop,
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from pkg.common.app import EVENT_LOOPS
 from pkg.common.auth import Principal, parse_tokens, tokens_from_env
 from pkg.common.config import ServiceSettings, load_settings
 from pkg.common.forwarded import TrustedProxies
@@ -36,6 +37,9 @@ class BridgeConfig(ServiceSettings):
     redis_url: str = ""
     redis_prefix: str = "bridge"
     redis_timeout_s: float = 0.5
+    # The event loop: uvloop (libuv) spends about a quarter less CPU than asyncio's own per
+    # request (docs/rfcs/bridge-state.md, capacity); "asyncio" is the fallback.
+    event_loop: str = "uvloop"
 
     # JWT: at least one key. HS256 with a shared secret, RS256 with a PEM public key (inline or
     # a file path). Issuer and audience are always checked.
@@ -99,6 +103,8 @@ class BridgeConfig(ServiceSettings):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         TrustedProxies.parse(self.trusted_proxies)  # raises naming the bad entry
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
         for name in ("tenant_rate", "anon_rate", "cache_ttl_s", "backend_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0")

@@ -127,14 +127,31 @@ class Runnable(Service, Protocol):
 A = TypeVar("A", bound=Runnable)
 
 
+EVENT_LOOPS = ("asyncio", "uvloop")
+
+
+def loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop a process runs on: ``asyncio``'s own (None) or ``uvloop``'s (libuv, the
+    loop uvicorn picks by default; installed with ``uvicorn[standard]``)."""
+    if name == "asyncio":
+        return None
+    if name == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    raise ValueError(f"event loop must be one of {', '.join(EVENT_LOOPS)}, got {name!r}")
+
+
 def run_main(
     name: str,
     load_config: Callable[[], C],
     build: Callable[[C], A],
     started: Callable[[A], None] = lambda _app: None,
+    event_loop: Callable[[C], str] = lambda _config: "asyncio",
 ) -> int:
     """The body of every service's ``main()``: logging, config (refused with exit status 2 and
-    the variable's name), metrics, then serve until a signal."""
+    the variable's name), metrics, then serve until a signal on the loop ``event_loop(config)``
+    names (``loop_factory``)."""
     configure_logging(name)
     try:
         config = load_config()
@@ -150,7 +167,8 @@ def run_main(
         return await serve(app, app.lifecycle, lambda: started(app))
 
     try:
-        return asyncio.run(main())
+        with asyncio.Runner(loop_factory=loop_factory(event_loop(config))) as runner:
+            return runner.run(main())
     except OSError as exc:
         structlog.get_logger(name).error("cannot start", error=str(exc))
         return 1

@@ -61,6 +61,7 @@ async def test_cached_limits_call_the_provider_once_per_ttl_and_survive_its_outa
         {"BRIDGE_TENANT_LIMITS": "acme"},
         {"BRIDGE_HTTP_PORT": "not-a-port"},
         {"BRIDGE_TENANT_BURST": "0"},
+        {"BRIDGE_EVENT_LOOP": "trio"},
         {"BRIDGE_JWT_RS256_PUBLIC_KEY": "not a pem"},
         {"BRIDGE_SIGNALMAN_ADDRESSES": "127.0.0.1:1", "BRIDGE_SIGNALMAN_TOKENS": "acme"},
     ],

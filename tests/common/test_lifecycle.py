@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 
-from pkg.common.app import Lifecycle
+import pytest
+
+from pkg.common.app import Lifecycle, loop_factory
 
 
 async def test_steps_are_undone_in_reverse_order_and_tasks_cancelled() -> None:
@@ -40,3 +44,43 @@ async def test_a_background_task_that_dies_is_reported() -> None:
     crashed = await asyncio.wait_for(lc.wait_crash(), 2.0)
     assert isinstance(crashed, RuntimeError)
     await lc.close()
+
+
+# A service that records the loop it was started on, then stops itself (a crashed task: exit 1).
+_RECORD_LOOP = """
+import asyncio, sys
+from pkg.common.app import Lifecycle, run_main
+
+class App:
+    def __init__(self, config):
+        self.lifecycle = Lifecycle("t")
+    async def start(self):
+        print(type(asyncio.get_running_loop()).__module__, flush=True)
+        self.lifecycle.spawn(self.end(), "end")
+    async def end(self):
+        raise RuntimeError("done")
+    async def stop(self):
+        await self.lifecycle.close()
+    def health(self):
+        raise NotImplementedError
+
+sys.exit(run_main("t", lambda: sys.argv[1], App, event_loop=lambda name: name))
+"""
+
+
+@pytest.mark.parametrize(("name", "module"), [("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_a_service_runs_on_the_event_loop_its_config_names(name: str, module: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _RECORD_LOOP, name],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.split()[0].startswith(module)
+
+
+def test_an_unknown_event_loop_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="trio"):
+        loop_factory("trio")
