@@ -49,6 +49,11 @@ READ_AHEAD_MAX = 500
 # A history that failed over lacks at most the replication lag's appends; a watermark farther
 # back than this is not re-read (see GroupMember._reread_lost).
 MAX_REREAD = 100_000
+# A stopping replica's hand-over: at most this long to commit what it processed, then each step
+# of leaving the group (aiokafka's coordination routine, the LeaveGroup) at most LEAVE_STEP_S.
+# Together well under the server's LEAVE_BOUND_S, so the leave happens, not the bound.
+STOP_COMMIT_BOUND_S = 1.0
+LEAVE_STEP_S = 1.5
 
 
 class GroupSettings(Protocol):
@@ -416,8 +421,8 @@ class GroupMember:
         self.consumer.subscribe([cfg.topic], listener=_Listener(self))
 
     async def _stop_consumer(self) -> None:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self._flush_commit(), 5.0)
+        stopping = self._stopping.is_set()
+        await self._flush_before_leaving(STOP_COMMIT_BOUND_S if stopping else 5.0)
         self._pending_offsets.clear()
         consumer, self.consumer = self.consumer, None
         self.owned.clear()
@@ -428,16 +433,32 @@ class GroupMember:
         # LeaveGroup of every member of generation 0 at once can leave a departed member as the
         # group's leader and hold the rejoin (test_postgres_restart's rejoin missed its 25 s
         # bound in 1 of 4 quiet runs with it, 0 of 4 without).
-        stopping = self._stopping.is_set()
         left = consumer is None or not stopping or await self._leave_group(consumer)
         if self.peers is not None and left:
             with contextlib.suppress(Exception):  # best effort: a leftover is found gone later
                 await asyncio.wait_for(self.peers.forget_self(), 2.0)
+        # Nothing is processed any more: the locks go before the client's stop (up to 10 s), so
+        # the next owner locks the partitions as soon as the group hands them over.
+        if self.locks is not None:
+            await self.locks.close()  # closing the connection releases every lock it held
         if consumer is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(consumer.stop(), 10.0)
-        if self.locks is not None:
-            await self.locks.close()  # closing the connection releases every lock it held
+
+    async def _flush_before_leaving(self, bound_s: float) -> None:
+        """Commit what was processed, for at most ``bound_s``: a commit not made only makes the
+        next owner re-read those records (the history's watermark skips them), while a leave
+        held up by a commit the broker does not answer (a rebalance under way) kept a stopping
+        replica's partitions unprocessed for 5 s."""
+        started = self.clock.monotonic()
+        try:
+            await asyncio.wait_for(self._flush_commit(), bound_s)
+        except Exception as exc:
+            if self._commit_task is not None:
+                self._commit_task.cancel()  # wait_for ended only the wait, not the commit
+            self._commit_task = None
+            log.warning("commit_flush_slow", bound_s=bound_s, error=repr(exc)[:200],
+                        waited_s=round(self.clock.monotonic() - started, 3))  # fmt: skip
 
     async def _leave_group(self, consumer: Any) -> bool:
         """Leave the group now, so the others rebalance without waiting for our session to
@@ -445,7 +466,9 @@ class GroupMember:
         and the peers remove us once our lock connection is closed (``PeerWatch``)."""
         member = member_id(consumer)
         try:
-            code = await asyncio.wait_for(leave_group(consumer, self.cfg.group_id), 5.0)
+            code = await asyncio.wait_for(
+                leave_group(consumer, self.cfg.group_id, LEAVE_STEP_S), 3 * LEAVE_STEP_S + 1.0
+            )
         except Exception as exc:
             log.warning("group_leave_request_failed", member_id=member, error=repr(exc)[:200])
             return False

@@ -15,9 +15,12 @@ import asyncio
 import contextlib
 from typing import Any, Protocol
 
+import structlog
 from aiokafka.client import ConnectionGroup
 from aiokafka.errors import KafkaError
 from aiokafka.protocol.group import LeaveGroupRequest
+
+log = structlog.get_logger("signalman.kafka")
 
 
 class KafkaClient(Protocol):
@@ -85,7 +88,25 @@ async def leave_group(consumer: Any, group_id: str, timeout_s: float = 3.0) -> i
     if coordinator is None:
         return None
     member, generation = member_id(consumer), int(coordinator.generation)
-    await coordinator.close()  # sends LeaveGroup itself for a generation above 0
-    if not member or generation != 0:
+    # close() first lets aiokafka's coordination routine finish what it is doing, unbounded: a
+    # JoinGroup or SyncGroup the broker holds (tansu: up to half / 0.8 of the session timeout)
+    # or a retried coordinator lookup kept a stopping replica in the group for 5 s, and the
+    # hand-over waited for it. A routine still busy after ``timeout_s`` is cancelled and the
+    # LeaveGroup sent here, whatever the generation (the broker answers it after the held join).
+    closing = asyncio.ensure_future(coordinator.close())  # sends LeaveGroup for generation > 0
+    done, _ = await asyncio.wait({closing}, timeout=timeout_s)
+    if done:
+        closing.result()
+        if not member or generation != 0:
+            return None
+        return await remove_member(consumer, group_id, member, timeout_s)
+    routine = getattr(coordinator, "_coordination_task", None)
+    log.warning("group_coordination_slow", member_id=member, waited_s=timeout_s)
+    if routine is not None:
+        routine.cancel()
+    await asyncio.wait({closing}, timeout=timeout_s)  # ends at once: its await was cancelled
+    with contextlib.suppress(Exception):
+        await coordinator._stop_heartbeat_task()  # close() did not get to it
+    if not member:
         return None
     return await remove_member(consumer, group_id, member, timeout_s)
