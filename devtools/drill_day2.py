@@ -144,10 +144,15 @@ def _count_steps(ctx: Ctx) -> None:
         step["requests"] = len(f_all) + len(b_all)
         step["failed_foghorn"] = sum(1 for s in f_all if not s.ok)
         step["failed_bridge"] = sum(1 for s in b_all if not s.ok)
-        late = 0
+        late, slowest = 0, 0.0
         if ctx.events is not None:
-            late = sum(1 for produced, _ in ctx.events.late(since, late_s) if produced < until)
+            # Every delivery of the step (late_s 0), so the margin under late_s shows too.
+            delays = [arrival - produced for produced, arrival in ctx.events.late(since, 0.0)
+                      if produced < until]  # fmt: skip
+            late = sum(1 for d in delays if d > late_s)
+            slowest = max(delays, default=0.0)
         step["late_events"] = late
+        step["max_event_delay_s"] = round(slowest, 2)
 
 
 def _late_events(ctx: Ctx) -> int:

@@ -110,15 +110,17 @@ class Settings:
     port_offset: int = 0
     # The alert rules' clock on the drills' platform (./dev up's --rules-time-scale).
     rules_time_scale: float = 1 / 20
-    # Signalman's consumer-group session timeout bounds how fast a dead replica's partitions move
-    # (takeover = session timeout + tansu's ~3 s join delay + a heartbeat): ./dev up's
-    # 6 s leaves no margin under the 10 s recovery target, so the drills run Signalman with 3 s.
+    # Signalman's consumer-group session timeout: tansu holds every JoinGroup while less than
+    # half of it has passed, in 1 s steps (3 s: 2 s, 2 s or less: 1 s), and nothing is processed
+    # during a join (eager rebalances), so 2 s is the shortest join tansu gives. Real Kafka
+    # refuses a session below group.min.session.timeout.ms (6 s by default) and does not hold
+    # joins: a dev-stack value only (./dev up uses the same one, docs/signalman.md).
     # The drills' direct viewers all come from 127.0.0.1: one address standing for the whole
     # audience. At 40 routings/s plus a 20 % retry budget it sits at Foghorn's per-address
     # anonymous limit (50/s, burst 100), so a replica down (every call on the other one) or a
     # catch-up burst of the load generator got RESOURCE_EXHAUSTED for what is many viewers.
     env: tuple[tuple[str, str], ...] = (
-        ("SIGNALMAN_SESSION_TIMEOUT_MS", "3000"),
+        ("SIGNALMAN_SESSION_TIMEOUT_MS", "2000"),
         ("SIGNALMAN_HEARTBEAT_INTERVAL_MS", "200"),
         ("FOGHORN_ANON_ROUTES_PER_S", "500"),
         ("FOGHORN_ANON_ROUTE_BURST", "1000"),
@@ -147,7 +149,7 @@ class Settings:
                 ("FOGHORN_OWNERSHIP_TTL_S", "3"),
                 ("FOGHORN_LEASE_TTL_S", "3"),
                 ("FOGHORN_LEASE_RENEW_S", "1"),
-                ("SIGNALMAN_SESSION_TIMEOUT_MS", "3000"),
+                ("SIGNALMAN_SESSION_TIMEOUT_MS", "2000"),
                 ("SIGNALMAN_HEARTBEAT_INTERVAL_MS", "200"),
                 ("SIGNALMAN_LOCK_GRACE_S", "1.0"),
                 ("FOGHORN_ANON_ROUTES_PER_S", "500"),
