@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from api_balancing.model import NodeIdentity, NodeRecord
+from api_balancing.model import NodeIdentity, NodeRecord, evolve
 
 
 def token(record: NodeRecord) -> tuple[int, int]:
@@ -26,6 +26,11 @@ def fill_identity(remote: NodeIdentity, local: NodeIdentity | None) -> NodeIdent
     """``remote`` with each blank field filled from ``local``."""
     if local is None:
         return remote
+    if remote == local:
+        # The usual case (a report rewrote the record, the identity is as it was): keep the
+        # object this replica holds, so the fleet index sees the same identity and skips its
+        # identity-derived columns, and no copy is made.
+        return local
     return dataclasses.replace(
         remote,
         roles=remote.roles or local.roles,
@@ -42,4 +47,4 @@ def merge(local: NodeRecord | None, remote: NodeRecord) -> NodeRecord:
     identity = fill_identity(remote.identity, local.identity if local else None)
     if identity is remote.identity:
         return remote
-    return dataclasses.replace(remote, identity=identity)
+    return evolve(remote, identity=identity)

@@ -165,6 +165,9 @@ def encode(record: NodeRecord) -> str:
     return "{" + _identity_fragment(record.identity) + ',"report":' + report_json + "," + rest
 
 
+_new_tuple = tuple.__new__
+
+
 def decode(text: str) -> NodeRecord:
     """Parse a record written by ``encode``; ValueError when it is not one."""
     try:
@@ -193,9 +196,13 @@ def decode(text: str) -> NodeRecord:
                 upload_bps=int(raw[3]),
                 download_bps=int(raw[4]),
                 bandwidth_limit_bps=int(raw[5]),
+                # tuple.__new__ directly: every peer decodes every report's ten streams, and
+                # the NamedTuple's own __new__ is a Python frame costing as much again.
                 streams=tuple(
-                    StreamLoad(str(s[0]), str(s[1]), int(s[2]), int(s[3]), int(s[4]))
-                    for s in raw[6]
+                    [
+                        _new_tuple(StreamLoad, (str(sid), str(ten), int(v), int(i), int(up)))
+                        for sid, ten, v, i, up in raw[6]
+                    ]
                 ),
             )
         if not identity.node_id:
