@@ -106,6 +106,11 @@ class Subscriber:
         self.client = SignalmanClient(
             [targets[home], targets[1 - home]], token=f"k{self.tenant}", policy=_policy()
         )
+        # Both replicas' channels now, before anything is measured: built lazily, the other
+        # replica's would be built in the herd, ~1 ms of the subscriber process's CPU each,
+        # competing with the survivor it measures on the same two cores.
+        for target in targets:
+            self.client.channel(target)
         self.sub = self.client.subscribe(["streams"], buffer=10_000)
         self.last_seq: int | None = None
         self.missing = 0
