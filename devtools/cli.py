@@ -105,6 +105,9 @@ def _run_bounded(cmd: list[str], env: dict[str, str], wall_s: float, stacks: Pat
     # A session of its own: pytest and its xdist workers form a process group that the hang
     # guard signals as a whole (the servers the tests start have sessions of their own).
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    # A SIGTERM to ./dev (CI cancelling, `timeout`) stops pytest as Ctrl-C does, with teardown:
+    # in a session of its own, pytest would otherwise never hear of it and run on.
+    previous = signal.signal(signal.SIGTERM, _stop_on_term)
     try:
         return proc.wait(timeout=wall_s)
     except subprocess.TimeoutExpired:
@@ -131,6 +134,12 @@ def _run_bounded(cmd: list[str], env: dict[str, str], wall_s: float, stacks: Pat
     except KeyboardInterrupt:
         _interrupt(proc)
         return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_term(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def _interrupt(proc: subprocess.Popen[bytes]) -> None:

@@ -6,6 +6,7 @@ kills, pauses or restarts a server asks for its own through the ``*_factory`` fi
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import signal
@@ -39,6 +40,20 @@ if os.environ.get("DEV_TEST_STACKS_FILE"):
     _path = os.environ["DEV_TEST_STACKS_FILE"] + (f".{_worker}" if _worker else "")
     _stacks = open(_path, "w")  # noqa: SIM115 (open for the session)
     faulthandler.register(signal.SIGUSR1, file=_stacks, all_threads=True)
+
+
+# A run stopped with SIGTERM (a CI job cancelled, `timeout`, ./dev test stopped) tears down like
+# one stopped with Ctrl-C: every fixture's finalizer runs, so the servers it started stop and the
+# network namespaces of tests/hosts are removed. Python's default for SIGTERM is to die at once:
+# a SIGTERMed run left four namespaces, the guard route and a redis-server inside one.
+def _terminated(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        with contextlib.suppress(ValueError):  # not the main thread: keep the default
+            signal.signal(signal.SIGTERM, _terminated)
 
 
 # ./dev test runs two pytest-xdist workers with --dist loadscope: each scope runs on one worker,

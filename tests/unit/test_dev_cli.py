@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 import pytest
@@ -63,6 +64,41 @@ def test_a_run_that_outlives_its_bound_is_stopped_with_124(tmp_path: Any) -> Non
         [sys.executable, "-c", "import time; time.sleep(60)"], {}, 0.5, tmp_path / "stacks.txt"
     )
     assert code == 124
+
+
+def test_a_sigterm_to_dev_test_stops_pytest_as_ctrl_c_does(tmp_path: Any) -> None:
+    """pytest runs in a session of its own: ./dev passes a SIGTERM on as SIGINT, so pytest
+    tears down (stops its servers, removes its namespaces) instead of running on."""
+    import signal
+    import subprocess
+    import sys
+
+    marker = tmp_path / "pytest.txt"
+    child = (
+        "import pathlib, signal, sys, time\n"
+        f"p = pathlib.Path({str(marker)!r})\n"
+        "def stop(*_): p.write_text('interrupted'); sys.exit(2)\n"
+        "signal.signal(signal.SIGINT, stop)\n"
+        "p.write_text('ready')\n"
+        "time.sleep(60)\n"
+    )
+    runner = (
+        "import sys\nfrom pathlib import Path\nfrom devtools import cli\n"
+        f"sys.exit(cli._run_bounded([sys.executable, '-c', {child!r}], {{}}, 60, "
+        f"Path({str(tmp_path / 'stacks.txt')!r})))\n"
+    )
+    dev = subprocess.Popen([sys.executable, "-c", runner], cwd=cli.ROOT,
+                           stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (marker.exists() and marker.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dev.send_signal(signal.SIGTERM)
+        assert dev.wait(timeout=30) == 2  # pytest's exit code, after its teardown
+    finally:
+        if dev.poll() is None:
+            dev.kill()
+    assert marker.read_text() == "interrupted"
 
 
 def test_ha_stores_with_hosts_is_refused_with_the_reason(
