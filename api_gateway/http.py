@@ -25,11 +25,11 @@ import structlog
 from cross_web import HTTPException
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
@@ -82,6 +82,10 @@ class Limits:
 # Answer keys of recent (caller, body) pairs; the memo starts over when it holds this many.
 _ANSWER_KEYS_KEPT = 4096
 _UNKNOWN: Any = object()
+_FORWARDED = FORWARDED.lower().encode("latin-1")
+# The request headers the view reads, found in one pass over the scope's list.
+_READ_HEADERS = frozenset((b"accept", b"authorization", b"content-length", b"content-type"))
+_VIEW_METHODS = frozenset(("GET", "POST"))
 
 
 class _BodyTooLarge(Exception):
@@ -108,8 +112,16 @@ class RequestGuard:
     def client_ip(self, conn: HTTPConnection) -> str:
         """The caller's address: the socket peer, or behind a trusted proxy the rightmost
         X-Forwarded-For hop that is not one (pkg.common.forwarded)."""
-        peer = conn.client.host if conn.client else "unknown"
-        return self.proxies.client_address(peer, conn.headers.getlist(FORWARDED))[:64]
+        return self.client_ip_of(conn.scope)
+
+    def client_ip_of(self, scope: Scope) -> str:
+        """``client_ip`` read from the ASGI scope itself (no request object on the hot path)."""
+        client = scope.get("client")
+        peer = client[0] if client else "unknown"
+        if not self.proxies.networks:
+            return str(peer)[:64]
+        forwarded = [v.decode("latin-1") for k, v in scope["headers"] if k == _FORWARDED]
+        return self.proxies.client_address(peer, forwarded)[:64]
 
     async def bucket(self, principal: Principal, ip: str) -> tuple[str, Limit]:
         """The caller's rate-limit bucket: its tenant's, or its IP's when anonymous."""
@@ -168,6 +180,43 @@ def negotiate(accept: str | None) -> str | None:
         if q > 0 and (best is None or choice[:2] > best[:2]):
             best = choice
     return best[2] if best else None
+
+
+_NEGOTIATED: dict[str | None, str | None] = {}
+
+
+def negotiate_cached(accept: str | None) -> str | None:
+    """``negotiate``, remembered for the few ``Accept`` values a deployment's clients send."""
+    try:
+        return _NEGOTIATED[accept]
+    except KeyError:
+        pass
+    media = negotiate(accept)
+    if len(_NEGOTIATED) >= 256:
+        _NEGOTIATED.clear()
+    _NEGOTIATED[accept] = media
+    return media
+
+
+def _media_header(media: str) -> str:
+    return f"{media}; charset=utf-8" if media == GRAPHQL_RESPONSE else media
+
+
+class _KeptAnswer:
+    """A kept answer's response as two ASGI messages: what Starlette's ``Response`` sends, with
+    none of its header handling (this is the whole of a repeated query's answer)."""
+
+    __slots__ = ("body", "headers")
+
+    def __init__(self, body: bytes, media: str, rate: dict[str, str]) -> None:
+        self.body = body
+        self.headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in rate.items()]
+        self.headers.append((b"content-length", str(len(body)).encode("latin-1")))
+        self.headers.append((b"content-type", _media_header(media).encode("latin-1")))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 def _error(
@@ -277,7 +326,13 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
             return
         if scope["type"] != "http":
             return
-        response = await self._http(scope, receive)
+        try:
+            response: Response | _KeptAnswer = await self._http(scope, receive)
+        except Exception as exc:
+            # What Starlette's error middleware did when the route ran behind it (GraphQLRoute
+            # calls the view first): a JSON 500, one log line.
+            log.error("unhandled", error=repr(exc), path="/graphql")
+            response = _error(500, errors.INTERNAL, "internal error")
         await response(scope, receive, send)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -316,16 +371,21 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         scope["bridge.client_ip"] = ip
         await self.run(ws)
 
-    async def _http(self, scope: Scope, receive: Receive) -> Response:
-        request = Request(scope, receive)
-        accept = request.headers.get("accept", "")
+    async def _http(self, scope: Scope, receive: Receive) -> Response | _KeptAnswer:
+        # The headers read here, in one pass over the scope (a Starlette ``Headers`` lookup is a
+        # scan of the list each time): the first value of each, as Starlette's ``get``.
+        found: dict[bytes, str] = {}
+        for name, value in scope["headers"]:
+            if name in _READ_HEADERS and name not in found:
+                found[name] = value.decode("latin-1")
+        accept = found.get(b"accept")
         if (
-            request.method == "GET"
-            and "text/html" in accept
-            and "query" not in request.query_params
+            scope["method"] == "GET"
+            and "text/html" in (accept or "")
+            and "query" not in Request(scope).query_params
         ):
-            return await self.render_graphql_ide(request)
-        media = negotiate(request.headers.get("accept"))
+            return await self.render_graphql_ide(Request(scope, receive))
+        media = negotiate_cached(accept)
         if media is None:
             return _error(
                 406,
@@ -333,7 +393,7 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
                 f"cannot answer with any type in Accept; use {GRAPHQL_RESPONSE} or {JSON}",
             )
         try:
-            principal = self.guard.auth.authenticate(request.headers.get("authorization"))
+            principal = self.guard.auth.authenticate(found.get(b"authorization"))
         except AuthError as exc:
             return _error(
                 401,
@@ -342,19 +402,15 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
                 {"WWW-Authenticate": f'Bearer error="invalid_token", error_description="{exc}"'},
                 media,
             )
-        ip = self.guard.client_ip(request)
-        key, body = await self._answer_key(request, principal)
+        ip = self.guard.client_ip_of(scope)
+        key, body = await self._answer_key(scope, receive, found, principal)
         if key is not None and self.answers is not None:
             bucket, limit = await self.guard.bucket(principal, ip)
             decision, answer = await self.answers.admit(bucket, limit, key)
             if answer is not None:
                 # A kept answer: charged, authenticated, its entries current. No GraphQL.
                 _count_response(200, "OK")
-                return Response(
-                    answer,
-                    headers=rate_headers(decision),
-                    media_type=f"{media}; charset=utf-8" if media == GRAPHQL_RESPONSE else media,
-                )
+                return _KeptAnswer(answer, media, rate_headers(decision))
         else:
             decision = await self.guard.admit(principal, ip)
         headers = rate_headers(decision)
@@ -366,7 +422,7 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
                 headers,
                 media,
             )
-        length = request.headers.get("content-length", "")
+        length = found.get(b"content-length", "")
         if length.isdigit() and int(length) > self.limits.max_body_bytes:
             return _error(
                 413,
@@ -397,7 +453,7 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
             return JSONResponse(
                 not_found_body(),
                 headers={**headers, "Cache-Control": "private, no-cache"},
-                media_type=f"{media}; charset=utf-8" if media == GRAPHQL_RESPONSE else media,
+                media_type=_media_header(media),
             )
         except _BodyTooLarge:
             return _error(
@@ -434,18 +490,18 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         return response
 
     async def _answer_key(
-        self, request: Request, principal: Principal
+        self, scope: Scope, receive: Receive, headers: dict[bytes, str], principal: Principal
     ) -> tuple[str | None, bytes | None]:
         """The answer key of a POST with a JSON body within the limits, and the body (read
         here, so the full path is given it again); (None, None) for anything else, untouched."""
-        if self.answers is None or request.method != "POST":
+        if self.answers is None or scope["method"] != "POST":
             return None, None
-        length = request.headers.get("content-length", "")
+        length = headers.get(b"content-length", "")
         if not length.isdigit() or int(length) > self.limits.max_body_bytes:
             return None, None
-        if not request.headers.get("content-type", "").startswith("application/json"):
+        if not headers.get(b"content-type", "").startswith("application/json"):
             return None, None
-        body = await request.body()
+        body = await _read_body(receive)
         # The key is a function of the caller and the body alone: a repeated request (what a
         # kept answer is for) skips the JSON parse, the hashes and the canonical dump.
         memo = (principal, body)
@@ -468,6 +524,18 @@ class BridgeGraphQL(GraphQL[dict[str, Any], None]):
         if answers is None:
             return None
         return BackgroundTask(answers.remember, key, body, recorder.reads)
+
+
+async def _read_body(receive: Receive) -> bytes:
+    """The whole request body (what ``Request.body`` reads, without the request object)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _replay(body: bytes) -> Receive:
@@ -533,11 +601,36 @@ class HeaderLimit:
         await self.app(scope, receive, send)
 
 
+class GraphQLRoute:
+    """``GET``/``POST /graphql`` straight to the view, the rest to ``app`` (Starlette).
+
+    The router's matching and Starlette's two exception middlewares were about a tenth of a
+    kept answer's CPU; the view answers every error of its own (a 500 included, as the error
+    middleware did), so on its one route they only cost. The header limit still applies first.
+    """
+
+    def __init__(self, app: ASGIApp, view: BridgeGraphQL, max_header_bytes: int) -> None:
+        self.app = app
+        self.view = view
+        self.max_header_bytes = max_header_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == "/graphql"
+            and scope["method"] in _VIEW_METHODS
+            and sum(len(k) + len(v) for k, v in scope["headers"]) <= self.max_header_bytes
+        ):
+            await self.view(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 def build_asgi(
     view: BridgeGraphQL, health: HealthSource, ops: OperatorGuard, max_header_bytes: int = 16_384
-) -> Starlette:
-    """Routes: /graphql (POST/GET/WS + GraphiQL page), /health and /metrics (the shared ops
-    routes), /static/graphiql."""
+) -> ASGIApp:
+    """Routes: /graphql (POST/GET/WS + GraphiQL page; GET and POST ahead of the router:
+    ``GraphQLRoute``), /health and /metrics (the shared ops routes), /static/graphiql."""
 
     async def root(_: Request) -> Response:
         return JSONResponse({"graphql": "/graphql", "health": "/health", "metrics": "/metrics"})
@@ -564,11 +657,11 @@ def build_asgi(
         exception_handlers={404: not_found, 405: method_not_allowed, 500: internal},
     )
     app.add_middleware(HeaderLimit, max_bytes=max_header_bytes)
-    return app
+    return GraphQLRoute(app, view, max_header_bytes)
 
 
 def load_graphiql_html() -> str:
     return (STATIC / "graphiql.html").read_text()
 
 
-__all__ = ["BridgeGraphQL", "Limits", "RequestGuard", "build_asgi", "json"]
+__all__ = ["BridgeGraphQL", "GraphQLRoute", "Limits", "RequestGuard", "build_asgi", "json"]

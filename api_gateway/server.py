@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 import structlog
-from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from api_gateway import metrics
 from api_gateway.auth import JwtAuthenticator, JwtSettings, load_public_key
@@ -195,7 +195,7 @@ class BridgeApp:
         )
         # Built here, not in start(): tests drive it in process (Starlette's TestClient).
         ops = OperatorGuard(self.auth, static_authenticator(cfg.platform_tokens()))
-        self.asgi: Starlette = build_asgi(view, self.health, ops, cfg.max_header_bytes)
+        self.asgi: ASGIApp = build_asgi(view, self.health, ops, cfg.max_header_bytes)
         self.http: HttpServer | None = None
 
     @property

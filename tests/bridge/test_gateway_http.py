@@ -569,3 +569,14 @@ def test_persisted_queries_follow_the_apq_protocol_over_websocket(client):
         assert again["type"] == "next" and again["payload"] == first["payload"]
     # The same registry as HTTP: the hash registered over the socket runs over POST too.
     assert client.post("/graphql", json=_apq(None, digest)).json() == first["payload"]
+
+
+def test_oversized_headers_are_refused_before_graphql_runs(client):
+    # /graphql is dispatched ahead of Starlette's router (GraphQLRoute): the limit still holds.
+    padding = {"X-Padding": "p" * 17_000}
+    for reply in (
+        client.post("/graphql", json={"query": "{ me { tenant } }"}, headers=padding),
+        client.get("/graphql", params={"query": "{ me { tenant } }"}, headers=padding),
+    ):
+        assert reply.status_code == 431
+        assert codes(reply) == ["BAD_REQUEST"]
