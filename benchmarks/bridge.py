@@ -37,7 +37,7 @@ from typing import Any
 
 import jwt
 
-from benchmarks.common import cpu_seconds, load_average
+from benchmarks.common import Panel, cpu_seconds, load_average, write_curves_svg
 from pkg.clients import BreakerPolicy, Policy, RetryPolicy
 from pkg.clients.foghorn import FoghornClient
 from pkg.clients.http import AsyncHttpClient
@@ -415,11 +415,47 @@ async def run(samples: int, rounds: int, load_seconds: float) -> dict[str, Any]:
     }
 
 
+def write_svg(path: Path, result: dict[str, Any]) -> None:
+    """The throughput curves of one run: rate, p99 and server CPU per request by concurrency,
+    for kept answers, the full GraphQL path and the trivial route of the same process."""
+    series = {
+        "cached": result["throughput_levels"],
+        "full path": result["full_path_throughput_levels"],
+        "trivial": result["trivial_throughput_levels"],
+    }
+
+    def at(name: str, key: str) -> list[float | None]:
+        by_level = {lv["concurrency"]: lv[key] for lv in series[name]}
+        return [by_level.get(c) for c in LEVELS]
+
+    panels = [
+        Panel("cached query req/s", at("cached", "req_per_s"), "/s"),
+        Panel("cached query p99", at("cached", "p99_ms"), "ms", P99_BOUND_MS),
+        Panel("cached query server CPU", at("cached", "cpu_us_per_request"), "us"),
+        Panel("trivial route req/s", at("trivial", "req_per_s"), "/s"),
+        Panel("trivial route p99", at("trivial", "p99_ms"), "ms", P99_BOUND_MS),
+        Panel("trivial route server CPU", at("trivial", "cpu_us_per_request"), "us"),
+        Panel("without kept answers req/s", at("full path", "req_per_s"), "/s"),
+        Panel("without kept answers p99", at("full path", "p99_ms"), "ms", P99_BOUND_MS),
+        Panel("without kept answers CPU", at("full path", "cpu_us_per_request"), "us"),
+    ]
+    write_curves_svg(
+        path,
+        "Bridge: one process, by concurrent keep-alive connections",
+        list(LEVELS),
+        panels,
+        note=f"./dev bench bridge, load average {result['load_average']} (2 shared cores): "
+        f"throughput_ratio {result['throughput_ratio']}, cached_vs_redis_ratio "
+        f"{result['cached_vs_redis_ratio']}",
+    )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench bridge", description=__doc__)
     parser.add_argument("--samples", type=int, default=600)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--load-seconds", type=float, default=2.0, help="per concurrency level")
+    parser.add_argument("--svg", default="docs/rfcs/img/bridge-throughput.svg")
     parser.add_argument("--serve-trivial", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_trivial:
@@ -466,6 +502,8 @@ def main(argv: list[str]) -> int:
     print(f"{'metric':28} {'value':>10}  target")
     for name, value, target in rows:
         print(f"{name:28} {value:>10}  {target}")
+    if args.svg:
+        write_svg(Path(args.svg), result)
     print(f"wall {result['wall_s']} s -> .bench/bridge.json ({'OK' if ok else 'OUT OF TARGET'})")
     return 0 if ok else 1
 
