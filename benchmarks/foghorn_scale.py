@@ -107,6 +107,7 @@ class FleetNode:
         self.target = ""  # where its stream is registered ("" while not)
         self.moving_to = ""  # where Foghorn told it to reconnect (rebalancing)
         self.connects = 0
+        self.failed = 0  # connection attempts that ended before registering
         lat, lon = CITIES[index % len(CITIES)]
         rng = random.Random(index)
         self.register = pb.NodeMessage(
@@ -161,12 +162,15 @@ class FleetNode:
         while True:
             target = moving_to or self.targets[(self.index + attempt) % len(self.targets)]
             self.moving_to = ""
+            registered = self.connects
             try:
                 await self._session(target, backoff)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 pass
+            if self.connects == registered:
+                self.failed += 1  # the attempt never registered
             self.target, self.outbox = "", None
             moving_to = self.moving_to
             if moving_to:  # Foghorn moved the node (rebalancing): at once, as edge-sim does
@@ -258,7 +262,8 @@ async def fleet_main(spec_json: str) -> int:
                 if n.target:
                     by[n.target] = by.get(n.target, 0) + 1
             answer({"registered": sum(by.values()), "by_target": by,
-                    "connects": sum(n.connects for n in nodes)})  # fmt: skip
+                    "connects": sum(n.connects for n in nodes),
+                    "failed": sum(n.failed for n in nodes)})  # fmt: skip
         elif op == "quit":
             break
     answer({"bye": True})
@@ -319,6 +324,11 @@ class Fleet:
             for target, n in doc["by_target"].items():
                 by[target] = by.get(target, 0) + n
         return by
+
+    async def attempts(self) -> tuple[int, int]:
+        """(registrations, attempts that never registered) of every node so far."""
+        docs = await self.command(op="status")
+        return sum(d["connects"] for d in docs), sum(d["failed"] for d in docs)
 
     async def stop(self) -> None:
         for proc in self.procs:
@@ -655,6 +665,7 @@ async def ha_phase(
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
 
         workers = [asyncio.create_task(route_load(args.herd_rate / 4)) for _ in range(4)]
+        connects0, failed0 = await fleet.attempts()
         try:
             await asyncio.sleep(2.0)
             killed = time.perf_counter()
@@ -672,6 +683,10 @@ async def ha_phase(
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
             out["herd_failed_routings"] = len(failures)
+            with contextlib.suppress(Exception):  # the fleet's view of the herd, for the analysis
+                connects, failed = await fleet.attempts()
+                out["herd_registrations"] = connects - connects0
+                out["herd_failed_attempts"] = failed - failed0
             out["herd_routing_calls"] = calls
             out["herd_failure_examples"] = failures[:3]
             out["herd_jitter_s"] = args.jitter_s
@@ -764,7 +779,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--rounds", type=int, default=1000, help="route vs echo pairs")
     parser.add_argument("--pace-period-s", type=float, default=5.0,
                         help="sync lag under load: every node reports once per period")  # fmt: skip
-    parser.add_argument("--pace-s", type=float, default=8.0)
+    parser.add_argument("--pace-s", type=float, default=6.0)
     parser.add_argument("--herd-rate", type=float, default=200.0, help="routing calls/s")
     parser.add_argument("--jitter-s", type=float, default=2.0,
                         help="a node's first reconnect waits uniform(0, this)")  # fmt: skip
