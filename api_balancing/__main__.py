@@ -53,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         if v is not None
     }
-    return run_main("foghorn", lambda: load_config(**overrides), FoghornApp, _started)
+    return run_main(
+        "foghorn",
+        lambda: load_config(**overrides),
+        FoghornApp,
+        _started,
+        event_loop=lambda config: config.event_loop,
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any
 
 from api_balancing.scoring import Weights
 from api_balancing.store.keys import Keys
+from pkg.common.app import EVENT_LOOPS
 from pkg.common.auth import Principal, parse_tokens, tokens_from_env
 from pkg.common.config import ServiceSettings, load_settings
 from pkg.common.forwarded import TrustedProxies
@@ -107,6 +108,8 @@ class FoghornConfig(ServiceSettings, GrpcServiceListeners):
     redirect_window_s: float = 30.0
     redirect_bps: float = 2_500_000.0  # bandwidth one pending viewer is assumed to take
     report_interval_s: float = 5.0  # what nodes are told to use
+    # The event loop: uvloop (libuv) or asyncio's own; see docs/rfcs/foghorn-ha.md, capacity.
+    event_loop: str = "asyncio"
     command_timeout_s: float = 5.0
     # A stopping replica tells its nodes where to reconnect and waits this long for their
     # streams to move before closing the rest.
@@ -166,6 +169,8 @@ class FoghornConfig(ServiceSettings, GrpcServiceListeners):
                 f"routing_event_sample must be in 0..1, got {self.routing_event_sample}"
             )
         TrustedProxies.parse(self.trusted_proxies)  # raises naming the bad entry
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be one of {', '.join(EVENT_LOOPS)}")
         for name in ("anon_route_burst", "redirects_per_client", "max_streams_per_credential"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

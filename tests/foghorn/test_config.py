@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from api_balancing.config import FoghornConfig
+from api_balancing.config import FoghornConfig, load_config
 from pkg.common.config import ConfigError, load
 
 
@@ -141,3 +141,9 @@ def test_the_relay_address_is_the_advertised_host_not_a_wildcard_listen_address(
     app = FoghornApp(config)
     assert app.grpc_target == "10.1.2.3:0"  # the port is known once the server listens
     assert FoghornApp(load(FoghornConfig, "FOGHORN", env={})).grpc_target == "127.0.0.1:0"
+
+
+def test_an_unknown_event_loop_is_refused_naming_the_setting() -> None:
+    with pytest.raises(ConfigError, match="event_loop must be one of asyncio, uvloop"):
+        load_config({"FOGHORN_EVENT_LOOP": "trio"})
+    assert load_config({"FOGHORN_EVENT_LOOP": "uvloop"}).event_loop == "uvloop"
