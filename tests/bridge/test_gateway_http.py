@@ -580,3 +580,15 @@ def test_oversized_headers_are_refused_before_graphql_runs(client):
     ):
         assert reply.status_code == 431
         assert codes(reply) == ["BAD_REQUEST"]
+
+
+def test_an_unexpected_failure_in_the_view_is_a_json_500(client, monkeypatch):
+    # /graphql runs ahead of Starlette's error middleware (GraphQLRoute): the view answers it.
+    def broken(_header):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(client.app.view.guard.auth, "authenticate", broken)
+    reply = client.post("/graphql", json={"query": "{ me { tenant } }"})
+    assert reply.status_code == 500
+    assert codes(reply) == ["INTERNAL_SERVER_ERROR"]
+    assert "bug" not in reply.text
