@@ -5,6 +5,7 @@ through the fencing locks' dedicated connection."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import asyncpg
@@ -44,6 +45,24 @@ async def test_redis_over_tls_keeps_the_packed_counted_connections(
             assert counters is not None and counters.connects >= 1  # counted like plaintext
         finally:
             await client.aclose()
+
+
+async def test_held_connections_batch_commands_over_tls(
+    ca: CertificateAuthority, redis_factory: Callable[..., ServerProcess]
+) -> None:
+    # Their writes go straight to the (TLS) transport when nothing is queued on it.
+    server = redis_factory(tls=ca.issue("redis"))
+    client = redisconn.connect(server.url, name="tls-held", hiredis_packing=True)  # type: ignore[attr-defined]
+    try:
+        lane = redisconn.HeldConnection(client)
+        for i in range(50):
+            replies = await lane.execute([("SET", f"h{i}", i), ("GET", f"h{i}")])
+            assert replies == [b"OK", str(i).encode()]
+        calls = redisconn.BatchedCalls(client)
+        replies = await asyncio.gather(*(calls.call("INCR", "tls:n") for _ in range(300)))
+        assert sorted(replies) == list(range(1, 301))
+    finally:
+        await client.aclose()
 
 
 async def test_redis_tls_connections_share_one_context_until_a_certificate_file_changes(
