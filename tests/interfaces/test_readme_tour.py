@@ -1,12 +1,15 @@
-"""The README's tour, pasted as written, shows live events on ``./dev up --single``: in the GraphQL
-subscription (gql's CLI over graphql-transport-ws) and in ``signalman-tail``.
+"""The README's tour, pasted as written, shows live events on ``./dev up`` (HA: Redis, PostgreSQL,
+tansu, two replicas of each service) and on ``./dev up --single``: in the GraphQL subscription
+(gql's CLI over graphql-transport-ws) and in ``signalman-tail``.
 
 The 10 s the issue asks for is a figure measured on a quiet machine (the commands' own start-up
-included), not an assertion here: each command is given 30 s, so that a busy CI machine (Python
-start-up alone can take seconds there) does not make the test flaky.
+included; the test prints it), not an assertion here: each command is given 30 s, so that a busy
+CI machine (Python start-up alone can take seconds there) does not make the test flaky. Each is
+stopped with Ctrl-C (SIGINT) once it has shown what the test waits for.
 
 Only the ports are adapted: when the documented ones are taken on this machine, ``./dev up``
-picks free ones and prints them, as the README says."""
+picks free ones and prints them, as the README says. Both runs leave out the background viewer
+load and HA leaves out Prometheus (the tour uses neither): the machine is shared."""
 
 from __future__ import annotations
 
@@ -44,20 +47,21 @@ def tour_commands() -> list[str]:
     return wanted
 
 
-def test_the_readme_tour_shows_live_events(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [["--single"], ["--no-prometheus"]], ids=["single", "ha"])
+def test_the_readme_tour_shows_live_events(tmp_path: Path, mode: list[str]) -> None:
     commands = tour_commands()
     sub_path, tail_path = tmp_path / "subscription.out", tmp_path / "tail.out"
     up = subprocess.Popen(
         # The defaults (50 simulated nodes) but no viewer load: the machine is shared.
-        [sys.executable, "-m", "devtools", "up", "--single", "--plain",
-         "--viewers", "0", "--duration", "170", "--run-dir", str(tmp_path / "run")],
+        [sys.executable, "-m", "devtools", "up", *mode, "--plain",
+         "--viewers", "0", "--duration", "240", "--run-dir", str(tmp_path / "run")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )  # fmt: skip
     try:
         assert up.stdout is not None
         out = ""
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while "every health check ok" not in out and time.monotonic() < deadline:
             line = up.stdout.readline()
             if not line:
@@ -68,29 +72,22 @@ def test_the_readme_tour_shows_live_events(tmp_path: Path) -> None:
             status += up.stdout.readline()
         assert "every health check ok" in out, out[-3000:]
         bridge = re.search(r"^bridge graphql\s+http://([\d.]+:\d+)/graphql", status, re.M)
-        signalman = re.search(r"^signalman grpc\s+(\S+)", status, re.M)
+        signalman = re.search(r"^signalman grpc\s+(.+)$", status, re.M)
         assert bridge and signalman, status
-        script = "\n".join(
-            [
-                "set -e",
-                *commands[:2],
-                "export OPS TOKEN",  # for the bounded sub-shell below
-                # The README's commands, each bounded, on this run's ports.
-                "timeout 30 bash -c "
-                + _quote(commands[2].replace("127.0.0.1:8080", bridge[1]))
-                + f" > {sub_path} 2>&1 || true",
-                "timeout 30 "
-                + commands[3].replace("127.0.0.1:18070,127.0.0.1:18071", signalman[1])
-                + f" > {tail_path} 2>&1 || true",
-            ]
+        # The README's token lines, as written, in one shell: they set OPS and TOKEN.
+        minted = subprocess.run(
+            ["bash", "-c", "\n".join(["set -e", *commands[:2], 'echo "$OPS $TOKEN"'])],
+            cwd=ROOT, check=True, capture_output=True, text=True,
+        ).stdout.split()  # fmt: skip
+        # Unbuffered: what the clients print reaches the files at once.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OPS": minted[0], "TOKEN": minted[1]}
+        subscription = commands[2].replace("127.0.0.1:8080", bridge[1])
+        tail = commands[3].replace(
+            "127.0.0.1:18070,127.0.0.1:18071", ",".join(signalman[1].split())
         )
-        started = time.monotonic()
-        # Unbuffered: what the clients printed before their time ran out is in the files.
-        subprocess.run(["bash", "-c", script], cwd=ROOT, check=True,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                       stdout=subprocess.DEVNULL)  # fmt: skip
-        assert time.monotonic() - started < 70
-        sub_out, tail_out = sub_path.read_text(), tail_path.read_text()
+        sub_s, sub_out = until_printed(subscription, '"type": "stream.', sub_path, env)
+        tail_s, tail_out = until_printed(tail, "node.registered", tail_path, env)
+        print(f"first event after: subscription {sub_s:.1f} s, signalman-tail {tail_s:.1f} s")
         assert '"tenantEvents"' in sub_out and '"type": "stream.' in sub_out, sub_out[-2000:]
         assert "node.registered" in tail_out, tail_out[-2000:]
     finally:
@@ -102,5 +99,28 @@ def test_the_readme_tour_shows_live_events(tmp_path: Path) -> None:
             up.wait()
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "'\"'\"'") + "'"
+def until_printed(
+    command: str, marker: str, path: Path, env: dict[str, str], limit_s: float = 30
+) -> tuple[float, str]:
+    """Run a README command that runs until Ctrl-C (``bash -c``, output to ``path``) until it
+    prints ``marker`` or ``limit_s`` passes, then Ctrl-C it: the seconds it took and what it
+    printed."""
+    started = time.monotonic()
+    with path.open("w") as out:
+        proc = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        while time.monotonic() - started < limit_s and proc.poll() is None:
+            if marker in path.read_text():
+                break
+            time.sleep(0.1)
+        took = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as the README says
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return took, path.read_text()

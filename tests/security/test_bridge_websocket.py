@@ -121,13 +121,21 @@ async def test_parse_and_limit_errors_are_graphql_errors_without_a_traceback(ext
 
 
 async def test_a_socket_is_closed_when_its_token_expires_unless_reauthenticated(
+    platform: Platform,
     extra_bridge,  # type: ignore[no-untyped-def]
 ) -> None:
     port = extra_bridge(BRIDGE_JWT_LEEWAY_S="0")
+    before = await _signalman_subscribers(platform)
     started = time.monotonic()
-    async with socket(port, token("acme", exp_in=2)) as ws:
+    async with socket(port, token("acme", exp_in=4)) as ws:
+        # A live subscription does not keep the socket, nor its stream, past the token.
+        await ws.send(
+            json.dumps({"id": "s", "type": "subscribe", "payload": {"query": SUB % "all"}})
+        )
+        await subscribers_become(platform, before + 1)
         assert await closed_with(ws) == (4401, "token expired")
-    assert time.monotonic() - started < 15  # at its expiry (2 s), not at some later cleanup
+    assert time.monotonic() - started < 15  # at its expiry (4 s), not at some later cleanup
+    await subscribers_become(platform, before)  # Bridge's stream to Signalman ended with it
     # A fresh token in a ping's payload keeps the socket open past the first one's expiry.
     async with socket(port, token("acme", exp_in=2)) as ws:
         fresh = {"Authorization": f"Bearer {token('acme', exp_in=60)}"}
@@ -148,6 +156,14 @@ async def _signalman_subscribers(platform: Platform) -> int:
         url = f"http://127.0.0.1:{platform.signalman_http}/health"
         health = (await http.get(url, headers=headers)).json()
     return int(health["subscribers"])
+
+
+async def subscribers_become(platform: Platform, count: int) -> None:
+    for _ in range(50):
+        if await _signalman_subscribers(platform) == count:
+            return
+        await asyncio.sleep(0.1)
+    assert await _signalman_subscribers(platform) == count
 
 
 async def test_a_tenants_subscriptions_share_one_stream_and_are_capped(
