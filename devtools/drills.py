@@ -312,7 +312,9 @@ class Platform:
         # Full redundancy is both replicas in the consumer group: a restarted replica answers ok
         # before its join completes while the other still owns every partition, and stopping
         # that other one then (a rolling restart's next step) left the group with a join in
-        # flight, which tansu never completed (both members 'group_join_stalled' for minutes).
+        # flight and a departed leader, which tansu never replaces: the joining member recovers
+        # by itself (signalman/consumer.py, 'group_join_stalled') but only after its join
+        # timeout, too late for a rolling restart's 2 s.
         for name in ("signalman-0", "signalman-1"):
             if not self.health(name).get("partitions"):
                 why.append(f"{name} owns no partition (not in the consumer group yet)")

@@ -12,7 +12,9 @@ processing at once but stays in the group, reconnects with backoff and takes its
 new fencing tokens (no rebalance, so a PostgreSQL restart costs the group nothing). Only when the
 connection stays down past ``lock_rejoin_after_s`` does it leave the group, so replicas that can
 still reach PostgreSQL take the partitions over. Every step of joining and taking ownership is
-bounded by a timeout, and a join that does not complete within ``join_timeout_s`` is reported.
+bounded by a timeout. A join that does not complete within ``join_timeout_s`` is reported and
+acted on: a leader that left the forming group is made to expire (the dev broker tansu keeps it
+as leader otherwise, and the group stays stalled), or else the member restarts its consumer.
 
 A member whose replica died is removed from the group by the survivors as soon as PostgreSQL
 shows its lock connection gone (``membership.PeerWatch``), instead of after its session timeout.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +33,7 @@ import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from opentelemetry import metrics
 
 from pkg.clients.backoff import Backoff
 from pkg.common import history
@@ -38,7 +42,7 @@ from pkg.common.kafkaconn import kafka_options
 from pkg.events.kafka import trace_of
 from signalman.deadletter import attempts_of
 from signalman.history import History, SourcePos
-from signalman.kafka_clients import leave_group, member_id, remove_member
+from signalman.kafka_clients import expire_departed_leader, leave_group, member_id, remove_member
 from signalman.membership import NONE, UNKNOWN_MEMBER_ID, PeerWatch
 from signalman.ownership import OwnershipLost, PartitionLocks
 from signalman.processor import Processor, RecordIn
@@ -54,6 +58,15 @@ MAX_REREAD = 100_000
 # Together well under the server's LEAVE_BOUND_S, so the leave happens, not the bound.
 STOP_COMMIT_BOUND_S = 1.0
 LEAVE_STEP_S = 1.5
+# A commit slower than this is logged (the broker is busy or the group is rebalancing).
+SLOW_COMMIT_S = 1.0
+_join_stalls = metrics.get_meter("signalman").create_counter(
+    "signalman_group_join_stalls",
+    description="group joins that had not completed within the join timeout (acted on: a "
+    "departed leader expired, or the consumer restarted)",
+)
+
+ExpireLeader = Callable[[Any, str, float], Awaitable[str | None]]
 
 
 class GroupSettings(Protocol):
@@ -170,12 +183,18 @@ class GroupMember:
         # Stay in the group through a short PostgreSQL outage; leave on a long one so that
         # replicas that can still reach it take the partitions over (0: never leave).
         self.lock_rejoin_after_s = cfg.lock_rejoin_after_s
-        # tansu holds a join ~3 s, Kafka up to the rebalance timeout: past this a join is stuck
-        # (seen on tansu after members left: a departed member stays the group leader and the
-        # followers' SyncGroup never gets an assignment). Reported, not acted on: rejoining
-        # as a new member does not clear it and every LeaveGroup can leave another such ghost.
-        self.join_timeout_s = max(20.0, 2 * session_s + 5)
+        # tansu holds a join up to half the session, Kafka up to the rebalance timeout: past
+        # this a join is stuck. Seen on tansu when the leader left while the group was forming:
+        # it stays the group's leader, the followers' SyncGroup never gets an assignment, and
+        # a member that restarts joins the same leaderless round (measured: stalled again).
+        # So a stalled member first makes such a departed leader expire
+        # (``kafka_clients.expire_departed_leader``), and restarts its consumer only when
+        # there was none; the next stall report comes a join timeout later at the earliest.
+        self.join_timeout_s = max(8.0, 2 * session_s + 5)
         self._join_reported_at = 0.0
+        self.join_stalls = 0
+        self._unstall_task: asyncio.Task[None] | None = None
+        self.expire_leader: ExpireLeader = expire_departed_leader
         self.start_timeout_s = 15.0
         self.keeper_interval_s = 0.1
         # Survivors remove a dead member from the group at once (its lock connection is gone)
@@ -317,9 +336,16 @@ class GroupMember:
     async def _keep_ownership_once(self, backoff: Backoff) -> None:
         now = self.clock.monotonic()
         joining_s = 0.0 if self._joining_since is None else now - self._joining_since
-        if joining_s > self.join_timeout_s and now - self._join_reported_at > self.join_timeout_s:
+        unstalling = self._unstall_task is not None and not self._unstall_task.done()
+        if (joining_s > self.join_timeout_s and not unstalling
+                and now - self._join_reported_at > self.join_timeout_s):  # fmt: skip
             self._join_reported_at = now
+            self.join_stalls += 1
+            _join_stalls.add(1)
             log.error("group_join_stalled", waited_s=round(joining_s, 1))
+            # A task: expiring a leader waits for two joins the broker holds, and the keeper
+            # must go on watching the lock connection meanwhile.
+            self._unstall_task = asyncio.create_task(self._unstall(joining_s))
         locks = self.locks
         if locks is not None and (locks.lost.is_set() or not locks.connected):
             if self._lock_down_since is None:
@@ -357,6 +383,27 @@ class GroupMember:
             else:
                 self._retry_at = self.clock.monotonic() + backoff.next_delay()
         await self._watch_peers()
+
+    async def _unstall(self, joining_s: float) -> None:
+        """A join stalled: expire a departed leader if the broker still names one, else restart
+        the consumer (a new member, after the run loop's backoff)."""
+        leader: str | None = None
+        consumer = self.consumer
+        if consumer is not None:
+            timeout_s = self.cfg.session_timeout_ms / 1000 + 5
+            try:
+                leader = await self.expire_leader(consumer, self.cfg.group_id, timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("departed_leader_check_failed", error=repr(exc)[:200])
+        if leader is None:
+            log.warning("group_join_stalled_restarting", waited_s=round(joining_s, 1))
+            self._request_restart(f"group join stalled for {round(joining_s, 1)} s")
+        else:
+            # The broker evicts it a session timeout after our join for it, then the next join
+            # round elects a live member: no new report (and restart) before that had its time.
+            self._join_reported_at = self.clock.monotonic() + self.cfg.session_timeout_ms / 1000
 
     async def _remove_member(self, member: str) -> int:
         if self.consumer is None:
@@ -421,9 +468,21 @@ class GroupMember:
         self.consumer.subscribe([cfg.topic], listener=_Listener(self))
 
     async def _stop_consumer(self) -> None:
+        """Commit what was processed (bounded), leave the group, release every lock, stop the
+        consumer: in that order, each step's duration logged (``consumer_stopped``)."""
+        started = self.clock.monotonic()
         stopping = self._stopping.is_set()
+        unstall, self._unstall_task = self._unstall_task, None
+        if unstall is not None and not unstall.done():
+            unstall.cancel()
+        if self.consumer is not None:
+            log.info("consumer_stopping", stopping=stopping,
+                     commit_in_flight=self._commit_task is not None
+                     and not self._commit_task.done(),
+                     pending_offsets=len(self._pending_offsets))  # fmt: skip
         await self._flush_before_leaving(STOP_COMMIT_BOUND_S if stopping else 5.0)
         self._pending_offsets.clear()
+        flushed_s = self.clock.monotonic() - started
         consumer, self.consumer = self.consumer, None
         self.owned.clear()
         self.assignment.clear()
@@ -434,6 +493,7 @@ class GroupMember:
         # group's leader and hold the rejoin (test_postgres_restart's rejoin missed its 25 s
         # bound in 1 of 4 quiet runs with it, 0 of 4 without).
         left = consumer is None or not stopping or await self._leave_group(consumer)
+        left_s = self.clock.monotonic() - started
         if self.peers is not None and left:
             with contextlib.suppress(Exception):  # best effort: a leftover is found gone later
                 await asyncio.wait_for(self.peers.forget_self(), 2.0)
@@ -442,8 +502,13 @@ class GroupMember:
         if self.locks is not None:
             await self.locks.close()  # closing the connection releases every lock it held
         if consumer is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(consumer.stop(), 10.0)
+            except Exception as exc:
+                log.warning("consumer_stop_failed", error=repr(exc)[:200])
+            log.info("consumer_stopped", stopping=stopping, commit_s=round(flushed_s, 3),
+                     left_s=round(left_s, 3),
+                     total_s=round(self.clock.monotonic() - started, 3))  # fmt: skip
 
     async def _flush_before_leaving(self, bound_s: float) -> None:
         """Commit what was processed, for at most ``bound_s``: a commit not made only makes the
@@ -733,8 +798,13 @@ class GroupMember:
         """One commit for every partition of the batch, after their appends returned."""
         if not offsets:
             return
+        started = self.clock.monotonic()
         try:
             await self.consumer.commit(offsets)
+            took_s = self.clock.monotonic() - started
+            if took_s > SLOW_COMMIT_S:
+                log.info("commit_slow", took_s=round(took_s, 3),
+                         partitions=sorted(tp.partition for tp in offsets))  # fmt: skip
         except KafkaError as exc:
             # A rebalance is under way; the next owner re-reads from the last commit and the
             # history's watermark skips what we appended.

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from typing import Any, Protocol
 
 import structlog
 from aiokafka.client import ConnectionGroup
 from aiokafka.errors import KafkaError
-from aiokafka.protocol.group import LeaveGroupRequest
+from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 
 log = structlog.get_logger("signalman.kafka")
 
@@ -93,15 +94,22 @@ async def leave_group(consumer: Any, group_id: str, timeout_s: float = 3.0) -> i
     # or a retried coordinator lookup kept a stopping replica in the group for 5 s, and the
     # hand-over waited for it. A routine still busy after ``timeout_s`` is cancelled and the
     # LeaveGroup sent here, whatever the generation (the broker answers it after the held join).
+    started = time.monotonic()
     closing = asyncio.ensure_future(coordinator.close())  # sends LeaveGroup for generation > 0
     done, _ = await asyncio.wait({closing}, timeout=timeout_s)
     if done:
         closing.result()
+        took_s = time.monotonic() - started
+        if took_s > 0.5:
+            log.info("group_coordination_closed_slowly", member_id=member,
+                     took_s=round(took_s, 3))  # fmt: skip
         if not member or generation != 0:
             return None
         return await remove_member(consumer, group_id, member, timeout_s)
     routine = getattr(coordinator, "_coordination_task", None)
-    log.warning("group_coordination_slow", member_id=member, waited_s=timeout_s)
+    # Where the routine waited (a held JoinGroup, a commit retried...): the log says which.
+    log.warning("group_coordination_slow", member_id=member, waited_s=timeout_s,
+                waiting_in=_where(routine))  # fmt: skip
     if routine is not None:
         routine.cancel()
     await asyncio.wait({closing}, timeout=timeout_s)  # ends at once: its await was cancelled
@@ -110,3 +118,75 @@ async def leave_group(consumer: Any, group_id: str, timeout_s: float = 3.0) -> i
     if not member:
         return None
     return await remove_member(consumer, group_id, member, timeout_s)
+
+
+def _where(task: asyncio.Task[Any] | None) -> list[str]:
+    """The innermost coroutines ``task`` is suspended in (function:line), for a log line."""
+    if task is None or task.done():
+        return []
+    frames: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None and len(frames) < 16:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        frames.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames[-4:]
+
+
+async def _join_as(consumer: Any, group_id: str, member: str, timeout_s: float) -> Any:
+    """Send one JoinGroup for ``member`` with ``consumer``'s own subscription (its protocols and
+    timeouts) to the group coordinator; the broker's answer (held as long as it holds joins)."""
+    coordinator = consumer._coordinator
+    node = coordinator.coordinator_id
+    if node is None:
+        raise KafkaError("no group coordinator known yet")
+    topics = consumer._subscription.topics
+    protocols = []
+    for assignor in coordinator._assignors:
+        metadata = assignor.metadata(topics)
+        protocols.append((assignor.name, metadata if isinstance(metadata, bytes)
+                          else metadata.encode()))  # fmt: skip
+    request = JoinGroupRequest(
+        group_id,
+        coordinator._session_timeout_ms,
+        coordinator._rebalance_timeout_ms,
+        member,
+        None,
+        "consumer",
+        protocols,
+    )
+    return await asyncio.wait_for(
+        consumer._client.send(node, request, group=ConnectionGroup.COORDINATION), timeout_s
+    )
+
+
+async def expire_departed_leader(consumer: Any, group_id: str, timeout_s: float) -> str | None:
+    """Let the broker expire a group leader that left while the group was forming; returns its
+    member id, or None when the leader is ``consumer`` itself or no leader is named.
+
+    tansu (the dev stack's broker) removes a member that sends LeaveGroup while the group is
+    forming (a join in flight) but keeps it as the group's leader: the others' SyncGroup then
+    never gets an assignment, and a new member joins the same leaderless round, so the group
+    stays stalled until the broker restarts. tansu only drops a leader when it evicts it for a
+    missed session, which needs the leader to be a member. So: one JoinGroup under our own id
+    to learn who the broker names leader, and if that is another member, one JoinGroup under
+    its id, which makes it a member again that nobody heartbeats for; a session timeout later
+    the broker evicts it, forgets it as leader and the next join elects a live member. A real
+    Kafka answers a JoinGroup for a member id it does not know with UNKNOWN_MEMBER_ID and
+    never stalls this way, so there this changes nothing.
+    """
+    started = time.monotonic()
+    me = member_id(consumer)
+    probe = await _join_as(consumer, group_id, me, timeout_s)
+    leader = str(probe.leader_id or "")
+    if probe.error_code or not leader or leader == me:
+        log.info("group_leader_checked", leader=leader or None, error_code=probe.error_code,
+                 took_s=round(time.monotonic() - started, 3))  # fmt: skip
+        return None
+    revived = await _join_as(consumer, group_id, leader, timeout_s)
+    took_s = round(time.monotonic() - started, 3)
+    log.warning("departed_group_leader_expiring", leader=leader, member_id=me,
+                error_code=revived.error_code, took_s=took_s)  # fmt: skip
+    return leader

@@ -2,8 +2,8 @@
 
 What it must do with the lock connection and the partitions the group assigned: never process
 without the lock, re-lock inside the group after a short outage, leave only after
-``lock_rejoin_after_s``, retry what the listener could not lock, and never restart the member
-for a slow join (it is reported instead).
+``lock_rejoin_after_s``, retry what the listener could not lock, and act on a stalled join
+(expire a departed leader, or else restart the consumer).
 """
 
 from __future__ import annotations
@@ -212,15 +212,43 @@ async def test_a_partition_revoked_while_pending_is_not_taken() -> None:
     assert member.owned == {} and locks.fences == {0: 1}
 
 
-async def test_a_slow_join_is_reported_but_does_not_restart_the_member() -> None:
-    clock, locks = FakeClock(), FakeLocks()
-    member = member_with(locks, clock, session_timeout_ms=6_000)
-    await member.revoked([])  # a rebalance starts; no assignment follows
+async def stalled(member: GroupMember, clock: FakeClock) -> None:
+    """A rebalance starts and no assignment follows for longer than the join timeout."""
+    await member.revoked([])
     backoff = Backoff(clock=clock)
     await step(member, backoff, clock, member.join_timeout_s + 1)
     await step(member, backoff, clock, 0.1)
-    assert member._join_reported_at > 0  # logged (group_join_stalled)
-    assert not member._restart.is_set()  # a new member would not clear a stuck broker
+    assert member._unstall_task is not None
+    await member._unstall_task
+
+
+async def test_a_stalled_join_expires_a_departed_leader_and_keeps_the_member() -> None:
+    clock, locks = FakeClock(), FakeLocks()
+    member = member_with(locks, clock, session_timeout_ms=6_000)
+    asked: list[tuple[str, float]] = []
+
+    async def departed_leader(_consumer: Any, group: str, timeout_s: float) -> str | None:
+        asked.append((group, timeout_s))
+        return "gone-member"
+
+    member.expire_leader = departed_leader
+    await stalled(member, clock)
+    assert member.join_stalls == 1 and asked == [("signalman", 11.0)]
+    # The join goes on: once the broker expires the leader, it elects a live member.
+    assert not member._restart.is_set()
+
+
+async def test_a_stalled_join_without_a_departed_leader_restarts_the_consumer() -> None:
+    clock, locks = FakeClock(), FakeLocks()
+    member = member_with(locks, clock, session_timeout_ms=6_000)
+
+    async def no_leader_to_expire(_consumer: Any, _group: str, _timeout_s: float) -> str | None:
+        raise ConnectionResetError("coordinator gone")
+
+    member.expire_leader = no_leader_to_expire
+    await stalled(member, clock)
+    assert member.join_stalls == 1
+    assert member._restart.is_set() and "stalled" in member._restart_reason
 
 
 async def test_a_partition_locked_but_not_claimed_is_released_on_revocation() -> None:
