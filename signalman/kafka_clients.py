@@ -135,6 +135,17 @@ def _where(task: asyncio.Task[Any] | None) -> list[str]:
     return frames[-4:]
 
 
+def rejoin_now(consumer: Any) -> bool:
+    """Make ``consumer`` rejoin its group now instead of at its next heartbeat; False when it has
+    no group membership to renew (not started, or stopping)."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    closing = getattr(coordinator, "_closing", None)
+    if coordinator is None or closing is None or closing.done():
+        return False
+    coordinator.request_rejoin()
+    return True
+
+
 async def _join_as(consumer: Any, group_id: str, member: str, timeout_s: float) -> Any:
     """Send one JoinGroup for ``member`` with ``consumer``'s own subscription (its protocols and
     timeouts) to the group coordinator; the broker's answer (held as long as it holds joins)."""
