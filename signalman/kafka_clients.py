@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import structlog
 from aiokafka.client import ConnectionGroup
 from aiokafka.errors import KafkaError
+from aiokafka.protocol.admin import DescribeGroupsRequest
 from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 
 log = structlog.get_logger("signalman.kafka")
@@ -146,6 +147,21 @@ def rejoin_now(consumer: Any) -> bool:
     return True
 
 
+async def _group_members(consumer: Any, group_id: str, timeout_s: float) -> set[str]:
+    """The member ids the group coordinator lists for ``group_id`` (DescribeGroups)."""
+    node = consumer._coordinator.coordinator_id
+    if node is None:
+        raise KafkaError("no group coordinator known yet")
+    response = await asyncio.wait_for(
+        consumer._client.send(node, DescribeGroupsRequest([group_id]),
+                              group=ConnectionGroup.COORDINATION),
+        timeout_s,
+    )  # fmt: skip
+    # Every version: (error_code, group, state, protocol_type, protocol, members, ...), each
+    # member's id first.
+    return {str(m[0]) for g in response.groups if g[1] == group_id for m in g[5]}
+
+
 async def _join_as(consumer: Any, group_id: str, member: str, timeout_s: float) -> Any:
     """Send one JoinGroup for ``member`` with ``consumer``'s own subscription (its protocols and
     timeouts) to the group coordinator; the broker's answer (held as long as it holds joins)."""
@@ -184,9 +200,10 @@ async def expire_departed_leader(consumer: Any, group_id: str, timeout_s: float)
     missed session, which needs the leader to be a member. So: one JoinGroup under our own id
     to learn who the broker names leader, and if that is another member, one JoinGroup under
     its id, which makes it a member again that nobody heartbeats for; a session timeout later
-    the broker evicts it, forgets it as leader and the next join elects a live member. A real
-    Kafka answers a JoinGroup for a member id it does not know with UNKNOWN_MEMBER_ID and
-    never stalls this way, so there this changes nothing.
+    the broker evicts it, forgets it as leader and the next join elects a live member. Only a
+    leader the broker no longer lists as a member is treated so: a JoinGroup under a live
+    member's id would stand in for that member's own join. A real Kafka always elects its
+    leader among the members, so there this never sends the second JoinGroup.
     """
     started = time.monotonic()
     me = member_id(consumer)
@@ -194,6 +211,10 @@ async def expire_departed_leader(consumer: Any, group_id: str, timeout_s: float)
     leader = str(probe.leader_id or "")
     if probe.error_code or not leader or leader == me:
         log.info("group_leader_checked", leader=leader or None, error_code=probe.error_code,
+                 took_s=round(time.monotonic() - started, 3))  # fmt: skip
+        return None
+    if leader in await _group_members(consumer, group_id, timeout_s):
+        log.info("group_leader_is_a_member", leader=leader,
                  took_s=round(time.monotonic() - started, 3))  # fmt: skip
         return None
     revived = await _join_as(consumer, group_id, leader, timeout_s)

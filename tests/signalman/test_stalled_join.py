@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaConsumer
 from api_realtime.config import SignalmanConfig
 from signalman.consumer import GroupMember, ensure_topics
 from signalman.history.memory import MemoryHistory
-from signalman.kafka_clients import leave_group, member_id
+from signalman.kafka_clients import expire_departed_leader, leave_group, member_id
 from signalman.processor import Processor
 from tests.signalman.conftest import wait_until
 
@@ -91,3 +91,37 @@ async def test_a_member_stalled_by_a_departed_leader_gets_the_partitions(
             running.cancel()
         await member.close()
         await leader.stop()
+
+
+async def test_a_leader_that_is_still_a_member_is_never_joined_for(kafka_broker: Any) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    topic, group = f"alive-{suffix}", f"alive-{suffix}"
+    await ensure_topics(kafka_broker.bootstrap, {topic: PARTITIONS})
+    consumers = [
+        AIOKafkaConsumer(
+            bootstrap_servers=kafka_broker.bootstrap,
+            group_id=group,
+            enable_auto_commit=False,
+            session_timeout_ms=SESSION_TIMEOUT_MS,
+            rebalance_timeout_ms=SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=500,
+        )
+        for _ in range(2)
+    ]
+    try:
+        for consumer in consumers:
+            await consumer.start()
+            consumer.subscribe([topic])
+
+        async def settled() -> bool:
+            for consumer in consumers:
+                await consumer.getmany(timeout_ms=50)
+            return all(c.assignment() for c in consumers)
+
+        await wait_until(settled, timeout=30, what="both members assigned")
+        # Whichever is the follower asks: the leader it is told of is a live member.
+        for consumer in consumers:
+            assert await expire_departed_leader(consumer, group, 10.0) is None
+    finally:
+        for consumer in consumers:
+            await consumer.stop()
