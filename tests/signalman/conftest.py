@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from api_realtime.config import SignalmanConfig
 from api_realtime.server import SignalmanApp
@@ -52,6 +53,19 @@ def event_json(tenant: str, etype: str = "stream.started", **data: Any) -> str:
 
 # Signalman tests poll a little less often (replica processes on a loaded machine).
 wait_until = functools.partial(eventually, interval=0.05)
+
+
+def plain_consumer(bootstrap: str, group: str, session_timeout_ms: int) -> AIOKafkaConsumer:
+    """A plain aiokafka group member (no Signalman around it), for tests of group mechanics on
+    the real broker: manual commits, heartbeats every 500 ms."""
+    return AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group,
+        enable_auto_commit=False,
+        session_timeout_ms=session_timeout_ms,
+        rebalance_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=500,
+    )
 
 
 def embedded_config(**overrides: Any) -> SignalmanConfig:

@@ -13,12 +13,11 @@ import uuid
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from signalman.consumer import ensure_topics
 from signalman.kafka_clients import leave_group, member_id
-from tests.signalman.conftest import wait_until
+from tests.signalman.conftest import plain_consumer, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -40,14 +39,7 @@ async def test_a_member_stopped_in_the_first_generation_leaves_the_group_at_once
     await ensure_topics(kafka_broker.bootstrap, {topic: 2})
     admin = AIOKafkaAdminClient(bootstrap_servers=kafka_broker.bootstrap)
     await admin.start()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=kafka_broker.bootstrap,
-        group_id=group,
-        enable_auto_commit=False,
-        session_timeout_ms=SESSION_TIMEOUT_MS,
-        rebalance_timeout_ms=SESSION_TIMEOUT_MS,
-        heartbeat_interval_ms=500,
-    )
+    consumer = plain_consumer(kafka_broker.bootstrap, group, SESSION_TIMEOUT_MS)
     try:
         await consumer.start()
         consumer.subscribe([topic])

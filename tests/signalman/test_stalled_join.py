@@ -14,14 +14,13 @@ import uuid
 from typing import Any
 
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from api_realtime.config import SignalmanConfig
 from signalman.consumer import GroupMember, ensure_topics
 from signalman.history.memory import MemoryHistory
 from signalman.kafka_clients import expire_departed_leader, leave_group, member_id
 from signalman.processor import Processor
-from tests.signalman.conftest import wait_until
+from tests.signalman.conftest import plain_consumer, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.failure, pytest.mark.timeout(90)]
 
@@ -39,14 +38,7 @@ async def test_a_member_stalled_by_a_departed_leader_gets_the_partitions(
     suffix = uuid.uuid4().hex[:8]
     topic, group = f"stall-{suffix}", f"stall-{suffix}"
     await ensure_topics(kafka_broker.bootstrap, {topic: PARTITIONS, f"{topic}.dlq": PARTITIONS})
-    leader = AIOKafkaConsumer(
-        bootstrap_servers=kafka_broker.bootstrap,
-        group_id=group,
-        enable_auto_commit=False,
-        session_timeout_ms=SESSION_TIMEOUT_MS,
-        rebalance_timeout_ms=SESSION_TIMEOUT_MS,
-        heartbeat_interval_ms=500,
-    )
+    leader = plain_consumer(kafka_broker.bootstrap, group, SESSION_TIMEOUT_MS)
     config = SignalmanConfig(
         kafka_bootstrap=kafka_broker.bootstrap,
         topic=topic,
@@ -98,15 +90,7 @@ async def test_a_leader_that_is_still_a_member_is_never_joined_for(kafka_broker:
     topic, group = f"alive-{suffix}", f"alive-{suffix}"
     await ensure_topics(kafka_broker.bootstrap, {topic: PARTITIONS})
     consumers = [
-        AIOKafkaConsumer(
-            bootstrap_servers=kafka_broker.bootstrap,
-            group_id=group,
-            enable_auto_commit=False,
-            session_timeout_ms=SESSION_TIMEOUT_MS,
-            rebalance_timeout_ms=SESSION_TIMEOUT_MS,
-            heartbeat_interval_ms=500,
-        )
-        for _ in range(2)
+        plain_consumer(kafka_broker.bootstrap, group, SESSION_TIMEOUT_MS) for _ in range(2)
     ]
     try:
         for consumer in consumers:
