@@ -51,9 +51,13 @@ def _terminated(signum: int, _frame: object) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        with contextlib.suppress(ValueError):  # not the main thread: keep the default
+    with contextlib.suppress(ValueError):  # not the main thread: keep what is there
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _terminated)
+        # A run started in the background of a non-interactive shell inherits SIGINT ignored,
+        # and then ./dev test's hang guard (SIGINT to the run) would stop nothing.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # ./dev test runs two pytest-xdist workers with --dist loadscope: each scope runs on one worker,

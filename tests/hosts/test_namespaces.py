@@ -8,10 +8,12 @@ also when an assertion fails half-way.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -142,3 +144,73 @@ def test_the_machine_namespace_never_routes_to_the_hosts(created: hosts.Hosts) -
         ["ip", "route", "get", PLAN.host("a").address], check=False, capture_output=True, text=True
     )
     assert route.returncode != 0 or "unreachable" in route.stdout
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# A run that holds hosts (a fixture made them, a process runs inside one) until it is stopped.
+HELD = hosts.HostPlan(prefix="hapk", subnet="10.213.10.0/24", names=("a", "b"))
+HOLDING_RUN = f"""
+import subprocess, time
+import pytest
+from devtools import hosts
+
+PLAN = hosts.HostPlan(prefix={HELD.prefix!r}, subnet={HELD.subnet!r}, names={HELD.names!r})
+
+
+@pytest.fixture
+def created():
+    made = hosts.Hosts(PLAN)
+    made.setup()
+    try:
+        yield made
+    finally:
+        made.teardown()
+
+
+def test_holds_its_hosts(created):
+    inside = subprocess.Popen([*PLAN.host("a").exec_prefix(), "sleep", "300"],
+                              stdout=subprocess.DEVNULL)
+    print("holding", inside.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_run_stopped_with_sigterm_removes_its_hosts_and_their_processes(
+    tmp_path: Path,
+) -> None:
+    """CI cancelling a job or `timeout` sends SIGTERM: the fixtures' finalizers must still run
+    (tests/conftest.py), or the namespaces, the guard route and the processes inside stay."""
+    (tmp_path / "test_holding.py").write_text(HOLDING_RUN)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DEV_TEST_STACKS_FILE", "PYTEST_XDIST_WORKER")}  # fmt: skip
+    cmd = [sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider",
+           "-p", "no:xdist", "-s", "-q", "--rootdir", str(tmp_path),
+           str(tmp_path / "test_holding.py")]  # fmt: skip
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = ""
+        while not line.startswith("holding") and proc.poll() is None:
+            line = proc.stdout.readline()
+        assert line.startswith("holding"), "the run never held its hosts"
+        inside = int(line.split()[1])
+        assert set(hosts.list_netns()) >= {h.netns for h in HELD.hosts()}
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+        left = hosts.leftovers(HELD)
+        inside_alive = running(inside)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        hosts.Hosts(HELD).teardown()  # whatever a failing run left
+    assert "KeyboardInterrupt" in out, out[-2000:]
+    assert left == [] and not inside_alive
