@@ -117,7 +117,7 @@ class FoghornConfig(ServiceSettings, GrpcServiceListeners):
     # After health says not serving, a replica with peers keeps answering this long before its
     # gRPC server stops accepting: callers that check health (pkg.clients' active checks, a load
     # balancer) have moved away by then, so no call arrives as the server shuts down (grpc
-    # cancels those, and CANCELLED is never retried).
+    # cancels those: pkg.clients retries an idempotent one on another replica, not the others).
     drain_delay_s: float = 1.0
     max_message_bytes: int = 1024 * 1024
     routing_event_sample: float = 0.01  # fraction of routing decisions emitted as events

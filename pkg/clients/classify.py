@@ -12,8 +12,11 @@ the ``reason`` attribute of the retry metrics. The rules (see docs/rfcs/client-r
 * RESOURCE_EXHAUSTED with a ``grpc-retry-pushback-ms`` (a server shedding load) is retried for
   idempotent methods after the pushback; it costs a budget token but does not count against
   the breaker (the server is alive). Without pushback it is a domain error (a quota).
-* CANCELLED, the breaker's own open error, the limiter's refusal and domain errors are never
-  retried.
+* CANCELLED by the caller (a cancelled task or call) is never retried. CANCELLED that came from
+  the server (grpc-core cancels the calls that reach a server as it shuts down, before the
+  caller has seen its GOAWAY) is retried for idempotent methods, on another replica; it does not
+  count against the breaker or outlier detection.
+* The breaker's own open error, the limiter's refusal and domain errors are never retried.
 * A negative ``grpc-retry-pushback-ms`` (or an unparsable one) means "do not retry".
 """
 
@@ -106,6 +109,14 @@ def outlier_outcome(exc: BaseException, timeout_counts: bool, connected: bool = 
     return OUTCOME_SUCCESS
 
 
+def _cancelled_here(exc: BaseException) -> bool:
+    """Whether this process cancelled the call itself. grpc.aio raises asyncio.CancelledError
+    for a local cancel (classified before this), never a CANCELLED status; a sync call object
+    says so through ``cancelled()``. A CANCELLED status otherwise came from the peer."""
+    cancelled = getattr(exc, "cancelled", None)
+    return bool(callable(cancelled) and cancelled())
+
+
 def classify_grpc(
     exc: BaseException,
     *,
@@ -180,7 +191,15 @@ def classify_grpc(
             overload=True,
         )
     if code == grpc.StatusCode.CANCELLED:
-        return Verdict(False, "CANCELLED is never retried", BREAKER_IGNORE, pushback, name)
+        if _cancelled_here(exc):
+            return Verdict(False, "cancelled by the caller", BREAKER_IGNORE, pushback, name)
+        # The peer cancelled: a server shutting down cancels the calls that reach it as it
+        # stops accepting (they raced its GOAWAY), and after its grace the ones still running.
+        if idempotent:
+            why = "CANCELLED by the server (a replica stopping)"
+            return Verdict(True, why, BREAKER_IGNORE, pushback, name)
+        why = "CANCELLED by the server on a non-idempotent method that may have run"
+        return Verdict(False, why, BREAKER_IGNORE, pushback, name)
     return Verdict(False, f"{name} is not retryable", breaker, pushback, name)
 
 

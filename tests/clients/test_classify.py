@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -52,7 +54,6 @@ def test_classifier_rules_each_with_a_reason() -> None:
     assert not spent.retryable and "overall deadline" in spent.reason
     assert not verdict(grpc.StatusCode.DEADLINE_EXCEEDED).retryable
     for code in (
-        grpc.StatusCode.CANCELLED,
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.NOT_FOUND,
         grpc.StatusCode.PERMISSION_DENIED,
@@ -76,3 +77,30 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", 1445412480.0) == pytest.approx(10.0)
     assert parse_retry_after("soon", 0.0) is None
     assert parse_retry_after(None, 0.0) is None
+
+
+class _LocallyCancelled(grpc.RpcError):
+    """A sync call object the caller cancelled: code CANCELLED, ``cancelled()`` True."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.CANCELLED
+
+    def cancelled(self) -> bool:
+        return True
+
+
+def test_cancelled_is_retried_only_when_the_server_cancelled_an_idempotent_call() -> None:
+    by_server = verdict(grpc.StatusCode.CANCELLED)  # a replica stopping cancelled it
+    assert by_server.retryable and "server" in by_server.reason
+    assert by_server.breaker == BREAKER_IGNORE
+    may_have_run = verdict(grpc.StatusCode.CANCELLED, idempotent=False)
+    assert not may_have_run.retryable and "non-idempotent" in may_have_run.reason
+    for local in (_LocallyCancelled(), asyncio.CancelledError()):
+        result = classify_grpc(
+            local,
+            idempotent=True,
+            attempt_capped=False,
+            time_left=1.0,
+            failure_codes=DEFAULT_BREAKER_FAILURE_CODES,
+        )
+        assert not result.retryable and "caller" in result.reason

@@ -11,6 +11,8 @@ import pytest
 from pkg.clients import aio_channel, sync_channel
 from pkg.proto.testsvc.v1 import testsvc_pb2 as pb
 from pkg.proto.testsvc.v1 import testsvc_pb2_grpc as pb_grpc
+from pkg.testsvc.server import TestServicer as Servicer
+from pkg.testsvc.server import build
 from tests.clients.conftest import addresses, both_in_rotation, fast_policy, replica_command
 from tests.waiting import eventually
 
@@ -44,6 +46,44 @@ async def test_calls_keep_succeeding_when_one_of_two_replicas_is_killed(replica_
     }
     assert after == {"b"}
     await channel.close()
+
+
+async def test_no_call_fails_when_a_replica_stops_gracefully_under_load() -> None:
+    # A gRPC server that stops cancels the calls reaching it before its callers have seen the
+    # GOAWAY (CANCELLED, from the server): an idempotent call retries them on the other replica.
+    a, b = build(Servicer("a")), build(Servicer("b"))
+    await a.start()
+    await b.start()
+    channel = aio_channel([f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"], fast_policy())
+    stub = pb_grpc.TestServiceStub(channel)
+    failures: list[str] = []
+    answered: list[str] = []
+
+    async def one(i: int) -> None:
+        request = pb.UnaryRequest(key=f"stop-{i}", behavior=pb.Behavior(delay_s=0.01))
+        try:
+            answered.append((await stub.Unary(request, timeout=5)).server_id)
+        except grpc.RpcError as exc:
+            failures.append(f"{exc.code().name}: {exc.details()}")
+
+    try:
+        await both_in_rotation(stub)
+        calls: list[asyncio.Task[None]] = []
+        stopping: asyncio.Task[None] | None = None
+        for i in range(1500):  # ~1,000 calls a second, the stop starting a third of the way in
+            calls.append(asyncio.create_task(one(i)))
+            if i == 500:
+                stopping = asyncio.create_task(a.stop(2.0))
+            await asyncio.sleep(0.001)
+        await asyncio.gather(*calls)
+        assert stopping is not None
+        await stopping
+        assert failures == []
+        assert len(answered) == 1500 and answered[-1] == "b"
+    finally:
+        await channel.close()
+        await a.stop(0)
+        await b.stop(0)
 
 
 def test_sync_channel_fails_over_too(replica_pair) -> None:

@@ -51,12 +51,27 @@ async def test_unavailable_is_retried_until_success(aio_stub, stats_stub, key) -
     assert (await attempts(stats_stub, key)).attempts == 3
 
 
-@pytest.mark.parametrize("code", [INVALID_ARGUMENT, NOT_FOUND, CANCELLED])
-async def test_domain_errors_and_cancelled_are_not_retried(aio_stub, stats_stub, key, code) -> None:
+@pytest.mark.parametrize("code", [INVALID_ARGUMENT, NOT_FOUND])
+async def test_domain_errors_are_not_retried(aio_stub, stats_stub, key, code) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await aio_stub.Unary(failing(key, 3, code), timeout=5)
     assert info.value.code().value[0] == code
     assert (await attempts(stats_stub, key)).attempts == 1
+
+
+async def test_cancelled_by_the_server_is_retried_on_idempotent_methods_only(
+    aio_stub, stats_stub, target, key
+) -> None:
+    # What a server that is shutting down answers to calls that raced its GOAWAY.
+    reply = await aio_stub.Unary(failing(key, 2, CANCELLED), timeout=5)
+    assert reply.attempt == 3
+    policy = Policy(retry=RetryPolicy(non_idempotent_methods=(TESTSVC,)))
+    channel = aio_channel(target, policy)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await pb_grpc.TestServiceStub(channel).Unary(failing(f"{key}-w", 1, CANCELLED), timeout=5)
+    await channel.close()
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert (await attempts(stats_stub, f"{key}-w")).attempts == 1
 
 
 async def test_unavailable_on_a_non_idempotent_method_is_not_retried(target, stats_stub, key):

@@ -41,8 +41,13 @@ def test_with_call_returns_the_successful_attempts_call(sync_stub, key) -> None:
     assert reply.attempt == 2 and call.code() == grpc.StatusCode.OK
 
 
-@pytest.mark.parametrize("code", [INVALID_ARGUMENT, NOT_FOUND, CANCELLED])
-def test_domain_errors_and_cancelled_are_not_retried(sync_stub, key, code) -> None:
+def test_cancelled_by_the_server_is_retried(sync_stub, key) -> None:
+    reply = sync_stub.Unary(failing(key, 2, CANCELLED), timeout=5)
+    assert reply.attempt == 3
+
+
+@pytest.mark.parametrize("code", [INVALID_ARGUMENT, NOT_FOUND])
+def test_domain_errors_are_not_retried(sync_stub, key, code) -> None:
     with pytest.raises(grpc.RpcError) as info:
         sync_stub.Unary(failing(key, 3, code), timeout=5)
     assert info.value.code().value[0] == code
