@@ -157,10 +157,11 @@ class FleetNode:
         from pkg.clients.backoff import Backoff
 
         backoff = Backoff(base=self.jitter_s, cap=max(self.jitter_s, 5.0))
-        attempt = 0
+        target = self.targets[self.index % len(self.targets)]
         moving_to = ""
         while True:
-            target = moving_to or self.targets[(self.index + attempt) % len(self.targets)]
+            if moving_to:
+                target = moving_to
             self.moving_to = ""
             registered = self.connects
             try:
@@ -175,7 +176,12 @@ class FleetNode:
             moving_to = self.moving_to
             if moving_to:  # Foghorn moved the node (rebalancing): at once, as edge-sim does
                 continue
-            attempt += 1
+            # The next address after the one whose stream just broke, as edge-sim avoids the
+            # address that failed: counting attempts instead sent a node that Foghorn had
+            # moved back to the dead replica first in the herd (3,453 failed attempts for
+            # 5,164 re-registrations, each followed by a longer backoff).
+            known = self.targets
+            target = known[(known.index(target) + 1) % len(known)] if target in known else known[0]
             await backoff.wait()
 
     async def _session(self, target: str, backoff: Any) -> None:
