@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol, TypeVar
@@ -28,6 +29,10 @@ from pkg.common.logging import configure_logging
 from pkg.common.telemetry import setup_metrics
 
 log = structlog.get_logger("pkg.common.app")
+
+# A stop step taking at least this long is logged (``stop_step_slow``) with its name, so that
+# where a replica's stop spends its time can be read from its log.
+SLOW_STOP_STEP_S = 0.25
 
 C = TypeVar("C")
 T = TypeVar("T")
@@ -60,14 +65,26 @@ class Lifecycle:
 
     def on_stop(self, callback: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Await ``callback(*args)`` at stop, before the steps registered earlier."""
-        self._stack.push_async_callback(callback, *args)
+        name = getattr(callback, "__qualname__", repr(callback))
+        self._stack.push_async_callback(self._timed, name, callback, *args)
+
+    async def _timed(self, step: str, callback: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        started = time.monotonic()
+        try:
+            await callback(*args)
+        finally:
+            took = time.monotonic() - started
+            if took >= SLOW_STOP_STEP_S:
+                log.info("stop_step_slow", service=self.name, step=step, took_s=round(took, 3))
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run ``coro`` until stop (cancelled then, in reverse order with the other steps)."""
         task = asyncio.create_task(coro, name=f"{self.name}-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        self._stack.push_async_callback(self._cancel, task)
+        self._stack.push_async_callback(
+            self._timed, f"cancel {task.get_name()}", self._cancel, task
+        )
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from structlog.testing import capture_logs
 
-from pkg.common.app import Lifecycle, loop_factory
+from pkg.common.app import SLOW_STOP_STEP_S, Lifecycle, loop_factory
 
 
 async def test_steps_are_undone_in_reverse_order_and_tasks_cancelled() -> None:
@@ -32,6 +33,24 @@ async def test_steps_are_undone_in_reverse_order_and_tasks_cancelled() -> None:
     await lc.close()
     assert done == ["http", "task", "grpc", "store"]
     assert lc.crashed is None
+
+
+async def test_a_slow_stop_step_is_logged_with_its_name() -> None:
+    lc = Lifecycle("svc")
+
+    async def flush_history() -> None:
+        await asyncio.sleep(SLOW_STOP_STEP_S + 0.05)
+
+    async def quick() -> None:
+        return None
+
+    lc.on_stop(flush_history)
+    lc.on_stop(quick)
+    with capture_logs() as logs:
+        await lc.close()
+    slow = [e for e in logs if e["event"] == "stop_step_slow"]
+    assert [e["step"] for e in slow] == [flush_history.__qualname__]
+    assert slow[0]["service"] == "svc" and slow[0]["took_s"] >= SLOW_STOP_STEP_S
 
 
 async def test_a_background_task_that_dies_is_reported() -> None:
