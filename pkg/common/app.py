@@ -82,9 +82,7 @@ class Lifecycle:
         task = asyncio.create_task(coro, name=f"{self.name}-{name}")
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
-        self._stack.push_async_callback(
-            self._timed, f"cancel {task.get_name()}", self._cancel, task
-        )
+        self._stack.push_async_callback(self._cancel_timed, task)
         return task
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
@@ -97,6 +95,17 @@ class Lifecycle:
                       error=repr(exc))  # fmt: skip
             self.crashed = exc
             self._crash.set()
+
+    async def _cancel_timed(self, task: asyncio.Task[Any]) -> None:
+        """Cancel ``task``; when its unwinding is slow, log where it was suspended (the
+        innermost awaits: what held the stop)."""
+        where = _suspended_at(task)
+        started = time.monotonic()
+        await self._cancel(task)
+        took = time.monotonic() - started
+        if took >= SLOW_STOP_STEP_S:
+            log.info("stop_step_slow", service=self.name, step=f"cancel {task.get_name()}",
+                     took_s=round(took, 3), suspended_at=where)  # fmt: skip
 
     @staticmethod
     async def _cancel(task: asyncio.Task[Any]) -> None:
@@ -113,6 +122,18 @@ class Lifecycle:
         """Undo every step, newest first (idempotent)."""
         self.stopping = True
         await self._stack.aclose()
+
+
+def _suspended_at(task: asyncio.Task[Any], depth: int = 4) -> list[str]:
+    """The innermost ``depth`` coroutine frames ``task`` is suspended in (function:line)."""
+    frames: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            frames.append(f"{frame.f_code.co_qualname}:{frame.f_lineno}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return frames[-depth:]
 
 
 async def serve(service: Service, lifecycle: Lifecycle, started: Callable[[], None]) -> int:

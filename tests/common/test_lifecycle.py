@@ -44,13 +44,22 @@ async def test_a_slow_stop_step_is_logged_with_its_name() -> None:
     async def quick() -> None:
         return None
 
+    async def unwinds_slowly() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.shield(asyncio.sleep(SLOW_STOP_STEP_S + 0.05))
+
     lc.on_stop(flush_history)
     lc.on_stop(quick)
+    lc.spawn(unwinds_slowly(), "duties")
+    await asyncio.sleep(0)
     with capture_logs() as logs:
         await lc.close()
     slow = [e for e in logs if e["event"] == "stop_step_slow"]
-    assert [e["step"] for e in slow] == [flush_history.__qualname__]
-    assert slow[0]["service"] == "svc" and slow[0]["took_s"] >= SLOW_STOP_STEP_S
+    assert [e["step"] for e in slow] == ["cancel svc-duties", flush_history.__qualname__]
+    assert all(e["service"] == "svc" and e["took_s"] >= SLOW_STOP_STEP_S for e in slow)
+    assert any("unwinds_slowly" in frame for frame in slow[0]["suspended_at"])
 
 
 async def test_a_background_task_that_dies_is_reported() -> None:
