@@ -390,8 +390,13 @@ def kill(*names: str) -> Callable[[Ctx], Awaitable[None]]:
     return inject
 
 
-def stop_and_start(name: str) -> Callable[[Ctx], Awaitable[None]]:
+def stop_and_start(name: str, alert_for_s: float = 0.0) -> Callable[[Ctx], Awaitable[None]]:
     """Stop a server the way an operator restarts it, keep it down ``down_s``, start it again.
+
+    ``alert_for_s``: the production ``for:`` of the alert the outage must fire; the server stays
+    down that much longer on the drills' rules clock, so the alert's condition holds well past
+    its ``for:`` (PostgreSQL: the singleton leader notices the lost lock ~4 s into a 5 s outage,
+    which left LeaderMissing's 3 s just met or just missed).
 
     PostgreSQL gets a *fast* shutdown (SIGINT: sessions are terminated, like
     ``pg_ctl restart -m fast``); a smart shutdown (SIGTERM) would wait for every client to
@@ -430,7 +435,8 @@ def stop_and_start(name: str) -> Callable[[Ctx], Awaitable[None]]:
 
         try:
             await ctx.platform.run_locked(stop)
-            await asyncio.sleep(ctx.settings.down_s)
+            s = ctx.settings
+            await asyncio.sleep(s.down_s + alert_for_s * s.rules_time_scale)
         finally:
             await ctx.platform.run_locked(start)
 
@@ -661,7 +667,7 @@ DRILLS: list[Drill] = [
         "postgres-restart",
         "PostgreSQL stopped and restarted: Signalman stops processing while fenced, resumes, "
         "0 lost and 0 duplicated events",
-        stop_and_start("postgres"),
+        stop_and_start("postgres", alert_for_s=60.0),  # LeaderMissing: for 1m
         signalman_lock_lost,
         "signalman lock connection reconnecting",
         postgres_check,
