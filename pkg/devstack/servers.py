@@ -460,24 +460,30 @@ class RedisHA:
             sentinel.start()
         self.wait_settled()
 
-    def wait_settled(self, timeout: float = 20.0) -> None:
-        """Wait until every Sentinel knows the primary and all replicas are linked to it."""
+    def wait_settled(self, timeout: float = 40.0) -> None:
+        """Wait until every Sentinel knows the primary and all replicas are linked to it.
+
+        Returns as soon as it is; the bound is for a CI machine whose two cores run two test
+        workers (20 s was missed once there), and the error says which condition was missing.
+        """
         deadline = time.monotonic() + timeout
         want = len(self.servers) - 1
+        seen = "nothing answered"
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError, ValueError):
                 primary = self.primary_port()
-                if primary is not None and all(
-                    self.sentinel_view(s.port) == primary for s in self.sentinel_servers
-                ):
+                views = [self.sentinel_view(s.port) for s in self.sentinel_servers]
+                seen = f"primary {primary}, sentinels see {views}"
+                if primary is not None and all(v == primary for v in views):
                     info = redis_info(primary)
                     links = sum(
                         1 for k, v in info.items() if k.startswith("slave") and "state=online" in v
                     )
+                    seen += f", role {info.get('role')}, {links} of {want} replicas online"
                     if info.get("role") == "master" and links >= want:
                         return
             time.sleep(0.1)
-        raise ServerError(f"Redis HA not settled within {timeout} s")
+        raise ServerError(f"Redis HA not settled within {timeout} s (last seen: {seen})")
 
     def sentinel_view(self, sentinel_port: int) -> int | None:
         reply = _resp_parse(
