@@ -409,14 +409,22 @@ def kill_and_hold(*names: str, alert_for_s: float) -> Callable[[Ctx], Awaitable[
             for item in items:
                 item.supervise = True  # the supervisor's next round starts it
 
-        try:
-            await ctx.platform.run_locked(down)
-            s = ctx.settings
-            await asyncio.sleep(s.down_s + alert_for_s * s.rules_time_scale)
-        finally:
-            await ctx.platform.run_locked(back)
+        await _outage(ctx, down, back, alert_for_s)
 
     return inject
+
+
+async def _outage(
+    ctx: Ctx, down: Callable[[], None], back: Callable[[], None], alert_for_s: float
+) -> None:
+    """``down()``, wait ``down_s`` plus ``alert_for_s`` (an alert's production ``for:``) on the
+    drills' rules clock, then ``back()``, also when the wait is interrupted."""
+    try:
+        await ctx.platform.run_locked(down)
+        s = ctx.settings
+        await asyncio.sleep(s.down_s + alert_for_s * s.rules_time_scale)
+    finally:
+        await ctx.platform.run_locked(back)
 
 
 def stop_and_start(name: str, alert_for_s: float = 0.0) -> Callable[[Ctx], Awaitable[None]]:
@@ -462,12 +470,7 @@ def stop_and_start(name: str, alert_for_s: float = 0.0) -> Callable[[Ctx], Await
             finally:
                 item.supervise = True
 
-        try:
-            await ctx.platform.run_locked(stop)
-            s = ctx.settings
-            await asyncio.sleep(s.down_s + alert_for_s * s.rules_time_scale)
-        finally:
-            await ctx.platform.run_locked(start)
+        await _outage(ctx, stop, start, alert_for_s)
 
     return inject
 
