@@ -395,15 +395,14 @@ def kill_and_hold(*names: str, alert_for_s: float) -> Callable[[Ctx], Awaitable[
     ``for:`` of the alert the outage must fire) on the drills' rules clock, then hand them back
     to the supervisor. Restarted at once, both Foghorn replicas were back 3.3 s after the kill:
     the alert's 3 s just met or just missed, so whether ServiceDown fired was chance."""
-    items = []
 
     async def inject(ctx: Ctx) -> None:
+        items = [ctx.platform.item(name) for name in names]
+
         def down() -> None:
-            for name in names:
-                item = ctx.platform.item(name)
+            for item in items:
                 item.supervise = False
                 item.proc.kill()
-                items.append(item)
 
         def back() -> None:
             for item in items:

@@ -22,6 +22,8 @@ from aiokafka.errors import KafkaError
 from aiokafka.protocol.admin import DescribeGroupsRequest
 from aiokafka.protocol.group import JoinGroupRequest, LeaveGroupRequest
 
+from pkg.common.app import suspended_at
+
 log = structlog.get_logger("signalman.kafka")
 
 
@@ -64,15 +66,20 @@ async def remove_member(consumer: Any, group_id: str, member: str, timeout_s: fl
     Raises ``KafkaError`` when no coordinator is known (a rebalance or a broker change is under
     way: the caller tries again later).
     """
+    response = await _to_coordinator(consumer, LeaveGroupRequest(group_id, member), timeout_s)
+    return int(response.error_code)
+
+
+async def _to_coordinator(consumer: Any, request: Any, timeout_s: float) -> Any:
+    """Send ``request`` to ``consumer``'s group coordinator over aiokafka's coordination
+    connection; its answer. ``KafkaError`` when no coordinator is known yet."""
     coordinator = getattr(consumer, "_coordinator", None)
     node = getattr(coordinator, "coordinator_id", None)
     if node is None:
         raise KafkaError("no group coordinator known yet")
-    request = LeaveGroupRequest(group_id, member)
-    response = await asyncio.wait_for(
+    return await asyncio.wait_for(
         consumer._client.send(node, request, group=ConnectionGroup.COORDINATION), timeout_s
     )
-    return int(response.error_code)
 
 
 async def leave_group(consumer: Any, group_id: str, timeout_s: float = 3.0) -> int | None:
@@ -110,7 +117,7 @@ async def leave_group(consumer: Any, group_id: str, timeout_s: float = 3.0) -> i
     routine = getattr(coordinator, "_coordination_task", None)
     # Where the routine waited (a held JoinGroup, a commit retried...): the log says which.
     log.warning("group_coordination_slow", member_id=member, waited_s=timeout_s,
-                waiting_in=_where(routine))  # fmt: skip
+                waiting_in=suspended_at(routine))  # fmt: skip
     if routine is not None:
         routine.cancel()
     await asyncio.wait({closing}, timeout=timeout_s)  # ends at once: its await was cancelled
@@ -119,21 +126,6 @@ async def leave_group(consumer: Any, group_id: str, timeout_s: float = 3.0) -> i
     if not member:
         return None
     return await remove_member(consumer, group_id, member, timeout_s)
-
-
-def _where(task: asyncio.Task[Any] | None) -> list[str]:
-    """The innermost coroutines ``task`` is suspended in (function:line), for a log line."""
-    if task is None or task.done():
-        return []
-    frames: list[str] = []
-    coro: Any = task.get_coro()
-    while coro is not None and len(frames) < 16:
-        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
-        if frame is None:
-            break
-        frames.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    return frames[-4:]
 
 
 def rejoin_now(consumer: Any) -> bool:
@@ -149,14 +141,7 @@ def rejoin_now(consumer: Any) -> bool:
 
 async def _group_members(consumer: Any, group_id: str, timeout_s: float) -> set[str]:
     """The member ids the group coordinator lists for ``group_id`` (DescribeGroups)."""
-    node = consumer._coordinator.coordinator_id
-    if node is None:
-        raise KafkaError("no group coordinator known yet")
-    response = await asyncio.wait_for(
-        consumer._client.send(node, DescribeGroupsRequest([group_id]),
-                              group=ConnectionGroup.COORDINATION),
-        timeout_s,
-    )  # fmt: skip
+    response = await _to_coordinator(consumer, DescribeGroupsRequest([group_id]), timeout_s)
     # Every version: (error_code, group, state, protocol_type, protocol, members, ...), each
     # member's id first.
     return {str(m[0]) for g in response.groups if g[1] == group_id for m in g[5]}
@@ -166,9 +151,6 @@ async def _join_as(consumer: Any, group_id: str, member: str, timeout_s: float) 
     """Send one JoinGroup for ``member`` with ``consumer``'s own subscription (its protocols and
     timeouts) to the group coordinator; the broker's answer (held as long as it holds joins)."""
     coordinator = consumer._coordinator
-    node = coordinator.coordinator_id
-    if node is None:
-        raise KafkaError("no group coordinator known yet")
     topics = consumer._subscription.topics
     protocols = []
     for assignor in coordinator._assignors:
@@ -184,9 +166,7 @@ async def _join_as(consumer: Any, group_id: str, member: str, timeout_s: float) 
         "consumer",
         protocols,
     )
-    return await asyncio.wait_for(
-        consumer._client.send(node, request, group=ConnectionGroup.COORDINATION), timeout_s
-    )
+    return await _to_coordinator(consumer, request, timeout_s)
 
 
 async def expire_departed_leader(consumer: Any, group_id: str, timeout_s: float) -> str | None:

@@ -99,7 +99,7 @@ class Lifecycle:
     async def _cancel_timed(self, task: asyncio.Task[Any]) -> None:
         """Cancel ``task``; when its unwinding is slow, log where it was suspended (the
         innermost awaits: what held the stop)."""
-        where = _suspended_at(task)
+        where = suspended_at(task)
         started = time.monotonic()
         await self._cancel(task)
         took = time.monotonic() - started
@@ -124,8 +124,11 @@ class Lifecycle:
         await self._stack.aclose()
 
 
-def _suspended_at(task: asyncio.Task[Any], depth: int = 4) -> list[str]:
-    """The innermost ``depth`` coroutine frames ``task`` is suspended in (function:line)."""
+def suspended_at(task: asyncio.Task[Any] | None, depth: int = 4) -> list[str]:
+    """The innermost ``depth`` coroutine frames ``task`` is suspended in (function:line), for a
+    log line saying what held something up; [] for no task or a finished one."""
+    if task is None or task.done():
+        return []
     frames: list[str] = []
     coro: Any = task.get_coro()
     while coro is not None:

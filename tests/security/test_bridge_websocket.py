@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from tests.bridge.fakes import token
 from tests.bridge.stack import edge_nodes
 from tests.interfaces.conftest import OPERATOR_TOKEN, Platform
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 PROTOCOL = "graphql-transport-ws"
@@ -159,11 +160,10 @@ async def _signalman_subscribers(platform: Platform) -> int:
 
 
 async def subscribers_become(platform: Platform, count: int) -> None:
-    for _ in range(50):
-        if await _signalman_subscribers(platform) == count:
-            return
-        await asyncio.sleep(0.1)
-    assert await _signalman_subscribers(platform) == count
+    async def reached() -> bool:
+        return await _signalman_subscribers(platform) == count
+
+    await eventually(reached, timeout=5, interval=0.1, what=f"{count} Signalman subscribers")
 
 
 async def test_a_tenants_subscriptions_share_one_stream_and_are_capped(
@@ -176,10 +176,7 @@ async def test_a_tenants_subscriptions_share_one_stream_and_are_capped(
         for ws, op_id, channel in ((a, "1", "streams"), (a, "2", "nodes"), (b, "3", "all")):
             await ws.send(json.dumps({"id": op_id, "type": "subscribe",
                                       "payload": {"query": SUB % channel}}))  # fmt: skip
-        for _ in range(50):
-            if await _signalman_subscribers(platform) == before + 1:
-                break
-            await asyncio.sleep(0.1)
+        await subscribers_become(platform, before + 1)
         await asyncio.sleep(0.5)  # no second stream shows up either
         assert await _signalman_subscribers(platform) == before + 1
         refused = await run(b, "4", SUB % "routing")
@@ -191,11 +188,7 @@ async def test_a_tenants_subscriptions_share_one_stream_and_are_capped(
             await g.send(
                 json.dumps({"id": "g", "type": "subscribe", "payload": {"query": SUB % "all"}})
             )
-            for _ in range(50):
-                if await _signalman_subscribers(platform) == before + 2:
-                    break
-                await asyncio.sleep(0.1)
-            assert await _signalman_subscribers(platform) == before + 2
+            await subscribers_become(platform, before + 2)
 
 
 async def test_a_forbidden_operation_on_a_socket_is_an_error_for_its_id_and_changes_nothing(
