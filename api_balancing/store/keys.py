@@ -15,6 +15,7 @@ scripts touch several of them atomically, which Redis Cluster allows only within
 | ``foghorn:{c}:fence``                 | string | none (the fence counter)    |
 | ``foghorn:{c}:fencehw:<id>``          | string | 1 day after last ownership  |
 | ``foghorn:{c}:leader`` (+ ``:epoch``) | string | lease_ttl_s (epoch: none)   |
+|   (+ ``:hold`` after a store data loss)|        | lease_ttl_s (pkg.coord.lease)|
 | ``foghorn:{c}:replica:<id>``          | string | 3 x lease_renew_s, renewed  |
 """
 

@@ -7,6 +7,13 @@ start above the new primary's failover-epoch floor, ``pkg.coord.era``). Acquire 
 SET-if-absent, renewal and release are compare-and-set on the exact value, so only
 the holder can extend or drop its term.
 
+A store that lost the lease (a Redis restarted empty, a promoted replica that lacked the
+last writes) cannot tell who still believes it holds it: the old holder keeps its term until its
+next renewal fails or its local term runs out. So when a contender finds the epoch counter below
+an epoch it has seen, the store lost data: the acquisition is refused and ``<key>:hold`` is set
+for one TTL (the longest any holder can still believe in a term renewed before the loss), and
+nobody acquires until it expires (the "delayed restart" of the Redlock analysis, per lease).
+
 Locally the holder counts its term as valid until ``sent + ttl - safety`` where ``sent`` is the
 moment the last successful renewal was *sent* (the key's TTL started no earlier than that). A
 renewal that fails, is refused or comes back late makes the holder step down at once, before
@@ -33,18 +40,28 @@ from pkg.coord.scripts import DELETE_IF_EQUALS, EXPIRE_IF_EQUALS
 
 log = structlog.get_logger("pkg.coord.lease")
 
-# KEYS: lease, epoch counter, failover-epoch record. ARGV: holder, ttl ms, the highest epoch the
-# caller has seen. A promoted replica may lack the last INCR of the epoch counter: epochs start
-# above its failover-epoch floor (pkg.coord.era); a Redis restarted empty (no persistence) lost
-# the counter and the era record too: epochs start above what the contenders saw.
+# KEYS: lease, epoch counter, failover-epoch record, hold. ARGV: holder, ttl ms, the highest
+# epoch the caller has seen. A promoted replica may lack the last INCR of the epoch counter:
+# epochs start above its failover-epoch floor (pkg.coord.era); a Redis restarted empty (no
+# persistence) lost the counter and the era record too: epochs start above what the contenders
+# saw. A counter below what the caller saw means the store lost data, the lease with it, while
+# its holder may still lead: hold the lease for one TTL first (returns {2, hold ms left}).
 _ACQUIRE = (
     ERA_LUA
     + """
 local cur = redis.call('GET', KEYS[1])
 if cur then return {0, cur} end
+local held = redis.call('PTTL', KEYS[4])
+if held > 0 then return {2, held} end
+local seen = tonumber(ARGV[3]) or 0
+local counter = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+if counter < seen then
+  redis.call('SET', KEYS[2], seen)
+  redis.call('SET', KEYS[4], seen, 'PX', ARGV[2])
+  return {2, tonumber(ARGV[2])}
+end
 local epoch = redis.call('INCR', KEYS[2])
 local floor = era_floor(KEYS[3])
-local seen = tonumber(ARGV[3]) or 0
 if seen > floor then floor = seen end
 if epoch <= floor then
   epoch = floor + 1
@@ -99,6 +116,7 @@ class LeaderLease:
         self._redis = redis
         self.key = key
         self.epoch_key = f"{key}:epoch"
+        self.hold_key = f"{key}:hold"
         self.holder = holder
         self.ttl_s = ttl_s
         self.renew_every_s = renew_every_s
@@ -150,9 +168,17 @@ class LeaderLease:
         """Acquire the lease if nobody holds it; returns our new term or None."""
         sent = self._clock.monotonic()
         raw: Any = await self._acquire(
-            keys=[self.key, self.epoch_key, ERA_KEY],
+            keys=[self.key, self.epoch_key, ERA_KEY, self.hold_key],
             args=[self.holder, str(int(self.ttl_s * 1000)), str(self._seen_epoch)],
         )
+        if int(raw[0]) == 2:
+            log.warning(
+                "lease held after a store data loss",
+                key=self.key,
+                seen_epoch=self._seen_epoch,
+                hold_ms_left=int(raw[1]),
+            )
+            return None
         if int(raw[0]) != 1:
             with contextlib.suppress(ValueError):  # someone else's term: remember its epoch
                 self._seen_epoch = max(self._seen_epoch, LeaseState.decode(raw[1]).epoch)
