@@ -925,7 +925,7 @@ def _measure(
             "gaps": sub.gaps,
             "ended_with": sub.error,
             "reconnects": stats.reconnects if stats else None,
-            "resent_skipped": stats.duplicates_skipped if stats else None,
+            "repeats_dropped": stats.duplicates_skipped if stats else None,
             "last_error": stats.last_error if stats else None,
         }
     before = [x.latency for x in foghorn.between(t_warm, t0) if x.ok]

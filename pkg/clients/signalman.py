@@ -10,12 +10,18 @@ The subscription remembers the last (epoch, offset) it delivered per channel. Wh
 ends for a reason worth retrying (replica died or shut down, subscriber dropped as too slow,
 network blip) it reconnects with exponential backoff and jitter, to any listed replica, and
 resubscribes with those offsets: the server replays what was missed, or sends an explicit gap.
-Errors that a retry cannot fix (bad token, unknown channel, permission) are raised.
+Across a history store failover (the gap's epoch changed) the server delivers at least once: an
+event appended on the old primary but not yet replicated is appended again on the new one, so
+a subscriber that got it before the failover gets it again with the same id. The subscription
+remembers the ids of the last ``dedupe_window`` events per channel and drops such a repeat
+(counted in ``stats.duplicates_skipped``). Errors that a retry cannot fix (bad token, unknown
+channel, permission) are raised.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Sequence
@@ -51,6 +57,12 @@ RECONNECT_CODES = frozenset(
 )
 
 
+# Ids remembered per channel to drop a repeat after a store failover: the repeats are what the old
+# primary had not replicated yet (replication lag: milliseconds of events, far fewer than this;
+# about 60 KB per channel).
+DEDUPE_WINDOW = 512
+
+
 class StreamEnded(Exception):
     """The stream ended without a status worth raising: reconnect and resume."""
 
@@ -82,6 +94,21 @@ class Position:
     epoch: str = ""
     offset: int = 0
     started: bool = False  # False until a subscribe succeeded: start from the live tail
+    # Ids of the last events delivered (oldest first), to drop a repeat after a store failover.
+    recent: collections.deque[str] = field(default_factory=collections.deque)
+    recent_ids: set[str] = field(default_factory=set)
+
+    def seen(self, event_id: str, window: int) -> bool:
+        """Whether ``event_id`` was among the last ``window`` delivered; remembers it if not."""
+        if not event_id or window <= 0:
+            return False
+        if event_id in self.recent_ids:
+            return True
+        self.recent.append(event_id)
+        self.recent_ids.add(event_id)
+        if len(self.recent) > window:
+            self.recent_ids.discard(self.recent.popleft())
+        return False
 
 
 @dataclass
@@ -105,9 +132,13 @@ class Subscription:
         *,
         resume_from: dict[str, tuple[str, int]] | None = None,
         buffer: int = 1_000,
+        dedupe_window: int = DEDUPE_WINDOW,
     ) -> None:
         if not channels:
             raise ValueError("channels must not be empty")
+        if dedupe_window < 0:
+            raise ValueError(f"dedupe_window must be >= 0, got {dedupe_window}")
+        self.dedupe_window = dedupe_window
         self.client = client
         self.channels = list(channels)
         self.positions = {c: Position() for c in self.channels}
@@ -246,6 +277,12 @@ class Subscription:
         if pos.epoch == event.epoch and event.offset <= pos.offset and pos.started:
             self.stats.duplicates_skipped += 1  # should stay 0: the server does not resend
             return
+        if pos.seen(event.id, self.dedupe_window):
+            # Delivered before a store failover and appended again on the new primary: the
+            # position moves on (its offset is new), the application does not see it twice.
+            pos.epoch, pos.offset = event.epoch, event.offset
+            self.stats.duplicates_skipped += 1
+            return
         pos.epoch, pos.offset, pos.started = event.epoch, event.offset, True
         self.stats.events += 1
         await self._queue.put(event)
@@ -343,9 +380,13 @@ class SignalmanClient:
         *,
         resume_from: dict[str, tuple[str, int]] | None = None,
         buffer: int = 1_000,
+        dedupe_window: int = DEDUPE_WINDOW,
     ) -> Subscription:
-        """A subscription (use ``async with``); ``resume_from`` maps channel -> (epoch, offset)."""
-        return Subscription(self, channels, resume_from=resume_from, buffer=buffer)
+        """A subscription (use ``async with``); ``resume_from`` maps channel -> (epoch, offset);
+        ``dedupe_window``: event ids remembered per channel to drop a repeat (0: none)."""
+        return Subscription(
+            self, channels, resume_from=resume_from, buffer=buffer, dedupe_window=dedupe_window
+        )
 
     async def stats(self, deadline_s: float = 5.0) -> pb.HubStats:
         """Hub statistics of whichever replica answers."""

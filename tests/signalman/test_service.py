@@ -14,7 +14,7 @@ import pytest
 
 from api_realtime.server import SignalmanApp
 from pkg.clients import aio_channel
-from pkg.clients.signalman import Gap, SignalmanClient, SubscriptionError
+from pkg.clients.signalman import Gap, Position, SignalmanClient, SubscriptionError
 from pkg.proto.signalman.v1 import signalman_pb2 as pb
 from tests.signalman.conftest import event_json, wait_until
 
@@ -169,6 +169,37 @@ async def test_history_gap_when_epoch_changed(app: SignalmanApp, connect: Connec
         assert isinstance(gap, Gap) and gap.epoch != old_epoch and "epoch" in gap.reason
         item = await s.get(5)
         assert isinstance(item, pb.Event) and json.loads(item.data_json)["seq"] == 100
+
+
+async def test_an_event_appended_again_after_the_history_was_lost_is_delivered_once(
+    app: SignalmanApp, connect: Connect
+) -> None:
+    # A history store failover re-appends what the old primary had not replicated: the same
+    # event (same id) in the new epoch. A subscriber that had it gets it once.
+    again = event_json("acme", seq=1)
+    async with connect("ta").subscribe(["streams"]) as sub:
+        await sub.wait_subscribed()
+        await publish(connect, "tpa", again)
+        first = await sub.get(5)
+        assert isinstance(first, pb.Event) and json.loads(first.data_json)["seq"] == 1
+        app.history.lose_everything()  # type: ignore[attr-defined]
+        await publish(connect, "tpa", again, event_json("acme", seq=2))
+        seqs = []
+        while not seqs or seqs[-1] != 2:
+            item = await sub.get(5)
+            if isinstance(item, pb.Event):
+                seqs.append(json.loads(item.data_json)["seq"])
+        assert seqs == [2]
+        assert sub.stats.duplicates_skipped == 1
+
+
+def test_the_dedupe_window_forgets_the_oldest_ids() -> None:
+    pos = Position()
+    assert [pos.seen(i, 3) for i in ("a", "b", "c", "a")] == [False, False, False, True]
+    assert pos.seen("d", 3) is False  # "a" drops out of the window
+    assert pos.seen("a", 3) is False
+    assert pos.seen("", 3) is False and pos.seen("", 3) is False  # no id: never a repeat
+    assert Position().seen("x", 0) is False  # window 0: dedupe off
 
 
 async def test_history_gap_when_trimmed(app: SignalmanApp, connect: Connect) -> None:
