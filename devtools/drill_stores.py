@@ -19,7 +19,7 @@ from devtools import drills
 from devtools.drills import Ctx, Drill, Result
 from devtools.supervisor import Managed
 from pkg.common import redisconn
-from pkg.devstack.servers import PostgresStandby, redis_command, redis_info
+from pkg.devstack.servers import PostgresStandby
 
 log = structlog.get_logger("drills.stores")
 CLUSTER = "dev"  # FOGHORN_CLUSTER of ./dev up
@@ -145,7 +145,9 @@ async def _redis_fault(ctx: Ctx, pause: bool) -> None:
                 # A stale client writing to the woken zombie before Sentinel demotes it.
                 await ctx.platform.run_locked(item.proc.resume)
                 with contextlib.suppress(OSError):
-                    reply = redis_command(old, "SET", "drill:zombie-probe", "written-by-zombie")
+                    reply = stores.redis.command(
+                        old, "SET", "drill:zombie-probe", "written-by-zombie"
+                    )
                     ctx.facts["zombie_write_reply"] = reply.strip()[:80]
                 log.info(
                     "store drill: old primary resumed", reply=ctx.facts.get("zombie_write_reply")
@@ -160,7 +162,7 @@ async def _redis_fault(ctx: Ctx, pause: bool) -> None:
         role = None
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
-                info = redis_info(old)
+                info = stores.redis.info(old)
                 role = info.get("role")
                 if role == "slave" and info.get("master_link_status") == "up":
                     break
@@ -169,10 +171,10 @@ async def _redis_fault(ctx: Ctx, pause: bool) -> None:
         log.info("store drill: old primary back", role=role)
         if pause:
             with contextlib.suppress(OSError):
-                ctx.facts["zombie_probe_on_new_primary"] = redis_command(
+                ctx.facts["zombie_probe_on_new_primary"] = stores.redis.command(
                     new, "EXISTS", "drill:zombie-probe"
                 ).strip()
-                ctx.facts["zombie_probe_on_old_primary"] = redis_command(
+                ctx.facts["zombie_probe_on_old_primary"] = stores.redis.command(
                     old, "EXISTS", "drill:zombie-probe"
                 ).strip()
         await asyncio.sleep(1.0)  # tokens issued by the re-registrations after the failover
@@ -255,7 +257,12 @@ async def _rebuild_standby(ctx: Ctx, port: int) -> None:
     stores, platform = _stores(ctx), ctx.platform
     promoted = stores.standby
     n = sum(1 for i in platform.stack.sup.items if i.name.startswith("postgres"))
-    fresh = PostgresStandby(promoted, run_dir=platform.stack.run_dir / f"postgres-{n}", port=port)
+    fresh = PostgresStandby(
+        promoted,
+        run_dir=platform.stack.run_dir / f"postgres-{n}",
+        port=port,
+        **platform.stack.server_tls(f"postgres-{n}"),
+    )
     await asyncio.to_thread(fresh.start, True)  # outside the lock: supervision goes on meanwhile
     fresh_item = Managed(f"postgres-standby-{n}", fresh, kind="server")
     fresh_item.state = "running"

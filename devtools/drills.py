@@ -1106,8 +1106,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tls",
         action="store_true",
-        help="the platform with TLS on every hop and mTLS between services (./dev up --tls); "
-        "leaves out the store failover drills (--ha-stores runs plaintext)",
+        help="the platform with TLS on every hop and mTLS between services (./dev up --tls), "
+        "the store failover drills' Sentinels, replicas and standby included",
     )
     return p
 
@@ -1121,7 +1121,7 @@ def main(argv: list[str]) -> int:
             d.name
             for d in DRILLS
             if (args.hosts or not d.needs_hosts)
-            and not ((args.hosts or args.tls) and d.needs_ha_stores)
+            and not (args.hosts and d.needs_ha_stores)
             and not ((args.hosts or args.tls) and d.alone is not None)  # loopback, plaintext
         ]
     else:
@@ -1135,9 +1135,6 @@ def main(argv: list[str]) -> int:
         return 2
     if args.hosts and any(BY_NAME[n].needs_ha_stores for n in names):
         print(up.HOSTS_HA_STORES)
-        return 2
-    if args.tls and any(BY_NAME[n].needs_ha_stores for n in names):
-        print(up.TLS_HA_STORES)
         return 2
     if args.hosts and not simhosts.inside():
         return simhosts.run_harness(["drill", *argv])

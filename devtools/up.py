@@ -90,10 +90,6 @@ CREDENTIALS = (
     ("tenant-user", "dev-sig-<tenant>", "a tenant's events on Signalman (Bridge uses them)"),
 )
 BRIDGE_JWT_SECRET = "dev-bridge-secret-change-me-0123456789"
-TLS_HA_STORES = (
-    "--tls cannot be combined with --ha-stores yet: the Sentinels and the PostgreSQL standby "
-    "run plaintext. Run the store failover drills without --tls."
-)
 EVENTS_TOPIC = DEFAULT_TOPIC
 EVENTS_PARTITIONS = 6
 # The HA stores run on 127.0.0.1 of the load host (Sentinels announce loopback addresses), which
@@ -457,8 +453,6 @@ def build_stack(args: argparse.Namespace, should_stop: Callable[[], bool] = lamb
     if stack.hosts is not None and getattr(args, "ha_stores", False):
         raise ValueError(HOSTS_HA_STORES)
     if getattr(args, "tls", False):
-        if getattr(args, "ha_stores", False):
-            raise ValueError(TLS_HA_STORES)
         stack.tls = DevTls(run_dir)
         stack.tls.enable_for_this_process()
     if stack.hosts is not None and not simhosts.inside():
@@ -508,9 +502,6 @@ def stop_stack(stack: Stack) -> None:
 
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
-    if args.tls and args.ha_stores:
-        print(TLS_HA_STORES)
-        return 2
     if args.hosts and args.ha_stores:
         print(HOSTS_HA_STORES)
         return 2

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,8 +265,10 @@ class RedisReplicaServer(RedisServer):
         primary: tuple[str, int] | None = None,
         min_replicas_to_write: int = 0,
         min_replicas_max_lag: int = 10,
+        tls: CertFiles | None = None,
     ) -> None:
-        super().__init__(run_dir=run_dir, port=port)
+        # With TLS it replicates over TLS too (``--tls-replication``, see RedisServer).
+        super().__init__(run_dir=run_dir, port=port, tls=tls)
         self.primary = primary
         self.min_replicas_to_write = min_replicas_to_write
         self.min_replicas_max_lag = min_replicas_max_lag
@@ -290,6 +292,11 @@ class SentinelServer(ServerProcess):
 
     Sentinel rewrites its config file (failovers, known replicas and Sentinels), so the file
     lives in the run directory and a restart keeps what it learnt.
+
+    With ``tls`` its port speaks TLS only and asks clients for a certificate issued by the CA,
+    and ``tls-replication yes`` makes it talk TLS to everything it connects to: the Redis
+    servers it monitors (presenting its certificate as client certificate) and the other
+    Sentinels, to which it announces its TLS port.
     """
 
     name = "sentinel"
@@ -304,8 +311,9 @@ class SentinelServer(ServerProcess):
         quorum: int = 2,
         down_after_ms: int = 1000,
         failover_timeout_ms: int = 3000,
+        tls: CertFiles | None = None,
     ) -> None:
-        super().__init__(run_dir=run_dir, port=port)
+        super().__init__(run_dir=run_dir, port=port, tls=tls)
         self.primary = primary
         self.master_name = master_name
         self.quorum = quorum
@@ -316,9 +324,16 @@ class SentinelServer(ServerProcess):
     def prepare(self) -> None:
         host, port = self.primary
         m = self.master_name
+        listen = f"port {self.port}\n"
+        if self.tls is not None:
+            listen = (
+                f"port 0\ntls-port {self.port}\n"
+                f"tls-cert-file {self.tls.cert}\ntls-key-file {self.tls.key}\n"
+                f"tls-ca-cert-file {self.tls.ca}\n"
+                "tls-auth-clients yes\ntls-replication yes\n"
+            )
         self.config_path.write_text(
-            f"port {self.port}\n"
-            "bind 127.0.0.1\n"
+            listen + "bind 127.0.0.1\n"
             "protected-mode no\n"
             f"dir {self.run_dir}\n"
             f"sentinel monitor {m} {host} {port} {self.quorum}\n"
@@ -335,19 +350,23 @@ class SentinelServer(ServerProcess):
 
     def is_ready(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+            return redis_command(self.port, "PING", timeout=0.5, tls=self.tls).startswith("+PONG")
         except OSError:
             return False
 
 
-def redis_command(port: int, *args: str, timeout: float = 2.0) -> str:
-    """One command to a Redis or Sentinel on 127.0.0.1 (inline protocol), its reply as text.
+def redis_command(port: int, *args: str, timeout: float = 2.0, tls: CertFiles | None = None) -> str:
+    """One command to a Redis or Sentinel on 127.0.0.1, its reply as text; over TLS with
+    ``tls``'s CA and client certificate when given.
 
     For devstack status and drills, which must not depend on an event loop or a client pool.
     """
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with contextlib.ExitStack() as closing:
+        sock = closing.enter_context(socket.create_connection(("127.0.0.1", port), timeout))
+        if tls is not None:
+            sock = closing.enter_context(
+                _tls_client(tls).wrap_socket(sock, server_hostname="127.0.0.1")
+            )
         parts = [f"${len(a.encode())}\r\n{a}\r\n" for a in args]
         sock.sendall(f"*{len(args)}\r\n{''.join(parts)}".encode())
         sock.settimeout(timeout)
@@ -389,9 +408,11 @@ def _resp_parse(data: bytes, i: int) -> tuple[Any, int]:
     raise ValueError(f"unexpected RESP type {kind!r}")
 
 
-def redis_info(port: int, section: str = "replication") -> dict[str, str]:
+def redis_info(
+    port: int, section: str = "replication", tls: CertFiles | None = None
+) -> dict[str, str]:
     """``INFO <section>`` of the Redis on ``port`` as a dict."""
-    text = redis_command(port, "INFO", section)
+    text = redis_command(port, "INFO", section, tls=tls)
     out = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
@@ -407,6 +428,12 @@ class RedisHA:
     ``spec`` is the ``redis+sentinel://`` spec clients use. Servers are exposed (``servers``,
     ``sentinel_servers``) so drills can kill, pause and restart each one by pid; ``primary_port``
     asks the Sentinels who is primary now.
+
+    ``tls`` (a certificate per process name: ``redis-0``, ``sentinel-1``, ``redis-clients``)
+    runs every hop over TLS with client certificates required: clients to the Sentinels and to
+    the primary, replicas to the primary, Sentinels to the servers and to each other. ``spec``
+    is then ``rediss+sentinel://`` with the CA and the ``redis-clients`` certificate, and
+    ``command``/``info`` (what drills and the status view use) speak TLS as well.
     """
 
     def __init__(
@@ -420,6 +447,7 @@ class RedisHA:
         failover_timeout_ms: int = 3000,
         min_replicas_to_write: int = 1,
         min_replicas_max_lag: int = 2,
+        tls: Callable[[str], CertFiles] | None = None,
     ) -> None:
         self.master_name = master_name
         port = free_port()
@@ -427,13 +455,22 @@ class RedisHA:
             "min_replicas_to_write": min_replicas_to_write if replicas else 0,
             "min_replicas_max_lag": min_replicas_max_lag,
         }
+
+        def cert(name: str) -> dict[str, Any]:
+            return {"tls": tls(name)} if tls is not None else {}
+
+        # What the clients present: the spec's certificate, the drills' and status commands'.
+        self.client_tls = tls("redis-clients") if tls is not None else None
         self.servers: list[RedisReplicaServer] = [
-            RedisReplicaServer(run_dir / "redis-0", port, **common)
+            RedisReplicaServer(run_dir / "redis-0", port, **common, **cert("redis-0"))
         ]
         for i in range(replicas):
             self.servers.append(
                 RedisReplicaServer(
-                    run_dir / f"redis-{i + 1}", primary=("127.0.0.1", port), **common
+                    run_dir / f"redis-{i + 1}",
+                    primary=("127.0.0.1", port),
+                    **common,
+                    **cert(f"redis-{i + 1}"),
                 )
             )
         self.sentinel_servers = [
@@ -444,6 +481,7 @@ class RedisHA:
                 quorum=sentinels // 2 + 1,
                 down_after_ms=down_after_ms,
                 failover_timeout_ms=failover_timeout_ms,
+                **cert(f"sentinel-{i}"),
             )
             for i in range(sentinels)
         ]
@@ -451,7 +489,21 @@ class RedisHA:
     @property
     def spec(self) -> str:
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinel_servers)
-        return f"redis+sentinel://{hosts}/{self.master_name}"
+        if self.client_tls is None:
+            return f"redis+sentinel://{hosts}/{self.master_name}"
+        files = self.client_tls
+        return (
+            f"rediss+sentinel://{hosts}/{self.master_name}?ssl_ca_certs={files.ca}"
+            f"&ssl_certfile={files.cert}&ssl_keyfile={files.key}"
+        )
+
+    def command(self, port: int, *args: str, timeout: float = 2.0) -> str:
+        """``redis_command`` to a server or Sentinel of this group (over TLS when it is)."""
+        return redis_command(port, *args, timeout=timeout, tls=self.client_tls)
+
+    def info(self, port: int, section: str = "replication") -> dict[str, str]:
+        """``INFO <section>`` of a server of this group."""
+        return redis_info(port, section, tls=self.client_tls)
 
     def start(self) -> None:
         for server in self.servers:
@@ -475,7 +527,7 @@ class RedisHA:
                 views = [self.sentinel_view(s.port) for s in self.sentinel_servers]
                 seen = f"primary {primary}, sentinels see {views}"
                 if primary is not None and all(v == primary for v in views):
-                    info = redis_info(primary)
+                    info = self.info(primary)
                     links = sum(
                         1 for k, v in info.items() if k.startswith("slave") and "state=online" in v
                     )
@@ -487,7 +539,7 @@ class RedisHA:
 
     def sentinel_view(self, sentinel_port: int) -> int | None:
         reply = _resp_parse(
-            redis_command(
+            self.command(
                 sentinel_port, "SENTINEL", "get-master-addr-by-name", self.master_name
             ).encode(),
             0,
@@ -509,7 +561,7 @@ class RedisHA:
         for sentinel in self.sentinel_servers:
             with contextlib.suppress(OSError, ValueError, IndexError):
                 reply = _resp_parse(
-                    redis_command(sentinel.port, "SENTINEL", "master", self.master_name).encode(),
+                    self.command(sentinel.port, "SENTINEL", "master", self.master_name).encode(),
                     0,
                 )[0]
                 fields = dict(zip(reply[::2], reply[1::2], strict=False))
@@ -523,7 +575,7 @@ class RedisHA:
             port = self.primary_port()
             if port is not None and port != old_port:
                 with contextlib.suppress(OSError):
-                    if redis_info(port).get("role") == "master":
+                    if self.info(port).get("role") == "master":
                         return port
             time.sleep(0.05)
         raise ServerError(f"no failover away from {old_port} within {timeout} s")
@@ -596,7 +648,20 @@ class PostgresServer(ServerProcess):
 
     def _prepare_tls(self, owner: dict[str, Any]) -> None:
         """TLS only over TCP, with a client certificate issued by the CA (``hostssl`` with
-        ``clientcert=verify-ca``); the key is copied where the postgres user may read it."""
+        ``clientcert=verify-ca``), streaming replication included; the key is copied where the
+        postgres user may read it."""
+        self._copy_tls(owner)
+        nets = ["127.0.0.1/32", "::1/128"] + (["samenet"] if self.host != "127.0.0.1" else [])
+        lines = ["local all all trust"] + [
+            f"hostssl {db} all {net} trust clientcert=verify-ca"
+            for db in ("all", "replication")
+            for net in nets
+        ]
+        (self.data_dir / "pg_hba.conf").write_text("\n".join(lines) + "\n")
+
+    def _copy_tls(self, owner: dict[str, Any]) -> None:
+        """The certificate, key and CA where the postgres user may read them (``pg_dir/tls``):
+        the server's own, and what a standby presents to its primary."""
         assert self.tls is not None
         tls_dir = self.pg_dir / "tls"
         tls_dir.mkdir(exist_ok=True)
@@ -608,11 +673,6 @@ class PostgresServer(ServerProcess):
                 os.chown(tls_dir / name, owner["user"], owner["group"])
         if owner:
             os.chown(tls_dir, owner["user"], owner["group"])
-        nets = ["127.0.0.1/32", "::1/128"] + (["samenet"] if self.host != "127.0.0.1" else [])
-        lines = ["local all all trust"] + [
-            f"hostssl all all {net} trust clientcert=verify-ca" for net in nets
-        ]
-        (self.data_dir / "pg_hba.conf").write_text("\n".join(lines) + "\n")
 
     def command(self) -> Sequence[str]:
         # As root, ``setpriv`` switches to the postgres user after the exec. Switching in Python
@@ -673,10 +733,21 @@ class PostgresServer(ServerProcess):
         base = f"postgresql://postgres@{self.host}:{self.port}/postgres"
         if self.tls is None:
             return base
-        return (
-            f"{base}?sslmode=verify-full&sslrootcert={self.tls.ca}"
-            f"&sslcert={self.tls.cert}&sslkey={self.tls.key}"
-        )
+        return f"{base}?{self.ssl_params()}"
+
+    def ssl_params(self, where: Path | None = None) -> str:
+        """``sslmode=verify-full`` with the CA and this server's certificate as the client's
+        (the files under ``where``, else the ones given), as URL query parameters."""
+        assert self.tls is not None
+        ca, cert, key = self.tls.ca, self.tls.cert, self.tls.key
+        if where is not None:
+            ca, cert, key = where / "ca.pem", where / "server.pem", where / "server-key.pem"
+        return f"sslmode=verify-full&sslrootcert={ca}&sslcert={cert}&sslkey={key}"
+
+    def conninfo(self, host: str = "127.0.0.1") -> str:
+        """A libpq key/value connection string to this server, for psql and pg_basebackup."""
+        params = self.ssl_params().replace("&", " ") if self.tls is not None else ""
+        return f"host={host} port={self.port} user=postgres dbname=postgres {params}".strip()
 
 
 class PostgresStandby(PostgresServer):
@@ -688,9 +759,14 @@ class PostgresStandby(PostgresServer):
     name = "postgres-standby"
 
     def __init__(
-        self, primary: PostgresServer, run_dir: Path | None = None, port: int | None = None
+        self,
+        primary: PostgresServer,
+        run_dir: Path | None = None,
+        port: int | None = None,
+        *,
+        tls: CertFiles | None = None,
     ) -> None:
-        super().__init__(run_dir=run_dir, port=port)
+        super().__init__(run_dir=run_dir, port=port, tls=tls)
         self.primary = primary
 
     def prepare(self) -> None:
@@ -699,10 +775,19 @@ class PostgresStandby(PostgresServer):
         kwargs = self._as_postgres()
         if kwargs:
             os.chown(self.pg_dir, kwargs["user"], kwargs["group"])
+        # The primary's address, over TLS when the primary serves it. ``-R`` writes this
+        # connection's parameters as the standby's ``primary_conninfo``, so the standby streams
+        # over TLS too (verify-full, presenting its certificate from the copy the postgres user
+        # reads); the primary's pg_hba.conf (TLS only) comes along in the base backup.
+        source = f"host=127.0.0.1 port={self.primary.port} user=postgres"
+        if self.primary.tls is not None:
+            if self.tls is None:
+                raise ServerError("a standby of a TLS primary needs a certificate (tls=)")
+            self._copy_tls(kwargs)
+            source += " " + self.ssl_params(self.pg_dir / "tls").replace("&", " ")
         subprocess.run(
             [*self._as_postgres_prefix(), str(install.postgres_bin_dir() / "pg_basebackup"),
-             "-h", "127.0.0.1", "-p", str(self.primary.port), "-U", "postgres",
-             "-D", str(self.data_dir), "-R", "-X", "stream", "--no-sync"],
+             "-d", source, "-D", str(self.data_dir), "-R", "-X", "stream", "--no-sync"],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -727,8 +812,8 @@ class PostgresStandby(PostgresServer):
     def is_primary(self) -> bool:
         """True once promoted (``pg_is_in_recovery()`` is false)."""
         result = subprocess.run(
-            [str(install.postgres_bin_dir() / "psql"), "-h", "127.0.0.1", "-p", str(self.port),
-             "-U", "postgres", "-Atc", "SELECT pg_is_in_recovery()"],
+            [str(install.postgres_bin_dir() / "psql"), self.conninfo(),
+             "-Atc", "SELECT pg_is_in_recovery()"],
             check=False, capture_output=True, text=True,
         )  # fmt: skip
         return result.returncode == 0 and result.stdout.strip() == "f"
@@ -736,9 +821,11 @@ class PostgresStandby(PostgresServer):
 
 def multi_host_dsn(*servers: PostgresServer) -> str:
     """A DSN naming every server; libpq-style ``target_session_attrs=read-write`` makes the
-    client connect to the one that accepts writes (the primary, or the promoted standby)."""
+    client connect to the one that accepts writes (the primary, or the promoted standby).
+    Over TLS (the first server's): ``sslmode=verify-full`` with its certificate as client's."""
     hosts = ",".join(f"127.0.0.1:{s.port}" for s in servers)
-    return f"postgresql://postgres@{hosts}/postgres?target_session_attrs=read-write"
+    dsn = f"postgresql://postgres@{hosts}/postgres?target_session_attrs=read-write"
+    return dsn + (f"&{servers[0].ssl_params()}" if servers[0].tls is not None else "")
 
 
 class KafkaBroker(ServerProcess):

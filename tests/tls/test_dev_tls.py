@@ -7,13 +7,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 
-from devtools import up
 from devtools.devtls import DevTls
+from pkg.common import redisconn
 from pkg.common.tls import tls_from_env
-from pkg.devstack.servers import PrometheusServer
+from pkg.devstack.servers import (
+    PostgresServer,
+    PostgresStandby,
+    PrometheusServer,
+    RedisHA,
+    multi_host_dsn,
+)
 
 
 def test_every_process_gets_its_own_certificate_naming_its_address(tmp_path: Path) -> None:
@@ -51,6 +56,26 @@ def test_prometheus_scrapes_over_https_with_a_client_certificate_and_the_operato
     assert job["authorization"]["credentials"] == "tok"
 
 
-def test_tls_with_ha_stores_is_refused_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
-    assert up.main(["--tls", "--ha-stores"]) == 2
-    assert "Sentinels" in capsys.readouterr().out
+def test_ha_stores_under_tls_give_every_store_process_a_certificate_and_tls_client_settings(
+    tmp_path: Path,
+) -> None:
+    tls = DevTls(tmp_path)
+    ha = RedisHA(tmp_path / "ha", replicas=2, sentinels=3, tls=tls.cert)
+    assert all(s.tls is not None for s in [*ha.servers, *ha.sentinel_servers])
+    assert len({s.tls.cert for s in [*ha.servers, *ha.sentinel_servers] if s.tls}) == 6
+    parsed = redisconn.parse_spec(ha.spec)
+    assert parsed.ssl and dict(parsed.ssl_options)["ssl_ca_certs"] == str(tls.ca.ca_path)
+    sentinel = ha.sentinel_servers[0]
+    sentinel.prepare()
+    conf = sentinel.config_path.read_text()
+    assert "port 0\n" in conf and f"tls-port {sentinel.port}\n" in conf
+    assert "tls-replication yes" in conf and "tls-auth-clients yes" in conf
+    assert "--tls-replication" in ha.servers[1].command()
+    pg = PostgresServer(run_dir=tmp_path / "pg", tls=tls.cert("postgres"))
+    standby = PostgresStandby(pg, run_dir=tmp_path / "pgs", tls=tls.cert("postgres-standby"))
+    try:
+        assert "sslmode=verify-full" in multi_host_dsn(pg, standby)
+        assert "sslmode=verify-full" in standby.conninfo()
+    finally:
+        standby.cleanup()
+        pg.cleanup()

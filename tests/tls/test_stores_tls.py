@@ -1,12 +1,18 @@
 """The backing stores over TLS (issue 13 item 4), against real servers started with TLS only
 and client certificates required: Redis through ``rediss://`` with the platform's connection
 factory (its counted, hiredis-packed connections kept), PostgreSQL with ``sslmode=verify-full``
-through the fencing locks' dedicated connection."""
+through the fencing locks' dedicated connection; and the HA stores of ``./dev up --tls
+--ha-stores``: a Sentinel failover with every Redis hop over TLS, a PostgreSQL standby
+streaming over TLS and promoted."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import ssl
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -16,7 +22,15 @@ import redis.exceptions
 from pkg.common import redisconn
 from pkg.coord.advisory import PartitionLocks
 from pkg.devstack.certs import CertificateAuthority
-from pkg.devstack.servers import ServerProcess
+from pkg.devstack.servers import (
+    PostgresServer,
+    PostgresStandby,
+    RedisHA,
+    ServerProcess,
+    multi_host_dsn,
+    redis_command,
+    remove_run_dir,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +153,114 @@ async def test_postgres_over_tls_with_verify_full_holds_fenced_locks(
         with pytest.raises((asyncpg.PostgresError, OSError, ConnectionError)):
             conn = await asyncpg.connect(refused, timeout=5)
             await conn.close()
+
+
+async def test_sentinel_failover_over_tls_and_plaintext_to_a_sentinel_refused(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    # Sentinel timings as tests/stores' (a failover in about a second).
+    ha = RedisHA(tmp_path / "ha", replicas=1, down_after_ms=500, failover_timeout_ms=2000,
+                 min_replicas_to_write=0, tls=ca.issue)  # fmt: skip
+    client: aioredis.Redis | None = None
+    try:
+        await asyncio.to_thread(ha.start)  # settled: the Sentinels agree, the replica is linked
+        assert ha.spec.startswith("rediss+sentinel://")
+        sentinel = ha.sentinel_servers[0].port
+        # Plaintext to a TLS Sentinel, and TLS without a client certificate: refused.
+        with contextlib.suppress(OSError):
+            assert not redis_command(sentinel, "PING", timeout=2).startswith("+PONG")
+        no_cert = ssl.create_default_context(cafile=str(ca.ca_path))
+        with (
+            socket.create_connection(("127.0.0.1", sentinel), timeout=2) as raw,
+            pytest.raises(OSError),  # (ssl.SSLError is one)
+            no_cert.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"PING\r\n")  # TLS 1.3: the refusal comes with the reply
+            if not tls.recv(16):
+                raise ConnectionResetError("closed without a reply")
+        # The Sentinels found each other at their TLS ports (nothing else listens).
+        others = ha.command(sentinel, "SENTINEL", "SENTINELS", ha.master_name)
+        for other in ha.sentinel_servers[1:]:
+            assert str(other.port) in others
+        client = redisconn.connect(ha.spec, name="tls-ha", hiredis_packing=True,
+                                   decode_responses=True, socket_timeout=1,
+                                   socket_connect_timeout=1)  # fmt: skip
+        cls = client.connection_pool.connection_class
+        assert issubclass(cls, aioredis.SSLConnection) and issubclass(
+            cls, redisconn._HiredisPacking
+        )
+        await client.set("ha:k", "before")
+        old = ha.primary_port()
+        assert old is not None
+        ha.server(old).kill()
+        new = await asyncio.to_thread(ha.wait_primary_change, old, 30.0)
+        for _ in range(100):  # the pool reconnects to the promoted replica
+            with contextlib.suppress(redis.exceptions.ConnectionError, TimeoutError):
+                await client.set("ha:k2", "after")
+                break
+            await asyncio.sleep(0.1)
+        assert await client.get("ha:k2") == "after"
+        assert await client.get("ha:k") == "before"  # replicated over TLS before the kill
+        counters = redisconn.stats(client)
+        assert counters is not None and counters.primary == f"127.0.0.1:{new}"
+        assert counters.failovers >= 1
+    finally:
+        if client is not None:
+            await client.aclose()
+        ha.stop()
+        ha.cleanup()
+
+
+async def test_postgres_standby_streams_over_tls_and_serves_after_promotion(
+    ca: CertificateAuthority, tmp_path: Path
+) -> None:
+    primary = PostgresServer(run_dir=tmp_path / "pg", tls=ca.issue("postgres"))
+    standby = PostgresStandby(primary, run_dir=tmp_path / "pg-standby",
+                              tls=ca.issue("postgres-standby"))  # fmt: skip
+    dsn = multi_host_dsn(primary, standby)
+    assert "sslmode=verify-full" in dsn
+    try:
+        await asyncio.to_thread(primary.start)
+        await asyncio.to_thread(standby.start)
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await conn.execute("CREATE TABLE t (v int); INSERT INTO t VALUES (7)")
+            # The WAL sender of the standby's (TLS) connection.
+            for _ in range(100):
+                rows = await conn.fetch(
+                    "SELECT s.ssl FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)"
+                    " WHERE r.state = 'streaming'"
+                )
+                if rows:
+                    break
+                await asyncio.sleep(0.1)
+            assert [r["ssl"] for r in rows] == [True]
+            # (insert, not write, position: the servers run with synchronous_commit=off)
+            lsn = await conn.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+        finally:
+            await conn.close()
+        replica = await asyncpg.connect(standby.dsn, timeout=10)  # verify-full to the standby
+        try:
+            for _ in range(100):  # the insert replayed before the primary dies
+                if await replica.fetchval(
+                    "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", lsn
+                ):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                pytest.fail("the standby did not replay the insert within 10 s")
+        finally:
+            await replica.close()
+        primary.kill()
+        await asyncio.to_thread(standby.promote)
+        conn = await asyncpg.connect(dsn, timeout=10)  # the multi-host DSN finds the promoted
+        try:
+            assert await conn.fetchval("SELECT inet_server_port()") == standby.port
+            assert await conn.fetchval("SELECT v FROM t") == 7
+            assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        finally:
+            await conn.close()
+    finally:
+        for server in (standby, primary):
+            server.stop()
+            remove_run_dir(server)
