@@ -33,6 +33,7 @@ from typing import Any
 import structlog
 
 from devtools import drills, up
+from devtools.devtls import DevTls, grpc_credentials, http_verify
 from devtools.drill_traffic import BridgeViewers, FoghornViewers, Recorder
 from devtools.drills import Ctx, Drill, Result, Settings
 from pkg.clients import BreakerPolicy, Policy
@@ -73,9 +74,21 @@ class RolloutPlatform:
     fleet: CommandProcess | None = None
     node_file: Path = Path()
     caller_file: Path = Path()
+    # ./dev drill rollout --tls: every process serves TLS (mTLS between services, Bridge's public
+    # side without client certificates, as ./dev up --tls), Redis included.
+    tls: DevTls | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    def tls_env(self, name: str, client_auth: str = "require") -> dict[str, str]:
+        return self.tls.service_env(name, client_auth=client_auth) if self.tls else {}
 
     def start_redis(self) -> str:
-        self.redis = RedisServer(run_dir=self.run_dir / "redis")
+        self.redis = RedisServer(
+            run_dir=self.run_dir / "redis", tls=self.tls.cert("redis") if self.tls else None
+        )
         self.redis.start()
         return self.redis.url
 
@@ -89,11 +102,13 @@ class RolloutPlatform:
             "FOGHORN_REDIS_URL": redis_url,
             "FOGHORN_CLUSTER": "rollout",
             "FOGHORN_REPORT_INTERVAL_S": "2",
+            **self.tls_env(name),
         }
         proc = CommandProcess(name, [PY, "-m", "api_balancing"], run_dir=self.run_dir / name,
                               port=grpc_port, env=env, ready_timeout=60)  # fmt: skip
         proc.start()
-        replica = Replica(name, proc, f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
+        http = f"{self.scheme}://127.0.0.1:{http_port}"
+        replica = Replica(name, proc, f"127.0.0.1:{grpc_port}", http)
         self.foghorn[name] = replica
         return replica
 
@@ -107,6 +122,7 @@ class RolloutPlatform:
             "BRIDGE_FOGHORN_ADDRESSES": f"file:{self.caller_file}",
             "BRIDGE_FOGHORN_TOKEN": up.BRIDGE_FOGHORN_TOKEN,
             "BRIDGE_JWT_HS256_SECRET": up.BRIDGE_JWT_SECRET,
+            **self.tls_env(name, client_auth="none"),
         }
         proc = CommandProcess(
             name, [PY, "-m", "api_gateway", "--port", str(port), "--id", name],
@@ -114,7 +130,7 @@ class RolloutPlatform:
             ready_timeout=60,
         )  # fmt: skip
         proc.start()
-        replica = Replica(name, proc, "", f"http://127.0.0.1:{port}")
+        replica = Replica(name, proc, "", f"{self.scheme}://127.0.0.1:{port}")
         self.bridges[name] = replica
         return replica
 
@@ -133,6 +149,7 @@ class RolloutPlatform:
             [PY, "-m", "api_balancing.simulator", "--foghorn-file", str(self.node_file),
              "--nodes", str(self.nodes), "--token", up.NODE_TOKEN, "--interval", "2"],
             run_dir=self.run_dir / "edge-sim",
+            env=self.tls.tool_env("nodes") if self.tls else None,
         )  # fmt: skip
         self.fleet.start()
 
@@ -150,7 +167,7 @@ class Checks:
 
     def __init__(self) -> None:
         policy = replace(Policy.no_retries(timeout=2.0), breaker=BreakerPolicy(enabled=False))
-        self.http = AsyncHttpClient(policy=policy)
+        self.http = AsyncHttpClient(policy=policy, verify=http_verify())
         self.headers = {"authorization": f"Bearer {up.OPERATOR_TOKEN}"}
 
     async def health(self, replica: Replica) -> dict[str, Any]:
@@ -207,7 +224,9 @@ class Checks:
 
     async def mode(self, replica: Replica) -> tuple[str, str] | None:
         try:
-            async with FoghornClient(replica.grpc, token=up.OPERATOR_TOKEN) as client:
+            async with FoghornClient(
+                replica.grpc, token=up.OPERATOR_TOKEN, credentials=grpc_credentials()
+            ) as client:
                 node = await client.get_node(PROBE_NODE)
         except Exception:
             return None
@@ -417,7 +436,12 @@ async def rollout_drill(settings: Settings, run_dir: Path) -> Result:
     """``rollout`` as a drill row: it runs on a platform of its own (it starts embedded)."""
     result = Result("rollout", ROLLOUT.expected)
     await asyncio.to_thread(run_dir.mkdir, parents=True, exist_ok=True)
-    facts = await run_rollout(settings.nodes, run_dir)
+    platform = None
+    if settings.tls:
+        tls = DevTls(run_dir)
+        tls.enable_for_this_process()  # the harness's checks and viewers: its certificate
+        platform = RolloutPlatform(run_dir, settings.nodes, tls=tls)
+    facts = await run_rollout(settings.nodes, run_dir, platform)
     result.facts = facts
     result.failed_foghorn = int(facts.get("failed_foghorn", 0))
     result.failed_bridge = int(facts.get("failed_bridge", 0))

@@ -108,6 +108,8 @@ class Settings:
     # Added to every documented port of the drills' platform (./dev up's --port-offset), so a
     # drill runs beside another platform on this host.
     port_offset: int = 0
+    # --tls: drills on a platform of their own (rollout) run TLS and mTLS on every hop as well.
+    tls: bool = False
     # The alert rules' clock on the drills' platform (./dev up's --rules-time-scale).
     rules_time_scale: float = 1 / 20
     # Signalman's consumer-group session timeout: tansu holds every JoinGroup while less than
@@ -1122,7 +1124,7 @@ def main(argv: list[str]) -> int:
             for d in DRILLS
             if (args.hosts or not d.needs_hosts)
             and not (args.hosts and d.needs_ha_stores)
-            and not ((args.hosts or args.tls) and d.alone is not None)  # loopback, plaintext
+            and not (args.hosts and d.alone is not None)  # loopback only
         ]
     else:
         names = [n for n in args.name.split(",") if n]
@@ -1142,7 +1144,7 @@ def main(argv: list[str]) -> int:
     if not 0 <= args.port_offset <= 20000:
         print("--port-offset must be within 0..20000")
         return 2
-    settings = replace(settings, port_offset=args.port_offset)
+    settings = replace(settings, port_offset=args.port_offset, tls=args.tls)
     if args.nodes is not None:
         if args.nodes < 1:
             print("--nodes must be >= 1")
