@@ -23,7 +23,7 @@ TOOL_SETTINGS = frozenset({"SIGNALMAN_TARGETS", "SIGNALMAN_TOKEN"})
 # stop the process at start with the variable's name, not misbehave later).
 _POSITIVE = (
     "session_timeout_ms", "heartbeat_interval_ms", "history_maxlen", "history_retention_s",
-    "max_channels_per_session", "max_message_bytes", "duties_interval_s",
+    "max_channels_per_session", "max_message_bytes", "duties_interval_s", "history_wait_ms",
 )  # fmt: skip
 _NOT_NEGATIVE = ("fetch_max_wait_ms", "redrive_delay_s", "redrive_max_attempts")
 
@@ -62,6 +62,10 @@ class SignalmanConfig(ServiceSettings, GrpcServiceListeners):
     redis_prefix: str = "sm"  # key namespace: deployments may share one Redis
     history_maxlen: int = 10_000
     history_retention_s: float = 86_400.0
+    # Behind Sentinel: how long an append's WAIT may block for a replica's acknowledgement
+    # before the history counts it unreplicated and reports itself lagging (one LAN round trip
+    # normally; raise it for replicas across a slow link).
+    history_wait_ms: int = 100
     # Subscribers.
     subscriber_buffer: int = 1_000
     max_connections_per_tenant: int = 100

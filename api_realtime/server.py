@@ -155,7 +155,10 @@ class SignalmanApp:
             from signalman.history import redis as redis_history
 
             history = redis_history.RedisHistory(
-                config.redis_url, prefix=config.redis_prefix, max_len=config.history_maxlen
+                config.redis_url,
+                prefix=config.redis_prefix,
+                max_len=config.history_maxlen,
+                wait_timeout_ms=config.history_wait_ms,
             )
             redis_history.register(process_metrics(), history)
             self._history_probe = Probe(history.ping, interval_s=1.0, timeout_s=1.0)

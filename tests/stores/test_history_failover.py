@@ -47,7 +47,9 @@ async def test_a_subscriber_resuming_across_a_failover_gets_a_gap_never_a_reused
     ha = redis_ha_factory()
     prefix = f"sm{uuid.uuid4().hex[:6]}"
     app = SignalmanApp(
-        embedded_config(redis_url=ha.spec, redis_prefix=prefix),
+        # A replica's acknowledgement can take more than the default 100 ms on a CI machine
+        # whose other test worker runs a drill (seen once: the first appends counted lagging).
+        embedded_config(redis_url=ha.spec, redis_prefix=prefix, history_wait_ms=1_000),
         tokens=parse_tokens(TOKENS),
     )
     await app.start()
@@ -125,7 +127,7 @@ async def test_appends_without_a_replica_keep_flowing_and_are_counted(
     they wait ``LAGGING_WAIT_MS``, with one full wait per ``PROBE_EVERY_S``), each is counted
     as unreplicated, and once a replica is back they are acknowledged again."""
     ha = redis_ha_factory()
-    history = RedisHistory(ha.spec, prefix=f"sm{uuid.uuid4().hex[:6]}", wait_timeout_ms=200)
+    history = RedisHistory(ha.spec, prefix=f"sm{uuid.uuid4().hex[:6]}", wait_timeout_ms=1_000)
 
     async def append(offset: int) -> None:
         event = Event("stream.started", "acme", {"n": offset})
