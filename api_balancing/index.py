@@ -1,18 +1,32 @@
-"""The hot path of routing: every node's routing inputs in numpy arrays, scored in one pass.
+"""The hot path of routing: every node's routing inputs in numpy arrays, scored per query.
 
 ``FleetIndex`` is fed by store change notifications (local writes and, with HA, other
 replicas' writes), so routing reads only local memory. It computes the score of
-``scoring.evaluate`` (tests hold the two against each other) over the whole fleet at once.
+``scoring.evaluate`` (tests hold the two against each other).
 
 Everything that does not depend on the viewer is kept ready per node as it changes: whether
 the node can take a viewer at all (connected, normal mode, fresh report, bandwidth and seats
 left after pending redirects) and its CPU + RAM + bandwidth score plus the full geo weight.
 For each (role, protocol) asked for, a cached column holds that score for the nodes that
-qualify and -inf for the others, patched in place when a node changes. A query is then a
-handful of vector operations: one dot product of unit vectors for the great-circle angle,
-arccos, ``base - (w_geo / pi) * angle``, the stream bonus for carriers, and a partial sort for
-the top ``limit``. Few operations matter more than small arrays here: between gRPC calls the
-CPU caches are cold and each numpy call costs several microseconds.
+qualify and -inf for the others, patched in place when a node changes. A node's score for a
+viewer is that base minus ``(w_geo / pi) * angle`` (the great-circle angle from the viewer,
+arccos of a dot product of unit vectors), plus the stream bonus for carriers.
+
+Scoring every node per query made routing cost grow with the fleet (at 10,000 nodes the
+arccos alone took about 100 us). So nodes are also grouped in cells of a coarse latitude /
+longitude grid, each cell a spherical cap (its box centre and the largest angle from there to a
+member), and each cached column keeps its best base per cell. Per query, a few operations over
+the cells (hundreds at most, not thousands of nodes) bound every cell: its best member scores at
+least its best base less the penalty of the cap's farthest point, so the ``limit``-th best of
+those is a floor for the answer; and no member scores more than its own base less the penalty
+of the cap's nearest point. Only the members of the cells that can reach the floor are looked
+at, only those whose own bound reaches it are scored, with the carriers of the stream (their
+bonus added) apart. Whatever is left out scores strictly below ``limit`` nodes that are in, so
+the answer is the one scoring every node gives (``rank(..., exhaustive=True)``, which is also
+the path for small fleets; tests hold the two equal to the bit): the same arithmetic per node,
+in the same order, on fewer nodes. A cap is plain 3-D geometry, so the antimeridian and the
+poles need no special case; nodes without a location share one cell whose penalty is zero, as
+theirs is.
 
 Distances from unit vectors (arccos of a dot product) equal the reference haversine to within
 about a metre.
@@ -21,6 +35,7 @@ about a metre.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,7 +47,13 @@ from api_balancing.scoring import EARTH_RADIUS_KM, Weights, load_parts
 
 _F = npt.NDArray[np.float64]
 _NEG_INF = -math.inf
+_LOWEST = -sys.float_info.max  # below every finite score, above -inf (the ineligible)
 _SHRINK = 1.0 - 1e-14
+CELL_DEG = 4.0  # grid step of the cells: 45 x 90 cells at most, a few hundred in a real fleet
+# Slack on every cap's radius (radians, about 6 m): arccos near 0 is only as precise as
+# ~1e-8 rad, and the viewer's shrink adds up to 1.5e-7; the bound must never exceed a score.
+_CELL_MARGIN = 1e-6
+_NO_CELL = -1
 
 # Static rejection codes, known from the record alone (time and query independent).
 _OK, _DISCONNECTED, _MAINTENANCE, _DRAINING, _NO_REPORT, _CAPACITY_ZERO = range(6)
@@ -54,6 +75,8 @@ class _View:
     need: int
     score: _F
     count: int  # finite entries
+    cellmax: _F  # per cell: the best ``score`` among its members (-inf when none qualifies)
+    dirty: set[int]  # cells whose maximum may have dropped: recomputed before the next query
 
 
 @dataclass
@@ -96,26 +119,97 @@ class FleetIndex:
         self._tenants: dict[str, str] = {}  # stream id -> tenant, while some node carries it
         self._streams_of: dict[int, tuple[str, ...]] = {}
         self._views: dict[int, _View] = {}
+        # Views of at most this many eligible nodes are scanned whole: below it the scan's
+        # few whole-column operations cost less than the search's many small ones.
+        self.scan_max = 2048
         self._oldest_fresh = math.inf  # lower bound of report times among fresh nodes
+        # The cells: id 0 holds the nodes without a location, the others one grid box each.
+        self._cell_of: list[int] = []  # per slot (_NO_CELL for free slots)
+        self._cell_ids: dict[tuple[int, int], int] = {}
+        self._members: list[set[int]] = [set()]
+        self._member_arrays: list[npt.NDArray[np.intp] | None] = [None]
+        self._centres: _F = np.zeros((0, 3))  # per cell: its box centre (unit vector)
+        self._radius: _F = np.zeros(0)  # and the largest angle from there to a member
+        self._sizes: npt.NDArray[np.intp] = np.zeros(0, dtype=np.intp)  # members
+        self._cells_alloc(16)
         self._alloc(initial_capacity)
 
     # -- storage ---------------------------------------------------------------------------
 
     def _alloc(self, n: int) -> None:
-        self._xyz = np.zeros((n, 3))  # unit vector of the node's location (0 when unknown)
+        # Unit vector of each node's location (0 when unknown), one row per coordinate.
+        self._xyz = np.zeros((3, n))
         self._slope = np.zeros(n)  # w_geo / pi for located nodes: geo = w_geo - slope * angle
         self._base = np.full(n, _NEG_INF)  # cpu + ram + bandwidth + w_geo, or -inf
         self._report_at = np.full(n, math.inf)  # for the staleness sweep
         self._angle_buf = np.zeros(n)
         self._viewer = np.zeros(3)
         self._score_buf = np.zeros(n)
+        self._is_carrier = np.zeros(n, dtype=bool)  # the asked stream's carriers, per query
         self._capacity_slots = n
+
+    def _cells_alloc(self, n: int) -> None:
+        centres, radius = np.zeros((n, 3)), np.zeros(n)
+        sizes = np.zeros(n, dtype=np.intp)
+        old = len(self._centres)
+        centres[:old], radius[:old], sizes[:old] = self._centres, self._radius, self._sizes
+        for view in self._views.values():
+            cellmax = np.full(n, _NEG_INF)
+            cellmax[:old] = view.cellmax
+            view.cellmax = cellmax
+        self._centres, self._radius, self._sizes = centres, radius, sizes
+
+    def _cell(self, lat: float, lon: float) -> int:
+        """The cell of a location (created on first use)."""
+        rows = int(180 / CELL_DEG)
+        key = (min(rows - 1, int((lat + 90.0) // CELL_DEG)), int((lon + 180.0) % 360.0 // CELL_DEG))
+        cell = self._cell_ids.get(key)
+        if cell is None:
+            cell = len(self._members)
+            if cell >= len(self._centres):
+                self._cells_alloc(cell * 2)
+            self._cell_ids[key] = cell
+            self._members.append(set())
+            self._member_arrays.append(None)
+            clat = math.radians(-90.0 + (key[0] + 0.5) * CELL_DEG)
+            clon = math.radians(-180.0 + (key[1] + 0.5) * CELL_DEG)
+            self._centres[cell] = (math.cos(clat) * math.cos(clon),
+                                   math.cos(clat) * math.sin(clon), math.sin(clat))  # fmt: skip
+        return cell
+
+    def _move(self, slot: int, cell: int) -> None:
+        """Make ``slot`` a member of ``cell`` (``_NO_CELL``: of none)."""
+        old = self._cell_of[slot]
+        if old != cell:
+            for c in (old, cell):
+                if c != _NO_CELL:
+                    self._member_arrays[c] = None
+                    for view in self._views.values():
+                        view.dirty.add(c)  # its maximum is recomputed from its members
+            if old != _NO_CELL:
+                self._members[old].discard(slot)
+                self._sizes[old] -= 1
+            self._cell_of[slot] = cell
+            if cell != _NO_CELL:
+                self._members[cell].add(slot)
+                self._sizes[cell] += 1
+        if cell not in (0, _NO_CELL):  # the cap grows to take the member in (never shrinks)
+            dot = float(np.dot(self._centres[cell], self._xyz[:, slot]))
+            angle = math.acos(max(-1.0, min(1.0, dot))) + _CELL_MARGIN
+            self._radius[cell] = max(float(self._radius[cell]), angle)
+
+    def _cell_members(self, cell: int) -> npt.NDArray[np.intp]:
+        arr = self._member_arrays[cell]
+        if arr is None:
+            members = self._members[cell]
+            arr = self._member_arrays[cell] = np.fromiter(members, np.intp, len(members))
+        return arr
 
     def _grow(self) -> None:
         old = self._capacity_slots
         xyz, slope, base, report_at = self._xyz, self._slope, self._base, self._report_at
         self._alloc(old * 2)
-        self._xyz[:old] = xyz
+        self._xyz[:, :old] = xyz
         self._slope[:old] = slope
         self._base[:old] = base
         self._report_at[:old] = report_at
@@ -149,12 +243,19 @@ class FleetIndex:
             if node.located:
                 value += self.weights.geo
         self._base[slot] = value
+        cell = self._cell_of[slot]
         for view in self._views.values():
             old = float(view.score[slot])
             new = value if (node.bits & view.need) == view.need else _NEG_INF
             if old != new:
                 view.count += int(new != _NEG_INF) - int(old != _NEG_INF)
                 view.score[slot] = new
+                if cell != _NO_CELL:
+                    best = view.cellmax[cell]
+                    if new > best:
+                        view.cellmax[cell] = new
+                    elif old == best:  # the best may have gone down: recomputed when asked
+                        view.dirty.add(cell)
 
     def _view(self, need: int) -> _View:
         view = self._views.get(need)
@@ -163,8 +264,18 @@ class FleetIndex:
             for slot, node in enumerate(self._nodes):
                 qualifies[slot] = (node.bits & need) == need
             score = np.where(qualifies, self._base, _NEG_INF)
-            view = _View(need, score, int(np.count_nonzero(score != _NEG_INF)))
+            cellmax = np.full(len(self._centres), _NEG_INF)
+            in_cell = np.array(self._cell_of, dtype=np.intp)
+            placed = in_cell != _NO_CELL
+            np.maximum.at(cellmax, in_cell[placed], score[: len(in_cell)][placed])
+            count = int(np.count_nonzero(score != _NEG_INF))
+            view = _View(need, score, count, cellmax, set())
             self._views[need] = view
+        elif view.dirty:
+            for cell in view.dirty:
+                members = self._cell_members(cell)
+                view.cellmax[cell] = view.score[members].max() if members.size else _NEG_INF
+            view.dirty.clear()
         return view
 
     # -- updates ---------------------------------------------------------------------------
@@ -186,6 +297,7 @@ class FleetIndex:
                     self._grow()
                 self._ids.append(node_id)
                 self._nodes.append(_Node())
+                self._cell_of.append(_NO_CELL)
             self._slots[node_id] = slot
         node = self._nodes[slot]
         ident, report = record.identity, record.report
@@ -214,12 +326,14 @@ class FleetIndex:
             node.located = loc is not None
             if loc is not None:
                 lat, lon = math.radians(loc.latitude), math.radians(loc.longitude)
-                self._xyz[slot] = (math.cos(lat) * math.cos(lon), math.cos(lat) * math.sin(lon),
+                self._xyz[:, slot] = (math.cos(lat) * math.cos(lon), math.cos(lat) * math.sin(lon),
                                    math.sin(lat))  # fmt: skip
                 self._slope[slot] = self.weights.geo / math.pi
+                self._move(slot, self._cell(loc.latitude, loc.longitude))
             else:
-                self._xyz[slot] = (0.0, 0.0, 0.0)
+                self._xyz[:, slot] = (0.0, 0.0, 0.0)
                 self._slope[slot] = 0.0
+                self._move(slot, 0)
         streams: tuple[str, ...] = ()
         loads: tuple[StreamLoad, ...] = ()
         if report is not None:
@@ -279,6 +393,7 @@ class FleetIndex:
         self._nodes[slot] = _Node()
         self._report_at[slot] = math.inf
         self._refresh(slot)
+        self._move(slot, _NO_CELL)
         self._ids[slot] = ""
         self._free.append(slot)
 
@@ -318,8 +433,13 @@ class FleetIndex:
         role: str,
         protocol: str,
         limit: int,
+        exhaustive: bool = False,
     ) -> tuple[list[Ranked], int]:
-        """The best ``limit`` eligible nodes (ties by node id) and how many were considered."""
+        """The best ``limit`` eligible nodes (ties by node id) and how many were considered.
+
+        ``exhaustive``: score every eligible node instead of searching the cells (the
+        specification the search is tested against; same result, slower).
+        """
         considered = len(self._slots)
         if considered == 0 or limit <= 0:
             return [], considered
@@ -335,37 +455,83 @@ class FleetIndex:
         view = self._view(need)
         if view.count == 0:
             return [], considered
-        angle: _F | None = None
+        located = lat is not None and lon is not None
         if lat is not None and lon is not None:
             la, lo = math.radians(lat), math.radians(lon)
             cos_la = math.cos(la)
             # The viewer's unit vector, shrunk by 1e-14 so that no dot product can round past
-            # +-1 (arccos would give NaN): cheaper than clamping 1,000 values, and it moves
-            # distances by at most about a metre.
+            # +-1 (arccos would give NaN): cheaper than clamping, and it moves distances by at
+            # most about a metre.
             viewer = self._viewer
             viewer[0] = cos_la * math.cos(lo) * _SHRINK
             viewer[1] = cos_la * math.sin(lo) * _SHRINK
             viewer[2] = math.sin(la) * _SHRINK
-            # Preallocated buffers: no allocation per query (they live until the next one).
-            angle = np.dot(self._xyz, viewer, out=self._angle_buf)
-            np.arccos(angle, out=angle)
-            score = np.multiply(self._slope, angle, out=self._score_buf)
-            np.subtract(view.score, score, out=score)  # base - (w_geo / pi) * angle
+        carriers = self._carriers.get(content_id) if content_id else None
+        if not self.weights.stream_bonus:
+            carriers = None
+        k = min(limit, view.count)
+        if exhaustive or view.count <= self.scan_max:
+            return self._scan(view, k, located, carriers), considered
+        marked: npt.NDArray[np.intp] | None = None
+        if carriers:
+            marked = np.fromiter(carriers, np.intp, len(carriers))
+            self._is_carrier[marked] = True
+        try:
+            slots, score, angle = self._search(view, k, located, marked)
+        finally:
+            if marked is not None:
+                self._is_carrier[marked] = False
+        return self._top(slots, score, angle, k), considered
+
+    def _exact(
+        self, view: _View, slots: npt.NDArray[np.intp], located: bool, carriers_from: int
+    ) -> tuple[_F, _F | None]:
+        """Scores (and angles, when the viewer is located) of ``slots``, the carriers of the
+        asked stream from index ``carriers_from`` on: the arithmetic of ``_scan``, element by
+        element, so that both give the same numbers."""
+        base = view.score[slots]
+        angle: _F | None = None
+        if located:
+            x, y, z = np.take(self._xyz, slots, axis=1)
+            v = self._viewer
+            dot = np.multiply(x, v[0], out=x)
+            dot += np.multiply(y, v[1], out=y)
+            dot += np.multiply(z, v[2], out=z)
+            angle = np.arccos(dot, out=dot)
+            score = np.subtract(base, np.multiply(self._slope[slots], angle, out=y), out=base)
         else:
             # Unknown viewer location: geography is neutral, so no node gets the geo weight.
+            score = np.subtract(base, np.where(self._slope[slots] > 0, self.weights.geo, 0.0),
+                                out=base)  # fmt: skip
+        if carriers_from < len(slots):
+            score[carriers_from:] += self.weights.stream_bonus
+        return score, angle
+
+    def _scan(self, view: _View, k: int, located: bool, carriers: set[int] | None) -> list[Ranked]:
+        """Score every node: ``_exact``'s arithmetic on whole columns (cheaper than the search
+        for a small fleet; the reference the search is tested against)."""
+        angle: _F | None = None
+        if located:
+            x, y, z = self._xyz
+            v, dot, tmp = self._viewer, self._angle_buf, self._score_buf
+            np.multiply(x, v[0], out=dot)
+            dot += np.multiply(y, v[1], out=tmp)
+            dot += np.multiply(z, v[2], out=tmp)
+            angle = np.arccos(dot, out=dot)
+            score = np.subtract(view.score, np.multiply(self._slope, angle, out=tmp), out=tmp)
+        else:
             score = view.score - np.where(self._slope > 0, self.weights.geo, 0.0)
-        carriers = self._carriers.get(content_id) if content_id else None
-        if carriers and self.weights.stream_bonus:
+        if carriers:
             bonus = self.weights.stream_bonus
             if len(carriers) <= 16:  # the usual case: scalar updates beat fancy indexing
                 for slot in carriers:
                     score[slot] += bonus
             else:
                 score[list(carriers)] += bonus
-        return self._top(score, angle, min(limit, view.count)), considered
+        return self._top_scan(score, angle, k)
 
-    def _top(self, score: _F, angle: _F | None, k: int) -> list[Ranked]:
-        """Best ``k`` of ``score`` (a scratch array, consumed), ties broken by node id."""
+    def _top_scan(self, score: _F, angle: _F | None, k: int) -> list[Ranked]:
+        """Best ``k`` of a whole column of scores (consumed), ties broken by node id."""
         ids = self._ids
         rows: list[tuple[float, str, int]] = []
         if k <= 8:
@@ -390,5 +556,73 @@ class FleetIndex:
             distance = -1.0
             if angle is not None and self._nodes[p].located:
                 distance = float(angle[p]) * EARTH_RADIUS_KM
+            out.append(Ranked(node_id, -neg, distance))
+        return out
+
+    def _search(
+        self,
+        view: _View,
+        k: int,
+        located: bool,
+        carriers: npt.NDArray[np.intp] | None,
+    ) -> tuple[npt.NDArray[np.intp], _F, _F | None]:
+        """Slots, scores and angles of a set of nodes that holds the best ``k`` (see the module
+        docstring): every node left out scores strictly below ``k`` of those in the set."""
+        cells = len(self._members)
+        if located:
+            # Per cell, the nearest and the farthest a member can be from the viewer.
+            gap = np.arccos(np.dot(self._centres[:cells], self._viewer))
+            radius = self._radius[:cells]
+            near = np.subtract(gap, radius)
+            np.maximum(near, 0.0, out=near)
+            near *= self.weights.geo / math.pi
+            far = np.add(gap, radius, out=gap)
+            far *= self.weights.geo / math.pi
+        else:
+            near = np.full(cells, self.weights.geo)
+            far = near.copy()
+        near[0] = far[0] = 0.0  # nodes without a location: no geo weight in their base
+        best = view.cellmax[:cells]
+        # A floor for the k-th best score: the best member of a cell scores at least its base
+        # less the cell's farthest penalty, and k cells give k such nodes.
+        floor = _LOWEST  # too few cells: every eligible node is a candidate
+        if cells >= k:
+            low = np.subtract(best, far, out=far)
+            floor = max(_LOWEST, float(np.partition(low, cells - k)[cells - k]))
+        # Every node that can reach the floor: the members of the cells whose best base less
+        # their nearest penalty reaches it, whose own base less that penalty reaches it.
+        reach = np.flatnonzero(best - near >= floor)
+        arrays = [self._cell_members(c) for c in reach.tolist()]
+        members = np.concatenate(arrays) if arrays else np.zeros(0, np.intp)
+        keep = view.score[members] - np.repeat(near[reach], self._sizes[reach]) >= floor
+        if carriers is not None:  # scored apart, with their bonus
+            keep &= ~self._is_carrier[members]
+            slots = np.concatenate((members[keep], carriers[view.score[carriers] != _NEG_INF]))
+            score, angle = self._exact(view, slots, located, int(np.count_nonzero(keep)))
+        else:
+            slots = members[keep]
+            score, angle = self._exact(view, slots, located, len(slots))
+        return slots, score, angle
+
+    def _top(
+        self, slots: npt.NDArray[np.intp], score: _F, angle: _F | None, k: int
+    ) -> list[Ranked]:
+        """Best ``k`` of the scored ``slots``, ties broken by node id."""
+        ids = self._ids
+        size = score.size
+        k = min(k, size)
+        if k <= 0:
+            return []
+        threshold = score[np.argpartition(score, size - k)[size - k]]
+        rows = [
+            (-float(score[i]), ids[int(slots[i])], i)
+            for i in np.flatnonzero(score >= threshold).tolist()
+        ]
+        rows.sort()
+        out: list[Ranked] = []
+        for neg, node_id, i in rows[:k]:
+            distance = -1.0
+            if angle is not None and self._nodes[int(slots[i])].located:
+                distance = float(angle[i]) * EARTH_RADIUS_KM
             out.append(Ranked(node_id, -neg, distance))
         return out
