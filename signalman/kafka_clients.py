@@ -35,19 +35,39 @@ class KafkaClient(Protocol):
     async def stop(self) -> None: ...
 
 
+# Stops of clients whose start was cancelled, finishing in the background (kept referenced).
+_stopping: set[asyncio.Task[None]] = set()
+# How long a cancelled start waits for its client's stop before returning (the stop goes on).
+CANCELLED_STOP_WAIT_S = 0.2
+
+
 async def start_client(client: KafkaClient, stop_timeout_s: float = 5.0) -> None:
     """Start ``client``; if the start fails or is cancelled, stop it, then re-raise.
 
     The stop is bounded by ``stop_timeout_s`` and shielded (a second cancellation leaves it
     running to its end in the background); a stop that fails is not reported over the start's
-    own error, which is what the caller gets.
+    own error, which is what the caller gets. A cancelled start (its owner is stopping) waits
+    for the stop only ``CANCELLED_STOP_WAIT_S``: a consumer cancelled while joining its group
+    takes seconds to stop (aiokafka's coordinator waits out the join the broker holds), which
+    held a stopping Signalman replica's exit 5 s in the singleton duties' re-driver.
     """
     try:
         await client.start()
-    except BaseException:
+    except BaseException as exc:
+        stop = asyncio.create_task(client.stop())
+        _stopping.add(stop)
+        stop.add_done_callback(_stop_done)
+        cancelled = isinstance(exc, asyncio.CancelledError)
+        wait_s = CANCELLED_STOP_WAIT_S if cancelled else stop_timeout_s
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(client.stop()), stop_timeout_s)
+            await asyncio.wait_for(asyncio.shield(stop), wait_s)
         raise
+
+
+def _stop_done(task: asyncio.Task[None]) -> None:
+    _stopping.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("kafka_client_stop_failed", error=repr(task.exception())[:200])
 
 
 def member_id(consumer: Any) -> str:
