@@ -10,6 +10,7 @@ from pathlib import Path
 from cryptography import x509
 
 from devtools.devtls import DevTls
+from devtools.ha_stores import HaStores
 from pkg.common import redisconn
 from pkg.common.tls import tls_from_env
 from pkg.devstack.servers import (
@@ -76,6 +77,10 @@ def test_ha_stores_under_tls_give_every_store_process_a_certificate_and_tls_clie
     try:
         assert "sslmode=verify-full" in multi_host_dsn(pg, standby)
         assert "sslmode=verify-full" in standby.conninfo()
+        # The status view names the store hops that run TLS (nothing started: all down).
+        shown = "\n".join(HaStores(ha, pg, standby, tls=True).status_lines())
+        assert "stores over TLS" in shown and "Sentinels" in shown and "standby" in shown
+        assert "stores over TLS" not in "\n".join(HaStores(ha, pg, standby).status_lines())
     finally:
         standby.cleanup()
         pg.cleanup()
