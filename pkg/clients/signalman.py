@@ -219,6 +219,7 @@ class Subscription:
                 self.stats.last_error = repr(exc)[:200]
             self._subscribed.clear()
             self.stats.reconnects += 1
+            self.client.replica_failed()
             log.info("signalman_reconnecting", error=self.stats.last_error)
             await backoff.wait()
 
@@ -343,6 +344,7 @@ class SignalmanClient:
         self.policy = policy or default_policy()
         self.clock = clock
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._following = False  # holds the changing list's refresh (see replica())
 
     @property
     def replicas(self) -> list[str]:
@@ -355,6 +357,15 @@ class SignalmanClient:
         return list(self.targets)
 
     def replica(self, index: int) -> str:
+        """The ``index``-th replica (modulo), for a subscription stream that sticks to one."""
+        if self.target_list is not None:
+            # A stream's channel is built on one address, not on the list, so nothing else
+            # keeps a file or DNS list refreshed: without this a subscription never saw a
+            # replica added or removed (it reconnected to a retired one forever).
+            if not self._following:
+                self.target_list.acquire()
+                self._following = True
+            self.target_list.start()  # no-op when refreshing already, or outside a loop
         replicas = self.replicas
         if not replicas and self.target_list is not None:
             return self.target_list.name  # none known yet: the whole (changing) set
@@ -401,7 +412,15 @@ class SignalmanClient:
         reply = await stub.Publish(request, timeout=deadline_s)
         return list(reply.offsets)
 
+    def replica_failed(self) -> None:
+        """A subscription stream to one replica failed: re-read a changing list soon."""
+        if self.target_list is not None:
+            self.target_list.refresh_soon()
+
     async def close(self) -> None:
+        if self._following and self.target_list is not None:
+            self.target_list.release()
+            self._following = False
         channels, self._channels = list(self._channels.values()), {}
         for channel in channels:
             await channel.close(None)
