@@ -13,7 +13,7 @@ import contextlib
 from typing import Any
 
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from pkg.common.clock import SYSTEM_CLOCK, Clock
 from pkg.common.kafkaconn import kafka_options
@@ -104,27 +104,41 @@ class Redriver:
         self.redriven = 0
         self.parked = 0
 
-    async def _ensure(self) -> None:
+    async def _ensure(self) -> bool:
+        """Start the clients and assign every partition of the dead-letter topic; False while
+        that topic does not exist yet (nothing to re-drive)."""
         if self._consumer is None:
+            # Assigned, never subscribed: the consumer joins no group. Only the singleton holder
+            # re-drives, so the lease already excludes the others; a group join only cost time
+            # (the broker holds a join for seconds, and a replica stopping while its re-driver
+            # joined waited 5 s for it). The group id is where the offsets are committed.
             consumer = AIOKafkaConsumer(
-                self.dlq_topic,
                 **kafka_options(self.bootstrap),
                 group_id=self.group_id,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
             )
-            # Subscribed before start: start() also joins the group, the longest step to be
-            # cancelled in (the singleton holder stopping).
             await start_client(consumer)
             self._consumer = consumer
         if self._producer is None:
             producer = AIOKafkaProducer(**kafka_options(self.bootstrap), acks="all")
             await start_client(producer)
             self._producer = producer
+        parts = self._consumer.partitions_for_topic(self.dlq_topic)
+        if not parts:
+            await self._consumer._client.force_metadata_update()
+            parts = self._consumer.partitions_for_topic(self.dlq_topic)
+        if not parts:
+            return False
+        wanted = {TopicPartition(self.dlq_topic, p) for p in parts}
+        if wanted != self._consumer.assignment():
+            self._consumer.assign(sorted(wanted))  # from the committed offsets, else earliest
+        return True
 
     async def run_once(self) -> int:
         """Handle what is due in the dead-letter topic; returns records re-driven."""
-        await self._ensure()
+        if not await self._ensure():
+            return 0
         batches = await self._consumer.getmany(timeout_ms=200, max_records=200)
         sent = 0
         for tp, records in batches.items():

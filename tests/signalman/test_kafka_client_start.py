@@ -18,11 +18,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaConsumer
 
 from pkg.devstack.servers import free_port
 from signalman.consumer import ensure_topics
 from signalman.deadletter import DeadLetterProducer, Redriver
 from signalman.history import SourcePos
+from signalman.kafka_clients import start_client
 from signalman.processor import DeadLetter
 from signalman.singleton import GroupLag
 from tests.signalman.conftest import wait_until
@@ -83,19 +85,72 @@ async def test_a_client_whose_start_fails_is_stopped(
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
-async def test_a_redriver_cancelled_while_joining_its_group_stops_its_consumer(
+async def test_a_redriver_joins_no_group_so_its_start_and_stop_wait_for_no_join(
+    kafka_broker: Any,
+) -> None:
+    """The re-driver joins no consumer group (the singleton lease already makes it the only
+    one): its first run and its close take a few round trips, never a join the broker holds
+    for seconds (half the session: 5 s; a stopping Signalman spent 4-5 s in its re-driver's
+    join or close, and a new singleton holder re-drove nothing until its join completed)."""
+    bootstrap = kafka_broker.bootstrap
+    member = redriver(bootstrap)
+    await ensure_topics(bootstrap, {member.dlq_topic: 2})
+    before = asyncio.all_tasks()
+    with unclosed_clients_reported() as reported:
+        started = time.monotonic()
+        assert await member.run_once() == 0
+        first_run_s = time.monotonic() - started
+        started = time.monotonic()
+        await member.close()
+        close_s = time.monotonic() - started
+        await wait_until(lambda: not asyncio.all_tasks() - before, timeout=20,
+                         what="the consumer's tasks to end")  # fmt: skip
+    assert reported == []
+    assert first_run_s < 2.0, f"the first run took {first_run_s:.2f} s (a group join?)"
+    assert close_s < 1.0, f"the close took {close_s:.2f} s"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_a_redriver_assigns_itself_every_partition_of_the_dead_letter_topic(
     kafka_broker: Any,
 ) -> None:
     bootstrap = kafka_broker.bootstrap
     member = redriver(bootstrap)
-    await ensure_topics(bootstrap, {member.dlq_topic: 1})
+
+    async def assigned() -> set[int]:
+        await member.run_once()
+        consumer = member._consumer
+        return {tp.partition for tp in consumer.assignment()} if consumer is not None else set()
+
+    async def all_three() -> bool:
+        return await assigned() == {0, 1, 2}
+
+    try:
+        assert await assigned() == set()  # no dead-letter topic yet: nothing to do
+        await ensure_topics(bootstrap, {member.dlq_topic: 3})
+        await wait_until(all_three, timeout=20, what="every partition assigned")
+    finally:
+        await member.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+async def test_a_consumer_cancelled_while_joining_its_group_is_stopped_without_holding_its_owner(
+    kafka_broker: Any,
+) -> None:
+    bootstrap = kafka_broker.bootstrap
+    topic = f"ev-{uuid.uuid4().hex[:8]}"
+    await ensure_topics(bootstrap, {topic: 1})
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"g-{topic}",
+                                enable_auto_commit=False)  # fmt: skip
     before = asyncio.all_tasks()
     with unclosed_clients_reported() as reported:
         # A subscribed consumer's start() waits for the group's first assignment, which the
         # broker holds for seconds: the cancellation lands inside it.
         started = time.monotonic()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(member._ensure(), 0.3)
+            await asyncio.wait_for(start_client(consumer), 0.3)
         # The cancelled owner is not held by the stop (it waited 5 s, the stop's bound, and so
         # did a stopping replica's exit): it returns, the stop finishes in the background.
         assert time.monotonic() - started < 2.0
@@ -103,4 +158,3 @@ async def test_a_redriver_cancelled_while_joining_its_group_stops_its_consumer(
         await wait_until(lambda: not asyncio.all_tasks() - before, timeout=20,
                          what="the half-started consumer's tasks to end")  # fmt: skip
     assert reported == []
-    assert member._consumer is None  # never handed out: the next run starts a fresh one
