@@ -34,6 +34,8 @@ log = structlog.get_logger("foghorn.handlers")
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_FALLBACKS = 3
+# A timer firing this much after its time says the event loop was busy, not the peer silent.
+LATE_TIMER_S = 0.25
 # Rejection notices wait in the stream's outbox until the node reads them; past this many
 # queued messages they are only counted, so a node that never reads cannot grow our memory.
 MAX_QUEUED_REJECTIONS = 256
@@ -119,13 +121,28 @@ class NodeControlService(pb_grpc.NodeControlServicer):
         state = _StreamState(current_principal())
         reader = asyncio.create_task(self._read(request_iterator, state, outbox))
         metrics.control_streams.add(1)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.register_timeout_s
+        extensions = 0
         try:
             while True:
                 if state.session is None:
                     try:
-                        item = await asyncio.wait_for(outbox.get(), self.register_timeout_s)
+                        item = await asyncio.wait_for(
+                            outbox.get(), max(0.0, deadline - loop.time())
+                        )
                     except TimeoutError:
                         if state.session is not None or outbox.qsize():
+                            continue
+                        # A timeout that fires late means the loop was busy (a herd of nodes
+                        # re-registering after a replica died): this node's Register may be
+                        # queued behind that work rather than missing. Aborting it would send
+                        # the node into backoff and back with a fresh connection (on grpc's
+                        # client a write racing the abort even surfaces as INTERNAL). So a
+                        # late timeout waits again, a few times at most.
+                        if loop.time() - deadline > LATE_TIMER_S and extensions < 3:
+                            extensions += 1
+                            deadline = loop.time() + self.register_timeout_s
                             continue
                         await context.abort(
                             grpc.StatusCode.DEADLINE_EXCEEDED,
