@@ -413,21 +413,28 @@ class ResponseCache:
     @contextlib.asynccontextmanager
     async def _renewed(self, key: str, token: str) -> AsyncIterator[None]:
         """Renew the lock ``token`` holds on ``key`` while the body runs."""
-        task = asyncio.ensure_future(self._renew(key, token))
+        done = asyncio.Event()
+        task = asyncio.ensure_future(self._renew(key, token, done))
         try:
             yield
         finally:
+            # Cancelling alone does not stop the renewal: on Python 3.11 a cancel that meets a
+            # Redis reply already read is lost (redis-py writes through asyncio.wait_for, which
+            # then returns the result instead of raising), and the loop went on renewing until
+            # the lock TTL, holding the request that loaded for those 5 s (isolate-replica,
+            # --hosts: a route query answered after 5 s, its load balancer gave up at 2 s).
+            done.set()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    async def _renew(self, key: str, token: str) -> None:
+    async def _renew(self, key: str, token: str, done: asyncio.Event) -> None:
         until = self._clock.monotonic() + self._lock_ttl_ms / 1000.0
-        while True:
+        while not done.is_set():
             await self._clock.asleep(self._lease_ms / 3000.0)
             left_ms = int((until - self._clock.monotonic()) * 1000)
-            if left_ms <= 0:
-                return  # held as long as the lock TTL allows: let it lapse, as before
+            if done.is_set() or left_ms <= 0:
+                return  # loaded; or held as long as the lock TTL allows: let it lapse
             try:
                 if not await self.store.extend(key, token, min(self._lease_ms, left_ms)):
                     return  # lost it (lapsed, taken): the load goes on, unguarded

@@ -69,6 +69,8 @@ class Sample:
     end: float
     ok: bool
     error: str = ""
+    # A slow success: the upstream attempts it made (where, when, how long), as for a failure.
+    path: str = ""
 
     @property
     def latency(self) -> float:
@@ -82,8 +84,8 @@ class Recorder:
     name: str
     samples: list[Sample] = field(default_factory=list)
 
-    def add(self, start: float, ok: bool, error: str = "") -> None:
-        self.samples.append(Sample(start, time.monotonic(), ok, error))
+    def add(self, start: float, ok: bool, error: str = "", path: str = "") -> None:
+        self.samples.append(Sample(start, time.monotonic(), ok, error, path))
 
     def between(self, since: float, until: float = float("inf")) -> list[Sample]:
         return [s for s in self.samples if since <= s.start < until]
@@ -248,13 +250,15 @@ class BridgeViewers(_Paced):
         start = time.monotonic()
         errors = []
         for url in self._order(seq):
+            # Which upstream, when and how long: a failure names each attempt it made.
+            at = time.monotonic()
             try:
                 reply = await self.http[url].post(url, json=body, headers=self.headers, timeout=2.0)
             except Exception as exc:  # this upstream did not answer: try the next one
-                errors.append(_describe(exc))
+                errors.append(_attempt(url, at, start, _describe(exc)))
                 continue
             if reply.status_code >= 500:
-                errors.append(f"HTTP {reply.status_code}")
+                errors.append(_attempt(url, at, start, f"HTTP {reply.status_code}"))
                 continue
             try:
                 doc = reply.json()
@@ -264,11 +268,12 @@ class BridgeViewers(_Paced):
                 self.recorder.add(start, False, f"HTTP {reply.status_code}: {detail}")
                 return
             if node:
-                self.recorder.add(start, True)
+                path = "; ".join([*errors, _attempt(url, at, start, "ok")])
+                self.recorder.add(start, True, path=path[:300])
             else:
                 self.recorder.add(start, False, "no best node in the answer")
             return
-        self.recorder.add(start, False, "; ".join(errors)[:200])
+        self.recorder.add(start, False, "; ".join(errors)[:300])
 
     async def stop(self) -> None:
         if self._checker is not None:
@@ -441,3 +446,10 @@ def _describe(exc: BaseException) -> str:
         with contextlib.suppress(Exception):
             return f"{code().name}: {details()}"[:200]
     return f"{type(exc).__name__}: {exc}"[:200]
+
+
+def _attempt(url: str, at: float, start: float, what: str) -> str:
+    """One upstream attempt of a query: where it went, when (seconds into the query)
+    and how long it took, so a failure tells a slow survivor from a dead upstream."""
+    host = url.split("://", 1)[-1].split("/", 1)[0]
+    return f"{host} +{at - start:.2f}s {time.monotonic() - at:.2f}s {what}"

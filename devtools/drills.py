@@ -954,6 +954,12 @@ def _measure(
         name: sum(1 for x in r.between(t0) if x.ok and x.latency > s.slow_s)
         for name, r in zip(("foghorn", "bridge"), recorders, strict=True)
     } | {"late_events": len(events.late(t0, s.late_s))}
+    # The slow queries' paths through the Bridge upstreams (first 20): which one was slow.
+    ctx.facts["slow_bridge"] = [
+        f"+{x.start - t0:.2f}s {x.latency:.2f}s {x.path}"
+        for x in bridge.between(t0)
+        if x.ok and x.latency > s.slow_s
+    ][:20]
     if result.lost_events:
         result.recover_s = None  # traffic never became whole again
     result.restored_s = None if restored_at is None else round(restored_at - t0, 2)

@@ -210,3 +210,45 @@ async def test_a_lock_is_extended_only_by_its_holder_and_only_while_held():
     clock.advance(0.1)  # 0.55 s: lapsed
     assert not await store.extend("k", "mine", 300)
     assert await store.acquire("k", "theirs", 300)
+
+
+class LostCancelStore(MemoryCacheStore):
+    """A store whose lock renewal loses a cancellation, as redis-py's does on Python 3.11 when
+    the cancel meets a reply already read (``asyncio.wait_for`` returns the result then)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.extends = 0
+        self.renewing = asyncio.Event()  # the first renewal is in flight
+        self.reply = asyncio.Event()
+
+    async def extend(self, key: str, token: str, ttl_ms: int) -> bool:
+        self.extends += 1
+        done = await super().extend(key, token, ttl_ms)
+        if self.extends == 1:
+            self.renewing.set()
+            try:
+                await self.reply.wait()
+            except asyncio.CancelledError:
+                pass  # the reply was there: the cancel is lost, the result returned
+        return done
+
+
+async def test_a_load_returns_at_once_when_its_lock_renewal_loses_the_cancel():
+    clock = FakeClock()
+    store = LostCancelStore(clock)
+    backend = Backend()
+    backend.gate = asyncio.Event()
+    cache = ResponseCache(
+        store, policy=POLICY, clock=clock, rand=lambda: 1.0, lock_ttl_s=60, lock_lease_s=0.5
+    )
+    call = asyncio.ensure_future(cache.get("k", backend.load))
+    await asyncio.wait_for(store.renewing.wait(), 5)
+    backend.gate.set()  # the load ends while the renewal's reply is being read
+    loaded_at = clock.monotonic()
+    result = await asyncio.wait_for(call, 5)
+    assert result.status == "miss" and result.value == "v1"
+    # The renewal stopped with the load: no renewing on until the lock TTL (60 s of the fake
+    # clock, one renewal per 0.17 s), with the answer held back meanwhile.
+    assert store.extends == 1
+    assert clock.monotonic() - loaded_at < 0.5
