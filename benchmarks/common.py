@@ -42,6 +42,19 @@ def load_average() -> str:
         return "?"
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, all cores (Linux /proc/stat): the
+    difference of two readings says how busy the machine was in between, a benchmark's
+    processes and everyone else's."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(fields) - idle) / tick, sum(fields) / tick
+
+
 @dataclass(frozen=True)
 class Panel:
     """One small chart of a curve plot: a value per size, optionally a target line."""

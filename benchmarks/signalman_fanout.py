@@ -23,6 +23,14 @@ subscribers). Per size ``N`` (fresh replicas, group and history each):
 * ``rss_mb_N`` (both replicas) and ``bytes_per_subscriber_N`` (their RSS growth while the
   subscribers connected, per subscriber).
 
+Where the fan-out phase's latency goes, per size: ``kafka_p50_ms``/``kafka_p99_ms`` (the same
+events from produce to a plain aiokafka consumer of the topic: the floor), ``fetched_p99_ms`` and
+``appended_p99_ms`` (the replicas' own age histograms: taken from Kafka, appended to the
+history), ``delivered_p99_ms_by_second`` (a p99 that grows through the phase is a backlog);
+``replica_cpu_pct``, ``subscriber_cpu_pct`` (the benchmark's own subscriber processes, which
+share the cores) and ``machine_busy_pct`` (all cores, everyone's processes: at ~100% every hop
+queues). ``--profile DIR`` adds py-spy samples of the phase.
+
 At the largest size, the reconnect herd: kill -9 of one replica while events flow; its
 subscribers (half) reconnect with their offsets to the other at once: ``herd_resume_s`` (kill
 until every one of them is subscribed again) and ``herd_refused`` (re-subscribe attempts that
@@ -35,6 +43,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -44,13 +53,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Panel, cpu_seconds, load_average, rss_bytes, write_curves_svg
+from benchmarks.common import (
+    Panel,
+    cpu_seconds,
+    load_average,
+    machine_cpu,
+    rss_bytes,
+    write_curves_svg,
+)
 
 SIZES = (1_000, 5_000, 10_000)
 TENANTS = [f"t{i:03d}" for i in range(100)]
 IDLE_TENANTS = [f"idle{i:03d}" for i in range(100)]  # events nobody subscribes to
 # One credential per tenant: a credential's open streams are capped (1,000 by default).
-TOKENS = ",".join(f"k{t}=sub-{t}@{t}:tenant-user" for t in TENANTS)
+TOKENS = ",".join([*(f"k{t}=sub-{t}@{t}:tenant-user" for t in TENANTS), "bench-ops=ops:operator"])
 PARTITIONS = 4
 DELIVERIES_PER_S = 5_000
 CONSUME_RATE = 2_000  # events/s of the consume-only phase (as in `./dev bench signalman`)
@@ -116,7 +132,7 @@ class Subscriber:
         self.missing = 0
         self.received = 0
 
-    async def drain(self, sink: list[float] | None, recording: list[bool]) -> None:
+    async def drain(self, sink: list[tuple[float, float]] | None, recording: list[bool]) -> None:
         while True:
             item = await self.sub.get()
             data = json.loads(getattr(item, "data_json", "") or "{}")
@@ -129,7 +145,7 @@ class Subscriber:
                 self.missing += seq - self.last_seq - 1
             self.last_seq = max(seq, self.last_seq or 0)
             if recording[0] and sink is not None:
-                sink.append((now - float(data["sent"])) * 1000)
+                sink.append((float(data["sent"]), (now - float(data["sent"])) * 1000))
 
 
 async def subscribers_main(spec_json: str) -> int:
@@ -141,7 +157,7 @@ async def subscribers_main(spec_json: str) -> int:
     configure_logging("bench-subscribers", level="ERROR")
     spec = json.loads(spec_json)
     subs = [Subscriber(i, spec["targets"]) for i in range(spec["lo"], spec["hi"])]
-    latencies: list[float] = []
+    latencies: list[tuple[float, float]] = []  # (sent, ms from sent to receipt)
     recording = [False]
     drains: list[asyncio.Task[None]] = []
     herd: list[Subscriber] = []
@@ -179,7 +195,7 @@ async def subscribers_main(spec_json: str) -> int:
         elif op == "received":
             answer({"received": sum(s.received for s in subs)})
         elif op == "collect":
-            answer({"latencies": [round(v, 2) for v in latencies],
+            answer({"latencies": [(round(t, 4), round(v, 2)) for t, v in latencies],
                     "received": sum(s.received for s in subs),
                     "missing": sum(s.missing for s in subs)})  # fmt: skip
         elif op == "herd":
@@ -240,6 +256,10 @@ class Audience:
 
     async def total(self, key: str, **cmd: Any) -> int:
         return sum(int(a[key]) for a in await self.command(**cmd))
+
+    def cpu(self) -> float:
+        """CPU seconds the subscriber processes have used so far, together."""
+        return sum(cpu_seconds(p.pid) for p in self.procs)
 
     async def stop(self) -> None:
         for proc in self.procs:
@@ -344,6 +364,7 @@ def start_replicas(stack: Any, size: int, root: Path) -> tuple[list[Any], str]:
     topic = f"fanout-{suffix}"
     replicas = []
     for name in ("a", "b"):
+        http_port = free_port()
         env = {
             "PLATFORM_TOKENS": TOKENS,
             "SIGNALMAN_KAFKA_BOOTSTRAP": stack.kafka.bootstrap,
@@ -358,7 +379,7 @@ def start_replicas(stack: Any, size: int, root: Path) -> tuple[list[Any], str]:
             "SIGNALMAN_LOCK_GRACE_S": "1.0",
             # Every tenant's subscribers fit on one replica (the herd moves them all there).
             "SIGNALMAN_MAX_CONNECTIONS_PER_TENANT": "1000",
-            "SIGNALMAN_HTTP_PORT": str(free_port()),
+            "SIGNALMAN_HTTP_PORT": str(http_port),
             "SIGNALMAN_REPLICA_ID": f"{name}-{suffix}",
             "LOG_LEVEL": "WARNING",
         }
@@ -369,6 +390,7 @@ def start_replicas(stack: Any, size: int, root: Path) -> tuple[list[Any], str]:
             env=env,
             ready_timeout=60.0,
         )
+        proc.http_port = http_port  # type: ignore[attr-defined]  # (/metrics: stage ages)
         stack.procs.append(proc)
         proc.start(wait=False)
         replicas.append(proc)
@@ -402,6 +424,69 @@ async def until(check: Any, limit_s: float, interval: float = 0.1) -> float:
         await asyncio.sleep(interval)
 
 
+class KafkaProbe:
+    """A plain aiokafka consumer of the fan-out topic (no group, no processing): what the
+    broker and the producer alone add to an event's latency, side by side with Signalman."""
+
+    def __init__(self, consumer: Any) -> None:
+        self.consumer = consumer
+        self.latencies: list[float] = []
+        self.task = asyncio.create_task(self._run())
+
+    @classmethod
+    async def start(cls, bootstrap: str, topic: str) -> KafkaProbe:
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        # Signalman's fetch wait (tansu holds a fetch for the max wait when it has nothing).
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, fetch_max_wait_ms=20)
+        await consumer.start()
+        consumer.assign([TopicPartition(topic, p) for p in range(PARTITIONS)])
+        await consumer.seek_to_end()
+        return cls(consumer)
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self.consumer.getmany(timeout_ms=200)
+            now = time.time()
+            for records in batch.values():
+                for record in records:
+                    data = json.loads(record.value).get("data", {})
+                    if "sent" in data:
+                        self.latencies.append((now - float(data["sent"])) * 1000)
+
+    async def stop(self) -> list[float]:
+        self.task.cancel()
+        await asyncio.wait({self.task})
+        await self.consumer.stop()
+        return self.latencies
+
+
+def start_profiles(
+    where: str | None, size: int, replicas: list[Any], audience: Audience, seconds: float
+) -> list[Any]:
+    """``--profile DIR``: py-spy samples of both replicas and one subscriber process over the
+    fan-out phase, as collapsed stacks (``py-spy record --format raw``) to read where the CPU of a
+    delivery goes. Costs the profiled processes a few percent; figures of a profiled run are not
+    the benchmark's."""
+    import subprocess
+
+    if not where:
+        return []
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    Path(where).mkdir(parents=True, exist_ok=True)
+    pids = {f"replica-{n}": p.pid for n, p in zip("ab", replicas, strict=True)}
+    pids["subscribers"] = audience.procs[0].pid
+    profilers = []
+    for name, pid in pids.items():
+        command = [spy, "record", "--pid", str(pid), "--duration", str(max(1, int(seconds))),
+                   "--rate", "200", "--format", "raw", "--nonblocking",
+                   "--output", f"{where}/{name}-{size}.txt"]  # fmt: skip
+        profilers.append(
+            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+    return profilers
+
+
 # -- one size -------------------------------------------------------------------------------------
 
 
@@ -415,6 +500,8 @@ async def one_size(
     out: dict[str, Any],
 ) -> None:
     """Figures go to ``out`` as they are measured (a size cut by the bound keeps them)."""
+    from benchmarks.signalman import age_buckets, bucket_quantile
+
     replicas, topic = start_replicas(stack, size, root)
     addresses = [f"127.0.0.1:{p.port}" for p in replicas]
     audience = Audience(size, addresses, args.processes)
@@ -486,7 +573,13 @@ async def one_size(
         # Fan-out: the subscribed tenants at the same rate.
         dropped0 = await dropped_total(addresses)
         await audience.command(op="record", on=True)
+        ports = [p.http_port for p in replicas]
+        ages0 = await age_buckets(ports)
         cpu0 = sum(cpu_seconds(p.pid) for p in replicas)
+        audience_cpu0 = audience.cpu()
+        machine0 = machine_cpu()
+        profilers = start_profiles(args.profile, size, replicas, audience, args.seconds)
+        kafka_probe = await KafkaProbe.start(stack.kafka.bootstrap, topic)
         t0 = time.perf_counter()
         live = await produce({**spec, "tenants": TENANTS, "rate": events_per_s,
                               "seconds": args.seconds, "seq": seq})  # fmt: skip
@@ -500,9 +593,27 @@ async def one_size(
             await until(delivered, 10, 0.2)
         wall = time.perf_counter() - t0
         cpu = sum(cpu_seconds(p.pid) for p in replicas) - cpu0
+        audience_cpu = audience.cpu() - audience_cpu0
+        machine1 = machine_cpu()
+        kafka_latencies = await kafka_probe.stop()
+        stop_by = time.perf_counter() + 30
+        while any(p.poll() is None for p in profilers) and time.perf_counter() < stop_by:
+            await asyncio.sleep(0.1)
+        ages1 = await age_buckets(ports)
         got = await audience.command(op="collect")
         await audience.command(op="record", on=False)
-        latencies = [v for a in got for v in a["latencies"]]
+        samples = [(t, v) for a in got for t, v in a["latencies"]]
+        latencies = [v for _, v in samples]
+        # p99 per second of the phase (by send time): a latency that grows through the phase
+        # is a backlog (something cannot keep up), a flat one with spikes is stalls.
+        if samples:
+            first = min(t for t, _ in samples)
+            per_second: dict[int, list[float]] = {}
+            for t, v in samples:
+                per_second.setdefault(int(t - first), []).append(v)
+            out["delivered_p99_ms_by_second"] = [
+                _pct(per_second[k], 0.99) for k in sorted(per_second)
+            ]
         received = sum(int(a["received"]) for a in got)
         out["deliveries"] = received
         out["deliveries_expected"] = expected
@@ -514,6 +625,26 @@ async def one_size(
         fanout_cpu = cpu - live["sent"] * per_event_us / 1e6 - background * wall
         out["replica_cpu_us_per_delivery"] = round(fanout_cpu / max(1, received) * 1e6, 1)
         out["replica_cpu_us_total_per_delivery"] = round(cpu / max(1, received) * 1e6, 1)
+        # Where the latency goes: the event's age when the owning replica took it from Kafka
+        # and when it had appended it to the history (one event in 16 by Kafka offset; upper
+        # bounds of histogram buckets), against the plain consumer below and the receipt.
+        # (The replicas' "delivered" stage samples by tenant offset: at a few events per
+        # tenant, a phase holds one sampled offset per tenant, all written at one moment.)
+        for stage in ("fetched", "appended"):
+            for q in (0.5, 0.99):
+                value = bucket_quantile(ages0.get(stage, {}), ages1.get(stage, {}), q)
+                out[f"{stage}_p{round(q * 100)}_ms"] = value if math.isfinite(value) else None
+        # The floor: the same events from produce to a plain aiokafka consumer of the topic.
+        out["kafka_p50_ms"] = _pct(kafka_latencies, 0.50)
+        out["kafka_p99_ms"] = _pct(kafka_latencies, 0.99)
+        # The subscriber processes must not be what the latency measures.
+        out["subscriber_cpu_pct"] = round(audience_cpu / wall * 100, 1)
+        out["replica_cpu_pct"] = round(cpu / wall * 100, 1)
+        # Of the whole machine (all cores, everyone's processes): a saturated machine queues
+        # every hop of an event's path behind other work.
+        busy, total = machine1[0] - machine0[0], machine1[1] - machine0[1]
+        out["machine_busy_pct"] = round(busy / total * 100, 1) if total else None
+        out["subscriber_processes"] = len(audience.procs)
         if herd:
             await reconnect_herd(
                 replicas, addresses, audience, produce, spec, seq, events_per_s, out
@@ -591,7 +722,9 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                         "rss_mb", "bytes_per_subscriber", "subscribe_s",
                         "replica_background_cpu_pct",
                         "replica_cpu_us_per_event_at_fanout_rate",
-                        "replica_cpu_us_total_per_delivery"):  # fmt: skip
+                        "replica_cpu_us_total_per_delivery", "fetched_p99_ms",
+                        "appended_p99_ms", "kafka_p99_ms", "subscriber_cpu_pct",
+                        "replica_cpu_pct", "machine_busy_pct"):  # fmt: skip
                 result[f"{key}_{size}"] = got.get(key)
             if size == largest:
                 result["replica_cpu_us_per_event"] = got.get("replica_cpu_us_per_event")
@@ -615,6 +748,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--processes", type=int, default=4, help="subscriber processes")
     parser.add_argument("--seconds", type=float, default=4.0, help="per measured phase")
     parser.add_argument("--no-herd", dest="herd", action="store_false")
+    parser.add_argument("--profile", metavar="DIR", help="py-spy the fan-out phase into DIR")
     parser.add_argument("--out", default=".bench/signalman-fanout.json")
     parser.add_argument("--svg", default="docs/rfcs/img/signalman-fanout.svg")
     args = parser.parse_args(argv)
@@ -644,7 +778,8 @@ def main(argv: list[str]) -> int:
     sizes = list(args.sizes)
     keys = ("subscribe_s", "deliveries_per_s", "delivered_p50_ms", "delivered_p99_ms", "drops",
             "missing", "replica_cpu_us_per_event", "replica_cpu_us_per_delivery", "rss_mb",
-            "bytes_per_subscriber")  # fmt: skip
+            "bytes_per_subscriber", "kafka_p99_ms", "fetched_p99_ms", "appended_p99_ms",
+            "replica_cpu_pct", "subscriber_cpu_pct", "machine_busy_pct")  # fmt: skip
     print(f"signalman-fanout ({result['wall_s']} s; load {result['load_average_start']} -> "
           f"{result['load_average_end']})")  # fmt: skip
     for key in keys:
