@@ -122,6 +122,9 @@ class FleetIndex:
         # Views of at most this many eligible nodes are scanned whole: below it the scan's
         # few whole-column operations cost less than the search's many small ones.
         self.scan_max = 2048
+        # And a query whose candidate cells hold more than this share of the fleet is scanned
+        # (a fleet in a few cells, a viewer amid most of it): gathers would cost more.
+        self.scan_share = 0.5
         self._oldest_fresh = math.inf  # lower bound of report times among fresh nodes
         # The cells: id 0 holds the nodes without a location, the others one grid box each.
         self._cell_of: list[int] = []  # per slot (_NO_CELL for free slots)
@@ -144,6 +147,8 @@ class FleetIndex:
         self._report_at = np.full(n, math.inf)  # for the staleness sweep
         self._angle_buf = np.zeros(n)
         self._viewer = np.zeros(3)
+        self._viewer_column = self._viewer[:, np.newaxis]  # a view: broadcasts over the nodes
+        self._xyz_buf = np.zeros((3, n))
         self._score_buf = np.zeros(n)
         self._is_carrier = np.zeros(n, dtype=bool)  # the asked stream's carriers, per query
         self._capacity_slots = n
@@ -477,11 +482,13 @@ class FleetIndex:
             marked = np.fromiter(carriers, np.intp, len(carriers))
             self._is_carrier[marked] = True
         try:
-            slots, score, angle = self._search(view, k, located, marked)
+            found = self._search(view, k, located, marked)
         finally:
             if marked is not None:
                 self._is_carrier[marked] = False
-        return self._top(slots, score, angle, k), considered
+        if found is None:  # the cells cannot narrow this query down: scan (same answer)
+            return self._scan(view, k, located, carriers), considered
+        return self._top(*found, k), considered
 
     def _exact(
         self, view: _View, slots: npt.NDArray[np.intp], located: bool, carriers_from: int
@@ -492,13 +499,12 @@ class FleetIndex:
         base = view.score[slots]
         angle: _F | None = None
         if located:
-            x, y, z = np.take(self._xyz, slots, axis=1)
-            v = self._viewer
-            dot = np.multiply(x, v[0], out=x)
-            dot += np.multiply(y, v[1], out=y)
-            dot += np.multiply(z, v[2], out=z)
+            xyz = np.take(self._xyz, slots, axis=1)
+            xyz *= self._viewer_column
+            dot = np.add(xyz[0], xyz[1], out=xyz[0])
+            dot += xyz[2]
             angle = np.arccos(dot, out=dot)
-            score = np.subtract(base, np.multiply(self._slope[slots], angle, out=y), out=base)
+            score = np.subtract(base, np.multiply(self._slope[slots], angle, out=xyz[1]), out=base)
         else:
             # Unknown viewer location: geography is neutral, so no node gets the geo weight.
             score = np.subtract(base, np.where(self._slope[slots] > 0, self.weights.geo, 0.0),
@@ -512,11 +518,10 @@ class FleetIndex:
         for a small fleet; the reference the search is tested against)."""
         angle: _F | None = None
         if located:
-            x, y, z = self._xyz
-            v, dot, tmp = self._viewer, self._angle_buf, self._score_buf
-            np.multiply(x, v[0], out=dot)
-            dot += np.multiply(y, v[1], out=tmp)
-            dot += np.multiply(z, v[2], out=tmp)
+            xyz = np.multiply(self._xyz, self._viewer_column, out=self._xyz_buf)
+            dot, tmp = self._angle_buf, self._score_buf
+            np.add(xyz[0], xyz[1], out=dot)
+            dot += xyz[2]
             angle = np.arccos(dot, out=dot)
             score = np.subtract(view.score, np.multiply(self._slope, angle, out=tmp), out=tmp)
         else:
@@ -565,9 +570,11 @@ class FleetIndex:
         k: int,
         located: bool,
         carriers: npt.NDArray[np.intp] | None,
-    ) -> tuple[npt.NDArray[np.intp], _F, _F | None]:
+    ) -> tuple[npt.NDArray[np.intp], _F, _F | None] | None:
         """Slots, scores and angles of a set of nodes that holds the best ``k`` (see the module
-        docstring): every node left out scores strictly below ``k`` of those in the set."""
+        docstring): every node left out scores strictly below ``k`` of those in the set. None
+        when the cells would leave out too little to beat a scan (a fleet in fewer cells than
+        ``k``, or most of it near the viewer)."""
         cells = len(self._members)
         if located:
             # Per cell, the nearest and the farthest a member can be from the viewer.
@@ -585,13 +592,15 @@ class FleetIndex:
         best = view.cellmax[:cells]
         # A floor for the k-th best score: the best member of a cell scores at least its base
         # less the cell's farthest penalty, and k cells give k such nodes.
-        floor = _LOWEST  # too few cells: every eligible node is a candidate
+        floor = _LOWEST  # fewer than k cells with an eligible node: no floor from the cells
         if cells >= k:
             low = np.subtract(best, far, out=far)
             floor = max(_LOWEST, float(np.partition(low, cells - k)[cells - k]))
         # Every node that can reach the floor: the members of the cells whose best base less
         # their nearest penalty reaches it, whose own base less that penalty reaches it.
         reach = np.flatnonzero(best - near >= floor)
+        if int(self._sizes[reach].sum()) > self.scan_share * len(self._slots):
+            return None
         arrays = [self._cell_members(c) for c in reach.tolist()]
         members = np.concatenate(arrays) if arrays else np.zeros(0, np.intp)
         keep = view.score[members] - np.repeat(near[reach], self._sizes[reach]) >= floor

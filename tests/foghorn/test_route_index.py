@@ -20,6 +20,7 @@ W = Weights()
 def searching_index() -> FleetIndex:
     index = FleetIndex(W, redirect_bps=100.0, stale_after_s=90.0, initial_capacity=4)
     index.scan_max = 0  # always search the cells, however small the fleet
+    index.scan_share = 1.0  # and however much of it the search would look at
     return index
 
 
@@ -240,3 +241,17 @@ def test_cell_search_is_exact_for_close_calls_across_cell_edges(
         index.update(rec.node_id, rec)
     searched, scanned = both(index, where, content="", limit=limit)
     assert searched == scanned
+
+
+def test_a_default_index_answers_like_the_scan_above_the_scan_size() -> None:
+    # Past scan_max the default index searches, or scans when the cells cannot narrow the
+    # query down (a fleet in one metro): the answer is the same either way.
+    rng = random.Random(11)
+    index = FleetIndex(W, redirect_bps=100.0, stale_after_s=90.0)
+    for i in range(index.scan_max + 200):
+        lat, lon = (48.86, 2.35) if i % 2 else rng.choice([(40.71, -74.01), (1.35, 103.82)])
+        where = GeoPoint(lat + rng.uniform(-0.5, 0.5), lon + rng.uniform(-0.5, 0.5))
+        index.update(f"n{i:04d}", node(f"n{i:04d}", cpu=rng.uniform(0, 95), where=where))
+    for lat, lon in ((48.9, 2.3), (40.7, -74.0), (-33.9, 151.2), (90.0, 0.0)):
+        searched, scanned = both(index, GeoPoint(lat, lon), content="", limit=4)
+        assert searched == scanned
