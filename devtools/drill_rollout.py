@@ -1,23 +1,33 @@
 """The ``rollout`` drill: the scaling RFC's phases rolled out and back, as written, under traffic.
 
-It starts from the embedded default (one in-memory Foghorn, Bridge replicas in memory, an edge
-fleet that watches its replica file), sets a node's mode as an operator would, then follows
-``docs/rfcs/horizontal-scaling.md`` step by step: Phase 1 (the HA replica beside the in-memory
-one, the nodes told of it and moved with ``move-nodes``, callers moved, the old replica retired,
-a second HA replica added and filled by rebalancing) and Phase 2 (Bridge onto Redis, a rolling
-restart), then the rollback of both in reverse. Viewer routing runs straight to Foghorn and
-through Bridge the whole time. Callers are never restarted to follow a step: the direct callers
-(``pkg.clients.foghorn``) and Bridge (``BRIDGE_FOGHORN_ADDRESSES``) take their Foghorn replicas
-from one watched list, ``file:<run dir>/callers-foghorn.txt``, which a step edits as the RFC
-says (the same as changing the records of a ``dns:///`` name); a replica is retired only once
-the callers stopped routing to it (its ``foghorn_routing_decisions_total`` stays flat).
+It starts from the embedded default (one in-memory Foghorn, an embedded Signalman E that Foghorn
+publishes to, Bridge replicas in memory, an edge fleet that watches its replica file), sets a
+node's mode as an operator would, then follows ``docs/rfcs/horizontal-scaling.md`` step by step:
+Phase 1 (the HA replica beside the in-memory one, the nodes told of it and moved with
+``move-nodes``, callers moved, the old replica retired, a second HA replica added and filled by
+rebalancing), Phase 2 (Bridge onto Redis, a rolling restart) and Phase 3 (Kafka and PostgreSQL,
+two Kafka replicas K1, K2 beside E, Foghorn's events switched to Kafka by a rolling restart,
+subscribers' list to K1, K2, E retired), then the rollback of all three in reverse. Viewer
+routing runs straight to Foghorn and through Bridge the whole time. Callers are never restarted
+to follow a step: the direct callers (``pkg.clients.foghorn``) and Bridge
+(``BRIDGE_FOGHORN_ADDRESSES``) take their Foghorn replicas from one watched list,
+``file:<run dir>/callers-foghorn.txt``, and subscribers (the drill's, and Bridge's
+``BRIDGE_SIGNALMAN_ADDRESSES``) their Signalman replicas from ``callers-signalman.txt``, which a
+step edits as the RFC says (the same as changing the records of a ``dns:///`` name); a Foghorn
+replica is retired only once the callers stopped routing to it (its
+``foghorn_routing_decisions_total`` stays flat).
+
+Events: the drill's numbered probe events (``EventFlow``) take the path Foghorn's events take:
+Signalman's ``Publish`` RPC on E until Phase 3's step 3, Kafka from the moment the first Foghorn
+replica publishes there ("Phase 3 on"), E2's ``Publish`` again from the moment the first
+Foghorn replica is switched back. Subscribers following the list count them by id: every event
+produced from Phase 3 on must reach every subscriber once (``lost_events``,
+``duplicate_events``); the ones before are counted too (``facts.before_phase3``).
 
 Each step is a row of ``facts.steps``: what it did, how long it took, its own failed/total
-routings. ``facts.state_kept`` is true when after every step every Foghorn replica holding a
-record of the node reported the operator's mode and reason (and at least one held one).
-
-Not in this drill (yet): Phase 3 (Signalman moved onto Kafka, which needs Foghorn's events
-switched and subscribers moved): Signalman runs embedded throughout, so no events are counted.
+routings and the events produced during it (lost, duplicated, slowest delivery).
+``facts.state_kept`` is true when after every step every Foghorn replica holding a record of
+the node reported the operator's mode and reason (and at least one held one).
 """
 
 from __future__ import annotations
@@ -34,18 +44,31 @@ import structlog
 
 from devtools import drills, up
 from devtools.devtls import DevTls, grpc_credentials, http_verify
-from devtools.drill_traffic import BridgeViewers, FoghornViewers, Recorder
+from devtools.drill_traffic import BridgeViewers, EventFlow, FoghornViewers, Recorder
 from devtools.drills import Ctx, Drill, Result, Settings
 from pkg.clients import BreakerPolicy, Policy
 from pkg.clients.foghorn import FoghornClient
 from pkg.clients.http import AsyncHttpClient
-from pkg.devstack.servers import CommandProcess, RedisServer, free_port
+from pkg.devstack.servers import (
+    CommandProcess,
+    KafkaBroker,
+    PostgresServer,
+    RedisServer,
+    free_port,
+)
+from pkg.events.kafka import KafkaSink
+from pkg.events.signalman import SignalmanSink
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 
 log = structlog.get_logger("drills.rollout")
 PY = sys.executable
 PROBE_NODE = "edge-amsterdam-000"  # the node whose mode the operator sets
 PROBE_MODE = ("DRAINING", "kernel upgrade")
+SUBSCRIBERS = 4  # the drill's event subscribers, all following the subscribers' list
+# Bridge's Signalman credentials, one per tenant (./dev up's).
+BRIDGE_SIGNALMAN_TOKENS = ",".join(
+    f"{t}={up.signalman_tenant_token(t)}" for t in ("demo", *up.EVENT_TENANTS)
+)
 
 
 class PortlessProcess(CommandProcess):
@@ -59,6 +82,8 @@ class Replica:
     proc: CommandProcess
     grpc: str
     http: str
+    ports: tuple[int, int] = (0, 0)  # (gRPC, HTTP): a restart keeps its addresses
+    redis_url: str = ""
 
 
 @dataclass
@@ -68,14 +93,21 @@ class RolloutPlatform:
     run_dir: Path
     nodes: int
     redis: RedisServer | None = None
+    kafka: KafkaBroker | None = None
+    postgres: PostgresServer | None = None
     foghorn: dict[str, Replica] = field(default_factory=dict)
+    signalman: dict[str, Replica] = field(default_factory=dict)
     bridges: dict[str, Replica] = field(default_factory=dict)
     bridge_ports: list[int] = field(default_factory=list)
     fleet: CommandProcess | None = None
     node_file: Path = Path()
     caller_file: Path = Path()
+    subscriber_file: Path = Path()
+    # Where Foghorn replicas send their events (FOGHORN_SIGNALMAN_* or FOGHORN_KAFKA_BOOTSTRAP):
+    # what a replica started or restarted now is given.
+    foghorn_events: dict[str, str] = field(default_factory=dict)
     # ./dev drill rollout --tls: every process serves TLS (mTLS between services, Bridge's public
-    # side without client certificates, as ./dev up --tls), Redis included.
+    # side without client certificates, as ./dev up --tls), the stores included.
     tls: DevTls | None = None
 
     @property
@@ -92,8 +124,22 @@ class RolloutPlatform:
         self.redis.start()
         return self.redis.url
 
-    def start_foghorn(self, name: str, redis_url: str = "") -> Replica:
-        grpc_port, http_port = free_port(), free_port()
+    def start_stores(self) -> None:
+        """Kafka (tansu) and PostgreSQL for Phase 3."""
+        tls = self.tls
+        self.kafka = KafkaBroker(
+            run_dir=self.run_dir / "tansu", tls=tls.cert("tansu") if tls else None
+        )
+        self.kafka.start()
+        self.postgres = PostgresServer(
+            run_dir=self.run_dir / "postgres", tls=tls.cert("postgres") if tls else None
+        )
+        self.postgres.start()
+
+    def start_foghorn(
+        self, name: str, redis_url: str = "", ports: tuple[int, int] | None = None
+    ) -> Replica:
+        grpc_port, http_port = ports or (free_port(), free_port())
         env = {
             "PLATFORM_TOKENS": up.PLATFORM_TOKENS,
             "FOGHORN_GRPC_PORT": str(grpc_port),
@@ -102,14 +148,53 @@ class RolloutPlatform:
             "FOGHORN_REDIS_URL": redis_url,
             "FOGHORN_CLUSTER": "rollout",
             "FOGHORN_REPORT_INTERVAL_S": "2",
+            **self.foghorn_events,
             **self.tls_env(name),
         }
-        proc = CommandProcess(name, [PY, "-m", "api_balancing"], run_dir=self.run_dir / name,
+        proc = CommandProcess(name, [PY, "-m", "api_balancing"],
+                              run_dir=self.run_dir / f"{name}-{int(time.time() * 1000)}",
                               port=grpc_port, env=env, ready_timeout=60)  # fmt: skip
         proc.start()
         http = f"{self.scheme}://127.0.0.1:{http_port}"
-        replica = Replica(name, proc, f"127.0.0.1:{grpc_port}", http)
+        replica = Replica(name, proc, f"127.0.0.1:{grpc_port}", http, (grpc_port, http_port),
+                          redis_url)  # fmt: skip
         self.foghorn[name] = replica
+        return replica
+
+    def restart_foghorn(self, name: str) -> None:
+        """SIGTERM (a hand-over), then the same replica again with today's event settings."""
+        old = self.foghorn[name]
+        old.proc.stop(timeout=30)
+        self.start_foghorn(name, old.redis_url, old.ports)
+
+    def start_signalman(self, name: str, kafka: bool) -> Replica:
+        """An embedded replica (no backend: events through Publish) or a Kafka one (all three
+        settings of Phase 3)."""
+        grpc_port, http_port = free_port(), free_port()
+        env = {
+            "PLATFORM_TOKENS": up.PLATFORM_TOKENS,
+            "SIGNALMAN_GRPC_PORT": str(grpc_port),
+            "SIGNALMAN_HTTP_PORT": str(http_port),
+            "SIGNALMAN_REPLICA_ID": name,
+            **self.tls_env(name),
+        }
+        if kafka:
+            assert self.kafka is not None and self.postgres is not None and self.redis is not None
+            env |= {
+                "SIGNALMAN_KAFKA_BOOTSTRAP": self.kafka.bootstrap,
+                "SIGNALMAN_TOPIC": up.EVENTS_TOPIC,
+                "SIGNALMAN_REDIS_URL": self.redis.url,
+                "SIGNALMAN_POSTGRES_DSN": self.postgres.dsn,
+                # The dev stack's tansu settings (./dev up, docs/signalman.md): 1 s joins.
+                "SIGNALMAN_SESSION_TIMEOUT_MS": "2000",
+                "SIGNALMAN_HEARTBEAT_INTERVAL_MS": "200",
+            }
+        proc = CommandProcess(name, [PY, "-m", "api_realtime"], run_dir=self.run_dir / name,
+                              port=grpc_port, env=env, ready_timeout=60)  # fmt: skip
+        proc.start()
+        http = f"{self.scheme}://127.0.0.1:{http_port}"
+        replica = Replica(name, proc, f"127.0.0.1:{grpc_port}", http, (grpc_port, http_port))
+        self.signalman[name] = replica
         return replica
 
     def start_bridge(self, index: int, redis_url: str = "") -> Replica:
@@ -122,6 +207,8 @@ class RolloutPlatform:
             "BRIDGE_FOGHORN_ADDRESSES": f"file:{self.caller_file}",
             "BRIDGE_FOGHORN_TOKEN": up.BRIDGE_FOGHORN_TOKEN,
             "BRIDGE_JWT_HS256_SECRET": up.BRIDGE_JWT_SECRET,
+            "BRIDGE_SIGNALMAN_ADDRESSES": f"file:{self.subscriber_file}",
+            "BRIDGE_SIGNALMAN_TOKENS": BRIDGE_SIGNALMAN_TOKENS,
             **self.tls_env(name, client_auth="none"),
         }
         proc = CommandProcess(
@@ -141,6 +228,10 @@ class RolloutPlatform:
         """The callers' replica list (direct callers and Bridge watch it: no restart)."""
         _write_list(self.caller_file, [self.foghorn[n].grpc for n in names])
 
+    def write_subscriber_file(self, names: list[str]) -> None:
+        """The subscribers' Signalman list (the drill's subscribers and Bridge watch it)."""
+        _write_list(self.subscriber_file, [self.signalman[n].grpc for n in names])
+
     def start_fleet(self, names: list[str]) -> None:
         self.node_file = self.run_dir / "foghorn-replicas.txt"
         self.write_node_file(names)
@@ -155,7 +246,9 @@ class RolloutPlatform:
 
     def stop(self) -> None:
         procs = [self.fleet, *(r.proc for r in self.bridges.values()),
-                 *(r.proc for r in self.foghorn.values()), self.redis]  # fmt: skip
+                 *(r.proc for r in self.foghorn.values()),
+                 *(r.proc for r in self.signalman.values()),
+                 self.kafka, self.postgres, self.redis]  # fmt: skip
         for proc in procs:
             if proc is not None:
                 with contextlib.suppress(Exception):
@@ -254,8 +347,34 @@ class Callers:
             await viewers.close()
 
 
+def _signalman_sink(replica: Replica) -> SignalmanSink:
+    """The path of events on the embedded platform: the replica's Publish RPC (Foghorn's
+    ``FOGHORN_SIGNALMAN_ADDRESSES`` with its `system` credential)."""
+    return SignalmanSink(
+        [replica.grpc], up.SYSTEM_TOKEN, source="drill", credentials=grpc_credentials()
+    )
+
+
+def _count_events(flow: EventFlow, since: float, until: float) -> dict[str, Any]:
+    """Events produced in [since, until): lost and duplicated (summed over subscribers, as
+    counted now) and the slowest first delivery."""
+    ids = [eid for eid, t in flow.produced.items() if since <= t < until]
+    lost = dup = 0
+    slowest = 0.0
+    for sub in flow.subscribers:
+        for eid in ids:
+            times = sub.received.get(eid)
+            if not times:
+                lost += 1
+                continue
+            dup += len(times) - 1
+            slowest = max(slowest, times[0] - flow.produced[eid])
+    return {"events": len(ids), "lost": lost, "duplicated": dup,
+            "max_event_delay_s": round(slowest, 2)}  # fmt: skip
+
+
 async def run_rollout(
-    nodes: int, run_dir: Path, platform: RolloutPlatform | None = None
+    nodes: int, run_dir: Path, platform: RolloutPlatform | None = None, event_rate: float = 20.0
 ) -> dict[str, Any]:
     """The whole drill; returns its facts (``steps``, ``state_kept``, counts). A caller that
     passes ``platform`` can also stop its processes itself when the drill is interrupted."""
@@ -267,6 +386,10 @@ async def run_rollout(
     facts: dict[str, Any] = {"steps": steps, "routings_before_retired": retired}
     state_ok: list[bool] = []
     callers: Callers | None = None
+    flow: EventFlow | None = None
+    phase3_on: float | None = None  # when events first went to Kafka
+    windows: list[tuple[float, float]] = []
+    stores: asyncio.Task[None] | None = None
 
     async def modes_kept() -> bool:
         """Every replica that holds a record of the node has the operator's mode (a replica
@@ -279,17 +402,19 @@ async def run_rollout(
         assert callers is not None
         started = time.monotonic()
         log.info("rollout step", step=what)
-        await action()
+        did = await action()
         ended = time.monotonic()
         kept = await modes_kept()
         state_ok.append(kept)
         f = callers.foghorn_rec.between(started, ended)
         b = callers.bridge_rec.between(started, ended)
+        windows.append((started, ended))
         steps.append({
             "step": what, "took_s": round(ended - started, 2), "state_kept": kept,
             "requests": len(f) + len(b), "failed_foghorn": sum(1 for s in f if not s.ok),
             "failed_bridge": sum(1 for s in b if not s.ok),
             "errors": sorted({s.error for s in [*f, *b] if not s.ok})[:3],
+            **(did or {}),
         })  # fmt: skip
 
     async def all_nodes_on(*names: str) -> bool:
@@ -307,6 +432,47 @@ async def run_rollout(
             await asyncio.to_thread(p.start_bridge, i, redis_url)
             await checks.wait("bridge healthy", bridges_ok)
 
+    async def foghorn_ready() -> bool:
+        """Every replica ok and seeing the whole fleet (the RFC's 'healthy again')."""
+        for replica in p.foghorn.values():
+            doc = await checks.health(replica)
+            if doc.get("status") != "ok" or (doc.get("figures") or {}).get("nodes") != nodes:
+                return False
+        return True
+
+    async def roll_foghorn(events: dict[str, str], switch: Any) -> dict[str, Any]:
+        """Phase 3's rolling restart of Foghorn onto ``events``; ``switch`` moves the drill's
+        probe events along once the first replica publishes on the new path."""
+        p.foghorn_events = events
+        names = list(p.foghorn)
+        for i, name in enumerate(names):
+            await asyncio.to_thread(p.restart_foghorn, name)
+            await checks.wait(f"{name} healthy again", foghorn_ready)
+            if i == 0:
+                await switch()
+        owned = [int(((await checks.health(p.foghorn[n])).get("ha") or {})
+                     .get("owned_nodes", -1)) for n in names]  # fmt: skip
+        return {"restarted": names, "nodes_owned": owned}
+
+    async def partitions(name: str) -> list[list[Any]]:
+        parts = (await checks.health(p.signalman[name])).get("partitions") or []
+        return [x for x in parts if isinstance(x, list)]
+
+    async def group_owns_all(*names: str, lag_zero: bool = False) -> bool:
+        """Every partition owned by one of ``names``, each of them owning some (all in the
+        group), and (``lag_zero``) nothing left unprocessed."""
+        owned = [await partitions(n) for n in names]
+        if not all(owned):
+            return False
+        flat = [x for parts in owned for x in parts]
+        if sorted(int(x[1]) for x in flat) != list(range(up.EVENTS_PARTITIONS)):
+            return False
+        return not lag_zero or all(int(x[3]) == 0 for x in flat)
+
+    async def subscribers_on(*names: str) -> bool:
+        docs = [await checks.health(p.signalman[n]) for n in names]
+        return sum(int(d.get("subscribers", 0) or 0) for d in docs) >= SUBSCRIBERS
+
     async def move(source: str, target: str) -> None:
         async with FoghornClient(p.foghorn[source].grpc, token=up.OPERATOR_TOKEN) as client:
             await client.admin.MoveNodes(
@@ -316,6 +482,13 @@ async def run_rollout(
     try:
         # -- the embedded default -------------------------------------------------------------
         p.bridge_ports = [free_port(), free_port()]
+        p.subscriber_file = run_dir / "callers-signalman.txt"
+        embedded = await asyncio.to_thread(p.start_signalman, "signalman-e", False)
+        p.write_subscriber_file(["signalman-e"])
+        p.foghorn_events = {
+            "FOGHORN_SIGNALMAN_ADDRESSES": embedded.grpc,
+            "FOGHORN_SIGNALMAN_TOKEN": up.SYSTEM_TOKEN,
+        }
         await asyncio.to_thread(p.start_foghorn, "foghorn-m")
         p.start_fleet(["foghorn-m"])
         p.caller_file = run_dir / "callers-foghorn.txt"
@@ -328,6 +501,12 @@ async def run_rollout(
             await ops.set_mode(PROBE_NODE, "draining", reason=PROBE_MODE[1], ack_timeout_s=5.0)
         callers = Callers(p.caller_file, [r.http for r in p.bridges.values()],
                           drills._bridge_jwt())  # fmt: skip
+        flow = EventFlow("", up.EVENTS_TOPIC, drills.EVENT_TENANT, [f"file:{p.subscriber_file}"],
+                         up.SIGNALMAN_DEMO_TOKEN, event_rate, sink=_signalman_sink(embedded),
+                         subscribers=SUBSCRIBERS)  # fmt: skip
+        await flow.start()
+        # Phase 3's stores start now, beside the earlier phases (their start is not a step).
+        stores = asyncio.create_task(asyncio.to_thread(p.start_stores))
         await asyncio.sleep(3.0)  # traffic before the first step
         redis_url = await asyncio.to_thread(p.start_redis)
 
@@ -369,7 +548,86 @@ async def run_rollout(
         # -- Phase 2 rollout ------------------------------------------------------------------
         await step("P2 Bridge rolling restart with BRIDGE_REDIS_URL",
                    lambda: roll_bridges(redis_url))  # fmt: skip
-        # -- rollback, in reverse -------------------------------------------------------------
+
+        # -- Phase 3 rollout ------------------------------------------------------------------
+        async def t1() -> dict[str, Any]:
+            assert stores is not None
+            await stores  # deployed beside the earlier phases
+            assert p.kafka is not None
+            await up.create_topic(p.kafka.bootstrap, up.EVENTS_TOPIC, up.EVENTS_PARTITIONS)
+            return {"topic_partitions": up.EVENTS_PARTITIONS}
+
+        async def t2() -> dict[str, Any]:
+            for name in ("signalman-k1", "signalman-k2"):
+                await asyncio.to_thread(p.start_signalman, name, True)
+            await checks.wait("K1 and K2 own every partition",
+                              lambda: group_owns_all("signalman-k1", "signalman-k2"))  # fmt: skip
+            return {"partitions": {n: [int(x[1]) for x in await partitions(n)]
+                                   for n in ("signalman-k1", "signalman-k2")}}  # fmt: skip
+
+        async def to_kafka() -> None:
+            nonlocal phase3_on
+            assert flow is not None and p.kafka is not None
+            phase3_on = time.monotonic()
+            await flow.switch_sink(KafkaSink(p.kafka.bootstrap, topic=up.EVENTS_TOPIC,
+                                             source="drill"))  # fmt: skip
+
+        async def t3() -> dict[str, Any]:
+            assert p.kafka is not None
+            return await roll_foghorn(
+                {**p.foghorn_events, "FOGHORN_KAFKA_BOOTSTRAP": p.kafka.bootstrap}, to_kafka
+            )
+
+        async def t4() -> None:
+            p.write_subscriber_file(["signalman-k1", "signalman-k2"])
+            await asyncio.sleep(1.5)  # a file list is re-read every second
+
+        async def t5() -> None:
+            await asyncio.to_thread(p.signalman.pop("signalman-e").proc.stop, 30)
+            await checks.wait("subscribers on K1, K2",
+                              lambda: subscribers_on("signalman-k1", "signalman-k2"))  # fmt: skip
+
+        await step("P3.1 Kafka and PostgreSQL deployed, topic created", t1)
+        await step("P3.2 start Kafka replicas K1, K2 beside the embedded E", t2)
+        await step("P3.3 Foghorn rolling restart with FOGHORN_KAFKA_BOOTSTRAP", t3)
+        await step("P3.4 subscribers' list (and Bridge's) to K1,K2 (no restart)", t4)
+        await step("P3.5 SIGTERM E: its subscribers resume on K1/K2", t5)
+
+        # -- Phase 3 rollback -----------------------------------------------------------------
+        async def u1() -> None:
+            await asyncio.to_thread(p.start_signalman, "signalman-e2", False)
+
+        async def to_publish() -> None:
+            assert flow is not None
+            await flow.switch_sink(_signalman_sink(p.signalman["signalman-e2"]))
+
+        async def u2() -> dict[str, Any]:
+            events = {
+                "FOGHORN_SIGNALMAN_ADDRESSES": p.signalman["signalman-e2"].grpc,
+                "FOGHORN_SIGNALMAN_TOKEN": up.SYSTEM_TOKEN,
+            }
+            return await roll_foghorn(events, to_publish)
+
+        async def u3() -> None:
+            p.write_subscriber_file(["signalman-e2"])
+            await asyncio.sleep(1.5)
+
+        async def u4() -> None:
+            await checks.wait("K1, K2 processed everything",
+                              lambda: group_owns_all("signalman-k1", "signalman-k2",
+                                                     lag_zero=True))  # fmt: skip
+            await asyncio.to_thread(p.signalman.pop("signalman-k1").proc.stop, 30)
+            await checks.wait("K2 owns every partition, processed everything",
+                              lambda: group_owns_all("signalman-k2", lag_zero=True))  # fmt: skip
+            await asyncio.to_thread(p.signalman.pop("signalman-k2").proc.stop, 30)
+            await checks.wait("subscribers on E2", lambda: subscribers_on("signalman-e2"))
+
+        await step("P3 rollback.1 start an embedded replica E2 beside", u1)
+        await step("P3 rollback.2 Foghorn rolling restart onto E2's Publish RPC", u2)
+        await step("P3 rollback.3 subscribers' list (and Bridge's) to E2 (no restart)", u3)
+        await step("P3 rollback.4 SIGTERM K1, then K2 once it owns everything, lag 0", u4)
+
+        # -- Phase 2 and 1 rollback -----------------------------------------------------------
         await step("P2 rollback: Bridge rolling restart without BRIDGE_REDIS_URL",
                    lambda: roll_bridges(""))  # fmt: skip
 
@@ -407,10 +665,46 @@ async def run_rollout(
             facts["requests"] = len(callers.foghorn_rec.samples) + len(callers.bridge_rec.samples)
             facts["failed_foghorn"] = len(callers.foghorn_rec.failures())
             facts["failed_bridge"] = len(callers.bridge_rec.failures())
+        if flow is not None:
+            await flow.stop_producing()
+            await flow.drain(10.0)
+            _event_facts(facts, flow, phase3_on, windows)
+            await flow.close()
+        if stores is not None:
+            with contextlib.suppress(Exception):
+                await stores
         await checks.close()
         await asyncio.to_thread(p.stop)
     facts["state_kept"] = bool(state_ok) and all(state_ok)
     return facts
+
+
+def _event_facts(
+    facts: dict[str, Any],
+    flow: EventFlow,
+    phase3_on: float | None,
+    windows: list[tuple[float, float]],
+) -> None:
+    """Per step and overall: the events produced, lost and duplicated, now that every
+    subscriber had its chance to receive them."""
+    for row, (since, until) in zip(facts["steps"], windows, strict=True):
+        row["events"] = _count_events(flow, since, until)
+    end = float("inf")
+    facts["events_produced"] = len(flow.produced)
+    facts["phase3_on"] = phase3_on is not None
+    on = _count_events(flow, phase3_on, end) if phase3_on is not None else None
+    facts["since_phase3"] = on
+    facts["before_phase3"] = _count_events(flow, 0.0, phase3_on or end)
+    facts["history_gaps"] = sum(s.gaps for s in flow.subscribers)
+    facts["subscribers"] = {
+        s.name: {
+            "received": len(s.received),
+            "gaps": s.gaps,
+            "ended_with": s.error,
+            "replicas": list(s.sub.stats.replicas) if s.sub is not None else [],
+        }
+        for s in flow.subscribers
+    }
 
 
 def _write_list(path: Path, addresses: list[str]) -> None:
@@ -441,18 +735,30 @@ async def rollout_drill(settings: Settings, run_dir: Path) -> Result:
         tls = DevTls(run_dir)
         tls.enable_for_this_process()  # the harness's checks and viewers: its certificate
         platform = RolloutPlatform(run_dir, settings.nodes, tls=tls)
-    facts = await run_rollout(settings.nodes, run_dir, platform)
+    facts = await run_rollout(settings.nodes, run_dir, platform, event_rate=settings.event_rate)
     result.facts = facts
     result.failed_foghorn = int(facts.get("failed_foghorn", 0))
     result.failed_bridge = int(facts.get("failed_bridge", 0))
     result.failed_requests = result.failed_foghorn + result.failed_bridge
     result.requests = int(facts.get("requests", 0))
+    since = facts.get("since_phase3") or {}
+    result.events_produced = int(since.get("events", 0))
+    result.lost_events = int(since.get("lost", 0))
+    result.duplicate_events = int(since.get("duplicated", 0))
+    result.history_gaps = int(facts.get("history_gaps", 0))
     if "error" in facts:
         result.problems.append(f"drill did not run to the end: {facts['error']}")
     if result.failed_requests:
         result.problems.append(f"{result.failed_requests} failed routings (expected 0)")
     if not facts.get("state_kept"):
         result.problems.append("operator state not kept at every step")
+    if not facts.get("phase3_on") or not result.events_produced:
+        result.problems.append("no event went through Kafka: Phase 3 was never on")
+    if result.lost_events or result.duplicate_events:
+        result.problems.append(
+            f"{result.lost_events} lost, {result.duplicate_events} duplicated events since "
+            "Phase 3 was on (expected 0)"
+        )
     unused = [n for n, c in facts.get("routings_before_retired", {}).items() if not c > 0]
     if unused:  # the callers never followed the list to them: the drill proved nothing there
         result.problems.append(f"callers never routed to {', '.join(unused)} before retiring it")
@@ -470,9 +776,9 @@ def _no_check(_ctx: Ctx, _r: Result) -> list[str]:
 
 ROLLOUT = Drill(
     "rollout",
-    "from the embedded default to HA and back following the scaling RFC's Phase 1 and 2 "
+    "from the embedded default to HA and back following the scaling RFC's Phase 1, 2 and 3 "
     "procedures as written, under traffic: 0 failed routings, the operator's node mode kept "
-    "at every step (state_kept: true)",
+    "at every step (state_kept: true), 0 lost and 0 duplicated events once Phase 3 is on",
     _no_fault,
     None,
     "-",

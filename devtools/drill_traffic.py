@@ -37,6 +37,7 @@ from pkg.clients.http import AsyncHttpClient
 from pkg.clients.signalman import Gap, SignalmanClient
 from pkg.events import Event
 from pkg.events.kafka import KafkaSink
+from pkg.events.sink import ManagedSink
 from pkg.proto.signalman.v1 import signalman_pb2 as spb
 
 log = structlog.get_logger("drills.traffic")
@@ -316,19 +317,29 @@ class EventFlow:
         signalman_targets: Sequence[str],
         token: str,
         rate: float,
+        *,
+        sink: ManagedSink | None = None,
+        subscribers: int = 0,
     ) -> None:
+        """``sink``: where the events go instead of Kafka at ``bootstrap`` (e.g. Signalman's
+        Publish RPC, the embedded platform); ``subscribers``: how many, when not one per replica
+        order (a ``file:`` or ``dns:///`` target is one changing list, not a replica)."""
         self.run_id = uuid.uuid4().hex[:10]
         self.tenant = tenant
         self.rate = rate
-        self.sink = KafkaSink(bootstrap, topic=topic, source="drill")
+        self.sink: ManagedSink = sink or KafkaSink(bootstrap, topic=topic, source="drill")
         self.produced: dict[str, float] = {}  # event id -> emit time
         targets = list(signalman_targets)
         # One subscriber per replica order, so whichever replica dies some subscriber was on it.
         orders = [targets[i:] + targets[:i] for i in range(len(targets))]
+        names = [f"sub-{order[0]}" for order in orders]
+        if subscribers:
+            orders = [orders[i % len(orders)] for i in range(subscribers)]
+            names = [f"sub-{i}" for i in range(subscribers)]
         self.clients = [
             SignalmanClient(order, token=token, credentials=grpc_credentials()) for order in orders
         ]
-        self.subscribers = [Subscriber(f"sub-{order[0]}") for order in orders]
+        self.subscribers = [Subscriber(name) for name in names]
         self._stop = asyncio.Event()
         self._producer: asyncio.Task[None] | None = None
 
@@ -378,6 +389,19 @@ class EventFlow:
                 continue
             subscriber.received.setdefault(item.id, []).append(time.monotonic())
             subscriber.deliveries.append((item.id, item.offset, item.epoch))
+
+    async def switch_sink(self, sink: ManagedSink) -> None:
+        """Send the next events to ``sink`` (a producer moved to another path, as a rollout
+        step does); the events the old sink still holds are sent before it closes."""
+        old, self.sink = self.sink, sink
+        await self._close_sink(old)
+
+    @staticmethod
+    async def _close_sink(sink: ManagedSink) -> None:
+        if isinstance(sink, KafkaSink):
+            await asyncio.to_thread(sink.close)  # the full flush time, not aclose's 2 s
+        else:
+            await sink.aclose()
 
     async def stop_producing(self) -> None:
         self._stop.set()
@@ -435,7 +459,7 @@ class EventFlow:
                 await subscriber.sub.close()
         for client in self.clients:
             await client.close()
-        await asyncio.to_thread(self.sink.close)
+        await self._close_sink(self.sink)
 
 
 def _describe(exc: BaseException) -> str:
