@@ -474,7 +474,9 @@ async def run_rollout(
         return sum(int(d.get("subscribers", 0) or 0) for d in docs) >= SUBSCRIBERS
 
     async def move(source: str, target: str) -> None:
-        async with FoghornClient(p.foghorn[source].grpc, token=up.OPERATOR_TOKEN) as client:
+        async with FoghornClient(
+            p.foghorn[source].grpc, token=up.OPERATOR_TOKEN, credentials=grpc_credentials()
+        ) as client:
             await client.admin.MoveNodes(
                 pb.MoveNodesRequest(targets=[p.foghorn[target].grpc]), timeout=10.0
             )
@@ -497,7 +499,9 @@ async def run_rollout(
             await asyncio.to_thread(p.start_bridge, i)
         await checks.wait("fleet on foghorn-m", lambda: all_nodes_on("foghorn-m"))
         await checks.wait("bridges healthy", bridges_ok)
-        async with FoghornClient(p.foghorn["foghorn-m"].grpc, token=up.OPERATOR_TOKEN) as ops:
+        async with FoghornClient(
+            p.foghorn["foghorn-m"].grpc, token=up.OPERATOR_TOKEN, credentials=grpc_credentials()
+        ) as ops:
             await ops.set_mode(PROBE_NODE, "draining", reason=PROBE_MODE[1], ack_timeout_s=5.0)
         callers = Callers(p.caller_file, [r.http for r in p.bridges.values()],
                           drills._bridge_jwt())  # fmt: skip
