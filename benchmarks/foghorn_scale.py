@@ -54,7 +54,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +84,22 @@ CITIES = [
 # -- the fleet processes --------------------------------------------------------------------------
 
 _NODE_POLICY: Any = None
+
+
+class _Messages:
+    """A stream's requests, read from a queue. Not an async generator: when a stream breaks,
+    grpc cancels the task reading it, and a generator suspended in ``get`` then fails its
+    ``aclose`` ("asynchronous generator is already running"), an error and traceback logged
+    per node: thousands at once in the herd, on the cores the survivor needs."""
+
+    def __init__(self, queue: asyncio.Queue[Any]) -> None:
+        self.queue = queue
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self.queue.get()
 
 
 class FleetNode:
@@ -193,12 +208,7 @@ class FleetNode:
     async def _session(self, target: str, backoff: Any) -> None:
         outbox: asyncio.Queue[Any] = asyncio.Queue()
         outbox.put_nowait(self.register)
-
-        async def messages() -> AsyncIterator[Any]:
-            while True:
-                yield await outbox.get()
-
-        call = self.client(target).connect(messages())
+        call = self.client(target).connect(_Messages(outbox))
         try:
             async for msg in call:
                 kind = msg.WhichOneof("msg")
