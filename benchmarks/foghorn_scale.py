@@ -48,6 +48,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -188,8 +189,8 @@ class FleetNode:
             except Exception as exc:
                 code, details = getattr(exc, "code", None), getattr(exc, "details", None)
                 why = code().name if callable(code) else type(exc).__name__
-                if callable(details):
-                    why += f" {details() or ''}"[:80]
+                if callable(details):  # numbers out (addresses, waits): a few kinds, not one each
+                    why += re.sub(r"\d+(\.\d+)?", "#", f" {details() or ''}")[:80]
             if self.connects == registered:
                 self.failed += 1  # the attempt never registered
                 self.why[why] = self.why.get(why, 0) + 1
