@@ -33,6 +33,10 @@ log = structlog.get_logger("pkg.common.app")
 # A stop step taking at least this long is logged (``stop_step_slow``) with its name, so that
 # where a replica's stop spends its time can be read from its log.
 SLOW_STOP_STEP_S = 0.25
+# A task still running this long after its cancel is cancelled again, at most this many times
+# (see Lifecycle._cancel).
+RECANCEL_AFTER_S = 2.0
+RECANCEL_TRIES = 5
 
 C = TypeVar("C")
 T = TypeVar("T")
@@ -109,7 +113,22 @@ class Lifecycle:
 
     @staticmethod
     async def _cancel(task: asyncio.Task[Any]) -> None:
+        """Cancel ``task`` and wait for it, cancelling again while it runs on: on Python 3.11 a
+        cancel can be lost (``asyncio.wait_for`` returns the inner result instead of raising
+        when the cancel meets a reply already read, as redis-py's reads do), and a loop that
+        missed its cancel would hold the stop for ever. Each wait gives the task's own cleanup
+        ``RECANCEL_AFTER_S``; after ``RECANCEL_TRIES`` the stop goes on without it."""
         task.cancel()
+        for attempt in range(1, RECANCEL_TRIES + 1):
+            done, _ = await asyncio.wait({task}, timeout=RECANCEL_AFTER_S)
+            if done:
+                break
+            log.warning("task_cancel_lost", task=task.get_name(), attempt=attempt,
+                        suspended_at=suspended_at(task))  # fmt: skip
+            task.cancel()
+        else:
+            log.error("task_not_stopping", task=task.get_name(), suspended_at=suspended_at(task))
+            return
         with contextlib.suppress(BaseException):
             await task
 

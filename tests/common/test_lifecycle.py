@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 
 import pytest
 from structlog.testing import capture_logs
 
+from pkg.common import app
 from pkg.common.app import SLOW_STOP_STEP_S, Lifecycle, loop_factory
 
 
@@ -112,3 +114,52 @@ def test_a_service_runs_on_the_event_loop_its_config_names(name: str, module: st
 def test_an_unknown_event_loop_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="trio"):
         loop_factory("trio")
+
+
+async def test_a_task_that_lost_its_cancel_is_cancelled_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Python 3.11's wait_for returns an inner result that was ready instead of raising the
+    # cancel (seen with redis-py reads): a loop then runs on as if never cancelled.
+    monkeypatch.setattr(app, "RECANCEL_AFTER_S", 0.05)
+    lc = Lifecycle("svc")
+    rounds: list[int] = []
+
+    async def loop_that_misses_one_cancel() -> None:
+        lost = False
+        while True:
+            rounds.append(1)
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if lost:
+                    raise
+                lost = True  # swallowed, as the lost cancel is
+
+    lc.spawn(loop_that_misses_one_cancel(), "renewal")
+    await asyncio.sleep(0.03)
+    with capture_logs() as logs:
+        await asyncio.wait_for(lc.close(), 2)
+    assert [e["attempt"] for e in logs if e["event"] == "task_cancel_lost"] == [1]
+    assert not lc._tasks
+
+
+async def test_a_task_that_never_stops_does_not_hold_the_stop_for_ever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(app, "RECANCEL_AFTER_S", 0.02)
+    lc = Lifecycle("svc")
+    stop = asyncio.Event()
+
+    async def deaf() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(0.005)
+
+    task = lc.spawn(deaf(), "deaf")
+    await asyncio.sleep(0.01)
+    with capture_logs() as logs:
+        await asyncio.wait_for(lc.close(), 2)
+    assert [e["task"] for e in logs if e["event"] == "task_not_stopping"] == ["svc-deaf"]
+    stop.set()
+    await task

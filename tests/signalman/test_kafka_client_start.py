@@ -14,7 +14,7 @@ import gc
 import time
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -45,6 +45,18 @@ def unclosed_clients_reported() -> Iterator[list[str]]:
             gc.collect()
     finally:
         loop.set_exception_handler(previous)
+
+
+@contextlib.asynccontextmanager
+async def nothing_left_running() -> AsyncIterator[None]:
+    """The block's Kafka clients end every task they started (within 20 s, a stop may go on in
+    the background) and none is reported collected while open."""
+    before = asyncio.all_tasks()
+    with unclosed_clients_reported() as reported:
+        yield
+        await wait_until(lambda: not asyncio.all_tasks() - before, timeout=20,
+                         what="the clients' tasks to end")  # fmt: skip
+    assert reported == []
 
 
 def redriver(bootstrap: str) -> Redriver:
@@ -95,17 +107,13 @@ async def test_a_redriver_joins_no_group_so_its_start_and_stop_wait_for_no_join(
     bootstrap = kafka_broker.bootstrap
     member = redriver(bootstrap)
     await ensure_topics(bootstrap, {member.dlq_topic: 2})
-    before = asyncio.all_tasks()
-    with unclosed_clients_reported() as reported:
+    async with nothing_left_running():
         started = time.monotonic()
         assert await member.run_once() == 0
         first_run_s = time.monotonic() - started
         started = time.monotonic()
         await member.close()
         close_s = time.monotonic() - started
-        await wait_until(lambda: not asyncio.all_tasks() - before, timeout=20,
-                         what="the consumer's tasks to end")  # fmt: skip
-    assert reported == []
     assert first_run_s < 2.0, f"the first run took {first_run_s:.2f} s (a group join?)"
     assert close_s < 1.0, f"the close took {close_s:.2f} s"
 
@@ -144,8 +152,8 @@ async def test_a_consumer_cancelled_while_joining_its_group_is_stopped_without_h
     await ensure_topics(bootstrap, {topic: 1})
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"g-{topic}",
                                 enable_auto_commit=False)  # fmt: skip
-    before = asyncio.all_tasks()
-    with unclosed_clients_reported() as reported:
+    # Leaving the join in flight takes the broker a few seconds; the stop goes on meanwhile.
+    async with nothing_left_running():
         # A subscribed consumer's start() waits for the group's first assignment, which the
         # broker holds for seconds: the cancellation lands inside it.
         started = time.monotonic()
@@ -154,7 +162,3 @@ async def test_a_consumer_cancelled_while_joining_its_group_is_stopped_without_h
         # The cancelled owner is not held by the stop (it waited 5 s, the stop's bound, and so
         # did a stopping replica's exit): it returns, the stop finishes in the background.
         assert time.monotonic() - started < 2.0
-        # Leaving the join in flight takes the broker a few seconds; the stop goes on meanwhile.
-        await wait_until(lambda: not asyncio.all_tasks() - before, timeout=20,
-                         what="the half-started consumer's tasks to end")  # fmt: skip
-    assert reported == []
