@@ -21,7 +21,6 @@ channel, permission) are raised.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 from collections.abc import AsyncIterator, Sequence
@@ -94,20 +93,19 @@ class Position:
     epoch: str = ""
     offset: int = 0
     started: bool = False  # False until a subscribe succeeded: start from the live tail
-    # Ids of the last events delivered (oldest first), to drop a repeat after a store failover.
-    recent: collections.deque[str] = field(default_factory=collections.deque)
-    recent_ids: set[str] = field(default_factory=set)
+    # Ids of the last events delivered, oldest first (a dict keeps insertion order), to drop a
+    # repeat after a store failover.
+    recent: dict[str, None] = field(default_factory=dict)
 
     def seen(self, event_id: str, window: int) -> bool:
         """Whether ``event_id`` was among the last ``window`` delivered; remembers it if not."""
         if not event_id or window <= 0:
             return False
-        if event_id in self.recent_ids:
+        if event_id in self.recent:
             return True
-        self.recent.append(event_id)
-        self.recent_ids.add(event_id)
+        self.recent[event_id] = None
         if len(self.recent) > window:
-            self.recent_ids.discard(self.recent.popleft())
+            del self.recent[next(iter(self.recent))]
         return False
 
 
@@ -276,7 +274,7 @@ class Subscription:
         if pos is None:
             return
         if pos.epoch == event.epoch and event.offset <= pos.offset and pos.started:
-            self.stats.duplicates_skipped += 1  # should stay 0: the server does not resend
+            self.stats.duplicates_skipped += 1  # an offset already delivered in this epoch
             return
         if pos.seen(event.id, self.dedupe_window):
             # Delivered before a store failover and appended again on the new primary: the

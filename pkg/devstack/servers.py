@@ -194,19 +194,8 @@ class RedisServer(ServerProcess):
     name = "redis"
 
     def command(self) -> Sequence[str]:
-        # With TLS the port speaks TLS only (no plaintext port) and clients need a certificate
-        # issued by the CA.
-        listen = ["--port", str(self.port)]
-        if self.tls is not None:
-            listen = [
-                "--port", "0",
-                "--tls-port", str(self.port),
-                "--tls-cert-file", str(self.tls.cert),
-                "--tls-key-file", str(self.tls.key),
-                "--tls-ca-cert-file", str(self.tls.ca),
-                "--tls-auth-clients", "yes",
-                "--tls-replication", "yes",
-            ]  # fmt: skip
+        listen = [arg for key, value in redis_listen(self.port, self.tls)
+                  for arg in (f"--{key}", value)]  # fmt: skip
         return [
             str(install.redis_server_binary()),
             *listen,
@@ -239,6 +228,24 @@ class RedisServer(ServerProcess):
                 return sock.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+
+def redis_listen(port: int, tls: CertFiles | None) -> list[tuple[str, str]]:
+    """Where a redis-server or a Sentinel listens (its config directives). With TLS the port
+    speaks TLS only (no plaintext port), clients need a certificate issued by the CA, and
+    ``tls-replication`` makes it speak TLS to what it connects to as well: a replica to its
+    primary, a Sentinel to the servers it monitors and to the other Sentinels."""
+    if tls is None:
+        return [("port", str(port))]
+    return [
+        ("port", "0"),
+        ("tls-port", str(port)),
+        ("tls-cert-file", str(tls.cert)),
+        ("tls-key-file", str(tls.key)),
+        ("tls-ca-cert-file", str(tls.ca)),
+        ("tls-auth-clients", "yes"),
+        ("tls-replication", "yes"),
+    ]
 
 
 def _tls_client(files: CertFiles) -> ssl.SSLContext:
@@ -324,14 +331,7 @@ class SentinelServer(ServerProcess):
     def prepare(self) -> None:
         host, port = self.primary
         m = self.master_name
-        listen = f"port {self.port}\n"
-        if self.tls is not None:
-            listen = (
-                f"port 0\ntls-port {self.port}\n"
-                f"tls-cert-file {self.tls.cert}\ntls-key-file {self.tls.key}\n"
-                f"tls-ca-cert-file {self.tls.ca}\n"
-                "tls-auth-clients yes\ntls-replication yes\n"
-            )
+        listen = "".join(f"{key} {value}\n" for key, value in redis_listen(self.port, self.tls))
         self.config_path.write_text(
             listen + "bind 127.0.0.1\n"
             "protected-mode no\n"
