@@ -9,11 +9,14 @@ up to ``batch`` of its nodes to reconnect to the peers that hold less (``Reconne
 that joins or restarts fills up within seconds, a few nodes at a time, and none of them is
 ever unroutable (a moved node's record stays connected).
 
-A peer whose share of the fleet fell since the previous round is given no node for
-``hold_s`` (its claim's TTL): nodes leave a replica by themselves when it died, and a replica
-killed without a goodbye keeps its claim, so its membership, until that TTL runs out. Its nodes
+A peer that looks dead is given no node for ``hold_s`` (its claim's TTL): a replica killed
+without a goodbye keeps its claim, so its membership, until that TTL runs out. Its nodes
 reconnect here within a fraction of a second; without the hold, the next round would see the
-dead peer empty and send them back to an address that no longer answers.
+dead peer empty and send them back to an address that no longer answers. Two signs put a peer
+on hold: a node registered here while the peer's ownership record of it was still live (the
+peer never released it: ``suspect``, told by the ownership on acquire, which holds even when
+this replica's view of the fleet lags and never saw the peer own anything), and the peer's
+share of the fleet falling since the previous round.
 
 A stopping replica withdraws first (``withdraw``): its claim is deleted so that no peer moves
 nodes to it, and it learns which peers to hand its own nodes to.
@@ -156,6 +159,16 @@ class Membership:
             self.moves_asked += asked
             log.info("rebalancing node streams", moves=moves, asked=asked)
         return asked
+
+    def suspect(self, peer: str) -> None:
+        """A node came here from ``peer`` without ``peer`` releasing it: hold ``peer``."""
+        if peer == self.replica_id:
+            return
+        now = self.clock.monotonic()
+        if self._held_until.get(peer, now) <= now:
+            log.info("a node left peer without a release: none moved to it for a while",
+                     peer=peer, hold_s=self.hold_s)  # fmt: skip
+        self._held_until[peer] = now + self.hold_s
 
     def _eligible(self, counts: Counter[str]) -> Counter[str]:
         """``counts`` without the peers on hold (see the module doc): the split is planned over

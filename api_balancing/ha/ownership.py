@@ -18,6 +18,7 @@ node) or finds a newer owner and aborts the stream.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -63,10 +64,16 @@ class NodeOwnership:
         self._owners = Ownership(store.redis, store.keys.ownership_prefix, int(ttl_s * 1000))
         self._held: dict[str, Held] = {}
         self.takeovers = 0  # streams this replica closed because another one took the node
+        # Told the replica id whenever a node comes here while that peer's record of it is
+        # still live: the peer never let the node go, so it has likely died (membership).
+        self._unreleased_listeners: list[Callable[[str], None]] = []
         store.set_ownership_view(self.fence_of, self.touch_of, ttl_s, self.touched)
         store.set_refusal_hook(self.refused)
         store.add_data_loss_hook(self.restore_all)
         store.add_listener(self._on_change)
+
+    def on_unreleased(self, listener: Callable[[str], None]) -> None:
+        self._unreleased_listeners.append(listener)
 
     def fence_of(self, node_id: str) -> int | None:
         held = self._held.get(node_id)
@@ -120,6 +127,10 @@ class NodeOwnership:
         history.record(
             "ownership", node_id, "acquire", result.record.fence, self.replica_id, t_sent=sent
         )
+        previous = result.replaced
+        if previous is not None and previous.replica != self.replica_id:
+            for listener in self._unreleased_listeners:
+                listener(previous.replica)
         return result.record.fence
 
     def fresh(self, node_id: str) -> bool:

@@ -136,6 +136,7 @@ class HaRuntime:
             hold_s=self.replica_claim.ttl_s,
             clock=clock,
         )
+        self.ownership.on_unreleased(self.membership.suspect)
         # Half the ownership TTL: the nodes of a replica cut from Redis move to a peer before
         # their owner records lapse there (relays and routing keep finding them).
         self.partition = PartitionHandover(

@@ -53,7 +53,7 @@ end
 local rec = ARGV[1] .. '|' .. fence
 redis.call('SET', KEYS[1], rec, 'PX', ARGV[2])
 redis.call('SET', KEYS[3], fence, 'PX', ARGV[3])
-return {1, rec}
+return {1, rec, cur or ''}
 """
 )
 
@@ -110,10 +110,13 @@ class RefreshOutcome(enum.Enum):
 
 @dataclass(frozen=True)
 class Acquired:
-    """Result of an acquire: ``record`` is ours if ``ok``, else the record that won."""
+    """Result of an acquire: ``record`` is ours if ``ok``, else the record that won;
+    ``replaced`` is the unexpired record ours replaced (the previous owner never released it:
+    it died, hangs, or lost the entity to us mid-stream)."""
 
     ok: bool
     record: OwnerRecord | None
+    replaced: OwnerRecord | None = None
 
 
 class Ownership:
@@ -170,7 +173,8 @@ class Ownership:
             ],
         )
         record = OwnerRecord.decode(raw[1])
-        return Acquired(ok=int(raw[0]) == 1, record=record)
+        replaced = OwnerRecord.decode(raw[2]) if len(raw) > 2 and raw[2] else None
+        return Acquired(ok=int(raw[0]) == 1, record=record, replaced=replaced)
 
     async def refresh(self, entity: str, record: OwnerRecord) -> RefreshOutcome:
         """Extend ``record``'s TTL, restore it if it lapsed unclaimed, or report it superseded."""

@@ -127,3 +127,17 @@ async def test_acquire_goes_above_a_fence_the_caller_still_knows(
     assert acquired.ok and acquired.record and acquired.record.fence == 58
     nxt = await owners.acquire("n2", "b", "x:2")
     assert nxt.record and nxt.record.fence == 59
+
+
+async def test_acquire_says_which_live_record_it_replaced(
+    redis: aioredis.Redis, prefix: str
+) -> None:
+    owners = Ownership(redis, prefix, ttl_ms=10_000)
+    first = await owners.acquire("n1", "a", "x:1")
+    assert first.ok and first.replaced is None
+    second = await owners.acquire("n1", "b", "x:2")
+    assert second.ok and second.replaced == first.record
+    assert second.record is not None
+    await owners.release("n1", second.record)
+    third = await owners.acquire("n1", "a", "x:1")
+    assert third.ok and third.replaced is None, "a released record replaces nothing"

@@ -60,3 +60,23 @@ async def test_a_write_that_finds_the_owner_record_gone_makes_the_next_check_res
     assert not ownership.fresh("n1"), "the write reported that its touch missed"
     assert await ownership.refresh("n1")
     assert explicit == ["n1"] and await store.redis.get(key) == held, "restored at once"
+
+
+async def test_a_node_taken_from_a_peer_that_never_released_it_names_that_peer(
+    store_factory: StoreFactory,
+) -> None:
+    store_a, store_b = await store_factory("a"), await store_factory("b")
+    a = NodeOwnership(store_a, SessionRegistry(), ttl_s=15.0)
+    b = NodeOwnership(store_b, SessionRegistry(), ttl_s=15.0)
+    told: list[str] = []
+    b.on_unreleased(told.append)
+    await a.acquire("n1")  # a owns n1 and then dies: its record stays until its TTL
+    await b.acquire("n1")
+    assert told == ["a"]
+
+    await a.acquire("n2")
+    await a.release("n2")  # a graceful hand-over: a let n2 go first
+    await b.acquire("n2")
+    await b.acquire("n3")  # nobody owned n3
+    await b.acquire("n1")  # b registering its own node again names nobody
+    assert told == ["a"]
