@@ -1,12 +1,22 @@
 """Signalman's fan-out curve: ``./dev bench signalman-fanout`` -> ``.bench/signalman-fanout.json``.
 
 Real servers (tansu, redis-server, PostgreSQL), two replica processes in one consumer group and
-1,000, 5,000 and 10,000 concurrent gRPC subscribers over 100 tenants, **each subscriber on its
-own connection** (its own ``pkg.clients`` channel), homed on the two replicas in turn and spread
-over several subscriber processes that this benchmark drives over their stdin. Events go through
-Kafka from a producer process (``KafkaSink``, like Foghorn) at a steady rate chosen so that
-about 5,000 deliveries/s go out whatever the size (events/s = deliveries/s x tenants /
-subscribers). Per size ``N`` (fresh replicas, group and history each):
+1,000, 5,000 and 10,000 concurrent gRPC subscribers over 100 tenants, **each subscriber a
+Subscribe stream on its own connection** (its own grpc channel with a subchannel pool of its
+own: grpc otherwise multiplexes every channel of a process to one address over one connection;
+``--shared-connections`` measures that case, a Bridge replica's subscribers over one channel),
+homed on the two replicas in turn and spread over subscriber processes that this benchmark drives
+over their stdin. A subscriber measures and costs little: it reads the raw message bytes, finds
+each event's test data (seq, send time) with one regular expression, and decodes the last event
+message only when it reconnects (to resume from its offset and epoch, with the typed client's
+backoff). Events go through Kafka from a producer process (``KafkaSink``, like Foghorn) at a
+steady rate chosen so that about 5,000 deliveries/s go out whatever the size (events/s =
+deliveries/s x tenants / subscribers).
+
+The load does not share cores with the system under test (``--pin``, the default on 2 cores or
+more): the replicas and their stores (this process starts them: tansu, Redis, PostgreSQL) run on
+the first half of the cores, the subscriber processes and the producer on the others; the JSON
+says which (``pinned``). Per size ``N`` (fresh replicas, group and history each):
 
 * ``delivered_p50_ms_N`` / ``delivered_p99_ms_N``: produce (the event's own send time) to receipt
   by the subscriber process; ``deliveries_per_s_N``; ``drops_N`` (subscribers the replicas
@@ -29,7 +39,12 @@ events from produce to a plain aiokafka consumer of the topic: the floor), ``fet
 history), ``delivered_p99_ms_by_second`` (a p99 that grows through the phase is a backlog);
 ``replica_cpu_pct``, ``subscriber_cpu_pct`` (the benchmark's own subscriber processes, which
 share the cores) and ``machine_busy_pct`` (all cores, everyone's processes: at ~100% every hop
-queues). ``--profile DIR`` adds py-spy samples of the phase.
+queues); ``replica_loop_run_pct`` / ``replica_loop_runqueue_pct``: each replica's event-loop
+thread, the share of the phase it ran and the share it was ready but waited for a core;
+``subscriber_loop_lag_ms`` (how late a subscriber process's 5 ms timer fired: a late receipt
+stamp). ``--stages`` runs the replicas with per-event stage timestamps
+(``benchmarks.signalman_stages``: fetched, processing, appended, dispatched, written, and their
+loops' lag) into ``stages_ms``. ``--profile DIR`` adds py-spy samples of the phase.
 
 At the largest size, the reconnect herd: kill -9 of one replica while events flow; its
 subscribers (half) reconnect with their offsets to the other at once: ``herd_resume_s`` (kill
@@ -45,6 +60,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import resource
 import shutil
 import sys
 import tempfile
@@ -52,6 +69,9 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+import grpc
+import grpc.aio
 
 from benchmarks.common import (
     Panel,
@@ -95,57 +115,144 @@ def _pct(values: list[float], q: float) -> float | None:
 # -- subscriber processes -------------------------------------------------------------------------
 
 
-_POLICY: Any = None
-
-
-def _policy() -> Any:
-    """One client policy for the process (each subscriber still has its own channel): building
-    the policy was ~5% of a subscriber's set-up CPU."""
-    from pkg.clients.signalman import default_policy
-
-    global _POLICY
-    if _POLICY is None:
-        _POLICY = default_policy()
-    return _POLICY
+SUBSCRIBE_METHOD = "/signalman.v1.Signalman/Subscribe"
+# The test data of every event, as the replicas encode it (``signalman.wire.encode_data``:
+# compact JSON in the producer's key order), found in the raw message: an event is parsed no
+# further than this, a batch holds several.
+_SEQ_SENT = re.compile(rb'"seq":(\d+),"sent":([0-9.]+)')
+# Channel options of every subscriber's two channels: no retries inside grpc (the subscriber
+# reconnects itself), and a subchannel pool of the channel's own. By default grpc shares one
+# connection among all channels of a process with the same target and arguments: the
+# subscribers of one process were multiplexed over one HTTP/2 connection per replica (measured
+# 01:50 UTC: 20 pkg.clients channels, 1 connection), not each on its own.
+# ``--shared-connections`` keeps grpc's sharing: a process's subscribers multiplexed over one
+# connection per replica, as the GraphQL subscriptions of one Bridge replica reach Signalman.
+_CHANNEL_OPTIONS = (("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1))
+_SHARED_CHANNEL_OPTIONS = (("grpc.enable_retries", 0),)
 
 
 class Subscriber:
-    """One subscriber: its own client (channel) to its home replica first, then the other."""
+    """One subscriber: a real Subscribe stream on its own connection to its home replica, then,
+    after the stream ends, to the other with its last offset and epoch (as the typed client
+    resumes, with its backoff). What it costs per event is a read and one regular expression
+    over the message's bytes; the offset and epoch to resume from are decoded from the last
+    event message only when it reconnects."""
 
-    def __init__(self, index: int, targets: list[str]) -> None:
-        from pkg.clients.signalman import SignalmanClient
+    def __init__(self, index: int, targets: list[str], shared: bool = False) -> None:
+        from pkg.proto.signalman.v1 import signalman_pb2 as pb
 
+        self.pb = pb
         self.index = index
         self.tenant = TENANTS[index % len(TENANTS)]
         home = (index // len(TENANTS)) % 2  # a tenant's subscribers alternate between replicas
         self.home = targets[home]
-        self.client = SignalmanClient(
-            [targets[home], targets[1 - home]], token=f"k{self.tenant}", policy=_policy()
-        )
-        # Both replicas' channels now, before anything is measured: built lazily, the other
-        # replica's would be built in the herd, ~1 ms of the subscriber process's CPU each,
-        # competing with the survivor it measures on the same two cores.
-        for target in targets:
-            self.client.channel(target)
-        self.sub = self.client.subscribe(["streams"], buffer=10_000)
+        self.targets = [targets[home], targets[1 - home]]
+        self.metadata = (("authorization", f"Bearer k{self.tenant}"),)
+        # Both replicas' channels now, before anything is measured (no connection until used).
+        options = _SHARED_CHANNEL_OPTIONS if shared else _CHANNEL_OPTIONS
+        self.calls = [
+            grpc.aio.insecure_channel(t, options=options).stream_stream(
+                SUBSCRIBE_METHOD,
+                None,
+                None,  # bytes both ways
+            )
+            for t in self.targets
+        ]
+        self.epoch, self.offset, self.started = "", 0, False
+        self.last_events: bytes | None = None  # the last event message (decoded to resume)
+        self.subscribed = False
+        self.connects = self.reconnects = 0
+        self.herd_base = 0
+        self.last_error = ""
         self.last_seq: int | None = None
-        self.missing = 0
-        self.received = 0
+        self.missing = self.duplicates = self.received = 0
+        self.task: asyncio.Task[None] | None = None
 
-    async def drain(self, sink: list[tuple[float, float]] | None, recording: list[bool]) -> None:
+    def start(self, sink: list[tuple[float, float]], recording: list[bool]) -> None:
+        self.task = asyncio.create_task(self.run(sink, recording))
+
+    def _request(self) -> bytes:
+        pb = self.pb
+        if self.last_events is not None:  # where the stream was: its last event
+            msg = pb.ServerMessage.FromString(self.last_events)
+            last = msg.event if msg.WhichOneof("kind") == "event" else msg.batch.events[-1]
+            self.epoch, self.offset, self.last_events = last.epoch, last.offset, None
+        channel = pb.ChannelSubscription(channel="streams", resume=self.started,
+                                         after_offset=self.offset, epoch=self.epoch)  # fmt: skip
+        request = pb.ClientMessage(request_id=1, subscribe=pb.SubscribeRequest(channels=[channel]))
+        return bytes(request.SerializeToString())
+
+    async def run(self, sink: list[tuple[float, float]], recording: list[bool]) -> None:
+        from pkg.clients.backoff import Backoff
+
+        # The typed client's reconnect backoff (pkg.clients.signalman.Subscription._run).
+        backoff = Backoff(base=0.05, cap=2.0)
+        turn = 0
         while True:
-            item = await self.sub.get()
-            data = json.loads(getattr(item, "data_json", "") or "{}")
-            if "seq" not in data:
-                continue
-            now = time.time()
-            self.received += 1
-            seq = int(data["seq"])
-            if self.last_seq is not None and seq > self.last_seq + 1:
+            call = self.calls[turn % 2](iter([self._request()]), metadata=self.metadata)
+            turn += 1
+            self.connects += 1
+            try:
+                while True:
+                    raw = await call.read()
+                    if not isinstance(raw, bytes):  # grpc.aio.EOF
+                        self.last_error = "stream ended"
+                        break
+                    now = time.time()
+                    if raw[:1] in _EVENT_TAGS:
+                        self._events(raw, now, sink if recording[0] else None)
+                    elif self._control(raw):
+                        backoff.reset()
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            except grpc.aio.AioRpcError as exc:
+                self.last_error = f"{exc.code().name}: {exc.details()}"
+            self.subscribed = False
+            self.reconnects += 1
+            await backoff.wait()
+
+    def _events(self, raw: bytes, now: float, sink: list[tuple[float, float]] | None) -> None:
+        self.last_events = raw
+        for match in _SEQ_SENT.finditer(raw):
+            seq = int(match[1])
+            if self.last_seq is not None:
+                if seq <= self.last_seq:
+                    self.duplicates += 1
+                    continue
                 self.missing += seq - self.last_seq - 1
-            self.last_seq = max(seq, self.last_seq or 0)
-            if recording[0] and sink is not None:
-                sink.append((float(data["sent"]), (now - float(data["sent"])) * 1000))
+            self.last_seq = seq
+            self.received += 1
+            if sink is not None:
+                sent = float(match[2])
+                sink.append((sent, (now - sent) * 1000))
+
+    def _control(self, raw: bytes) -> bool:
+        """A message other than events; True when it confirms the subscription."""
+        msg = self.pb.ServerMessage.FromString(raw)
+        kind = msg.WhichOneof("kind")
+        if kind == "subscribed":
+            if not self.started:  # a fresh subscription starts at the head
+                self.epoch, self.offset = msg.subscribed.epoch, msg.subscribed.head_offset
+                self.started = True
+            self.subscribed = True
+            return True
+        if kind == "gap":
+            self.epoch, self.offset = msg.gap.epoch, max(0, msg.gap.resumed_from - 1)
+            self.last_events = None
+        elif kind == "error":
+            self.last_error = f"error {msg.error.code}: {msg.error.message}"
+        return False
+
+
+def _event_tags() -> frozenset[bytes]:
+    from pkg.proto.signalman.v1 import signalman_pb2 as pb
+
+    fields = pb.ServerMessage.DESCRIPTOR.fields_by_name
+    return frozenset(bytes([fields[f].number << 3 | 2]) for f in ("event", "batch"))
+
+
+_EVENT_TAGS = _event_tags()
 
 
 async def subscribers_main(spec_json: str) -> int:
@@ -155,18 +262,29 @@ async def subscribers_main(spec_json: str) -> int:
 
     # stdout carries the answers to the driving process: logs go to stderr, errors only.
     configure_logging("bench-subscribers", level="ERROR")
-    # The load generator yields the cores to the system under test (--nice): here the
-    # subscriber processes share the replicas' two cores, in production they are other
-    # machines. At the replicas' priority they used more CPU than both replicas (23:07 UTC,
-    # 1,000 subscribers: 58% of a core against 49%, the machine 98% busy) and the replicas'
-    # loops fell behind through the phase. Receipt is still stamped as an event arrives, so a
-    # subscriber process that lags shows in the latency.
     spec = json.loads(spec_json)
+    # The audience's own cores (--pin), before grpc starts its threads (they inherit them):
+    # in production the subscribers are other machines; on one machine they must not take
+    # the replicas' CPU, nor the replicas theirs (receipt is stamped by this process).
+    if spec.get("cpus"):
+        os.sched_setaffinity(0, spec["cpus"])
     os.nice(int(spec.get("nice", 0)))
-    subs = [Subscriber(i, spec["targets"]) for i in range(spec["lo"], spec["hi"])]
+    shared = bool(spec.get("shared"))
+    subs = [Subscriber(i, spec["targets"], shared) for i in range(spec["lo"], spec["hi"])]
     latencies: list[tuple[float, float]] = []  # (sent, ms from sent to receipt)
     recording = [False]
-    drains: list[asyncio.Task[None]] = []
+    # How late a 5 ms sleep wakes up while recording: this process waiting for a core (or its
+    # own loop busy) delays every receipt it stamps by as much.
+    lags: list[float] = []
+
+    async def loop_lag() -> None:
+        while True:
+            due = time.perf_counter() + 0.005
+            await asyncio.sleep(0.005)
+            if recording[0]:
+                lags.append((time.perf_counter() - due) * 1000)
+
+    lag_task = asyncio.create_task(loop_lag())  # noqa: F841 (runs until the process exits)
     herd: list[Subscriber] = []
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -176,9 +294,6 @@ async def subscribers_main(spec_json: str) -> int:
         sys.stdout.write(json.dumps(doc) + "\n")
         sys.stdout.flush()
 
-    def subscribed(s: Subscriber) -> bool:
-        return s.sub._subscribed.is_set()  # (the client keeps it private; a benchmark may look)
-
     while True:
         line = await reader.readline()
         if not line:
@@ -187,14 +302,14 @@ async def subscribers_main(spec_json: str) -> int:
         op = cmd["op"]
         if op == "start":
             for s in subs:
-                s.sub.start()
-            drains.extend(asyncio.create_task(s.drain(latencies, recording)) for s in subs)
+                s.start(latencies, recording)
             answer({"started": len(subs)})
         elif op == "status":
-            answer({"subscribed": sum(subscribed(s) for s in subs),
-                    "reconnects": sum(s.sub.stats.reconnects for s in subs)})  # fmt: skip
+            answer({"subscribed": sum(s.subscribed for s in subs),
+                    "reconnects": sum(s.reconnects for s in subs)})  # fmt: skip
         elif op == "record":
             latencies.clear()
+            lags.clear()
             for s in subs:
                 s.received = 0
             recording[0] = bool(cmd["on"])
@@ -203,22 +318,23 @@ async def subscribers_main(spec_json: str) -> int:
             answer({"received": sum(s.received for s in subs)})
         elif op == "collect":
             answer({"latencies": [(round(t, 4), round(v, 2)) for t, v in latencies],
+                    "loop_lag": _summary(lags),
                     "received": sum(s.received for s in subs),
-                    "missing": sum(s.missing for s in subs)})  # fmt: skip
+                    "missing": sum(s.missing for s in subs),
+                    "duplicates": sum(s.duplicates for s in subs)})  # fmt: skip
         elif op == "herd":
             # The subscribers homed on the replica about to be killed, and their reconnects
             # so far (each of them needs exactly one).
             herd = [s for s in subs if s.home == cmd["victim"]]
             for s in herd:
-                s.herd_base = s.sub.stats.reconnects  # type: ignore[attr-defined]
+                s.herd_base = s.reconnects
             answer({"herd": len(herd)})
         elif op == "herd_status":
-            resumed = sum(1 for s in herd if s.sub.stats.connects >= 2 and subscribed(s))
-            extra = sum(max(0, s.sub.stats.reconnects - s.herd_base - 1)  # type: ignore[attr-defined]
-                        for s in herd)  # fmt: skip
+            resumed = sum(1 for s in herd if s.connects >= 2 and s.subscribed)
+            extra = sum(max(0, s.reconnects - s.herd_base - 1) for s in herd)
             answer({"herd": len(herd), "resumed": resumed, "refused": extra,
-                    "errors": [s.sub.stats.last_error for s in herd
-                               if s.sub.stats.reconnects - s.herd_base > 1][:3]})  # type: ignore[attr-defined]  # fmt: skip
+                    "errors": [s.last_error for s in herd
+                               if s.reconnects - s.herd_base > 1][:3]})  # fmt: skip
         elif op == "quit":
             break
     answer({"bye": True})
@@ -230,9 +346,14 @@ async def subscribers_main(spec_json: str) -> int:
 class Audience:
     """The subscriber processes of one size, driven over their stdin."""
 
-    def __init__(self, size: int, targets: list[str], processes: int, nice: int = 0) -> None:
+    def __init__(
+        self, size: int, targets: list[str], processes: int, nice: int = 0,
+        cpus: list[int] | None = None, shared: bool = False,
+    ) -> None:  # fmt: skip
         self.size = size
+        self.shared = shared
         self.nice = nice
+        self.cpus = cpus or []
         self.targets = targets
         self.processes = processes
         self.procs: list[asyncio.subprocess.Process] = []
@@ -241,7 +362,7 @@ class Audience:
         per = (self.size + self.processes - 1) // self.processes
         for lo in range(0, self.size, per):
             spec = {"targets": self.targets, "lo": lo, "hi": min(self.size, lo + per),
-                    "nice": self.nice}  # fmt: skip
+                    "nice": self.nice, "cpus": self.cpus, "shared": self.shared}  # fmt: skip
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "benchmarks.signalman_fanout", "--subscribers",
                 json.dumps(spec), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -286,7 +407,7 @@ class Audience:
 # -- producer process -----------------------------------------------------------------------------
 
 
-def produce_main(bootstrap: str) -> int:
+def produce_main(bootstrap: str, cpus: str = "") -> int:
     """``--produce BOOTSTRAP``: one producer process for the whole run (its start-up and Kafka
     connection are not paid per phase). Each stdin line asks for events at a steady rate
     through KafkaSink to the given tenants of a topic, round robin, each with its tenant's next
@@ -294,6 +415,8 @@ def produce_main(bootstrap: str) -> int:
     from pkg.events import Event
     from pkg.events.kafka import KafkaSink
 
+    if cpus:  # a load generator, like the subscribers (--pin)
+        os.sched_setaffinity(0, [int(c) for c in cpus.split(",")])
     sinks: dict[str, KafkaSink] = {}
     for line in sys.stdin:
         spec = json.loads(line)
@@ -331,8 +454,9 @@ def produce_main(bootstrap: str) -> int:
 class Producer:
     """The producer process, driven over its stdin."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, cpus: list[int] | None = None) -> None:
         self.bootstrap = bootstrap
+        self.cpus = ",".join(str(c) for c in cpus or ())
         self.proc: asyncio.subprocess.Process | None = None
         self.lock = asyncio.Lock()
 
@@ -341,8 +465,8 @@ class Producer:
             if self.proc is None:
                 self.proc = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "benchmarks.signalman_fanout", "--produce",
-                    self.bootstrap, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                    limit=ANSWER_LINE_LIMIT,
+                    self.bootstrap, self.cpus, stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE, limit=ANSWER_LINE_LIMIT,
                 )  # fmt: skip
             assert self.proc.stdin is not None and self.proc.stdout is not None
             self.proc.stdin.write((json.dumps(spec) + "\n").encode())
@@ -366,7 +490,11 @@ class Producer:
 # -- the replicas ---------------------------------------------------------------------------------
 
 
-def start_replicas(stack: Any, size: int, root: Path) -> tuple[list[Any], str]:
+def start_replicas(
+    stack: Any, size: int, root: Path, stages: bool = False
+) -> tuple[list[Any], str]:
+    """The two replicas of a size; with ``stages``, each notes per-event stage times
+    (``benchmarks.signalman_stages``) into ``stages_file``."""
     from pkg.devstack.servers import CommandProcess, free_port
 
     suffix = f"{size}-{uuid.uuid4().hex[:6]}"
@@ -392,14 +520,19 @@ def start_replicas(stack: Any, size: int, root: Path) -> tuple[list[Any], str]:
             "SIGNALMAN_REPLICA_ID": f"{name}-{suffix}",
             "LOG_LEVEL": "WARNING",
         }
+        stages_file = root / f"stages-{name}-{size}.json"
+        if stages:
+            env["BENCH_STAGES_FILE"] = str(stages_file)
+        module = "benchmarks.signalman_stages" if stages else "api_realtime"
         proc = CommandProcess(
             f"signalman-{name}-{size}",
-            [sys.executable, "-m", "api_realtime", "--grpc-port", "{port}"],
+            [sys.executable, "-m", module, "--grpc-port", "{port}"],
             run_dir=root / f"{name}-{size}",
             env=env,
             ready_timeout=60.0,
         )
         proc.http_port = http_port  # type: ignore[attr-defined]  # (/metrics: stage ages)
+        proc.stages_file = stages_file  # type: ignore[attr-defined]
         stack.procs.append(proc)
         proc.start(wait=False)
         replicas.append(proc)
@@ -495,6 +628,54 @@ def start_profiles(
     return profilers
 
 
+async def read_stages(replicas: list[Any]) -> list[dict[str, list[list[float]]]]:
+    """What each replica noted since the last call (``--stages``: SIGUSR2 makes it write its
+    samples to its ``stages_file`` and start again)."""
+    import signal
+
+    for proc in replicas:
+        with contextlib.suppress(FileNotFoundError):
+            proc.stages_file.unlink()
+        os.kill(proc.pid, signal.SIGUSR2)
+    docs = []
+    for proc in replicas:
+        deadline = time.perf_counter() + 10
+        while not proc.stages_file.exists() and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        docs.append(json.loads(proc.stages_file.read_text()) if proc.stages_file.exists() else {})
+    return docs
+
+
+def stage_figures(docs: list[dict[str, list[list[float]]]]) -> dict[str, Any]:
+    """Per stage, the events' age when they passed it (ms from their producer's time): p50,
+    p99, max and how many were noted, both replicas together; and each replica's loop lag."""
+    from benchmarks.signalman_stages import STAGES
+
+    out: dict[str, Any] = {}
+    for stage in STAGES:
+        ages = [(at - t) * 1000 for doc in docs for t, at in doc.get(stage, ())]
+        out[stage] = _summary(ages)
+    out["loop_lag"] = [_summary([lag for _, lag in doc.get("loop_lag", ())]) for doc in docs]
+    return out
+
+
+def loop_schedstat(pid: int) -> tuple[float, float]:
+    """(seconds on a core, seconds runnable but waiting for one) of a process's main thread,
+    the one running its event loop, so far (Linux ``/proc/<pid>/schedstat``)."""
+    try:
+        run_ns, wait_ns, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(run_ns) / 1e9, int(wait_ns) / 1e9
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    if not values:
+        return {"n": 0}
+    return {"p50": round(_pct(values, 0.5) or 0, 1), "p99": round(_pct(values, 0.99) or 0, 1),
+            "max": round(max(values), 1), "n": len(values)}  # fmt: skip
+
+
 # -- one size -------------------------------------------------------------------------------------
 
 
@@ -510,9 +691,11 @@ async def one_size(
     """Figures go to ``out`` as they are measured (a size cut by the bound keeps them)."""
     from benchmarks.signalman import age_buckets, bucket_quantile
 
-    replicas, topic = start_replicas(stack, size, root)
+    replicas, topic = start_replicas(stack, size, root, args.stages)
     addresses = [f"127.0.0.1:{p.port}" for p in replicas]
-    audience = Audience(size, addresses, args.processes, args.nice)
+    audience = Audience(
+        size, addresses, args.processes, args.nice, args.load_cpus, args.shared_connections
+    )
     seq: dict[str, int] = {}
     try:
 
@@ -584,12 +767,15 @@ async def one_size(
         ports = [p.http_port for p in replicas]
         ages0 = await age_buckets(ports)
         cpu0 = sum(cpu_seconds(p.pid) for p in replicas)
+        sched0 = [loop_schedstat(p.pid) for p in replicas]
         audience_cpu0 = audience.cpu()
         machine0 = machine_cpu()
         pids = {f"replica-{n}": p.pid for n, p in zip("ab", replicas, strict=True)}
         pids["subscribers"] = audience.procs[0].pid
         profilers = start_profiles(args.profile, str(size), pids, args.seconds)
         kafka_probe = await KafkaProbe.start(stack.kafka.bootstrap, topic)
+        if args.stages:
+            await read_stages(replicas)  # (start from here)
         t0 = time.perf_counter()
         live = await produce({**spec, "tenants": TENANTS, "rate": events_per_s,
                               "seconds": args.seconds, "seq": seq})  # fmt: skip
@@ -603,9 +789,17 @@ async def one_size(
             await until(delivered, 10, 0.2)
         wall = time.perf_counter() - t0
         cpu = sum(cpu_seconds(p.pid) for p in replicas) - cpu0
+        sched1 = [loop_schedstat(p.pid) for p in replicas]
         audience_cpu = audience.cpu() - audience_cpu0
+        # Each replica's event-loop thread: the share of the phase it ran, and the share it was
+        # ready to run but waited for a core (the CPU-starved part of every hop's latency).
+        spans = list(zip(sched0, sched1, strict=True))
+        out["replica_loop_run_pct"] = [round((b[0] - a[0]) / wall * 100, 1) for a, b in spans]
+        out["replica_loop_runqueue_pct"] = [round((b[1] - a[1]) / wall * 100, 1) for a, b in spans]
         machine1 = machine_cpu()
         kafka_latencies = await kafka_probe.stop()
+        if args.stages:
+            out["stages_ms"] = stage_figures(await read_stages(replicas))
         stop_by = time.perf_counter() + 30
         while any(p.poll() is None for p in profilers) and time.perf_counter() < stop_by:
             await asyncio.sleep(0.1)
@@ -613,6 +807,7 @@ async def one_size(
         got = await audience.command(op="collect")
         await audience.command(op="record", on=False)
         samples = [(t, v) for a in got for t, v in a["latencies"]]
+        out["subscriber_loop_lag_ms"] = [a.get("loop_lag") for a in got]
         latencies = [v for _, v in samples]
         # p99 per second of the phase (by send time): a latency that grows through the phase
         # is a backlog (something cannot keep up), a flat one with spikes is stalls.
@@ -631,6 +826,7 @@ async def one_size(
         out["delivered_p50_ms"] = _pct(latencies, 0.50)
         out["delivered_p99_ms"] = _pct(latencies, 0.99)
         out["missing"] = sum(int(a["missing"]) for a in got)
+        out["duplicates"] = sum(int(a.get("duplicates", 0)) for a in got)
         out["drops"] = await dropped_total(addresses) - dropped0
         fanout_cpu = cpu - live["sent"] * per_event_us / 1e6 - background * wall
         out["replica_cpu_us_per_delivery"] = round(fanout_cpu / max(1, received) * 1e6, 1)
@@ -716,7 +912,7 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     produce: Producer | None = None
     try:
         stack.start()
-        produce = Producer(stack.kafka.bootstrap)
+        produce = Producer(stack.kafka.bootstrap, args.load_cpus)
         largest = max(args.sizes)
         for size in args.sizes:
             started = time.perf_counter()
@@ -752,24 +948,61 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     return result
 
 
+def pin_cores(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--pin`` (the default, with 2 cores or more): this process, and so the stores and the
+    replicas it starts, on the first half of the cores; the subscriber processes and the
+    producer (the load, other machines in production) on the rest. Without it the audience and
+    the replicas took CPU from each other: at 10,000 subscribers four subscriber processes used
+    74% of a core beside the replicas' 53% (23:58 UTC), the machine 98% busy."""
+    args.load_cpus = None
+    cores = sorted(os.sched_getaffinity(0))
+    if not args.pin or len(cores) < 2:
+        return None
+    half = len(cores) // 2
+    system, load = cores[:half], cores[half:]
+    for task in os.listdir("/proc/self/task"):  # every thread of this process, not only this one
+        os.sched_setaffinity(int(task), system)
+    args.load_cpus = load
+    return {"replicas_and_stores": system, "subscribers_and_producer": load}
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--subscribers"]:
         return asyncio.run(subscribers_main(argv[1]))
     if argv[:1] == ["--produce"]:
-        return produce_main(argv[1])
+        return produce_main(argv[1], argv[2] if len(argv) > 2 else "")
     parser = argparse.ArgumentParser(prog="./dev bench signalman-fanout", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
-    parser.add_argument("--processes", type=int, default=4, help="subscriber processes")
-    parser.add_argument("--nice", type=int, default=10, help="subscriber processes' niceness")
+    parser.add_argument("--processes", type=int, default=2, help="subscriber processes")
+    parser.add_argument("--nice", type=int, default=0, help="subscriber processes' niceness")
+    parser.add_argument(
+        "--shared-connections", action="store_true",
+        help="a subscriber process's subscribers share one connection per replica (as one "
+        "Bridge replica's GraphQL subscribers do); default: each subscriber its own",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-pin", dest="pin", action="store_false",
+        help="let every process run on every core (default: the replicas and their stores on "
+        "the first half of the cores, subscribers and producer on the others)",
+    )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=4.0, help="per measured phase")
     parser.add_argument("--no-herd", dest="herd", action="store_false")
     parser.add_argument("--profile", metavar="DIR", help="py-spy the fan-out phase into DIR")
+    parser.add_argument(
+        "--stages", action="store_true",
+        help="replicas note each event's time at every stage (benchmarks.signalman_stages)",
+    )  # fmt: skip
     parser.add_argument("--out", default=".bench/signalman-fanout.json")
     parser.add_argument("--svg", default="docs/rfcs/img/signalman-fanout.svg")
     args = parser.parse_args(argv)
     from pkg.common.logging import configure_logging
 
     configure_logging("bench-signalman-fanout", level="WARNING")
+    pinned = pin_cores(args)
+    # Every subscriber holds its own connection: 10,000 of them, and all on the survivor after
+    # the herd. The soft limit (1,024 on many systems) would refuse connections.
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     root = Path(tempfile.mkdtemp(prefix="signalman-fanout-"))
     started = time.perf_counter()
     try:
@@ -781,7 +1014,12 @@ def main(argv: list[str]) -> int:
     result["deliveries_per_s_target_rate"] = DELIVERIES_PER_S
     result["tenants"] = len(TENANTS)
     result["profiled"] = bool(args.profile)  # py-spy sampled the phases (a few % of CPU)
+    result["stages_traced"] = bool(args.stages)  # replicas noted per-event stage times
     result["subscriber_nice"] = args.nice
+    result["subscriber_processes"] = args.processes
+    result["open_files_limit"] = hard
+    result["pinned"] = pinned
+    result["connection_per_subscriber"] = not args.shared_connections
     checks = {}
     for name, (op, target) in TARGETS.items():
         value = result.get(name)
