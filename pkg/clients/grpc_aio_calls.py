@@ -240,13 +240,23 @@ _READY = grpc.ChannelConnectivity.READY
 _CLOSED = STATE_CLOSED
 
 
-async def _connected(channel: Any, target: str, attempt_timeout: float) -> float:
-    """Wait (within the attempt's time) until ``channel`` is READY, else raise ``NotSentError``;
-    returns the attempt time left for the call itself."""
+async def _connected(
+    channel: Any, target: str, attempt_timeout: float, wait_s: float | None = None
+) -> float:
+    """Wait (within the attempt's time, and at most ``wait_s`` when given) until ``channel`` is
+    READY, else raise ``NotSentError``; returns the attempt time left for the call itself."""
     loop = asyncio.get_running_loop()
     start = loop.time()
-    await ensure_ready(channel, target, attempt_timeout)
+    await ensure_ready(
+        channel, target, attempt_timeout if wait_s is None else min(attempt_timeout, wait_s)
+    )
     return max(0.001, attempt_timeout - (loop.time() - start))
+
+
+# How long the probe of a replica whose ejection is over may wait for its connection when the
+# call has failed nowhere yet (replicas in rotation are there to answer it): a replica that is
+# back connects within milliseconds; one still down is refused at once, or silent.
+PROBE_CONNECT_S = 0.25
 
 
 # Least time an attempt without a per-attempt cap must have had for its timeout to count
@@ -295,11 +305,23 @@ class PooledUnaryCall(UnaryCall):
                     attempt_timeout = await _connected(channel, r.address, attempt_timeout)
                 if r.state is HEALTHY:
                     call = mc.raw(r.address)(request, timeout=attempt_timeout, **kw)
+                elif failed[0] is None and not detector.panic:
+                    # The probe of a replica whose ejection is over, on a call that failed
+                    # nowhere yet: the replicas in rotation can answer it, so the probe is
+                    # sent only on a connection that is READY within PROBE_CONNECT_S, else
+                    # it is not sent at all (NotSentError: retried on another replica).
+                    # Waiting for the connection of a replica still dead held the call for
+                    # its whole deadline (the routings that failed in every Foghorn herd).
+                    if channel.get_state(False) is not _READY:
+                        attempt_timeout = await _connected(
+                            channel, r.address, attempt_timeout, PROBE_CONNECT_S
+                        )
+                    call = mc.raw(r.address)(request, timeout=attempt_timeout, **kw)
                 else:
-                    # A replica out of rotation is tried because nothing better is left (its
-                    # probe, or panic routing): it may be back but not yet reconnected, so
-                    # the attempt waits (within its time) for the connection instead of
-                    # failing at once on the broken one.
+                    # A replica out of rotation is tried because nothing better is left (panic
+                    # routing, or the call failed elsewhere): it may be back but not yet
+                    # reconnected, so the attempt waits (within its time) for the connection
+                    # instead of failing at once on the broken one.
                     ready = {**kw, "wait_for_ready": True}
                     call = mc.raw(r.address)(request, timeout=attempt_timeout, **ready)
                 self._last = call

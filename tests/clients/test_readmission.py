@@ -221,3 +221,37 @@ async def test_new_streams_skip_a_replica_whose_breaker_is_open(replica_pair) ->
         servers.update([reply.server_id async for reply in call])
     assert servers == {"b"}
     await channel.close()
+
+
+async def test_the_probe_of_a_dead_replica_does_not_hold_a_call_for_its_deadline(
+    replica_pair,
+) -> None:
+    # No per-attempt cap (a call's one attempt may take its whole deadline), a short ejection
+    # and no health checks: once b's ejection is over, calls themselves probe it. Waiting for
+    # the connection of a replica still dead held such a call for its 3 s deadline and failed
+    # it (DEADLINE_EXCEEDED), while a answered everything else in milliseconds.
+    p = Policy(
+        timeout=3.0,
+        retry=RetryPolicy(base_backoff=0.01, max_backoff=0.05, idempotent_methods=(TESTSVC,)),
+        breaker=BreakerPolicy(enabled=False),
+        outlier=OutlierPolicy(base_ejection_time=0.2, max_ejection_time=0.2, health_check=False),
+    )
+    _, b = replica_pair
+    channel, stub, outliers, _ = channel_over(replica_pair, p)
+    await both_in_rotation(stub)
+    b.kill()
+    slowest, answered = 0.0, set()
+    end = time.monotonic() + 2.5  # about ten ejections of b, each ended by a probe
+    i = 0
+    while time.monotonic() < end:
+        i += 1
+        started = time.monotonic()
+        reply = await stub.Unary(pb.UnaryRequest(key=f"probe-{i}"), timeout=3.0)
+        slowest = max(slowest, time.monotonic() - started)
+        answered.add(reply.server_id)
+        await asyncio.sleep(0.01)
+    assert answered == {"a"}
+    ejected = [e for _, e in outliers.events if e.replica == addresses(b)[0] and e.ejected]
+    assert len(ejected) >= 3  # b was probed, and ejected again, several times
+    assert slowest < 1.0, f"a call took {slowest:.2f} s"
+    await channel.close()
