@@ -16,7 +16,9 @@ benchmark drives over their stdin. Per size, one in-memory ``foghorn`` process:
 * ``rss_mb_N`` and ``bytes_per_node_N`` (RSS growth from the empty server, per node).
 
 Then, at the largest size, two HA replicas on one redis-server, each node homed on one of them
-(and reconnecting to the other, with full-jitter backoff, when its stream breaks):
+(and reconnecting to the other, with full-jitter backoff, when its stream breaks; a fleet
+process drives at most ``SETUPS_PER_PROCESS`` stream set-ups at once, as nodes with a CPU each
+would send their Register right behind their stream's headers):
 
 * ``ha_ingest_ratio_N``: server CPU per report in memory (measured above) over the CPU per
   report of the replica owning the reporting nodes with write-through (the definition of
@@ -85,6 +87,22 @@ CITIES = [
 # -- the fleet processes --------------------------------------------------------------------------
 
 _NODE_POLICY: Any = None
+# Stream set-ups (connect, Register, until Registered) one fleet process drives at once.
+# A process stands in for thousands of nodes on a share of two cores: opening them all at once
+# queued each stream's first write (the Register) seconds behind its headers on the process's
+# own event loop, and Foghorn, rightly, closed streams that sent no Register within 5 s (3,043
+# of 10,000 in a fleet's registration, seen by the nodes as DEADLINE_EXCEEDED or, when their
+# late write met the closed stream, INTERNAL "Internal error from Core"). A real node has its
+# own CPU and writes its Register at once: bounded, the process keeps up as a node would.
+SETUPS_PER_PROCESS = 200
+_SETUPS: asyncio.Semaphore | None = None
+
+
+def _setups() -> asyncio.Semaphore:
+    global _SETUPS
+    if _SETUPS is None:
+        _SETUPS = asyncio.Semaphore(SETUPS_PER_PROCESS)
+    return _SETUPS
 
 
 class _Messages:
@@ -209,20 +227,30 @@ class FleetNode:
     async def _session(self, target: str, backoff: Any) -> None:
         outbox: asyncio.Queue[Any] = asyncio.Queue()
         outbox.put_nowait(self.register)
-        call = self.client(target).connect(_Messages(outbox))
+        setups = _setups()
+        await setups.acquire()
+        setting_up = True
         try:
-            async for msg in call:
-                kind = msg.WhichOneof("msg")
-                if kind == "registered":
-                    self.connects += 1
-                    self.target, self.outbox = target, outbox
-                    backoff.reset()
-                elif kind == "reconnect" and msg.reconnect.targets:
-                    # Handed over: reports sent on this stream from now on are ignored.
-                    self.target, self.outbox = "", None
-                    self.moving_to = msg.reconnect.targets[0]
+            call = self.client(target).connect(_Messages(outbox))
+            try:
+                async for msg in call:
+                    kind = msg.WhichOneof("msg")
+                    if kind == "registered":
+                        if setting_up:
+                            setting_up = False
+                            setups.release()
+                        self.connects += 1
+                        self.target, self.outbox = target, outbox
+                        backoff.reset()
+                    elif kind == "reconnect" and msg.reconnect.targets:
+                        # Handed over: reports sent on this stream from now on are ignored.
+                        self.target, self.outbox = "", None
+                        self.moving_to = msg.reconnect.targets[0]
+            finally:
+                call.cancel()
         finally:
-            call.cancel()
+            if setting_up:
+                setups.release()
 
 
 async def fleet_main(spec_json: str) -> int:
