@@ -263,9 +263,11 @@ class Fleet:
                 grew = stream.viewers - seen.get(stream.stream_id, 0)
                 if grew > 0:
                     self.redirects.arrived(node_id, stream.stream_id, grew)
-        old_ids = {s.stream_id for s in before}
-        new_ids = {s.stream_id for s in report.streams}
-        if old_ids != new_ids:  # the common report changes numbers, not the stream set
+        # The common report changes numbers, not the streams: validation then hands over the
+        # previous report's id tuple itself.
+        listed, was = report.stream_ids, previous.stream_ids if previous is not None else ()
+        if listed is not was and set(listed) != set(was):
+            old_ids, new_ids = set(was), set(listed)
             carriers = self.index.carriers
             for stream in report.streams:
                 sid = stream.stream_id

@@ -87,6 +87,9 @@ def reconnect_message(targets: list[str], reason: str) -> pb.ControlMessage:
 
 class _StreamState:
     session: Session | None = None
+    # The stream ids and tenants of the last report this stream's credential was allowed to
+    # send (the tuples themselves: validation shares them while a node lists the same streams).
+    checked: tuple[tuple[str, ...], tuple[str, ...]] | None = None
 
     def __init__(self, principal: Principal) -> None:
         self.principal = principal
@@ -219,7 +222,7 @@ class NodeControlService(pb_grpc.NodeControlServicer):
                 return Closed("FAILED_PRECONDITION", "report: sent before register")
             if session.closed:
                 return None  # replaced by a newer stream; ignore what is still in flight
-            await self._report(state.principal, session.node_id, msg.report, outbox)
+            await self._report(state, session.node_id, msg.report, outbox)
             return None
         if kind == "register":
             if session is not None:
@@ -260,13 +263,18 @@ class NodeControlService(pb_grpc.NodeControlServicer):
         return Closed("INVALID_ARGUMENT", "msg: empty NodeMessage (set register, report or ack)")
 
     async def _report(
-        self, principal: Principal, node_id: str, msg: pb.LoadReport, outbox: Outbox
+        self, state: _StreamState, node_id: str, msg: pb.LoadReport, outbox: Outbox
     ) -> None:
         current = self.fleet.store.get(node_id)
-        previous = current.report if current is not None else None
         try:
-            report = validation.report(msg, previous.streams if previous is not None else ())
-            check_report(principal, node_id, report, self.fleet.stream_tenants.get)
+            report = validation.report(msg, current.report if current is not None else None)
+            state.checked = check_report(
+                state.principal,
+                node_id,
+                report,
+                self.fleet.stream_tenants.get,
+                checked=state.checked,
+            )
         except errors.FoghornError as exc:
             await self.fleet.reject_report(node_id, exc.message)
             metrics.rejected_fields.add(1, {"field": exc.field.split("[")[0]})

@@ -51,15 +51,26 @@ def check_report(
     node_id: str,
     report: LoadReport,
     bound_tenant: Callable[[str], str | None],
-) -> None:
+    checked: tuple[tuple[str, ...], tuple[str, ...]] | None = None,
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Raise PermissionDenied naming the first stream whose tenant this node may not report.
 
     ``bound_tenant(stream_id)`` is the tenant the stream is bound to while some node carries
-    it (None when no node does).
+    it (None when no node does). Returns the report's ``(stream_ids, tenant_ids)``: passed
+    back as ``checked`` with the same credential's next report, the same tuples (validation
+    shares them while a node lists the same streams) skip the credential's checks, which
+    depend on nothing else; only the bindings are compared again.
     """
+    ids, tenants = report.stream_ids, report.tenant_ids
+    if (
+        checked is not None
+        and checked[0] is ids
+        and checked[1] is tenants
+        and tuple(map(bound_tenant, ids)) == tenants
+    ):
+        return ids, tenants
     allowed: set[str] = set()  # tenants already checked in this report: a node has few
-    for i, stream in enumerate(report.streams):
-        tenant = stream.tenant_id
+    for i, (stream_id, tenant) in enumerate(zip(ids, tenants, strict=True)):
         if tenant not in allowed:
             if tenant in RESERVED_TENANTS:
                 where = f"report.streams[{i}].tenant_id"
@@ -74,11 +85,12 @@ def check_report(
                     where,
                 )
             allowed.add(tenant)
-        bound = bound_tenant(stream.stream_id)
+        bound = bound_tenant(stream_id)
         if bound is not None and bound != tenant:
             where = f"report.streams[{i}].tenant_id"
             raise errors.PermissionDenied(
-                f"{where}: stream {stream.stream_id!r} belongs to another tenant "
+                f"{where}: stream {stream_id!r} belongs to another tenant "
                 f"(node {node_id!r} may not re-assign it)",
                 where,
             )
+    return ids, tenants

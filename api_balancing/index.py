@@ -348,7 +348,7 @@ class FleetIndex:
             node.load = cpu + ram
             node.up = report.upload_bps
             node.limit = report.bandwidth_limit_bps
-            node.viewers = sum(s.viewers for s in report.streams)
+            node.viewers = report.viewers
             node.report_at = record.last_report_at
             # Freshness is settled by the sweep in ``rank`` (the index has no clock); a new
             # report counts as fresh until then.
@@ -356,7 +356,7 @@ class FleetIndex:
             self._report_at[slot] = record.last_report_at
             self._oldest_fresh = min(self._oldest_fresh, record.last_report_at)
             loads = report.streams
-            streams = tuple(s.stream_id for s in loads)
+            streams = report.stream_ids
         self._refresh(slot)
         self._set_streams(slot, streams, loads)
 
@@ -364,7 +364,7 @@ class FleetIndex:
         self, slot: int, streams: tuple[str, ...], loads: tuple[StreamLoad, ...] = ()
     ) -> None:
         old = self._streams_of.get(slot, ())
-        if old == streams:  # the usual report: same streams, new numbers
+        if old is streams or old == streams:  # the usual report: same streams, new numbers
             return
         new_set = set(streams)
         for sid in old:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from api_balancing import validation
 from api_balancing.errors import FoghornError
-from api_balancing.model import StreamLoad
+from api_balancing.model import LoadReport, StreamLoad
 from pkg.proto.foghorn.v1 import foghorn_pb2 as pb
 from tests.foghorn.conftest import Harness, eventually, report_msg
 
@@ -55,7 +55,7 @@ def test_validation_accepts_or_names_a_field_for_any_report(report: pb.LoadRepor
     assert 0 <= good.ram_used_bytes <= good.ram_max_bytes
 
 
-def _outcome(report: pb.LoadReport, previous: tuple[StreamLoad, ...]) -> object:
+def _outcome(report: pb.LoadReport, previous: LoadReport | None) -> object:
     try:
         return validation.report(report, previous)
     except FoghornError as exc:
@@ -67,27 +67,39 @@ def _outcome(report: pb.LoadReport, previous: tuple[StreamLoad, ...]) -> object:
 def test_validation_against_the_previous_report_decides_as_without_it(
     before: pb.LoadReport, report: pb.LoadReport
 ) -> None:
-    # The previous report's streams only let matching ids skip their syntax checks: the
+    # The previous report's streams only let the same ids skip their syntax checks: the
     # verdict (or the record) is the same as with no previous report, whatever they are.
     try:
-        previous = validation.report(before).streams
+        previous = validation.report(before)
     except FoghornError:
         # Streams that failed validation are never stored; take the ones that pass.
-        previous = tuple(
+        previous = LoadReport(1.0, 1, 2, 0, 0, 0, tuple(
             StreamLoad(s.stream_id, s.tenant_id)
             for s in before.streams
             if validation.CONTENT_ID_RE.fullmatch(s.stream_id)
             and validation.TENANT_RE.fullmatch(s.tenant_id)
-        )
-    # The same streams with other numbers: the case the shortcut is for.
-    again = pb.LoadReport()
-    again.CopyFrom(report)
-    del again.streams[:]
+        ))  # fmt: skip
+    # The previous streams with the numbers of the new report (any, valid or not): the case
+    # the shortcut is for; and the previous streams followed by the new report's.
+    same, more = pb.LoadReport(), pb.LoadReport()
+    same.CopyFrom(report)
+    more.CopyFrom(report)
+    del same.streams[:], more.streams[:]
+    numbers = list(report.streams) or [pb.StreamLoad(viewers=3)]
+    for i, s in enumerate(previous.streams):
+        n = numbers[i % len(numbers)]
+        same.streams.add(stream_id=s.stream_id, tenant_id=s.tenant_id, viewers=n.viewers,
+                         inputs=n.inputs, upload_bps=n.upload_bps)  # fmt: skip
     for s in list(before.streams) + list(report.streams):
-        again.streams.add(stream_id=s.stream_id, tenant_id=s.tenant_id, viewers=s.viewers,
-                          inputs=s.inputs, upload_bps=s.upload_bps)  # fmt: skip
-    for candidate in (report, again):
-        assert _outcome(candidate, previous) == _outcome(candidate, ())
+        more.streams.add(stream_id=s.stream_id, tenant_id=s.tenant_id, viewers=s.viewers,
+                         inputs=s.inputs, upload_bps=s.upload_bps)  # fmt: skip
+    for candidate in (report, same, more):
+        got = _outcome(candidate, previous)
+        assert got == _outcome(candidate, None)
+        if isinstance(got, LoadReport):  # derived attributes are those of its own streams
+            assert got.stream_ids == tuple(s.stream_id for s in got.streams)
+            assert got.tenant_ids == tuple(s.tenant_id for s in got.streams)
+            assert got.viewers == sum(s.viewers for s in got.streams)
 
 
 async def test_fuzzed_reports_never_break_the_server_or_the_stream(foghorn: Harness) -> None:
