@@ -656,6 +656,7 @@ def stage_figures(docs: list[dict[str, list[list[float]]]]) -> dict[str, Any]:
         ages = [(at - t) * 1000 for doc in docs for t, at in doc.get(stage, ())]
         out[stage] = _summary(ages)
     out["loop_lag"] = [_summary([lag for _, lag in doc.get("loop_lag", ())]) for doc in docs]
+    out["gc_full_ms"] = [[round(ms, 1) for _, ms in doc.get("gc", ())] for doc in docs]
     return out
 
 

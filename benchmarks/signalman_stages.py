@@ -14,7 +14,8 @@ says). Stages, in order:
 * ``written``: a session's writer took it from the session's queue to write it to its stream.
 
 Plus ``loop_lag``: how late a 5 ms sleep of a task of the replica's loop wakes up (the loop's
-ready queue, or the process waiting for a core). Timestamps are ``time.time()`` in the replica,
+ready queue, or the process waiting for a core), and ``gc``: how long each collection of the
+oldest generation took (it stops the loop). Timestamps are ``time.time()`` in the replica,
 compared with times taken in other processes of the same machine (the producer's event time, the
 subscriber's receipt). The cost: a clock reading per batch, per dispatched entry and per write,
 a JSON decode per consumed record of a subscribed tenant: ``--stages`` runs say so in their JSON
@@ -27,6 +28,7 @@ and starts again: the benchmark signals before and after the phase it reads.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import signal
@@ -37,7 +39,8 @@ from typing import Any
 # Only subscribed tenants are noted (the consume-only phase's tenants are "idle...").
 _SKIP = b'"idle'
 STAGES = ("fetched", "processing", "appended", "dispatched", "written")
-_samples: dict[str, list[tuple[float, float]]] = {s: [] for s in (*STAGES, "loop_lag")}
+_samples: dict[str, list[tuple[float, float]]] = {s: [] for s in (*STAGES, "loop_lag", "gc")}
+_gc_started = [0.0]
 _got_at: dict[tuple[int, int], float] = {}
 _event_time: dict[int, float] = {}  # id(Entry) -> event time, from dispatch to its writes
 
@@ -55,6 +58,17 @@ def _dump(_signum: int, _frame: Any) -> None:
     with open(tmp, "w") as f:
         json.dump(doc, f)
     os.replace(tmp, path)
+
+
+def _gc(phase: str, info: dict[str, int]) -> None:
+    """Garbage collections of the oldest generation: (when it ended, how long it took, ms)."""
+    if info.get("generation") != 2:
+        return
+    now = time.perf_counter()
+    if phase == "start":
+        _gc_started[0] = now
+    else:
+        _samples["gc"].append((time.time(), (now - _gc_started[0]) * 1000))
 
 
 def install() -> None:
@@ -121,6 +135,7 @@ def install() -> None:
 
     handlers.events_message = traced_events_message  # type: ignore[attr-defined]
     signal.signal(signal.SIGUSR2, _dump)
+    gc.callbacks.append(_gc)
 
 
 async def _loop_lag() -> None:
