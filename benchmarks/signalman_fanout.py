@@ -46,6 +46,12 @@ stamp). ``--stages`` runs the replicas with per-event stage timestamps
 (``benchmarks.signalman_stages``: fetched, processing, appended, dispatched, written, and their
 loops' lag) into ``stages_ms``. ``--profile DIR`` adds py-spy samples of the phase.
 
+Side by side, once per run: ``grpc_floor_us_per_write`` (and ``grpc_floor_system_us_per_write``,
+the kernel's part): a bare grpc.aio server writing one message at a time to 1,000 streams on the
+replicas' cores, read by a client process on the load's cores (own connections, or shared with
+``--shared-connections``): what gRPC alone costs per delivery; ``delivery_vs_grpc_floor_ratio``
+is the replicas' all-in CPU per delivery at the largest size over it.
+
 At the largest size, the reconnect herd: kill -9 of one replica while events flow; its
 subscribers (half) reconnect with their offsets to the other at once: ``herd_resume_s`` (kill
 until every one of them is subscribed again) and ``herd_refused`` (re-subscribe attempts that
@@ -905,6 +911,107 @@ async def reconnect_herd(
     await producing
 
 
+# -- the gRPC floor -------------------------------------------------------------------------------
+
+FLOOR_STREAMS = 1_000
+FLOOR_WRITES_PER_S = 2_500  # one replica's share of the fan-out phase's deliveries
+FLOOR_MESSAGE = b"\x12" + bytes(180)  # about the size of one event's ServerMessage here
+
+
+async def floor_server_main(spec_json: str) -> int:
+    """``--floor-server SPEC``: a bare grpc.aio server (no interceptor, no Signalman) whose one
+    streaming method holds each call open with a writer task, as a Subscribe does. Once
+    ``streams`` calls are open it writes one message to them in turn at ``rate`` per second for
+    ``seconds``, then prints its CPU per write: what gRPC alone costs per delivery."""
+    spec = json.loads(spec_json)
+    streams: list[asyncio.Queue[bytes]] = []
+    ready = asyncio.Event()
+
+    async def handler(_requests: Any, context: Any) -> None:
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        streams.append(queue)
+        if len(streams) >= spec["streams"]:
+            ready.set()
+        while True:
+            await context.write(await queue.get())
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    method = grpc.stream_stream_rpc_method_handler(handler)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("floor.F", {"S": method}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(json.dumps({"port": port}), flush=True)
+    await asyncio.wait_for(ready.wait(), 60)
+    await asyncio.sleep(1.0)
+    pid, rate = os.getpid(), float(spec["rate"])
+    cpu0, sys0, t0 = cpu_seconds(pid), _system_seconds(pid), time.perf_counter()
+    sent = 0
+    while (elapsed := time.perf_counter() - t0) < spec["seconds"]:
+        for _ in range(int(elapsed * rate) - sent):
+            streams[sent % len(streams)].put_nowait(FLOOR_MESSAGE)
+            sent += 1
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.5)  # the last writes
+    used, system = cpu_seconds(pid) - cpu0, _system_seconds(pid) - sys0
+    doc = {"writes": sent, "us_per_write": round(used / sent * 1e6, 1),
+           "system_us_per_write": round(system / sent * 1e6, 1)}  # fmt: skip
+    print(json.dumps(doc), flush=True)
+    os._exit(0)
+
+
+def _system_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+async def floor_client_main(spec_json: str) -> int:
+    """``--floor-client SPEC``: ``streams`` calls to the floor server, each on its own
+    connection (or shared), read as raw bytes until the process is stopped."""
+    spec = json.loads(spec_json)
+    if spec.get("cpus"):
+        os.sched_setaffinity(0, spec["cpus"])
+    options = _SHARED_CHANNEL_OPTIONS if spec.get("shared") else _CHANNEL_OPTIONS
+
+    async def one() -> None:
+        channel = grpc.aio.insecure_channel(spec["target"], options=options)
+        call = channel.stream_stream("/floor.F/S", None, None)(iter([b""]))
+        while isinstance(await call.read(), bytes):
+            pass
+
+    await asyncio.gather(*(one() for _ in range(spec["streams"])), return_exceptions=True)
+    return 0
+
+
+async def grpc_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """Server CPU per streamed message of a bare grpc.aio server, side by side with the
+    replicas' per delivery: ``FLOOR_STREAMS`` streams from a client process on the load's
+    cores, one message each in turn at ``FLOOR_WRITES_PER_S``, the server on this process's
+    cores (the replicas')."""
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "benchmarks.signalman_fanout", "--floor-server",
+        json.dumps({"streams": FLOOR_STREAMS, "rate": FLOOR_WRITES_PER_S, "seconds": args.seconds}),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    client = None
+    try:
+        assert server.stdout is not None
+        port = json.loads(await asyncio.wait_for(server.stdout.readline(), 30))["port"]
+        spec = {"target": f"127.0.0.1:{port}", "streams": FLOOR_STREAMS,
+                "cpus": args.load_cpus, "shared": args.shared_connections}  # fmt: skip
+        client = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.signalman_fanout", "--floor-client", json.dumps(spec)
+        )
+        doc: dict[str, Any] = json.loads(await asyncio.wait_for(server.stdout.readline(), 90))
+        return doc
+    finally:
+        for proc in (client, server):
+            if proc is not None and proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
 async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from benchmarks.signalman import Stack
 
@@ -914,6 +1021,12 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     try:
         stack.start()
         produce = Producer(stack.kafka.bootstrap, args.load_cpus)
+        if args.floor:
+            try:
+                floor = await grpc_floor(args)
+            except Exception as exc:  # the baseline failing must not cost the curve
+                floor = {"error": repr(exc)[:200]}
+            result.update({f"grpc_floor_{k}": v for k, v in floor.items()})
         largest = max(args.sizes)
         for size in args.sizes:
             started = time.perf_counter()
@@ -940,6 +1053,10 @@ async def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             if size == largest:
                 result["replica_cpu_us_per_event"] = got.get("replica_cpu_us_per_event")
                 result["replica_cpu_us_per_delivery"] = got.get("replica_cpu_us_per_delivery")
+                total = got.get("replica_cpu_us_total_per_delivery")
+                floor_us = result.get("grpc_floor_us_per_write")
+                if total and floor_us:  # the replicas' whole cost per delivery vs gRPC's alone
+                    result["delivery_vs_grpc_floor_ratio"] = round(total / floor_us, 2)
                 for key in ("herd_resume_s", "herd_refused", "herd_subscribers"):
                     result[key] = got.get(key)
     finally:
@@ -970,12 +1087,20 @@ def pin_cores(args: argparse.Namespace) -> dict[str, Any] | None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--subscribers"]:
         return asyncio.run(subscribers_main(argv[1]))
+    if argv[:1] == ["--floor-server"]:
+        return asyncio.run(floor_server_main(argv[1]))
+    if argv[:1] == ["--floor-client"]:
+        return asyncio.run(floor_client_main(argv[1]))
     if argv[:1] == ["--produce"]:
         return produce_main(argv[1], argv[2] if len(argv) > 2 else "")
     parser = argparse.ArgumentParser(prog="./dev bench signalman-fanout", description=__doc__)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     parser.add_argument("--processes", type=int, default=2, help="subscriber processes")
     parser.add_argument("--nice", type=int, default=0, help="subscriber processes' niceness")
+    parser.add_argument(
+        "--no-floor", dest="floor", action="store_false",
+        help="skip the bare grpc.aio server measured side by side (grpc_floor_*)",
+    )  # fmt: skip
     parser.add_argument(
         "--shared-connections", action="store_true",
         help="a subscriber process's subscribers share one connection per replica (as one "
@@ -1040,6 +1165,10 @@ def main(argv: list[str]) -> int:
           f"{result['load_average_end']})")  # fmt: skip
     for key in keys:
         print(f"{key:30} " + " ".join(f"{result.get(f'{key}_{s}')!s:>12}" for s in sizes))
+    print(f"grpc floor (bare grpc.aio server, {FLOOR_STREAMS} streams): "
+          f"{result.get('grpc_floor_us_per_write')} us CPU per write "
+          f"({result.get('grpc_floor_system_us_per_write')} in the kernel); replicas' all-in "
+          f"per delivery / floor: {result.get('delivery_vs_grpc_floor_ratio')}")  # fmt: skip
     print(f"{'target':30} {'value':>12} {'want':>10}  ok")
     for name, (op, target) in TARGETS.items():
         print(f"{name:30} {result.get(name)!s:>12} {op + format(target, 'g'):>10}  "
