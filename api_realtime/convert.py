@@ -39,13 +39,6 @@ def events_message(events: list[OutEvent]) -> bytes:
     return wire.batch_message([e.entry.wire_event(e.subscription, e.epoch) for e in events])
 
 
-def serialize(message: pb.ServerMessage | bytes) -> bytes:
-    """The Subscribe stream's serializer: events arrive already serialized."""
-    if isinstance(message, bytes):
-        return message
-    return message.SerializeToString()
-
-
 def to_proto(out: Out) -> pb.ServerMessage:
     """One outgoing session message as a ``ServerMessage``."""
     if isinstance(out, OutEvent):

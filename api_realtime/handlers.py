@@ -20,7 +20,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from api_realtime.access import subscription_tenant
-from api_realtime.convert import channel_requests, events_message, serialize, to_proto
+from api_realtime.convert import channel_requests, events_message, to_proto
 from pkg.common import tracing
 from pkg.common.auth import current_principal
 from pkg.events.envelope import EnvelopeError, event_from_dict
@@ -121,7 +121,7 @@ class SignalmanServicer:
                     for entry in sampled:
                         record_age(now, entry.time, "delivered")
                 continue
-            await context.write(to_proto(out))
+            await context.write(to_proto(out).SerializeToString())
 
     async def _read(self, requests: AsyncIterator[bytes], session: Session) -> None:
         try:
@@ -241,7 +241,9 @@ def add_to_server(servicer: SignalmanServicer, server: grpc.aio.Server) -> None:
         "Subscribe": grpc.stream_stream_rpc_method_handler(
             servicer.Subscribe,
             request_deserializer=None,  # bytes: decoded in _read with a clear error
-            response_serializer=serialize,  # events are written as bytes (signalman.wire)
+            # Every message is written already serialized (events as spliced bytes, see
+            # signalman.wire): no serializer call per delivery.
+            response_serializer=None,
         ),
         "GetStats": grpc.unary_unary_rpc_method_handler(
             servicer.GetStats,

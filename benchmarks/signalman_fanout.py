@@ -87,6 +87,7 @@ from benchmarks.common import (
     rss_bytes,
     write_curves_svg,
 )
+from pkg.clients.signalman import CHANNEL_OPTIONS
 
 SIZES = (1_000, 5_000, 10_000)
 TENANTS = [f"t{i:03d}" for i in range(100)]
@@ -133,8 +134,10 @@ _SEQ_SENT = re.compile(rb'"seq":(\d+),"sent":([0-9.]+)')
 # 01:50 UTC: 20 pkg.clients channels, 1 connection), not each on its own.
 # ``--shared-connections`` keeps grpc's sharing: a process's subscribers multiplexed over one
 # connection per replica, as the GraphQL subscriptions of one Bridge replica reach Signalman.
-_CHANNEL_OPTIONS = (("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1))
-_SHARED_CHANNEL_OPTIONS = (("grpc.enable_retries", 0),)
+# Both with the typed client's own options (``pkg.clients.signalman.CHANNEL_OPTIONS``: no BDP
+# probe, which cost the replica a ping to acknowledge per delivery).
+_SHARED_CHANNEL_OPTIONS = (("grpc.enable_retries", 0), *CHANNEL_OPTIONS)
+_CHANNEL_OPTIONS = (*_SHARED_CHANNEL_OPTIONS, ("grpc.use_local_subchannel_pool", 1))
 
 
 class Subscriber:

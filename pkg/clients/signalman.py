@@ -309,6 +309,16 @@ class Subscription:
 ATTEMPT_TIMEOUTS: tuple[tuple[str, float], ...] = (("/signalman.v1.Signalman/GetStats", 1.0),)
 
 
+# No BDP probing on a subscriber's connection. grpc's client pings the server to estimate the
+# bandwidth-delay product whenever data arrives and its last probe is old enough; on a
+# subscription, which gets a small event now and then, nearly every delivery then costs the
+# replica a ping to read and acknowledge: 1.98 sendmsg and 1.99 recvmsg per delivery instead of
+# 1.0 and 0.02, 4.7 context switches instead of 2.8 (3,000 subscribers on their own
+# connections, 0.5 events/s each; 02:16 UTC). The estimate only sizes flow-control windows for
+# bulk transfers, which event streams never are.
+CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (("grpc.http2.bdp_probe", 0),)
+
+
 def default_policy(timeout_s: float = 5.0) -> Policy:
     """The policy of a Signalman client: short GetStats attempts, outlier ejection on."""
     return Policy(
@@ -378,6 +388,7 @@ class SignalmanClient:
                 target or self.target_list or self.targets,
                 self.policy,
                 token=self.token or None,
+                options=CHANNEL_OPTIONS,
                 credentials=self.credentials,
             )
             self._channels[key] = channel
