@@ -140,6 +140,11 @@ async def ensure_topics(bootstrap: str, topics: dict[str, int], timeout_s: float
         await admin.close()
 
 
+def _expire(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, member: GroupMember) -> None:
         self.member = member
@@ -665,10 +670,16 @@ class GroupMember:
     async def _next_batches(self) -> dict[TopicPartition, list[Any]]:
         """The records read so far, or wait up to 200 ms for some."""
         if not self._ahead:
-            waiter = self._ahead_waiter = asyncio.get_running_loop().create_future()
+            # Awaited directly, with a timer: ``asyncio.wait`` would add a done-callback step
+            # before this task wakes, one more turn of a loop that also runs every session's
+            # writer (each turn of it is what an event's Kafka hop here is made of).
+            loop = asyncio.get_running_loop()
+            waiter = self._ahead_waiter = loop.create_future()
+            timer = loop.call_later(0.2, _expire, waiter)
             try:
-                await asyncio.wait({waiter}, timeout=0.2)
+                await waiter
             finally:
+                timer.cancel()
                 self._ahead_waiter = None
         ahead, self._ahead = self._ahead, {}
         self._ahead_room.set()
