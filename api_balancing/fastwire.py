@@ -79,9 +79,12 @@ def candidate(
     """One encoded RouteCandidate; ``content`` is the URL-quoted content id as bytes."""
     parts = [_node_fragment(ident.node_id, ident.base_url, ident.region)]
     for proto_field, prefix, suffix in _url_parts(ident.base_url, ident.capabilities, protocol):
-        parts.append(_field(_CAND_URLS, proto_field + _field(_URL_URL, prefix + content + suffix)))
-    parts.append(_CAND_SCORE + _double(score))
-    parts.append(_CAND_DISTANCE + _double(distance_km))
+        url = prefix + content + suffix
+        n = len(url)  # _field inlined twice (four calls per candidate, four candidates a reply)
+        entry = proto_field + _URL_URL + (bytes((n,)) if n < 0x80 else _varint(n)) + url
+        n = len(entry)
+        parts.append(_CAND_URLS + (bytes((n,)) if n < 0x80 else _varint(n)) + entry)
+    parts.append(_CAND_SCORE + _double(score) + _CAND_DISTANCE + _double(distance_km))
     return b"".join(parts)
 
 

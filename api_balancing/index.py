@@ -604,12 +604,15 @@ class FleetIndex:
         arrays = [self._cell_members(c) for c in reach.tolist()]
         members = np.concatenate(arrays) if arrays else np.zeros(0, np.intp)
         keep = view.score[members] - np.repeat(near[reach], self._sizes[reach]) >= floor
+        slots = members[keep]
         if carriers is not None:  # scored apart, with their bonus
-            keep &= ~self._is_carrier[members]
-            slots = np.concatenate((members[keep], carriers[view.score[carriers] != _NEG_INF]))
-            score, angle = self._exact(view, slots, located, int(np.count_nonzero(keep)))
+            # Dropped from the few kept, not masked over every member: the same slots in the
+            # same order, without a gather over thousands.
+            slots = slots[~self._is_carrier[slots]]
+            kept = len(slots)
+            slots = np.concatenate((slots, carriers[view.score[carriers] != _NEG_INF]))
+            score, angle = self._exact(view, slots, located, kept)
         else:
-            slots = members[keep]
             score, angle = self._exact(view, slots, located, len(slots))
         return slots, score, angle
 
