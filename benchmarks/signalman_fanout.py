@@ -1130,8 +1130,12 @@ def main(argv: list[str]) -> int:
     pinned = pin_cores(args)
     # Every subscriber holds its own connection: 10,000 of them, and all on the survivor after
     # the herd. The soft limit (1,024 on many systems) would refuse connections.
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20  # (Linux refuses an infinite open-files limit)
+    with contextlib.suppress(ValueError, OSError):  # kept as it is if refused
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, hard), hard))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     root = Path(tempfile.mkdtemp(prefix="signalman-fanout-"))
     started = time.perf_counter()
     try:
