@@ -115,6 +115,10 @@ class CountingHistory:
         self.reads.append("read_after")
         return await self.inner.read_after(tenant, after, limit)
 
+    async def info_many(self, tenants: list[str]) -> Any:
+        self.reads.append("info_many")
+        return await self.inner.info_many(tenants)
+
 
 async def test_subscribes_near_the_head_are_served_from_the_feed_without_history_reads(
     history: History,
@@ -172,3 +176,27 @@ async def test_a_resume_past_the_feed_but_within_the_history_is_not_delivered_tw
 
 async def _stall(*_: Any) -> None:
     return None
+
+
+async def test_quiet_tenants_epochs_are_checked_together_at_most_once_per_poll_timeout(
+    history: History,
+) -> None:
+    # Tenants that each get an event now and then come due for the check at different times:
+    # they must be checked in one round trip per poll_timeout, not one per tail wake-up.
+    counting = CountingHistory(history)
+    hub = Hub(counting, poll_timeout=0.2)  # type: ignore[arg-type]
+    tenants = [f"t{i}" for i in range(20)]
+    try:
+        sessions = [await subscribe(hub, t) for t in tenants]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for i in range(60):  # one event every 15 ms: each tenant gets one every 0.3 s
+            await append(history, tenants[i % len(tenants)], i, i + 1)
+            await asyncio.sleep(0.015)
+        await wait_until(lambda: all(len(events_of(s)) == 3 for s in sessions))
+        elapsed = loop.time() - started
+        checks = counting.reads.count("info_many")
+        # Checked as each tenant came due, it was about one round trip per event (60).
+        assert 1 <= checks <= elapsed / 0.2 + 2, (checks, elapsed)
+    finally:
+        await hub.close()
