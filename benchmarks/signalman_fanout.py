@@ -666,6 +666,7 @@ def stage_figures(docs: list[dict[str, list[list[float]]]]) -> dict[str, Any]:
         out[stage] = _summary(ages)
     out["loop_lag"] = [_summary([lag for _, lag in doc.get("loop_lag", ())]) for doc in docs]
     out["gc_full_ms"] = [[round(ms, 1) for _, ms in doc.get("gc", ())] for doc in docs]
+    out["gc_young_over_5ms"] = [[round(ms, 1) for _, ms in doc.get("gc_young", ())] for doc in docs]
     return out
 
 

@@ -39,7 +39,9 @@ from typing import Any
 # Only subscribed tenants are noted (the consume-only phase's tenants are "idle...").
 _SKIP = b'"idle'
 STAGES = ("fetched", "processing", "appended", "dispatched", "written")
-_samples: dict[str, list[tuple[float, float]]] = {s: [] for s in (*STAGES, "loop_lag", "gc")}
+_samples: dict[str, list[tuple[float, float]]] = {
+    s: [] for s in (*STAGES, "loop_lag", "gc", "gc_young")
+}
 _gc_started = [0.0]
 _got_at: dict[tuple[int, int], float] = {}
 _event_time: dict[int, float] = {}  # id(Entry) -> event time, from dispatch to its writes
@@ -61,14 +63,17 @@ def _dump(_signum: int, _frame: Any) -> None:
 
 
 def _gc(phase: str, info: dict[str, int]) -> None:
-    """Garbage collections of the oldest generation: (when it ended, how long it took, ms)."""
-    if info.get("generation") != 2:
-        return
+    """Garbage collections: of the oldest generation (when it ended, how long it took, ms) in
+    ``gc``, of the younger ones that took 5 ms or more in ``gc_young``."""
     now = time.perf_counter()
     if phase == "start":
         _gc_started[0] = now
-    else:
-        _samples["gc"].append((time.time(), (now - _gc_started[0]) * 1000))
+        return
+    took = (now - _gc_started[0]) * 1000
+    if info.get("generation") == 2:
+        _samples["gc"].append((time.time(), took))
+    elif took >= 5:
+        _samples["gc_young"].append((time.time(), took))
 
 
 def install() -> None:
