@@ -160,7 +160,7 @@ class Subscriber:
         # Both replicas' channels now, before anything is measured (no connection until used).
         options = _SHARED_CHANNEL_OPTIONS if shared else _CHANNEL_OPTIONS
         self.calls = [
-            grpc.aio.insecure_channel(t, options=options).stream_stream(
+            grpc.aio.insecure_channel(t, options=options).stream_stream(  # raw-client: adversary
                 SUBSCRIBE_METHOD,
                 None,
                 None,  # bytes both ways
@@ -979,7 +979,7 @@ async def floor_client_main(spec_json: str) -> int:
     options = _SHARED_CHANNEL_OPTIONS if spec.get("shared") else _CHANNEL_OPTIONS
 
     async def one() -> None:
-        channel = grpc.aio.insecure_channel(spec["target"], options=options)
+        channel = grpc.aio.insecure_channel(spec["target"], options=options)  # raw-client: baseline
         call = channel.stream_stream("/floor.F/S", None, None)(iter([b""]))
         while isinstance(await call.read(), bytes):
             pass
