@@ -16,7 +16,8 @@ deliveries/s x tenants / subscribers).
 The load does not share cores with the system under test (``--pin``, the default on 2 cores or
 more): the replicas and their stores (this process starts them: tansu, Redis, PostgreSQL) run on
 the first half of the cores, the subscriber processes and the producer on the others; the JSON
-says which (``pinned``). Per size ``N`` (fresh replicas, group and history each):
+says which (``pinned``; ``--stores-with-load`` gives the replicas their cores alone and puts the
+stores and this process with the load). Per size ``N`` (fresh replicas, group and history each):
 
 * ``delivered_p50_ms_N`` / ``delivered_p99_ms_N``: produce (the event's own send time) to receipt
   by the subscriber process; ``deliveries_per_s_N``; ``drops_N`` (subscribers the replicas
@@ -500,7 +501,7 @@ class Producer:
 
 
 def start_replicas(
-    stack: Any, size: int, root: Path, stages: bool = False
+    stack: Any, size: int, root: Path, stages: bool = False, cpus: list[int] | None = None
 ) -> tuple[list[Any], str]:
     """The two replicas of a size; with ``stages``, each notes per-event stage times
     (``benchmarks.signalman_stages``) into ``stages_file``."""
@@ -539,6 +540,9 @@ def start_replicas(
             run_dir=root / f"{name}-{size}",
             env=env,
             ready_timeout=60.0,
+            # --pin: the replicas' own cores (util-linux's taskset: set before the interpreter
+            # starts, so every thread of the replica inherits them).
+            exec_prefix=["taskset", "-c", ",".join(map(str, cpus))] if cpus else (),
         )
         proc.http_port = http_port  # type: ignore[attr-defined]  # (/metrics: stage ages)
         proc.stages_file = stages_file  # type: ignore[attr-defined]
@@ -702,7 +706,7 @@ async def one_size(
     """Figures go to ``out`` as they are measured (a size cut by the bound keeps them)."""
     from benchmarks.signalman import age_buckets, bucket_quantile
 
-    replicas, topic = start_replicas(stack, size, root, args.stages)
+    replicas, topic = start_replicas(stack, size, root, args.stages, args.replica_cpus)
     addresses = [f"127.0.0.1:{p.port}" for p in replicas]
     audience = Audience(
         size, addresses, args.processes, args.nice, args.load_cpus, args.shared_connections
@@ -928,6 +932,8 @@ async def floor_server_main(spec_json: str) -> int:
     ``streams`` calls are open it writes one message to them in turn at ``rate`` per second for
     ``seconds``, then prints its CPU per write: what gRPC alone costs per delivery."""
     spec = json.loads(spec_json)
+    if spec.get("cpus"):  # the replicas' cores
+        os.sched_setaffinity(0, spec["cpus"])
     streams: list[asyncio.Queue[bytes]] = []
     ready = asyncio.Event()
 
@@ -995,7 +1001,8 @@ async def grpc_floor(args: argparse.Namespace) -> dict[str, Any]:
     cores (the replicas')."""
     server = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "benchmarks.signalman_fanout", "--floor-server",
-        json.dumps({"streams": FLOOR_STREAMS, "rate": FLOOR_WRITES_PER_S, "seconds": args.seconds}),
+        json.dumps({"streams": FLOOR_STREAMS, "rate": FLOOR_WRITES_PER_S, "seconds": args.seconds,
+                    "cpus": args.replica_cpus}),
         stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     client = None
@@ -1076,15 +1083,19 @@ def pin_cores(args: argparse.Namespace) -> dict[str, Any] | None:
     producer (the load, other machines in production) on the rest. Without it the audience and
     the replicas took CPU from each other: at 10,000 subscribers four subscriber processes used
     74% of a core beside the replicas' 53% (23:58 UTC), the machine 98% busy."""
-    args.load_cpus = None
+    args.load_cpus = args.replica_cpus = None
     cores = sorted(os.sched_getaffinity(0))
     if not args.pin or len(cores) < 2:
         return None
     half = len(cores) // 2
     system, load = cores[:half], cores[half:]
+    mine = load if args.stores_with_load else system
     for task in os.listdir("/proc/self/task"):  # every thread of this process, not only this one
-        os.sched_setaffinity(int(task), system)
+        os.sched_setaffinity(int(task), mine)
     args.load_cpus = load
+    if args.stores_with_load:
+        args.replica_cpus = system
+        return {"replicas": system, "stores_driver_subscribers_producer": load}
     return {"replicas_and_stores": system, "subscribers_and_producer": load}
 
 
@@ -1104,6 +1115,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--no-floor", dest="floor", action="store_false",
         help="skip the bare grpc.aio server measured side by side (grpc_floor_*)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--stores-with-load", action="store_true",
+        help="with --pin: the replicas alone on the first half of the cores, the stores (tansu, "
+        "Redis, PostgreSQL) and this process with the load on the others",
     )  # fmt: skip
     parser.add_argument(
         "--shared-connections", action="store_true",
