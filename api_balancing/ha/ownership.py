@@ -61,7 +61,14 @@ class NodeOwnership:
         self._store = store
         self._sessions = sessions
         self._clock = clock
-        self._owners = Ownership(store.redis, store.keys.ownership_prefix, int(ttl_s * 1000))
+        self._owners = Ownership(
+            store.redis,
+            store.keys.ownership_prefix,
+            int(ttl_s * 1000),
+            # A herd re-registers at hundreds per second, one acquisition every few ms:
+            # they share round trips as the store's writes do (FOGHORN_WRITE_LINGER_MS).
+            batch_linger_s=store.settings.linger_s,
+        )
         self._held: dict[str, Held] = {}
         self.takeovers = 0  # streams this replica closed because another one took the node
         # Told the replica id whenever a node comes here while that peer's record of it is

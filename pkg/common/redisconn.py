@@ -855,12 +855,18 @@ class BatchedCalls:
     takes it back; once sent, it runs (as a command already on the wire through redis-py does).
     """
 
-    def __init__(self, client: aioredis.Redis, lanes: int = 2) -> None:
+    def __init__(self, client: aioredis.Redis, lanes: int = 2, linger_s: float = 0.0) -> None:
         self._client = client
         self._idle = [HeldConnection(client) for _ in range(lanes)]
         self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._flushing: asyncio.Handle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # A command issued within ``linger_s`` of the last batch sent waits until that long
+        # after it, so a steady trickle (a herd of registrations spread over seconds: one
+        # every few milliseconds, each alone in its batch) travels a few at a time; a lone
+        # command after a quiet spell is still sent at once.
+        self.linger_s = linger_s
+        self._last_sent = float("-inf")
 
     async def call(self, *command: Any) -> Any:
         """The reply of ``command``; its error reply raised (``NoScriptError`` included)."""
@@ -869,7 +875,11 @@ class BatchedCalls:
         item = (command, done)
         self._pending.append(item)
         if self._flushing is None and self._idle:
-            self._flushing = loop.call_soon(self._flush)
+            wait = self._last_sent + self.linger_s - loop.time()
+            if wait > 0:
+                self._flushing = loop.call_later(wait, self._flush)
+            else:
+                self._flushing = loop.call_soon(self._flush)
         try:
             return await done
         except asyncio.CancelledError:
@@ -893,6 +903,7 @@ class BatchedCalls:
         if not self._pending or not self._idle:
             return  # every lane busy: the first one back sends what waits, as one batch
         batch, self._pending = self._pending, []
+        self._last_sent = asyncio.get_running_loop().time()
         task = asyncio.ensure_future(self._send(self._idle.pop(), batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

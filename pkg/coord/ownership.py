@@ -128,6 +128,7 @@ class Ownership:
         prefix: str,
         ttl_ms: int,
         history_ttl_ms: int = 24 * 3600 * 1000,
+        batch_linger_s: float = 0.0,
     ) -> None:
         if ttl_ms <= 0:
             raise ValueError("ttl_ms must be positive")
@@ -140,7 +141,8 @@ class Ownership:
         self._acquire = redis.register_script(_ACQUIRE)
         # Acquisitions come in herds (a fleet registering, a dead replica's nodes moving):
         # concurrent ones share round trips on held connections instead of a pooled call each.
-        self._calls = redisconn.BatchedCalls(redis)
+        # (``batch_linger_s``: see ``BatchedCalls``; a herd spread over seconds trickles in.)
+        self._calls = redisconn.BatchedCalls(redis, linger_s=batch_linger_s)
         self._refresh = redis.register_script(_REFRESH)
         self._delete_if = redis.register_script(DELETE_IF_EQUALS)
 

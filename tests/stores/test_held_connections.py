@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from typing import Any
 
 import pytest
 from redis.asyncio.retry import Retry
@@ -73,3 +74,31 @@ async def test_a_restarted_server_is_reconnected_and_a_lost_script_reloaded(tmp_
         await client.aclose()
         await plain.aclose()
         server.stop()
+
+
+async def test_commands_trickling_in_within_the_linger_share_round_trips(redis_server):
+    client = redisconn.connect(redis_server.url, socket_timeout=5.0)
+    key = f"held:{secrets.token_hex(4)}"
+    calls = redisconn.BatchedCalls(client, linger_s=0.02)
+    batches: list[int] = []
+    for lane in calls._idle:
+        execute = lane.execute
+
+        async def counted(commands: list[Any], execute: Any = execute) -> list[Any]:
+            batches.append(len(commands))
+            return await execute(commands)
+
+        lane.execute = counted  # type: ignore[method-assign]
+    try:
+        assert await calls.call("INCR", key) == 1  # a lone command: sent at once, alone
+        assert batches == [1]
+
+        async def one(i: int) -> Any:
+            await asyncio.sleep(0.002 * i)  # one command every 2 ms, each its own caller
+            return await calls.call("INCR", key)
+
+        replies = await asyncio.gather(*(one(i) for i in range(20)))
+        assert sorted(replies) == list(range(2, 22))  # every command ran exactly once
+        assert len(batches) - 1 < 20, f"each command of the trickle went alone: {batches}"
+    finally:
+        await client.aclose()
