@@ -19,6 +19,7 @@ from api_balancing.model import (
     NodeMode,
     NodeRecord,
     StreamLoad,
+    validated_report,
 )
 
 SCHEMA = 1
@@ -189,21 +190,32 @@ def decode(text: str) -> NodeRecord:
         raw = doc["report"]
         report = None
         if raw is not None:
-            report = LoadReport(
-                cpu_percent=float(raw[0]),
-                ram_used_bytes=int(raw[1]),
-                ram_max_bytes=int(raw[2]),
-                upload_bps=int(raw[3]),
-                download_bps=int(raw[4]),
-                bandwidth_limit_bps=int(raw[5]),
-                # tuple.__new__ directly: every peer decodes every report's ten streams, and
-                # the NamedTuple's own __new__ is a Python frame costing as much again.
-                streams=tuple(
-                    [
-                        _new_tuple(StreamLoad, (str(sid), str(ten), int(v), int(i), int(up)))
-                        for sid, ten, v, i, up in raw[6]
-                    ]
-                ),
+            # tuple.__new__ directly: every peer decodes every report's ten streams, and the
+            # NamedTuple's own __new__ is a Python frame costing as much again.
+            streams = tuple(
+                [
+                    _new_tuple(StreamLoad, (str(sid), str(ten), int(v), int(i), int(up)))
+                    for sid, ten, v, i, up in raw[6]
+                ]
+            )
+            # The derived attributes filled in here, one C-level pass: the index reads them on
+            # every apply (computed lazily, each would cost a Python frame and a lock).
+            ids: tuple[str, ...] = ()
+            tenants: tuple[str, ...] = ()
+            viewers: tuple[int, ...] = ()
+            if streams:
+                ids, tenants, viewers, _, _ = zip(*streams, strict=True)
+            report = validated_report(
+                float(raw[0]),
+                int(raw[1]),
+                int(raw[2]),
+                int(raw[3]),
+                int(raw[4]),
+                int(raw[5]),
+                streams,
+                ids,
+                tenants,
+                sum(viewers),
             )
         if not identity.node_id:
             raise ValueError("record without node id")

@@ -100,3 +100,18 @@ def test_a_non_finite_report_value_is_refused_not_written(cpu: float) -> None:
 def test_a_record_without_a_report_round_trips() -> None:
     record = dataclasses.replace(make_record("n5"), report=None)
     assert redis_codec.decode(redis_codec.encode(record)) == record
+
+
+@pytest.mark.parametrize("streams", [0, 1, 3])
+def test_a_decoded_report_carries_the_derived_attributes_of_its_streams(streams: int) -> None:
+    base = make_record("n6")
+    assert base.report is not None
+    loads = tuple(
+        StreamLoad(f"live-{i}", f"t{i % 2}", viewers=i + 4, inputs=1) for i in range(streams)
+    )
+    record = dataclasses.replace(base, report=dataclasses.replace(base.report, streams=loads))
+    report = redis_codec.decode(redis_codec.encode(record)).report
+    assert report is not None and report == record.report
+    assert report.stream_ids == tuple(s.stream_id for s in loads)
+    assert report.tenant_ids == tuple(s.tenant_id for s in loads)
+    assert report.viewers == sum(s.viewers for s in loads)
