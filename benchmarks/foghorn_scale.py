@@ -60,7 +60,14 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Panel, cpu_seconds, load_average, rss_bytes, write_curves_svg
+from benchmarks.common import (
+    Panel,
+    cpu_seconds,
+    load_average,
+    raise_open_files_limit,
+    rss_bytes,
+    write_curves_svg,
+)
 
 SIZES = (1_000, 5_000, 10_000)
 STREAMS_PER_NODE = 10
@@ -87,6 +94,7 @@ CITIES = [
 # -- the fleet processes --------------------------------------------------------------------------
 
 _NODE_POLICY: Any = None
+_OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 # Stream set-ups (connect, Register, until Registered) one fleet process drives at once.
 # A process stands in for thousands of nodes on a share of two cores: opening them all at once
 # queued each stream's first write (the Register) seconds behind its headers on the process's
@@ -132,6 +140,7 @@ class FleetNode:
         self.targets = targets
         self.jitter_s = jitter_s
         self.clients: dict[str, Any] = {}
+        self.runtime: Any = None
         # A node has its clients before it connects, one per replica address: building a
         # client (channel, interceptors, stub) costs the fleet process ~1 ms of CPU, which
         # in the herd would compete with the survivor it measures on the same cores.
@@ -170,14 +179,29 @@ class FleetNode:
         ]  # fmt: skip
 
     def client(self, target: str) -> Any:
-        from pkg.clients import Policy
+        from pkg.clients import Policy, Runtime
         from pkg.clients.foghorn import FoghornClient
+        from pkg.clients.grpc_aio import aio_channel
 
         global _NODE_POLICY
         if _NODE_POLICY is None:
             _NODE_POLICY = Policy(timeout=10.0)  # one for the process: a third of a client's build
         if target not in self.clients:
-            self.clients[target] = FoghornClient(target, token=TOKEN, policy=_NODE_POLICY)
+            # grpc shares one connection among every channel of a process to the same address
+            # with the same options (its global subchannel pool): without a pool of its own,
+            # all the nodes of a fleet process rode one connection per replica, so a herd
+            # re-made 4 connections, not 5,000, and reports arrived several per read. Each
+            # node also has its own runtime (circuit breakers, budgets, outlier state), as an
+            # edge node in its own process has: with the process-wide one, a few nodes' failed
+            # connects opened the breaker for every node of the process.
+            if self.runtime is None:
+                self.runtime = Runtime()
+            channel = aio_channel(
+                target, _NODE_POLICY, token=TOKEN, runtime=self.runtime, options=_OWN_CONNECTION
+            )
+            self.clients[target] = FoghornClient(
+                target, token=TOKEN, policy=_NODE_POLICY, channel=channel
+            )
         return self.clients[target]
 
     def send(self, k: int) -> bool:
@@ -559,6 +583,13 @@ async def memory_size(size: int, args: argparse.Namespace, root: Path, out: dict
             return int((await replica.health())["counts"]["connected"]) >= size
 
         out["register_s"] = round(await _until(registered, 60, 0.2) - t0, 2)
+        answers = await fleet.command(op="status")
+        out["register_failed_attempts"] = sum(int(a["failed"]) for a in answers)
+        why: dict[str, int] = {}
+        for answer in answers:
+            for k, v in answer["why"].items():
+                why[k] = why.get(k, 0) + int(v)
+        out["register_failed_why"] = why
         # The server's share: on one machine the fleet's own connects weigh on register_s.
         out["register_cpu_us_per_node"] = round(
             (cpu_seconds(replica.proc.pid) - cpu0) / size * 1e6, 1
@@ -873,8 +904,10 @@ def main(argv: list[str]) -> int:
     from pkg.common.logging import configure_logging
 
     configure_logging("bench-foghorn-scale", level="WARNING")
+    open_files = raise_open_files_limit()  # every node on its own connection
     started = time.perf_counter()
     result = asyncio.run(run(args))
+    result["open_files_limit"] = open_files
     result["wall_s"] = round(time.perf_counter() - started, 1)
     result["load_average_end"] = load_average()
     result["burst_reports_lost"] = LOST["reports"]  # sent into streams that broke meanwhile

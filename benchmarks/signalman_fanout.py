@@ -68,7 +68,6 @@ import json
 import math
 import os
 import re
-import resource
 import shutil
 import sys
 import tempfile
@@ -85,6 +84,7 @@ from benchmarks.common import (
     cpu_seconds,
     load_average,
     machine_cpu,
+    raise_open_files_limit,
     rss_bytes,
     write_curves_svg,
 )
@@ -1145,14 +1145,8 @@ def main(argv: list[str]) -> int:
 
     configure_logging("bench-signalman-fanout", level="WARNING")
     pinned = pin_cores(args)
-    # Every subscriber holds its own connection: 10,000 of them, and all on the survivor after
-    # the herd. The soft limit (1,024 on many systems) would refuse connections.
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20  # (Linux refuses an infinite open-files limit)
-    with contextlib.suppress(ValueError, OSError):  # kept as it is if refused
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, hard), hard))
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    # Every subscriber holds its own connection: 10,000 of them, all on the survivor after the herd.
+    hard = raise_open_files_limit()
     root = Path(tempfile.mkdtemp(prefix="signalman-fanout-"))
     started = time.perf_counter()
     try:
