@@ -94,6 +94,11 @@ class NodeFleet(Protocol):
     async def set_mode(self, node_id: str, mode: NodeMode, reason: str = "") -> NodeRecord: ...
 
 
+# Unroutable requests told why in full (each scores the whole fleet), per second and at once.
+WHY_NONE_PER_S = 2.0
+WHY_NONE_BURST = 5.0
+
+
 class Fleet:
     """Nodes, their state and routing over them, for one Foghorn replica."""
 
@@ -117,6 +122,8 @@ class Fleet:
         self.counters = FleetCounters()
         self.route_latency = LatencyWindow()
         self._rng = rng or random.Random()
+        self._why_tokens = WHY_NONE_BURST
+        self._why_at = clock.monotonic()
         self._locks: dict[str, asyncio.Lock] = {}
         store.add_listener(self._on_change)
         for record in store.snapshot():
@@ -466,6 +473,20 @@ class Fleet:
     def _why_none(
         self, content_id: str, location: GeoPoint | None, role: str, protocol: str
     ) -> str:
+        # Saying why scores every node (about 50 ms at 10,000 nodes): a stream of requests no
+        # node can serve would otherwise cost a core. Beyond the budget the answer says where
+        # the reasons are instead.
+        now = self.clock.monotonic()
+        self._why_tokens = min(
+            WHY_NONE_BURST, self._why_tokens + (now - self._why_at) * WHY_NONE_PER_S
+        )
+        self._why_at = now
+        if self._why_tokens < 1:
+            return (
+                f"no eligible {role} node for {content_id or 'ingest'!r} (the reasons are "
+                f"worked out at most {WHY_NONE_PER_S:g} times a second: ExplainRoute gives them)"
+            )
+        self._why_tokens -= 1
         evaluations = self.explain(content_id, location, role=role, protocol=protocol)
         if not evaluations:
             return "no eligible node: no nodes are registered"

@@ -184,3 +184,41 @@ async def test_no_nodes_at_all_is_resource_exhausted_with_a_reason(foghorn: Harn
         await foghorn.anon.route_viewer("s1")
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "no nodes are registered" in (err.value.details() or "")
+
+
+async def test_unroutable_requests_say_why_in_full_only_a_few_times_a_second() -> None:
+    # Saying why scores every node: a flood of requests that no node can serve must not cost
+    # a whole fleet scan each.
+    from api_balancing import errors
+    from api_balancing.fleet import WHY_NONE_BURST, WHY_NONE_PER_S, Fleet, FleetSettings
+    from api_balancing.model import GeoPoint, NodeIdentity
+    from api_balancing.scoring import Weights
+    from api_balancing.store.memory import MemoryNodeStore
+    from pkg.common.clock import FakeClock
+    from pkg.events import NullSink
+
+    clock = FakeClock()
+    fleet = Fleet(MemoryNodeStore(), clock, FleetSettings(weights=Weights()), NullSink())
+    identity = NodeIdentity("n1", frozenset({"edge"}), frozenset(), "http://n1", GeoPoint(1, 2), 10)
+    await fleet.register(identity)
+    scans = 0
+    explain = fleet.explain
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal scans
+        scans += 1
+        return explain(*args, **kwargs)  # type: ignore[arg-type]
+
+    fleet.explain = counting  # type: ignore[method-assign]
+    messages = []
+    for _ in range(50):
+        with pytest.raises(errors.NoEligibleNode) as caught:
+            fleet.route("s1", None, limit=3, role="ingest")  # n1 is no ingest node
+        messages.append(str(caught.value))
+    assert scans == int(WHY_NONE_BURST)
+    assert messages[0].endswith("(1 stale)"), messages[0]  # the full reason
+    assert "ExplainRoute" in messages[-1] and "'s1'" in messages[-1]
+    clock.advance(1 / WHY_NONE_PER_S)
+    with pytest.raises(errors.NoEligibleNode):
+        fleet.route("s1", None, limit=3, role="ingest")
+    assert scans == int(WHY_NONE_BURST) + 1
