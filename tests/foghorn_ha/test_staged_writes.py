@@ -275,26 +275,3 @@ async def test_reports_deferred_while_republishing_are_published_before_healthy(
     assert state["arrived"]
     assert await _redis_cpu(a, "n1") == 3.0, "the report deferred during re-publication too"
     assert not a.is_dirty("n1")
-
-
-async def test_a_trickle_of_confirmed_writes_travels_a_few_per_batch(
-    store_factory: StoreFactory,
-) -> None:
-    # A herd re-registering at ~500 nodes/s: one confirmed write every 2 ms, each awaited by
-    # its own stream. Each used to leave alone (its own script call and round trip); within a
-    # linger of the last batch they now wait for the next one.
-    a = await store_factory("a")
-    await a.put(make_record("lone", owner="a", fence=1))  # an idle store: at once, alone
-    before = a.counters.batches
-
-    async def register(i: int) -> None:
-        await asyncio.sleep(0.002 * i)
-        await a.put(make_record(f"h{i}", owner="a", fence=1, cpu=float(i)))
-
-    await asyncio.gather(*(register(i) for i in range(40)))
-    # 40 writes over ~80 ms: ~16 batches at one per 5 ms linger (23-40 when each left alone,
-    # fewer only when the loop stalled and timers fired together).
-    batches = a.counters.batches - before
-    assert batches <= 20, f"{batches} batches for 40 writes"
-    for i in range(40):
-        assert await _redis_cpu(a, f"h{i}") == float(i)
