@@ -28,7 +28,13 @@ async def test_metrics_count_attempts_retries_budget_breaker_and_latency(target,
 
     def value(text: str, prefix: str, *needles: str) -> float:
         for line in text.splitlines():
-            if line.startswith(prefix) and target in line and all(n in line for n in needles):
+            # The exact label: a channel over several replicas has a target such as
+            # "<this one>,<another>", and its series, listed first, matched a substring test.
+            if (
+                line.startswith(prefix)
+                and (f'target="{target}"' in line or f'breaker="{target}"' in line)
+                and all(n in line for n in needles)
+            ):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
 
