@@ -162,26 +162,26 @@ class Membership:
 
     def suspect(self, peer: str) -> None:
         """A node came here from ``peer`` without ``peer`` releasing it: hold ``peer``."""
-        if peer == self.replica_id:
-            return
+        if peer != self.replica_id:
+            self._hold(peer, "a node left peer without a release")
+
+    def _hold(self, peer: str, why: str, **facts: int) -> None:
+        """No node moved to ``peer`` for ``hold_s`` from now (logged when a hold starts)."""
         now = self.clock.monotonic()
         if self._held_until.get(peer, now) <= now:
-            log.info("a node left peer without a release: none moved to it for a while",
-                     peer=peer, hold_s=self.hold_s)  # fmt: skip
+            log.info(f"{why}: none moved to it for a while", peer=peer, hold_s=self.hold_s,
+                     **facts)  # fmt: skip
         self._held_until[peer] = now + self.hold_s
 
     def _eligible(self, counts: Counter[str]) -> Counter[str]:
         """``counts`` without the peers on hold (see the module doc): the split is planned over
         the replicas known to be serving, as if the suspect ones had already left."""
-        now = self.clock.monotonic()
         for peer, count in counts.items():
-            if peer != self.replica_id and count < self._last_counts.get(peer, 0):
-                if self._held_until.get(peer, now) <= now:
-                    before = self._last_counts[peer]
-                    log.info("peer lost nodes: none moved to it for a while",
-                             peer=peer, before=before, now=count, hold_s=self.hold_s)  # fmt: skip
-                self._held_until[peer] = now + self.hold_s
+            before = self._last_counts.get(peer, 0)
+            if peer != self.replica_id and count < before:
+                self._hold(peer, "peer lost nodes", before=before, now=count)
         self._last_counts = counts
+        now = self.clock.monotonic()
         for peer in [p for p, until in self._held_until.items() if until <= now]:
             del self._held_until[peer]
         return Counter({p: c for p, c in counts.items() if p not in self._held_until})
